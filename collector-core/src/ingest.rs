@@ -1,0 +1,238 @@
+//! Parsing one HTTP request body of the Segment tracking API into accepted events and
+//! indexed rejections. Good events next to bad ones are always kept.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use crate::error::{EventError, RequestError};
+use crate::event::{normalize, EventEnvelope, EventKind, StoredEvent};
+use crate::limits::{MAX_BATCH_EVENTS, MAX_EVENT_BYTES, MAX_REQUEST_BYTES};
+use crate::timestamp::parse_ms;
+
+/// What an ingest path accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Single(EventKind),
+    Batch,
+}
+
+/// Maps a request path to its endpoint: `/v1/track` and Segment's browser short form
+/// `/v1/t`, and so on. Trailing slashes are tolerated.
+pub fn endpoint_for_path(path: &str) -> Option<Endpoint> {
+    let rest = path.strip_prefix("/v1/")?.trim_end_matches('/');
+    Some(match rest {
+        "track" | "t" => Endpoint::Single(EventKind::Track),
+        "page" | "p" => Endpoint::Single(EventKind::Page),
+        "identify" | "i" => Endpoint::Single(EventKind::Identify),
+        "group" | "g" => Endpoint::Single(EventKind::Group),
+        "alias" | "a" => Endpoint::Single(EventKind::Alias),
+        "screen" | "s" => Endpoint::Single(EventKind::Screen),
+        "batch" | "b" | "import" => Endpoint::Batch,
+        _ => return None,
+    })
+}
+
+/// One rejected event: its index in the batch (`None` for a single-event request) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub index: Option<usize>,
+    pub error: EventError,
+}
+
+/// The outcome of parsing a request body.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Parsed {
+    /// `writeKey` found in the body (browser `text/plain` requests carry it there).
+    pub write_key: Option<String>,
+    pub accepted: Vec<StoredEvent>,
+    pub rejected: Vec<Rejection>,
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    batch: Option<&'a RawValue>,
+    #[serde(rename = "writeKey", default)]
+    write_key: Option<Value>,
+    #[serde(default)]
+    context: Option<Value>,
+    #[serde(default)]
+    integrations: Option<Value>,
+    #[serde(rename = "sentAt", default)]
+    sent_at: Option<Value>,
+}
+
+/// Parses a (decompressed) request body. `received_at_ms` is the edge's receive time;
+/// `new_id` makes a `messageId` for events that have none.
+pub fn parse_body(
+    endpoint: Endpoint,
+    body: &[u8],
+    received_at_ms: i64,
+    new_id: &mut dyn FnMut() -> String,
+) -> Result<Parsed, RequestError> {
+    if body.len() > MAX_REQUEST_BYTES {
+        return Err(RequestError::TooLarge {
+            size: body.len(),
+            limit: MAX_REQUEST_BYTES,
+        });
+    }
+    let text = std::str::from_utf8(body).map_err(|_| RequestError::NotUtf8)?;
+    match endpoint {
+        Endpoint::Single(kind) => parse_single(kind, text, received_at_ms, new_id),
+        Endpoint::Batch => parse_batch(text, received_at_ms, new_id),
+    }
+}
+
+fn parse_single(
+    kind: EventKind,
+    text: &str,
+    received_at_ms: i64,
+    new_id: &mut dyn FnMut() -> String,
+) -> Result<Parsed, RequestError> {
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| RequestError::MalformedJson(e.to_string()))?;
+    if !value.is_object() {
+        return Err(RequestError::NotAnObject);
+    }
+    let write_key = write_key_of(value.get("writeKey"))?;
+    let mut parsed = Parsed {
+        write_key,
+        ..Parsed::default()
+    };
+    if text.len() > MAX_EVENT_BYTES {
+        parsed.rejected.push(Rejection {
+            index: None,
+            error: EventError::TooLarge {
+                size: text.len(),
+                limit: MAX_EVENT_BYTES,
+            },
+        });
+        return Ok(parsed);
+    }
+    let env = EventEnvelope {
+        kind_from_path: Some(kind),
+        received_at_ms,
+        ..EventEnvelope::default()
+    };
+    match normalize(value, &env, new_id) {
+        Ok(ev) => parsed.accepted.push(ev),
+        Err(error) => parsed.rejected.push(Rejection { index: None, error }),
+    }
+    Ok(parsed)
+}
+
+fn parse_batch(
+    text: &str,
+    received_at_ms: i64,
+    new_id: &mut dyn FnMut() -> String,
+) -> Result<Parsed, RequestError> {
+    if !text.trim_start().starts_with('{') {
+        return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Ok(_) => RequestError::NotAnObject,
+            Err(e) => RequestError::MalformedJson(e.to_string()),
+        });
+    }
+    let envelope: Envelope<'_> = match serde_json::from_str(text) {
+        Ok(e) => e,
+        Err(e) if e.is_data() => return Err(RequestError::NotAnObject),
+        Err(e) => return Err(RequestError::MalformedJson(e.to_string())),
+    };
+    let raw_batch = envelope.batch.ok_or(RequestError::MissingBatch)?;
+    if raw_batch.get() == "null" {
+        return Err(RequestError::MissingBatch);
+    }
+    let items: Vec<&RawValue> =
+        serde_json::from_str(raw_batch.get()).map_err(|_| RequestError::WrongType {
+            field: "batch",
+            expected: "an array",
+        })?;
+    if items.len() > MAX_BATCH_EVENTS {
+        return Err(RequestError::TooManyEvents {
+            count: items.len(),
+            limit: MAX_BATCH_EVENTS,
+        });
+    }
+    let context = object_of(envelope.context, "context")?;
+    let integrations = object_of(envelope.integrations, "integrations")?;
+    let sent_at_ms = match envelope.sent_at {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(parse_ms(&s).ok_or(RequestError::WrongType {
+            field: "sentAt",
+            expected: "an ISO-8601 date-time string",
+        })?),
+        Some(_) => {
+            return Err(RequestError::WrongType {
+                field: "sentAt",
+                expected: "an ISO-8601 date-time string",
+            })
+        }
+    };
+    let mut parsed = Parsed {
+        write_key: write_key_of(envelope.write_key.as_ref())?,
+        ..Parsed::default()
+    };
+    let env = EventEnvelope {
+        kind_from_path: None,
+        context: context.as_ref(),
+        integrations: integrations.as_ref(),
+        sent_at_ms,
+        received_at_ms,
+    };
+    for (index, raw) in items.into_iter().enumerate() {
+        let size = raw.get().len();
+        if size > MAX_EVENT_BYTES {
+            parsed.rejected.push(Rejection {
+                index: Some(index),
+                error: EventError::TooLarge {
+                    size,
+                    limit: MAX_EVENT_BYTES,
+                },
+            });
+            continue;
+        }
+        let result = serde_json::from_str::<Value>(raw.get())
+            .map_err(|e| EventError::MalformedJson(e.to_string()))
+            .and_then(|value| {
+                if parsed.write_key.is_none() {
+                    if let Some(Value::String(k)) = value.get("writeKey") {
+                        parsed.write_key = Some(k.clone());
+                    }
+                }
+                normalize(value, &env, new_id)
+            });
+        match result {
+            Ok(ev) => parsed.accepted.push(ev),
+            Err(error) => parsed.rejected.push(Rejection {
+                index: Some(index),
+                error,
+            }),
+        }
+    }
+    Ok(parsed)
+}
+
+fn write_key_of(v: Option<&Value>) -> Result<Option<String>, RequestError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(RequestError::WrongType {
+            field: "writeKey",
+            expected: "a string",
+        }),
+    }
+}
+
+fn object_of(
+    v: Option<Value>,
+    field: &'static str,
+) -> Result<Option<Map<String, Value>>, RequestError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(m)) => Ok(Some(m)),
+        Some(_) => Err(RequestError::WrongType {
+            field,
+            expected: "an object",
+        }),
+    }
+}
