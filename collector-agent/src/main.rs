@@ -1,1 +1,149 @@
-fn main(){}
+//! `collector-agent`: parses flags and config, then calls into the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use collector_agent::sinks::duckdb::{DuckDbSink, QueryResult};
+use collector_agent::{admin, drain_once, run, AgentConfig};
+
+#[derive(Parser)]
+#[command(name = "collector-agent", version, about = "Drains the edge collector into your warehouse")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Drain every shard into the warehouse, until stopped (SIGINT/SIGTERM).
+    Run {
+        #[arg(long, default_value = "agent.toml")]
+        config: PathBuf,
+        /// Drain until the edge is empty, then exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Query the warehouse: through the running agent if there is one, else the file.
+    Sql {
+        /// The SQL to run.
+        query: String,
+        #[arg(long, default_value = "agent.toml")]
+        config: PathBuf,
+        /// Print CSV instead of a table.
+        #[arg(long)]
+        csv: bool,
+    },
+    /// Print the edge's queue depth and dropped-event counts by reason.
+    Stats {
+        #[arg(long, default_value = "agent.toml")]
+        config: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config, once } => {
+            let cfg = AgentConfig::load(&config)?;
+            if once {
+                let s = drain_once(&cfg).await?;
+                println!(
+                    "drained batches={} events={} inserted={} duplicates={} dead_letters={}",
+                    s.batches, s.events, s.inserted, s.duplicates, s.dead_letters
+                );
+                return Ok(());
+            }
+            run(cfg, shutdown_signal()).await
+        }
+        Command::Sql { query, config, csv } => {
+            let cfg = AgentConfig::load(&config)?;
+            let result = match admin::query_running_agent(&cfg.warehouse.path, &query).await? {
+                Some(r) => r,
+                None => {
+                    let path = cfg.warehouse.path.clone();
+                    tokio::task::spawn_blocking(move || -> anyhow::Result<QueryResult> {
+                        let conn = DuckDbSink::open_read_only(&path)
+                            .with_context(|| format!("open {}", path.display()))?;
+                        Ok(collector_agent::sinks::duckdb::run_query(&conn, &query)?)
+                    })
+                    .await??
+                }
+            };
+            print!("{}", if csv { to_csv(&result) } else { to_table(&result) });
+            Ok(())
+        }
+        Command::Stats { config } => {
+            let cfg = AgentConfig::load(&config)?;
+            let client = collector_agent::edge::EdgeClient::new(&cfg)?;
+            println!("{}", serde_json::to_string_pretty(&client.stats().await?)?);
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn to_csv(r: &QueryResult) -> String {
+    let mut out = r.columns.iter().map(|c| csv_field(c)).collect::<Vec<_>>().join(",");
+    out.push('\n');
+    for row in &r.rows {
+        let line: Vec<String> = row.iter().map(|v| v.as_deref().map(csv_field).unwrap_or_default()).collect();
+        out.push_str(&line.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+fn to_table(r: &QueryResult) -> String {
+    let cell = |v: &Option<String>| v.clone().unwrap_or_else(|| "NULL".into());
+    let mut widths: Vec<usize> = r.columns.iter().map(|c| c.chars().count()).collect();
+    for row in &r.rows {
+        for (i, v) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell(v).chars().count().min(60));
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| {
+                let c: String = c.chars().take(60).collect();
+                format!("{c:<w$}", w = *w)
+            })
+            .collect();
+        format!("| {} |\n", padded.join(" | "))
+    };
+    let sep = format!("+{}+\n", widths.iter().map(|w| "-".repeat(w + 2)).collect::<Vec<_>>().join("+"));
+    let mut out = sep.clone();
+    out.push_str(&line(r.columns.clone()));
+    out.push_str(&sep);
+    for row in &r.rows {
+        out.push_str(&line(row.iter().map(cell).collect()));
+    }
+    out.push_str(&sep);
+    out.push_str(&format!("({} row{})\n", r.rows.len(), if r.rows.len() == 1 { "" } else { "s" }));
+    out
+}

@@ -16,7 +16,9 @@ pub const BATCH_MAGIC: [u8; 3] = *b"ECB";
 pub const LEASE_MAGIC: [u8; 3] = *b"ECL";
 /// Magic of an append from the edge's front worker to a queue shard.
 pub const APPEND_MAGIC: [u8; 3] = *b"ECA";
-/// Current version of all three formats.
+/// Magic of one open (not yet sealed) event at rest in a queue shard.
+pub const EVENT_MAGIC: [u8; 3] = *b"ECE";
+/// Current version of all four formats.
 pub const FORMAT_VERSION: u8 = 1;
 
 /// A sealed batch of events from one shard.
@@ -104,4 +106,14 @@ pub fn encode_append(append: &Append) -> Result<Vec<u8>, CodecError> {
 
 pub fn decode_append(bytes: &[u8]) -> Result<Append, CodecError> {
     unframe(APPEND_MAGIC, bytes)
+}
+
+/// One open event at rest in a shard's storage. Stored data outlives deploys, so this is
+/// framed and versioned like a batch.
+pub fn encode_event(event: &StoredEvent) -> Result<Vec<u8>, CodecError> {
+    frame(EVENT_MAGIC, event)
+}
+
+pub fn decode_event(bytes: &[u8]) -> Result<StoredEvent, CodecError> {
+    unframe(EVENT_MAGIC, bytes)
 }

@@ -1,0 +1,146 @@
+//! The admin endpoint on loopback: lets `collector-agent sql` query the live warehouse
+//! while the agent holds the DuckDB file. The address and a random bearer token are
+//! written to a state file next to the warehouse (`<warehouse>.agent`, mode 0600) and
+//! removed when the agent stops.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::sinks::duckdb::{DuckDbSink, QueryResult};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentState {
+    pub addr: SocketAddr,
+    pub token: String,
+    pub pid: u32,
+}
+
+/// Path of the state file for a warehouse.
+pub fn state_file(warehouse: &Path) -> PathBuf {
+    let mut s = warehouse.as_os_str().to_owned();
+    s.push(".agent");
+    PathBuf::from(s)
+}
+
+#[derive(Clone)]
+struct AppState {
+    sink: Arc<Mutex<DuckDbSink>>,
+    token: Arc<String>,
+}
+
+fn random_token() -> String {
+    let mut b = [0u8; 24];
+    getrandom::getrandom(&mut b).expect("OS randomness is available");
+    hex::encode(b)
+}
+
+/// Binds the admin endpoint on a loopback address.
+pub async fn bind(addr: &str) -> anyhow::Result<(AgentState, tokio::net::TcpListener)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    if !local.ip().is_loopback() {
+        anyhow::bail!("admin_addr must be a loopback address, got {local}");
+    }
+    let state = AgentState {
+        addr: local,
+        token: random_token(),
+        pid: std::process::id(),
+    };
+    Ok((state, listener))
+}
+
+/// Serves the admin API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    sink: Arc<Mutex<DuckDbSink>>,
+    token: String,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/health", get(|| async { Json(json!({"ok": true})) }))
+        .route("/sql", post(handle_sql))
+        .with_state(AppState {
+            sink,
+            token: Arc::new(token),
+        });
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}
+
+async fn handle_sql(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: String,
+) -> Result<Json<QueryResult>, (StatusCode, Json<serde_json::Value>)> {
+    let expected = format!("Bearer {}", state.token);
+    let ok = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v == expected)
+        .unwrap_or(false);
+    if !ok {
+        return Err((StatusCode::UNAUTHORIZED, Json(json!({"error": "bad or missing admin token"}))));
+    }
+    let sink = state.sink.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let guard = sink.lock().map_err(|_| "warehouse lock poisoned".to_string())?;
+        guard.query(&body).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    result
+        .map(Json)
+        .map_err(|e| (StatusCode::BAD_REQUEST, Json(json!({"error": e}))))
+}
+
+/// Writes the state file with owner-only permissions.
+pub fn write_state(path: &Path, state: &AgentState) -> anyhow::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts.open(path)?;
+    f.write_all(serde_json::to_string(state)?.as_bytes())?;
+    Ok(())
+}
+
+/// Runs a query through a running agent, if there is one. `Ok(None)` means no agent
+/// is reachable (no state file, or nothing listening).
+pub async fn query_running_agent(warehouse: &Path, sql: &str) -> anyhow::Result<Option<QueryResult>> {
+    let Ok(text) = std::fs::read_to_string(state_file(warehouse)) else {
+        return Ok(None);
+    };
+    let Ok(state) = serde_json::from_str::<AgentState>(&text) else {
+        return Ok(None);
+    };
+    let client = reqwest::Client::new();
+    let resp = match client
+        .post(format!("http://{}/sql", state.addr))
+        .bearer_auth(&state.token)
+        .body(sql.to_string())
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(e) if e.is_connect() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await?;
+    if !status.is_success() {
+        anyhow::bail!("{}", body.get("error").and_then(|e| e.as_str()).unwrap_or("query failed"));
+    }
+    Ok(Some(serde_json::from_value(body)?))
+}

@@ -1,0 +1,117 @@
+//! The agent's TOML configuration. Defaults live here and nowhere else.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// `agent.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Base URL of the edge worker, e.g. `http://127.0.0.1:8787`.
+    pub edge_url: String,
+    /// The drain API's shared secret (the edge's `DRAIN_SECRET`). Prefer
+    /// `drain_secret_env` so the secret stays out of the file.
+    #[serde(default)]
+    pub drain_secret: Option<String>,
+    /// Name of an environment variable holding the drain secret.
+    #[serde(default)]
+    pub drain_secret_env: Option<String>,
+    /// The warehouse to load into.
+    #[serde(default)]
+    pub warehouse: WarehouseConfig,
+    /// Loopback address of the admin endpoint (`collector-agent sql` goes through it);
+    /// port 0 picks a free port.
+    #[serde(default = "default_admin_addr")]
+    pub admin_addr: String,
+    /// Pause between drain rounds that found nothing.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    /// Most sealed batches to lease at once from one shard.
+    #[serde(default = "default_lease_batches")]
+    pub lease_batches: u32,
+    /// How long a lease holds before the edge hands its batches out again.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    /// Timeout of one HTTP request to the edge.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+}
+
+/// `[warehouse]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarehouseConfig {
+    /// Path of the embedded DuckDB file. Relative paths are relative to the config file.
+    #[serde(default = "default_warehouse_path")]
+    pub path: PathBuf,
+}
+
+impl Default for WarehouseConfig {
+    fn default() -> Self {
+        WarehouseConfig {
+            path: default_warehouse_path(),
+        }
+    }
+}
+
+fn default_warehouse_path() -> PathBuf {
+    PathBuf::from("./data/warehouse.duckdb")
+}
+fn default_admin_addr() -> String {
+    "127.0.0.1:0".into()
+}
+fn default_poll_interval_ms() -> u64 {
+    1_000
+}
+fn default_lease_batches() -> u32 {
+    10
+}
+fn default_lease_ms() -> u64 {
+    30_000
+}
+fn default_request_timeout_ms() -> u64 {
+    30_000
+}
+
+impl AgentConfig {
+    /// Reads and validates a config file; relative paths resolve against its folder.
+    pub fn load(path: &Path) -> anyhow::Result<AgentConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        let mut cfg: AgentConfig = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        if cfg.warehouse.path.is_relative() {
+            let base = path.parent().unwrap_or(Path::new("."));
+            cfg.warehouse.path = base.join(&cfg.warehouse.path);
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !(self.edge_url.starts_with("http://") || self.edge_url.starts_with("https://")) {
+            anyhow::bail!("config: edge_url must start with http:// or https://, got {:?}", self.edge_url);
+        }
+        if !(1..=100).contains(&self.lease_batches) {
+            anyhow::bail!("config: lease_batches must be 1..=100");
+        }
+        if !(1_000..=3_600_000).contains(&self.lease_ms) {
+            anyhow::bail!("config: lease_ms must be 1000..=3600000");
+        }
+        self.secret()?;
+        Ok(())
+    }
+
+    /// The drain secret, from `drain_secret_env` or `drain_secret`.
+    pub fn secret(&self) -> anyhow::Result<String> {
+        if let Some(var) = &self.drain_secret_env {
+            return std::env::var(var)
+                .map_err(|_| anyhow::anyhow!("config: drain_secret_env names {var}, which is not set"));
+        }
+        self.drain_secret
+            .clone()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("config: set drain_secret_env (or drain_secret)"))
+    }
+}

@@ -1,0 +1,245 @@
+//! `handle_ingest`: the Segment-compatible tracking API.
+//!
+//! Read (and gunzip) the body, authenticate the write key, parse with
+//! `collector_core::ingest`, fan the accepted events out to their queue shards, and
+//! answer 200 only once every shard write has succeeded.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use base64::Engine;
+use collector_core::codec::{encode_append, Append};
+use collector_core::ingest::{parse_body, Endpoint, Parsed};
+use collector_core::limits::{MAX_COMPRESSED_REQUEST_BYTES, MAX_REQUEST_BYTES};
+use collector_core::shard::shard_for;
+use collector_core::RequestError;
+use serde_json::json;
+use worker::{Date, Env, Method, Request, RequestInit, Response, Result};
+
+use crate::config::{EdgeConfig, QUEUE_BINDING};
+use crate::http;
+
+/// A fresh random UUID v4 (the runtime's CSPRNG via `crypto.getRandomValues`).
+pub fn new_uuid() -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom::getrandom(&mut bytes).is_err() {
+        // Without randomness we still need a unique id: fall back to time + counter.
+        let now = Date::now().as_millis();
+        bytes[..8].copy_from_slice(&now.to_le_bytes());
+    }
+    uuid::Builder::from_random_bytes(bytes).into_uuid().to_string()
+}
+
+/// The write key from `Authorization: Basic base64(key:)`, if that header is present.
+fn basic_auth_key(req: &Request) -> Option<Option<String>> {
+    let header = req.headers().get("Authorization").ok().flatten()?;
+    let Some(encoded) = header.strip_prefix("Basic ").or_else(|| header.strip_prefix("basic ")) else {
+        return Some(None);
+    };
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok());
+    Some(decoded.map(|s| s.split(':').next().unwrap_or_default().to_string()))
+}
+
+fn request_error(e: &RequestError) -> Result<Response> {
+    http::error(e.status(), e.code(), &e.to_string())
+}
+
+fn read_body(req: &Request, raw: Vec<u8>) -> std::result::Result<Vec<u8>, RequestError> {
+    let encoding = req
+        .headers()
+        .get("Content-Encoding")
+        .ok()
+        .flatten()
+        .map(|e| e.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    match encoding.as_str() {
+        "" | "identity" => Ok(raw),
+        "gzip" | "x-gzip" => {
+            let mut out = Vec::with_capacity(raw.len() * 4);
+            flate2::read::GzDecoder::new(raw.as_slice())
+                .take(MAX_REQUEST_BYTES as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(|e| RequestError::BadEncoding(e.to_string()))?;
+            Ok(out)
+        }
+        other => Err(RequestError::UnsupportedEncoding(other.to_string())),
+    }
+}
+
+pub async fn handle_ingest(
+    mut req: Request,
+    env: &Env,
+    cfg: &EdgeConfig,
+    endpoint: Endpoint,
+) -> Result<Response> {
+    let received_at_ms = Date::now().as_millis() as i64;
+    if let Ok(Some(len)) = req.headers().get("Content-Length") {
+        if let Ok(len) = len.trim().parse::<usize>() {
+            if len > MAX_COMPRESSED_REQUEST_BYTES {
+                return request_error(&RequestError::TooLarge {
+                    size: len,
+                    limit: MAX_COMPRESSED_REQUEST_BYTES,
+                });
+            }
+        }
+    }
+    let raw = match req.bytes().await {
+        Ok(raw) => raw,
+        Err(e) => return http::error(400, "unreadable_body", &format!("request body could not be read: {e}")),
+    };
+    if raw.len() > MAX_COMPRESSED_REQUEST_BYTES {
+        return request_error(&RequestError::TooLarge {
+            size: raw.len(),
+            limit: MAX_COMPRESSED_REQUEST_BYTES,
+        });
+    }
+    let header_key = basic_auth_key(&req);
+    if let Some(key) = &header_key {
+        match key {
+            Some(k) if cfg.accepts_write_key(k) => {}
+            _ => return http::error(401, "invalid_write_key", "the write key in Authorization is not valid"),
+        }
+    }
+    let body = match read_body(&req, raw) {
+        Ok(b) => b,
+        Err(e) => return request_error(&e),
+    };
+    let parsed = match parse_body(endpoint, &body, received_at_ms, &mut new_uuid) {
+        Ok(p) => p,
+        Err(e) => {
+            if header_key.is_some() {
+                // An authenticated client sent a request we cannot read: count it.
+                let drop = Append {
+                    events: Vec::new(),
+                    drops: vec![(format!("request_{}", e.code()), 1)],
+                };
+                let _ = append_to_shard(env, 0, &drop).await;
+            }
+            return request_error(&e);
+        }
+    };
+    if header_key.is_none() {
+        match &parsed.write_key {
+            None => {
+                return http::error(
+                    401,
+                    "missing_write_key",
+                    "no write key: send it as the HTTP Basic username or as `writeKey` in the body",
+                )
+            }
+            Some(k) if !cfg.accepts_write_key(k) => {
+                return http::error(401, "invalid_write_key", "the write key in the body is not valid")
+            }
+            Some(_) => {}
+        }
+    }
+    enqueue_and_respond(env, cfg, parsed).await
+}
+
+async fn enqueue_and_respond(env: &Env, cfg: &EdgeConfig, parsed: Parsed) -> Result<Response> {
+    let Parsed {
+        accepted, rejected, ..
+    } = parsed;
+    let accepted_count = accepted.len();
+    let mut per_shard: BTreeMap<u32, Append> = BTreeMap::new();
+    for ev in accepted {
+        let shard = shard_for(ev.anonymous_id.as_deref(), ev.user_id.as_deref(), cfg.shards);
+        per_shard.entry(shard).or_default().events.push(ev);
+    }
+    if !rejected.is_empty() {
+        let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for r in &rejected {
+            *counts.entry(r.error.code()).or_default() += 1;
+        }
+        let target = per_shard.keys().next().copied().unwrap_or(0);
+        per_shard.entry(target).or_default().drops =
+            counts.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    }
+    let writes = per_shard
+        .iter()
+        .map(|(shard, append)| append_to_shard(env, *shard, append));
+    let results = futures_util::future::join_all(writes).await;
+    if let Some(err) = results.into_iter().find_map(|r| r.err()) {
+        worker::console_error!("queue write failed: {err}");
+        let mut resp = http::error(
+            503,
+            "queue_unavailable",
+            "the event queue did not confirm the write; retry the request",
+        )?;
+        resp.headers_mut().set("Retry-After", "1")?;
+        return Ok(resp);
+    }
+    if rejected.is_empty() {
+        return http::json(200, &json!({"success": true}));
+    }
+    let status = rejected.iter().map(|r| r.error.status()).max().unwrap_or(400);
+    let first = &rejected[0].error;
+    let details: Vec<_> = rejected
+        .iter()
+        .map(|r| json!({"index": r.index, "code": r.error.code(), "reason": r.error.to_string()}))
+        .collect();
+    let message = if rejected.len() == 1 && rejected[0].index.is_none() {
+        first.to_string()
+    } else {
+        format!(
+            "{} event(s) rejected, {} accepted; first: {}",
+            rejected.len(),
+            accepted_count,
+            first
+        )
+    };
+    http::json(
+        status,
+        &json!({
+            "success": false,
+            "code": first.code(),
+            "error": message,
+            "accepted": accepted_count,
+            "rejected": details,
+        }),
+    )
+}
+
+/// Writes to one shard; `Ok` only when the Durable Object confirmed the write.
+pub async fn append_to_shard(env: &Env, shard: u32, append: &Append) -> Result<()> {
+    let body = encode_append(append).map_err(|e| worker::Error::RustError(e.to_string()))?;
+    let resp = shard_request(env, shard, "/append", Method::Post, body).await?;
+    if resp.status_code() != 200 {
+        return Err(worker::Error::RustError(format!(
+            "shard {shard} answered {}",
+            resp.status_code()
+        )));
+    }
+    Ok(())
+}
+
+/// Sends a request to queue shard `shard`'s Durable Object.
+pub async fn shard_request(
+    env: &Env,
+    shard: u32,
+    path: &str,
+    method: Method,
+    body: Vec<u8>,
+) -> Result<Response> {
+    let ns = env.durable_object(QUEUE_BINDING)?;
+    let stub = ns.id_from_name(&format!("shard-{shard}"))?.get_stub()?;
+    let mut init = RequestInit::new();
+    init.with_method(method);
+    if !body.is_empty() {
+        init.with_body(Some(js_sys_bytes(&body)));
+    }
+    let headers = worker::Headers::new();
+    headers.set(crate::queue_shard::SHARD_HEADER, &shard.to_string())?;
+    init.with_headers(headers);
+    let req = Request::new_with_init(&format!("https://queue-shard{path}"), &init)?;
+    stub.fetch_with_request(req).await
+}
+
+fn js_sys_bytes(body: &[u8]) -> wasm_bindgen::JsValue {
+    let arr = js_sys::Uint8Array::new_with_length(body.len() as u32);
+    arr.copy_from(body);
+    arr.into()
+}

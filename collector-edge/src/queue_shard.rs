@@ -1,0 +1,293 @@
+//! `QueueShard`: the durable queue, one Durable Object per shard (SQLite storage,
+//! migration `v1` in `wrangler.toml`).
+//!
+//! Accepted events are appended to `open_events`, one framed row each. The open batch
+//! is sealed into one encoded `Batch` blob per `batches` row when it reaches
+//! `BATCH_MAX_EVENTS` or `BATCH_MAX_BYTES`, or when the alarm fires `BATCH_MAX_AGE_MS`
+//! after its first event. The drain API leases sealed batches (lease id + expiry) and
+//! deletes them on ack; a lease that is not acked in time expires and its batches are
+//! handed out again.
+//!
+//! Every handler does its SQL synchronously (no `await` between statements), so each is
+//! one atomic unit, and the runtime's output gate holds the response until the writes
+//! are durable: a 200 from `/append` means the events are on disk.
+
+use collector_core::codec::{decode_event, encode_batch, encode_event, encode_lease, decode_append, Batch, Lease, LeasedBatch};
+use serde::Deserialize;
+use serde_json::json;
+use worker::{
+    durable_object, Date, DurableObject, Env, Request, Response, Result, SqlStorage, SqlStorageValue, State,
+};
+
+use crate::config::ShardConfig;
+use crate::drain::{AckRequest, LeaseRequest};
+use crate::http;
+use crate::ingest::new_uuid;
+
+/// Header carrying the shard number from the front worker.
+pub const SHARD_HEADER: &str = "x-collector-shard";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS open_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event BLOB NOT NULL,
+    bytes INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    blob BLOB NOT NULL,
+    events INTEGER NOT NULL,
+    sealed_ms INTEGER NOT NULL,
+    lease_id TEXT,
+    lease_expires_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS batches_lease ON batches(lease_id);
+CREATE TABLE IF NOT EXISTS drops (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+";
+
+#[durable_object]
+pub struct QueueShard {
+    state: State,
+    env: Env,
+}
+
+#[derive(Deserialize)]
+struct OpenStats {
+    n: i64,
+    bytes: Option<i64>,
+}
+
+fn now_ms() -> i64 {
+    Date::now().as_millis() as i64
+}
+
+impl QueueShard {
+    fn sql(&self) -> SqlStorage {
+        self.state.storage().sql()
+    }
+
+    fn shard_number(&self) -> Result<u32> {
+        #[derive(Deserialize)]
+        struct V {
+            value: i64,
+        }
+        let rows: Vec<V> = self
+            .sql()
+            .exec("SELECT value FROM meta WHERE key = 'shard'", None)?
+            .to_array()?;
+        Ok(rows.first().map(|v| v.value as u32).unwrap_or(0))
+    }
+
+    /// Seals every open event into one batch row. Synchronous: one atomic unit.
+    fn seal(&self) -> Result<usize> {
+        let sql = self.sql();
+        let mut events = Vec::new();
+        let mut max_seq = 0i64;
+        for row in sql.exec("SELECT seq, event FROM open_events ORDER BY seq", None)?.raw() {
+            let row = row?;
+            let (Some(SqlStorageValue::Integer(seq)), Some(SqlStorageValue::Blob(bytes))) = (row.first(), row.get(1)) else {
+                return Err(worker::Error::RustError("open_events row has an unexpected shape".into()));
+            };
+            max_seq = *seq;
+            match decode_event(bytes) {
+                Ok(ev) => events.push(ev),
+                Err(e) => {
+                    // Never silently: count it, and keep going with the rest.
+                    worker::console_error!("open event {seq} does not decode: {e}");
+                    self.count_drop(&sql, "corrupt_open_event", 1)?;
+                }
+            }
+        }
+        if max_seq == 0 {
+            return Ok(0);
+        }
+        let n = events.len();
+        if n > 0 {
+            let batch = Batch {
+                shard: self.shard_number()?,
+                sealed_at_ms: now_ms(),
+                events,
+            };
+            let blob = encode_batch(&batch).map_err(|e| worker::Error::RustError(e.to_string()))?;
+            sql.exec(
+                "INSERT INTO batches (blob, events, sealed_ms) VALUES (?, ?, ?)",
+                vec![blob.into(), (n as i64).into(), batch.sealed_at_ms.into()],
+            )?;
+        }
+        sql.exec("DELETE FROM open_events WHERE seq <= ?", vec![max_seq.into()])?;
+        Ok(n)
+    }
+
+    fn count_drop(&self, sql: &SqlStorage, reason: &str, n: u64) -> Result<()> {
+        sql.exec(
+            "INSERT INTO drops (reason, count) VALUES (?, ?) ON CONFLICT(reason) DO UPDATE SET count = count + excluded.count",
+            vec![reason.into(), (n as i64).into()],
+        )?;
+        Ok(())
+    }
+
+    async fn append(&self, mut req: Request, cfg: ShardConfig) -> Result<Response> {
+        let body = req.bytes().await?;
+        let append = match decode_append(&body) {
+            Ok(a) => a,
+            Err(e) => return http::error(400, "bad_append", &e.to_string()),
+        };
+        let shard: i64 = req
+            .headers()
+            .get(SHARD_HEADER)?
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let sql = self.sql();
+        sql.exec(
+            "INSERT INTO meta (key, value) VALUES ('shard', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            vec![shard.into()],
+        )?;
+        for (reason, n) in &append.drops {
+            self.count_drop(&sql, reason, *n)?;
+        }
+        for ev in &append.events {
+            let bytes = encode_event(ev).map_err(|e| worker::Error::RustError(e.to_string()))?;
+            let len = bytes.len() as i64;
+            sql.exec(
+                "INSERT INTO open_events (event, bytes) VALUES (?, ?)",
+                vec![bytes.into(), len.into()],
+            )?;
+        }
+        let stats: OpenStats = sql
+            .exec("SELECT COUNT(*) AS n, SUM(bytes) AS bytes FROM open_events", None)?
+            .one()?;
+        if stats.n as usize >= cfg.batch_max_events || stats.bytes.unwrap_or(0) as usize >= cfg.batch_max_bytes {
+            self.seal()?;
+        } else if stats.n > 0 && self.state.storage().get_alarm().await?.is_none() {
+            self.state.storage().set_alarm(cfg.batch_max_age_ms).await?;
+        }
+        http::json(200, &json!({"ok": true, "appended": append.events.len()}))
+    }
+
+    async fn lease(&self, mut req: Request) -> Result<Response> {
+        let lease: LeaseRequest = match req.json().await {
+            Ok(l) => l,
+            Err(e) => return http::error(400, "bad_lease_request", &e.to_string()),
+        };
+        if lease.flush {
+            self.seal()?;
+        }
+        let now = now_ms();
+        let sql = self.sql();
+        let mut batches = Vec::new();
+        for row in sql
+            .exec(
+                "SELECT id, blob FROM batches WHERE lease_id IS NULL OR lease_expires_ms <= ? ORDER BY id LIMIT ?",
+                vec![now.into(), i64::from(lease.max_batches).into()],
+            )?
+            .raw()
+        {
+            let row = row?;
+            if let (Some(SqlStorageValue::Integer(id)), Some(SqlStorageValue::Blob(blob))) = (row.first(), row.get(1)) {
+                batches.push(LeasedBatch {
+                    batch_id: *id,
+                    blob: blob.clone(),
+                });
+            }
+        }
+        let lease_id = new_uuid();
+        let expires_at_ms = now + lease.lease_ms;
+        for b in &batches {
+            sql.exec(
+                "UPDATE batches SET lease_id = ?, lease_expires_ms = ? WHERE id = ?",
+                vec![lease_id.clone().into(), expires_at_ms.into(), b.batch_id.into()],
+            )?;
+        }
+        let body = encode_lease(&Lease {
+            lease_id,
+            expires_at_ms,
+            batches,
+        })
+        .map_err(|e| worker::Error::RustError(e.to_string()))?;
+        let mut resp = Response::from_bytes(body)?;
+        resp.headers_mut().set("Content-Type", "application/octet-stream")?;
+        Ok(resp)
+    }
+
+    async fn ack(&self, mut req: Request) -> Result<Response> {
+        let ack: AckRequest = match req.json().await {
+            Ok(a) => a,
+            Err(e) => return http::error(400, "bad_ack_request", &e.to_string()),
+        };
+        let cursor = self
+            .sql()
+            .exec("DELETE FROM batches WHERE lease_id = ?", vec![ack.lease_id.into()])?;
+        // Drain the cursor so the statement runs to completion before counting.
+        let _ = cursor.raw().count();
+        let acked = cursor.rows_written();
+        http::json(200, &json!({"acked": acked}))
+    }
+
+    fn stats(&self) -> Result<Response> {
+        #[derive(Deserialize)]
+        struct Drop {
+            reason: String,
+            count: i64,
+        }
+        #[derive(Deserialize)]
+        struct Depth {
+            sealed: i64,
+            leased: i64,
+            events: Option<i64>,
+        }
+        let sql = self.sql();
+        let open: OpenStats = sql
+            .exec("SELECT COUNT(*) AS n, SUM(bytes) AS bytes FROM open_events", None)?
+            .one()?;
+        let depth: Depth = sql
+            .exec(
+                "SELECT COUNT(*) AS sealed, COUNT(lease_id) AS leased, SUM(events) AS events FROM batches",
+                None,
+            )?
+            .one()?;
+        let drops: Vec<Drop> = sql.exec("SELECT reason, count FROM drops ORDER BY reason", None)?.to_array()?;
+        let drops: serde_json::Map<String, serde_json::Value> =
+            drops.into_iter().map(|d| (d.reason, json!(d.count))).collect();
+        http::json(
+            200,
+            &json!({
+                "shard": self.shard_number()?,
+                "open_events": open.n,
+                "open_bytes": open.bytes.unwrap_or(0),
+                "sealed_batches": depth.sealed,
+                "leased_batches": depth.leased,
+                "sealed_events": depth.events.unwrap_or(0),
+                "drops": drops,
+            }),
+        )
+    }
+}
+
+impl DurableObject for QueueShard {
+    fn new(state: State, env: Env) -> Self {
+        if let Err(e) = state.storage().sql().exec(SCHEMA, None) {
+            worker::console_error!("queue shard schema: {e}");
+        }
+        Self { state, env }
+    }
+
+    async fn fetch(&self, req: Request) -> Result<Response> {
+        let cfg = match ShardConfig::from_env(&self.env) {
+            Ok(c) => c,
+            Err(e) => return http::error(503, "bad_config", &e),
+        };
+        match req.path().as_str() {
+            "/append" => self.append(req, cfg).await,
+            "/lease" => self.lease(req).await,
+            "/ack" => self.ack(req).await,
+            "/stats" => self.stats(),
+            other => http::error(404, "not_found", &format!("queue shard has no {other}")),
+        }
+    }
+
+    async fn alarm(&self) -> Result<Response> {
+        let sealed = self.seal()?;
+        Response::ok(format!("sealed {sealed}"))
+    }
+}
