@@ -71,7 +71,9 @@ pub async fn serve(
             sink,
             token: Arc::new(token),
         });
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
     Ok(())
 }
 
@@ -87,11 +89,16 @@ async fn handle_sql(
         .map(|v| v == expected)
         .unwrap_or(false);
     if !ok {
-        return Err((StatusCode::UNAUTHORIZED, Json(json!({"error": "bad or missing admin token"}))));
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "bad or missing admin token"})),
+        ));
     }
     let sink = state.sink.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let guard = sink.lock().map_err(|_| "warehouse lock poisoned".to_string())?;
+        let guard = sink
+            .lock()
+            .map_err(|_| "warehouse lock poisoned".to_string())?;
         guard.query(&body).map_err(|e| e.to_string())
     })
     .await
@@ -118,7 +125,10 @@ pub fn write_state(path: &Path, state: &AgentState) -> anyhow::Result<()> {
 
 /// Runs a query through a running agent, if there is one. `Ok(None)` means no agent
 /// is reachable (no state file, or nothing listening).
-pub async fn query_running_agent(warehouse: &Path, sql: &str) -> anyhow::Result<Option<QueryResult>> {
+pub async fn query_running_agent(
+    warehouse: &Path,
+    sql: &str,
+) -> anyhow::Result<Option<QueryResult>> {
     let Ok(text) = std::fs::read_to_string(state_file(warehouse)) else {
         return Ok(None);
     };
@@ -140,7 +150,12 @@ pub async fn query_running_agent(warehouse: &Path, sql: &str) -> anyhow::Result<
     let status = resp.status();
     let body: serde_json::Value = resp.json().await?;
     if !status.is_success() {
-        anyhow::bail!("{}", body.get("error").and_then(|e| e.as_str()).unwrap_or("query failed"));
+        anyhow::bail!(
+            "{}",
+            body.get("error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("query failed")
+        );
     }
     Ok(Some(serde_json::from_value(body)?))
 }

@@ -79,8 +79,8 @@ impl AgentConfig {
     pub fn load(path: &Path) -> anyhow::Result<AgentConfig> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
-        let mut cfg: AgentConfig = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        let mut cfg: AgentConfig =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
         if cfg.warehouse.path.is_relative() {
             let base = path.parent().unwrap_or(Path::new("."));
             cfg.warehouse.path = base.join(&cfg.warehouse.path);
@@ -91,7 +91,10 @@ impl AgentConfig {
 
     pub fn validate(&self) -> anyhow::Result<()> {
         if !(self.edge_url.starts_with("http://") || self.edge_url.starts_with("https://")) {
-            anyhow::bail!("config: edge_url must start with http:// or https://, got {:?}", self.edge_url);
+            anyhow::bail!(
+                "config: edge_url must start with http:// or https://, got {:?}",
+                self.edge_url
+            );
         }
         if !(1..=100).contains(&self.lease_batches) {
             anyhow::bail!("config: lease_batches must be 1..=100");
@@ -106,8 +109,9 @@ impl AgentConfig {
     /// The drain secret, from `drain_secret_env` or `drain_secret`.
     pub fn secret(&self) -> anyhow::Result<String> {
         if let Some(var) = &self.drain_secret_env {
-            return std::env::var(var)
-                .map_err(|_| anyhow::anyhow!("config: drain_secret_env names {var}, which is not set"));
+            return std::env::var(var).map_err(|_| {
+                anyhow::anyhow!("config: drain_secret_env names {var}, which is not set")
+            });
         }
         self.drain_secret
             .clone()

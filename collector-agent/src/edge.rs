@@ -62,7 +62,12 @@ impl EdgeClient {
         })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Vec<u8>) -> Result<Vec<u8>, EdgeError> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, EdgeError> {
         let ts = now_s();
         let sig = sign(self.secret.as_bytes(), method.as_str(), path, ts, &body);
         let mut req = self
@@ -86,17 +91,29 @@ impl EdgeClient {
     }
 
     pub async fn info(&self) -> Result<EdgeInfo, EdgeError> {
-        let bytes = self.call(reqwest::Method::GET, "/drain/info", Vec::new()).await?;
+        let bytes = self
+            .call(reqwest::Method::GET, "/drain/info", Vec::new())
+            .await?;
         serde_json::from_slice(&bytes).map_err(|e| EdgeError::Status {
             status: 200,
             body: format!("unexpected /drain/info body: {e}"),
         })
     }
 
-    pub async fn lease(&self, shard: u32, max_batches: u32, lease_ms: u64, flush: bool) -> Result<Lease, EdgeError> {
+    pub async fn lease(
+        &self,
+        shard: u32,
+        max_batches: u32,
+        lease_ms: u64,
+        flush: bool,
+    ) -> Result<Lease, EdgeError> {
         let body = json!({"shard": shard, "max_batches": max_batches, "lease_ms": lease_ms, "flush": flush});
         let bytes = self
-            .call(reqwest::Method::POST, "/drain/lease", body.to_string().into_bytes())
+            .call(
+                reqwest::Method::POST,
+                "/drain/lease",
+                body.to_string().into_bytes(),
+            )
             .await?;
         Ok(decode_lease(&bytes)?)
     }
@@ -106,7 +123,11 @@ impl EdgeClient {
     pub async fn ack(&self, shard: u32, lease_id: &str) -> Result<u64, EdgeError> {
         let body = json!({"shard": shard, "lease_id": lease_id});
         let bytes = self
-            .call(reqwest::Method::POST, "/drain/ack", body.to_string().into_bytes())
+            .call(
+                reqwest::Method::POST,
+                "/drain/ack",
+                body.to_string().into_bytes(),
+            )
             .await?;
         let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         Ok(v.get("acked").and_then(Value::as_u64).unwrap_or(0))
@@ -114,7 +135,9 @@ impl EdgeClient {
 
     /// Queue depth and drop counters by reason, per shard and in total.
     pub async fn stats(&self) -> Result<Value, EdgeError> {
-        let bytes = self.call(reqwest::Method::GET, "/drain/stats", Vec::new()).await?;
+        let bytes = self
+            .call(reqwest::Method::GET, "/drain/stats", Vec::new())
+            .await?;
         Ok(serde_json::from_slice(&bytes).unwrap_or(Value::Null))
     }
 }

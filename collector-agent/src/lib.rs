@@ -106,7 +106,9 @@ impl Drainer {
         summary.dead_letters = dead.len() as u64;
         let sink = self.sink.clone();
         let stats: LoadStats = tokio::task::spawn_blocking(move || {
-            let mut sink = sink.lock().map_err(|_| SinkError::Permanent("warehouse lock poisoned".into()))?;
+            let mut sink = sink
+                .lock()
+                .map_err(|_| SinkError::Permanent("warehouse lock poisoned".into()))?;
             for (batch_id, blob, err) in &dead {
                 sink.dead_letter(shard, *batch_id, blob, err)?;
             }
@@ -118,7 +120,14 @@ impl Drainer {
         summary.duplicates = stats.duplicates;
         // Committed: only now may the edge forget these batches.
         let acked = self.client.ack(shard, &lease.lease_id).await?;
-        tracing::info!(shard, batches = summary.batches, inserted = stats.inserted, duplicates = stats.duplicates, acked, "loaded");
+        tracing::info!(
+            shard,
+            batches = summary.batches,
+            inserted = stats.inserted,
+            duplicates = stats.duplicates,
+            acked,
+            "loaded"
+        );
         Ok(summary)
     }
 }
@@ -150,7 +159,10 @@ pub async fn drain_once(cfg: &AgentConfig) -> anyhow::Result<DrainSummary> {
 
 /// The daemon: serves the admin endpoint and drains every shard until `shutdown`
 /// resolves, then finishes the batch in hand and returns.
-pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let sink = open_sink(&cfg)?;
     let (stop_tx, mut stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -163,9 +175,14 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()> + Send + '
     admin::write_state(&state_path, &state)?;
     tracing::info!(admin = %state.addr, warehouse = %cfg.warehouse.path.display(), "agent started");
     let mut admin_stop = stop_rx.clone();
-    let admin_task = tokio::spawn(admin::serve(listener, sink.clone(), state.token.clone(), async move {
-        let _ = admin_stop.wait_for(|s| *s).await;
-    }));
+    let admin_task = tokio::spawn(admin::serve(
+        listener,
+        sink.clone(),
+        state.token.clone(),
+        async move {
+            let _ = admin_stop.wait_for(|s| *s).await;
+        },
+    ));
 
     let drainer = Drainer::new(cfg.clone(), sink)?;
     let poll = Duration::from_millis(cfg.poll_interval_ms);

@@ -8,7 +8,11 @@ use collector_agent::sinks::duckdb::{DuckDbSink, QueryResult};
 use collector_agent::{admin, drain_once, run, AgentConfig};
 
 #[derive(Parser)]
-#[command(name = "collector-agent", version, about = "Drains the edge collector into your warehouse")]
+#[command(
+    name = "collector-agent",
+    version,
+    about = "Drains the edge collector into your warehouse"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -77,7 +81,14 @@ async fn main() -> anyhow::Result<()> {
                     .await??
                 }
             };
-            print!("{}", if csv { to_csv(&result) } else { to_table(&result) });
+            print!(
+                "{}",
+                if csv {
+                    to_csv(&result)
+                } else {
+                    to_table(&result)
+                }
+            );
             Ok(())
         }
         Command::Stats { config } => {
@@ -107,10 +118,18 @@ fn csv_field(s: &str) -> String {
 }
 
 fn to_csv(r: &QueryResult) -> String {
-    let mut out = r.columns.iter().map(|c| csv_field(c)).collect::<Vec<_>>().join(",");
+    let mut out = r
+        .columns
+        .iter()
+        .map(|c| csv_field(c))
+        .collect::<Vec<_>>()
+        .join(",");
     out.push('\n');
     for row in &r.rows {
-        let line: Vec<String> = row.iter().map(|v| v.as_deref().map(csv_field).unwrap_or_default()).collect();
+        let line: Vec<String> = row
+            .iter()
+            .map(|v| v.as_deref().map(csv_field).unwrap_or_default())
+            .collect();
         out.push_str(&line.join(","));
         out.push('\n');
     }
@@ -136,7 +155,14 @@ fn to_table(r: &QueryResult) -> String {
             .collect();
         format!("| {} |\n", padded.join(" | "))
     };
-    let sep = format!("+{}+\n", widths.iter().map(|w| "-".repeat(w + 2)).collect::<Vec<_>>().join("+"));
+    let sep = format!(
+        "+{}+\n",
+        widths
+            .iter()
+            .map(|w| "-".repeat(w + 2))
+            .collect::<Vec<_>>()
+            .join("+")
+    );
     let mut out = sep.clone();
     out.push_str(&line(r.columns.clone()));
     out.push_str(&sep);
@@ -144,6 +170,10 @@ fn to_table(r: &QueryResult) -> String {
         out.push_str(&line(row.iter().map(cell).collect()));
     }
     out.push_str(&sep);
-    out.push_str(&format!("({} row{})\n", r.rows.len(), if r.rows.len() == 1 { "" } else { "s" }));
+    out.push_str(&format!(
+        "({} row{})\n",
+        r.rows.len(),
+        if r.rows.len() == 1 { "" } else { "s" }
+    ));
     out
 }

@@ -7,10 +7,15 @@ use serde_json::json;
 
 fn events(body: serde_json::Value) -> Vec<collector_core::StoredEvent> {
     let mut n = 0;
-    let p = parse_body(Endpoint::Batch, body.to_string().as_bytes(), 1_795_528_444_000, &mut || {
-        n += 1;
-        format!("gen-{n}")
-    })
+    let p = parse_body(
+        Endpoint::Batch,
+        body.to_string().as_bytes(),
+        1_795_528_444_000,
+        &mut || {
+            n += 1;
+            format!("gen-{n}")
+        },
+    )
     .unwrap();
     assert!(p.rejected.is_empty(), "{:?}", p.rejected);
     p.accepted
@@ -49,12 +54,27 @@ fn loads_each_kind_into_its_segment_table_with_typed_columns() {
         ]]
     );
     let one = |sql: &str| sink.query(sql).unwrap().rows[0].clone();
-    assert_eq!(one("SELECT name, category, anonymous_id FROM pages"), vec![Some("Home".into()), Some("Docs".into()), Some("a1".into())]);
+    assert_eq!(
+        one("SELECT name, category, anonymous_id FROM pages"),
+        vec![Some("Home".into()), Some("Docs".into()), Some("a1".into())]
+    );
     assert_eq!(one("SELECT name FROM screens"), vec![Some("Main".into())]);
-    assert_eq!(one("SELECT traits->>'plan' FROM identifies"), vec![Some("pro".into())]);
-    assert_eq!(one("SELECT group_id, traits->>'size' FROM groups"), vec![Some("acme".into()), Some("5".into())]);
-    assert_eq!(one("SELECT previous_id, user_id FROM aliases"), vec![Some("a1".into()), Some("u1".into())]);
-    assert_eq!(one("SELECT typeof(timestamp), typeof(properties) FROM tracks"), vec![Some("TIMESTAMP".into()), Some("JSON".into())]);
+    assert_eq!(
+        one("SELECT traits->>'plan' FROM identifies"),
+        vec![Some("pro".into())]
+    );
+    assert_eq!(
+        one("SELECT group_id, traits->>'size' FROM groups"),
+        vec![Some("acme".into()), Some("5".into())]
+    );
+    assert_eq!(
+        one("SELECT previous_id, user_id FROM aliases"),
+        vec![Some("a1".into()), Some("u1".into())]
+    );
+    assert_eq!(
+        one("SELECT typeof(timestamp), typeof(properties) FROM tracks"),
+        vec![Some("TIMESTAMP".into()), Some("JSON".into())]
+    );
 }
 
 #[test]
@@ -78,7 +98,10 @@ fn loading_the_same_events_twice_lands_them_once() {
     drop(sink);
     let conn = DuckDbSink::open_read_only(&path).unwrap();
     let r = run_query(&conn, "SELECT (SELECT count(*) FROM tracks), (SELECT count(*) FROM identifies), (SELECT event FROM tracks)").unwrap();
-    assert_eq!(r.rows[0], vec![Some("1".into()), Some("1".into()), Some("A".into())]);
+    assert_eq!(
+        r.rows[0],
+        vec![Some("1".into()), Some("1".into()), Some("A".into())]
+    );
 }
 
 #[test]
@@ -86,8 +109,18 @@ fn undecodable_batches_are_kept_as_dead_letters() {
     let dir = tempfile::tempdir().unwrap();
     let mut sink = DuckDbSink::open(&dir.path().join("w.duckdb")).unwrap();
     sink.dead_letter(2, 17, b"garbage", "bad magic").unwrap();
-    let r = sink.query("SELECT shard, batch_id, error, blob FROM dead_letters").unwrap();
-    assert_eq!(r.rows[0], vec![Some("2".into()), Some("17".into()), Some("bad magic".into()), Some("\\x67617262616765".into())]);
+    let r = sink
+        .query("SELECT shard, batch_id, error, blob FROM dead_letters")
+        .unwrap();
+    assert_eq!(
+        r.rows[0],
+        vec![
+            Some("2".into()),
+            Some("17".into()),
+            Some("bad magic".into()),
+            Some("\\x67617262616765".into())
+        ]
+    );
 }
 
 #[test]

@@ -221,7 +221,10 @@ fn static_field(field: &str) -> &'static str {
 /// Reads an id field: a non-empty string, or a number (coerced to its decimal text, as
 /// Segment does). An empty string counts as absent. The object is updated to hold the
 /// string form.
-fn take_id(obj: &mut Map<String, Value>, field: &'static str) -> Result<Option<String>, EventError> {
+fn take_id(
+    obj: &mut Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<String>, EventError> {
     let id = match obj.get(field) {
         None => return Ok(None),
         Some(Value::String(s)) if s.is_empty() => None,
@@ -253,10 +256,12 @@ fn take_id(obj: &mut Map<String, Value>, field: &'static str) -> Result<Option<S
 fn take_time(obj: &Map<String, Value>, field: &'static str) -> Result<Option<i64>, EventError> {
     match obj.get(field) {
         None => Ok(None),
-        Some(Value::String(s)) => parse_ms(s).map(Some).ok_or_else(|| EventError::BadTimestamp {
-            field,
-            value: s.chars().take(64).collect(),
-        }),
+        Some(Value::String(s)) => parse_ms(s)
+            .map(Some)
+            .ok_or_else(|| EventError::BadTimestamp {
+                field,
+                value: s.chars().take(64).collect(),
+            }),
         Some(_) => Err(EventError::WrongType {
             field,
             expected: "an ISO-8601 date-time string",

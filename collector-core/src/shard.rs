@@ -38,7 +38,10 @@ mod tests {
             assert_eq!(a, shard_for(Some("anon-1"), None, n));
             assert!(a < n);
         }
-        assert_eq!(shard_for(None, Some("u1"), 4), shard_for(None, Some("u1"), 4));
+        assert_eq!(
+            shard_for(None, Some("u1"), 4),
+            shard_for(None, Some("u1"), 4)
+        );
         assert_eq!(shard_for(None, None, 0), 0);
     }
 }

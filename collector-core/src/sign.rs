@@ -32,7 +32,9 @@ fn mac_for(secret: &[u8], method: &str, path: &str, unix_s: i64, body: &[u8]) ->
 
 /// The value of the signature header for a request.
 pub fn sign(secret: &[u8], method: &str, path: &str, unix_s: i64, body: &[u8]) -> String {
-    let tag = mac_for(secret, method, path, unix_s, body).finalize().into_bytes();
+    let tag = mac_for(secret, method, path, unix_s, body)
+        .finalize()
+        .into_bytes();
     format!("v1={}", hex::encode(tag))
 }
 
@@ -74,7 +76,16 @@ mod tests {
         let sig = sign(b"s3cret", "POST", "/drain/lease?x=1", NOW, b"{}");
         assert!(sig.starts_with("v1="));
         let ts = NOW.to_string();
-        verify(b"s3cret", "post", "/drain/lease?x=1", b"{}", Some(&ts), Some(&sig), NOW + 10).unwrap();
+        verify(
+            b"s3cret",
+            "post",
+            "/drain/lease?x=1",
+            b"{}",
+            Some(&ts),
+            Some(&sig),
+            NOW + 10,
+        )
+        .unwrap();
     }
 
     #[test]
@@ -84,26 +95,63 @@ mod tests {
         let v = |secret: &[u8], method, path, body: &[u8]| {
             verify(secret, method, path, body, Some(&ts), Some(&sig), NOW)
         };
-        assert_eq!(v(b"other", "POST", "/drain/lease", b"{}"), Err(SignError::Mismatch));
-        assert_eq!(v(b"s3cret", "POST", "/drain/lease", b"{ }"), Err(SignError::Mismatch));
-        assert_eq!(v(b"s3cret", "POST", "/drain/ack", b"{}"), Err(SignError::Mismatch));
-        assert_eq!(v(b"s3cret", "GET", "/drain/lease", b"{}"), Err(SignError::Mismatch));
+        assert_eq!(
+            v(b"other", "POST", "/drain/lease", b"{}"),
+            Err(SignError::Mismatch)
+        );
+        assert_eq!(
+            v(b"s3cret", "POST", "/drain/lease", b"{ }"),
+            Err(SignError::Mismatch)
+        );
+        assert_eq!(
+            v(b"s3cret", "POST", "/drain/ack", b"{}"),
+            Err(SignError::Mismatch)
+        );
+        assert_eq!(
+            v(b"s3cret", "GET", "/drain/lease", b"{}"),
+            Err(SignError::Mismatch)
+        );
     }
 
     #[test]
     fn rejects_stale_and_future_timestamps_outside_window() {
         let old = NOW - WINDOW_S - 1;
         let sig = sign(b"k", "POST", "/p", old, b"");
-        let err = verify(b"k", "POST", "/p", b"", Some(&old.to_string()), Some(&sig), NOW);
+        let err = verify(
+            b"k",
+            "POST",
+            "/p",
+            b"",
+            Some(&old.to_string()),
+            Some(&sig),
+            NOW,
+        );
         assert!(matches!(err, Err(SignError::Stale { .. })));
         let future = NOW + WINDOW_S + 1;
         let sig = sign(b"k", "POST", "/p", future, b"");
-        let err = verify(b"k", "POST", "/p", b"", Some(&future.to_string()), Some(&sig), NOW);
+        let err = verify(
+            b"k",
+            "POST",
+            "/p",
+            b"",
+            Some(&future.to_string()),
+            Some(&sig),
+            NOW,
+        );
         assert!(matches!(err, Err(SignError::Stale { .. })));
         // Edge of the window is accepted.
         let edge = NOW - WINDOW_S;
         let sig = sign(b"k", "POST", "/p", edge, b"");
-        verify(b"k", "POST", "/p", b"", Some(&edge.to_string()), Some(&sig), NOW).unwrap();
+        verify(
+            b"k",
+            "POST",
+            "/p",
+            b"",
+            Some(&edge.to_string()),
+            Some(&sig),
+            NOW,
+        )
+        .unwrap();
     }
 
     #[test]
@@ -117,9 +165,21 @@ mod tests {
             verify(b"k", "POST", "/p", b"", Some(&ts), None, NOW),
             Err(SignError::Missing(_))
         ));
-        assert_eq!(verify(b"k", "POST", "/p", b"", Some("soon"), Some("v1=00"), NOW), Err(SignError::Malformed));
-        assert_eq!(verify(b"k", "POST", "/p", b"", Some(&ts), Some("v2=00"), NOW), Err(SignError::Malformed));
-        assert_eq!(verify(b"k", "POST", "/p", b"", Some(&ts), Some("v1=zz"), NOW), Err(SignError::Malformed));
-        assert_eq!(verify(b"k", "POST", "/p", b"", Some(&ts), Some("v1=00"), NOW), Err(SignError::Mismatch));
+        assert_eq!(
+            verify(b"k", "POST", "/p", b"", Some("soon"), Some("v1=00"), NOW),
+            Err(SignError::Malformed)
+        );
+        assert_eq!(
+            verify(b"k", "POST", "/p", b"", Some(&ts), Some("v2=00"), NOW),
+            Err(SignError::Malformed)
+        );
+        assert_eq!(
+            verify(b"k", "POST", "/p", b"", Some(&ts), Some("v1=zz"), NOW),
+            Err(SignError::Malformed)
+        );
+        assert_eq!(
+            verify(b"k", "POST", "/p", b"", Some(&ts), Some("v1=00"), NOW),
+            Err(SignError::Mismatch)
+        );
     }
 }

@@ -24,10 +24,10 @@ pub fn format_ms(ms: i64) -> String {
     let ms = ms.clamp(MIN_MS, MAX_MS);
     let dt = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-    let fmt = format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
-    dt.format(&fmt).unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".to_string())
+    let fmt =
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+    dt.format(&fmt)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".to_string())
 }
 
 /// The event times after skew correction.
@@ -67,7 +67,10 @@ mod tests {
         assert_eq!(parse_ms("1970-01-01T00:00:01.500Z"), Some(1500));
         assert_eq!(parse_ms("1970-01-01T01:00:00+01:00"), Some(0));
         assert_eq!(parse_ms("1970-01-01T00:00:02"), Some(2000));
-        assert_eq!(parse_ms("2026-11-24T13:54:04.123Z"), Some(1_795_528_444_123));
+        assert_eq!(
+            parse_ms("2026-11-24T13:54:04.123Z"),
+            Some(1_795_528_444_123)
+        );
         assert_eq!(parse_ms("yesterday"), None);
         assert_eq!(parse_ms(""), None);
     }
@@ -76,7 +79,10 @@ mod tests {
     fn formats_utc_millis_and_round_trips() {
         assert_eq!(format_ms(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(format_ms(1_795_528_444_123), "2026-11-24T13:54:04.123Z");
-        assert_eq!(parse_ms(&format_ms(1_795_528_444_123)), Some(1_795_528_444_123));
+        assert_eq!(
+            parse_ms(&format_ms(1_795_528_444_123)),
+            Some(1_795_528_444_123)
+        );
         // Clamped, not a panic.
         assert_eq!(format_ms(i64::MAX), "9999-12-31T23:59:59.999Z");
     }

@@ -7,7 +7,9 @@ use collector_core::{CodecError, EventKind, StoredEvent};
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn sample_batch() -> Batch {
@@ -43,7 +45,10 @@ fn check_golden(name: &str, bytes: &[u8]) {
         std::fs::write(&path, bytes).unwrap();
     }
     let golden = std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    assert_eq!(golden, bytes, "encoding of {name} changed: that is a wire-format break");
+    assert_eq!(
+        golden, bytes,
+        "encoding of {name} changed: that is a wire-format break"
+    );
 }
 
 #[test]
@@ -80,7 +85,10 @@ fn append_round_trips() {
         events: sample_batch().events,
         drops: vec![("missing_identity".into(), 2)],
     };
-    assert_eq!(decode_append(&encode_append(&append).unwrap()).unwrap(), append);
+    assert_eq!(
+        decode_append(&encode_append(&append).unwrap()).unwrap(),
+        append
+    );
 }
 
 #[test]
@@ -88,7 +96,10 @@ fn corrupted_blob_is_caught_by_checksum() {
     let mut bytes = encode_batch(&sample_batch()).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x55;
-    assert!(matches!(decode_batch(&bytes), Err(CodecError::Checksum { .. })));
+    assert!(matches!(
+        decode_batch(&bytes),
+        Err(CodecError::Checksum { .. })
+    ));
 }
 
 #[test]
@@ -100,16 +111,30 @@ fn unknown_version_magic_and_short_input_are_rejected() {
     assert_eq!(decode_batch(&bytes), Err(CodecError::BadMagic));
     assert_eq!(decode_batch(b"ECB\x01"), Err(CodecError::TooShort(4)));
     // A lease is not a batch.
-    let lease = encode_lease(&Lease { lease_id: "x".into(), expires_at_ms: 0, batches: vec![] }).unwrap();
+    let lease = encode_lease(&Lease {
+        lease_id: "x".into(),
+        expires_at_ms: 0,
+        batches: vec![],
+    })
+    .unwrap();
     assert_eq!(decode_batch(&lease), Err(CodecError::BadMagic));
 }
 
 #[test]
 fn empty_and_large_batches_round_trip() {
-    let empty = Batch { shard: 0, sealed_at_ms: 0, events: vec![] };
+    let empty = Batch {
+        shard: 0,
+        sealed_at_ms: 0,
+        events: vec![],
+    };
     assert_eq!(decode_batch(&encode_batch(&empty).unwrap()).unwrap(), empty);
     let mut big = sample_batch();
     let ev = big.events[0].clone();
-    big.events = (0..2000).map(|i| StoredEvent { message_id: format!("m{i}"), ..ev.clone() }).collect();
+    big.events = (0..2000)
+        .map(|i| StoredEvent {
+            message_id: format!("m{i}"),
+            ..ev.clone()
+        })
+        .collect();
     assert_eq!(decode_batch(&encode_batch(&big).unwrap()).unwrap(), big);
 }

@@ -25,13 +25,34 @@ fn stored(p: &Parsed, i: usize) -> Value {
 
 #[test]
 fn paths_map_to_endpoints_including_short_forms() {
-    assert_eq!(endpoint_for_path("/v1/track"), Some(Endpoint::Single(EventKind::Track)));
-    assert_eq!(endpoint_for_path("/v1/t"), Some(Endpoint::Single(EventKind::Track)));
-    assert_eq!(endpoint_for_path("/v1/p"), Some(Endpoint::Single(EventKind::Page)));
-    assert_eq!(endpoint_for_path("/v1/i"), Some(Endpoint::Single(EventKind::Identify)));
-    assert_eq!(endpoint_for_path("/v1/g"), Some(Endpoint::Single(EventKind::Group)));
-    assert_eq!(endpoint_for_path("/v1/a"), Some(Endpoint::Single(EventKind::Alias)));
-    assert_eq!(endpoint_for_path("/v1/s"), Some(Endpoint::Single(EventKind::Screen)));
+    assert_eq!(
+        endpoint_for_path("/v1/track"),
+        Some(Endpoint::Single(EventKind::Track))
+    );
+    assert_eq!(
+        endpoint_for_path("/v1/t"),
+        Some(Endpoint::Single(EventKind::Track))
+    );
+    assert_eq!(
+        endpoint_for_path("/v1/p"),
+        Some(Endpoint::Single(EventKind::Page))
+    );
+    assert_eq!(
+        endpoint_for_path("/v1/i"),
+        Some(Endpoint::Single(EventKind::Identify))
+    );
+    assert_eq!(
+        endpoint_for_path("/v1/g"),
+        Some(Endpoint::Single(EventKind::Group))
+    );
+    assert_eq!(
+        endpoint_for_path("/v1/a"),
+        Some(Endpoint::Single(EventKind::Alias))
+    );
+    assert_eq!(
+        endpoint_for_path("/v1/s"),
+        Some(Endpoint::Single(EventKind::Screen))
+    );
     assert_eq!(endpoint_for_path("/v1/b"), Some(Endpoint::Batch));
     assert_eq!(endpoint_for_path("/v1/batch/"), Some(Endpoint::Batch));
     assert_eq!(endpoint_for_path("/v1/nope"), None);
@@ -58,7 +79,11 @@ fn single_track_is_normalised_with_server_fields() {
     assert_eq!(v["messageId"], "gen-1");
     assert_eq!(v["receivedAt"], "2026-11-24T13:54:04.000Z");
     assert_eq!(v["timestamp"], "2026-11-24T13:54:04.000Z");
-    assert_eq!(v["custom"], json!({"kept": true}), "unknown fields are kept");
+    assert_eq!(
+        v["custom"],
+        json!({"kept": true}),
+        "unknown fields are kept"
+    );
     assert!(v.get("writeKey").is_none(), "the write key is never stored");
     assert!(v.get("anonymousId").is_none(), "null fields are dropped");
 }
@@ -90,14 +115,21 @@ fn batch_level_sent_at_context_and_integrations_apply_to_each_event() {
     .unwrap();
     let v = stored(&p, 0);
     assert_eq!(v["timestamp"], "2026-11-24T13:54:00.000Z");
-    assert_eq!(v["context"]["ip"], "5.6.7.8", "the event's own context wins");
+    assert_eq!(
+        v["context"]["ip"], "5.6.7.8",
+        "the event's own context wins"
+    );
     assert_eq!(v["context"]["library"]["name"], "x");
     assert_eq!(v["integrations"]["All"], false);
 }
 
 #[test]
 fn numeric_ids_are_coerced_and_empty_ids_are_absent() {
-    let p = parse(Endpoint::Single(EventKind::Identify), &json!({"userId": 42, "anonymousId": ""})).unwrap();
+    let p = parse(
+        Endpoint::Single(EventKind::Identify),
+        &json!({"userId": 42, "anonymousId": ""}),
+    )
+    .unwrap();
     assert_eq!(p.accepted[0].user_id.as_deref(), Some("42"));
     assert_eq!(p.accepted[0].anonymous_id, None);
     assert_eq!(stored(&p, 0)["userId"], "42");
@@ -128,7 +160,11 @@ fn bad_events_in_a_batch_are_rejected_by_index_and_good_ones_kept() {
     assert_eq!(p.write_key.as_deref(), Some("wk"));
     let ok: Vec<_> = p.accepted.iter().map(|e| e.message_id.clone()).collect();
     assert_eq!(ok, vec!["gen-1".to_string(), "m-11".to_string()]);
-    let codes: Vec<_> = p.rejected.iter().map(|r| (r.index.unwrap(), r.error.code())).collect();
+    let codes: Vec<_> = p
+        .rejected
+        .iter()
+        .map(|r| (r.index.unwrap(), r.error.code()))
+        .collect();
     assert_eq!(
         codes,
         vec![
@@ -155,21 +191,42 @@ fn bad_events_in_a_batch_are_rejected_by_index_and_good_ones_kept() {
 #[test]
 fn whole_request_errors_name_the_problem() {
     let e = |ep, body: &[u8]| parse_body(ep, body, NOW, &mut ids()).unwrap_err();
-    assert!(matches!(e(Endpoint::Batch, b"{\"batch\": ["), RequestError::MalformedJson(_)));
-    assert!(matches!(e(Endpoint::Single(EventKind::Track), b"nope"), RequestError::MalformedJson(_)));
+    assert!(matches!(
+        e(Endpoint::Batch, b"{\"batch\": ["),
+        RequestError::MalformedJson(_)
+    ));
+    assert!(matches!(
+        e(Endpoint::Single(EventKind::Track), b"nope"),
+        RequestError::MalformedJson(_)
+    ));
     assert_eq!(e(Endpoint::Batch, b"[1,2]"), RequestError::NotAnObject);
-    assert_eq!(e(Endpoint::Single(EventKind::Track), b"[1,2]"), RequestError::NotAnObject);
+    assert_eq!(
+        e(Endpoint::Single(EventKind::Track), b"[1,2]"),
+        RequestError::NotAnObject
+    );
     assert_eq!(e(Endpoint::Batch, b"{}"), RequestError::MissingBatch);
-    assert_eq!(e(Endpoint::Batch, b"{\"batch\": null}"), RequestError::MissingBatch);
+    assert_eq!(
+        e(Endpoint::Batch, b"{\"batch\": null}"),
+        RequestError::MissingBatch
+    );
     assert_eq!(
         e(Endpoint::Batch, b"{\"batch\": {}}"),
-        RequestError::WrongType { field: "batch", expected: "an array" }
+        RequestError::WrongType {
+            field: "batch",
+            expected: "an array"
+        }
     );
     assert_eq!(
         e(Endpoint::Batch, b"{\"batch\": [], \"writeKey\": 5}"),
-        RequestError::WrongType { field: "writeKey", expected: "a string" }
+        RequestError::WrongType {
+            field: "writeKey",
+            expected: "a string"
+        }
     );
-    assert_eq!(e(Endpoint::Batch, b"{\"batch\": [\xff]}"), RequestError::NotUtf8);
+    assert_eq!(
+        e(Endpoint::Batch, b"{\"batch\": [\xff]}"),
+        RequestError::NotUtf8
+    );
     let huge = vec![b' '; MAX_REQUEST_BYTES + 1];
     let err = e(Endpoint::Batch, &huge);
     assert_eq!(err.status(), 413);
@@ -179,8 +236,11 @@ fn whole_request_errors_name_the_problem() {
 #[test]
 fn oversized_single_event_is_413_with_reason() {
     let big = "y".repeat(MAX_EVENT_BYTES);
-    let p = parse(Endpoint::Single(EventKind::Track), &json!({"event": "E", "userId": "u", "writeKey": "k", "properties": {"b": big}}))
-        .unwrap();
+    let p = parse(
+        Endpoint::Single(EventKind::Track),
+        &json!({"event": "E", "userId": "u", "writeKey": "k", "properties": {"b": big}}),
+    )
+    .unwrap();
     assert!(p.accepted.is_empty());
     assert_eq!(p.write_key.as_deref(), Some("k"));
     assert!(matches!(p.rejected[0].error, EventError::TooLarge { .. }));
@@ -189,7 +249,11 @@ fn oversized_single_event_is_413_with_reason() {
 
 #[test]
 fn single_endpoint_type_wins_over_body_type() {
-    let p = parse(Endpoint::Single(EventKind::Screen), &json!({"type": "track", "userId": "u", "name": "Home"})).unwrap();
+    let p = parse(
+        Endpoint::Single(EventKind::Screen),
+        &json!({"type": "track", "userId": "u", "name": "Home"}),
+    )
+    .unwrap();
     assert_eq!(p.accepted[0].kind, EventKind::Screen);
     assert_eq!(stored(&p, 0)["type"], "screen");
 }

@@ -89,7 +89,9 @@ impl EdgeConfig {
             .filter(|k| !k.is_empty())
             .collect();
         if write_keys.is_empty() {
-            return Err(format!("config: {VAR_WRITE_KEYS} is not set; set at least one write key"));
+            return Err(format!(
+                "config: {VAR_WRITE_KEYS} is not set; set at least one write key"
+            ));
         }
         let allowed_origins = match lookup(env, VAR_ALLOWED_ORIGINS).as_deref() {
             None => Origins::List(Vec::new()),
@@ -103,7 +105,9 @@ impl EdgeConfig {
         };
         let shards = number(env, VAR_SHARDS, DEFAULT_SHARDS)?;
         if shards == 0 || shards > MAX_SHARDS {
-            return Err(format!("config: {VAR_SHARDS} must be between 1 and {MAX_SHARDS}, got {shards}"));
+            return Err(format!(
+                "config: {VAR_SHARDS} must be between 1 and {MAX_SHARDS}, got {shards}"
+            ));
         }
         Ok(EdgeConfig {
             write_keys,
@@ -144,7 +148,9 @@ impl ShardConfig {
         }
         // A sealed batch is one SQLite row; Durable Object rows are capped at 2 MB.
         if cfg.batch_max_bytes == 0 || cfg.batch_max_bytes > 1024 * 1024 {
-            return Err(format!("config: {VAR_BATCH_MAX_BYTES} must be between 1 and 1048576"));
+            return Err(format!(
+                "config: {VAR_BATCH_MAX_BYTES} must be between 1 and 1048576"
+            ));
         }
         Ok(cfg)
     }

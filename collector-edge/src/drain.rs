@@ -69,9 +69,18 @@ pub struct AckRequest {
     pub lease_id: String,
 }
 
-pub async fn handle_drain(mut req: Request, env: &Env, cfg: &EdgeConfig, op: DrainOp) -> Result<Response> {
+pub async fn handle_drain(
+    mut req: Request,
+    env: &Env,
+    cfg: &EdgeConfig,
+    op: DrainOp,
+) -> Result<Response> {
     let Some(secret) = &cfg.drain_secret else {
-        return http::error(401, "drain_disabled", "DRAIN_SECRET is not configured on this edge");
+        return http::error(
+            401,
+            "drain_disabled",
+            "DRAIN_SECRET is not configured on this edge",
+        );
     };
     let body = req.bytes().await.unwrap_or_default();
     let url = req.url()?;
@@ -105,7 +114,9 @@ pub async fn handle_drain(mut req: Request, env: &Env, cfg: &EdgeConfig, op: Dra
             if lease.shard >= cfg.shards {
                 return bad_shard(lease.shard, cfg);
             }
-            if !(1..=100).contains(&lease.max_batches) || !(1_000..=3_600_000).contains(&lease.lease_ms) {
+            if !(1..=100).contains(&lease.max_batches)
+                || !(1_000..=3_600_000).contains(&lease.lease_ms)
+            {
                 return http::error(
                     400,
                     "bad_lease_request",
@@ -149,7 +160,10 @@ fn bad_shard(shard: u32, cfg: &EdgeConfig) -> Result<Response> {
     http::error(
         400,
         "bad_shard",
-        &format!("shard {shard} does not exist; this edge has {} shards", cfg.shards),
+        &format!(
+            "shard {shard} does not exist; this edge has {} shards",
+            cfg.shards
+        ),
     )
 }
 

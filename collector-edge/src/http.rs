@@ -11,7 +11,10 @@ pub fn json(status: u16, body: &Value) -> Result<Response> {
 
 /// `{"success": false, "code": ..., "error": ...}` with the given status.
 pub fn error(status: u16, code: &str, message: &str) -> Result<Response> {
-    json(status, &json!({"success": false, "code": code, "error": message}))
+    json(
+        status,
+        &json!({"success": false, "code": code, "error": message}),
+    )
 }
 
 /// The request's `Origin`, if the browser sent one.
@@ -50,7 +53,11 @@ pub fn preflight(origin: Option<&str>, origins: &Origins) -> Result<Response> {
             h.set("Access-Control-Max-Age", "86400")?;
             Ok(resp)
         }
-        Some(o) => error(403, "origin_not_allowed", &format!("origin {o:?} is not in ALLOWED_ORIGINS")),
+        Some(o) => error(
+            403,
+            "origin_not_allowed",
+            &format!("origin {o:?} is not in ALLOWED_ORIGINS"),
+        ),
         None => error(400, "not_a_preflight", "OPTIONS without an Origin header"),
     }
 }

@@ -27,13 +27,18 @@ pub fn new_uuid() -> String {
         let now = Date::now().as_millis();
         bytes[..8].copy_from_slice(&now.to_le_bytes());
     }
-    uuid::Builder::from_random_bytes(bytes).into_uuid().to_string()
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .to_string()
 }
 
 /// The write key from `Authorization: Basic base64(key:)`, if that header is present.
 fn basic_auth_key(req: &Request) -> Option<Option<String>> {
     let header = req.headers().get("Authorization").ok().flatten()?;
-    let Some(encoded) = header.strip_prefix("Basic ").or_else(|| header.strip_prefix("basic ")) else {
+    let Some(encoded) = header
+        .strip_prefix("Basic ")
+        .or_else(|| header.strip_prefix("basic "))
+    else {
         return Some(None);
     };
     let decoded = base64::engine::general_purpose::STANDARD
@@ -88,7 +93,13 @@ pub async fn handle_ingest(
     }
     let raw = match req.bytes().await {
         Ok(raw) => raw,
-        Err(e) => return http::error(400, "unreadable_body", &format!("request body could not be read: {e}")),
+        Err(e) => {
+            return http::error(
+                400,
+                "unreadable_body",
+                &format!("request body could not be read: {e}"),
+            )
+        }
     };
     if raw.len() > MAX_COMPRESSED_REQUEST_BYTES {
         return request_error(&RequestError::TooLarge {
@@ -100,7 +111,13 @@ pub async fn handle_ingest(
     if let Some(key) = &header_key {
         match key {
             Some(k) if cfg.accepts_write_key(k) => {}
-            _ => return http::error(401, "invalid_write_key", "the write key in Authorization is not valid"),
+            _ => {
+                return http::error(
+                    401,
+                    "invalid_write_key",
+                    "the write key in Authorization is not valid",
+                )
+            }
         }
     }
     let body = match read_body(&req, raw) {
@@ -131,7 +148,11 @@ pub async fn handle_ingest(
                 )
             }
             Some(k) if !cfg.accepts_write_key(k) => {
-                return http::error(401, "invalid_write_key", "the write key in the body is not valid")
+                return http::error(
+                    401,
+                    "invalid_write_key",
+                    "the write key in the body is not valid",
+                )
             }
             Some(_) => {}
         }
@@ -146,7 +167,11 @@ async fn enqueue_and_respond(env: &Env, cfg: &EdgeConfig, parsed: Parsed) -> Res
     let accepted_count = accepted.len();
     let mut per_shard: BTreeMap<u32, Append> = BTreeMap::new();
     for ev in accepted {
-        let shard = shard_for(ev.anonymous_id.as_deref(), ev.user_id.as_deref(), cfg.shards);
+        let shard = shard_for(
+            ev.anonymous_id.as_deref(),
+            ev.user_id.as_deref(),
+            cfg.shards,
+        );
         per_shard.entry(shard).or_default().events.push(ev);
     }
     if !rejected.is_empty() {
@@ -155,8 +180,10 @@ async fn enqueue_and_respond(env: &Env, cfg: &EdgeConfig, parsed: Parsed) -> Res
             *counts.entry(r.error.code()).or_default() += 1;
         }
         let target = per_shard.keys().next().copied().unwrap_or(0);
-        per_shard.entry(target).or_default().drops =
-            counts.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        per_shard.entry(target).or_default().drops = counts
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
     }
     let writes = per_shard
         .iter()
@@ -175,7 +202,11 @@ async fn enqueue_and_respond(env: &Env, cfg: &EdgeConfig, parsed: Parsed) -> Res
     if rejected.is_empty() {
         return http::json(200, &json!({"success": true}));
     }
-    let status = rejected.iter().map(|r| r.error.status()).max().unwrap_or(400);
+    let status = rejected
+        .iter()
+        .map(|r| r.error.status())
+        .max()
+        .unwrap_or(400);
     let first = &rejected[0].error;
     let details: Vec<_> = rejected
         .iter()

@@ -37,7 +37,11 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
         let origin = http::origin(&req);
         if let Some(o) = origin.as_deref() {
             if method != Method::Options && !cfg.allowed_origins.allows(o) {
-                return http::error(403, "origin_not_allowed", &format!("origin {o:?} is not in ALLOWED_ORIGINS"));
+                return http::error(
+                    403,
+                    "origin_not_allowed",
+                    &format!("origin {o:?} is not in ALLOWED_ORIGINS"),
+                );
             }
         }
         let resp = match method {

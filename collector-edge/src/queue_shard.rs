@@ -12,11 +12,15 @@
 //! one atomic unit, and the runtime's output gate holds the response until the writes
 //! are durable: a 200 from `/append` means the events are on disk.
 
-use collector_core::codec::{decode_event, encode_batch, encode_event, encode_lease, decode_append, Batch, Lease, LeasedBatch};
+use collector_core::codec::{
+    decode_append, decode_event, encode_batch, encode_event, encode_lease, Batch, Lease,
+    LeasedBatch,
+};
 use serde::Deserialize;
 use serde_json::json;
 use worker::{
-    durable_object, Date, DurableObject, Env, Request, Response, Result, SqlStorage, SqlStorageValue, State,
+    durable_object, Date, DurableObject, Env, Request, Response, Result, SqlStorage,
+    SqlStorageValue, State,
 };
 
 use crate::config::ShardConfig;
@@ -84,10 +88,17 @@ impl QueueShard {
         let sql = self.sql();
         let mut events = Vec::new();
         let mut max_seq = 0i64;
-        for row in sql.exec("SELECT seq, event FROM open_events ORDER BY seq", None)?.raw() {
+        for row in sql
+            .exec("SELECT seq, event FROM open_events ORDER BY seq", None)?
+            .raw()
+        {
             let row = row?;
-            let (Some(SqlStorageValue::Integer(seq)), Some(SqlStorageValue::Blob(bytes))) = (row.first(), row.get(1)) else {
-                return Err(worker::Error::RustError("open_events row has an unexpected shape".into()));
+            let (Some(SqlStorageValue::Integer(seq)), Some(SqlStorageValue::Blob(bytes))) =
+                (row.first(), row.get(1))
+            else {
+                return Err(worker::Error::RustError(
+                    "open_events row has an unexpected shape".into(),
+                ));
             };
             max_seq = *seq;
             match decode_event(bytes) {
@@ -115,7 +126,10 @@ impl QueueShard {
                 vec![blob.into(), (n as i64).into(), batch.sealed_at_ms.into()],
             )?;
         }
-        sql.exec("DELETE FROM open_events WHERE seq <= ?", vec![max_seq.into()])?;
+        sql.exec(
+            "DELETE FROM open_events WHERE seq <= ?",
+            vec![max_seq.into()],
+        )?;
         Ok(n)
     }
 
@@ -155,9 +169,14 @@ impl QueueShard {
             )?;
         }
         let stats: OpenStats = sql
-            .exec("SELECT COUNT(*) AS n, SUM(bytes) AS bytes FROM open_events", None)?
+            .exec(
+                "SELECT COUNT(*) AS n, SUM(bytes) AS bytes FROM open_events",
+                None,
+            )?
             .one()?;
-        if stats.n as usize >= cfg.batch_max_events || stats.bytes.unwrap_or(0) as usize >= cfg.batch_max_bytes {
+        if stats.n as usize >= cfg.batch_max_events
+            || stats.bytes.unwrap_or(0) as usize >= cfg.batch_max_bytes
+        {
             self.seal()?;
         } else if stats.n > 0 && self.state.storage().get_alarm().await?.is_none() {
             self.state.storage().set_alarm(cfg.batch_max_age_ms).await?;
@@ -196,7 +215,11 @@ impl QueueShard {
         for b in &batches {
             sql.exec(
                 "UPDATE batches SET lease_id = ?, lease_expires_ms = ? WHERE id = ?",
-                vec![lease_id.clone().into(), expires_at_ms.into(), b.batch_id.into()],
+                vec![
+                    lease_id.clone().into(),
+                    expires_at_ms.into(),
+                    b.batch_id.into(),
+                ],
             )?;
         }
         let body = encode_lease(&Lease {
@@ -206,7 +229,8 @@ impl QueueShard {
         })
         .map_err(|e| worker::Error::RustError(e.to_string()))?;
         let mut resp = Response::from_bytes(body)?;
-        resp.headers_mut().set("Content-Type", "application/octet-stream")?;
+        resp.headers_mut()
+            .set("Content-Type", "application/octet-stream")?;
         Ok(resp)
     }
 
@@ -215,16 +239,17 @@ impl QueueShard {
             Ok(a) => a,
             Err(e) => return http::error(400, "bad_ack_request", &e.to_string()),
         };
-        let cursor = self
-            .sql()
-            .exec("DELETE FROM batches WHERE lease_id = ?", vec![ack.lease_id.into()])?;
+        let cursor = self.sql().exec(
+            "DELETE FROM batches WHERE lease_id = ?",
+            vec![ack.lease_id.into()],
+        )?;
         // Drain the cursor so the statement runs to completion before counting.
         let _ = cursor.raw().count();
         let acked = cursor.rows_written();
         http::json(200, &json!({"acked": acked}))
     }
 
-    fn stats(&self) -> Result<Response> {
+    fn stats(&self, req: &Request) -> Result<Response> {
         #[derive(Deserialize)]
         struct Drop {
             reason: String,
@@ -238,7 +263,10 @@ impl QueueShard {
         }
         let sql = self.sql();
         let open: OpenStats = sql
-            .exec("SELECT COUNT(*) AS n, SUM(bytes) AS bytes FROM open_events", None)?
+            .exec(
+                "SELECT COUNT(*) AS n, SUM(bytes) AS bytes FROM open_events",
+                None,
+            )?
             .one()?;
         let depth: Depth = sql
             .exec(
@@ -246,13 +274,17 @@ impl QueueShard {
                 None,
             )?
             .one()?;
-        let drops: Vec<Drop> = sql.exec("SELECT reason, count FROM drops ORDER BY reason", None)?.to_array()?;
-        let drops: serde_json::Map<String, serde_json::Value> =
-            drops.into_iter().map(|d| (d.reason, json!(d.count))).collect();
+        let drops: Vec<Drop> = sql
+            .exec("SELECT reason, count FROM drops ORDER BY reason", None)?
+            .to_array()?;
+        let drops: serde_json::Map<String, serde_json::Value> = drops
+            .into_iter()
+            .map(|d| (d.reason, json!(d.count)))
+            .collect();
         http::json(
             200,
             &json!({
-                "shard": self.shard_number()?,
+                "shard": req.headers().get(SHARD_HEADER)?.and_then(|s| s.parse::<u32>().ok()),
                 "open_events": open.n,
                 "open_bytes": open.bytes.unwrap_or(0),
                 "sealed_batches": depth.sealed,
@@ -281,7 +313,7 @@ impl DurableObject for QueueShard {
             "/append" => self.append(req, cfg).await,
             "/lease" => self.lease(req).await,
             "/ack" => self.ack(req).await,
-            "/stats" => self.stats(),
+            "/stats" => self.stats(&req),
             other => http::error(404, "not_found", &format!("queue shard has no {other}")),
         }
     }

@@ -38,5 +38,11 @@ pub trait Sink: Send {
     /// already present are skipped and counted as duplicates.
     fn load(&mut self, events: &[StoredEvent]) -> Result<LoadStats, SinkError>;
     /// Keeps a batch that could not be decoded, so nothing is lost silently.
-    fn dead_letter(&mut self, shard: u32, batch_id: i64, blob: &[u8], error: &str) -> Result<(), SinkError>;
+    fn dead_letter(
+        &mut self,
+        shard: u32,
+        batch_id: i64,
+        blob: &[u8],
+        error: &str,
+    ) -> Result<(), SinkError>;
 }

@@ -12,7 +12,10 @@ use crate::sinks::{LoadStats, Sink, SinkError};
 /// Columns of one event table beyond the common ones, as `(column, event field, is_json)`.
 fn specific_columns(kind: EventKind) -> &'static [(&'static str, &'static str, bool)] {
     match kind {
-        EventKind::Track => &[("event", "event", false), ("properties", "properties", true)],
+        EventKind::Track => &[
+            ("event", "event", false),
+            ("properties", "properties", true),
+        ],
         EventKind::Page | EventKind::Screen => &[
             ("name", "name", false),
             ("category", "category", false),
@@ -46,7 +49,11 @@ fn create_table_sql(kind: EventKind) -> String {
     }
     cols.push("raw JSON NOT NULL".into());
     cols.push("loaded_at TIMESTAMP NOT NULL".into());
-    format!("CREATE TABLE IF NOT EXISTS {} ({})", kind.table(), cols.join(", "))
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} ({})",
+        kind.table(),
+        cols.join(", ")
+    )
 }
 
 fn column_names(kind: EventKind) -> Vec<&'static str> {
@@ -76,7 +83,8 @@ impl DuckDbSink {
     /// Opens (creating if needed) the warehouse file and its tables.
     pub fn open(path: &Path) -> Result<DuckDbSink, SinkError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| SinkError::Permanent(format!("{}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| SinkError::Permanent(format!("{}: {e}", dir.display())))?;
         }
         let conn = Connection::open(path).map_err(transient)?;
         let mut ddl = String::new();
@@ -84,7 +92,10 @@ impl DuckDbSink {
             ddl.push_str(&create_table_sql(kind));
             ddl.push_str(";\n");
             // All-text staging table for the appender; cast on the way in.
-            let stage_cols: Vec<String> = column_names(kind).iter().map(|c| format!("{c} VARCHAR")).collect();
+            let stage_cols: Vec<String> = column_names(kind)
+                .iter()
+                .map(|c| format!("{c} VARCHAR"))
+                .collect();
             ddl.push_str(&format!(
                 "CREATE TEMP TABLE IF NOT EXISTS stage_{} ({});\n",
                 kind.table(),
@@ -94,7 +105,8 @@ impl DuckDbSink {
         ddl.push_str(
             "CREATE TABLE IF NOT EXISTS dead_letters (shard INTEGER, batch_id BIGINT, error VARCHAR, blob BLOB, loaded_at TIMESTAMP);\n",
         );
-        conn.execute_batch(&ddl).map_err(|e| SinkError::Permanent(e.to_string()))?;
+        conn.execute_batch(&ddl)
+            .map_err(|e| SinkError::Permanent(e.to_string()))?;
         Ok(DuckDbSink { conn })
     }
 
@@ -119,7 +131,12 @@ pub fn run_query(conn: &Connection, sql: &str) -> Result<QueryResult, SinkError>
     let mut rows = stmt.query([]).map_err(perm)?;
     let columns: Vec<String> = rows
         .as_ref()
-        .map(|s| s.column_names().into_iter().map(|c| c.to_string()).collect())
+        .map(|s| {
+            s.column_names()
+                .into_iter()
+                .map(|c| c.to_string())
+                .collect()
+        })
         .unwrap_or_default();
     let mut out = Vec::new();
     while let Some(row) = rows.next().map_err(perm)? {
@@ -191,7 +208,10 @@ impl Sink for DuckDbSink {
                 row.push(text_of(obj.get(*field), *json));
             }
             row.push(Some(ev.json.clone()));
-            let slot = by_kind.iter_mut().find(|(k, _)| *k == ev.kind).map(|(_, rows)| rows);
+            let slot = by_kind
+                .iter_mut()
+                .find(|(k, _)| *k == ev.kind)
+                .map(|(_, rows)| rows);
             if let Some(rows) = slot {
                 rows.push(row);
             }
@@ -203,7 +223,8 @@ impl Sink for DuckDbSink {
                 continue;
             }
             let table = kind.table();
-            tx.execute(&format!("DELETE FROM stage_{table}"), []).map_err(transient)?;
+            tx.execute(&format!("DELETE FROM stage_{table}"), [])
+                .map_err(transient)?;
             {
                 let mut app = tx.appender(&format!("stage_{table}")).map_err(transient)?;
                 for row in rows {
@@ -216,13 +237,19 @@ impl Sink for DuckDbSink {
             let select: Vec<String> = cols
                 .iter()
                 .map(|c| {
-                    let ty = COMMON.iter().find(|x| x.0 == *c).map(|x| x.2).unwrap_or_else(|| {
-                        if *c == "raw" || specific_columns(*kind).iter().any(|s| s.0 == *c && s.2) {
-                            "JSON"
-                        } else {
-                            "VARCHAR"
-                        }
-                    });
+                    let ty = COMMON
+                        .iter()
+                        .find(|x| x.0 == *c)
+                        .map(|x| x.2)
+                        .unwrap_or_else(|| {
+                            if *c == "raw"
+                                || specific_columns(*kind).iter().any(|s| s.0 == *c && s.2)
+                            {
+                                "JSON"
+                            } else {
+                                "VARCHAR"
+                            }
+                        });
                     format!("CAST({c} AS {ty})")
                 })
                 .collect();
@@ -240,10 +267,19 @@ impl Sink for DuckDbSink {
             duplicates += rows.len() as u64 - n;
         }
         tx.commit().map_err(transient)?;
-        Ok(LoadStats { inserted, duplicates })
+        Ok(LoadStats {
+            inserted,
+            duplicates,
+        })
     }
 
-    fn dead_letter(&mut self, shard: u32, batch_id: i64, blob: &[u8], error: &str) -> Result<(), SinkError> {
+    fn dead_letter(
+        &mut self,
+        shard: u32,
+        batch_id: i64,
+        blob: &[u8],
+        error: &str,
+    ) -> Result<(), SinkError> {
         self.conn
             .execute(
                 "INSERT INTO dead_letters VALUES (?, ?, ?, ?, now()::TIMESTAMP)",

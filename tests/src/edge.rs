@@ -1,0 +1,207 @@
+//! Runs the built worker under `wrangler dev` (local mode: workerd, Durable Objects in
+//! a persistence folder) on loopback, for tests, `xtask dev` and `xtask bench`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::toolchain::Toolchain;
+
+#[derive(Debug, Clone)]
+pub struct EdgeOptions {
+    /// Extra `--var KEY:VALUE` settings (override `wrangler.toml` `[vars]`).
+    pub vars: Vec<(String, String)>,
+    /// Local Durable Object storage; reuse it across restarts to test durability.
+    pub persist_dir: PathBuf,
+    /// Port to listen on; 0 picks a free one.
+    pub port: u16,
+    /// Where wrangler's output goes.
+    pub log_file: PathBuf,
+}
+
+impl EdgeOptions {
+    /// Options with a drain secret and a fresh persistence folder inside `dir`.
+    pub fn in_dir(dir: &std::path::Path, drain_secret: &str) -> EdgeOptions {
+        EdgeOptions {
+            vars: vec![("DRAIN_SECRET".into(), drain_secret.into())],
+            persist_dir: dir.join("edge-state"),
+            port: 0,
+            log_file: dir.join("wrangler.log"),
+        }
+    }
+
+    pub fn var(mut self, k: &str, v: &str) -> EdgeOptions {
+        self.vars.push((k.into(), v.into()));
+        self
+    }
+}
+
+pub struct LocalEdge {
+    child: Option<Child>,
+    pub port: u16,
+    pub url: String,
+    opts: EdgeOptions,
+    tools: Toolchain,
+}
+
+impl LocalEdge {
+    pub fn start(opts: EdgeOptions) -> anyhow::Result<LocalEdge> {
+        let tools = Toolchain::discover();
+        tools.require_built_worker();
+        let port = if opts.port == 0 {
+            crate::free_port()
+        } else {
+            opts.port
+        };
+        let mut edge = LocalEdge {
+            child: None,
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            opts,
+            tools,
+        };
+        edge.spawn()?;
+        Ok(edge)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.opts.persist_dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.opts.log_file)
+            .with_context(|| format!("open {}", self.opts.log_file.display()))?;
+        let mut cmd = Command::new(&self.tools.node);
+        cmd.arg(&self.tools.wrangler_js)
+            .arg("dev")
+            .arg("--config")
+            .arg(self.tools.root.join("wrangler.toml"))
+            .args([
+                "--local",
+                "--ip",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+            ])
+            .args(["--inspector-port", &crate::free_port().to_string()])
+            .arg("--persist-to")
+            .arg(&self.opts.persist_dir)
+            .args([
+                "--show-interactive-dev-session=false",
+                "--log-level",
+                "warn",
+            ]);
+        for (k, v) in &self.opts.vars {
+            cmd.arg("--var").arg(format!("{k}:{v}"));
+        }
+        cmd.current_dir(&self.tools.root)
+            .env("PATH", self.tools.path_env())
+            .env("WRANGLER_SEND_METRICS", "false")
+            .env("CLOUDFLARE_CF_FETCH_ENABLED", "false")
+            .env("DO_NOT_TRACK", "1")
+            .env("CI", "true")
+            .env("WRANGLER_LOG_PATH", self.opts.persist_dir.join("logs"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
+        let child = cmd.spawn().context("spawn wrangler dev")?;
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(120))
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!(
+                        "wrangler dev exited with {status} before it was ready:\n{}",
+                        self.log_tail()
+                    );
+                }
+            }
+            if health_ok(self.port) {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "wrangler dev was not ready after {timeout:?}:\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The last lines wrangler printed.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.opts.log_file).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Stops wrangler and its workerd children (the whole process group).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pgid = child.id();
+            let _ = Command::new("kill")
+                .args(["-TERM", &format!("-{pgid}")])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = Command::new("kill")
+                .args(["-KILL", &format!("-{pgid}")])
+                .status();
+            let _ = child.wait();
+            // Wait for the port to be released so a restart can bind it again.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// Stops and starts again on the same port with the same storage.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.spawn()
+    }
+}
+
+impl Drop for LocalEdge {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn health_ok(port: u16) -> bool {
+    let Ok(mut s) =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500))
+    else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    buf[..n].starts_with(b"HTTP/1.1 200")
+}

@@ -1,0 +1,3 @@
+pub fn bench(_t: &collector_e2e::Toolchain) -> anyhow::Result<()> {
+    anyhow::bail!("todo")
+}

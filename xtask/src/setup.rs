@@ -1,0 +1,116 @@
+//! `cargo xtask setup`: installs every pinned tool the project needs, idempotently.
+//! Only the package registries are used (crates.io, npm); nothing else is downloaded.
+
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use collector_e2e::toolchain::WORKER_BUILD_VERSION;
+use collector_e2e::Toolchain;
+
+use crate::run;
+
+pub fn setup(tools: &Toolchain) -> Result<()> {
+    wasm_target()?;
+    npm_packages(tools)?;
+    cargo_tool(
+        tools,
+        "worker-build",
+        WORKER_BUILD_VERSION,
+        &tools.worker_build,
+    )?;
+    cargo_tool(
+        tools,
+        "wasm-bindgen-cli",
+        &tools.wasm_bindgen_version,
+        &tools.wasm_bindgen,
+    )?;
+    let missing = tools.missing();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "setup finished but tools are missing: {missing:?}"
+    );
+    Ok(())
+}
+
+fn wasm_target() -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output();
+    if let Ok(out) = out {
+        if String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.trim() == "wasm32-unknown-unknown")
+        {
+            return Ok(());
+        }
+    }
+    eprintln!("xtask setup: rustup target add wasm32-unknown-unknown");
+    run(Command::new("rustup").args(["target", "add", "wasm32-unknown-unknown"]))
+}
+
+/// `npm ci` from the committed lockfile, skipped when node_modules already matches it.
+fn npm_packages(tools: &Toolchain) -> Result<()> {
+    let lock =
+        std::fs::read(tools.root.join("package-lock.json")).context("read package-lock.json")?;
+    let stamp_path = tools.root.join("node_modules/.xtask-lock-stamp");
+    let stamp = format!("{:x}", fnv(&lock));
+    if std::fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str())
+        && tools.missing_npm().is_empty()
+    {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask setup: npm ci (wrangler, node 22, binaryen, esbuild, duckdb lib, test clients)"
+    );
+    run(Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+        .current_dir(&tools.root)
+        .env("WRANGLER_SEND_METRICS", "false")
+        .env("DO_NOT_TRACK", "1"))?;
+    std::fs::write(&stamp_path, stamp)?;
+    Ok(())
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// `cargo install NAME --version V --root <tools>/NAME-V`, unless already there. Tries
+/// `--locked` first; when the crate's own lockfile names a version the registry does
+/// not serve, falls back to a fresh resolution (the tool's version stays pinned).
+fn cargo_tool(tools: &Toolchain, name: &str, version: &str, bin: &std::path::Path) -> Result<()> {
+    if bin.exists() {
+        return Ok(());
+    }
+    let root = tools.tools_dir.join(format!("{name}-{version}"));
+    eprintln!("xtask setup: cargo install {name} {version} (a few minutes, once)");
+    let install = |locked: bool| {
+        let mut cmd = Command::new("cargo");
+        cmd.args(["install", name, "--version", version, "--root"])
+            .arg(&root);
+        if locked {
+            cmd.arg("--locked");
+        }
+        run(&mut cmd)
+    };
+    install(true).or_else(|e| {
+        eprintln!("xtask setup: {e}; retrying without --locked");
+        install(false)
+    })
+}
+
+trait MissingNpm {
+    fn missing_npm(&self) -> Vec<String>;
+}
+
+impl MissingNpm for Toolchain {
+    fn missing_npm(&self) -> Vec<String> {
+        [&self.node, &self.wrangler_js, &self.wasm_opt, &self.esbuild]
+            .iter()
+            .filter(|p| !p.exists())
+            .map(|p| p.display().to_string())
+            .collect()
+    }
+}
