@@ -154,7 +154,7 @@ impl LocalEdge {
         if let Some(mut child) = self.child.take() {
             let pgid = child.id();
             let _ = Command::new("kill")
-                .args(["-TERM", &format!("-{pgid}")])
+                .args(["-s", "TERM", "--", &format!("-{pgid}")])
                 .status();
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
@@ -164,7 +164,7 @@ impl LocalEdge {
                 std::thread::sleep(Duration::from_millis(100));
             }
             let _ = Command::new("kill")
-                .args(["-KILL", &format!("-{pgid}")])
+                .args(["-s", "KILL", "--", &format!("-{pgid}")])
                 .status();
             let _ = child.wait();
             // Wait for the port to be released so a restart can bind it again.

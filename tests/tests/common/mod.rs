@@ -1,0 +1,159 @@
+//! Shared helpers of the end-to-end tests: a local edge (the built worker under
+//! `wrangler dev`) plus a DuckDB warehouse in one temp folder.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use collector_agent::config::WarehouseConfig;
+use collector_agent::sinks::duckdb::{run_query, DuckDbSink};
+use collector_agent::{drain_once, AgentConfig, DrainSummary};
+use collector_e2e::{EdgeOptions, LocalEdge, DEV_WRITE_KEY};
+use serde_json::Value;
+
+pub const SECRET: &str = "e2e-drain-secret";
+pub const WRITE_KEY: &str = DEV_WRITE_KEY;
+
+pub struct Stack {
+    // Field order is drop order: stop the edge before its folder is removed.
+    pub edge: LocalEdge,
+    pub http: reqwest::Client,
+    pub dir: tempfile::TempDir,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl Stack {
+    pub fn start() -> Stack {
+        Stack::start_with(&[])
+    }
+
+    pub fn start_with(vars: &[(&str, &str)]) -> Stack {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut opts = EdgeOptions::in_dir(dir.path(), SECRET);
+        for (k, v) in vars {
+            opts = opts.var(k, v);
+        }
+        let edge = LocalEdge::start(opts).expect("wrangler dev starts");
+        Stack {
+            dir,
+            edge,
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(60))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub fn warehouse(&self) -> PathBuf {
+        self.dir.path().join("data/warehouse.duckdb")
+    }
+
+    pub fn agent_config(&self) -> AgentConfig {
+        let cfg = AgentConfig {
+            edge_url: self.edge.url.clone(),
+            drain_secret: Some(SECRET.into()),
+            drain_secret_env: None,
+            warehouse: WarehouseConfig {
+                path: self.warehouse(),
+            },
+            admin_addr: "127.0.0.1:0".into(),
+            poll_interval_ms: 100,
+            lease_batches: 10,
+            lease_ms: 30_000,
+            request_timeout_ms: 30_000,
+        };
+        cfg.validate().expect("valid agent config");
+        cfg
+    }
+
+    /// POSTs a JSON body authenticated with the write key as HTTP Basic username.
+    pub async fn post(&self, path: &str, body: &Value) -> Reply {
+        self.send(
+            self.http
+                .post(format!("{}{path}", self.edge.url))
+                .basic_auth(WRITE_KEY, Some(""))
+                .header("Content-Type", "application/json")
+                .body(body.to_string()),
+        )
+        .await
+    }
+
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> Reply {
+        let resp = req.send().await.expect("edge answers");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.expect("body");
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Reply {
+            status,
+            body,
+            headers,
+        }
+    }
+
+    /// Drains the edge into the warehouse until empty (`collector-agent run --once`).
+    pub async fn drain(&self) -> DrainSummary {
+        drain_once(&self.agent_config()).await.expect("drain")
+    }
+
+    /// Runs SQL against the warehouse file (no agent running).
+    pub fn query(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        if !self.warehouse().exists() {
+            DuckDbSink::open(&self.warehouse()).expect("create warehouse");
+        }
+        let conn = DuckDbSink::open_read_only(&self.warehouse()).expect("open warehouse");
+        run_query(&conn, sql).expect("query").rows
+    }
+
+    pub fn count(&self, table: &str) -> u64 {
+        self.query(&format!("SELECT count(*) FROM {table}"))[0][0]
+            .as_deref()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// A drain-API request signed with `secret` at `unix_s`.
+    pub async fn signed(
+        &self,
+        method: &str,
+        path: &str,
+        body: &str,
+        secret: &str,
+        unix_s: i64,
+    ) -> Reply {
+        let sig =
+            collector_core::sign::sign(secret.as_bytes(), method, path, unix_s, body.as_bytes());
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self
+            .http
+            .request(m, format!("{}{path}", self.edge.url))
+            .header(collector_core::sign::TIMESTAMP_HEADER, unix_s.to_string())
+            .header(collector_core::sign::SIGNATURE_HEADER, sig);
+        if !body.is_empty() {
+            req = req.body(body.to_string());
+        }
+        self.send(req).await
+    }
+
+    pub async fn edge_stats(&self) -> Value {
+        let client = collector_agent::edge::EdgeClient::new(&self.agent_config()).unwrap();
+        client.stats().await.expect("stats")
+    }
+}
+
+pub fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+pub fn s(v: &str) -> Option<String> {
+    Some(v.to_string())
+}
