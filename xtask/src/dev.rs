@@ -1,3 +1,192 @@
-pub fn dev(_t: &collector_e2e::Toolchain, _a: &[String]) -> anyhow::Result<()> {
-    anyhow::bail!("todo")
+//! `cargo xtask dev`: the local stack, for trying the product and developing it.
+//!
+//! Starts the built worker under `wrangler dev` (local mode, state persisted in
+//! `data/edge-state`), the agent draining into `data/warehouse.duckdb`, and a demo page
+//! that sends events. Prints `key=value` lines once ready (scriptable), and stops
+//! everything on SIGINT/SIGTERM.
+//!
+//! Environment: `XTASK_DEV_DATA_DIR` (default `<repo>/data`), `XTASK_DEV_EDGE_PORT`
+//! (default 8787, or a free port if taken), `XTASK_DEV_DEMO_PORT` (default 8080, same).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use collector_e2e::{free_port, EdgeOptions, LocalEdge, Toolchain, DEV_WRITE_KEY};
+
+use crate::run;
+
+fn port_or_free(var: &str, default: u16) -> u16 {
+    let wanted = std::env::var(var).ok().and_then(|p| p.parse().ok()).unwrap_or(default);
+    if wanted != 0 && TcpListener::bind(("127.0.0.1", wanted)).is_ok() {
+        wanted
+    } else {
+        free_port()
+    }
+}
+
+/// The drain secret for local development, kept in `.dev.vars` (which `wrangler dev`
+/// reads too), created once with a random value.
+fn dev_secret(root: &Path) -> Result<String> {
+    let path = root.join(".dev.vars");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    if let Some(v) = text.lines().find_map(|l| l.strip_prefix("DRAIN_SECRET=")) {
+        return Ok(v.trim().trim_matches('"').to_string());
+    }
+    let mut bytes = [0u8; 24];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .context("read /dev/urandom")?;
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+    writeln!(f, "DRAIN_SECRET={secret}")?;
+    Ok(secret)
+}
+
+pub fn dev(tools: &Toolchain, _args: &[String]) -> Result<()> {
+    let data = std::env::var_os("XTASK_DEV_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| tools.root.join("data"));
+    std::fs::create_dir_all(&data)?;
+    let secret = dev_secret(&tools.root)?;
+
+    eprintln!("xtask dev: building the agent");
+    run(Command::new("cargo")
+        .args(["build", "--quiet", "-p", "collector-agent"])
+        .current_dir(&tools.root))?;
+
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    ctrlc::set_handler(move || {
+        let _ = stop_tx.send(());
+    })
+    .context("install signal handler")?;
+
+    let edge_port = port_or_free("XTASK_DEV_EDGE_PORT", 8787);
+    let mut edge = LocalEdge::start(EdgeOptions {
+        vars: vec![("DRAIN_SECRET".into(), secret.clone())],
+        persist_dir: data.join("edge-state"),
+        port: edge_port,
+        log_file: data.join("wrangler.log"),
+    })?;
+
+    let agent_config = data.join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "# Written by `cargo xtask dev`.\nedge_url = \"{}\"\ndrain_secret = \"{secret}\"\npoll_interval_ms = 1000\n\n[warehouse]\npath = \"warehouse.duckdb\"\n",
+            edge.url
+        ),
+    )?;
+    let agent_log = std::fs::File::create(data.join("agent.log"))?;
+    let mut agent = {
+        let mut cmd = Command::new(tools.root.join("target/debug/collector-agent"));
+        cmd.args(["run", "--config"])
+            .arg(&agent_config)
+            .stdin(Stdio::null())
+            .stdout(agent_log.try_clone()?)
+            .stderr(agent_log);
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
+        cmd.spawn().context("start the agent")?
+    };
+
+    let demo_port = port_or_free("XTASK_DEV_DEMO_PORT", 8080);
+    let demo = TcpListener::bind(("127.0.0.1", demo_port))?;
+    let page_root = tools.root.join("sdk-js");
+    let config_js = format!(
+        "window.COLLECTOR_CONFIG = {{ writeKey: \"{DEV_WRITE_KEY}\", apiHost: \"{}\" }};\n",
+        edge.url
+    );
+    std::thread::spawn(move || serve_demo(demo, page_root, config_js));
+
+    let agent_bin = tools.root.join("target/debug/collector-agent");
+    println!("edge_url={}", edge.url);
+    println!("write_key={DEV_WRITE_KEY}");
+    println!("agent_config={}", agent_config.display());
+    println!("demo_url=http://127.0.0.1:{demo_port}/");
+    println!("warehouse={}", data.join("warehouse.duckdb").display());
+    println!(
+        "try={} sql --config {} \"SELECT event, user_id, anonymous_id, timestamp FROM tracks ORDER BY timestamp DESC LIMIT 10\"",
+        agent_bin.display(),
+        agent_config.display()
+    );
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    eprintln!(
+        "\nOpen {} and click; the agent loads events within seconds. Logs: {}. Ctrl-C stops everything.",
+        format_args!("http://127.0.0.1:{demo_port}/"),
+        data.display()
+    );
+
+    loop {
+        match stop_rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(()) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Some(status) = agent.try_wait()? {
+                    eprintln!("xtask dev: the agent exited ({status}); see {}", data.join("agent.log").display());
+                    break;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    eprintln!("xtask dev: stopping");
+    stop_child(&mut agent);
+    edge.stop();
+    eprintln!("xtask dev: stopped");
+    Ok(())
+}
+
+fn stop_child(child: &mut Child) {
+    let _ = Command::new("kill").args(["-s", "TERM", "--", &child.id().to_string()]).status();
+    for _ in 0..100 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn serve_demo(listener: TcpListener, root: PathBuf, config_js: String) {
+    for stream in listener.incoming().flatten() {
+        let root = root.clone();
+        let config_js = config_js.clone();
+        std::thread::spawn(move || {
+            let _ = answer(stream, &root, &config_js);
+        });
+    }
+}
+
+fn answer(mut stream: TcpStream, root: &Path, config_js: &str) -> std::io::Result<()> {
+    let mut line = String::new();
+    let mut reader = BufReader::new(stream.try_clone()?);
+    reader.read_line(&mut line)?;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
+            break;
+        }
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("/");
+    let (status, ctype, body): (&str, &str, Vec<u8>) = match path {
+        "/" | "/index.html" => ("200 OK", "text/html; charset=utf-8", std::fs::read(root.join("demo/index.html"))?),
+        "/collector.js" => ("200 OK", "text/javascript", std::fs::read(root.join("src/collector.js"))?),
+        "/config.js" => ("200 OK", "text/javascript", config_js.as_bytes().to_vec()),
+        _ => ("404 Not Found", "text/plain", b"not found".to_vec()),
+    };
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    stream.write_all(&body)
 }
