@@ -26,7 +26,11 @@ async fn unmodified_segment_analytics_node_lands_every_call_exactly_once() {
         String::from_utf8_lossy(&out.stderr)
     );
     let summary = st.drain().await;
-    assert_eq!((summary.inserted, summary.duplicates), (6, 0), "{summary:?}");
+    assert_eq!(
+        (summary.inserted, summary.duplicates),
+        (6, 0),
+        "{summary:?}"
+    );
 
     assert_eq!(
         st.query("SELECT user_id, event, properties->>'revenue', properties->>'currency', context->'library'->>'name' FROM tracks"),
@@ -38,7 +42,13 @@ async fn unmodified_segment_analytics_node_lands_every_call_exactly_once() {
     );
     assert_eq!(
         st.query("SELECT anonymous_id, user_id, name, category, properties->>'path' FROM pages"),
-        vec![vec![s("compat-anon"), None, s("Getting Started"), s("Docs"), s("/docs")]]
+        vec![vec![
+            s("compat-anon"),
+            None,
+            s("Getting Started"),
+            s("Docs"),
+            s("/docs")
+        ]]
     );
     assert_eq!(
         st.query("SELECT user_id, group_id, traits->>'employees' FROM groups"),

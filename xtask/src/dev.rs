@@ -21,7 +21,10 @@ use collector_e2e::{free_port, EdgeOptions, LocalEdge, Toolchain, DEV_WRITE_KEY}
 use crate::run;
 
 fn port_or_free(var: &str, default: u16) -> u16 {
-    let wanted = std::env::var(var).ok().and_then(|p| p.parse().ok()).unwrap_or(default);
+    let wanted = std::env::var(var)
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(default);
     if wanted != 0 && TcpListener::bind(("127.0.0.1", wanted)).is_ok() {
         wanted
     } else {
@@ -42,7 +45,10 @@ fn dev_secret(root: &Path) -> Result<String> {
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
         .context("read /dev/urandom")?;
     let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)?;
     writeln!(f, "DRAIN_SECRET={secret}")?;
     Ok(secret)
 }
@@ -130,7 +136,10 @@ pub fn dev(tools: &Toolchain, _args: &[String]) -> Result<()> {
             Ok(()) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if let Some(status) = agent.try_wait()? {
-                    eprintln!("xtask dev: the agent exited ({status}); see {}", data.join("agent.log").display());
+                    eprintln!(
+                        "xtask dev: the agent exited ({status}); see {}",
+                        data.join("agent.log").display()
+                    );
                     break;
                 }
             }
@@ -145,7 +154,9 @@ pub fn dev(tools: &Toolchain, _args: &[String]) -> Result<()> {
 }
 
 fn stop_child(child: &mut Child) {
-    let _ = Command::new("kill").args(["-s", "TERM", "--", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-s", "TERM", "--", &child.id().to_string()])
+        .status();
     for _ in 0..100 {
         if let Ok(Some(_)) = child.try_wait() {
             return;
@@ -178,8 +189,16 @@ fn answer(mut stream: TcpStream, root: &Path, config_js: &str) -> std::io::Resul
     }
     let path = line.split_whitespace().nth(1).unwrap_or("/");
     let (status, ctype, body): (&str, &str, Vec<u8>) = match path {
-        "/" | "/index.html" => ("200 OK", "text/html; charset=utf-8", std::fs::read(root.join("demo/index.html"))?),
-        "/collector.js" => ("200 OK", "text/javascript", std::fs::read(root.join("src/collector.js"))?),
+        "/" | "/index.html" => (
+            "200 OK",
+            "text/html; charset=utf-8",
+            std::fs::read(root.join("demo/index.html"))?,
+        ),
+        "/collector.js" => (
+            "200 OK",
+            "text/javascript",
+            std::fs::read(root.join("src/collector.js"))?,
+        ),
         "/config.js" => ("200 OK", "text/javascript", config_js.as_bytes().to_vec()),
         _ => ("404 Not Found", "text/plain", b"not found".to_vec()),
     };

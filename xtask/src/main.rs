@@ -63,6 +63,9 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 /// Builds the worker into `collector-edge/build/` with worker-build, pointing it at the
 /// pinned wasm-bindgen, wasm-opt and esbuild so it downloads nothing.
 pub fn build_edge(tools: &Toolchain, release: bool) -> Result<()> {
+    if release && edge_build_is_fresh(tools) {
+        return Ok(());
+    }
     eprintln!(
         "xtask: building the worker ({})",
         if release { "release" } else { "dev" }
@@ -74,7 +77,14 @@ pub fn build_edge(tools: &Toolchain, release: bool) -> Result<()> {
         .env("WASM_BINDGEN_BIN", &tools.wasm_bindgen)
         .env("WASM_OPT_BIN", &tools.wasm_opt)
         .env("ESBUILD_BIN", &tools.esbuild);
-    run(&mut cmd)
+    run(&mut cmd)?;
+    let marker = tools.root.join("collector-edge/build/.release");
+    if release {
+        std::fs::write(marker, "")?;
+    } else {
+        let _ = std::fs::remove_file(marker);
+    }
+    Ok(())
 }
 
 fn ci(tools: &Toolchain) -> Result<()> {
@@ -91,4 +101,49 @@ fn ci(tools: &Toolchain) -> Result<()> {
         .env("PATH", tools.path_env()))?;
     eprintln!("xtask ci: all green in {:.0?}", started.elapsed());
     Ok(())
+}
+
+/// Newest modification time of the files below `dir` (recursively).
+fn newest_mtime(dir: &std::path::Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let t = if path.is_dir() {
+            newest_mtime(&path)
+        } else {
+            entry.metadata().ok().and_then(|m| m.modified().ok())
+        };
+        if t > newest {
+            newest = t;
+        }
+    }
+    newest
+}
+
+/// Whether the release worker build is newer than every input, so `dev`, `bench` and
+/// `ci` do not rebuild (and make a running `wrangler dev` reload) for nothing.
+fn edge_build_is_fresh(tools: &Toolchain) -> bool {
+    let out = tools.root.join("collector-edge/build/index_bg.wasm");
+    let marker = tools.root.join("collector-edge/build/.release");
+    let Some(built) = std::fs::metadata(&out).and_then(|m| m.modified()).ok() else {
+        return false;
+    };
+    if !marker.exists() {
+        return false;
+    }
+    let inputs = [
+        tools.root.join("collector-edge/src"),
+        tools.root.join("collector-core/src"),
+        tools.root.join("collector-edge/Cargo.toml"),
+        tools.root.join("collector-core/Cargo.toml"),
+        tools.root.join("Cargo.lock"),
+    ];
+    inputs.iter().all(|p| {
+        let t = if p.is_dir() {
+            newest_mtime(p)
+        } else {
+            std::fs::metadata(p).and_then(|m| m.modified()).ok()
+        };
+        t.is_some_and(|t| t <= built)
+    })
 }
