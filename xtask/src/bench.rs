@@ -1,3 +1,192 @@
-pub fn bench(_t: &collector_e2e::Toolchain) -> anyhow::Result<()> {
-    anyhow::bail!("todo")
+//! `cargo xtask bench`: measures and prints a table. Benchmarks are not tests: nothing
+//! here asserts a speed.
+//!
+//! - worker bundle size (wasm and JS glue, raw and gzip)
+//! - requests/s of `POST /v1/batch` with 20 events, against the local runtime
+//!   (`wrangler dev`, workerd with SQLite-backed Durable Objects)
+//! - agent drain rows/s into DuckDB (`collector-agent run --once`, release build)
+
+use std::io::Write;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use collector_e2e::{EdgeOptions, LocalEdge, Toolchain, DEV_WRITE_KEY};
+
+use crate::run;
+
+const SECRET: &str = "bench-drain-secret";
+
+fn gzip_len(bytes: &[u8]) -> usize {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let _ = gz.write_all(bytes);
+    gz.finish().map(|v| v.len()).unwrap_or(0)
+}
+
+fn batch_body(seq: u64, events: usize) -> String {
+    let batch: Vec<serde_json::Value> = (0..events)
+        .map(|i| {
+            serde_json::json!({
+                "type": "track", "event": "Bench Event", "messageId": format!("bench-{seq}-{i}"),
+                "anonymousId": format!("anon-{}", (seq as usize * events + i) % 1000),
+                "properties": {"plan": "pro", "price": 19.99, "sku": format!("SKU-{i}")},
+                "context": {"library": {"name": "bench", "version": "1"}, "page": {"path": "/checkout"}},
+                "timestamp": "2026-11-24T12:00:00.000Z"
+            })
+        })
+        .collect();
+    serde_json::json!({"writeKey": DEV_WRITE_KEY, "sentAt": "2026-11-24T12:00:01.000Z", "batch": batch}).to_string()
+}
+
+pub fn bench(tools: &Toolchain) -> Result<()> {
+    let mut rows: Vec<(String, String)> = Vec::new();
+
+    let wasm = std::fs::read(tools.root.join("collector-edge/build/index_bg.wasm"))?;
+    let js = std::fs::read(tools.root.join("collector-edge/build/index.js"))?;
+    rows.push((
+        "worker wasm, raw".into(),
+        format!("{:.1} KiB", wasm.len() as f64 / 1024.0),
+    ));
+    rows.push((
+        "worker wasm, gzip -9".into(),
+        format!("{:.1} KiB", gzip_len(&wasm) as f64 / 1024.0),
+    ));
+    rows.push((
+        "worker JS glue, raw / gzip".into(),
+        format!(
+            "{:.1} / {:.1} KiB",
+            js.len() as f64 / 1024.0,
+            gzip_len(&js) as f64 / 1024.0
+        ),
+    ));
+
+    eprintln!("bench: building the agent (release)");
+    run(Command::new("cargo")
+        .args(["build", "--release", "--quiet", "-p", "collector-agent"])
+        .current_dir(&tools.root))?;
+
+    let dir = std::env::temp_dir().join(format!("edge-collector-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut edge = LocalEdge::start(EdgeOptions::in_dir(&dir, SECRET))?;
+
+    // Load: N connections, each POSTing 20-event batches for a fixed time.
+    let connections = 16;
+    let duration = Duration::from_secs(10);
+    let sent = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let seq = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut latencies = Vec::new();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..connections)
+            .map(|_| {
+                let (sent, failed, seq, url) =
+                    (sent.clone(), failed.clone(), seq.clone(), edge.url.clone());
+                s.spawn(move || {
+                    let client = reqwest::blocking::Client::new();
+                    let mut lat = Vec::new();
+                    while start.elapsed() < duration {
+                        let body = batch_body(seq.fetch_add(1, Ordering::Relaxed), 20);
+                        let t = Instant::now();
+                        let ok = client
+                            .post(format!("{url}/v1/batch"))
+                            .header("Content-Type", "text/plain")
+                            .body(body)
+                            .send()
+                            .map(|r| r.status().as_u16() == 200)
+                            .unwrap_or(false);
+                        lat.push(t.elapsed());
+                        if ok {
+                            sent.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    lat
+                })
+            })
+            .collect();
+        for h in handles {
+            latencies.extend(h.join().unwrap_or_default());
+        }
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    latencies.sort();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    let ok = sent.load(Ordering::Relaxed);
+    rows.push((
+        format!("POST /v1/batch (20 events), wrangler dev, {connections} conns"),
+        format!(
+            "{:.0} req/s ({:.0} events/s)",
+            ok as f64 / elapsed,
+            ok as f64 * 20.0 / elapsed
+        ),
+    ));
+    rows.push((
+        "  latency p50 / p99".into(),
+        format!(
+            "{:.1} / {:.1} ms",
+            pct(0.5).as_secs_f64() * 1e3,
+            pct(0.99).as_secs_f64() * 1e3
+        ),
+    ));
+    rows.push((
+        "  non-200 answers".into(),
+        failed.load(Ordering::Relaxed).to_string(),
+    ));
+
+    // Drain what was accepted into a fresh DuckDB file.
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!("edge_url = \"{}\"\ndrain_secret = \"{SECRET}\"\nlease_batches = 50\n[warehouse]\npath = \"warehouse.duckdb\"\n", edge.url),
+    )?;
+    let t = Instant::now();
+    let out = Command::new(tools.root.join("target/release/collector-agent"))
+        .args(["run", "--once", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .output()
+        .context("run the agent")?;
+    let drain_s = t.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "agent failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inserted: u64 = stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("inserted="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    rows.push((
+        "agent drain into DuckDB (lease+decode+load+ack)".into(),
+        format!(
+            "{:.0} rows/s ({inserted} rows in {drain_s:.2} s)",
+            inserted as f64 / drain_s
+        ),
+    ));
+    rows.push((
+        "  rows lost (accepted x20 - inserted)".into(),
+        (ok * 20).saturating_sub(inserted).to_string(),
+    ));
+    edge.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(10);
+    println!("| {:<w$} | {} |", "benchmark", "result");
+    println!("|{}|{}|", "-".repeat(w + 2), "-".repeat(40));
+    for (k, v) in rows {
+        println!("| {k:<w$} | {v} |");
+    }
+    Ok(())
 }
