@@ -92,7 +92,7 @@ pub async fn handle_drain(
     let now_s = (Date::now().as_millis() / 1000) as i64;
     if let Err(e) = verify(
         secret.as_bytes(),
-        &req.method().to_string(),
+        req.method().as_ref(),
         &path,
         &body,
         header(TIMESTAMP_HEADER).as_deref(),

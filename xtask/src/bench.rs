@@ -183,7 +183,7 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
 
     let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(10);
-    println!("| {:<w$} | {} |", "benchmark", "result");
+    println!("| {:<w$} | result |", "benchmark");
     println!("|{}|{}|", "-".repeat(w + 2), "-".repeat(40));
     for (k, v) in rows {
         println!("| {k:<w$} | {v} |");

@@ -1,8 +1,8 @@
 //! `cargo xtask`: everything beyond `cargo build`.
 //!
 //! - `setup`      install the pinned tools (idempotent): wasm target, npm packages
-//!                (Node 22, wrangler, binaryen, esbuild, prebuilt DuckDB), worker-build,
-//!                wasm-bindgen-cli
+//!   (Node 22, wrangler, binaryen, esbuild, prebuilt DuckDB), worker-build,
+//!   wasm-bindgen-cli
 //! - `build-edge` build the worker with worker-build (release)
 //! - `dev`        the local stack: worker under wrangler dev, agent into DuckDB, demo page
 //! - `ci`         setup, then every test
@@ -94,13 +94,81 @@ fn ci(tools: &Toolchain) -> Result<()> {
         .args(["fmt", "--all", "--", "--check"])
         .current_dir(&tools.root))
     .context("cargo fmt --check (run `cargo fmt --all`)")?;
-    build_edge(tools, true)?;
     run(Command::new("cargo")
-        .args(["test", "--workspace", "--no-fail-fast"])
-        .current_dir(&tools.root)
-        .env("PATH", tools.path_env()))?;
+        .args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--quiet",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .current_dir(&tools.root))
+    .context("cargo clippy")?;
+    run(Command::new("cargo")
+        .args([
+            "clippy",
+            "-p",
+            "collector-edge",
+            "--target",
+            "wasm32-unknown-unknown",
+            "--quiet",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .current_dir(&tools.root))
+    .context("cargo clippy (wasm)")?;
+    build_edge(tools, true)?;
+    let totals = cargo_test(tools)?;
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals.0, totals.1, totals.2
+    );
+    anyhow::ensure!(totals.1 == 0, "{} test(s) failed", totals.1);
+    anyhow::ensure!(totals.0 > 0, "no test ran");
     eprintln!("xtask ci: all green in {:.0?}", started.elapsed());
     Ok(())
+}
+
+/// Runs every test target of the workspace (not doctests: there are none), echoing the
+/// output and adding up the `test result:` lines into (passed, failed, ignored).
+fn cargo_test(tools: &Toolchain) -> Result<(u64, u64, u64)> {
+    use std::io::BufRead;
+    let mut child = Command::new("cargo")
+        .args(["test", "--workspace", "--all-targets", "--no-fail-fast"])
+        .current_dir(&tools.root)
+        .env("PATH", tools.path_env())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("spawn cargo test")?;
+    let mut totals = (0u64, 0u64, 0u64);
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)
+                            .map(|n| n.trim().rsplit(' ').next().unwrap_or("0").to_string())
+                    })
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            totals.0 += count(" passed");
+            totals.1 += count(" failed");
+            totals.2 += count(" ignored");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && totals.1 == 0 {
+        bail!("cargo test failed with {status} (a build error?)");
+    }
+    Ok(totals)
 }
 
 /// Newest modification time of the files below `dir` (recursively).
