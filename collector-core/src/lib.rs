@@ -23,6 +23,7 @@ pub mod ingest;
 pub mod limits;
 pub mod shard;
 pub mod sign;
+pub mod tcf;
 pub mod timestamp;
 
 pub use error::{CodecError, EventError, RequestError, SignError};
