@@ -21,6 +21,7 @@ pub mod error;
 pub mod event;
 pub mod ingest;
 pub mod limits;
+pub mod pii;
 pub mod shard;
 pub mod sign;
 pub mod tcf;
