@@ -22,6 +22,7 @@ pub mod event;
 pub mod ingest;
 pub mod limits;
 pub mod pii;
+pub mod policy;
 pub mod shard;
 pub mod sign;
 pub mod tcf;
