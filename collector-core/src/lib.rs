@@ -17,6 +17,7 @@
 //! - [`error`]: the error types and their HTTP mapping.
 
 pub mod codec;
+pub mod consent;
 pub mod error;
 pub mod event;
 pub mod ingest;
