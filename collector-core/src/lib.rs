@@ -24,6 +24,7 @@ pub mod ingest;
 pub mod limits;
 pub mod pii;
 pub mod policy;
+pub mod privacy;
 pub mod shard;
 pub mod sign;
 pub mod tcf;
