@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 
 use crate::error::EventError;
 use crate::limits::MAX_ID_CHARS;
+use crate::privacy::{PrivacyEngine, RequestSignals};
 use crate::timestamp::{correct_skew, format_ms, parse_ms};
 
 /// The six Segment call types.
@@ -88,6 +89,17 @@ pub struct EventEnvelope<'a> {
     pub sent_at_ms: Option<i64>,
     /// When the edge received the request.
     pub received_at_ms: i64,
+    /// The privacy policy to enforce and what the request says about consent; `None`
+    /// stores events as sent (the agent's tests, tools).
+    pub privacy: Option<(&'a PrivacyEngine, &'a RequestSignals)>,
+}
+
+/// A valid event is either stored, or withheld by the privacy policy (not an error of
+/// the client's: it is counted with its reason, and the request still succeeds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Stored(StoredEvent),
+    Withheld { message_id: String, reason: String },
 }
 
 /// Validates and normalises one event. `new_id` is called only when the event has no
@@ -96,7 +108,7 @@ pub fn normalize(
     value: Value,
     env: &EventEnvelope<'_>,
     new_id: &mut dyn FnMut() -> String,
-) -> Result<StoredEvent, EventError> {
+) -> Result<Outcome, EventError> {
     let Value::Object(mut obj) = value else {
         return Err(EventError::NotAnObject);
     };
@@ -197,8 +209,22 @@ pub fn normalize(
         obj.insert("sentAt".into(), format_ms(ms).into());
     }
 
+    let (anonymous_id, user_id) = match env.privacy {
+        None => (anonymous_id, user_id),
+        Some((engine, signals)) => {
+            if let Err(dropped) = engine.apply(&mut obj, signals) {
+                return Ok(Outcome::Withheld {
+                    message_id,
+                    reason: dropped.reason,
+                });
+            }
+            // Anonymisation may have removed or replaced the ids.
+            let id = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_string);
+            (id("anonymousId"), id("userId"))
+        }
+    };
     let json = Value::Object(obj).to_string();
-    Ok(StoredEvent {
+    Ok(Outcome::Stored(StoredEvent {
         message_id,
         kind,
         anonymous_id,
@@ -206,7 +232,7 @@ pub fn normalize(
         received_at_ms: env.received_at_ms,
         timestamp_ms: corrected.timestamp_ms,
         json,
-    })
+    }))
 }
 
 fn static_field(field: &str) -> &'static str {

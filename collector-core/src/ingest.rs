@@ -6,8 +6,9 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::error::{EventError, RequestError};
-use crate::event::{normalize, EventEnvelope, EventKind, StoredEvent};
+use crate::event::{normalize, EventEnvelope, EventKind, Outcome, StoredEvent};
 use crate::limits::{MAX_BATCH_EVENTS, MAX_EVENT_BYTES, MAX_REQUEST_BYTES};
+use crate::privacy::{PrivacyEngine, RequestSignals};
 use crate::timestamp::parse_ms;
 
 /// What an ingest path accepts.
@@ -40,6 +41,14 @@ pub struct Rejection {
     pub error: EventError,
 }
 
+/// A valid event the privacy policy withheld, and why (the drop-counter key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Withheld {
+    pub index: Option<usize>,
+    pub message_id: String,
+    pub reason: String,
+}
+
 /// The outcome of parsing a request body.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Parsed {
@@ -47,6 +56,21 @@ pub struct Parsed {
     pub write_key: Option<String>,
     pub accepted: Vec<StoredEvent>,
     pub rejected: Vec<Rejection>,
+    pub withheld: Vec<Withheld>,
+}
+
+impl Parsed {
+    fn record(&mut self, index: Option<usize>, result: Result<Outcome, EventError>) {
+        match result {
+            Ok(Outcome::Stored(ev)) => self.accepted.push(ev),
+            Ok(Outcome::Withheld { message_id, reason }) => self.withheld.push(Withheld {
+                index,
+                message_id,
+                reason,
+            }),
+            Err(error) => self.rejected.push(Rejection { index, error }),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -71,6 +95,17 @@ pub fn parse_body(
     received_at_ms: i64,
     new_id: &mut dyn FnMut() -> String,
 ) -> Result<Parsed, RequestError> {
+    parse_body_with_privacy(endpoint, body, received_at_ms, new_id, None)
+}
+
+/// [`parse_body`], enforcing a privacy policy on every valid event.
+pub fn parse_body_with_privacy(
+    endpoint: Endpoint,
+    body: &[u8],
+    received_at_ms: i64,
+    new_id: &mut dyn FnMut() -> String,
+    privacy: Option<(&PrivacyEngine, &RequestSignals)>,
+) -> Result<Parsed, RequestError> {
     if body.len() > MAX_REQUEST_BYTES {
         return Err(RequestError::TooLarge {
             size: body.len(),
@@ -79,8 +114,8 @@ pub fn parse_body(
     }
     let text = std::str::from_utf8(body).map_err(|_| RequestError::NotUtf8)?;
     match endpoint {
-        Endpoint::Single(kind) => parse_single(kind, text, received_at_ms, new_id),
-        Endpoint::Batch => parse_batch(text, received_at_ms, new_id),
+        Endpoint::Single(kind) => parse_single(kind, text, received_at_ms, new_id, privacy),
+        Endpoint::Batch => parse_batch(text, received_at_ms, new_id, privacy),
     }
 }
 
@@ -89,6 +124,7 @@ fn parse_single(
     text: &str,
     received_at_ms: i64,
     new_id: &mut dyn FnMut() -> String,
+    privacy: Option<(&PrivacyEngine, &RequestSignals)>,
 ) -> Result<Parsed, RequestError> {
     let value: Value =
         serde_json::from_str(text).map_err(|e| RequestError::MalformedJson(e.to_string()))?;
@@ -113,12 +149,11 @@ fn parse_single(
     let env = EventEnvelope {
         kind_from_path: Some(kind),
         received_at_ms,
+        privacy,
         ..EventEnvelope::default()
     };
-    match normalize(value, &env, new_id) {
-        Ok(ev) => parsed.accepted.push(ev),
-        Err(error) => parsed.rejected.push(Rejection { index: None, error }),
-    }
+    let result = normalize(value, &env, new_id);
+    parsed.record(None, result);
     Ok(parsed)
 }
 
@@ -126,6 +161,7 @@ fn parse_batch(
     text: &str,
     received_at_ms: i64,
     new_id: &mut dyn FnMut() -> String,
+    privacy: Option<(&PrivacyEngine, &RequestSignals)>,
 ) -> Result<Parsed, RequestError> {
     if !text.trim_start().starts_with('{') {
         return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
@@ -178,6 +214,7 @@ fn parse_batch(
         integrations: integrations.as_ref(),
         sent_at_ms,
         received_at_ms,
+        privacy,
     };
     for (index, raw) in items.into_iter().enumerate() {
         let size = raw.get().len();
@@ -201,13 +238,7 @@ fn parse_batch(
                 }
                 normalize(value, &env, new_id)
             });
-        match result {
-            Ok(ev) => parsed.accepted.push(ev),
-            Err(error) => parsed.rejected.push(Rejection {
-                index: Some(index),
-                error,
-            }),
-        }
+        parsed.record(Some(index), result);
     }
     Ok(parsed)
 }

@@ -194,3 +194,47 @@ proptest! {
         prop_assert_ne!(a, h2.hash(collector_core::pii::PiiKind::Email, &email, ""));
     }
 }
+
+#[test]
+fn ingest_with_privacy_stores_withholds_and_rejects_each_event_once() {
+    use collector_core::ingest::{parse_body_with_privacy, Endpoint};
+    let e = engine();
+    let fr = RequestSignals {
+        country: Some("FR".into()),
+        ip: Some("203.0.113.5".into()),
+        ..RequestSignals::default()
+    };
+    let body = json!({"writeKey": "k", "batch": [
+        {"type": "track", "event": "Clicked", "messageId": "a", "userId": "u", "anonymousId": "anon", "traits": {"email": "x@y.z"}},
+        {"type": "track", "event": "Order Completed", "messageId": "b", "userId": "u"},
+        {"type": "track", "messageId": "c", "userId": "u"}
+    ]});
+    let p = parse_body_with_privacy(
+        Endpoint::Batch,
+        body.to_string().as_bytes(),
+        0,
+        &mut || "id".into(),
+        Some((&e, &fr)),
+    )
+    .unwrap();
+    assert_eq!(p.accepted.len(), 1);
+    let ev = &p.accepted[0];
+    assert_eq!(ev.user_id, None, "anonymised: the header follows the body");
+    assert!(ev
+        .anonymous_id
+        .as_deref()
+        .unwrap()
+        .starts_with("hmac-sha256:v1:"));
+    assert!(!ev.json.contains("x@y.z") && !ev.json.contains("203.0.113.5"));
+    assert_eq!(p.withheld.len(), 1);
+    assert_eq!(
+        (
+            p.withheld[0].index,
+            p.withheld[0].message_id.as_str(),
+            p.withheld[0].reason.as_str()
+        ),
+        (Some(1), "b", "consent_denied_marketing")
+    );
+    assert_eq!(p.rejected.len(), 1);
+    assert_eq!(p.rejected[0].index, Some(2));
+}
