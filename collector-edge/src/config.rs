@@ -14,6 +14,14 @@ pub const VAR_ALLOWED_ORIGINS: &str = "ALLOWED_ORIGINS";
 pub const VAR_SHARDS: &str = "SHARDS";
 /// Shared secret that signs drain-API requests (`wrangler secret put DRAIN_SECRET`).
 pub const VAR_DRAIN_SECRET: &str = "DRAIN_SECRET";
+/// The PII hashing key as `VERSION:SECRET` (`wrangler secret put PII_HMAC_KEY`).
+pub const VAR_PII_HMAC_KEY: &str = "PII_HMAC_KEY";
+/// Comma-separated older key versions still being rotated out: values already hashed
+/// under them pass through unchanged.
+pub const VAR_PII_HMAC_PREVIOUS_VERSIONS: &str = "PII_HMAC_PREVIOUS_VERSIONS";
+/// `true` only for local development: accepts the `X-Collector-Country` header in place
+/// of `request.cf.country`.
+pub const VAR_DEV_MODE: &str = "DEV_MODE";
 /// Seal the open batch once it holds this many events.
 pub const VAR_BATCH_MAX_EVENTS: &str = "BATCH_MAX_EVENTS";
 /// Seal the open batch once its events add up to this many bytes.
@@ -52,6 +60,59 @@ pub struct EdgeConfig {
     pub shards: u32,
     /// `None` disables the drain API (every drain request gets 401).
     pub drain_secret: Option<String>,
+    /// The privacy policy (embedded at build time) with its hashing key.
+    pub privacy: collector_core::privacy::PrivacyEngine,
+    /// Whether the country may be overridden by a request header (local only).
+    pub dev_mode: bool,
+}
+
+/// The privacy rules file, validated by `build.rs` and embedded in the worker.
+pub const PRIVACY_POLICY: &str = include_str!(concat!(env!("OUT_DIR"), "/privacy.toml"));
+
+thread_local! {
+    static POLICY: std::cell::OnceCell<Result<collector_core::policy::Policy, String>> =
+        const { std::cell::OnceCell::new() };
+}
+
+/// The embedded policy, parsed once per isolate.
+fn policy() -> Result<collector_core::policy::Policy, String> {
+    POLICY.with(|cell| {
+        cell.get_or_init(|| {
+            collector_core::policy::parse(PRIVACY_POLICY).map_err(|errs| {
+                let list: Vec<String> = errs.iter().map(|e| format!("privacy.toml:{e}")).collect();
+                format!(
+                    "config: the embedded privacy policy is invalid: {}",
+                    list.join("; ")
+                )
+            })
+        })
+        .clone()
+    })
+}
+
+fn hasher(env: &Env) -> Result<collector_core::pii::PiiHasher, String> {
+    let raw = lookup(env, VAR_PII_HMAC_KEY).ok_or_else(|| {
+        format!("config: {VAR_PII_HMAC_KEY} is not set; set it to VERSION:SECRET (e.g. v1:<32+ random bytes>)")
+    })?;
+    let (version, secret) = raw
+        .split_once(':')
+        .filter(|(v, s)| !v.is_empty() && !v.contains(char::is_whitespace) && s.len() >= 16)
+        .ok_or_else(|| {
+            format!(
+                "config: {VAR_PII_HMAC_KEY} must be VERSION:SECRET with a secret of 16+ characters"
+            )
+        })?;
+    let previous = lookup(env, VAR_PII_HMAC_PREVIOUS_VERSIONS).unwrap_or_default();
+    let previous: Vec<&str> = previous
+        .split(',')
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    Ok(collector_core::pii::PiiHasher::new(
+        version,
+        secret.as_bytes(),
+        &previous,
+    ))
 }
 
 /// A queue shard's sealing thresholds.
@@ -114,6 +175,8 @@ impl EdgeConfig {
             allowed_origins,
             shards,
             drain_secret: lookup(env, VAR_DRAIN_SECRET),
+            privacy: collector_core::privacy::PrivacyEngine::new(policy()?, hasher(env)?),
+            dev_mode: lookup(env, VAR_DEV_MODE).as_deref() == Some("true"),
         })
     }
 

@@ -9,8 +9,9 @@ use std::io::Read;
 
 use base64::Engine;
 use collector_core::codec::{encode_append, Append};
-use collector_core::ingest::{parse_body, Endpoint, Parsed};
+use collector_core::ingest::{parse_body_with_privacy, Endpoint, Parsed};
 use collector_core::limits::{MAX_COMPRESSED_REQUEST_BYTES, MAX_REQUEST_BYTES};
+use collector_core::privacy::RequestSignals;
 use collector_core::shard::shard_for;
 use collector_core::RequestError;
 use serde_json::json;
@@ -124,20 +125,23 @@ pub async fn handle_ingest(
         Ok(b) => b,
         Err(e) => return request_error(&e),
     };
-    let parsed = match parse_body(endpoint, &body, received_at_ms, &mut new_uuid) {
-        Ok(p) => p,
-        Err(e) => {
-            if header_key.is_some() {
-                // An authenticated client sent a request we cannot read: count it.
-                let drop = Append {
-                    events: Vec::new(),
-                    drops: vec![(format!("request_{}", e.code()), 1)],
-                };
-                let _ = append_to_shard(env, 0, &drop).await;
+    let signals = request_signals(&req, cfg);
+    let privacy = Some((&cfg.privacy, &signals));
+    let parsed =
+        match parse_body_with_privacy(endpoint, &body, received_at_ms, &mut new_uuid, privacy) {
+            Ok(p) => p,
+            Err(e) => {
+                if header_key.is_some() {
+                    // An authenticated client sent a request we cannot read: count it.
+                    let drop = Append {
+                        events: Vec::new(),
+                        drops: vec![(format!("request_{}", e.code()), 1)],
+                    };
+                    let _ = append_to_shard(env, 0, &drop).await;
+                }
+                return request_error(&e);
             }
-            return request_error(&e);
-        }
-    };
+        };
     if header_key.is_none() {
         match &parsed.write_key {
             None => {
@@ -160,9 +164,35 @@ pub async fn handle_ingest(
     enqueue_and_respond(env, cfg, parsed).await
 }
 
+/// What the request itself says about the visitor's consent and location.
+fn request_signals(req: &Request, cfg: &EdgeConfig) -> RequestSignals {
+    let header = |name: &str| req.headers().get(name).ok().flatten();
+    let tcf_cookie = header("Cookie").and_then(|c| {
+        c.split(';')
+            .filter_map(|kv| kv.trim().split_once('='))
+            .find(|(k, _)| *k == "euconsent-v2")
+            .map(|(_, v)| v.to_string())
+    });
+    let dev_country = if cfg.dev_mode {
+        header("X-Collector-Country")
+    } else {
+        None
+    };
+    let country = dev_country.or_else(|| req.cf().and_then(|cf| cf.country()));
+    RequestSignals {
+        gpc: header("Sec-GPC").is_some_and(|v| v.trim() == "1"),
+        tcf_cookie,
+        country,
+        ip: header("CF-Connecting-IP"),
+    }
+}
+
 async fn enqueue_and_respond(env: &Env, cfg: &EdgeConfig, parsed: Parsed) -> Result<Response> {
     let Parsed {
-        accepted, rejected, ..
+        accepted,
+        rejected,
+        withheld,
+        ..
     } = parsed;
     let accepted_count = accepted.len();
     let mut per_shard: BTreeMap<u32, Append> = BTreeMap::new();
@@ -174,10 +204,13 @@ async fn enqueue_and_respond(env: &Env, cfg: &EdgeConfig, parsed: Parsed) -> Res
         );
         per_shard.entry(shard).or_default().events.push(ev);
     }
-    if !rejected.is_empty() {
-        let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
+    if !rejected.is_empty() || !withheld.is_empty() {
+        let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
         for r in &rejected {
             *counts.entry(r.error.code()).or_default() += 1;
+        }
+        for w in &withheld {
+            *counts.entry(w.reason.as_str()).or_default() += 1;
         }
         let target = per_shard.keys().next().copied().unwrap_or(0);
         per_shard.entry(target).or_default().drops = counts

@@ -11,6 +11,9 @@ use anyhow::{bail, Context};
 
 use crate::toolchain::Toolchain;
 
+/// The PII hashing key (`VERSION:SECRET`) the test and bench edges use.
+pub const TEST_PII_KEY: &str = "v1:test-pii-key-not-secret";
+
 #[derive(Debug, Clone)]
 pub struct EdgeOptions {
     /// Extra `--var KEY:VALUE` settings (override `wrangler.toml` `[vars]`).
@@ -24,10 +27,15 @@ pub struct EdgeOptions {
 }
 
 impl EdgeOptions {
-    /// Options with a drain secret and a fresh persistence folder inside `dir`.
+    /// Options with a drain secret, a test PII key ([`TEST_PII_KEY`]), dev mode (the
+    /// `X-Collector-Country` header is honoured) and a fresh persistence folder in `dir`.
     pub fn in_dir(dir: &std::path::Path, drain_secret: &str) -> EdgeOptions {
         EdgeOptions {
-            vars: vec![("DRAIN_SECRET".into(), drain_secret.into())],
+            vars: vec![
+                ("DRAIN_SECRET".into(), drain_secret.into()),
+                ("PII_HMAC_KEY".into(), TEST_PII_KEY.into()),
+                ("DEV_MODE".into(), "true".into()),
+            ],
             persist_dir: dir.join("edge-state"),
             port: 0,
             log_file: dir.join("wrangler.log"),

@@ -9,7 +9,7 @@
 pub mod edge;
 pub mod toolchain;
 
-pub use edge::{EdgeOptions, LocalEdge};
+pub use edge::{EdgeOptions, LocalEdge, TEST_PII_KEY};
 pub use toolchain::Toolchain;
 
 /// The write key in `wrangler.toml` `[vars]`.

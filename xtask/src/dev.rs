@@ -32,25 +32,30 @@ fn port_or_free(var: &str, default: u16) -> u16 {
     }
 }
 
-/// The drain secret for local development, kept in `.dev.vars` (which `wrangler dev`
-/// reads too), created once with a random value.
-fn dev_secret(root: &Path) -> Result<String> {
-    let path = root.join(".dev.vars");
-    let text = std::fs::read_to_string(&path).unwrap_or_default();
-    if let Some(v) = text.lines().find_map(|l| l.strip_prefix("DRAIN_SECRET=")) {
-        return Ok(v.trim().trim_matches('"').to_string());
-    }
+fn random_hex() -> Result<String> {
     let mut bytes = [0u8; 24];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
         .context("read /dev/urandom")?;
-    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A local-development secret kept in `.dev.vars` (which `wrangler dev` reads too),
+/// created once with a random value.
+fn dev_var(root: &Path, name: &str, make: impl FnOnce() -> Result<String>) -> Result<String> {
+    let path = root.join(".dev.vars");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let prefix = format!("{name}=");
+    if let Some(v) = text.lines().find_map(|l| l.strip_prefix(prefix.as_str())) {
+        return Ok(v.trim().trim_matches('"').to_string());
+    }
+    let value = make()?;
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&path)?;
-    writeln!(f, "DRAIN_SECRET={secret}")?;
-    Ok(secret)
+    writeln!(f, "{name}={value}")?;
+    Ok(value)
 }
 
 pub fn dev(tools: &Toolchain, _args: &[String]) -> Result<()> {
@@ -58,7 +63,10 @@ pub fn dev(tools: &Toolchain, _args: &[String]) -> Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| tools.root.join("data"));
     std::fs::create_dir_all(&data)?;
-    let secret = dev_secret(&tools.root)?;
+    let secret = dev_var(&tools.root, "DRAIN_SECRET", random_hex)?;
+    let pii_key = dev_var(&tools.root, "PII_HMAC_KEY", || {
+        Ok(format!("v1:{}", random_hex()?))
+    })?;
 
     eprintln!("xtask dev: building the agent");
     run(Command::new("cargo")
@@ -73,7 +81,11 @@ pub fn dev(tools: &Toolchain, _args: &[String]) -> Result<()> {
 
     let edge_port = port_or_free("XTASK_DEV_EDGE_PORT", 8787);
     let mut edge = LocalEdge::start(EdgeOptions {
-        vars: vec![("DRAIN_SECRET".into(), secret.clone())],
+        vars: vec![
+            ("DRAIN_SECRET".into(), secret.clone()),
+            ("PII_HMAC_KEY".into(), pii_key),
+            ("DEV_MODE".into(), "true".into()),
+        ],
         persist_dir: data.join("edge-state"),
         port: edge_port,
         log_file: data.join("wrangler.log"),
