@@ -209,7 +209,12 @@ fn health_ok(port: u16) -> bool {
     {
         return false;
     }
-    let mut buf = [0u8; 64];
-    let n = s.read(&mut buf).unwrap_or(0);
-    buf[..n].starts_with(b"HTTP/1.1 200")
+    // Any answer means the runtime is up and serving the worker; a misconfigured worker
+    // answers 503 there, which tests of bad configuration need to see.
+    // Only the worker's own bad_config 503 counts, not a proxy's "not ready yet".
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    text.starts_with("HTTP/1.1 200")
+        || (text.starts_with("HTTP/1.1 503") && text.contains("\"bad_config\""))
 }

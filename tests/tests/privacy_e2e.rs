@@ -1,0 +1,285 @@
+//! Consent and PII through the real worker: events carrying emails, phones, IPs and URL
+//! tokens under each consent state; then the Durable Object storage and the DuckDB
+//! warehouse are scanned byte for byte for the raw values.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use serde_json::{json, Value};
+
+const RAW: &[&str] = &[
+    "jane.doe@example.com",
+    "buyer.one@example.com",
+    "anon.user@example.com",
+    "4155550132",
+    "555-0132",
+    "203.0.113.9",
+    "198.51.100.77",
+    "tok-secret-123",
+    "gclid-xyz-789",
+];
+
+fn tc_string() -> String {
+    let line = include_str!("../../collector-core/tests/fixtures/tcf/tcf-v2.jsonl")
+        .lines()
+        .nth(2)
+        .unwrap();
+    serde_json::from_str::<Value>(line).unwrap()["tc_string"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Every file under `dir`, lower-cased, searched for every raw value.
+fn scan(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let bytes = std::fs::read(&p).unwrap().to_ascii_lowercase();
+            for raw in RAW {
+                if bytes.windows(raw.len()).any(|w| w == raw.as_bytes()) {
+                    found.push(format!("{raw} in {}", p.display()));
+                }
+            }
+        }
+    }
+    found
+}
+
+async fn send(st: &Stack, path: &str, country: &str, extra: &[(&str, &str)], body: Value) -> u16 {
+    let mut req = st
+        .http
+        .post(format!("{}{path}", st.edge.url))
+        .basic_auth(WRITE_KEY, Some(""))
+        .header("Content-Type", "application/json")
+        .header("X-Collector-Country", country);
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    st.send(req.body(body.to_string())).await.status
+}
+
+#[tokio::test]
+async fn consent_is_enforced_and_no_raw_pii_reaches_storage_or_the_warehouse() {
+    let st = Stack::start();
+    let tc = tc_string();
+    // EEA, nothing granted: an analytics event is anonymised...
+    assert_eq!(
+        send(
+            &st,
+            "/v1/track",
+            "FR",
+            &[("CF-Connecting-IP", "198.51.100.77")],
+            json!({
+        "messageId": "fr-click", "event": "Clicked", "userId": "user-fr", "anonymousId": "anon-fr",
+        "properties": {"email": "Jane.Doe@Example.com"},
+        "context": {"traits": {"email": "jane.doe@example.com"}, "ip": "203.0.113.9",
+                    "page": {"url": "https://shop.test/reset?token=tok-secret-123&lang=fr"}}})
+        )
+        .await,
+        200
+    );
+    // ...and a marketing event is dropped.
+    assert_eq!(
+        send(
+            &st,
+            "/v1/track",
+            "FR",
+            &[],
+            json!({
+        "messageId": "fr-order", "event": "Order Completed", "userId": "user-fr"})
+        )
+        .await,
+        200
+    );
+    // US, opt-out region: kept, PII hashed.
+    assert_eq!(
+        send(
+            &st,
+            "/v1/identify",
+            "US",
+            &[],
+            json!({
+        "messageId": "us-identify", "userId": "user-us",
+        "traits": {"email": " BUYER.ONE@example.com", "phone": "+1 (415) 555-0132", "plan": "pro"}})
+        )
+        .await,
+        200
+    );
+    // US with Sec-GPC: 1: the marketing event is dropped.
+    assert_eq!(
+        send(
+            &st,
+            "/v1/track",
+            "US",
+            &[("Sec-GPC", "1")],
+            json!({
+        "messageId": "us-gpc-order", "event": "Order Completed", "userId": "user-us"})
+        )
+        .await,
+        200
+    );
+    // EEA with a TCF string granting marketing and an explicit analytics grant: kept.
+    assert_eq!(
+        send(
+            &st,
+            "/v1/track",
+            "DE",
+            &[],
+            json!({
+        "messageId": "de-tcf-order", "event": "Order Completed", "userId": "user-de",
+        "properties": {"email": "anon.user@example.com"},
+        "context": {"consent": {"tcf": tc, "categoryPreferences": {"analytics": true}}}})
+        )
+        .await,
+        200
+    );
+    // EEA with the TC string in the euconsent-v2 cookie (no analytics purposes): anonymised.
+    let cookie = format!("other=1; euconsent-v2={tc}");
+    assert_eq!(send(&st, "/v1/page", "DE", &[("Cookie", cookie.as_str())], json!({
+        "messageId": "de-cookie-page", "name": "Home", "userId": "user-de2", "anonymousId": "anon-de2"})).await, 200);
+    // A malformed TC string is not an error: the region default applies.
+    assert_eq!(
+        send(
+            &st,
+            "/v1/track",
+            "DE",
+            &[],
+            json!({
+        "messageId": "de-bad-tcf", "event": "Clicked", "anonymousId": "anon-de3",
+        "context": {"consent": {"tcf": "CO"}}})
+        )
+        .await,
+        200
+    );
+    // Rest of the world: URL tokens scrubbed.
+    assert_eq!(
+        send(
+            &st,
+            "/v1/page",
+            "BR",
+            &[],
+            json!({
+        "messageId": "br-page", "anonymousId": "anon-br",
+        "context": {"page": {"url": "https://x.test/?gclid=gclid-xyz-789&lang=pt"}}})
+        )
+        .await,
+        200
+    );
+
+    // Nothing raw at rest in the Durable Object storage...
+    let at_rest = scan(&st.dir.path().join("edge-state"));
+    assert!(at_rest.is_empty(), "raw PII in edge storage: {at_rest:?}");
+    let summary = st.drain().await;
+    assert_eq!(summary.inserted, 6, "{summary:?}");
+    // ...nor in the warehouse files, nor in any value a query can read.
+    let in_warehouse = scan(&st.dir.path().join("data"));
+    assert!(
+        in_warehouse.is_empty(),
+        "raw PII in the warehouse file: {in_warehouse:?}"
+    );
+    let all = st.query(
+        "SELECT raw::VARCHAR FROM tracks UNION ALL SELECT raw::VARCHAR FROM identifies UNION ALL SELECT raw::VARCHAR FROM pages",
+    );
+    let text = format!("{all:?}").to_lowercase();
+    for raw in RAW {
+        assert!(!text.contains(raw), "raw {raw} readable in the warehouse");
+    }
+
+    // Exactly what the policy says happened.
+    let ids: Vec<Option<String>> = st
+        .query("SELECT message_id FROM tracks UNION ALL SELECT message_id FROM identifies UNION ALL SELECT message_id FROM pages ORDER BY 1")
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "br-page",
+            "de-bad-tcf",
+            "de-cookie-page",
+            "de-tcf-order",
+            "fr-click",
+            "us-identify"
+        ]
+        .map(s)
+    );
+    let fr = &st.query(
+        "SELECT user_id, anonymous_id, context->'traits', properties->>'email', context->>'ip', context->'location'->>'country', \
+         context->'page'->>'url', context->'consent'->'resolved'->>'region', context->'consent'->'resolved'->'denied' \
+         FROM tracks WHERE message_id = 'fr-click'",
+    )[0];
+    assert_eq!(fr[0], None, "anonymised: no userId");
+    assert!(
+        fr[1].as_deref().unwrap().starts_with("hmac-sha256:v1:"),
+        "anonymousId is a keyed hash"
+    );
+    assert_eq!(
+        (fr[2].clone(), fr[3].clone(), fr[4].clone()),
+        (None, None, None),
+        "traits, PII and IP removed"
+    );
+    assert_eq!(fr[5], s("FR"));
+    assert_eq!(fr[6], s("https://shop.test/reset?lang=fr"));
+    assert_eq!(fr[7], s("eea_uk_ch"));
+    assert_eq!(fr[8], s(r#"["analytics","marketing","personalization"]"#));
+
+    let us = &st.query("SELECT traits->>'email', traits->>'phone', traits->>'plan', context->'consent'->'resolved'->'sources'->>'analytics' FROM identifies")[0];
+    let expected_email = collector_core::pii::PiiHasher::new("v1", b"test-pii-key-not-secret", &[])
+        .hash(
+            collector_core::pii::PiiKind::Email,
+            "buyer.one@example.com",
+            "",
+        );
+    assert_eq!(
+        us[0],
+        Some(expected_email),
+        "normalised then hashed with the configured key"
+    );
+    assert!(us[1].as_deref().unwrap().starts_with("hmac-sha256:v1:"));
+    assert_eq!((us[2].clone(), us[3].clone()), (s("pro"), s("default")));
+
+    let de = &st.query("SELECT user_id, context->'consent'->'resolved'->'sources'->>'marketing', context->'consent'->>'tcf' FROM tracks WHERE message_id = 'de-tcf-order'")[0];
+    assert_eq!(
+        (de[0].clone(), de[1].clone(), de[2].clone()),
+        (s("user-de"), s("tcf"), None),
+        "the raw TC string is not stored"
+    );
+    let cookie_page = &st.query("SELECT user_id, context->'consent'->'resolved'->'sources'->>'analytics' FROM pages WHERE message_id = 'de-cookie-page'")[0];
+    assert_eq!(
+        (cookie_page[0].clone(), cookie_page[1].clone()),
+        (None, s("tcf"))
+    );
+    let bad = &st.query("SELECT context->'consent'->'resolved'->>'tcf_error' FROM tracks WHERE message_id = 'de-bad-tcf'")[0];
+    assert!(bad[0].as_deref().unwrap().contains("ends early"), "{bad:?}");
+
+    let stats = st.edge_stats().await;
+    assert_eq!(
+        stats["drops"]["consent_denied_marketing"],
+        json!(2),
+        "{stats}"
+    );
+}
+
+#[tokio::test]
+async fn the_worker_refuses_to_run_without_a_pii_key() {
+    let st = Stack::start_with(&[("PII_HMAC_KEY", "")]);
+    let r = st
+        .post("/v1/track", &json!({"userId": "u", "event": "E"}))
+        .await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.body["code"], "bad_config");
+    assert!(
+        r.body["error"].as_str().unwrap().contains("PII_HMAC_KEY"),
+        "{}",
+        r.body
+    );
+}
