@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod config;
 pub mod edge;
+pub mod privacy_cli;
 pub mod sinks;
 
 use std::future::Future;

@@ -43,6 +43,26 @@ enum Command {
         #[arg(long, default_value = "agent.toml")]
         config: PathBuf,
     },
+    /// Tools for the privacy rules file.
+    Privacy {
+        #[command(subcommand)]
+        command: PrivacyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PrivacyCommand {
+    /// Validate a rules file; prints every problem with its line.
+    Check { policy: PathBuf },
+    /// Show what a rules file would keep, drop, anonymise and hash for a JSONL file of
+    /// events (`{"event": {...}, "country": "FR", "gpc": true, ...}` per line).
+    DryRun {
+        policy: PathBuf,
+        events: PathBuf,
+        /// Hash with this key (`VERSION:SECRET`) instead of a throw-away one.
+        #[arg(long)]
+        key: Option<String>,
+    },
 }
 
 #[tokio::main]
@@ -90,6 +110,26 @@ async fn main() -> anyhow::Result<()> {
                 }
             );
             Ok(())
+        }
+        Command::Privacy { command } => {
+            let result = match command {
+                PrivacyCommand::Check { policy } => collector_agent::privacy_cli::check(&policy),
+                PrivacyCommand::DryRun {
+                    policy,
+                    events,
+                    key,
+                } => collector_agent::privacy_cli::dry_run(&policy, &events, key.as_deref()),
+            };
+            match result {
+                Ok(report) => {
+                    print!("{report}");
+                    Ok(())
+                }
+                Err(problems) => {
+                    eprintln!("{problems}");
+                    std::process::exit(1);
+                }
+            }
         }
         Command::Stats { config } => {
             let cfg = AgentConfig::load(&config)?;

@@ -1,0 +1,180 @@
+//! `collector-agent privacy check|dry-run`: tools for the privacy team to validate a
+//! rules file and to see what it would do to sample events before it is deployed.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use collector_core::event::{normalize, EventEnvelope, Outcome};
+use collector_core::pii::PiiHasher;
+use collector_core::policy::{parse, Policy};
+use collector_core::privacy::{PrivacyEngine, RequestSignals};
+use serde_json::Value;
+
+/// Validates a rules file; `Err` carries every problem as `file:line:col: message`.
+pub fn check(path: &Path) -> Result<String, String> {
+    let policy = load(path)?;
+    Ok(format!(
+        "{}: OK (policy {}; {} categories, {} regions, {} destinations, {} PII fields)\n",
+        path.display(),
+        policy.version,
+        policy.categories.len(),
+        policy.regions.len(),
+        policy.destinations.len(),
+        policy.pii_fields.len()
+    ))
+}
+
+fn load(path: &Path) -> Result<Policy, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    parse(&text).map_err(|errs| {
+        errs.iter()
+            .map(|e| format!("{}:{e}", path.display()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
+}
+
+/// Runs every line of a JSONL file through the policy and reports what would happen to
+/// it. A line is `{"event": {...}, "country": "FR", "gpc": true, "tcf_cookie": "...",
+/// "ip": "..."}`, or a bare event. Hashes use `key` (`VERSION:SECRET`), by default a
+/// throw-away dry-run key: the report names the fields hashed, not their values.
+pub fn dry_run(
+    policy_path: &Path,
+    events_path: &Path,
+    key: Option<&str>,
+) -> Result<String, String> {
+    let policy = load(policy_path)?;
+    let (version, secret) = key
+        .and_then(|k| k.split_once(':'))
+        .unwrap_or(("dry-run", "dry-run-key"));
+    let engine = PrivacyEngine::new(policy, PiiHasher::new(version, secret.as_bytes(), &[]));
+    let text = std::fs::read_to_string(events_path)
+        .map_err(|e| format!("{}: {e}", events_path.display()))?;
+    let mut out = String::new();
+    let (mut kept, mut anonymised, mut dropped, mut rejected) = (0, 0, 0, 0);
+    let mut reasons: std::collections::BTreeMap<String, u64> = Default::default();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let n = i + 1;
+        let v: Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(e) => {
+                rejected += 1;
+                let _ = writeln!(out, "line {n}: REJECT not JSON: {e}");
+                continue;
+            }
+        };
+        let (event, signals) = match v.get("event") {
+            Some(ev) => (
+                ev.clone(),
+                RequestSignals {
+                    gpc: v.get("gpc").and_then(Value::as_bool).unwrap_or(false),
+                    tcf_cookie: v
+                        .get("tcf_cookie")
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
+                    country: v.get("country").and_then(Value::as_str).map(str::to_string),
+                    ip: v.get("ip").and_then(Value::as_str).map(str::to_string),
+                },
+            ),
+            None => (v.clone(), RequestSignals::default()),
+        };
+        let label = format!(
+            "{} {}",
+            event.get("type").and_then(Value::as_str).unwrap_or("?"),
+            event
+                .get("event")
+                .or_else(|| event.get("name"))
+                .and_then(Value::as_str)
+                .unwrap_or("")
+        );
+        // Report what the engine did, by running it on a copy first.
+        let mut probe = event.as_object().cloned().unwrap_or_default();
+        let applied = engine.apply(&mut probe, &signals);
+        let env = EventEnvelope {
+            received_at_ms: 0,
+            privacy: Some((&engine, &signals)),
+            ..EventEnvelope::default()
+        };
+        match normalize(event, &env, &mut || "dry-run-id".to_string()) {
+            Err(e) => {
+                rejected += 1;
+                let _ = writeln!(out, "line {n}: {label}: REJECT {} ({e})", e.code());
+            }
+            Ok(Outcome::Withheld { reason, .. }) => {
+                dropped += 1;
+                *reasons.entry(reason.clone()).or_default() += 1;
+                let ev = applied
+                    .err()
+                    .map(|d| d.resolved.evidence())
+                    .unwrap_or(Value::Null);
+                let _ = writeln!(out, "line {n}: {label}: DROP {reason}; {}", summary(&ev));
+            }
+            Ok(Outcome::Stored(_)) => {
+                kept += 1;
+                let Ok(a) = applied else { continue };
+                if a.anonymised {
+                    anonymised += 1;
+                }
+                let _ = writeln!(
+                    out,
+                    "line {n}: {label}: KEEP{}; {}; hashed [{}]; removed [{}]; scrubbed [{}]",
+                    if a.anonymised { " (anonymised)" } else { "" },
+                    summary(&a.resolved.evidence()),
+                    a.hashed.join(", "),
+                    a.removed.join(", "),
+                    a.scrubbed.join(", ")
+                );
+            }
+        }
+    }
+    let _ =
+        writeln!(
+        out,
+        "summary: {kept} kept ({anonymised} anonymised), {dropped} dropped, {rejected} rejected{}",
+        if reasons.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; drops by reason: {}",
+                reasons.iter().map(|(r, n)| format!("{r}={n}")).collect::<Vec<_>>().join(", ")
+            )
+        }
+    );
+    Ok(out)
+}
+
+fn summary(evidence: &Value) -> String {
+    let list = |k: &str| {
+        evidence[k]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default()
+    };
+    let sources: Vec<String> = evidence["sources"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(c, s)| format!("{c}:{}", s.as_str().unwrap_or("")))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut s = format!(
+        "region {} granted [{}] denied [{}] by [{}]",
+        evidence["region"].as_str().unwrap_or("?"),
+        list("granted"),
+        list("denied"),
+        sources.join(" ")
+    );
+    if let Some(e) = evidence.get("tcf_error").and_then(Value::as_str) {
+        let _ = write!(s, "; TCF string ignored: {e}");
+    }
+    s
+}
