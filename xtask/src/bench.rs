@@ -62,6 +62,31 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
         ),
     ));
 
+    eprintln!("bench: core per-event costs (release build)");
+    let out = Command::new("cargo")
+        .args([
+            "run",
+            "--release",
+            "--quiet",
+            "-p",
+            "xtask",
+            "--",
+            "bench-core",
+        ])
+        .current_dir(&tools.root)
+        .output()
+        .context("cargo run --release -p xtask -- bench-core")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "bench-core failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some((k, v)) = line.split_once('\t') {
+            rows.push((k.to_string(), v.to_string()));
+        }
+    }
+
     eprintln!("bench: building the agent (release)");
     run(Command::new("cargo")
         .args(["build", "--release", "--quiet", "-p", "collector-agent"])
@@ -189,4 +214,63 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
         println!("| {k:<w$} | {v} |");
     }
     Ok(())
+}
+
+/// Native per-event cost of the core: parsing a 20-event batch, with and without the
+/// privacy pipeline (the shipped privacy.toml, EEA and US visitors).
+pub fn core_costs(tools: &Toolchain) -> Result<Vec<(String, String)>> {
+    use collector_core::ingest::{parse_body_with_privacy, Endpoint};
+    use collector_core::pii::PiiHasher;
+    use collector_core::privacy::{PrivacyEngine, RequestSignals};
+    let policy_text = std::fs::read_to_string(tools.root.join("privacy.toml"))?;
+    let policy = collector_core::policy::parse(&policy_text)
+        .map_err(|e| anyhow::anyhow!("privacy.toml: {e:?}"))?;
+    let engine = PrivacyEngine::new(policy, PiiHasher::new("v1", b"bench-key-bench-key", &[]));
+    let body = batch_body(1, 20).replace(
+        "\"properties\":{",
+        "\"properties\":{\"email\":\"Jane@Example.com\",",
+    );
+    let mut rows = Vec::new();
+    let signals_us = RequestSignals {
+        country: Some("US".into()),
+        ip: Some("203.0.113.9".into()),
+        ..RequestSignals::default()
+    };
+    let signals_fr = RequestSignals {
+        country: Some("FR".into()),
+        ip: Some("203.0.113.9".into()),
+        ..RequestSignals::default()
+    };
+    let cases: [(&str, Option<&RequestSignals>); 3] = [
+        ("core: parse + validate (no policy)", None),
+        (
+            "core: parse + policy, US visitor (keep, hash email, truncate IP)",
+            Some(&signals_us),
+        ),
+        (
+            "core: parse + policy, EEA visitor (anonymise)",
+            Some(&signals_fr),
+        ),
+    ];
+    for (label, signals) in cases {
+        let iterations = 2_000;
+        let start = Instant::now();
+        for _ in 0..iterations {
+            let parsed = parse_body_with_privacy(
+                Endpoint::Batch,
+                body.as_bytes(),
+                0,
+                &mut || "bench-id".to_string(),
+                signals.map(|s| (&engine, s)),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            std::hint::black_box(parsed);
+        }
+        let per_event = start.elapsed().as_secs_f64() / f64::from(iterations * 20);
+        rows.push((
+            format!("{label}, native"),
+            format!("{:.2} µs/event", per_event * 1e6),
+        ));
+    }
+    Ok(rows)
 }

@@ -34,6 +34,13 @@ fn main() -> Result<()> {
             dev::dev(&tools, rest)
         }
         "ci" => ci(&tools),
+        // Used by `bench` through a release build of xtask.
+        "bench-core" => {
+            for (k, v) in bench::core_costs(&tools)? {
+                println!("{k}\t{v}");
+            }
+            Ok(())
+        }
         "bench" => {
             setup::setup(&tools)?;
             build_edge(&tools, true)?;
