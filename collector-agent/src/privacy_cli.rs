@@ -120,12 +120,13 @@ pub fn dry_run(
                 }
                 let _ = writeln!(
                     out,
-                    "line {n}: {label}: KEEP{}; {}; hashed [{}]; removed [{}]; scrubbed [{}]",
+                    "line {n}: {label}: KEEP{}; {}; hashed [{}]; removed [{}]; scrubbed [{}]; reduced [{}]",
                     if a.anonymised { " (anonymised)" } else { "" },
                     summary(&a.resolved.evidence()),
                     a.hashed.join(", "),
                     a.removed.join(", "),
-                    a.scrubbed.join(", ")
+                    a.scrubbed.join(", "),
+                    a.reduced.join(", ")
                 );
             }
         }

@@ -160,6 +160,58 @@ pub fn truncate_ip(raw: &str) -> Option<String> {
     }
 }
 
+/// Reduces a User-Agent string to browser family, major version and OS family, e.g.
+/// `Chrome 120 (Windows)`: enough for analytics, too little to fingerprint.
+pub fn reduce_user_agent(ua: &str) -> String {
+    let major = |token: &str| -> Option<String> {
+        let rest = &ua[ua.find(token)? + token.len()..];
+        let v: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        (!v.is_empty()).then_some(v)
+    };
+    let lower = ua.to_ascii_lowercase();
+    let (family, version) = if ["bot", "crawler", "spider"]
+        .iter()
+        .any(|b| lower.contains(b))
+    {
+        ("Bot", None)
+    } else if ua.contains("Edg/") {
+        ("Edge", major("Edg/"))
+    } else if ua.contains("OPR/") {
+        ("Opera", major("OPR/"))
+    } else if ua.contains("Firefox/") {
+        ("Firefox", major("Firefox/"))
+    } else if ua.contains("FxiOS/") {
+        ("Firefox", major("FxiOS/"))
+    } else if ua.contains("CriOS/") {
+        ("Chrome", major("CriOS/"))
+    } else if ua.contains("Chrome/") || ua.contains("Chromium/") {
+        ("Chrome", major("Chrome/").or_else(|| major("Chromium/")))
+    } else if ua.contains("Safari/") {
+        ("Safari", major("Version/"))
+    } else {
+        ("Other", None)
+    };
+    let os = if ua.contains("Windows") {
+        "Windows"
+    } else if ua.contains("Android") {
+        "Android"
+    } else if ua.contains("iPhone") || ua.contains("iPad") || ua.contains("iPod") {
+        "iOS"
+    } else if ua.contains("Mac OS X") || ua.contains("Macintosh") {
+        "macOS"
+    } else if ua.contains("CrOS") {
+        "ChromeOS"
+    } else if ua.contains("Linux") {
+        "Linux"
+    } else {
+        "Other"
+    };
+    match version {
+        Some(v) => format!("{family} {v} ({os})"),
+        None => format!("{family} ({os})"),
+    }
+}
+
 /// Removes the named query parameters (case-insensitive names) from a URL or a bare
 /// query string (`?a=1&b=2`), keeping everything else as it was. Returns whether it
 /// removed anything.
@@ -285,6 +337,23 @@ mod tests {
             h.hash(PiiKind::Phone, "030 12345678", "49"),
             h.hash(PiiKind::Phone, "+49 30 1234 5678", "1")
         );
+    }
+
+    #[test]
+    fn user_agents_reduce_to_family_major_version_and_os() {
+        let cases = [
+            ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.6099.109 Safari/537.36", "Chrome 120 (Windows)"),
+            ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.2 Safari/605.1.15", "Safari 17 (macOS)"),
+            ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_2 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) CriOS/120.0.6099.119 Mobile/15E148 Safari/604.1", "Chrome 120 (iOS)"),
+            ("Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0", "Firefox 121 (Linux)"),
+            ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36 Edg/120.0.2210.91", "Edge 120 (Windows)"),
+            ("Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.6099.144 Mobile Safari/537.36", "Chrome 120 (Android)"),
+            ("Googlebot/2.1 (+http://www.google.com/bot.html)", "Bot (Other)"),
+            ("curl/8.5.0", "Other (Other)"),
+        ];
+        for (ua, want) in cases {
+            assert_eq!(reduce_user_agent(ua), want, "{ua}");
+        }
     }
 
     #[test]

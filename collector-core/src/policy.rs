@@ -32,6 +32,7 @@
 //!
 //! [pii]
 //! ip = "truncate"                        # keep | truncate | country_only | drop
+//! user_agent = "reduce"                  # keep | reduce | drop
 //! default_phone_calling_code = "49"
 //! scrub_query_params = ["email", "token"]
 //! fields = [{ path = "traits.email", kind = "email" }]
@@ -84,6 +85,14 @@ pub enum IpHandling {
     Drop,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UserAgentHandling {
+    Keep,
+    Reduce,
+    Drop,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Category {
     pub name: String,
@@ -120,6 +129,7 @@ pub struct Policy {
     pub regions: Vec<Region>,
     pub destinations: BTreeMap<String, Vec<String>>,
     pub ip: IpHandling,
+    pub user_agent: UserAgentHandling,
     pub default_phone_calling_code: String,
     pub scrub_query_params: Vec<String>,
     pub pii_fields: Vec<PiiField>,
@@ -184,6 +194,8 @@ struct RawDestination {
 struct RawPii {
     #[serde(default)]
     ip: Option<IpHandling>,
+    #[serde(default)]
+    user_agent: Option<UserAgentHandling>,
     #[serde(default)]
     default_phone_calling_code: Option<Spanned<String>>,
     #[serde(default)]
@@ -409,8 +421,10 @@ pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
 
     let mut pii_fields = Vec::new();
     let (mut ip, mut calling_code, mut scrub) = (IpHandling::Truncate, String::new(), Vec::new());
+    let mut user_agent = UserAgentHandling::Reduce;
     if let Some(p) = &raw.pii {
         ip = p.ip.unwrap_or(IpHandling::Truncate);
+        user_agent = p.user_agent.unwrap_or(UserAgentHandling::Reduce);
         scrub = p
             .scrub_query_params
             .iter()
@@ -463,6 +477,7 @@ pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
         regions,
         destinations,
         ip,
+        user_agent,
         default_phone_calling_code: calling_code,
         scrub_query_params: scrub,
         pii_fields,

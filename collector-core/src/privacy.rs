@@ -10,8 +10,8 @@
 use serde_json::{Map, Value};
 
 use crate::consent::{resolve, ConsentInputs, Resolved};
-use crate::pii::{scrub_query, truncate_ip, PiiHasher, PiiKind};
-use crate::policy::{IpHandling, Policy, WhenDenied};
+use crate::pii::{reduce_user_agent, scrub_query, truncate_ip, PiiHasher, PiiKind};
+use crate::policy::{IpHandling, Policy, UserAgentHandling, WhenDenied};
 
 /// What the request (not the event body) tells about the visitor.
 #[derive(Debug, Clone, Default)]
@@ -44,6 +44,8 @@ pub struct Applied {
     pub removed: Vec<String>,
     /// URL fields whose query was scrubbed.
     pub scrubbed: Vec<String>,
+    /// Fields reduced to less identifying values (the user agent).
+    pub reduced: Vec<String>,
 }
 
 /// A policy with its hashing key, prepared once and shared by every event.
@@ -161,6 +163,7 @@ impl PrivacyEngine {
             hashed: Vec::new(),
             removed: Vec::new(),
             scrubbed: Vec::new(),
+            reduced: Vec::new(),
         };
 
         if applied.anonymised {
@@ -248,6 +251,27 @@ impl PrivacyEngine {
             }
             (IpHandling::CountryOnly | IpHandling::Drop, Some(_)) => {
                 applied.removed.push("context.ip".into())
+            }
+        }
+        match p.user_agent {
+            UserAgentHandling::Keep => {}
+            UserAgentHandling::Reduce => {
+                if let Some(Value::String(ua)) = ctx.get("userAgent") {
+                    let reduced = reduce_user_agent(ua);
+                    ctx.insert("userAgent".into(), Value::String(reduced));
+                    applied.reduced.push("context.userAgent".into());
+                }
+                // Client hints are high-entropy by design.
+                if ctx.remove("userAgentData").is_some() {
+                    applied.removed.push("context.userAgentData".into());
+                }
+            }
+            UserAgentHandling::Drop => {
+                for k in ["userAgent", "userAgentData"] {
+                    if ctx.remove(k).is_some() {
+                        applied.removed.push(format!("context.{k}"));
+                    }
+                }
             }
         }
         if ip_handling == IpHandling::CountryOnly {

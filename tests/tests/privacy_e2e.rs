@@ -82,6 +82,7 @@ async fn consent_is_enforced_and_no_raw_pii_reaches_storage_or_the_warehouse() {
         "messageId": "fr-click", "event": "Clicked", "userId": "user-fr", "anonymousId": "anon-fr",
         "properties": {"email": "Jane.Doe@Example.com"},
         "context": {"traits": {"email": "jane.doe@example.com"}, "ip": "203.0.113.9",
+                    "userAgent": "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0",
                     "page": {"url": "https://shop.test/reset?token=tok-secret-123&lang=fr"}}})
         )
         .await,
@@ -214,8 +215,8 @@ async fn consent_is_enforced_and_no_raw_pii_reaches_storage_or_the_warehouse() {
     );
     let fr = &st.query(
         "SELECT user_id, anonymous_id, context->'traits', properties->>'email', context->>'ip', context->'location'->>'country', \
-         context->'page'->>'url', context->'consent'->'resolved'->>'region', context->'consent'->'resolved'->'denied' \
-         FROM tracks WHERE message_id = 'fr-click'",
+         context->'page'->>'url', context->'consent'->'resolved'->>'region', context->'consent'->'resolved'->'denied', \
+         context->>'userAgent' FROM tracks WHERE message_id = 'fr-click'",
     )[0];
     assert_eq!(fr[0], None, "anonymised: no userId");
     assert!(
@@ -231,6 +232,7 @@ async fn consent_is_enforced_and_no_raw_pii_reaches_storage_or_the_warehouse() {
     assert_eq!(fr[6], s("https://shop.test/reset?lang=fr"));
     assert_eq!(fr[7], s("eea_uk_ch"));
     assert_eq!(fr[8], s(r#"["analytics","marketing","personalization"]"#));
+    assert_eq!(fr[9], s("Firefox 121 (Linux)"), "the user agent is reduced");
 
     let us = &st.query("SELECT traits->>'email', traits->>'phone', traits->>'plan', context->'consent'->'resolved'->'sources'->>'analytics' FROM identifies")[0];
     let expected_email = collector_core::pii::PiiHasher::new("v1", b"test-pii-key-not-secret", &[])
