@@ -11,10 +11,11 @@ use serde_json::{json, Map, Value};
 
 const KEY: &[u8] = b"golden-test-key";
 
+/// Key v1 is current; v0 is being rotated out (values hashed under it pass through).
 fn engine() -> PrivacyEngine {
     PrivacyEngine::new(
         parse(include_str!("../../privacy.toml")).unwrap(),
-        PiiHasher::new("v1", KEY, &[]),
+        PiiHasher::new("v1", KEY, &["v0"]),
     )
 }
 
