@@ -150,6 +150,45 @@ impl LocalEdge {
         }
     }
 
+    /// CPU seconds (user + system) used so far by the workerd processes of this edge,
+    /// read from /proc (Linux). The runtime's own clock stands still while a request
+    /// computes, so this is how the worker's CPU cost per event can be measured.
+    pub fn workerd_cpu_seconds(&self) -> Option<f64> {
+        let pgid = self.child.as_ref()?.id();
+        let ticks_per_s = Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(100.0);
+        let mut ticks = 0u64;
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid pgrp ... utime(14) stime(15)
+            let Some((head, rest)) = stat.rsplit_once(") ") else {
+                continue;
+            };
+            if !head.ends_with("workerd") {
+                continue;
+            }
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            if fields.get(2).and_then(|g| g.parse::<u32>().ok()) != Some(pgid) {
+                continue;
+            }
+            let utime: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
+            let stime: u64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+            ticks += utime + stime;
+        }
+        Some(ticks as f64 / ticks_per_s)
+    }
+
     /// The last lines wrangler printed.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.opts.log_file).unwrap_or_default();

@@ -71,110 +71,81 @@ async fn send(st: &Stack, path: &str, country: &str, extra: &[(&str, &str)], bod
 async fn consent_is_enforced_and_no_raw_pii_reaches_storage_or_the_warehouse() {
     let st = Stack::start();
     let tc = tc_string();
-    // EEA, nothing granted: an analytics event is anonymised...
-    assert_eq!(
-        send(
-            &st,
+    let cookie = format!("other=1; euconsent-v2={tc}");
+    // (path, country, extra headers, event)
+    let sends: Vec<(&str, &str, Vec<(&str, &str)>, Value)> = vec![
+        // EEA, nothing granted: an analytics event is anonymised...
+        (
             "/v1/track",
             "FR",
-            &[("CF-Connecting-IP", "198.51.100.77")],
+            vec![("CF-Connecting-IP", "198.51.100.77")],
             json!({
-        "messageId": "fr-click", "event": "Clicked", "userId": "user-fr", "anonymousId": "anon-fr",
-        "properties": {"email": "Jane.Doe@Example.com"},
-        "context": {"traits": {"email": "jane.doe@example.com"}, "ip": "203.0.113.9",
-                    "userAgent": "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0",
-                    "page": {"url": "https://shop.test/reset?token=tok-secret-123&lang=fr"}}})
-        )
-        .await,
-        200
-    );
-    // ...and a marketing event is dropped.
-    assert_eq!(
-        send(
-            &st,
+            "messageId": "fr-click", "event": "Clicked", "userId": "user-fr", "anonymousId": "anon-fr",
+            "properties": {"email": "Jane.Doe@Example.com"},
+            "context": {"traits": {"email": "jane.doe@example.com"}, "ip": "203.0.113.9",
+                        "userAgent": "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0",
+                        "page": {"url": "https://shop.test/reset?token=tok-secret-123&lang=fr"}}}),
+        ),
+        // ...and a marketing event is dropped.
+        (
             "/v1/track",
             "FR",
-            &[],
-            json!({
-        "messageId": "fr-order", "event": "Order Completed", "userId": "user-fr"})
-        )
-        .await,
-        200
-    );
-    // US, opt-out region: kept, PII hashed.
-    assert_eq!(
-        send(
-            &st,
+            vec![],
+            json!({"messageId": "fr-order", "event": "Order Completed", "userId": "user-fr"}),
+        ),
+        // US, opt-out region: kept, PII hashed.
+        (
             "/v1/identify",
             "US",
-            &[],
-            json!({
-        "messageId": "us-identify", "userId": "user-us",
-        "traits": {"email": " BUYER.ONE@example.com", "phone": "+1 (415) 555-0132", "plan": "pro"}})
-        )
-        .await,
-        200
-    );
-    // US with Sec-GPC: 1: the marketing event is dropped.
-    assert_eq!(
-        send(
-            &st,
+            vec![],
+            json!({"messageId": "us-identify", "userId": "user-us",
+            "traits": {"email": " BUYER.ONE@example.com", "phone": "+1 (415) 555-0132", "plan": "pro"}}),
+        ),
+        // US with Sec-GPC: 1: the marketing event is dropped.
+        (
             "/v1/track",
             "US",
-            &[("Sec-GPC", "1")],
-            json!({
-        "messageId": "us-gpc-order", "event": "Order Completed", "userId": "user-us"})
-        )
-        .await,
-        200
-    );
-    // EEA with a TCF string granting marketing and an explicit analytics grant: kept.
-    assert_eq!(
-        send(
-            &st,
+            vec![("Sec-GPC", "1")],
+            json!({"messageId": "us-gpc-order", "event": "Order Completed", "userId": "user-us"}),
+        ),
+        // EEA with a TCF string granting marketing and an explicit analytics grant: kept.
+        (
             "/v1/track",
             "DE",
-            &[],
-            json!({
-        "messageId": "de-tcf-order", "event": "Order Completed", "userId": "user-de",
-        "properties": {"email": "anon.user@example.com"},
-        "context": {"consent": {"tcf": tc, "categoryPreferences": {"analytics": true}}}})
-        )
-        .await,
-        200
-    );
-    // EEA with the TC string in the euconsent-v2 cookie (no analytics purposes): anonymised.
-    let cookie = format!("other=1; euconsent-v2={tc}");
-    assert_eq!(send(&st, "/v1/page", "DE", &[("Cookie", cookie.as_str())], json!({
-        "messageId": "de-cookie-page", "name": "Home", "userId": "user-de2", "anonymousId": "anon-de2"})).await, 200);
-    // A malformed TC string is not an error: the region default applies.
-    assert_eq!(
-        send(
-            &st,
+            vec![],
+            json!({"messageId": "de-tcf-order", "event": "Order Completed", "userId": "user-de",
+            "properties": {"email": "anon.user@example.com"},
+            "context": {"consent": {"tcf": tc, "categoryPreferences": {"analytics": true}}}}),
+        ),
+        // EEA with the TC string in the euconsent-v2 cookie (no analytics purposes): anonymised.
+        (
+            "/v1/page",
+            "DE",
+            vec![("Cookie", cookie.as_str())],
+            json!({"messageId": "de-cookie-page", "name": "Home",
+            "userId": "user-de2", "anonymousId": "anon-de2"}),
+        ),
+        // A malformed TC string is not an error: the region default applies.
+        (
             "/v1/track",
             "DE",
-            &[],
-            json!({
-        "messageId": "de-bad-tcf", "event": "Clicked", "anonymousId": "anon-de3",
-        "context": {"consent": {"tcf": "CO"}}})
-        )
-        .await,
-        200
-    );
-    // Rest of the world: URL tokens scrubbed.
-    assert_eq!(
-        send(
-            &st,
+            vec![],
+            json!({"messageId": "de-bad-tcf", "event": "Clicked", "anonymousId": "anon-de3",
+            "context": {"consent": {"tcf": "CO"}}}),
+        ),
+        // Rest of the world: URL tokens scrubbed.
+        (
             "/v1/page",
             "BR",
-            &[],
-            json!({
-        "messageId": "br-page", "anonymousId": "anon-br",
-        "context": {"page": {"url": "https://x.test/?gclid=gclid-xyz-789&lang=pt"}}})
-        )
-        .await,
-        200
-    );
+            vec![],
+            json!({"messageId": "br-page", "anonymousId": "anon-br",
+            "context": {"page": {"url": "https://x.test/?gclid=gclid-xyz-789&lang=pt"}}}),
+        ),
+    ];
+    for (path, country, headers, body) in sends {
+        let id = body["messageId"].clone();
+        assert_eq!(send(&st, path, country, &headers, body).await, 200, "{id}");
+    }
 
     // Nothing raw at rest in the Durable Object storage...
     let at_rest = scan(&st.dir.path().join("edge-state"));

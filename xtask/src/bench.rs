@@ -103,6 +103,7 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
     let sent = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let seq = Arc::new(AtomicU64::new(0));
+    let cpu_before = edge.workerd_cpu_seconds();
     let start = Instant::now();
     let mut latencies = Vec::new();
     std::thread::scope(|s| {
@@ -139,6 +140,10 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
         }
     });
     let elapsed = start.elapsed().as_secs_f64();
+    let cpu_used = match (cpu_before, edge.workerd_cpu_seconds()) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
     latencies.sort();
     let pct = |p: f64| {
         latencies
@@ -167,6 +172,16 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
         "  non-200 answers".into(),
         failed.load(Ordering::Relaxed).to_string(),
     ));
+    if let Some(cpu) = cpu_used {
+        rows.push((
+            "  workerd CPU per event (parse, policy, queue write)".into(),
+            format!(
+                "{:.0} µs/event ({cpu:.1} CPU-s for {} events)",
+                cpu / (ok as f64 * 20.0) * 1e6,
+                ok * 20
+            ),
+        ));
+    }
 
     // Drain what was accepted into a fresh DuckDB file.
     let config = dir.join("agent.toml");
