@@ -6,10 +6,12 @@
 //!   [`ingest::handle_ingest`]
 //! - `/drain/*`                    → [`drain::handle_drain`] (HMAC-signed, for the agent)
 //! - `GET /health`                 → liveness
+//! - `POST /dev/bench/pipeline`    → [`dev::handle_bench_pipeline`] (only with `DEV_MODE=true`)
 //!
 //! The durable queue is [`queue_shard::QueueShard`].
 
 pub mod config;
+pub mod dev;
 pub mod drain;
 pub mod http;
 pub mod ingest;
@@ -56,6 +58,7 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
     }
     match (method, path.as_str()) {
         (Method::Get, "/health") => http::json(200, &serde_json::json!({"ok": true})),
+        (Method::Post, "/dev/bench/pipeline") => dev::handle_bench_pipeline(req, &cfg).await,
         (_, p) => http::error(404, "not_found", &format!("no route for {p}")),
     }
 }

@@ -256,3 +256,30 @@ async fn the_worker_refuses_to_run_without_a_pii_key() {
         r.body
     );
 }
+
+#[tokio::test]
+async fn the_dev_bench_endpoint_exists_only_in_dev_mode_and_stores_nothing() {
+    let body = json!({"batch": [{"type": "track", "event": "E", "userId": "u", "properties": {"email": "x@example.com"}}]}).to_string();
+    let prod = Stack::start_with(&[("DEV_MODE", "false")]);
+    let r = prod
+        .send(
+            prod.http
+                .post(format!("{}/dev/bench/pipeline?iterations=3", prod.edge.url))
+                .body(body.clone()),
+        )
+        .await;
+    assert_eq!(r.status, 404);
+    let dev = Stack::start();
+    let r = dev
+        .send(
+            dev.http
+                .post(format!(
+                    "{}/dev/bench/pipeline?iterations=3&country=US",
+                    dev.edge.url
+                ))
+                .body(body),
+        )
+        .await;
+    assert_eq!((r.status, r.body["events"].as_u64()), (200, Some(3)));
+    assert_eq!(dev.drain().await.events, 0, "nothing was queued");
+}

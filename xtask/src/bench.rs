@@ -97,6 +97,52 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let mut edge = LocalEdge::start(EdgeOptions::in_dir(&dir, SECRET))?;
 
+    // The pipeline alone, inside the runtime: CPU of one request that runs it N times.
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()?;
+    let body = batch_body(7, 20).replace(
+        "\"properties\":{",
+        "\"properties\":{\"email\":\"Jane@Example.com\",",
+    );
+    for (label, query) in [
+        (
+            "worker: parse + validate (no policy), in workerd",
+            "privacy=false",
+        ),
+        (
+            "worker: parse + policy, US visitor, in workerd",
+            "privacy=true&country=US",
+        ),
+        (
+            "worker: parse + policy, EEA visitor (anonymise), in workerd",
+            "privacy=true&country=FR",
+        ),
+    ] {
+        let iterations = 500;
+        let before = edge.workerd_cpu_seconds();
+        let resp = client
+            .post(format!(
+                "{}/dev/bench/pipeline?iterations={iterations}&{query}",
+                edge.url
+            ))
+            .body(body.clone())
+            .send()?;
+        anyhow::ensure!(
+            resp.status().as_u16() == 200,
+            "bench endpoint: {}",
+            resp.text()?
+        );
+        let v: serde_json::Value = resp.json()?;
+        let events = v["events"].as_f64().unwrap_or(0.0);
+        if let (Some(a), Some(b)) = (before, edge.workerd_cpu_seconds()) {
+            rows.push((
+                label.into(),
+                format!("{:.1} µs/event ({events} events)", (b - a) / events * 1e6),
+            ));
+        }
+    }
+
     // Load: N connections, each POSTing 20-event batches for a fixed time.
     let connections = 16;
     let duration = Duration::from_secs(10);

@@ -1,0 +1,50 @@
+//! Development-only endpoints (answered only when `DEV_MODE=true`).
+//!
+//! `POST /dev/bench/pipeline?iterations=N&privacy=true|false` runs the ingest pipeline
+//! (parse, validate and, with `privacy=true`, the privacy policy) N times over the posted
+//! `/v1/batch` body and stores nothing. The Workers clock stands still while a request
+//! computes, so `cargo xtask bench` measures this request's CPU time from outside
+//! (workerd's process accounting) to get the per-event cost inside the runtime.
+
+use collector_core::ingest::{parse_body_with_privacy, Endpoint};
+use collector_core::privacy::RequestSignals;
+use serde_json::json;
+use worker::{Request, Response, Result};
+
+use crate::config::EdgeConfig;
+use crate::http;
+
+pub async fn handle_bench_pipeline(mut req: Request, cfg: &EdgeConfig) -> Result<Response> {
+    if !cfg.dev_mode {
+        return http::error(404, "not_found", "no route for /dev/bench/pipeline");
+    }
+    let url = req.url()?;
+    let param = |k: &str| {
+        url.query_pairs()
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| v.into_owned())
+    };
+    let iterations: u32 = param("iterations")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+        .min(100_000);
+    let with_privacy = param("privacy").as_deref() != Some("false");
+    let body = req.bytes().await?;
+    let signals = RequestSignals {
+        country: param("country"),
+        ip: Some("203.0.113.9".into()),
+        ..RequestSignals::default()
+    };
+    let mut events = 0usize;
+    for _ in 0..iterations {
+        let privacy = with_privacy.then_some((&cfg.privacy, &signals));
+        match parse_body_with_privacy(Endpoint::Batch, &body, 0, &mut || "bench".into(), privacy) {
+            Ok(p) => events += p.accepted.len() + p.withheld.len(),
+            Err(e) => return http::error(e.status(), e.code(), &e.to_string()),
+        }
+    }
+    http::json(
+        200,
+        &json!({"iterations": iterations, "events": events, "privacy": with_privacy}),
+    )
+}
