@@ -105,6 +105,13 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
         "\"properties\":{",
         "\"properties\":{\"email\":\"Jane@Example.com\",",
     );
+    // Warm up: the first requests pay for compiling and instantiating the wasm.
+    for _ in 0..3 {
+        client
+            .post(format!("{}/dev/bench/pipeline?iterations=20", edge.url))
+            .body(body.clone())
+            .send()?;
+    }
     for (label, query) in [
         (
             "worker: parse + validate (no policy), in workerd",
@@ -119,7 +126,7 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
             "privacy=true&country=FR",
         ),
     ] {
-        let iterations = 500;
+        let iterations = 3000;
         let before = edge.workerd_cpu_seconds();
         let resp = client
             .post(format!(
