@@ -54,6 +54,9 @@ fn scan(dir: &Path) -> Vec<String> {
     found
 }
 
+/// (path, country, extra headers, event) of one request.
+type Send<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, Value);
+
 async fn send(st: &Stack, path: &str, country: &str, extra: &[(&str, &str)], body: Value) -> u16 {
     let mut req = st
         .http
@@ -73,7 +76,7 @@ async fn consent_is_enforced_and_no_raw_pii_reaches_storage_or_the_warehouse() {
     let tc = tc_string();
     let cookie = format!("other=1; euconsent-v2={tc}");
     // (path, country, extra headers, event)
-    let sends: Vec<(&str, &str, Vec<(&str, &str)>, Value)> = vec![
+    let sends: Vec<Send<'_>> = vec![
         // EEA, nothing granted: an analytics event is anonymised...
         (
             "/v1/track",
