@@ -40,7 +40,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
@@ -61,7 +61,7 @@ impl std::fmt::Display for PolicyError {
 }
 
 /// What happens to an event whose categories are not all granted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WhenDenied {
     Drop,
@@ -69,14 +69,14 @@ pub enum WhenDenied {
     Keep,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RegionDefault {
     Grant,
     Deny,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IpHandling {
     Keep,
@@ -85,7 +85,7 @@ pub enum IpHandling {
     Drop,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UserAgentHandling {
     Keep,
@@ -93,7 +93,7 @@ pub enum UserAgentHandling {
     Drop,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Category {
     pub name: String,
     pub always_granted: bool,
@@ -102,7 +102,7 @@ pub struct Category {
     pub gpc_denies: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Region {
     pub name: String,
     pub countries: BTreeSet<String>,
@@ -110,7 +110,7 @@ pub struct Region {
     pub default: RegionDefault,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PiiField {
     /// Dotted path, e.g. `context.traits.email`.
     pub path: String,
@@ -118,7 +118,7 @@ pub struct PiiField {
 }
 
 /// A validated policy.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     /// `sha256:<first 16 hex>` of the file's bytes, stamped on every event.
     pub version: String,

@@ -66,25 +66,20 @@ pub struct EdgeConfig {
     pub dev_mode: bool,
 }
 
-/// The privacy rules file, validated by `build.rs` and embedded in the worker.
-pub const PRIVACY_POLICY: &str = include_str!(concat!(env!("OUT_DIR"), "/privacy.toml"));
+/// The privacy rules, validated by `build.rs` and embedded in the worker as JSON.
+pub const PRIVACY_POLICY_JSON: &str = include_str!(concat!(env!("OUT_DIR"), "/privacy.json"));
 
 thread_local! {
     static POLICY: std::cell::OnceCell<Result<collector_core::policy::Policy, String>> =
         const { std::cell::OnceCell::new() };
 }
 
-/// The embedded policy, parsed once per isolate.
+/// The embedded policy, loaded once per isolate.
 fn policy() -> Result<collector_core::policy::Policy, String> {
     POLICY.with(|cell| {
         cell.get_or_init(|| {
-            collector_core::policy::parse(PRIVACY_POLICY).map_err(|errs| {
-                let list: Vec<String> = errs.iter().map(|e| format!("privacy.toml:{e}")).collect();
-                format!(
-                    "config: the embedded privacy policy is invalid: {}",
-                    list.join("; ")
-                )
-            })
+            serde_json::from_str(PRIVACY_POLICY_JSON)
+                .map_err(|e| format!("config: the embedded privacy policy does not load: {e}"))
         })
         .clone()
     })
