@@ -8,7 +8,7 @@ use collector_core::event::{normalize, EventEnvelope, Outcome};
 use collector_core::pii::PiiHasher;
 use collector_core::policy::{parse, Policy};
 use collector_core::privacy::{PrivacyEngine, RequestSignals};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 /// Validates a rules file; `Err` carries every problem as `file:line:col: message`.
 pub fn check(path: &Path) -> Result<String, String> {
@@ -90,31 +90,38 @@ pub fn dry_run(
                 .and_then(Value::as_str)
                 .unwrap_or("")
         );
-        // Report what the engine did, by running it on a copy first.
-        let mut probe = event.as_object().cloned().unwrap_or_default();
-        let applied = engine.apply(&mut probe, &signals);
+        // Validate and normalise as the worker does, then apply the policy once to the
+        // normalised event, keeping the details of what it did for the report.
         let env = EventEnvelope {
             received_at_ms: 0,
-            privacy: Some((&engine, &signals)),
             ..EventEnvelope::default()
         };
-        match normalize(event, &env, &mut || "dry-run-id".to_string()) {
+        let stored = match normalize(event, &env, &mut || "dry-run-id".to_string()) {
             Err(e) => {
                 rejected += 1;
                 let _ = writeln!(out, "line {n}: {label}: REJECT {} ({e})", e.code());
+                continue;
             }
-            Ok(Outcome::Withheld { reason, .. }) => {
+            Ok(Outcome::Stored(ev)) => ev,
+            Ok(Outcome::Withheld { .. }) => unreachable!("no policy was given to normalize"),
+        };
+        let mut obj: Map<String, Value> = match serde_json::from_str(&stored.json) {
+            Ok(Value::Object(m)) => m,
+            _ => unreachable!("normalize stores an object"),
+        };
+        match engine.apply(&mut obj, &signals) {
+            Err(d) => {
                 dropped += 1;
-                *reasons.entry(reason.clone()).or_default() += 1;
-                let ev = applied
-                    .err()
-                    .map(|d| d.resolved.evidence())
-                    .unwrap_or(Value::Null);
-                let _ = writeln!(out, "line {n}: {label}: DROP {reason}; {}", summary(&ev));
+                *reasons.entry(d.reason.clone()).or_default() += 1;
+                let _ = writeln!(
+                    out,
+                    "line {n}: {label}: DROP {}; {}",
+                    d.reason,
+                    summary(&d.resolved.evidence())
+                );
             }
-            Ok(Outcome::Stored(_)) => {
+            Ok(a) => {
                 kept += 1;
-                let Ok(a) = applied else { continue };
                 if a.anonymised {
                     anonymised += 1;
                 }

@@ -7,6 +7,8 @@
 //! Hashing and IP handling apply to every kept event whatever its consent: PII never
 //! leaves the edge unhashed.
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value};
 
 use crate::consent::{resolve, ConsentInputs, Resolved};
@@ -51,7 +53,8 @@ pub struct Applied {
 /// A policy with its hashing key, prepared once and shared by every event.
 #[derive(Debug, Clone)]
 pub struct PrivacyEngine {
-    pub policy: Policy,
+    /// Shared, so building an engine per request does not copy the policy.
+    pub policy: Arc<Policy>,
     pub hasher: PiiHasher,
 }
 
@@ -103,8 +106,11 @@ const URL_FIELDS: [&str; 6] = [
 ];
 
 impl PrivacyEngine {
-    pub fn new(policy: Policy, hasher: PiiHasher) -> PrivacyEngine {
-        PrivacyEngine { policy, hasher }
+    pub fn new(policy: impl Into<Arc<Policy>>, hasher: PiiHasher) -> PrivacyEngine {
+        PrivacyEngine {
+            policy: policy.into(),
+            hasher,
+        }
     }
 
     /// Applies the policy to an event object in place. `Err` means the event must not be

@@ -70,15 +70,16 @@ pub struct EdgeConfig {
 pub const PRIVACY_POLICY_JSON: &str = include_str!(concat!(env!("OUT_DIR"), "/privacy.json"));
 
 thread_local! {
-    static POLICY: std::cell::OnceCell<Result<collector_core::policy::Policy, String>> =
+    static POLICY: std::cell::OnceCell<Result<std::sync::Arc<collector_core::policy::Policy>, String>> =
         const { std::cell::OnceCell::new() };
 }
 
 /// The embedded policy, loaded once per isolate.
-fn policy() -> Result<collector_core::policy::Policy, String> {
+fn policy() -> Result<std::sync::Arc<collector_core::policy::Policy>, String> {
     POLICY.with(|cell| {
         cell.get_or_init(|| {
             serde_json::from_str(PRIVACY_POLICY_JSON)
+                .map(std::sync::Arc::new)
                 .map_err(|e| format!("config: the embedded privacy policy does not load: {e}"))
         })
         .clone()

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use collector_agent::sinks::duckdb::DuckDbSink;
 use collector_agent::sinks::Sink;
-use collector_core::codec::{decode_batch, decode_lease};
+use collector_core::codec::decode_batch;
 use common::*;
 use serde_json::{json, Value};
 
@@ -101,28 +101,7 @@ async fn a_lease_that_is_never_acked_comes_back_after_expiry_and_lands_once() {
     let mut sink = DuckDbSink::open(&st.warehouse()).unwrap();
     let mut leased = 0;
     for shard in 0..4 {
-        let body = json!({"shard": shard, "max_batches": 100, "lease_ms": 2000, "flush": true})
-            .to_string();
-        let resp = st
-            .http
-            .post(format!("{}/drain/lease", st.edge.url))
-            .header(collector_core::sign::TIMESTAMP_HEADER, now_s().to_string())
-            .header(
-                collector_core::sign::SIGNATURE_HEADER,
-                collector_core::sign::sign(
-                    SECRET.as_bytes(),
-                    "POST",
-                    "/drain/lease",
-                    now_s(),
-                    body.as_bytes(),
-                ),
-            )
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
-        let lease = decode_lease(&resp.bytes().await.unwrap()).unwrap();
+        let lease = st.lease(shard, 100, 2000).await;
         for b in lease.batches {
             let batch = decode_batch(&b.blob).unwrap();
             leased += batch.events.len() as u64;
@@ -242,25 +221,7 @@ async fn batches_seal_at_max_events_and_keep_one_users_order() {
         "one user, one shard"
     );
 
-    let body =
-        json!({"shard": shard, "max_batches": 10, "lease_ms": 30000, "flush": true}).to_string();
-    let sig = collector_core::sign::sign(
-        SECRET.as_bytes(),
-        "POST",
-        "/drain/lease",
-        now_s(),
-        body.as_bytes(),
-    );
-    let resp = st
-        .http
-        .post(format!("{}/drain/lease", st.edge.url))
-        .header(collector_core::sign::TIMESTAMP_HEADER, now_s().to_string())
-        .header(collector_core::sign::SIGNATURE_HEADER, sig)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let lease = decode_lease(&resp.bytes().await.unwrap()).unwrap();
+    let lease = st.lease(shard, 10, 30_000).await;
     let sizes: Vec<usize> = lease
         .batches
         .iter()

@@ -1,15 +1,12 @@
 //! The README's first command, `cargo xtask dev`, brings up a working local stack,
 //! prints its scriptable lines, and stops everything on SIGTERM.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use collector_e2e::Toolchain;
-use common::*;
 
 #[test]
 fn xtask_dev_runs_the_stack_and_stops_cleanly_on_sigterm() {
@@ -140,5 +137,4 @@ fn xtask_dev_runs_the_stack_and_stops_cleanly_on_sigterm() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let _ = SECRET;
 }

@@ -55,7 +55,7 @@ fn npm_packages(tools: &Toolchain) -> Result<()> {
     let stamp_path = tools.root.join("node_modules/.xtask-lock-stamp");
     let stamp = format!("{:x}", fnv(&lock));
     if std::fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str())
-        && tools.missing_npm().is_empty()
+        && npm_tools_present(tools)
     {
         return Ok(());
     }
@@ -101,16 +101,15 @@ fn cargo_tool(tools: &Toolchain, name: &str, version: &str, bin: &std::path::Pat
     })
 }
 
-trait MissingNpm {
-    fn missing_npm(&self) -> Vec<String>;
-}
-
-impl MissingNpm for Toolchain {
-    fn missing_npm(&self) -> Vec<String> {
-        [&self.node, &self.wrangler_js, &self.wasm_opt, &self.esbuild]
-            .iter()
-            .filter(|p| !p.exists())
-            .map(|p| p.display().to_string())
-            .collect()
-    }
+/// Whether every tool that comes from node_modules is there (the cargo-installed ones
+/// are checked separately).
+fn npm_tools_present(tools: &Toolchain) -> bool {
+    [
+        &tools.node,
+        &tools.wrangler_js,
+        &tools.wasm_opt,
+        &tools.esbuild,
+    ]
+    .iter()
+    .all(|p| p.exists())
 }

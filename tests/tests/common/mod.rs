@@ -141,6 +141,21 @@ impl Stack {
         self.send(req).await
     }
 
+    /// Leases a shard's sealed batches (sealing the open one first) with the agent's own
+    /// drain client, and never acks: an agent that dies holding the lease.
+    pub async fn lease(
+        &self,
+        shard: u32,
+        max_batches: u32,
+        lease_ms: u64,
+    ) -> collector_core::codec::Lease {
+        let client = collector_agent::edge::EdgeClient::new(&self.agent_config()).unwrap();
+        client
+            .lease(shard, max_batches, lease_ms, true)
+            .await
+            .expect("lease")
+    }
+
     pub async fn edge_stats(&self) -> Value {
         let client = collector_agent::edge::EdgeClient::new(&self.agent_config()).unwrap();
         client.stats().await.expect("stats")
