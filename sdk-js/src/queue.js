@@ -1,0 +1,288 @@
+// Delivery: batches events, sends them to the edge, retries, and persists every event
+// whose delivery has not been confirmed, so that a reload, a crash or an offline spell
+// loses nothing. Each event keeps its messageId through every retry, so an event that
+// is sent twice (a retry after a lost response, a beacon whose fate is unknown) is
+// still stored once: the warehouse deduplicates on messageId.
+//
+// Several tabs of one site share the localStorage queue. Each entry names the tab that
+// owns it and a lease; a page adopts entries whose owner released them (on pagehide)
+// or whose lease ran out (the tab crashed), never those of a live tab.
+
+import { backoff, classify, retryAfter } from './backoff.js';
+import { lsGet, lsSet } from './store.js';
+import { byteLength, isoTime } from './util.js';
+
+let LEASE = 30000;
+// The JSON around the events in a request body: {"batch":[…],"sentAt":"…","writeKey":"…"}.
+let ENVELOPE = 80;
+
+export let DEFAULTS = {
+  flushAt: 10,
+  flushInterval: 5000,
+  // keepalive fetches and beacons share a 64 KiB budget per page.
+  maxBodyBytes: 60000,
+  // The edge's per-event limit (Segment's too).
+  maxEventBytes: 32768,
+  maxQueue: 1000,
+  backoffBase: 1000,
+  backoffCap: 60000
+};
+
+/**
+ * env: the page's `window` (or a stand-in with fetch, navigator.sendBeacon and
+ * navigator.onLine, localStorage, setTimeout, clearTimeout). Time is Date.now().
+ * opts: url, writeKey, tab (this page's id) and the DEFAULTS above.
+ * hooks: ignored(reason, event), delivered(count).
+ * Returns { push, flush, adopt, unload, retryNow, size }.
+ */
+export function delivery(env, opts, hooks) {
+  let key = 'ec_queue:' + opts.writeKey;
+  let tab = opts.tab;
+  let mine = [];
+  let inflight = null;
+  let timer = null;
+  let timerAt = Infinity;
+
+  const stored = () => {
+    let v = lsGet(env, key);
+    return Array.isArray(v) ? v : [];
+  }
+
+  const ids = (list) => {
+    let out = {};
+    for (let i = 0; i < list.length; i++) out[list[i].e.messageId] = 1;
+    return out;
+  }
+
+  /** Writes this tab's entries into the shared queue, keeping the other tabs' entries. */
+  const save = () => {
+    let have = ids(mine);
+    let others = stored().filter((x) => {
+      return x && x.e && x.o !== tab && !have[x.e.messageId];
+    });
+    lsSet(env, key, others.concat(mine));
+    return others.length;
+  }
+
+  /** Takes over entries that no live page owns, and sends them soon. */
+  const adopt = () => {
+    let now = Date.now();
+    let have = ids(mine);
+    let took = 0;
+    stored().forEach((x) => {
+      if (x && x.e && x.e.messageId && !have[x.e.messageId] && (x.o == null || x.o === tab || !(x.l > now))) {
+        x.o = tab;
+        x.l = now + LEASE;
+        x.at = 0;
+        mine.push(x);
+        took++;
+      }
+    });
+    if (took) {
+      save();
+      schedule(0);
+    }
+    return took;
+  }
+
+  const idle = (x) => {
+    return !inflight || inflight.indexOf(x) < 0;
+  }
+
+  const due = (now) => {
+    return mine.filter((x) => {
+      return x.at <= now && idle(x);
+    });
+  }
+
+  const schedule = (delay) => {
+    let at = Date.now() + delay;
+    if (at >= timerAt) return;
+    if (timer) env.clearTimeout(timer);
+    timerAt = at;
+    timer = env.setTimeout(() => {
+      timer = null;
+      timerAt = Infinity;
+      flush();
+    }, delay);
+  }
+
+  /** The entries that fit one request body, oldest first. */
+  const take = (entries) => {
+    let out = [];
+    let bytes = ENVELOPE + opts.writeKey.length;
+    for (let i = 0; i < entries.length; i++) {
+      let s = entries[i].s || byteLength(JSON.stringify(entries[i].e));
+      if (out.length && bytes + s + 1 > opts.maxBodyBytes) break;
+      out.push(entries[i]);
+      bytes += s + 1;
+    }
+    return out;
+  }
+
+  const body = (entries) => {
+    return JSON.stringify({
+      batch: entries.map((x) => { return x.e; }),
+      sentAt: isoTime(Date.now()),
+      writeKey: opts.writeKey
+    });
+  }
+
+  const remove = (x) => {
+    let i = mine.indexOf(x);
+    if (i >= 0) mine.splice(i, 1);
+  }
+
+  /** Queues one event (already complete: messageId, timestamp, context). */
+  const push = (event) => {
+    let size = byteLength(JSON.stringify(event));
+    if (size > opts.maxEventBytes) return hooks.ignored('event_too_large', event);
+    let now = Date.now();
+    mine.push({ e: event, n: 0, at: 0, o: tab, l: now + LEASE, s: size });
+    let others = save();
+    // Bounded: the oldest of this page's events that are not on the wire make room.
+    while (others + mine.length > opts.maxQueue) {
+      let old = mine.filter(idle)[0];
+      if (!old) break;
+      remove(old);
+      hooks.ignored('queue_full', old.e);
+      others = save();
+    }
+    if (due(now).length >= opts.flushAt) flush();
+    else schedule(opts.flushInterval);
+  }
+
+  /** Sends what is due, one request at a time (which keeps each visitor's order). */
+  const flush = () => {
+    if (inflight) return;
+    let now = Date.now();
+    let ready = due(now);
+    if (!ready.length) {
+      let next = Infinity;
+      mine.forEach((x) => { next = Math.min(next, x.at); });
+      if (next < Infinity) schedule(Math.max(0, next - now));
+      return;
+    }
+    let batch = (inflight = take(ready));
+    let done = (status, text, ra) => {
+      if (inflight === batch) inflight = null;
+      settle(batch, status, text, ra);
+    };
+    let p;
+    try {
+      p = env.fetch(opts.url, {
+        method: 'POST',
+        body: body(batch),
+        // A string body goes as text/plain;charset=UTF-8: a "simple" request, so no
+        // CORS preflight. keepalive lets it finish if the page goes away meanwhile.
+        keepalive: true
+      });
+    } catch (e) {
+      p = Promise.reject(e);
+    }
+    p.then((res) => {
+      return res.text().then((t) => {
+        done(res.status, t, res.headers.get('Retry-After'));
+      }, () => {
+        done(res.status, '', null);
+      });
+    }, () => {
+      done(0, '', null);
+    });
+  }
+
+  /** Applies the edge's answer to the events of one request. */
+  const settle = (batch, status, text, ra) => {
+    let now = Date.now();
+    let kind = classify(status);
+    if (kind === 'retry') {
+      let n = 0;
+      batch.forEach((x) => { n = Math.max(n, ++x.n); });
+      let wait = retryAfter(ra, now, opts.backoffCap);
+      if (wait === undefined) wait = backoff(n, opts.backoffBase, opts.backoffCap, Math.random);
+      batch.forEach((x) => {
+        x.at = now + wait;
+        x.l = x.at + LEASE;
+      });
+    } else {
+      let res = null;
+      try {
+        res = JSON.parse(text);
+      } catch (e) {
+        /* not JSON */
+      }
+      let bad = {};
+      let all = kind === 'rejected';
+      if (all && res && Array.isArray(res.rejected)) {
+        res.rejected.forEach((r) => {
+          if (typeof r.index === 'number') {
+            bad[r.index] = r.code || 'invalid';
+            all = false;
+          } else all = true;
+        });
+      }
+      let ok = 0;
+      batch.forEach((x, i) => {
+        remove(x);
+        if (all) hooks.ignored('rejected_' + ((res && res.code) || status), x.e);
+        else if (bad[i]) hooks.ignored('rejected_' + bad[i], x.e);
+        else ok++;
+      });
+      if (ok) hooks.delivered(ok);
+    }
+    save();
+    flush();
+  }
+
+  /**
+   * The page is going away (pagehide, or hidden: it may never come back). Hands what
+   * has never failed to the browser with sendBeacon, which delivers after the page is
+   * gone, and releases the rest to the next page view: events already retrying (the
+   * edge or the network is in trouble), and everything when the browser is offline.
+   * Released entries live in storage only; if the page comes back (a hidden tab shown
+   * again), `adopt` takes them back unless another page did.
+   */
+  const unload = () => {
+    if (timer) env.clearTimeout(timer);
+    timer = null;
+    timerAt = Infinity;
+    if (env.navigator.onLine !== false) {
+      let fresh = due(Infinity).filter((x) => { return x.n === 0; });
+      while (fresh.length) {
+        let chunk = take(fresh);
+        let queued = false;
+        try {
+          queued = env.navigator.sendBeacon(opts.url, body(chunk));
+        } catch (e) {
+          /* refused: stays for the next page view */
+        }
+        if (!queued) break;
+        chunk.forEach(remove);
+        hooks.delivered(chunk.length);
+        fresh = fresh.slice(chunk.length);
+      }
+    }
+    mine.forEach((x) => { x.o = null; });
+    save();
+    let released = mine.length;
+    mine = [];
+    inflight = null;
+    return released;
+  }
+
+  /** The network is back: what was waiting for a retry goes now. */
+  const retryNow = () => {
+    mine.forEach((x) => { x.at = 0; });
+    flush();
+  }
+
+  adopt();
+  return {
+    push: push,
+    flush: flush,
+    adopt: adopt,
+    unload: unload,
+    retryNow: retryNow,
+    size: () => { return mine.length; }
+  };
+}
