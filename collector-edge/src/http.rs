@@ -31,6 +31,8 @@ pub fn with_cors(mut resp: Response, origin: Option<&str>, origins: &Origins) ->
             h.set("Access-Control-Allow-Origin", origin)?;
             h.set("Vary", "Origin")?;
             h.set("Access-Control-Allow-Credentials", "true")?;
+            // The SDK reads Retry-After to back off (429/503); not a safelisted header.
+            h.set("Access-Control-Expose-Headers", "Retry-After")?;
         }
     }
     Ok(resp)

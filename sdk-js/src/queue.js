@@ -42,6 +42,8 @@ export function delivery(env, opts, hooks) {
   let inflight = null;
   let timer = null;
   let timerAt = Infinity;
+  // The last request failed (network or edge trouble): a beacon now would likely be lost.
+  let failing = false;
 
   const stored = () => {
     let v = lsGet(env, key);
@@ -195,7 +197,8 @@ export function delivery(env, opts, hooks) {
   const settle = (batch, status, text, ra) => {
     let now = Date.now();
     let kind = classify(status);
-    if (kind === 'retry') {
+    failing = kind === 'retry';
+    if (failing) {
       let n = 0;
       batch.forEach((x) => { n = Math.max(n, ++x.n); });
       let wait = retryAfter(ra, now, opts.backoffCap);
@@ -237,8 +240,9 @@ export function delivery(env, opts, hooks) {
   /**
    * The page is going away (pagehide, or hidden: it may never come back). Hands what
    * has never failed to the browser with sendBeacon, which delivers after the page is
-   * gone, and releases the rest to the next page view: events already retrying (the
-   * edge or the network is in trouble), and everything when the browser is offline.
+   * gone, and releases the rest to the next page view: events already retrying, and
+   * everything when the last request failed or the browser is offline (a beacon into
+   * a dead network or edge would be lost, and nobody would know).
    * Released entries live in storage only; if the page comes back (a hidden tab shown
    * again), `adopt` takes them back unless another page did.
    */
@@ -246,7 +250,7 @@ export function delivery(env, opts, hooks) {
     if (timer) env.clearTimeout(timer);
     timer = null;
     timerAt = Infinity;
-    if (env.navigator.onLine !== false) {
+    if (!failing && env.navigator.onLine !== false) {
       let fresh = due(Infinity).filter((x) => { return x.n === 0; });
       while (fresh.length) {
         let chunk = take(fresh);

@@ -5,8 +5,12 @@
 //! runtime (`wrangler dev`, local mode, workerd) on a free loopback port with its own
 //! persistence folder, and stops it (and its workerd children) when dropped. The tests
 //! in `tests/` use it; so do `cargo xtask dev` and `cargo xtask bench`.
+//! [`pages::PageServer`] serves pages that embed the SDK snippet; [`browser::Browser`]
+//! drives Debian's Chromium (playwright-core) for the SDK's browser tests.
 
+pub mod browser;
 pub mod edge;
+pub mod pages;
 pub mod toolchain;
 
 pub use edge::{EdgeOptions, LocalEdge, TEST_PII_KEY};

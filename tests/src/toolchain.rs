@@ -7,6 +7,11 @@ use std::path::{Path, PathBuf};
 /// worker-build, matching the `worker` crate version.
 pub const WORKER_BUILD_VERSION: &str = "0.8.7";
 
+/// Debian's `chromium` (and `chromium-common`), for the browser tests. Debian's security
+/// archive keeps only its newest build, so this pin moves when Debian ships a new one;
+/// `EDGE_COLLECTOR_CHROMIUM_VERSION` overrides it.
+pub const CHROMIUM_VERSION: &str = "156.0.8078.79-1~deb12u1";
+
 #[derive(Debug, Clone)]
 pub struct Toolchain {
     /// The repository root (holds `wrangler.toml`, `package.json`).
@@ -22,6 +27,9 @@ pub struct Toolchain {
     pub wasm_bindgen_version: String,
     pub wasm_opt: PathBuf,
     pub esbuild: PathBuf,
+    /// Debian's Chromium, driven by npm `playwright-core` in the browser tests.
+    pub chromium: PathBuf,
+    pub chromium_version: String,
 }
 
 /// The `wasm-bindgen` version locked in `Cargo.lock`.
@@ -61,6 +69,9 @@ impl Toolchain {
             wasm_bindgen_version: wbg,
             wasm_opt: nm.join("binaryen/bin/wasm-opt"),
             esbuild: nm.join("@esbuild/linux-x64/bin/esbuild"),
+            chromium: PathBuf::from("/usr/bin/chromium"),
+            chromium_version: std::env::var("EDGE_COLLECTOR_CHROMIUM_VERSION")
+                .unwrap_or_else(|_| CHROMIUM_VERSION.into()),
             tools_dir,
             root,
         }
@@ -73,6 +84,11 @@ impl Toolchain {
             paths.extend(std::env::split_paths(&p));
         }
         std::env::join_paths(paths).unwrap_or_default()
+    }
+
+    /// The built SDK script the Worker serves (`wrangler.toml` `[assets]`).
+    pub fn built_sdk(&self) -> PathBuf {
+        self.root.join("sdk-js/dist/edge/sdk/v1/collector.js")
     }
 
     /// The built worker entry point that `wrangler.toml` points at.
@@ -102,7 +118,7 @@ impl Toolchain {
     pub fn require_built_worker(&self) {
         let missing = self.missing();
         assert!(
-            missing.is_empty() && self.built_worker().exists(),
+            missing.is_empty() && self.built_worker().exists() && self.built_sdk().exists(),
             "the end-to-end tests need the pinned tools and a built worker; run `cargo xtask ci` \
              (or `cargo xtask setup && cargo xtask build-edge`). Missing: {missing:?}, worker built: {}",
             self.built_worker().exists()

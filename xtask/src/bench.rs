@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: measures and prints a table. Benchmarks are not tests: nothing
 //! here asserts a speed.
 //!
+//! - browser SDK and snippet sizes (against their budget)
 //! - worker bundle size (wasm and JS glue, raw and gzip)
 //! - requests/s of `POST /v1/batch` with 20 events, against the local runtime
 //!   (`wrangler dev`, workerd with SQLite-backed Durable Objects)
@@ -43,6 +44,7 @@ fn batch_body(seq: u64, events: usize) -> String {
 pub fn bench(tools: &Toolchain) -> Result<()> {
     let mut rows: Vec<(String, String)> = Vec::new();
 
+    rows.extend(sdk_sizes(tools)?);
     let wasm = std::fs::read(tools.root.join("collector-edge/build/index_bg.wasm"))?;
     let js = std::fs::read(tools.root.join("collector-edge/build/index.js"))?;
     rows.push((
@@ -275,13 +277,53 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
     edge.stop();
     let _ = std::fs::remove_dir_all(&dir);
 
+    print_table(&rows);
+    Ok(())
+}
+
+pub fn print_table(rows: &[(String, String)]) {
     let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(10);
     println!("| {:<w$} | result |", "benchmark");
     println!("|{}|{}|", "-".repeat(w + 2), "-".repeat(40));
     for (k, v) in rows {
         println!("| {k:<w$} | {v} |");
     }
-    Ok(())
+}
+
+/// The browser SDK's sizes, from the build's `sdk-js/dist/sizes.json`, against the budget.
+pub fn sdk_sizes(tools: &Toolchain) -> Result<Vec<(String, String)>> {
+    let path = tools.root.join("sdk-js/dist/sizes.json");
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?,
+    )?;
+    let n = |p: &str| {
+        v.pointer(p)
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+    };
+    Ok(vec![
+        (
+            "SDK collector.js (IIFE), minified / gzip -9".into(),
+            format!(
+                "{} B / {} B (budget {} B gzip)",
+                n("/sdk/raw"),
+                n("/sdk/gzip"),
+                n("/budget/sdkGzip")
+            ),
+        ),
+        (
+            "SDK ES module, minified / gzip -9".into(),
+            format!("{} B / {} B", n("/esm/raw"), n("/esm/gzip")),
+        ),
+        (
+            "snippet, minified".into(),
+            format!(
+                "{} B (budget {} B)",
+                n("/snippet/raw"),
+                n("/budget/snippetMin")
+            ),
+        ),
+    ])
 }
 
 /// Native per-event cost of the core: parsing a 20-event batch, with and without the

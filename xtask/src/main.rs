@@ -1,9 +1,11 @@
 //! `cargo xtask`: everything beyond `cargo build`.
 //!
 //! - `setup`      install the pinned tools (idempotent): wasm target, npm packages
-//!   (Node 22, wrangler, binaryen, esbuild, prebuilt DuckDB), worker-build,
-//!   wasm-bindgen-cli
-//! - `build-edge` build the worker with worker-build (release)
+//!   (Node 22, wrangler, binaryen, esbuild, playwright-core, prebuilt DuckDB),
+//!   worker-build, wasm-bindgen-cli, Debian's Chromium
+//! - `build-edge` build the browser SDK (esbuild, size budget) and the worker
+//!   (worker-build, release); the Worker serves the SDK as a static asset
+//! - `sdk-size`   build the SDK and print its sizes against the budget
 //! - `dev`        the local stack: worker under wrangler dev, agent into DuckDB, demo page
 //! - `ci`         setup, then every test
 //! - `bench`      benchmarks, printed as a table
@@ -23,13 +25,19 @@ fn main() -> Result<()> {
     let rest = &args[args.len().min(1)..];
     let tools = Toolchain::discover();
     match cmd {
-        "setup" => setup::setup(&tools),
+        "setup" => setup::setup(&tools, true),
+        "sdk-size" => {
+            setup::setup(&tools, false)?;
+            build_sdk(&tools)?;
+            bench::print_table(&bench::sdk_sizes(&tools)?);
+            Ok(())
+        }
         "build-edge" => {
-            setup::setup(&tools)?;
+            setup::setup(&tools, false)?;
             build_edge(&tools, !rest.iter().any(|a| a == "--dev"))
         }
         "dev" => {
-            setup::setup(&tools)?;
+            setup::setup(&tools, false)?;
             build_edge(&tools, true)?;
             dev::dev(&tools, rest)
         }
@@ -42,12 +50,12 @@ fn main() -> Result<()> {
             Ok(())
         }
         "bench" => {
-            setup::setup(&tools)?;
+            setup::setup(&tools, false)?;
             build_edge(&tools, true)?;
             bench::bench(&tools)
         }
         _ => {
-            eprintln!("usage: cargo xtask <setup|build-edge [--dev]|dev|ci|bench>");
+            eprintln!("usage: cargo xtask <setup|build-edge [--dev]|dev|ci|bench|sdk-size>");
             if cmd == "help" || cmd == "--help" {
                 Ok(())
             } else {
@@ -67,9 +75,18 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Builds the worker into `collector-edge/build/` with worker-build, pointing it at the
-/// pinned wasm-bindgen, wasm-opt and esbuild so it downloads nothing.
+/// Builds the browser SDK into `sdk-js/dist/` (esbuild; fails over the size budget).
+pub fn build_sdk(tools: &Toolchain) -> Result<()> {
+    run(Command::new(&tools.node)
+        .arg(tools.root.join("sdk-js/build.mjs"))
+        .current_dir(&tools.root))
+    .context("build the browser SDK (sdk-js/build.mjs)")
+}
+
+/// Builds the SDK, then the worker into `collector-edge/build/` with worker-build,
+/// pointing it at the pinned wasm-bindgen, wasm-opt and esbuild so it downloads nothing.
 pub fn build_edge(tools: &Toolchain, release: bool) -> Result<()> {
+    build_sdk(tools)?;
     if release && edge_build_is_fresh(tools) {
         return Ok(());
     }
@@ -96,7 +113,7 @@ pub fn build_edge(tools: &Toolchain, release: bool) -> Result<()> {
 
 fn ci(tools: &Toolchain) -> Result<()> {
     let started = std::time::Instant::now();
-    setup::setup(tools)?;
+    setup::setup(tools, true)?;
     run(Command::new("cargo")
         .args(["fmt", "--all", "--", "--check"])
         .current_dir(&tools.root))
@@ -128,7 +145,9 @@ fn ci(tools: &Toolchain) -> Result<()> {
         .current_dir(&tools.root))
     .context("cargo clippy (wasm)")?;
     build_edge(tools, true)?;
-    let totals = cargo_test(tools)?;
+    let sdk = sdk_unit_tests(tools)?;
+    let cargo = cargo_test(tools)?;
+    let totals = (sdk.0 + cargo.0, sdk.1 + cargo.1, sdk.2 + cargo.2);
     eprintln!("xtask ci: finished in {:.0?}", started.elapsed());
     // The closing line: the total over every test binary.
     println!(
@@ -138,6 +157,39 @@ fn ci(tools: &Toolchain) -> Result<()> {
     anyhow::ensure!(totals.1 == 0, "{} test(s) failed", totals.1);
     anyhow::ensure!(totals.0 > 0, "no test ran");
     Ok(())
+}
+
+/// The SDK's unit tests (Node's test runner, TAP output): (passed, failed, skipped).
+fn sdk_unit_tests(tools: &Toolchain) -> Result<(u64, u64, u64)> {
+    let out = Command::new(&tools.node)
+        .args(["--test", "--test-reporter=tap", "sdk-js/test/*.test.js"])
+        .current_dir(&tools.root)
+        .output()
+        .context("run the SDK unit tests")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let count = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("# {key} ")))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let (passed, failed) = (count("pass"), count("fail"));
+    let skipped = count("skipped") + count("todo") + count("cancelled");
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("not ok") || l.starts_with("# "))
+    {
+        println!("sdk-js: {line}");
+    }
+    if !out.status.success() && failed == 0 {
+        eprintln!("{text}\n{}", String::from_utf8_lossy(&out.stderr));
+        bail!("the SDK unit tests failed to run ({})", out.status);
+    }
+    if failed > 0 {
+        println!("{text}");
+    }
+    println!("test result: sdk-js unit tests. {passed} passed; {failed} failed; {skipped} skipped");
+    Ok((passed, failed, skipped))
 }
 
 /// Runs every test target of the workspace (not doctests: there are none), echoing the
@@ -208,6 +260,8 @@ fn edge_build_is_fresh(tools: &Toolchain) -> bool {
         return false;
     }
     let inputs = [
+        tools.root.join("privacy.toml"),
+        tools.root.join("collector-edge/build.rs"),
         tools.root.join("collector-edge/src"),
         tools.root.join("collector-core/src"),
         tools.root.join("collector-edge/Cargo.toml"),

@@ -9,7 +9,8 @@ use collector_e2e::Toolchain;
 
 use crate::run;
 
-pub fn setup(tools: &Toolchain) -> Result<()> {
+/// `browsers`: also Debian's Chromium (the browser tests need it; `dev` does not).
+pub fn setup(tools: &Toolchain, browsers: bool) -> Result<()> {
     wasm_target()?;
     npm_packages(tools)?;
     cargo_tool(
@@ -24,6 +25,9 @@ pub fn setup(tools: &Toolchain) -> Result<()> {
         &tools.wasm_bindgen_version,
         &tools.wasm_bindgen,
     )?;
+    if browsers {
+        chromium(tools)?;
+    }
     let missing = tools.missing();
     anyhow::ensure!(
         missing.is_empty(),
@@ -99,6 +103,57 @@ fn cargo_tool(tools: &Toolchain, name: &str, version: &str, bin: &std::path::Pat
         eprintln!("xtask setup: {e}; retrying without --locked");
         install(false)
     })
+}
+
+/// Debian's Chromium at the pinned version, for the browser tests (apt, as root).
+fn chromium(tools: &Toolchain) -> Result<()> {
+    let installed = |pkg: &str| {
+        Command::new("dpkg-query")
+            .args(["-W", "-f=${Version}", pkg])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let want = &tools.chromium_version;
+    if installed("chromium").as_deref() == Some(want.as_str()) && tools.chromium.exists() {
+        return Ok(());
+    }
+    eprintln!("xtask setup: apt-get install chromium={want} (for the browser tests)");
+    let sudo = !is_root();
+    let apt = |args: &[&str]| {
+        let mut cmd = if sudo {
+            let mut c = Command::new("sudo");
+            c.arg("apt-get");
+            c
+        } else {
+            Command::new("apt-get")
+        };
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        run(&mut cmd)
+    };
+    apt(&["update", "-qq"])?;
+    let pins = [
+        format!("chromium={want}"),
+        format!("chromium-common={want}"),
+    ];
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(pins.iter().map(String::as_str));
+    apt(&args).with_context(|| {
+        format!(
+            "installing Debian's chromium {want} failed. Debian keeps only its newest Chromium build; \
+             see `apt-cache madison chromium`, then update CHROMIUM_VERSION in tests/src/toolchain.rs \
+             (or set EDGE_COLLECTOR_CHROMIUM_VERSION)"
+        )
+    })
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }
 
 /// Whether every tool that comes from node_modules is there (the cargo-installed ones

@@ -1,0 +1,86 @@
+// Drives Debian's Chromium for the Rust browser tests (tests/src/browser.rs) with npm
+// playwright-core. One JSON command per stdin line, one JSON answer per stdout line:
+//
+//   {"op":"open","initScript":"…"?}      a fresh browser context (new visitor) + page
+//   {"op":"goto","url":"…"}               navigate and wait for `load`
+//   {"op":"reload"}
+//   {"op":"eval","js":"…"}                evaluate an expression (awaited) → value
+//   {"op":"waitFor","js":"…","timeoutMs":N}  poll an expression until truthy → value
+//   {"op":"quit"}
+//
+// Answers: {"ok":true,"value":…} or {"ok":false,"error":"…"}. Console messages and page
+// errors go to stderr, which the Rust side keeps for failure reports.
+import { chromium } from 'playwright-core';
+import { createInterface } from 'node:readline';
+
+const executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
+const browser = await chromium.launch({
+  executablePath,
+  headless: true,
+  // As root in a container, with no network but loopback: no sandbox, and none of
+  // Chromium's background connections (they fail here and slow every start).
+  args: [
+    '--no-sandbox',
+    '--disable-gpu',
+    '--disable-quic',
+    '--no-first-run',
+    '--disable-background-networking',
+    '--disable-component-update',
+    '--disable-sync',
+    '--disable-default-apps',
+    '--disable-features=Translate,OptimizationHints,MediaRouter'
+  ]
+});
+
+let context = null;
+let page = null;
+
+async function open(initScript) {
+  if (context) await context.close();
+  context = await browser.newContext();
+  if (initScript) await context.addInitScript({ content: initScript });
+  page = await context.newPage();
+  page.on('console', (m) => process.stderr.write(`[console.${m.type()}] ${m.text()}\n`));
+  page.on('pageerror', (e) => process.stderr.write(`[pageerror] ${e.message}\n`));
+  page.on('requestfailed', (r) => process.stderr.write(`[requestfailed] ${r.method()} ${r.url()} ${r.failure()?.errorText}\n`));
+}
+
+async function handle(cmd) {
+  switch (cmd.op) {
+    case 'open':
+      await open(cmd.initScript);
+      return null;
+    case 'goto':
+      await page.goto(cmd.url, { waitUntil: 'load' });
+      return page.url();
+    case 'reload':
+      await page.reload({ waitUntil: 'load' });
+      return page.url();
+    case 'eval':
+      return await page.evaluate(`(async () => (${cmd.js}))()`);
+    case 'waitFor': {
+      const handle = await page.waitForFunction(cmd.js, null, { timeout: cmd.timeoutMs || 30000, polling: 100 });
+      return await handle.jsonValue();
+    }
+    case 'quit':
+      await browser.close();
+      process.stdout.write(JSON.stringify({ ok: true, value: null }) + '\n');
+      process.exit(0);
+    default:
+      throw new Error(`unknown op ${cmd.op}`);
+  }
+}
+
+process.stdout.write(JSON.stringify({ ok: true, value: browser.version() }) + '\n');
+const lines = createInterface({ input: process.stdin });
+for await (const line of lines) {
+  if (!line.trim()) continue;
+  let answer;
+  try {
+    answer = { ok: true, value: (await handle(JSON.parse(line))) ?? null };
+  } catch (e) {
+    answer = { ok: false, error: String(e && e.stack ? e.stack : e) };
+  }
+  process.stdout.write(JSON.stringify(answer) + '\n');
+}
+await browser.close();
