@@ -26,10 +26,15 @@ struct Site {
 
 impl Site {
     fn start() -> Site {
+        Site::serving("tests/browser/pages")
+    }
+
+    /// Serves the pages below `dir` (relative to the repository).
+    fn serving(dir: &str) -> Site {
         let st = Stack::start();
         let tools = Toolchain::discover();
         let pages = PageServer::start(
-            &tools.root.join("tests/browser/pages"),
+            &tools.root.join(dir),
             0,
             sdk_page_vars(&tools.root, &st.edge.url, WRITE_KEY).expect("built snippet"),
         )
@@ -370,4 +375,33 @@ async fn consent_denied_in_the_browser_is_enforced_at_the_edge() {
         Value::from(1),
         "{stats}"
     );
+}
+
+#[tokio::test]
+async fn the_demo_page_of_xtask_dev_sends_its_page_view_and_clicks() {
+    // Served exactly as `cargo xtask dev` serves it.
+    let mut site = Site::serving("sdk-js/demo");
+    site.visit("", None);
+    site.wait_sent(1);
+    site.browser
+        .wait_for(
+            "document.getElementById('anon').textContent.length === 36",
+            WAIT,
+        )
+        .expect("the page shows the anonymous id");
+    site.eval(
+        "document.getElementById('identify').click(), document.getElementById('track').click()",
+    );
+    site.wait_sent(3);
+    site.drain_until("SELECT count(*) FROM tracks", 1).await;
+    let anon = site.eval("analytics.user().anonymousId()");
+    assert_eq!(
+        row(&site, "SELECT event, user_id, anonymous_id FROM tracks"),
+        vec![
+            s("Demo Clicked"),
+            s("demo-user"),
+            anon.as_str().map(str::to_string)
+        ]
+    );
+    assert_eq!(row(&site, "SELECT name FROM pages"), vec![s("Demo")]);
 }

@@ -41,19 +41,23 @@ fn xtask_dev_runs_the_stack_and_stops_cleanly_on_sigterm() {
     let edge = kv["edge_url"].clone();
     let http = reqwest::blocking::Client::new();
     let page = http.get(&kv["demo_url"]).send().unwrap().text().unwrap();
+    let snippet = std::fs::read_to_string(tools.root.join("sdk-js/dist/snippet.min.js")).unwrap();
     assert!(
-        page.contains("collector.init"),
-        "the demo page uses the snippet"
+        page.contains(snippet.trim()),
+        "the demo page embeds the built snippet"
     );
-    let config_js = http
-        .get(format!("{}config.js", kv["demo_url"]))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
     assert!(
-        config_js.contains(&edge),
+        page.contains(&format!("apiHost: '{edge}'")),
         "the demo page points at the local edge"
+    );
+    let sdk = http
+        .get(format!("{edge}/sdk/v1/collector.js"))
+        .send()
+        .unwrap();
+    assert_eq!(
+        sdk.status(),
+        200,
+        "the edge serves the SDK the snippet loads"
     );
 
     let r = http

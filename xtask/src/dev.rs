@@ -2,20 +2,21 @@
 //!
 //! Starts the built worker under `wrangler dev` (local mode, state persisted in
 //! `data/edge-state`), the agent draining into `data/warehouse.duckdb`, and a demo page
-//! that sends events. Prints `key=value` lines once ready (scriptable), and stops
+//! that embeds the SDK snippet (the SDK itself is served by the worker). Prints `key=value` lines once ready (scriptable), and stops
 //! everything on SIGINT/SIGTERM.
 //!
 //! Environment: `XTASK_DEV_DATA_DIR` (default `<repo>/data`), `XTASK_DEV_EDGE_PORT`
 //! (default 8787, or a free port if taken), `XTASK_DEV_DEMO_PORT` (default 8080, same).
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use collector_e2e::pages::{sdk_page_vars, PageServer};
 use collector_e2e::{free_port, EdgeOptions, LocalEdge, Toolchain, DEV_WRITE_KEY};
 
 use crate::run;
@@ -116,13 +117,12 @@ pub fn dev(tools: &Toolchain, _args: &[String]) -> Result<()> {
     };
 
     let demo_port = port_or_free("XTASK_DEV_DEMO_PORT", 8080);
-    let demo = TcpListener::bind(("127.0.0.1", demo_port))?;
-    let page_root = tools.root.join("sdk-js");
-    let config_js = format!(
-        "window.COLLECTOR_CONFIG = {{ writeKey: \"{DEV_WRITE_KEY}\", apiHost: \"{}\" }};\n",
-        edge.url
-    );
-    std::thread::spawn(move || serve_demo(demo, page_root, config_js));
+    // The demo page embeds the built snippet, which loads the SDK from the edge.
+    let mut demo = PageServer::start(
+        &tools.root.join("sdk-js/demo"),
+        demo_port,
+        sdk_page_vars(&tools.root, &edge.url, DEV_WRITE_KEY)?,
+    )?;
 
     let agent_bin = tools.root.join("target/debug/collector-agent");
     println!("edge_url={}", edge.url);
@@ -159,6 +159,7 @@ pub fn dev(tools: &Toolchain, _args: &[String]) -> Result<()> {
         }
     }
     eprintln!("xtask dev: stopping");
+    demo.stop();
     stop_child(&mut agent);
     edge.stop();
     eprintln!("xtask dev: stopped");
@@ -177,47 +178,4 @@ fn stop_child(child: &mut Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
-}
-
-fn serve_demo(listener: TcpListener, root: PathBuf, config_js: String) {
-    for stream in listener.incoming().flatten() {
-        let root = root.clone();
-        let config_js = config_js.clone();
-        std::thread::spawn(move || {
-            let _ = answer(stream, &root, &config_js);
-        });
-    }
-}
-
-fn answer(mut stream: TcpStream, root: &Path, config_js: &str) -> std::io::Result<()> {
-    let mut line = String::new();
-    let mut reader = BufReader::new(stream.try_clone()?);
-    reader.read_line(&mut line)?;
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
-            break;
-        }
-    }
-    let path = line.split_whitespace().nth(1).unwrap_or("/");
-    let (status, ctype, body): (&str, &str, Vec<u8>) = match path {
-        "/" | "/index.html" => (
-            "200 OK",
-            "text/html; charset=utf-8",
-            std::fs::read(root.join("demo/index.html"))?,
-        ),
-        "/collector.js" => (
-            "200 OK",
-            "text/javascript",
-            std::fs::read(root.join("src/collector.js"))?,
-        ),
-        "/config.js" => ("200 OK", "text/javascript", config_js.as_bytes().to_vec()),
-        _ => ("404 Not Found", "text/plain", b"not found".to_vec()),
-    };
-    write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-        body.len()
-    )?;
-    stream.write_all(&body)
 }
