@@ -36,15 +36,8 @@ export function pageArgs(args) {
 /** UTM parameters of a query string as `context.campaign`. */
 export function campaign(search) {
   let out;
-  (search || '').replace(/^\?/, '').split('&').forEach((kv) => {
-    const i = kv.indexOf('=');
-    if (kv.indexOf('utm_') || i < 0) return;
-    try {
-      const k = decodeURIComponent(kv.slice(4, i));
-      (out = out || {})[k === 'campaign' ? 'name' : k] = decodeURIComponent(kv.slice(i + 1).replace(/\+/g, ' '));
-    } catch (e) {
-      /* malformed escape: skip the parameter */
-    }
+  new URLSearchParams(search).forEach((v, k) => {
+    if (!k.indexOf('utm_')) (out = out || {})[k === 'utm_campaign' ? 'name' : k.slice(4)] = v;
   });
   return out;
 }

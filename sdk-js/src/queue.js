@@ -91,10 +91,15 @@ export function delivery(env, opts, hooks) {
     return !inflight || inflight.indexOf(x) < 0;
   }
 
+  // Events go in the order they were made: nothing passes an event that waits for a
+  // retry (each visitor's events reach the edge in order).
   const due = (now) => {
-    return mine.filter((x) => {
-      return x.at <= now && idle(x);
-    });
+    const out = [];
+    for (const x of mine) {
+      if (x.at > now) break;
+      if (idle(x)) out.push(x);
+    }
+    return out;
   }
 
   const schedule = (delay) => {

@@ -108,6 +108,29 @@ test('network errors and 5xx are retried with backoff, keeping the messageId', a
   assert.deepEqual(stored(w), []);
 });
 
+test('events made after a failed one wait for it: the edge sees them in order', async () => {
+  let down = true;
+  const w = fakeWindow({
+    answer: () => {
+      if (down) throw new TypeError('Failed to fetch');
+      return { status: 200, body: '{}' };
+    }
+  });
+  const { d } = setup(w, { flushAt: 1, backoffBase: 1000 });
+  const first = ev();
+  d.push(first);
+  await settle();
+  const second = ev();
+  d.push(second);
+  await settle();
+  assert.equal(w.requests.length, 1, 'the second event does not overtake the first');
+  down = false;
+  mock.timers.tick(1000);
+  for (let i = 0; i < 5; i++) await settle();
+  const ids = sentEvents(w).map((e) => e.messageId);
+  assert.deepEqual(ids, [first.messageId, first.messageId, second.messageId]);
+});
+
 test('Retry-After is honoured on 429 and 503', async () => {
   let first = true;
   const w = fakeWindow({

@@ -175,9 +175,17 @@ fn sdk_unit_tests(tools: &Toolchain) -> Result<(u64, u64, u64)> {
     };
     let (passed, failed) = (count("pass"), count("fail"));
     let skipped = count("skipped") + count("todo") + count("cancelled");
+    let summary = [
+        "# tests ",
+        "# pass ",
+        "# fail ",
+        "# skipped ",
+        "# todo ",
+        "# cancelled ",
+    ];
     for line in text
         .lines()
-        .filter(|l| l.starts_with("not ok") || l.starts_with("# "))
+        .filter(|l| l.starts_with("not ok") || summary.iter().any(|p| l.starts_with(p)))
     {
         println!("sdk-js: {line}");
     }
