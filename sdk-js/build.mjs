@@ -22,7 +22,7 @@ export const BUDGET = { sdkGzip: 5 * 1024, snippetMin: 1024 };
 const common = {
   bundle: true,
   minify: true,
-  target: 'es2017',
+  target: 'es2020',
   legalComments: 'none',
   write: false,
   mangleProps: /^_/,

@@ -57,6 +57,10 @@ pub struct Parsed {
     pub accepted: Vec<StoredEvent>,
     pub rejected: Vec<Rejection>,
     pub withheld: Vec<Withheld>,
+    /// Events the client itself did not send, by reason (the browser SDK reports them in
+    /// the batch body as `"dropped": {"queue_full": 2}`): counted at the edge as
+    /// `client_<reason>`, so no event disappears without a count anywhere.
+    pub client_drops: Vec<(String, u64)>,
 }
 
 impl Parsed {
@@ -85,6 +89,50 @@ struct Envelope<'a> {
     integrations: Option<Value>,
     #[serde(rename = "sentAt", default)]
     sent_at: Option<Value>,
+    #[serde(default)]
+    dropped: Option<Value>,
+}
+
+/// Most reasons one request may report, and the largest count per reason.
+const MAX_CLIENT_DROP_REASONS: usize = 32;
+const MAX_CLIENT_DROP_COUNT: u64 = 1_000_000;
+
+/// Reads a client's `"dropped": {"reason": count}` report. Never fails the request (the
+/// events next to it matter more): entries that are not a short `[a-z0-9_]` reason with a
+/// count in range are counted together as `client_report_invalid`.
+fn client_drops_of(v: Option<Value>) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let mut invalid = 0u64;
+    match v {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m)) => {
+            for (reason, count) in m {
+                let ok_reason = !reason.is_empty()
+                    && reason.len() <= 48
+                    && reason
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                match count.as_u64() {
+                    Some(n)
+                        if ok_reason
+                            && n <= MAX_CLIENT_DROP_COUNT
+                            && out.len() < MAX_CLIENT_DROP_REASONS =>
+                    {
+                        if n > 0 {
+                            out.push((format!("client_{reason}"), n));
+                        }
+                    }
+                    _ => invalid += 1,
+                }
+            }
+        }
+        Some(_) => invalid += 1,
+    }
+    out.sort();
+    if invalid > 0 {
+        out.push(("client_report_invalid".into(), invalid));
+    }
+    out
 }
 
 /// Parses a (decompressed) request body. `received_at_ms` is the edge's receive time;
@@ -206,6 +254,7 @@ fn parse_batch(
     };
     let mut parsed = Parsed {
         write_key: write_key_of(envelope.write_key.as_ref())?,
+        client_drops: client_drops_of(envelope.dropped),
         ..Parsed::default()
     };
     let env = EventEnvelope {

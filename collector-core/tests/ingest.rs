@@ -257,3 +257,43 @@ fn single_endpoint_type_wins_over_body_type() {
     assert_eq!(p.accepted[0].kind, EventKind::Screen);
     assert_eq!(stored(&p, 0)["type"], "screen");
 }
+
+#[test]
+fn a_clients_report_of_events_it_did_not_send_is_read_leniently() {
+    let p = parse(
+        Endpoint::Batch,
+        &json!({"batch": [{"type": "track", "event": "E", "anonymousId": "a"}],
+                "dropped": {"queue_full": 2, "consent_unknown_at_unload": 1, "zero": 0}}),
+    )
+    .unwrap();
+    assert_eq!(p.accepted.len(), 1);
+    assert_eq!(
+        p.client_drops,
+        vec![
+            ("client_consent_unknown_at_unload".to_string(), 1),
+            ("client_queue_full".to_string(), 2)
+        ]
+    );
+    // Bad entries never cost the events next to them; they are counted as invalid.
+    let p = parse(
+        Endpoint::Batch,
+        &json!({"batch": [{"type": "track", "event": "E", "anonymousId": "a"}],
+                "dropped": {"Bad Reason": 1, "ok": -1, "huge": 1e12, "fine": 3}}),
+    )
+    .unwrap();
+    assert_eq!(p.accepted.len(), 1);
+    assert_eq!(
+        p.client_drops,
+        vec![
+            ("client_fine".to_string(), 3),
+            ("client_report_invalid".to_string(), 3)
+        ]
+    );
+    let p = parse(Endpoint::Batch, &json!({"batch": [], "dropped": "lots"})).unwrap();
+    assert_eq!(
+        p.client_drops,
+        vec![("client_report_invalid".to_string(), 1)]
+    );
+    let p = parse(Endpoint::Batch, &json!({"batch": []})).unwrap();
+    assert!(p.client_drops.is_empty());
+}

@@ -192,6 +192,7 @@ async fn enqueue_and_respond(env: &Env, cfg: &EdgeConfig, parsed: Parsed) -> Res
         accepted,
         rejected,
         withheld,
+        client_drops,
         ..
     } = parsed;
     let accepted_count = accepted.len();
@@ -204,8 +205,11 @@ async fn enqueue_and_respond(env: &Env, cfg: &EdgeConfig, parsed: Parsed) -> Res
         );
         per_shard.entry(shard).or_default().events.push(ev);
     }
-    if !rejected.is_empty() || !withheld.is_empty() {
+    if !rejected.is_empty() || !withheld.is_empty() || !client_drops.is_empty() {
         let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+        for (reason, n) in &client_drops {
+            *counts.entry(reason.as_str()).or_default() += n;
+        }
         for r in &rejected {
             *counts.entry(r.error.code()).or_default() += 1;
         }

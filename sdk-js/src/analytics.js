@@ -12,14 +12,14 @@ export const VERSION = '0.1.0';
 export const LIBRARY = 'edge-collector.js';
 
 /** `https://host` from `host`, `host/v1`, `https://host/`; the batch endpoint under it. */
-export function batchUrl(apiHost) {
+export const batchUrl = (apiHost) => {
   let h = String(apiHost).replace(/\/+$/, '');
   if (!/^https?:\/\//.test(h)) h = 'https://' + h;
   return h.replace(/\/v1$/, '') + '/v1/batch';
-}
+};
 
 /** analytics.js's `page()` arguments: ([category,] [name,] [properties,] [options,] [callback]). */
-export function pageArgs(args) {
+export const pageArgs = (args) => {
   const a = [].slice.call(args);
   const cb = typeof a[a.length - 1] === 'function' ? a.pop() : undefined;
   const s = [];
@@ -31,20 +31,21 @@ export function pageArgs(args) {
     options: obj(a[1]),
     callback: cb
   };
-}
+};
 
 /** UTM parameters of a query string as `context.campaign`. */
-export function campaign(search) {
+export const campaign = (search) => {
   let out;
   new URLSearchParams(search).forEach((v, k) => {
     if (!k.indexOf('utm_')) (out = out || {})[k === 'utm_campaign' ? 'name' : k.slice(4)] = v;
   });
   return out;
-}
+};
 
 // Options that are not one of these go into the event's context (analytics.js does so).
 const OPTION_KEYS = { integrations: 1, timestamp: 1, messageId: 1, anonymousId: 1, userId: 1, context: 1, traits: 1 };
 
+const done = (v) => Promise.resolve(v);
 const lastFn = (args) => (typeof args[args.length - 1] === 'function' ? args[args.length - 1] : undefined);
 const str = (v) => (v == null ? undefined : String(v));
 
@@ -52,7 +53,7 @@ const str = (v) => (v == null ? undefined : String(v));
  * A new SDK instance for `env`: the page's `window` (tests pass a stand-in). Calls made before `load` wait, in
  * order and with the time they were made, and run once it has.
  */
-export function createAnalytics(env) {
+export const createAnalytics = (env) => {
   const calls = [];
   const readyFns = [];
   const held = [];
@@ -81,13 +82,15 @@ export function createAnalytics(env) {
   /** The one path for every event that will not be sent: counted by reason. */
   const ignored = (reason, event) => {
     stats.ignored[reason] = (stats.ignored[reason] || 0) + 1;
+    // Reported to the edge, which counts it; events the edge rejected it counted itself.
+    if (reason.indexOf('rejected_')) queue.drop(reason);
     emit('ignored', reason, event);
   };
 
   const call = (method, args, time) => {
     if (!api.loaded) {
       calls.push([method, [].slice.call(args), time || Date.now()]);
-      return Promise.resolve();
+      return done();
     }
     const prev = at;
     at = time;
@@ -159,18 +162,18 @@ export function createAnalytics(env) {
       queue.push(ev);
     }
     later(callback);
-    return Promise.resolve(ev);
+    return done(ev);
   };
 
   impl['consent.set'] = (categories) => {
     consent.set(categories);
-    return Promise.resolve(consent.get());
+    return done(consent.get());
   };
 
   impl.track = function (name, properties, options) {
     if (typeof name !== 'string' || !name) {
       ignored('invalid_call', null);
-      return Promise.resolve();
+      return done();
     }
     return dispatch(event('track', { event: name, properties: obj(properties) }, options), lastFn(arguments));
   };
@@ -224,10 +227,10 @@ export function createAnalytics(env) {
   /** Signs out: forgets the user id, traits and group; the next event gets a new anonymous id. */
   impl.reset = () => {
     [uid, traits, gid, gtraits, anon].forEach((s) => s.set(null));
-    return Promise.resolve();
+    return done();
   };
 
-  impl.setAnonymousId = (id) => Promise.resolve(user.anonymousId(id));
+  impl.setAnonymousId = (id) => done(user.anonymousId(id));
 
   // Clicks on links (or any element) and form submissions; the event survives the
   // navigation that follows (sendBeacon on pagehide), so nothing needs delaying.
@@ -238,7 +241,7 @@ export function createAnalytics(env) {
         impl.track(typeof name === 'function' ? name(el) : name, typeof properties === 'function' ? properties(el) : properties)
       )
     );
-    return Promise.resolve();
+    return done();
   };
   impl.trackLink = bind('click');
   impl.trackForm = bind('submit');
@@ -274,9 +277,9 @@ export function createAnalytics(env) {
     if (w.addEventListener) {
       const doc = env.document;
       const away = () => {
-        queue.unload();
         // Events waiting for a consent that never came cannot be sent.
         held.splice(0).forEach((ev) => ignored('consent_unknown_at_unload', ev));
+        queue.unload();
       };
       w.addEventListener('pagehide', away);
       doc.addEventListener('visibilitychange', () => (doc.visibilityState === 'hidden' ? away() : queue.adopt()));
@@ -309,7 +312,7 @@ export function createAnalytics(env) {
     ready: (fn) => {
       if (api.loaded) later(fn);
       else readyFns.push(fn);
-      return Promise.resolve();
+      return done();
     },
     on: (name, fn) => {
       (handlers[name] = handlers[name] || []).push(fn);
@@ -320,10 +323,8 @@ export function createAnalytics(env) {
       if (l.indexOf(fn) >= 0) l.splice(l.indexOf(fn), 1);
       return api;
     },
-    user: () => {
-      if (!api.loaded) throw new Error('load() first');
-      return user;
-    },
+    // After load (analytics.js's User: id(), anonymousId(), traits()).
+    user: () => user,
     /** Events handed to the edge, events not sent by reason, events waiting. */
     stats: () => ({
       sent: stats.sent,
@@ -336,4 +337,4 @@ export function createAnalytics(env) {
       get: () => (consent ? consent.get() : null)
     }
   });
-}
+};

@@ -8,7 +8,7 @@ import { isObject } from './util.js';
  * Merges a `consent.set()` argument into the current categories. Only booleans count;
  * `{analytics: true}` keeps the other categories as they were.
  */
-export function mergeCategories(current, update) {
+export const mergeCategories = (current, update) => {
   let out = {};
   let k;
   for (k in current || {}) out[k] = current[k];
@@ -18,13 +18,13 @@ export function mergeCategories(current, update) {
     }
   }
   return out;
-}
+};
 
 /** Whether a TCF `addEventListener` callback carries a decision (not just a loaded CMP). */
-export function tcfDecided(tcData, success) {
-  return !!(success && tcData && typeof tcData.tcString === 'string' && tcData.tcString &&
+export const tcfDecided = (tcData, success) => {
+  return !!(success && tcData && tcData.tcString &&
     (tcData.eventStatus === 'tcloaded' || tcData.eventStatus === 'useractioncomplete'));
-}
+};
 
 /**
  * The consent state of one page: categories set by the site, GPC, the TC string.
@@ -32,7 +32,7 @@ export function tcfDecided(tcData, success) {
  * choice from an earlier page view counts; GPC alone does not: it only opts out).
  * `changed` runs after every change.
  */
-export function consentState(store, gpc, changed) {
+export const consentState = (store, gpc, changed) => {
   let saved = store.get();
   let categories = isObject(saved) && isObject(saved.categories) ? saved.categories : null;
   let tcf = null;
@@ -70,4 +70,4 @@ export function consentState(store, gpc, changed) {
       return { categories: mergeCategories(categories), gpc: gpc, tcf: tcf, known: known() };
     }
   };
-}
+};

@@ -10,11 +10,12 @@
 
 import { backoff, classify, retryAfter } from './backoff.js';
 import { lsGet, lsSet } from './store.js';
-import { byteLength, isoTime } from './util.js';
+import { byteLength, isoTime, obj } from './util.js';
 
 let LEASE = 30000;
-// The JSON around the events in a request body: {"batch":[…],"sentAt":"…","writeKey":"…"}.
-let ENVELOPE = 80;
+// The JSON around the events in a request body: {"batch":[…],"sentAt":"…","writeKey":"…",
+// "dropped":{…}} (a few reasons at most).
+let ENVELOPE = 600;
 
 export let DEFAULTS = {
   flushAt: 10,
@@ -33,9 +34,13 @@ export let DEFAULTS = {
  * navigator.onLine, localStorage, setTimeout, clearTimeout). Time is Date.now().
  * opts: url, writeKey, tab (this page's id) and the DEFAULTS above.
  * hooks: ignored(reason, event), delivered(count).
- * Returns { push, flush, adopt, unload, retryNow, size }.
+ * Returns { push, flush, adopt, unload, retryNow, size, drop }.
+ *
+ * `drop(reason)` counts an event the SDK did not send; the counts ride along with the
+ * next request (`"dropped": {reason: n}`, counted at the edge as `client_<reason>`) and
+ * wait in localStorage across page views until one goes out.
  */
-export function delivery(env, opts, hooks) {
+export const delivery = (env, opts, hooks) => {
   let key = 'ec_queue:' + opts.writeKey;
   let tab = opts.tab;
   let mine = [];
@@ -44,6 +49,14 @@ export function delivery(env, opts, hooks) {
   let timerAt = Infinity;
   // The last request failed (network or edge trouble): a beacon now would likely be lost.
   let failing = false;
+  // Drop counts not yet reported; this page takes over the stored ones.
+  let dkey = 'ec_dropped:' + opts.writeKey;
+  let drops = obj(lsGet(env, dkey));
+  lsSet(env, dkey, null);
+  const addTo = (t, c) => {
+    for (const k in c) t[k] = (t[k] || 0) + c[k];
+    return t;
+  };
 
   const stored = () => {
     let v = lsGet(env, key);
@@ -127,11 +140,13 @@ export function delivery(env, opts, hooks) {
     return out;
   }
 
-  const body = (entries) => {
+  // A request body; `d` are the drop counts it reports (taken from `drops`).
+  const body = (entries, d) => {
     return JSON.stringify({
       batch: entries.map((x) => { return x.e; }),
       sentAt: isoTime(Date.now()),
-      writeKey: opts.writeKey
+      writeKey: opts.writeKey,
+      dropped: Object.keys(d).length ? d : undefined
     });
   }
 
@@ -171,15 +186,19 @@ export function delivery(env, opts, hooks) {
       return;
     }
     let batch = (inflight = take(ready));
+    let d = drops;
+    drops = {};
     let done = (status, text, ra) => {
       if (inflight === batch) inflight = null;
+      // Not received: report the counts again with the next request.
+      if (classify(status) === 'retry') addTo(drops, d);
       settle(batch, status, text, ra);
     };
     let p;
     try {
       p = env.fetch(opts.url, {
         method: 'POST',
-        body: body(batch),
+        body: body(batch, d),
         // A string body goes as text/plain;charset=UTF-8: a "simple" request, so no
         // CORS preflight. keepalive lets it finish if the page goes away meanwhile.
         keepalive: true
@@ -261,11 +280,12 @@ export function delivery(env, opts, hooks) {
         let chunk = take(fresh);
         let queued = false;
         try {
-          queued = env.navigator.sendBeacon(opts.url, body(chunk));
+          queued = env.navigator.sendBeacon(opts.url, body(chunk, drops));
         } catch (e) {
           /* refused: stays for the next page view */
         }
         if (!queued) break;
+        drops = {};
         chunk.forEach(remove);
         hooks.delivered(chunk.length);
         fresh = fresh.slice(chunk.length);
@@ -273,6 +293,9 @@ export function delivery(env, opts, hooks) {
     }
     mine.forEach((x) => { x.o = null; });
     save();
+    const all = addTo(obj(lsGet(env, dkey)), drops);
+    lsSet(env, dkey, Object.keys(all).length ? all : null);
+    drops = {};
     let released = mine.length;
     mine = [];
     inflight = null;
@@ -292,6 +315,7 @@ export function delivery(env, opts, hooks) {
     adopt: adopt,
     unload: unload,
     retryNow: retryNow,
-    size: () => { return mine.length; }
+    size: () => { return mine.length; },
+    drop: (reason) => addTo(drops, { [reason]: 1 })
   };
-}
+};

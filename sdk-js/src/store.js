@@ -7,27 +7,25 @@
 let YEAR_S = 31536000;
 
 /** Reads a value stored raw or JSON-encoded (quoted strings lose their quotes). */
-export function decode(raw) {
-  if (raw == null || raw === '') return null;
+export const decode = (raw) => {
   try {
-    let v = JSON.parse(raw);
-    return v == null ? null : v;
-  } catch (e) {
-    return raw;
+    return JSON.parse(raw) ?? null;
+  } catch {
+    return raw || null;
   }
-}
+};
 
-export function cookieGet(doc, name) {
+export const cookieGet = (doc, name) => {
   try {
     const m = doc.cookie.match('(?:^|;) ?' + name + '=([^;]*)');
     return m && decode(decodeURIComponent(m[1]));
-  } catch (e) {
+  } catch {
     return null; // cookies blocked, or a malformed escape
   }
-}
+};
 
 /** Sets (or with `value === null`, removes) a cookie. */
-export function cookieSet(doc, name, value, opts) {
+export const cookieSet = (doc, name, value, opts) => {
   opts = opts || {};
   let v = value === null ? '' : typeof value === 'string' ? value : JSON.stringify(value);
   let c = name + '=' + encodeURIComponent(v) + '; path=/' +
@@ -37,17 +35,17 @@ export function cookieSet(doc, name, value, opts) {
   if (opts.secure) c += '; Secure';
   try {
     doc.cookie = c;
-  } catch (e) {
+  } catch {
     /* cookies blocked */
   }
-}
+};
 
 /**
  * The widest domain a cookie can be set on (`shop.example.co.uk` → `example.co.uk`),
  * found as analytics.js does: by trying to set a test cookie on each parent domain,
  * widest first. Hosts without dots (localhost) and IP addresses get host-only cookies.
  */
-export function topDomain(doc, hostname) {
+export const topDomain = (doc, hostname) => {
   if (!hostname || hostname.indexOf('.') < 0 || /^[\d.]+$|:/.test(hostname)) return undefined;
   let labels = hostname.split('.');
   for (let i = labels.length - 2; i >= 0; i--) {
@@ -59,34 +57,34 @@ export function topDomain(doc, hostname) {
     }
   }
   return undefined;
-}
+};
 
 // `env.localStorage` itself throws where storage is blocked, hence the try around it.
-export function lsGet(env, key) {
+export const lsGet = (env, key) => {
   try {
     return decode(env.localStorage.getItem(key));
-  } catch (e) {
+  } catch {
     return null;
   }
-}
+};
 
 /** Writes JSON (or removes the key for null); false when storage refused it. */
-export function lsSet(env, key, value) {
+export const lsSet = (env, key, value) => {
   try {
     const ls = env.localStorage;
     if (value === null) ls.removeItem(key);
     else ls.setItem(key, JSON.stringify(value));
     return true;
-  } catch (e) {
+  } catch {
     return false;
   }
-}
+};
 
 /**
  * One persisted value, kept in a cookie and localStorage (either may be blocked):
  * read from the cookie first, then localStorage; written to both.
  */
-export function persisted(env, key, cookieOpts, useCookie) {
+export const persisted = (env, key, cookieOpts, useCookie) => {
   return {
     get: () => {
       let v = useCookie ? cookieGet(env.document, key) : null;
@@ -97,4 +95,4 @@ export function persisted(env, key, cookieOpts, useCookie) {
       lsSet(env, key, v);
     }
   };
-}
+};

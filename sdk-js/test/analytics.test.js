@@ -189,13 +189,36 @@ test('calls before load wait and run in order, with the time they were made', as
   assert.equal(readyRan, true);
 });
 
-test('an invalid call is counted, not sent', async () => {
+test('an invalid call is counted, not sent, and the count reaches the edge', async () => {
   const w = fakeWindow();
   const a = loaded(w);
   a.track();
   a.track('');
   assert.deepEqual(a.stats().ignored, { invalid_call: 2 });
   assert.equal((await sent(w)).length, 0);
+  a.track('Valid');
+  await sent(w);
+  assert.deepEqual(w.requests[0].body.dropped, { invalid_call: 2 });
+});
+
+test('events the edge rejected are not reported again (the edge counted them)', async () => {
+  let first = true;
+  const w = fakeWindow({
+    answer: () => {
+      if (first) {
+        first = false;
+        return { status: 400, body: '{"code":"missing_field","rejected":[{"index":0,"code":"missing_field"}]}' };
+      }
+      return { status: 200, body: '{}' };
+    }
+  });
+  const a = loaded(w);
+  a.track('Bad');
+  await sent(w);
+  a.track('Good');
+  await sent(w);
+  assert.deepEqual(a.stats().ignored, { rejected_missing_field: 1 });
+  assert.equal(w.requests[1].body.dropped, undefined);
 });
 
 test('consent.set goes with every event and persists; GPC is reported', async () => {

@@ -301,3 +301,51 @@ test('storage that throws (blocked) still delivers from memory', async () => {
   await settle();
   assert.equal(log.delivered, 1);
 });
+
+test('drop counts ride with the next request, again after a failure, and wait across page views', async () => {
+  let down = false;
+  const storage = memoryStorage();
+  const w = fakeWindow({
+    storage,
+    answer: () => {
+      if (down) throw new TypeError('Failed to fetch');
+      return { status: 200, body: '{}' };
+    }
+  });
+  const { d } = setup(w, { flushAt: 1 });
+  d.drop('queue_full');
+  d.drop('queue_full');
+  d.drop('consent_unknown_buffer_full');
+  down = true;
+  d.push(ev());
+  await settle();
+  assert.deepEqual(w.requests[0].body.dropped, { queue_full: 2, consent_unknown_buffer_full: 1 });
+  // Not received: reported again with the retry.
+  down = false;
+  mock.timers.tick(1000);
+  await settle();
+  assert.deepEqual(w.requests[1].body.dropped, { queue_full: 2, consent_unknown_buffer_full: 1 });
+  d.push(ev());
+  await settle();
+  assert.equal(w.requests[2].body.dropped, undefined, 'reported once it was received');
+  // A count with no request left on this page waits in storage for the next one.
+  d.drop('consent_unknown_at_unload');
+  d.unload();
+  assert.equal(storage.getItem('ec_dropped:wk'), '{"consent_unknown_at_unload":1}');
+  const w2 = fakeWindow({ storage });
+  const next = setup(w2, { flushAt: 1 }, 'tab-b');
+  next.d.push(ev());
+  await settle();
+  assert.deepEqual(w2.requests[0].body.dropped, { consent_unknown_at_unload: 1 });
+  assert.equal(storage.getItem('ec_dropped:wk'), null);
+});
+
+test('a beacon carries the drop counts too', () => {
+  const w = fakeWindow();
+  const { d } = setup(w, { flushAt: 100 });
+  d.drop('event_too_large');
+  d.push(ev());
+  d.unload();
+  assert.deepEqual(w.beacons[0].body.dropped, { event_too_large: 1 });
+  assert.equal(w.localStorage.getItem('ec_dropped:wk'), null);
+});

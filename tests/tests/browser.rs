@@ -405,3 +405,29 @@ async fn the_demo_page_of_xtask_dev_sends_its_page_view_and_clicks() {
     );
     assert_eq!(row(&site, "SELECT name FROM pages"), vec![s("Demo")]);
 }
+
+#[tokio::test]
+async fn events_the_sdk_could_not_send_are_counted_at_the_edge() {
+    let mut site = Site::start();
+    // The site waits for consent before sending; the visitor leaves without giving it.
+    site.visit("app.html?whileUnknown=buffer", None);
+    let stats =
+        site.eval("analytics.track('Held 1'), analytics.track('Held 2'), analytics.stats()");
+    assert_eq!(stats["held"], Value::from(2), "{stats}");
+    let plain = site.url("plain.html");
+    site.browser.goto(&plain).unwrap();
+    // The next page view reports the count with its first request.
+    let app = site.url("app.html");
+    site.browser.goto(&app).unwrap();
+    site.sdk_loaded();
+    site.eval("analytics.track('Next Page')");
+    site.wait_sent(1);
+    site.drain_until("SELECT count(*) FROM tracks", 1).await;
+    let stats = site.st.edge_stats().await;
+    assert_eq!(
+        stats["drops"]["client_consent_unknown_at_unload"],
+        Value::from(2),
+        "{stats}"
+    );
+    assert_eq!(row(&site, "SELECT event FROM tracks"), vec![s("Next Page")]);
+}
