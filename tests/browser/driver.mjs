@@ -71,13 +71,24 @@ async function handle(cmd) {
   }
 }
 
+function serializable(v) {
+  try {
+    JSON.stringify(v);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 process.stdout.write(JSON.stringify({ ok: true, value: browser.version() }) + '\n');
 const lines = createInterface({ input: process.stdin });
 for await (const line of lines) {
   if (!line.trim()) continue;
   let answer;
   try {
-    answer = { ok: true, value: (await handle(JSON.parse(line))) ?? null };
+    const value = (await handle(JSON.parse(line))) ?? null;
+    // A value that is not JSON (a page object with cycles) comes back as its string form.
+    answer = { ok: true, value: serializable(value) ? value : String(value) };
   } catch (e) {
     answer = { ok: false, error: String(e && e.stack ? e.stack : e) };
   }

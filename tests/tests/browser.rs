@@ -431,3 +431,79 @@ async fn events_the_sdk_could_not_send_are_counted_at_the_edge() {
     );
     assert_eq!(row(&site, "SELECT event FROM tracks"), vec![s("Next Page")]);
 }
+
+#[tokio::test]
+async fn segments_own_browser_sdk_unmodified_lands_every_call_once() {
+    let tools = Toolchain::discover();
+    let built = std::process::Command::new(&tools.node)
+        .arg(tools.root.join("tests/browser/build-vendor.mjs"))
+        .current_dir(&tools.root)
+        .status()
+        .expect("bundle analytics-next");
+    assert!(built.success());
+    let mut site = Site::start();
+    site.browser.open(None).unwrap();
+    let url = site.url("segment.html");
+    site.browser.goto(&url).unwrap();
+    site.browser
+        .wait_for("!!window.segment", WAIT)
+        .expect("analytics-next loads with inline settings");
+    // Each call's promise resolves once the Segment.io destination has delivered it.
+    let out = site.eval(
+        "(async () => {
+           await segment.identify('seg-user', { plan: 'pro' });
+           await segment.track('Segment Browser Event', { n: 1 });
+           await segment.page('Docs', 'Home', { section: 'a' });
+           await segment.group('seg-group', { seats: 3 });
+           await segment.alias('seg-user-2', 'seg-user');
+           return { anon: segment.user().anonymousId(), version: segment.VERSION };
+         })()",
+    );
+    site.drain_until(
+        "SELECT (SELECT count(*) FROM tracks) + (SELECT count(*) FROM identifies) + (SELECT count(*) FROM pages) + (SELECT count(*) FROM groups) + (SELECT count(*) FROM aliases)",
+        5,
+    )
+    .await;
+    let anon = out["anon"].as_str().map(str::to_string);
+    assert_eq!(
+        row(
+            &site,
+            "SELECT event, user_id, anonymous_id, properties->>'n', context->'library'->>'name' FROM tracks"
+        ),
+        vec![
+            s("Segment Browser Event"),
+            s("seg-user"),
+            anon.clone(),
+            s("1"),
+            s("analytics.js")
+        ]
+    );
+    assert_eq!(
+        row(&site, "SELECT user_id, traits->>'plan' FROM identifies"),
+        vec![s("seg-user"), s("pro")]
+    );
+    assert_eq!(
+        row(
+            &site,
+            "SELECT name, category, properties->>'section' FROM pages"
+        ),
+        vec![s("Home"), s("Docs"), s("a")]
+    );
+    assert_eq!(
+        row(&site, "SELECT group_id FROM groups"),
+        vec![s("seg-group")]
+    );
+    // (analytics-next itself sends the current user as the alias's userId.)
+    assert_eq!(
+        row(
+            &site,
+            "SELECT previous_id, message_id LIKE 'ajs-next-%' FROM aliases"
+        ),
+        vec![s("seg-user"), s("true")]
+    );
+    let stats = site.st.edge_stats().await;
+    assert!(
+        stats["drops"].as_object().is_none_or(|d| d.is_empty()),
+        "nothing rejected: {stats}"
+    );
+}
