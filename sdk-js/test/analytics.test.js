@@ -291,6 +291,30 @@ test('pagehide flushes the queue with a beacon', () => {
   assert.equal(a.stats().sent, 1);
 });
 
+test('a hidden tab beacons what it has; shown again, it takes back what it had to leave', async () => {
+  let down = true;
+  const w = fakeWindow({
+    answer: () => {
+      if (down) throw new TypeError('Failed to fetch');
+      return { status: 200, body: '{}' };
+    }
+  });
+  const a = loaded(w, { flushAt: 1, backoffCap: 1000 });
+  a.track('Failed Once');
+  await settle();
+  w.hide();
+  // The last request failed: nothing goes into a beacon, the event is released to storage.
+  assert.equal(w.beacons.length, 0);
+  assert.equal(a.stats().queued, 0);
+  assert.equal(JSON.parse(w.localStorage.getItem('ec_queue:wk'))[0].o, null);
+  down = false;
+  w.showAgain();
+  assert.equal(a.stats().queued, 1);
+  const evs = await sent(w);
+  assert.deepEqual(evs.map((e) => e.event), ['Failed Once', 'Failed Once']);
+  assert.equal(a.stats().sent, 1);
+});
+
 test('trackLink tracks the click; the event survives the navigation', () => {
   const w = fakeWindow();
   const a = loaded(w, { flushAt: 20 });

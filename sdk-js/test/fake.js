@@ -95,6 +95,10 @@ export function fakeWindow(opts = {}) {
       w.document.visibilityState = 'hidden';
       (docListeners.visibilitychange || []).forEach((f) => f());
     },
+    showAgain: () => {
+      w.document.visibilityState = 'visible';
+      (docListeners.visibilitychange || []).forEach((f) => f());
+    },
     fetch: async (u, init) => {
       const req = { url: u, init, body: JSON.parse(init.body) };
       w.requests.push(req);
