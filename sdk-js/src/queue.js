@@ -12,12 +12,12 @@ import { backoff, classify, retryAfter } from './backoff.js';
 import { lsGet, lsSet } from './store.js';
 import { byteLength, isoTime, obj } from './util.js';
 
-let LEASE = 30000;
+const LEASE = 30000;
 // The JSON around the events in a request body: {"batch":[…],"sentAt":"…","writeKey":"…",
 // "dropped":{…}} (a few reasons at most).
-let ENVELOPE = 600;
+const ENVELOPE = 600;
 
-export let DEFAULTS = {
+export const DEFAULTS = {
   flushAt: 10,
   flushInterval: 5000,
   // keepalive fetches and beacons share a 64 KiB budget per page.
@@ -41,8 +41,8 @@ export let DEFAULTS = {
  * wait in localStorage across page views until one goes out.
  */
 export const delivery = (env, opts, hooks) => {
-  let key = 'ec_queue:' + opts.writeKey;
-  let tab = opts.tab;
+  const key = 'ec_queue:' + opts.writeKey;
+  const tab = opts.tab;
   let mine = [];
   let inflight = null;
   let timer = null;
@@ -50,7 +50,7 @@ export const delivery = (env, opts, hooks) => {
   // The last request failed (network or edge trouble): a beacon now would likely be lost.
   let failing = false;
   // Drop counts not yet reported; this page takes over the stored ones.
-  let dkey = 'ec_dropped:' + opts.writeKey;
+  const dkey = 'ec_dropped:' + opts.writeKey;
   let drops = obj(lsGet(env, dkey));
   lsSet(env, dkey, null);
   const addTo = (t, c) => {
@@ -59,30 +59,30 @@ export const delivery = (env, opts, hooks) => {
   };
 
   const stored = () => {
-    let v = lsGet(env, key);
+    const v = lsGet(env, key);
     return Array.isArray(v) ? v : [];
-  }
+  };
 
   const ids = (list) => {
-    let out = {};
+    const out = {};
     for (let i = 0; i < list.length; i++) out[list[i].e.messageId] = 1;
     return out;
-  }
+  };
 
   /** Writes this tab's entries into the shared queue, keeping the other tabs' entries. */
   const save = () => {
-    let have = ids(mine);
-    let others = stored().filter((x) => {
+    const have = ids(mine);
+    const others = stored().filter((x) => {
       return x && x.e && x.o !== tab && !have[x.e.messageId];
     });
     lsSet(env, key, others.concat(mine));
     return others.length;
-  }
+  };
 
   /** Takes over entries that no live page owns, and sends them soon. */
   const adopt = () => {
-    let now = Date.now();
-    let have = ids(mine);
+    const now = Date.now();
+    const have = ids(mine);
     let took = 0;
     stored().forEach((x) => {
       if (x && x.e && x.e.messageId && !have[x.e.messageId] && (x.o == null || x.o === tab || !(x.l > now))) {
@@ -98,11 +98,11 @@ export const delivery = (env, opts, hooks) => {
       schedule(0);
     }
     return took;
-  }
+  };
 
   const idle = (x) => {
     return !inflight || inflight.indexOf(x) < 0;
-  }
+  };
 
   // Events go in the order they were made: nothing passes an event that waits for a
   // retry (each visitor's events reach the edge in order).
@@ -113,10 +113,10 @@ export const delivery = (env, opts, hooks) => {
       if (idle(x)) out.push(x);
     }
     return out;
-  }
+  };
 
   const schedule = (delay) => {
-    let at = Date.now() + delay;
+    const at = Date.now() + delay;
     if (at >= timerAt) return;
     if (timer) env.clearTimeout(timer);
     timerAt = at;
@@ -125,20 +125,20 @@ export const delivery = (env, opts, hooks) => {
       timerAt = Infinity;
       flush();
     }, delay);
-  }
+  };
 
   /** The entries that fit one request body, oldest first. */
   const take = (entries) => {
     let out = [];
     let bytes = ENVELOPE + opts.writeKey.length;
     for (let i = 0; i < entries.length; i++) {
-      let s = entries[i].s || byteLength(JSON.stringify(entries[i].e));
+      const s = entries[i].s || byteLength(JSON.stringify(entries[i].e));
       if (out.length && bytes + s + 1 > opts.maxBodyBytes) break;
       out.push(entries[i]);
       bytes += s + 1;
     }
     return out;
-  }
+  };
 
   // A request body; `d` are the drop counts it reports (taken from `drops`).
   const body = (entries, d) => {
@@ -148,18 +148,18 @@ export const delivery = (env, opts, hooks) => {
       writeKey: opts.writeKey,
       dropped: Object.keys(d).length ? d : undefined
     });
-  }
+  };
 
   const remove = (x) => {
-    let i = mine.indexOf(x);
+    const i = mine.indexOf(x);
     if (i >= 0) mine.splice(i, 1);
-  }
+  };
 
   /** Queues one event (already complete: messageId, timestamp, context). */
   const push = (event) => {
-    let size = byteLength(JSON.stringify(event));
+    const size = byteLength(JSON.stringify(event));
     if (size > opts.maxEventBytes) return hooks.ignored('event_too_large', event);
-    let now = Date.now();
+    const now = Date.now();
     mine.push({ e: event, n: 0, at: 0, o: tab, l: now + LEASE, s: size });
     let others = save();
     // Bounded: the oldest of this page's events that are not on the wire make room.
@@ -172,12 +172,12 @@ export const delivery = (env, opts, hooks) => {
     }
     if (due(now).length >= opts.flushAt) flush();
     else schedule(opts.flushInterval);
-  }
+  };
 
   /** Sends what is due, one request at a time (which keeps each visitor's order). */
   const flush = () => {
     if (inflight) return;
-    let now = Date.now();
+    const now = Date.now();
     let ready = due(now);
     if (!ready.length) {
       let next = Infinity;
@@ -185,10 +185,10 @@ export const delivery = (env, opts, hooks) => {
       if (next < Infinity) schedule(Math.max(0, next - now));
       return;
     }
-    let batch = (inflight = take(ready));
-    let d = drops;
+    const batch = (inflight = take(ready));
+    const d = drops;
     drops = {};
-    let done = (status, text, ra) => {
+    const done = (status, text, ra) => {
       if (inflight === batch) inflight = null;
       // Not received: report the counts again with the next request.
       if (classify(status) === 'retry') addTo(drops, d);
@@ -215,12 +215,12 @@ export const delivery = (env, opts, hooks) => {
     }, () => {
       done(0, '', null);
     });
-  }
+  };
 
   /** Applies the edge's answer to the events of one request. */
   const settle = (batch, status, text, ra) => {
-    let now = Date.now();
-    let kind = classify(status);
+    const now = Date.now();
+    const kind = classify(status);
     failing = kind === 'retry';
     if (failing) {
       let n = 0;
@@ -238,7 +238,7 @@ export const delivery = (env, opts, hooks) => {
       } catch (e) {
         /* not JSON */
       }
-      let bad = {};
+      const bad = {};
       let all = kind === 'rejected';
       if (all && res && Array.isArray(res.rejected)) {
         res.rejected.forEach((r) => {
@@ -259,7 +259,7 @@ export const delivery = (env, opts, hooks) => {
     }
     save();
     flush();
-  }
+  };
 
   /**
    * The page is going away (pagehide, or hidden: it may never come back). Hands what
@@ -277,7 +277,7 @@ export const delivery = (env, opts, hooks) => {
     if (!failing && env.navigator.onLine !== false) {
       let fresh = due(Infinity).filter((x) => { return x.n === 0; });
       while (fresh.length) {
-        let chunk = take(fresh);
+        const chunk = take(fresh);
         let queued = false;
         try {
           queued = env.navigator.sendBeacon(opts.url, body(chunk, drops));
@@ -296,17 +296,17 @@ export const delivery = (env, opts, hooks) => {
     const all = addTo(obj(lsGet(env, dkey)), drops);
     lsSet(env, dkey, Object.keys(all).length ? all : null);
     drops = {};
-    let released = mine.length;
+    const released = mine.length;
     mine = [];
     inflight = null;
     return released;
-  }
+  };
 
   /** The network is back: what was waiting for a retry goes now. */
   const retryNow = () => {
     mine.forEach((x) => { x.at = 0; });
     flush();
-  }
+  };
 
   adopt();
   return {
