@@ -4,7 +4,7 @@ import { test, mock, beforeEach, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
 
 import { createAnalytics, pageArgs, campaign, batchUrl } from '../src/analytics.js';
-import { fakeWindow, memoryStorage, settle, sentEvents } from './fake.js';
+import { fakeWindow, memoryStorage, outage, settle, sentEvents } from './fake.js';
 
 const UUID4 = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
 const T0 = Date.UTC(2026, 10, 24, 10, 0, 0);
@@ -292,13 +292,8 @@ test('pagehide flushes the queue with a beacon', () => {
 });
 
 test('a hidden tab beacons what it has; shown again, it takes back what it had to leave', async () => {
-  let down = true;
-  const w = fakeWindow({
-    answer: () => {
-      if (down) throw new TypeError('Failed to fetch');
-      return { status: 200, body: '{}' };
-    }
-  });
+  const net = outage(true);
+  const w = fakeWindow({ answer: net.answer });
   const a = loaded(w, { flushAt: 1, backoffCap: 1000 });
   a.track('Failed Once');
   await settle();
@@ -307,7 +302,7 @@ test('a hidden tab beacons what it has; shown again, it takes back what it had t
   assert.equal(w.beacons.length, 0);
   assert.equal(a.stats().queued, 0);
   assert.equal(JSON.parse(w.localStorage.getItem('ec_queue:wk'))[0].o, null);
-  down = false;
+  net.down = false;
   w.showAgain();
   assert.equal(a.stats().queued, 1);
   const evs = await sent(w);

@@ -120,3 +120,15 @@ export const settle = () => new Promise((r) => setImmediate(r));
 
 /** Every event sent by fetch, in order. */
 export const sentEvents = (w) => w.requests.flatMap((r) => r.body.batch);
+
+/** An edge that is down (network error) until `net.down = false`, then answers 200. */
+export function outage(down = true) {
+  const net = {
+    down,
+    answer: () => {
+      if (net.down) throw new TypeError('Failed to fetch');
+      return { status: 200, body: '{}' };
+    }
+  };
+  return net;
+}

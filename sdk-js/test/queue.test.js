@@ -4,7 +4,7 @@ import { test, mock, beforeEach, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
 
 import { delivery, DEFAULTS } from '../src/queue.js';
-import { fakeWindow, memoryStorage, settle, sentEvents } from './fake.js';
+import { fakeWindow, memoryStorage, outage, settle, sentEvents } from './fake.js';
 
 const URL = 'https://edge.example.net/v1/batch';
 let seq = 0;
@@ -109,13 +109,8 @@ test('network errors and 5xx are retried with backoff, keeping the messageId', a
 });
 
 test('events made after a failed one wait for it: the edge sees them in order', async () => {
-  let down = true;
-  const w = fakeWindow({
-    answer: () => {
-      if (down) throw new TypeError('Failed to fetch');
-      return { status: 200, body: '{}' };
-    }
-  });
+  const net = outage(true);
+  const w = fakeWindow({ answer: net.answer });
   const { d } = setup(w, { flushAt: 1, backoffBase: 1000 });
   const first = ev();
   d.push(first);
@@ -124,7 +119,7 @@ test('events made after a failed one wait for it: the edge sees them in order', 
   d.push(second);
   await settle();
   assert.equal(w.requests.length, 1, 'the second event does not overtake the first');
-  down = false;
+  net.down = false;
   mock.timers.tick(1000);
   for (let i = 0; i < 5; i++) await settle();
   const ids = sentEvents(w).map((e) => e.messageId);
@@ -193,15 +188,9 @@ test('the queue is bounded: the oldest waiting event makes room, counted', () =>
 });
 
 test('pagehide beacons fresh events; events already retrying stay for the next page view', async () => {
-  let down = true;
+  const net = outage(true);
   const storage = memoryStorage();
-  const w = fakeWindow({
-    storage,
-    answer: () => {
-      if (down) throw new TypeError('Failed to fetch');
-      return { status: 200, body: '{}' };
-    }
-  });
+  const w = fakeWindow({ storage, answer: net.answer });
   const { d } = setup(w, { flushAt: 1 });
   const failing = ev();
   d.push(failing);
@@ -223,7 +212,7 @@ test('pagehide beacons fresh events; events already retrying stay for the next p
   assert.ok(left.some((x) => x.e.messageId === failing.messageId));
   assert.ok(left.every((x) => x.o === null));
   // The next page view (same storage) sends what was left, with the same messageIds.
-  down = false;
+  net.down = false;
   const w2 = fakeWindow({ storage });
   const next = setup(w2, { flushAt: 1 }, 'tab-b');
   mock.timers.tick(0);
@@ -303,25 +292,19 @@ test('storage that throws (blocked) still delivers from memory', async () => {
 });
 
 test('drop counts ride with the next request, again after a failure, and wait across page views', async () => {
-  let down = false;
+  const net = outage(false);
   const storage = memoryStorage();
-  const w = fakeWindow({
-    storage,
-    answer: () => {
-      if (down) throw new TypeError('Failed to fetch');
-      return { status: 200, body: '{}' };
-    }
-  });
+  const w = fakeWindow({ storage, answer: net.answer });
   const { d } = setup(w, { flushAt: 1 });
   d.drop('queue_full');
   d.drop('queue_full');
   d.drop('consent_unknown_buffer_full');
-  down = true;
+  net.down = true;
   d.push(ev());
   await settle();
   assert.deepEqual(w.requests[0].body.dropped, { queue_full: 2, consent_unknown_buffer_full: 1 });
   // Not received: reported again with the retry.
-  down = false;
+  net.down = false;
   mock.timers.tick(1000);
   await settle();
   assert.deepEqual(w.requests[1].body.dropped, { queue_full: 2, consent_unknown_buffer_full: 1 });
