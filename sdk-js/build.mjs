@@ -5,6 +5,7 @@
 // Outputs:
 //   dist/edge/sdk/v1/collector.js  the IIFE the snippet loads (served by the Worker as a
 //                                  static asset, see wrangler.toml [assets])
+//   dist/edge/_headers             its Cache-Control
 //   dist/collector.esm.js          the ES module build
 //   dist/snippet.min.js            the snippet to paste
 //   dist/sizes.json                bytes raw / gzip, and the budgets
@@ -43,6 +44,11 @@ const out = (rel, text) => {
   return text;
 };
 const sdk = out('edge/sdk/v1/collector.js', iife.outputFiles[0].text);
+// Workers static assets read `_headers`. Browsers may use the SDK for an hour without
+// asking, and up to a week longer while they fetch a fresh copy in the background: so a
+// page still loads the SDK (which keeps its events until the edge is back) when the edge
+// is unreachable, and a new SDK version reaches every browser within about an hour.
+out('edge/_headers', '/sdk/v1/*\n  Cache-Control: public, max-age=3600, stale-while-revalidate=604800\n');
 const mod = out('collector.esm.js', esm.outputFiles[0].text);
 const snip = out('snippet.min.js', snippet.code.trim() + '\n');
 

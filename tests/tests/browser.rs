@@ -227,12 +227,17 @@ async fn events_tracked_while_the_worker_is_down_are_persisted_and_delivered_exa
     let plain = site.url("plain.html");
     site.browser.goto(&plain).unwrap();
     assert_eq!(site.eval(&format!("{STORED_QUEUE}.length")), Value::from(3));
-
-    site.st.edge.restart().expect("the edge comes back");
-    // The next page view sends what the last one could not.
-    let app = site.url("app.html?flushAt=1");
+    // ...and comes back while it is still down: the SDK loads from the browser's cache
+    // (Cache-Control of the asset), adopts the stored events and keeps retrying them.
+    let app = site.url("app.html?flushAt=1&backoffCap=2000");
     site.browser.goto(&app).unwrap();
     site.sdk_loaded();
+    site.browser
+        .wait_for(&format!("{STORED_QUEUE}.every(x => x.n > 0)"), WAIT)
+        .expect("the new page view tries the stored events");
+    assert_eq!(site.eval(&format!("{STORED_QUEUE}.length")), Value::from(3));
+
+    site.st.edge.restart().expect("the edge comes back");
     site.browser
         .wait_for(&format!("{STORED_QUEUE}.length === 0"), WAIT)
         .expect("the stored events are delivered");
