@@ -34,7 +34,7 @@ export const DEFAULTS = {
  * navigator.onLine, localStorage, setTimeout, clearTimeout). Time is Date.now().
  * opts: url, writeKey, tab (this page's id) and the DEFAULTS above.
  * hooks: ignored(reason, event), delivered(count).
- * Returns { push, flush, adopt, unload, retryNow, size, drop }.
+ * Returns { push, adopt, unload, retryNow, size, drop }.
  *
  * `drop(reason)` counts an event the SDK did not send; the counts ride along with the
  * next request (`"dropped": {reason: n}`, counted at the edge as `client_<reason>`) and
@@ -311,7 +311,6 @@ export const delivery = (env, opts, hooks) => {
   adopt();
   return {
     push: push,
-    flush: flush,
     adopt: adopt,
     unload: unload,
     retryNow: retryNow,

@@ -187,7 +187,7 @@ test('the queue is bounded: the oldest waiting event makes room, counted', () =>
   assert.deepEqual(stored(w).map((x) => x.e.messageId), evs.slice(1).map((e) => e.messageId));
 });
 
-test('pagehide beacons fresh events; events already retrying stay for the next page view', async () => {
+test('events still waiting at pagehide are released, never beaconed after a failure, and the next page view sends them with the same messageIds', async () => {
   const net = outage(true);
   const storage = memoryStorage();
   const w = fakeWindow({ storage, answer: net.answer });
