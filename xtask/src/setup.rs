@@ -1,10 +1,12 @@
 //! `cargo xtask setup`: installs every pinned tool the project needs, idempotently.
-//! Only the package registries are used (crates.io, npm); nothing else is downloaded.
+//! Only the package registries are used (crates.io, npm, Debian's apt); nothing else is
+//! downloaded. Registry packages that are kept forever (crates, npm) are pinned exactly;
+//! Debian packages are taken at their current build and checked against a minimum.
 
 use std::process::Command;
 
-use anyhow::{Context, Result};
-use collector_e2e::toolchain::WORKER_BUILD_VERSION;
+use anyhow::{bail, ensure, Context, Result};
+use collector_e2e::toolchain::{CHROMIUM_MIN_VERSION, WORKER_BUILD_VERSION};
 use collector_e2e::Toolchain;
 
 use crate::run;
@@ -26,7 +28,7 @@ pub fn setup(tools: &Toolchain, browsers: bool) -> Result<()> {
         &tools.wasm_bindgen,
     )?;
     if browsers {
-        chromium(tools)?;
+        debian_package(&CHROMIUM)?;
     }
     let missing = tools.missing();
     anyhow::ensure!(
@@ -105,47 +107,99 @@ fn cargo_tool(tools: &Toolchain, name: &str, version: &str, bin: &std::path::Pat
     })
 }
 
-/// Debian's Chromium at the pinned version, for the browser tests (apt, as root).
-fn chromium(tools: &Toolchain) -> Result<()> {
-    let installed = |pkg: &str| {
-        Command::new("dpkg-query")
-            .args(["-W", "-f=${Version}", pkg])
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+/// A Debian package the tests need. Debian's archives keep only the newest build of a
+/// package, so it is never pinned exactly: setup installs the current candidate and checks
+/// the installed version against a minimum.
+pub struct DebianPackage {
+    /// The packages to install together (the first one's version is checked).
+    pub names: &'static [&'static str],
+    /// The oldest version the project is known to work with (`dpkg --compare-versions`).
+    pub min_version: &'static str,
+    /// A file the package installs, proving it is there.
+    pub binary: &'static str,
+    /// What it is for, for the messages.
+    pub purpose: &'static str,
+}
+
+/// Debian's Chromium, for the browser tests (driven by playwright-core).
+pub const CHROMIUM: DebianPackage = DebianPackage {
+    names: &["chromium", "chromium-common"],
+    min_version: CHROMIUM_MIN_VERSION,
+    binary: "/usr/bin/chromium",
+    purpose: "the browser tests",
+};
+
+/// Installs the package's current Debian build unless a version at or above the minimum
+/// is already there (idempotent: no apt call then), checks the minimum, and prints the
+/// version the tests will run with.
+pub fn debian_package(pkg: &DebianPackage) -> Result<String> {
+    let name = pkg.names[0];
+    let ok = |v: &Option<String>| {
+        v.as_deref()
+            .is_some_and(|v| version_at_least(v, pkg.min_version))
+            && std::path::Path::new(pkg.binary).exists()
     };
-    let want = &tools.chromium_version;
-    if installed("chromium").as_deref() == Some(want.as_str()) && tools.chromium.exists() {
-        return Ok(());
+    let mut version = installed_version(name);
+    if !ok(&version) {
+        eprintln!(
+            "xtask setup: apt-get install {} (Debian's current build, >= {}, for {})",
+            pkg.names.join(" "),
+            pkg.min_version,
+            pkg.purpose
+        );
+        apt(&["update", "-qq"])?;
+        let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+        args.extend(pkg.names);
+        apt(&args).with_context(|| format!("apt-get install {}", pkg.names.join(" ")))?;
+        version = installed_version(name);
     }
-    eprintln!("xtask setup: apt-get install chromium={want} (for the browser tests)");
-    let sudo = !is_root();
-    let apt = |args: &[&str]| {
-        let mut cmd = if sudo {
-            let mut c = Command::new("sudo");
-            c.arg("apt-get");
-            c
-        } else {
-            Command::new("apt-get")
-        };
-        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-        run(&mut cmd)
+    let Some(version) = version else {
+        bail!("{name} is not installed after apt-get install");
     };
-    apt(&["update", "-qq"])?;
-    let pins = [
-        format!("chromium={want}"),
-        format!("chromium-common={want}"),
-    ];
-    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
-    args.extend(pins.iter().map(String::as_str));
-    apt(&args).with_context(|| {
-        format!(
-            "installing Debian's chromium {want} failed. Debian keeps only its newest Chromium build; \
-             see `apt-cache madison chromium`, then update CHROMIUM_VERSION in tests/src/toolchain.rs \
-             (or set EDGE_COLLECTOR_CHROMIUM_VERSION)"
-        )
-    })
+    ensure!(
+        ok(&Some(version.clone())),
+        "Debian's {name} is {version}, older than the {} that {} need (or {} is missing); \
+         see `apt-cache policy {name}`",
+        pkg.min_version,
+        pkg.purpose,
+        pkg.binary
+    );
+    eprintln!("xtask setup: {name} {version} (Debian; minimum {})", pkg.min_version);
+    Ok(version)
+}
+
+fn installed_version(pkg: &str) -> Option<String> {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${db:Status-Abbrev}|${Version}", pkg])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| {
+            let out = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            let (status, version) = out.split_once('|')?;
+            // `ii` = installed; `rc` (removed, config kept) and others are not.
+            (status.trim() == "ii" && !version.is_empty()).then(|| version.to_string())
+        })
+}
+
+/// Debian's version order (`dpkg --compare-versions A ge B`).
+fn version_at_least(have: &str, min: &str) -> bool {
+    Command::new("dpkg")
+        .args(["--compare-versions", have, "ge", min])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn apt(args: &[&str]) -> Result<()> {
+    let mut cmd = if is_root() {
+        Command::new("apt-get")
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg("apt-get");
+        c
+    };
+    cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+    run(&mut cmd)
 }
 
 fn is_root() -> bool {
