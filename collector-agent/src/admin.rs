@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::sinks::duckdb::{DuckDbSink, QueryResult};
+use crate::sinks::LoadStats;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentState {
@@ -67,6 +68,7 @@ pub async fn serve(
     let app = Router::new()
         .route("/health", get(|| async { Json(json!({"ok": true})) }))
         .route("/sql", post(handle_sql))
+        .route("/quarantine/replay", post(handle_replay))
         .with_state(AppState {
             sink,
             token: Arc::new(token),
@@ -77,23 +79,60 @@ pub async fn serve(
     Ok(())
 }
 
-async fn handle_sql(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: String,
-) -> Result<Json<QueryResult>, (StatusCode, Json<serde_json::Value>)> {
+type AdminError = (StatusCode, Json<serde_json::Value>);
+
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), AdminError> {
     let expected = format!("Bearer {}", state.token);
     let ok = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .map(|v| v == expected)
         .unwrap_or(false);
-    if !ok {
-        return Err((
+    if ok {
+        Ok(())
+    } else {
+        Err((
             StatusCode::UNAUTHORIZED,
             Json(json!({"error": "bad or missing admin token"})),
-        ));
+        ))
     }
+}
+
+/// Body of `POST /quarantine/replay`: the message ids to replay (empty: all).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReplayRequest {
+    #[serde(default)]
+    pub message_ids: Vec<String>,
+}
+
+async fn handle_replay(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(req): Json<ReplayRequest>,
+) -> Result<Json<LoadStats>, AdminError> {
+    authorize(&state, &headers)?;
+    let sink = state.sink.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut guard = sink
+            .lock()
+            .map_err(|_| "warehouse lock poisoned".to_string())?;
+        guard
+            .replay_quarantine(&req.message_ids)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r)
+    .map(Json)
+    .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e}))))
+}
+
+async fn handle_sql(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: String,
+) -> Result<Json<QueryResult>, AdminError> {
+    authorize(&state, &headers)?;
     let sink = state.sink.clone();
     let result = tokio::task::spawn_blocking(move || {
         let guard = sink
@@ -155,6 +194,43 @@ pub async fn query_running_agent(
             body.get("error")
                 .and_then(|e| e.as_str())
                 .unwrap_or("query failed")
+        );
+    }
+    Ok(Some(serde_json::from_value(body)?))
+}
+
+/// Replays quarantined events through the running agent (`Ok(None)` when none runs).
+pub async fn replay_running_agent(
+    warehouse: &Path,
+    message_ids: &[String],
+) -> anyhow::Result<Option<LoadStats>> {
+    let Ok(text) = std::fs::read_to_string(state_file(warehouse)) else {
+        return Ok(None);
+    };
+    let Ok(state) = serde_json::from_str::<AgentState>(&text) else {
+        return Ok(None);
+    };
+    let resp = match reqwest::Client::new()
+        .post(format!("http://{}/quarantine/replay", state.addr))
+        .bearer_auth(&state.token)
+        .json(&ReplayRequest {
+            message_ids: message_ids.to_vec(),
+        })
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(e) if e.is_connect() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await?;
+    if !status.is_success() {
+        anyhow::bail!(
+            "{}",
+            body.get("error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("replay failed")
         );
     }
     Ok(Some(serde_json::from_value(body)?))

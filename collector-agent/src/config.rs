@@ -65,10 +65,10 @@ fn default_poll_interval_ms() -> u64 {
     1_000
 }
 fn default_lease_batches() -> u32 {
-    10
+    collector_core::drain::DEFAULT_LEASE_BATCHES
 }
 fn default_lease_ms() -> u64 {
-    30_000
+    collector_core::drain::DEFAULT_LEASE_MS as u64
 }
 fn default_request_timeout_ms() -> u64 {
     30_000
@@ -96,11 +96,16 @@ impl AgentConfig {
                 self.edge_url
             );
         }
-        if !(1..=100).contains(&self.lease_batches) {
-            anyhow::bail!("config: lease_batches must be 1..=100");
-        }
-        if !(1_000..=3_600_000).contains(&self.lease_ms) {
-            anyhow::bail!("config: lease_ms must be 1000..=3600000");
+        // The drain API's own limits, from the one definition the edge enforces.
+        let lease = collector_core::drain::LeaseRequest {
+            shard: 0,
+            max_batches: self.lease_batches,
+            lease_ms: i64::try_from(self.lease_ms).unwrap_or(i64::MAX),
+            flush: false,
+        };
+        if let Err(e) = lease.validate(None) {
+            let e = e.to_string().replace("max_batches", "lease_batches");
+            anyhow::bail!("config: {e}");
         }
         self.secret()?;
         Ok(())

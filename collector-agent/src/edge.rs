@@ -1,11 +1,15 @@
-//! Client of the edge's signed drain API.
+//! Client of the edge's signed drain API: the request and response types, paths and
+//! limits are `collector_core::drain`'s, shared with the edge.
 
 use std::time::Duration;
 
 use collector_core::codec::{decode_lease, Lease};
+use collector_core::drain::{
+    AckRequest, AckResponse, DrainInfo, DrainStats, LeaseRequest, ACK_PATH, INFO_PATH, LEASE_PATH,
+    STATS_PATH,
+};
 use collector_core::sign::{sign, SIGNATURE_HEADER, TIMESTAMP_HEADER};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
 
 use crate::config::AgentConfig;
 
@@ -17,6 +21,10 @@ pub enum EdgeError {
     Status { status: u16, body: String },
     #[error("edge sent a lease that does not decode: {0}")]
     Decode(#[from] collector_core::CodecError),
+    #[error("edge sent an unexpected {path} body: {error}")]
+    Body { path: &'static str, error: String },
+    #[error(transparent)]
+    Request(#[from] collector_core::drain::DrainRequestError),
 }
 
 impl EdgeError {
@@ -25,15 +33,9 @@ impl EdgeError {
         match self {
             EdgeError::Transport(_) => true,
             EdgeError::Status { status, .. } => *status >= 500 || *status == 429,
-            EdgeError::Decode(_) => false,
+            EdgeError::Decode(_) | EdgeError::Body { .. } | EdgeError::Request(_) => false,
         }
     }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct EdgeInfo {
-    pub shards: u32,
-    pub format_version: u8,
 }
 
 #[derive(Clone)]
@@ -90,14 +92,22 @@ impl EdgeClient {
         Ok(bytes)
     }
 
-    pub async fn info(&self) -> Result<EdgeInfo, EdgeError> {
-        let bytes = self
-            .call(reqwest::Method::GET, "/drain/info", Vec::new())
-            .await?;
-        serde_json::from_slice(&bytes).map_err(|e| EdgeError::Status {
-            status: 200,
-            body: format!("unexpected /drain/info body: {e}"),
+    async fn call_json<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &'static str,
+        body: Vec<u8>,
+    ) -> Result<T, EdgeError> {
+        let bytes = self.call(method, path, body).await?;
+        serde_json::from_slice(&bytes).map_err(|e| EdgeError::Body {
+            path,
+            error: e.to_string(),
         })
+    }
+
+    pub async fn info(&self) -> Result<DrainInfo, EdgeError> {
+        self.call_json(reqwest::Method::GET, INFO_PATH, Vec::new())
+            .await
     }
 
     pub async fn lease(
@@ -107,37 +117,41 @@ impl EdgeClient {
         lease_ms: u64,
         flush: bool,
     ) -> Result<Lease, EdgeError> {
-        let body = json!({"shard": shard, "max_batches": max_batches, "lease_ms": lease_ms, "flush": flush});
-        let bytes = self
-            .call(
-                reqwest::Method::POST,
-                "/drain/lease",
-                body.to_string().into_bytes(),
-            )
-            .await?;
+        let req = LeaseRequest {
+            shard,
+            max_batches,
+            lease_ms: i64::try_from(lease_ms).unwrap_or(i64::MAX),
+            flush,
+        };
+        req.validate(None)?;
+        let body = serde_json::to_vec(&req).map_err(|e| EdgeError::Body {
+            path: LEASE_PATH,
+            error: e.to_string(),
+        })?;
+        let bytes = self.call(reqwest::Method::POST, LEASE_PATH, body).await?;
         Ok(decode_lease(&bytes)?)
     }
 
     /// Acks a lease; returns how many batches the edge deleted (0 if the lease had
     /// expired and been handed out again: the next holder loads them idempotently).
     pub async fn ack(&self, shard: u32, lease_id: &str) -> Result<u64, EdgeError> {
-        let body = json!({"shard": shard, "lease_id": lease_id});
-        let bytes = self
-            .call(
-                reqwest::Method::POST,
-                "/drain/ack",
-                body.to_string().into_bytes(),
-            )
+        let req = AckRequest {
+            shard,
+            lease_id: lease_id.to_string(),
+        };
+        let body = serde_json::to_vec(&req).map_err(|e| EdgeError::Body {
+            path: ACK_PATH,
+            error: e.to_string(),
+        })?;
+        let r: AckResponse = self
+            .call_json(reqwest::Method::POST, ACK_PATH, body)
             .await?;
-        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Ok(v.get("acked").and_then(Value::as_u64).unwrap_or(0))
+        Ok(r.acked)
     }
 
-    /// Queue depth and drop counters by reason, per shard and in total.
-    pub async fn stats(&self) -> Result<Value, EdgeError> {
-        let bytes = self
-            .call(reqwest::Method::GET, "/drain/stats", Vec::new())
-            .await?;
-        Ok(serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    /// Queue depth, drop counters by reason and note counters, per shard and in total.
+    pub async fn stats(&self) -> Result<DrainStats, EdgeError> {
+        self.call_json(reqwest::Method::GET, STATS_PATH, Vec::new())
+            .await
     }
 }

@@ -19,14 +19,15 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use collector_core::codec::decode_batch;
-use collector_core::StoredEvent;
+use collector_core::codec::{decode_batch, BATCH_VERSION};
+use collector_core::drain::{DrainInfo, Formats};
+use collector_core::CodecError;
 use tokio::sync::watch;
 
 pub use crate::config::AgentConfig;
 use crate::edge::{EdgeClient, EdgeError};
 use crate::sinks::duckdb::DuckDbSink;
-use crate::sinks::{LoadStats, Sink, SinkError};
+use crate::sinks::{Load, LoadBatch, LoadStats, Sink, SinkError};
 
 /// What a drain did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -35,6 +36,7 @@ pub struct DrainSummary {
     pub events: u64,
     pub inserted: u64,
     pub duplicates: u64,
+    pub quarantined: u64,
     pub dead_letters: u64,
 }
 
@@ -44,6 +46,7 @@ impl DrainSummary {
         self.events += o.events;
         self.inserted += o.inserted;
         self.duplicates += o.duplicates;
+        self.quarantined += o.quarantined;
         self.dead_letters += o.dead_letters;
     }
 }
@@ -56,6 +59,10 @@ pub enum DrainError {
     Sink(#[from] SinkError),
     #[error("warehouse task failed: {0}")]
     Task(String),
+    #[error("shard {shard} sent a batch in a format this agent cannot read ({error}); upgrade the agent")]
+    NewerFormat { shard: u32, error: String },
+    #[error("the edge writes formats {0:?}, newer than this agent reads; upgrade the agent")]
+    EdgeTooNew(Formats),
 }
 
 /// Drains shards from one edge into one sink.
@@ -78,8 +85,19 @@ impl Drainer {
         &self.client
     }
 
-    /// Leases once from `shard`, loads what came, acks. Returns the batch count (0 when
-    /// the shard had nothing sealed).
+    /// `/drain/info`, refusing an edge whose formats this agent cannot read (before it
+    /// leases anything, so nothing is dead-lettered for being new).
+    pub async fn info(&self) -> Result<DrainInfo, DrainError> {
+        let info = self.client.info().await?;
+        if !info.formats.readable() {
+            return Err(DrainError::EdgeTooNew(info.formats));
+        }
+        Ok(info)
+    }
+
+    /// Leases once from `shard`, loads what came (events, quarantined events and dead
+    /// letters, in one transaction), and acks. Returns the batch count (0 when the shard
+    /// had nothing sealed).
     pub async fn drain_round(&self, shard: u32, flush: bool) -> Result<DrainSummary, DrainError> {
         let lease = self
             .client
@@ -92,33 +110,49 @@ impl Drainer {
             batches: lease.batches.len() as u64,
             ..DrainSummary::default()
         };
-        let mut events: Vec<StoredEvent> = Vec::new();
-        let mut dead = Vec::new();
+        let mut load = Load {
+            shard,
+            batches: Vec::with_capacity(lease.batches.len()),
+        };
         for b in lease.batches {
             match decode_batch(&b.blob) {
-                Ok(batch) => events.extend(batch.events),
+                Ok(batch) => {
+                    summary.events += batch.events.len() as u64;
+                    load.batches.push(LoadBatch::Decoded {
+                        batch_id: b.batch_id,
+                        events: batch.events,
+                    });
+                }
+                // A newer edge: do not ack, do not dead-letter; this agent must be upgraded.
+                Err(e @ CodecError::UnsupportedVersion(v)) if v > BATCH_VERSION => {
+                    return Err(DrainError::NewerFormat {
+                        shard,
+                        error: e.to_string(),
+                    })
+                }
                 Err(e) => {
                     tracing::error!(shard, batch_id = b.batch_id, error = %e, "batch does not decode; dead-lettering it");
-                    dead.push((b.batch_id, b.blob, e.to_string()));
+                    load.batches.push(LoadBatch::Undecodable {
+                        batch_id: b.batch_id,
+                        blob: b.blob,
+                        error: e.to_string(),
+                    });
                 }
             }
         }
-        summary.events = events.len() as u64;
-        summary.dead_letters = dead.len() as u64;
         let sink = self.sink.clone();
         let stats: LoadStats = tokio::task::spawn_blocking(move || {
             let mut sink = sink
                 .lock()
-                .map_err(|_| SinkError::Permanent("warehouse lock poisoned".into()))?;
-            for (batch_id, blob, err) in &dead {
-                sink.dead_letter(shard, *batch_id, blob, err)?;
-            }
-            sink.load(&events)
+                .map_err(|_| SinkError::Transient("warehouse lock poisoned".into()))?;
+            sink.load(&load)
         })
         .await
         .map_err(|e| DrainError::Task(e.to_string()))??;
         summary.inserted = stats.inserted;
         summary.duplicates = stats.duplicates;
+        summary.quarantined = stats.quarantined;
+        summary.dead_letters = stats.dead_letters;
         // Committed: only now may the edge forget these batches.
         let acked = self.client.ack(shard, &lease.lease_id).await?;
         tracing::info!(
@@ -126,10 +160,55 @@ impl Drainer {
             batches = summary.batches,
             inserted = stats.inserted,
             duplicates = stats.duplicates,
+            quarantined = stats.quarantined,
+            dead_letters = stats.dead_letters,
             acked,
             "loaded"
         );
         Ok(summary)
+    }
+
+    /// Drains one shard until it has nothing sealed left (or `max_rounds` rounds).
+    async fn drain_shard(
+        &self,
+        shard: u32,
+        flush: bool,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<DrainSummary, DrainError> {
+        let mut total = DrainSummary::default();
+        loop {
+            if *stop.borrow() {
+                return Ok(total);
+            }
+            let round = self.drain_round(shard, flush).await?;
+            total.add(round);
+            if round.batches < u64::from(self.cfg.lease_batches) {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// One pass over every shard. A shard that fails (the warehouse is down, the edge
+    /// answered an error) is logged and left for the next pass; it never keeps the
+    /// shards after it from draining. Returns the summary and the errors by shard.
+    pub async fn drain_all(
+        &self,
+        shards: u32,
+        flush: bool,
+        stop: &watch::Receiver<bool>,
+    ) -> (DrainSummary, Vec<(u32, DrainError)>) {
+        let mut total = DrainSummary::default();
+        let mut errors = Vec::new();
+        for shard in 0..shards {
+            match self.drain_shard(shard, flush, stop).await {
+                Ok(s) => total.add(s),
+                Err(e) => {
+                    tracing::warn!(shard, error = %e, "draining shard failed; continuing with the other shards");
+                    errors.push((shard, e));
+                }
+            }
+        }
+        (total, errors)
     }
 }
 
@@ -140,20 +219,16 @@ fn open_sink(cfg: &AgentConfig) -> anyhow::Result<Arc<Mutex<DuckDbSink>>> {
 }
 
 /// Drains every shard until none has anything left (sealing open batches first), then
-/// returns. Used by `collector-agent run --once` and the tests.
+/// returns. Used by `collector-agent run --once` and the tests. A shard that fails does
+/// not stop the others; the first error is returned after every shard was tried.
 pub async fn drain_once(cfg: &AgentConfig) -> anyhow::Result<DrainSummary> {
     let sink = open_sink(cfg)?;
     let drainer = Drainer::new(cfg.clone(), sink)?;
-    let info = drainer.client.info().await?;
-    let mut total = DrainSummary::default();
-    for shard in 0..info.shards {
-        loop {
-            let round = drainer.drain_round(shard, true).await?;
-            if round.batches == 0 {
-                break;
-            }
-            total.add(round);
-        }
+    let info = drainer.info().await?;
+    let (_never, stop) = watch::channel(false);
+    let (total, errors) = drainer.drain_all(info.shards, true, &stop).await;
+    if let Some((shard, e)) = errors.into_iter().next() {
+        anyhow::bail!("shard {shard}: {e} (other shards drained: {total:?})");
     }
     Ok(total)
 }
@@ -194,25 +269,21 @@ pub async fn run(
             let n = match shards {
                 Some(n) => n,
                 None => {
-                    let n = drainer.client.info().await?.shards;
+                    let n = drainer.info().await?.shards;
                     shards = Some(n);
                     n
                 }
             };
-            let mut batches = 0;
-            for shard in 0..n {
-                loop {
-                    if *stop_rx.borrow() {
-                        return Ok(batches);
-                    }
-                    let round = drainer.drain_round(shard, false).await?;
-                    batches += round.batches;
-                    if round.batches < u64::from(cfg.lease_batches) {
-                        break;
-                    }
+            let (total, errors) = drainer.drain_all(n, false, &stop_rx).await;
+            match errors.into_iter().next() {
+                // The other shards were drained; back off before trying this one again.
+                Some((_, e)) if total.batches == 0 => Err(e),
+                Some((_, e)) => {
+                    tracing::warn!(error = %e, "a shard failed; the others were drained");
+                    Ok(total.batches)
                 }
+                None => Ok(total.batches),
             }
-            Ok(batches)
         }
         .await;
         let pause = match result {

@@ -48,6 +48,28 @@ enum Command {
         #[command(subcommand)]
         command: PrivacyCommand,
     },
+    /// Events the warehouse refused: kept with their reason in the `quarantine` table.
+    Quarantine {
+        #[command(subcommand)]
+        command: QuarantineCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum QuarantineCommand {
+    /// List the quarantined events and why.
+    List {
+        #[arg(long, default_value = "agent.toml")]
+        config: PathBuf,
+    },
+    /// Load quarantined events again (all, or the given message ids), e.g. after fixing
+    /// the warehouse or the event (`UPDATE quarantine SET event = ...`). Those that load
+    /// leave the quarantine; the others stay with their new reason.
+    Replay {
+        message_ids: Vec<String>,
+        #[arg(long, default_value = "agent.toml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -80,8 +102,8 @@ async fn main() -> anyhow::Result<()> {
             if once {
                 let s = drain_once(&cfg).await?;
                 println!(
-                    "drained batches={} events={} inserted={} duplicates={} dead_letters={}",
-                    s.batches, s.events, s.inserted, s.duplicates, s.dead_letters
+                    "drained batches={} events={} inserted={} duplicates={} quarantined={} dead_letters={}",
+                    s.batches, s.events, s.inserted, s.duplicates, s.quarantined, s.dead_letters
                 );
                 return Ok(());
             }
@@ -89,18 +111,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Sql { query, config, csv } => {
             let cfg = AgentConfig::load(&config)?;
-            let result = match admin::query_running_agent(&cfg.warehouse.path, &query).await? {
-                Some(r) => r,
-                None => {
-                    let path = cfg.warehouse.path.clone();
-                    tokio::task::spawn_blocking(move || -> anyhow::Result<QueryResult> {
-                        let conn = DuckDbSink::open_read_only(&path)
-                            .with_context(|| format!("open {}", path.display()))?;
-                        Ok(collector_agent::sinks::duckdb::run_query(&conn, &query)?)
-                    })
-                    .await??
-                }
-            };
+            let result = sql(&cfg, query).await?;
             print!(
                 "{}",
                 if csv {
@@ -108,6 +119,40 @@ async fn main() -> anyhow::Result<()> {
                 } else {
                     to_table(&result)
                 }
+            );
+            Ok(())
+        }
+        Command::Quarantine {
+            command: QuarantineCommand::List { config },
+        } => {
+            let cfg = AgentConfig::load(&config)?;
+            let q = "SELECT message_id, type, shard, batch_id, reason, attempts, quarantined_at FROM quarantine ORDER BY quarantined_at, message_id";
+            print!("{}", to_table(&sql(&cfg, q.into()).await?));
+            Ok(())
+        }
+        Command::Quarantine {
+            command:
+                QuarantineCommand::Replay {
+                    message_ids,
+                    config,
+                },
+        } => {
+            let cfg = AgentConfig::load(&config)?;
+            let s = match admin::replay_running_agent(&cfg.warehouse.path, &message_ids).await? {
+                Some(s) => s,
+                None => {
+                    let path = cfg.warehouse.path.clone();
+                    tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                        let mut sink = DuckDbSink::open(&path)
+                            .with_context(|| format!("open {}", path.display()))?;
+                        Ok(sink.replay_quarantine(&message_ids)?)
+                    })
+                    .await??
+                }
+            };
+            println!(
+                "replayed: inserted={} duplicates={} still_quarantined={}",
+                s.inserted, s.duplicates, s.quarantined
             );
             Ok(())
         }
@@ -138,6 +183,20 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Runs a query through the running agent if there is one, else on the file.
+async fn sql(cfg: &AgentConfig, query: String) -> anyhow::Result<QueryResult> {
+    if let Some(r) = admin::query_running_agent(&cfg.warehouse.path, &query).await? {
+        return Ok(r);
+    }
+    let path = cfg.warehouse.path.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<QueryResult> {
+        let conn = DuckDbSink::open_read_only(&path)
+            .with_context(|| format!("open {}", path.display()))?;
+        Ok(collector_agent::sinks::duckdb::run_query(&conn, &query)?)
+    })
+    .await?
 }
 
 async fn shutdown_signal() {

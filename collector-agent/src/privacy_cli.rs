@@ -69,15 +69,14 @@ pub fn dry_run(
         let (event, signals) = match v.get("event") {
             Some(ev) => (
                 ev.clone(),
-                RequestSignals {
-                    gpc: v.get("gpc").and_then(Value::as_bool).unwrap_or(false),
-                    tcf_cookie: v
-                        .get("tcf_cookie")
+                RequestSignals::new(
+                    v.get("gpc").and_then(Value::as_bool).unwrap_or(false),
+                    v.get("tcf_cookie")
                         .and_then(Value::as_str)
                         .map(str::to_string),
-                    country: v.get("country").and_then(Value::as_str).map(str::to_string),
-                    ip: v.get("ip").and_then(Value::as_str).map(str::to_string),
-                },
+                    v.get("country").and_then(Value::as_str).map(str::to_string),
+                    v.get("ip").and_then(Value::as_str).map(str::to_string),
+                ),
             ),
             None => (v.clone(), RequestSignals::default()),
         };
@@ -102,7 +101,7 @@ pub fn dry_run(
                 let _ = writeln!(out, "line {n}: {label}: REJECT {} ({e})", e.code());
                 continue;
             }
-            Ok(Outcome::Stored(ev)) => ev,
+            Ok(Outcome::Stored { event, .. }) => event,
             Ok(Outcome::Withheld { .. }) => unreachable!("no policy was given to normalize"),
         };
         let mut obj: Map<String, Value> = match serde_json::from_str(&stored.json) {
@@ -125,15 +124,17 @@ pub fn dry_run(
                 if a.anonymised {
                     anonymised += 1;
                 }
+                let pii: Vec<String> = a.pii.iter().map(|(p, t)| format!("{p}={t}")).collect();
                 let _ = writeln!(
                     out,
-                    "line {n}: {label}: KEEP{}; {}; hashed [{}]; removed [{}]; scrubbed [{}]; reduced [{}]",
+                    "line {n}: {label}: KEEP{}; {}; hashed [{}]; removed [{}]; scrubbed [{}]; reduced [{}]; pii [{}]",
                     if a.anonymised { " (anonymised)" } else { "" },
                     summary(&a.resolved.evidence()),
                     a.hashed.join(", "),
                     a.removed.join(", "),
                     a.scrubbed.join(", "),
-                    a.reduced.join(", ")
+                    a.reduced.join(", "),
+                    pii.join(", ")
                 );
             }
         }

@@ -1,9 +1,18 @@
 //! The versioned edge-to-agent wire formats. **This is an API boundary**: an agent must
-//! read every batch an older edge sealed. Never change a struct here without bumping the
-//! format version, keeping a decoder for the old one, and adding a golden fixture.
+//! read every batch an older edge sealed, and a shard must read every open event an
+//! older deploy stored. Each format has **its own version**: never change a struct here
+//! without bumping that format's version, keeping a decoder for the old one, and adding
+//! a golden fixture (`tests/fixtures/<format>-v<N>.bin`).
 //!
 //! Frame layout (all formats): `magic (3 bytes) | version (1 byte) | payload | crc32(payload) (4 bytes, LE)`.
 //! The payload is [postcard](https://docs.rs/postcard).
+//!
+//! | magic | format | version | history |
+//! |---|---|---|---|
+//! | `ECB` | sealed batch, at rest in a shard, leased to the agent | 1 | |
+//! | `ECL` | lease response | 1 | |
+//! | `ECA` | front worker → shard append | 2 | v2 adds `notes` (v1 still decodes) |
+//! | `ECE` | one open event at rest in a shard | 1 | |
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -18,8 +27,14 @@ pub const LEASE_MAGIC: [u8; 3] = *b"ECL";
 pub const APPEND_MAGIC: [u8; 3] = *b"ECA";
 /// Magic of one open (not yet sealed) event at rest in a queue shard.
 pub const EVENT_MAGIC: [u8; 3] = *b"ECE";
-/// Current version of all four formats.
-pub const FORMAT_VERSION: u8 = 1;
+/// Version of the sealed batch format written now.
+pub const BATCH_VERSION: u8 = 1;
+/// Version of the lease response format written now.
+pub const LEASE_VERSION: u8 = 1;
+/// Version of the append format written now (v1 still decodes).
+pub const APPEND_VERSION: u8 = 2;
+/// Version of the open event format written now.
+pub const EVENT_VERSION: u8 = 1;
 
 /// A sealed batch of events from one shard.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,18 +60,28 @@ pub struct Lease {
     pub batches: Vec<LeasedBatch>,
 }
 
-/// Accepted events and drop counts the front worker hands to one shard.
+/// Accepted events, drop counts and note counts the front worker hands to one shard
+/// (version 2).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Append {
     pub events: Vec<StoredEvent>,
     /// `(reason code, count)` of events dropped by this request.
     pub drops: Vec<(String, u64)>,
+    /// `(note key, count)` of what was noticed about this request's events.
+    pub notes: Vec<(String, u64)>,
 }
 
-fn frame<T: Serialize>(magic: [u8; 3], value: &T) -> Result<Vec<u8>, CodecError> {
+/// Append version 1: no notes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct AppendV1 {
+    pub events: Vec<StoredEvent>,
+    pub drops: Vec<(String, u64)>,
+}
+
+fn frame<T: Serialize>(magic: [u8; 3], version: u8, value: &T) -> Result<Vec<u8>, CodecError> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(&magic);
-    out.push(FORMAT_VERSION);
+    out.push(version);
     let out = postcard::to_extend(value, out).map_err(|e| CodecError::Encode(e.to_string()))?;
     let crc = crc32fast::hash(&out[4..]);
     let mut out = out;
@@ -64,7 +89,8 @@ fn frame<T: Serialize>(magic: [u8; 3], value: &T) -> Result<Vec<u8>, CodecError>
     Ok(out)
 }
 
-fn unframe<T: DeserializeOwned>(magic: [u8; 3], bytes: &[u8]) -> Result<T, CodecError> {
+/// Checks magic and checksum; returns the version and the payload.
+fn unframe(magic: [u8; 3], bytes: &[u8]) -> Result<(u8, &[u8]), CodecError> {
     if bytes.len() < 8 {
         return Err(CodecError::TooShort(bytes.len()));
     }
@@ -72,48 +98,76 @@ fn unframe<T: DeserializeOwned>(magic: [u8; 3], bytes: &[u8]) -> Result<T, Codec
         return Err(CodecError::BadMagic);
     }
     let version = bytes[3];
-    if version != FORMAT_VERSION {
-        return Err(CodecError::UnsupportedVersion(version));
-    }
     let (payload, crc) = bytes[4..].split_at(bytes.len() - 8);
     let stored = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
     let computed = crc32fast::hash(payload);
     if stored != computed {
         return Err(CodecError::Checksum { stored, computed });
     }
+    Ok((version, payload))
+}
+
+fn payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
     postcard::from_bytes(payload).map_err(|e| CodecError::Payload(e.to_string()))
 }
 
+/// Decodes a format that has had one version so far.
+fn decode_v1<T: DeserializeOwned>(magic: [u8; 3], bytes: &[u8]) -> Result<T, CodecError> {
+    match unframe(magic, bytes)? {
+        (1, p) => payload(p),
+        (v, _) => Err(CodecError::UnsupportedVersion(v)),
+    }
+}
+
 pub fn encode_batch(batch: &Batch) -> Result<Vec<u8>, CodecError> {
-    frame(BATCH_MAGIC, batch)
+    frame(BATCH_MAGIC, BATCH_VERSION, batch)
 }
 
 pub fn decode_batch(bytes: &[u8]) -> Result<Batch, CodecError> {
-    unframe(BATCH_MAGIC, bytes)
+    decode_v1(BATCH_MAGIC, bytes)
 }
 
 pub fn encode_lease(lease: &Lease) -> Result<Vec<u8>, CodecError> {
-    frame(LEASE_MAGIC, lease)
+    frame(LEASE_MAGIC, LEASE_VERSION, lease)
 }
 
 pub fn decode_lease(bytes: &[u8]) -> Result<Lease, CodecError> {
-    unframe(LEASE_MAGIC, bytes)
+    decode_v1(LEASE_MAGIC, bytes)
 }
 
 pub fn encode_append(append: &Append) -> Result<Vec<u8>, CodecError> {
-    frame(APPEND_MAGIC, append)
+    frame(APPEND_MAGIC, APPEND_VERSION, append)
 }
 
+/// Encodes an append as version 1 (notes are lost): what a front worker of the previous
+/// release sent. For tests of mixed-version deploys.
+pub fn encode_append_v1(append: &AppendV1) -> Result<Vec<u8>, CodecError> {
+    frame(APPEND_MAGIC, 1, append)
+}
+
+/// Decodes an append of version 1 or 2 (during a deploy, an old front worker may still
+/// talk to a new shard).
 pub fn decode_append(bytes: &[u8]) -> Result<Append, CodecError> {
-    unframe(APPEND_MAGIC, bytes)
+    match unframe(APPEND_MAGIC, bytes)? {
+        (1, p) => {
+            let v1: AppendV1 = payload(p)?;
+            Ok(Append {
+                events: v1.events,
+                drops: v1.drops,
+                notes: Vec::new(),
+            })
+        }
+        (2, p) => payload(p),
+        (v, _) => Err(CodecError::UnsupportedVersion(v)),
+    }
 }
 
 /// One open event at rest in a shard's storage. Stored data outlives deploys, so this is
 /// framed and versioned like a batch.
 pub fn encode_event(event: &StoredEvent) -> Result<Vec<u8>, CodecError> {
-    frame(EVENT_MAGIC, event)
+    frame(EVENT_MAGIC, EVENT_VERSION, event)
 }
 
 pub fn decode_event(bytes: &[u8]) -> Result<StoredEvent, CodecError> {
-    unframe(EVENT_MAGIC, bytes)
+    decode_v1(EVENT_MAGIC, bytes)
 }

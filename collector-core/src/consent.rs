@@ -114,6 +114,8 @@ pub struct Resolved {
     pub gpc: bool,
     /// Why a TC string that was present was ignored.
     pub tcf_error: Option<String>,
+    /// The same as a stable code ([`tcf::TcfError::code`]), for the counters.
+    pub tcf_error_code: Option<&'static str>,
     pub tcf_used: bool,
 }
 
@@ -163,17 +165,26 @@ impl Resolved {
 
 /// Resolves every category of the policy for one event.
 pub fn resolve(policy: &Policy, inputs: &ConsentInputs) -> Resolved {
-    let (tcf, tcf_error) = match inputs
+    let decoded = inputs
         .tcf
         .as_deref()
         .map(str::trim)
         .filter(|s| !s.is_empty())
-    {
+        .map(tcf::decode);
+    resolve_decoded(policy, inputs, decoded.as_ref())
+}
+
+/// [`resolve`] with the TC string already decoded (`inputs.tcf` is not read): a
+/// request's `euconsent-v2` cookie is decoded once, not once per event of a batch.
+pub fn resolve_decoded(
+    policy: &Policy,
+    inputs: &ConsentInputs,
+    decoded: Option<&Result<tcf::TcString, tcf::TcfError>>,
+) -> Resolved {
+    let (tcf, tcf_error) = match decoded {
         None => (None, None),
-        Some(s) => match tcf::decode(s) {
-            Ok(tc) => (Some(tc), None),
-            Err(e) => (None, Some(e.to_string())),
-        },
+        Some(Ok(tc)) => (Some(tc), None),
+        Some(Err(e)) => (None, Some(e)),
     };
     let region = policy.region_for(inputs.country.as_deref());
     let mut decisions = BTreeMap::new();
@@ -200,7 +211,7 @@ pub fn resolve(policy: &Policy, inputs: &ConsentInputs) -> Resolved {
                 granted: true,
                 source: Source::Explicit,
             }
-        } else if let (Some(tc), false) = (&tcf, cat.tcf_purposes.is_empty()) {
+        } else if let (Some(tc), false) = (tcf, cat.tcf_purposes.is_empty()) {
             tcf_used = true;
             Decision {
                 granted: cat.tcf_purposes.iter().all(|p| tc.purpose_consent(*p)),
@@ -219,7 +230,8 @@ pub fn resolve(policy: &Policy, inputs: &ConsentInputs) -> Resolved {
         region: region.name.clone(),
         policy_version: policy.version.clone(),
         gpc: inputs.gpc,
-        tcf_error,
+        tcf_error: tcf_error.map(ToString::to_string),
+        tcf_error_code: tcf_error.map(tcf::TcfError::code),
         tcf_used,
     }
 }

@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 
 use crate::error::EventError;
 use crate::limits::MAX_ID_CHARS;
+use crate::note::Note;
 use crate::privacy::{PrivacyEngine, RequestSignals};
 use crate::timestamp::{correct_skew, format_ms, parse_ms};
 
@@ -98,8 +99,16 @@ pub struct EventEnvelope<'a> {
 /// the client's: it is counted with its reason, and the request still succeeds).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    Stored(StoredEvent),
-    Withheld { message_id: String, reason: String },
+    Stored {
+        event: StoredEvent,
+        /// What to count about it (untrusted clock, PII found, …).
+        notes: Vec<Note>,
+    },
+    Withheld {
+        message_id: String,
+        reason: String,
+        notes: Vec<Note>,
+    },
 }
 
 /// Validates and normalises one event. `new_id` is called only when the event has no
@@ -200,6 +209,10 @@ pub fn normalize(
         None => take_time(&obj, "timestamp")?,
     };
     let corrected = correct_skew(env.received_at_ms, sent_ms, original_ms);
+    let mut notes = Vec::new();
+    if !corrected.trusted {
+        notes.push(Note::ClockUntrusted);
+    }
     obj.insert("receivedAt".into(), format_ms(env.received_at_ms).into());
     obj.insert("timestamp".into(), format_ms(corrected.timestamp_ms).into());
     if let Some(ms) = corrected.original_ms {
@@ -212,11 +225,16 @@ pub fn normalize(
     let (anonymous_id, user_id) = match env.privacy {
         None => (anonymous_id, user_id),
         Some((engine, signals)) => {
-            if let Err(dropped) = engine.apply(&mut obj, signals) {
-                return Ok(Outcome::Withheld {
-                    message_id,
-                    reason: dropped.reason,
-                });
+            match engine.apply(&mut obj, signals) {
+                Err(dropped) => {
+                    notes.extend(dropped.notes);
+                    return Ok(Outcome::Withheld {
+                        message_id,
+                        reason: dropped.reason,
+                        notes,
+                    });
+                }
+                Ok(applied) => notes.extend(applied.notes),
             }
             // Anonymisation may have removed or replaced the ids.
             let id = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_string);
@@ -224,15 +242,18 @@ pub fn normalize(
         }
     };
     let json = Value::Object(obj).to_string();
-    Ok(Outcome::Stored(StoredEvent {
-        message_id,
-        kind,
-        anonymous_id,
-        user_id,
-        received_at_ms: env.received_at_ms,
-        timestamp_ms: corrected.timestamp_ms,
-        json,
-    }))
+    Ok(Outcome::Stored {
+        event: StoredEvent {
+            message_id,
+            kind,
+            anonymous_id,
+            user_id,
+            received_at_ms: env.received_at_ms,
+            timestamp_ms: corrected.timestamp_ms,
+            json,
+        },
+        notes,
+    })
 }
 
 fn static_field(field: &str) -> &'static str {

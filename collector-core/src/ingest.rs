@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 use crate::error::{EventError, RequestError};
 use crate::event::{normalize, EventEnvelope, EventKind, Outcome, StoredEvent};
 use crate::limits::{MAX_BATCH_EVENTS, MAX_EVENT_BYTES, MAX_REQUEST_BYTES};
+use crate::note::NoteCounts;
 use crate::privacy::{PrivacyEngine, RequestSignals};
 use crate::timestamp::parse_ms;
 
@@ -61,17 +62,29 @@ pub struct Parsed {
     /// the batch body as `"dropped": {"queue_full": 2}`): counted at the edge as
     /// `client_<reason>`, so no event disappears without a count anywhere.
     pub client_drops: Vec<(String, u64)>,
+    /// What was noticed about the events (kept or withheld), counted by key.
+    pub notes: NoteCounts,
 }
 
 impl Parsed {
     fn record(&mut self, index: Option<usize>, result: Result<Outcome, EventError>) {
         match result {
-            Ok(Outcome::Stored(ev)) => self.accepted.push(ev),
-            Ok(Outcome::Withheld { message_id, reason }) => self.withheld.push(Withheld {
-                index,
+            Ok(Outcome::Stored { event, notes }) => {
+                self.notes.extend(notes);
+                self.accepted.push(event);
+            }
+            Ok(Outcome::Withheld {
                 message_id,
                 reason,
-            }),
+                notes,
+            }) => {
+                self.notes.extend(notes);
+                self.withheld.push(Withheld {
+                    index,
+                    message_id,
+                    reason,
+                });
+            }
             Err(error) => self.rejected.push(Rejection { index, error }),
         }
     }

@@ -18,10 +18,13 @@
 
 pub mod codec;
 pub mod consent;
+pub mod detect;
+pub mod drain;
 pub mod error;
 pub mod event;
 pub mod ingest;
 pub mod limits;
+pub mod note;
 pub mod pii;
 pub mod policy;
 pub mod privacy;

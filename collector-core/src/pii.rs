@@ -22,6 +22,8 @@ pub enum PiiKind {
     Email,
     Phone,
     Ip,
+    /// A payment card number (normalised to its digits).
+    Card,
     Free,
 }
 
@@ -102,12 +104,14 @@ impl PiiHasher {
 pub fn normalise(kind: PiiKind, value: &str, default_calling_code: &str) -> String {
     let v = value.trim();
     match kind {
-        PiiKind::Email => v.to_lowercase(),
+        // A percent-encoded `@` (found in URLs) hashes like the address itself.
+        PiiKind::Email => v.replace("%40", "@").to_lowercase(),
         PiiKind::Phone => phone_e164(v, default_calling_code).unwrap_or_else(|| v.to_string()),
         PiiKind::Ip => v
             .parse::<IpAddr>()
             .map(|ip| ip.to_string())
             .unwrap_or_else(|_| v.to_string()),
+        PiiKind::Card => v.chars().filter(char::is_ascii_digit).collect(),
         PiiKind::Free => v.to_string(),
     }
 }

@@ -36,6 +36,11 @@
 //! default_phone_calling_code = "49"
 //! scrub_query_params = ["email", "token"]
 //! fields = [{ path = "traits.email", kind = "email" }]
+//! # Safety net 1: these key names at any depth of traits, context.traits, properties
+//! # (case, `_` and `-` ignored: phoneNumber = phone_number). Absent: the built-in list.
+//! keys = { email = "email", phone = "phone", mobile = "phone" }
+//! # Safety net 2: values found in any string of the event (hash | redact | off).
+//! detect = { email = "hash", phone = "hash", card = "redact" }
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -110,6 +115,87 @@ pub struct Region {
     pub default: RegionDefault,
 }
 
+/// What to do with a PII value found by detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DetectAction {
+    /// Replace the value with its keyed hash (the same versioned HMAC as fields).
+    Hash,
+    /// Replace the value with `[redacted:<kind>]`.
+    Redact,
+    /// Leave it.
+    Off,
+}
+
+impl DetectAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DetectAction::Hash => "hash",
+            DetectAction::Redact => "redact",
+            DetectAction::Off => "off",
+        }
+    }
+}
+
+/// Value detection per kind (`[pii] detect`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DetectRules {
+    pub email: DetectAction,
+    pub phone: DetectAction,
+    pub card: DetectAction,
+}
+
+impl Default for DetectRules {
+    /// On by default: a safety net that has to be switched on protects nobody.
+    fn default() -> Self {
+        DetectRules {
+            email: DetectAction::Hash,
+            phone: DetectAction::Hash,
+            card: DetectAction::Redact,
+        }
+    }
+}
+
+impl DetectRules {
+    pub fn action(&self, kind: crate::detect::Detected) -> DetectAction {
+        match kind {
+            crate::detect::Detected::Email => self.email,
+            crate::detect::Detected::Phone => self.phone,
+            crate::detect::Detected::Card => self.card,
+        }
+    }
+
+    pub fn any(&self) -> bool {
+        [self.email, self.phone, self.card]
+            .iter()
+            .any(|a| *a != DetectAction::Off)
+    }
+}
+
+/// Key names hashed at any depth when `[pii] keys` is absent.
+pub const DEFAULT_PII_KEYS: &[(&str, PiiKind)] = &[
+    ("email", PiiKind::Email),
+    ("emailaddress", PiiKind::Email),
+    ("mail", PiiKind::Email),
+    ("phone", PiiKind::Phone),
+    ("phonenumber", PiiKind::Phone),
+    ("mobile", PiiKind::Phone),
+    ("mobilephone", PiiKind::Phone),
+    ("mobilenumber", PiiKind::Phone),
+    ("cellphone", PiiKind::Phone),
+    ("telephone", PiiKind::Phone),
+    ("tel", PiiKind::Phone),
+];
+
+/// A key name as the key rules compare it: lower case, letters and digits only
+/// (`phone_number`, `phoneNumber` and `Phone-Number` are all `phonenumber`).
+pub fn normalise_key(key: &str) -> String {
+    key.chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PiiField {
     /// Dotted path, e.g. `context.traits.email`.
@@ -133,6 +219,11 @@ pub struct Policy {
     pub default_phone_calling_code: String,
     pub scrub_query_params: Vec<String>,
     pub pii_fields: Vec<PiiField>,
+    /// Normalised key name → kind, hashed at any depth of traits, context.traits and
+    /// properties ([`normalise_key`]).
+    pub pii_keys: BTreeMap<String, PiiKind>,
+    /// Value detection in every string of the event.
+    pub pii_detect: DetectRules,
 }
 
 #[derive(Deserialize)]
@@ -202,6 +293,21 @@ struct RawPii {
     scrub_query_params: Vec<String>,
     #[serde(default)]
     fields: Vec<Spanned<RawField>>,
+    #[serde(default)]
+    keys: Option<Spanned<BTreeMap<String, PiiKind>>>,
+    #[serde(default)]
+    detect: Option<Spanned<RawDetect>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDetect {
+    #[serde(default)]
+    email: Option<DetectAction>,
+    #[serde(default)]
+    phone: Option<DetectAction>,
+    #[serde(default)]
+    card: Option<DetectAction>,
 }
 
 #[derive(Deserialize)]
@@ -422,7 +528,34 @@ pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
     let mut pii_fields = Vec::new();
     let (mut ip, mut calling_code, mut scrub) = (IpHandling::Truncate, String::new(), Vec::new());
     let mut user_agent = UserAgentHandling::Reduce;
+    let mut pii_keys: BTreeMap<String, PiiKind> = DEFAULT_PII_KEYS
+        .iter()
+        .map(|(k, kind)| (k.to_string(), *kind))
+        .collect();
+    let mut pii_detect = DetectRules::default();
     if let Some(p) = &raw.pii {
+        if let Some(d) = &p.detect {
+            let d = d.get_ref();
+            let dflt = DetectRules::default();
+            pii_detect = DetectRules {
+                email: d.email.unwrap_or(dflt.email),
+                phone: d.phone.unwrap_or(dflt.phone),
+                card: d.card.unwrap_or(dflt.card),
+            };
+        }
+        if let Some(keys) = &p.keys {
+            pii_keys.clear();
+            for (k, kind) in keys.get_ref() {
+                let norm = normalise_key(k);
+                if norm.is_empty() {
+                    errs.at(
+                        keys.span(),
+                        format!("PII key `{k}` has no letters or digits"),
+                    );
+                }
+                pii_keys.insert(norm, *kind);
+            }
+        }
         ip = p.ip.unwrap_or(IpHandling::Truncate);
         user_agent = p.user_agent.unwrap_or(UserAgentHandling::Reduce);
         scrub = p
@@ -462,6 +595,14 @@ pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
                 kind: field.kind,
             });
         }
+        if let Some(keys) = &p.keys {
+            if calling_code.is_empty() && keys.get_ref().values().any(|k| *k == PiiKind::Phone) {
+                errs.at(
+                    keys.span(),
+                    "a phone key needs [pii] default_phone_calling_code".into(),
+                );
+            }
+        }
     }
 
     if !errs.list.is_empty() {
@@ -481,6 +622,8 @@ pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
         default_phone_calling_code: calling_code,
         scrub_query_params: scrub,
         pii_fields,
+        pii_keys,
+        pii_detect,
     })
 }
 

@@ -7,13 +7,19 @@
 //! Hashing and IP handling apply to every kept event whatever its consent: PII never
 //! leaves the edge unhashed.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 
 use serde_json::{Map, Value};
 
-use crate::consent::{resolve, ConsentInputs, Resolved};
+use crate::consent::{resolve, resolve_decoded, ConsentInputs, Resolved};
+use crate::detect::{self, Detected};
+use crate::note::Note;
 use crate::pii::{reduce_user_agent, scrub_query, truncate_ip, PiiHasher, PiiKind};
-use crate::policy::{IpHandling, Policy, UserAgentHandling, WhenDenied};
+use crate::policy::{
+    normalise_key, DetectAction, IpHandling, Policy, UserAgentHandling, WhenDenied,
+};
+use crate::tcf::{self, TcString, TcfError};
 
 /// What the request (not the event body) tells about the visitor.
 #[derive(Debug, Clone, Default)]
@@ -26,6 +32,43 @@ pub struct RequestSignals {
     pub country: Option<String>,
     /// The client IP as seen by the edge, used when the event has no `context.ip`.
     pub ip: Option<String>,
+    /// The cookie's TC string, decoded once per request (not once per event of a
+    /// batch). Leave it `Default::default()`.
+    pub tcf_cookie_decoded: TcfCookieCache,
+}
+
+/// A request's decoded `euconsent-v2` cookie, filled on first use.
+#[derive(Debug, Clone, Default)]
+pub struct TcfCookieCache(OnceLock<Option<Result<TcString, TcfError>>>);
+
+impl RequestSignals {
+    pub fn new(
+        gpc: bool,
+        tcf_cookie: Option<String>,
+        country: Option<String>,
+        ip: Option<String>,
+    ) -> RequestSignals {
+        RequestSignals {
+            gpc,
+            tcf_cookie,
+            country,
+            ip,
+            tcf_cookie_decoded: TcfCookieCache::default(),
+        }
+    }
+
+    fn tcf_cookie_decoded(&self) -> Option<&Result<TcString, TcfError>> {
+        self.tcf_cookie_decoded
+            .0
+            .get_or_init(|| {
+                self.tcf_cookie
+                    .as_deref()
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(tcf::decode)
+            })
+            .as_ref()
+    }
 }
 
 /// Why an event was not kept; the string is the drop-counter key.
@@ -33,6 +76,8 @@ pub struct RequestSignals {
 pub struct Dropped {
     pub reason: String,
     pub resolved: Box<Resolved>,
+    /// What was noticed before the decision (e.g. an ignored TC string).
+    pub notes: Vec<Note>,
 }
 
 /// What was done to a kept event.
@@ -48,6 +93,24 @@ pub struct Applied {
     pub scrubbed: Vec<String>,
     /// Fields reduced to less identifying values (the user agent).
     pub reduced: Vec<String>,
+    /// Every field the PII rules touched: dotted path → `kind:action` (e.g.
+    /// `context.page.title` → `email:hash`), also stored as evidence on the event.
+    pub pii: BTreeMap<String, String>,
+    /// What to count about this event.
+    pub notes: Vec<Note>,
+}
+
+impl Applied {
+    fn touched(&mut self, path: String, kind: &str, action: &str) {
+        let entry = self.pii.entry(path).or_default();
+        let tag = format!("{kind}:{action}");
+        if !entry.split(',').any(|t| t == tag) {
+            if !entry.is_empty() {
+                entry.push(',');
+            }
+            entry.push_str(&tag);
+        }
+    }
 }
 
 /// A policy with its hashing key, prepared once and shared by every event.
@@ -114,31 +177,61 @@ impl PrivacyEngine {
     }
 
     /// Applies the policy to an event object in place. `Err` means the event must not be
-    /// stored.
+    /// stored. The stages run in this order: consent, anonymisation, PII fields by path,
+    /// PII by key name, URL scrubbing, PII value detection, IP, user agent, evidence.
     pub fn apply(
         &self,
         event: &mut Map<String, Value>,
         req: &RequestSignals,
     ) -> Result<Applied, Dropped> {
+        let mut applied = self.consent_stage(event, req)?;
+        if applied.anonymised {
+            self.anonymise(event, &mut applied);
+        }
+        self.pii_paths(event, &mut applied);
+        self.pii_keys(event, &mut applied);
+        self.scrub_urls(event, &mut applied);
+        self.detect_values(event, &mut applied);
+        let evidence = self.evidence(&applied);
+        let ctx = context_mut(event);
+        self.minimise_ip(ctx, req, &mut applied);
+        self.reduce_user_agent(ctx, &mut applied);
+        let consent = ctx
+            .entry("consent")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !consent.is_object() {
+            *consent = Value::Object(Map::new());
+        }
+        if let Some(c) = consent.as_object_mut() {
+            // The raw TC string is personal data in its own right; keep only the decision.
+            c.remove("tcf");
+            c.insert("resolved".into(), evidence);
+        }
+        Ok(applied)
+    }
+
+    /// Resolves consent and decides: drop (`Err`), anonymise, or keep.
+    fn consent_stage(
+        &self,
+        event: &Map<String, Value>,
+        req: &RequestSignals,
+    ) -> Result<Applied, Dropped> {
         let p = &self.policy;
-        let inputs = ConsentInputs::from_event(
-            event,
-            req.gpc,
-            req.tcf_cookie.as_deref(),
-            req.country.as_deref(),
-        );
-        let resolved = resolve(p, &inputs);
-        let kind = event
-            .get("type")
-            .and_then(Value::as_str)
-            .unwrap_or("track")
-            .to_string();
+        let inputs = ConsentInputs::from_event(event, req.gpc, None, req.country.as_deref());
+        let resolved = if inputs.tcf.is_some() {
+            resolve(p, &inputs)
+        } else {
+            resolve_decoded(p, &inputs, req.tcf_cookie_decoded())
+        };
+        let mut notes = Vec::new();
+        if let Some(code) = resolved.tcf_error_code {
+            notes.push(Note::TcfIgnored(code));
+        }
+        let kind = event.get("type").and_then(Value::as_str).unwrap_or("track");
         let name = event
             .get("event")
             .or_else(|| event.get("name"))
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        let cats = p.categories_for(&kind, name.as_deref()).to_vec();
+            .and_then(Value::as_str);
         // The strictest handling among the event's denied categories.
         let rank = |w: WhenDenied| match w {
             WhenDenied::Keep => 0,
@@ -146,53 +239,67 @@ impl PrivacyEngine {
             WhenDenied::Drop => 2,
         };
         let mut handling = WhenDenied::Keep;
-        let mut deciding: Option<String> = None;
-        for c in cats.iter().filter(|c| !resolved.granted(c)) {
+        let mut deciding: Option<&str> = None;
+        for c in p
+            .categories_for(kind, name)
+            .iter()
+            .filter(|c| !resolved.granted(c))
+        {
             let w = p
                 .category(c)
                 .map(|c| c.when_denied)
                 .unwrap_or(WhenDenied::Drop);
             if deciding.is_none() || rank(w) > rank(handling) {
                 handling = w;
-                deciding = Some(c.clone());
+                deciding = Some(c);
             }
         }
         if handling == WhenDenied::Drop {
             return Err(Dropped {
                 reason: format!("consent_denied_{}", deciding.unwrap_or_default()),
                 resolved: Box::new(resolved),
+                notes,
             });
         }
-        let mut applied = Applied {
+        Ok(Applied {
             resolved,
             anonymised: handling == WhenDenied::Anonymise,
             hashed: Vec::new(),
             removed: Vec::new(),
             scrubbed: Vec::new(),
             reduced: Vec::new(),
-        };
+            pii: BTreeMap::new(),
+            notes,
+        })
+    }
 
-        if applied.anonymised {
-            for path in ["userId", "traits", "context.traits"] {
-                if remove_path(event, path) {
-                    applied.removed.push(path.to_string());
-                }
-            }
-            if let Some(Value::String(anon)) = event.get("anonymousId") {
-                let hashed = if self.hasher.is_hashed(anon) {
-                    anon.clone()
-                } else {
-                    self.hasher.hash_normalised(anon)
-                };
-                event.insert("anonymousId".into(), Value::String(hashed));
-                applied.hashed.push("anonymousId".into());
+    /// Removes the user's identity; the anonymous id becomes a keyed hash.
+    fn anonymise(&self, event: &mut Map<String, Value>, applied: &mut Applied) {
+        for path in ["userId", "traits", "context.traits"] {
+            if remove_path(event, path) {
+                applied.removed.push(path.to_string());
             }
         }
+        if let Some(Value::String(anon)) = event.get("anonymousId") {
+            let hashed = if self.hasher.is_hashed(anon) {
+                anon.clone()
+            } else {
+                self.hasher.hash_normalised(anon)
+            };
+            event.insert("anonymousId".into(), Value::String(hashed));
+            applied.hashed.push("anonymousId".into());
+        }
+    }
 
+    /// `[pii] fields`: exact paths, hashed (removed when anonymising).
+    fn pii_paths(&self, event: &mut Map<String, Value>, applied: &mut Applied) {
+        let p = &self.policy;
         for field in &p.pii_fields {
+            let kind = kind_name(field.kind);
             if applied.anonymised {
                 if remove_path(event, &field.path) {
                     applied.removed.push(field.path.clone());
+                    applied.touched(field.path.clone(), kind, "remove");
                 }
                 continue;
             }
@@ -209,25 +316,203 @@ impl PrivacyEngine {
                     .hash(field.kind, &raw, &p.default_phone_calling_code),
             );
             applied.hashed.push(field.path.clone());
+            applied.touched(field.path.clone(), kind, "hash");
         }
+    }
 
-        if !p.scrub_query_params.is_empty() {
-            for path in URL_FIELDS {
-                let Some(Value::String(url)) = get_path(event, path) else {
-                    continue;
-                };
-                let (clean, changed) = scrub_query(url, &p.scrub_query_params);
-                if changed {
-                    if let Some(v) = get_path_mut(event, path) {
-                        *v = Value::String(clean);
-                    }
-                    applied.scrubbed.push(path.to_string());
-                }
+    /// `[pii] keys`: any value under a PII key name, at any depth of `traits`,
+    /// `context.traits` and `properties`, is hashed by the key's kind (removed when
+    /// anonymising). Values already hashed under an active key stay as they are.
+    fn pii_keys(&self, event: &mut Map<String, Value>, applied: &mut Applied) {
+        if self.policy.pii_keys.is_empty() {
+            return;
+        }
+        for root in ["traits", "context.traits", "properties"] {
+            if let Some(v) = get_path_mut(event, root) {
+                let mut path = root.to_string();
+                self.pii_keys_in(v, &mut path, applied);
             }
         }
+    }
 
-        let evidence = applied.resolved.evidence();
-        let ctx = context_mut(event);
+    fn pii_keys_in(&self, v: &mut Value, path: &mut String, applied: &mut Applied) {
+        // Recursion depth is bounded by the JSON parser (128 levels).
+        let len = path.len();
+        match v {
+            Value::Object(m) => {
+                let mut remove = Vec::new();
+                for (k, child) in m.iter_mut() {
+                    path.push('.');
+                    path.push_str(k);
+                    let rule = match child {
+                        Value::String(_) | Value::Number(_) => {
+                            self.policy.pii_keys.get(&normalise_key(k)).copied()
+                        }
+                        _ => None,
+                    };
+                    match rule {
+                        Some(kind) if applied.anonymised => {
+                            remove.push(k.clone());
+                            applied.removed.push(path.clone());
+                            applied.touched(path.clone(), kind_name(kind), "remove");
+                            applied.notes.push(Note::PiiKey);
+                        }
+                        Some(kind) => {
+                            let raw = match &*child {
+                                Value::String(s) => s.clone(),
+                                other => other.to_string(),
+                            };
+                            if !self.hasher.is_hashed(&raw) {
+                                *child = Value::String(self.hasher.hash(
+                                    kind,
+                                    &raw,
+                                    &self.policy.default_phone_calling_code,
+                                ));
+                                applied.hashed.push(path.clone());
+                                applied.touched(path.clone(), kind_name(kind), "hash");
+                                applied.notes.push(Note::PiiKey);
+                            }
+                        }
+                        None => self.pii_keys_in(child, path, applied),
+                    }
+                    path.truncate(len);
+                }
+                for k in remove {
+                    m.remove(&k);
+                }
+            }
+            Value::Array(items) => {
+                for (i, child) in items.iter_mut().enumerate() {
+                    path.push('.');
+                    path.push_str(&i.to_string());
+                    self.pii_keys_in(child, path, applied);
+                    path.truncate(len);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// `[pii] scrub_query_params` in the page and referrer URLs.
+    fn scrub_urls(&self, event: &mut Map<String, Value>, applied: &mut Applied) {
+        let names = &self.policy.scrub_query_params;
+        if names.is_empty() {
+            return;
+        }
+        for path in URL_FIELDS {
+            let Some(Value::String(url)) = get_path(event, path) else {
+                continue;
+            };
+            let (clean, changed) = scrub_query(url, names);
+            if changed {
+                if let Some(v) = get_path_mut(event, path) {
+                    *v = Value::String(clean);
+                }
+                applied.scrubbed.push(path.to_string());
+            }
+        }
+    }
+
+    /// `[pii] detect`: e-mails, international phone numbers and card numbers found in any
+    /// string of the event (ids, names, titles, URLs, …) are hashed or redacted, per
+    /// kind. Anonymised events get no hashes that could link them: findings are redacted.
+    fn detect_values(&self, event: &mut Map<String, Value>, applied: &mut Applied) {
+        if !self.policy.pii_detect.any() {
+            return;
+        }
+        let mut path = String::new();
+        for (k, v) in event.iter_mut() {
+            // Server-set fields and the dedup key are not the client's free text.
+            if matches!(
+                k.as_str(),
+                "type" | "messageId" | "timestamp" | "sentAt" | "receivedAt" | "originalTimestamp"
+            ) {
+                continue;
+            }
+            path.clear();
+            path.push_str(k);
+            self.detect_in(v, &mut path, applied);
+        }
+    }
+
+    fn detect_in(&self, v: &mut Value, path: &mut String, applied: &mut Applied) {
+        let len = path.len();
+        match v {
+            Value::String(s) => {
+                if self.hasher.is_hashed(s) {
+                    return;
+                }
+                let mut found: Vec<(Detected, DetectAction)> = Vec::new();
+                let rewritten = detect::rewrite(s, |kind, value| {
+                    let action = if applied.anonymised {
+                        DetectAction::Redact
+                    } else {
+                        self.policy.pii_detect.action(kind)
+                    };
+                    let out = match action {
+                        DetectAction::Off => return None,
+                        DetectAction::Redact => format!("[redacted:{}]", kind.as_str()),
+                        DetectAction::Hash => self.hasher.hash(
+                            detected_kind(kind),
+                            value,
+                            &self.policy.default_phone_calling_code,
+                        ),
+                    };
+                    found.push((kind, action));
+                    Some(out)
+                });
+                if let Some(r) = rewritten {
+                    *s = r;
+                    for (kind, action) in found {
+                        applied.notes.push(Note::PiiDetected(kind));
+                        applied.touched(path.clone(), kind.as_str(), action.as_str());
+                    }
+                }
+            }
+            Value::Number(n) => {
+                // A card number sent as a JSON number.
+                let text = n.to_string();
+                let action = if applied.anonymised {
+                    DetectAction::Redact
+                } else {
+                    self.policy.pii_detect.card
+                };
+                if action != DetectAction::Off && detect::is_card_number(text.as_bytes()) {
+                    *v = Value::String(match action {
+                        DetectAction::Hash => self.hasher.hash(PiiKind::Card, &text, ""),
+                        _ => "[redacted:card]".into(),
+                    });
+                    applied.notes.push(Note::PiiDetected(Detected::Card));
+                    applied.touched(path.clone(), "card", action.as_str());
+                }
+            }
+            Value::Object(m) => {
+                for (k, child) in m.iter_mut() {
+                    path.push('.');
+                    path.push_str(k);
+                    self.detect_in(child, path, applied);
+                    path.truncate(len);
+                }
+            }
+            Value::Array(items) => {
+                for (i, child) in items.iter_mut().enumerate() {
+                    path.push('.');
+                    path.push_str(&i.to_string());
+                    self.detect_in(child, path, applied);
+                    path.truncate(len);
+                }
+            }
+            Value::Bool(_) | Value::Null => {}
+        }
+    }
+
+    /// `[pii] ip`: the event's `context.ip`, or the request's.
+    fn minimise_ip(
+        &self,
+        ctx: &mut Map<String, Value>,
+        req: &RequestSignals,
+        applied: &mut Applied,
+    ) {
         let ip = ctx
             .get("ip")
             .and_then(Value::as_str)
@@ -237,7 +522,7 @@ impl PrivacyEngine {
         let ip_handling = if applied.anonymised {
             IpHandling::CountryOnly
         } else {
-            p.ip
+            self.policy.ip
         };
         match (ip_handling, ip) {
             (_, None) => {}
@@ -259,7 +544,21 @@ impl PrivacyEngine {
                 applied.removed.push("context.ip".into())
             }
         }
-        match p.user_agent {
+        if ip_handling == IpHandling::CountryOnly {
+            if let Some(c) = &req.country {
+                let loc = ctx
+                    .entry("location")
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if let Some(loc) = loc.as_object_mut() {
+                    loc.insert("country".into(), Value::String(c.clone()));
+                }
+            }
+        }
+    }
+
+    /// `[pii] user_agent`.
+    fn reduce_user_agent(&self, ctx: &mut Map<String, Value>, applied: &mut Applied) {
+        match self.policy.user_agent {
             UserAgentHandling::Keep => {}
             UserAgentHandling::Reduce => {
                 if let Some(Value::String(ua)) = ctx.get("userAgent") {
@@ -280,27 +579,38 @@ impl PrivacyEngine {
                 }
             }
         }
-        if ip_handling == IpHandling::CountryOnly {
-            if let Some(c) = &req.country {
-                let loc = ctx
-                    .entry("location")
-                    .or_insert_with(|| Value::Object(Map::new()));
-                if let Some(loc) = loc.as_object_mut() {
-                    loc.insert("country".into(), Value::String(c.clone()));
-                }
-            }
+    }
+
+    /// The consent evidence, with the PII fields touched (`pii`: path → `kind:action`).
+    fn evidence(&self, applied: &Applied) -> Value {
+        let mut evidence = applied.resolved.evidence();
+        if !applied.pii.is_empty() {
+            evidence["pii"] = Value::Object(
+                applied
+                    .pii
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                    .collect(),
+            );
         }
-        let consent = ctx
-            .entry("consent")
-            .or_insert_with(|| Value::Object(Map::new()));
-        if !consent.is_object() {
-            *consent = Value::Object(Map::new());
-        }
-        if let Some(c) = consent.as_object_mut() {
-            // The raw TC string is personal data in its own right; keep only the decision.
-            c.remove("tcf");
-            c.insert("resolved".into(), evidence);
-        }
-        Ok(applied)
+        evidence
+    }
+}
+
+fn kind_name(kind: PiiKind) -> &'static str {
+    match kind {
+        PiiKind::Email => "email",
+        PiiKind::Phone => "phone",
+        PiiKind::Ip => "ip",
+        PiiKind::Card => "card",
+        PiiKind::Free => "free",
+    }
+}
+
+fn detected_kind(kind: Detected) -> PiiKind {
+    match kind {
+        Detected::Email => PiiKind::Email,
+        Detected::Phone => PiiKind::Phone,
+        Detected::Card => PiiKind::Card,
     }
 }

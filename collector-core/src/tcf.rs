@@ -4,6 +4,11 @@
 //! The bit layout follows the IAB Tech Lab "Consent string and vendor list formats v2"
 //! specification. Decoding is strict: a string the reference implementation rejects is
 //! an error here too (see `tests/fixtures/tcf/`), and an error never panics.
+//!
+//! **Bounded work.** A TC string is untrusted input. Strings longer than
+//! [`MAX_TC_STRING_CHARS`] are refused before decoding; vendor sections are kept as the
+//! ranges they were written as (never expanded into id lists), so memory and time are a
+//! small constant times the string's length, whatever ranges it claims.
 
 use base64::Engine;
 use thiserror::Error;
@@ -22,18 +27,104 @@ pub enum TcfError {
     BadRange { start: u16, end: u16 },
     #[error("TC string has an invalid language or country code")]
     BadLetters,
+    #[error("TC string is {chars} characters long; the limit is {limit}")]
+    TooLong { chars: usize, limit: usize },
 }
 
-/// Set of vendor ids.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct VendorSet(Vec<u16>);
+impl TcfError {
+    /// A stable snake_case code, for counters (`tcf_ignored_<code>`) and evidence.
+    pub fn code(&self) -> &'static str {
+        match self {
+            TcfError::Empty => "empty",
+            TcfError::Base64 => "not_base64",
+            TcfError::Version(_) => "unsupported_version",
+            TcfError::Truncated { .. } => "truncated",
+            TcfError::BadRange { .. } => "bad_vendor_range",
+            TcfError::BadLetters => "bad_letters",
+            TcfError::TooLong { .. } => "too_long",
+        }
+    }
+}
+
+/// Longest TC string decoded. Real strings are a few hundred bytes to a few KB (a
+/// browser cookie holds at most 4 KB); anything longer is refused before any work.
+pub const MAX_TC_STRING_CHARS: usize = 8 * 1024;
+
+/// Set of vendor ids, kept as the section was written: a bitfield section as its bits
+/// (one bit per vendor id, as in the string), a range section as sorted, merged,
+/// inclusive ranges (a range `1..=65535` costs four bytes, not 128 KB). Either way the
+/// memory is bounded by the TC string's own length.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VendorSet {
+    /// Bit `id - 1` (most significant bit first) set = vendor `id` is in the set.
+    Bits {
+        bits: Vec<u8>,
+        max: u16,
+    },
+    Ranges(Vec<(u16, u16)>),
+}
+
+impl Default for VendorSet {
+    fn default() -> Self {
+        VendorSet::Ranges(Vec::new())
+    }
+}
 
 impl VendorSet {
     pub fn contains(&self, id: u16) -> bool {
-        self.0.binary_search(&id).is_ok()
+        match self {
+            VendorSet::Bits { bits, max } => {
+                id >= 1 && id <= *max && {
+                    let i = usize::from(id - 1);
+                    bits[i / 8] & (0x80 >> (i % 8)) != 0
+                }
+            }
+            VendorSet::Ranges(r) => {
+                // The last range starting at or before `id`.
+                let i = r.partition_point(|(start, _)| *start <= id);
+                i > 0 && id <= r[i - 1].1
+            }
+        }
     }
-    pub fn ids(&self) -> &[u16] {
-        &self.0
+
+    /// How many vendor ids are in the set.
+    pub fn len(&self) -> usize {
+        match self {
+            VendorSet::Bits { bits, .. } => bits.iter().map(|b| b.count_ones() as usize).sum(),
+            VendorSet::Ranges(r) => r
+                .iter()
+                .map(|(a, b)| usize::from(*b) - usize::from(*a) + 1)
+                .sum(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every id, in order, lazily (nothing is expanded in memory).
+    pub fn ids(&self) -> Box<dyn Iterator<Item = u16> + '_> {
+        match self {
+            VendorSet::Bits { max, .. } => Box::new((1..=*max).filter(|id| self.contains(*id))),
+            VendorSet::Ranges(r) => Box::new(r.iter().flat_map(|(a, b)| *a..=*b)),
+        }
+    }
+
+    /// Sorts and merges ranges in place (overlapping or adjacent ones become one).
+    fn from_ranges(mut ranges: Vec<(u16, u16)>) -> VendorSet {
+        ranges.sort_unstable();
+        let mut kept = 0usize;
+        for i in 0..ranges.len() {
+            let (a, b) = ranges[i];
+            if kept > 0 && u32::from(a) <= u32::from(ranges[kept - 1].1) + 1 {
+                ranges[kept - 1].1 = ranges[kept - 1].1.max(b);
+            } else {
+                ranges[kept] = (a, b);
+                kept += 1;
+            }
+        }
+        ranges.truncate(kept);
+        VendorSet::Ranges(ranges)
     }
 }
 
@@ -139,9 +230,11 @@ impl Bits<'_> {
         Ok([(b'A' + a) as char, (b'A' + b) as char].iter().collect())
     }
 
+    /// A vendor section. Every range entry consumes at least 17 bits and every bitfield
+    /// run at least one, so the ranges kept are bounded by the string's own length.
     fn vendors(&mut self) -> Result<VendorSet, TcfError> {
         let max = self.read(16)? as u16;
-        let mut ids = Vec::new();
+        let mut ranges = Vec::new();
         if self.flag()? {
             let entries = self.read(12)?;
             for _ in 0..entries {
@@ -155,24 +248,38 @@ impl Bits<'_> {
                 if start == 0 || end < start || end > max {
                     return Err(TcfError::BadRange { start, end });
                 }
-                ids.extend(start..=end);
+                ranges.push((start, end));
             }
-            ids.sort_unstable();
-            ids.dedup();
         } else {
-            for id in 1..=max {
+            let n = usize::from(max);
+            if self.pos + n > self.len() {
+                return Err(TcfError::Truncated {
+                    needed: self.pos + n,
+                    have: self.len(),
+                });
+            }
+            let mut bits = vec![0u8; n.div_ceil(8)];
+            for i in 0..n {
                 if self.flag()? {
-                    ids.push(id);
+                    bits[i / 8] |= 0x80 >> (i % 8);
                 }
             }
+            return Ok(VendorSet::Bits { bits, max });
         }
-        Ok(VendorSet(ids))
+        Ok(VendorSet::from_ranges(ranges))
     }
 }
 
 /// Decodes a TC string (the core segment; other segments are ignored).
 pub fn decode(tc: &str) -> Result<TcString, TcfError> {
-    let core = tc.trim().split('.').next().unwrap_or("");
+    let tc = tc.trim();
+    if tc.len() > MAX_TC_STRING_CHARS {
+        return Err(TcfError::TooLong {
+            chars: tc.len(),
+            limit: MAX_TC_STRING_CHARS,
+        });
+    }
+    let core = tc.split('.').next().unwrap_or("");
     if core.is_empty() {
         return Err(TcfError::Empty);
     }

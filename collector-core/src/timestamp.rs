@@ -37,23 +37,55 @@ pub struct Corrected {
     pub timestamp_ms: i64,
     /// The device's own time of the call, if it said one.
     pub original_ms: Option<i64>,
+    /// `false` when the client's times were inconsistent or insane and were not used
+    /// (the event is counted as `clock_untrusted`).
+    pub trusted: bool,
 }
 
-/// Segment's clock-skew correction. `original` is the client's `originalTimestamp`, or
-/// its `timestamp` when it sent no `originalTimestamp` (analytics.js and the server
-/// libraries stamp `timestamp` at call time). With both `sentAt` and an original time,
-/// `timestamp = receivedAt - (sentAt - original)`: the device clock's offset cancels
-/// out. Without `sentAt` the original time is used as is, and without either the
-/// server's receive time is.
+/// Earliest event time believed without question: 2000-01-01T00:00:00Z.
+pub const CLOCK_FLOOR_MS: i64 = 946_684_800_000;
+/// How far ahead of the server's clock a client's time may be (or how long before the
+/// event its `sentAt` may be) and still be believed.
+pub const CLOCK_FUTURE_TOLERANCE_MS: i64 = 5 * 60 * 1000;
+/// The oldest an event may be when it is sent (`sentAt - originalTimestamp`) for the
+/// skew correction to apply: SDKs keep unsent events for days, not for longer.
+pub const MAX_EVENT_AGE_AT_SEND_MS: i64 = 30 * 24 * 3_600_000;
+
+/// Segment's clock-skew correction, bounded. `original` is the client's
+/// `originalTimestamp`, or its `timestamp` when it sent no `originalTimestamp`
+/// (analytics.js and the server libraries stamp `timestamp` at call time).
+///
+/// 1. With both `sentAt` and an original time, and `0 <= sentAt - original <= 30 days`
+///    (within the 5-minute tolerance): `timestamp = receivedAt - (sentAt - original)`;
+///    the device clock's offset cancels out, and the result lies between 30 days before
+///    and 5 minutes after `receivedAt`.
+/// 2. Otherwise, an original time between 2000-01-01 and `receivedAt` + 5 minutes is used
+///    as is (imports of history keep their times).
+/// 3. Otherwise `receivedAt`.
+///
+/// The result is `trusted: false` when a time the client sent was set aside (a `sentAt`
+/// that does not fit step 1, an original time outside step 2's window); the client's own
+/// values are kept in `sentAt`/`originalTimestamp` either way.
 pub fn correct_skew(received_ms: i64, sent_ms: Option<i64>, original_ms: Option<i64>) -> Corrected {
-    let timestamp_ms = match (sent_ms, original_ms) {
-        (Some(sent), Some(orig)) => received_ms.saturating_sub(sent.saturating_sub(orig)),
-        (None, Some(orig)) => orig,
-        (_, None) => received_ms,
+    let plausible = |t: i64| {
+        (CLOCK_FLOOR_MS..=received_ms.saturating_add(CLOCK_FUTURE_TOLERANCE_MS)).contains(&t)
+    };
+    let (timestamp_ms, trusted) = match (sent_ms, original_ms) {
+        (Some(sent), Some(orig))
+            if (-CLOCK_FUTURE_TOLERANCE_MS..=MAX_EVENT_AGE_AT_SEND_MS)
+                .contains(&sent.saturating_sub(orig)) =>
+        {
+            (received_ms.saturating_sub(sent.saturating_sub(orig)), true)
+        }
+        (sent, Some(orig)) if plausible(orig) => (orig, sent.is_none()),
+        (_, Some(_)) => (received_ms, false),
+        (Some(sent), None) => (received_ms, plausible(sent)),
+        (None, None) => (received_ms, true),
     };
     Corrected {
         timestamp_ms,
         original_ms,
+        trusted,
     }
 }
 
@@ -102,8 +134,76 @@ mod tests {
 
     #[test]
     fn skew_without_sent_at_keeps_original_and_without_either_uses_received() {
-        assert_eq!(correct_skew(10, None, Some(3)).timestamp_ms, 3);
-        assert_eq!(correct_skew(10, Some(7), None).timestamp_ms, 10);
-        assert_eq!(correct_skew(10, None, None).timestamp_ms, 10);
+        let received = 1_795_528_444_123;
+        let c = correct_skew(received, None, Some(received - 3));
+        assert_eq!((c.timestamp_ms, c.trusted), (received - 3, true));
+        let c = correct_skew(received, Some(received - 7), None);
+        assert_eq!((c.timestamp_ms, c.trusted), (received, true));
+        let c = correct_skew(received, None, None);
+        assert_eq!((c.timestamp_ms, c.trusted), (received, true));
+    }
+
+    // Regression (issue #8): sentAt in 2999 with a 2026 timestamp once gave year 1053.
+    #[test]
+    fn sent_at_far_in_the_future_is_not_trusted_and_the_timestamp_is_kept() {
+        let received = parse_ms("2026-11-25T10:00:00Z").unwrap();
+        let sent = parse_ms("2999-01-01T00:00:00Z").unwrap();
+        let ts = parse_ms("2026-11-25T09:59:00Z").unwrap();
+        let c = correct_skew(received, Some(sent), Some(ts));
+        assert_eq!(c.timestamp_ms, ts);
+        assert!(!c.trusted);
+        assert_eq!(c.original_ms, Some(ts));
+    }
+
+    #[test]
+    fn untrusted_times_fall_back_to_received_at() {
+        let received = parse_ms("2026-11-25T10:00:00Z").unwrap();
+        let year = 365 * 24 * 3_600_000;
+        // Sent a year before the event happened, and the event is in the future.
+        let c = correct_skew(received, Some(received), Some(received + year));
+        assert_eq!((c.timestamp_ms, c.trusted), (received, false));
+        // Before the floor, no sentAt.
+        let c = correct_skew(received, None, Some(CLOCK_FLOOR_MS - 1));
+        assert_eq!((c.timestamp_ms, c.trusted), (received, false));
+        // A sentAt in the far future alone.
+        let c = correct_skew(received, Some(received + year), None);
+        assert_eq!((c.timestamp_ms, c.trusted), (received, false));
+    }
+
+    #[test]
+    fn a_device_clock_reset_to_1970_is_still_corrected() {
+        let received = parse_ms("2026-11-25T10:00:00Z").unwrap();
+        let c = correct_skew(received, Some(10_000), Some(4_000));
+        assert_eq!((c.timestamp_ms, c.trusted), (received - 6_000, true));
+    }
+
+    #[test]
+    fn corrected_time_is_always_within_the_window_around_received_at() {
+        let received = parse_ms("2026-11-25T10:00:00Z").unwrap();
+        for sent in [
+            i64::MIN,
+            -1,
+            0,
+            received - 1,
+            received,
+            received + 1,
+            i64::MAX,
+        ] {
+            for orig in [
+                i64::MIN,
+                0,
+                CLOCK_FLOOR_MS,
+                received,
+                received + 10,
+                i64::MAX,
+            ] {
+                let c = correct_skew(received, Some(sent), Some(orig));
+                assert!(
+                    c.timestamp_ms >= CLOCK_FLOOR_MS.min(received - MAX_EVENT_AGE_AT_SEND_MS)
+                        && c.timestamp_ms <= received + CLOCK_FUTURE_TOLERANCE_MS,
+                    "sent {sent} orig {orig} -> {c:?}"
+                );
+            }
+        }
     }
 }

@@ -79,15 +79,68 @@ fn lease_v1_golden_fixture_round_trips() {
     assert_eq!(decode_lease(&bytes).unwrap(), lease);
 }
 
+fn sample_append() -> Append {
+    Append {
+        events: sample_batch().events,
+        drops: vec![("missing_identity".into(), 2)],
+        notes: vec![
+            ("clock_untrusted".into(), 1),
+            ("pii_detected_email".into(), 3),
+        ],
+    }
+}
+
 #[test]
-fn append_round_trips() {
-    let append = Append {
+fn append_v2_golden_fixture_round_trips() {
+    let bytes = encode_append(&sample_append()).unwrap();
+    assert_eq!((&bytes[..3], bytes[3]), (&b"ECA"[..], 2));
+    check_golden("append-v2.bin", &bytes);
+    assert_eq!(decode_append(&bytes).unwrap(), sample_append());
+}
+
+// Issue #8: a value written by the previous version still decodes (an old front worker
+// talking to a new shard during a deploy).
+#[test]
+fn append_v1_golden_fixture_still_decodes_with_no_notes() {
+    let v1 = AppendV1 {
         events: sample_batch().events,
         drops: vec![("missing_identity".into(), 2)],
     };
+    check_golden("append-v1.bin", &encode_append_v1(&v1).unwrap());
+    let bytes = std::fs::read(fixture("append-v1.bin")).unwrap();
+    assert_eq!(bytes[3], 1);
+    let decoded = decode_append(&bytes).unwrap();
+    assert_eq!(decoded.events, v1.events);
+    assert_eq!(decoded.drops, v1.drops);
+    assert!(decoded.notes.is_empty());
+}
+
+// Issue #8: the open-event format at rest in the Durable Object has its own fixture.
+#[test]
+fn open_event_v1_golden_fixture_decodes_to_known_event() {
+    let ev = sample_batch().events.remove(1);
+    check_golden("event-v1.bin", &encode_event(&ev).unwrap());
+    let bytes = std::fs::read(fixture("event-v1.bin")).unwrap();
+    assert_eq!((&bytes[..3], bytes[3]), (&b"ECE"[..], 1));
+    assert_eq!(decode_event(&bytes).unwrap(), ev);
+}
+
+#[test]
+fn each_format_has_its_own_version() {
+    // Bumping one format's version leaves the others' bytes (and fixtures) alone.
+    assert_eq!(encode_batch(&sample_batch()).unwrap()[3], BATCH_VERSION);
+    assert_eq!(encode_append(&sample_append()).unwrap()[3], APPEND_VERSION);
     assert_eq!(
-        decode_append(&encode_append(&append).unwrap()).unwrap(),
-        append
+        encode_event(&sample_batch().events[0]).unwrap()[3],
+        EVENT_VERSION
+    );
+    assert_ne!(BATCH_VERSION, APPEND_VERSION);
+    // An append of an unknown future version is refused, not misread.
+    let mut bytes = encode_append(&sample_append()).unwrap();
+    bytes[3] = APPEND_VERSION + 1;
+    assert_eq!(
+        decode_append(&bytes),
+        Err(CodecError::UnsupportedVersion(APPEND_VERSION + 1))
     );
 }
 

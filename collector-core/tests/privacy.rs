@@ -25,6 +25,7 @@ fn signals(v: &Value) -> RequestSignals {
         tcf_cookie: v["tcf_cookie"].as_str().map(str::to_string),
         country: v["country"].as_str().map(str::to_string),
         ip: v["ip"].as_str().map(str::to_string),
+        ..RequestSignals::default()
     }
 }
 

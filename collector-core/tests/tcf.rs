@@ -87,14 +87,10 @@ fn decodes_like_the_reference_implementation() {
             nums(&f["purpose_legitimate_interests"]),
             "{s}"
         );
-        let ids = |v: &[u16]| v.iter().map(|x| u64::from(*x)).collect::<Vec<_>>();
+        let ids = |v: &collector_core::tcf::VendorSet| v.ids().map(u64::from).collect::<Vec<_>>();
+        assert_eq!(ids(&tc.vendor_consents), nums(&f["vendor_consents"]), "{s}");
         assert_eq!(
-            ids(tc.vendor_consents.ids()),
-            nums(&f["vendor_consents"]),
-            "{s}"
-        );
-        assert_eq!(
-            ids(tc.vendor_legitimate_interests.ids()),
+            ids(&tc.vendor_legitimate_interests),
             nums(&f["vendor_legitimate_interests"]),
             "{s}"
         );

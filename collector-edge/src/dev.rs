@@ -5,14 +5,50 @@
 //! `/v1/batch` body and stores nothing. The Workers clock stands still while a request
 //! computes, so `cargo xtask bench` measures this request's CPU time from outside
 //! (workerd's process accounting) to get the per-event cost inside the runtime.
+//!
+//! `POST /dev/inject?shard=N` appends the posted JSON array of `StoredEvent`s to shard N
+//! as they are, skipping validation and the privacy policy: tests plant an event the
+//! warehouse will refuse (a poison event) to check the agent quarantines it. Never
+//! answered in production (`DEV_MODE` is off).
 
+use collector_core::codec::Append;
 use collector_core::ingest::{parse_body_with_privacy, Endpoint};
 use collector_core::privacy::RequestSignals;
+use collector_core::StoredEvent;
 use serde_json::json;
-use worker::{Request, Response, Result};
+use worker::{Env, Request, Response, Result};
 
 use crate::config::EdgeConfig;
 use crate::http;
+use crate::shard_client;
+
+pub async fn handle_inject(mut req: Request, env: &Env, cfg: &EdgeConfig) -> Result<Response> {
+    if !cfg.dev_mode {
+        return http::error(404, "not_found", "no route for /dev/inject");
+    }
+    let shard = req
+        .url()?
+        .query_pairs()
+        .find(|(k, _)| k == "shard")
+        .and_then(|(_, v)| v.parse::<u32>().ok())
+        .filter(|s| *s < cfg.shards);
+    let Some(shard) = shard else {
+        return http::error(400, "bad_shard", "?shard=N must name an existing shard");
+    };
+    let events: Vec<StoredEvent> = match serde_json::from_slice(&req.bytes().await?) {
+        Ok(e) => e,
+        Err(e) => return http::error(400, "malformed_json", &e.to_string()),
+    };
+    let n = events.len();
+    let append = Append {
+        events,
+        ..Append::default()
+    };
+    if let Err(e) = shard_client::append(env, shard, &append).await {
+        return http::error(503, "queue_unavailable", &e.to_string());
+    }
+    http::json(200, &json!({"injected": n, "shard": shard}))
+}
 
 pub async fn handle_bench_pipeline(mut req: Request, cfg: &EdgeConfig) -> Result<Response> {
     if !cfg.dev_mode {

@@ -2,21 +2,26 @@
 //! `DRAIN_SECRET` (see `collector_core::sign`); anything unsigned, wrongly signed or
 //! outside the ±300 s window gets 401.
 //!
-//! - `GET  /drain/info`  → `{"shards": N, "format_version": 1}`
+//! The request and response types, paths and limits are `collector_core::drain`'s,
+//! shared with the agent.
+//!
+//! - `GET  /drain/info`  → `{"shards": N, "formats": {"batch": 1, "lease": 1}, "format_version": 1}`
 //! - `POST /drain/lease` `{"shard", "max_batches", "lease_ms", "flush"}` → a binary
 //!   `collector_core::codec::Lease` (sealed batches, a lease id and its expiry)
 //! - `POST /drain/ack`   `{"shard", "lease_id"}` → `{"acked": n}` (the batches are deleted)
-//! - `GET  /drain/stats` → per-shard queue depth and drop counters by reason
+//! - `GET  /drain/stats` → per-shard queue depth, drop counters by reason, note counters
 
-use collector_core::codec::FORMAT_VERSION;
+use collector_core::drain::{
+    AckRequest, DrainInfo, DrainRequestError, DrainStats, Formats, LeaseRequest, ShardStats,
+    ACK_PATH, INFO_PATH, LEASE_PATH, STATS_PATH,
+};
 use collector_core::sign::{verify, SIGNATURE_HEADER, TIMESTAMP_HEADER};
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 use worker::{Date, Env, Method, Request, Response, Result};
 
 use crate::config::EdgeConfig;
 use crate::http;
-use crate::ingest::shard_request;
+use crate::shard_client;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DrainOp {
@@ -29,44 +34,13 @@ pub enum DrainOp {
 impl DrainOp {
     pub fn for_path(method: &Method, path: &str) -> Option<DrainOp> {
         match (method, path) {
-            (Method::Get, "/drain/info") => Some(DrainOp::Info),
-            (Method::Post, "/drain/lease") => Some(DrainOp::Lease),
-            (Method::Post, "/drain/ack") => Some(DrainOp::Ack),
-            (Method::Get, "/drain/stats") => Some(DrainOp::Stats),
+            (Method::Get, INFO_PATH) => Some(DrainOp::Info),
+            (Method::Post, LEASE_PATH) => Some(DrainOp::Lease),
+            (Method::Post, ACK_PATH) => Some(DrainOp::Ack),
+            (Method::Get, STATS_PATH) => Some(DrainOp::Stats),
             _ => None,
         }
     }
-}
-
-/// Body of `POST /drain/lease`, also what the front worker forwards to a shard.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LeaseRequest {
-    pub shard: u32,
-    /// Most sealed batches to hand out (1..=100).
-    #[serde(default = "default_max_batches")]
-    pub max_batches: u32,
-    /// How long the lease holds before the batches are handed out again.
-    #[serde(default = "default_lease_ms")]
-    pub lease_ms: i64,
-    /// Seal the open batch first, so everything accepted so far can be drained.
-    #[serde(default)]
-    pub flush: bool,
-}
-
-fn default_max_batches() -> u32 {
-    10
-}
-fn default_lease_ms() -> i64 {
-    30_000
-}
-
-/// Body of `POST /drain/ack`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AckRequest {
-    pub shard: u32,
-    pub lease_id: String,
 }
 
 pub async fn handle_drain(
@@ -104,72 +78,59 @@ pub async fn handle_drain(
     match op {
         DrainOp::Info => http::json(
             200,
-            &json!({"shards": cfg.shards, "format_version": FORMAT_VERSION}),
+            &json!(DrainInfo {
+                shards: cfg.shards,
+                format_version: 1,
+                formats: Formats::CURRENT,
+            }),
         ),
         DrainOp::Lease => {
             let lease: LeaseRequest = match serde_json::from_slice(&body) {
                 Ok(l) => l,
                 Err(e) => return http::error(400, "bad_lease_request", &e.to_string()),
             };
-            if lease.shard >= cfg.shards {
-                return bad_shard(lease.shard, cfg);
-            }
-            if !(1..=100).contains(&lease.max_batches)
-                || !(1_000..=3_600_000).contains(&lease.lease_ms)
-            {
-                return http::error(
-                    400,
-                    "bad_lease_request",
-                    "max_batches must be 1..=100 and lease_ms 1000..=3600000",
-                );
+            if let Err(e) = lease.validate(Some(cfg.shards)) {
+                return bad_request(&e, "bad_lease_request");
             }
             let body = serde_json::to_vec(&lease)?;
-            forward(env, lease.shard, "/lease", body).await
+            forward(env, lease.shard, shard_client::LEASE, body).await
         }
         DrainOp::Ack => {
             let ack: AckRequest = match serde_json::from_slice(&body) {
                 Ok(a) => a,
                 Err(e) => return http::error(400, "bad_ack_request", &e.to_string()),
             };
-            if ack.shard >= cfg.shards {
-                return bad_shard(ack.shard, cfg);
+            if let Err(e) = ack.validate(Some(cfg.shards)) {
+                return bad_request(&e, "bad_ack_request");
             }
             let body = serde_json::to_vec(&ack)?;
-            forward(env, ack.shard, "/ack", body).await
+            forward(env, ack.shard, shard_client::ACK, body).await
         }
         DrainOp::Stats => {
             let mut shards = Vec::new();
-            let mut totals = serde_json::Map::new();
             for shard in 0..cfg.shards {
-                let mut resp = shard_request(env, shard, "/stats", Method::Get, Vec::new()).await?;
-                let stats: Value = resp.json().await?;
-                if let Some(drops) = stats.get("drops").and_then(Value::as_object) {
-                    for (reason, n) in drops {
-                        let prev = totals.get(reason).and_then(Value::as_u64).unwrap_or(0);
-                        totals.insert(reason.clone(), json!(prev + n.as_u64().unwrap_or(0)));
-                    }
-                }
+                let mut resp =
+                    shard_client::request(env, shard, shard_client::STATS, Method::Get, Vec::new())
+                        .await?;
+                let stats: ShardStats = resp.json().await?;
                 shards.push(stats);
             }
-            http::json(200, &json!({"shards": shards, "drops": totals}))
+            http::json(200, &json!(DrainStats::from_shards(shards)))
         }
     }
 }
 
-fn bad_shard(shard: u32, cfg: &EdgeConfig) -> Result<Response> {
-    http::error(
-        400,
-        "bad_shard",
-        &format!(
-            "shard {shard} does not exist; this edge has {} shards",
-            cfg.shards
-        ),
-    )
+fn bad_request(e: &DrainRequestError, code: &str) -> Result<Response> {
+    let code = match e {
+        DrainRequestError::NoSuchShard { .. } => "bad_shard",
+        _ => code,
+    };
+    http::error(400, code, &e.to_string())
 }
 
 /// Passes a shard's answer through unchanged (status, content type, body).
 async fn forward(env: &Env, shard: u32, path: &str, body: Vec<u8>) -> Result<Response> {
-    let mut resp = shard_request(env, shard, path, Method::Post, body).await?;
+    let mut resp = shard_client::request(env, shard, path, Method::Post, body).await?;
     let status = resp.status_code();
     let content_type = resp
         .headers()

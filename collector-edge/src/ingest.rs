@@ -8,30 +8,18 @@ use std::collections::BTreeMap;
 use std::io::Read;
 
 use base64::Engine;
-use collector_core::codec::{encode_append, Append};
+use collector_core::codec::Append;
 use collector_core::ingest::{parse_body_with_privacy, Endpoint, Parsed};
 use collector_core::limits::{MAX_COMPRESSED_REQUEST_BYTES, MAX_REQUEST_BYTES};
 use collector_core::privacy::RequestSignals;
 use collector_core::shard::shard_for;
 use collector_core::RequestError;
 use serde_json::json;
-use worker::{Date, Env, Method, Request, RequestInit, Response, Result};
+use worker::{Date, Env, Request, Response, Result};
 
-use crate::config::{EdgeConfig, QUEUE_BINDING};
+use crate::config::EdgeConfig;
 use crate::http;
-
-/// A fresh random UUID v4 (the runtime's CSPRNG via `crypto.getRandomValues`).
-pub fn new_uuid() -> String {
-    let mut bytes = [0u8; 16];
-    if getrandom::getrandom(&mut bytes).is_err() {
-        // Without randomness we still need a unique id: fall back to time + counter.
-        let now = Date::now().as_millis();
-        bytes[..8].copy_from_slice(&now.to_le_bytes());
-    }
-    uuid::Builder::from_random_bytes(bytes)
-        .into_uuid()
-        .to_string()
-}
+use crate::shard_client::{self, new_uuid};
 
 /// The write key from `Authorization: Basic base64(key:)`, if that header is present.
 fn basic_auth_key(req: &Request) -> Option<Option<String>> {
@@ -134,10 +122,10 @@ pub async fn handle_ingest(
                 if header_key.is_some() {
                     // An authenticated client sent a request we cannot read: count it.
                     let drop = Append {
-                        events: Vec::new(),
                         drops: vec![(format!("request_{}", e.code()), 1)],
+                        ..Append::default()
                     };
-                    let _ = append_to_shard(env, 0, &drop).await;
+                    let _ = shard_client::append(env, 0, &drop).await;
                 }
                 return request_error(&e);
             }
@@ -179,12 +167,12 @@ fn request_signals(req: &Request, cfg: &EdgeConfig) -> RequestSignals {
         None
     };
     let country = dev_country.or_else(|| req.cf().and_then(|cf| cf.country()));
-    RequestSignals {
-        gpc: header("Sec-GPC").is_some_and(|v| v.trim() == "1"),
+    RequestSignals::new(
+        header("Sec-GPC").is_some_and(|v| v.trim() == "1"),
         tcf_cookie,
         country,
-        ip: header("CF-Connecting-IP"),
-    }
+        header("CF-Connecting-IP"),
+    )
 }
 
 async fn enqueue_and_respond(env: &Env, cfg: &EdgeConfig, parsed: Parsed) -> Result<Response> {
@@ -193,6 +181,7 @@ async fn enqueue_and_respond(env: &Env, cfg: &EdgeConfig, parsed: Parsed) -> Res
         rejected,
         withheld,
         client_drops,
+        notes,
         ..
     } = parsed;
     let accepted_count = accepted.len();
@@ -222,9 +211,14 @@ async fn enqueue_and_respond(env: &Env, cfg: &EdgeConfig, parsed: Parsed) -> Res
             .map(|(k, v)| (k.to_string(), v))
             .collect();
     }
+    if !notes.is_empty() {
+        // Counted with the events, in the same atomic shard write.
+        let target = per_shard.keys().next().copied().unwrap_or(0);
+        per_shard.entry(target).or_default().notes = notes.to_vec();
+    }
     let writes = per_shard
         .iter()
-        .map(|(shard, append)| append_to_shard(env, *shard, append));
+        .map(|(shard, append)| shard_client::append(env, *shard, append));
     let results = futures_util::future::join_all(writes).await;
     if let Some(err) = results.into_iter().find_map(|r| r.err()) {
         worker::console_error!("queue write failed: {err}");
@@ -269,45 +263,4 @@ async fn enqueue_and_respond(env: &Env, cfg: &EdgeConfig, parsed: Parsed) -> Res
             "rejected": details,
         }),
     )
-}
-
-/// Writes to one shard; `Ok` only when the Durable Object confirmed the write.
-pub async fn append_to_shard(env: &Env, shard: u32, append: &Append) -> Result<()> {
-    let body = encode_append(append).map_err(|e| worker::Error::RustError(e.to_string()))?;
-    let resp = shard_request(env, shard, "/append", Method::Post, body).await?;
-    if resp.status_code() != 200 {
-        return Err(worker::Error::RustError(format!(
-            "shard {shard} answered {}",
-            resp.status_code()
-        )));
-    }
-    Ok(())
-}
-
-/// Sends a request to queue shard `shard`'s Durable Object.
-pub async fn shard_request(
-    env: &Env,
-    shard: u32,
-    path: &str,
-    method: Method,
-    body: Vec<u8>,
-) -> Result<Response> {
-    let ns = env.durable_object(QUEUE_BINDING)?;
-    let stub = ns.id_from_name(&format!("shard-{shard}"))?.get_stub()?;
-    let mut init = RequestInit::new();
-    init.with_method(method);
-    if !body.is_empty() {
-        init.with_body(Some(js_sys_bytes(&body)));
-    }
-    let headers = worker::Headers::new();
-    headers.set(crate::queue_shard::SHARD_HEADER, &shard.to_string())?;
-    init.with_headers(headers);
-    let req = Request::new_with_init(&format!("https://queue-shard{path}"), &init)?;
-    stub.fetch_with_request(req).await
-}
-
-fn js_sys_bytes(body: &[u8]) -> wasm_bindgen::JsValue {
-    let arr = js_sys::Uint8Array::new_with_length(body.len() as u32);
-    arr.copy_from(body);
-    arr.into()
 }

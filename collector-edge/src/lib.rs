@@ -7,6 +7,7 @@
 //! - `/drain/*`                    → [`drain::handle_drain`] (HMAC-signed, for the agent)
 //! - `GET /health`                 → liveness
 //! - `POST /dev/bench/pipeline`    → [`dev::handle_bench_pipeline`] (only with `DEV_MODE=true`)
+//! - `POST /dev/inject`            → [`dev::handle_inject`] (only with `DEV_MODE=true`)
 //!
 //! The durable queue is [`queue_shard::QueueShard`].
 
@@ -16,6 +17,7 @@ pub mod drain;
 pub mod http;
 pub mod ingest;
 pub mod queue_shard;
+pub mod shard_client;
 
 use collector_core::ingest::endpoint_for_path;
 use worker::{event, Context, Env, Method, Request, Response, Result};
@@ -59,6 +61,7 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
     match (method, path.as_str()) {
         (Method::Get, "/health") => http::json(200, &serde_json::json!({"ok": true})),
         (Method::Post, "/dev/bench/pipeline") => dev::handle_bench_pipeline(req, &cfg).await,
+        (Method::Post, "/dev/inject") => dev::handle_inject(req, &env, &cfg).await,
         (_, p) => http::error(404, "not_found", &format!("no route for {p}")),
     }
 }

@@ -16,6 +16,7 @@ use collector_core::codec::{
     decode_append, decode_event, encode_batch, encode_event, encode_lease, Batch, Lease,
     LeasedBatch,
 };
+use collector_core::drain::{AckRequest, AckResponse, LeaseRequest, ShardStats};
 use serde::Deserialize;
 use serde_json::json;
 use worker::{
@@ -24,12 +25,8 @@ use worker::{
 };
 
 use crate::config::ShardConfig;
-use crate::drain::{AckRequest, LeaseRequest};
 use crate::http;
-use crate::ingest::new_uuid;
-
-/// Header carrying the shard number from the front worker.
-pub const SHARD_HEADER: &str = "x-collector-shard";
+use crate::shard_client::{self, new_uuid, SHARD_HEADER};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS open_events (
@@ -47,6 +44,7 @@ CREATE TABLE IF NOT EXISTS batches (
 );
 CREATE INDEX IF NOT EXISTS batches_lease ON batches(lease_id);
 CREATE TABLE IF NOT EXISTS drops (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS notes (key TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 ";
 
@@ -141,6 +139,14 @@ impl QueueShard {
         Ok(())
     }
 
+    fn count_note(&self, sql: &SqlStorage, key: &str, n: u64) -> Result<()> {
+        sql.exec(
+            "INSERT INTO notes (key, count) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET count = count + excluded.count",
+            vec![key.into(), (n as i64).into()],
+        )?;
+        Ok(())
+    }
+
     async fn append(&self, mut req: Request, cfg: ShardConfig) -> Result<Response> {
         let body = req.bytes().await?;
         let append = match decode_append(&body) {
@@ -159,6 +165,9 @@ impl QueueShard {
         )?;
         for (reason, n) in &append.drops {
             self.count_drop(&sql, reason, *n)?;
+        }
+        for (key, n) in &append.notes {
+            self.count_note(&sql, key, *n)?;
         }
         for ev in &append.events {
             let bytes = encode_event(ev).map_err(|e| worker::Error::RustError(e.to_string()))?;
@@ -245,14 +254,14 @@ impl QueueShard {
         )?;
         // Drain the cursor so the statement runs to completion before counting.
         let _ = cursor.raw().count();
-        let acked = cursor.rows_written();
-        http::json(200, &json!({"acked": acked}))
+        let acked = cursor.rows_written() as u64;
+        http::json(200, &json!(AckResponse { acked }))
     }
 
     fn stats(&self, req: &Request) -> Result<Response> {
         #[derive(Deserialize)]
-        struct Drop {
-            reason: String,
+        struct Count {
+            key: String,
             count: i64,
         }
         #[derive(Deserialize)]
@@ -274,25 +283,27 @@ impl QueueShard {
                 None,
             )?
             .one()?;
-        let drops: Vec<Drop> = sql
-            .exec("SELECT reason, count FROM drops ORDER BY reason", None)?
-            .to_array()?;
-        let drops: serde_json::Map<String, serde_json::Value> = drops
-            .into_iter()
-            .map(|d| (d.reason, json!(d.count)))
-            .collect();
-        http::json(
-            200,
-            &json!({
-                "shard": req.headers().get(SHARD_HEADER)?.and_then(|s| s.parse::<u32>().ok()),
-                "open_events": open.n,
-                "open_bytes": open.bytes.unwrap_or(0),
-                "sealed_batches": depth.sealed,
-                "leased_batches": depth.leased,
-                "sealed_events": depth.events.unwrap_or(0),
-                "drops": drops,
-            }),
-        )
+        let counts = |query: &str| -> Result<std::collections::BTreeMap<String, u64>> {
+            let rows: Vec<Count> = sql.exec(query, None)?.to_array()?;
+            Ok(rows
+                .into_iter()
+                .map(|c| (c.key, c.count.max(0) as u64))
+                .collect())
+        };
+        let stats = ShardStats {
+            shard: req
+                .headers()
+                .get(SHARD_HEADER)?
+                .and_then(|s| s.parse::<u32>().ok()),
+            open_events: open.n.max(0) as u64,
+            open_bytes: open.bytes.unwrap_or(0).max(0) as u64,
+            sealed_batches: depth.sealed.max(0) as u64,
+            leased_batches: depth.leased.max(0) as u64,
+            sealed_events: depth.events.unwrap_or(0).max(0) as u64,
+            drops: counts("SELECT reason AS key, count FROM drops ORDER BY reason")?,
+            notes: counts("SELECT key, count FROM notes ORDER BY key")?,
+        };
+        http::json(200, &json!(stats))
     }
 }
 
@@ -310,10 +321,10 @@ impl DurableObject for QueueShard {
             Err(e) => return http::error(503, "bad_config", &e),
         };
         match req.path().as_str() {
-            "/append" => self.append(req, cfg).await,
-            "/lease" => self.lease(req).await,
-            "/ack" => self.ack(req).await,
-            "/stats" => self.stats(&req),
+            shard_client::APPEND => self.append(req, cfg).await,
+            shard_client::LEASE => self.lease(req).await,
+            shard_client::ACK => self.ack(req).await,
+            shard_client::STATS => self.stats(&req),
             other => http::error(404, "not_found", &format!("queue shard has no {other}")),
         }
     }

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use collector_agent::sinks::duckdb::DuckDbSink;
-use collector_agent::sinks::Sink;
+use collector_agent::sinks::{Load, Sink};
 use collector_core::codec::decode_batch;
 use common::*;
 use serde_json::{json, Value};
@@ -105,7 +105,8 @@ async fn a_lease_that_is_never_acked_comes_back_after_expiry_and_lands_once() {
         for b in lease.batches {
             let batch = decode_batch(&b.blob).unwrap();
             leased += batch.events.len() as u64;
-            sink.load(&batch.events).unwrap();
+            sink.load(&Load::events(shard, b.batch_id, batch.events))
+                .unwrap();
         }
     }
     drop(sink);

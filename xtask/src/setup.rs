@@ -164,7 +164,10 @@ pub fn debian_package(pkg: &DebianPackage) -> Result<String> {
         pkg.purpose,
         pkg.binary
     );
-    eprintln!("xtask setup: {name} {version} (Debian; minimum {})", pkg.min_version);
+    eprintln!(
+        "xtask setup: {name} {version} (Debian; minimum {})",
+        pkg.min_version
+    );
     Ok(version)
 }
 

@@ -1,0 +1,244 @@
+//! The drain API between the edge and the agent: paths, request and response types and
+//! their limits, defined once and used by both sides. **An API boundary**: fields are
+//! only ever added with `#[serde(default)]`, so an older agent and a newer edge (or the
+//! reverse) still understand each other; the binary formats they carry are versioned in
+//! [`crate::codec`], and [`DrainInfo::formats`] tells the agent which versions the edge
+//! writes before it leases anything.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec;
+
+pub const INFO_PATH: &str = "/drain/info";
+pub const LEASE_PATH: &str = "/drain/lease";
+pub const ACK_PATH: &str = "/drain/ack";
+pub const STATS_PATH: &str = "/drain/stats";
+
+/// Most sealed batches one lease may hand out.
+pub const MAX_LEASE_BATCHES: u32 = 100;
+/// Shortest and longest lease.
+pub const MIN_LEASE_MS: i64 = 1_000;
+pub const MAX_LEASE_MS: i64 = 3_600_000;
+/// Defaults when a lease request leaves them out.
+pub const DEFAULT_LEASE_BATCHES: u32 = 10;
+pub const DEFAULT_LEASE_MS: i64 = 30_000;
+
+/// The binary format versions an edge writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Formats {
+    /// Version of sealed batches (`ECB`).
+    pub batch: u8,
+    /// Version of lease responses (`ECL`).
+    pub lease: u8,
+}
+
+impl Formats {
+    /// What this build writes.
+    pub const CURRENT: Formats = Formats {
+        batch: codec::BATCH_VERSION,
+        lease: codec::LEASE_VERSION,
+    };
+
+    /// Whether a reader built from this code can read what `self` describes: every
+    /// version it writes is one this build decodes.
+    pub fn readable(&self) -> bool {
+        (1..=codec::BATCH_VERSION).contains(&self.batch)
+            && (1..=codec::LEASE_VERSION).contains(&self.lease)
+    }
+}
+
+/// `GET /drain/info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainInfo {
+    pub shards: u32,
+    /// Kept for agents from before per-format versions, which require it: always 1.
+    #[serde(default = "one")]
+    pub format_version: u8,
+    /// The formats the edge writes. Edges from before per-format versions sent only
+    /// `format_version` (1 for every format).
+    #[serde(default = "legacy_formats")]
+    pub formats: Formats,
+}
+
+fn one() -> u8 {
+    1
+}
+
+fn legacy_formats() -> Formats {
+    Formats { batch: 1, lease: 1 }
+}
+
+/// `POST /drain/lease`; the front worker forwards it to the shard unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    pub shard: u32,
+    /// Most sealed batches to hand out (1..=[`MAX_LEASE_BATCHES`]).
+    #[serde(default = "default_max_batches")]
+    pub max_batches: u32,
+    /// How long the lease holds before the batches are handed out again.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: i64,
+    /// Seal the open batch first, so everything accepted so far can be drained.
+    #[serde(default)]
+    pub flush: bool,
+}
+
+fn default_max_batches() -> u32 {
+    DEFAULT_LEASE_BATCHES
+}
+fn default_lease_ms() -> i64 {
+    DEFAULT_LEASE_MS
+}
+
+/// A drain request out of bounds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DrainRequestError {
+    #[error("max_batches must be 1..={MAX_LEASE_BATCHES}, got {0}")]
+    MaxBatches(u32),
+    #[error("lease_ms must be {MIN_LEASE_MS}..={MAX_LEASE_MS}, got {0}")]
+    LeaseMs(i64),
+    #[error("shard {shard} does not exist; this edge has {shards} shards")]
+    NoSuchShard { shard: u32, shards: u32 },
+}
+
+impl LeaseRequest {
+    /// Checks the limits (and the shard, when the number of shards is known).
+    pub fn validate(&self, shards: Option<u32>) -> Result<(), DrainRequestError> {
+        if !(1..=MAX_LEASE_BATCHES).contains(&self.max_batches) {
+            return Err(DrainRequestError::MaxBatches(self.max_batches));
+        }
+        if !(MIN_LEASE_MS..=MAX_LEASE_MS).contains(&self.lease_ms) {
+            return Err(DrainRequestError::LeaseMs(self.lease_ms));
+        }
+        check_shard(self.shard, shards)
+    }
+}
+
+/// `POST /drain/ack`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AckRequest {
+    pub shard: u32,
+    pub lease_id: String,
+}
+
+impl AckRequest {
+    pub fn validate(&self, shards: Option<u32>) -> Result<(), DrainRequestError> {
+        check_shard(self.shard, shards)
+    }
+}
+
+fn check_shard(shard: u32, shards: Option<u32>) -> Result<(), DrainRequestError> {
+    match shards {
+        Some(n) if shard >= n => Err(DrainRequestError::NoSuchShard { shard, shards: n }),
+        _ => Ok(()),
+    }
+}
+
+/// The answer to an ack: how many batches were deleted (0 if the lease had expired
+/// and was handed out again; the next holder loads them idempotently).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckResponse {
+    pub acked: u64,
+}
+
+/// One shard's queue depth and counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardStats {
+    #[serde(default)]
+    pub shard: Option<u32>,
+    pub open_events: u64,
+    pub open_bytes: u64,
+    pub sealed_batches: u64,
+    pub leased_batches: u64,
+    pub sealed_events: u64,
+    /// Events not stored, by reason.
+    #[serde(default)]
+    pub drops: BTreeMap<String, u64>,
+    /// Events stored with a note (untrusted clock, PII found, TC string ignored, …).
+    #[serde(default)]
+    pub notes: BTreeMap<String, u64>,
+}
+
+/// `GET /drain/stats`: every shard, and the counters summed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainStats {
+    pub shards: Vec<ShardStats>,
+    #[serde(default)]
+    pub drops: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub notes: BTreeMap<String, u64>,
+}
+
+impl DrainStats {
+    pub fn from_shards(shards: Vec<ShardStats>) -> DrainStats {
+        let mut drops = BTreeMap::new();
+        let mut notes = BTreeMap::new();
+        for s in &shards {
+            for (k, v) in &s.drops {
+                *drops.entry(k.clone()).or_default() += v;
+            }
+            for (k, v) in &s.notes {
+                *notes.entry(k.clone()).or_default() += v;
+            }
+        }
+        DrainStats {
+            shards,
+            drops,
+            notes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_request_limits_are_enforced() {
+        let ok = LeaseRequest {
+            shard: 1,
+            max_batches: 10,
+            lease_ms: 30_000,
+            flush: false,
+        };
+        assert_eq!(ok.validate(Some(4)), Ok(()));
+        assert!(matches!(
+            ok.validate(Some(1)),
+            Err(DrainRequestError::NoSuchShard { .. })
+        ));
+        let many = LeaseRequest {
+            max_batches: MAX_LEASE_BATCHES + 1,
+            ..ok.clone()
+        };
+        assert_eq!(many.validate(None), Err(DrainRequestError::MaxBatches(101)));
+        let short = LeaseRequest {
+            lease_ms: MIN_LEASE_MS - 1,
+            ..ok
+        };
+        assert_eq!(short.validate(None), Err(DrainRequestError::LeaseMs(999)));
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_lease_request() {
+        let r: LeaseRequest = serde_json::from_str(r#"{"shard": 2}"#).unwrap();
+        assert_eq!(r.max_batches, DEFAULT_LEASE_BATCHES);
+        assert_eq!(r.lease_ms, DEFAULT_LEASE_MS);
+        assert!(serde_json::from_str::<LeaseRequest>(r#"{"shard": 2, "x": 1}"#).is_err());
+    }
+
+    #[test]
+    fn info_from_an_older_edge_reads_as_version_one_formats() {
+        let old: DrainInfo = serde_json::from_str(r#"{"shards": 4, "format_version": 1}"#).unwrap();
+        assert_eq!(old.formats, Formats { batch: 1, lease: 1 });
+        assert!(old.formats.readable());
+        let newer = Formats {
+            batch: codec::BATCH_VERSION + 1,
+            lease: 1,
+        };
+        assert!(!newer.readable());
+    }
+}

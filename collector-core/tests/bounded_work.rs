@@ -1,0 +1,200 @@
+//! Untrusted input never costs more than a small constant times its size (issue #8).
+//!
+//! Each test measures the bytes the code under test allocates, with an instrumented
+//! global allocator, on inputs crafted to sit at the limits: memory, not wall-clock
+//! time, is what these assert. One test binary, one test at a time (the allocator's
+//! counters are global).
+
+use std::alloc::System;
+use std::sync::Mutex;
+
+use collector_core::tcf::{decode, TcfError, VendorSet, MAX_TC_STRING_CHARS};
+use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// What the test harness itself may allocate meanwhile (it spawns the next test's
+/// thread while one runs). Small against the bounds that matter: an expanded range
+/// bomb is hundreds of megabytes.
+const NOISE: usize = 64 * 1024;
+
+/// Every test holds this for its whole run, so no other test allocates while one
+/// measures.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Bytes allocated while `f` runs (with its result). Call with [`serial`] held.
+fn allocated<T>(f: impl FnOnce() -> T) -> (usize, T) {
+    let region = Region::new(GLOBAL);
+    let out = f();
+    (region.change().bytes_allocated, out)
+}
+
+/// Writes TC strings bit by bit (base64url, no padding), to craft hostile ones.
+#[derive(Default)]
+pub struct TcWriter {
+    bits: Vec<bool>,
+}
+
+impl TcWriter {
+    pub fn put(&mut self, n: usize, v: u64) -> &mut Self {
+        for i in (0..n).rev() {
+            self.bits.push((v >> i) & 1 == 1);
+        }
+        self
+    }
+
+    /// A valid core segment up to (not including) the vendor consent section.
+    pub fn header(purposes: u32) -> TcWriter {
+        let mut w = TcWriter::default();
+        w.put(6, 2) // version
+            .put(36, 16_000_000_000)
+            .put(36, 16_000_000_000)
+            .put(12, 7)
+            .put(12, 1)
+            .put(6, 1)
+            .put(6, 4)
+            .put(6, 13) // "EN"
+            .put(12, 100)
+            .put(6, 4)
+            .put(1, 0)
+            .put(1, 0)
+            .put(12, 0)
+            .put(24, u64::from(purposes))
+            .put(24, 0)
+            .put(1, 0)
+            .put(6, 3)
+            .put(6, 4); // "DE"
+        w
+    }
+
+    pub fn encode(&self) -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        self.bits
+            .chunks(6)
+            .map(|c| {
+                let mut v = 0usize;
+                for i in 0..6 {
+                    v = (v << 1) | usize::from(c.get(i).copied().unwrap_or(false));
+                }
+                ALPHABET[v] as char
+            })
+            .collect()
+    }
+}
+
+/// A TC string whose vendor consent section holds `entries` ranges of 1..=65535: the
+/// shape that, expanded into id lists, once took ~6 s of CPU and 1.2 GB in workerd.
+fn range_bomb(entries: u64) -> String {
+    let mut w = TcWriter::header(0xff_0000); // purposes 1..=8
+    w.put(16, 65_535).put(1, 1).put(12, entries);
+    for _ in 0..entries {
+        w.put(1, 1).put(16, 1).put(16, 65_535);
+    }
+    // Legitimate interests: an empty bitfield section.
+    w.put(16, 0).put(1, 0);
+    w.encode()
+}
+
+#[test]
+fn tcf_range_bomb_at_the_length_limit_decodes_in_memory_proportional_to_its_size() {
+    let _serial = serial();
+    // As many ranges as fit under the limit.
+    let mut entries = 1;
+    while range_bomb(entries * 2).len() <= MAX_TC_STRING_CHARS {
+        entries *= 2;
+    }
+    while range_bomb(entries + 16).len() <= MAX_TC_STRING_CHARS {
+        entries += 16;
+    }
+    let s = range_bomb(entries);
+    assert!(s.len() <= MAX_TC_STRING_CHARS && s.len() > MAX_TC_STRING_CHARS - 64);
+    let (bytes, tc) = allocated(|| decode(&s));
+    let tc = tc.expect("a valid, if hostile, TC string");
+    assert_eq!(tc.vendor_consents, VendorSet::Ranges(vec![(1, 65_535)]));
+    assert_eq!(tc.vendor_consents.len(), 65_535);
+    assert!(tc.vendor_consents.contains(65_535) && !tc.vendor_consents.contains(0));
+    assert!(tc.purpose_consent(1));
+    // Expanded, this would be entries × 65,535 ids (hundreds of MB); kept as ranges it
+    // is a few times the string.
+    assert!(
+        bytes <= 16 * s.len() + NOISE,
+        "decoding {} chars ({entries} ranges) allocated {bytes} bytes",
+        s.len()
+    );
+}
+
+#[test]
+fn tcf_string_over_the_limit_is_refused_before_decoding() {
+    let _serial = serial();
+    let s = range_bomb(4_095); // the most the 12-bit count allows: ~22 KB
+    assert!(s.len() > MAX_TC_STRING_CHARS);
+    let (bytes, r) = allocated(|| decode(&s));
+    assert_eq!(
+        r,
+        Err(TcfError::TooLong {
+            chars: s.len(),
+            limit: MAX_TC_STRING_CHARS
+        })
+    );
+    assert_eq!(r.unwrap_err().code(), "too_long");
+    assert!(bytes < NOISE, "refusing allocated {bytes} bytes");
+}
+
+#[test]
+fn tcf_full_bitfield_is_kept_as_its_bits() {
+    let _serial = serial();
+    let mut w = TcWriter::header(1);
+    w.put(16, 40_000).put(1, 0);
+    for _ in 0..40_000 {
+        w.put(1, 1);
+    }
+    w.put(16, 0).put(1, 0);
+    let s = w.encode();
+    assert!(s.len() < MAX_TC_STRING_CHARS);
+    let (bytes, tc) = allocated(|| decode(&s));
+    let tc = tc.unwrap();
+    assert_eq!(tc.vendor_consents.len(), 40_000);
+    assert!(tc.vendor_consents.contains(40_000) && !tc.vendor_consents.contains(40_001));
+    assert!(
+        bytes <= 4 * s.len() + NOISE,
+        "allocated {bytes} for {} chars",
+        s.len()
+    );
+}
+
+#[test]
+fn tcf_alternating_bitfield_is_kept_as_its_bits() {
+    let _serial = serial();
+    let mut w = TcWriter::header(1);
+    w.put(16, 40_000).put(1, 0);
+    for i in 0..40_000 {
+        w.put(1, i % 2);
+    }
+    w.put(16, 0).put(1, 0);
+    let s = w.encode();
+    let (bytes, tc) = allocated(|| decode(&s));
+    let tc = tc.unwrap();
+    assert_eq!(tc.vendor_consents.len(), 20_000);
+    assert!(tc.vendor_consents.contains(2) && !tc.vendor_consents.contains(1));
+    assert!(
+        bytes <= 4 * s.len() + NOISE,
+        "allocated {bytes} for {} chars",
+        s.len()
+    );
+}
+
+#[test]
+fn tcf_bitfield_claiming_more_vendors_than_bits_is_truncated_not_read() {
+    let _serial = serial();
+    let mut w = TcWriter::header(1);
+    w.put(16, 65_535).put(1, 0).put(8, 0xff);
+    let s = w.encode();
+    let (bytes, r) = allocated(|| decode(&s));
+    assert!(matches!(r, Err(TcfError::Truncated { .. })), "{r:?}");
+    assert!(bytes < NOISE, "allocated {bytes}");
+}
