@@ -172,7 +172,10 @@ fn poison_event_is_quarantined_and_the_rest_of_the_batch_loads() {
     assert_eq!((s.inserted, s.quarantined, s.duplicates), (2, 2, 0));
     // Loading the same lease again (a lost ack) changes nothing.
     let again = sink.load(&load).unwrap();
-    assert_eq!((again.inserted, again.duplicates, again.quarantined), (0, 4, 0));
+    assert_eq!(
+        (again.inserted, again.duplicates, again.quarantined),
+        (0, 4, 0)
+    );
     let q = sink
         .query(
             "SELECT message_id, type, shard, batch_id, reason FROM quarantine ORDER BY message_id",

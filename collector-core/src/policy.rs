@@ -36,11 +36,14 @@
 //! default_phone_calling_code = "49"
 //! scrub_query_params = ["email", "token"]
 //! fields = [{ path = "traits.email", kind = "email" }]
-//! # Safety net 1: these key names at any depth of traits, context.traits, properties
-//! # (case, `_` and `-` ignored: phoneNumber = phone_number). Absent: the built-in list.
-//! keys = { email = "email", phone = "phone", mobile = "phone" }
-//! # Safety net 2: values found in any string of the event (hash | redact | off).
-//! detect = { email = "hash", phone = "hash", card = "redact" }
+//!
+//! [pii.keys]     # safety net 1: these key names at any depth of traits, context.traits
+//! email = "email" # and properties (case, `_`, `-` ignored). Absent: the built-in list.
+//! mobile = "phone"
+//!
+//! [pii.detect]   # safety net 2: PII found in any string of the event
+//! email = "hash" # hash | redact | off (absent: email and phone hashed, cards redacted)
+//! card = "redact"
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -159,6 +159,9 @@ fn context_mut(obj: &mut Map<String, Value>) -> &mut Map<String, Value> {
     ctx.as_object_mut().expect("just made an object")
 }
 
+/// Most detected values hashed in one event; further ones are redacted.
+pub const MAX_HASHED_FINDINGS_PER_EVENT: usize = 64;
+
 const URL_FIELDS: [&str; 6] = [
     "context.page.url",
     "context.page.referrer",
@@ -443,12 +446,24 @@ impl PrivacyEngine {
                     return;
                 }
                 let mut found: Vec<(Detected, DetectAction)> = Vec::new();
+                let hashed_so_far = applied
+                    .notes
+                    .iter()
+                    .filter(|n| matches!(n, Note::PiiDetected(_)))
+                    .count();
                 let rewritten = detect::rewrite(s, |kind, value| {
-                    let action = if applied.anonymised {
+                    let mut action = if applied.anonymised {
                         DetectAction::Redact
                     } else {
                         self.policy.pii_detect.action(kind)
                     };
+                    // A hash is ~80 bytes: past this many findings in one event, redact
+                    // instead, so a hostile event cannot grow ~15x on its way to storage.
+                    if action == DetectAction::Hash
+                        && hashed_so_far + found.len() >= MAX_HASHED_FINDINGS_PER_EVENT
+                    {
+                        action = DetectAction::Redact;
+                    }
                     let out = match action {
                         DetectAction::Off => return None,
                         DetectAction::Redact => format!("[redacted:{}]", kind.as_str()),

@@ -198,3 +198,96 @@ fn tcf_bitfield_claiming_more_vendors_than_bits_is_truncated_not_read() {
     assert!(matches!(r, Err(TcfError::Truncated { .. })), "{r:?}");
     assert!(bytes < NOISE, "allocated {bytes}");
 }
+
+fn engine() -> collector_core::privacy::PrivacyEngine {
+    collector_core::privacy::PrivacyEngine::new(
+        collector_core::policy::parse(include_str!("../../privacy.toml")).unwrap(),
+        collector_core::pii::PiiHasher::new("v1", b"bounded-work-key", &[]),
+    )
+}
+
+fn batch_body(events: usize) -> String {
+    let evs: Vec<String> = (0..events)
+        .map(|i| {
+            format!(r#"{{"type":"track","event":"E","messageId":"m{i}","anonymousId":"a","properties":{{"n":{i}}}}}"#)
+        })
+        .collect();
+    format!(r#"{{"batch":[{}]}}"#, evs.join(","))
+}
+
+fn parse_with_cookie(body: &str, cookie: Option<String>) -> (usize, usize) {
+    use collector_core::ingest::{parse_body_with_privacy, Endpoint};
+    use collector_core::privacy::RequestSignals;
+    let engine = engine();
+    let signals = RequestSignals::new(false, cookie, Some("DE".into()), None);
+    let (bytes, parsed) = allocated(|| {
+        parse_body_with_privacy(
+            Endpoint::Batch,
+            body.as_bytes(),
+            1_795_528_444_000,
+            &mut || "id".into(),
+            Some((&engine, &signals)),
+        )
+        .unwrap()
+    });
+    (bytes, parsed.accepted.len() + parsed.withheld.len())
+}
+
+// Issue #8: the request's `euconsent-v2` cookie is decoded once per request, not once per
+// event: a batch of 500 events with a TC string at the length limit costs about what the
+// same batch costs without it.
+#[test]
+fn tcf_cookie_is_decoded_once_per_request_not_per_event() {
+    let _serial = serial();
+    let body = batch_body(500);
+    let mut entries = 1;
+    while range_bomb(entries * 2).len() <= MAX_TC_STRING_CHARS {
+        entries *= 2;
+    }
+    let cookie = range_bomb(entries);
+    let (without, n) = parse_with_cookie(&body, None);
+    assert_eq!(n, 500);
+    let (with, n) = parse_with_cookie(&body, Some(cookie.clone()));
+    assert_eq!(n, 500);
+    assert!(
+        with <= without + 16 * cookie.len() + NOISE,
+        "a {}-char cookie over 500 events added {} bytes",
+        cookie.len(),
+        with.saturating_sub(without)
+    );
+}
+
+// Issue #8: PII detection runs on every string; hostile strings (thousands of `@`, `%40`,
+// `+1`, digit runs) cost a small constant times their size.
+#[test]
+fn pii_detection_on_hostile_strings_is_linear() {
+    let _serial = serial();
+    let engine = engine();
+    let signals =
+        collector_core::privacy::RequestSignals::new(false, None, Some("US".into()), None);
+    let hostile = [
+        "@".repeat(30_000),
+        "%40".repeat(10_000),
+        "a@".repeat(15_000),
+        "a.".repeat(15_000) + "@x",
+        "+1".repeat(15_000),
+        "4 ".repeat(15_000),
+        "x@y.zz ".repeat(4_000),
+        "4111 1111 1111 1111 ".repeat(1_500),
+    ];
+    for s in hostile {
+        let mut ev = serde_json::json!({"type": "track", "event": "E", "anonymousId": "a",
+            "properties": {"text": s}, "context": {"page": {"title": s}}})
+        .as_object()
+        .unwrap()
+        .clone();
+        let size = serde_json::to_string(&ev).unwrap().len();
+        let (bytes, r) = allocated(|| engine.apply(&mut ev, &signals));
+        r.unwrap();
+        assert!(
+            bytes <= 24 * size + NOISE,
+            "{}…: {bytes} bytes allocated for a {size}-byte event",
+            &s[..8]
+        );
+    }
+}

@@ -240,3 +240,37 @@ fn ingest_with_privacy_stores_withholds_and_rejects_each_event_once() {
     assert_eq!(p.rejected.len(), 1);
     assert_eq!(p.rejected[0].index, Some(2));
 }
+
+// Issue #8: past MAX_HASHED_FINDINGS_PER_EVENT detected values, an event's findings are
+// redacted, not hashed, so a hostile event cannot inflate ~15x on its way to storage;
+// every finding is counted.
+#[test]
+fn detected_values_past_the_cap_are_redacted_and_all_counted() {
+    use collector_core::note::Note;
+    use collector_core::privacy::MAX_HASHED_FINDINGS_PER_EVENT;
+    let e = engine();
+    let text = "x@y.zz ".repeat(100);
+    let mut ev =
+        json!({"type": "track", "event": "E", "anonymousId": "a", "properties": {"t": text}})
+            .as_object()
+            .unwrap()
+            .clone();
+    let us = RequestSignals::new(false, None, Some("US".into()), None);
+    let applied = e.apply(&mut ev, &us).unwrap();
+    let t = ev["properties"]["t"].as_str().unwrap();
+    assert_eq!(
+        t.matches("hmac-sha256:v1:").count(),
+        MAX_HASHED_FINDINGS_PER_EVENT
+    );
+    assert_eq!(
+        t.matches("[redacted:email]").count(),
+        100 - MAX_HASHED_FINDINGS_PER_EVENT
+    );
+    assert!(!t.contains("x@y.zz"));
+    let n = applied
+        .notes
+        .iter()
+        .filter(|n| **n == Note::PiiDetected(collector_core::detect::Detected::Email))
+        .count();
+    assert_eq!(n, 100);
+}

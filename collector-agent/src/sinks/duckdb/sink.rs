@@ -413,10 +413,20 @@ impl DuckDbSink {
             };
             let n = tx
                 .execute(
-                    &format!("INSERT INTO quarantine SELECT ?, ?, ?, ?, ?, ?, now()::TIMESTAMP, 1
+                    &format!(
+                        "INSERT INTO quarantine SELECT ?, ?, ?, ?, ?, ?, now()::TIMESTAMP, 1
                      WHERE NOT EXISTS (SELECT 1 FROM message_ids WHERE message_id = ?)
-                     ON CONFLICT (message_id) {on_conflict}"),
-                    params![q.message_id, q.kind.as_str(), q.shard, q.batch_id, q.reason, q.event, q.message_id],
+                     ON CONFLICT (message_id) {on_conflict}"
+                    ),
+                    params![
+                        q.message_id,
+                        q.kind.as_str(),
+                        q.shard,
+                        q.batch_id,
+                        q.reason,
+                        q.event,
+                        q.message_id
+                    ],
                 )
                 .map_err(transient)? as u64;
             if n > 0 {
