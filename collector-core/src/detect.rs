@@ -153,7 +153,7 @@ fn luhn(digits: &[u8]) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// Calls `found` for every finding in `text`, left to right, non-overlapping.

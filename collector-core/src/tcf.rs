@@ -329,3 +329,83 @@ pub fn decode(tc: &str) -> Result<TcString, TcfError> {
         vendor_legitimate_interests: b.vendors()?,
     })
 }
+
+/// Builds TC strings bit by bit (base64url, no padding): for tests and fixtures that
+/// need strings no CMP would write, such as hostile ones at the limits.
+#[derive(Debug, Default, Clone)]
+pub struct TcWriter {
+    bits: Vec<bool>,
+}
+
+impl TcWriter {
+    /// Appends the low `n` bits of `v`, most significant first.
+    pub fn put(&mut self, n: usize, v: u64) -> &mut Self {
+        for i in (0..n).rev() {
+            self.bits.push((v >> i) & 1 == 1);
+        }
+        self
+    }
+
+    /// A valid v2 core segment up to (not including) the vendor consent section, with
+    /// `purposes` as the 24 purpose-consent bits (purpose 1 is the most significant).
+    pub fn core_header(purposes: u32) -> TcWriter {
+        let mut w = TcWriter::default();
+        w.put(6, 2)
+            .put(36, 16_000_000_000)
+            .put(36, 16_000_000_000)
+            .put(12, 7)
+            .put(12, 1)
+            .put(6, 1)
+            .put(6, 4)
+            .put(6, 13) // "EN"
+            .put(12, 100)
+            .put(6, 4)
+            .put(1, 0)
+            .put(1, 0)
+            .put(12, 0)
+            .put(24, u64::from(purposes))
+            .put(24, 0)
+            .put(1, 0)
+            .put(6, 3)
+            .put(6, 4); // "DE"
+        w
+    }
+
+    pub fn encode(&self) -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut bits = self.bits.clone();
+        // Whole bytes, as CMPs write them (a lone trailing character is not base64).
+        while !bits.len().is_multiple_of(8) {
+            bits.push(false);
+        }
+        bits.chunks(6)
+            .map(|c| {
+                let mut v = 0usize;
+                for i in 0..6 {
+                    v = (v << 1) | usize::from(c.get(i).copied().unwrap_or(false));
+                }
+                ALPHABET[v] as char
+            })
+            .collect()
+    }
+}
+
+/// A syntactically valid TC string (purposes 1 to 8 consented) whose vendor consent
+/// section holds `entries` ranges of 1..=65535: the shape that, expanded into id lists,
+/// once took seconds of CPU and 1.2 GB in workerd (issue #8). For tests.
+pub fn range_bomb(entries: u64) -> String {
+    let mut w = TcWriter::core_header(0xff_0000);
+    w.put(16, 65_535).put(1, 1).put(12, entries);
+    for _ in 0..entries {
+        w.put(1, 1).put(16, 1).put(16, 65_535);
+    }
+    w.put(16, 0).put(1, 0);
+    w.encode()
+}
+
+/// The largest [`range_bomb`] within [`MAX_TC_STRING_CHARS`]. For tests.
+pub fn largest_range_bomb() -> String {
+    // Each entry is 33 bits; the rest of the string about 250.
+    let entries = ((MAX_TC_STRING_CHARS * 6 - 260) / 33) as u64;
+    range_bomb(entries)
+}

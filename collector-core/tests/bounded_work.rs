@@ -8,7 +8,7 @@
 use std::alloc::System;
 use std::sync::Mutex;
 
-use collector_core::tcf::{decode, TcfError, VendorSet, MAX_TC_STRING_CHARS};
+use collector_core::tcf::{decode, range_bomb, TcWriter, TcfError, VendorSet, MAX_TC_STRING_CHARS};
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 
 #[global_allocator]
@@ -32,72 +32,6 @@ fn allocated<T>(f: impl FnOnce() -> T) -> (usize, T) {
     let region = Region::new(GLOBAL);
     let out = f();
     (region.change().bytes_allocated, out)
-}
-
-/// Writes TC strings bit by bit (base64url, no padding), to craft hostile ones.
-#[derive(Default)]
-pub struct TcWriter {
-    bits: Vec<bool>,
-}
-
-impl TcWriter {
-    pub fn put(&mut self, n: usize, v: u64) -> &mut Self {
-        for i in (0..n).rev() {
-            self.bits.push((v >> i) & 1 == 1);
-        }
-        self
-    }
-
-    /// A valid core segment up to (not including) the vendor consent section.
-    pub fn header(purposes: u32) -> TcWriter {
-        let mut w = TcWriter::default();
-        w.put(6, 2) // version
-            .put(36, 16_000_000_000)
-            .put(36, 16_000_000_000)
-            .put(12, 7)
-            .put(12, 1)
-            .put(6, 1)
-            .put(6, 4)
-            .put(6, 13) // "EN"
-            .put(12, 100)
-            .put(6, 4)
-            .put(1, 0)
-            .put(1, 0)
-            .put(12, 0)
-            .put(24, u64::from(purposes))
-            .put(24, 0)
-            .put(1, 0)
-            .put(6, 3)
-            .put(6, 4); // "DE"
-        w
-    }
-
-    pub fn encode(&self) -> String {
-        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-        self.bits
-            .chunks(6)
-            .map(|c| {
-                let mut v = 0usize;
-                for i in 0..6 {
-                    v = (v << 1) | usize::from(c.get(i).copied().unwrap_or(false));
-                }
-                ALPHABET[v] as char
-            })
-            .collect()
-    }
-}
-
-/// A TC string whose vendor consent section holds `entries` ranges of 1..=65535: the
-/// shape that, expanded into id lists, once took ~6 s of CPU and 1.2 GB in workerd.
-fn range_bomb(entries: u64) -> String {
-    let mut w = TcWriter::header(0xff_0000); // purposes 1..=8
-    w.put(16, 65_535).put(1, 1).put(12, entries);
-    for _ in 0..entries {
-        w.put(1, 1).put(16, 1).put(16, 65_535);
-    }
-    // Legitimate interests: an empty bitfield section.
-    w.put(16, 0).put(1, 0);
-    w.encode()
 }
 
 #[test]
@@ -148,7 +82,7 @@ fn tcf_string_over_the_limit_is_refused_before_decoding() {
 #[test]
 fn tcf_full_bitfield_is_kept_as_its_bits() {
     let _serial = serial();
-    let mut w = TcWriter::header(1);
+    let mut w = TcWriter::core_header(1);
     w.put(16, 40_000).put(1, 0);
     for _ in 0..40_000 {
         w.put(1, 1);
@@ -170,7 +104,7 @@ fn tcf_full_bitfield_is_kept_as_its_bits() {
 #[test]
 fn tcf_alternating_bitfield_is_kept_as_its_bits() {
     let _serial = serial();
-    let mut w = TcWriter::header(1);
+    let mut w = TcWriter::core_header(1);
     w.put(16, 40_000).put(1, 0);
     for i in 0..40_000 {
         w.put(1, i % 2);
@@ -191,7 +125,7 @@ fn tcf_alternating_bitfield_is_kept_as_its_bits() {
 #[test]
 fn tcf_bitfield_claiming_more_vendors_than_bits_is_truncated_not_read() {
     let _serial = serial();
-    let mut w = TcWriter::header(1);
+    let mut w = TcWriter::core_header(1);
     w.put(16, 65_535).put(1, 0).put(8, 0xff);
     let s = w.encode();
     let (bytes, r) = allocated(|| decode(&s));
@@ -290,4 +224,18 @@ fn pii_detection_on_hostile_strings_is_linear() {
             &s[..8]
         );
     }
+}
+
+#[test]
+fn largest_range_bomb_sits_just_under_the_limit() {
+    let _serial = serial();
+    let s = collector_core::tcf::largest_range_bomb();
+    assert!(
+        s.len() <= MAX_TC_STRING_CHARS && s.len() > MAX_TC_STRING_CHARS - 16,
+        "{}",
+        s.len()
+    );
+    let (bytes, tc) = allocated(|| decode(&s));
+    assert_eq!(tc.unwrap().vendor_consents.len(), 65_535);
+    assert!(bytes <= 16 * s.len() + NOISE, "{bytes}");
 }

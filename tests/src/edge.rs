@@ -150,11 +150,40 @@ impl LocalEdge {
         }
     }
 
+    /// The pids of this edge's workerd processes (its process group), from /proc.
+    fn workerd_pids(&self) -> Vec<u32> {
+        let Some(pgid) = self.child.as_ref().map(|c| c.id()) else {
+            return Vec::new();
+        };
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        let mut pids = Vec::new();
+        for entry in dir.flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid pgrp ...
+            let Some((head, rest)) = stat.rsplit_once(") ") else {
+                continue;
+            };
+            if !head.ends_with("workerd") {
+                continue;
+            }
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            if fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid) {
+                if let Some(pid) = head.split(' ').next().and_then(|p| p.parse().ok()) {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids
+    }
+
     /// CPU seconds (user + system) used so far by the workerd processes of this edge,
     /// read from /proc (Linux). The runtime's own clock stands still while a request
     /// computes, so this is how the worker's CPU cost per event can be measured.
     pub fn workerd_cpu_seconds(&self) -> Option<f64> {
-        let pgid = self.child.as_ref()?.id();
         let ticks_per_s = Command::new("getconf")
             .arg("CLK_TCK")
             .output()
@@ -167,26 +196,43 @@ impl LocalEdge {
             })
             .unwrap_or(100.0);
         let mut ticks = 0u64;
-        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+        let pids = self.workerd_pids();
+        if pids.is_empty() {
+            return None;
+        }
+        for pid in pids {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
                 continue;
             };
-            // pid (comm) state ppid pgrp ... utime(14) stime(15)
-            let Some((head, rest)) = stat.rsplit_once(") ") else {
+            let Some((_, rest)) = stat.rsplit_once(") ") else {
                 continue;
             };
-            if !head.ends_with("workerd") {
-                continue;
-            }
             let fields: Vec<&str> = rest.split_whitespace().collect();
-            if fields.get(2).and_then(|g| g.parse::<u32>().ok()) != Some(pgid) {
-                continue;
-            }
+            // utime(14) stime(15), counted from `state` as field 3.
             let utime: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
             let stime: u64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
             ticks += utime + stime;
         }
         Some(ticks as f64 / ticks_per_s)
+    }
+
+    /// The peak resident memory (`VmHWM`) of this edge's workerd processes, in bytes:
+    /// what the worker's isolates have needed at most so far.
+    pub fn workerd_peak_rss_bytes(&self) -> Option<u64> {
+        let mut total = 0u64;
+        let pids = self.workerd_pids();
+        if pids.is_empty() {
+            return None;
+        }
+        for pid in pids {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let kb: u64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())?;
+            total += kb * 1024;
+        }
+        Some(total)
     }
 
     /// The last lines wrangler printed.

@@ -158,7 +158,7 @@ impl Stack {
 
     pub async fn edge_stats(&self) -> Value {
         let client = collector_agent::edge::EdgeClient::new(&self.agent_config()).unwrap();
-        client.stats().await.expect("stats")
+        serde_json::to_value(client.stats().await.expect("stats")).unwrap()
     }
 }
 
