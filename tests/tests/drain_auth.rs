@@ -125,6 +125,31 @@ async fn drain_api_validates_its_own_requests() {
         )
         .await;
     assert_eq!(bad_body.status, 400);
+    // The limits are collector_core::drain's, the same the agent checks its config with.
+    let too_many = st
+        .signed(
+            "POST",
+            "/drain/lease",
+            &json!({"shard": 0, "max_batches": collector_core::drain::MAX_LEASE_BATCHES + 1})
+                .to_string(),
+            SECRET,
+            now_s(),
+        )
+        .await;
+    assert_eq!(
+        (too_many.status, too_many.body["code"].as_str()),
+        (400, Some("bad_lease_request"))
+    );
+    assert!(too_many.body["error"]
+        .as_str()
+        .unwrap()
+        .contains("max_batches"));
     let info = st.signed("GET", "/drain/info", "", SECRET, now_s()).await;
-    assert_eq!(info.body, json!({"shards": 4, "format_version": 1}));
+    assert_eq!(
+        info.body,
+        json!({"shards": 4, "format_version": 1, "formats": {"batch": 1, "lease": 1}})
+    );
+    // What the agent reads from it, and checks before leasing anything.
+    let parsed: collector_core::drain::DrainInfo = serde_json::from_value(info.body).unwrap();
+    assert!(parsed.formats.readable());
 }

@@ -19,6 +19,14 @@ const RAW: &[&str] = &[
     "198.51.100.77",
     "tok-secret-123",
     "gclid-xyz-789",
+    // The safety net (issue #8): paths no rule names, and PII inside other values.
+    "9876 5432",
+    "5550 1234",
+    "ceo.secret@example.com",
+    "title.person@example.com",
+    "url.person",
+    "7946 0958",
+    "4111 1111 1111 1111",
 ];
 
 fn tc_string() -> String {
@@ -144,6 +152,28 @@ async fn consent_is_enforced_and_no_raw_pii_reaches_storage_or_the_warehouse() {
             json!({"messageId": "br-page", "anonymousId": "anon-br",
             "context": {"page": {"url": "https://x.test/?gclid=gclid-xyz-789&lang=pt"}}}),
         ),
+        // Issue #8: the safety net. A phone in context.traits on a track call (where many
+        // Segment clients put traits), a mobile number nested deep in properties, a
+        // card number in free text...
+        (
+            "/v1/track",
+            "US",
+            vec![],
+            json!({"messageId": "us-safety-track", "event": "Clicked", "anonymousId": "anon-us2",
+            "context": {"traits": {"phone": "+49 151 9876 5432"}},
+            "properties": {"customer": {"contact": {"mobile_number": "+49 151 5550 1234"}},
+                           "note": "paid with 4111 1111 1111 1111"}}),
+        ),
+        // ...and e-mails and phones in ids, titles, URLs and referrers.
+        (
+            "/v1/page",
+            "US",
+            vec![],
+            json!({"messageId": "us-safety-page", "userId": "CEO.Secret@example.com", "name": "Welcome",
+            "context": {"page": {"title": "Hello title.person@example.com",
+                                 "url": "https://shop.test/welcome?ref=url.person%40example.com",
+                                 "referrer": "https://crm.test/call?n=+44 20 7946 0958"}}}),
+        ),
     ];
     for (path, country, headers, body) in sends {
         let id = body["messageId"].clone();
@@ -154,7 +184,7 @@ async fn consent_is_enforced_and_no_raw_pii_reaches_storage_or_the_warehouse() {
     let at_rest = scan(&st.dir.path().join("edge-state"));
     assert!(at_rest.is_empty(), "raw PII in edge storage: {at_rest:?}");
     let summary = st.drain().await;
-    assert_eq!(summary.inserted, 6, "{summary:?}");
+    assert_eq!(summary.inserted, 8, "{summary:?}");
     // ...nor in the warehouse files, nor in any value a query can read.
     let in_warehouse = scan(&st.dir.path().join("data"));
     assert!(
@@ -183,9 +213,37 @@ async fn consent_is_enforced_and_no_raw_pii_reaches_storage_or_the_warehouse() {
             "de-cookie-page",
             "de-tcf-order",
             "fr-click",
-            "us-identify"
+            "us-identify",
+            "us-safety-page",
+            "us-safety-track"
         ]
         .map(s)
+    );
+    // The evidence says which fields the PII rules touched, and the user id that was an
+    // e-mail address joins like the hashed e-mail would.
+    let page = &st.query("SELECT user_id, context->'consent'->'resolved'->'pii' FROM pages WHERE message_id = 'us-safety-page'")[0];
+    let hasher = collector_core::pii::PiiHasher::new("v1", b"test-pii-key-not-secret", &[]);
+    assert_eq!(
+        page[0],
+        Some(hasher.hash(
+            collector_core::pii::PiiKind::Email,
+            "ceo.secret@example.com",
+            ""
+        ))
+    );
+    let pii: Value = serde_json::from_str(page[1].as_deref().unwrap()).unwrap();
+    assert_eq!(
+        pii,
+        json!({"context.page.referrer": "phone:hash", "context.page.title": "email:hash",
+               "context.page.url": "email:hash", "userId": "email:hash"})
+    );
+    let track = &st.query("SELECT properties->>'note', context->'consent'->'resolved'->'pii' FROM tracks WHERE message_id = 'us-safety-track'")[0];
+    assert_eq!(track[0], s("paid with [redacted:card]"));
+    let pii: Value = serde_json::from_str(track[1].as_deref().unwrap()).unwrap();
+    assert_eq!(
+        pii,
+        json!({"context.traits.phone": "phone:hash", "properties.customer.contact.mobile_number": "phone:hash",
+               "properties.note": "card:redact"})
     );
     let fr = &st.query(
         "SELECT user_id, anonymous_id, context->'traits', properties->>'email', context->>'ip', context->'location'->>'country', \
@@ -243,6 +301,12 @@ async fn consent_is_enforced_and_no_raw_pii_reaches_storage_or_the_warehouse() {
         json!(2),
         "{stats}"
     );
+    let notes = &stats["notes"];
+    assert_eq!(notes["pii_key_field"], json!(2), "{stats}");
+    assert_eq!(notes["pii_detected_email"], json!(3), "{stats}");
+    assert_eq!(notes["pii_detected_phone"], json!(1), "{stats}");
+    assert_eq!(notes["pii_detected_card"], json!(1), "{stats}");
+    assert_eq!(notes["tcf_ignored_truncated"], json!(1), "{stats}");
 }
 
 #[tokio::test]
@@ -261,7 +325,7 @@ async fn the_worker_refuses_to_run_without_a_pii_key() {
 }
 
 #[tokio::test]
-async fn the_dev_bench_endpoint_exists_only_in_dev_mode_and_stores_nothing() {
+async fn the_dev_endpoints_exist_only_in_dev_mode_and_bench_stores_nothing() {
     let body = json!({"batch": [{"type": "track", "event": "E", "userId": "u", "properties": {"email": "x@example.com"}}]}).to_string();
     let prod = Stack::start_with(&[("DEV_MODE", "false")]);
     let r = prod
@@ -272,6 +336,14 @@ async fn the_dev_bench_endpoint_exists_only_in_dev_mode_and_stores_nothing() {
         )
         .await;
     assert_eq!(r.status, 404);
+    let inject = prod
+        .send(
+            prod.http
+                .post(format!("{}/dev/inject?shard=0", prod.edge.url))
+                .body("[]"),
+        )
+        .await;
+    assert_eq!(inject.status, 404, "no raw injection outside DEV_MODE");
     let dev = Stack::start();
     let r = dev
         .send(

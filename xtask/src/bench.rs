@@ -340,29 +340,36 @@ pub fn core_costs(tools: &Toolchain) -> Result<Vec<(String, String)>> {
         "\"properties\":{",
         "\"properties\":{\"email\":\"Jane@Example.com\",",
     );
+    // A browser-like event: page context, user agent, a few text properties, and one
+    // e-mail address in the page title for the detector to find.
+    let browser_body = body.replace(
+        "\"page\":{\"path\":\"/checkout\"}",
+        "\"page\":{\"path\":\"/checkout\",\"url\":\"https://shop.example.com/checkout?step=2&utm_source=news\",\"referrer\":\"https://www.example.org/search?q=running+shoes\",\"title\":\"Checkout for jane@example.com - Shop\"},\"userAgent\":\"Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36\",\"locale\":\"en-US\"",
+    );
     let mut rows = Vec::new();
-    let signals_us = RequestSignals {
-        country: Some("US".into()),
-        ip: Some("203.0.113.9".into()),
-        ..RequestSignals::default()
-    };
-    let signals_fr = RequestSignals {
-        country: Some("FR".into()),
-        ip: Some("203.0.113.9".into()),
-        ..RequestSignals::default()
-    };
-    let cases: [(&str, Option<&RequestSignals>); 3] = [
-        ("core: parse + validate (no policy)", None),
+    let signals_us =
+        RequestSignals::new(false, None, Some("US".into()), Some("203.0.113.9".into()));
+    let signals_fr =
+        RequestSignals::new(false, None, Some("FR".into()), Some("203.0.113.9".into()));
+    let cases: [(&str, &str, Option<&RequestSignals>); 4] = [
+        ("core: parse + validate (no policy)", &body, None),
         (
             "core: parse + policy, US visitor (keep, hash email, truncate IP)",
+            &body,
             Some(&signals_us),
         ),
         (
             "core: parse + policy, EEA visitor (anonymise)",
+            &body,
             Some(&signals_fr),
         ),
+        (
+            "core: parse + policy, US, browser event (page, UA; PII detection finds 1 e-mail)",
+            &browser_body,
+            Some(&signals_us),
+        ),
     ];
-    for (label, signals) in cases {
+    for (label, body, signals) in cases {
         let iterations = 2_000;
         let start = Instant::now();
         for _ in 0..iterations {
