@@ -162,26 +162,23 @@ pub fn write_state(path: &Path, state: &AgentState) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs a query through a running agent, if there is one. `Ok(None)` means no agent
-/// is reachable (no state file, or nothing listening).
-pub async fn query_running_agent(
+/// Sends one request to the running agent's admin endpoint: `Ok(None)` when no agent
+/// runs for this warehouse (no state file, or nothing listening).
+async fn call_running_agent<T: serde::de::DeserializeOwned>(
     warehouse: &Path,
-    sql: &str,
-) -> anyhow::Result<Option<QueryResult>> {
+    path: &str,
+    build: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+) -> anyhow::Result<Option<T>> {
     let Ok(text) = std::fs::read_to_string(state_file(warehouse)) else {
         return Ok(None);
     };
     let Ok(state) = serde_json::from_str::<AgentState>(&text) else {
         return Ok(None);
     };
-    let client = reqwest::Client::new();
-    let resp = match client
-        .post(format!("http://{}/sql", state.addr))
-        .bearer_auth(&state.token)
-        .body(sql.to_string())
-        .send()
-        .await
-    {
+    let req = reqwest::Client::new()
+        .post(format!("http://{}{path}", state.addr))
+        .bearer_auth(&state.token);
+    let resp = match build(req).send().await {
         Ok(r) => r,
         Err(e) if e.is_connect() => return Ok(None),
         Err(e) => return Err(e.into()),
@@ -193,10 +190,19 @@ pub async fn query_running_agent(
             "{}",
             body.get("error")
                 .and_then(|e| e.as_str())
-                .unwrap_or("query failed")
+                .unwrap_or("the agent refused the request")
         );
     }
     Ok(Some(serde_json::from_value(body)?))
+}
+
+/// Runs SQL through the running agent (`Ok(None)` when none runs).
+pub async fn query_running_agent(
+    warehouse: &Path,
+    sql: &str,
+) -> anyhow::Result<Option<QueryResult>> {
+    let sql = sql.to_string();
+    call_running_agent(warehouse, "/sql", |r| r.body(sql)).await
 }
 
 /// Replays quarantined events through the running agent (`Ok(None)` when none runs).
@@ -204,34 +210,8 @@ pub async fn replay_running_agent(
     warehouse: &Path,
     message_ids: &[String],
 ) -> anyhow::Result<Option<LoadStats>> {
-    let Ok(text) = std::fs::read_to_string(state_file(warehouse)) else {
-        return Ok(None);
+    let req = ReplayRequest {
+        message_ids: message_ids.to_vec(),
     };
-    let Ok(state) = serde_json::from_str::<AgentState>(&text) else {
-        return Ok(None);
-    };
-    let resp = match reqwest::Client::new()
-        .post(format!("http://{}/quarantine/replay", state.addr))
-        .bearer_auth(&state.token)
-        .json(&ReplayRequest {
-            message_ids: message_ids.to_vec(),
-        })
-        .send()
-        .await
-    {
-        Ok(r) => r,
-        Err(e) if e.is_connect() => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    let status = resp.status();
-    let body: serde_json::Value = resp.json().await?;
-    if !status.is_success() {
-        anyhow::bail!(
-            "{}",
-            body.get("error")
-                .and_then(|e| e.as_str())
-                .unwrap_or("replay failed")
-        );
-    }
-    Ok(Some(serde_json::from_value(body)?))
+    call_running_agent(warehouse, "/quarantine/replay", |r| r.json(&req)).await
 }

@@ -226,22 +226,32 @@ fn poison_event_is_quarantined_and_the_rest_of_the_batch_loads() {
     );
 }
 
+/// The `tracks` table as the first release created it, with `event_check` on `event`.
+fn tracks_ddl(event_check: &str) -> String {
+    format!(
+        "CREATE TABLE tracks (message_id VARCHAR PRIMARY KEY, anonymous_id VARCHAR, user_id VARCHAR,
+         timestamp TIMESTAMP, sent_at TIMESTAMP, received_at TIMESTAMP, original_timestamp TIMESTAMP,
+         context JSON, integrations JSON, event VARCHAR {event_check}, properties JSON,
+         raw JSON NOT NULL, loaded_at TIMESTAMP NOT NULL);"
+    )
+}
+
+/// A warehouse file prepared by `sql` before the sink first opens it.
+fn prepared_warehouse(dir: &tempfile::TempDir, sql: &str) -> std::path::PathBuf {
+    let path = dir.path().join("w.duckdb");
+    duckdb::Connection::open(&path)
+        .unwrap()
+        .execute_batch(sql)
+        .unwrap();
+    path
+}
+
 // Issue #8: when the warehouse itself refuses one event (here a CHECK constraint an
 // analyst added), that event alone is isolated and quarantined.
 #[test]
 fn event_the_warehouse_refuses_is_isolated_and_quarantined() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("w.duckdb");
-    {
-        let conn = duckdb::Connection::open(&path).unwrap();
-        conn.execute_batch(
-            "CREATE TABLE tracks (message_id VARCHAR PRIMARY KEY, anonymous_id VARCHAR, user_id VARCHAR,
-             timestamp TIMESTAMP, sent_at TIMESTAMP, received_at TIMESTAMP, original_timestamp TIMESTAMP,
-             context JSON, integrations JSON, event VARCHAR CHECK (event <> 'Forbidden'), properties JSON,
-             raw JSON NOT NULL, loaded_at TIMESTAMP NOT NULL)",
-        )
-        .unwrap();
-    }
+    let path = prepared_warehouse(&dir, &tracks_ddl("CHECK (event <> 'Forbidden')"));
     let mut sink = DuckDbSink::open(&path).unwrap();
     let evs = events(json!({"batch": [
         {"type": "track", "messageId": "t1", "userId": "u", "event": "Fine"},
@@ -302,19 +312,13 @@ fn message_id_is_unique_across_tables_inside_a_load_and_across_loads() {
 #[test]
 fn warehouse_from_an_earlier_release_is_migrated() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("w.duckdb");
-    {
-        let conn = duckdb::Connection::open(&path).unwrap();
-        conn.execute_batch(
-            "CREATE TABLE tracks (message_id VARCHAR PRIMARY KEY, anonymous_id VARCHAR, user_id VARCHAR,
-             timestamp TIMESTAMP, sent_at TIMESTAMP, received_at TIMESTAMP, original_timestamp TIMESTAMP,
-             context JSON, integrations JSON, event VARCHAR, properties JSON, raw JSON NOT NULL, loaded_at TIMESTAMP NOT NULL);
-             INSERT INTO tracks (message_id, event, raw, loaded_at) VALUES ('old-1', 'A', '{}', now()::TIMESTAMP);
+    let path = prepared_warehouse(
+        &dir,
+        &(tracks_ddl("")
+            + "INSERT INTO tracks (message_id, event, raw, loaded_at) VALUES ('old-1', 'A', '{}', now()::TIMESTAMP);
              CREATE TABLE dead_letters (shard INTEGER, batch_id BIGINT, error VARCHAR, blob BLOB, loaded_at TIMESTAMP);
-             INSERT INTO dead_letters VALUES (1, 5, 'x', 'b'::BLOB, now()::TIMESTAMP), (1, 5, 'x', 'b'::BLOB, now()::TIMESTAMP);",
-        )
-        .unwrap();
-    }
+             INSERT INTO dead_letters VALUES (1, 5, 'x', 'b'::BLOB, now()::TIMESTAMP), (1, 5, 'x', 'b'::BLOB, now()::TIMESTAMP);"),
+    );
     let mut sink = DuckDbSink::open(&path).unwrap();
     let one = |sql: &str| sink.query(sql).unwrap().rows[0][0].clone();
     assert_eq!(
