@@ -98,6 +98,8 @@ pub struct Applied {
     pub pii: BTreeMap<String, String>,
     /// What to count about this event.
     pub notes: Vec<Note>,
+    /// Detected values hashed so far (capped at [`MAX_HASHED_FINDINGS_PER_EVENT`]).
+    pub hashed_findings: usize,
 }
 
 impl Applied {
@@ -273,6 +275,7 @@ impl PrivacyEngine {
             reduced: Vec::new(),
             pii: BTreeMap::new(),
             notes,
+            hashed_findings: 0,
         })
     }
 
@@ -446,11 +449,7 @@ impl PrivacyEngine {
                     return;
                 }
                 let mut found: Vec<(Detected, DetectAction)> = Vec::new();
-                let hashed_so_far = applied
-                    .notes
-                    .iter()
-                    .filter(|n| matches!(n, Note::PiiDetected(_)))
-                    .count();
+                let mut hashed = applied.hashed_findings;
                 let rewritten = detect::rewrite(s, |kind, value| {
                     let mut action = if applied.anonymised {
                         DetectAction::Redact
@@ -459,10 +458,12 @@ impl PrivacyEngine {
                     };
                     // A hash is ~80 bytes: past this many findings in one event, redact
                     // instead, so a hostile event cannot grow ~15x on its way to storage.
-                    if action == DetectAction::Hash
-                        && hashed_so_far + found.len() >= MAX_HASHED_FINDINGS_PER_EVENT
-                    {
-                        action = DetectAction::Redact;
+                    if action == DetectAction::Hash {
+                        if hashed >= MAX_HASHED_FINDINGS_PER_EVENT {
+                            action = DetectAction::Redact;
+                        } else {
+                            hashed += 1;
+                        }
                     }
                     let out = match action {
                         DetectAction::Off => return None,
@@ -476,6 +477,7 @@ impl PrivacyEngine {
                     found.push((kind, action));
                     Some(out)
                 });
+                applied.hashed_findings = hashed;
                 if let Some(r) = rewritten {
                     *s = r;
                     for (kind, action) in found {
