@@ -13,14 +13,19 @@ use serde_json::{Map, Value};
 /// Validates a rules file; `Err` carries every problem as `file:line:col: message`.
 pub fn check(path: &Path) -> Result<String, String> {
     let policy = load(path)?;
+    let d = policy.pii_detect;
     Ok(format!(
-        "{}: OK (policy {}; {} categories, {} regions, {} destinations, {} PII fields)\n",
+        "{}: OK (policy {}; {} categories, {} regions, {} destinations, {} PII fields, {} PII key names; detect email={} phone={} card={})\n",
         path.display(),
         policy.version,
         policy.categories.len(),
         policy.regions.len(),
         policy.destinations.len(),
-        policy.pii_fields.len()
+        policy.pii_fields.len(),
+        policy.pii_keys.len(),
+        d.email.as_str(),
+        d.phone.as_str(),
+        d.card.as_str()
     ))
 }
 

@@ -112,3 +112,51 @@ fn syntax_errors_and_unknown_keys_point_at_their_line() {
     let errs = parse("[categories.a\n").unwrap_err();
     assert_eq!(errs[0].line, 1, "{errs:?}");
 }
+
+const MINIMAL: &str = r#"
+[categories.necessary]
+always_granted = true
+[events]
+default_categories = ["necessary"]
+[regions.rest]
+countries = ["*"]
+default = "grant"
+"#;
+
+// Issue #8: the PII safety net is on without any configuration...
+#[test]
+fn safety_net_defaults_apply_when_the_policy_says_nothing() {
+    use collector_core::policy::{DetectAction, DEFAULT_PII_KEYS};
+    let p = parse(MINIMAL).unwrap();
+    assert_eq!(p.pii_keys.len(), DEFAULT_PII_KEYS.len());
+    assert_eq!(p.pii_keys["phonenumber"], PiiKind::Phone);
+    assert_eq!(p.pii_detect.email, DetectAction::Hash);
+    assert_eq!(p.pii_detect.card, DetectAction::Redact);
+}
+
+// ...configurable, with key names normalised, and mistakes reported with their line.
+#[test]
+fn safety_net_keys_and_detection_are_configurable_and_validated() {
+    use collector_core::policy::DetectAction;
+    let p = parse(&format!(
+        "{MINIMAL}[pii]\ndefault_phone_calling_code = \"44\"\n[pii.keys]\n\"Phone-Number\" = \"phone\"\nalt_mail = \"email\"\n[pii.detect]\nphone = \"off\"\n"
+    ))
+    .unwrap();
+    assert_eq!(p.pii_keys.len(), 2, "{:?}", p.pii_keys);
+    assert_eq!(p.pii_keys["phonenumber"], PiiKind::Phone);
+    assert_eq!(p.pii_keys["altmail"], PiiKind::Email);
+    assert_eq!(p.pii_detect.phone, DetectAction::Off);
+    assert_eq!(
+        p.pii_detect.email,
+        DetectAction::Hash,
+        "unset kinds keep their default"
+    );
+
+    let errs = parse(&format!("{MINIMAL}[pii.keys]\nmobile = \"phone\"\n")).unwrap_err();
+    assert!(
+        errs[0].message.contains("default_phone_calling_code"),
+        "{errs:?}"
+    );
+    let errs = parse(&format!("{MINIMAL}[pii.detect]\nemail = \"shred\"\n")).unwrap_err();
+    assert!(errs[0].line >= 10, "{errs:?}");
+}
