@@ -159,10 +159,12 @@ fn luhn(digits: &[u8]) -> bool {
 /// Calls `found` for every finding in `text`, left to right, non-overlapping.
 pub fn scan(text: &str, mut found: impl FnMut(Found)) {
     let s = text.as_bytes();
-    // Fast path: no byte that can start or anchor a finding.
-    if !s
-        .iter()
-        .any(|b| matches!(b, b'@' | b'+' | b'%') || b.is_ascii_digit())
+    // Fast path: too short for any finding (`a@b.cc`), or no byte that can start or
+    // anchor one.
+    if s.len() < 6
+        || !s
+            .iter()
+            .any(|b| matches!(b, b'@' | b'+' | b'%') || b.is_ascii_digit())
     {
         return;
     }

@@ -16,9 +16,7 @@ use crate::consent::{resolve, resolve_decoded, ConsentInputs, Resolved};
 use crate::detect::{self, Detected};
 use crate::note::Note;
 use crate::pii::{reduce_user_agent, scrub_query, truncate_ip, PiiHasher, PiiKind};
-use crate::policy::{
-    normalise_key, DetectAction, IpHandling, Policy, UserAgentHandling, WhenDenied,
-};
+use crate::policy::{DetectAction, IpHandling, Policy, UserAgentHandling, WhenDenied};
 use crate::tcf::{self, TcString, TcfError};
 
 /// What the request (not the event body) tells about the visitor.
@@ -351,9 +349,7 @@ impl PrivacyEngine {
                     path.push('.');
                     path.push_str(k);
                     let rule = match child {
-                        Value::String(_) | Value::Number(_) => {
-                            self.policy.pii_keys.get(&normalise_key(k)).copied()
-                        }
+                        Value::String(_) | Value::Number(_) => self.key_rule(k),
                         _ => None,
                     };
                     match rule {
@@ -397,6 +393,22 @@ impl PrivacyEngine {
             }
             _ => {}
         }
+    }
+
+    /// The `[pii.keys]` kind of a key name, normalised without allocating (a key longer
+    /// than any rule's cannot match).
+    fn key_rule(&self, key: &str) -> Option<PiiKind> {
+        let mut buf = [0u8; 48];
+        let mut n = 0;
+        for b in key.bytes().filter(u8::is_ascii_alphanumeric) {
+            if n == buf.len() {
+                return None;
+            }
+            buf[n] = b.to_ascii_lowercase();
+            n += 1;
+        }
+        let norm = std::str::from_utf8(&buf[..n]).ok()?;
+        self.policy.pii_keys.get(norm).copied()
     }
 
     /// `[pii] scrub_query_params` in the page and referrer URLs.

@@ -335,7 +335,16 @@ pub fn core_costs(tools: &Toolchain) -> Result<Vec<(String, String)>> {
     let policy_text = std::fs::read_to_string(tools.root.join("privacy.toml"))?;
     let policy = collector_core::policy::parse(&policy_text)
         .map_err(|e| anyhow::anyhow!("privacy.toml: {e:?}"))?;
+    // The same policy without value detection, to price the detector alone.
+    let mut no_detect = policy.clone();
+    no_detect.pii_detect = collector_core::policy::DetectRules {
+        email: collector_core::policy::DetectAction::Off,
+        phone: collector_core::policy::DetectAction::Off,
+        card: collector_core::policy::DetectAction::Off,
+    };
     let engine = PrivacyEngine::new(policy, PiiHasher::new("v1", b"bench-key-bench-key", &[]));
+    let engine_no_detect =
+        PrivacyEngine::new(no_detect, PiiHasher::new("v1", b"bench-key-bench-key", &[]));
     let body = batch_body(1, 20).replace(
         "\"properties\":{",
         "\"properties\":{\"email\":\"Jane@Example.com\",",
@@ -351,25 +360,34 @@ pub fn core_costs(tools: &Toolchain) -> Result<Vec<(String, String)>> {
         RequestSignals::new(false, None, Some("US".into()), Some("203.0.113.9".into()));
     let signals_fr =
         RequestSignals::new(false, None, Some("FR".into()), Some("203.0.113.9".into()));
-    let cases: [(&str, &str, Option<&RequestSignals>); 4] = [
-        ("core: parse + validate (no policy)", &body, None),
+    let cases: [(&str, &str, &PrivacyEngine, Option<&RequestSignals>); 5] = [
+        ("core: parse + validate (no policy)", &body, &engine, None),
         (
             "core: parse + policy, US visitor (keep, hash email, truncate IP)",
             &body,
+            &engine,
             Some(&signals_us),
         ),
         (
             "core: parse + policy, EEA visitor (anonymise)",
             &body,
+            &engine,
             Some(&signals_fr),
         ),
         (
             "core: parse + policy, US, browser event (page, UA; PII detection finds 1 e-mail)",
             &browser_body,
+            &engine,
+            Some(&signals_us),
+        ),
+        (
+            "core: the same browser event, PII value detection off",
+            &browser_body,
+            &engine_no_detect,
             Some(&signals_us),
         ),
     ];
-    for (label, body, signals) in cases {
+    for (label, body, engine, signals) in cases {
         let iterations = 2_000;
         let start = Instant::now();
         for _ in 0..iterations {
@@ -378,7 +396,7 @@ pub fn core_costs(tools: &Toolchain) -> Result<Vec<(String, String)>> {
                 body.as_bytes(),
                 0,
                 &mut || "bench-id".to_string(),
-                signals.map(|s| (&engine, s)),
+                signals.map(|s| (engine, s)),
             )
             .map_err(|e| anyhow::anyhow!("{e}"))?;
             std::hint::black_box(parsed);
