@@ -68,3 +68,87 @@ async fn poison_event_is_quarantined_and_every_shard_keeps_draining() {
     assert_eq!(st.count("tracks"), 41);
     assert_eq!(st.count("quarantine"), 0);
 }
+
+// The daemon drains past a poison event, and `collector-agent quarantine replay` goes
+// through its admin endpoint while it holds the warehouse.
+#[tokio::test]
+async fn running_agent_quarantines_and_replays_through_its_admin_endpoint() {
+    use collector_agent::admin::{query_running_agent, replay_running_agent};
+    let st = Stack::start();
+    let poison = json!([{
+        "message_id": "poison-2", "kind": "Page", "anonymous_id": "v", "user_id": null,
+        "received_at_ms": 0, "timestamp_ms": 0,
+        "json": "{\"type\":\"page\",\"messageId\":\"poison-2\",\"anonymousId\":\"v\",\"sentAt\":[1]}"
+    }]);
+    let r = st
+        .send(
+            st.http
+                .post(format!("{}/dev/inject?shard=2", st.edge.url))
+                .body(poison.to_string()),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    for i in 0..8 {
+        let r = st
+            .post(
+                "/v1/page",
+                &json!({"messageId": format!("p-{i}"), "anonymousId": format!("v-{i}")}),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    let cfg = st.agent_config();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(collector_agent::run(cfg.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+    let warehouse = cfg.warehouse.path.clone();
+    let count = |sql: &'static str| {
+        let w = warehouse.clone();
+        async move {
+            query_running_agent(&w, sql)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|r| r.rows[0][0].clone())
+                .unwrap_or_default()
+        }
+    };
+    // Open batches seal after BATCH_MAX_AGE_MS; wait for everything to land.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while count("SELECT (SELECT count(*) FROM pages) || '/' || (SELECT count(*) FROM quarantine)")
+        .await
+        != "8/1"
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not drain past the poison event"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let reason = query_running_agent(&warehouse, "SELECT reason FROM quarantine")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        reason.rows[0][0].as_deref().unwrap().contains("sentAt"),
+        "{reason:?}"
+    );
+    query_running_agent(
+        &warehouse,
+        "UPDATE quarantine SET event = replace(event, '\"sentAt\":[1]', '\"sentAt\":null')",
+    )
+    .await
+    .unwrap();
+    let replayed = replay_running_agent(&warehouse, &[])
+        .await
+        .unwrap()
+        .expect("the agent answers");
+    assert_eq!((replayed.inserted, replayed.quarantined), (1, 0));
+    assert_eq!(
+        count("SELECT count(*) || '/' || (SELECT count(*) FROM quarantine) FROM pages").await,
+        "9/0"
+    );
+    let _ = stop_tx.send(());
+    agent.await.unwrap().unwrap();
+}
