@@ -8,6 +8,23 @@ use collector_agent::sinks::duckdb::DuckDbSink;
 use common::*;
 use serde_json::json;
 
+/// Plants one event in a shard as stored, skipping validation (`/dev/inject`, DEV_MODE
+/// only): what an older or buggy edge might have written.
+async fn inject(st: &Stack, shard: u32, id: &str, kind: &str, event_json: &str) {
+    let events = json!([{
+        "message_id": id, "kind": kind, "anonymous_id": "v", "user_id": null,
+        "received_at_ms": 0, "timestamp_ms": 0, "json": event_json
+    }]);
+    let r = st
+        .send(
+            st.http
+                .post(format!("{}/dev/inject?shard={shard}", st.edge.url))
+                .body(events.to_string()),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
 #[tokio::test]
 async fn poison_event_is_quarantined_and_every_shard_keeps_draining() {
     let st = Stack::start();
@@ -20,19 +37,14 @@ async fn poison_event_is_quarantined_and_every_shard_keeps_draining() {
     }
     // Plant a poison event in shard 0, as an older or buggy edge might have stored it:
     // valid JSON framing, but a timestamp no warehouse can read.
-    let poison = json!([{
-        "message_id": "poison-1", "kind": "Track", "anonymous_id": "visitor-0", "user_id": null,
-        "received_at_ms": 0, "timestamp_ms": 0,
-        "json": "{\"type\":\"track\",\"event\":\"E\",\"messageId\":\"poison-1\",\"anonymousId\":\"visitor-0\",\"timestamp\":\"not a time\"}"
-    }]);
-    let r = st
-        .send(
-            st.http
-                .post(format!("{}/dev/inject?shard=0", st.edge.url))
-                .body(poison.to_string()),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    inject(
+        &st,
+        0,
+        "poison-1",
+        "Track",
+        r#"{"type":"track","event":"E","messageId":"poison-1","anonymousId":"visitor-0","timestamp":"not a time"}"#,
+    )
+    .await;
 
     let summary = st.drain().await;
     assert_eq!(summary.quarantined, 1, "{summary:?}");
@@ -75,19 +87,14 @@ async fn poison_event_is_quarantined_and_every_shard_keeps_draining() {
 async fn running_agent_quarantines_and_replays_through_its_admin_endpoint() {
     use collector_agent::admin::{query_running_agent, replay_running_agent};
     let st = Stack::start();
-    let poison = json!([{
-        "message_id": "poison-2", "kind": "Page", "anonymous_id": "v", "user_id": null,
-        "received_at_ms": 0, "timestamp_ms": 0,
-        "json": "{\"type\":\"page\",\"messageId\":\"poison-2\",\"anonymousId\":\"v\",\"sentAt\":[1]}"
-    }]);
-    let r = st
-        .send(
-            st.http
-                .post(format!("{}/dev/inject?shard=2", st.edge.url))
-                .body(poison.to_string()),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    inject(
+        &st,
+        2,
+        "poison-2",
+        "Page",
+        r#"{"type":"page","messageId":"poison-2","anonymousId":"v","sentAt":[1]}"#,
+    )
+    .await;
     for i in 0..8 {
         let r = st
             .post(
