@@ -4,8 +4,8 @@
 //! removed when the agent stops.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -14,8 +14,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::sinks::duckdb::{DuckDbSink, QueryResult};
-use crate::sinks::LoadStats;
+use crate::sinks::{LoadStats, QueryResult, Sink};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentState {
@@ -24,16 +23,9 @@ pub struct AgentState {
     pub pid: u32,
 }
 
-/// Path of the state file for a warehouse.
-pub fn state_file(warehouse: &Path) -> PathBuf {
-    let mut s = warehouse.as_os_str().to_owned();
-    s.push(".agent");
-    PathBuf::from(s)
-}
-
 #[derive(Clone)]
 struct AppState {
-    sink: Arc<Mutex<DuckDbSink>>,
+    sink: Arc<dyn Sink>,
     token: Arc<String>,
 }
 
@@ -61,7 +53,7 @@ pub async fn bind(addr: &str) -> anyhow::Result<(AgentState, tokio::net::TcpList
 /// Serves the admin API on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    sink: Arc<Mutex<DuckDbSink>>,
+    sink: Arc<dyn Sink>,
     token: String,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -111,20 +103,17 @@ async fn handle_replay(
     Json(req): Json<ReplayRequest>,
 ) -> Result<Json<LoadStats>, AdminError> {
     authorize(&state, &headers)?;
-    let sink = state.sink.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut guard = sink
-            .lock()
-            .map_err(|_| "warehouse lock poisoned".to_string())?;
-        guard
-            .replay_quarantine(&req.message_ids)
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())
-    .and_then(|r| r)
-    .map(Json)
-    .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e}))))
+    state
+        .sink
+        .replay_quarantine(&req.message_ids)
+        .await
+        .map(Json)
+        .map_err(|e| {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": e.to_string()})),
+            )
+        })
 }
 
 async fn handle_sql(
@@ -133,19 +122,12 @@ async fn handle_sql(
     body: String,
 ) -> Result<Json<QueryResult>, AdminError> {
     authorize(&state, &headers)?;
-    let sink = state.sink.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let guard = sink
-            .lock()
-            .map_err(|_| "warehouse lock poisoned".to_string())?;
-        guard.query(&body).map_err(|e| e.to_string())
+    state.sink.query(&body).await.map(Json).map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": e.to_string()})),
+        )
     })
-    .await
-    .map_err(|e| e.to_string())
-    .and_then(|r| r);
-    result
-        .map(Json)
-        .map_err(|e| (StatusCode::BAD_REQUEST, Json(json!({"error": e}))))
 }
 
 /// Writes the state file with owner-only permissions.
@@ -165,11 +147,11 @@ pub fn write_state(path: &Path, state: &AgentState) -> anyhow::Result<()> {
 /// Sends one request to the running agent's admin endpoint: `Ok(None)` when no agent
 /// runs for this warehouse (no state file, or nothing listening).
 async fn call_running_agent<T: serde::de::DeserializeOwned>(
-    warehouse: &Path,
+    state_file: &Path,
     path: &str,
     build: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
 ) -> anyhow::Result<Option<T>> {
-    let Ok(text) = std::fs::read_to_string(state_file(warehouse)) else {
+    let Ok(text) = std::fs::read_to_string(state_file) else {
         return Ok(None);
     };
     let Ok(state) = serde_json::from_str::<AgentState>(&text) else {
@@ -198,20 +180,20 @@ async fn call_running_agent<T: serde::de::DeserializeOwned>(
 
 /// Runs SQL through the running agent (`Ok(None)` when none runs).
 pub async fn query_running_agent(
-    warehouse: &Path,
+    state_file: &Path,
     sql: &str,
 ) -> anyhow::Result<Option<QueryResult>> {
     let sql = sql.to_string();
-    call_running_agent(warehouse, "/sql", |r| r.body(sql)).await
+    call_running_agent(state_file, "/sql", |r| r.body(sql)).await
 }
 
 /// Replays quarantined events through the running agent (`Ok(None)` when none runs).
 pub async fn replay_running_agent(
-    warehouse: &Path,
+    state_file: &Path,
     message_ids: &[String],
 ) -> anyhow::Result<Option<LoadStats>> {
     let req = ReplayRequest {
         message_ids: message_ids.to_vec(),
     };
-    call_running_agent(warehouse, "/quarantine/replay", |r| r.json(&req)).await
+    call_running_agent(state_file, "/quarantine/replay", |r| r.json(&req)).await
 }

@@ -4,6 +4,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use crate::sinks::duckdb::config::DuckDbConfig;
+pub use crate::sinks::postgres::config::PostgresConfig;
+
 /// `agent.toml`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,26 +41,75 @@ pub struct AgentConfig {
     pub request_timeout_ms: u64,
 }
 
-/// `[warehouse]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WarehouseConfig {
-    /// Path of the embedded DuckDB file. Relative paths are relative to the config file.
-    #[serde(default = "default_warehouse_path")]
-    pub path: PathBuf,
+/// `[warehouse]`: `kind` picks the sink (default `duckdb`); the other keys are the
+/// kind's own (see each sink's `config.rs`), and unknown keys are errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WarehouseConfig {
+    DuckDb(DuckDbConfig),
+    Postgres(PostgresConfig),
 }
 
 impl Default for WarehouseConfig {
     fn default() -> Self {
-        WarehouseConfig {
-            path: default_warehouse_path(),
+        WarehouseConfig::DuckDb(DuckDbConfig::default())
+    }
+}
+
+impl<'de> Deserialize<'de> for WarehouseConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut table = toml::Table::deserialize(d)?;
+        let kind = match table.remove("kind") {
+            None => "duckdb".to_string(),
+            Some(toml::Value::String(k)) => k,
+            Some(other) => {
+                return Err(D::Error::custom(format!(
+                    "warehouse.kind must be a string, got {other}"
+                )))
+            }
+        };
+        let value = toml::Value::Table(table);
+        let err =
+            |e: toml::de::Error| D::Error::custom(format!("warehouse ({kind}): {}", e.message()));
+        match kind.as_str() {
+            "duckdb" => value.try_into().map(WarehouseConfig::DuckDb).map_err(err),
+            "postgres" => value.try_into().map(WarehouseConfig::Postgres).map_err(err),
+            other => Err(D::Error::custom(format!(
+                "warehouse.kind {other:?} is not one of \"duckdb\", \"postgres\""
+            ))),
         }
     }
 }
 
-fn default_warehouse_path() -> PathBuf {
-    PathBuf::from("./data/warehouse.duckdb")
+impl WarehouseConfig {
+    /// The DuckDB file, for kinds that have one.
+    pub fn duckdb_path(&self) -> Option<&Path> {
+        match self {
+            WarehouseConfig::DuckDb(c) => Some(&c.path),
+            WarehouseConfig::Postgres(_) => None,
+        }
+    }
+
+    /// Where a running agent leaves its admin address and token (`collector-agent sql`
+    /// and `quarantine replay` find it there): beside the DuckDB file, or in the temp
+    /// folder, named after the warehouse URL, for a server.
+    pub fn state_file(&self) -> PathBuf {
+        match self {
+            WarehouseConfig::DuckDb(c) => {
+                let mut s = c.path.as_os_str().to_owned();
+                s.push(".agent");
+                PathBuf::from(s)
+            }
+            WarehouseConfig::Postgres(c) => {
+                let h = c.url.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+                });
+                std::env::temp_dir().join(format!("collector-agent-{h:016x}.agent"))
+            }
+        }
+    }
 }
+
 fn default_admin_addr() -> String {
     "127.0.0.1:0".into()
 }
@@ -81,9 +133,11 @@ impl AgentConfig {
             .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
         let mut cfg: AgentConfig =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
-        if cfg.warehouse.path.is_relative() {
-            let base = path.parent().unwrap_or(Path::new("."));
-            cfg.warehouse.path = base.join(&cfg.warehouse.path);
+        if let WarehouseConfig::DuckDb(w) = &mut cfg.warehouse {
+            if w.path.is_relative() {
+                let base = path.parent().unwrap_or(Path::new("."));
+                w.path = base.join(&w.path);
+            }
         }
         cfg.validate()?;
         Ok(cfg)
@@ -106,6 +160,9 @@ impl AgentConfig {
         if let Err(e) = lease.validate(None) {
             let e = e.to_string().replace("max_batches", "lease_batches");
             anyhow::bail!("config: {e}");
+        }
+        if let WarehouseConfig::Postgres(p) = &self.warehouse {
+            p.validate()?;
         }
         self.secret()?;
         Ok(())

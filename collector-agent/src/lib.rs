@@ -16,7 +16,7 @@ pub mod privacy_cli;
 pub mod sinks;
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use collector_core::codec::{decode_batch, BATCH_VERSION};
@@ -26,7 +26,6 @@ use tokio::sync::watch;
 
 pub use crate::config::AgentConfig;
 use crate::edge::{EdgeClient, EdgeError};
-use crate::sinks::duckdb::DuckDbSink;
 use crate::sinks::{Load, LoadBatch, LoadStats, Sink, SinkError};
 
 /// What a drain did.
@@ -68,12 +67,12 @@ pub enum DrainError {
 /// Drains shards from one edge into one sink.
 pub struct Drainer {
     client: EdgeClient,
-    sink: Arc<Mutex<DuckDbSink>>,
+    sink: Arc<dyn Sink>,
     cfg: AgentConfig,
 }
 
 impl Drainer {
-    pub fn new(cfg: AgentConfig, sink: Arc<Mutex<DuckDbSink>>) -> anyhow::Result<Drainer> {
+    pub fn new(cfg: AgentConfig, sink: Arc<dyn Sink>) -> anyhow::Result<Drainer> {
         Ok(Drainer {
             client: EdgeClient::new(&cfg)?,
             sink,
@@ -140,15 +139,7 @@ impl Drainer {
                 }
             }
         }
-        let sink = self.sink.clone();
-        let stats: LoadStats = tokio::task::spawn_blocking(move || {
-            let mut sink = sink
-                .lock()
-                .map_err(|_| SinkError::Transient("warehouse lock poisoned".into()))?;
-            sink.load(&load)
-        })
-        .await
-        .map_err(|e| DrainError::Task(e.to_string()))??;
+        let stats: LoadStats = self.sink.load(&load).await?;
         summary.inserted = stats.inserted;
         summary.duplicates = stats.duplicates;
         summary.quarantined = stats.quarantined;
@@ -212,17 +203,17 @@ impl Drainer {
     }
 }
 
-fn open_sink(cfg: &AgentConfig) -> anyhow::Result<Arc<Mutex<DuckDbSink>>> {
-    let sink = DuckDbSink::open(&cfg.warehouse.path)
-        .map_err(|e| anyhow::anyhow!("warehouse {}: {e}", cfg.warehouse.path.display()))?;
-    Ok(Arc::new(Mutex::new(sink)))
+async fn open_sink(cfg: &AgentConfig) -> anyhow::Result<Arc<dyn Sink>> {
+    sinks::open(&cfg.warehouse)
+        .await
+        .map_err(|e| anyhow::anyhow!("warehouse: {e}"))
 }
 
 /// Drains every shard until none has anything left (sealing open batches first), then
 /// returns. Used by `collector-agent run --once` and the tests. A shard that fails does
 /// not stop the others; the first error is returned after every shard was tried.
 pub async fn drain_once(cfg: &AgentConfig) -> anyhow::Result<DrainSummary> {
-    let sink = open_sink(cfg)?;
+    let sink = open_sink(cfg).await?;
     let drainer = Drainer::new(cfg.clone(), sink)?;
     let info = drainer.info().await?;
     let (_never, stop) = watch::channel(false);
@@ -239,7 +230,7 @@ pub async fn run(
     cfg: AgentConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let sink = open_sink(&cfg)?;
+    let sink = open_sink(&cfg).await?;
     let (stop_tx, mut stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -247,9 +238,9 @@ pub async fn run(
     });
 
     let (state, listener) = admin::bind(&cfg.admin_addr).await?;
-    let state_path = admin::state_file(&cfg.warehouse.path);
+    let state_path = cfg.warehouse.state_file();
     admin::write_state(&state_path, &state)?;
-    tracing::info!(admin = %state.addr, warehouse = %cfg.warehouse.path.display(), "agent started");
+    tracing::info!(admin = %state.addr, warehouse = sink.kind(), "agent started");
     let mut admin_stop = stop_rx.clone();
     let admin_task = tokio::spawn(admin::serve(
         listener,

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use collector_agent::sinks::duckdb::{DuckDbSink, QueryResult};
+use collector_agent::sinks::duckdb::DuckDbSink;
+use collector_agent::sinks::QueryResult;
 use collector_agent::{admin, drain_once, run, AgentConfig};
 
 #[derive(Parser)]
@@ -138,16 +139,14 @@ async fn main() -> anyhow::Result<()> {
                 },
         } => {
             let cfg = AgentConfig::load(&config)?;
-            let s = match admin::replay_running_agent(&cfg.warehouse.path, &message_ids).await? {
+            let state = cfg.warehouse.state_file();
+            let s = match admin::replay_running_agent(&state, &message_ids).await? {
                 Some(s) => s,
                 None => {
-                    let path = cfg.warehouse.path.clone();
-                    tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                        let mut sink = DuckDbSink::open(&path)
-                            .with_context(|| format!("open {}", path.display()))?;
-                        Ok(sink.replay_quarantine(&message_ids)?)
-                    })
-                    .await??
+                    let sink = collector_agent::sinks::open(&cfg.warehouse)
+                        .await
+                        .context("open the warehouse")?;
+                    sink.replay_quarantine(&message_ids).await?
                 }
             };
             println!(
@@ -185,18 +184,30 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Runs a query through the running agent if there is one, else on the file.
+/// Runs a query through the running agent if there is one, else on the warehouse.
 async fn sql(cfg: &AgentConfig, query: String) -> anyhow::Result<QueryResult> {
-    if let Some(r) = admin::query_running_agent(&cfg.warehouse.path, &query).await? {
+    if let Some(r) = admin::query_running_agent(&cfg.warehouse.state_file(), &query).await? {
         return Ok(r);
     }
-    let path = cfg.warehouse.path.clone();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<QueryResult> {
-        let conn = DuckDbSink::open_read_only(&path)
-            .with_context(|| format!("open {}", path.display()))?;
-        Ok(collector_agent::sinks::duckdb::run_query(&conn, &query)?)
-    })
-    .await?
+    match cfg.warehouse.duckdb_path() {
+        // No agent holds the file: read it directly, read-only.
+        Some(path) => {
+            let path = path.to_path_buf();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<QueryResult> {
+                let conn = DuckDbSink::open_read_only(&path)
+                    .with_context(|| format!("open {}", path.display()))?;
+                Ok(collector_agent::sinks::duckdb::run_query(&conn, &query)?)
+            })
+            .await?
+        }
+        // A server takes any number of clients.
+        None => {
+            let sink = collector_agent::sinks::open(&cfg.warehouse)
+                .await
+                .context("open the warehouse")?;
+            Ok(sink.query(&query).await?)
+        }
+    }
 }
 
 async fn shutdown_signal() {

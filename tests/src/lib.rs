@@ -11,6 +11,7 @@
 pub mod browser;
 pub mod edge;
 pub mod pages;
+pub mod postgres;
 pub mod toolchain;
 
 pub use edge::{EdgeOptions, LocalEdge, TEST_PII_KEY};

@@ -98,7 +98,7 @@ async fn a_lease_that_is_never_acked_comes_back_after_expiry_and_lands_once() {
         assert_eq!(r.status, 200);
     }
     // An agent leases every shard, loads what it got into the warehouse, and dies before acking.
-    let mut sink = DuckDbSink::open(&st.warehouse()).unwrap();
+    let sink = DuckDbSink::open(&st.warehouse()).unwrap();
     let mut leased = 0;
     for shard in 0..4 {
         let lease = st.lease(shard, 100, 2000).await;
@@ -106,6 +106,7 @@ async fn a_lease_that_is_never_acked_comes_back_after_expiry_and_lands_once() {
             let batch = decode_batch(&b.blob).unwrap();
             leased += batch.events.len() as u64;
             sink.load(&Load::events(shard, b.batch_id, batch.events))
+                .await
                 .unwrap();
         }
     }

@@ -5,6 +5,7 @@
 mod common;
 
 use collector_agent::sinks::duckdb::DuckDbSink;
+use collector_agent::sinks::Sink;
 use common::*;
 use serde_json::json;
 
@@ -69,12 +70,16 @@ async fn poison_event_is_quarantined_and_every_shard_keeps_draining() {
 
     // Fixed by hand, then replayed: it lands once and leaves the quarantine.
     {
-        let mut sink = DuckDbSink::open(&st.warehouse()).unwrap();
+        let sink = DuckDbSink::open(&st.warehouse()).unwrap();
         sink.query(
             "UPDATE quarantine SET event = replace(event, 'not a time', '2026-11-25T10:00:00Z')",
         )
+        .await
         .unwrap();
-        let r = sink.replay_quarantine(&["poison-1".to_string()]).unwrap();
+        let r = sink
+            .replay_quarantine(&["poison-1".to_string()])
+            .await
+            .unwrap();
         assert_eq!((r.inserted, r.quarantined), (1, 0));
     }
     assert_eq!(st.count("tracks"), 41);
@@ -109,9 +114,9 @@ async fn running_agent_quarantines_and_replays_through_its_admin_endpoint() {
     let agent = tokio::spawn(collector_agent::run(cfg.clone(), async move {
         let _ = stop_rx.await;
     }));
-    let warehouse = cfg.warehouse.path.clone();
+    let state = cfg.warehouse.state_file();
     let count = |sql: &'static str| {
-        let w = warehouse.clone();
+        let w = state.clone();
         async move {
             query_running_agent(&w, sql)
                 .await
@@ -133,7 +138,7 @@ async fn running_agent_quarantines_and_replays_through_its_admin_endpoint() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    let reason = query_running_agent(&warehouse, "SELECT reason FROM quarantine")
+    let reason = query_running_agent(&state, "SELECT reason FROM quarantine")
         .await
         .unwrap()
         .unwrap();
@@ -142,12 +147,12 @@ async fn running_agent_quarantines_and_replays_through_its_admin_endpoint() {
         "{reason:?}"
     );
     query_running_agent(
-        &warehouse,
+        &state,
         "UPDATE quarantine SET event = replace(event, '\"sentAt\":[1]', '\"sentAt\":null')",
     )
     .await
     .unwrap();
-    let replayed = replay_running_agent(&warehouse, &[])
+    let replayed = replay_running_agent(&state, &[])
         .await
         .unwrap()
         .expect("the agent answers");

@@ -11,8 +11,9 @@ use collector_e2e::Toolchain;
 
 use crate::run;
 
-/// `browsers`: also Debian's Chromium (the browser tests need it; `dev` does not).
-pub fn setup(tools: &Toolchain, browsers: bool) -> Result<()> {
+/// `for_tests`: also what only the tests need (Debian's Chromium for the browser tests,
+/// Debian's PostgreSQL server for the warehouse tests); `dev` does not need them.
+pub fn setup(tools: &Toolchain, for_tests: bool) -> Result<()> {
     wasm_target()?;
     npm_packages(tools)?;
     cargo_tool(
@@ -27,8 +28,9 @@ pub fn setup(tools: &Toolchain, browsers: bool) -> Result<()> {
         &tools.wasm_bindgen_version,
         &tools.wasm_bindgen,
     )?;
-    if browsers {
+    if for_tests {
         debian_package(&CHROMIUM)?;
+        debian_package(&POSTGRESQL)?;
     }
     let missing = tools.missing();
     anyhow::ensure!(
@@ -131,6 +133,15 @@ pub const CHROMIUM: DebianPackage = DebianPackage {
     min_version: CHROMIUM_MIN_VERSION,
     binary: "/usr/bin/chromium",
     purpose: "the browser tests",
+};
+
+/// Debian's PostgreSQL server, for the warehouse tests (each starts its own cluster on
+/// a free loopback port; see `collector_e2e::postgres`).
+pub const POSTGRESQL: DebianPackage = DebianPackage {
+    names: &["postgresql"],
+    min_version: "15",
+    binary: "/usr/bin/psql",
+    purpose: "the PostgreSQL warehouse tests",
 };
 
 /// Debian's Node.js and npm, only when no `npm` is on the PATH: npm installs the pinned
@@ -261,5 +272,7 @@ mod tests {
             CHROMIUM_MIN_VERSION
         ));
         assert!(version_at_least("18.20.4+dfsg-1~deb12u3", NPM.min_version));
+        assert!(version_at_least("15+248+deb12u2", POSTGRESQL.min_version));
+        assert!(!version_at_least("14+238", POSTGRESQL.min_version));
     }
 }

@@ -1,10 +1,26 @@
 //! Warehouse sinks. One folder per sink (`mod.rs` docs, `config.rs`, the sink), all
-//! behind the [`Sink`] trait. A sink must be idempotent by `message_id`: the edge
-//! delivers at least once, and the warehouse makes it exactly once.
+//! behind the async [`Sink`] trait, chosen by `[warehouse] kind`. The schema is data
+//! ([`schema`]): a sink maps its logical types to its dialect and writes prepared rows.
+//!
+//! A sink must be idempotent by `message_id` (unique across the warehouse): the edge
+//! delivers at least once, and the warehouse makes it exactly once. What a sink must do:
+//! [`Sink::write`] a [`schema::Prepared`] load in one transaction (rows whose id is new,
+//! quarantine entries, dead letters keyed by `(shard, batch_id)`), classify its errors
+//! ([`SinkError::Transient`] is retried, [`SinkError::Permanent`] makes the caller
+//! isolate and quarantine the event that causes it), list its quarantine, and run SQL
+//! for `collector-agent sql`.
 
 pub mod duckdb;
+pub mod postgres;
+pub mod schema;
 
+use std::sync::Arc;
+
+use async_trait::async_trait;
 use collector_core::StoredEvent;
+
+use crate::config::WarehouseConfig;
+use crate::sinks::schema::{Prepared, QuarantinedEvent};
 
 /// What one load did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -82,12 +98,100 @@ impl Load {
     }
 }
 
-/// A warehouse the agent loads into.
-pub trait Sink: Send {
+/// Rows of a query, every value rendered as text (`None` for NULL; timestamps as
+/// RFC 3339 UTC with milliseconds, the same in every sink).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueryResult {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Option<String>>>,
+}
+
+/// A warehouse the agent loads into. Shared by the drain loop and the admin endpoint,
+/// so its methods take `&self`.
+#[async_trait]
+pub trait Sink: Send + Sync {
+    /// `duckdb`, `postgres`, …
+    fn kind(&self) -> &'static str;
+
+    /// Writes a prepared load in one transaction: the rows whose `message_id` is new to
+    /// the warehouse (the others count as duplicates), the quarantine entries (unless the
+    /// id is already loaded) and the dead letters (once per `(shard, batch_id)`). All or
+    /// nothing; writing the same load again changes nothing.
+    async fn write(&self, load: Arc<Prepared>) -> Result<LoadStats, SinkError>;
+
+    /// The quarantined events (all, or those with these ids), oldest first.
+    async fn quarantined(&self, ids: &[String]) -> Result<Vec<QuarantinedEvent>, SinkError>;
+
+    /// Runs one SQL statement and renders its rows as text.
+    async fn query(&self, sql: &str) -> Result<QueryResult, SinkError>;
+
     /// Loads one lease's batches, all or nothing: its events (each `message_id` once in
     /// the whole warehouse), the events the warehouse refuses (quarantined with their
     /// reason, never blocking the rest), and undecodable batches (dead letters). Loading
     /// the same `Load` again changes nothing. `Err` only when nothing was committed and
     /// the load must be retried.
-    fn load(&mut self, load: &Load) -> Result<LoadStats, SinkError>;
+    async fn load(&self, load: &Load) -> Result<LoadStats, SinkError> {
+        load_isolating(self, schema::prepare(load)).await
+    }
+
+    /// Loads the quarantined events again (all, or the given message ids), e.g. after
+    /// the warehouse or the event (`UPDATE quarantine SET event = …`) was fixed. Those
+    /// that load leave the quarantine; the others stay, with the new reason and one more
+    /// attempt.
+    async fn replay_quarantine(&self, ids: &[String]) -> Result<LoadStats, SinkError> {
+        let mut stats = LoadStats::default();
+        for q in self.quarantined(ids).await? {
+            if let Some(p) = q.prepared() {
+                stats.add(load_isolating(self, p).await?);
+            }
+        }
+        Ok(stats)
+    }
+}
+
+/// Writes a prepared load; after a permanent error, writes its events one at a time and
+/// quarantines each one the warehouse refuses on its own, then the rest of the load.
+pub async fn load_isolating<S: Sink + ?Sized>(
+    sink: &S,
+    prepared: Prepared,
+) -> Result<LoadStats, SinkError> {
+    let p = Arc::new(prepared);
+    let first = match sink.write(p.clone()).await {
+        Err(e @ SinkError::Permanent(_)) => e,
+        other => return other,
+    };
+    tracing::warn!(error = %first, events = p.rows.len(), sink = sink.kind(), "load refused; isolating the event(s) the warehouse rejects");
+    let mut stats = LoadStats::default();
+    let mut quarantine = p.quarantine.clone();
+    for row in &p.rows {
+        let one = Prepared {
+            shard: p.shard,
+            replay: p.replay,
+            rows: vec![row.clone()],
+            ..Prepared::default()
+        };
+        match sink.write(Arc::new(one)).await {
+            Ok(s) => stats.add(s),
+            Err(e @ SinkError::Permanent(_)) => quarantine.push(p.quarantined(row, e.to_string())),
+            Err(e) => return Err(e),
+        }
+    }
+    let rest = Prepared {
+        shard: p.shard,
+        replay: p.replay,
+        quarantine,
+        dead: p.dead.clone(),
+        in_load_duplicates: p.in_load_duplicates,
+        ..Prepared::default()
+    };
+    stats.add(sink.write(Arc::new(rest)).await?);
+    Ok(stats)
+}
+
+/// Opens the warehouse the config names, bringing its schema up to date.
+pub async fn open(cfg: &WarehouseConfig) -> Result<Arc<dyn Sink>, SinkError> {
+    Ok(match cfg {
+        WarehouseConfig::DuckDb(c) => Arc::new(duckdb::DuckDbSink::open(&c.path)?),
+        WarehouseConfig::Postgres(c) => Arc::new(postgres::PostgresSink::connect(c).await?),
+    })
 }

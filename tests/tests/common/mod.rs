@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use collector_agent::config::WarehouseConfig;
+use collector_agent::config::{DuckDbConfig, WarehouseConfig};
 use collector_agent::sinks::duckdb::{run_query, DuckDbSink};
 use collector_agent::{drain_once, AgentConfig, DrainSummary};
 use collector_e2e::{EdgeOptions, LocalEdge, DEV_WRITE_KEY};
@@ -58,9 +58,9 @@ impl Stack {
             edge_url: self.edge.url.clone(),
             drain_secret: Some(SECRET.into()),
             drain_secret_env: None,
-            warehouse: WarehouseConfig {
+            warehouse: WarehouseConfig::DuckDb(DuckDbConfig {
                 path: self.warehouse(),
-            },
+            }),
             admin_addr: "127.0.0.1:0".into(),
             poll_interval_ms: 100,
             lease_batches: 10,

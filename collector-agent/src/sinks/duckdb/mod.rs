@@ -1,9 +1,15 @@
-//! The embedded DuckDB warehouse (the default).
+//! The embedded DuckDB warehouse (the default, `[warehouse] kind = "duckdb"`).
 //!
-//! Tables in Segment's warehouse shape: `tracks`, `pages`, `identifies`, `screens`,
-//! `groups`, `aliases`, each with `message_id` as primary key, typed id and time columns
-//! (UTC `TIMESTAMP`s), JSON columns for `properties`/`traits`/`context`/`integrations`,
-//! and the whole normalised event in `raw`. Undecodable batches go to `dead_letters`.
+//! ```toml
+//! [warehouse]
+//! path = "./data/warehouse.duckdb"   # relative to the config file
+//! ```
+//!
+//! Tables in Segment's warehouse shape (from `sinks::schema`): `tracks`, `pages`,
+//! `identifies`, `screens`, `groups`, `aliases`, each with `message_id` as primary key,
+//! typed id and time columns (UTC `TIMESTAMP`s), JSON columns for
+//! `properties`/`traits`/`context`/`integrations`, and the whole normalised event in
+//! `raw`; plus `message_ids`, `quarantine`, `dead_letters` and `collector_migrations`.
 //!
 //! DuckDB lets one process hold a file open for writing, so live queries go through the
 //! running agent's admin endpoint (see `crate::admin`).
@@ -11,4 +17,4 @@
 pub mod config;
 mod sink;
 
-pub use sink::{run_query, DuckDbSink, QueryResult};
+pub use sink::{run_query, DuckDbSink};

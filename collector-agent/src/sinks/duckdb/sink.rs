@@ -1,54 +1,40 @@
-use std::collections::HashSet;
-use std::path::Path;
+//! The DuckDB sink: one embedded file, bulk loads through the appender into all-text
+//! staging tables, cast on the way into the typed tables.
 
-use collector_core::timestamp::{format_ms, parse_ms};
-use collector_core::{EventKind, StoredEvent};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use collector_core::timestamp::format_ms;
+use collector_core::EventKind;
 use duckdb::types::{TimeUnit, ValueRef};
 use duckdb::{params, Connection};
-use serde_json::Value;
 
-use crate::sinks::{Load, LoadBatch, LoadStats, Sink, SinkError};
+use crate::sinks::schema::{self, LogicalType, Prepared, QuarantinedEvent, Row};
+use crate::sinks::{LoadStats, QueryResult, Sink, SinkError};
 
-/// Columns of one event table beyond the common ones, as `(column, event field, is_json)`.
-fn specific_columns(kind: EventKind) -> &'static [(&'static str, &'static str, bool)] {
-    match kind {
-        EventKind::Track => &[
-            ("event", "event", false),
-            ("properties", "properties", true),
-        ],
-        EventKind::Page | EventKind::Screen => &[
-            ("name", "name", false),
-            ("category", "category", false),
-            ("properties", "properties", true),
-        ],
-        EventKind::Identify => &[("traits", "traits", true)],
-        EventKind::Group => &[("group_id", "groupId", false), ("traits", "traits", true)],
-        EventKind::Alias => &[("previous_id", "previousId", false)],
+/// DuckDB's type for a logical type.
+fn sql_type(ty: LogicalType) -> &'static str {
+    match ty {
+        LogicalType::Text => "VARCHAR",
+        // UTC; `TIMESTAMPTZ` would need the ICU extension.
+        LogicalType::Timestamp => "TIMESTAMP",
+        LogicalType::Json => "JSON",
     }
 }
 
-/// `(column, event field, type)` common to every event table, after `message_id`.
-const COMMON: &[(&str, &str, &str)] = &[
-    ("anonymous_id", "anonymousId", "VARCHAR"),
-    ("user_id", "userId", "VARCHAR"),
-    ("timestamp", "timestamp", "TIMESTAMP"),
-    ("sent_at", "sentAt", "TIMESTAMP"),
-    ("received_at", "receivedAt", "TIMESTAMP"),
-    ("original_timestamp", "originalTimestamp", "TIMESTAMP"),
-    ("context", "context", "JSON"),
-    ("integrations", "integrations", "JSON"),
-];
-
 fn create_table_sql(kind: EventKind) -> String {
-    let mut cols = vec!["message_id VARCHAR PRIMARY KEY".to_string()];
-    for (col, _, ty) in COMMON {
-        cols.push(format!("{col} {ty}"));
+    let mut cols = Vec::new();
+    for c in schema::columns(kind) {
+        let mut def = format!("{} {}", c.name, sql_type(c.ty));
+        if c == schema::MESSAGE_ID {
+            def.push_str(" PRIMARY KEY");
+        } else if c == schema::RAW {
+            def.push_str(" NOT NULL");
+        }
+        cols.push(def);
     }
-    for (col, _, json) in specific_columns(kind) {
-        cols.push(format!("{col} {}", if *json { "JSON" } else { "VARCHAR" }));
-    }
-    cols.push("raw JSON NOT NULL".into());
-    cols.push("loaded_at TIMESTAMP NOT NULL".into());
+    cols.push(format!("{} TIMESTAMP NOT NULL", schema::LOADED_AT));
     format!(
         "CREATE TABLE IF NOT EXISTS {} ({})",
         kind.table(),
@@ -56,23 +42,10 @@ fn create_table_sql(kind: EventKind) -> String {
     )
 }
 
-fn column_names(kind: EventKind) -> Vec<&'static str> {
-    let mut cols = vec!["message_id"];
-    cols.extend(COMMON.iter().map(|c| c.0));
-    cols.extend(specific_columns(kind).iter().map(|c| c.0));
-    cols.push("raw");
-    cols
-}
-
-/// Rows of a query, every value rendered as text (`None` for NULL).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct QueryResult {
-    pub columns: Vec<String>,
-    pub rows: Vec<Vec<Option<String>>>,
-}
-
+/// The embedded DuckDB warehouse. DuckDB's API is blocking: every call runs on the
+/// blocking pool, one at a time (DuckDB lets one process write the file).
 pub struct DuckDbSink {
-    conn: Connection,
+    conn: Arc<Mutex<Connection>>,
 }
 
 /// Classifies a DuckDB error: data the warehouse will never take (conversion,
@@ -136,35 +109,35 @@ CREATE TABLE quarantine (message_id VARCHAR PRIMARY KEY, type VARCHAR NOT NULL, 
     ]
 }
 
-/// One event ready for the appender, or the reason the warehouse cannot take it.
-type Row = Vec<Option<String>>;
-
-/// An event the warehouse refuses, as kept in `quarantine`.
-#[derive(Debug, Clone)]
-struct Quarantined {
-    message_id: String,
-    kind: EventKind,
-    shard: u32,
-    batch_id: Option<i64>,
-    reason: String,
-    event: String,
-}
-
-/// A load, checked and turned into rows before any SQL runs.
-#[derive(Debug, Default)]
-struct Prepared {
-    shard: u32,
-    /// A replay of quarantined events: a refusal updates the quarantined row (reason,
-    /// attempts) instead of leaving it as it was.
-    replay: bool,
-    rows: Vec<(EventKind, Row, usize)>,
-    quarantine: Vec<Quarantined>,
-    dead: Vec<(u32, i64, Vec<u8>, String)>,
-    /// Duplicates within this load (the first occurrence wins).
-    in_load_duplicates: u64,
-    /// The events behind `rows` (same index as the third tuple field), to isolate a
-    /// poison event.
-    sources: Vec<(Option<i64>, StoredEvent)>,
+/// Applies the migrations the warehouse has not seen yet.
+fn migrate(conn: &mut Connection) -> Result<(), SinkError> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS collector_migrations (version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)",
+    )
+    .map_err(transient)?;
+    let applied: Vec<i32> = {
+        let mut stmt = conn
+            .prepare("SELECT version FROM collector_migrations")
+            .map_err(transient)?;
+        let rows = stmt.query_map([], |r| r.get(0)).map_err(transient)?;
+        rows.collect::<Result<_, _>>().map_err(transient)?
+    };
+    for (version, name, sql) in migrations() {
+        if applied.contains(&version) {
+            continue;
+        }
+        let tx = conn.transaction().map_err(transient)?;
+        tx.execute_batch(&sql)
+            .map_err(|e| SinkError::Permanent(format!("migration {version} ({name}): {e}")))?;
+        tx.execute(
+            "INSERT INTO collector_migrations VALUES (?, ?, now()::TIMESTAMP)",
+            params![version, name],
+        )
+        .map_err(transient)?;
+        tx.commit().map_err(transient)?;
+        tracing::info!(version, name, "warehouse migrated");
+    }
+    Ok(())
 }
 
 impl DuckDbSink {
@@ -179,9 +152,9 @@ impl DuckDbSink {
         let mut ddl = String::new();
         for kind in EventKind::ALL {
             // All-text staging table for the appender; cast on the way in.
-            let stage_cols: Vec<String> = column_names(kind)
+            let stage_cols: Vec<String> = schema::columns(kind)
                 .iter()
-                .map(|c| format!("{c} VARCHAR"))
+                .map(|c| format!("{} VARCHAR", c.name))
                 .collect();
             ddl.push_str(&format!(
                 "CREATE TEMP TABLE IF NOT EXISTS stage_{} ({});\n",
@@ -191,7 +164,9 @@ impl DuckDbSink {
         }
         conn.execute_batch(&ddl)
             .map_err(|e| SinkError::Permanent(e.to_string()))?;
-        Ok(DuckDbSink { conn })
+        Ok(DuckDbSink {
+            conn: Arc::new(Mutex::new(conn)),
+        })
     }
 
     /// Opens an existing warehouse file read-only (for `collector-agent sql` when no
@@ -203,8 +178,20 @@ impl DuckDbSink {
         Connection::open_with_flags(path, cfg).map_err(transient)
     }
 
-    pub fn query(&self, sql: &str) -> Result<QueryResult, SinkError> {
-        run_query(&self.conn, sql)
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with_conn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, SinkError> + Send + 'static,
+    ) -> Result<T, SinkError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn
+                .lock()
+                .map_err(|_| SinkError::Transient("warehouse lock poisoned".into()))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| SinkError::Transient(format!("warehouse task failed: {e}")))?
     }
 }
 
@@ -263,302 +250,73 @@ fn render(v: ValueRef<'_>) -> Option<String> {
     })
 }
 
-fn text_of(v: Option<&Value>, json: bool) -> Option<String> {
-    match v? {
-        Value::Null => None,
-        Value::String(s) if !json => Some(s.clone()),
-        other => Some(other.to_string()),
-    }
-}
-
-/// Applies the migrations the warehouse has not seen yet.
-fn migrate(conn: &mut Connection) -> Result<(), SinkError> {
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS collector_migrations (version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)",
-    )
-    .map_err(transient)?;
-    let applied: Vec<i32> = {
-        let mut stmt = conn
-            .prepare("SELECT version FROM collector_migrations")
-            .map_err(transient)?;
-        let rows = stmt.query_map([], |r| r.get(0)).map_err(transient)?;
-        rows.collect::<Result<_, _>>().map_err(transient)?
+/// Writes a prepared load in one transaction.
+fn write(conn: &mut Connection, p: &Prepared) -> Result<LoadStats, SinkError> {
+    let tx = conn.transaction().map_err(transient)?;
+    let mut stats = LoadStats {
+        duplicates: p.in_load_duplicates,
+        ..LoadStats::default()
     };
-    for (version, name, sql) in migrations() {
-        if applied.contains(&version) {
-            continue;
-        }
-        let tx = conn.transaction().map_err(transient)?;
-        tx.execute_batch(&sql)
-            .map_err(|e| SinkError::Permanent(format!("migration {version} ({name}): {e}")))?;
-        tx.execute(
-            "INSERT INTO collector_migrations VALUES (?, ?, now()::TIMESTAMP)",
-            params![version, name],
-        )
-        .map_err(transient)?;
-        tx.commit().map_err(transient)?;
-        tracing::info!(version, name, "warehouse migrated");
+    for d in &p.dead {
+        stats.dead_letters += tx
+            .execute(
+                "INSERT OR IGNORE INTO dead_letters VALUES (?, ?, ?, ?, now()::TIMESTAMP)",
+                params![d.shard, d.batch_id, d.error, d.blob],
+            )
+            .map_err(transient)? as u64;
     }
-    Ok(())
-}
-
-/// Turns one event into a row, or says why the warehouse cannot take it. Everything
-/// that could make the insert fail for this event alone is checked here, so one bad
-/// event never fails the others' SQL.
-fn prepare_row(ev: &StoredEvent) -> Result<Row, String> {
-    if ev.message_id.is_empty() {
-        return Err("event has an empty messageId".into());
-    }
-    let obj: Value =
-        serde_json::from_str(&ev.json).map_err(|e| format!("event is not JSON: {e}"))?;
-    if !obj.is_object() {
-        return Err("event is not a JSON object".into());
-    }
-    let mut row = vec![Some(ev.message_id.clone())];
-    for (_, field, ty) in COMMON {
-        let v = obj.get(*field);
-        let text = match (*ty, v) {
-            ("TIMESTAMP", Some(Value::String(s))) => Some(
-                parse_ms(s)
-                    .map(format_ms)
-                    .ok_or_else(|| format!("`{field}` is not a date-time: {:?}", truncate(s)))?,
-            ),
-            ("TIMESTAMP", Some(Value::Null) | None) => None,
-            ("TIMESTAMP", Some(other)) => {
-                return Err(format!(
-                    "`{field}` is not a date-time: {}",
-                    truncate(&other.to_string())
-                ))
-            }
-            (ty, v) => text_of(v, ty == "JSON"),
-        };
-        row.push(text);
-    }
-    for (_, field, json) in specific_columns(ev.kind) {
-        row.push(text_of(obj.get(*field), *json));
-    }
-    row.push(Some(ev.json.clone()));
-    Ok(row)
-}
-
-fn truncate(s: &str) -> String {
-    s.chars().take(64).collect()
-}
-
-impl DuckDbSink {
-    fn prepare(load: &Load) -> Prepared {
-        let mut p = Prepared {
-            shard: load.shard,
-            ..Prepared::default()
-        };
-        let mut seen: HashSet<&str> = HashSet::new();
-        for b in &load.batches {
-            match b {
-                LoadBatch::Undecodable {
-                    batch_id,
-                    blob,
-                    error,
-                } => p
-                    .dead
-                    .push((load.shard, *batch_id, blob.clone(), error.clone())),
-                LoadBatch::Decoded { batch_id, events } => {
-                    for ev in events {
-                        if !seen.insert(ev.message_id.as_str()) {
-                            p.in_load_duplicates += 1;
-                            continue;
-                        }
-                        match prepare_row(ev) {
-                            Ok(row) => {
-                                p.rows.push((ev.kind, row, p.sources.len()));
-                                p.sources.push((Some(*batch_id), ev.clone()));
-                            }
-                            Err(reason) => p.quarantine.push(Quarantined {
-                                message_id: ev.message_id.clone(),
-                                kind: ev.kind,
-                                shard: load.shard,
-                                batch_id: Some(*batch_id),
-                                reason,
-                                event: ev.json.clone(),
-                            }),
-                        }
-                    }
-                }
-            }
-        }
-        p
-    }
-
-    /// Writes a prepared load in one transaction.
-    fn write(&mut self, p: &Prepared) -> Result<LoadStats, SinkError> {
-        let tx = self.conn.transaction().map_err(transient)?;
-        let mut stats = LoadStats {
-            duplicates: p.in_load_duplicates,
-            ..LoadStats::default()
-        };
-        for (shard, batch_id, blob, error) in &p.dead {
-            stats.dead_letters += tx
-                .execute(
-                    "INSERT OR IGNORE INTO dead_letters VALUES (?, ?, ?, ?, now()::TIMESTAMP)",
-                    params![shard, batch_id, error, blob],
-                )
-                .map_err(transient)? as u64;
-        }
-        for q in &p.quarantine {
-            // An event already in the warehouse is a duplicate, not a poison; one already
-            // quarantined is a duplicate too, unless this is a replay of it.
-            let on_conflict = if p.replay {
-                "DO UPDATE SET reason = excluded.reason, attempts = quarantine.attempts + 1"
-            } else {
-                "DO NOTHING"
-            };
-            let n = tx
-                .execute(
-                    &format!(
-                        "INSERT INTO quarantine SELECT ?, ?, ?, ?, ?, ?, now()::TIMESTAMP, 1
+    // An event already in the warehouse is a duplicate, not a poison; one already
+    // quarantined is a duplicate too, unless this is a replay of it.
+    let on_conflict = if p.replay {
+        "DO UPDATE SET reason = excluded.reason, attempts = quarantine.attempts + 1"
+    } else {
+        "DO NOTHING"
+    };
+    for q in &p.quarantine {
+        let n = tx
+            .execute(
+                &format!(
+                    "INSERT INTO quarantine SELECT ?, ?, ?, ?, ?, ?, now()::TIMESTAMP, 1
                      WHERE NOT EXISTS (SELECT 1 FROM message_ids WHERE message_id = ?)
                      ON CONFLICT (message_id) {on_conflict}"
-                    ),
-                    params![
-                        q.message_id,
-                        q.kind.as_str(),
-                        q.shard,
-                        q.batch_id,
-                        q.reason,
-                        q.event,
-                        q.message_id
-                    ],
-                )
-                .map_err(transient)? as u64;
-            if n > 0 {
-                stats.quarantined += 1;
-            } else {
-                stats.duplicates += 1;
-            }
-        }
-        let load_id: i64 = tx
-            .query_row("SELECT nextval('load_ids')", [], |r| r.get(0))
-            .map_err(transient)?;
-        for kind in EventKind::ALL {
-            let rows: Vec<&Row> = p
-                .rows
-                .iter()
-                .filter(|(k, _, _)| *k == kind)
-                .map(|(_, r, _)| r)
-                .collect();
-            if rows.is_empty() {
-                continue;
-            }
-            let n = insert_kind(&tx, kind, &rows, load_id)?;
-            stats.inserted += n;
-            stats.duplicates += rows.len() as u64 - n;
-        }
-        // An event that was quarantined once and has now loaded leaves the quarantine.
-        tx.execute(
-            "DELETE FROM quarantine WHERE message_id IN (SELECT message_id FROM message_ids WHERE load_id = ?)",
-            params![load_id],
-        )
-        .map_err(transient)?;
-        tx.commit().map_err(transient)?;
-        Ok(stats)
-    }
-
-    /// After a permanent error: writes the events one at a time, quarantining each one
-    /// the warehouse refuses on its own, then the rest of the load.
-    fn isolate(&mut self, p: Prepared, first_error: &SinkError) -> Result<LoadStats, SinkError> {
-        tracing::warn!(error = %first_error, events = p.rows.len(), "load refused; isolating the event(s) the warehouse rejects");
-        let mut stats = LoadStats::default();
-        let mut quarantine = p.quarantine;
-        for (kind, row, src) in p.rows {
-            let one = Prepared {
-                shard: p.shard,
-                rows: vec![(kind, row, 0)],
-                ..Prepared::default()
-            };
-            match self.write(&one) {
-                Ok(s) => stats.add(s),
-                Err(e @ SinkError::Permanent(_)) => {
-                    let (batch_id, ev) = &p.sources[src];
-                    quarantine.push(Quarantined {
-                        message_id: ev.message_id.clone(),
-                        kind: ev.kind,
-                        shard: p.shard,
-                        batch_id: *batch_id,
-                        reason: e.to_string(),
-                        event: ev.json.clone(),
-                    });
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        let rest = Prepared {
-            shard: p.shard,
-            replay: p.replay,
-            quarantine,
-            dead: p.dead,
-            in_load_duplicates: p.in_load_duplicates,
-            ..Prepared::default()
-        };
-        stats.add(self.write(&rest)?);
-        Ok(stats)
-    }
-
-    /// Loads the quarantined events again (all, or the given message ids), e.g. after
-    /// the warehouse or the event (`UPDATE quarantine SET event = …`) was fixed. Those
-    /// that load leave the quarantine; the others stay, with the new reason and one more
-    /// attempt.
-    pub fn replay_quarantine(&mut self, ids: &[String]) -> Result<LoadStats, SinkError> {
-        let mut sql = "SELECT message_id, type, shard, batch_id, event FROM quarantine".to_string();
-        if !ids.is_empty() {
-            sql.push_str(" WHERE message_id IN (SELECT unnest(?::VARCHAR[]))");
-        }
-        sql.push_str(" ORDER BY quarantined_at, message_id");
-        let mut stmt = self.conn.prepare(&sql).map_err(transient)?;
-        let list = format!(
-            "[{}]",
-            ids.iter()
-                .map(|i| format!("'{}'", i.replace('\'', "''")))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        let map = |r: &duckdb::Row<'_>| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Option<u32>>(2)?,
-                r.get::<_, Option<i64>>(3)?,
-                r.get::<_, String>(4)?,
-            ))
-        };
-        let rows: Vec<_> = if ids.is_empty() {
-            stmt.query_map([], map)
+                ),
+                params![
+                    q.message_id,
+                    q.kind.as_str(),
+                    q.shard,
+                    q.batch_id,
+                    q.reason,
+                    q.event,
+                    q.message_id
+                ],
+            )
+            .map_err(transient)? as u64;
+        if n > 0 {
+            stats.quarantined += 1;
         } else {
-            stmt.query_map(params![list], map)
+            stats.duplicates += 1;
         }
-        .map_err(transient)?
-        .collect::<Result<_, _>>()
-        .map_err(transient)?;
-        drop(stmt);
-        let mut stats = LoadStats::default();
-        for (message_id, kind, shard, batch_id, json) in rows {
-            let Some(kind) = EventKind::parse(&kind) else {
-                continue;
-            };
-            let ev = StoredEvent {
-                message_id,
-                kind,
-                anonymous_id: None,
-                user_id: None,
-                received_at_ms: 0,
-                timestamp_ms: 0,
-                json,
-            };
-            let load = Load::events(shard.unwrap_or(0), batch_id.unwrap_or(0), vec![ev]);
-            let mut prepared = Self::prepare(&load);
-            prepared.replay = true;
-            stats.add(self.write_or_isolate(prepared)?);
-        }
-        Ok(stats)
     }
+    let load_id: i64 = tx
+        .query_row("SELECT nextval('load_ids')", [], |r| r.get(0))
+        .map_err(transient)?;
+    for kind in EventKind::ALL {
+        let rows: Vec<&Row> = p.rows_of(kind).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let n = insert_kind(&tx, kind, &rows, load_id)?;
+        stats.inserted += n;
+        stats.duplicates += rows.len() as u64 - n;
+    }
+    // An event that was quarantined once and has now loaded leaves the quarantine.
+    tx.execute(
+        "DELETE FROM quarantine WHERE message_id IN (SELECT message_id FROM message_ids WHERE load_id = ?)",
+        params![load_id],
+    )
+    .map_err(transient)?;
+    tx.commit().map_err(transient)?;
+    Ok(stats)
 }
 
 /// Stages one kind's rows and inserts those whose `message_id` is new to the warehouse
@@ -587,31 +345,20 @@ fn insert_kind(
         params![load_id],
     )
     .map_err(classify)?;
-    let cols = column_names(kind);
+    let cols = schema::columns(kind);
+    let names: Vec<&str> = cols.iter().map(|c| c.name).collect();
     let select: Vec<String> = cols
         .iter()
-        .map(|c| {
-            let ty = COMMON
-                .iter()
-                .find(|x| x.0 == *c)
-                .map(|x| x.2)
-                .unwrap_or_else(|| {
-                    if *c == "raw" || specific_columns(kind).iter().any(|s| s.0 == *c && s.2) {
-                        "JSON"
-                    } else {
-                        "VARCHAR"
-                    }
-                });
-            format!("CAST(s.{c} AS {ty})")
-        })
+        .map(|c| format!("CAST(s.{} AS {})", c.name, sql_type(c.ty)))
         .collect();
     // Zone maps on the ever-growing `load_id` keep this lookup to the newest rows.
     let n = tx
         .execute(
             &format!(
-                "INSERT OR IGNORE INTO {table} ({}, loaded_at) SELECT {}, now()::TIMESTAMP FROM stage_{table} s
+                "INSERT OR IGNORE INTO {table} ({}, {}) SELECT {}, now()::TIMESTAMP FROM stage_{table} s
                  WHERE s.message_id IN (SELECT message_id FROM message_ids WHERE load_id = ? AND table_name = '{table}')",
-                cols.join(", "),
+                names.join(", "),
+                schema::LOADED_AT,
                 select.join(", ")
             ),
             params![load_id],
@@ -620,17 +367,55 @@ fn insert_kind(
     Ok(n)
 }
 
-impl DuckDbSink {
-    fn write_or_isolate(&mut self, prepared: Prepared) -> Result<LoadStats, SinkError> {
-        match self.write(&prepared) {
-            Err(e @ SinkError::Permanent(_)) => self.isolate(prepared, &e),
-            other => other,
-        }
+fn quarantined(conn: &Connection, ids: &[String]) -> Result<Vec<QuarantinedEvent>, SinkError> {
+    let mut sql = "SELECT message_id, type, shard, batch_id, event FROM quarantine".to_string();
+    if !ids.is_empty() {
+        sql.push_str(" WHERE list_contains(?::VARCHAR[], message_id)");
     }
+    sql.push_str(" ORDER BY quarantined_at, message_id");
+    let mut stmt = conn.prepare(&sql).map_err(transient)?;
+    let list = format!(
+        "[{}]",
+        ids.iter()
+            .map(|i| format!("'{}'", i.replace('\'', "''")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let map = |r: &duckdb::Row<'_>| {
+        Ok(QuarantinedEvent {
+            message_id: r.get(0)?,
+            kind: r.get(1)?,
+            shard: r.get(2)?,
+            batch_id: r.get(3)?,
+            event: r.get(4)?,
+        })
+    };
+    let rows = if ids.is_empty() {
+        stmt.query_map([], map)
+    } else {
+        stmt.query_map(params![list], map)
+    }
+    .map_err(transient)?;
+    rows.collect::<Result<_, _>>().map_err(transient)
 }
 
+#[async_trait]
 impl Sink for DuckDbSink {
-    fn load(&mut self, load: &Load) -> Result<LoadStats, SinkError> {
-        self.write_or_isolate(Self::prepare(load))
+    fn kind(&self) -> &'static str {
+        "duckdb"
+    }
+
+    async fn write(&self, load: Arc<Prepared>) -> Result<LoadStats, SinkError> {
+        self.with_conn(move |c| write(c, &load)).await
+    }
+
+    async fn quarantined(&self, ids: &[String]) -> Result<Vec<QuarantinedEvent>, SinkError> {
+        let ids = ids.to_vec();
+        self.with_conn(move |c| quarantined(c, &ids)).await
+    }
+
+    async fn query(&self, sql: &str) -> Result<QueryResult, SinkError> {
+        let sql = sql.to_string();
+        self.with_conn(move |c| run_query(c, &sql)).await
     }
 }

@@ -1,0 +1,72 @@
+//! `[warehouse] kind = "postgres"`.
+
+use serde::Deserialize;
+
+/// A PostgreSQL warehouse.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://USER@HOST:PORT/DATABASE` (no password here: see `password_env`).
+    pub url: String,
+    /// Name of an environment variable holding the password, if the server wants one.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// The schema the tables live in.
+    #[serde(default = "default_schema")]
+    pub schema: String,
+    /// Timeout of connecting, and of one statement.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_schema() -> String {
+    "public".into()
+}
+
+fn default_timeout_ms() -> u64 {
+    30_000
+}
+
+impl PostgresConfig {
+    /// Checks what can be checked without connecting.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !(self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")) {
+            anyhow::bail!(
+                "config: warehouse.url must start with postgres://, got {:?}",
+                self.url
+            );
+        }
+        let rest = self.url.split_once("://").map(|x| x.1).unwrap_or("");
+        if rest
+            .split_once('@')
+            .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+        {
+            anyhow::bail!(
+                "config: warehouse.url must not hold a password; use warehouse.password_env"
+            );
+        }
+        if self.schema.is_empty()
+            || !self
+                .schema
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            anyhow::bail!(
+                "config: warehouse.schema must be letters, digits and _, got {:?}",
+                self.schema
+            );
+        }
+        if let Some(var) = &self.password_env {
+            if std::env::var_os(var).is_none() {
+                anyhow::bail!("config: warehouse.password_env names {var}, which is not set");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn password(&self) -> Option<String> {
+        self.password_env
+            .as_ref()
+            .and_then(|v| std::env::var(v).ok())
+    }
+}

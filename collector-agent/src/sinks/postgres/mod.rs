@@ -1,0 +1,21 @@
+//! The PostgreSQL warehouse (`[warehouse] kind = "postgres"`).
+//!
+//! ```toml
+//! [warehouse]
+//! kind = "postgres"
+//! url = "postgres://collector@db.internal:5432/analytics"
+//! password_env = "PGPASSWORD"     # optional; never the password itself
+//! schema = "public"               # default
+//! ```
+//!
+//! Tables in Segment's warehouse shape (as in every sink, from `sinks::schema`):
+//! `timestamptz` instants, `jsonb` for `properties`/`traits`/`context`/`integrations`/
+//! `raw`, `message_id` the primary key, plus `message_ids`, `quarantine`,
+//! `dead_letters` and `collector_migrations`. Exactly once: each load is one
+//! transaction; the registry insert (`ON CONFLICT DO NOTHING RETURNING`) decides which
+//! rows are new, so a replayed batch inserts nothing.
+
+pub mod config;
+mod sink;
+
+pub use sink::PostgresSink;

@@ -1,0 +1,355 @@
+//! The warehouse schema, declared once as data: Segment's event tables, their columns
+//! and logical types, and the agent's own tables. Each sink maps the logical types to its
+//! dialect and owns nothing else of the schema.
+//!
+//! Also the part of a load every sink shares: turning a [`Load`] into rows, finding the
+//! events no warehouse can take (quarantined with their reason), and deduplicating
+//! inside the load.
+
+use std::collections::HashSet;
+
+use collector_core::timestamp::{format_ms, parse_ms};
+use collector_core::{EventKind, StoredEvent};
+use serde_json::Value;
+
+use crate::sinks::{Load, LoadBatch};
+
+/// A column's logical type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogicalType {
+    Text,
+    /// UTC instant, millisecond precision. Values are RFC 3339 text
+    /// (`2026-11-25T10:00:00.000Z`) on the way in.
+    Timestamp,
+    /// JSON text.
+    Json,
+}
+
+/// One column of an event table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Column {
+    pub name: &'static str,
+    /// The event field it is read from (`None`: not from the event).
+    pub field: Option<&'static str>,
+    pub ty: LogicalType,
+}
+
+const fn col(name: &'static str, field: &'static str, ty: LogicalType) -> Column {
+    Column {
+        name,
+        field: Some(field),
+        ty,
+    }
+}
+
+use LogicalType::{Json, Text, Timestamp};
+
+/// The primary key of every event table (and unique across the warehouse).
+pub const MESSAGE_ID: Column = Column {
+    name: "message_id",
+    field: None,
+    ty: Text,
+};
+
+/// Columns every event table has, after `message_id`.
+pub const COMMON: &[Column] = &[
+    col("anonymous_id", "anonymousId", Text),
+    col("user_id", "userId", Text),
+    col("timestamp", "timestamp", Timestamp),
+    col("sent_at", "sentAt", Timestamp),
+    col("received_at", "receivedAt", Timestamp),
+    col("original_timestamp", "originalTimestamp", Timestamp),
+    col("context", "context", Json),
+    col("integrations", "integrations", Json),
+];
+
+/// The whole normalised event, last of the loaded columns.
+pub const RAW: Column = Column {
+    name: "raw",
+    field: None,
+    ty: Json,
+};
+
+/// When the row was written (set by the warehouse, not loaded).
+pub const LOADED_AT: &str = "loaded_at";
+
+/// Columns of one event table beyond the common ones.
+pub fn specific_columns(kind: EventKind) -> &'static [Column] {
+    const TRACK: &[Column] = &[
+        col("event", "event", Text),
+        col("properties", "properties", Json),
+    ];
+    const PAGE: &[Column] = &[
+        col("name", "name", Text),
+        col("category", "category", Text),
+        col("properties", "properties", Json),
+    ];
+    const IDENTIFY: &[Column] = &[col("traits", "traits", Json)];
+    const GROUP: &[Column] = &[
+        col("group_id", "groupId", Text),
+        col("traits", "traits", Json),
+    ];
+    const ALIAS: &[Column] = &[col("previous_id", "previousId", Text)];
+    match kind {
+        EventKind::Track => TRACK,
+        EventKind::Page | EventKind::Screen => PAGE,
+        EventKind::Identify => IDENTIFY,
+        EventKind::Group => GROUP,
+        EventKind::Alias => ALIAS,
+    }
+}
+
+/// Every loaded column of a kind's table, in row order: `message_id`, the common ones,
+/// the kind's own, `raw`.
+pub fn columns(kind: EventKind) -> Vec<Column> {
+    let mut cols = vec![MESSAGE_ID];
+    cols.extend_from_slice(COMMON);
+    cols.extend_from_slice(specific_columns(kind));
+    cols.push(RAW);
+    cols
+}
+
+/// One event's values, as text in [`columns`] order (`None` for NULL).
+pub type Row = Vec<Option<String>>;
+
+fn text_of(v: Option<&Value>, json: bool) -> Option<String> {
+    match v? {
+        Value::Null => None,
+        Value::String(s) if !json => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// Turns one event into a row, or says why no warehouse can take it. Everything that
+/// could make an insert fail for this event alone is checked here, so one bad event
+/// never fails the others' SQL.
+pub fn prepare_row(ev: &StoredEvent) -> Result<Row, String> {
+    if ev.message_id.is_empty() {
+        return Err("event has an empty messageId".into());
+    }
+    let obj: Value =
+        serde_json::from_str(&ev.json).map_err(|e| format!("event is not JSON: {e}"))?;
+    if !obj.is_object() {
+        return Err("event is not a JSON object".into());
+    }
+    let mut row = Vec::with_capacity(COMMON.len() + 6);
+    row.push(Some(ev.message_id.clone()));
+    for c in COMMON.iter().chain(specific_columns(ev.kind)) {
+        let field = c.field.unwrap_or(c.name);
+        let v = obj.get(field);
+        row.push(match (c.ty, v) {
+            (Timestamp, Some(Value::String(s))) => Some(
+                parse_ms(s)
+                    .map(format_ms)
+                    .ok_or_else(|| format!("`{field}` is not a date-time: {:?}", truncate(s)))?,
+            ),
+            (Timestamp, Some(Value::Null) | None) => None,
+            (Timestamp, Some(other)) => {
+                return Err(format!(
+                    "`{field}` is not a date-time: {}",
+                    truncate(&other.to_string())
+                ))
+            }
+            (ty, v) => text_of(v, ty == Json),
+        });
+    }
+    row.push(Some(ev.json.clone()));
+    Ok(row)
+}
+
+/// An event no warehouse can take as is, as kept in `quarantine`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    pub message_id: String,
+    pub kind: EventKind,
+    pub shard: u32,
+    pub batch_id: Option<i64>,
+    pub reason: String,
+    pub event: String,
+}
+
+/// A batch that did not decode, as kept in `dead_letters`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub shard: u32,
+    pub batch_id: i64,
+    pub blob: Vec<u8>,
+    pub error: String,
+}
+
+/// One row to write, with the event it came from (to quarantine it if the warehouse
+/// refuses it alone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedRow {
+    pub kind: EventKind,
+    pub values: Row,
+    pub batch_id: Option<i64>,
+    pub source: StoredEvent,
+}
+
+/// A load, checked and turned into rows before any SQL runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Prepared {
+    pub shard: u32,
+    /// A replay of quarantined events: a refusal updates the quarantined row (reason,
+    /// attempts) instead of leaving it as it was.
+    pub replay: bool,
+    pub rows: Vec<PreparedRow>,
+    pub quarantine: Vec<Quarantined>,
+    pub dead: Vec<DeadLetter>,
+    /// Duplicates within this load (the first occurrence wins).
+    pub in_load_duplicates: u64,
+}
+
+impl Prepared {
+    /// The rows of one kind, in load order.
+    pub fn rows_of(&self, kind: EventKind) -> impl Iterator<Item = &Row> {
+        self.rows
+            .iter()
+            .filter(move |r| r.kind == kind)
+            .map(|r| &r.values)
+    }
+
+    /// The event of `row`, quarantined with `reason`.
+    pub fn quarantined(&self, row: &PreparedRow, reason: String) -> Quarantined {
+        Quarantined {
+            message_id: row.source.message_id.clone(),
+            kind: row.kind,
+            shard: self.shard,
+            batch_id: row.batch_id,
+            reason,
+            event: row.source.json.clone(),
+        }
+    }
+}
+
+/// Prepares a load: rows for what the warehouse can take, quarantine entries for what it
+/// cannot, dead letters for undecodable batches, in-load duplicates skipped.
+pub fn prepare(load: &Load) -> Prepared {
+    let mut p = Prepared {
+        shard: load.shard,
+        ..Prepared::default()
+    };
+    let mut seen: HashSet<&str> = HashSet::new();
+    for b in &load.batches {
+        match b {
+            LoadBatch::Undecodable {
+                batch_id,
+                blob,
+                error,
+            } => p.dead.push(DeadLetter {
+                shard: load.shard,
+                batch_id: *batch_id,
+                blob: blob.clone(),
+                error: error.clone(),
+            }),
+            LoadBatch::Decoded { batch_id, events } => {
+                for ev in events {
+                    if !seen.insert(ev.message_id.as_str()) {
+                        p.in_load_duplicates += 1;
+                        continue;
+                    }
+                    match prepare_row(ev) {
+                        Ok(values) => p.rows.push(PreparedRow {
+                            kind: ev.kind,
+                            values,
+                            batch_id: Some(*batch_id),
+                            source: ev.clone(),
+                        }),
+                        Err(reason) => p.quarantine.push(Quarantined {
+                            message_id: ev.message_id.clone(),
+                            kind: ev.kind,
+                            shard: load.shard,
+                            batch_id: Some(*batch_id),
+                            reason,
+                            event: ev.json.clone(),
+                        }),
+                    }
+                }
+            }
+        }
+    }
+    p
+}
+
+/// A quarantined event read back for a replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantinedEvent {
+    pub message_id: String,
+    pub kind: String,
+    pub shard: Option<u32>,
+    pub batch_id: Option<i64>,
+    pub event: String,
+}
+
+impl QuarantinedEvent {
+    /// The replay of one quarantined event, as a prepared load.
+    pub fn prepared(self) -> Option<Prepared> {
+        let kind = EventKind::parse(&self.kind)?;
+        let ev = StoredEvent {
+            message_id: self.message_id,
+            kind,
+            anonymous_id: None,
+            user_id: None,
+            received_at_ms: 0,
+            timestamp_ms: 0,
+            json: self.event,
+        };
+        let load = Load::events(
+            self.shard.unwrap_or(0),
+            self.batch_id.unwrap_or(0),
+            vec![ev],
+        );
+        let mut p = prepare(&load);
+        p.replay = true;
+        Some(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_table_starts_with_message_id_and_ends_with_raw() {
+        for kind in EventKind::ALL {
+            let cols = columns(kind);
+            assert_eq!(cols[0].name, "message_id");
+            assert_eq!(cols.last().unwrap().name, "raw");
+            let mut names: Vec<_> = cols.iter().map(|c| c.name).collect();
+            names.sort_unstable();
+            names.dedup();
+            assert_eq!(names.len(), cols.len(), "{kind:?} has duplicate columns");
+        }
+    }
+
+    #[test]
+    fn rows_normalise_timestamps_and_refuse_what_no_warehouse_takes() {
+        let ev = |json: &str| StoredEvent {
+            message_id: "m".into(),
+            kind: EventKind::Track,
+            anonymous_id: None,
+            user_id: None,
+            received_at_ms: 0,
+            timestamp_ms: 0,
+            json: json.into(),
+        };
+        let row = prepare_row(&ev(
+            r#"{"event":"E","timestamp":"2026-11-25T11:00:00+01:00","properties":{"a":1}}"#,
+        ))
+        .unwrap();
+        assert_eq!(row[3].as_deref(), Some("2026-11-25T10:00:00.000Z"));
+        assert_eq!(row[9].as_deref(), Some("E"));
+        assert_eq!(row[10].as_deref(), Some(r#"{"a":1}"#));
+        assert!(prepare_row(&ev("[1]"))
+            .unwrap_err()
+            .contains("not a JSON object"));
+        assert!(prepare_row(&ev(r#"{"sentAt": 5}"#))
+            .unwrap_err()
+            .contains("`sentAt` is not a date-time"));
+    }
+}

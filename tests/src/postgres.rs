@@ -1,0 +1,183 @@
+//! A throw-away PostgreSQL server for tests: Debian's binaries (`cargo xtask setup`
+//! installs them), a fresh cluster in a temp folder, listening on a free loopback port
+//! (and a socket in that folder), stopped and removed when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+/// The user the tests connect as (trust authentication, loopback only).
+pub const USER: &str = "collector";
+
+pub struct LocalPostgres {
+    dir: tempfile_dir::Dir,
+    bin: PathBuf,
+    pub port: u16,
+    /// `postgres://collector@127.0.0.1:PORT/postgres`
+    pub url: String,
+}
+
+/// Newest `/usr/lib/postgresql/<version>/bin` with an `initdb`.
+pub fn bin_dir() -> Option<PathBuf> {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let v: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, b)| b)
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Runs a PostgreSQL binary; as root, as the `postgres` user (initdb refuses root).
+fn pg(bin: &Path, tool: &str, args: &[&str]) -> anyhow::Result<()> {
+    let exe = bin.join(tool);
+    let out = if is_root() {
+        let quoted: Vec<String> = std::iter::once(exe.display().to_string())
+            .chain(args.iter().map(|a| a.to_string()))
+            .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+            .collect();
+        Command::new("su")
+            .args(["postgres", "-s", "/bin/sh", "-c", &quoted.join(" ")])
+            .output()
+    } else {
+        Command::new(&exe).args(args).output()
+    }
+    .with_context(|| format!("run {tool}"))?;
+    if !out.status.success() {
+        bail!(
+            "{tool} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+impl LocalPostgres {
+    pub fn start() -> anyhow::Result<LocalPostgres> {
+        let bin = bin_dir().context(
+            "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb); run `cargo xtask setup`",
+        )?;
+        let dir = tempfile_dir::Dir::new()?;
+        if is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()?
+                .success();
+            anyhow::ensure!(ok, "chown the PostgreSQL folder to postgres");
+        }
+        let data = dir.path().join("data");
+        let data_s = data.display().to_string();
+        pg(
+            &bin,
+            "initdb",
+            &[
+                "-D",
+                &data_s,
+                "-A",
+                "trust",
+                "-U",
+                USER,
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        )?;
+        let port = crate::free_port();
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            dir.path().display()
+        );
+        let log = dir.path().join("postgres.log").display().to_string();
+        pg(
+            &bin,
+            "pg_ctl",
+            &[
+                "-D", &data_s, "-o", &opts, "-l", &log, "-w", "-t", "60", "start",
+            ],
+        )?;
+        Ok(LocalPostgres {
+            url: format!("postgres://{USER}@127.0.0.1:{port}/postgres"),
+            port,
+            bin,
+            dir,
+        })
+    }
+
+    fn ctl(&self, args: &[&str]) -> anyhow::Result<()> {
+        let data = self.dir.path().join("data").display().to_string();
+        let mut all = vec!["-D", data.as_str()];
+        all.extend_from_slice(args);
+        pg(&self.bin, "pg_ctl", &all)
+    }
+
+    /// Stops the server (immediately, like a crash), keeping its data.
+    pub fn stop(&self) -> anyhow::Result<()> {
+        self.ctl(&["-m", "immediate", "-w", "stop"])
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&self) -> anyhow::Result<()> {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("postgres.log").display().to_string();
+        self.ctl(&["-o", &opts, "-l", &log, "-w", "-t", "60", "start"])
+    }
+}
+
+impl Drop for LocalPostgres {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// A temp folder the `postgres` user may write (created world-traversable), removed on
+/// drop. (The `tempfile` crate is a dev-dependency only; the harness is a library.)
+mod tempfile_dir {
+    use std::path::{Path, PathBuf};
+
+    pub struct Dir(PathBuf);
+
+    impl Dir {
+        pub fn new() -> std::io::Result<Dir> {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            let path = std::env::temp_dir().join(format!(
+                "collector-pg-{}-{nanos}-{}",
+                std::process::id(),
+                crate::free_port()
+            ));
+            std::fs::create_dir_all(&path)?;
+            Ok(Dir(path))
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
