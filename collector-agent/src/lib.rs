@@ -64,6 +64,20 @@ pub enum DrainError {
     EdgeTooNew(Formats),
 }
 
+impl DrainError {
+    /// Whether trying again later can help (the edge or the warehouse is unreachable
+    /// or busy), as opposed to a fault an operator must fix (a newer format, a bad
+    /// answer); the loop retries both, but says which it is.
+    pub fn retryable(&self) -> bool {
+        match self {
+            DrainError::Edge(e) => e.retryable(),
+            DrainError::Sink(e) => e.retryable(),
+            DrainError::Task(_) => true,
+            DrainError::NewerFormat { .. } | DrainError::EdgeTooNew(_) => false,
+        }
+    }
+}
+
 /// Drains shards from one edge into one sink.
 pub struct Drainer {
     client: EdgeClient,
@@ -224,6 +238,20 @@ pub async fn drain_once(cfg: &AgentConfig) -> anyhow::Result<DrainSummary> {
     Ok(total)
 }
 
+/// Longest pause between failed drain rounds.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// A pause between half and all of `d`, at random.
+fn jittered(d: Duration) -> Duration {
+    let mut b = [0u8; 8];
+    let r = if getrandom::getrandom(&mut b).is_ok() {
+        u64::from_le_bytes(b) as f64 / u64::MAX as f64
+    } else {
+        1.0
+    };
+    d.mul_f64(0.5 + 0.5 * r)
+}
+
 /// The daemon: serves the admin endpoint and drains every shard until `shutdown`
 /// resolves, then finishes the batch in hand and returns.
 pub async fn run(
@@ -287,10 +315,12 @@ pub async fn run(
                 Duration::ZERO
             }
             Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "drain round failed");
+                // Exponential, capped, with jitter so agents that failed together do
+                // not retry together; the edge keeps spooling meanwhile.
+                let p = jittered(backoff);
+                tracing::warn!(error = %e, retryable = e.retryable(), retry_in_ms = p.as_millis() as u64, "drain round failed");
                 shards = None;
-                let p = backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
                 p
             }
         };
@@ -305,4 +335,20 @@ pub async fn run(
     let _ = std::fs::remove_file(&state_path);
     tracing::info!("agent stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_pauses_are_jittered_within_half_to_all_of_the_step() {
+        let d = Duration::from_millis(1_000);
+        let pauses: Vec<Duration> = (0..200).map(|_| jittered(d)).collect();
+        assert!(pauses.iter().all(|p| *p >= d / 2 && *p <= d));
+        assert!(
+            pauses.iter().any(|p| *p != pauses[0]),
+            "jitter varies the pause"
+        );
+    }
 }

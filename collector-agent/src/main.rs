@@ -49,10 +49,28 @@ enum Command {
         #[command(subcommand)]
         command: PrivacyCommand,
     },
+    /// Check a config file: every problem named by its key; with `--connect`, also reach
+    /// the edge and the warehouse.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Events the warehouse refused: kept with their reason in the `quarantine` table.
     Quarantine {
         #[command(subcommand)]
         command: QuarantineCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Parse and validate the config (unknown keys are errors).
+    Check {
+        #[arg(long, default_value = "agent.toml")]
+        config: PathBuf,
+        /// Also connect to the edge (signed `/drain/info`) and open the warehouse.
+        #[arg(long)]
+        connect: bool,
     },
 }
 
@@ -121,6 +139,48 @@ async fn main() -> anyhow::Result<()> {
                     to_table(&result)
                 }
             );
+            Ok(())
+        }
+        Command::Config {
+            command: ConfigCommand::Check { config, connect },
+        } => {
+            let cfg = match AgentConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    std::process::exit(1);
+                }
+            };
+            let warehouse = match &cfg.warehouse {
+                collector_agent::config::WarehouseConfig::DuckDb(d) => {
+                    format!("duckdb {}", d.path.display())
+                }
+                collector_agent::config::WarehouseConfig::Postgres(p) => {
+                    format!("postgres {} (schema {})", p.url, p.schema)
+                }
+            };
+            println!(
+                "{}: OK (edge {}, warehouse {warehouse})",
+                config.display(),
+                cfg.edge_url
+            );
+            if connect {
+                let client = collector_agent::edge::EdgeClient::new(&cfg)?;
+                match client.info().await {
+                    Ok(i) => println!("edge: OK ({} shards, formats {:?})", i.shards, i.formats),
+                    Err(e) => {
+                        eprintln!("edge: {e}");
+                        std::process::exit(1);
+                    }
+                }
+                match collector_agent::sinks::open(&cfg.warehouse).await {
+                    Ok(s) => println!("warehouse: OK ({}, schema up to date)", s.kind()),
+                    Err(e) => {
+                        eprintln!("warehouse: {e}");
+                        std::process::exit(1);
+                    }
+                }
+            }
             Ok(())
         }
         Command::Quarantine {

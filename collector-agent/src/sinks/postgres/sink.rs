@@ -164,14 +164,20 @@ impl PostgresSink {
     }
 }
 
+/// Applies the missing migrations in one transaction, under an advisory lock, so
+/// agents starting together (or a tool connecting beside a running agent) never race.
 async fn migrate(client: &mut Client) -> Result<(), SinkError> {
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS collector_migrations (version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL)",
-        )
+    let tx = client.transaction().await.map_err(classify)?;
+    // Any constant: the agents' own lock.
+    tx.execute("SELECT pg_advisory_xact_lock(7415202611)", &[])
         .await
         .map_err(classify)?;
-    let applied: Vec<i32> = client
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS collector_migrations (version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL)",
+    )
+    .await
+    .map_err(classify)?;
+    let applied: Vec<i32> = tx
         .query("SELECT version FROM collector_migrations", &[])
         .await
         .map_err(classify)?
@@ -182,19 +188,18 @@ async fn migrate(client: &mut Client) -> Result<(), SinkError> {
         if applied.contains(&version) {
             continue;
         }
-        let tx = client.transaction().await.map_err(classify)?;
-        tx.batch_execute(&sql)
-            .await
-            .map_err(|e| SinkError::Permanent(format!("migration {version} ({name}): {e}")))?;
+        tx.batch_execute(&sql).await.map_err(|e| {
+            SinkError::Permanent(format!("migration {version} ({name}): {}", classify(e)))
+        })?;
         tx.execute(
-            "INSERT INTO collector_migrations VALUES ($1, $2, now()) ON CONFLICT DO NOTHING",
+            "INSERT INTO collector_migrations VALUES ($1, $2, now())",
             &[&version, &name],
         )
         .await
         .map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
         tracing::info!(version, name, "warehouse migrated");
     }
+    tx.commit().await.map_err(classify)?;
     Ok(())
 }
 

@@ -1,0 +1,74 @@
+//! `collector-agent config check`: every problem named by its key, offline.
+
+use std::process::Command;
+
+fn check(toml: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_collector-agent"))
+        .args(["config", "check", "--config"])
+        .arg(&path)
+        .env("TEST_DRAIN_SECRET", "s")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+const BASE: &str =
+    "edge_url = \"http://127.0.0.1:8787\"\ndrain_secret_env = \"TEST_DRAIN_SECRET\"\n";
+
+#[test]
+fn a_valid_config_of_each_kind_passes() {
+    let (ok, text) = check(BASE);
+    assert!(ok, "{text}");
+    assert!(text.contains("warehouse duckdb"), "{text}");
+    let (ok, text) = check(&format!(
+        "{BASE}[warehouse]\nkind = \"postgres\"\nurl = \"postgres://collector@127.0.0.1:5432/analytics\"\n"
+    ));
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(
+            "warehouse postgres postgres://collector@127.0.0.1:5432/analytics (schema public)"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn problems_name_their_key() {
+    let cases = [
+        (format!("{BASE}lease_batchez = 3\n"), "lease_batchez"),
+        (
+            format!("{BASE}[warehouse]\nkind = \"postgres\"\npath = \"x\"\n"),
+            "path",
+        ),
+        (format!("{BASE}[warehouse]\nkind = \"postgres\"\n"), "url"),
+        (
+            format!("{BASE}[warehouse]\nkind = \"oracle\"\n"),
+            "warehouse.kind",
+        ),
+        (
+            format!("{BASE}[warehouse]\nkind = \"postgres\"\nurl = \"postgres://u:secret@h/db\"\n"),
+            "password_env",
+        ),
+        (format!("{BASE}lease_batches = 1000\n"), "lease_batches"),
+        (
+            "edge_url = \"ftp://x\"\ndrain_secret = \"s\"\n".to_string(),
+            "edge_url",
+        ),
+    ];
+    for (toml, key) in cases {
+        let (ok, text) = check(&toml);
+        assert!(!ok, "{toml}: should fail");
+        assert!(
+            text.contains(key),
+            "{toml}: the error names `{key}`: {text}"
+        );
+    }
+}
