@@ -36,6 +36,10 @@ pub struct AgentConfig {
     /// How long a lease holds before the edge hands its batches out again.
     #[serde(default = "default_lease_ms")]
     pub lease_ms: u64,
+    /// Where to serve Prometheus metrics (`GET /metrics`), e.g. `127.0.0.1:9464`; off
+    /// when absent.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
     /// Timeout of one HTTP request to the edge.
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,

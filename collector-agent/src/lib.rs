@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod config;
 pub mod edge;
+pub mod metrics;
 pub mod privacy_cli;
 pub mod sinks;
 
@@ -83,6 +84,7 @@ pub struct Drainer {
     client: EdgeClient,
     sink: Arc<dyn Sink>,
     cfg: AgentConfig,
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl Drainer {
@@ -91,11 +93,16 @@ impl Drainer {
             client: EdgeClient::new(&cfg)?,
             sink,
             cfg,
+            metrics: Arc::default(),
         })
     }
 
     pub fn client(&self) -> &EdgeClient {
         &self.client
+    }
+
+    pub fn metrics(&self) -> Arc<metrics::Metrics> {
+        self.metrics.clone()
     }
 
     /// `/drain/info`, refusing an edge whose formats this agent cannot read (before it
@@ -112,10 +119,17 @@ impl Drainer {
     /// letters, in one transaction), and acks. Returns the batch count (0 when the shard
     /// had nothing sealed).
     pub async fn drain_round(&self, shard: u32, flush: bool) -> Result<DrainSummary, DrainError> {
-        let lease = self
+        let lease = match self
             .client
             .lease(shard, self.cfg.lease_batches, self.cfg.lease_ms, flush)
-            .await?;
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                self.metrics.failed("edge");
+                return Err(e.into());
+            }
+        };
         if lease.batches.is_empty() {
             return Ok(DrainSummary::default());
         }
@@ -153,13 +167,32 @@ impl Drainer {
                 }
             }
         }
-        let stats: LoadStats = self.sink.load(&load).await?;
+        let started = std::time::Instant::now();
+        let stats: LoadStats = match self.sink.load(&load).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.metrics.failed(if e.retryable() {
+                    "warehouse_transient"
+                } else {
+                    "warehouse_permanent"
+                });
+                return Err(e.into());
+            }
+        };
+        let took = started.elapsed();
         summary.inserted = stats.inserted;
         summary.duplicates = stats.duplicates;
         summary.quarantined = stats.quarantined;
         summary.dead_letters = stats.dead_letters;
         // Committed: only now may the edge forget these batches.
-        let acked = self.client.ack(shard, &lease.lease_id).await?;
+        let acked = match self.client.ack(shard, &lease.lease_id).await {
+            Ok(n) => n,
+            Err(e) => {
+                self.metrics.failed("ack");
+                return Err(e.into());
+            }
+        };
+        self.metrics.loaded(summary.batches, &stats, took);
         tracing::info!(
             shard,
             batches = summary.batches,
@@ -280,6 +313,21 @@ pub async fn run(
     ));
 
     let drainer = Drainer::new(cfg.clone(), sink)?;
+    let metrics_task = match &cfg.metrics_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            tracing::info!(metrics = %listener.local_addr()?, "serving /metrics");
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(metrics::serve(
+                listener,
+                drainer.metrics(),
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            )))
+        }
+        None => None,
+    };
     let poll = Duration::from_millis(cfg.poll_interval_ms);
     let mut backoff = poll;
     let mut shards: Option<u32> = None;
@@ -332,6 +380,9 @@ pub async fn run(
         }
     }
     let _ = admin_task.await;
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
     let _ = std::fs::remove_file(&state_path);
     tracing::info!("agent stopped");
     Ok(())

@@ -157,7 +157,9 @@ async fn two_agents_drain_one_edge_into_postgres_exactly_once() {
 async fn postgres_outage_mid_drain_backs_off_and_loses_nothing() {
     let st = Stack::start();
     let pg = LocalPostgres::start().unwrap();
-    let cfg = pg_config(&st, &pg);
+    let mut cfg = pg_config(&st, &pg);
+    let metrics_port = collector_e2e::free_port();
+    cfg.metrics_addr = Some(format!("127.0.0.1:{metrics_port}"));
     post_tracks(&st, "before", 100).await;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(collector_agent::run(cfg, async move {
@@ -167,9 +169,35 @@ async fn postgres_outage_mid_drain_backs_off_and_loses_nothing() {
     pg.stop().unwrap();
     // The edge keeps spooling while the warehouse is down.
     post_tracks(&st, "during", 100).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Until the agent has tried (and failed) to load them: a transient warehouse failure.
+    let scrape = || async {
+        st.http
+            .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !scrape()
+        .await
+        .contains("collector_agent_drain_failures_total{reason=\"warehouse_transient\"}")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no load was tried during the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     pg.restart().unwrap();
     wait_for(&pg, "SELECT count(*) FROM tracks", 200, "after the outage").await;
+    let metrics = scrape().await;
+    assert!(
+        metrics.contains("collector_agent_events_inserted_total 200\n"),
+        "{metrics}"
+    );
     let _ = tx.send(());
     agent.await.unwrap().unwrap();
     assert_eq!(

@@ -66,6 +66,7 @@ impl Stack {
             lease_batches: 10,
             lease_ms: 30_000,
             request_timeout_ms: 30_000,
+            metrics_addr: None,
         };
         cfg.validate().expect("valid agent config");
         cfg
