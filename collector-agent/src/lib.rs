@@ -15,6 +15,7 @@ pub mod edge;
 pub mod metrics;
 pub mod privacy_cli;
 pub mod sinks;
+pub mod status;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -39,6 +39,12 @@ enum Command {
         #[arg(long)]
         csv: bool,
     },
+    /// Per shard, the backlog at the edge and the lag; the last load, quarantined
+    /// events and dead letters in the warehouse.
+    Status {
+        #[arg(long, default_value = "agent.toml")]
+        config: PathBuf,
+    },
     /// Print the edge's queue depth and dropped-event counts by reason.
     Stats {
         #[arg(long, default_value = "agent.toml")]
@@ -234,6 +240,20 @@ async fn main() -> anyhow::Result<()> {
                     std::process::exit(1);
                 }
             }
+        }
+        Command::Status { config } => {
+            let cfg = AgentConfig::load(&config)?;
+            let client = collector_agent::edge::EdgeClient::new(&cfg)?;
+            let edge = client.stats().await?;
+            let warehouse = sql(&cfg, collector_agent::status::WAREHOUSE_SQL.into()).await?;
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis() as i64;
+            println!(
+                "{}",
+                collector_agent::status::Status::new(now_ms, edge, &warehouse)
+            );
+            Ok(())
         }
         Command::Stats { config } => {
             let cfg = AgentConfig::load(&config)?;

@@ -270,6 +270,25 @@ async fn poison_event_is_quarantined_and_replayed(t: &Target) {
     assert_eq!((r.inserted, r.quarantined), (0, 0));
 }
 
+async fn status_sql_reads_every_sink(t: &Target) {
+    let sink = t.open().await;
+    let empty = sink
+        .query(collector_agent::status::WAREHOUSE_SQL)
+        .await
+        .unwrap();
+    assert_eq!(empty.rows, vec![vec![None, s("0"), s("0")]]);
+    let evs = events(json!({"batch": [{"type": "page", "messageId": "p", "userId": "u"}]}));
+    sink.load(&Load::events(0, 1, evs)).await.unwrap();
+    let after = sink
+        .query(collector_agent::status::WAREHOUSE_SQL)
+        .await
+        .unwrap();
+    assert!(
+        after.rows[0][0].as_deref().unwrap().ends_with('Z'),
+        "{after:?}"
+    );
+}
+
 macro_rules! conformance {
     ($($scenario:ident),* $(,)?) => {
         mod duckdb {
@@ -298,6 +317,7 @@ conformance!(
     message_id_is_unique_across_tables,
     undecodable_batches_are_dead_letters_once,
     poison_event_is_quarantined_and_replayed,
+    status_sql_reads_every_sink,
 );
 
 // PostgreSQL itself refuses a value (jsonb has no \u0000): that event alone is isolated

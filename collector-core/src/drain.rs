@@ -155,6 +155,10 @@ pub struct ShardStats {
     pub sealed_batches: u64,
     pub leased_batches: u64,
     pub sealed_events: u64,
+    /// When the oldest sealed batch waiting to be drained was sealed (Unix ms): the
+    /// agent's lag is now minus this.
+    #[serde(default)]
+    pub oldest_sealed_ms: Option<i64>,
     /// Events not stored, by reason.
     #[serde(default)]
     pub drops: BTreeMap<String, u64>,

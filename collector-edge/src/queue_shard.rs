@@ -269,6 +269,7 @@ impl QueueShard {
             sealed: i64,
             leased: i64,
             events: Option<i64>,
+            oldest: Option<i64>,
         }
         let sql = self.sql();
         let open: OpenStats = sql
@@ -279,7 +280,7 @@ impl QueueShard {
             .one()?;
         let depth: Depth = sql
             .exec(
-                "SELECT COUNT(*) AS sealed, COUNT(lease_id) AS leased, SUM(events) AS events FROM batches",
+                "SELECT COUNT(*) AS sealed, COUNT(lease_id) AS leased, SUM(events) AS events, MIN(sealed_ms) AS oldest FROM batches",
                 None,
             )?
             .one()?;
@@ -300,6 +301,7 @@ impl QueueShard {
             sealed_batches: depth.sealed.max(0) as u64,
             leased_batches: depth.leased.max(0) as u64,
             sealed_events: depth.events.unwrap_or(0).max(0) as u64,
+            oldest_sealed_ms: depth.oldest,
             drops: counts("SELECT reason AS key, count FROM drops ORDER BY reason")?,
             notes: counts("SELECT key, count FROM notes ORDER BY key")?,
         };

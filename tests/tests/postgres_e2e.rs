@@ -69,6 +69,38 @@ async fn edge_to_postgres_lands_every_event_once() {
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let cfg = pg_config(&st, &pg);
+    // `collector-agent status` before the drain: the backlog and its lag, once the
+    // shards' alarms sealed the open batches (BATCH_MAX_AGE_MS = 5 s).
+    let client = collector_agent::edge::EdgeClient::new(&cfg).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stats = loop {
+        let stats = client.stats().await.unwrap();
+        if stats.shards.iter().all(|s| s.open_events == 0) {
+            break stats;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "batches were not sealed: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let wh = PostgresSink::connect(match &cfg.warehouse {
+        WarehouseConfig::Postgres(p) => p,
+        _ => unreachable!(),
+    })
+    .await
+    .unwrap()
+    .query(collector_agent::status::WAREHOUSE_SQL)
+    .await
+    .unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let status = collector_agent::status::Status::new(now_ms, stats, &wh);
+    assert_eq!(status.backlog_events(), 6, "{status}");
+    assert!(status.lag_ms() > 0 && status.lag_ms() < 60_000, "{status}");
+    assert!(status.to_string().contains("last load never"), "{status}");
     let summary = drain_once(&cfg).await.unwrap();
     assert_eq!(
         (summary.inserted, summary.duplicates),
