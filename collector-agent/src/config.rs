@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use crate::sinks::duckdb::config::DuckDbConfig;
+pub use crate::sinks::parquet::config::ParquetConfig;
 pub use crate::sinks::postgres::config::PostgresConfig;
 
 /// `agent.toml`.
@@ -51,6 +52,7 @@ pub struct AgentConfig {
 pub enum WarehouseConfig {
     DuckDb(DuckDbConfig),
     Postgres(PostgresConfig),
+    Parquet(ParquetConfig),
 }
 
 impl Default for WarehouseConfig {
@@ -78,8 +80,9 @@ impl<'de> Deserialize<'de> for WarehouseConfig {
         match kind.as_str() {
             "duckdb" => value.try_into().map(WarehouseConfig::DuckDb).map_err(err),
             "postgres" => value.try_into().map(WarehouseConfig::Postgres).map_err(err),
+            "parquet" => value.try_into().map(WarehouseConfig::Parquet).map_err(err),
             other => Err(D::Error::custom(format!(
-                "warehouse.kind {other:?} is not one of \"duckdb\", \"postgres\""
+                "warehouse.kind {other:?} is not one of \"duckdb\", \"postgres\", \"parquet\""
             ))),
         }
     }
@@ -90,7 +93,7 @@ impl WarehouseConfig {
     pub fn duckdb_path(&self) -> Option<&Path> {
         match self {
             WarehouseConfig::DuckDb(c) => Some(&c.path),
-            WarehouseConfig::Postgres(_) => None,
+            WarehouseConfig::Postgres(_) | WarehouseConfig::Parquet(_) => None,
         }
     }
 
@@ -104,6 +107,7 @@ impl WarehouseConfig {
                 s.push(".agent");
                 PathBuf::from(s)
             }
+            WarehouseConfig::Parquet(c) => c.path.join("_collector").join("agent.state"),
             WarehouseConfig::Postgres(c) => {
                 let h = c.url.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
                     (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
@@ -137,11 +141,11 @@ impl AgentConfig {
             .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
         let mut cfg: AgentConfig =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
-        if let WarehouseConfig::DuckDb(w) = &mut cfg.warehouse {
-            if w.path.is_relative() {
-                let base = path.parent().unwrap_or(Path::new("."));
-                w.path = base.join(&w.path);
-            }
+        let base = path.parent().unwrap_or(Path::new("."));
+        match &mut cfg.warehouse {
+            WarehouseConfig::DuckDb(w) if w.path.is_relative() => w.path = base.join(&w.path),
+            WarehouseConfig::Parquet(w) if w.path.is_relative() => w.path = base.join(&w.path),
+            _ => {}
         }
         cfg.validate()?;
         Ok(cfg)

@@ -164,6 +164,9 @@ async fn main() -> anyhow::Result<()> {
                 collector_agent::config::WarehouseConfig::Postgres(p) => {
                     format!("postgres {} (schema {})", p.url, p.schema)
                 }
+                collector_agent::config::WarehouseConfig::Parquet(p) => {
+                    format!("parquet {}", p.path.display())
+                }
             };
             println!(
                 "{}: OK (edge {}, warehouse {warehouse})",

@@ -1,5 +1,6 @@
 //! One conformance suite, generic over the sink, run against every sink: a real DuckDB
-//! file and a real PostgreSQL server started on loopback for the test. Every scenario
+//! file, a real PostgreSQL server started on loopback for the test, and a Parquet lake
+//! in a folder (read back through DuckDB's `read_parquet`). Every scenario
 //! reads the warehouse back with SQL both dialects share, so "the same logical schema
 //! in every sink" is checked, not assumed.
 
@@ -7,6 +8,7 @@ use std::sync::Arc;
 
 use collector_agent::config::PostgresConfig;
 use collector_agent::sinks::duckdb::DuckDbSink;
+use collector_agent::sinks::parquet::ParquetSink;
 use collector_agent::sinks::postgres::PostgresSink;
 use collector_agent::sinks::{Load, LoadBatch, Sink};
 use collector_core::ingest::{parse_body, Endpoint};
@@ -18,11 +20,16 @@ use serde_json::json;
 enum Target {
     DuckDb(tempfile::TempDir),
     Postgres(LocalPostgres),
+    Parquet(tempfile::TempDir),
 }
 
 impl Target {
     fn duckdb() -> Target {
         Target::DuckDb(tempfile::tempdir().unwrap())
+    }
+
+    fn parquet() -> Target {
+        Target::Parquet(tempfile::tempdir().unwrap())
     }
 
     fn postgres() -> Target {
@@ -34,6 +41,7 @@ impl Target {
             Target::DuckDb(dir) => {
                 Arc::new(DuckDbSink::open(&dir.path().join("w.duckdb")).unwrap())
             }
+            Target::Parquet(dir) => Arc::new(ParquetSink::open(&dir.path().join("lake")).unwrap()),
             Target::Postgres(pg) => Arc::new(
                 PostgresSink::connect(&PostgresConfig {
                     url: pg.url.clone(),
@@ -304,6 +312,14 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $scenario() {
                     super::$scenario(&super::Target::postgres()).await;
+                }
+            )*
+        }
+        mod parquet {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    super::$scenario(&super::Target::parquet()).await;
                 }
             )*
         }

@@ -11,6 +11,7 @@
 //! for `collector-agent sql`.
 
 pub mod duckdb;
+pub mod parquet;
 pub mod postgres;
 pub mod schema;
 
@@ -193,5 +194,6 @@ pub async fn open(cfg: &WarehouseConfig) -> Result<Arc<dyn Sink>, SinkError> {
     Ok(match cfg {
         WarehouseConfig::DuckDb(c) => Arc::new(duckdb::DuckDbSink::open(&c.path)?),
         WarehouseConfig::Postgres(c) => Arc::new(postgres::PostgresSink::connect(c).await?),
+        WarehouseConfig::Parquet(c) => Arc::new(parquet::ParquetSink::open(&c.path)?),
     })
 }

@@ -15,6 +15,6 @@
 //! running agent's admin endpoint (see `crate::admin`).
 
 pub mod config;
-mod sink;
+pub(crate) mod sink;
 
 pub use sink::{run_query, DuckDbSink};

@@ -14,7 +14,7 @@ use crate::sinks::schema::{self, LogicalType, Prepared, QuarantinedEvent, Row};
 use crate::sinks::{LoadStats, QueryResult, Sink, SinkError};
 
 /// DuckDB's type for a logical type.
-fn sql_type(ty: LogicalType) -> &'static str {
+pub(crate) fn sql_type(ty: LogicalType) -> &'static str {
     match ty {
         LogicalType::Text => "VARCHAR",
         // UTC; `TIMESTAMPTZ` would need the ICU extension.
@@ -51,7 +51,7 @@ pub struct DuckDbSink {
 /// Classifies a DuckDB error: data the warehouse will never take (conversion,
 /// constraint, out of range, invalid input) is permanent; everything else (I/O, locks,
 /// a schema an operator must fix) is transient and retried.
-fn classify(e: duckdb::Error) -> SinkError {
+pub(crate) fn classify(e: duckdb::Error) -> SinkError {
     let msg = e.to_string();
     let permanent = [
         "Conversion Error",
@@ -68,7 +68,7 @@ fn classify(e: duckdb::Error) -> SinkError {
     }
 }
 
-fn transient(e: duckdb::Error) -> SinkError {
+pub(crate) fn transient(e: duckdb::Error) -> SinkError {
     SinkError::Transient(e.to_string())
 }
 
@@ -88,11 +88,9 @@ fn migrations() -> Vec<(i32, &'static str, String)> {
 INSERT INTO dead_letters_keyed SELECT shard, batch_id, any_value(error), any_value(blob), min(loaded_at) FROM dead_letters WHERE shard IS NOT NULL AND batch_id IS NOT NULL GROUP BY shard, batch_id;
 DROP TABLE dead_letters;
 ALTER TABLE dead_letters_keyed RENAME TO dead_letters;
-CREATE TABLE message_ids (message_id VARCHAR PRIMARY KEY, table_name VARCHAR NOT NULL, load_id BIGINT NOT NULL);
-CREATE SEQUENCE load_ids START 1;
-CREATE TABLE quarantine (message_id VARCHAR PRIMARY KEY, type VARCHAR NOT NULL, shard INTEGER, batch_id BIGINT, reason VARCHAR NOT NULL, event VARCHAR NOT NULL, quarantined_at TIMESTAMP NOT NULL, attempts INTEGER NOT NULL);
 ",
     );
+    v2.push_str(REGISTRY_SQL);
     for kind in EventKind::ALL {
         let t = kind.table();
         v2.push_str(&format!(
@@ -109,8 +107,42 @@ CREATE TABLE quarantine (message_id VARCHAR PRIMARY KEY, type VARCHAR NOT NULL, 
     ]
 }
 
+/// The registry of loaded ids, its load sequence and the quarantine: the state every
+/// DuckDB-backed sink keeps (the warehouse file, or the Parquet lake's state file).
+pub(crate) const REGISTRY_SQL: &str = "CREATE TABLE message_ids (message_id VARCHAR PRIMARY KEY, table_name VARCHAR NOT NULL, load_id BIGINT NOT NULL);
+CREATE SEQUENCE load_ids START 1;
+CREATE TABLE quarantine (message_id VARCHAR PRIMARY KEY, type VARCHAR NOT NULL, shard INTEGER, batch_id BIGINT, reason VARCHAR NOT NULL, event VARCHAR NOT NULL, quarantined_at TIMESTAMP NOT NULL, attempts INTEGER NOT NULL);
+";
+
+/// All-text staging tables for the appender (temporary, per connection); rows are cast
+/// on the way out.
+pub(crate) fn create_staging(conn: &Connection) -> Result<(), SinkError> {
+    let mut ddl = String::new();
+    for kind in EventKind::ALL {
+        let stage_cols: Vec<String> = schema::columns(kind)
+            .iter()
+            .map(|c| format!("{} VARCHAR", c.name))
+            .collect();
+        ddl.push_str(&format!(
+            "CREATE TEMP TABLE IF NOT EXISTS stage_{} ({});\n",
+            kind.table(),
+            stage_cols.join(", ")
+        ));
+    }
+    conn.execute_batch(&ddl)
+        .map_err(|e| SinkError::Permanent(e.to_string()))
+}
+
 /// Applies the migrations the warehouse has not seen yet.
 fn migrate(conn: &mut Connection) -> Result<(), SinkError> {
+    apply_migrations(conn, migrations())
+}
+
+/// Applies the given numbered migrations that `collector_migrations` does not list.
+pub(crate) fn apply_migrations(
+    conn: &mut Connection,
+    migrations: Vec<(i32, &'static str, String)>,
+) -> Result<(), SinkError> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS collector_migrations (version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)",
     )
@@ -122,7 +154,7 @@ fn migrate(conn: &mut Connection) -> Result<(), SinkError> {
         let rows = stmt.query_map([], |r| r.get(0)).map_err(transient)?;
         rows.collect::<Result<_, _>>().map_err(transient)?
     };
-    for (version, name, sql) in migrations() {
+    for (version, name, sql) in migrations {
         if applied.contains(&version) {
             continue;
         }
@@ -149,21 +181,7 @@ impl DuckDbSink {
         }
         let mut conn = Connection::open(path).map_err(transient)?;
         migrate(&mut conn)?;
-        let mut ddl = String::new();
-        for kind in EventKind::ALL {
-            // All-text staging table for the appender; cast on the way in.
-            let stage_cols: Vec<String> = schema::columns(kind)
-                .iter()
-                .map(|c| format!("{} VARCHAR", c.name))
-                .collect();
-            ddl.push_str(&format!(
-                "CREATE TEMP TABLE IF NOT EXISTS stage_{} ({});\n",
-                kind.table(),
-                stage_cols.join(", ")
-            ));
-        }
-        conn.execute_batch(&ddl)
-            .map_err(|e| SinkError::Permanent(e.to_string()))?;
+        create_staging(&conn)?;
         Ok(DuckDbSink {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -253,6 +271,30 @@ fn render(v: ValueRef<'_>) -> Option<String> {
 /// Writes a prepared load in one transaction.
 fn write(conn: &mut Connection, p: &Prepared) -> Result<LoadStats, SinkError> {
     let tx = conn.transaction().map_err(transient)?;
+    let (mut stats, load_id) = write_state(&tx, p)?;
+    for kind in EventKind::ALL {
+        let rows: Vec<&Row> = p.rows_of(kind).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        stage(&tx, kind, &rows)?;
+        register(&tx, kind, load_id)?;
+        let n = insert_registered(&tx, kind, load_id)?;
+        stats.inserted += n;
+        stats.duplicates += rows.len() as u64 - n;
+    }
+    finish_load(&tx, load_id)?;
+    tx.commit().map_err(transient)?;
+    Ok(stats)
+}
+
+/// The part of a load every DuckDB-backed sink writes the same way: dead letters (once
+/// per `(shard, batch_id)`) and quarantine entries (unless the id is already loaded).
+/// Returns the stats so far and this load's id in `message_ids`.
+pub(crate) fn write_state(
+    tx: &duckdb::Transaction<'_>,
+    p: &Prepared,
+) -> Result<(LoadStats, i64), SinkError> {
     let mut stats = LoadStats {
         duplicates: p.in_load_duplicates,
         ..LoadStats::default()
@@ -300,44 +342,43 @@ fn write(conn: &mut Connection, p: &Prepared) -> Result<LoadStats, SinkError> {
     let load_id: i64 = tx
         .query_row("SELECT nextval('load_ids')", [], |r| r.get(0))
         .map_err(transient)?;
-    for kind in EventKind::ALL {
-        let rows: Vec<&Row> = p.rows_of(kind).collect();
-        if rows.is_empty() {
-            continue;
-        }
-        let n = insert_kind(&tx, kind, &rows, load_id)?;
-        stats.inserted += n;
-        stats.duplicates += rows.len() as u64 - n;
-    }
-    // An event that was quarantined once and has now loaded leaves the quarantine.
+    Ok((stats, load_id))
+}
+
+/// An event that was quarantined once and has now loaded leaves the quarantine.
+pub(crate) fn finish_load(tx: &duckdb::Transaction<'_>, load_id: i64) -> Result<(), SinkError> {
     tx.execute(
         "DELETE FROM quarantine WHERE message_id IN (SELECT message_id FROM message_ids WHERE load_id = ?)",
         params![load_id],
     )
     .map_err(transient)?;
-    tx.commit().map_err(transient)?;
-    Ok(stats)
+    Ok(())
 }
 
-/// Stages one kind's rows and inserts those whose `message_id` is new to the warehouse
-/// (registered in `message_ids` under this load); returns how many were inserted.
-fn insert_kind(
+/// Replaces the kind's staging table's rows with `rows` (the appender, all text).
+pub(crate) fn stage(
     tx: &duckdb::Transaction<'_>,
     kind: EventKind,
     rows: &[&Row],
-    load_id: i64,
-) -> Result<u64, SinkError> {
+) -> Result<(), SinkError> {
     let table = kind.table();
     tx.execute(&format!("DELETE FROM stage_{table}"), [])
         .map_err(transient)?;
-    {
-        let mut app = tx.appender(&format!("stage_{table}")).map_err(transient)?;
-        for row in rows {
-            app.append_row(duckdb::appender_params_from_iter(row.iter()))
-                .map_err(classify)?;
-        }
-        app.flush().map_err(classify)?;
+    let mut app = tx.appender(&format!("stage_{table}")).map_err(transient)?;
+    for row in rows {
+        app.append_row(duckdb::appender_params_from_iter(row.iter()))
+            .map_err(classify)?;
     }
+    app.flush().map_err(classify)
+}
+
+/// Registers the staged ids that are new to the warehouse under `load_id`.
+pub(crate) fn register(
+    tx: &duckdb::Transaction<'_>,
+    kind: EventKind,
+    load_id: i64,
+) -> Result<(), SinkError> {
+    let table = kind.table();
     tx.execute(
         &format!(
             "INSERT OR IGNORE INTO message_ids SELECT message_id, '{table}', ? FROM stage_{table}"
@@ -345,21 +386,41 @@ fn insert_kind(
         params![load_id],
     )
     .map_err(classify)?;
-    let cols = schema::columns(kind);
-    let names: Vec<&str> = cols.iter().map(|c| c.name).collect();
-    let select: Vec<String> = cols
+    Ok(())
+}
+
+/// `SELECT` of the staged rows registered under the load (`?` is the load id), cast to
+/// their types, with `loaded_at`.
+pub(crate) fn registered_rows_sql(kind: EventKind) -> String {
+    let table = kind.table();
+    let select: Vec<String> = schema::columns(kind)
         .iter()
-        .map(|c| format!("CAST(s.{} AS {})", c.name, sql_type(c.ty)))
+        .map(|c| format!("CAST(s.{0} AS {1}) AS {0}", c.name, sql_type(c.ty)))
         .collect();
     // Zone maps on the ever-growing `load_id` keep this lookup to the newest rows.
+    format!(
+        "SELECT {}, now()::TIMESTAMP AS {} FROM stage_{table} s
+         WHERE s.message_id IN (SELECT message_id FROM message_ids WHERE load_id = ? AND table_name = '{table}')",
+        select.join(", "),
+        schema::LOADED_AT
+    )
+}
+
+/// Inserts the registered rows into the kind's table; returns how many.
+fn insert_registered(
+    tx: &duckdb::Transaction<'_>,
+    kind: EventKind,
+    load_id: i64,
+) -> Result<u64, SinkError> {
+    let cols: Vec<&str> = schema::columns(kind).iter().map(|c| c.name).collect();
     let n = tx
         .execute(
             &format!(
-                "INSERT OR IGNORE INTO {table} ({}, {}) SELECT {}, now()::TIMESTAMP FROM stage_{table} s
-                 WHERE s.message_id IN (SELECT message_id FROM message_ids WHERE load_id = ? AND table_name = '{table}')",
-                names.join(", "),
+                "INSERT OR IGNORE INTO {} ({}, {}) {}",
+                kind.table(),
+                cols.join(", "),
                 schema::LOADED_AT,
-                select.join(", ")
+                registered_rows_sql(kind)
             ),
             params![load_id],
         )
@@ -367,7 +428,10 @@ fn insert_kind(
     Ok(n)
 }
 
-fn quarantined(conn: &Connection, ids: &[String]) -> Result<Vec<QuarantinedEvent>, SinkError> {
+pub(crate) fn quarantined(
+    conn: &Connection,
+    ids: &[String],
+) -> Result<Vec<QuarantinedEvent>, SinkError> {
     let mut sql = "SELECT message_id, type, shard, batch_id, event FROM quarantine".to_string();
     if !ids.is_empty() {
         sql.push_str(" WHERE list_contains(?::VARCHAR[], message_id)");
