@@ -1,0 +1,187 @@
+//! Exactly once through kill -9: the agent (the real binary) drains a backlog of 50,000
+//! events and is killed with SIGKILL at random points, 20 times; a last run drains the
+//! rest. Every event is in the warehouse exactly once, with its content. For DuckDB and
+//! PostgreSQL.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use collector_agent::config::{PostgresConfig, WarehouseConfig};
+use collector_agent::sinks::Sink;
+use collector_e2e::postgres::LocalPostgres;
+use common::*;
+use serde_json::json;
+
+const EVENTS: usize = 50_000;
+const ROUNDS: usize = 20;
+
+fn agent_binary() -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let ok = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "-p", "collector-agent"])
+        .current_dir(root)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "build the agent");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    target.join("debug/collector-agent")
+}
+
+/// A pseudo-random number from the time (no rand dependency needed).
+fn jitter_ms(round: usize) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    150 + (nanos ^ (round as u64 * 7919)) % 500
+}
+
+async fn post_backlog(st: &Stack) {
+    for chunk in (0..EVENTS).collect::<Vec<_>>().chunks(500) {
+        let batch: Vec<_> = chunk
+            .iter()
+            .map(|i| json!({"type": "track", "messageId": format!("k-{i}"), "anonymousId": format!("v-{}", i % 997),
+                "event": "Kill Test", "properties": {"n": i}}))
+            .collect();
+        let r = st.post("/v1/batch", &json!({"batch": batch})).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+}
+
+fn write_config(st: &Stack, warehouse: &str) -> std::path::PathBuf {
+    let path = st.dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "edge_url = \"{}\"\ndrain_secret = \"{SECRET}\"\npoll_interval_ms = 50\nlease_batches = 2\nlease_ms = 2000\n{warehouse}",
+            st.edge.url
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn spawn(bin: &std::path::Path, config: &std::path::Path, once: bool) -> Child {
+    let mut cmd = Command::new(bin);
+    cmd.args(["run", "--config"]).arg(config);
+    if once {
+        cmd.arg("--once");
+    }
+    cmd.env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Kills the agent 20 times at random points, then lets one run drain the rest.
+/// `loaded` counts what is in the warehouse between rounds: the kills must land while
+/// the agent is loading, not after it finished.
+async fn kill_and_finish<F, Fut>(bin: &std::path::Path, config: &std::path::Path, loaded: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = u64>,
+{
+    let mut progress = Vec::new();
+    for round in 0..ROUNDS {
+        let mut child = spawn(bin, config, false);
+        tokio::time::sleep(Duration::from_millis(jitter_ms(round))).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        progress.push(loaded().await);
+    }
+    eprintln!("loaded after each kill: {progress:?}");
+    assert!(
+        progress.iter().any(|n| *n > 0 && *n < EVENTS as u64),
+        "the kills happened mid-drain: {progress:?}"
+    );
+    // Leases held by killed agents expire (lease_ms = 2 s), then everything drains.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let status = spawn(bin, config, true).wait().unwrap();
+    assert!(status.success(), "the final drain succeeds");
+}
+
+async fn check(sink: &dyn Sink) {
+    let r = sink
+        .query("SELECT count(*), count(DISTINCT message_id), sum(CAST(properties->>'n' AS BIGINT)) FROM tracks WHERE event = 'Kill Test'")
+        .await
+        .unwrap();
+    let n = EVENTS as u64;
+    assert_eq!(
+        r.rows[0],
+        vec![
+            Some(n.to_string()),
+            Some(n.to_string()),
+            Some((n * (n - 1) / 2).to_string())
+        ],
+        "every event exactly once, with its content"
+    );
+}
+
+#[tokio::test]
+async fn duckdb_exactly_once_through_kill_9() {
+    let bin = agent_binary();
+    let st = Stack::start();
+    post_backlog(&st).await;
+    let config = write_config(
+        &st,
+        &format!("[warehouse]\npath = \"{}\"\n", st.warehouse().display()),
+    );
+    let warehouse = st.warehouse();
+    let count = || {
+        let w = warehouse.clone();
+        async move {
+            if !w.exists() {
+                return 0;
+            }
+            let conn = collector_agent::sinks::duckdb::DuckDbSink::open_read_only(&w).unwrap();
+            collector_agent::sinks::duckdb::run_query(&conn, "SELECT count(*) FROM tracks")
+                .map(|r| r.rows[0][0].as_deref().unwrap_or("0").parse().unwrap())
+                .unwrap_or(0)
+        }
+    };
+    kill_and_finish(&bin, &config, count).await;
+    let sink = collector_agent::sinks::duckdb::DuckDbSink::open(&st.warehouse()).unwrap();
+    check(&sink).await;
+}
+
+#[tokio::test]
+async fn postgres_exactly_once_through_kill_9() {
+    let bin = agent_binary();
+    let st = Stack::start();
+    let pg = LocalPostgres::start().unwrap();
+    post_backlog(&st).await;
+    let config = write_config(
+        &st,
+        &format!("[warehouse]\nkind = \"postgres\"\nurl = \"{}\"\n", pg.url),
+    );
+    let wh = WarehouseConfig::Postgres(PostgresConfig {
+        url: pg.url.clone(),
+        password_env: None,
+        schema: "public".into(),
+        timeout_ms: 30_000,
+    });
+    let count = || {
+        let wh = wh.clone();
+        async move {
+            match collector_agent::sinks::open(&wh).await {
+                Ok(s) => s
+                    .query("SELECT count(*) FROM tracks")
+                    .await
+                    .map(|r| r.rows[0][0].as_deref().unwrap_or("0").parse().unwrap())
+                    .unwrap_or(0),
+                Err(_) => 0,
+            }
+        }
+    };
+    kill_and_finish(&bin, &config, count).await;
+    let sink = collector_agent::sinks::open(&wh).await.unwrap();
+    check(&*sink).await;
+}
