@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use collector_core::codec::{decode_lease, Lease};
 use collector_core::drain::{
-    AckRequest, AckResponse, DrainInfo, DrainStats, LeaseRequest, ACK_PATH, INFO_PATH, LEASE_PATH,
-    STATS_PATH,
+    AckRequest, AckResponse, DrainInfo, DrainStats, LeaseRequest, RenewRequest, RenewResponse,
+    ACK_PATH, INFO_PATH, LEASE_PATH, RENEW_PATH, STATS_PATH,
 };
 use collector_core::sign::{sign, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use serde::de::DeserializeOwned;
@@ -147,6 +147,24 @@ impl EdgeClient {
             .call_json(reqwest::Method::POST, ACK_PATH, body)
             .await?;
         Ok(r.acked)
+    }
+
+    /// Extends a lease by `lease_ms` from now; returns how many batches it still holds.
+    pub async fn renew(&self, shard: u32, lease_id: &str, lease_ms: u64) -> Result<u64, EdgeError> {
+        let req = RenewRequest {
+            shard,
+            lease_id: lease_id.to_string(),
+            lease_ms: i64::try_from(lease_ms).unwrap_or(i64::MAX),
+        };
+        req.validate(None)?;
+        let body = serde_json::to_vec(&req).map_err(|e| EdgeError::Body {
+            path: RENEW_PATH,
+            error: e.to_string(),
+        })?;
+        let r: RenewResponse = self
+            .call_json(reqwest::Method::POST, RENEW_PATH, body)
+            .await?;
+        Ok(r.renewed)
     }
 
     /// Queue depth, drop counters by reason and note counters, per shard and in total.

@@ -169,7 +169,30 @@ impl Drainer {
             }
         }
         let started = std::time::Instant::now();
-        let stats: LoadStats = match self.sink.load(&load).await {
+        // While the load runs, renew the lease every third of its length, so a large
+        // load never outlives it and its batches are not handed to another agent.
+        let renewer = {
+            let client = self.client.clone();
+            let lease_id = lease.lease_id.clone();
+            let lease_ms = self.cfg.lease_ms;
+            tokio::spawn(async move {
+                let every = Duration::from_millis((lease_ms / 3).max(100));
+                loop {
+                    tokio::time::sleep(every).await;
+                    match client.renew(shard, &lease_id, lease_ms).await {
+                        Ok(0) => tracing::warn!(
+                            shard,
+                            "lease expired before it could be renewed; the load stays idempotent"
+                        ),
+                        Ok(_) => tracing::debug!(shard, "lease renewed"),
+                        Err(e) => tracing::warn!(shard, error = %e, "lease renewal failed"),
+                    }
+                }
+            })
+        };
+        let loaded = self.sink.load(&load).await;
+        renewer.abort();
+        let stats: LoadStats = match loaded {
             Ok(s) => s,
             Err(e) => {
                 self.metrics.failed(if e.retryable() {

@@ -15,6 +15,7 @@ pub const INFO_PATH: &str = "/drain/info";
 pub const LEASE_PATH: &str = "/drain/lease";
 pub const ACK_PATH: &str = "/drain/ack";
 pub const STATS_PATH: &str = "/drain/stats";
+pub const RENEW_PATH: &str = "/drain/renew";
 
 /// Most sealed batches one lease may hand out.
 pub const MAX_LEASE_BATCHES: u32 = 100;
@@ -136,6 +137,33 @@ fn check_shard(shard: u32, shards: Option<u32>) -> Result<(), DrainRequestError>
         Some(n) if shard >= n => Err(DrainRequestError::NoSuchShard { shard, shards: n }),
         _ => Ok(()),
     }
+}
+
+/// `POST /drain/renew`: extends a lease the agent still works on (a large load), so its
+/// batches are not handed to another agent meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    pub shard: u32,
+    pub lease_id: String,
+    /// The new expiry is now plus this.
+    pub lease_ms: i64,
+}
+
+impl RenewRequest {
+    pub fn validate(&self, shards: Option<u32>) -> Result<(), DrainRequestError> {
+        if !(MIN_LEASE_MS..=MAX_LEASE_MS).contains(&self.lease_ms) {
+            return Err(DrainRequestError::LeaseMs(self.lease_ms));
+        }
+        check_shard(self.shard, shards)
+    }
+}
+
+/// How many batches the renewal extended (0: the lease had expired and its batches may
+/// be with another agent; loading them again is harmless, the warehouse dedups).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewResponse {
+    pub renewed: u64,
 }
 
 /// The answer to an ack: how many batches were deleted (0 if the lease had expired

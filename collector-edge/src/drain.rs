@@ -9,11 +9,12 @@
 //! - `POST /drain/lease` `{"shard", "max_batches", "lease_ms", "flush"}` → a binary
 //!   `collector_core::codec::Lease` (sealed batches, a lease id and its expiry)
 //! - `POST /drain/ack`   `{"shard", "lease_id"}` → `{"acked": n}` (the batches are deleted)
+//! - `POST /drain/renew` `{"shard", "lease_id", "lease_ms"}` → `{"renewed": n}`
 //! - `GET  /drain/stats` → per-shard queue depth, drop counters by reason, note counters
 
 use collector_core::drain::{
-    AckRequest, DrainInfo, DrainRequestError, DrainStats, Formats, LeaseRequest, ShardStats,
-    ACK_PATH, INFO_PATH, LEASE_PATH, STATS_PATH,
+    AckRequest, DrainInfo, DrainRequestError, DrainStats, Formats, LeaseRequest, RenewRequest,
+    ShardStats, ACK_PATH, INFO_PATH, LEASE_PATH, RENEW_PATH, STATS_PATH,
 };
 use collector_core::sign::{verify, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use serde_json::json;
@@ -28,6 +29,7 @@ pub enum DrainOp {
     Info,
     Lease,
     Ack,
+    Renew,
     Stats,
 }
 
@@ -37,6 +39,7 @@ impl DrainOp {
             (Method::Get, INFO_PATH) => Some(DrainOp::Info),
             (Method::Post, LEASE_PATH) => Some(DrainOp::Lease),
             (Method::Post, ACK_PATH) => Some(DrainOp::Ack),
+            (Method::Post, RENEW_PATH) => Some(DrainOp::Renew),
             (Method::Get, STATS_PATH) => Some(DrainOp::Stats),
             _ => None,
         }
@@ -105,6 +108,17 @@ pub async fn handle_drain(
             }
             let body = serde_json::to_vec(&ack)?;
             forward(env, ack.shard, shard_client::ACK, body).await
+        }
+        DrainOp::Renew => {
+            let renew: RenewRequest = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => return http::error(400, "bad_renew_request", &e.to_string()),
+            };
+            if let Err(e) = renew.validate(Some(cfg.shards)) {
+                return bad_request(&e, "bad_renew_request");
+            }
+            let body = serde_json::to_vec(&renew)?;
+            forward(env, renew.shard, shard_client::RENEW, body).await
         }
         DrainOp::Stats => {
             let mut shards = Vec::new();

@@ -16,7 +16,9 @@ use collector_core::codec::{
     decode_append, decode_event, encode_batch, encode_event, encode_lease, Batch, Lease,
     LeasedBatch,
 };
-use collector_core::drain::{AckRequest, AckResponse, LeaseRequest, ShardStats};
+use collector_core::drain::{
+    AckRequest, AckResponse, LeaseRequest, RenewRequest, RenewResponse, ShardStats,
+};
 use serde::Deserialize;
 use serde_json::json;
 use worker::{
@@ -258,6 +260,21 @@ impl QueueShard {
         http::json(200, &json!(AckResponse { acked }))
     }
 
+    /// Extends a lease that is still held (its batches not yet handed out again).
+    async fn renew(&self, mut req: Request) -> Result<Response> {
+        let renew: RenewRequest = match req.json().await {
+            Ok(r) => r,
+            Err(e) => return http::error(400, "bad_renew_request", &e.to_string()),
+        };
+        let cursor = self.sql().exec(
+            "UPDATE batches SET lease_expires_ms = ? WHERE lease_id = ?",
+            vec![(now_ms() + renew.lease_ms).into(), renew.lease_id.into()],
+        )?;
+        let _ = cursor.raw().count();
+        let renewed = cursor.rows_written() as u64;
+        http::json(200, &json!(RenewResponse { renewed }))
+    }
+
     fn stats(&self, req: &Request) -> Result<Response> {
         #[derive(Deserialize)]
         struct Count {
@@ -326,6 +343,7 @@ impl DurableObject for QueueShard {
             shard_client::APPEND => self.append(req, cfg).await,
             shard_client::LEASE => self.lease(req).await,
             shard_client::ACK => self.ack(req).await,
+            shard_client::RENEW => self.renew(req).await,
             shard_client::STATS => self.stats(&req),
             other => http::error(404, "not_found", &format!("queue shard has no {other}")),
         }

@@ -14,6 +14,7 @@ pub const SHARD_HEADER: &str = "x-collector-shard";
 pub const APPEND: &str = "/append";
 pub const LEASE: &str = "/lease";
 pub const ACK: &str = "/ack";
+pub const RENEW: &str = "/renew";
 pub const STATS: &str = "/stats";
 
 /// A fresh random UUID v4 (the runtime's CSPRNG via `crypto.getRandomValues`).

@@ -241,3 +241,63 @@ async fn postgres_outage_mid_drain_backs_off_and_loses_nothing() {
         100
     );
 }
+
+// A load that takes longer than its lease (here: blocked by a lock an analyst holds)
+// keeps the lease by renewing it, so no other agent gets its batches meanwhile; then it
+// commits and acks, exactly once.
+#[tokio::test]
+async fn a_load_longer_than_its_lease_renews_it() {
+    let st = Stack::start();
+    let pg = LocalPostgres::start().unwrap();
+    let mut cfg = pg_config(&st, &pg);
+    cfg.lease_ms = 1_500;
+    // Everything in one shard: one anonymous id.
+    let batch: Vec<_> = (0..50)
+        .map(|i| json!({"type": "track", "messageId": format!("slow-{i}"), "anonymousId": "one-visitor", "event": "E"}))
+        .collect();
+    let r = st.post("/v1/batch", &json!({"batch": batch})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let shard = collector_core::shard::shard_for(Some("one-visitor"), None, 4);
+
+    let locker = PostgresSink::connect(match &cfg.warehouse {
+        WarehouseConfig::Postgres(p) => p,
+        _ => unreachable!(),
+    })
+    .await
+    .unwrap();
+    locker
+        .query("BEGIN; LOCK TABLE message_ids IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(collector_agent::run(cfg.clone(), async move {
+        let _ = rx.await;
+    }));
+    // Wait until the agent holds the lease (the batch seals after BATCH_MAX_AGE_MS).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = st.edge_stats().await;
+        if stats["shards"][shard as usize]["leased_batches"].as_u64() == Some(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the agent never leased: {stats}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Two lease lengths later the lease is still the agent's: nothing to hand out.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let other = st.lease(shard, 10, 1_000).await;
+    assert!(
+        other.batches.is_empty(),
+        "the lease was renewed, not handed out again"
+    );
+    locker.query("COMMIT").await.unwrap();
+    wait_for(&pg, "SELECT count(*) FROM tracks", 50, "after the lock").await;
+    let _ = tx.send(());
+    agent.await.unwrap().unwrap();
+    let stats = st.edge_stats().await;
+    assert_eq!(
+        stats["shards"][shard as usize]["sealed_batches"],
+        json!(0),
+        "{stats}"
+    );
+}
