@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::sinks::{LoadStats, QueryResult, Sink};
+use crate::sinks::{replay_all, LoadStats, QueryResult, ReplayStats, Sink};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentState {
@@ -61,6 +61,7 @@ pub async fn serve(
         .route("/health", get(|| async { Json(json!({"ok": true})) }))
         .route("/sql", post(handle_sql))
         .route("/quarantine/replay", post(handle_replay))
+        .route("/replay", post(handle_replay_all))
         .with_state(AppState {
             sink,
             token: Arc::new(token),
@@ -106,6 +107,23 @@ async fn handle_replay(
     state
         .sink
         .replay_quarantine(&req.message_ids)
+        .await
+        .map(Json)
+        .map_err(|e| {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": e.to_string()})),
+            )
+        })
+}
+
+async fn handle_replay_all(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(req): Json<ReplayRequest>,
+) -> Result<Json<ReplayStats>, AdminError> {
+    authorize(&state, &headers)?;
+    replay_all(state.sink.as_ref(), &req.message_ids, &|_, _| {})
         .await
         .map(Json)
         .map_err(|e| {
@@ -196,4 +214,16 @@ pub async fn replay_running_agent(
         message_ids: message_ids.to_vec(),
     };
     call_running_agent(state_file, "/quarantine/replay", |r| r.json(&req)).await
+}
+
+/// Replays dead letters and quarantined events through the running agent (`Ok(None)`
+/// when none runs).
+pub async fn replay_all_running_agent(
+    state_file: &Path,
+    message_ids: &[String],
+) -> anyhow::Result<Option<ReplayStats>> {
+    let req = ReplayRequest {
+        message_ids: message_ids.to_vec(),
+    };
+    call_running_agent(state_file, "/replay", |r| r.json(&req)).await
 }

@@ -61,6 +61,13 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Load again what could not be loaded: dead letters whose batch decodes now (after
+    /// an upgrade), then quarantined events (all, or the given message ids).
+    Replay {
+        message_ids: Vec<String>,
+        #[arg(long, default_value = "agent.toml")]
+        config: PathBuf,
+    },
     /// Events the warehouse refused: kept with their reason in the `quarantine` table.
     Quarantine {
         #[command(subcommand)]
@@ -144,6 +151,50 @@ async fn main() -> anyhow::Result<()> {
                 } else {
                     to_table(&result)
                 }
+            );
+            Ok(())
+        }
+        Command::Replay {
+            message_ids,
+            config,
+        } => {
+            let cfg = AgentConfig::load(&config)?;
+            let state = cfg.warehouse.state_file();
+            let spinner = indicatif::ProgressBar::new_spinner();
+            spinner.set_message("replaying through the running agent");
+            spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+            let via_agent = admin::replay_all_running_agent(&state, &message_ids).await?;
+            spinner.finish_and_clear();
+            let r = match via_agent {
+                Some(r) => r,
+                None => {
+                    let sink = collector_agent::sinks::open(&cfg.warehouse)
+                        .await
+                        .context("open the warehouse")?;
+                    let bar = indicatif::ProgressBar::new(0);
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "dead letters {bar:40} {pos}/{len}",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                    );
+                    let progress = |done: u64, total: u64| {
+                        bar.set_length(total);
+                        bar.set_position(done);
+                    };
+                    let r =
+                        collector_agent::sinks::replay_all(&*sink, &message_ids, &progress).await?;
+                    bar.finish_and_clear();
+                    r
+                }
+            };
+            println!(
+                "replayed: dead letters loaded={} still_dead={}; events inserted={} duplicates={} still_quarantined={}",
+                r.dead_letters_loaded,
+                r.dead_letters_left,
+                r.loads.inserted,
+                r.loads.duplicates,
+                r.loads.quarantined
             );
             Ok(())
         }

@@ -297,6 +297,60 @@ async fn status_sql_reads_every_sink(t: &Target) {
     );
 }
 
+async fn dead_letters_that_decode_now_are_replayed(t: &Target) {
+    let sink = t.open().await;
+    let evs = events(json!({"batch": [
+        {"type": "track", "messageId": "dl-1", "userId": "u", "event": "A"},
+        {"type": "identify", "messageId": "dl-2", "userId": "u"}
+    ]}));
+    let blob = collector_core::codec::encode_batch(&collector_core::codec::Batch {
+        shard: 1,
+        sealed_at_ms: 0,
+        events: evs,
+    })
+    .unwrap();
+    let load = Load {
+        shard: 1,
+        batches: vec![
+            LoadBatch::Undecodable {
+                batch_id: 5,
+                blob,
+                error: "simulated: an older agent could not read it".into(),
+            },
+            LoadBatch::Undecodable {
+                batch_id: 6,
+                blob: b"still garbage".to_vec(),
+                error: "bad magic".into(),
+            },
+        ],
+    };
+    assert_eq!(sink.load(&load).await.unwrap().dead_letters, 2);
+    let r = collector_agent::sinks::replay_all(&*sink, &[], &|_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.dead_letters_loaded, r.dead_letters_left, r.loads.inserted),
+        (1, 1, 2)
+    );
+    assert_eq!(
+        rows(&*sink, "SELECT shard, batch_id FROM dead_letters").await,
+        vec![vec![s("1"), s("6")]]
+    );
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT (SELECT count(*) FROM tracks), (SELECT count(*) FROM identifies)"
+        )
+        .await,
+        vec![vec![s("1"), s("1")]]
+    );
+    // Replaying again changes nothing.
+    let again = collector_agent::sinks::replay_all(&*sink, &[], &|_, _| {})
+        .await
+        .unwrap();
+    assert_eq!((again.dead_letters_loaded, again.loads.inserted), (0, 0));
+}
+
 macro_rules! conformance {
     ($($scenario:ident),* $(,)?) => {
         mod duckdb {
@@ -334,6 +388,7 @@ conformance!(
     undecodable_batches_are_dead_letters_once,
     poison_event_is_quarantined_and_replayed,
     status_sql_reads_every_sink,
+    dead_letters_that_decode_now_are_replayed,
 );
 
 // PostgreSQL itself refuses a value (jsonb has no \u0000): that event alone is isolated

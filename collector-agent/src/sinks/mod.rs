@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use collector_core::StoredEvent;
 
 use crate::config::WarehouseConfig;
-use crate::sinks::schema::{Prepared, QuarantinedEvent};
+use crate::sinks::schema::{DeadLetter, Prepared, QuarantinedEvent};
 
 /// What one load did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -123,6 +123,9 @@ pub trait Sink: Send + Sync {
     /// The quarantined events (all, or those with these ids), oldest first.
     async fn quarantined(&self, ids: &[String]) -> Result<Vec<QuarantinedEvent>, SinkError>;
 
+    /// The dead letters, oldest first.
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, SinkError>;
+
     /// Runs one SQL statement and renders its rows as text.
     async fn query(&self, sql: &str) -> Result<QueryResult, SinkError>;
 
@@ -148,6 +151,43 @@ pub trait Sink: Send + Sync {
         }
         Ok(stats)
     }
+}
+
+/// What a replay did: dead letters that decode now and were loaded (or are still
+/// dead), and the quarantined events replayed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplayStats {
+    pub dead_letters_loaded: u64,
+    pub dead_letters_left: u64,
+    pub loads: LoadStats,
+}
+
+/// Replays every dead letter that decodes now, then the quarantine (all, or `ids`).
+/// `progress(done, total)` is called as it goes.
+pub async fn replay_all(
+    sink: &dyn Sink,
+    ids: &[String],
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<ReplayStats, SinkError> {
+    let mut r = ReplayStats::default();
+    let dead = if ids.is_empty() {
+        sink.dead_letters().await?
+    } else {
+        Vec::new()
+    };
+    let total = dead.len() as u64;
+    for (i, d) in dead.iter().enumerate() {
+        match d.prepared() {
+            Some(p) => {
+                r.loads.add(load_isolating(sink, p).await?);
+                r.dead_letters_loaded += 1;
+            }
+            None => r.dead_letters_left += 1,
+        }
+        progress(i as u64 + 1, total);
+    }
+    r.loads.add(sink.replay_quarantine(ids).await?);
+    Ok(r)
 }
 
 /// Writes a prepared load; after a permanent error, writes its events one at a time and
@@ -183,6 +223,7 @@ pub async fn load_isolating<S: Sink + ?Sized>(
         quarantine,
         dead: p.dead.clone(),
         in_load_duplicates: p.in_load_duplicates,
+        resolved_dead: p.resolved_dead.clone(),
         ..Prepared::default()
     };
     stats.add(sink.write(Arc::new(rest)).await?);

@@ -203,6 +203,9 @@ pub struct Prepared {
     pub dead: Vec<DeadLetter>,
     /// Duplicates within this load (the first occurrence wins).
     pub in_load_duplicates: u64,
+    /// Dead letters whose batch now decoded and is in `rows`/`quarantine`: removed from
+    /// `dead_letters` in the same transaction.
+    pub resolved_dead: Vec<(u32, i64)>,
 }
 
 impl Prepared {
@@ -284,6 +287,20 @@ pub struct QuarantinedEvent {
     pub shard: Option<u32>,
     pub batch_id: Option<i64>,
     pub event: String,
+}
+
+/// A dead letter read back for a replay.
+impl DeadLetter {
+    /// The replay of a dead letter whose batch decodes now (an agent that learned its
+    /// format), as a prepared load that also removes the dead letter; `None` while it
+    /// still does not decode.
+    pub fn prepared(&self) -> Option<Prepared> {
+        let batch = collector_core::codec::decode_batch(&self.blob).ok()?;
+        let load = Load::events(self.shard, self.batch_id, batch.events);
+        let mut p = prepare(&load);
+        p.resolved_dead.push((self.shard, self.batch_id));
+        Some(p)
+    }
 }
 
 impl QuarantinedEvent {

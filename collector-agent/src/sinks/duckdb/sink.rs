@@ -10,7 +10,7 @@ use collector_core::EventKind;
 use duckdb::types::{TimeUnit, ValueRef};
 use duckdb::{params, Connection};
 
-use crate::sinks::schema::{self, LogicalType, Prepared, QuarantinedEvent, Row};
+use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent, Row};
 use crate::sinks::{LoadStats, QueryResult, Sink, SinkError};
 
 /// DuckDB's type for a logical type.
@@ -307,6 +307,13 @@ pub(crate) fn write_state(
             )
             .map_err(transient)? as u64;
     }
+    for (shard, batch_id) in &p.resolved_dead {
+        tx.execute(
+            "DELETE FROM dead_letters WHERE shard = ? AND batch_id = ?",
+            params![shard, batch_id],
+        )
+        .map_err(transient)?;
+    }
     // An event already in the warehouse is a duplicate, not a poison; one already
     // quarantined is a duplicate too, unless this is a replay of it.
     let on_conflict = if p.replay {
@@ -428,6 +435,23 @@ fn insert_registered(
     Ok(n)
 }
 
+pub(crate) fn dead_letters(conn: &Connection) -> Result<Vec<DeadLetter>, SinkError> {
+    let mut stmt = conn
+        .prepare("SELECT shard, batch_id, blob, error FROM dead_letters ORDER BY loaded_at, shard, batch_id")
+        .map_err(transient)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(DeadLetter {
+                shard: r.get(0)?,
+                batch_id: r.get(1)?,
+                blob: r.get(2)?,
+                error: r.get(3)?,
+            })
+        })
+        .map_err(transient)?;
+    rows.collect::<Result<_, _>>().map_err(transient)
+}
+
 pub(crate) fn quarantined(
     conn: &Connection,
     ids: &[String],
@@ -476,6 +500,10 @@ impl Sink for DuckDbSink {
     async fn quarantined(&self, ids: &[String]) -> Result<Vec<QuarantinedEvent>, SinkError> {
         let ids = ids.to_vec();
         self.with_conn(move |c| quarantined(c, &ids)).await
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, SinkError> {
+        self.with_conn(|c| dead_letters(c)).await
     }
 
     async fn query(&self, sql: &str) -> Result<QueryResult, SinkError> {

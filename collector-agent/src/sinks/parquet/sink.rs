@@ -10,10 +10,10 @@ use collector_core::EventKind;
 use duckdb::{params, Connection};
 
 use crate::sinks::duckdb::sink::{
-    apply_migrations, classify, create_staging, finish_load, quarantined, register,
+    apply_migrations, classify, create_staging, dead_letters, finish_load, quarantined, register,
     registered_rows_sql, run_query, sql_type, stage, transient, write_state, REGISTRY_SQL,
 };
-use crate::sinks::schema::{self, Prepared, PreparedRow, QuarantinedEvent, Row};
+use crate::sinks::schema::{self, DeadLetter, Prepared, PreparedRow, QuarantinedEvent, Row};
 use crate::sinks::{LoadStats, QueryResult, Sink, SinkError};
 
 /// The lake's state folder, beside the table folders.
@@ -229,6 +229,10 @@ impl Sink for ParquetSink {
     async fn quarantined(&self, ids: &[String]) -> Result<Vec<QuarantinedEvent>, SinkError> {
         let ids = ids.to_vec();
         self.with_conn(move |c, _| quarantined(c, &ids)).await
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, SinkError> {
+        self.with_conn(|c, _| dead_letters(c)).await
     }
 
     async fn query(&self, sql: &str) -> Result<QueryResult, SinkError> {

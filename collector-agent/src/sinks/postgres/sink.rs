@@ -15,7 +15,7 @@ use tokio::sync::Mutex;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use super::config::PostgresConfig;
-use crate::sinks::schema::{self, LogicalType, Prepared, QuarantinedEvent, Row};
+use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent, Row};
 use crate::sinks::{LoadStats, QueryResult, Sink, SinkError};
 
 /// PostgreSQL's type for a logical type.
@@ -239,6 +239,14 @@ async fn write(client: &mut Client, p: &Prepared) -> Result<LoadStats, SinkError
             .await
             .map_err(classify)?;
     }
+    for (shard, batch_id) in &p.resolved_dead {
+        tx.execute(
+            "DELETE FROM dead_letters WHERE shard = $1 AND batch_id = $2",
+            &[&(*shard as i32), batch_id],
+        )
+        .await
+        .map_err(classify)?;
+    }
     // An event already in the warehouse is a duplicate, not a poison; one already
     // quarantined is a duplicate too, unless this is a replay of it.
     let on_conflict = if p.replay {
@@ -386,6 +394,27 @@ impl Sink for PostgresSink {
                 shard: r.get::<_, Option<i32>>(2).map(|s| s as u32),
                 batch_id: r.get(3),
                 event: r.get(4),
+            })
+            .collect())
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, SinkError> {
+        let guard = self.client().await?;
+        let client = guard.as_ref().expect("connected");
+        let rows = client
+            .query(
+                "SELECT shard, batch_id, blob, error FROM dead_letters ORDER BY loaded_at, shard, batch_id",
+                &[],
+            )
+            .await
+            .map_err(classify)?;
+        Ok(rows
+            .iter()
+            .map(|r| DeadLetter {
+                shard: r.get::<_, i32>(0) as u32,
+                batch_id: r.get(1),
+                blob: r.get(2),
+                error: r.get(3),
             })
             .collect())
     }
