@@ -15,6 +15,10 @@ use collector_agent::{admin, drain_once, run, AgentConfig};
     about = "Drains the edge collector into your warehouse"
 )]
 struct Cli {
+    /// Log format on stderr: `text` for people, `json` (one object per line) for log
+    /// pipelines. `RUST_LOG` sets the level (default `info`).
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -121,13 +125,17 @@ enum PrivacyCommand {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     match cli.command {
         Command::Run { config, once } => {
             let cfg = AgentConfig::load(&config)?;

@@ -72,3 +72,35 @@ fn problems_name_their_key() {
         );
     }
 }
+
+#[test]
+fn logs_can_be_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    // An unreachable edge: the agent logs its failure, then `--once` exits with an error.
+    std::fs::write(
+        &path,
+        format!(
+            "edge_url = \"http://127.0.0.1:{}\"\ndrain_secret = \"s\"\nrequest_timeout_ms = 1000\n",
+            collector_e2e::free_port()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_collector-agent"))
+        .args(["--log-format", "json", "run", "--once", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let json_lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        json_lines
+            .iter()
+            .any(|v| v["level"].is_string() && v["fields"].is_object()),
+        "{stderr}"
+    );
+}
