@@ -5,7 +5,10 @@
 //! - worker bundle size (wasm and JS glue, raw and gzip)
 //! - requests/s of `POST /v1/batch` with 20 events, against the local runtime
 //!   (`wrangler dev`, workerd with SQLite-backed Durable Objects)
-//! - agent drain rows/s into DuckDB (`collector-agent run --once`, release build)
+//! - agent drain rows/s into DuckDB (`collector-agent run --once`, release build) and
+//!   the agent's peak RSS
+//! - every sink's bulk load of 100k events beside the database's own bulk load
+//!   (`collector-agent/benches/sinks.rs`)
 
 use std::io::Write;
 use std::process::Command;
@@ -245,13 +248,36 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
         format!("edge_url = \"{}\"\ndrain_secret = \"{SECRET}\"\nlease_batches = 50\n[warehouse]\npath = \"warehouse.duckdb\"\n", edge.url),
     )?;
     let t = Instant::now();
-    let out = Command::new(tools.root.join("target/release/collector-agent"))
+    let child = Command::new(tools.root.join("target/release/collector-agent"))
         .args(["run", "--once", "--config"])
         .arg(&config)
         .env("RUST_LOG", "warn")
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .context("run the agent")?;
+    // Its peak resident memory, sampled from /proc while it runs.
+    let pid = child.id();
+    let peak_kb = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let peak_kb = peak_kb.clone();
+        std::thread::spawn(move || loop {
+            let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+                return;
+            };
+            if let Some(kb) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                peak_kb.fetch_max(kb, std::sync::atomic::Ordering::Relaxed);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        })
+    };
+    let out = child.wait_with_output().context("run the agent")?;
     let drain_s = t.elapsed().as_secs_f64();
+    let _ = sampler.join();
     let stdout = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(
         out.status.success(),
@@ -274,8 +300,40 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
         "  rows lost (accepted x20 - inserted)".into(),
         (ok * 20).saturating_sub(inserted).to_string(),
     ));
+    rows.push((
+        "  agent peak RSS".into(),
+        format!(
+            "{:.1} MB",
+            peak_kb.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0
+        ),
+    ));
     edge.stop();
     let _ = std::fs::remove_dir_all(&dir);
+
+    // Every sink's bulk load beside the database's own (collector-agent/benches/sinks.rs).
+    eprintln!("bench: sink loads (cargo bench -p collector-agent --bench sinks)");
+    let out = Command::new("cargo")
+        .args([
+            "bench",
+            "--quiet",
+            "-p",
+            "collector-agent",
+            "--bench",
+            "sinks",
+        ])
+        .current_dir(&tools.root)
+        .output()
+        .context("cargo bench --bench sinks")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "sink bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some((k, v)) = line.split_once('\t') {
+            rows.push((k.to_string(), v.to_string()));
+        }
+    }
 
     print_table(&rows);
     Ok(())

@@ -1,0 +1,201 @@
+//! Bulk-load speed of every sink from one backlog of realistic events, beside the
+//! database's own bulk load of the same events (DuckDB `read_json` of the NDJSON,
+//! PostgreSQL `COPY` of the same rows). Prints `label<TAB>result` lines for
+//! `cargo xtask bench`. Run: `cargo bench -p collector-agent --bench sinks`.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Instant;
+
+use collector_agent::config::PostgresConfig;
+use collector_agent::sinks::duckdb::DuckDbSink;
+use collector_agent::sinks::parquet::ParquetSink;
+use collector_agent::sinks::postgres::PostgresSink;
+use collector_agent::sinks::{schema, Load, LoadBatch, Sink};
+use collector_core::ingest::{parse_body, Endpoint};
+use collector_core::StoredEvent;
+use collector_e2e::postgres::LocalPostgres;
+
+const EVENTS: usize = 100_000;
+const BATCH: usize = 500;
+const BATCHES_PER_LOAD: usize = 10;
+
+fn backlog() -> Vec<StoredEvent> {
+    let mut out = Vec::with_capacity(EVENTS);
+    let mut seq = 0;
+    for b in 0..EVENTS / BATCH {
+        let batch: Vec<serde_json::Value> = (0..BATCH)
+            .map(|i| {
+                let n = b * BATCH + i;
+                serde_json::json!({
+                    "type": "track", "event": if n.is_multiple_of(3) { "Order Completed" } else { "Product Viewed" },
+                    "messageId": format!("bench-{n}"), "anonymousId": format!("anon-{}", n % 5000),
+                    "userId": if n.is_multiple_of(2) { serde_json::Value::from(format!("user-{}", n % 2000)) } else { serde_json::Value::Null },
+                    "properties": {"revenue": (n % 97) as f64 + 0.99, "currency": "EUR", "sku": format!("SKU-{}", n % 300),
+                                   "quantity": n % 5 + 1, "category": "shoes"},
+                    "context": {"library": {"name": "analytics.js", "version": "5.2.0"},
+                                "page": {"path": "/p", "url": "https://shop.example.com/p?x=1", "title": "Product"},
+                                "userAgent": "Chrome 120 (Windows)", "locale": "de-DE"},
+                    "timestamp": "2026-11-24T12:00:00.000Z"
+                })
+            })
+            .collect();
+        let body =
+            serde_json::json!({"sentAt": "2026-11-24T12:00:01.000Z", "batch": batch}).to_string();
+        let p = parse_body(
+            Endpoint::Batch,
+            body.as_bytes(),
+            1_795_528_444_000,
+            &mut || {
+                seq += 1;
+                format!("gen-{seq}")
+            },
+        )
+        .unwrap();
+        out.extend(p.accepted);
+    }
+    out
+}
+
+fn loads(events: &[StoredEvent]) -> Vec<Load> {
+    events
+        .chunks(BATCH * BATCHES_PER_LOAD)
+        .enumerate()
+        .map(|(l, chunk)| Load {
+            shard: 0,
+            batches: chunk
+                .chunks(BATCH)
+                .enumerate()
+                .map(|(b, evs)| LoadBatch::Decoded {
+                    batch_id: (l * BATCHES_PER_LOAD + b) as i64,
+                    events: evs.to_vec(),
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+async fn time_sink(sink: Arc<dyn Sink>, loads: &[Load]) -> f64 {
+    let t = Instant::now();
+    let mut inserted = 0;
+    for l in loads {
+        inserted += sink.load(l).await.unwrap().inserted;
+    }
+    assert_eq!(inserted as usize, EVENTS);
+    EVENTS as f64 / t.elapsed().as_secs_f64()
+}
+
+fn rate(label: &str, rows_per_s: f64, native: Option<f64>) {
+    match native {
+        Some(n) => println!(
+            "{label}\t{rows_per_s:.0} rows/s ({:.2}x the database's own bulk load: {n:.0} rows/s)",
+            rows_per_s / n
+        ),
+        None => println!("{label}\t{rows_per_s:.0} rows/s"),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary
+    // without it, and then it does nothing (benchmarks are not tests).
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let events = backlog();
+    let loads = loads(&events);
+    let dir = tempfile::tempdir().unwrap();
+
+    // DuckDB's own bulk load: read_json of the same events as NDJSON.
+    let ndjson = dir.path().join("events.ndjson");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&ndjson).unwrap());
+        for e in &events {
+            writeln!(f, "{}", e.json).unwrap();
+        }
+    }
+    let conn = duckdb::Connection::open(dir.path().join("native.duckdb")).unwrap();
+    let t = Instant::now();
+    conn.execute_batch(&format!(
+        "CREATE TABLE t AS SELECT * FROM read_json('{}', format = 'newline_delimited')",
+        ndjson.display()
+    ))
+    .unwrap();
+    let duck_native = EVENTS as f64 / t.elapsed().as_secs_f64();
+    drop(conn);
+
+    let duck = Arc::new(DuckDbSink::open(&dir.path().join("sink.duckdb")).unwrap());
+    rate(
+        "sink: DuckDB (100k events, loads of 5,000)",
+        time_sink(duck, &loads).await,
+        Some(duck_native),
+    );
+    let lake = Arc::new(ParquetSink::open(&dir.path().join("lake")).unwrap());
+    rate(
+        "sink: Parquet lake (100k events, loads of 5,000)",
+        time_sink(lake, &loads).await,
+        None,
+    );
+
+    match LocalPostgres::start() {
+        Ok(pg) => {
+            let cfg = PostgresConfig {
+                url: pg.url.clone(),
+                password_env: None,
+                schema: "public".into(),
+                timeout_ms: 300_000,
+            };
+            let sink = Arc::new(PostgresSink::connect(&cfg).await.unwrap());
+            // PostgreSQL's own bulk load: COPY of the same rows (as prepared for tracks)
+            // from a file into an equivalent typed table.
+            let csv = dir.path().join("tracks.csv");
+            {
+                let mut f = std::io::BufWriter::new(std::fs::File::create(&csv).unwrap());
+                for e in &events {
+                    let row = schema::prepare_row(e).unwrap();
+                    let line: Vec<String> = row
+                        .iter()
+                        .map(|v| match v {
+                            Some(v) => format!("\"{}\"", v.replace('"', "\"\"")),
+                            None => String::new(),
+                        })
+                        .collect();
+                    writeln!(f, "{}", line.join(",")).unwrap();
+                }
+            }
+            std::fs::set_permissions(
+                dir.path(),
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )
+            .unwrap();
+            sink.query("CREATE TABLE native_tracks (LIKE tracks)")
+                .await
+                .unwrap();
+            sink.query("ALTER TABLE native_tracks ALTER COLUMN loaded_at DROP NOT NULL")
+                .await
+                .unwrap();
+            let cols: Vec<&str> = schema::columns(collector_core::EventKind::Track)
+                .iter()
+                .map(|c| c.name)
+                .collect();
+            let t = Instant::now();
+            sink.query(&format!(
+                "COPY native_tracks ({}) FROM '{}' (FORMAT csv)",
+                cols.iter()
+                    .map(|c| format!("\"{c}\""))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                csv.display()
+            ))
+            .await
+            .unwrap();
+            let pg_native = EVENTS as f64 / t.elapsed().as_secs_f64();
+            rate(
+                "sink: PostgreSQL (100k events, loads of 5,000)",
+                time_sink(sink, &loads).await,
+                Some(pg_native),
+            );
+        }
+        Err(e) => println!("sink: PostgreSQL\tskipped: {e}"),
+    }
+}
