@@ -33,7 +33,8 @@ pub fn bin_dir() -> Option<PathBuf> {
     found.pop().map(|(_, b)| b)
 }
 
-fn is_root() -> bool {
+/// Whether this process runs as root (then PostgreSQL's tools run as `postgres`).
+pub fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()

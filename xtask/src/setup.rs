@@ -218,7 +218,7 @@ fn version_at_least(have: &str, min: &str) -> bool {
 }
 
 fn apt(args: &[&str]) -> Result<()> {
-    let mut cmd = if is_root() {
+    let mut cmd = if collector_e2e::postgres::is_root() {
         Command::new("apt-get")
     } else {
         let mut c = Command::new("sudo");
@@ -227,14 +227,6 @@ fn apt(args: &[&str]) -> Result<()> {
     };
     cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
     run(&mut cmd)
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
 }
 
 /// Whether every tool that comes from node_modules is there (the cargo-installed ones

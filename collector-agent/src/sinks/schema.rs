@@ -217,6 +217,16 @@ impl Prepared {
             .map(|r| &r.values)
     }
 
+    /// How a quarantine insert treats an event already quarantined (the same SQL in every
+    /// dialect): a replay updates its reason and attempts; a redelivery leaves it.
+    pub fn quarantine_on_conflict(&self) -> &'static str {
+        if self.replay {
+            "DO UPDATE SET reason = excluded.reason, attempts = quarantine.attempts + 1"
+        } else {
+            "DO NOTHING"
+        }
+    }
+
     /// The event of `row`, quarantined with `reason`.
     pub fn quarantined(&self, row: &PreparedRow, reason: String) -> Quarantined {
         Quarantined {

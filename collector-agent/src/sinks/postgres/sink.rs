@@ -249,11 +249,7 @@ async fn write(client: &mut Client, p: &Prepared) -> Result<LoadStats, SinkError
     }
     // An event already in the warehouse is a duplicate, not a poison; one already
     // quarantined is a duplicate too, unless this is a replay of it.
-    let on_conflict = if p.replay {
-        "DO UPDATE SET reason = excluded.reason, attempts = quarantine.attempts + 1"
-    } else {
-        "DO NOTHING"
-    };
+    let on_conflict = p.quarantine_on_conflict();
     for q in &p.quarantine {
         let n = tx
             .execute(
