@@ -181,14 +181,25 @@ pub struct DeadLetter {
     pub error: String,
 }
 
-/// One row to write, with the event it came from (to quarantine it if the warehouse
-/// refuses it alone).
+/// One row to write. Its first value is the `message_id` and its last the whole event
+/// (`raw`), so the event can be quarantined from the row alone if the warehouse refuses
+/// it (no second copy of the event is kept).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreparedRow {
     pub kind: EventKind,
     pub values: Row,
     pub batch_id: Option<i64>,
-    pub source: StoredEvent,
+}
+
+impl PreparedRow {
+    pub fn message_id(&self) -> &str {
+        self.values.first().and_then(|v| v.as_deref()).unwrap_or("")
+    }
+
+    /// The event as stored (the `raw` column).
+    pub fn event_json(&self) -> &str {
+        self.values.last().and_then(|v| v.as_deref()).unwrap_or("")
+    }
 }
 
 /// A load, checked and turned into rows before any SQL runs.
@@ -230,12 +241,12 @@ impl Prepared {
     /// The event of `row`, quarantined with `reason`.
     pub fn quarantined(&self, row: &PreparedRow, reason: String) -> Quarantined {
         Quarantined {
-            message_id: row.source.message_id.clone(),
+            message_id: row.message_id().to_string(),
             kind: row.kind,
             shard: self.shard,
             batch_id: row.batch_id,
             reason,
-            event: row.source.json.clone(),
+            event: row.event_json().to_string(),
         }
     }
 }
@@ -271,7 +282,6 @@ pub fn prepare(load: &Load) -> Prepared {
                             kind: ev.kind,
                             values,
                             batch_id: Some(*batch_id),
-                            source: ev.clone(),
                         }),
                         Err(reason) => p.quarantine.push(Quarantined {
                             message_id: ev.message_id.clone(),

@@ -50,8 +50,7 @@ fn lit(s: &str) -> String {
 /// FNV-1a of the message ids: a stable name for a replay's file.
 fn ids_hash(rows: &[&PreparedRow]) -> String {
     let h = rows.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, r| {
-        r.source
-            .message_id
+        r.message_id()
             .bytes()
             .fold(h, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
     });
