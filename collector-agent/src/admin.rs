@@ -74,6 +74,14 @@ pub async fn serve(
 
 type AdminError = (StatusCode, Json<serde_json::Value>);
 
+/// A warehouse that could not do the work: 503 with the reason.
+fn unavailable(e: crate::sinks::SinkError) -> AdminError {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": e.to_string()})),
+    )
+}
+
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), AdminError> {
     let expected = format!("Bearer {}", state.token);
     let ok = headers
@@ -109,12 +117,7 @@ async fn handle_replay(
         .replay_quarantine(&req.message_ids)
         .await
         .map(Json)
-        .map_err(|e| {
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"error": e.to_string()})),
-            )
-        })
+        .map_err(unavailable)
 }
 
 async fn handle_replay_all(
@@ -126,12 +129,7 @@ async fn handle_replay_all(
     replay_all(state.sink.as_ref(), &req.message_ids, &|_, _| {})
         .await
         .map(Json)
-        .map_err(|e| {
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"error": e.to_string()})),
-            )
-        })
+        .map_err(unavailable)
 }
 
 async fn handle_sql(

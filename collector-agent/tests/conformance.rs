@@ -4,6 +4,8 @@
 //! reads the warehouse back with SQL both dialects share, so "the same logical schema
 //! in every sink" is checked, not assumed.
 
+mod common;
+
 use std::sync::Arc;
 
 use collector_agent::config::PostgresConfig;
@@ -11,9 +13,9 @@ use collector_agent::sinks::duckdb::DuckDbSink;
 use collector_agent::sinks::parquet::ParquetSink;
 use collector_agent::sinks::postgres::PostgresSink;
 use collector_agent::sinks::{Load, LoadBatch, Sink};
-use collector_core::ingest::{parse_body, Endpoint};
 use collector_core::{EventKind, StoredEvent};
 use collector_e2e::postgres::LocalPostgres;
+use common::events;
 use serde_json::json;
 
 /// A warehouse of one kind, opened (and reopened) for a scenario.
@@ -54,22 +56,6 @@ impl Target {
             ),
         }
     }
-}
-
-fn events(body: serde_json::Value) -> Vec<StoredEvent> {
-    let mut n = 0;
-    let p = parse_body(
-        Endpoint::Batch,
-        body.to_string().as_bytes(),
-        1_795_528_444_000,
-        &mut || {
-            n += 1;
-            format!("gen-{n}")
-        },
-    )
-    .unwrap();
-    assert!(p.rejected.is_empty(), "{:?}", p.rejected);
-    p.accepted
 }
 
 fn raw_event(id: &str, kind: EventKind, json: &str) -> StoredEvent {

@@ -1,26 +1,12 @@
 //! What is particular to the DuckDB sink, against real DuckDB files (the behaviour every
 //! sink shares is in `conformance.rs`).
 
+mod common;
+
 use collector_agent::sinks::duckdb::DuckDbSink;
 use collector_agent::sinks::{Load, Sink};
-use collector_core::ingest::{parse_body, Endpoint};
+use common::events;
 use serde_json::json;
-
-fn events(body: serde_json::Value) -> Vec<collector_core::StoredEvent> {
-    let mut n = 0;
-    let p = parse_body(
-        Endpoint::Batch,
-        body.to_string().as_bytes(),
-        1_795_528_444_000,
-        &mut || {
-            n += 1;
-            format!("gen-{n}")
-        },
-    )
-    .unwrap();
-    assert!(p.rejected.is_empty(), "{:?}", p.rejected);
-    p.accepted
-}
 
 #[tokio::test]
 async fn columns_have_duckdb_types() {

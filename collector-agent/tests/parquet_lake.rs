@@ -2,22 +2,12 @@
 //! `conformance.rs`): its layout, files any Parquet reader can read, the manifest, and
 //! a crash between writing files and committing the ids.
 
+mod common;
+
 use collector_agent::sinks::parquet::ParquetSink;
 use collector_agent::sinks::{Load, Sink};
-use collector_core::ingest::{parse_body, Endpoint};
+use common::events;
 use serde_json::json;
-
-fn events(body: serde_json::Value) -> Vec<collector_core::StoredEvent> {
-    let p = parse_body(
-        Endpoint::Batch,
-        body.to_string().as_bytes(),
-        1_795_528_444_000,
-        &mut || "gen".into(),
-    )
-    .unwrap();
-    assert!(p.rejected.is_empty(), "{:?}", p.rejected);
-    p.accepted
-}
 
 fn files(root: &std::path::Path) -> Vec<String> {
     let mut out = Vec::new();

@@ -132,6 +132,45 @@ impl AckRequest {
     }
 }
 
+/// A drain request addressed to one shard: the edge parses, validates and forwards every
+/// one of them the same way.
+pub trait ShardRequest: Serialize + serde::de::DeserializeOwned {
+    /// The `code` of a malformed or out-of-bounds request.
+    const BAD_REQUEST_CODE: &'static str;
+    fn shard(&self) -> u32;
+    fn validate(&self, shards: Option<u32>) -> Result<(), DrainRequestError>;
+}
+
+impl ShardRequest for LeaseRequest {
+    const BAD_REQUEST_CODE: &'static str = "bad_lease_request";
+    fn shard(&self) -> u32 {
+        self.shard
+    }
+    fn validate(&self, shards: Option<u32>) -> Result<(), DrainRequestError> {
+        LeaseRequest::validate(self, shards)
+    }
+}
+
+impl ShardRequest for AckRequest {
+    const BAD_REQUEST_CODE: &'static str = "bad_ack_request";
+    fn shard(&self) -> u32 {
+        self.shard
+    }
+    fn validate(&self, shards: Option<u32>) -> Result<(), DrainRequestError> {
+        AckRequest::validate(self, shards)
+    }
+}
+
+impl ShardRequest for RenewRequest {
+    const BAD_REQUEST_CODE: &'static str = "bad_renew_request";
+    fn shard(&self) -> u32 {
+        self.shard
+    }
+    fn validate(&self, shards: Option<u32>) -> Result<(), DrainRequestError> {
+        RenewRequest::validate(self, shards)
+    }
+}
+
 fn check_shard(shard: u32, shards: Option<u32>) -> Result<(), DrainRequestError> {
     match shards {
         Some(n) if shard >= n => Err(DrainRequestError::NoSuchShard { shard, shards: n }),

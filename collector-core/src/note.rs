@@ -49,10 +49,6 @@ impl NoteCounts {
         self.0.is_empty()
     }
 
-    pub fn get(&self, key: &str) -> u64 {
-        self.0.get(key).copied().unwrap_or(0)
-    }
-
     pub fn to_vec(&self) -> Vec<(String, u64)> {
         self.0.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }

@@ -190,13 +190,28 @@ pub const DEFAULT_PII_KEYS: &[(&str, PiiKind)] = &[
     ("tel", PiiKind::Phone),
 ];
 
-/// A key name as the key rules compare it: lower case, letters and digits only
-/// (`phone_number`, `phoneNumber` and `Phone-Number` are all `phonenumber`).
+/// The bytes of a key name as the key rules compare it: lower case, ASCII letters and
+/// digits only (`phone_number`, `phoneNumber` and `Phone-Number` are all `phonenumber`).
+fn normalised_key_bytes(key: &str) -> impl Iterator<Item = u8> + '_ {
+    key.bytes()
+        .filter(u8::is_ascii_alphanumeric)
+        .map(|b| b.to_ascii_lowercase())
+}
+
+/// A key name as the key rules compare it (see [`normalised_key_bytes`]).
 pub fn normalise_key(key: &str) -> String {
-    key.chars()
-        .filter(char::is_ascii_alphanumeric)
-        .map(|c| c.to_ascii_lowercase())
-        .collect()
+    normalised_key_bytes(key).map(char::from).collect()
+}
+
+/// [`normalise_key`] into `buf`, without allocating: for the hot path, which runs on
+/// every key of every event. `None` when it does not fit (no rule is that long).
+pub fn normalise_key_in<'b>(key: &str, buf: &'b mut [u8]) -> Option<&'b str> {
+    let mut n = 0;
+    for b in normalised_key_bytes(key) {
+        *buf.get_mut(n)? = b;
+        n += 1;
+    }
+    std::str::from_utf8(&buf[..n]).ok()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -399,15 +399,7 @@ impl PrivacyEngine {
     /// than any rule's cannot match).
     fn key_rule(&self, key: &str) -> Option<PiiKind> {
         let mut buf = [0u8; 48];
-        let mut n = 0;
-        for b in key.bytes().filter(u8::is_ascii_alphanumeric) {
-            if n == buf.len() {
-                return None;
-            }
-            buf[n] = b.to_ascii_lowercase();
-            n += 1;
-        }
-        let norm = std::str::from_utf8(&buf[..n]).ok()?;
+        let norm = crate::policy::normalise_key_in(key, &mut buf)?;
         self.policy.pii_keys.get(norm).copied()
     }
 

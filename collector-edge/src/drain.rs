@@ -14,7 +14,7 @@
 
 use collector_core::drain::{
     AckRequest, DrainInfo, DrainRequestError, DrainStats, Formats, LeaseRequest, RenewRequest,
-    ShardStats, ACK_PATH, INFO_PATH, LEASE_PATH, RENEW_PATH, STATS_PATH,
+    ShardRequest, ShardStats, ACK_PATH, INFO_PATH, LEASE_PATH, RENEW_PATH, STATS_PATH,
 };
 use collector_core::sign::{verify, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use serde_json::json;
@@ -87,39 +87,9 @@ pub async fn handle_drain(
                 formats: Formats::CURRENT,
             }),
         ),
-        DrainOp::Lease => {
-            let lease: LeaseRequest = match serde_json::from_slice(&body) {
-                Ok(l) => l,
-                Err(e) => return http::error(400, "bad_lease_request", &e.to_string()),
-            };
-            if let Err(e) = lease.validate(Some(cfg.shards)) {
-                return bad_request(&e, "bad_lease_request");
-            }
-            let body = serde_json::to_vec(&lease)?;
-            forward(env, lease.shard, shard_client::LEASE, body).await
-        }
-        DrainOp::Ack => {
-            let ack: AckRequest = match serde_json::from_slice(&body) {
-                Ok(a) => a,
-                Err(e) => return http::error(400, "bad_ack_request", &e.to_string()),
-            };
-            if let Err(e) = ack.validate(Some(cfg.shards)) {
-                return bad_request(&e, "bad_ack_request");
-            }
-            let body = serde_json::to_vec(&ack)?;
-            forward(env, ack.shard, shard_client::ACK, body).await
-        }
-        DrainOp::Renew => {
-            let renew: RenewRequest = match serde_json::from_slice(&body) {
-                Ok(r) => r,
-                Err(e) => return http::error(400, "bad_renew_request", &e.to_string()),
-            };
-            if let Err(e) = renew.validate(Some(cfg.shards)) {
-                return bad_request(&e, "bad_renew_request");
-            }
-            let body = serde_json::to_vec(&renew)?;
-            forward(env, renew.shard, shard_client::RENEW, body).await
-        }
+        DrainOp::Lease => to_shard::<LeaseRequest>(env, cfg, &body, shard_client::LEASE).await,
+        DrainOp::Ack => to_shard::<AckRequest>(env, cfg, &body, shard_client::ACK).await,
+        DrainOp::Renew => to_shard::<RenewRequest>(env, cfg, &body, shard_client::RENEW).await,
         DrainOp::Stats => {
             let mut shards = Vec::new();
             for shard in 0..cfg.shards {
@@ -132,6 +102,23 @@ pub async fn handle_drain(
             http::json(200, &json!(DrainStats::from_shards(shards)))
         }
     }
+}
+
+/// Parses and validates a request for one shard, then forwards it there.
+async fn to_shard<T: ShardRequest>(
+    env: &Env,
+    cfg: &EdgeConfig,
+    body: &[u8],
+    path: &str,
+) -> Result<Response> {
+    let req: T = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return http::error(400, T::BAD_REQUEST_CODE, &e.to_string()),
+    };
+    if let Err(e) = req.validate(Some(cfg.shards)) {
+        return bad_request(&e, T::BAD_REQUEST_CODE);
+    }
+    forward(env, req.shard(), path, serde_json::to_vec(&req)?).await
 }
 
 fn bad_request(e: &DrainRequestError, code: &str) -> Result<Response> {

@@ -472,12 +472,4 @@ mod tests {
         assert_eq!(render("hello"), "hello");
         assert_eq!(render("2026-11-25"), "2026-11-25");
     }
-
-    #[test]
-    fn data_errors_are_permanent() {
-        assert_eq!(
-            tokio_postgres::error::SqlState::INVALID_TEXT_REPRESENTATION.code(),
-            "22P02"
-        );
-    }
 }
