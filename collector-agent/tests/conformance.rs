@@ -337,6 +337,167 @@ async fn dead_letters_that_decode_now_are_replayed(t: &Target) {
     assert_eq!((again.dead_letters_loaded, again.loads.inserted), (0, 0));
 }
 
+async fn per_event_tables_and_flattened_columns(t: &Target) {
+    let sink = t.open().await;
+    let evs = events(json!({"batch": [
+        {"type": "track", "messageId": "o1", "userId": "u1", "event": "Order Completed",
+         "timestamp": "2026-11-24T13:54:00.000Z",
+         "properties": {"revenue": 99.5, "currency": "EUR", "product": {"id": "p-1", "sku": null},
+                        "tags": ["gift"], "orderId": "A1", "user_id": "spoofed", "Delivered At": "2026-11-26T09:00:00Z",
+                        "express": true},
+         "context": {"userAgent": "UA/1", "page": {"path": "/checkout"}}},
+        {"type": "track", "messageId": "o2", "userId": "u2", "event": "order_completed", "properties": {"revenue": 5}},
+        {"type": "track", "messageId": "pa1", "userId": "u1", "event": "Product Added", "properties": {"order": 1}},
+        {"type": "page", "messageId": "p1", "anonymousId": "a1", "name": "Pricing", "properties": {"path": "/pricing", "title": "Pricing"}},
+        {"type": "identify", "messageId": "i1", "userId": "u1", "traits": {"plan": "pro", "address": {"city": "Lyon"}}}
+    ]}));
+    let st = sink.load(&Load::events(0, 1, evs.clone())).await.unwrap();
+    assert_eq!((st.inserted, st.duplicates), (5, 0));
+    assert_eq!(
+        rows(&*sink, "SELECT message_id, event, event_text, user_id, revenue, currency, product_id, tags, order_id, CAST(express AS VARCHAR), delivered_at, timestamp FROM order_completed ORDER BY message_id").await,
+        vec![
+            vec![s("o1"), s("order_completed"), s("Order Completed"), s("u1"), s("99.5"), s("EUR"), s("p-1"), s(r#"["gift"]"#), s("A1"), s("true"), s("2026-11-26T09:00:00.000Z"), s("2026-11-24T13:54:00.000Z")],
+            vec![s("o2"), s("order_completed"), s("order_completed"), s("u2"), s("5"), None, None, None, None, None, None, rows(&*sink, "SELECT timestamp FROM tracks WHERE message_id = 'o2'").await[0][0].clone()],
+        ]
+    );
+    // A keyword is a column name like any other.
+    assert_eq!(
+        one(&*sink, "SELECT \"order\" FROM product_added").await,
+        s("1")
+    );
+    // Context is flattened on every table; properties on pages; traits on identifies.
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT context_user_agent, context_page_path FROM tracks WHERE message_id = 'o1'"
+        )
+        .await,
+        vec![vec![s("UA/1"), s("/checkout")]]
+    );
+    assert_eq!(
+        one(
+            &*sink,
+            "SELECT context_user_agent FROM order_completed WHERE message_id = 'o1'"
+        )
+        .await,
+        s("UA/1")
+    );
+    assert_eq!(
+        rows(&*sink, "SELECT path, title FROM pages").await,
+        vec![vec![s("/pricing"), s("Pricing")]]
+    );
+    assert_eq!(
+        rows(&*sink, "SELECT plan, address_city FROM identifies").await,
+        vec![vec![s("pro"), s("Lyon")]]
+    );
+    // A property named like a fixed column is not a column, and says so.
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT message_id, table_name, column_name, value FROM rejected_values"
+        )
+        .await,
+        vec![vec![
+            s("o1"),
+            s("order_completed"),
+            s("user_id"),
+            s(r#""spoofed""#)
+        ]]
+    );
+    // The same batch again adds nothing anywhere.
+    let again = sink.load(&Load::events(0, 1, evs)).await.unwrap();
+    assert_eq!((again.inserted, again.duplicates), (0, 5));
+    assert_eq!(
+        rows(&*sink, "SELECT (SELECT count(*) FROM order_completed), (SELECT count(*) FROM product_added), (SELECT count(*) FROM rejected_values)").await,
+        vec![vec![s("2"), s("1"), s("1")]]
+    );
+    // Reopened, the sink knows its columns.
+    drop(sink);
+    let sink = t.open().await;
+    let more = events(json!({"batch": [
+        {"type": "track", "messageId": "o3", "userId": "u3", "event": "Order Completed", "properties": {"revenue": 7, "coupon": "X"}}
+    ]}));
+    sink.load(&Load::events(0, 2, more)).await.unwrap();
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT revenue, coupon FROM order_completed WHERE message_id = 'o3'"
+        )
+        .await,
+        vec![vec![s("7"), s("X")]]
+    );
+}
+
+async fn type_drift_is_cast_or_recorded_never_dropped(t: &Target) {
+    let sink = t.open().await;
+    let evs = events(json!({"batch": [
+        {"type": "track", "messageId": "d1", "userId": "u", "event": "Checkout", "properties": {"total": 10, "paid": true, "note": "x"}},
+        {"type": "track", "messageId": "d2", "userId": "u", "event": "Checkout", "properties": {"total": "12.5", "paid": "false", "note": 3}},
+        {"type": "track", "messageId": "d3", "userId": "u", "event": "Checkout", "properties": {"total": "lots", "paid": 1, "note": true}}
+    ]}));
+    sink.load(&Load::events(0, 1, evs)).await.unwrap();
+    assert_eq!(
+        rows(&*sink, "SELECT message_id, total, CAST(paid AS VARCHAR), note FROM checkout ORDER BY message_id").await,
+        vec![
+            vec![s("d1"), s("10"), s("true"), s("x")],
+            vec![s("d2"), s("12.5"), s("false"), s("3")],
+            vec![s("d3"), None, None, s("true")],
+        ]
+    );
+    let rejected = rows(&*sink, "SELECT message_id, table_name, column_name, value, reason FROM rejected_values ORDER BY column_name").await;
+    assert_eq!(rejected.len(), 2, "{rejected:?}");
+    assert_eq!(
+        rejected[0][..4],
+        [s("d3"), s("checkout"), s("paid"), s("1")]
+    );
+    assert_eq!(
+        rejected[1][..4],
+        [s("d3"), s("checkout"), s("total"), s(r#""lots""#)]
+    );
+    assert!(
+        rejected[1][4].as_deref().unwrap().contains("not a number"),
+        "{rejected:?}"
+    );
+}
+
+async fn users_hold_the_latest_traits(t: &Target) {
+    let sink = t.open().await;
+    let evs = events(json!({"batch": [
+        {"type": "identify", "messageId": "u-1", "userId": "u1", "timestamp": "2026-11-20T10:00:00Z", "traits": {"plan": "free", "email_opt": "yes"}},
+        {"type": "identify", "messageId": "u-2", "userId": "u1", "timestamp": "2026-11-21T10:00:00Z", "traits": {"plan": "pro"}},
+        {"type": "identify", "messageId": "u-3", "userId": "u2", "timestamp": "2026-11-21T10:00:00Z", "traits": {"plan": "team"}}
+    ]}));
+    sink.load(&Load::events(0, 1, evs)).await.unwrap();
+    // An older identify arriving late fills what is missing and overwrites nothing.
+    let late = events(json!({"batch": [
+        {"type": "identify", "messageId": "u-0", "userId": "u1", "timestamp": "2026-11-19T10:00:00Z", "traits": {"plan": "trial", "company": "Acme"}}
+    ]}));
+    sink.load(&Load::events(0, 2, late)).await.unwrap();
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT id, plan, email_opt, company, timestamp FROM users ORDER BY id"
+        )
+        .await,
+        vec![
+            vec![
+                s("u1"),
+                s("pro"),
+                s("yes"),
+                s("Acme"),
+                s("2026-11-21T10:00:00.000Z")
+            ],
+            vec![
+                s("u2"),
+                s("team"),
+                None,
+                None,
+                s("2026-11-21T10:00:00.000Z")
+            ],
+        ]
+    );
+}
+
 macro_rules! conformance {
     ($($scenario:ident),* $(,)?) => {
         mod duckdb {
@@ -375,6 +536,9 @@ conformance!(
     poison_event_is_quarantined_and_replayed,
     status_sql_reads_every_sink,
     dead_letters_that_decode_now_are_replayed,
+    per_event_tables_and_flattened_columns,
+    type_drift_is_cast_or_recorded_never_dropped,
+    users_hold_the_latest_traits,
 );
 
 // PostgreSQL itself refuses a value (jsonb has no \u0000): that event alone is isolated

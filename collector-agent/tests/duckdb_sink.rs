@@ -112,7 +112,7 @@ async fn warehouse_from_an_earlier_release_is_migrated() {
         one("SELECT max(version) FROM collector_migrations")
             .await
             .as_deref(),
-        Some("2")
+        Some("3")
     );
     let evs = events(json!({"batch": [{"type": "page", "messageId": "old-1", "userId": "u"}]}));
     let s = sink.load(&Load::events(0, 1, evs)).await.unwrap();
@@ -126,6 +126,6 @@ async fn warehouse_from_an_earlier_release_is_migrated() {
             .unwrap()
             .rows[0][0]
             .as_deref(),
-        Some("2")
+        Some("3")
     );
 }

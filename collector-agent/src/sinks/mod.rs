@@ -14,6 +14,7 @@ pub mod duckdb;
 pub mod parquet;
 pub mod postgres;
 pub mod schema;
+pub mod tables;
 
 use std::sync::Arc;
 

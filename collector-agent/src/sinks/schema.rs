@@ -12,7 +12,7 @@ use collector_core::timestamp::{format_ms, parse_ms};
 use collector_core::{EventKind, StoredEvent};
 use serde_json::Value;
 
-use crate::sinks::{Load, LoadBatch};
+use crate::sinks::{tables, Load, LoadBatch};
 
 /// A column's logical type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +23,34 @@ pub enum LogicalType {
     Timestamp,
     /// JSON text.
     Json,
+    /// 64-bit float (every JSON number of a flattened property).
+    Double,
+    Boolean,
+}
+
+impl LogicalType {
+    /// The name stored in `collector_columns`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogicalType::Text => "text",
+            LogicalType::Timestamp => "timestamp",
+            LogicalType::Json => "json",
+            LogicalType::Double => "double",
+            LogicalType::Boolean => "boolean",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<LogicalType> {
+        [
+            LogicalType::Text,
+            LogicalType::Timestamp,
+            LogicalType::Json,
+            LogicalType::Double,
+            LogicalType::Boolean,
+        ]
+        .into_iter()
+        .find(|t| t.name() == s)
+    }
 }
 
 /// One column of an event table.
@@ -34,7 +62,7 @@ pub struct Column {
     pub ty: LogicalType,
 }
 
-const fn col(name: &'static str, field: &'static str, ty: LogicalType) -> Column {
+pub(crate) const fn col(name: &'static str, field: &'static str, ty: LogicalType) -> Column {
     Column {
         name,
         field: Some(field),
@@ -128,6 +156,11 @@ fn truncate(s: &str) -> String {
 /// could make an insert fail for this event alone is checked here, so one bad event
 /// never fails the others' SQL.
 pub fn prepare_row(ev: &StoredEvent) -> Result<Row, String> {
+    prepare_parsed(ev).map(|(row, _)| row)
+}
+
+/// [`prepare_row`], also returning the parsed event.
+fn prepare_parsed(ev: &StoredEvent) -> Result<(Row, Value), String> {
     if ev.message_id.is_empty() {
         return Err("event has an empty messageId".into());
     }
@@ -158,7 +191,44 @@ pub fn prepare_row(ev: &StoredEvent) -> Result<Row, String> {
         });
     }
     row.push(Some(ev.json.clone()));
-    Ok(row)
+    Ok((row, obj))
+}
+
+/// The payload a kind's table flattens into un-prefixed columns.
+fn payload_field(kind: EventKind) -> Option<&'static str> {
+    match kind {
+        EventKind::Track | EventKind::Page | EventKind::Screen => Some("properties"),
+        EventKind::Identify | EventKind::Group => Some("traits"),
+        EventKind::Alias => None,
+    }
+}
+
+/// A prepared row of a parsed event, with its flattened context and payload.
+fn prepared_row(kind: EventKind, values: Row, obj: &Value, batch_id: Option<i64>) -> PreparedRow {
+    let mut context = Vec::new();
+    if let Some(c) = obj.get("context") {
+        if c.is_object() {
+            tables::flatten("context", c, &mut context);
+        }
+    }
+    let mut payload = Vec::new();
+    if let Some(p) = payload_field(kind).and_then(|f| obj.get(f)) {
+        if p.is_object() {
+            tables::flatten("", p, &mut payload);
+        }
+    }
+    let event_table = (kind == EventKind::Track)
+        .then(|| obj.get("event").and_then(Value::as_str))
+        .flatten()
+        .and_then(tables::event_table_name);
+    PreparedRow {
+        kind,
+        values,
+        batch_id,
+        event_table,
+        context,
+        payload,
+    }
 }
 
 /// An event no warehouse can take as is, as kept in `quarantine`.
@@ -184,14 +254,55 @@ pub struct DeadLetter {
 /// One row to write. Its first value is the `message_id` and its last the whole event
 /// (`raw`), so the event can be quarantined from the row alone if the warehouse refuses
 /// it (no second copy of the event is kept).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PreparedRow {
     pub kind: EventKind,
     pub values: Row,
     pub batch_id: Option<i64>,
+    /// A track's per-event table (`None` when its name has nothing usable).
+    pub event_table: Option<String>,
+    /// `context`, flattened into `context_*` columns.
+    pub context: Vec<(String, Value)>,
+    /// `properties` or `traits`, flattened into un-prefixed columns.
+    pub payload: Vec<(String, Value)>,
 }
 
 impl PreparedRow {
+    /// The value of one of the kind's fixed columns.
+    pub fn value(&self, column: &str) -> Option<&str> {
+        let i = columns(self.kind).iter().position(|c| c.name == column)?;
+        self.values.get(i)?.as_deref()
+    }
+
+    /// A track's event name as sent.
+    pub fn event_name(&self) -> &str {
+        self.value("event").unwrap_or("")
+    }
+
+    /// The flattened columns of the kind's own table: the context, and the payload
+    /// except for `tracks` (whose properties go to the per-event table).
+    pub fn base_flat(&self) -> impl Iterator<Item = &(String, Value)> {
+        let payload: &[(String, Value)] = if self.kind == EventKind::Track {
+            &[]
+        } else {
+            &self.payload
+        };
+        self.context.iter().chain(payload.iter())
+    }
+
+    /// The fixed values of this track's per-event table `table` (see
+    /// [`tables::EVENT_TABLE`]).
+    pub fn event_table_values(&self, table: &str) -> Row {
+        tables::EVENT_TABLE
+            .iter()
+            .map(|c| match c.name {
+                "event" => Some(table.to_string()),
+                "event_text" => Some(self.event_name().to_string()),
+                name => self.value(name).map(str::to_string),
+            })
+            .collect()
+    }
+
     pub fn message_id(&self) -> &str {
         self.values.first().and_then(|v| v.as_deref()).unwrap_or("")
     }
@@ -203,7 +314,7 @@ impl PreparedRow {
 }
 
 /// A load, checked and turned into rows before any SQL runs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Prepared {
     pub shard: u32,
     /// A replay of quarantined events: a refusal updates the quarantined row (reason,
@@ -277,12 +388,11 @@ pub fn prepare(load: &Load) -> Prepared {
                         p.in_load_duplicates += 1;
                         continue;
                     }
-                    match prepare_row(ev) {
-                        Ok(values) => p.rows.push(PreparedRow {
-                            kind: ev.kind,
-                            values,
-                            batch_id: Some(*batch_id),
-                        }),
+                    match prepare_parsed(ev) {
+                        Ok((values, obj)) => {
+                            p.rows
+                                .push(prepared_row(ev.kind, values, &obj, Some(*batch_id)))
+                        }
                         Err(reason) => p.quarantine.push(Quarantined {
                             message_id: ev.message_id.clone(),
                             kind: ev.kind,

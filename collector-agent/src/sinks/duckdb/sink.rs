@@ -10,7 +10,8 @@ use collector_core::EventKind;
 use duckdb::types::{TimeUnit, ValueRef};
 use duckdb::{params, Connection};
 
-use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent, Row};
+use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
+use crate::sinks::tables::{self, Catalog, Plan, TableKind, TableLoad};
 use crate::sinks::{LoadStats, QueryResult, Sink, SinkError};
 
 /// DuckDB's type for a logical type.
@@ -20,7 +21,15 @@ pub(crate) fn sql_type(ty: LogicalType) -> &'static str {
         // UTC; `TIMESTAMPTZ` would need the ICU extension.
         LogicalType::Timestamp => "TIMESTAMP",
         LogicalType::Json => "JSON",
+        LogicalType::Double => "DOUBLE",
+        LogicalType::Boolean => "BOOLEAN",
     }
+}
+
+pub(crate) use tables::quote as ident;
+
+pub(crate) fn create_fixed_table_sql(table: &str, kind: TableKind) -> String {
+    tables::create_fixed_table_sql(table, kind, sql_type)
 }
 
 fn create_table_sql(kind: EventKind) -> String {
@@ -45,7 +54,7 @@ fn create_table_sql(kind: EventKind) -> String {
 /// The embedded DuckDB warehouse. DuckDB's API is blocking: every call runs on the
 /// blocking pool, one at a time (DuckDB lets one process write the file).
 pub struct DuckDbSink {
-    conn: Arc<Mutex<Connection>>,
+    conn: Arc<Mutex<(Connection, Catalog)>>,
 }
 
 /// Classifies a DuckDB error: data the warehouse will never take (conversion,
@@ -97,6 +106,8 @@ ALTER TABLE dead_letters_keyed RENAME TO dead_letters;
             "INSERT OR IGNORE INTO message_ids SELECT message_id, '{t}', 0 FROM {t};\n"
         ));
     }
+    let mut v3 = format!("{};\n", create_fixed_table_sql("users", TableKind::Users));
+    v3.push_str(CATALOG_SQL);
     vec![
         (1, "segment tables and dead letters", v1),
         (
@@ -104,7 +115,103 @@ ALTER TABLE dead_letters_keyed RENAME TO dead_letters;
             "message_ids registry (one message_id per warehouse), quarantine, dead letters keyed by (shard, batch_id)",
             v2,
         ),
+        (
+            3,
+            "per-event tables, flattened columns, users, rejected_values",
+            v3,
+        ),
     ]
+}
+
+/// The catalog of per-event tables and added columns, and the values that did not fit
+/// (every DuckDB-backed sink keeps them).
+pub(crate) const CATALOG_SQL: &str = "CREATE TABLE collector_tables (table_name VARCHAR PRIMARY KEY, event_text VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL);
+CREATE TABLE collector_columns (table_name VARCHAR NOT NULL, column_name VARCHAR NOT NULL, type VARCHAR NOT NULL, position INTEGER NOT NULL, added_at TIMESTAMP NOT NULL, PRIMARY KEY (table_name, column_name));
+CREATE TABLE rejected_values (message_id VARCHAR NOT NULL, table_name VARCHAR NOT NULL, column_name VARCHAR NOT NULL, value VARCHAR NOT NULL, reason VARCHAR NOT NULL, rejected_at TIMESTAMP NOT NULL, PRIMARY KEY (message_id, table_name, column_name));
+";
+
+/// Reads the catalog of added tables and columns.
+pub(crate) fn load_catalog(conn: &Connection) -> Result<Catalog, SinkError> {
+    let mut stmt = conn
+        .prepare("SELECT table_name FROM collector_tables")
+        .map_err(transient)?;
+    let tables: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .map_err(transient)?
+        .collect::<Result<_, _>>()
+        .map_err(transient)?;
+    let mut stmt = conn
+        .prepare("SELECT table_name, column_name, type, position FROM collector_columns")
+        .map_err(transient)?;
+    let cols: Vec<(String, String, String, i64)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .map_err(transient)?
+        .collect::<Result<_, _>>()
+        .map_err(transient)?;
+    Ok(Catalog::from_rows(tables, cols))
+}
+
+/// Records a plan's new tables and columns in the catalog tables; with `ddl`, also
+/// creates and alters the warehouse tables (the Parquet lake has no tables to alter).
+pub(crate) fn apply_plan_ddl(
+    tx: &duckdb::Transaction<'_>,
+    plan: &Plan,
+    ddl: bool,
+) -> Result<(), SinkError> {
+    for (table, event_text) in &plan.new_tables {
+        if ddl {
+            tx.execute_batch(&create_fixed_table_sql(table, TableKind::Event))
+                .map_err(transient)?;
+        }
+        tx.execute(
+            "INSERT INTO collector_tables VALUES (?, ?, now()::TIMESTAMP)",
+            params![table, event_text],
+        )
+        .map_err(transient)?;
+    }
+    for c in &plan.new_columns {
+        if ddl {
+            tx.execute_batch(&format!(
+                "ALTER TABLE {} ADD COLUMN {} {}",
+                ident(&c.table),
+                ident(&c.name),
+                sql_type(c.ty)
+            ))
+            .map_err(transient)?;
+        }
+        tx.execute(
+            "INSERT INTO collector_columns VALUES (?, ?, ?, ?, now()::TIMESTAMP)",
+            params![c.table, c.name, c.ty.name(), c.position as i64],
+        )
+        .map_err(transient)?;
+    }
+    Ok(())
+}
+
+/// Records the rejected values of the events this load registered.
+pub(crate) fn write_rejected(
+    tx: &duckdb::Transaction<'_>,
+    plan: &Plan,
+    load_id: i64,
+) -> Result<(), SinkError> {
+    for r in &plan.rejected {
+        tx.execute(
+            "INSERT INTO rejected_values SELECT ?, ?, ?, ?, ?, now()::TIMESTAMP
+             WHERE EXISTS (SELECT 1 FROM message_ids WHERE message_id = ? AND load_id = ?)
+             ON CONFLICT DO NOTHING",
+            params![
+                r.message_id,
+                r.table_name,
+                r.column_name,
+                r.value,
+                r.reason,
+                r.message_id,
+                load_id
+            ],
+        )
+        .map_err(transient)?;
+    }
+    Ok(())
 }
 
 /// The registry of loaded ids, its load sequence and the quarantine: the state every
@@ -113,25 +220,6 @@ pub(crate) const REGISTRY_SQL: &str = "CREATE TABLE message_ids (message_id VARC
 CREATE SEQUENCE load_ids START 1;
 CREATE TABLE quarantine (message_id VARCHAR PRIMARY KEY, type VARCHAR NOT NULL, shard INTEGER, batch_id BIGINT, reason VARCHAR NOT NULL, event VARCHAR NOT NULL, quarantined_at TIMESTAMP NOT NULL, attempts INTEGER NOT NULL);
 ";
-
-/// All-text staging tables for the appender (temporary, per connection); rows are cast
-/// on the way out.
-pub(crate) fn create_staging(conn: &Connection) -> Result<(), SinkError> {
-    let mut ddl = String::new();
-    for kind in EventKind::ALL {
-        let stage_cols: Vec<String> = schema::columns(kind)
-            .iter()
-            .map(|c| format!("{} VARCHAR", c.name))
-            .collect();
-        ddl.push_str(&format!(
-            "CREATE TEMP TABLE IF NOT EXISTS stage_{} ({});\n",
-            kind.table(),
-            stage_cols.join(", ")
-        ));
-    }
-    conn.execute_batch(&ddl)
-        .map_err(|e| SinkError::Permanent(e.to_string()))
-}
 
 /// Applies the migrations the warehouse has not seen yet.
 fn migrate(conn: &mut Connection) -> Result<(), SinkError> {
@@ -181,9 +269,9 @@ impl DuckDbSink {
         }
         let mut conn = Connection::open(path).map_err(transient)?;
         migrate(&mut conn)?;
-        create_staging(&conn)?;
+        let catalog = load_catalog(&conn)?;
         Ok(DuckDbSink {
-            conn: Arc::new(Mutex::new(conn)),
+            conn: Arc::new(Mutex::new((conn, catalog))),
         })
     }
 
@@ -199,14 +287,15 @@ impl DuckDbSink {
     /// Runs `f` with the connection on the blocking pool.
     async fn with_conn<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, SinkError> + Send + 'static,
+        f: impl FnOnce(&mut Connection, &mut Catalog) -> Result<T, SinkError> + Send + 'static,
     ) -> Result<T, SinkError> {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
             let mut guard = conn
                 .lock()
                 .map_err(|_| SinkError::Transient("warehouse lock poisoned".into()))?;
-            f(&mut guard)
+            let (conn, catalog) = &mut *guard;
+            f(conn, catalog)
         })
         .await
         .map_err(|e| SinkError::Transient(format!("warehouse task failed: {e}")))?
@@ -268,23 +357,36 @@ fn render(v: ValueRef<'_>) -> Option<String> {
     })
 }
 
-/// Writes a prepared load in one transaction.
-fn write(conn: &mut Connection, p: &Prepared) -> Result<LoadStats, SinkError> {
+/// Writes a prepared load in one transaction; the catalog changes only once it
+/// committed.
+fn write(
+    conn: &mut Connection,
+    catalog: &mut Catalog,
+    p: &Prepared,
+) -> Result<LoadStats, SinkError> {
+    let plan = catalog.plan(p);
     let tx = conn.transaction().map_err(transient)?;
     let (mut stats, load_id) = write_state(&tx, p)?;
-    for kind in EventKind::ALL {
-        let rows: Vec<&Row> = p.rows_of(kind).collect();
-        if rows.is_empty() {
-            continue;
+    apply_plan_ddl(&tx, &plan, true)?;
+    for load in &plan.loads {
+        stage(&tx, load)?;
+        match load.kind {
+            TableKind::Base(_) => {
+                register(&tx, load, load_id)?;
+                let n = insert_registered(&tx, load, load_id)?;
+                stats.inserted += n;
+                stats.duplicates += load.rows.len() as u64 - n;
+            }
+            TableKind::Event => {
+                insert_registered(&tx, load, load_id)?;
+            }
+            TableKind::Users => upsert_users(&tx, load)?,
         }
-        stage(&tx, kind, &rows)?;
-        register(&tx, kind, load_id)?;
-        let n = insert_registered(&tx, kind, load_id)?;
-        stats.inserted += n;
-        stats.duplicates += rows.len() as u64 - n;
     }
+    write_rejected(&tx, &plan, load_id)?;
     finish_load(&tx, load_id)?;
     tx.commit().map_err(transient)?;
+    *catalog = plan.catalog;
     Ok(stats)
 }
 
@@ -358,17 +460,24 @@ pub(crate) fn finish_load(tx: &duckdb::Transaction<'_>, load_id: i64) -> Result<
     Ok(())
 }
 
-/// Replaces the kind's staging table's rows with `rows` (the appender, all text).
-pub(crate) fn stage(
-    tx: &duckdb::Transaction<'_>,
-    kind: EventKind,
-    rows: &[&Row],
-) -> Result<(), SinkError> {
-    let table = kind.table();
-    tx.execute(&format!("DELETE FROM stage_{table}"), [])
+/// Stages a table's rows: a temporary all-text table of its current columns, filled
+/// by the appender (rows are cast on the way into the typed table).
+pub(crate) fn stage(tx: &duckdb::Transaction<'_>, load: &TableLoad) -> Result<(), SinkError> {
+    let cols: Vec<String> = load
+        .columns
+        .iter()
+        .map(|(n, _)| format!("{} VARCHAR", ident(n)))
+        .collect();
+    tx.execute_batch(&format!(
+        "CREATE OR REPLACE TEMP TABLE {} ({})",
+        ident(&format!("stage_{}", load.table)),
+        cols.join(", ")
+    ))
+    .map_err(transient)?;
+    let mut app = tx
+        .appender(&format!("stage_{}", load.table))
         .map_err(transient)?;
-    let mut app = tx.appender(&format!("stage_{table}")).map_err(transient)?;
-    for row in rows {
+    for row in &load.rows {
         app.append_row(duckdb::appender_params_from_iter(row.iter()))
             .map_err(classify)?;
     }
@@ -378,13 +487,14 @@ pub(crate) fn stage(
 /// Registers the staged ids that are new to the warehouse under `load_id`.
 pub(crate) fn register(
     tx: &duckdb::Transaction<'_>,
-    kind: EventKind,
+    load: &TableLoad,
     load_id: i64,
 ) -> Result<(), SinkError> {
-    let table = kind.table();
+    let table = &load.table;
     tx.execute(
         &format!(
-            "INSERT OR IGNORE INTO message_ids SELECT message_id, '{table}', ? FROM stage_{table}"
+            "INSERT OR IGNORE INTO message_ids SELECT message_id, '{table}', ? FROM {}",
+            ident(&format!("stage_{table}"))
         ),
         params![load_id],
     )
@@ -392,38 +502,59 @@ pub(crate) fn register(
     Ok(())
 }
 
-/// `SELECT` of the staged rows registered under the load (`?` is the load id), cast to
-/// their types, with `loaded_at`.
-pub(crate) fn registered_rows_sql(kind: EventKind) -> String {
-    let table = kind.table();
-    let select: Vec<String> = schema::columns(kind)
+/// `SELECT` of the staged rows whose ids the load registered (`?` is the load id),
+/// cast to their types, with `loaded_at`.
+pub(crate) fn registered_rows_sql(load: &TableLoad) -> String {
+    let registry = load.registry().unwrap_or("users");
+    let select: Vec<String> = load
+        .columns
         .iter()
-        .map(|c| format!("CAST(s.{0} AS {1}) AS {0}", c.name, sql_type(c.ty)))
+        .map(|(n, ty)| format!("CAST(s.{0} AS {1}) AS {0}", ident(n), sql_type(*ty)))
         .collect();
     // Zone maps on the ever-growing `load_id` keep this lookup to the newest rows.
     format!(
-        "SELECT {}, now()::TIMESTAMP AS {} FROM stage_{table} s
-         WHERE s.message_id IN (SELECT message_id FROM message_ids WHERE load_id = ? AND table_name = '{table}')",
+        "SELECT {}, now()::TIMESTAMP AS {} FROM {} s
+         WHERE s.message_id IN (SELECT message_id FROM message_ids WHERE load_id = ? AND table_name = '{registry}')",
         select.join(", "),
-        schema::LOADED_AT
+        ident(schema::LOADED_AT),
+        ident(&format!("stage_{}", load.table)),
     )
+}
+
+/// Upserts `users` (see [`tables::users_merge_set`]).
+fn upsert_users(tx: &duckdb::Transaction<'_>, load: &TableLoad) -> Result<(), SinkError> {
+    let names: Vec<String> = load.columns.iter().map(|(n, _)| ident(n)).collect();
+    let select: Vec<String> = load
+        .columns
+        .iter()
+        .map(|(n, ty)| format!("CAST({} AS {})", ident(n), sql_type(*ty)))
+        .collect();
+    tx.execute_batch(&format!(
+        "INSERT INTO users ({cols}, {loaded}) SELECT {select}, now()::TIMESTAMP FROM stage_users
+         ON CONFLICT (id) DO UPDATE SET {set}",
+        cols = names.join(", "),
+        loaded = ident(schema::LOADED_AT),
+        select = select.join(", "),
+        set = tables::users_merge_set(&load.columns, "excluded", "users")
+    ))
+    .map_err(classify)
 }
 
 /// Inserts the registered rows into the kind's table; returns how many.
 fn insert_registered(
     tx: &duckdb::Transaction<'_>,
-    kind: EventKind,
+    load: &TableLoad,
     load_id: i64,
 ) -> Result<u64, SinkError> {
-    let cols: Vec<&str> = schema::columns(kind).iter().map(|c| c.name).collect();
+    let cols: Vec<String> = load.columns.iter().map(|(n, _)| ident(n)).collect();
     let n = tx
         .execute(
             &format!(
-                "INSERT OR IGNORE INTO {} ({}, {}) {}",
-                kind.table(),
+                "INSERT INTO {} ({}, {}) {}",
+                ident(&load.table),
                 cols.join(", "),
-                schema::LOADED_AT,
-                registered_rows_sql(kind)
+                ident(schema::LOADED_AT),
+                registered_rows_sql(load)
             ),
             params![load_id],
         )
@@ -490,20 +621,21 @@ impl Sink for DuckDbSink {
     }
 
     async fn write(&self, load: Arc<Prepared>) -> Result<LoadStats, SinkError> {
-        self.with_conn(move |c| write(c, &load)).await
+        self.with_conn(move |c, catalog| write(c, catalog, &load))
+            .await
     }
 
     async fn quarantined(&self, ids: &[String]) -> Result<Vec<QuarantinedEvent>, SinkError> {
         let ids = ids.to_vec();
-        self.with_conn(move |c| quarantined(c, &ids)).await
+        self.with_conn(move |c, _| quarantined(c, &ids)).await
     }
 
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, SinkError> {
-        self.with_conn(|c| dead_letters(c)).await
+        self.with_conn(|c, _| dead_letters(c)).await
     }
 
     async fn query(&self, sql: &str) -> Result<QueryResult, SinkError> {
         let sql = sql.to_string();
-        self.with_conn(move |c| run_query(c, &sql)).await
+        self.with_conn(move |c, _| run_query(c, &sql)).await
     }
 }

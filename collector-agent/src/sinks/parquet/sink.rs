@@ -10,10 +10,12 @@ use collector_core::EventKind;
 use duckdb::{params, Connection};
 
 use crate::sinks::duckdb::sink::{
-    apply_migrations, classify, create_staging, dead_letters, finish_load, quarantined, register,
-    registered_rows_sql, run_query, sql_type, stage, transient, write_state, REGISTRY_SQL,
+    apply_migrations, apply_plan_ddl, classify, dead_letters, finish_load, ident, load_catalog,
+    quarantined, register, registered_rows_sql, run_query, sql_type, stage, transient,
+    write_rejected, write_state, CATALOG_SQL, REGISTRY_SQL,
 };
-use crate::sinks::schema::{self, DeadLetter, Prepared, PreparedRow, QuarantinedEvent, Row};
+use crate::sinks::schema::{self, DeadLetter, Prepared, QuarantinedEvent, Row};
+use crate::sinks::tables::{self, Catalog, TableKind};
 use crate::sinks::{LoadStats, QueryResult, Sink, SinkError};
 
 /// The lake's state folder, beside the table folders.
@@ -33,13 +35,18 @@ CREATE TABLE dead_letters (shard INTEGER NOT NULL, batch_id BIGINT NOT NULL, err
             "message_ids registry (one message_id per lake), quarantine",
             REGISTRY_SQL.to_string(),
         ),
+        (
+            3,
+            "per-event tables, flattened columns, rejected_values",
+            CATALOG_SQL.to_string(),
+        ),
     ]
 }
 
 /// A Parquet lake in a folder.
 pub struct ParquetSink {
     root: PathBuf,
-    conn: Arc<Mutex<Connection>>,
+    conn: Arc<Mutex<(Connection, Catalog)>>,
 }
 
 /// SQL string literal.
@@ -48,9 +55,10 @@ fn lit(s: &str) -> String {
 }
 
 /// FNV-1a of the message ids: a stable name for a replay's file.
-fn ids_hash(rows: &[&PreparedRow]) -> String {
+fn ids_hash(rows: &[Row]) -> String {
     let h = rows.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, r| {
-        r.message_id()
+        r[0].as_deref()
+            .unwrap_or("")
             .bytes()
             .fold(h, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
     });
@@ -65,16 +73,16 @@ impl ParquetSink {
             .map_err(|e| SinkError::Permanent(format!("{}: {e}", state.display())))?;
         let mut conn = Connection::open(state.join("state.duckdb")).map_err(transient)?;
         apply_migrations(&mut conn, migrations())?;
-        create_staging(&conn)?;
+        let catalog = load_catalog(&conn)?;
         Ok(ParquetSink {
             root: root.to_path_buf(),
-            conn: Arc::new(Mutex::new(conn)),
+            conn: Arc::new(Mutex::new((conn, catalog))),
         })
     }
 
     async fn with_conn<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Connection, &Path) -> Result<T, SinkError> + Send + 'static,
+        f: impl FnOnce(&mut Connection, &mut Catalog, &Path) -> Result<T, SinkError> + Send + 'static,
     ) -> Result<T, SinkError> {
         let conn = self.conn.clone();
         let root = self.root.clone();
@@ -82,14 +90,16 @@ impl ParquetSink {
             let mut guard = conn
                 .lock()
                 .map_err(|_| SinkError::Transient("lake lock poisoned".into()))?;
-            f(&mut guard, &root)
+            let (conn, catalog) = &mut *guard;
+            f(conn, catalog, &root)
         })
         .await
         .map_err(|e| SinkError::Transient(format!("lake task failed: {e}")))?
     }
 }
 
-/// The partition date of a row: the UTC date of its `timestamp` (else `receivedAt`).
+/// The partition date of a row: the UTC date of its `timestamp` (else `receivedAt`),
+/// the 4th and 6th values of base and per-event tables alike.
 fn date_of(row: &Row) -> String {
     let ts = row
         .get(3)
@@ -101,50 +111,54 @@ fn date_of(row: &Row) -> String {
 }
 
 /// Writes a prepared load: Parquet files first (temp + rename, deterministic names),
-/// then the ids, the manifest, the quarantine and the dead letters in one transaction.
-fn write(conn: &mut Connection, root: &Path, p: &Prepared) -> Result<LoadStats, SinkError> {
+/// then the ids, the manifest, the catalog, the quarantine and the dead letters in one
+/// transaction. `users` is a view over `identifies` (see [`refresh_views`]): a lake
+/// never rewrites a file.
+fn write(
+    conn: &mut Connection,
+    catalog: &mut Catalog,
+    root: &Path,
+    p: &Prepared,
+) -> Result<LoadStats, SinkError> {
+    let plan = catalog.plan(p);
     let tx = conn.transaction().map_err(transient)?;
     let (mut stats, load_id) = write_state(&tx, p)?;
+    apply_plan_ddl(&tx, &plan, false)?;
     let tmp = root.join(STATE_DIR).join("tmp");
     let mut renames: Vec<(PathBuf, PathBuf)> = Vec::new();
-    for kind in EventKind::ALL {
-        let table = kind.table();
-        let rows: Vec<&PreparedRow> = p.rows.iter().filter(|r| r.kind == kind).collect();
+    for load in plan.loads.iter().filter(|l| l.kind != TableKind::Users) {
+        let table = &load.table;
         // One file per batch and date, named after them.
-        let groups: BTreeSet<(Option<i64>, String)> = rows
-            .iter()
-            .map(|r| (r.batch_id, date_of(&r.values)))
-            .collect();
-        let batches: BTreeSet<Option<i64>> = groups.iter().map(|g| g.0).collect();
+        let batches: BTreeSet<Option<i64>> = load.batch_ids.iter().copied().collect();
         for batch in batches {
-            let in_batch: Vec<&PreparedRow> = rows
-                .iter()
-                .copied()
-                .filter(|r| r.batch_id == batch)
-                .collect();
-            let values: Vec<&Row> = in_batch.iter().map(|r| &r.values).collect();
-            stage(&tx, kind, &values)?;
-            register(&tx, kind, load_id)?;
-            let registered_sql = registered_rows_sql(kind);
+            let part = load.of_batch(batch);
+            stage(&tx, &part)?;
+            if let TableKind::Base(_) = part.kind {
+                register(&tx, &part, load_id)?;
+            }
+            let dates: BTreeSet<String> = part.rows.iter().map(date_of).collect();
+            let registered_sql = registered_rows_sql(&part);
             let mut batch_inserted = 0u64;
-            for (_, date) in groups.iter().filter(|g| g.0 == batch) {
+            for date in dates {
                 let name = match (p.replay, batch) {
                     (false, Some(b)) => format!("part-s{}-b{b}.parquet", p.shard),
                     (_, b) => format!(
                         "part-s{}-b{}-replay-{}.parquet",
                         p.shard,
                         b.unwrap_or(0),
-                        ids_hash(&in_batch)
+                        ids_hash(&part.rows)
                     ),
                 };
                 let rel = format!("table={table}/date={date}/{name}");
                 let staged = tmp.join(format!("{load_id}-{table}-{date}-{name}"));
+                let in_date = format!(
+                    "substr(CAST(coalesce(\"timestamp\", received_at) AS VARCHAR), 1, 10) = {}",
+                    lit(&date)
+                );
                 let n: i64 = tx
                     .query_row(
-                        &format!(
-                            "SELECT count(*) FROM ({registered_sql}) WHERE substr(CAST(coalesce(timestamp, received_at) AS VARCHAR), 1, 10) = ?"
-                        ),
-                        params![load_id, date],
+                        &format!("SELECT count(*) FROM ({registered_sql}) WHERE {in_date}"),
+                        params![load_id],
                         |r| r.get(0),
                     )
                     .map_err(classify)?;
@@ -153,8 +167,7 @@ fn write(conn: &mut Connection, root: &Path, p: &Prepared) -> Result<LoadStats, 
                 }
                 tx.execute(
                     &format!(
-                        "COPY (SELECT * FROM ({registered_sql}) WHERE substr(CAST(coalesce(timestamp, received_at) AS VARCHAR), 1, 10) = {} ORDER BY message_id) TO {} (FORMAT parquet)",
-                        lit(date),
+                        "COPY (SELECT * FROM ({registered_sql}) WHERE {in_date} ORDER BY message_id) TO {} (FORMAT parquet)",
                         lit(&staged.display().to_string())
                     ),
                     params![load_id],
@@ -169,11 +182,14 @@ fn write(conn: &mut Connection, root: &Path, p: &Prepared) -> Result<LoadStats, 
                 batch_inserted += n as u64;
                 renames.push((staged, root.join(&rel)));
             }
-            // Every staged row is new (written) or a duplicate.
-            stats.inserted += batch_inserted;
-            stats.duplicates += values.len() as u64 - batch_inserted;
+            if let TableKind::Base(_) = part.kind {
+                // Every staged row is new (written) or a duplicate.
+                stats.inserted += batch_inserted;
+                stats.duplicates += part.rows.len() as u64 - batch_inserted;
+            }
         }
     }
+    write_rejected(&tx, &plan, load_id)?;
     finish_load(&tx, load_id)?;
     for (from, to) in &renames {
         if let Some(dir) = to.parent() {
@@ -184,34 +200,79 @@ fn write(conn: &mut Connection, root: &Path, p: &Prepared) -> Result<LoadStats, 
             .map_err(|e| SinkError::Transient(format!("rename into {}: {e}", to.display())))?;
     }
     tx.commit().map_err(transient)?;
+    *catalog = plan.catalog;
     Ok(stats)
 }
 
 /// Points one temporary view per table at its Parquet files (an empty typed view when
-/// there are none yet), so SQL reads the lake like any warehouse.
-fn refresh_views(conn: &Connection, root: &Path) -> Result<(), SinkError> {
-    for kind in EventKind::ALL {
-        let table = kind.table();
+/// there are none yet), so SQL reads the lake like any warehouse; `users` is computed
+/// from `identifies`: per user id, each trait's latest non-null value.
+fn refresh_views(conn: &Connection, catalog: &Catalog, root: &Path) -> Result<(), SinkError> {
+    let mut tables: Vec<(String, TableKind)> = EventKind::ALL
+        .iter()
+        .map(|k| (k.table().to_string(), TableKind::Base(*k)))
+        .collect();
+    for t in catalog.event_tables() {
+        tables.push((t.to_string(), TableKind::Event));
+    }
+    for (table, kind) in tables {
         let dir = root.join(format!("table={table}"));
         let has_files = std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some());
         let sql = if has_files {
             format!(
-                "CREATE OR REPLACE TEMP VIEW {table} AS SELECT * EXCLUDE (\"table\") FROM read_parquet({}, hive_partitioning = true, union_by_name = true)",
+                "CREATE OR REPLACE TEMP VIEW {} AS SELECT * EXCLUDE (\"table\") FROM read_parquet({}, hive_partitioning = true, union_by_name = true)",
+                ident(&table),
                 lit(&format!("{}/*/*.parquet", dir.display()))
             )
         } else {
-            let cols: Vec<String> = schema::columns(kind)
+            let mut cols: Vec<String> = tables::fixed_columns(kind)
                 .iter()
-                .map(|c| format!("CAST(NULL AS {}) AS {}", sql_type(c.ty), c.name))
+                .map(|c| format!("CAST(NULL AS {}) AS {}", sql_type(c.ty), ident(c.name)))
                 .collect();
+            cols.extend(
+                catalog
+                    .columns(&table)
+                    .iter()
+                    .map(|(n, ty)| format!("CAST(NULL AS {}) AS {}", sql_type(*ty), ident(n))),
+            );
             format!(
-                "CREATE OR REPLACE TEMP VIEW {table} AS SELECT {}, CAST(NULL AS TIMESTAMP) AS {}, CAST(NULL AS VARCHAR) AS date WHERE false",
+                "CREATE OR REPLACE TEMP VIEW {} AS SELECT {}, CAST(NULL AS TIMESTAMP) AS {}, CAST(NULL AS VARCHAR) AS date WHERE false",
+                ident(&table),
                 cols.join(", "),
                 schema::LOADED_AT
             )
         };
         conn.execute_batch(&sql).map_err(transient)?;
     }
+    let latest = |c: &str| {
+        let c = ident(c);
+        format!("arg_max({c}, \"timestamp\") FILTER (WHERE {c} IS NOT NULL) AS {c}")
+    };
+    let mut cols = vec![
+        "user_id AS id".to_string(),
+        latest("anonymous_id"),
+        "max(\"timestamp\") AS \"timestamp\"".to_string(),
+        "max(received_at) AS received_at".to_string(),
+    ];
+    // Only traits that `identifies` has a column for.
+    let identifies: Vec<&str> = catalog
+        .columns("identifies")
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    cols.extend(
+        catalog
+            .columns("users")
+            .iter()
+            .filter(|(n, _)| identifies.contains(&n.as_str()))
+            .map(|(n, _)| latest(n)),
+    );
+    cols.push(format!("max({0}) AS {0}", schema::LOADED_AT));
+    conn.execute_batch(&format!(
+        "CREATE OR REPLACE TEMP VIEW users AS SELECT {} FROM identifies WHERE user_id IS NOT NULL GROUP BY user_id",
+        cols.join(", ")
+    ))
+    .map_err(transient)?;
     Ok(())
 }
 
@@ -222,22 +283,23 @@ impl Sink for ParquetSink {
     }
 
     async fn write(&self, load: Arc<Prepared>) -> Result<LoadStats, SinkError> {
-        self.with_conn(move |c, root| write(c, root, &load)).await
+        self.with_conn(move |c, catalog, root| write(c, catalog, root, &load))
+            .await
     }
 
     async fn quarantined(&self, ids: &[String]) -> Result<Vec<QuarantinedEvent>, SinkError> {
         let ids = ids.to_vec();
-        self.with_conn(move |c, _| quarantined(c, &ids)).await
+        self.with_conn(move |c, _, _| quarantined(c, &ids)).await
     }
 
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, SinkError> {
-        self.with_conn(|c, _| dead_letters(c)).await
+        self.with_conn(|c, _, _| dead_letters(c)).await
     }
 
     async fn query(&self, sql: &str) -> Result<QueryResult, SinkError> {
         let sql = sql.to_string();
-        self.with_conn(move |c, root| {
-            refresh_views(c, root)?;
+        self.with_conn(move |c, catalog, root| {
+            refresh_views(c, catalog, root)?;
             run_query(c, &sql)
         })
         .await

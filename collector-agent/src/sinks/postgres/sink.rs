@@ -16,6 +16,7 @@ use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use super::config::PostgresConfig;
 use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent, Row};
+use crate::sinks::tables::{self, Catalog, TableKind};
 use crate::sinks::{LoadStats, QueryResult, Sink, SinkError};
 
 /// PostgreSQL's type for a logical type.
@@ -24,13 +25,16 @@ fn sql_type(ty: LogicalType) -> &'static str {
         LogicalType::Text => "text",
         LogicalType::Timestamp => "timestamptz",
         LogicalType::Json => "jsonb",
+        LogicalType::Double => "double precision",
+        LogicalType::Boolean => "boolean",
     }
 }
 
-/// Quotes an identifier (column names such as `timestamp` are type names in SQL).
-fn ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
+fn create_fixed_table_sql(table: &str, kind: TableKind) -> String {
+    tables::create_fixed_table_sql(table, kind, sql_type)
 }
+
+use tables::quote as ident;
 
 /// Classifies a PostgreSQL error: data the warehouse will never take (class 22, data
 /// exceptions such as invalid text or JSON; class 23, integrity constraints) is
@@ -86,6 +90,14 @@ CREATE SEQUENCE IF NOT EXISTS load_ids START 1;
 CREATE TABLE IF NOT EXISTS quarantine (message_id text PRIMARY KEY, type text NOT NULL, shard integer, batch_id bigint, reason text NOT NULL, event text NOT NULL, quarantined_at timestamptz NOT NULL, attempts integer NOT NULL);
 "
     .to_string();
+    let v3 = format!(
+        "{};
+CREATE TABLE IF NOT EXISTS collector_tables (table_name text PRIMARY KEY, event_text text NOT NULL, created_at timestamptz NOT NULL);
+CREATE TABLE IF NOT EXISTS collector_columns (table_name text NOT NULL, column_name text NOT NULL, type text NOT NULL, position integer NOT NULL, added_at timestamptz NOT NULL, PRIMARY KEY (table_name, column_name));
+CREATE TABLE IF NOT EXISTS rejected_values (message_id text NOT NULL, table_name text NOT NULL, column_name text NOT NULL, value text NOT NULL, reason text NOT NULL, rejected_at timestamptz NOT NULL, PRIMARY KEY (message_id, table_name, column_name));
+",
+        create_fixed_table_sql("users", TableKind::Users)
+    );
     vec![
         (1, "segment tables", v1),
         (
@@ -93,13 +105,45 @@ CREATE TABLE IF NOT EXISTS quarantine (message_id text PRIMARY KEY, type text NO
             "message_ids registry (one message_id per warehouse), quarantine, dead letters keyed by (shard, batch_id)",
             v2,
         ),
+        (
+            3,
+            "per-event tables, flattened columns, users, rejected_values",
+            v3,
+        ),
     ]
+}
+
+/// The agents' own advisory lock: migrations and schema growth take it, so agents
+/// sharing a database never race on DDL.
+const SCHEMA_LOCK: &str = "SELECT pg_advisory_xact_lock(7415202611)";
+
+/// Reads the catalog of added tables and columns.
+async fn load_catalog(client: &impl tokio_postgres::GenericClient) -> Result<Catalog, SinkError> {
+    let tables = client
+        .query("SELECT table_name FROM collector_tables", &[])
+        .await
+        .map_err(classify)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let cols = client
+        .query(
+            "SELECT table_name, column_name, type, position::bigint FROM collector_columns",
+            &[],
+        )
+        .await
+        .map_err(classify)?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    Ok(Catalog::from_rows(tables, cols))
 }
 
 /// A PostgreSQL warehouse: one connection, reopened when it breaks.
 pub struct PostgresSink {
     cfg: PostgresConfig,
     client: Mutex<Option<Client>>,
+    catalog: Mutex<Catalog>,
 }
 
 impl PostgresSink {
@@ -108,9 +152,12 @@ impl PostgresSink {
         let sink = PostgresSink {
             cfg: cfg.clone(),
             client: Mutex::new(None),
+            catalog: Mutex::new(Catalog::default()),
         };
         let mut guard = sink.client().await?;
-        migrate(guard.as_mut().expect("connected")).await?;
+        let client = guard.as_mut().expect("connected");
+        migrate(client).await?;
+        *sink.catalog.lock().await = load_catalog(&*client).await?;
         drop(guard);
         Ok(sink)
     }
@@ -135,21 +182,10 @@ impl PostgresSink {
             }
         });
         let schema = ident(&cfg.schema);
-        let mut setup = format!(
+        let setup = format!(
             "SET TIME ZONE 'UTC'; SET statement_timeout = {}; CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema};",
             cfg.timeout_ms
         );
-        for kind in EventKind::ALL {
-            let cols: Vec<String> = schema::columns(kind)
-                .iter()
-                .map(|c| format!("{} text", ident(c.name)))
-                .collect();
-            setup.push_str(&format!(
-                "CREATE TEMP TABLE IF NOT EXISTS stage_{} ({}) ON COMMIT DELETE ROWS;",
-                kind.table(),
-                cols.join(", ")
-            ));
-        }
         client.batch_execute(&setup).await.map_err(classify)?;
         Ok(client)
     }
@@ -169,9 +205,7 @@ impl PostgresSink {
 async fn migrate(client: &mut Client) -> Result<(), SinkError> {
     let tx = client.transaction().await.map_err(classify)?;
     // Any constant: the agents' own lock.
-    tx.execute("SELECT pg_advisory_xact_lock(7415202611)", &[])
-        .await
-        .map_err(classify)?;
+    tx.execute(SCHEMA_LOCK, &[]).await.map_err(classify)?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS collector_migrations (version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL)",
     )
@@ -224,8 +258,20 @@ fn csv_line(row: &Row, out: &mut Vec<u8>) {
     out.push(b'\n');
 }
 
-async fn write(client: &mut Client, p: &Prepared) -> Result<LoadStats, SinkError> {
+/// Writes a prepared load in one transaction. When it grows the schema, it takes the
+/// agents' lock first and plans again against the catalog as committed (another agent
+/// may have grown it meanwhile); the in-memory catalog changes only after the commit.
+async fn write(
+    client: &mut Client,
+    catalog: &mut Catalog,
+    p: &Prepared,
+) -> Result<LoadStats, SinkError> {
     let tx = client.transaction().await.map_err(classify)?;
+    let mut plan = catalog.plan(p);
+    if plan.changes_schema() {
+        tx.execute(SCHEMA_LOCK, &[]).await.map_err(classify)?;
+        plan = load_catalog(&tx).await?.plan(p);
+    }
     let mut stats = LoadStats {
         duplicates: p.in_load_duplicates,
         ..LoadStats::default()
@@ -280,51 +326,127 @@ async fn write(client: &mut Client, p: &Prepared) -> Result<LoadStats, SinkError
         .await
         .map_err(classify)?
         .get(0);
-    for kind in EventKind::ALL {
+    for (table, event_text) in &plan.new_tables {
+        tx.batch_execute(&create_fixed_table_sql(table, TableKind::Event))
+            .await
+            .map_err(classify)?;
+        tx.execute(
+            "INSERT INTO collector_tables VALUES ($1, $2, now()) ON CONFLICT DO NOTHING",
+            &[table, event_text],
+        )
+        .await
+        .map_err(classify)?;
+    }
+    for c in &plan.new_columns {
+        tx.batch_execute(&format!(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}",
+            ident(&c.table),
+            ident(&c.name),
+            sql_type(c.ty)
+        ))
+        .await
+        .map_err(classify)?;
+        tx.execute(
+            "INSERT INTO collector_columns VALUES ($1, $2, $3, $4, now()) ON CONFLICT DO NOTHING",
+            &[&c.table, &c.name, &c.ty.name(), &(c.position as i32)],
+        )
+        .await
+        .map_err(classify)?;
+    }
+    for load in &plan.loads {
+        let table = &load.table;
+        let stage = ident(&format!("stage_{table}"));
+        let stage_cols: Vec<String> = load
+            .columns
+            .iter()
+            .map(|(n, _)| format!("{} text", ident(n)))
+            .collect();
+        tx.batch_execute(&format!(
+            "CREATE TEMP TABLE {stage} ({}) ON COMMIT DROP",
+            stage_cols.join(", ")
+        ))
+        .await
+        .map_err(classify)?;
         let mut csv = Vec::new();
-        let mut n_rows = 0u64;
-        for row in p.rows_of(kind) {
+        for row in &load.rows {
             csv_line(row, &mut csv);
-            n_rows += 1;
         }
-        if n_rows == 0 {
-            continue;
-        }
-        let table = kind.table();
         let sink = tx
-            .copy_in(&format!("COPY stage_{table} FROM STDIN (FORMAT csv)"))
+            .copy_in(&format!("COPY {stage} FROM STDIN (FORMAT csv)"))
             .await
             .map_err(classify)?;
         futures_util::pin_mut!(sink);
         sink.send(Bytes::from(csv)).await.map_err(classify)?;
         sink.as_mut().finish().await.map_err(classify)?;
-        let cols = schema::columns(kind);
-        let names: Vec<String> = cols.iter().map(|c| ident(c.name)).collect();
-        let select: Vec<String> = cols
+        let names: Vec<String> = load.columns.iter().map(|(n, _)| ident(n)).collect();
+        let select: Vec<String> = load
+            .columns
             .iter()
-            .map(|c| format!("CAST(s.{} AS {})", ident(c.name), sql_type(c.ty)))
+            .map(|(n, ty)| format!("CAST(s.{} AS {})", ident(n), sql_type(*ty)))
             .collect();
-        let inserted = tx
-            .execute(
-                &format!(
-                    "WITH new AS (
-                        INSERT INTO message_ids SELECT message_id, '{table}', $1 FROM stage_{table}
-                        ON CONFLICT (message_id) DO NOTHING RETURNING message_id)
-                     INSERT INTO {table} ({}, {}) SELECT {}, now() FROM stage_{table} s JOIN new USING (message_id)
-                     ON CONFLICT (message_id) DO NOTHING",
-                    names.join(", "),
-                    ident(schema::LOADED_AT),
-                    select.join(", ")
-                ),
-                &[&load_id],
-            )
-            .await
-            .map_err(classify)?;
-        tx.execute(&format!("DELETE FROM stage_{table}"), &[])
-            .await
-            .map_err(classify)?;
-        stats.inserted += inserted;
-        stats.duplicates += n_rows - inserted;
+        let (names, select, loaded) = (
+            names.join(", "),
+            select.join(", "),
+            ident(schema::LOADED_AT),
+        );
+        match load.kind {
+            TableKind::Base(_) => {
+                let inserted = tx
+                    .execute(
+                        &format!(
+                            "WITH new AS (
+                                INSERT INTO message_ids SELECT message_id, '{table}', $1 FROM {stage}
+                                ON CONFLICT (message_id) DO NOTHING RETURNING message_id)
+                             INSERT INTO {} ({names}, {loaded}) SELECT {select}, now() FROM {stage} s JOIN new USING (message_id)
+                             ON CONFLICT (message_id) DO NOTHING",
+                            ident(table)
+                        ),
+                        &[&load_id],
+                    )
+                    .await
+                    .map_err(classify)?;
+                stats.inserted += inserted;
+                stats.duplicates += load.rows.len() as u64 - inserted;
+            }
+            TableKind::Event => {
+                tx.execute(
+                    &format!(
+                        "INSERT INTO {} ({names}, {loaded}) SELECT {select}, now() FROM {stage} s
+                         WHERE s.message_id IN (SELECT message_id FROM message_ids WHERE load_id = $1 AND table_name = 'tracks')",
+                        ident(table)
+                    ),
+                    &[&load_id],
+                )
+                .await
+                .map_err(classify)?;
+            }
+            TableKind::Users => {
+                tx.batch_execute(&format!(
+                    "INSERT INTO users ({names}, {loaded}) SELECT {select}, now() FROM {stage} s
+                     ON CONFLICT (id) DO UPDATE SET {}",
+                    tables::users_merge_set(&load.columns, "excluded", "users")
+                ))
+                .await
+                .map_err(classify)?;
+            }
+        }
+    }
+    for r in &plan.rejected {
+        tx.execute(
+            "INSERT INTO rejected_values SELECT $1, $2, $3, $4, $5, now()
+             WHERE EXISTS (SELECT 1 FROM message_ids WHERE message_id = $1 AND load_id = $6)
+             ON CONFLICT DO NOTHING",
+            &[
+                &r.message_id,
+                &r.table_name,
+                &r.column_name,
+                &r.value.replace('\0', "\\u0000"),
+                &r.reason,
+                &load_id,
+            ],
+        )
+        .await
+        .map_err(classify)?;
     }
     // An event that was quarantined once and has now loaded leaves the quarantine.
     tx.execute(
@@ -334,6 +456,7 @@ async fn write(client: &mut Client, p: &Prepared) -> Result<LoadStats, SinkError
     .await
     .map_err(classify)?;
     tx.commit().await.map_err(classify)?;
+    *catalog = plan.catalog;
     Ok(stats)
 }
 
@@ -366,7 +489,8 @@ impl Sink for PostgresSink {
     async fn write(&self, load: Arc<Prepared>) -> Result<LoadStats, SinkError> {
         let mut guard = self.client().await?;
         let client = guard.as_mut().expect("connected");
-        write(client, &load).await
+        let mut catalog = self.catalog.lock().await;
+        write(client, &mut catalog, &load).await
     }
 
     async fn quarantined(&self, ids: &[String]) -> Result<Vec<QuarantinedEvent>, SinkError> {

@@ -1,0 +1,839 @@
+//! The part of the warehouse schema that grows with the data, the same in every sink:
+//!
+//! - **Flattened columns.** Every table gets `context` flattened into `context_*`
+//!   columns; `pages`/`screens` also get `properties`, `identifies`/`groups` their
+//!   `traits`, as un-prefixed columns. Nested objects flatten with `_`, arrays are kept
+//!   as JSON. Names are Segment's snake_case (`context.userAgent` → `context_user_agent`).
+//! - **One table per track event name** (`Order Completed` → `order_completed`) with
+//!   `event` (the table name), `event_text` (the name as sent), the common columns, the
+//!   flattened context and every property as a typed column.
+//! - **`users`**: the latest traits per user id, from `identify`.
+//! - **Type drift never drops a value silently.** A column's type is set by the first
+//!   non-null value (`BOOLEAN`, `DOUBLE`, `TIMESTAMP` for ISO 8601 date-times, `TEXT`,
+//!   `JSON` for arrays) and never changes. A later value is cast when the cast loses
+//!   nothing (`"12.5"` into a number column, `true` into a text column); otherwise the
+//!   row is stored with that column NULL and `rejected_values` names the event, the
+//!   column, the value and the reason.
+//! - **Limits**: names are at most [`MAX_NAME_LEN`] bytes (PostgreSQL's limit, the lowest
+//!   of the supported warehouses; longer names keep a prefix and a hash), tables at most
+//!   [`MAX_COLUMNS`] columns, and at most [`MAX_EVENT_TABLES`] per-event tables (hostile
+//!   or unbounded event names cannot flood the warehouse with tables). Every identifier
+//!   is quoted by the sinks, so reserved words (`order`, `group`, `user`) are valid
+//!   names. A property whose name is a fixed column of its table (`user_id`, `event`,
+//!   `timestamp`, …) is not a column (its value stays in `properties`/`raw`), and that
+//!   is recorded in `rejected_values` too.
+//!
+//! [`Catalog`] is what a sink knows of these columns (persisted in `collector_tables`
+//! and `collector_columns`); [`Catalog::plan`] turns a prepared load into the DDL it
+//! needs and the rows of every table, typed against the catalog.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use collector_core::timestamp::{format_ms, parse_ms};
+use collector_core::EventKind;
+use serde_json::Value;
+
+use crate::sinks::schema::{self, col, Column, LogicalType, Prepared, PreparedRow, Row};
+
+/// The longest table or column name (PostgreSQL truncates identifiers at 63 bytes).
+pub const MAX_NAME_LEN: usize = 63;
+/// The most columns one table gets, fixed ones included (PostgreSQL and Redshift allow
+/// 1,600; a table this wide is a tracking-plan bug, and the rest are recorded).
+pub const MAX_COLUMNS: usize = 1000;
+/// The most per-event tables (Segment asks for a bounded event space too).
+pub const MAX_EVENT_TABLES: usize = 2000;
+/// How much of a rejected value `rejected_values` keeps.
+pub const MAX_REJECTED_VALUE: usize = 1024;
+
+/// Segment's snake_case (go-snakecase): word boundaries at non-alphanumerics and at
+/// case changes (`userAgent`, `HTTPServer`), lowercased, joined by `_`. Non-ASCII
+/// characters are boundaries too, so names are plain ASCII.
+pub fn snake_case(s: &str) -> String {
+    let chars: Vec<char> = s.chars().collect();
+    let mut out = String::with_capacity(s.len() + 4);
+    for (i, &c) in chars.iter().enumerate() {
+        if !c.is_ascii_alphanumeric() {
+            if !out.is_empty() && !out.ends_with('_') {
+                out.push('_');
+            }
+            continue;
+        }
+        if c.is_ascii_uppercase() && i > 0 && !out.is_empty() && !out.ends_with('_') {
+            let prev = chars[i - 1];
+            let next_lower = chars.get(i + 1).is_some_and(|n| n.is_ascii_lowercase());
+            if prev.is_ascii_lowercase()
+                || ((prev.is_ascii_digit() || prev.is_ascii_uppercase()) && next_lower)
+            {
+                out.push('_');
+            }
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    while out.ends_with('_') {
+        out.pop();
+    }
+    out
+}
+
+/// A name within [`MAX_NAME_LEN`]: a leading digit gets a `_`; a longer name keeps its
+/// first bytes and a hash of the whole, so two long names stay apart.
+fn bounded(name: String) -> String {
+    let name = if name.starts_with(|c: char| c.is_ascii_digit()) {
+        format!("_{name}")
+    } else {
+        name
+    };
+    if name.len() <= MAX_NAME_LEN {
+        return name;
+    }
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{}_{:08x}", &name[..MAX_NAME_LEN - 9], h as u32)
+}
+
+/// Tables a per-event table may not be named after: the Segment tables and the agent's
+/// own.
+const RESERVED_TABLES: &[&str] = &[
+    "tracks",
+    "pages",
+    "screens",
+    "identifies",
+    "groups",
+    "aliases",
+    "users",
+    "rejected_values",
+    "message_ids",
+    "quarantine",
+    "dead_letters",
+    "loaded_batches",
+    "load_ids",
+];
+
+/// The table of a track event name: its snake_case, `event_` before a reserved or
+/// internal name; `None` when nothing of the name is usable (`"🎉"`).
+pub fn event_table_name(event: &str) -> Option<String> {
+    let s = snake_case(event);
+    if s.is_empty() {
+        return None;
+    }
+    let s = if RESERVED_TABLES.contains(&s.as_str())
+        || s.starts_with("collector_")
+        || s.starts_with("stage_")
+    {
+        format!("event_{s}")
+    } else {
+        s
+    };
+    Some(bounded(s))
+}
+
+/// Which of a warehouse's tables a [`TableLoad`] fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableKind {
+    /// `tracks`, `pages`, …: keyed by `message_id`, registered in `message_ids`.
+    Base(EventKind),
+    /// One track event name's table: rows of `tracks`, loaded when their id is new.
+    Event,
+    /// `users`: upserted by `id`, latest traits win.
+    Users,
+}
+
+/// Fixed columns of a per-event table, in row order.
+pub const EVENT_TABLE: &[Column] = &[
+    schema::MESSAGE_ID,
+    col("anonymous_id", "anonymousId", LogicalType::Text),
+    col("user_id", "userId", LogicalType::Text),
+    col("timestamp", "timestamp", LogicalType::Timestamp),
+    col("sent_at", "sentAt", LogicalType::Timestamp),
+    col("received_at", "receivedAt", LogicalType::Timestamp),
+    col(
+        "original_timestamp",
+        "originalTimestamp",
+        LogicalType::Timestamp,
+    ),
+    col("event", "event", LogicalType::Text),
+    col("event_text", "event", LogicalType::Text),
+];
+
+/// Fixed columns of `users`, in row order (`id` is the user id).
+pub const USERS: &[Column] = &[
+    Column {
+        name: "id",
+        field: Some("userId"),
+        ty: LogicalType::Text,
+    },
+    col("anonymous_id", "anonymousId", LogicalType::Text),
+    col("timestamp", "timestamp", LogicalType::Timestamp),
+    col("received_at", "receivedAt", LogicalType::Timestamp),
+];
+
+/// The fixed columns of a table of this kind (without `loaded_at`).
+pub fn fixed_columns(kind: TableKind) -> Vec<Column> {
+    match kind {
+        TableKind::Base(k) => schema::columns(k),
+        TableKind::Event => EVENT_TABLE.to_vec(),
+        TableKind::Users => USERS.to_vec(),
+    }
+}
+
+/// Quotes an identifier the SQL-standard way (DuckDB, PostgreSQL): property names
+/// such as `order` are keywords.
+pub fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `CREATE TABLE` of a table's fixed columns in a dialect with standard quoting, its
+/// types from `sql_type`: base tables are keyed by `message_id`, `users` by `id`;
+/// per-event tables have no key (`message_ids` decides what is new).
+pub fn create_fixed_table_sql(
+    table: &str,
+    kind: TableKind,
+    sql_type: fn(LogicalType) -> &'static str,
+) -> String {
+    let mut cols = Vec::new();
+    for c in fixed_columns(kind) {
+        let mut def = format!("{} {}", quote(c.name), sql_type(c.ty));
+        let key = match kind {
+            TableKind::Base(_) => c == schema::MESSAGE_ID,
+            TableKind::Users => c.name == "id",
+            TableKind::Event => false,
+        };
+        if key {
+            def.push_str(" PRIMARY KEY");
+        } else if c == schema::RAW || c == schema::MESSAGE_ID {
+            def.push_str(" NOT NULL");
+        }
+        cols.push(def);
+    }
+    cols.push(format!(
+        "{} {} NOT NULL",
+        quote(schema::LOADED_AT),
+        sql_type(LogicalType::Timestamp)
+    ));
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} ({})",
+        quote(table),
+        cols.join(", ")
+    )
+}
+
+/// The `SET` list of the `users` upsert (DuckDB and PostgreSQL): a row whose
+/// `timestamp` is not older than the stored one overwrites the traits it carries; an
+/// older one only fills traits still NULL.
+pub fn users_merge_set(columns: &[(String, LogicalType)], new: &str, old: &str) -> String {
+    let ts = quote("timestamp");
+    let newer = format!("({old}.{ts} IS NULL OR {new}.{ts} >= {old}.{ts})");
+    let mut set: Vec<String> = columns
+        .iter()
+        .filter(|(n, _)| n != "id")
+        .map(|(n, _)| {
+            let c = quote(n);
+            format!(
+                "{c} = CASE WHEN {newer} THEN coalesce({new}.{c}, {old}.{c}) ELSE coalesce({old}.{c}, {new}.{c}) END"
+            )
+        })
+        .collect();
+    set.push(format!("{0} = {new}.{0}", quote(schema::LOADED_AT)));
+    set.join(", ")
+}
+
+/// A value's rejection, as kept in `rejected_values`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub message_id: String,
+    pub table_name: String,
+    pub column_name: String,
+    /// The value as JSON, cut at [`MAX_REJECTED_VALUE`] bytes.
+    pub value: String,
+    pub reason: String,
+}
+
+/// The logical type a first value gives its column.
+fn infer(v: &Value) -> LogicalType {
+    match v {
+        Value::Bool(_) => LogicalType::Boolean,
+        Value::Number(_) => LogicalType::Double,
+        Value::String(s) if timestamp_text(s).is_some() => LogicalType::Timestamp,
+        Value::Array(_) | Value::Object(_) => LogicalType::Json,
+        _ => LogicalType::Text,
+    }
+}
+
+/// Instants every supported warehouse can store (ClickHouse's `DateTime` ends in 2105).
+const MIN_DYNAMIC_MS: i64 = 0;
+const MAX_DYNAMIC_MS: i64 = 4_291_747_199_000; // 2105-12-31T23:59:59Z
+
+/// A string that is an ISO 8601 date-time (`2026-11-25T10:00:00Z`, with an offset or
+/// fraction), normalised; plain dates and numbers stay text.
+fn timestamp_text(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let shaped = b.len() >= 19
+        && b.len() <= 35
+        && b[..4].iter().all(u8::is_ascii_digit)
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && (b[10] == b'T' || b[10] == b't')
+        && b[13] == b':';
+    if !shaped {
+        return None;
+    }
+    let ms = parse_ms(s)?;
+    (MIN_DYNAMIC_MS..=MAX_DYNAMIC_MS)
+        .contains(&ms)
+        .then(|| format_ms(ms))
+}
+
+/// `v` as text a column of type `ty` takes (cast without loss), or why not.
+fn convert(v: &Value, ty: LogicalType) -> Result<String, String> {
+    match (ty, v) {
+        (LogicalType::Json, v) => Ok(v.to_string()),
+        (LogicalType::Text, Value::String(s)) => Ok(s.clone()),
+        (LogicalType::Text, v) => Ok(v.to_string()),
+        (LogicalType::Boolean, Value::Bool(b)) => Ok(b.to_string()),
+        (LogicalType::Boolean, Value::String(s)) if s == "true" || s == "false" => Ok(s.clone()),
+        (LogicalType::Double, Value::Number(n)) => {
+            if let Some(i) = n.as_i64() {
+                if i.unsigned_abs() > 1 << 53 {
+                    return Err("integer too large for a DOUBLE column without loss".into());
+                }
+            } else if let Some(u) = n.as_u64() {
+                if u > 1 << 53 {
+                    return Err("integer too large for a DOUBLE column without loss".into());
+                }
+            }
+            n.as_f64()
+                .filter(|f| f.is_finite())
+                .map(|f| f.to_string())
+                .ok_or_else(|| "not a finite number".into())
+        }
+        (LogicalType::Double, Value::String(s)) => match s.trim().parse::<f64>() {
+            Ok(f) if f.is_finite() && !s.trim().is_empty() => Ok(f.to_string()),
+            _ => Err(format!("{} is not a number", type_name(v))),
+        },
+        (LogicalType::Timestamp, Value::String(s)) => timestamp_text(s)
+            .ok_or_else(|| "string is not an ISO 8601 date-time between 1970 and 2105".to_string()),
+        (ty, v) => Err(format!(
+            "{} does not fit a {} column",
+            type_name(v),
+            ty.name()
+        )),
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Flattens `v` under the column prefix `prefix` into `(column, leaf)` pairs: objects
+/// recurse with `_`, nulls make no column.
+pub fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, Value)>) {
+    match v {
+        Value::Null => {}
+        Value::Object(map) => {
+            for (k, child) in map {
+                let part = snake_case(k);
+                let name = match (prefix.is_empty(), part.is_empty()) {
+                    (_, true) => continue_with_empty(prefix, k),
+                    (true, false) => part,
+                    (false, false) => format!("{prefix}_{part}"),
+                };
+                flatten(&name, child, out);
+            }
+        }
+        leaf => out.push((prefix.to_string(), leaf.clone())),
+    }
+}
+
+/// A key with no usable characters (`"🎉"`, `""`) becomes `_` under its parent: kept and
+/// visible, never dropped.
+fn continue_with_empty(prefix: &str, _key: &str) -> String {
+    if prefix.is_empty() {
+        "_".to_string()
+    } else {
+        format!("{prefix}__")
+    }
+}
+
+/// What a sink knows of the growing part of its schema: per table, the columns added
+/// beyond the fixed ones (in order, with their types); and which per-event tables exist.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Catalog {
+    tables: BTreeMap<String, Vec<(String, LogicalType)>>,
+}
+
+/// A new column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewColumn {
+    pub table: String,
+    pub name: String,
+    pub ty: LogicalType,
+    /// Its position among the table's added columns.
+    pub position: usize,
+}
+
+/// Rows for one table, every value as text in `columns` order (fixed, then added).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableLoad {
+    pub table: String,
+    pub kind: TableKind,
+    pub columns: Vec<(String, LogicalType)>,
+    pub rows: Vec<Row>,
+    /// The batch each row came from (`None` for `users`).
+    pub batch_ids: Vec<Option<i64>>,
+}
+
+impl TableLoad {
+    /// The rows of one batch, as a load of their own.
+    pub fn of_batch(&self, batch: Option<i64>) -> TableLoad {
+        let mut t = TableLoad {
+            table: self.table.clone(),
+            kind: self.kind,
+            columns: self.columns.clone(),
+            rows: Vec::new(),
+            batch_ids: Vec::new(),
+        };
+        for (row, b) in self.rows.iter().zip(&self.batch_ids) {
+            if *b == batch {
+                t.rows.push(row.clone());
+                t.batch_ids.push(*b);
+            }
+        }
+        t
+    }
+
+    /// The table whose `message_ids` registration decides which rows are new (`users`
+    /// has none: it is upserted).
+    pub fn registry(&self) -> Option<&'static str> {
+        match self.kind {
+            TableKind::Base(k) => Some(k.table()),
+            TableKind::Event => Some(EventKind::Track.table()),
+            TableKind::Users => None,
+        }
+    }
+
+    /// The number of fixed columns at the front of `columns`.
+    pub fn fixed_len(&self) -> usize {
+        fixed_columns(self.kind).len()
+    }
+}
+
+/// What a prepared load needs: DDL first (new per-event tables, then new columns), then
+/// rows for every table, and the values that did not fit their column.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    /// Per-event tables to create (fixed columns; their added ones are in `new_columns`).
+    pub new_tables: Vec<(String, String)>,
+    pub new_columns: Vec<NewColumn>,
+    pub loads: Vec<TableLoad>,
+    pub rejected: Vec<Rejected>,
+    /// The catalog once this plan is committed.
+    pub catalog: Catalog,
+}
+
+impl Plan {
+    pub fn changes_schema(&self) -> bool {
+        !self.new_tables.is_empty() || !self.new_columns.is_empty()
+    }
+}
+
+fn cut(s: String) -> String {
+    if s.len() <= MAX_REJECTED_VALUE {
+        return s;
+    }
+    let mut end = MAX_REJECTED_VALUE;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// Builds one table's rows while growing its columns.
+struct Builder<'a> {
+    table: String,
+    kind: TableKind,
+    fixed: Vec<Column>,
+    added: &'a mut Vec<(String, LogicalType)>,
+    index: HashMap<String, usize>,
+    rows: Vec<Row>,
+    batch_ids: Vec<Option<i64>>,
+}
+
+impl<'a> Builder<'a> {
+    fn new(table: String, kind: TableKind, added: &'a mut Vec<(String, LogicalType)>) -> Self {
+        let fixed = fixed_columns(kind);
+        let index = added
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _))| (n.clone(), i))
+            .collect();
+        Builder {
+            table,
+            kind,
+            fixed,
+            added,
+            index,
+            rows: Vec::new(),
+            batch_ids: Vec::new(),
+        }
+    }
+
+    /// Adds one row: its fixed values and its flattened ones, growing columns and
+    /// recording what does not fit.
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        message_id: &str,
+        batch_id: Option<i64>,
+        fixed: Row,
+        flat: &[&(String, Value)],
+        new_columns: &mut Vec<NewColumn>,
+        rejected: &mut Vec<Rejected>,
+    ) {
+        let mut dynamic: Vec<Option<String>> = vec![None; self.added.len()];
+        let mut seen: HashSet<String> = HashSet::new();
+        for (name, v) in flat.iter().map(|p| (&p.0, &p.1)) {
+            let name = bounded(name.clone());
+            let mut reject = |reason: String| {
+                rejected.push(Rejected {
+                    message_id: message_id.to_string(),
+                    table_name: self.table.clone(),
+                    column_name: name.clone(),
+                    value: cut(v.to_string()),
+                    reason,
+                })
+            };
+            if self.fixed.iter().any(|c| c.name == name) || name == schema::LOADED_AT {
+                reject(format!(
+                    "`{name}` is a reserved column of this table; the value stays in the event's JSON"
+                ));
+                continue;
+            }
+            if !seen.insert(name.clone()) {
+                reject(format!(
+                    "another field of this event already maps to column `{name}`"
+                ));
+                continue;
+            }
+            let i = match self.index.get(&name) {
+                Some(&i) => i,
+                None => {
+                    if self.fixed.len() + self.added.len() + 1 >= MAX_COLUMNS {
+                        reject(format!(
+                            "table `{}` has reached {MAX_COLUMNS} columns",
+                            self.table
+                        ));
+                        continue;
+                    }
+                    let ty = infer(v);
+                    self.added.push((name.clone(), ty));
+                    self.index.insert(name.clone(), self.added.len() - 1);
+                    new_columns.push(NewColumn {
+                        table: self.table.clone(),
+                        name: name.clone(),
+                        ty,
+                        position: self.added.len() - 1,
+                    });
+                    for r in &mut self.rows {
+                        r.push(None);
+                    }
+                    dynamic.push(None);
+                    self.added.len() - 1
+                }
+            };
+            let ty = self.added[i].1;
+            match convert(v, ty) {
+                Ok(text) => dynamic[i] = Some(text),
+                Err(reason) => reject(reason),
+            }
+        }
+        let mut row = fixed;
+        row.extend(dynamic);
+        self.rows.push(row);
+        self.batch_ids.push(batch_id);
+    }
+
+    fn finish(self) -> TableLoad {
+        let mut columns: Vec<(String, LogicalType)> = self
+            .fixed
+            .iter()
+            .map(|c| (c.name.to_string(), c.ty))
+            .collect();
+        columns.extend(self.added.iter().cloned());
+        TableLoad {
+            table: self.table,
+            kind: self.kind,
+            columns,
+            rows: self.rows,
+            batch_ids: self.batch_ids,
+        }
+    }
+}
+
+impl Catalog {
+    /// A catalog from `(table, column, type name, position)` rows as stored.
+    pub fn from_rows(tables: Vec<String>, columns: Vec<(String, String, String, i64)>) -> Catalog {
+        let mut c = Catalog::default();
+        for t in tables {
+            c.tables.entry(t).or_default();
+        }
+        let mut cols = columns;
+        cols.sort_by_key(|r| (r.0.clone(), r.3));
+        for (t, name, ty, _) in cols {
+            let ty = LogicalType::parse(&ty).unwrap_or(LogicalType::Text);
+            c.tables.entry(t).or_default().push((name, ty));
+        }
+        c
+    }
+
+    /// The added columns of a table.
+    pub fn columns(&self, table: &str) -> &[(String, LogicalType)] {
+        self.tables.get(table).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// The per-event and `users` tables known (base tables always exist).
+    pub fn has_table(&self, table: &str) -> bool {
+        self.tables.contains_key(table)
+    }
+
+    /// The per-event tables.
+    pub fn event_tables(&self) -> impl Iterator<Item = &str> {
+        self.tables
+            .keys()
+            .map(String::as_str)
+            .filter(|t| !EventKind::ALL.iter().any(|k| k.table() == *t) && *t != "users")
+    }
+
+    /// Plans a prepared load against this catalog.
+    pub fn plan(&self, p: &Prepared) -> Plan {
+        let mut catalog = self.clone();
+        let mut plan = Plan::default();
+        for kind in EventKind::ALL {
+            catalog.tables.entry(kind.table().to_string()).or_default();
+        }
+        catalog.tables.entry("users".into()).or_default();
+        let mut event_tables = catalog.event_tables().count();
+
+        // Which table each track row also goes to.
+        let mut per_event: BTreeMap<String, Vec<&PreparedRow>> = BTreeMap::new();
+        for r in p.rows.iter().filter(|r| r.kind == EventKind::Track) {
+            let Some(name) = &r.event_table else {
+                plan.rejected.push(Rejected {
+                    message_id: r.message_id().to_string(),
+                    table_name: "tracks".into(),
+                    column_name: "event".into(),
+                    value: cut(Value::String(r.event_name().to_string()).to_string()),
+                    reason: "the event name has no letters or digits to name a table; the event is in `tracks` only".into(),
+                });
+                continue;
+            };
+            if !catalog.has_table(name) && !per_event.contains_key(name) {
+                if event_tables >= MAX_EVENT_TABLES {
+                    plan.rejected.push(Rejected {
+                        message_id: r.message_id().to_string(),
+                        table_name: name.clone(),
+                        column_name: "event".into(),
+                        value: cut(Value::String(r.event_name().to_string()).to_string()),
+                        reason: format!("the warehouse has reached {MAX_EVENT_TABLES} per-event tables; the event is in `tracks` only"),
+                    });
+                    continue;
+                }
+                event_tables += 1;
+            }
+            per_event.entry(name.clone()).or_default().push(r);
+        }
+
+        let tables = &mut catalog.tables;
+        for kind in EventKind::ALL {
+            let rows: Vec<&PreparedRow> = p.rows.iter().filter(|r| r.kind == kind).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let added = tables.get_mut(kind.table()).expect("base table");
+            let mut b = Builder::new(kind.table().to_string(), TableKind::Base(kind), added);
+            for r in rows {
+                let flat: Vec<&(String, Value)> = r.base_flat().collect();
+                b.push(
+                    r.message_id(),
+                    r.batch_id,
+                    r.values.clone(),
+                    &flat,
+                    &mut plan.new_columns,
+                    &mut plan.rejected,
+                );
+            }
+            plan.loads.push(b.finish());
+        }
+
+        for (name, rows) in per_event {
+            if !tables.contains_key(&name) {
+                plan.new_tables
+                    .push((name.clone(), rows[0].event_name().to_string()));
+            }
+            let added = tables.entry(name.clone()).or_default();
+            let mut b = Builder::new(name.clone(), TableKind::Event, added);
+            for r in rows {
+                let fixed = r.event_table_values(&name);
+                let flat: Vec<&(String, Value)> =
+                    r.context.iter().chain(r.payload.iter()).collect();
+                b.push(
+                    r.message_id(),
+                    r.batch_id,
+                    fixed,
+                    &flat,
+                    &mut plan.new_columns,
+                    &mut plan.rejected,
+                );
+            }
+            plan.loads.push(b.finish());
+        }
+
+        let users = users_rows(p);
+        if !users.is_empty() {
+            let added = tables.get_mut("users").expect("users");
+            let mut b = Builder::new("users".into(), TableKind::Users, added);
+            for (id, fixed, traits) in users {
+                let flat: Vec<&(String, Value)> = traits.iter().collect();
+                b.push(
+                    &id,
+                    None,
+                    fixed,
+                    &flat,
+                    &mut plan.new_columns,
+                    &mut plan.rejected,
+                );
+            }
+            plan.loads.push(b.finish());
+        }
+        // A user's merged traits were rejected under the user id; only events' own
+        // rejections are kept (each is also rejected on `identifies`).
+        plan.rejected.retain(|r| r.table_name != "users");
+        plan.catalog = catalog;
+        plan
+    }
+}
+
+/// Flattened `(column, value)` pairs.
+type Flat = Vec<(String, Value)>;
+
+/// The `users` rows of a load: per user id, its identifies merged in timestamp order
+/// (a later non-null trait wins), as `(user id, fixed values, traits)`.
+fn users_rows(p: &Prepared) -> Vec<(String, Row, Flat)> {
+    let mut by_user: BTreeMap<&str, Vec<&PreparedRow>> = BTreeMap::new();
+    for r in p.rows.iter().filter(|r| r.kind == EventKind::Identify) {
+        if let Some(uid) = r.value("user_id") {
+            by_user.entry(uid).or_default().push(r);
+        }
+    }
+    let mut out = Vec::new();
+    for (uid, mut rows) in by_user {
+        rows.sort_by(|a, b| {
+            (a.value("timestamp"), a.message_id()).cmp(&(b.value("timestamp"), b.message_id()))
+        });
+        let mut fixed: Row = vec![Some(uid.to_string()), None, None, None];
+        let mut traits: Vec<(String, Value)> = Vec::new();
+        for r in rows {
+            for (i, c) in ["anonymous_id", "timestamp", "received_at"]
+                .iter()
+                .enumerate()
+            {
+                if let Some(v) = r.value(c) {
+                    fixed[i + 1] = Some(v.to_string());
+                }
+            }
+            for (name, v) in &r.payload {
+                match traits.iter_mut().find(|(n, _)| n == name) {
+                    Some(slot) => slot.1 = v.clone(),
+                    None => traits.push((name.clone(), v.clone())),
+                }
+            }
+        }
+        out.push((uid.to_string(), fixed, traits));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn snake_case_follows_segment() {
+        for (from, to) in [
+            ("Order Completed", "order_completed"),
+            ("orderCompleted", "order_completed"),
+            ("userAgent", "user_agent"),
+            ("HTTPServer", "http_server"),
+            ("product_id", "product_id"),
+            ("Product  ID!", "product_id"),
+            ("  leading", "leading"),
+            ("v2Checkout", "v2_checkout"),
+            ("café crème", "caf_cr_me"),
+            ("🎉", ""),
+        ] {
+            assert_eq!(snake_case(from), to, "{from}");
+        }
+    }
+
+    #[test]
+    fn table_names_avoid_reserved_and_stay_short() {
+        assert_eq!(
+            event_table_name("Order Completed").unwrap(),
+            "order_completed"
+        );
+        assert_eq!(event_table_name("Tracks").unwrap(), "event_tracks");
+        assert_eq!(event_table_name("users").unwrap(), "event_users");
+        assert_eq!(event_table_name("3D Viewed").unwrap(), "_3d_viewed");
+        assert_eq!(event_table_name("🎉"), None);
+        let long = "a".repeat(100);
+        let t = event_table_name(&long).unwrap();
+        assert_eq!(t.len(), MAX_NAME_LEN);
+        assert_ne!(t, event_table_name(&format!("{long}b")).unwrap());
+    }
+
+    #[test]
+    fn flatten_nests_with_underscores_and_skips_nulls() {
+        let mut out = Vec::new();
+        flatten(
+            "context",
+            &json!({"userAgent": "UA", "page": {"path": "/", "x": null}, "list": [1, 2]}),
+            &mut out,
+        );
+        let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            vec!["context_user_agent", "context_page_path", "context_list"]
+        );
+    }
+
+    #[test]
+    fn conversions_are_lossless_or_refused() {
+        use LogicalType::*;
+        assert_eq!(convert(&json!(12), Double).unwrap(), "12");
+        assert_eq!(convert(&json!("12.5"), Double).unwrap(), "12.5");
+        assert!(convert(&json!("abc"), Double).is_err());
+        assert!(convert(&json!(9_007_199_254_740_993u64), Double).is_err());
+        assert_eq!(convert(&json!(true), Text).unwrap(), "true");
+        assert_eq!(convert(&json!(1.5), Text).unwrap(), "1.5");
+        assert_eq!(convert(&json!("false"), Boolean).unwrap(), "false");
+        assert!(convert(&json!(1), Boolean).is_err());
+        assert_eq!(
+            convert(&json!("2026-11-25T11:00:00+01:00"), Timestamp).unwrap(),
+            "2026-11-25T10:00:00.000Z"
+        );
+        assert!(convert(&json!("tomorrow"), Timestamp).is_err());
+        assert!(convert(&json!("2200-01-01T00:00:00Z"), Timestamp).is_err());
+        assert_eq!(convert(&json!([1, "a"]), Json).unwrap(), r#"[1,"a"]"#);
+        assert_eq!(infer(&json!("2026-11-25T10:00:00Z")), Timestamp);
+        assert_eq!(infer(&json!("2026-11-25")), Text);
+        assert_eq!(infer(&json!(1)), Double);
+    }
+}
