@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use crate::sinks::clickhouse::config::ClickHouseConfig;
 pub use crate::sinks::duckdb::config::DuckDbConfig;
 pub use crate::sinks::parquet::config::ParquetConfig;
 pub use crate::sinks::postgres::config::PostgresConfig;
@@ -53,6 +54,7 @@ pub enum WarehouseConfig {
     DuckDb(DuckDbConfig),
     Postgres(PostgresConfig),
     Parquet(ParquetConfig),
+    ClickHouse(ClickHouseConfig),
 }
 
 impl Default for WarehouseConfig {
@@ -81,8 +83,12 @@ impl<'de> Deserialize<'de> for WarehouseConfig {
             "duckdb" => value.try_into().map(WarehouseConfig::DuckDb).map_err(err),
             "postgres" => value.try_into().map(WarehouseConfig::Postgres).map_err(err),
             "parquet" => value.try_into().map(WarehouseConfig::Parquet).map_err(err),
+            "clickhouse" => value
+                .try_into()
+                .map(WarehouseConfig::ClickHouse)
+                .map_err(err),
             other => Err(D::Error::custom(format!(
-                "warehouse.kind {other:?} is not one of \"duckdb\", \"postgres\", \"parquet\""
+                "warehouse.kind {other:?} is not one of \"duckdb\", \"postgres\", \"clickhouse\", \"parquet\""
             ))),
         }
     }
@@ -93,7 +99,9 @@ impl WarehouseConfig {
     pub fn duckdb_path(&self) -> Option<&Path> {
         match self {
             WarehouseConfig::DuckDb(c) => Some(&c.path),
-            WarehouseConfig::Postgres(_) | WarehouseConfig::Parquet(_) => None,
+            WarehouseConfig::Postgres(_)
+            | WarehouseConfig::Parquet(_)
+            | WarehouseConfig::ClickHouse(_) => None,
         }
     }
 
@@ -108,8 +116,9 @@ impl WarehouseConfig {
                 PathBuf::from(s)
             }
             WarehouseConfig::Parquet(c) => c.path.join("_collector").join("agent.state"),
-            WarehouseConfig::Postgres(c) => {
-                let h = c.url.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            WarehouseConfig::Postgres(PostgresConfig { url, .. })
+            | WarehouseConfig::ClickHouse(ClickHouseConfig { url, .. }) => {
+                let h = url.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
                     (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
                 });
                 std::env::temp_dir().join(format!("collector-agent-{h:016x}.agent"))
@@ -169,8 +178,10 @@ impl AgentConfig {
             let e = e.to_string().replace("max_batches", "lease_batches");
             anyhow::bail!("config: {e}");
         }
-        if let WarehouseConfig::Postgres(p) = &self.warehouse {
-            p.validate()?;
+        match &self.warehouse {
+            WarehouseConfig::Postgres(p) => p.validate()?,
+            WarehouseConfig::ClickHouse(c) => c.validate()?,
+            _ => {}
         }
         self.secret()?;
         Ok(())

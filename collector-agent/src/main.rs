@@ -226,6 +226,9 @@ async fn main() -> anyhow::Result<()> {
                 collector_agent::config::WarehouseConfig::Parquet(p) => {
                     format!("parquet {}", p.path.display())
                 }
+                collector_agent::config::WarehouseConfig::ClickHouse(c) => {
+                    format!("clickhouse {} (database {})", c.url, c.database)
+                }
             };
             println!(
                 "{}: OK (edge {}, warehouse {warehouse})",

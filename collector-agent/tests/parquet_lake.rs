@@ -59,6 +59,10 @@ async fn lake_layout_is_partitioned_by_table_and_date_with_one_file_per_batch() 
     assert_eq!(
         files(&root),
         vec![
+            // The per-event table of `E`, beside `tracks`.
+            "table=e/date=2026-11-23/part-s3-b41.parquet",
+            "table=e/date=2026-11-24/part-s3-b41.parquet",
+            "table=e/date=2026-11-24/part-s3-b42.parquet",
             "table=pages/date=2026-11-24/part-s3-b41.parquet",
             "table=tracks/date=2026-11-23/part-s3-b41.parquet",
             "table=tracks/date=2026-11-24/part-s3-b41.parquet",

@@ -9,6 +9,7 @@
 //! drives Debian's Chromium (playwright-core) for the SDK's browser tests.
 
 pub mod browser;
+pub mod clickhouse;
 pub mod edge;
 pub mod pages;
 pub mod postgres;

@@ -31,6 +31,7 @@ pub fn setup(tools: &Toolchain, for_tests: bool) -> Result<()> {
     if for_tests {
         debian_package(&CHROMIUM)?;
         debian_package(&POSTGRESQL)?;
+        debian_package(&CLICKHOUSE)?;
     }
     let missing = tools.missing();
     anyhow::ensure!(
@@ -142,6 +143,15 @@ pub const POSTGRESQL: DebianPackage = DebianPackage {
     min_version: "15",
     binary: "/usr/bin/psql",
     purpose: "the PostgreSQL warehouse tests",
+};
+
+/// Debian's ClickHouse server (18.16 on bookworm), for the ClickHouse warehouse tests
+/// (each starts its own server on free loopback ports; see `collector_e2e::clickhouse`).
+pub const CLICKHOUSE: DebianPackage = DebianPackage {
+    names: &["clickhouse-server"],
+    min_version: "18.16",
+    binary: "/usr/sbin/clickhouse-server",
+    purpose: "the ClickHouse warehouse tests",
 };
 
 /// Debian's Node.js and npm, only when no `npm` is on the PATH: npm installs the pinned
@@ -266,5 +276,10 @@ mod tests {
         assert!(version_at_least("18.20.4+dfsg-1~deb12u3", NPM.min_version));
         assert!(version_at_least("15+248+deb12u2", POSTGRESQL.min_version));
         assert!(!version_at_least("14+238", POSTGRESQL.min_version));
+        assert!(version_at_least(
+            "18.16.1+ds-7.3+b2",
+            CLICKHOUSE.min_version
+        ));
+        assert!(!version_at_least("18.14.19+ds-1", CLICKHOUSE.min_version));
     }
 }

@@ -10,6 +10,7 @@
 //! isolate and quarantine the event that causes it), list its quarantine, and run SQL
 //! for `collector-agent sql`.
 
+pub mod clickhouse;
 pub mod duckdb;
 pub mod parquet;
 pub mod postgres;
@@ -237,5 +238,6 @@ pub async fn open(cfg: &WarehouseConfig) -> Result<Arc<dyn Sink>, SinkError> {
         WarehouseConfig::DuckDb(c) => Arc::new(duckdb::DuckDbSink::open(&c.path)?),
         WarehouseConfig::Postgres(c) => Arc::new(postgres::PostgresSink::connect(c).await?),
         WarehouseConfig::Parquet(c) => Arc::new(parquet::ParquetSink::open(&c.path)?),
+        WarehouseConfig::ClickHouse(c) => Arc::new(clickhouse::ClickHouseSink::connect(c).await?),
     })
 }

@@ -1,0 +1,83 @@
+//! `[warehouse] kind = "clickhouse"`.
+
+use serde::Deserialize;
+
+/// A ClickHouse server, over its HTTP interface.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseConfig {
+    /// `http://HOST:8123` (no credentials here: see `user` and `password_env`).
+    pub url: String,
+    /// The database the tables live in (created if missing).
+    #[serde(default = "default_database")]
+    pub database: String,
+    /// The ClickHouse user.
+    #[serde(default = "default_user")]
+    pub user: String,
+    /// Name of an environment variable holding the password, if the user has one.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Timeout of one HTTP request.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_database() -> String {
+    "analytics".into()
+}
+
+fn default_user() -> String {
+    "default".into()
+}
+
+fn default_timeout_ms() -> u64 {
+    30_000
+}
+
+impl ClickHouseConfig {
+    /// Checks what can be checked without connecting.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let Some(rest) = self
+            .url
+            .strip_prefix("http://")
+            .or_else(|| self.url.strip_prefix("https://"))
+        else {
+            anyhow::bail!(
+                "config: warehouse.url must start with http:// or https:// (ClickHouse's HTTP interface), got {:?}",
+                self.url
+            );
+        };
+        if rest
+            .split('/')
+            .next()
+            .is_some_and(|host| host.contains('@'))
+        {
+            anyhow::bail!(
+                "config: warehouse.url must not hold credentials; use warehouse.user and warehouse.password_env"
+            );
+        }
+        let plain = |s: &str| {
+            !s.is_empty()
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !s.starts_with(|c: char| c.is_ascii_digit())
+        };
+        if !plain(&self.database) {
+            anyhow::bail!(
+                "config: warehouse.database must be letters, digits and _, got {:?}",
+                self.database
+            );
+        }
+        if let Some(var) = &self.password_env {
+            if std::env::var_os(var).is_none() {
+                anyhow::bail!("config: warehouse.password_env names {var}, which is not set");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn password(&self) -> Option<String> {
+        self.password_env
+            .as_ref()
+            .and_then(|v| std::env::var(v).ok())
+    }
+}

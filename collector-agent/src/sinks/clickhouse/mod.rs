@@ -1,0 +1,42 @@
+//! ClickHouse over HTTP (`[warehouse] kind = "clickhouse"`).
+//!
+//! ```toml
+//! [warehouse]
+//! kind = "clickhouse"
+//! url = "http://clickhouse.internal:8123"
+//! database = "analytics"          # default; created if missing
+//! user = "default"                # default
+//! password_env = "CLICKHOUSE_PASSWORD"   # optional; never the password itself
+//! ```
+//!
+//! ClickHouse has no transactions and no unique keys, so exactly once is built, not
+//! borrowed:
+//!
+//! - Rows live in `collector_rows_<table>` (`ReplacingMergeTree`, ordered by
+//!   `message_id`, partitioned by the month of `received_at`, both fixed for an event):
+//!   two copies of one event collapse into one. A `_version` makes the copy received
+//!   first the one kept, as in every sink.
+//! - Analysts query the views `tracks`, `pages`, `order_completed`, … which read the
+//!   rows tables with `FINAL`: **a query sees every event exactly once as soon as its
+//!   load returned**, before or after ClickHouse merges the parts.
+//! - `message_ids` (a registry) keeps the warehouse-wide uniqueness of `message_id`;
+//!   `collector_loaded_batches` (a ledger of `(shard, batch_id)`) is written last, so a
+//!   redelivered batch is skipped whole. A crash between the rows and the ledger makes
+//!   the retry write the same rows again, which `FINAL` collapses.
+//! - `users` is a view that takes, per user id, each trait's latest non-null value.
+//! - `quarantine` and `dead_letters` are views too: replaying or resolving appends a new
+//!   version of the row.
+//!
+//! Types: `String`, `Float64`, `UInt8` for booleans, JSON as `String`; instants are
+//! `DateTime64(3, 'UTC')` on ClickHouse 20.1 and later and `DateTime` (whole seconds;
+//! the milliseconds stay in `raw`) on older servers. Tested against Debian's
+//! clickhouse-server 18.16; the SQL avoids what newer releases removed or changed.
+//!
+//! Limits: two agents adding the *same new column* at the same instant with values of
+//! different types may disagree on its type until restarted; an event whose
+//! `message_id` reaches two different tables at once from two agents stays in both.
+
+pub mod config;
+mod sink;
+
+pub use sink::ClickHouseSink;

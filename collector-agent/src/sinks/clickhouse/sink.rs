@@ -1,0 +1,933 @@
+//! The ClickHouse sink: HTTP requests, `JSONEachRow` inserts, `ReplacingMergeTree`
+//! tables behind `FINAL` views (see the module docs for what exactly once means here).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use collector_core::timestamp::{format_ms, parse_ms};
+use collector_core::EventKind;
+use serde_json::{Map, Value};
+use tokio::sync::Mutex;
+
+use super::config::ClickHouseConfig;
+use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
+use crate::sinks::tables::{self, Catalog, TableKind, TableLoad};
+use crate::sinks::{LoadStats, QueryResult, Sink, SinkError};
+
+/// ClickHouse error codes that mean "this data can never be inserted as is".
+const DATA_ERRORS: &[u32] = &[6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 130, 131];
+
+/// How many ids one registry lookup sends.
+const LOOKUP_CHUNK: usize = 2_000;
+
+/// The physical table behind a view.
+fn rows_table(table: &str) -> String {
+    format!("collector_rows_{table}")
+}
+
+fn ident(name: &str) -> String {
+    format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
+}
+
+fn lit(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+pub struct ClickHouseSink {
+    cfg: ClickHouseConfig,
+    http: reqwest::Client,
+    /// `DateTime64(3)` exists (ClickHouse 20.1+); else instants are whole seconds.
+    ms_precision: bool,
+    /// Loads run one at a time per agent (the catalog is grown under this lock).
+    catalog: Mutex<Catalog>,
+}
+
+impl ClickHouseSink {
+    /// Connects, creates the database and tables if needed, and reads the catalog.
+    pub async fn connect(cfg: &ClickHouseConfig) -> Result<ClickHouseSink, SinkError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(cfg.timeout_ms))
+            .build()
+            .map_err(|e| SinkError::Transient(e.to_string()))?;
+        let mut sink = ClickHouseSink {
+            cfg: cfg.clone(),
+            http,
+            ms_precision: false,
+            catalog: Mutex::new(Catalog::default()),
+        };
+        let version = sink.request(None, "SELECT version()", None).await?;
+        let major: u32 = version
+            .trim()
+            .split('.')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
+        sink.ms_precision = major >= 20;
+        tracing::info!(version = version.trim(), "connected to ClickHouse");
+        sink.request(
+            None,
+            &format!("CREATE DATABASE IF NOT EXISTS {}", ident(&cfg.database)),
+            None,
+        )
+        .await?;
+        sink.migrate().await?;
+        *sink.catalog.lock().await = sink.load_catalog().await?;
+        Ok(sink)
+    }
+
+    /// One HTTP request: `sql` as the query, `data` as the rows of an `INSERT`.
+    async fn request(
+        &self,
+        database: Option<&str>,
+        sql: &str,
+        data: Option<String>,
+    ) -> Result<String, SinkError> {
+        let mut params: Vec<(&str, String)> = vec![("user", self.cfg.user.clone())];
+        if let Some(p) = self.cfg.password() {
+            params.push(("password", p));
+        }
+        if let Some(db) = database {
+            params.push(("database", db.to_string()));
+        }
+        let req = self.http.post(&self.cfg.url);
+        let req = match data {
+            Some(body) => {
+                params.push(("query", sql.to_string()));
+                req.query(&params).body(body)
+            }
+            None => req.query(&params).body(sql.to_string()),
+        };
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| SinkError::Transient(format!("ClickHouse request: {e}")))?;
+        let status = resp.status();
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| SinkError::Transient(format!("ClickHouse response: {e}")))?;
+        if status.is_success() {
+            return Ok(text);
+        }
+        Err(classify(&text))
+    }
+
+    /// A request in the configured database.
+    async fn exec(&self, sql: &str) -> Result<String, SinkError> {
+        self.request(Some(&self.cfg.database.clone()), sql, None)
+            .await
+    }
+
+    async fn insert(
+        &self,
+        table: &str,
+        columns: &[String],
+        rows: Vec<Value>,
+    ) -> Result<(), SinkError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut body = String::new();
+        for r in rows {
+            body.push_str(&r.to_string());
+            body.push('\n');
+        }
+        let cols: Vec<String> = columns.iter().map(|c| ident(c)).collect();
+        self.request(
+            Some(&self.cfg.database.clone()),
+            &format!(
+                "INSERT INTO {} ({}) FORMAT JSONEachRow",
+                ident(table),
+                cols.join(", ")
+            ),
+            Some(body),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Rows of a query as JSON arrays (`JSONCompact`), with the column names and types.
+    async fn select(
+        &self,
+        sql: &str,
+    ) -> Result<(Vec<(String, String)>, Vec<Vec<Value>>), SinkError> {
+        let sql = sql.trim().trim_end_matches(';');
+        let text = self.exec(&format!("{sql} FORMAT JSONCompact")).await?;
+        if text.trim().is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| SinkError::Transient(format!("ClickHouse answer is not JSON: {e}")))?;
+        let meta = v["meta"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .map(|c| {
+                        (
+                            c["name"].as_str().unwrap_or("").to_string(),
+                            c["type"].as_str().unwrap_or("").to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let rows = v["data"]
+            .as_array()
+            .map(|d| {
+                d.iter()
+                    .map(|r| r.as_array().cloned().unwrap_or_default())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((meta, rows))
+    }
+
+    /// ClickHouse's type for a logical type (always `Nullable`, but for keys).
+    fn sql_type(&self, ty: LogicalType) -> &'static str {
+        match ty {
+            LogicalType::Text | LogicalType::Json => "String",
+            LogicalType::Timestamp if self.ms_precision => "DateTime64(3, 'UTC')",
+            LogicalType::Timestamp => "DateTime",
+            LogicalType::Double => "Float64",
+            LogicalType::Boolean => "UInt8",
+        }
+    }
+
+    fn nullable(&self, ty: LogicalType) -> String {
+        format!("Nullable({})", self.sql_type(ty))
+    }
+
+    /// `CREATE TABLE` of a rows table and its `FINAL` view (or, for `users`, its
+    /// latest-trait view).
+    fn create_table_sql(&self, table: &str, kind: TableKind) -> Vec<String> {
+        let mut cols = Vec::new();
+        for c in tables::fixed_columns(kind) {
+            let key = c == schema::MESSAGE_ID || (kind == TableKind::Users && c.name == "id");
+            let ty = if key {
+                self.sql_type(c.ty).to_string()
+            } else {
+                self.nullable(c.ty)
+            };
+            cols.push(format!("{} {ty}", ident(c.name)));
+        }
+        cols.push(format!(
+            "{} {}",
+            ident(schema::LOADED_AT),
+            self.sql_type(LogicalType::Timestamp)
+        ));
+        cols.push("`_version` UInt64".into());
+        let engine = match kind {
+            TableKind::Users => "ENGINE = MergeTree() ORDER BY (`id`, `_version`)".to_string(),
+            _ => {
+                cols.push("`_received` Date".into());
+                "ENGINE = ReplacingMergeTree(`_version`) PARTITION BY toYYYYMM(`_received`) ORDER BY `message_id`".to_string()
+            }
+        };
+        vec![format!(
+            "CREATE TABLE IF NOT EXISTS {} ({}) {engine}",
+            ident(&rows_table(table)),
+            cols.join(", ")
+        )]
+    }
+
+    /// (Re)creates the view over a rows table with its current columns.
+    async fn refresh_view(
+        &self,
+        table: &str,
+        kind: TableKind,
+        added: &[(String, LogicalType)],
+    ) -> Result<(), SinkError> {
+        let mut names: Vec<String> = tables::fixed_columns(kind)
+            .iter()
+            .map(|c| c.name.to_string())
+            .collect();
+        names.extend(added.iter().map(|(n, _)| n.clone()));
+        names.push(schema::LOADED_AT.to_string());
+        let select = match kind {
+            TableKind::Users => {
+                let cols: Vec<String> = names
+                    .iter()
+                    .map(|n| match n.as_str() {
+                        "id" => "`id`".to_string(),
+                        "timestamp" | "received_at" | "loaded_at" => {
+                            format!("max({0}) AS {0}", ident(n))
+                        }
+                        _ => format!("argMax({0}, `_version`) AS {0}", ident(n)),
+                    })
+                    .collect();
+                format!(
+                    "SELECT {} FROM {} GROUP BY `id`",
+                    cols.join(", "),
+                    ident(&rows_table(table))
+                )
+            }
+            _ => {
+                let cols: Vec<String> = names.iter().map(|n| ident(n)).collect();
+                format!(
+                    "SELECT {} FROM {} FINAL",
+                    cols.join(", "),
+                    ident(&rows_table(table))
+                )
+            }
+        };
+        self.exec(&format!("DROP TABLE IF EXISTS {}", ident(table)))
+            .await?;
+        self.exec(&format!("CREATE VIEW {} AS {select}", ident(table)))
+            .await?;
+        Ok(())
+    }
+
+    async fn migrate(&self) -> Result<(), SinkError> {
+        self.exec("CREATE TABLE IF NOT EXISTS collector_migrations (version UInt32, name String, applied_at DateTime) ENGINE = ReplacingMergeTree() ORDER BY version").await?;
+        let (_, applied) = self
+            .select("SELECT version FROM collector_migrations FINAL")
+            .await?;
+        if applied
+            .iter()
+            .any(|r| r.first().and_then(Value::as_u64) == Some(3))
+        {
+            return Ok(());
+        }
+        let mut ddl = Vec::new();
+        for kind in EventKind::ALL {
+            ddl.extend(self.create_table_sql(kind.table(), TableKind::Base(kind)));
+        }
+        ddl.extend(self.create_table_sql("users", TableKind::Users));
+        ddl.push("CREATE TABLE IF NOT EXISTS message_ids (message_id String, table_name String, load_id UInt64) ENGINE = ReplacingMergeTree() ORDER BY message_id".into());
+        ddl.push("CREATE TABLE IF NOT EXISTS collector_loaded_batches (shard UInt32, batch_id Int64, rows UInt64, loaded_at DateTime) ENGINE = ReplacingMergeTree() ORDER BY (shard, batch_id)".into());
+        ddl.push("CREATE TABLE IF NOT EXISTS collector_quarantine (message_id String, type String, shard Nullable(UInt32), batch_id Nullable(Int64), reason String, event String, quarantined_at DateTime, attempts UInt32, resolved UInt8, `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY message_id".into());
+        ddl.push("CREATE TABLE IF NOT EXISTS collector_dead_letters (shard UInt32, batch_id Int64, error String, blob_hex String, loaded_at DateTime, resolved UInt8, `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY (shard, batch_id)".into());
+        ddl.push("CREATE TABLE IF NOT EXISTS collector_tables (table_name String, event_text String, created_at DateTime) ENGINE = ReplacingMergeTree() ORDER BY table_name".into());
+        ddl.push("CREATE TABLE IF NOT EXISTS collector_columns (table_name String, column_name String, type String, position UInt32, added_at DateTime) ENGINE = ReplacingMergeTree() ORDER BY (table_name, column_name)".into());
+        ddl.push("CREATE TABLE IF NOT EXISTS collector_rows_rejected_values (message_id String, table_name String, column_name String, value String, reason String, rejected_at DateTime) ENGINE = ReplacingMergeTree() ORDER BY (message_id, table_name, column_name)".into());
+        ddl.push("DROP TABLE IF EXISTS quarantine".into());
+        ddl.push("CREATE VIEW quarantine AS SELECT message_id, type, shard, batch_id, reason, event, quarantined_at, attempts FROM collector_quarantine FINAL WHERE resolved = 0".into());
+        ddl.push("DROP TABLE IF EXISTS dead_letters".into());
+        ddl.push("CREATE VIEW dead_letters AS SELECT shard, batch_id, error, blob_hex, loaded_at FROM collector_dead_letters FINAL WHERE resolved = 0".into());
+        ddl.push("DROP TABLE IF EXISTS rejected_values".into());
+        ddl.push("CREATE VIEW rejected_values AS SELECT message_id, table_name, column_name, value, reason, rejected_at FROM collector_rows_rejected_values FINAL".into());
+        for sql in ddl {
+            self.exec(&sql)
+                .await
+                .map_err(|e| SinkError::Transient(format!("ClickHouse schema: {e}")))?;
+        }
+        for kind in EventKind::ALL {
+            self.refresh_view(kind.table(), TableKind::Base(kind), &[])
+                .await?;
+        }
+        self.refresh_view("users", TableKind::Users, &[]).await?;
+        self.exec(
+            "INSERT INTO collector_migrations VALUES (3, 'segment tables, registry, ledger, per-event tables, users, rejected_values (the schema of version 3 in every sink)', now())",
+        )
+        .await?;
+        tracing::info!(version = 3, "warehouse migrated");
+        Ok(())
+    }
+
+    async fn load_catalog(&self) -> Result<Catalog, SinkError> {
+        let (_, tables) = self
+            .select("SELECT table_name FROM collector_tables FINAL")
+            .await?;
+        let (_, cols) = self
+            .select("SELECT table_name, column_name, type, position FROM collector_columns FINAL")
+            .await?;
+        let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+        Ok(Catalog::from_rows(
+            tables.iter().map(|r| s(&r[0])).collect(),
+            cols.iter()
+                .map(|r| (s(&r[0]), s(&r[1]), s(&r[2]), r[3].as_i64().unwrap_or(0)))
+                .collect(),
+        ))
+    }
+
+    /// The columns a table has now, from `system.columns`.
+    async fn existing_columns(&self, table: &str) -> Result<HashSet<String>, SinkError> {
+        let (_, rows) = self
+            .select(&format!(
+                "SELECT name FROM system.columns WHERE database = {} AND table = {}",
+                lit(&self.cfg.database),
+                lit(&rows_table(table))
+            ))
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| r[0].as_str().map(str::to_string))
+            .collect())
+    }
+
+    /// The ids among `ids` that a query (with `{ids}` for the list) returns.
+    async fn ids_in(&self, sql: &str, ids: &[&str]) -> Result<HashSet<String>, SinkError> {
+        let mut found = HashSet::new();
+        for chunk in ids.chunks(LOOKUP_CHUNK) {
+            let list: Vec<String> = chunk.iter().map(|i| lit(i)).collect();
+            let (_, rows) = self.select(&sql.replace("{ids}", &list.join(", "))).await?;
+            found.extend(
+                rows.iter()
+                    .filter_map(|r| r[0].as_str().map(str::to_string)),
+            );
+        }
+        Ok(found)
+    }
+
+    /// A value as `JSONEachRow` wants it for a column of type `ty`.
+    fn json_value(&self, v: &Option<String>, ty: LogicalType) -> Value {
+        let Some(v) = v else { return Value::Null };
+        match ty {
+            LogicalType::Double => v
+                .parse::<f64>()
+                .ok()
+                .and_then(serde_json::Number::from_f64)
+                .map_or(Value::Null, Value::Number),
+            LogicalType::Boolean => Value::from(u8::from(v == "true")),
+            LogicalType::Timestamp => self.instant(v),
+            LogicalType::Text | LogicalType::Json => Value::String(v.clone()),
+        }
+    }
+
+    /// An RFC 3339 instant as ClickHouse parses it; NULL outside what `DateTime` holds
+    /// (1970 to 2105; the value stays in `raw`).
+    fn instant(&self, v: &str) -> Value {
+        let Some(ms) = parse_ms(v) else {
+            return Value::Null;
+        };
+        if !(0..4_291_747_199_000).contains(&ms) {
+            return Value::Null;
+        }
+        let iso = format_ms(ms);
+        let text = if self.ms_precision {
+            format!("{} {}", &iso[..10], &iso[11..23])
+        } else {
+            format!("{} {}", &iso[..10], &iso[11..19])
+        };
+        Value::String(text)
+    }
+
+    async fn write_prepared(
+        &self,
+        catalog: &mut Catalog,
+        p: &Prepared,
+    ) -> Result<LoadStats, SinkError> {
+        let now_ms = now_ms();
+        // `loaded_at` of the rows tables; the agent's own tables use whole seconds.
+        let now = self.instant(&format_ms(now_ms));
+        let now_s = self.instant_seconds(now_ms);
+        let mut stats = LoadStats {
+            duplicates: p.in_load_duplicates,
+            ..LoadStats::default()
+        };
+
+        // Batches the ledger has are skipped whole; the rest is checked id by id.
+        let batch_ids: Vec<i64> = p
+            .rows
+            .iter()
+            .filter_map(|r| r.batch_id)
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let loaded_batches: HashSet<i64> = if p.replay || batch_ids.is_empty() {
+            HashSet::new()
+        } else {
+            let list: Vec<String> = batch_ids.iter().map(i64::to_string).collect();
+            let (_, rows) = self
+                .select(&format!(
+                    "SELECT batch_id FROM collector_loaded_batches FINAL WHERE shard = {} AND batch_id IN ({})",
+                    p.shard,
+                    list.join(", ")
+                ))
+                .await?;
+            rows.iter()
+                .filter_map(|r| r[0].as_i64().or_else(|| r[0].as_str()?.parse().ok()))
+                .collect()
+        };
+        let candidates: Vec<&str> = p
+            .rows
+            .iter()
+            .filter(|r| !r.batch_id.is_some_and(|b| loaded_batches.contains(&b)))
+            .map(|r| r.message_id())
+            .chain(p.quarantine.iter().map(|q| q.message_id.as_str()))
+            .collect();
+        let known = self
+            .ids_in(
+                "SELECT message_id FROM message_ids FINAL WHERE message_id IN ({ids})",
+                &candidates,
+            )
+            .await?;
+        let fresh = Prepared {
+            shard: p.shard,
+            replay: p.replay,
+            rows: p
+                .rows
+                .iter()
+                .filter(|r| {
+                    !r.batch_id.is_some_and(|b| loaded_batches.contains(&b))
+                        && !known.contains(r.message_id())
+                })
+                .cloned()
+                .collect(),
+            ..Prepared::default()
+        };
+        stats.duplicates += (p.rows.len() - fresh.rows.len()) as u64;
+
+        // Dead letters, and dead letters resolved by this load.
+        let mut dead = Vec::new();
+        for d in &p.dead {
+            dead.push(serde_json::json!({
+                "shard": d.shard, "batch_id": d.batch_id, "error": d.error,
+                "blob_hex": hex::encode(&d.blob), "loaded_at": now_s, "resolved": 0, "_version": 0
+            }));
+        }
+        if !p.dead.is_empty() {
+            let keys: Vec<String> = p
+                .dead
+                .iter()
+                .map(|d| format!("({}, {})", d.shard, d.batch_id))
+                .collect();
+            let (_, have) = self
+                .select(&format!(
+                    "SELECT count() FROM collector_dead_letters FINAL WHERE (shard, batch_id) IN ({})",
+                    keys.join(", ")
+                ))
+                .await?;
+            let existing = have
+                .first()
+                .and_then(|r| r[0].as_u64().or_else(|| r[0].as_str()?.parse().ok()))
+                .unwrap_or(0);
+            stats.dead_letters += (p.dead.len() as u64).saturating_sub(existing);
+        }
+        for (shard, batch_id) in &p.resolved_dead {
+            dead.push(serde_json::json!({
+                "shard": shard, "batch_id": batch_id, "error": "", "blob_hex": "",
+                "loaded_at": now_s, "resolved": 1, "_version": now_ms
+            }));
+        }
+
+        // Quarantine: an id already loaded is a duplicate; one already quarantined is a
+        // duplicate too, unless this is a replay of it.
+        let q_ids: Vec<&str> = p.quarantine.iter().map(|q| q.message_id.as_str()).collect();
+        let quarantined_now = self
+            .ids_in(
+                "SELECT message_id FROM quarantine WHERE message_id IN ({ids})",
+                &q_ids,
+            )
+            .await?;
+        let attempts = if p.replay && !q_ids.is_empty() {
+            let list: Vec<String> = q_ids.iter().map(|i| lit(i)).collect();
+            let (_, rows) = self
+                .select(&format!(
+                    "SELECT message_id, attempts FROM quarantine WHERE message_id IN ({})",
+                    list.join(", ")
+                ))
+                .await?;
+            rows.iter()
+                .filter_map(|r| Some((r[0].as_str()?.to_string(), r[1].as_u64()?)))
+                .collect::<std::collections::HashMap<_, _>>()
+        } else {
+            Default::default()
+        };
+        let mut quarantine = Vec::new();
+        for q in &p.quarantine {
+            if known.contains(&q.message_id)
+                || (!p.replay && quarantined_now.contains(&q.message_id))
+            {
+                stats.duplicates += 1;
+                continue;
+            }
+            stats.quarantined += 1;
+            quarantine.push(serde_json::json!({
+                "message_id": q.message_id, "type": q.kind.as_str(), "shard": q.shard,
+                "batch_id": q.batch_id, "reason": q.reason, "event": q.event,
+                "quarantined_at": now_s, "attempts": attempts.get(&q.message_id).copied().unwrap_or(0) + 1,
+                "resolved": 0, "_version": now_ms
+            }));
+        }
+
+        // Schema growth, then the rows.
+        let mut plan = catalog.plan(&fresh);
+        if plan.changes_schema() {
+            for (table, event_text) in &plan.new_tables {
+                for sql in self.create_table_sql(table, TableKind::Event) {
+                    self.exec(&sql).await?;
+                }
+                self.insert(
+                    "collector_tables",
+                    &["table_name".into(), "event_text".into(), "created_at".into()],
+                    vec![serde_json::json!({"table_name": table, "event_text": event_text, "created_at": now_s})],
+                )
+                .await?;
+            }
+            let mut touched: Vec<String> = Vec::new();
+            for c in &plan.new_columns {
+                if !touched.contains(&c.table) {
+                    touched.push(c.table.clone());
+                }
+                let have = self.existing_columns(&c.table).await?;
+                if !have.contains(&c.name) {
+                    match self
+                        .exec(&format!(
+                            "ALTER TABLE {} ADD COLUMN {} {}",
+                            ident(&rows_table(&c.table)),
+                            ident(&c.name),
+                            self.nullable(c.ty)
+                        ))
+                        .await
+                    {
+                        // Another agent added it meanwhile.
+                        Err(e) if e.to_string().contains("Code: 15,") => {}
+                        other => {
+                            other?;
+                        }
+                    }
+                }
+                self.insert(
+                    "collector_columns",
+                    &["table_name".into(), "column_name".into(), "type".into(), "position".into(), "added_at".into()],
+                    vec![serde_json::json!({"table_name": c.table, "column_name": c.name, "type": c.ty.name(), "position": c.position, "added_at": now_s})],
+                )
+                .await?;
+            }
+            for (table, _) in &plan.new_tables {
+                if !touched.contains(table) {
+                    touched.push(table.clone());
+                }
+            }
+            // The catalog as committed (another agent may have grown it too).
+            let committed = self.load_catalog().await?;
+            for table in &touched {
+                let kind = plan
+                    .loads
+                    .iter()
+                    .find(|l| &l.table == table)
+                    .map(|l| l.kind)
+                    .unwrap_or(TableKind::Event);
+                self.refresh_view(table, kind, committed.columns(table))
+                    .await?;
+            }
+            plan = committed.plan(&fresh);
+        }
+
+        let load_id = now_ms as u64;
+        for load in &plan.loads {
+            let rows = self.rows_json(load, &now);
+            let mut cols: Vec<String> = load.columns.iter().map(|(n, _)| n.clone()).collect();
+            cols.push(schema::LOADED_AT.into());
+            cols.push("_version".into());
+            if load.kind != TableKind::Users {
+                cols.push("_received".into());
+            }
+            self.insert(&rows_table(&load.table), &cols, rows).await?;
+            if let TableKind::Base(_) = load.kind {
+                stats.inserted += load.rows.len() as u64;
+            }
+        }
+        let rejected: Vec<Value> = plan
+            .rejected
+            .iter()
+            .map(|r| serde_json::json!({
+                "message_id": r.message_id, "table_name": r.table_name, "column_name": r.column_name,
+                "value": r.value, "reason": r.reason, "rejected_at": now_s
+            }))
+            .collect();
+        self.insert(
+            "collector_rows_rejected_values",
+            &[
+                "message_id",
+                "table_name",
+                "column_name",
+                "value",
+                "reason",
+                "rejected_at",
+            ]
+            .map(String::from),
+            rejected,
+        )
+        .await?;
+        // Only now the ids are registered, then the ledger: a crash before either
+        // makes the retry write the same rows, which `FINAL` collapses.
+        let registry: Vec<Value> = fresh
+            .rows
+            .iter()
+            .map(|r| serde_json::json!({"message_id": r.message_id(), "table_name": r.kind.table(), "load_id": load_id}))
+            .collect();
+        self.insert(
+            "message_ids",
+            &["message_id", "table_name", "load_id"].map(String::from),
+            registry,
+        )
+        .await?;
+        self.insert(
+            "collector_quarantine",
+            &[
+                "message_id",
+                "type",
+                "shard",
+                "batch_id",
+                "reason",
+                "event",
+                "quarantined_at",
+                "attempts",
+                "resolved",
+                "_version",
+            ]
+            .map(String::from),
+            quarantine,
+        )
+        .await?;
+        // Events once quarantined that loaded now leave the quarantine.
+        let loaded_ids: Vec<&str> = fresh.rows.iter().map(|r| r.message_id()).collect();
+        let were_quarantined = self
+            .ids_in(
+                "SELECT message_id FROM quarantine WHERE message_id IN ({ids})",
+                &loaded_ids,
+            )
+            .await?;
+        let resolved: Vec<Value> = were_quarantined
+            .iter()
+            .map(|id| serde_json::json!({
+                "message_id": id, "type": "", "shard": null, "batch_id": null, "reason": "",
+                "event": "", "quarantined_at": now_s, "attempts": 0, "resolved": 1, "_version": now_ms + 1
+            }))
+            .collect();
+        self.insert(
+            "collector_quarantine",
+            &[
+                "message_id",
+                "type",
+                "shard",
+                "batch_id",
+                "reason",
+                "event",
+                "quarantined_at",
+                "attempts",
+                "resolved",
+                "_version",
+            ]
+            .map(String::from),
+            resolved,
+        )
+        .await?;
+        self.insert(
+            "collector_dead_letters",
+            &[
+                "shard",
+                "batch_id",
+                "error",
+                "blob_hex",
+                "loaded_at",
+                "resolved",
+                "_version",
+            ]
+            .map(String::from),
+            dead,
+        )
+        .await?;
+        if !p.replay {
+            let ledger: Vec<Value> = batch_ids
+                .iter()
+                .filter(|b| !loaded_batches.contains(b))
+                .map(|b| {
+                    let n = fresh.rows.iter().filter(|r| r.batch_id == Some(*b)).count();
+                    serde_json::json!({"shard": p.shard, "batch_id": b, "rows": n, "loaded_at": self.instant_seconds(now_ms)})
+                })
+                .collect();
+            self.insert(
+                "collector_loaded_batches",
+                &["shard", "batch_id", "rows", "loaded_at"].map(String::from),
+                ledger,
+            )
+            .await?;
+        }
+        *catalog = plan.catalog;
+        Ok(stats)
+    }
+
+    fn instant_seconds(&self, ms: i64) -> Value {
+        let iso = format_ms(ms);
+        Value::String(format!("{} {}", &iso[..10], &iso[11..19]))
+    }
+
+    /// A table's rows as `JSONEachRow` objects, with `loaded_at`, the `_version` that
+    /// makes the first-received copy win (the latest identify for `users`) and the
+    /// partition day.
+    fn rows_json(&self, load: &TableLoad, now: &Value) -> Vec<Value> {
+        let received = load.columns.iter().position(|(n, _)| n == "received_at");
+        let ts = load.columns.iter().position(|(n, _)| n == "timestamp");
+        load.rows
+            .iter()
+            .map(|row| {
+                let mut obj = Map::new();
+                for ((name, ty), v) in load.columns.iter().zip(row) {
+                    obj.insert(name.clone(), self.json_value(v, *ty));
+                }
+                obj.insert(schema::LOADED_AT.into(), now.clone());
+                let ms_of = |i: Option<usize>| {
+                    i.and_then(|i| row[i].as_deref())
+                        .and_then(parse_ms)
+                        .unwrap_or(0)
+                        .max(0)
+                };
+                let version = match load.kind {
+                    TableKind::Users => ms_of(ts) as u64,
+                    _ => u64::MAX - ms_of(received) as u64,
+                };
+                obj.insert("_version".into(), Value::from(version));
+                if load.kind != TableKind::Users {
+                    let day = format_ms(ms_of(received));
+                    obj.insert("_received".into(), Value::String(day[..10].to_string()));
+                }
+                Value::Object(obj)
+            })
+            .collect()
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Classifies a ClickHouse error answer (`Code: 27, e.displayText() = …`).
+fn classify(text: &str) -> SinkError {
+    let code: Option<u32> = text
+        .trim()
+        .strip_prefix("Code: ")
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|c| c.parse().ok());
+    let msg: String = text.trim().chars().take(600).collect();
+    match code {
+        Some(c) if DATA_ERRORS.contains(&c) => SinkError::Permanent(msg),
+        _ => SinkError::Transient(msg),
+    }
+}
+
+/// A JSON value of a `JSONCompact` answer as text; instants as RFC 3339 with ms, as
+/// every sink renders them.
+fn render(v: &Value, ty: &str) -> Option<String> {
+    match v {
+        Value::Null => None,
+        Value::String(s) if ty.contains("DateTime") => {
+            let iso = format!("{}T{}Z", s.get(..10)?, s.get(11..)?);
+            Some(parse_ms(&iso).map(format_ms).unwrap_or_else(|| s.clone()))
+        }
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+#[async_trait]
+impl Sink for ClickHouseSink {
+    fn kind(&self) -> &'static str {
+        "clickhouse"
+    }
+
+    async fn write(&self, load: Arc<Prepared>) -> Result<LoadStats, SinkError> {
+        let mut catalog = self.catalog.lock().await;
+        self.write_prepared(&mut catalog, &load).await
+    }
+
+    async fn quarantined(&self, ids: &[String]) -> Result<Vec<QuarantinedEvent>, SinkError> {
+        let filter = if ids.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = ids.iter().map(|i| lit(i)).collect();
+            format!(" WHERE message_id IN ({})", list.join(", "))
+        };
+        let (_, rows) = self
+            .select(&format!(
+                "SELECT message_id, type, shard, batch_id, event FROM quarantine{filter} ORDER BY quarantined_at, message_id"
+            ))
+            .await?;
+        let num = |v: &Value| v.as_i64().or_else(|| v.as_str()?.parse().ok());
+        Ok(rows
+            .iter()
+            .map(|r| QuarantinedEvent {
+                message_id: r[0].as_str().unwrap_or("").to_string(),
+                kind: r[1].as_str().unwrap_or("").to_string(),
+                shard: num(&r[2]).map(|s| s as u32),
+                batch_id: num(&r[3]),
+                event: r[4].as_str().unwrap_or("").to_string(),
+            })
+            .collect())
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, SinkError> {
+        let (_, rows) = self
+            .select("SELECT shard, batch_id, blob_hex, error FROM dead_letters ORDER BY loaded_at, shard, batch_id")
+            .await?;
+        let num = |v: &Value| v.as_i64().or_else(|| v.as_str()?.parse().ok()).unwrap_or(0);
+        Ok(rows
+            .iter()
+            .map(|r| DeadLetter {
+                shard: num(&r[0]) as u32,
+                batch_id: num(&r[1]),
+                blob: hex::decode(r[2].as_str().unwrap_or("")).unwrap_or_default(),
+                error: r[3].as_str().unwrap_or("").to_string(),
+            })
+            .collect())
+    }
+
+    async fn query(&self, sql: &str) -> Result<QueryResult, SinkError> {
+        let (meta, rows) = self.select(sql).await.map_err(|e| match e {
+            SinkError::Transient(m) if m.starts_with("Code: ") => SinkError::Permanent(m),
+            other => other,
+        })?;
+        Ok(QueryResult {
+            columns: meta.iter().map(|(n, _)| n.clone()).collect(),
+            rows: rows
+                .iter()
+                .map(|r| {
+                    r.iter()
+                        .zip(&meta)
+                        .map(|(v, (_, ty))| render(v, ty))
+                        .collect()
+                })
+                .collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_errors_are_permanent_and_the_rest_transient() {
+        assert!(matches!(
+            classify("Code: 27, e.displayText() = DB::Exception: Cannot parse input"),
+            SinkError::Permanent(_)
+        ));
+        assert!(matches!(
+            classify("Code: 241, e.displayText() = DB::Exception: Memory limit exceeded"),
+            SinkError::Transient(_)
+        ));
+        assert!(matches!(
+            classify("<html>bad gateway"),
+            SinkError::Transient(_)
+        ));
+    }
+
+    #[test]
+    fn instants_render_like_every_other_sink() {
+        assert_eq!(
+            render(
+                &Value::String("2026-11-25 10:00:00".into()),
+                "Nullable(DateTime)"
+            )
+            .as_deref(),
+            Some("2026-11-25T10:00:00.000Z")
+        );
+        assert_eq!(
+            render(
+                &Value::String("2026-11-25 10:00:00.123".into()),
+                "DateTime64(3, 'UTC')"
+            )
+            .as_deref(),
+            Some("2026-11-25T10:00:00.123Z")
+        );
+        assert_eq!(render(&Value::from(5), "UInt64").as_deref(), Some("5"));
+        assert_eq!(render(&Value::Null, "Nullable(String)"), None);
+    }
+}

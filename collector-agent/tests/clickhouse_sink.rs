@@ -1,0 +1,270 @@
+//! The ClickHouse sink against a real server (Debian's clickhouse-server, started on
+//! loopback for each test). ClickHouse's SQL differs from the others' (no `->>`, no
+//! `UPDATE`), so it has its own suite: the same scenarios as `conformance.rs`, in its
+//! dialect, plus what is ClickHouse's own (views over `FINAL`, a lost ledger).
+
+mod common;
+
+use std::sync::Arc;
+
+use collector_agent::config::ClickHouseConfig;
+use collector_agent::sinks::clickhouse::ClickHouseSink;
+use collector_agent::sinks::{Load, LoadBatch, Sink, SinkError};
+use collector_e2e::clickhouse::LocalClickHouse;
+use common::events;
+use serde_json::json;
+
+fn cfg(ch: &LocalClickHouse) -> ClickHouseConfig {
+    ClickHouseConfig {
+        url: ch.url.clone(),
+        database: "analytics".into(),
+        user: "default".into(),
+        password_env: None,
+        timeout_ms: 30_000,
+    }
+}
+
+async fn open(ch: &LocalClickHouse) -> Arc<dyn Sink> {
+    Arc::new(ClickHouseSink::connect(&cfg(ch)).await.unwrap())
+}
+
+fn s(v: &str) -> Option<String> {
+    Some(v.to_string())
+}
+
+async fn rows(sink: &dyn Sink, sql: &str) -> Vec<Vec<Option<String>>> {
+    sink.query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .rows
+}
+
+async fn one(sink: &dyn Sink, sql: &str) -> Option<String> {
+    rows(sink, sql).await[0][0].clone()
+}
+
+#[tokio::test]
+async fn every_table_per_event_tables_users_and_rejected_values() {
+    let ch = LocalClickHouse::start().unwrap();
+    let sink = open(&ch).await;
+    let evs = events(json!({"batch": [
+        {"type": "track", "messageId": "o1", "userId": "u1", "event": "Order Completed",
+         "timestamp": "2026-11-24T13:54:00.000Z",
+         "properties": {"revenue": 99.5, "currency": "EUR", "product": {"id": "p-1"}, "tags": ["gift"],
+                        "user_id": "spoofed", "express": true, "note": "ünïcode ✓"},
+         "context": {"userAgent": "UA/1"}},
+        {"type": "track", "messageId": "o2", "userId": "u2", "event": "order_completed", "properties": {"revenue": "5"}},
+        {"type": "track", "messageId": "o3", "userId": "u2", "event": "Order Completed", "properties": {"revenue": "lots"}},
+        {"type": "page", "messageId": "p1", "anonymousId": "a1", "name": "Pricing", "properties": {"path": "/pricing"}},
+        {"type": "screen", "messageId": "s1", "anonymousId": "a1", "name": "Main"},
+        {"type": "identify", "messageId": "i1", "userId": "u1", "timestamp": "2026-11-20T10:00:00Z", "traits": {"plan": "free", "city": "Lyon"}},
+        {"type": "identify", "messageId": "i2", "userId": "u1", "timestamp": "2026-11-21T10:00:00Z", "traits": {"plan": "pro"}},
+        {"type": "group", "messageId": "g1", "userId": "u1", "groupId": "acme", "traits": {"size": 5}},
+        {"type": "alias", "messageId": "al1", "userId": "u1", "previousId": "a1"}
+    ]}));
+    let st = sink.load(&Load::events(0, 1, evs)).await.unwrap();
+    assert_eq!((st.inserted, st.duplicates), (9, 0));
+    assert_eq!(
+        rows(&*sink, "SELECT message_id, event, event_text, revenue, currency, product_id, tags, express, note, timestamp FROM order_completed ORDER BY message_id").await,
+        vec![
+            vec![s("o1"), s("order_completed"), s("Order Completed"), s("99.5"), s("EUR"), s("p-1"), s(r#"["gift"]"#), s("1"), s("ünïcode ✓"), s("2026-11-24T13:54:00.000Z")],
+            vec![s("o2"), s("order_completed"), s("order_completed"), s("5"), None, None, None, None, None, rows(&*sink, "SELECT timestamp FROM tracks WHERE message_id = 'o2'").await[0][0].clone()],
+            vec![s("o3"), s("order_completed"), s("Order Completed"), None, None, None, None, None, None, rows(&*sink, "SELECT timestamp FROM tracks WHERE message_id = 'o3'").await[0][0].clone()],
+        ]
+    );
+    assert_eq!(
+        rows(&*sink, "SELECT context_user_agent, visitParamExtractString(properties, 'currency') FROM tracks WHERE message_id = 'o1'").await,
+        vec![vec![s("UA/1"), s("EUR")]]
+    );
+    assert_eq!(one(&*sink, "SELECT path FROM pages").await, s("/pricing"));
+    assert_eq!(one(&*sink, "SELECT name FROM screens").await, s("Main"));
+    assert_eq!(
+        rows(&*sink, "SELECT group_id, size FROM groups").await,
+        vec![vec![s("acme"), s("5")]]
+    );
+    assert_eq!(
+        rows(&*sink, "SELECT previous_id, user_id FROM aliases").await,
+        vec![vec![s("a1"), s("u1")]]
+    );
+    assert_eq!(
+        rows(&*sink, "SELECT id, plan, city, timestamp FROM users").await,
+        vec![vec![
+            s("u1"),
+            s("pro"),
+            s("Lyon"),
+            s("2026-11-21T10:00:00.000Z")
+        ]]
+    );
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT message_id, column_name, value FROM rejected_values ORDER BY message_id"
+        )
+        .await,
+        vec![
+            vec![s("o1"), s("user_id"), s(r#""spoofed""#)],
+            vec![s("o3"), s("revenue"), s(r#""lots""#)],
+        ]
+    );
+    // An older identify arriving late fills what is missing and overwrites nothing.
+    let late = events(json!({"batch": [
+        {"type": "identify", "messageId": "i0", "userId": "u1", "timestamp": "2026-11-19T10:00:00Z", "traits": {"plan": "trial", "company": "Acme"}}
+    ]}));
+    sink.load(&Load::events(0, 2, late)).await.unwrap();
+    assert_eq!(
+        rows(&*sink, "SELECT plan, city, company FROM users").await,
+        vec![vec![s("pro"), s("Lyon"), s("Acme")]]
+    );
+    // Reconnected, the sink knows its columns; the status SQL reads it.
+    drop(sink);
+    let sink = open(&ch).await;
+    let more = events(json!({"batch": [
+        {"type": "track", "messageId": "o4", "userId": "u3", "event": "Order Completed", "properties": {"revenue": 7, "coupon": "X"}}
+    ]}));
+    sink.load(&Load::events(0, 3, more)).await.unwrap();
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT revenue, coupon FROM order_completed WHERE message_id = 'o4'"
+        )
+        .await,
+        vec![vec![s("7"), s("X")]]
+    );
+    let status = rows(&*sink, collector_agent::status::WAREHOUSE_SQL).await;
+    assert!(
+        status[0][0].as_deref().unwrap().ends_with('Z'),
+        "{status:?}"
+    );
+    assert_eq!(status[0][1..], [s("0"), s("0")]);
+}
+
+#[tokio::test]
+async fn redelivered_batches_and_ids_land_once_even_after_a_lost_ledger() {
+    let ch = LocalClickHouse::start().unwrap();
+    let sink = open(&ch).await;
+    let evs = events(json!({"batch": [
+        {"type": "track", "messageId": "t1", "userId": "u", "event": "A"},
+        {"type": "track", "messageId": "t2", "userId": "u", "event": "A"},
+        {"type": "page", "messageId": "p1", "userId": "u"}
+    ]}));
+    let first = sink.load(&Load::events(0, 7, evs.clone())).await.unwrap();
+    assert_eq!(first.inserted, 3);
+    // The same batch again: the ledger skips it whole.
+    let again = sink.load(&Load::events(0, 7, evs.clone())).await.unwrap();
+    assert_eq!((again.inserted, again.duplicates), (0, 3));
+    // The same events in another batch: the registry skips them; one id in another
+    // table is a duplicate too.
+    let mut moved = evs.clone();
+    moved.extend(events(
+        json!({"batch": [{"type": "identify", "messageId": "t1", "userId": "u"}]}),
+    ));
+    let other = sink.load(&Load::events(1, 8, moved)).await.unwrap();
+    assert_eq!((other.inserted, other.duplicates), (0, 4));
+    // A crash after the rows but before the registry and the ledger: the retry writes
+    // the rows again, and the views still show each event once.
+    ch_exec(&ch, "TRUNCATE TABLE analytics.message_ids").await;
+    ch_exec(&ch, "TRUNCATE TABLE analytics.collector_loaded_batches").await;
+    sink.load(&Load::events(0, 7, evs)).await.unwrap();
+    assert_eq!(
+        one(&*sink, "SELECT count() FROM collector_rows_tracks").await,
+        s("4"),
+        "two physical copies of each track"
+    );
+    assert_eq!(
+        rows(&*sink, "SELECT (SELECT count() FROM tracks), (SELECT count() FROM pages), (SELECT count() FROM a), (SELECT count() FROM identifies)").await,
+        vec![vec![s("2"), s("1"), s("2"), s("0")]]
+    );
+}
+
+async fn ch_exec(ch: &LocalClickHouse, sql: &str) {
+    let r = reqwest::Client::new()
+        .post(&ch.url)
+        .body(sql.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.status().is_success(),
+        "{sql}: {}",
+        r.text().await.unwrap()
+    );
+}
+
+#[tokio::test]
+async fn poison_events_quarantine_dead_letters_replay() {
+    let ch = LocalClickHouse::start().unwrap();
+    let sink = open(&ch).await;
+    let mut evs = events(json!({"batch": [
+        {"type": "track", "messageId": "ok", "userId": "u", "event": "A"},
+        {"type": "track", "messageId": "bad", "userId": "u", "event": "A"}
+    ]}));
+    evs[1].json = evs[1].json.replacen('{', r#"{"sentAt":5,"#, 1);
+    let st = sink.load(&Load::events(2, 3, evs.clone())).await.unwrap();
+    assert_eq!((st.inserted, st.quarantined), (1, 1));
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT message_id, type, shard, batch_id, attempts FROM quarantine"
+        )
+        .await,
+        vec![vec![s("bad"), s("track"), s("2"), s("3"), s("1")]]
+    );
+    // Redelivered: quarantined once.
+    let again = sink.load(&Load::events(2, 3, evs)).await.unwrap();
+    assert_eq!(again.quarantined, 0);
+    // A replay that still fails counts an attempt.
+    let r = sink.replay_quarantine(&[]).await.unwrap();
+    assert_eq!((r.inserted, r.quarantined), (0, 1));
+    assert_eq!(one(&*sink, "SELECT attempts FROM quarantine").await, s("2"));
+
+    // Dead letters: kept once; the one that decodes now is replayed and leaves.
+    let good = collector_core::codec::encode_batch(&collector_core::codec::Batch {
+        shard: 1,
+        sealed_at_ms: 0,
+        events: events(
+            json!({"batch": [{"type": "identify", "messageId": "dl-1", "userId": "u"}]}),
+        ),
+    })
+    .unwrap();
+    let load = Load {
+        shard: 1,
+        batches: vec![
+            LoadBatch::Undecodable {
+                batch_id: 5,
+                blob: good,
+                error: "simulated: an older agent could not read it".into(),
+            },
+            LoadBatch::Undecodable {
+                batch_id: 6,
+                blob: b"still garbage".to_vec(),
+                error: "bad magic".into(),
+            },
+        ],
+    };
+    assert_eq!(sink.load(&load).await.unwrap().dead_letters, 2);
+    assert_eq!(sink.load(&load).await.unwrap().dead_letters, 0);
+    let r = collector_agent::sinks::replay_all(&*sink, &[], &|_, _| {})
+        .await
+        .unwrap();
+    assert_eq!((r.dead_letters_loaded, r.dead_letters_left), (1, 1));
+    assert_eq!(
+        rows(&*sink, "SELECT shard, batch_id FROM dead_letters").await,
+        vec![vec![s("1"), s("6")]]
+    );
+    assert_eq!(one(&*sink, "SELECT count() FROM identifies").await, s("1"));
+}
+
+#[tokio::test]
+async fn a_server_that_is_down_is_a_transient_error() {
+    let ch = LocalClickHouse::start().unwrap();
+    let sink = open(&ch).await;
+    let url = ch.url.clone();
+    drop(ch);
+    let evs = events(
+        json!({"batch": [{"type": "track", "messageId": "t", "userId": "u", "event": "A"}]}),
+    );
+    match sink.load(&Load::events(0, 1, evs)).await {
+        Err(e @ SinkError::Transient(_)) => assert!(e.retryable()),
+        other => panic!("expected a transient error from {url}, got {other:?}"),
+    }
+}

@@ -1,0 +1,129 @@
+//! A throw-away ClickHouse server for tests: Debian's `clickhouse-server` (`cargo xtask
+//! setup` installs it), a generated config in a temp folder, HTTP and native ports on
+//! free loopback ports, killed and removed when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// Where Debian installs the server.
+pub const SERVER: &str = "/usr/sbin/clickhouse-server";
+
+pub struct LocalClickHouse {
+    child: Child,
+    dir: PathBuf,
+    pub http_port: u16,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+}
+
+fn config(dir: &Path, http: u16, tcp: u16) -> String {
+    let d = dir.display();
+    format!(
+        r#"<?xml version="1.0"?>
+<yandex>
+  <logger><level>warning</level><log>{d}/server.log</log><errorlog>{d}/error.log</errorlog><console>0</console></logger>
+  <http_port>{http}</http_port>
+  <tcp_port>{tcp}</tcp_port>
+  <listen_host>127.0.0.1</listen_host>
+  <path>{d}/data/</path>
+  <tmp_path>{d}/tmp/</tmp_path>
+  <user_files_path>{d}/user_files/</user_files_path>
+  <format_schema_path>{d}/format_schemas/</format_schema_path>
+  <mark_cache_size>5368709120</mark_cache_size>
+  <max_concurrent_queries>50</max_concurrent_queries>
+  <users_config>users.xml</users_config>
+  <default_profile>default</default_profile>
+  <default_database>default</default_database>
+  <timezone>UTC</timezone>
+</yandex>
+"#
+    )
+}
+
+const USERS: &str = r#"<?xml version="1.0"?>
+<yandex>
+  <profiles><default></default></profiles>
+  <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
+  <quotas><default></default></quotas>
+</yandex>
+"#;
+
+impl LocalClickHouse {
+    pub fn start() -> anyhow::Result<LocalClickHouse> {
+        if !Path::new(SERVER).exists() {
+            bail!("ClickHouse is not installed ({SERVER}); run `cargo xtask setup`");
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!(
+            "collector-ch-{}-{nanos}-{}",
+            std::process::id(),
+            crate::free_port()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let (http, tcp) = (crate::free_port(), crate::free_port());
+        std::fs::write(dir.join("config.xml"), config(&dir, http, tcp))?;
+        std::fs::write(dir.join("users.xml"), USERS)?;
+        let child = Command::new(SERVER)
+            .arg(format!(
+                "--config-file={}",
+                dir.join("config.xml").display()
+            ))
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start clickhouse-server")?;
+        let mut ch = LocalClickHouse {
+            child,
+            dir,
+            http_port: http,
+            url: format!("http://127.0.0.1:{http}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if ch.ping() {
+                return Ok(ch);
+            }
+            if let Ok(Some(status)) = ch.child.try_wait() {
+                let log = std::fs::read_to_string(ch.dir.join("error.log")).unwrap_or_default();
+                bail!("clickhouse-server exited ({status}): {log}");
+            }
+            if Instant::now() > deadline {
+                bail!("clickhouse-server did not answer on {} within 60 s", ch.url);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether the server answers `/ping`.
+    pub fn ping(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.http_port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        if s.write_all(b"GET /ping HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .is_err()
+        {
+            return false;
+        }
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.contains("Ok.")
+    }
+}
+
+impl Drop for LocalClickHouse {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
