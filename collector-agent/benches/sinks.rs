@@ -1,19 +1,21 @@
 //! Bulk-load speed of every sink from one backlog of realistic events, beside the
 //! database's own bulk load of the same events (DuckDB `read_json` of the NDJSON,
-//! PostgreSQL `COPY` of the same rows). Prints `label<TAB>result` lines for
+//! PostgreSQL `COPY` of the same rows, ClickHouse `INSERT … JSONEachRow` of them). Prints `label<TAB>result` lines for
 //! `cargo xtask bench`. Run: `cargo bench -p collector-agent --bench sinks`.
 
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
-use collector_agent::config::PostgresConfig;
+use collector_agent::config::{ClickHouseConfig, PostgresConfig};
+use collector_agent::sinks::clickhouse::ClickHouseSink;
 use collector_agent::sinks::duckdb::DuckDbSink;
 use collector_agent::sinks::parquet::ParquetSink;
 use collector_agent::sinks::postgres::PostgresSink;
 use collector_agent::sinks::{schema, Load, LoadBatch, Sink};
 use collector_core::ingest::{parse_body, Endpoint};
 use collector_core::StoredEvent;
+use collector_e2e::clickhouse::LocalClickHouse;
 use collector_e2e::postgres::LocalPostgres;
 
 const EVENTS: usize = 100_000;
@@ -197,5 +199,83 @@ async fn main() {
             );
         }
         Err(e) => println!("sink: PostgreSQL\tskipped: {e}"),
+    }
+
+    match LocalClickHouse::start() {
+        Ok(ch) => {
+            let cfg = ClickHouseConfig {
+                url: ch.url.clone(),
+                database: "analytics".into(),
+                user: "default".into(),
+                password_env: None,
+                timeout_ms: 300_000,
+            };
+            let sink = Arc::new(ClickHouseSink::connect(&cfg).await.unwrap());
+            // ClickHouse's own bulk load: the same rows (as prepared for tracks) sent as
+            // JSONEachRow, 5,000 per INSERT, into a plain MergeTree table.
+            let cols = schema::columns(collector_core::EventKind::Track);
+            let defs: Vec<String> = cols
+                .iter()
+                .map(|c| format!("`{}` Nullable(String)", c.name))
+                .collect();
+            let http = reqwest::Client::new();
+            let post = |sql: String, body: String| {
+                let http = http.clone();
+                let url = ch.url.clone();
+                async move {
+                    let r = http
+                        .post(&url)
+                        .query(&[("query", sql)])
+                        .body(body)
+                        .send()
+                        .await
+                        .unwrap();
+                    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+                }
+            };
+            post(
+                format!(
+                    "CREATE TABLE analytics.native_tracks ({}, _k String) ENGINE = MergeTree() ORDER BY _k",
+                    defs.join(", ")
+                ),
+                String::new(),
+            )
+            .await;
+            let bodies: Vec<String> = events
+                .chunks(5_000)
+                .map(|chunk| {
+                    let mut body = String::new();
+                    for e in chunk {
+                        let row = schema::prepare_row(e).unwrap();
+                        let mut obj = serde_json::Map::new();
+                        for (c, v) in cols.iter().zip(row) {
+                            obj.insert(
+                                c.name.into(),
+                                v.map_or(serde_json::Value::Null, Into::into),
+                            );
+                        }
+                        obj.insert("_k".into(), e.message_id.clone().into());
+                        body.push_str(&serde_json::Value::Object(obj).to_string());
+                        body.push('\n');
+                    }
+                    body
+                })
+                .collect();
+            let t = Instant::now();
+            for body in bodies {
+                post(
+                    "INSERT INTO analytics.native_tracks FORMAT JSONEachRow".into(),
+                    body,
+                )
+                .await;
+            }
+            let ch_native = EVENTS as f64 / t.elapsed().as_secs_f64();
+            rate(
+                "sink: ClickHouse (100k events, loads of 5,000)",
+                time_sink(sink, &loads).await,
+                Some(ch_native),
+            );
+        }
+        Err(e) => println!("sink: ClickHouse\tskipped: {e}"),
     }
 }

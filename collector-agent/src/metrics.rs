@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use collector_core::EventKind;
+
 use crate::sinks::LoadStats;
 
 pub const EVENTS_INSERTED: &str = "collector_agent_events_inserted_total";
@@ -23,7 +25,8 @@ const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 
 
 #[derive(Debug, Default)]
 pub struct Metrics {
-    inserted: AtomicU64,
+    /// By table, in `EventKind::ALL` order.
+    inserted: [AtomicU64; 6],
     duplicates: AtomicU64,
     quarantined: AtomicU64,
     batches: AtomicU64,
@@ -37,7 +40,9 @@ pub struct Metrics {
 impl Metrics {
     /// One committed load of `batches` batches that took `took`.
     pub fn loaded(&self, batches: u64, stats: &LoadStats, took: Duration) {
-        self.inserted.fetch_add(stats.inserted, Ordering::Relaxed);
+        for (a, n) in self.inserted.iter().zip(stats.by_table) {
+            a.fetch_add(n, Ordering::Relaxed);
+        }
         self.duplicates
             .fetch_add(stats.duplicates, Ordering::Relaxed);
         self.quarantined
@@ -79,12 +84,18 @@ impl Metrics {
             );
         };
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        counter(
-            &mut out,
-            EVENTS_INSERTED,
-            "Events written to the warehouse.",
-            get(&self.inserted),
+        let _ = writeln!(
+            out,
+            "# HELP {EVENTS_INSERTED} Events written to the warehouse, by table (a track is also in its per-event table).\n# TYPE {EVENTS_INSERTED} counter"
         );
+        for (kind, n) in EventKind::ALL.iter().zip(&self.inserted) {
+            let _ = writeln!(
+                out,
+                "{EVENTS_INSERTED}{{table=\"{}\"}} {}",
+                kind.table(),
+                get(n)
+            );
+        }
         counter(
             &mut out,
             EVENTS_DUPLICATE,
@@ -164,21 +175,24 @@ mod tests {
     #[test]
     fn renders_counters_failures_and_a_cumulative_histogram() {
         let m = Metrics::default();
-        let stats = LoadStats {
-            inserted: 7,
+        let mut stats = LoadStats {
             duplicates: 2,
             quarantined: 1,
-            dead_letters: 0,
+            ..LoadStats::default()
         };
+        stats.inserted_into(EventKind::Track, 5);
+        stats.inserted_into(EventKind::Identify, 2);
         m.loaded(3, &stats, Duration::from_millis(30));
         m.loaded(1, &stats, Duration::from_secs(20));
         m.failed("edge");
         m.failed("edge");
         let text = m.render();
         assert!(
-            text.contains("collector_agent_events_inserted_total 14\n"),
+            text.contains("collector_agent_events_inserted_total{table=\"tracks\"} 10\n"),
             "{text}"
         );
+        assert!(text.contains("collector_agent_events_inserted_total{table=\"identifies\"} 4\n"));
+        assert!(text.contains("collector_agent_events_inserted_total{table=\"pages\"} 0\n"));
         assert!(text.contains("collector_agent_batches_loaded_total 4\n"));
         assert!(text.contains("collector_agent_drain_failures_total{reason=\"edge\"} 2\n"));
         assert!(text.contains("collector_agent_load_seconds_bucket{le=\"0.05\"} 1\n"));

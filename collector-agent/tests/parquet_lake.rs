@@ -83,7 +83,7 @@ async fn lake_layout_is_partitioned_by_table_and_date_with_one_file_per_batch() 
         .unwrap();
     assert_eq!(n, 3);
     let manifest = sink
-        .query("SELECT shard, batch_id, table_name, date, rows FROM loaded_batches ORDER BY file")
+        .query("SELECT shard, batch_id, table_name, date, rows FROM loaded_batches WHERE table_name <> 'e' ORDER BY file")
         .await
         .unwrap();
     assert_eq!(manifest.rows.len(), 4);

@@ -20,7 +20,7 @@ pub mod tables;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use collector_core::StoredEvent;
+use collector_core::{EventKind, StoredEvent};
 
 use crate::config::WarehouseConfig;
 use crate::sinks::schema::{DeadLetter, Prepared, QuarantinedEvent};
@@ -37,10 +37,25 @@ pub struct LoadStats {
     pub quarantined: u64,
     /// Batches that did not decode, kept as dead letters.
     pub dead_letters: u64,
+    /// `inserted` by table, in [`EventKind::ALL`] order (`tracks`, `pages`, …; a track
+    /// also lands in its per-event table, counted once, under `tracks`).
+    #[serde(default)]
+    pub by_table: [u64; 6],
 }
 
 impl LoadStats {
+    /// Counts `n` rows newly written to the table of `kind`.
+    pub fn inserted_into(&mut self, kind: EventKind, n: u64) {
+        self.inserted += n;
+        if let Some(i) = EventKind::ALL.iter().position(|k| *k == kind) {
+            self.by_table[i] += n;
+        }
+    }
+
     pub fn add(&mut self, o: LoadStats) {
+        for (a, b) in self.by_table.iter_mut().zip(o.by_table) {
+            *a += b;
+        }
         self.inserted += o.inserted;
         self.duplicates += o.duplicates;
         self.quarantined += o.quarantined;

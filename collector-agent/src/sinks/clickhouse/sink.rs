@@ -617,8 +617,8 @@ impl ClickHouseSink {
                 cols.push("_received".into());
             }
             self.insert(&rows_table(&load.table), &cols, rows).await?;
-            if let TableKind::Base(_) = load.kind {
-                stats.inserted += load.rows.len() as u64;
+            if let TableKind::Base(kind) = load.kind {
+                stats.inserted_into(kind, load.rows.len() as u64);
             }
         }
         let rejected: Vec<Value> = plan

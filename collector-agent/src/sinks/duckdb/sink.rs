@@ -371,10 +371,10 @@ fn write(
     for load in &plan.loads {
         stage(&tx, load)?;
         match load.kind {
-            TableKind::Base(_) => {
+            TableKind::Base(kind) => {
                 register(&tx, load, load_id)?;
                 let n = insert_registered(&tx, load, load_id)?;
-                stats.inserted += n;
+                stats.inserted_into(kind, n);
                 stats.duplicates += load.rows.len() as u64 - n;
             }
             TableKind::Event => {

@@ -182,9 +182,9 @@ fn write(
                 batch_inserted += n as u64;
                 renames.push((staged, root.join(&rel)));
             }
-            if let TableKind::Base(_) = part.kind {
+            if let TableKind::Base(kind) = part.kind {
                 // Every staged row is new (written) or a duplicate.
-                stats.inserted += batch_inserted;
+                stats.inserted_into(kind, batch_inserted);
                 stats.duplicates += part.rows.len() as u64 - batch_inserted;
             }
         }

@@ -390,7 +390,7 @@ async fn write(
             ident(schema::LOADED_AT),
         );
         match load.kind {
-            TableKind::Base(_) => {
+            TableKind::Base(kind) => {
                 let inserted = tx
                     .execute(
                         &format!(
@@ -405,7 +405,7 @@ async fn write(
                     )
                     .await
                     .map_err(classify)?;
-                stats.inserted += inserted;
+                stats.inserted_into(kind, inserted);
                 stats.duplicates += load.rows.len() as u64 - inserted;
             }
             TableKind::Event => {
