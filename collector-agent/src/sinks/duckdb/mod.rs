@@ -9,7 +9,10 @@
 //! `identifies`, `screens`, `groups`, `aliases`, each with `message_id` as primary key,
 //! typed id and time columns (UTC `TIMESTAMP`s), JSON columns for
 //! `properties`/`traits`/`context`/`integrations`, and the whole normalised event in
-//! `raw`; plus `message_ids`, `quarantine`, `dead_letters` and `collector_migrations`.
+//! `raw`; the growing part from `sinks::tables` (flattened `context_*`, properties and
+//! traits columns, one table per track event name, `users`, `rejected_values`); plus
+//! `message_ids`, `quarantine`, `dead_letters`, `collector_tables`/`collector_columns`
+//! (the catalog) and `collector_migrations`.
 //!
 //! DuckDB lets one process hold a file open for writing, so live queries go through the
 //! running agent's admin endpoint (see `crate::admin`).

@@ -10,8 +10,11 @@
 //!
 //! Tables in Segment's warehouse shape (as in every sink, from `sinks::schema`):
 //! `timestamptz` instants, `jsonb` for `properties`/`traits`/`context`/`integrations`/
-//! `raw`, `message_id` the primary key, plus `message_ids`, `quarantine`,
-//! `dead_letters` and `collector_migrations`. Exactly once: each load is one
+//! `raw`, `message_id` the primary key; per-event tables, flattened columns, `users` and
+//! `rejected_values` (see `sinks::tables`); plus `message_ids`, `quarantine`,
+//! `dead_letters`, the catalog (`collector_tables`, `collector_columns`) and
+//! `collector_migrations`. New tables and columns are created under the agents'
+//! advisory lock, so agents sharing a database never race on DDL. Exactly once: each load is one
 //! transaction; the registry insert (`ON CONFLICT DO NOTHING RETURNING`) decides which
 //! rows are new, so a replayed batch inserts nothing.
 
