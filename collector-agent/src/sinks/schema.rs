@@ -6,6 +6,7 @@
 //! events no warehouse can take (quarantined with their reason), and deduplicating
 //! inside the load.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 
 use collector_core::timestamp::{format_ms, parse_ms};
@@ -135,6 +136,22 @@ pub fn columns(kind: EventKind) -> Vec<Column> {
     cols.extend_from_slice(specific_columns(kind));
     cols.push(RAW);
     cols
+}
+
+/// The position of a fixed column in a kind's rows (see [`columns`]), without building
+/// the column list.
+pub fn column_index(kind: EventKind, name: &str) -> Option<usize> {
+    if name == MESSAGE_ID.name {
+        return Some(0);
+    }
+    if let Some(i) = COMMON.iter().position(|c| c.name == name) {
+        return Some(1 + i);
+    }
+    let specific = specific_columns(kind);
+    if let Some(i) = specific.iter().position(|c| c.name == name) {
+        return Some(1 + COMMON.len() + i);
+    }
+    (name == RAW.name).then_some(1 + COMMON.len() + specific.len())
 }
 
 /// One event's values, as text in [`columns`] order (`None` for NULL).
@@ -270,8 +287,9 @@ pub struct PreparedRow {
 impl PreparedRow {
     /// The value of one of the kind's fixed columns.
     pub fn value(&self, column: &str) -> Option<&str> {
-        let i = columns(self.kind).iter().position(|c| c.name == column)?;
-        self.values.get(i)?.as_deref()
+        self.values
+            .get(column_index(self.kind, column)?)?
+            .as_deref()
     }
 
     /// A track's event name as sent.
@@ -290,15 +308,14 @@ impl PreparedRow {
         self.context.iter().chain(payload.iter())
     }
 
-    /// The fixed values of this track's per-event table `table` (see
-    /// [`tables::EVENT_TABLE`]).
-    pub fn event_table_values(&self, table: &str) -> Row {
+    /// The fixed values of this track's per-event table (see [`tables::EVENT_TABLE`]).
+    pub fn event_table_values(&self) -> tables::TableRow<'_> {
         tables::EVENT_TABLE
             .iter()
             .map(|c| match c.name {
-                "event" => Some(table.to_string()),
-                "event_text" => Some(self.event_name().to_string()),
-                name => self.value(name).map(str::to_string),
+                "event" => self.event_table.as_deref().map(Cow::Borrowed),
+                "event_text" => Some(Cow::Borrowed(self.event_name())),
+                name => self.value(name).map(Cow::Borrowed),
             })
             .collect()
     }

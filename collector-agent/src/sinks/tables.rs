@@ -27,13 +27,20 @@
 //! and `collector_columns`); [`Catalog::plan`] turns a prepared load into the DDL it
 //! needs and the rows of every table, typed against the catalog.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 
 use collector_core::timestamp::{format_ms, parse_ms};
 use collector_core::EventKind;
 use serde_json::Value;
 
-use crate::sinks::schema::{self, col, Column, LogicalType, Prepared, PreparedRow, Row};
+use crate::sinks::schema::{self, col, Column, LogicalType, Prepared, PreparedRow};
+
+/// One value of a table row, as text (`None` for NULL), borrowed from the prepared load
+/// where it can be.
+pub type Cell<'a> = Option<Cow<'a, str>>;
+/// One row of a [`TableLoad`], in its `columns` order.
+pub type TableRow<'a> = Vec<Cell<'a>>;
 
 /// The longest table or column name (PostgreSQL truncates identifiers at 63 bytes).
 pub const MAX_NAME_LEN: usize = 63;
@@ -77,19 +84,23 @@ pub fn snake_case(s: &str) -> String {
 
 /// A name within [`MAX_NAME_LEN`]: a leading digit gets a `_`; a longer name keeps its
 /// first bytes and a hash of the whole, so two long names stay apart.
-fn bounded(name: String) -> String {
-    let name = if name.starts_with(|c: char| c.is_ascii_digit()) {
+fn bounded(name: &str) -> Cow<'_, str> {
+    let digit = name.starts_with(|c: char| c.is_ascii_digit());
+    if !digit && name.len() <= MAX_NAME_LEN {
+        return Cow::Borrowed(name);
+    }
+    let name = if digit {
         format!("_{name}")
     } else {
-        name
+        name.to_string()
     };
     if name.len() <= MAX_NAME_LEN {
-        return name;
+        return Cow::Owned(name);
     }
     let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
-    format!("{}_{:08x}", &name[..MAX_NAME_LEN - 9], h as u32)
+    Cow::Owned(format!("{}_{:08x}", &name[..MAX_NAME_LEN - 9], h as u32))
 }
 
 /// Tables a per-event table may not be named after: the Segment tables and the agent's
@@ -125,7 +136,7 @@ pub fn event_table_name(event: &str) -> Option<String> {
     } else {
         s
     };
-    Some(bounded(s))
+    Some(bounded(&s).into_owned())
 }
 
 /// Which of a warehouse's tables a [`TableLoad`] fills.
@@ -285,13 +296,15 @@ fn timestamp_text(s: &str) -> Option<String> {
 }
 
 /// `v` as text a column of type `ty` takes (cast without loss), or why not.
-fn convert(v: &Value, ty: LogicalType) -> Result<String, String> {
+fn convert(v: &Value, ty: LogicalType) -> Result<Cow<'_, str>, String> {
+    let bool_text = |b: bool| Cow::Borrowed(if b { "true" } else { "false" });
     match (ty, v) {
-        (LogicalType::Json, v) => Ok(v.to_string()),
-        (LogicalType::Text, Value::String(s)) => Ok(s.clone()),
-        (LogicalType::Text, v) => Ok(v.to_string()),
-        (LogicalType::Boolean, Value::Bool(b)) => Ok(b.to_string()),
-        (LogicalType::Boolean, Value::String(s)) if s == "true" || s == "false" => Ok(s.clone()),
+        (LogicalType::Text, Value::String(s)) => Ok(Cow::Borrowed(s)),
+        (LogicalType::Text | LogicalType::Boolean, Value::Bool(b)) => Ok(bool_text(*b)),
+        (LogicalType::Json | LogicalType::Text, v) => Ok(Cow::Owned(v.to_string())),
+        (LogicalType::Boolean, Value::String(s)) if s == "true" || s == "false" => {
+            Ok(Cow::Borrowed(s))
+        }
         (LogicalType::Double, Value::Number(n)) => {
             if let Some(i) = n.as_i64() {
                 if i.unsigned_abs() > 1 << 53 {
@@ -304,14 +317,15 @@ fn convert(v: &Value, ty: LogicalType) -> Result<String, String> {
             }
             n.as_f64()
                 .filter(|f| f.is_finite())
-                .map(|f| f.to_string())
+                .map(|f| Cow::Owned(f.to_string()))
                 .ok_or_else(|| "not a finite number".into())
         }
         (LogicalType::Double, Value::String(s)) => match s.trim().parse::<f64>() {
-            Ok(f) if f.is_finite() && !s.trim().is_empty() => Ok(f.to_string()),
+            Ok(f) if f.is_finite() && !s.trim().is_empty() => Ok(Cow::Owned(f.to_string())),
             _ => Err(format!("{} is not a number", type_name(v))),
         },
         (LogicalType::Timestamp, Value::String(s)) => timestamp_text(s)
+            .map(Cow::Owned)
             .ok_or_else(|| "string is not an ISO 8601 date-time between 1970 and 2105".to_string()),
         (ty, v) => Err(format!(
             "{} does not fit a {} column",
@@ -381,18 +395,18 @@ pub struct NewColumn {
 
 /// Rows for one table, every value as text in `columns` order (fixed, then added).
 #[derive(Debug, Clone, PartialEq)]
-pub struct TableLoad {
+pub struct TableLoad<'a> {
     pub table: String,
     pub kind: TableKind,
     pub columns: Vec<(String, LogicalType)>,
-    pub rows: Vec<Row>,
+    pub rows: Vec<TableRow<'a>>,
     /// The batch each row came from (`None` for `users`).
     pub batch_ids: Vec<Option<i64>>,
 }
 
-impl TableLoad {
+impl<'a> TableLoad<'a> {
     /// The rows of one batch, as a load of their own.
-    pub fn of_batch(&self, batch: Option<i64>) -> TableLoad {
+    pub fn of_batch(&self, batch: Option<i64>) -> TableLoad<'a> {
         let mut t = TableLoad {
             table: self.table.clone(),
             kind: self.kind,
@@ -428,17 +442,17 @@ impl TableLoad {
 /// What a prepared load needs: DDL first (new per-event tables, then new columns), then
 /// rows for every table, and the values that did not fit their column.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Plan {
+pub struct Plan<'a> {
     /// Per-event tables to create (fixed columns; their added ones are in `new_columns`).
     pub new_tables: Vec<(String, String)>,
     pub new_columns: Vec<NewColumn>,
-    pub loads: Vec<TableLoad>,
+    pub loads: Vec<TableLoad<'a>>,
     pub rejected: Vec<Rejected>,
     /// The catalog once this plan is committed.
     pub catalog: Catalog,
 }
 
-impl Plan {
+impl Plan<'_> {
     pub fn changes_schema(&self) -> bool {
         !self.new_tables.is_empty() || !self.new_columns.is_empty()
     }
@@ -456,18 +470,18 @@ fn cut(s: String) -> String {
 }
 
 /// Builds one table's rows while growing its columns.
-struct Builder<'a> {
+struct Builder<'a, 'c> {
     table: String,
     kind: TableKind,
     fixed: Vec<Column>,
-    added: &'a mut Vec<(String, LogicalType)>,
+    added: &'c mut Vec<(String, LogicalType)>,
     index: HashMap<String, usize>,
-    rows: Vec<Row>,
+    rows: Vec<TableRow<'a>>,
     batch_ids: Vec<Option<i64>>,
 }
 
-impl<'a> Builder<'a> {
-    fn new(table: String, kind: TableKind, added: &'a mut Vec<(String, LogicalType)>) -> Self {
+impl<'a, 'c> Builder<'a, 'c> {
+    fn new(table: String, kind: TableKind, added: &'c mut Vec<(String, LogicalType)>) -> Self {
         let fixed = fixed_columns(kind);
         let index = added
             .iter()
@@ -487,25 +501,24 @@ impl<'a> Builder<'a> {
 
     /// Adds one row: its fixed values and its flattened ones, growing columns and
     /// recording what does not fit.
-    #[allow(clippy::too_many_arguments)]
     fn push(
         &mut self,
         message_id: &str,
         batch_id: Option<i64>,
-        fixed: Row,
-        flat: &[&(String, Value)],
+        fixed: TableRow<'a>,
+        flat: impl Iterator<Item = &'a (String, Value)>,
         new_columns: &mut Vec<NewColumn>,
         rejected: &mut Vec<Rejected>,
     ) {
-        let mut dynamic: Vec<Option<String>> = vec![None; self.added.len()];
-        let mut seen: HashSet<String> = HashSet::new();
-        for (name, v) in flat.iter().map(|p| (&p.0, &p.1)) {
-            let name = bounded(name.clone());
+        let mut dynamic: Vec<Cell<'a>> = vec![None; self.added.len()];
+        let mut seen: Vec<bool> = vec![false; self.added.len()];
+        for (name, v) in flat.map(|p| (&p.0, &p.1)) {
+            let name = bounded(name);
             let mut reject = |reason: String| {
                 rejected.push(Rejected {
                     message_id: message_id.to_string(),
                     table_name: self.table.clone(),
-                    column_name: name.clone(),
+                    column_name: name.to_string(),
                     value: cut(v.to_string()),
                     reason,
                 })
@@ -516,13 +529,7 @@ impl<'a> Builder<'a> {
                 ));
                 continue;
             }
-            if !seen.insert(name.clone()) {
-                reject(format!(
-                    "another field of this event already maps to column `{name}`"
-                ));
-                continue;
-            }
-            let i = match self.index.get(&name) {
+            let i = match self.index.get(name.as_ref()) {
                 Some(&i) => i,
                 None => {
                     if self.fixed.len() + self.added.len() + 1 >= MAX_COLUMNS {
@@ -533,11 +540,11 @@ impl<'a> Builder<'a> {
                         continue;
                     }
                     let ty = infer(v);
-                    self.added.push((name.clone(), ty));
-                    self.index.insert(name.clone(), self.added.len() - 1);
+                    self.added.push((name.to_string(), ty));
+                    self.index.insert(name.to_string(), self.added.len() - 1);
                     new_columns.push(NewColumn {
                         table: self.table.clone(),
-                        name: name.clone(),
+                        name: name.to_string(),
                         ty,
                         position: self.added.len() - 1,
                     });
@@ -545,11 +552,17 @@ impl<'a> Builder<'a> {
                         r.push(None);
                     }
                     dynamic.push(None);
+                    seen.push(false);
                     self.added.len() - 1
                 }
             };
-            let ty = self.added[i].1;
-            match convert(v, ty) {
+            if std::mem::replace(&mut seen[i], true) {
+                reject(format!(
+                    "another field of this event already maps to column `{name}`"
+                ));
+                continue;
+            }
+            match convert(v, self.added[i].1) {
                 Ok(text) => dynamic[i] = Some(text),
                 Err(reason) => reject(reason),
             }
@@ -560,7 +573,7 @@ impl<'a> Builder<'a> {
         self.batch_ids.push(batch_id);
     }
 
-    fn finish(self) -> TableLoad {
+    fn finish(self) -> TableLoad<'a> {
         let mut columns: Vec<(String, LogicalType)> = self
             .fixed
             .iter()
@@ -612,7 +625,7 @@ impl Catalog {
     }
 
     /// Plans a prepared load against this catalog.
-    pub fn plan(&self, p: &Prepared) -> Plan {
+    pub fn plan<'a>(&self, p: &'a Prepared) -> Plan<'a> {
         let mut catalog = self.clone();
         let mut plan = Plan::default();
         for kind in EventKind::ALL {
@@ -659,12 +672,14 @@ impl Catalog {
             let added = tables.get_mut(kind.table()).expect("base table");
             let mut b = Builder::new(kind.table().to_string(), TableKind::Base(kind), added);
             for r in rows {
-                let flat: Vec<&(String, Value)> = r.base_flat().collect();
                 b.push(
                     r.message_id(),
                     r.batch_id,
-                    r.values.clone(),
-                    &flat,
+                    r.values
+                        .iter()
+                        .map(|v| v.as_deref().map(Cow::Borrowed))
+                        .collect(),
+                    r.base_flat(),
                     &mut plan.new_columns,
                     &mut plan.rejected,
                 );
@@ -680,14 +695,11 @@ impl Catalog {
             let added = tables.entry(name.clone()).or_default();
             let mut b = Builder::new(name.clone(), TableKind::Event, added);
             for r in rows {
-                let fixed = r.event_table_values(&name);
-                let flat: Vec<&(String, Value)> =
-                    r.context.iter().chain(r.payload.iter()).collect();
                 b.push(
                     r.message_id(),
                     r.batch_id,
-                    fixed,
-                    &flat,
+                    r.event_table_values(),
+                    r.context.iter().chain(r.payload.iter()),
                     &mut plan.new_columns,
                     &mut plan.rejected,
                 );
@@ -700,12 +712,11 @@ impl Catalog {
             let added = tables.get_mut("users").expect("users");
             let mut b = Builder::new("users".into(), TableKind::Users, added);
             for (id, fixed, traits) in users {
-                let flat: Vec<&(String, Value)> = traits.iter().collect();
                 b.push(
-                    &id,
+                    id,
                     None,
                     fixed,
-                    &flat,
+                    traits.into_iter(),
                     &mut plan.new_columns,
                     &mut plan.rejected,
                 );
@@ -720,12 +731,12 @@ impl Catalog {
     }
 }
 
-/// Flattened `(column, value)` pairs.
-type Flat = Vec<(String, Value)>;
+/// A user's merged row: id, fixed values, and the traits that won.
+type UserRow<'a> = (&'a str, TableRow<'a>, Vec<&'a (String, Value)>);
 
 /// The `users` rows of a load: per user id, its identifies merged in timestamp order
-/// (a later non-null trait wins), as `(user id, fixed values, traits)`.
-fn users_rows(p: &Prepared) -> Vec<(String, Row, Flat)> {
+/// (a later non-null trait wins).
+fn users_rows(p: &Prepared) -> Vec<UserRow<'_>> {
     let mut by_user: BTreeMap<&str, Vec<&PreparedRow>> = BTreeMap::new();
     for r in p.rows.iter().filter(|r| r.kind == EventKind::Identify) {
         if let Some(uid) = r.value("user_id") {
@@ -737,25 +748,25 @@ fn users_rows(p: &Prepared) -> Vec<(String, Row, Flat)> {
         rows.sort_by(|a, b| {
             (a.value("timestamp"), a.message_id()).cmp(&(b.value("timestamp"), b.message_id()))
         });
-        let mut fixed: Row = vec![Some(uid.to_string()), None, None, None];
-        let mut traits: Vec<(String, Value)> = Vec::new();
+        let mut fixed: TableRow<'_> = vec![Some(Cow::Borrowed(uid)), None, None, None];
+        let mut traits: Vec<&(String, Value)> = Vec::new();
         for r in rows {
             for (i, c) in ["anonymous_id", "timestamp", "received_at"]
                 .iter()
                 .enumerate()
             {
                 if let Some(v) = r.value(c) {
-                    fixed[i + 1] = Some(v.to_string());
+                    fixed[i + 1] = Some(Cow::Borrowed(v));
                 }
             }
-            for (name, v) in &r.payload {
-                match traits.iter_mut().find(|(n, _)| n == name) {
-                    Some(slot) => slot.1 = v.clone(),
-                    None => traits.push((name.clone(), v.clone())),
+            for pair in &r.payload {
+                match traits.iter_mut().find(|t| t.0 == pair.0) {
+                    Some(slot) => *slot = pair,
+                    None => traits.push(pair),
                 }
             }
         }
-        out.push((uid.to_string(), fixed, traits));
+        out.push((uid, fixed, traits));
     }
     out
 }
@@ -817,6 +828,7 @@ mod tests {
     #[test]
     fn conversions_are_lossless_or_refused() {
         use LogicalType::*;
+        let convert = |v: &Value, ty| convert(v, ty).map(|c| c.into_owned());
         assert_eq!(convert(&json!(12), Double).unwrap(), "12");
         assert_eq!(convert(&json!("12.5"), Double).unwrap(), "12.5");
         assert!(convert(&json!("abc"), Double).is_err());

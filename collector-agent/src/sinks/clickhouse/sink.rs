@@ -13,7 +13,7 @@ use tokio::sync::Mutex;
 
 use super::config::ClickHouseConfig;
 use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
-use crate::sinks::tables::{self, Catalog, TableKind, TableLoad};
+use crate::sinks::tables::{self, Catalog, Cell, TableKind, TableLoad};
 use crate::sinks::{LoadStats, QueryResult, Sink, SinkError};
 
 /// ClickHouse error codes that mean "this data can never be inserted as is".
@@ -372,8 +372,10 @@ impl ClickHouseSink {
     }
 
     /// A value as `JSONEachRow` wants it for a column of type `ty`.
-    fn json_value(&self, v: &Option<String>, ty: LogicalType) -> Value {
-        let Some(v) = v else { return Value::Null };
+    fn json_value(&self, v: &Cell<'_>, ty: LogicalType) -> Value {
+        let Some(v) = v.as_deref() else {
+            return Value::Null;
+        };
         match ty {
             LogicalType::Double => v
                 .parse::<f64>()
@@ -382,7 +384,7 @@ impl ClickHouseSink {
                 .map_or(Value::Null, Value::Number),
             LogicalType::Boolean => Value::from(u8::from(v == "true")),
             LogicalType::Timestamp => self.instant(v),
-            LogicalType::Text | LogicalType::Json => Value::String(v.clone()),
+            LogicalType::Text | LogicalType::Json => Value::String(v.to_string()),
         }
     }
 

@@ -478,8 +478,10 @@ pub(crate) fn stage(tx: &duckdb::Transaction<'_>, load: &TableLoad) -> Result<()
         .appender(&format!("stage_{}", load.table))
         .map_err(transient)?;
     for row in &load.rows {
-        app.append_row(duckdb::appender_params_from_iter(row.iter()))
-            .map_err(classify)?;
+        app.append_row(duckdb::appender_params_from_iter(
+            row.iter().map(|c| c.as_deref()),
+        ))
+        .map_err(classify)?;
     }
     app.flush().map_err(classify)
 }

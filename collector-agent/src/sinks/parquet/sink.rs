@@ -14,8 +14,8 @@ use crate::sinks::duckdb::sink::{
     quarantined, register, registered_rows_sql, run_query, sql_type, stage, transient,
     write_rejected, write_state, CATALOG_SQL, REGISTRY_SQL,
 };
-use crate::sinks::schema::{self, DeadLetter, Prepared, QuarantinedEvent, Row};
-use crate::sinks::tables::{self, Catalog, TableKind};
+use crate::sinks::schema::{self, DeadLetter, Prepared, QuarantinedEvent};
+use crate::sinks::tables::{self, Catalog, TableKind, TableRow};
 use crate::sinks::{LoadStats, QueryResult, Sink, SinkError};
 
 /// The lake's state folder, beside the table folders.
@@ -55,10 +55,10 @@ fn lit(s: &str) -> String {
 }
 
 /// FNV-1a of the message ids: a stable name for a replay's file.
-fn ids_hash(rows: &[Row]) -> String {
+fn ids_hash(rows: &[TableRow<'_>]) -> String {
     let h = rows.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, r| {
         r[0].as_deref()
-            .unwrap_or("")
+            .unwrap_or_default()
             .bytes()
             .fold(h, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
     });
@@ -100,12 +100,11 @@ impl ParquetSink {
 
 /// The partition date of a row: the UTC date of its `timestamp` (else `receivedAt`),
 /// the 4th and 6th values of base and per-event tables alike.
-fn date_of(row: &Row) -> String {
+fn date_of(row: &TableRow<'_>) -> String {
     let ts = row
         .get(3)
-        .cloned()
-        .flatten()
-        .or_else(|| row.get(5).cloned().flatten());
+        .and_then(|c| c.as_deref())
+        .or_else(|| row.get(5).and_then(|c| c.as_deref()));
     ts.map(|t| t.chars().take(10).collect())
         .unwrap_or_else(|| "unknown".into())
 }
