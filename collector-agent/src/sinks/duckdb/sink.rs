@@ -36,9 +36,10 @@ fn create_table_sql(kind: EventKind) -> String {
     let mut cols = Vec::new();
     for c in schema::columns(kind) {
         let mut def = format!("{} {}", c.name, sql_type(c.ty));
-        if c == schema::MESSAGE_ID {
-            def.push_str(" PRIMARY KEY");
-        } else if c == schema::RAW {
+        // No index: `message_ids` (keyed) decides which rows are new, and DuckDB
+        // rewrites every index at each checkpoint. (Warehouses created before kept
+        // their primary key; it never conflicts.)
+        if c == schema::MESSAGE_ID || c == schema::RAW {
             def.push_str(" NOT NULL");
         }
         cols.push(def);

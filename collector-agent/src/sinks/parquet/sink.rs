@@ -154,24 +154,20 @@ fn write(
                     "substr(CAST(coalesce(\"timestamp\", received_at) AS VARCHAR), 1, 10) = {}",
                     lit(&date)
                 );
-                let n: i64 = tx
-                    .query_row(
-                        &format!("SELECT count(*) FROM ({registered_sql}) WHERE {in_date}"),
+                // COPY answers how many rows it wrote; a file of none is not kept.
+                let n = tx
+                    .execute(
+                        &format!(
+                            "COPY (SELECT * FROM ({registered_sql}) WHERE {in_date} ORDER BY message_id) TO {} (FORMAT parquet)",
+                            lit(&staged.display().to_string())
+                        ),
                         params![load_id],
-                        |r| r.get(0),
                     )
-                    .map_err(classify)?;
+                    .map_err(classify)? as i64;
                 if n == 0 {
+                    let _ = std::fs::remove_file(&staged);
                     continue;
                 }
-                tx.execute(
-                    &format!(
-                        "COPY (SELECT * FROM ({registered_sql}) WHERE {in_date} ORDER BY message_id) TO {} (FORMAT parquet)",
-                        lit(&staged.display().to_string())
-                    ),
-                    params![load_id],
-                )
-                .map_err(classify)?;
                 tx.execute(
                     "INSERT INTO loaded_batches VALUES (?, ?, ?, ?, ?, ?, ?, now()::TIMESTAMP)
                      ON CONFLICT (file) DO UPDATE SET rows = excluded.rows, load_id = excluded.load_id",
