@@ -52,6 +52,10 @@ impl DrainSummary {
     }
 }
 
+/// The most events one sink load takes: a lease is loaded in loads of about this many
+/// (whole batches), so memory is bounded by a load, whatever `lease_batches` is.
+pub const MAX_EVENTS_PER_LOAD: usize = 5_000;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DrainError {
     #[error(transparent)]
@@ -138,36 +142,6 @@ impl Drainer {
             batches: lease.batches.len() as u64,
             ..DrainSummary::default()
         };
-        let mut load = Load {
-            shard,
-            batches: Vec::with_capacity(lease.batches.len()),
-        };
-        for b in lease.batches {
-            match decode_batch(&b.blob) {
-                Ok(batch) => {
-                    summary.events += batch.events.len() as u64;
-                    load.batches.push(LoadBatch::Decoded {
-                        batch_id: b.batch_id,
-                        events: batch.events,
-                    });
-                }
-                // A newer edge: do not ack, do not dead-letter; this agent must be upgraded.
-                Err(e @ CodecError::UnsupportedVersion(v)) if v > BATCH_VERSION => {
-                    return Err(DrainError::NewerFormat {
-                        shard,
-                        error: e.to_string(),
-                    })
-                }
-                Err(e) => {
-                    tracing::error!(shard, batch_id = b.batch_id, error = %e, "batch does not decode; dead-lettering it");
-                    load.batches.push(LoadBatch::Undecodable {
-                        batch_id: b.batch_id,
-                        blob: b.blob,
-                        error: e.to_string(),
-                    });
-                }
-            }
-        }
         let started = std::time::Instant::now();
         // While the load runs, renew the lease every third of its length, so a large
         // load never outlives it and its batches are not handed to another agent.
@@ -190,17 +164,19 @@ impl Drainer {
                 }
             })
         };
-        let loaded = self.sink.load(&load).await;
+        let loaded = self.load_lease(shard, lease.batches, &mut summary).await;
         renewer.abort();
         let stats: LoadStats = match loaded {
             Ok(s) => s,
             Err(e) => {
-                self.metrics.failed(if e.retryable() {
-                    "warehouse_transient"
-                } else {
-                    "warehouse_permanent"
-                });
-                return Err(e.into());
+                if let DrainError::Sink(e) = &e {
+                    self.metrics.failed(if e.retryable() {
+                        "warehouse_transient"
+                    } else {
+                        "warehouse_permanent"
+                    });
+                }
+                return Err(e);
             }
         };
         let took = started.elapsed();
@@ -228,6 +204,65 @@ impl Drainer {
             "loaded"
         );
         Ok(summary)
+    }
+
+    /// Decodes and loads a lease's batches in loads of at most [`MAX_EVENTS_PER_LOAD`]
+    /// events (a batch is never split), so the agent's memory is bounded by one load,
+    /// not by the lease. Each load is idempotent, so a lease that fails halfway (or
+    /// meets a batch in a newer format) is simply loaded again later: what was
+    /// committed comes back as duplicates. The caller acks only after all of it.
+    async fn load_lease(
+        &self,
+        shard: u32,
+        batches: Vec<collector_core::codec::LeasedBatch>,
+        summary: &mut DrainSummary,
+    ) -> Result<LoadStats, DrainError> {
+        let mut stats = LoadStats::default();
+        let mut load = Load {
+            shard,
+            batches: Vec::new(),
+        };
+        let mut events = 0usize;
+        let n = batches.len();
+        for (i, b) in batches.into_iter().enumerate() {
+            match decode_batch(&b.blob) {
+                Ok(batch) => {
+                    summary.events += batch.events.len() as u64;
+                    events += batch.events.len();
+                    load.batches.push(LoadBatch::Decoded {
+                        batch_id: b.batch_id,
+                        events: batch.events,
+                    });
+                }
+                // A newer edge: do not ack, do not dead-letter; this agent must be upgraded.
+                Err(e @ CodecError::UnsupportedVersion(v)) if v > BATCH_VERSION => {
+                    return Err(DrainError::NewerFormat {
+                        shard,
+                        error: e.to_string(),
+                    })
+                }
+                Err(e) => {
+                    tracing::error!(shard, batch_id = b.batch_id, error = %e, "batch does not decode; dead-lettering it");
+                    load.batches.push(LoadBatch::Undecodable {
+                        batch_id: b.batch_id,
+                        blob: b.blob,
+                        error: e.to_string(),
+                    });
+                }
+            }
+            if events >= MAX_EVENTS_PER_LOAD || i + 1 == n {
+                let full = std::mem::replace(
+                    &mut load,
+                    Load {
+                        shard,
+                        batches: Vec::new(),
+                    },
+                );
+                stats.add(self.sink.load(&full).await.map_err(DrainError::Sink)?);
+                events = 0;
+            }
+        }
+        Ok(stats)
     }
 
     /// Drains one shard until it has nothing sealed left (or `max_rounds` rounds).

@@ -38,6 +38,14 @@ fn a_valid_config_of_each_kind_passes() {
         ),
         "{text}"
     );
+    let (ok, text) = check(&format!(
+        "{BASE}[warehouse]\nkind = \"clickhouse\"\nurl = \"http://127.0.0.1:8123\"\n"
+    ));
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("warehouse clickhouse http://127.0.0.1:8123 (database analytics)"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -58,6 +66,22 @@ fn problems_name_their_key() {
             "password_env",
         ),
         (format!("{BASE}lease_batches = 1000\n"), "lease_batches"),
+        (
+            format!("{BASE}[warehouse]\nkind = \"clickhouse\"\nurl = \"tcp://h:9000\"\n"),
+            "warehouse.url",
+        ),
+        (
+            format!("{BASE}[warehouse]\nkind = \"clickhouse\"\nurl = \"http://u:p@h:8123\"\n"),
+            "password_env",
+        ),
+        (
+            format!("{BASE}[warehouse]\nkind = \"clickhouse\"\nurl = \"http://h:8123\"\ndatabase = \"a-b\"\n"),
+            "warehouse.database",
+        ),
+        (
+            format!("{BASE}[warehouse]\nkind = \"clickhouse\"\nurl = \"http://h:8123\"\nschema = \"x\"\n"),
+            "schema",
+        ),
         (
             "edge_url = \"ftp://x\"\ndrain_secret = \"s\"\n".to_string(),
             "edge_url",
