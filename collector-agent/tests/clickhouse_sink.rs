@@ -77,6 +77,14 @@ async fn every_table_per_event_tables_users_and_rejected_values() {
         vec![vec![s("UA/1"), s("EUR")]]
     );
     assert_eq!(one(&*sink, "SELECT path FROM pages").await, s("/pricing"));
+    assert_eq!(
+        one(
+            &*sink,
+            "SELECT id FROM order_completed WHERE message_id = 'o1'"
+        )
+        .await,
+        s("o1")
+    );
     assert_eq!(one(&*sink, "SELECT name FROM screens").await, s("Main"));
     assert_eq!(
         rows(&*sink, "SELECT group_id, size FROM groups").await,

@@ -360,6 +360,11 @@ async fn per_event_tables_and_flattened_columns(t: &Target) {
             vec![s("o2"), s("order_completed"), s("order_completed"), s("u2"), s("5"), None, None, None, None, None, None, rows(&*sink, "SELECT timestamp FROM tracks WHERE message_id = 'o2'").await[0][0].clone()],
         ]
     );
+    // Segment's `id` is the message id, in every event table.
+    assert_eq!(
+        rows(&*sink, "SELECT t.id, o.id FROM tracks t JOIN order_completed o ON o.message_id = t.message_id WHERE t.message_id = 'o1'").await,
+        vec![vec![s("o1"), s("o1")]]
+    );
     // A keyword is a column name like any other.
     assert_eq!(
         one(&*sink, "SELECT \"order\" FROM product_added").await,

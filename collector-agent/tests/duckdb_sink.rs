@@ -114,6 +114,8 @@ async fn warehouse_from_an_earlier_release_is_migrated() {
             .as_deref(),
         Some("3")
     );
+    // Its rows got Segment's `id`.
+    assert_eq!(one("SELECT id FROM tracks").await.as_deref(), Some("old-1"));
     let evs = events(json!({"batch": [{"type": "page", "messageId": "old-1", "userId": "u"}]}));
     let s = sink.load(&Load::events(0, 1, evs)).await.unwrap();
     assert_eq!((s.inserted, s.duplicates), (0, 1));

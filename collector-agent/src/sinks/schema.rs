@@ -90,6 +90,9 @@ pub const COMMON: &[Column] = &[
     col("original_timestamp", "originalTimestamp", Timestamp),
     col("context", "context", Json),
     col("integrations", "integrations", Json),
+    // Segment's warehouses call the message id `id`; dbt models (Segment's own
+    // package among them) select it by that name.
+    col("id", "messageId", Text),
 ];
 
 /// The whole normalised event, last of the loaded columns.
@@ -190,6 +193,11 @@ fn prepare_parsed(ev: &StoredEvent) -> Result<(Row, Value), String> {
     row.push(Some(ev.message_id.clone()));
     for c in COMMON.iter().chain(specific_columns(ev.kind)) {
         let field = c.field.unwrap_or(c.name);
+        // The message id is the stored event's, whatever its JSON says.
+        if field == "messageId" {
+            row.push(Some(ev.message_id.clone()));
+            continue;
+        }
         let v = obj.get(field);
         row.push(match (c.ty, v) {
             (Timestamp, Some(Value::String(s))) => Some(
@@ -507,8 +515,9 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(row[3].as_deref(), Some("2026-11-25T10:00:00.000Z"));
-        assert_eq!(row[9].as_deref(), Some("E"));
-        assert_eq!(row[10].as_deref(), Some(r#"{"a":1}"#));
+        assert_eq!(row[9].as_deref(), Some("m"));
+        assert_eq!(row[10].as_deref(), Some("E"));
+        assert_eq!(row[11].as_deref(), Some(r#"{"a":1}"#));
         assert!(prepare_row(&ev("[1]"))
             .unwrap_err()
             .contains("not a JSON object"));

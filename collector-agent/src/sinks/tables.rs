@@ -165,6 +165,7 @@ pub const EVENT_TABLE: &[Column] = &[
     ),
     col("event", "event", LogicalType::Text),
     col("event_text", "event", LogicalType::Text),
+    col("id", "messageId", LogicalType::Text),
 ];
 
 /// Fixed columns of `users`, in row order (`id` is the user id).
@@ -227,6 +228,19 @@ pub fn create_fixed_table_sql(
         quote(table),
         cols.join(", ")
     )
+}
+
+/// Migration SQL giving the event tables of a warehouse created before it Segment's `id`
+/// (the message id), filled for the rows already there (DuckDB and PostgreSQL).
+pub fn add_segment_id_sql(text_type: &str) -> String {
+    let mut sql = String::new();
+    for kind in EventKind::ALL {
+        let t = kind.table();
+        sql.push_str(&format!(
+            "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS id {text_type};\nUPDATE {t} SET id = message_id WHERE id IS NULL;\n"
+        ));
+    }
+    sql
 }
 
 /// The `SET` list of the `users` upsert (DuckDB and PostgreSQL): a row whose

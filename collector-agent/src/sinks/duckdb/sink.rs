@@ -109,6 +109,7 @@ ALTER TABLE dead_letters_keyed RENAME TO dead_letters;
     }
     let mut v3 = format!("{};\n", create_fixed_table_sql("users", TableKind::Users));
     v3.push_str(CATALOG_SQL);
+    v3.push_str(&tables::add_segment_id_sql(sql_type(LogicalType::Text)));
     vec![
         (1, "segment tables and dead letters", v1),
         (

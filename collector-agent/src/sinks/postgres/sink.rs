@@ -98,6 +98,7 @@ CREATE TABLE IF NOT EXISTS rejected_values (message_id text NOT NULL, table_name
 ",
         create_fixed_table_sql("users", TableKind::Users)
     );
+    let v3 = v3 + &tables::add_segment_id_sql(sql_type(LogicalType::Text));
     vec![
         (1, "segment tables", v1),
         (
