@@ -181,7 +181,10 @@ impl AgentConfig {
         match &self.warehouse {
             WarehouseConfig::Postgres(p) => p.validate()?,
             WarehouseConfig::ClickHouse(c) => c.validate()?,
-            _ => {}
+            WarehouseConfig::DuckDb(d) => {
+                d.settings_sql()?;
+            }
+            WarehouseConfig::Parquet(_) => {}
         }
         self.secret()?;
         Ok(())

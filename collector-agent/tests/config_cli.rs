@@ -67,6 +67,11 @@ fn problems_name_their_key() {
         ),
         (format!("{BASE}lease_batches = 1000\n"), "lease_batches"),
         (
+            format!("{BASE}[warehouse]\nmemory_limit = \"64MB'; DROP TABLE tracks; --\"\n"),
+            "warehouse.memory_limit",
+        ),
+        (format!("{BASE}[warehouse]\nthreads = 0\n"), "warehouse.threads"),
+        (
             format!("{BASE}[warehouse]\nkind = \"clickhouse\"\nurl = \"tcp://h:9000\"\n"),
             "warehouse.url",
         ),

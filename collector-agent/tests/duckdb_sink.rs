@@ -131,3 +131,22 @@ async fn warehouse_from_an_earlier_release_is_migrated() {
         Some("3")
     );
 }
+
+// The tuning keys reach DuckDB.
+#[tokio::test]
+async fn memory_limit_and_threads_are_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = DuckDbSink::open_config(&collector_agent::config::DuckDbConfig {
+        path: dir.path().join("w.duckdb"),
+        memory_limit: Some("64MB".into()),
+        threads: Some(1),
+    })
+    .unwrap();
+    let r = sink
+        .query("SELECT current_setting('threads'), current_setting('memory_limit')")
+        .await
+        .unwrap();
+    assert_eq!(r.rows[0][0].as_deref(), Some("1"));
+    let limit = r.rows[0][1].clone().unwrap();
+    assert!(limit.contains("MiB") && limit.starts_with('6'), "{limit}");
+}

@@ -250,7 +250,7 @@ pub async fn load_isolating<S: Sink + ?Sized>(
 /// Opens the warehouse the config names, bringing its schema up to date.
 pub async fn open(cfg: &WarehouseConfig) -> Result<Arc<dyn Sink>, SinkError> {
     Ok(match cfg {
-        WarehouseConfig::DuckDb(c) => Arc::new(duckdb::DuckDbSink::open(&c.path)?),
+        WarehouseConfig::DuckDb(c) => Arc::new(duckdb::DuckDbSink::open_config(c)?),
         WarehouseConfig::Postgres(c) => Arc::new(postgres::PostgresSink::connect(c).await?),
         WarehouseConfig::Parquet(c) => Arc::new(parquet::ParquetSink::open(&c.path)?),
         WarehouseConfig::ClickHouse(c) => Arc::new(clickhouse::ClickHouseSink::connect(c).await?),

@@ -60,6 +60,7 @@ impl Stack {
             drain_secret_env: None,
             warehouse: WarehouseConfig::DuckDb(DuckDbConfig {
                 path: self.warehouse(),
+                ..DuckDbConfig::default()
             }),
             admin_addr: "127.0.0.1:0".into(),
             poll_interval_ms: 100,

@@ -11,13 +11,44 @@ pub struct DuckDbConfig {
     /// Path of the DuckDB file. Relative paths are relative to the config file.
     #[serde(default = "default_path")]
     pub path: PathBuf,
+    /// DuckDB's `memory_limit` (`"64MB"`, `"1GB"`); DuckDB's default (80% of RAM) when
+    /// absent. Operators that exceed it spill to a temp folder beside the file.
+    #[serde(default)]
+    pub memory_limit: Option<String>,
+    /// DuckDB's worker threads; DuckDB's default (one per core) when absent.
+    #[serde(default)]
+    pub threads: Option<u32>,
 }
 
 impl Default for DuckDbConfig {
     fn default() -> Self {
         DuckDbConfig {
             path: default_path(),
+            memory_limit: None,
+            threads: None,
         }
+    }
+}
+
+impl DuckDbConfig {
+    /// The `SET` statements of the tuning keys.
+    pub fn settings_sql(&self) -> anyhow::Result<String> {
+        let mut sql = String::new();
+        if let Some(m) = &self.memory_limit {
+            let ok = !m.is_empty()
+                && m.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == ' ');
+            anyhow::ensure!(
+                ok,
+                "config: warehouse.memory_limit must look like \"64MB\" or \"1GB\", got {m:?}"
+            );
+            sql.push_str(&format!("SET memory_limit = '{m}';"));
+        }
+        if let Some(t) = self.threads {
+            anyhow::ensure!(t >= 1, "config: warehouse.threads must be at least 1");
+            sql.push_str(&format!("SET threads = {t};"));
+        }
+        Ok(sql)
     }
 }
 

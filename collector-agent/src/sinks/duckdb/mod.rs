@@ -3,6 +3,8 @@
 //! ```toml
 //! [warehouse]
 //! path = "./data/warehouse.duckdb"   # relative to the config file
+//! # memory_limit = "64MB"           # DuckDB's settings; its defaults when absent
+//! # threads = 1
 //! ```
 //!
 //! Tables in Segment's warehouse shape (from `sinks::schema`): `tracks`, `pages`,

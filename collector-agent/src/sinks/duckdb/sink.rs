@@ -277,6 +277,24 @@ impl DuckDbSink {
         })
     }
 
+    /// Opens the configured warehouse with its tuning keys (`memory_limit`, `threads`).
+    pub fn open_config(cfg: &super::config::DuckDbConfig) -> Result<DuckDbSink, SinkError> {
+        let settings = cfg
+            .settings_sql()
+            .map_err(|e| SinkError::Permanent(e.to_string()))?;
+        let sink = DuckDbSink::open(&cfg.path)?;
+        if !settings.is_empty() {
+            let conn = sink
+                .conn
+                .lock()
+                .map_err(|_| SinkError::Transient("warehouse lock poisoned".into()))?;
+            conn.0
+                .execute_batch(&settings)
+                .map_err(|e| SinkError::Permanent(format!("warehouse settings: {e}")))?;
+        }
+        Ok(sink)
+    }
+
     /// Opens an existing warehouse file read-only (for `collector-agent sql` when no
     /// agent runs).
     pub fn open_read_only(path: &Path) -> Result<Connection, SinkError> {
