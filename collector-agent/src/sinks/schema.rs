@@ -7,10 +7,11 @@
 //! inside the load.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use collector_core::timestamp::{format_ms, parse_ms};
 use collector_core::{EventKind, StoredEvent};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::sinks::{tables, Load, LoadBatch};
@@ -160,14 +161,6 @@ pub fn column_index(kind: EventKind, name: &str) -> Option<usize> {
 /// One event's values, as text in [`columns`] order (`None` for NULL).
 pub type Row = Vec<Option<String>>;
 
-fn text_of(v: Option<&Value>, json: bool) -> Option<String> {
-    match v? {
-        Value::Null => None,
-        Value::String(s) if !json => Some(s.clone()),
-        other => Some(other.to_string()),
-    }
-}
-
 fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
 }
@@ -180,15 +173,20 @@ pub fn prepare_row(ev: &StoredEvent) -> Result<Row, String> {
 }
 
 /// [`prepare_row`], also returning the parsed event.
-fn prepare_parsed(ev: &StoredEvent) -> Result<(Row, Value), String> {
+fn prepare_parsed(ev: &StoredEvent) -> Result<(Row, Fields<'_>), String> {
     if ev.message_id.is_empty() {
         return Err("event has an empty messageId".into());
     }
-    let obj: Value =
-        serde_json::from_str(&ev.json).map_err(|e| format!("event is not JSON: {e}"))?;
-    if !obj.is_object() {
-        return Err("event is not a JSON object".into());
-    }
+    // Only the top level is parsed; nested values stay borrowed JSON text (a JSON
+    // column takes them as they are, and only `context` and the payload are parsed
+    // again, to flatten them).
+    let fields: Fields<'_> = serde_json::from_str(&ev.json).map_err(|e| {
+        if serde_json::from_str::<Value>(&ev.json).is_ok() {
+            "event is not a JSON object".to_string()
+        } else {
+            format!("event is not JSON: {e}")
+        }
+    })?;
     let mut row = Vec::with_capacity(COMMON.len() + 6);
     row.push(Some(ev.message_id.clone()));
     for c in COMMON.iter().chain(specific_columns(ev.kind)) {
@@ -198,26 +196,31 @@ fn prepare_parsed(ev: &StoredEvent) -> Result<(Row, Value), String> {
             row.push(Some(ev.message_id.clone()));
             continue;
         }
-        let v = obj.get(field);
-        row.push(match (c.ty, v) {
-            (Timestamp, Some(Value::String(s))) => Some(
-                parse_ms(s)
-                    .map(format_ms)
-                    .ok_or_else(|| format!("`{field}` is not a date-time: {:?}", truncate(s)))?,
-            ),
-            (Timestamp, Some(Value::Null) | None) => None,
-            (Timestamp, Some(other)) => {
-                return Err(format!(
-                    "`{field}` is not a date-time: {}",
-                    truncate(&other.to_string())
-                ))
+        let raw = fields.get(field).map(|r| r.get()).filter(|t| *t != "null");
+        row.push(match (c.ty, raw) {
+            (_, None) => None,
+            (Json, Some(t)) => Some(t.to_string()),
+            (Timestamp, Some(t)) => {
+                let s = serde_json::from_str::<String>(t)
+                    .map_err(|_| format!("`{field}` is not a date-time: {}", truncate(t)))?;
+                Some(
+                    parse_ms(&s).map(format_ms).ok_or_else(|| {
+                        format!("`{field}` is not a date-time: {:?}", truncate(&s))
+                    })?,
+                )
             }
-            (ty, v) => text_of(v, ty == Json),
+            (_, Some(t)) if t.starts_with('"') => {
+                Some(serde_json::from_str::<String>(t).map_err(|e| format!("`{field}`: {e}"))?)
+            }
+            (_, Some(t)) => Some(t.to_string()),
         });
     }
     row.push(Some(ev.json.clone()));
-    Ok((row, obj))
+    Ok((row, fields))
 }
+
+/// An event's top-level fields, their values borrowed as JSON text.
+type Fields<'a> = HashMap<String, &'a RawValue>;
 
 /// The payload a kind's table flattens into un-prefixed columns.
 fn payload_field(kind: EventKind) -> Option<&'static str> {
@@ -228,32 +231,42 @@ fn payload_field(kind: EventKind) -> Option<&'static str> {
     }
 }
 
+/// `field`, flattened under `prefix`, when it is an object.
+fn flatten_field(fields: &Fields<'_>, field: &str, prefix: &str) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    if let Some(raw) = fields.get(field).map(|r| r.get()) {
+        if raw.starts_with('{') {
+            if let Ok(v) = serde_json::from_str::<Value>(raw) {
+                tables::flatten(prefix, &v, &mut out);
+            }
+        }
+    }
+    out
+}
+
 /// A prepared row of a parsed event, with its flattened context and payload.
-fn prepared_row(kind: EventKind, values: Row, obj: &Value, batch_id: Option<i64>) -> PreparedRow {
-    let mut context = Vec::new();
-    if let Some(c) = obj.get("context") {
-        if c.is_object() {
-            tables::flatten("context", c, &mut context);
-        }
-    }
-    let mut payload = Vec::new();
-    if let Some(p) = payload_field(kind).and_then(|f| obj.get(f)) {
-        if p.is_object() {
-            tables::flatten("", p, &mut payload);
-        }
-    }
-    let event_table = (kind == EventKind::Track)
-        .then(|| obj.get("event").and_then(Value::as_str))
-        .flatten()
-        .and_then(tables::event_table_name);
-    PreparedRow {
+fn prepared_row(
+    kind: EventKind,
+    values: Row,
+    fields: &Fields<'_>,
+    batch_id: Option<i64>,
+) -> PreparedRow {
+    let context = flatten_field(fields, "context", "context");
+    let payload = payload_field(kind)
+        .map(|f| flatten_field(fields, f, ""))
+        .unwrap_or_default();
+    let mut row = PreparedRow {
         kind,
         values,
         batch_id,
-        event_table,
+        event_table: None,
         context,
         payload,
+    };
+    if kind == EventKind::Track {
+        row.event_table = row.value("event").and_then(tables::event_table_name);
     }
+    row
 }
 
 /// An event no warehouse can take as is, as kept in `quarantine`.
@@ -414,9 +427,9 @@ pub fn prepare(load: &Load) -> Prepared {
                         continue;
                     }
                     match prepare_parsed(ev) {
-                        Ok((values, obj)) => {
+                        Ok((values, fields)) => {
                             p.rows
-                                .push(prepared_row(ev.kind, values, &obj, Some(*batch_id)))
+                                .push(prepared_row(ev.kind, values, &fields, Some(*batch_id)))
                         }
                         Err(reason) => p.quarantine.push(Quarantined {
                             message_id: ev.message_id.clone(),

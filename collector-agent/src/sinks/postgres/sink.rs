@@ -3,6 +3,7 @@
 //! (`INSERT … ON CONFLICT DO NOTHING RETURNING`), and inserts exactly those rows into
 //! the typed table, casting on the way.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -238,10 +239,24 @@ async fn migrate(client: &mut Client) -> Result<(), SinkError> {
     Ok(())
 }
 
+/// Streams CSV rows into a `COPY … FROM STDIN`.
+async fn copy_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    sql: &str,
+    csv: Vec<u8>,
+) -> Result<(), SinkError> {
+    let sink = tx.copy_in(sql).await.map_err(classify)?;
+    futures_util::pin_mut!(sink);
+    sink.send(Bytes::from(csv)).await.map_err(classify)?;
+    sink.as_mut().finish().await.map_err(classify)?;
+    Ok(())
+}
+
 /// One row as a CSV line for `COPY … (FORMAT csv)`: every value quoted, NULL as an
-/// unquoted empty field.
-fn csv_line(row: &[Cell<'_>], out: &mut Vec<u8>) {
-    for (i, v) in row.iter().enumerate() {
+/// unquoted empty field; `last`, if any, appended as one more value.
+fn csv_line(row: &[Cell<'_>], last: Option<&str>, out: &mut Vec<u8>) {
+    let values = row.iter().map(|c| c.as_deref()).chain(last.map(Some));
+    for (i, v) in values.enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -354,96 +369,114 @@ async fn write(
         .await
         .map_err(classify)?;
     }
-    for load in &plan.loads {
-        let table = &load.table;
-        let stage = ident(&format!("stage_{table}"));
-        let stage_cols: Vec<String> = load
-            .columns
-            .iter()
-            .map(|(n, _)| format!("{} text", ident(n)))
-            .collect();
-        tx.batch_execute(&format!(
-            "CREATE TEMP TABLE {stage} ({}) ON COMMIT DROP",
-            stage_cols.join(", ")
-        ))
+    // The ids new to the warehouse, registered first (one array insert per table,
+    // `ON CONFLICT DO NOTHING RETURNING`: a concurrent agent's insert of the same id
+    // waits for its commit, then counts as a duplicate here). Only their rows are then
+    // `COPY`d, straight into the typed tables: one pass, PostgreSQL's own bulk path.
+    let now: String = tx
+        .query_one("SELECT now()::text", &[])
         .await
-        .map_err(classify)?;
-        let mut csv = Vec::new();
-        for row in &load.rows {
-            csv_line(row, &mut csv);
-        }
-        let sink = tx
-            .copy_in(&format!("COPY {stage} FROM STDIN (FORMAT csv)"))
-            .await
-            .map_err(classify)?;
-        futures_util::pin_mut!(sink);
-        sink.send(Bytes::from(csv)).await.map_err(classify)?;
-        sink.as_mut().finish().await.map_err(classify)?;
-        let names: Vec<String> = load.columns.iter().map(|(n, _)| ident(n)).collect();
-        let select: Vec<String> = load
-            .columns
-            .iter()
-            .map(|(n, ty)| format!("CAST(s.{} AS {})", ident(n), sql_type(*ty)))
-            .collect();
-        let (names, select, loaded) = (
-            names.join(", "),
-            select.join(", "),
-            ident(schema::LOADED_AT),
-        );
-        match load.kind {
-            TableKind::Base(kind) => {
-                let inserted = tx
-                    .execute(
-                        &format!(
-                            "WITH new AS (
-                                INSERT INTO message_ids SELECT message_id, '{table}', $1 FROM {stage}
-                                ON CONFLICT (message_id) DO NOTHING RETURNING message_id)
-                             INSERT INTO {} ({names}, {loaded}) SELECT {select}, now() FROM {stage} s JOIN new USING (message_id)
-                             ON CONFLICT (message_id) DO NOTHING",
-                            ident(table)
-                        ),
-                        &[&load_id],
-                    )
-                    .await
-                    .map_err(classify)?;
-                stats.inserted_into(kind, inserted);
-                stats.duplicates += load.rows.len() as u64 - inserted;
-            }
-            TableKind::Event => {
-                tx.execute(
-                    &format!(
-                        "INSERT INTO {} ({names}, {loaded}) SELECT {select}, now() FROM {stage} s
-                         WHERE s.message_id IN (SELECT message_id FROM message_ids WHERE load_id = $1 AND table_name = 'tracks')",
-                        ident(table)
-                    ),
-                    &[&load_id],
+        .map_err(classify)?
+        .get(0);
+    let mut new_ids: HashSet<String> = HashSet::new();
+    for load in &plan.loads {
+        if let TableKind::Base(kind) = load.kind {
+            let ids: Vec<&str> = load
+                .rows
+                .iter()
+                .filter_map(|r| r.first().and_then(|c| c.as_deref()))
+                .collect();
+            let fresh: Vec<String> = tx
+                .query(
+                    "INSERT INTO message_ids SELECT id, $2, $3 FROM unnest($1::text[]) AS id
+                     ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
+                    &[&ids, &kind.table(), &load_id],
                 )
                 .await
-                .map_err(classify)?;
-            }
-            TableKind::Users => {
-                tx.batch_execute(&format!(
-                    "INSERT INTO users ({names}, {loaded}) SELECT {select}, now() FROM {stage} s
-                     ON CONFLICT (id) DO UPDATE SET {}",
-                    tables::users_merge_set(&load.columns, "excluded", "users")
-                ))
-                .await
-                .map_err(classify)?;
-            }
+                .map_err(classify)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            stats.inserted_into(kind, fresh.len() as u64);
+            stats.duplicates += (ids.len() - fresh.len()) as u64;
+            new_ids.extend(fresh);
         }
     }
-    for r in &plan.rejected {
+    for load in &plan.loads {
+        let table = &load.table;
+        let names: Vec<String> = load.columns.iter().map(|(n, _)| ident(n)).collect();
+        let loaded = ident(schema::LOADED_AT);
+        if load.kind == TableKind::Users {
+            // Upserted, so staged: a temporary table, then `INSERT … ON CONFLICT`.
+            let stage = ident(&format!("stage_{table}"));
+            let stage_cols: Vec<String> = load
+                .columns
+                .iter()
+                .map(|(n, _)| format!("{} text", ident(n)))
+                .collect();
+            tx.batch_execute(&format!(
+                "CREATE TEMP TABLE {stage} ({}) ON COMMIT DROP",
+                stage_cols.join(", ")
+            ))
+            .await
+            .map_err(classify)?;
+            let mut csv = Vec::new();
+            for row in &load.rows {
+                csv_line(row, None, &mut csv);
+            }
+            copy_in(&tx, &format!("COPY {stage} FROM STDIN (FORMAT csv)"), csv).await?;
+            let select: Vec<String> = load
+                .columns
+                .iter()
+                .map(|(n, ty)| format!("CAST(s.{} AS {})", ident(n), sql_type(*ty)))
+                .collect();
+            tx.batch_execute(&format!(
+                "INSERT INTO users ({}, {loaded}) SELECT {}, now() FROM {stage} s
+                 ON CONFLICT (id) DO UPDATE SET {}",
+                names.join(", "),
+                select.join(", "),
+                tables::users_merge_set(&load.columns, "excluded", "users")
+            ))
+            .await
+            .map_err(classify)?;
+            continue;
+        }
+        let mut csv = Vec::new();
+        let mut n = 0usize;
+        for row in &load.rows {
+            let id = row.first().and_then(|c| c.as_deref()).unwrap_or("");
+            if new_ids.contains(id) {
+                csv_line(row, Some(&now), &mut csv);
+                n += 1;
+            }
+        }
+        if n == 0 {
+            continue;
+        }
+        copy_in(
+            &tx,
+            &format!(
+                "COPY {} ({}, {loaded}) FROM STDIN (FORMAT csv)",
+                ident(table),
+                names.join(", ")
+            ),
+            csv,
+        )
+        .await?;
+    }
+    for r in plan
+        .rejected
+        .iter()
+        .filter(|r| new_ids.contains(&r.message_id))
+    {
         tx.execute(
-            "INSERT INTO rejected_values SELECT $1, $2, $3, $4, $5, now()
-             WHERE EXISTS (SELECT 1 FROM message_ids WHERE message_id = $1 AND load_id = $6)
-             ON CONFLICT DO NOTHING",
+            "INSERT INTO rejected_values VALUES ($1, $2, $3, $4, $5, now()) ON CONFLICT DO NOTHING",
             &[
                 &r.message_id,
                 &r.table_name,
                 &r.column_name,
                 &r.value.replace('\0', "\\u0000"),
                 &r.reason,
-                &load_id,
             ],
         )
         .await
@@ -580,7 +613,7 @@ mod tests {
     #[test]
     fn csv_quotes_values_and_leaves_null_empty() {
         let mut out = Vec::new();
-        csv_line(&[Some("a\"b,c".into()), None, Some("".into())], &mut out);
+        csv_line(&[Some("a\"b,c".into()), None], Some(""), &mut out);
         assert_eq!(String::from_utf8(out).unwrap(), "\"a\"\"b,c\",,\"\"\n");
     }
 
