@@ -73,7 +73,11 @@ async fn event_the_warehouse_refuses_is_isolated_and_quarantined() {
         .unwrap();
     assert_eq!(q.rows[0][0].as_deref(), Some("t2"));
     assert!(
-        q.rows[0][1].as_deref().unwrap().contains("Constraint"),
+        q.rows[0][1]
+            .as_deref()
+            .unwrap()
+            .to_lowercase()
+            .contains("check constraint"),
         "{:?}",
         q.rows
     );

@@ -1,6 +1,7 @@
 //! The DuckDB sink: one embedded file, bulk loads through the appender into all-text
 //! staging tables, cast on the way into the typed tables.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -68,6 +69,9 @@ pub(crate) fn classify(e: duckdb::Error) -> SinkError {
         "Constraint Error",
         "Out of Range Error",
         "Invalid Input Error",
+        // The appender's words for the same errors.
+        "constraint failed",
+        "Could not convert",
     ]
     .iter()
     .any(|p| msg.contains(p));
@@ -196,6 +200,7 @@ pub(crate) fn write_rejected(
     plan: &Plan,
     load_id: i64,
 ) -> Result<(), SinkError> {
+    // (Only for events this load registered.)
     for r in &plan.rejected {
         tx.execute(
             "INSERT INTO rejected_values SELECT ?, ?, ?, ?, ?, now()::TIMESTAMP
@@ -388,19 +393,27 @@ fn write(
     let tx = conn.transaction().map_err(transient)?;
     let (mut stats, load_id) = write_state(&tx, p)?;
     apply_plan_ddl(&tx, &plan, true)?;
+    // The ids new to the warehouse are registered first; only their rows are then
+    // appended, typed by the appender, straight into their tables (no staging pass).
+    let mut new_ids: HashSet<String> = HashSet::new();
     for load in &plan.loads {
-        stage(&tx, load)?;
+        if let TableKind::Base(kind) = load.kind {
+            let fresh = register_ids(&tx, load, load_id)?;
+            stats.inserted_into(kind, fresh.len() as u64);
+            stats.duplicates += (load.rows.len() - fresh.len()) as u64;
+            new_ids.extend(fresh);
+        }
+    }
+    let now: String = tx
+        .query_row("SELECT CAST(now()::TIMESTAMP AS VARCHAR)", [], |r| r.get(0))
+        .map_err(transient)?;
+    for load in &plan.loads {
         match load.kind {
-            TableKind::Base(kind) => {
-                register(&tx, load, load_id)?;
-                let n = insert_registered(&tx, load, load_id)?;
-                stats.inserted_into(kind, n);
-                stats.duplicates += load.rows.len() as u64 - n;
+            TableKind::Users => {
+                stage(&tx, load)?;
+                upsert_users(&tx, load)?;
             }
-            TableKind::Event => {
-                insert_registered(&tx, load, load_id)?;
-            }
-            TableKind::Users => upsert_users(&tx, load)?,
+            _ => append_new(&tx, load, &new_ids, &now)?,
         }
     }
     write_rejected(&tx, &plan, load_id)?;
@@ -408,6 +421,83 @@ fn write(
     tx.commit().map_err(transient)?;
     *catalog = plan.catalog;
     Ok(stats)
+}
+
+/// Registers a base table's ids that are new to the warehouse under `load_id`, and
+/// returns them.
+fn register_ids(
+    tx: &duckdb::Transaction<'_>,
+    load: &TableLoad,
+    load_id: i64,
+) -> Result<Vec<String>, SinkError> {
+    tx.execute_batch("CREATE OR REPLACE TEMP TABLE stage_ids (message_id VARCHAR)")
+        .map_err(transient)?;
+    {
+        let mut app = tx.appender("stage_ids").map_err(transient)?;
+        for row in &load.rows {
+            app.append_row(params![row.first().and_then(|c| c.as_deref())])
+                .map_err(classify)?;
+        }
+        app.flush().map_err(classify)?;
+    }
+    let table = &load.table;
+    tx.execute(
+        &format!(
+            "INSERT OR IGNORE INTO message_ids SELECT message_id, '{table}', ? FROM stage_ids"
+        ),
+        params![load_id],
+    )
+    .map_err(classify)?;
+    let mut stmt = tx
+        .prepare("SELECT message_id FROM message_ids WHERE load_id = ? AND table_name = ?")
+        .map_err(transient)?;
+    let ids = stmt
+        .query_map(params![load_id, table], |r| r.get(0))
+        .map_err(transient)?
+        .collect::<Result<Vec<String>, _>>()
+        .map_err(transient)?;
+    Ok(ids)
+}
+
+/// Appends the rows whose id is new straight into their table, in the table's own
+/// column order (columns the load does not have are NULL; `loaded_at` is `now`).
+fn append_new(
+    tx: &duckdb::Transaction<'_>,
+    load: &TableLoad,
+    new_ids: &HashSet<String>,
+    now: &str,
+) -> Result<(), SinkError> {
+    let mut stmt = tx
+        .prepare(
+            "SELECT column_name FROM duckdb_columns() WHERE table_name = ? AND schema_name = current_schema() AND database_name = current_database() ORDER BY column_index",
+        )
+        .map_err(transient)?;
+    let physical: Vec<String> = stmt
+        .query_map(params![load.table], |r| r.get(0))
+        .map_err(transient)?
+        .collect::<Result<_, _>>()
+        .map_err(transient)?;
+    // For each physical column: where its value is in a load row (`None`: NULL).
+    let source: Vec<Option<usize>> = physical
+        .iter()
+        .map(|c| load.columns.iter().position(|(n, _)| n == c))
+        .collect();
+    let loaded_at = physical.iter().position(|c| c == schema::LOADED_AT);
+    let mut app = tx.appender(&load.table).map_err(transient)?;
+    for row in &load.rows {
+        let id = row.first().and_then(|c| c.as_deref()).unwrap_or("");
+        if !new_ids.contains(id) {
+            continue;
+        }
+        let values = source.iter().enumerate().map(|(i, src)| match src {
+            Some(j) => row[*j].as_deref(),
+            None if Some(i) == loaded_at => Some(now),
+            None => None,
+        });
+        app.append_row(duckdb::appender_params_from_iter(values))
+            .map_err(classify)?;
+    }
+    app.flush().map_err(classify)
 }
 
 /// The part of a load every DuckDB-backed sink writes the same way: dead letters (once
@@ -560,28 +650,6 @@ fn upsert_users(tx: &duckdb::Transaction<'_>, load: &TableLoad) -> Result<(), Si
         set = tables::users_merge_set(&load.columns, "excluded", "users")
     ))
     .map_err(classify)
-}
-
-/// Inserts the registered rows into the kind's table; returns how many.
-fn insert_registered(
-    tx: &duckdb::Transaction<'_>,
-    load: &TableLoad,
-    load_id: i64,
-) -> Result<u64, SinkError> {
-    let cols: Vec<String> = load.columns.iter().map(|(n, _)| ident(n)).collect();
-    let n = tx
-        .execute(
-            &format!(
-                "INSERT INTO {} ({}, {}) {}",
-                ident(&load.table),
-                cols.join(", "),
-                ident(schema::LOADED_AT),
-                registered_rows_sql(load)
-            ),
-            params![load_id],
-        )
-        .map_err(classify)? as u64;
-    Ok(n)
 }
 
 pub(crate) fn dead_letters(conn: &Connection) -> Result<Vec<DeadLetter>, SinkError> {
