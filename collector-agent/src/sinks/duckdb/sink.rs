@@ -1,5 +1,7 @@
-//! The DuckDB sink: one embedded file, bulk loads through the appender into all-text
-//! staging tables, cast on the way into the typed tables.
+//! The DuckDB sink: one embedded file. Per load, one transaction: the ids are
+//! registered in `message_ids` first, then only the new rows are appended by the
+//! appender (which types them) straight into their tables; `users` is staged and
+//! upserted. The Parquet lake reuses the staging helpers.
 
 use std::collections::HashSet;
 use std::path::Path;

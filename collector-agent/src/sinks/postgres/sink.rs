@@ -1,7 +1,7 @@
-//! The PostgreSQL sink: per load, one transaction that `COPY`s each kind's rows into a
-//! temporary all-text staging table, registers the new `message_id`s
-//! (`INSERT … ON CONFLICT DO NOTHING RETURNING`), and inserts exactly those rows into
-//! the typed table, casting on the way.
+//! The PostgreSQL sink: per load, one transaction that registers the load's
+//! `message_id`s (`INSERT … ON CONFLICT DO NOTHING RETURNING`, one array per table) and
+//! `COPY`s exactly the rows whose id came back straight into the typed tables; `users`
+//! is staged in a temporary table and upserted.
 
 use std::collections::HashSet;
 use std::sync::Arc;
