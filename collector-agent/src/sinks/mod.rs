@@ -247,6 +247,25 @@ pub async fn load_isolating<S: Sink + ?Sized>(
     Ok(stats)
 }
 
+/// A server sink's `password_env`: the variable must be set when named (checked by
+/// `config check`), and the password is read from it, never from the config.
+pub(crate) struct PasswordEnv<'a>(pub &'a Option<String>);
+
+impl PasswordEnv<'_> {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if let Some(var) = self.0 {
+            if std::env::var_os(var).is_none() {
+                anyhow::bail!("config: warehouse.password_env names {var}, which is not set");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn password(&self) -> Option<String> {
+        self.0.as_ref().and_then(|v| std::env::var(v).ok())
+    }
+}
+
 /// Opens the warehouse the config names, bringing its schema up to date.
 pub async fn open(cfg: &WarehouseConfig) -> Result<Arc<dyn Sink>, SinkError> {
     Ok(match cfg {

@@ -19,6 +19,20 @@ use crate::sinks::{LoadStats, QueryResult, Sink, SinkError};
 /// ClickHouse error codes that mean "this data can never be inserted as is".
 const DATA_ERRORS: &[u32] = &[6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 130, 131];
 
+/// The columns of `collector_quarantine`, as inserted.
+const QUARANTINE_COLUMNS: [&str; 10] = [
+    "message_id",
+    "type",
+    "shard",
+    "batch_id",
+    "reason",
+    "event",
+    "quarantined_at",
+    "attempts",
+    "resolved",
+    "_version",
+];
+
 /// How many ids one registry lookup sends.
 const LOOKUP_CHUNK: usize = 2_000;
 
@@ -679,19 +693,7 @@ impl ClickHouseSink {
         .await?;
         self.insert(
             "collector_quarantine",
-            &[
-                "message_id",
-                "type",
-                "shard",
-                "batch_id",
-                "reason",
-                "event",
-                "quarantined_at",
-                "attempts",
-                "resolved",
-                "_version",
-            ]
-            .map(String::from),
+            &QUARANTINE_COLUMNS.map(String::from),
             quarantine,
         )
         .await?;
@@ -712,19 +714,7 @@ impl ClickHouseSink {
             .collect();
         self.insert(
             "collector_quarantine",
-            &[
-                "message_id",
-                "type",
-                "shard",
-                "batch_id",
-                "reason",
-                "event",
-                "quarantined_at",
-                "attempts",
-                "resolved",
-                "_version",
-            ]
-            .map(String::from),
+            &QUARANTINE_COLUMNS.map(String::from),
             resolved,
         )
         .await?;

@@ -2,6 +2,8 @@
 
 use serde::Deserialize;
 
+use crate::sinks::PasswordEnv;
+
 /// A PostgreSQL warehouse.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,17 +58,10 @@ impl PostgresConfig {
                 self.schema
             );
         }
-        if let Some(var) = &self.password_env {
-            if std::env::var_os(var).is_none() {
-                anyhow::bail!("config: warehouse.password_env names {var}, which is not set");
-            }
-        }
-        Ok(())
+        PasswordEnv(&self.password_env).validate()
     }
 
     pub fn password(&self) -> Option<String> {
-        self.password_env
-            .as_ref()
-            .and_then(|v| std::env::var(v).ok())
+        PasswordEnv(&self.password_env).password()
     }
 }
