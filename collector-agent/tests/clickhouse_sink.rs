@@ -11,7 +11,7 @@ use collector_agent::config::ClickHouseConfig;
 use collector_agent::sinks::clickhouse::ClickHouseSink;
 use collector_agent::sinks::{Load, LoadBatch, Sink, SinkError};
 use collector_e2e::clickhouse::LocalClickHouse;
-use common::events;
+use common::{events, one, rows, s};
 use serde_json::json;
 
 fn cfg(ch: &LocalClickHouse) -> ClickHouseConfig {
@@ -26,21 +26,6 @@ fn cfg(ch: &LocalClickHouse) -> ClickHouseConfig {
 
 async fn open(ch: &LocalClickHouse) -> Arc<dyn Sink> {
     Arc::new(ClickHouseSink::connect(&cfg(ch)).await.unwrap())
-}
-
-fn s(v: &str) -> Option<String> {
-    Some(v.to_string())
-}
-
-async fn rows(sink: &dyn Sink, sql: &str) -> Vec<Vec<Option<String>>> {
-    sink.query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .rows
-}
-
-async fn one(sink: &dyn Sink, sql: &str) -> Option<String> {
-    rows(sink, sql).await[0][0].clone()
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ use collector_agent::sinks::postgres::PostgresSink;
 use collector_agent::sinks::{Load, LoadBatch, Sink};
 use collector_core::{EventKind, StoredEvent};
 use collector_e2e::postgres::LocalPostgres;
-use common::events;
+use common::{events, one, rows, s};
 use serde_json::json;
 
 /// A warehouse of one kind, opened (and reopened) for a scenario.
@@ -68,21 +68,6 @@ fn raw_event(id: &str, kind: EventKind, json: &str) -> StoredEvent {
         timestamp_ms: 0,
         json: json.into(),
     }
-}
-
-fn s(v: &str) -> Option<String> {
-    Some(v.to_string())
-}
-
-async fn rows(sink: &dyn Sink, sql: &str) -> Vec<Vec<Option<String>>> {
-    sink.query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .rows
-}
-
-async fn one(sink: &dyn Sink, sql: &str) -> Option<String> {
-    rows(sink, sql).await[0][0].clone()
 }
 
 async fn loads_each_kind_into_its_segment_table(t: &Target) {

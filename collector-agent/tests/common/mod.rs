@@ -22,3 +22,21 @@ pub fn events(body: serde_json::Value) -> Vec<StoredEvent> {
     assert!(p.rejected.is_empty(), "{:?}", p.rejected);
     p.accepted
 }
+
+/// `Some(v)`, for comparing query results.
+pub fn s(v: &str) -> Option<String> {
+    Some(v.to_string())
+}
+
+/// The rows of a query, every value as text.
+pub async fn rows(sink: &dyn collector_agent::sinks::Sink, sql: &str) -> Vec<Vec<Option<String>>> {
+    sink.query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .rows
+}
+
+/// The first value of a query.
+pub async fn one(sink: &dyn collector_agent::sinks::Sink, sql: &str) -> Option<String> {
+    rows(sink, sql).await[0][0].clone()
+}

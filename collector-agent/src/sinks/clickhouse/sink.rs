@@ -246,20 +246,13 @@ impl ClickHouseSink {
         )]
     }
 
-    /// (Re)creates the view over a rows table with its current columns.
     /// (Re)creates the view over a rows table with the columns the rows table has now
     /// (from `system.columns`, so agents growing it at once converge on all of them).
     async fn refresh_view(&self, table: &str, kind: TableKind) -> Result<(), SinkError> {
-        let (_, rows) = self
-            .select(&format!(
-                "SELECT name FROM system.columns WHERE database = {} AND table = {}",
-                lit(&self.cfg.database),
-                lit(&rows_table(table))
-            ))
-            .await?;
-        let names: Vec<&str> = rows
+        let all = self.existing_columns(table).await?;
+        let names: Vec<&str> = all
             .iter()
-            .filter_map(|r| r[0].as_str())
+            .map(String::as_str)
             .filter(|n| !n.starts_with('_'))
             .collect();
         let select = match kind {
@@ -374,8 +367,8 @@ impl ClickHouseSink {
         ))
     }
 
-    /// The columns a table has now, from `system.columns`.
-    async fn existing_columns(&self, table: &str) -> Result<HashSet<String>, SinkError> {
+    /// The columns a rows table has now, in table order, from `system.columns`.
+    async fn existing_columns(&self, table: &str) -> Result<Vec<String>, SinkError> {
         let (_, rows) = self
             .select(&format!(
                 "SELECT name FROM system.columns WHERE database = {} AND table = {}",
