@@ -2,7 +2,7 @@
 //! setup` installs it), a generated config in a temp folder, HTTP and native ports on
 //! free loopback ports, killed and removed when dropped.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ pub const SERVER: &str = "/usr/sbin/clickhouse-server";
 
 pub struct LocalClickHouse {
     child: Child,
-    dir: PathBuf,
+    dir: crate::TempDir,
     pub http_port: u16,
     /// `http://127.0.0.1:PORT`
     pub url: String,
@@ -56,16 +56,8 @@ impl LocalClickHouse {
         if !Path::new(SERVER).exists() {
             bail!("ClickHouse is not installed ({SERVER}); run `cargo xtask setup`");
         }
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!(
-            "collector-ch-{}-{nanos}-{}",
-            std::process::id(),
-            crate::free_port()
-        ));
-        std::fs::create_dir_all(&dir)?;
+        let tmp = crate::TempDir::new("collector-ch")?;
+        let dir = tmp.path().to_path_buf();
         let (http, tcp) = (crate::free_port(), crate::free_port());
         std::fs::write(dir.join("config.xml"), config(&dir, http, tcp))?;
         std::fs::write(dir.join("users.xml"), USERS)?;
@@ -82,7 +74,7 @@ impl LocalClickHouse {
             .context("start clickhouse-server")?;
         let mut ch = LocalClickHouse {
             child,
-            dir,
+            dir: tmp,
             http_port: http,
             url: format!("http://127.0.0.1:{http}"),
         };
@@ -92,7 +84,8 @@ impl LocalClickHouse {
                 return Ok(ch);
             }
             if let Ok(Some(status)) = ch.child.try_wait() {
-                let log = std::fs::read_to_string(ch.dir.join("error.log")).unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(ch.dir.path().join("error.log")).unwrap_or_default();
                 bail!("clickhouse-server exited ({status}): {log}");
             }
             if Instant::now() > deadline {
@@ -122,8 +115,8 @@ impl LocalClickHouse {
 
 impl Drop for LocalClickHouse {
     fn drop(&mut self) {
+        // The folder goes with `dir`, after the server is gone.
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

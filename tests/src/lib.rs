@@ -28,3 +28,34 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("a free loopback port")
 }
+
+/// A uniquely named folder in the temp folder, removed on drop: the data folder of a
+/// test server (the `tempfile` crate is a dev-dependency only; the harness is a library).
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    /// `<temp>/<prefix>-<pid>-<nanos>-<port>`, created.
+    pub fn new(prefix: &str) -> std::io::Result<TempDir> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let path = std::env::temp_dir().join(format!(
+            "{prefix}-{}-{nanos}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&path)?;
+        Ok(TempDir(path))
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

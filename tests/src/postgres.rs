@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 pub const USER: &str = "collector";
 
 pub struct LocalPostgres {
-    dir: tempfile_dir::Dir,
+    dir: crate::TempDir,
     bin: PathBuf,
     pub port: u16,
     /// `postgres://collector@127.0.0.1:PORT/postgres`
@@ -72,7 +72,7 @@ impl LocalPostgres {
         let bin = bin_dir().context(
             "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb); run `cargo xtask setup`",
         )?;
-        let dir = tempfile_dir::Dir::new()?;
+        let dir = crate::TempDir::new("collector-pg")?;
         if is_root() {
             let ok = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
@@ -146,39 +146,5 @@ impl LocalPostgres {
 impl Drop for LocalPostgres {
     fn drop(&mut self) {
         let _ = self.stop();
-    }
-}
-
-/// A temp folder the `postgres` user may write (created world-traversable), removed on
-/// drop. (The `tempfile` crate is a dev-dependency only; the harness is a library.)
-mod tempfile_dir {
-    use std::path::{Path, PathBuf};
-
-    pub struct Dir(PathBuf);
-
-    impl Dir {
-        pub fn new() -> std::io::Result<Dir> {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
-            let path = std::env::temp_dir().join(format!(
-                "collector-pg-{}-{nanos}-{}",
-                std::process::id(),
-                crate::free_port()
-            ));
-            std::fs::create_dir_all(&path)?;
-            Ok(Dir(path))
-        }
-
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
     }
 }

@@ -369,14 +369,6 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// The rows of one kind, in load order.
-    pub fn rows_of(&self, kind: EventKind) -> impl Iterator<Item = &Row> {
-        self.rows
-            .iter()
-            .filter(move |r| r.kind == kind)
-            .map(|r| &r.values)
-    }
-
     /// How a quarantine insert treats an event already quarantined (the same SQL in every
     /// dialect): a replay updates its reason and attempts; a redelivery leaves it.
     pub fn quarantine_on_conflict(&self) -> &'static str {

@@ -446,11 +446,6 @@ impl<'a> TableLoad<'a> {
             TableKind::Users => None,
         }
     }
-
-    /// The number of fixed columns at the front of `columns`.
-    pub fn fixed_len(&self) -> usize {
-        fixed_columns(self.kind).len()
-    }
 }
 
 /// What a prepared load needs: DDL first (new per-event tables, then new columns), then

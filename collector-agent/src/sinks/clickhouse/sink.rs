@@ -1,7 +1,7 @@
 //! The ClickHouse sink: HTTP requests, `JSONEachRow` inserts, `ReplacingMergeTree`
 //! tables behind `FINAL` views (see the module docs for what exactly once means here).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -384,14 +384,21 @@ impl ClickHouseSink {
 
     /// The ids among `ids` that a query (with `{ids}` for the list) returns.
     async fn ids_in(&self, sql: &str, ids: &[&str]) -> Result<HashSet<String>, SinkError> {
-        let mut found = HashSet::new();
+        Ok(self.rows_for(sql, ids).await?.into_keys().collect())
+    }
+
+    /// The rows a query (with `{ids}` for the list) returns for `ids`, by their first
+    /// column, the second column beside it.
+    async fn rows_for(&self, sql: &str, ids: &[&str]) -> Result<HashMap<String, Value>, SinkError> {
+        let mut found = HashMap::new();
         for chunk in ids.chunks(LOOKUP_CHUNK) {
             let list: Vec<String> = chunk.iter().map(|i| lit(i)).collect();
             let (_, rows) = self.select(&sql.replace("{ids}", &list.join(", "))).await?;
-            found.extend(
-                rows.iter()
-                    .filter_map(|r| r[0].as_str().map(str::to_string)),
-            );
+            for r in rows {
+                if let Some(id) = r.first().and_then(Value::as_str) {
+                    found.insert(id.to_string(), r.get(1).cloned().unwrap_or(Value::Null));
+                }
+            }
         }
         Ok(found)
     }
@@ -533,30 +540,23 @@ impl ClickHouseSink {
         // Quarantine: an id already loaded is a duplicate; one already quarantined is a
         // duplicate too, unless this is a replay of it.
         let q_ids: Vec<&str> = p.quarantine.iter().map(|q| q.message_id.as_str()).collect();
+        // One lookup: which are quarantined now, and their attempts so far.
         let quarantined_now = self
-            .ids_in(
-                "SELECT message_id FROM quarantine WHERE message_id IN ({ids})",
+            .rows_for(
+                "SELECT message_id, attempts FROM quarantine WHERE message_id IN ({ids})",
                 &q_ids,
             )
             .await?;
-        let attempts = if p.replay && !q_ids.is_empty() {
-            let list: Vec<String> = q_ids.iter().map(|i| lit(i)).collect();
-            let (_, rows) = self
-                .select(&format!(
-                    "SELECT message_id, attempts FROM quarantine WHERE message_id IN ({})",
-                    list.join(", ")
-                ))
-                .await?;
-            rows.iter()
-                .filter_map(|r| Some((r[0].as_str()?.to_string(), r[1].as_u64()?)))
-                .collect::<std::collections::HashMap<_, _>>()
-        } else {
-            Default::default()
+        let attempts = |id: &str| {
+            quarantined_now
+                .get(id)
+                .and_then(|a| a.as_u64().or_else(|| a.as_str()?.parse().ok()))
+                .unwrap_or(0)
         };
         let mut quarantine = Vec::new();
         for q in &p.quarantine {
             if known.contains(&q.message_id)
-                || (!p.replay && quarantined_now.contains(&q.message_id))
+                || (!p.replay && quarantined_now.contains_key(&q.message_id))
             {
                 stats.duplicates += 1;
                 continue;
@@ -565,7 +565,7 @@ impl ClickHouseSink {
             quarantine.push(serde_json::json!({
                 "message_id": q.message_id, "type": q.kind.as_str(), "shard": q.shard,
                 "batch_id": q.batch_id, "reason": q.reason, "event": q.event,
-                "quarantined_at": now_s, "attempts": attempts.get(&q.message_id).copied().unwrap_or(0) + 1,
+                "quarantined_at": now_s, "attempts": attempts(&q.message_id) + 1,
                 "resolved": 0, "_version": now_ms
             }));
         }
