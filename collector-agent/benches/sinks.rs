@@ -12,7 +12,7 @@ use collector_agent::sinks::clickhouse::ClickHouseSink;
 use collector_agent::sinks::duckdb::DuckDbSink;
 use collector_agent::sinks::parquet::ParquetSink;
 use collector_agent::sinks::postgres::PostgresSink;
-use collector_agent::sinks::{schema, Load, LoadBatch, Sink};
+use collector_agent::sinks::{schema, Load, LoadBatch, LoadPipeline, Sink};
 use collector_core::ingest::{parse_body, Endpoint};
 use collector_core::StoredEvent;
 use collector_e2e::clickhouse::LocalClickHouse;
@@ -77,12 +77,15 @@ fn loads(events: &[StoredEvent]) -> Vec<Load> {
         .collect()
 }
 
-async fn time_sink(sink: Arc<dyn Sink>, loads: &[Load]) -> f64 {
+/// Loads the backlog as the drain loop does (preparing a load while the one before is
+/// written); rows/s.
+async fn time_sink(sink: Arc<dyn Sink>, loads: Vec<Load>) -> f64 {
     let t = Instant::now();
-    let mut inserted = 0;
+    let mut pipeline = LoadPipeline::new(sink);
     for l in loads {
-        inserted += sink.load(l).await.unwrap().inserted;
+        pipeline.push(l).await.unwrap();
     }
+    let inserted = pipeline.finish().await.unwrap().inserted;
     assert_eq!(inserted as usize, EVENTS);
     EVENTS as f64 / t.elapsed().as_secs_f64()
 }
@@ -104,6 +107,12 @@ async fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
+    // `cargo bench --bench sinks -- duckdb postgres`: only the named sinks.
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wanted = |sink: &str| only.is_empty() || only.iter().any(|o| o == sink);
     let events = backlog();
     let loads = loads(&events);
     let dir = tempfile::tempdir().unwrap();
@@ -121,131 +130,144 @@ async fn main() {
         EVENTS as f64 / t.elapsed().as_secs_f64()
     );
 
-    // DuckDB's own bulk load: read_json of the same events as NDJSON.
-    let ndjson = dir.path().join("events.ndjson");
-    {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&ndjson).unwrap());
-        for e in &events {
-            writeln!(f, "{}", e.json).unwrap();
-        }
-    }
-    let conn = duckdb::Connection::open(dir.path().join("native.duckdb")).unwrap();
-    let t = Instant::now();
-    conn.execute_batch(&format!(
-        "CREATE TABLE t AS SELECT * FROM read_json('{}', format = 'newline_delimited')",
-        ndjson.display()
-    ))
-    .unwrap();
-    let duck_native = EVENTS as f64 / t.elapsed().as_secs_f64();
-    drop(conn);
-
-    let duck = Arc::new(DuckDbSink::open(&dir.path().join("sink.duckdb")).unwrap());
-    rate(
-        "sink: DuckDB (100k events, loads of 5,000)",
-        time_sink(duck, &loads).await,
-        Some(duck_native),
-    );
-    let lake = Arc::new(ParquetSink::open(&dir.path().join("lake")).unwrap());
-    rate(
-        "sink: Parquet lake (100k events, loads of 5,000)",
-        time_sink(lake, &loads).await,
-        None,
-    );
-
-    match LocalPostgres::start() {
-        Ok(pg) => {
-            let cfg = PostgresConfig {
-                url: pg.url.clone(),
-                password_env: None,
-                schema: "public".into(),
-                timeout_ms: 300_000,
-            };
-            let sink = Arc::new(PostgresSink::connect(&cfg).await.unwrap());
-            // PostgreSQL's own bulk load: COPY of the same rows (as prepared for tracks)
-            // from a file into an equivalent typed table.
-            let csv = dir.path().join("tracks.csv");
-            {
-                let mut f = std::io::BufWriter::new(std::fs::File::create(&csv).unwrap());
-                for e in &events {
-                    let row = schema::prepare_row(e).unwrap();
-                    let line: Vec<String> = row
-                        .iter()
-                        .map(|v| match v {
-                            Some(v) => format!("\"{}\"", v.replace('"', "\"\"")),
-                            None => String::new(),
-                        })
-                        .collect();
-                    writeln!(f, "{}", line.join(",")).unwrap();
-                }
+    if wanted("duckdb") {
+        // DuckDB's own bulk load: read_json of the same events as NDJSON.
+        let ndjson = dir.path().join("events.ndjson");
+        {
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&ndjson).unwrap());
+            for e in &events {
+                writeln!(f, "{}", e.json).unwrap();
             }
-            std::fs::set_permissions(
-                dir.path(),
-                std::os::unix::fs::PermissionsExt::from_mode(0o755),
-            )
-            .unwrap();
-            sink.query("CREATE TABLE native_tracks (LIKE tracks)")
-                .await
-                .unwrap();
-            sink.query("ALTER TABLE native_tracks ALTER COLUMN loaded_at DROP NOT NULL")
-                .await
-                .unwrap();
-            let cols: Vec<&str> = schema::columns(collector_core::EventKind::Track)
-                .iter()
-                .map(|c| c.name)
-                .collect();
-            let t = Instant::now();
-            sink.query(&format!(
-                "COPY native_tracks ({}) FROM '{}' (FORMAT csv)",
-                cols.iter()
-                    .map(|c| format!("\"{c}\""))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                csv.display()
-            ))
-            .await
-            .unwrap();
-            let pg_native = EVENTS as f64 / t.elapsed().as_secs_f64();
-            rate(
-                "sink: PostgreSQL (100k events, loads of 5,000)",
-                time_sink(sink, &loads).await,
-                Some(pg_native),
-            );
         }
-        Err(e) => println!("sink: PostgreSQL\tskipped: {e}"),
+        let conn = duckdb::Connection::open(dir.path().join("native.duckdb")).unwrap();
+        let t = Instant::now();
+        conn.execute_batch(&format!(
+            "CREATE TABLE t AS SELECT * FROM read_json('{}', format = 'newline_delimited')",
+            ndjson.display()
+        ))
+        .unwrap();
+        // Both timings end with everything checkpointed into the file.
+        conn.execute_batch("CHECKPOINT").unwrap();
+        let duck_native = EVENTS as f64 / t.elapsed().as_secs_f64();
+        drop(conn);
+
+        let duck = Arc::new(DuckDbSink::open(&dir.path().join("sink.duckdb")).unwrap());
+        let loads = loads.clone();
+        let t = Instant::now();
+        time_sink(duck.clone(), loads).await;
+        duck.query("CHECKPOINT").await.unwrap();
+        rate(
+            "sink: DuckDB (100k events, loads of 5,000)",
+            EVENTS as f64 / t.elapsed().as_secs_f64(),
+            Some(duck_native),
+        );
+    }
+    if wanted("parquet") {
+        let lake = Arc::new(ParquetSink::open(&dir.path().join("lake")).unwrap());
+        rate(
+            "sink: Parquet lake (100k events, loads of 5,000)",
+            time_sink(lake, loads.clone()).await,
+            None,
+        );
     }
 
-    match LocalClickHouse::start() {
-        Ok(ch) => {
-            let cfg = ClickHouseConfig {
-                url: ch.url.clone(),
-                database: "analytics".into(),
-                user: "default".into(),
-                password_env: None,
-                timeout_ms: 300_000,
-            };
-            let sink = Arc::new(ClickHouseSink::connect(&cfg).await.unwrap());
-            // ClickHouse's own bulk load: the same rows (as prepared for tracks) sent as
-            // JSONEachRow, 5,000 per INSERT, into a plain MergeTree table.
-            let cols = schema::columns(collector_core::EventKind::Track);
-            let defs: Vec<String> = cols
-                .iter()
-                .map(|c| format!("`{}` Nullable(String)", c.name))
-                .collect();
-            let http = reqwest::Client::new();
-            let post = |sql: String, body: String| {
-                let http = http.clone();
-                let url = ch.url.clone();
-                async move {
-                    let req = if body.is_empty() {
-                        http.post(&url).body(sql)
-                    } else {
-                        http.post(&url).query(&[("query", sql)]).body(body)
-                    };
-                    let r = req.send().await.unwrap();
-                    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    if wanted("postgres") {
+        match LocalPostgres::start() {
+            Ok(pg) => {
+                let cfg = PostgresConfig {
+                    url: pg.url.clone(),
+                    password_env: None,
+                    schema: "public".into(),
+                    timeout_ms: 300_000,
+                };
+                let sink = Arc::new(PostgresSink::connect(&cfg).await.unwrap());
+                // PostgreSQL's own bulk load: COPY of the same rows (as prepared for tracks)
+                // from a file into an equivalent typed table.
+                let csv = dir.path().join("tracks.csv");
+                {
+                    let mut f = std::io::BufWriter::new(std::fs::File::create(&csv).unwrap());
+                    for e in &events {
+                        let row = schema::prepare_row(e).unwrap();
+                        let line: Vec<String> = row
+                            .iter()
+                            .map(|v| match v {
+                                Some(v) => format!("\"{}\"", v.replace('"', "\"\"")),
+                                None => String::new(),
+                            })
+                            .collect();
+                        writeln!(f, "{}", line.join(",")).unwrap();
+                    }
                 }
-            };
-            post(
+                std::fs::set_permissions(
+                    dir.path(),
+                    std::os::unix::fs::PermissionsExt::from_mode(0o755),
+                )
+                .unwrap();
+                sink.query("CREATE TABLE native_tracks (LIKE tracks)")
+                    .await
+                    .unwrap();
+                sink.query("ALTER TABLE native_tracks ALTER COLUMN loaded_at DROP NOT NULL")
+                    .await
+                    .unwrap();
+                let cols: Vec<&str> = schema::columns(collector_core::EventKind::Track)
+                    .iter()
+                    .map(|c| c.name)
+                    .collect();
+                let t = Instant::now();
+                sink.query(&format!(
+                    "COPY native_tracks ({}) FROM '{}' (FORMAT csv)",
+                    cols.iter()
+                        .map(|c| format!("\"{c}\""))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    csv.display()
+                ))
+                .await
+                .unwrap();
+                let pg_native = EVENTS as f64 / t.elapsed().as_secs_f64();
+                rate(
+                    "sink: PostgreSQL (100k events, loads of 5,000)",
+                    time_sink(sink, loads.clone()).await,
+                    Some(pg_native),
+                );
+            }
+            Err(e) => println!("sink: PostgreSQL\tskipped: {e}"),
+        }
+    }
+
+    if wanted("clickhouse") {
+        match LocalClickHouse::start() {
+            Ok(ch) => {
+                let cfg = ClickHouseConfig {
+                    url: ch.url.clone(),
+                    database: "analytics".into(),
+                    user: "default".into(),
+                    password_env: None,
+                    timeout_ms: 300_000,
+                };
+                let sink = Arc::new(ClickHouseSink::connect(&cfg).await.unwrap());
+                // ClickHouse's own bulk load: the same rows (as prepared for tracks) sent as
+                // JSONEachRow, 5,000 per INSERT, into a plain MergeTree table.
+                let cols = schema::columns(collector_core::EventKind::Track);
+                let defs: Vec<String> = cols
+                    .iter()
+                    .map(|c| format!("`{}` Nullable(String)", c.name))
+                    .collect();
+                let http = reqwest::Client::new();
+                let post = |sql: String, body: String| {
+                    let http = http.clone();
+                    let url = ch.url.clone();
+                    async move {
+                        let req = if body.is_empty() {
+                            http.post(&url).body(sql)
+                        } else {
+                            http.post(&url).query(&[("query", sql)]).body(body)
+                        };
+                        let r = req.send().await.unwrap();
+                        assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+                    }
+                };
+                post(
                 format!(
                     "CREATE TABLE analytics.native_tracks ({}, _k String) ENGINE = MergeTree() ORDER BY _k",
                     defs.join(", ")
@@ -253,41 +275,42 @@ async fn main() {
                 String::new(),
             )
             .await;
-            let bodies: Vec<String> = events
-                .chunks(5_000)
-                .map(|chunk| {
-                    let mut body = String::new();
-                    for e in chunk {
-                        let row = schema::prepare_row(e).unwrap();
-                        let mut obj = serde_json::Map::new();
-                        for (c, v) in cols.iter().zip(row) {
-                            obj.insert(
-                                c.name.into(),
-                                v.map_or(serde_json::Value::Null, Into::into),
-                            );
+                let bodies: Vec<String> = events
+                    .chunks(5_000)
+                    .map(|chunk| {
+                        let mut body = String::new();
+                        for e in chunk {
+                            let row = schema::prepare_row(e).unwrap();
+                            let mut obj = serde_json::Map::new();
+                            for (c, v) in cols.iter().zip(row) {
+                                obj.insert(
+                                    c.name.into(),
+                                    v.map_or(serde_json::Value::Null, Into::into),
+                                );
+                            }
+                            obj.insert("_k".into(), e.message_id.clone().into());
+                            body.push_str(&serde_json::Value::Object(obj).to_string());
+                            body.push('\n');
                         }
-                        obj.insert("_k".into(), e.message_id.clone().into());
-                        body.push_str(&serde_json::Value::Object(obj).to_string());
-                        body.push('\n');
-                    }
-                    body
-                })
-                .collect();
-            let t = Instant::now();
-            for body in bodies {
-                post(
-                    "INSERT INTO analytics.native_tracks FORMAT JSONEachRow".into(),
-                    body,
-                )
-                .await;
+                        body
+                    })
+                    .collect();
+                let t = Instant::now();
+                for body in bodies {
+                    post(
+                        "INSERT INTO analytics.native_tracks FORMAT JSONEachRow".into(),
+                        body,
+                    )
+                    .await;
+                }
+                let ch_native = EVENTS as f64 / t.elapsed().as_secs_f64();
+                rate(
+                    "sink: ClickHouse (100k events, loads of 5,000)",
+                    time_sink(sink, loads.clone()).await,
+                    Some(ch_native),
+                );
             }
-            let ch_native = EVENTS as f64 / t.elapsed().as_secs_f64();
-            rate(
-                "sink: ClickHouse (100k events, loads of 5,000)",
-                time_sink(sink, &loads).await,
-                Some(ch_native),
-            );
+            Err(e) => println!("sink: ClickHouse\tskipped: {e}"),
         }
-        Err(e) => println!("sink: ClickHouse\tskipped: {e}"),
     }
 }

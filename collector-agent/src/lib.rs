@@ -28,7 +28,7 @@ use tokio::sync::watch;
 
 pub use crate::config::AgentConfig;
 use crate::edge::{EdgeClient, EdgeError};
-use crate::sinks::{Load, LoadBatch, LoadStats, Sink, SinkError};
+use crate::sinks::{Load, LoadBatch, LoadPipeline, LoadStats, Sink, SinkError};
 
 /// What a drain did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -217,7 +217,8 @@ impl Drainer {
         batches: Vec<collector_core::codec::LeasedBatch>,
         summary: &mut DrainSummary,
     ) -> Result<LoadStats, DrainError> {
-        let mut stats = LoadStats::default();
+        // Decoding and preparing the next load overlap the write of the one before.
+        let mut pipeline = LoadPipeline::new(self.sink.clone());
         let mut load = Load {
             shard,
             batches: Vec::new(),
@@ -234,12 +235,14 @@ impl Drainer {
                         events: batch.events,
                     });
                 }
-                // A newer edge: do not ack, do not dead-letter; this agent must be upgraded.
+                // A newer edge: do not ack, do not dead-letter; this agent must be upgraded
+                // (what was pushed is written first, and comes back as duplicates).
                 Err(e @ CodecError::UnsupportedVersion(v)) if v > BATCH_VERSION => {
+                    pipeline.finish().await.map_err(DrainError::Sink)?;
                     return Err(DrainError::NewerFormat {
                         shard,
                         error: e.to_string(),
-                    })
+                    });
                 }
                 Err(e) => {
                     tracing::error!(shard, batch_id = b.batch_id, error = %e, "batch does not decode; dead-lettering it");
@@ -258,11 +261,11 @@ impl Drainer {
                         batches: Vec::new(),
                     },
                 );
-                stats.add(self.sink.load(&full).await.map_err(DrainError::Sink)?);
+                pipeline.push(full).await.map_err(DrainError::Sink)?;
                 events = 0;
             }
         }
-        Ok(stats)
+        pipeline.finish().await.map_err(DrainError::Sink)
     }
 
     /// Drains one shard until it has nothing sealed left (or `max_rounds` rounds).

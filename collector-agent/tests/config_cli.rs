@@ -72,6 +72,10 @@ fn problems_name_their_key() {
         ),
         (format!("{BASE}[warehouse]\nthreads = 0\n"), "warehouse.threads"),
         (
+            format!("{BASE}[warehouse]\ncheckpoint_threshold = \"1GB;\"\n"),
+            "warehouse.checkpoint_threshold",
+        ),
+        (
             format!("{BASE}[warehouse]\nkind = \"clickhouse\"\nurl = \"tcp://h:9000\"\n"),
             "warehouse.url",
         ),

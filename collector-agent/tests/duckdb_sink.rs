@@ -144,13 +144,19 @@ async fn memory_limit_and_threads_are_applied() {
         path: dir.path().join("w.duckdb"),
         memory_limit: Some("64MB".into()),
         threads: Some(1),
+        checkpoint_threshold: Some("48MB".into()),
     })
     .unwrap();
     let r = sink
-        .query("SELECT current_setting('threads'), current_setting('memory_limit')")
+        .query("SELECT current_setting('threads'), current_setting('memory_limit'), current_setting('checkpoint_threshold')")
         .await
         .unwrap();
     assert_eq!(r.rows[0][0].as_deref(), Some("1"));
     let limit = r.rows[0][1].clone().unwrap();
     assert!(limit.contains("MiB") && limit.starts_with('6'), "{limit}");
+    let threshold = r.rows[0][2].clone().unwrap();
+    assert!(
+        threshold.contains("MiB") && threshold.starts_with("4"),
+        "{threshold}"
+    );
 }

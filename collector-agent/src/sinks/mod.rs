@@ -207,6 +207,57 @@ pub async fn replay_all(
     Ok(r)
 }
 
+/// Loads in order, preparing each load (parsing and flattening: the agent's CPU work)
+/// on the blocking pool while the sink writes the one before (mostly the database's
+/// work), so a drain uses two cores. At most one write runs and one prepared load
+/// waits, so memory stays bounded by two loads. Loads are written in the order pushed,
+/// each all or nothing, as [`Sink::load`] would.
+pub struct LoadPipeline {
+    sink: Arc<dyn Sink>,
+    writing: Option<tokio::task::JoinHandle<Result<LoadStats, SinkError>>>,
+    stats: LoadStats,
+}
+
+impl LoadPipeline {
+    pub fn new(sink: Arc<dyn Sink>) -> LoadPipeline {
+        LoadPipeline {
+            sink,
+            writing: None,
+            stats: LoadStats::default(),
+        }
+    }
+
+    /// Prepares `load`, waits for the write before it, then starts writing it. An error
+    /// is the earlier write's; nothing after it is written.
+    pub async fn push(&mut self, load: Load) -> Result<(), SinkError> {
+        let prepared = tokio::task::spawn_blocking(move || schema::prepare(&load))
+            .await
+            .map_err(|e| SinkError::Transient(format!("prepare task failed: {e}")))?;
+        self.wait().await?;
+        let sink = self.sink.clone();
+        self.writing = Some(tokio::spawn(async move {
+            load_isolating(&*sink, prepared).await
+        }));
+        Ok(())
+    }
+
+    async fn wait(&mut self) -> Result<(), SinkError> {
+        if let Some(w) = self.writing.take() {
+            let stats = w
+                .await
+                .map_err(|e| SinkError::Transient(format!("write task failed: {e}")))??;
+            self.stats.add(stats);
+        }
+        Ok(())
+    }
+
+    /// Waits for the last write; the stats of every load pushed.
+    pub async fn finish(mut self) -> Result<LoadStats, SinkError> {
+        self.wait().await?;
+        Ok(self.stats)
+    }
+}
+
 /// Writes a prepared load; after a permanent error, writes its events one at a time and
 /// quarantines each one the warehouse refuses on its own, then the rest of the load.
 pub async fn load_isolating<S: Sink + ?Sized>(

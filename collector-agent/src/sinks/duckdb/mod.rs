@@ -5,6 +5,7 @@
 //! path = "./data/warehouse.duckdb"   # relative to the config file
 //! # memory_limit = "64MB"           # DuckDB's settings; its defaults when absent
 //! # threads = 1
+//! # checkpoint_threshold = "64MB"   # faster loads, more memory (DuckDB's default: 16MB)
 //! ```
 //!
 //! Tables in Segment's warehouse shape (from `sinks::schema`): `tracks`, `pages`,
