@@ -45,6 +45,9 @@ pub struct AgentConfig {
     /// Timeout of one HTTP request to the edge.
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// `[identity]`: the block list and limits of identity resolution.
+    #[serde(default)]
+    pub identity: crate::identity::IdentityConfig,
 }
 
 /// `[warehouse]`: `kind` picks the sink (default `duckdb`); the other keys are the
@@ -186,6 +189,7 @@ impl AgentConfig {
             }
             WarehouseConfig::Parquet(_) => {}
         }
+        self.identity.limits.validate()?;
         self.secret()?;
         Ok(())
     }

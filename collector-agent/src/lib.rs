@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod config;
 pub mod edge;
+pub mod identity;
 pub mod metrics;
 pub mod privacy_cli;
 pub mod sinks;
@@ -308,7 +309,32 @@ impl Drainer {
                 }
             }
         }
+        if total.inserted > 0 {
+            // People are resolved after every round that loaded something; a run that
+            // fails is simply done again after the next (it is idempotent).
+            if let Err(e) = self.resolve_identity().await {
+                tracing::warn!(error = %e, "identity resolution failed; retried after the next load");
+            }
+        }
         (total, errors)
+    }
+
+    /// Resolves identity and profiles in the warehouse (SQL sinks only).
+    pub async fn resolve_identity(&self) -> Result<Option<identity::IdentityStats>, SinkError> {
+        let Some(mut session) = self.sink.session().await? else {
+            return Ok(None);
+        };
+        let stats = identity::run(&mut *session, &self.cfg.identity).await?;
+        tracing::info!(
+            new_edges = stats.new_edges,
+            region_ids = stats.region_ids,
+            passes = stats.passes,
+            merges = stats.merges,
+            refused = stats.refused,
+            profiles = stats.profiles,
+            "identity resolved"
+        );
+        Ok(Some(stats))
     }
 }
 

@@ -72,6 +72,16 @@ enum Command {
         #[arg(long, default_value = "agent.toml")]
         config: PathBuf,
     },
+    /// One person, found by any of their ids: ids, traits, consent, latest events.
+    Profile {
+        /// A user id, anonymous id, hashed email or person_id.
+        id: String,
+        #[arg(long, default_value = "agent.toml")]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Events the warehouse refused: kept with their reason in the `quarantine` table.
     Quarantine {
         #[command(subcommand)]
@@ -160,6 +170,16 @@ async fn main() -> anyhow::Result<()> {
                     to_table(&result)
                 }
             );
+            Ok(())
+        }
+        Command::Profile { id, config, json } => {
+            let cfg = AgentConfig::load(&config)?;
+            let found = collector_agent::identity::profile::lookup(&id, |q| sql(&cfg, q)).await?;
+            match found {
+                Some(p) if json => println!("{}", serde_json::to_string_pretty(&p)?),
+                Some(p) => print!("{}", p.to_text()),
+                None => anyhow::bail!("no person has the id {id:?}"),
+            }
             Ok(())
         }
         Command::Replay {

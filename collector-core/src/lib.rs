@@ -15,6 +15,7 @@
 //! - [`sign`]: HMAC-SHA256 request signing for the drain API.
 //! - [`shard`]: which queue shard an event belongs to.
 //! - [`error`]: the error types and their HTTP mapping.
+//! - [`identity`]: the ids that may never link people (the block list).
 
 pub mod codec;
 pub mod consent;
@@ -22,6 +23,7 @@ pub mod detect;
 pub mod drain;
 pub mod error;
 pub mod event;
+pub mod identity;
 pub mod ingest;
 pub mod limits;
 pub mod note;

@@ -146,6 +146,12 @@ pub trait Sink: Send + Sync {
     /// Runs one SQL statement and renders its rows as text.
     async fn query(&self, sql: &str) -> Result<QueryResult, SinkError>;
 
+    /// A session of its own on the warehouse, for work computed in SQL after loads
+    /// (identity, profiles). `None` when the sink has no SQL warehouse to compute in.
+    async fn session(&self) -> Result<Option<Box<dyn SqlSession + '_>>, SinkError> {
+        Ok(None)
+    }
+
     /// Loads one lease's batches, all or nothing: its events (each `message_id` once in
     /// the whole warehouse), the events the warehouse refuses (quarantined with their
     /// reason, never blocking the rest), and undecodable batches (dead letters). Loading
@@ -168,6 +174,31 @@ pub trait Sink: Send + Sync {
         }
         Ok(stats)
     }
+}
+
+/// The SQL dialect of a warehouse session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    DuckDb,
+    Postgres,
+}
+
+/// One connection to the warehouse, used by one job at a time; the job opens and
+/// commits its own transactions. Values are inlined as literals ([`sql_lit`]).
+#[async_trait]
+pub trait SqlSession: Send {
+    fn dialect(&self) -> Dialect;
+    /// Runs one statement; the rows it changed.
+    async fn execute(&mut self, sql: &str) -> Result<u64, SinkError>;
+    /// Runs statements separated by `;`.
+    async fn batch(&mut self, sql: &str) -> Result<(), SinkError>;
+    /// Runs one query; its rows rendered as text (timestamps RFC 3339 UTC).
+    async fn query(&mut self, sql: &str) -> Result<QueryResult, SinkError>;
+}
+
+/// A SQL string literal (standard SQL: quotes doubled; both dialects read it so).
+pub fn sql_lit(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "''"))
 }
 
 /// What a replay did: dead letters that decode now and were loaded (or are still

@@ -68,6 +68,7 @@ impl Stack {
             lease_ms: 30_000,
             request_timeout_ms: 30_000,
             metrics_addr: None,
+            identity: Default::default(),
         };
         cfg.validate().expect("valid agent config");
         cfg

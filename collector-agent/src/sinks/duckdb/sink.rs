@@ -15,7 +15,7 @@ use duckdb::{params, Connection};
 
 use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
 use crate::sinks::tables::{self, Catalog, Plan, TableKind, TableLoad};
-use crate::sinks::{LoadStats, QueryResult, Sink, SinkError};
+use crate::sinks::{Dialect, LoadStats, QueryResult, Sink, SinkError, SqlSession};
 
 /// DuckDB's type for a logical type.
 pub(crate) fn sql_type(ty: LogicalType) -> &'static str {
@@ -127,6 +127,11 @@ ALTER TABLE dead_letters_keyed RENAME TO dead_letters;
             3,
             "per-event tables, flattened columns, users, rejected_values",
             v3,
+        ),
+        (
+            4,
+            "identity graph, identities, identity_merges, profiles",
+            crate::identity::ddl(Dialect::DuckDb),
         ),
     ]
 }
@@ -729,5 +734,61 @@ impl Sink for DuckDbSink {
     async fn query(&self, sql: &str) -> Result<QueryResult, SinkError> {
         let sql = sql.to_string();
         self.with_conn(move |c, _| run_query(c, &sql)).await
+    }
+
+    async fn session(&self) -> Result<Option<Box<dyn SqlSession + '_>>, SinkError> {
+        let conn = self
+            .with_conn(|c, _| c.try_clone().map_err(transient))
+            .await?;
+        Ok(Some(Box::new(DuckSession {
+            conn: Arc::new(Mutex::new(conn)),
+        })))
+    }
+}
+
+/// A second connection to the same database (DuckDB's MVCC keeps its transactions
+/// apart from the loads'); every call runs on the blocking pool.
+struct DuckSession {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl DuckSession {
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, SinkError> + Send + 'static,
+    ) -> Result<T, SinkError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let c = conn
+                .lock()
+                .map_err(|_| SinkError::Transient("session lock poisoned".into()))?;
+            f(&c)
+        })
+        .await
+        .map_err(|e| SinkError::Transient(format!("warehouse task failed: {e}")))?
+    }
+}
+
+#[async_trait]
+impl SqlSession for DuckSession {
+    fn dialect(&self) -> Dialect {
+        Dialect::DuckDb
+    }
+
+    async fn execute(&mut self, sql: &str) -> Result<u64, SinkError> {
+        let sql = sql.to_string();
+        self.run(move |c| c.execute(&sql, []).map(|n| n as u64).map_err(classify))
+            .await
+    }
+
+    async fn batch(&mut self, sql: &str) -> Result<(), SinkError> {
+        let sql = sql.to_string();
+        self.run(move |c| c.execute_batch(&sql).map_err(classify))
+            .await
+    }
+
+    async fn query(&mut self, sql: &str) -> Result<QueryResult, SinkError> {
+        let sql = sql.to_string();
+        self.run(move |c| run_query(c, &sql)).await
     }
 }

@@ -18,7 +18,7 @@ use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 use super::config::PostgresConfig;
 use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
 use crate::sinks::tables::{self, Catalog, Cell, TableKind};
-use crate::sinks::{LoadStats, QueryResult, Sink, SinkError};
+use crate::sinks::{Dialect, LoadStats, QueryResult, Sink, SinkError, SqlSession};
 
 /// PostgreSQL's type for a logical type.
 fn sql_type(ty: LogicalType) -> &'static str {
@@ -111,6 +111,11 @@ CREATE TABLE IF NOT EXISTS rejected_values (message_id text NOT NULL, table_name
             3,
             "per-event tables, flattened columns, users, rejected_values",
             v3,
+        ),
+        (
+            4,
+            "identity graph, identities, identity_merges, profiles",
+            crate::identity::ddl(Dialect::Postgres),
         ),
     ]
 }
@@ -576,33 +581,72 @@ impl Sink for PostgresSink {
     async fn query(&self, sql: &str) -> Result<QueryResult, SinkError> {
         let guard = self.client().await?;
         let client = guard.as_ref().expect("connected");
-        let messages = client
-            .simple_query(sql)
+        simple_rows(client, sql)
             .await
-            .map_err(|e| SinkError::Permanent(classify(e).to_string()))?;
-        let mut result = QueryResult {
-            columns: Vec::new(),
-            rows: Vec::new(),
-        };
-        for m in messages {
-            match m {
-                SimpleQueryMessage::RowDescription(cols) => {
-                    result.columns = cols.iter().map(|c| c.name().to_string()).collect();
-                    result.rows.clear();
-                }
-                SimpleQueryMessage::Row(row) => {
-                    if result.columns.is_empty() {
-                        result.columns =
-                            row.columns().iter().map(|c| c.name().to_string()).collect();
-                    }
-                    result
-                        .rows
-                        .push((0..row.len()).map(|i| row.get(i).map(render)).collect());
-                }
-                _ => {}
+            .map_err(|e| SinkError::Permanent(e.to_string()))
+    }
+
+    async fn session(&self) -> Result<Option<Box<dyn SqlSession + '_>>, SinkError> {
+        Ok(Some(Box::new(PgSession {
+            guard: self.client().await?,
+        })))
+    }
+}
+
+/// Runs one query by the simple protocol; its rows rendered as text.
+async fn simple_rows(client: &Client, sql: &str) -> Result<QueryResult, SinkError> {
+    let messages = client.simple_query(sql).await.map_err(classify)?;
+    let mut result = QueryResult {
+        columns: Vec::new(),
+        rows: Vec::new(),
+    };
+    for m in messages {
+        match m {
+            SimpleQueryMessage::RowDescription(cols) => {
+                result.columns = cols.iter().map(|c| c.name().to_string()).collect();
+                result.rows.clear();
             }
+            SimpleQueryMessage::Row(row) => {
+                if result.columns.is_empty() {
+                    result.columns = row.columns().iter().map(|c| c.name().to_string()).collect();
+                }
+                result
+                    .rows
+                    .push((0..row.len()).map(|i| row.get(i).map(render)).collect());
+            }
+            _ => {}
         }
-        Ok(result)
+    }
+    Ok(result)
+}
+
+/// The sink's connection, held for one job (loads wait meanwhile).
+struct PgSession<'a> {
+    guard: tokio::sync::MutexGuard<'a, Option<Client>>,
+}
+
+impl PgSession<'_> {
+    fn client(&self) -> &Client {
+        self.guard.as_ref().expect("connected")
+    }
+}
+
+#[async_trait]
+impl SqlSession for PgSession<'_> {
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
+    }
+
+    async fn execute(&mut self, sql: &str) -> Result<u64, SinkError> {
+        self.client().execute(sql, &[]).await.map_err(classify)
+    }
+
+    async fn batch(&mut self, sql: &str) -> Result<(), SinkError> {
+        self.client().batch_execute(sql).await.map_err(classify)
+    }
+
+    async fn query(&mut self, sql: &str) -> Result<QueryResult, SinkError> {
+        simple_rows(self.client(), sql).await
     }
 }
 

@@ -1,0 +1,87 @@
+//! `[identity]` in `agent.toml`.
+
+use serde::Deserialize;
+
+/// How ids are joined into people.
+///
+/// ```toml
+/// [identity]
+/// block = ["test-user"]          # more placeholder ids to ignore (the defaults stay)
+/// [identity.limits]
+/// user_id = 1                    # at most one user id per person
+/// email = 3
+/// anonymous_id = 200
+/// max_ids = 500                  # ids of any type per person
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Extra ids that may never join people (the default list always applies).
+    #[serde(default)]
+    pub block: Vec<String>,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// The most ids of each type one person may have; a merge that would exceed one is
+/// refused and recorded with its reason.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default = "one")]
+    pub user_id: u32,
+    #[serde(default = "default_emails")]
+    pub email: u32,
+    #[serde(default = "default_anonymous")]
+    pub anonymous_id: u32,
+    #[serde(default = "default_max_ids")]
+    pub max_ids: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            user_id: one(),
+            email: default_emails(),
+            anonymous_id: default_anonymous(),
+            max_ids: default_max_ids(),
+        }
+    }
+}
+
+impl Limits {
+    /// The limit of an id type.
+    pub fn of(&self, id_type: &str) -> u32 {
+        match id_type {
+            "user_id" => self.user_id,
+            "email" => self.email,
+            "anonymous_id" => self.anonymous_id,
+            _ => self.max_ids,
+        }
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for (k, v) in [
+            ("user_id", self.user_id),
+            ("email", self.email),
+            ("anonymous_id", self.anonymous_id),
+            ("max_ids", self.max_ids),
+        ] {
+            anyhow::ensure!(v >= 1, "config: identity.limits.{k} must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_emails() -> u32 {
+    5
+}
+fn default_anonymous() -> u32 {
+    500
+}
+fn default_max_ids() -> u32 {
+    1000
+}

@@ -1,0 +1,607 @@
+//! One identity run, in the warehouse, in one transaction:
+//!
+//! 1. **Scan** the events loaded since the last run (`loaded_at` from the saved
+//!    watermark, minus a 10-minute margin so loads that committed late are not
+//!    missed; everything below is idempotent, so scanning twice changes nothing).
+//! 2. **Ids and edges.** Every id becomes an `identities` row (its own person until
+//!    joined); ids seen together in one event become an `identity_edges` row, one per
+//!    pair, kept at its earliest event. Ids on the block list never become either; an
+//!    edge touching one is stored as `blocked` and its refusal logged.
+//! 3. **Region**, by label propagation in SQL to a fixed point: from the ids of new
+//!    edges, follow every edge (joined or refused) until a pass adds nothing. Only that
+//!    part of the graph is resolved again.
+//! 4. **Resolve** the region's edges in canonical order with the limits
+//!    ([`super::resolve`]), write each id's person, each edge's verdict, and log every
+//!    merge of two people and every refusal (`identity_merges`).
+//! 5. **Profiles** of every person touched are computed again (`profiles`).
+
+use std::collections::{HashMap, HashSet};
+
+use collector_core::identity::BlockList;
+
+use super::config::IdentityConfig;
+use super::resolve::{resolve, Edge, Id, Verdict};
+use crate::sinks::{sql_lit, Dialect, SinkError, SqlSession};
+
+/// What one run did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct IdentityStats {
+    /// Edges new or changed in this run.
+    pub new_edges: u64,
+    /// Ids in the region resolved again.
+    pub region_ids: u64,
+    /// Label-propagation passes until nothing changed.
+    pub passes: u32,
+    /// People merged into others, and merges refused by a limit.
+    pub merges: u64,
+    pub refused: u64,
+    /// Profiles written.
+    pub profiles: u64,
+}
+
+/// The SQL of one dialect.
+struct Sql(Dialect);
+
+impl Sql {
+    fn text(&self) -> &'static str {
+        match self.0 {
+            Dialect::DuckDb => "VARCHAR",
+            Dialect::Postgres => "text",
+        }
+    }
+    fn ts(&self) -> &'static str {
+        match self.0 {
+            Dialect::DuckDb => "TIMESTAMP",
+            Dialect::Postgres => "timestamptz",
+        }
+    }
+    fn json(&self) -> &'static str {
+        match self.0 {
+            Dialect::DuckDb => "JSON",
+            Dialect::Postgres => "jsonb",
+        }
+    }
+    fn now(&self) -> &'static str {
+        match self.0 {
+            Dialect::DuckDb => "now()::TIMESTAMP",
+            Dialect::Postgres => "now()",
+        }
+    }
+    /// A text field of a JSON column.
+    fn json_text(&self, col: &str, key: &str) -> String {
+        match self.0 {
+            Dialect::DuckDb => format!("json_extract_string({col}, '$.\"{key}\"')"),
+            Dialect::Postgres => format!("({col}->>'{key}')"),
+        }
+    }
+    /// A JSON path (object keys) of a JSON column, as JSON.
+    fn json_path(&self, col: &str, keys: &[&str]) -> String {
+        match self.0 {
+            Dialect::DuckDb => format!(
+                "json_extract({col}, '$.{}')",
+                keys.iter()
+                    .map(|k| format!("\"{k}\""))
+                    .collect::<Vec<_>>()
+                    .join(".")
+            ),
+            Dialect::Postgres => format!(
+                "({col}{})",
+                keys.iter().map(|k| format!("->'{k}'")).collect::<String>()
+            ),
+        }
+    }
+    /// Instants rendered the same in every dialect.
+    fn ts_text(&self, e: &str) -> String {
+        match self.0 {
+            Dialect::DuckDb => format!("strftime({e}, '%Y-%m-%dT%H:%M:%S.%gZ')"),
+            Dialect::Postgres => {
+                format!("to_char({e} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
+            }
+        }
+    }
+    fn text_array_agg(&self, e: &str, filter: &str) -> String {
+        match self.0 {
+            Dialect::DuckDb => format!(
+                "COALESCE(to_json(list({e} ORDER BY {e}) FILTER (WHERE {filter})), '[]'::JSON)"
+            ),
+            Dialect::Postgres => format!(
+                "COALESCE(jsonb_agg({e} ORDER BY {e}) FILTER (WHERE {filter}), '[]'::jsonb)"
+            ),
+        }
+    }
+    fn object_agg(&self, k: &str, v: &str) -> String {
+        match self.0 {
+            Dialect::DuckDb => format!("json_group_object({k}, {v})"),
+            Dialect::Postgres => format!("jsonb_object_agg({k}, {v})"),
+        }
+    }
+    fn build_object(&self, pairs: &[(&str, String)]) -> String {
+        let args = pairs
+            .iter()
+            .map(|(k, v)| format!("'{k}', {v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        match self.0 {
+            Dialect::DuckDb => format!("json_object({args})"),
+            Dialect::Postgres => format!("jsonb_build_object({args})"),
+        }
+    }
+    fn json_each(&self, col: &str) -> String {
+        match self.0 {
+            Dialect::DuckDb => format!("json_each({col})"),
+            Dialect::Postgres => format!("jsonb_each({col})"),
+        }
+    }
+    /// The elements of a JSON array of strings, one row each (in a select list).
+    fn unnest_text(&self, json: &str) -> String {
+        match self.0 {
+            Dialect::DuckDb => format!("unnest(CAST({json} AS VARCHAR[]))"),
+            Dialect::Postgres => format!("jsonb_array_elements_text({json})"),
+        }
+    }
+    fn empty_object(&self) -> &'static str {
+        match self.0 {
+            Dialect::DuckDb => "'{}'::JSON",
+            Dialect::Postgres => "'{}'::jsonb",
+        }
+    }
+    fn all_digits_0_dash(&self, e: &str) -> String {
+        match self.0 {
+            Dialect::DuckDb => format!("regexp_full_match({e}, '[0-]+')"),
+            Dialect::Postgres => format!("({e} ~ '^[0-]+$')"),
+        }
+    }
+
+    /// True when the text `v` (not NULL) is on the block list: the rule of
+    /// [`BlockList::blocked`], in SQL.
+    fn blocked(&self, v: &str, list: &BlockList) -> String {
+        let t = format!("trim({v})");
+        let values = list.values().map(sql_lit).collect::<Vec<_>>().join(", ");
+        format!(
+            "({t} = '' OR (length({t}) >= 2 AND ((left({t}, 1) = '\"' AND right({t}, 1) = '\"') OR (left({t}, 1) = '''' AND right({t}, 1) = ''''))) OR {} OR lower({t}) IN ({values}))",
+            self.all_digits_0_dash(&t)
+        )
+    }
+}
+
+/// The tables identity keeps (a migration of each SQL sink).
+pub fn ddl(d: Dialect) -> String {
+    let s = Sql(d);
+    let (t, ts, j) = (s.text(), s.ts(), s.json());
+    let mut sql = format!(
+        "CREATE TABLE identity_edges (a_type {t} NOT NULL, a_value {t} NOT NULL, b_type {t} NOT NULL, b_value {t} NOT NULL, message_id {t} NOT NULL, ts {ts} NOT NULL, status {t} NOT NULL, reason {t}, PRIMARY KEY (a_type, a_value, b_type, b_value));
+CREATE TABLE identities (id_type {t} NOT NULL, id_value {t} NOT NULL, person_id {t} NOT NULL, first_seen {ts}, PRIMARY KEY (id_type, id_value));
+CREATE TABLE identity_merges (message_id {t} NOT NULL, a_type {t} NOT NULL, a_value {t} NOT NULL, b_type {t} NOT NULL, b_value {t} NOT NULL, kind {t} NOT NULL, from_person {t}, into_person {t}, reason {t}, merged_at {ts} NOT NULL, PRIMARY KEY (message_id, a_type, a_value, b_type, b_value, kind));
+CREATE TABLE profiles (person_id {t} PRIMARY KEY, user_ids {j} NOT NULL, anonymous_ids {j} NOT NULL, emails {j} NOT NULL, first_seen {ts}, last_seen {ts}, event_count BIGINT NOT NULL, traits {j} NOT NULL, consent {j} NOT NULL, updated_at {ts} NOT NULL);
+CREATE TABLE collector_identity_state (name {t} PRIMARY KEY, value {ts} NOT NULL);
+"
+    );
+    if d == Dialect::Postgres {
+        sql.push_str(
+            "CREATE INDEX identities_person ON identities (person_id);
+CREATE INDEX identity_edges_b ON identity_edges (b_type, b_value);
+CREATE INDEX identity_edges_status ON identity_edges (status);
+",
+        );
+    }
+    sql
+}
+
+/// The base tables an identity run reads, with what each adds (`previous_id` of an
+/// alias, the `email` trait of an identify).
+const SOURCES: &[&str] = &[
+    "tracks",
+    "pages",
+    "screens",
+    "identifies",
+    "groups",
+    "aliases",
+];
+
+/// `person_id` of an id: a stable digest of its type and value (the same in Rust and
+/// in SQL's `md5`).
+pub fn person_id(id: &Id) -> String {
+    use md5::{Digest, Md5};
+    hex::encode(Md5::digest(format!("{}:{}", id.0, id.1).as_bytes()))
+}
+
+/// Runs identity resolution once, in one transaction (rolled back on error).
+pub async fn run(s: &mut dyn SqlSession, cfg: &IdentityConfig) -> Result<IdentityStats, SinkError> {
+    s.batch("BEGIN").await?;
+    match run_in_tx(s, cfg).await {
+        Ok(stats) => {
+            s.batch("COMMIT").await?;
+            Ok(stats)
+        }
+        Err(e) => {
+            let _ = s.batch("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
+async fn run_in_tx(
+    s: &mut dyn SqlSession,
+    cfg: &IdentityConfig,
+) -> Result<IdentityStats, SinkError> {
+    let q = Sql(s.dialect());
+    let list = BlockList::new(&cfg.block);
+    let mut stats = IdentityStats::default();
+    if q.0 == Dialect::Postgres {
+        // One identity run at a time across the agents sharing the database.
+        s.query("SELECT pg_advisory_xact_lock(7415202612)").await?;
+    }
+    let (t, ts, now) = (q.text(), q.ts(), q.now());
+    // 1. The scan window.
+    let max_loaded = SOURCES
+        .iter()
+        .map(|tb| format!("SELECT max(loaded_at) AS m FROM {tb}"))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    s.batch(&format!(
+        "DROP TABLE IF EXISTS identity_window;
+         CREATE TEMP TABLE identity_window AS SELECT
+           COALESCE((SELECT value FROM collector_identity_state WHERE name = 'scan_from'), CAST('1970-01-01 00:00:00' AS {ts})) AS scan_from,
+           (SELECT max(m) FROM ({max_loaded}) x) AS scan_to;"
+    ))
+    .await?;
+    let scan = SOURCES
+        .iter()
+        .map(|tb| {
+            let previous = if *tb == "aliases" {
+                "previous_id".to_string()
+            } else {
+                format!("CAST(NULL AS {t})")
+            };
+            let email = if *tb == "identifies" {
+                q.json_text("traits", "email")
+            } else {
+                format!("CAST(NULL AS {t})")
+            };
+            format!(
+                "SELECT message_id, anonymous_id, user_id, {previous} AS previous_id, {email} AS email, timestamp AS ts FROM {tb} WHERE loaded_at >= (SELECT scan_from FROM identity_window)"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    s.batch(&format!(
+        "DROP TABLE IF EXISTS identity_scan; CREATE TEMP TABLE identity_scan AS {scan};"
+    ))
+    .await?;
+
+    // 2. Ids (each its own person until joined) and edges.
+    s.batch(&format!(
+        "DROP TABLE IF EXISTS identity_scan_ids;
+         CREATE TEMP TABLE identity_scan_ids AS
+           SELECT 'anonymous_id' AS id_type, anonymous_id AS id_value, ts FROM identity_scan WHERE anonymous_id IS NOT NULL
+           UNION ALL SELECT 'user_id', user_id, ts FROM identity_scan WHERE user_id IS NOT NULL
+           UNION ALL SELECT 'email', email, ts FROM identity_scan WHERE email IS NOT NULL
+           UNION ALL SELECT 'user_id', previous_id, ts FROM identity_scan WHERE previous_id IS NOT NULL AND (anonymous_id IS NULL OR previous_id <> anonymous_id);
+         DELETE FROM identity_scan_ids WHERE {};",
+        q.blocked("id_value", &list)
+    ))
+    .await?;
+    s.execute(
+        "INSERT INTO identities (id_type, id_value, person_id, first_seen)
+         SELECT id_type, id_value, md5(id_type || ':' || id_value), min(ts) FROM identity_scan_ids GROUP BY id_type, id_value
+         ON CONFLICT (id_type, id_value) DO UPDATE SET first_seen = excluded.first_seen
+         WHERE excluded.first_seen < identities.first_seen",
+    )
+    .await?;
+    s.batch(
+        "DROP TABLE IF EXISTS identity_scan_edges;
+         CREATE TEMP TABLE identity_scan_edges AS
+           SELECT 'anonymous_id' AS a_type, anonymous_id AS a_value, 'user_id' AS b_type, user_id AS b_value, message_id, ts FROM identity_scan WHERE anonymous_id IS NOT NULL AND user_id IS NOT NULL
+           UNION ALL SELECT 'user_id', user_id, 'email', email, message_id, ts FROM identity_scan WHERE user_id IS NOT NULL AND email IS NOT NULL
+           UNION ALL SELECT 'anonymous_id', anonymous_id, 'email', email, message_id, ts FROM identity_scan WHERE user_id IS NULL AND anonymous_id IS NOT NULL AND email IS NOT NULL
+           UNION ALL SELECT 'user_id', least(previous_id, user_id), 'user_id', greatest(previous_id, user_id), message_id, ts FROM identity_scan
+             WHERE previous_id IS NOT NULL AND user_id IS NOT NULL AND previous_id <> user_id AND (anonymous_id IS NULL OR previous_id <> anonymous_id);",
+    )
+    .await?;
+    let blocked_a = q.blocked("a_value", &list);
+    let blocked_b = q.blocked("b_value", &list);
+    stats.new_edges = s
+        .execute(&format!(
+            "INSERT INTO identity_edges (a_type, a_value, b_type, b_value, message_id, ts, status, reason)
+             SELECT a_type, a_value, b_type, b_value, message_id, ts,
+               CASE WHEN {blocked_a} OR {blocked_b} THEN 'blocked' ELSE 'new' END,
+               CASE WHEN {blocked_a} THEN 'blocked id: ' || a_value WHEN {blocked_b} THEN 'blocked id: ' || b_value END
+             FROM (SELECT DISTINCT ON (a_type, a_value, b_type, b_value) * FROM identity_scan_edges
+                   ORDER BY a_type, a_value, b_type, b_value, ts, message_id) e
+             ON CONFLICT (a_type, a_value, b_type, b_value) DO UPDATE SET message_id = excluded.message_id, ts = excluded.ts,
+               status = CASE WHEN excluded.status = 'blocked' THEN 'blocked' ELSE 'new' END
+             WHERE excluded.ts < identity_edges.ts OR (excluded.ts = identity_edges.ts AND excluded.message_id < identity_edges.message_id)"
+        ))
+        .await?;
+    s.execute(&format!(
+        "INSERT INTO identity_merges (message_id, a_type, a_value, b_type, b_value, kind, from_person, into_person, reason, merged_at)
+         SELECT message_id, a_type, a_value, b_type, b_value, 'refused', NULL, NULL, reason, {now} FROM identity_edges WHERE status = 'blocked'
+         ON CONFLICT DO NOTHING"
+    ))
+    .await?;
+
+    // 3. The region to resolve again: label propagation from the new edges' ids.
+    s.batch(&format!(
+        "DROP TABLE IF EXISTS identity_region;
+         CREATE TEMP TABLE identity_region (id_type {t} NOT NULL, id_value {t} NOT NULL, pass INTEGER NOT NULL, PRIMARY KEY (id_type, id_value));"
+    ))
+    .await?;
+    let mut added = s
+        .execute(
+            "INSERT INTO identity_region SELECT DISTINCT id_type, id_value, 0 FROM (
+               SELECT a_type AS id_type, a_value AS id_value FROM identity_edges WHERE status = 'new'
+               UNION ALL SELECT b_type, b_value FROM identity_edges WHERE status = 'new') n
+             ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    let mut pass = 0u32;
+    while added > 0 {
+        pass += 1;
+        let prev = pass - 1;
+        added = s
+            .execute(&format!(
+                "INSERT INTO identity_region SELECT DISTINCT id_type, id_value, {pass} FROM (
+                   SELECT e.b_type AS id_type, e.b_value AS id_value FROM identity_edges e JOIN identity_region r
+                     ON r.pass = {prev} AND e.a_type = r.id_type AND e.a_value = r.id_value WHERE e.status <> 'blocked'
+                   UNION ALL
+                   SELECT e.a_type, e.a_value FROM identity_edges e JOIN identity_region r
+                     ON r.pass = {prev} AND e.b_type = r.id_type AND e.b_value = r.id_value WHERE e.status <> 'blocked') n
+                 ON CONFLICT DO NOTHING"
+            ))
+            .await?;
+    }
+    stats.passes = pass;
+
+    // 4. Resolve the region.
+    let ids = s
+        .query(
+            "SELECT r.id_type, r.id_value, i.person_id FROM identity_region r
+             LEFT JOIN identities i ON i.id_type = r.id_type AND i.id_value = r.id_value",
+        )
+        .await?;
+    let edges = s
+        .query(
+            "SELECT e.a_type, e.a_value, e.b_type, e.b_value, e.message_id, e.ts, e.status, e.reason
+             FROM identity_edges e JOIN identity_region r ON e.a_type = r.id_type AND e.a_value = r.id_value
+             WHERE e.status <> 'blocked'",
+        )
+        .await?;
+    let text = |v: &Option<String>| v.clone().unwrap_or_default();
+    let region: Vec<Id> = ids
+        .rows
+        .iter()
+        .map(|r| (text(&r[0]), text(&r[1])))
+        .collect();
+    stats.region_ids = region.len() as u64;
+    let old_person: HashMap<Id, String> = ids
+        .rows
+        .iter()
+        .map(|r| {
+            let id = (text(&r[0]), text(&r[1]));
+            let p = r[2].clone().unwrap_or_else(|| person_id(&id));
+            (id, p)
+        })
+        .collect();
+    let mut old_status: HashMap<(Id, Id), (String, Option<String>)> = HashMap::new();
+    let region_edges: Vec<Edge> = edges
+        .rows
+        .iter()
+        .map(|r| {
+            let e = Edge {
+                a: (text(&r[0]), text(&r[1])),
+                b: (text(&r[2]), text(&r[3])),
+                message_id: text(&r[4]),
+                ts: text(&r[5]),
+            };
+            old_status.insert((e.a.clone(), e.b.clone()), (text(&r[6]), r[7].clone()));
+            e
+        })
+        .collect();
+    let res = resolve(&region, &region_edges, &cfg.limits);
+    let new_person: HashMap<&Id, String> = res
+        .person_of
+        .iter()
+        .map(|(id, canon)| (id, person_id(canon)))
+        .collect();
+
+    // Verdicts that changed, people that changed, the merge log.
+    let mut verdict_rows = Vec::new();
+    let mut log_rows = Vec::new();
+    for (e, v) in &res.verdicts {
+        let (status, reason) = match v {
+            Verdict::Accepted => ("accepted", None),
+            Verdict::Refused(r) => ("refused", Some(r.clone())),
+        };
+        let old = old_status.get(&(e.a.clone(), e.b.clone()));
+        if old.map(|(s, r)| (s.as_str(), r.clone())) != Some((status, reason.clone())) {
+            verdict_rows.push(format!(
+                "({}, {}, {}, {}, {}, {})",
+                sql_lit(&e.a.0),
+                sql_lit(&e.a.1),
+                sql_lit(&e.b.0),
+                sql_lit(&e.b.1),
+                sql_lit(status),
+                reason.as_deref().map_or("NULL".into(), sql_lit)
+            ));
+        }
+        let edge_cols = format!(
+            "{}, {}, {}, {}, {}",
+            sql_lit(&e.message_id),
+            sql_lit(&e.a.0),
+            sql_lit(&e.a.1),
+            sql_lit(&e.b.0),
+            sql_lit(&e.b.1)
+        );
+        match v {
+            Verdict::Refused(r) => {
+                stats.refused += 1;
+                log_rows.push(format!(
+                    "({edge_cols}, 'refused', NULL, NULL, {})",
+                    sql_lit(r)
+                ));
+            }
+            Verdict::Accepted => {
+                // Two people became one: the side whose person changed was merged.
+                let (pa, pb) = (&old_person[&e.a], &old_person[&e.b]);
+                if pa != pb {
+                    let into = &new_person[&e.a];
+                    let from = if pb != into { pb } else { pa };
+                    if from != into {
+                        stats.merges += 1;
+                        log_rows.push(format!(
+                            "({edge_cols}, 'merged', {}, {}, NULL)",
+                            sql_lit(from),
+                            sql_lit(into)
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let mut people_rows = Vec::new();
+    let mut touched: HashSet<String> = HashSet::new();
+    for (id, p) in &new_person {
+        let old = &old_person[*id];
+        if old != p {
+            people_rows.push(format!(
+                "({}, {}, {})",
+                sql_lit(&id.0),
+                sql_lit(&id.1),
+                sql_lit(p)
+            ));
+            touched.insert(old.clone());
+            touched.insert(p.clone());
+        }
+    }
+    s.batch(&format!(
+        "DROP TABLE IF EXISTS identity_verdicts;
+         CREATE TEMP TABLE identity_verdicts (a_type {t}, a_value {t}, b_type {t}, b_value {t}, status {t}, reason {t});
+         DROP TABLE IF EXISTS identity_people;
+         CREATE TEMP TABLE identity_people (id_type {t}, id_value {t}, person_id {t});
+         DROP TABLE IF EXISTS identity_touched;
+         CREATE TEMP TABLE identity_touched (person_id {t});"
+    ))
+    .await?;
+    insert_values(s, "identity_verdicts", &verdict_rows).await?;
+    insert_values(s, "identity_people", &people_rows).await?;
+    let touched_rows: Vec<String> = touched
+        .iter()
+        .map(|p| format!("({})", sql_lit(p)))
+        .collect();
+    insert_values(s, "identity_touched", &touched_rows).await?;
+    s.execute(
+        "UPDATE identity_edges SET status = v.status, reason = v.reason FROM identity_verdicts v
+         WHERE identity_edges.a_type = v.a_type AND identity_edges.a_value = v.a_value
+           AND identity_edges.b_type = v.b_type AND identity_edges.b_value = v.b_value",
+    )
+    .await?;
+    s.execute(
+        "UPDATE identities SET person_id = p.person_id FROM identity_people p
+         WHERE identities.id_type = p.id_type AND identities.id_value = p.id_value",
+    )
+    .await?;
+    for chunk in log_rows.chunks(500) {
+        s.execute(&format!(
+            "INSERT INTO identity_merges (message_id, a_type, a_value, b_type, b_value, kind, from_person, into_person, reason, merged_at)
+             SELECT *, {now} FROM (VALUES {}) v ON CONFLICT DO NOTHING",
+            chunk.join(", ")
+        ))
+        .await?;
+    }
+
+    // 5. Profiles of everyone touched: the people of the ids just scanned, and those
+    //    that merged or changed.
+    s.execute(
+        "INSERT INTO identity_touched SELECT DISTINCT i.person_id FROM identities i
+         JOIN identity_scan_ids n ON i.id_type = n.id_type AND i.id_value = n.id_value",
+    )
+    .await?;
+    s.execute("DELETE FROM profiles WHERE person_id IN (SELECT person_id FROM identity_touched)")
+        .await?;
+    stats.profiles = s.execute(&profiles_sql(&q)).await?;
+    s.execute(
+        "INSERT INTO collector_identity_state SELECT 'scan_from', scan_to - INTERVAL '10 minutes' FROM identity_window WHERE scan_to IS NOT NULL
+         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+    )
+    .await?;
+    Ok(stats)
+}
+
+/// Inserts rows given as SQL tuples, 500 per statement.
+async fn insert_values(
+    s: &mut dyn SqlSession,
+    table: &str,
+    rows: &[String],
+) -> Result<(), SinkError> {
+    for chunk in rows.chunks(500) {
+        s.execute(&format!("INSERT INTO {table} VALUES {}", chunk.join(", ")))
+            .await?;
+    }
+    Ok(())
+}
+
+/// `INSERT INTO profiles` for the people in `identity_touched`.
+fn profiles_sql(q: &Sql) -> String {
+    let (j, now) = (q.json(), q.now());
+    let events = SOURCES
+        .iter()
+        .map(|tb| {
+            let traits = if *tb == "identifies" {
+                "traits".to_string()
+            } else {
+                format!("CAST(NULL AS {j})")
+            };
+            format!(
+                "SELECT message_id, anonymous_id, user_id, timestamp AS ts, context, {traits} AS traits FROM {tb}"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    let resolved = q.json_path("context", &["consent", "resolved"]);
+    let source = match q.0 {
+        Dialect::DuckDb => "json_extract_string(r, '$.sources.\"' || category || '\"')".to_string(),
+        Dialect::Postgres => "(r->'sources'->>category)".to_string(),
+    };
+    let consent_entry = q.build_object(&[
+        ("granted", "granted".into()),
+        ("source", "source".into()),
+        ("policy_version", "policy_version".into()),
+        ("at", q.ts_text("ts")),
+    ]);
+    format!(
+        "INSERT INTO profiles (person_id, user_ids, anonymous_ids, emails, first_seen, last_seen, event_count, traits, consent, updated_at)
+WITH ids AS (SELECT id_type, id_value, person_id FROM identities WHERE person_id IN (SELECT person_id FROM identity_touched)),
+ev_all AS ({events}),
+ev AS (
+  SELECT DISTINCT ON (person_id, message_id) * FROM (
+    SELECT ids.person_id, e.* FROM ev_all e JOIN ids ON ids.id_type = 'anonymous_id' AND e.anonymous_id = ids.id_value
+    UNION ALL
+    SELECT ids.person_id, e.* FROM ev_all e JOIN ids ON ids.id_type = 'user_id' AND e.user_id = ids.id_value
+  ) x ORDER BY person_id, message_id),
+stats AS (SELECT person_id, min(ts) AS first_seen, max(ts) AS last_seen, count(*) AS event_count FROM ev GROUP BY person_id),
+idl AS (SELECT person_id, {users} AS user_ids, {anons} AS anonymous_ids, {emails} AS emails FROM ids GROUP BY person_id),
+tr AS (SELECT DISTINCT ON (ev.person_id, kv.key) ev.person_id, kv.key, kv.value FROM ev, {each} AS kv
+       WHERE ev.traits IS NOT NULL ORDER BY ev.person_id, kv.key, ev.ts DESC, ev.message_id DESC),
+tro AS (SELECT person_id, {traits_obj} AS traits FROM tr GROUP BY person_id),
+cs0 AS (SELECT person_id, message_id, ts, {resolved} AS r FROM ev WHERE {resolved} IS NOT NULL),
+cs1 AS (SELECT person_id, message_id, ts, r, {granted} AS category, true AS granted FROM cs0
+        UNION ALL SELECT person_id, message_id, ts, r, {denied}, false FROM cs0),
+cs AS (SELECT DISTINCT ON (person_id, category) person_id, category, granted, {source} AS source,
+         {policy} AS policy_version, ts FROM cs1 ORDER BY person_id, category, ts DESC, message_id DESC),
+cso AS (SELECT person_id, {consent_obj} AS consent FROM cs GROUP BY person_id)
+SELECT idl.person_id, idl.user_ids, idl.anonymous_ids, idl.emails, stats.first_seen, stats.last_seen,
+  COALESCE(stats.event_count, 0), COALESCE(tro.traits, {empty}), COALESCE(cso.consent, {empty}), {now}
+FROM idl LEFT JOIN stats ON stats.person_id = idl.person_id LEFT JOIN tro ON tro.person_id = idl.person_id
+  LEFT JOIN cso ON cso.person_id = idl.person_id",
+        users = q.text_array_agg("id_value", "id_type = 'user_id'"),
+        anons = q.text_array_agg("id_value", "id_type = 'anonymous_id'"),
+        emails = q.text_array_agg("id_value", "id_type = 'email'"),
+        each = q.json_each("ev.traits"),
+        traits_obj = q.object_agg("key", "value"),
+        granted = q.unnest_text(&q.json_path("r", &["granted"])),
+        denied = q.unnest_text(&q.json_path("r", &["denied"])),
+        policy = q.json_text("r", "policy_version"),
+        consent_obj = q.object_agg("category", &consent_entry),
+        empty = q.empty_object(),
+    )
+}

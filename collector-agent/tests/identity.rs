@@ -1,0 +1,489 @@
+//! Identity resolution and profiles, computed in the warehouse, checked the same way
+//! on a real DuckDB file and a real PostgreSQL server.
+
+mod common;
+
+use std::sync::Arc;
+
+use collector_agent::config::PostgresConfig;
+use collector_agent::identity::{self, IdentityConfig, IdentityStats, Limits};
+use collector_agent::sinks::duckdb::DuckDbSink;
+use collector_agent::sinks::postgres::PostgresSink;
+use collector_agent::sinks::{Load, Sink};
+use collector_e2e::postgres::LocalPostgres;
+use common::{events, one, rows, s};
+use serde_json::{json, Value};
+
+enum Target {
+    DuckDb(tempfile::TempDir),
+    Postgres(LocalPostgres),
+}
+
+impl Target {
+    async fn open(&self) -> Arc<dyn Sink> {
+        match self {
+            Target::DuckDb(dir) => {
+                Arc::new(DuckDbSink::open(&dir.path().join("w.duckdb")).unwrap())
+            }
+            Target::Postgres(pg) => Arc::new(
+                PostgresSink::connect(&PostgresConfig {
+                    url: pg.url.clone(),
+                    password_env: None,
+                    schema: "analytics".into(),
+                    timeout_ms: 30_000,
+                })
+                .await
+                .unwrap(),
+            ),
+        }
+    }
+}
+
+async fn resolve(sink: &dyn Sink, cfg: &IdentityConfig) -> IdentityStats {
+    let mut session = sink.session().await.unwrap().expect("a SQL warehouse");
+    identity::run(&mut *session, cfg).await.unwrap()
+}
+
+async fn load(sink: &dyn Sink, batch_id: i64, batch: Value) {
+    sink.load(&Load::events(
+        0,
+        batch_id,
+        events(json!({ "batch": batch })),
+    ))
+    .await
+    .unwrap();
+}
+
+/// The person of an id.
+async fn person(sink: &dyn Sink, id_type: &str, id: &str) -> Option<String> {
+    one(
+        sink,
+        &format!(
+            "SELECT person_id FROM identities WHERE id_type = '{id_type}' AND id_value = '{id}'"
+        ),
+    )
+    .await
+}
+
+// Anonymous pages, then sign-in, then an alias on a second device: one person with
+// every id, event and trait.
+async fn one_person_across_devices(t: &Target) {
+    let sink = t.open().await;
+    let cfg = IdentityConfig::default();
+    load(&*sink, 1, json!([
+        {"type": "page", "messageId": "p1", "anonymousId": "a1", "name": "Pricing", "timestamp": "2026-11-20T09:00:00.000Z"},
+        {"type": "identify", "messageId": "i1", "anonymousId": "a1", "userId": "u1",
+         "traits": {"plan": "free", "email": "hash-e1"}, "timestamp": "2026-11-20T09:01:00.000Z"},
+    ]))
+    .await;
+    let first = resolve(&*sink, &cfg).await;
+    assert_eq!(first.refused, 0);
+    let p = person(&*sink, "user_id", "u1").await.unwrap();
+    assert_eq!(p, identity::person_id(&("user_id".into(), "u1".into())));
+    assert_eq!(
+        person(&*sink, "anonymous_id", "a1").await.as_deref(),
+        Some(p.as_str())
+    );
+    assert_eq!(
+        person(&*sink, "email", "hash-e1").await.as_deref(),
+        Some(p.as_str())
+    );
+
+    // Device two: browses anonymously, then the SDK aliases its anonymous id.
+    load(&*sink, 2, json!([
+        {"type": "page", "messageId": "p2", "anonymousId": "a2", "name": "Home", "timestamp": "2026-11-20T10:00:00.000Z"},
+        {"type": "track", "messageId": "t2", "anonymousId": "a2", "event": "Product Added", "timestamp": "2026-11-20T10:01:00.000Z"},
+        {"type": "alias", "messageId": "al2", "anonymousId": "a2", "previousId": "a2", "userId": "u1", "timestamp": "2026-11-20T10:02:00.000Z"},
+        {"type": "identify", "messageId": "i2", "userId": "u1", "traits": {"plan": "pro"}, "timestamp": "2026-11-20T10:03:00.000Z"},
+    ]))
+    .await;
+    let second = resolve(&*sink, &cfg).await;
+    assert_eq!(
+        person(&*sink, "anonymous_id", "a2").await.as_deref(),
+        Some(p.as_str())
+    );
+    // The anonymous person of device two merged into u1's, and the log says by which event.
+    assert_eq!(second.merges, 1);
+    assert_eq!(
+        rows(&*sink, "SELECT message_id, from_person, into_person FROM identity_merges WHERE kind = 'merged' AND message_id = 'al2'").await,
+        vec![vec![
+            s("al2"),
+            Some(identity::person_id(&("anonymous_id".into(), "a2".into()))),
+            Some(p.clone())
+        ]]
+    );
+    // One profile: every id, all six events, the latest value of each trait.
+    assert_eq!(
+        one(&*sink, "SELECT count(*) FROM profiles")
+            .await
+            .as_deref(),
+        Some("1")
+    );
+    let profile = rows(
+        &*sink,
+        "SELECT person_id, CAST(user_ids AS VARCHAR), CAST(anonymous_ids AS VARCHAR), CAST(emails AS VARCHAR), event_count, first_seen, last_seen FROM profiles",
+    )
+    .await;
+    let compact = |v: &Option<String>| v.as_deref().map(|t| t.replace(' ', ""));
+    assert_eq!(profile[0][0].as_deref(), Some(p.as_str()));
+    assert_eq!(compact(&profile[0][1]).as_deref(), Some("[\"u1\"]"));
+    assert_eq!(compact(&profile[0][2]).as_deref(), Some("[\"a1\",\"a2\"]"));
+    assert_eq!(compact(&profile[0][3]).as_deref(), Some("[\"hash-e1\"]"));
+    assert_eq!(profile[0][4].as_deref(), Some("6"));
+    assert_eq!(profile[0][5].as_deref(), Some("2026-11-20T09:00:00.000Z"));
+    assert_eq!(profile[0][6].as_deref(), Some("2026-11-20T10:03:00.000Z"));
+    let traits: Value = serde_json::from_str(
+        &one(&*sink, "SELECT CAST(traits AS VARCHAR) FROM profiles")
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(traits, json!({"plan": "pro", "email": "hash-e1"}));
+
+    // Every merge is in the log: device one's anonymous person and the email joined
+    // u1 at sign-in (i1), device two's at the alias (al2).
+    assert_eq!(
+        rows(&*sink, "SELECT message_id, a_value, b_value, kind FROM identity_merges ORDER BY message_id, b_value").await,
+        vec![
+            vec![s("al2"), s("a2"), s("u1"), s("merged")],
+            vec![s("i1"), s("u1"), s("hash-e1"), s("merged")],
+            vec![s("i1"), s("a1"), s("u1"), s("merged")],
+        ]
+    );
+    // `collector-agent profile` finds the person by any id.
+    let found = identity::profile::lookup("a2", |q| {
+        let sink = sink.clone();
+        async move { Ok(sink.query(&q).await?) }
+    })
+    .await
+    .unwrap()
+    .expect("found");
+    assert_eq!(
+        (found.person_id.as_str(), found.event_count),
+        (p.as_str(), 6)
+    );
+    let latest: Vec<_> = found.last_events.iter().map(|e| e[3].clone()).collect();
+    assert_eq!(
+        latest,
+        vec![s("i2"), s("al2"), s("t2"), s("p2"), s("i1"), s("p1")]
+    );
+    let text = found.to_text();
+    assert!(
+        text.contains("plan = \"pro\"") && text.contains("a1, a2"),
+        "{text}"
+    );
+    // Running again with nothing new changes nothing.
+    let third = resolve(&*sink, &cfg).await;
+    assert_eq!((third.new_edges, third.merges, third.refused), (0, 0, 0));
+    assert_eq!(
+        one(&*sink, "SELECT count(*) FROM identity_merges")
+            .await
+            .as_deref(),
+        Some("3")
+    );
+}
+
+// A placeholder user id never joins two visitors; the refusal is logged with its reason.
+async fn block_list_stops_a_bad_merge(t: &Target) {
+    let sink = t.open().await;
+    let cfg = IdentityConfig {
+        block: vec!["test-user".into()],
+        ..IdentityConfig::default()
+    };
+    load(&*sink, 1, json!([
+        {"type": "identify", "messageId": "b1", "anonymousId": "x1", "userId": "undefined", "timestamp": "2026-11-20T09:00:00.000Z"},
+        {"type": "identify", "messageId": "b2", "anonymousId": "x2", "userId": "undefined", "timestamp": "2026-11-20T09:01:00.000Z"},
+        {"type": "track", "messageId": "b3", "anonymousId": "x2", "userId": "Test-User", "event": "E", "timestamp": "2026-11-20T09:02:00.000Z"},
+        {"type": "track", "messageId": "b4", "anonymousId": "x3", "userId": "0", "event": "E", "timestamp": "2026-11-20T09:03:00.000Z"},
+    ]))
+    .await;
+    resolve(&*sink, &cfg).await;
+    let x1 = person(&*sink, "anonymous_id", "x1").await.unwrap();
+    let x2 = person(&*sink, "anonymous_id", "x2").await.unwrap();
+    assert_ne!(x1, x2);
+    // Blocked ids are no one's.
+    assert_eq!(
+        one(
+            &*sink,
+            "SELECT count(*) FROM identities WHERE id_type = 'user_id'"
+        )
+        .await
+        .as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        rows(&*sink, "SELECT message_id, reason FROM identity_merges WHERE kind = 'refused' ORDER BY message_id").await,
+        vec![
+            vec![s("b1"), s("blocked id: undefined")],
+            vec![s("b2"), s("blocked id: undefined")],
+            vec![s("b3"), s("blocked id: Test-User")],
+            vec![s("b4"), s("blocked id: 0")],
+        ]
+    );
+    assert_eq!(
+        one(&*sink, "SELECT count(*) FROM profiles")
+            .await
+            .as_deref(),
+        Some("3")
+    );
+}
+
+// A shared device: the first user to sign in keeps it; the second sign-in is refused
+// (one user id per person) and says why. A later-arriving earlier event reorders it.
+async fn limits_refuse_a_merge_and_late_events_reorder(t: &Target) {
+    let sink = t.open().await;
+    let cfg = IdentityConfig::default();
+    load(&*sink, 1, json!([
+        {"type": "identify", "messageId": "s2", "anonymousId": "kiosk", "userId": "bob", "timestamp": "2026-11-20T09:05:00.000Z"},
+    ]))
+    .await;
+    resolve(&*sink, &cfg).await;
+    let bob = identity::person_id(&("user_id".into(), "bob".into()));
+    assert_eq!(person(&*sink, "anonymous_id", "kiosk").await, Some(bob));
+    // Alice signed in on the kiosk earlier; her event arrives late.
+    load(&*sink, 2, json!([
+        {"type": "identify", "messageId": "s1", "anonymousId": "kiosk", "userId": "alice", "timestamp": "2026-11-20T09:00:00.000Z"},
+    ]))
+    .await;
+    let stats = resolve(&*sink, &cfg).await;
+    assert_eq!(stats.refused, 1);
+    let alice = identity::person_id(&("user_id".into(), "alice".into()));
+    assert_eq!(person(&*sink, "anonymous_id", "kiosk").await, Some(alice));
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT a_value, b_value, status, reason FROM identity_edges ORDER BY b_value"
+        )
+        .await,
+        vec![
+            vec![s("kiosk"), s("alice"), s("accepted"), None],
+            vec![
+                s("kiosk"),
+                s("bob"),
+                s("refused"),
+                s("would give one person 2 user_ids (limit 1)")
+            ],
+        ]
+    );
+}
+
+// The profile holds the latest consent decision per category, with its source.
+async fn profiles_hold_the_latest_consent(t: &Target) {
+    let sink = t.open().await;
+    let evidence = |granted: Value, denied: Value, source: &str| {
+        json!({"consent": {"resolved": {"policy_version": "v7", "region": "EU", "granted": granted, "denied": denied,
+            "sources": {"analytics": source, "marketing": source}, "gpc": false}}})
+    };
+    load(&*sink, 1, json!([
+        {"type": "page", "messageId": "c1", "anonymousId": "v1", "timestamp": "2026-11-20T09:00:00.000Z",
+         "context": evidence(json!(["analytics", "marketing"]), json!([]), "explicit")},
+        {"type": "track", "messageId": "c2", "anonymousId": "v1", "event": "E", "timestamp": "2026-11-20T09:10:00.000Z",
+         "context": evidence(json!(["analytics"]), json!(["marketing"]), "gpc")},
+    ]))
+    .await;
+    resolve(&*sink, &IdentityConfig::default()).await;
+    let consent: Value = serde_json::from_str(
+        &one(&*sink, "SELECT CAST(consent AS VARCHAR) FROM profiles")
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        consent,
+        json!({
+            "analytics": {"granted": true, "source": "gpc", "policy_version": "v7", "at": "2026-11-20T09:10:00.000Z"},
+            "marketing": {"granted": false, "source": "gpc", "policy_version": "v7", "at": "2026-11-20T09:10:00.000Z"},
+        })
+    );
+}
+
+macro_rules! both {
+    ($($scenario:ident),* $(,)?) => {
+        mod duckdb {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    super::$scenario(&super::Target::DuckDb(tempfile::tempdir().unwrap())).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    let pg = collector_e2e::postgres::LocalPostgres::start().expect("PostgreSQL starts");
+                    super::$scenario(&super::Target::Postgres(pg)).await;
+                }
+            )*
+        }
+    };
+}
+
+both!(
+    one_person_across_devices,
+    block_list_stops_a_bad_merge,
+    limits_refuse_a_merge_and_late_events_reorder,
+    profiles_hold_the_latest_consent,
+);
+
+/// Events of a few visitors on shared devices, with user ids, emails and aliases.
+fn scenario_events() -> Vec<Value> {
+    let mut out = Vec::new();
+    for i in 0..36u32 {
+        let anon = format!("d{}", i % 6);
+        let ts = format!("2026-11-20T09:{:02}:00.000Z", (i * 17) % 60);
+        let id = format!("m{i:02}");
+        let ev = match i % 4 {
+            0 => {
+                json!({"type": "identify", "messageId": id, "anonymousId": anon, "userId": format!("u{}", i % 5),
+                        "traits": {"email": format!("e{}", i % 3)}, "timestamp": ts})
+            }
+            1 => json!({"type": "page", "messageId": id, "anonymousId": anon, "timestamp": ts}),
+            2 => {
+                json!({"type": "alias", "messageId": id, "anonymousId": anon, "previousId": format!("u{}", i % 7), "userId": format!("u{}", i % 5), "timestamp": ts})
+            }
+            _ => {
+                json!({"type": "track", "messageId": id, "anonymousId": anon, "userId": format!("u{}", (i + 1) % 5), "event": "E", "timestamp": ts})
+            }
+        };
+        out.push(ev);
+    }
+    out
+}
+
+/// Loads `evs` in the given order and split, resolving after each load; the people.
+async fn people_after(
+    sink: &dyn Sink,
+    evs: &[Value],
+    splits: &[usize],
+    cfg: &IdentityConfig,
+) -> Vec<Vec<Option<String>>> {
+    let mut start = 0;
+    for (n, end) in splits.iter().chain([&evs.len()]).enumerate() {
+        if *end > start {
+            load(sink, n as i64 + 1, Value::Array(evs[start..*end].to_vec())).await;
+            resolve(sink, cfg).await;
+        }
+        start = *end;
+    }
+    rows(
+        sink,
+        "SELECT id_type, id_value, person_id FROM identities ORDER BY id_type, id_value",
+    )
+    .await
+}
+
+// Property: any permutation of the same events, loaded in any split, gives the same
+// people (late and replayed events included: every load repeats a few earlier ones).
+#[tokio::test]
+async fn any_order_of_the_same_events_gives_the_same_people() {
+    let cfg = IdentityConfig {
+        limits: Limits {
+            email: 2,
+            max_ids: 5,
+            ..Limits::default()
+        },
+        ..IdentityConfig::default()
+    };
+    let evs = scenario_events();
+    let dir = tempfile::tempdir().unwrap();
+    let sink = DuckDbSink::open(&dir.path().join("ref.duckdb")).unwrap();
+    let want = people_after(&sink, &evs, &[], &cfg).await;
+    assert!(want.len() > 10, "{want:?}");
+    // The scenario exercises the limits (refusals) and merges, not only easy joins.
+    let refused = one(
+        &sink,
+        "SELECT count(*) FROM identity_edges WHERE status = 'refused'",
+    )
+    .await;
+    let accepted = one(
+        &sink,
+        "SELECT count(*) FROM identity_edges WHERE status = 'accepted'",
+    )
+    .await;
+    assert!(
+        refused.unwrap().parse::<u32>().unwrap() >= 3,
+        "too few refusals"
+    );
+    assert!(
+        accepted.unwrap().parse::<u32>().unwrap() >= 5,
+        "too few joins"
+    );
+    let mut seed = 11u64;
+    let mut next = |n: usize| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) as usize % n
+    };
+    for round in 0..6 {
+        let mut order = evs.clone();
+        for i in (1..order.len()).rev() {
+            order.swap(i, next(i + 1));
+        }
+        // Replays: a few events again at the end.
+        for _ in 0..4 {
+            let again = order[next(order.len())].clone();
+            order.push(again);
+        }
+        let mut splits: Vec<usize> = (0..3).map(|_| next(order.len())).collect();
+        splits.sort();
+        let dir = tempfile::tempdir().unwrap();
+        let sink = DuckDbSink::open(&dir.path().join(format!("w{round}.duckdb"))).unwrap();
+        let got = people_after(&sink, &order, &splits, &cfg).await;
+        assert_eq!(got, want, "round {round}, splits {splits:?}");
+    }
+}
+
+// The block list means the same in SQL as in Rust.
+#[tokio::test]
+async fn the_block_list_is_the_same_in_sql_and_in_rust() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = DuckDbSink::open(&dir.path().join("w.duckdb")).unwrap();
+    let list = collector_core::identity::BlockList::new(["test-user"]);
+    let cfg = IdentityConfig {
+        block: vec!["test-user".into()],
+        ..IdentityConfig::default()
+    };
+    let values = [
+        "",
+        "  ",
+        "\"\"",
+        "'u1'",
+        "0",
+        "000",
+        "-",
+        "-1",
+        "undefined",
+        "NULL",
+        " None ",
+        "NaN",
+        "[object Object]",
+        "guest",
+        "Test-User",
+        "u1",
+        "user-42",
+        "0a",
+        "10",
+        "-2",
+        "guests",
+        "a\"b",
+    ];
+    let batch: Vec<Value> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| json!({"type": "track", "messageId": format!("k{i}"), "anonymousId": format!("anon{i}"), "userId": v, "event": "E"}))
+        .collect();
+    load(&sink, 1, Value::Array(batch)).await;
+    resolve(&sink, &cfg).await;
+    for (i, v) in values.iter().enumerate() {
+        let status = rows(
+            &sink,
+            &format!("SELECT e.status FROM tracks t LEFT JOIN identity_edges e ON e.message_id = t.message_id WHERE t.message_id = 'k{i}'"),
+        )
+        .await;
+        // (A user id the collector stored as absent links no one either.)
+        let sql_blocked = status[0][0].as_deref() != Some("accepted");
+        assert_eq!(sql_blocked, list.blocked(v).is_some(), "{v:?}: {status:?}");
+    }
+}

@@ -1,0 +1,126 @@
+//! Identifiers that must never join people together: placeholder values SDKs and
+//! sites send by mistake (`"undefined"`, `"guest"`, `"0"`, `"[object Object]"`). One
+//! list, applied the same way wherever identity is resolved.
+//!
+//! A value is blocked when, after trimming spaces, it is blank, wrapped in quotes, made only
+//! of `0` and `-` (`"0"`, `"00000000-0000-0000-0000-000000000000"`), `-1`, or (ignoring
+//! case) one of [`DEFAULT_BLOCKED`] or the configured extra values.
+
+/// What peers block by default, and what this collector blocks unless told otherwise.
+pub const DEFAULT_BLOCKED: &[&str] = &[
+    "anonymous",
+    "guest",
+    "distinct_id",
+    "id",
+    "not_authenticated",
+    "email",
+    "undefined",
+    "true",
+    "false",
+    "null",
+    "none",
+    "nan",
+    "[object object]",
+    "-1",
+    "0",
+    "unknown",
+    "n/a",
+    "nil",
+];
+
+/// The block list: the defaults plus configured values (matched ignoring case and
+/// surrounding blanks).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockList {
+    extra: Vec<String>,
+}
+
+impl BlockList {
+    pub fn new<I: IntoIterator<Item = S>, S: AsRef<str>>(extra: I) -> BlockList {
+        BlockList {
+            extra: extra
+                .into_iter()
+                .map(|s| s.as_ref().trim_matches(' ').to_lowercase())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        }
+    }
+
+    /// Every listed value (lower case): the defaults, then the configured ones.
+    pub fn values(&self) -> impl Iterator<Item = &str> {
+        DEFAULT_BLOCKED
+            .iter()
+            .copied()
+            .chain(self.extra.iter().map(String::as_str))
+    }
+
+    /// Why `value` may not link people, or `None` when it may. (Only spaces are
+    /// trimmed, as SQL's `trim` does, so the warehouse applies the same rule.)
+    pub fn blocked(&self, value: &str) -> Option<&'static str> {
+        let v = value.trim_matches(' ');
+        if v.is_empty() {
+            return Some("blank id");
+        }
+        let quoted = v.len() >= 2
+            && ((v.starts_with('"') && v.ends_with('"'))
+                || (v.starts_with('\'') && v.ends_with('\'')));
+        if quoted {
+            return Some("quoted id");
+        }
+        if v.chars().all(|c| c == '0' || c == '-') {
+            return Some("id made only of 0 and -");
+        }
+        let lower = v.to_lowercase();
+        if DEFAULT_BLOCKED.contains(&lower.as_str()) {
+            return Some("placeholder id on the default block list");
+        }
+        if self.extra.contains(&lower) {
+            return Some("id on the configured block list");
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_blocked_real_ids_are_not() {
+        let b = BlockList::new(["test-user"]);
+        for v in [
+            "",
+            "  ",
+            "\"\"",
+            "'u1'",
+            "\"abc\"",
+            "0",
+            "000",
+            "-",
+            "0-0",
+            "-1",
+            "undefined",
+            "NULL",
+            " None ",
+            "NaN",
+            "[object Object]",
+            "guest",
+            "Anonymous",
+            "email",
+            "not_authenticated",
+            "distinct_id",
+            "id",
+            "true",
+            "False",
+            "Test-User",
+            "00000000-0000-0000-0000-000000000000",
+        ] {
+            assert!(b.blocked(v).is_some(), "{v:?} should be blocked");
+        }
+        for v in [
+            "u1", "user-42", "0a", "10", "a\"b", "-2", "guests", "4f6e-11",
+        ] {
+            assert_eq!(b.blocked(v), None, "{v:?} should pass");
+        }
+    }
+}
