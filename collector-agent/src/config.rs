@@ -48,6 +48,21 @@ pub struct AgentConfig {
     /// `[identity]`: the block list and limits of identity resolution.
     #[serde(default)]
     pub identity: crate::identity::IdentityConfig,
+    /// The audiences file to evaluate (relative to this file); none when absent.
+    #[serde(default)]
+    pub audiences: Option<PathBuf>,
+    /// The edge's `privacy.toml` (relative to this file): audiences may require only
+    /// the consent categories it defines.
+    #[serde(default)]
+    pub privacy: Option<PathBuf>,
+    /// How often audiences are evaluated besides after every load, so time windows
+    /// ("15 minutes ago") are noticed when nothing new arrives.
+    #[serde(default = "default_audience_interval_ms")]
+    pub audience_interval_ms: u64,
+}
+
+fn default_audience_interval_ms() -> u64 {
+    60_000
 }
 
 /// `[warehouse]`: `kind` picks the sink (default `duckdb`); the other keys are the
@@ -159,6 +174,11 @@ impl AgentConfig {
             WarehouseConfig::Parquet(w) if w.path.is_relative() => w.path = base.join(&w.path),
             _ => {}
         }
+        for p in [&mut cfg.audiences, &mut cfg.privacy].into_iter().flatten() {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -190,8 +210,44 @@ impl AgentConfig {
             WarehouseConfig::Parquet(_) => {}
         }
         self.identity.limits.validate()?;
+        anyhow::ensure!(
+            self.audience_interval_ms >= 1_000,
+            "config: audience_interval_ms must be at least 1000"
+        );
+        self.load_audiences()?;
         self.secret()?;
         Ok(())
+    }
+
+    /// The consent categories of `privacy`, when configured.
+    pub fn consent_categories(&self) -> anyhow::Result<Option<Vec<String>>> {
+        let Some(path) = &self.privacy else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("config: privacy: {}: {e}", path.display()))?;
+        let policy = collector_core::policy::parse(&text).map_err(|errs| {
+            anyhow::anyhow!(
+                "config: privacy: {}",
+                errs.iter()
+                    .map(|e| format!("{}:{e}", path.display()))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        })?;
+        Ok(Some(
+            policy.categories.into_iter().map(|c| c.name).collect(),
+        ))
+    }
+
+    /// The audiences to evaluate (none without an `audiences` file).
+    pub fn load_audiences(&self) -> anyhow::Result<Vec<crate::audiences::Audience>> {
+        let Some(path) = &self.audiences else {
+            return Ok(Vec::new());
+        };
+        let cats = self.consent_categories()?;
+        crate::audiences::load(path, cats.as_deref())
+            .map_err(|e| anyhow::anyhow!("config: audiences: {e}"))
     }
 
     /// The drain secret, from `drain_secret_env` or `drain_secret`.

@@ -10,6 +10,7 @@
 //! [`drain_once`] (drain until the edge is empty, then return).
 
 pub mod admin;
+pub mod audiences;
 pub mod config;
 pub mod edge;
 pub mod identity;
@@ -89,6 +90,7 @@ impl DrainError {
 pub struct Drainer {
     client: EdgeClient,
     sink: Arc<dyn Sink>,
+    audiences: Vec<audiences::Audience>,
     cfg: AgentConfig,
     metrics: Arc<metrics::Metrics>,
 }
@@ -98,6 +100,7 @@ impl Drainer {
         Ok(Drainer {
             client: EdgeClient::new(&cfg)?,
             sink,
+            audiences: cfg.load_audiences()?,
             cfg,
             metrics: Arc::default(),
         })
@@ -314,9 +317,31 @@ impl Drainer {
             // fails is simply done again after the next (it is idempotent).
             if let Err(e) = self.resolve_identity().await {
                 tracing::warn!(error = %e, "identity resolution failed; retried after the next load");
+            } else if let Err(e) = self.evaluate_audiences(now_ms()).await {
+                tracing::warn!(error = %e, "audience evaluation failed; retried on schedule");
             }
         }
         (total, errors)
+    }
+
+    /// Evaluates the audiences at `now_ms` (SQL sinks only; nothing without audiences).
+    pub async fn evaluate_audiences(
+        &self,
+        now_ms: i64,
+    ) -> Result<Vec<audiences::Evaluation>, SinkError> {
+        if self.audiences.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Some(mut session) = self.sink.session().await? else {
+            return Ok(Vec::new());
+        };
+        let out = audiences::evaluate(&mut *session, &self.audiences, now_ms).await?;
+        for e in &out {
+            if e.entered > 0 || e.exited > 0 {
+                tracing::info!(audience = %e.audience, members = e.members, entered = e.entered, exited = e.exited, "audience changed");
+            }
+        }
+        Ok(out)
     }
 
     /// Resolves identity and profiles in the warehouse (SQL sinks only).
@@ -357,6 +382,14 @@ pub async fn drain_once(cfg: &AgentConfig) -> anyhow::Result<DrainSummary> {
         anyhow::bail!("shard {shard}: {e} (other shards drained: {total:?})");
     }
     Ok(total)
+}
+
+/// The system clock, in ms since the epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Longest pause between failed drain rounds.
@@ -417,6 +450,8 @@ pub async fn run(
         None => None,
     };
     let poll = Duration::from_millis(cfg.poll_interval_ms);
+    let audience_interval = Duration::from_millis(cfg.audience_interval_ms);
+    let mut audiences_at = tokio::time::Instant::now();
     let mut backoff = poll;
     let mut shards: Option<u32> = None;
     while !*stop_rx.borrow() {
@@ -441,6 +476,13 @@ pub async fn run(
             }
         }
         .await;
+        // Time windows move on even when nothing loads.
+        if audiences_at.elapsed() >= audience_interval {
+            audiences_at = tokio::time::Instant::now();
+            if let Err(e) = drainer.evaluate_audiences(now_ms()).await {
+                tracing::warn!(error = %e, "audience evaluation failed; retried on schedule");
+            }
+        }
         let pause = match result {
             Ok(0) => {
                 backoff = poll;

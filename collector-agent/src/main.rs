@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use collector_agent::sinks::duckdb::DuckDbSink;
-use collector_agent::sinks::QueryResult;
+use collector_agent::sinks::{Dialect, QueryResult};
 use collector_agent::{admin, drain_once, run, AgentConfig};
 
 #[derive(Parser)]
@@ -72,6 +72,11 @@ enum Command {
         #[arg(long, default_value = "agent.toml")]
         config: PathBuf,
     },
+    /// Audiences (`audiences.toml`): check the file, preview one.
+    Audience {
+        #[command(subcommand)]
+        command: AudienceCommand,
+    },
     /// One person, found by any of their ids: ids, traits, consent, latest events.
     Profile {
         /// A user id, anonymous id, hashed email or person_id.
@@ -113,6 +118,24 @@ enum QuarantineCommand {
     /// leave the quarantine; the others stay with their new reason.
     Replay {
         message_ids: Vec<String>,
+        #[arg(long, default_value = "agent.toml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AudienceCommand {
+    /// Validate an audiences file; prints every problem with its line. With
+    /// `--privacy`, `requires` must name that file's consent categories.
+    Check {
+        #[arg(default_value = "audiences.toml")]
+        file: PathBuf,
+        #[arg(long)]
+        privacy: Option<PathBuf>,
+    },
+    /// The audience's size now and a sample of its members.
+    Preview {
+        name: String,
         #[arg(long, default_value = "agent.toml")]
         config: PathBuf,
     },
@@ -170,6 +193,99 @@ async fn main() -> anyhow::Result<()> {
                     to_table(&result)
                 }
             );
+            Ok(())
+        }
+        Command::Audience {
+            command: AudienceCommand::Check { file, privacy },
+        } => {
+            let cats = match &privacy {
+                Some(p) => Some(
+                    collector_core::policy::parse(&std::fs::read_to_string(p)?)
+                        .map_err(|errs| {
+                            anyhow::anyhow!(
+                                "{}",
+                                errs.iter()
+                                    .map(|e| format!("{}:{e}", p.display()))
+                                    .collect::<Vec<_>>()
+                                    .join("\n")
+                            )
+                        })?
+                        .categories
+                        .into_iter()
+                        .map(|c| c.name)
+                        .collect::<Vec<_>>(),
+                ),
+                None => None,
+            };
+            match collector_agent::audiences::load(&file, cats.as_deref()) {
+                Ok(list) => {
+                    println!(
+                        "{}: OK ({} audiences: {})",
+                        file.display(),
+                        list.len(),
+                        list.iter()
+                            .map(|a| a.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    Ok(())
+                }
+                Err(problems) => {
+                    eprintln!("{problems}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        Command::Audience {
+            command: AudienceCommand::Preview { name, config },
+        } => {
+            let cfg = AgentConfig::load(&config)?;
+            let list = cfg.load_audiences()?;
+            let Some(a) = list.iter().find(|a| a.name == name) else {
+                anyhow::bail!(
+                    "no audience {name:?} in {} (audiences: {})",
+                    cfg.audiences
+                        .as_deref()
+                        .map_or("(no audiences file)".into(), |p| p.display().to_string()),
+                    list.iter()
+                        .map(|a| a.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            };
+            let dialect = match cfg.warehouse {
+                collector_agent::config::WarehouseConfig::DuckDb(_) => Dialect::DuckDb,
+                collector_agent::config::WarehouseConfig::Postgres(_) => Dialect::Postgres,
+                _ => anyhow::bail!("audiences are computed in DuckDB and PostgreSQL warehouses"),
+            };
+            let members =
+                collector_agent::audiences::members_sql(a, dialect, collector_agent::now_ms());
+            let size = sql(
+                &cfg,
+                format!("SELECT count(DISTINCT person_id) AS members FROM ({members}) m"),
+            )
+            .await?;
+            let sample = sql(
+                &cfg,
+                format!(
+                    "SELECT p.person_id, CAST(p.user_ids AS VARCHAR) AS user_ids, p.last_seen, p.event_count
+                     FROM profiles p WHERE p.person_id IN (SELECT person_id FROM ({members}) m)
+                     ORDER BY p.last_seen DESC, p.person_id LIMIT 10"
+                ),
+            )
+            .await?;
+            println!(
+                "{name}: {} members{}",
+                size.rows
+                    .first()
+                    .and_then(|r| r[0].clone())
+                    .unwrap_or_default(),
+                a.description
+                    .as_deref()
+                    .map(|d| format!(" ({d})"))
+                    .unwrap_or_default()
+            );
+            print!("{}", to_table(&sample));
             Ok(())
         }
         Command::Profile { id, config, json } => {

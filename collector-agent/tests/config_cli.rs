@@ -137,3 +137,67 @@ fn logs_can_be_json_lines() {
         "{stderr}"
     );
 }
+
+fn agent(args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_collector-agent"))
+        .args(args)
+        .env("TEST_DRAIN_SECRET", "s")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+// `audience check`: the shipped file passes against the shipped policy; a bad one
+// fails with every problem at its line, and so does `config check` naming it.
+#[test]
+fn audience_check_and_config_check_report_audience_problems_by_line() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let (ok, text) = agent(&[
+        "audience".as_ref(),
+        "check".as_ref(),
+        root.join("audiences.toml").as_os_str(),
+        "--privacy".as_ref(),
+        root.join("privacy.toml").as_os_str(),
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("2 audiences: cart_abandoners_15m, pricing_no_purchase_7d"), "{text}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("audiences.toml");
+    std::fs::write(
+        &bad,
+        "[audiences.ok]\nperformed = { event = \"A\" }\n\n[audiences.x]\nrequires = [\"sms\"]\nperformed = { event = \"A\", within = \"3q\" }\n",
+    )
+    .unwrap();
+    let (ok, text) = agent(&[
+        "audience".as_ref(),
+        "check".as_ref(),
+        bad.as_os_str(),
+        "--privacy".as_ref(),
+        root.join("privacy.toml").as_os_str(),
+    ]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("audiences.toml:4:1: audience x: requires \"sms\""), "{text}");
+    assert!(text.contains("audiences.toml:4:1: audience x: performed.within: \"3q\""), "{text}");
+
+    std::fs::copy(root.join("privacy.toml"), dir.path().join("privacy.toml")).unwrap();
+    let (ok, text) = check_in(
+        dir.path(),
+        &format!("{BASE}audiences = \"audiences.toml\"\nprivacy = \"privacy.toml\"\n"),
+    );
+    assert!(!ok, "{text}");
+    assert!(text.contains("config: audiences:") && text.contains(":4:1: audience x"), "{text}");
+}
+
+fn check_in(dir: &std::path::Path, toml: &str) -> (bool, String) {
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, toml).unwrap();
+    agent(&["config".as_ref(), "check".as_ref(), "--config".as_ref(), path.as_os_str()])
+}

@@ -487,3 +487,132 @@ async fn the_block_list_is_the_same_in_sql_and_in_rust() {
         assert_eq!(sql_blocked, list.blocked(v).is_some(), "{v:?}: {status:?}");
     }
 }
+
+mod audiences {
+    use super::*;
+    use collector_agent::audiences;
+
+    const T0: i64 = 1_795_000_000_000; // 2026-11-19T…, before the events' receipt
+    const MIN: i64 = 60_000;
+
+    fn iso(ms: i64) -> String {
+        collector_core::timestamp::format_ms(ms)
+    }
+
+    fn consent(marketing: bool) -> Value {
+        let (granted, denied) = if marketing {
+            (json!(["analytics", "marketing"]), json!([]))
+        } else {
+            (json!(["analytics"]), json!(["marketing"]))
+        };
+        json!({"consent": {"resolved": {"policy_version": "v1", "granted": granted, "denied": denied,
+            "sources": {"analytics": "explicit", "marketing": "explicit"}}}})
+    }
+
+    fn seed() -> Vec<audiences::Audience> {
+        let src =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../audiences.toml"))
+                .unwrap();
+        audiences::parse(
+            &src,
+            Some(&["marketing".to_string(), "analytics".to_string()]),
+        )
+        .unwrap()
+    }
+
+    async fn members(sink: &dyn Sink, audience: &str) -> Vec<Vec<Option<String>>> {
+        rows(sink, &format!(
+            "SELECT i.id_value FROM audience_membership m JOIN identities i ON i.person_id = m.person_id AND i.id_type = 'anonymous_id'
+             WHERE m.audience = '{audience}' AND m.exited_at IS NULL ORDER BY 1")).await
+    }
+
+    async fn eval(sink: &dyn Sink, at: i64) -> Vec<audiences::Evaluation> {
+        let mut session = sink.session().await.unwrap().unwrap();
+        audiences::evaluate(&mut *session, &seed(), at)
+            .await
+            .unwrap()
+    }
+
+    // The seed's two audiences enter and exit at the right times (injected clock), only
+    // with marketing consent.
+    pub async fn seed_audiences_enter_and_exit_on_time(t: &Target) {
+        let sink = t.open().await;
+        load(&*sink, 1, json!([
+            // v1: pricing now, buys 2 h later.
+            {"type": "page", "messageId": "v1p", "anonymousId": "v1", "properties": {"path": "/pricing"}, "timestamp": iso(T0), "context": consent(true)},
+            // v2: pricing 8 days ago only.
+            {"type": "page", "messageId": "v2p", "anonymousId": "v2", "properties": {"path": "/pricing"}, "timestamp": iso(T0 - 8 * 1440 * MIN), "context": consent(true)},
+            // v3: pricing, but no marketing consent.
+            {"type": "page", "messageId": "v3p", "anonymousId": "v3", "properties": {"path": "/pricing"}, "timestamp": iso(T0), "context": consent(false)},
+            // c1: adds to cart, never orders. c2: adds 25 h ago.
+            {"type": "track", "messageId": "c1a", "anonymousId": "c1", "event": "Product Added", "timestamp": iso(T0), "context": consent(true)},
+            {"type": "track", "messageId": "c2a", "anonymousId": "c2", "event": "Product Added", "timestamp": iso(T0 - 25 * 60 * MIN), "context": consent(true)},
+            // c3: adds, orders 20 min later.
+            {"type": "track", "messageId": "c3a", "anonymousId": "c3", "event": "Product Added", "timestamp": iso(T0), "context": consent(true)},
+        ]))
+        .await;
+        resolve(&*sink, &IdentityConfig::default()).await;
+
+        eval(&*sink, T0 + 10 * MIN).await;
+        assert_eq!(
+            members(&*sink, "pricing_no_purchase_7d").await,
+            vec![vec![s("v1")]]
+        );
+        assert!(
+            members(&*sink, "cart_abandoners_15m").await.is_empty(),
+            "not yet 15 minutes"
+        );
+
+        let e = eval(&*sink, T0 + 16 * MIN).await;
+        assert_eq!(
+            members(&*sink, "cart_abandoners_15m").await,
+            vec![vec![s("c1")], vec![s("c3")]]
+        );
+        let cart = e
+            .iter()
+            .find(|e| e.audience == "cart_abandoners_15m")
+            .unwrap();
+        assert_eq!((cart.entered, cart.exited), (2, 0));
+
+        // c3 orders at +20 min, v1 at +2 h (loaded late, after the fact).
+        load(&*sink, 2, json!([
+            {"type": "track", "messageId": "c3o", "anonymousId": "c3", "event": "Order Completed", "timestamp": iso(T0 + 20 * MIN), "context": consent(true)},
+            {"type": "track", "messageId": "v1o", "anonymousId": "v1", "event": "Order Completed", "timestamp": iso(T0 + 120 * MIN), "context": consent(true)},
+        ]))
+        .await;
+        resolve(&*sink, &IdentityConfig::default()).await;
+        let e = eval(&*sink, T0 + 180 * MIN).await;
+        assert_eq!(
+            members(&*sink, "cart_abandoners_15m").await,
+            vec![vec![s("c1")]]
+        );
+        assert!(members(&*sink, "pricing_no_purchase_7d").await.is_empty());
+        let exited: u64 = e.iter().map(|e| e.exited).sum();
+        assert_eq!(exited, 2);
+        // c1 leaves once its add is more than 24 h old.
+        eval(&*sink, T0 + 25 * 60 * MIN).await;
+        assert!(members(&*sink, "cart_abandoners_15m").await.is_empty());
+        // Every stay is a row: c1 entered at +16 min and exited at +25 h.
+        let stays = rows(&*sink,
+            "SELECT count(*) FROM audience_membership WHERE audience = 'cart_abandoners_15m' AND exited_at IS NOT NULL").await;
+        assert_eq!(stays, vec![vec![s("2")]]);
+    }
+}
+
+mod audiences_duckdb {
+    #[tokio::test]
+    async fn seed_audiences_enter_and_exit_on_time() {
+        super::audiences::seed_audiences_enter_and_exit_on_time(&super::Target::DuckDb(
+            tempfile::tempdir().unwrap(),
+        ))
+        .await;
+    }
+}
+
+mod audiences_postgres {
+    #[tokio::test]
+    async fn seed_audiences_enter_and_exit_on_time() {
+        let pg = collector_e2e::postgres::LocalPostgres::start().expect("PostgreSQL starts");
+        super::audiences::seed_audiences_enter_and_exit_on_time(&super::Target::Postgres(pg)).await;
+    }
+}

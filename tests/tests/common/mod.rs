@@ -69,6 +69,9 @@ impl Stack {
             request_timeout_ms: 30_000,
             metrics_addr: None,
             identity: Default::default(),
+            audiences: None,
+            privacy: None,
+            audience_interval_ms: 60_000,
         };
         cfg.validate().expect("valid agent config");
         cfg

@@ -133,6 +133,7 @@ ALTER TABLE dead_letters_keyed RENAME TO dead_letters;
             "identity graph, identities, identity_merges, profiles",
             crate::identity::ddl(Dialect::DuckDb),
         ),
+        (5, "audience_membership", crate::audiences::ddl(Dialect::DuckDb)),
     ]
 }
 

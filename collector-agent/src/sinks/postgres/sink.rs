@@ -117,6 +117,7 @@ CREATE TABLE IF NOT EXISTS rejected_values (message_id text NOT NULL, table_name
             "identity graph, identities, identity_merges, profiles",
             crate::identity::ddl(Dialect::Postgres),
         ),
+        (5, "audience_membership", crate::audiences::ddl(Dialect::Postgres)),
     ]
 }
 

@@ -1,0 +1,245 @@
+//! Audiences compiled to each dialect's SQL and evaluated in the warehouse: who is in
+//! now, against a clock the caller gives; `audience_membership` records each entry and
+//! exit, so the next step can sync diffs.
+
+use std::time::Duration;
+
+use collector_core::timestamp::format_ms;
+
+use super::config::{Audience, Definition, EventRef, EventRule};
+use crate::sinks::{sql_lit, Dialect, SinkError, SqlSession};
+
+/// `audience_membership` (a migration of each SQL sink).
+pub fn ddl(d: Dialect) -> String {
+    let (t, ts) = match d {
+        Dialect::DuckDb => ("VARCHAR", "TIMESTAMP"),
+        Dialect::Postgres => ("text", "timestamptz"),
+    };
+    format!(
+        "CREATE TABLE audience_membership (audience {t} NOT NULL, person_id {t} NOT NULL, entered_at {ts} NOT NULL, exited_at {ts}, PRIMARY KEY (audience, person_id, entered_at));\n"
+    )
+}
+
+/// An instant as a literal of the dialect's timestamp type (UTC).
+fn at(d: Dialect, ms: i64) -> String {
+    // format_ms: 2026-11-25T10:00:00.000Z
+    let text = format_ms(ms)
+        .replace('T', " ")
+        .trim_end_matches('Z')
+        .to_string();
+    match d {
+        Dialect::DuckDb => format!("CAST('{text}' AS TIMESTAMP)"),
+        Dialect::Postgres => format!("CAST('{text}+00' AS timestamptz)"),
+    }
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn json_text(d: Dialect, col: &str, path: &[&str]) -> String {
+    match d {
+        Dialect::DuckDb => format!(
+            "json_extract_string({col}, '$.{}')",
+            path.iter()
+                .map(|k| format!("\"{}\"", k.replace('\'', "''").replace('"', "\\\"")))
+                .collect::<Vec<_>>()
+                .join(".")
+        ),
+        Dialect::Postgres => {
+            let (last, init) = path.split_last().expect("a path");
+            format!(
+                "({col}{}->>{})",
+                init.iter()
+                    .map(|k| format!("->{}", sql_lit(k)))
+                    .collect::<String>(),
+                sql_lit(last)
+            )
+        }
+    }
+}
+
+/// `(person_id, message_id, ts)` of the events a rule counts, attributed to people.
+fn person_events(d: Dialect, r: &EventRule) -> String {
+    let (table, mut conds) = match &r.what {
+        EventRef::Track(name) => ("tracks", vec![format!("event = {}", sql_lit(name))]),
+        EventRef::View(kind) => (
+            if *kind == "page" { "pages" } else { "screens" },
+            Vec::new(),
+        ),
+    };
+    for (k, v) in &r.filters {
+        if k == "name" && matches!(r.what, EventRef::View(_)) {
+            conds.push(format!("name = {}", sql_lit(v)));
+        } else {
+            conds.push(format!(
+                "{} = {}",
+                json_text(d, "properties", &[k]),
+                sql_lit(v)
+            ));
+        }
+    }
+    let filter = if conds.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conds.join(" AND "))
+    };
+    let src =
+        format!("SELECT message_id, anonymous_id, user_id, timestamp AS ts FROM {table}{filter}");
+    format!(
+        "SELECT i.person_id, e.message_id, e.ts FROM ({src}) e JOIN identities i ON i.id_type = 'anonymous_id' AND i.id_value = e.anonymous_id
+         UNION
+         SELECT i.person_id, e.message_id, e.ts FROM ({src}) e JOIN identities i ON i.id_type = 'user_id' AND i.id_value = e.user_id"
+    )
+}
+
+/// The query of an audience's current members (`person_id`), at `now_ms`.
+pub fn members_sql(a: &Audience, d: Dialect, now_ms: i64) -> String {
+    let now = at(d, now_ms);
+    let mut conds: Vec<String> = a
+        .requires
+        .iter()
+        .map(|c| format!("{} = 'true'", json_text(d, "p.consent", &[c, "granted"])))
+        .collect();
+    match &a.definition {
+        Definition::Sql(sql) => {
+            conds.push(format!("p.person_id IN (SELECT person_id FROM ({sql}) q)"));
+            format!(
+                "SELECT p.person_id FROM profiles p WHERE {}",
+                conds.join(" AND ")
+            )
+        }
+        Definition::Rule {
+            performed,
+            not_performed_after,
+            traits,
+        } => {
+            for (k, v) in traits {
+                conds.push(format!(
+                    "{} = {}",
+                    json_text(d, "p.traits", &[k]),
+                    sql_lit(v)
+                ));
+            }
+            let Some(perf) = performed else {
+                let w = if conds.is_empty() {
+                    String::new()
+                } else {
+                    format!(" WHERE {}", conds.join(" AND "))
+                };
+                return format!("SELECT p.person_id FROM profiles p{w}");
+            };
+            let mut window = vec![format!("ts <= {now}")];
+            if let Some(w) = perf.within {
+                window.push(format!("ts > {}", at(d, now_ms - ms(w))));
+            }
+            let mut having = vec![format!("count(*) >= {}", perf.at_least)];
+            if let Some(o) = perf.older_than {
+                having.push(format!("max(ts) <= {}", at(d, now_ms - ms(o))));
+            }
+            let mut sql = format!(
+                "WITH perf AS (SELECT person_id, max(ts) AS last_ts FROM ({}) x WHERE {} GROUP BY person_id HAVING {})",
+                person_events(d, perf),
+                window.join(" AND "),
+                having.join(" AND ")
+            );
+            if let Some(y) = not_performed_after {
+                let mut after = vec![
+                    "y.person_id = perf.person_id".to_string(),
+                    "y.ts > perf.last_ts".to_string(),
+                    format!("y.ts <= {now}"),
+                ];
+                if let Some(w) = y.within {
+                    after.push(format!(
+                        "y.ts <= perf.last_ts + INTERVAL '{} seconds'",
+                        w.as_secs()
+                    ));
+                }
+                sql.push_str(&format!(", done AS ({}) ", person_events(d, y)));
+                conds.push(format!(
+                    "NOT EXISTS (SELECT 1 FROM done y WHERE {})",
+                    after.join(" AND ")
+                ));
+            }
+            conds.insert(0, "TRUE".into());
+            format!(
+                "{sql} SELECT p.person_id FROM profiles p JOIN perf ON perf.person_id = p.person_id WHERE {}",
+                conds.join(" AND ")
+            )
+        }
+    }
+}
+
+/// Entries and exits of one evaluation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Evaluation {
+    pub audience: String,
+    pub members: u64,
+    pub entered: u64,
+    pub exited: u64,
+}
+
+/// Evaluates every audience at `now_ms`, in one transaction: who entered (a row with
+/// `entered_at` = now) and who left (`exited_at` = now).
+pub async fn evaluate(
+    s: &mut dyn SqlSession,
+    audiences: &[Audience],
+    now_ms: i64,
+) -> Result<Vec<Evaluation>, SinkError> {
+    s.batch("BEGIN").await?;
+    let mut out = Vec::new();
+    for a in audiences {
+        match evaluate_one(s, a, now_ms).await {
+            Ok(e) => out.push(e),
+            Err(e) => {
+                let _ = s.batch("ROLLBACK").await;
+                return Err(SinkError::Permanent(format!("audience {}: {e}", a.name)));
+            }
+        }
+    }
+    s.batch("COMMIT").await?;
+    Ok(out)
+}
+
+async fn evaluate_one(
+    s: &mut dyn SqlSession,
+    a: &Audience,
+    now_ms: i64,
+) -> Result<Evaluation, SinkError> {
+    let d = s.dialect();
+    let now = at(d, now_ms);
+    let name = sql_lit(&a.name);
+    s.batch(&format!(
+        "DROP TABLE IF EXISTS audience_now; CREATE TEMP TABLE audience_now AS {};",
+        members_sql(a, d, now_ms)
+    ))
+    .await?;
+    let entered = s
+        .execute(&format!(
+            "INSERT INTO audience_membership (audience, person_id, entered_at, exited_at)
+             SELECT DISTINCT {name}, n.person_id, {now}, CAST(NULL AS {ts}) FROM audience_now n
+             WHERE NOT EXISTS (SELECT 1 FROM audience_membership m WHERE m.audience = {name} AND m.person_id = n.person_id AND m.exited_at IS NULL)",
+            ts = if d == Dialect::DuckDb { "TIMESTAMP" } else { "timestamptz" }
+        ))
+        .await?;
+    let exited = s
+        .execute(&format!(
+            "UPDATE audience_membership SET exited_at = {now}
+             WHERE audience = {name} AND exited_at IS NULL
+               AND NOT EXISTS (SELECT 1 FROM audience_now n WHERE n.person_id = audience_membership.person_id)"
+        ))
+        .await?;
+    let members = s
+        .query("SELECT count(DISTINCT person_id) FROM audience_now")
+        .await?
+        .rows
+        .first()
+        .and_then(|r| r[0].as_deref().and_then(|n| n.parse().ok()))
+        .unwrap_or(0);
+    Ok(Evaluation {
+        audience: a.name.clone(),
+        members,
+        entered,
+        exited,
+    })
+}
