@@ -221,6 +221,23 @@ impl AgentConfig {
 
     /// The consent categories of `privacy`, when configured.
     pub fn consent_categories(&self) -> anyhow::Result<Option<Vec<String>>> {
+        Ok(self
+            .policy()?
+            .map(|p| p.categories.into_iter().map(|c| c.name).collect()))
+    }
+
+    /// `[identity]` with `privacy`'s block list added, so the agent blocks what the edge
+    /// blocks.
+    pub fn identity_config(&self) -> anyhow::Result<crate::identity::IdentityConfig> {
+        let mut cfg = self.identity.clone();
+        if let Some(p) = self.policy()? {
+            cfg.block.extend(p.block_list.extra().iter().cloned());
+        }
+        Ok(cfg)
+    }
+
+    /// The edge's policy (`privacy`), when configured.
+    pub fn policy(&self) -> anyhow::Result<Option<collector_core::policy::Policy>> {
         let Some(path) = &self.privacy else {
             return Ok(None);
         };
@@ -235,9 +252,7 @@ impl AgentConfig {
                     .join("\n")
             )
         })?;
-        Ok(Some(
-            policy.categories.into_iter().map(|c| c.name).collect(),
-        ))
+        Ok(Some(policy))
     }
 
     /// The audiences to evaluate (none without an `audiences` file).

@@ -91,6 +91,8 @@ pub struct Drainer {
     client: EdgeClient,
     sink: Arc<dyn Sink>,
     audiences: Vec<audiences::Audience>,
+    /// `[identity]` with the edge policy's block list.
+    identity: identity::IdentityConfig,
     cfg: AgentConfig,
     metrics: Arc<metrics::Metrics>,
 }
@@ -101,6 +103,7 @@ impl Drainer {
             client: EdgeClient::new(&cfg)?,
             sink,
             audiences: cfg.load_audiences()?,
+            identity: cfg.identity_config()?,
             cfg,
             metrics: Arc::default(),
         })
@@ -349,7 +352,7 @@ impl Drainer {
         let Some(mut session) = self.sink.session().await? else {
             return Ok(None);
         };
-        let stats = identity::run(&mut *session, &self.cfg.identity).await?;
+        let stats = identity::run(&mut *session, &self.identity).await?;
         tracing::info!(
             new_edges = stats.new_edges,
             region_ids = stats.region_ids,

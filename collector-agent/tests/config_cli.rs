@@ -167,7 +167,10 @@ fn audience_check_and_config_check_report_audience_problems_by_line() {
         root.join("privacy.toml").as_os_str(),
     ]);
     assert!(ok, "{text}");
-    assert!(text.contains("2 audiences: cart_abandoners_15m, pricing_no_purchase_7d"), "{text}");
+    assert!(
+        text.contains("2 audiences: cart_abandoners_15m, pricing_no_purchase_7d"),
+        "{text}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("audiences.toml");
@@ -184,8 +187,14 @@ fn audience_check_and_config_check_report_audience_problems_by_line() {
         root.join("privacy.toml").as_os_str(),
     ]);
     assert!(!ok, "{text}");
-    assert!(text.contains("audiences.toml:4:1: audience x: requires \"sms\""), "{text}");
-    assert!(text.contains("audiences.toml:4:1: audience x: performed.within: \"3q\""), "{text}");
+    assert!(
+        text.contains("audiences.toml:4:1: audience x: requires \"sms\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("audiences.toml:4:1: audience x: performed.within: \"3q\""),
+        "{text}"
+    );
 
     std::fs::copy(root.join("privacy.toml"), dir.path().join("privacy.toml")).unwrap();
     let (ok, text) = check_in(
@@ -193,11 +202,19 @@ fn audience_check_and_config_check_report_audience_problems_by_line() {
         &format!("{BASE}audiences = \"audiences.toml\"\nprivacy = \"privacy.toml\"\n"),
     );
     assert!(!ok, "{text}");
-    assert!(text.contains("config: audiences:") && text.contains(":4:1: audience x"), "{text}");
+    assert!(
+        text.contains("config: audiences:") && text.contains(":4:1: audience x"),
+        "{text}"
+    );
 }
 
 fn check_in(dir: &std::path::Path, toml: &str) -> (bool, String) {
     let path = dir.join("agent.toml");
     std::fs::write(&path, toml).unwrap();
-    agent(&["config".as_ref(), "check".as_ref(), "--config".as_ref(), path.as_os_str()])
+    agent(&[
+        "config".as_ref(),
+        "check".as_ref(),
+        "--config".as_ref(),
+        path.as_os_str(),
+    ])
 }

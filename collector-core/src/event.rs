@@ -238,7 +238,15 @@ pub fn normalize(
             }
             // Anonymisation may have removed or replaced the ids.
             let id = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_string);
-            (id("anonymousId"), id("userId"))
+            let ids = (id("anonymousId"), id("userId"));
+            let list = &engine.policy.block_list;
+            if [&ids.0, &ids.1]
+                .iter()
+                .any(|v| v.as_deref().is_some_and(|v| list.blocked(v).is_some()))
+            {
+                notes.push(Note::BlockedId);
+            }
+            ids
         }
     };
     let json = Value::Object(obj).to_string();

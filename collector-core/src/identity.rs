@@ -30,7 +30,7 @@ pub const DEFAULT_BLOCKED: &[&str] = &[
 
 /// The block list: the defaults plus configured values (matched ignoring case and
 /// surrounding blanks).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BlockList {
     extra: Vec<String>,
 }
@@ -44,6 +44,11 @@ impl BlockList {
                 .filter(|s| !s.is_empty())
                 .collect(),
         }
+    }
+
+    /// The configured values (lower case), without the defaults.
+    pub fn extra(&self) -> &[String] {
+        &self.extra
     }
 
     /// Every listed value (lower case): the defaults, then the configured ones.

@@ -16,6 +16,10 @@ pub enum Note {
     PiiKey,
     /// A PII value was found by detection and hashed or redacted.
     PiiDetected(Detected),
+    /// The event's `userId` or `anonymousId` is a placeholder on the block list
+    /// (`"undefined"`, `"guest"`, …): kept as sent, but never used to shard or to link
+    /// people.
+    BlockedId,
 }
 
 impl Note {
@@ -26,6 +30,7 @@ impl Note {
             Note::TcfIgnored(code) => format!("tcf_ignored_{code}"),
             Note::PiiKey => "pii_key_field".into(),
             Note::PiiDetected(kind) => format!("pii_detected_{}", kind.as_str()),
+            Note::BlockedId => "blocked_id".into(),
         }
     }
 }

@@ -242,6 +242,9 @@ pub struct Policy {
     pub pii_keys: BTreeMap<String, PiiKind>,
     /// Value detection in every string of the event.
     pub pii_detect: DetectRules,
+    /// Ids that never link people (`[identity] block` plus the defaults).
+    #[serde(default)]
+    pub block_list: crate::identity::BlockList,
 }
 
 #[derive(Deserialize)]
@@ -257,6 +260,17 @@ struct RawPolicy {
     destinations: BTreeMap<String, Spanned<RawDestination>>,
     #[serde(default)]
     pii: Option<RawPii>,
+    #[serde(default)]
+    identity: Option<RawIdentity>,
+}
+
+/// `[identity]`: ids that never link people, beyond the defaults
+/// ([`crate::identity::DEFAULT_BLOCKED`]); the edge and the agent apply the same list.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    #[serde(default)]
+    block: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -642,6 +656,9 @@ pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
         pii_fields,
         pii_keys,
         pii_detect,
+        block_list: crate::identity::BlockList::new(
+            raw.identity.iter().flat_map(|i| i.block.iter()),
+        ),
     })
 }
 

@@ -20,6 +20,24 @@ pub fn shard_for(anonymous_id: Option<&str>, user_id: Option<&str>, shards: u32)
     (fnv1a64(key.as_bytes()) % u64::from(shards)) as u32
 }
 
+/// [`shard_for`], skipping ids on the block list (a placeholder such as `"undefined"`
+/// would pile every such client onto one shard); an event with no usable id is keyed
+/// by its `messageId`, so those spread out too.
+pub fn shard_for_event(
+    anonymous_id: Option<&str>,
+    user_id: Option<&str>,
+    message_id: &str,
+    block: &crate::identity::BlockList,
+    shards: u32,
+) -> u32 {
+    let anonymous_id = anonymous_id.filter(|v| block.blocked(v).is_none());
+    let user_id = user_id.filter(|v| block.blocked(v).is_none());
+    match (anonymous_id, user_id) {
+        (None, None) => shard_for(Some(message_id), None, shards),
+        (a, u) => shard_for(a, u, shards),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -29,6 +47,28 @@ mod tests {
         assert_eq!(fnv1a64(b""), 0xcbf29ce484222325);
         assert_eq!(fnv1a64(b"a"), 0xaf63dc4c8601ec8c);
         assert_eq!(fnv1a64(b"foobar"), 0x85944171f73967e8);
+    }
+
+    #[test]
+    fn blocked_ids_do_not_choose_the_shard() {
+        let block = crate::identity::BlockList::default();
+        for n in [4, 16] {
+            // A placeholder anonymous id: the user id decides, as if it were absent.
+            assert_eq!(
+                shard_for_event(Some("undefined"), Some("u1"), "m", &block, n),
+                shard_for(None, Some("u1"), n)
+            );
+            // Nothing usable: the message id spreads such events over the shards.
+            let shards: std::collections::HashSet<u32> = (0..64)
+                .map(|i| shard_for_event(Some("guest"), Some("0"), &format!("m{i}"), &block, n))
+                .collect();
+            assert!(shards.len() > 1);
+            // Real ids shard as before.
+            assert_eq!(
+                shard_for_event(Some("a1"), Some("u1"), "m", &block, n),
+                shard_for(Some("a1"), Some("u1"), n)
+            );
+        }
     }
 
     #[test]

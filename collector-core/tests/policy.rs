@@ -160,3 +160,19 @@ fn safety_net_keys_and_detection_are_configurable_and_validated() {
     let errs = parse(&format!("{MINIMAL}[pii.detect]\nemail = \"shred\"\n")).unwrap_err();
     assert!(errs[0].line >= 10, "{errs:?}");
 }
+
+#[test]
+fn identity_block_list_extends_the_defaults() {
+    // The shipped file's own list, and the defaults.
+    let p = parse(EXAMPLE).unwrap();
+    assert!(p.block_list.blocked("Not-Logged-In").is_some());
+    assert!(p.block_list.blocked("undefined").is_some());
+    assert!(p.block_list.blocked("u1").is_none());
+    let bad = EXAMPLE.replace("block = [", "blocks = [");
+    let line = EXAMPLE[..EXAMPLE.find("block = [").unwrap()]
+        .matches('\n')
+        .count()
+        + 1;
+    let errs = parse(&bad).unwrap_err();
+    assert_eq!(errs[0].line, line, "{errs:?}");
+}

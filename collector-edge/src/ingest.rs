@@ -12,7 +12,7 @@ use collector_core::codec::Append;
 use collector_core::ingest::{parse_body_with_privacy, Endpoint, Parsed};
 use collector_core::limits::{MAX_COMPRESSED_REQUEST_BYTES, MAX_REQUEST_BYTES};
 use collector_core::privacy::RequestSignals;
-use collector_core::shard::shard_for;
+use collector_core::shard::shard_for_event;
 use collector_core::RequestError;
 use serde_json::json;
 use worker::{Date, Env, Request, Response, Result};
@@ -187,9 +187,11 @@ async fn enqueue_and_respond(env: &Env, cfg: &EdgeConfig, parsed: Parsed) -> Res
     let accepted_count = accepted.len();
     let mut per_shard: BTreeMap<u32, Append> = BTreeMap::new();
     for ev in accepted {
-        let shard = shard_for(
+        let shard = shard_for_event(
             ev.anonymous_id.as_deref(),
             ev.user_id.as_deref(),
+            &ev.message_id,
+            &cfg.privacy.policy.block_list,
             cfg.shards,
         );
         per_shard.entry(shard).or_default().events.push(ev);

@@ -17,23 +17,6 @@ use serde_json::json;
 const EVENTS: usize = 50_000;
 const ROUNDS: usize = 20;
 
-fn agent_binary() -> std::path::PathBuf {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap();
-    let ok = Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "-p", "collector-agent"])
-        .current_dir(root)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "build the agent");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    target.join("debug/collector-agent")
-}
-
 /// A pseudo-random number from the time (no rand dependency needed).
 fn jitter_ms(round: usize) -> u64 {
     let nanos = std::time::SystemTime::now()

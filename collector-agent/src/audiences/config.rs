@@ -174,9 +174,11 @@ fn event_rule(raw: RawEvent, key: &str) -> Result<EventRule, String> {
         (Some(e), None | Some("track")) if !e.is_empty() => EventRef::Track(e),
         (None, Some("page")) => EventRef::View("page"),
         (None, Some("screen")) => EventRef::View("screen"),
-        (None, Some(other)) => return Err(format!(
+        (None, Some(other)) => {
+            return Err(format!(
             "{key}.type must be \"page\" or \"screen\" (or give event = \"Name\"), got {other:?}"
-        )),
+        ))
+        }
         _ => {
             return Err(format!(
                 "{key} needs event = \"Name\" (a track) or type = \"page\"/\"screen\""

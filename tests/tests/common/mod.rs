@@ -178,3 +178,21 @@ pub fn now_s() -> i64 {
 pub fn s(v: &str) -> Option<String> {
     Some(v.to_string())
 }
+
+/// The agent binary, built (debug) if needed.
+pub fn agent_binary() -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let ok = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "-p", "collector-agent"])
+        .current_dir(root)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "build the agent");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    target.join("debug/collector-agent")
+}
