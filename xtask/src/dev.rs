@@ -96,8 +96,10 @@ pub fn dev(tools: &Toolchain, _args: &[String]) -> Result<()> {
     std::fs::write(
         &agent_config,
         format!(
-            "# Written by `cargo xtask dev`.\nedge_url = \"{}\"\ndrain_secret = \"{secret}\"\npoll_interval_ms = 1000\n\n[warehouse]\npath = \"warehouse.duckdb\"\n",
-            edge.url
+            "# Written by `cargo xtask dev`.\nedge_url = \"{}\"\ndrain_secret = \"{secret}\"\npoll_interval_ms = 1000\naudiences = \"{}\"\nprivacy = \"{}\"\naudience_interval_ms = 10000\n\n[warehouse]\npath = \"warehouse.duckdb\"\n",
+            edge.url,
+            tools.root.join("audiences.toml").display(),
+            tools.root.join("privacy.toml").display()
         ),
     )?;
     let agent_log = std::fs::File::create(data.join("agent.log"))?;
@@ -132,6 +134,16 @@ pub fn dev(tools: &Toolchain, _args: &[String]) -> Result<()> {
     println!("warehouse={}", data.join("warehouse.duckdb").display());
     println!(
         "try={} sql --config {} \"SELECT event, user_id, anonymous_id, timestamp FROM tracks ORDER BY timestamp DESC LIMIT 10\"",
+        agent_bin.display(),
+        agent_config.display()
+    );
+    println!(
+        "profile={} profile demo-user --config {}",
+        agent_bin.display(),
+        agent_config.display()
+    );
+    println!(
+        "audience={} audience preview pricing_no_purchase_7d --config {}",
         agent_bin.display(),
         agent_config.display()
     );
