@@ -26,15 +26,42 @@ async fn the_example_dbt_project_builds_on_a_warehouse_filled_through_the_edge()
     };
     let batch = vec![
         // v1 adds two items and leaves; v2 adds, orders; v3 orders, then adds again.
-        ev("a1", "v1", "Product Added", 0, json!({"sku": "S-1", "price": 10.5})),
-        ev("a2", "v1", "Product Added", 1, json!({"sku": "S-2", "price": 4.5})),
-        ev("a3", "v2", "Product Added", 2, json!({"sku": "S-1", "price": 10.5})),
+        ev(
+            "a1",
+            "v1",
+            "Product Added",
+            0,
+            json!({"sku": "S-1", "price": 10.5}),
+        ),
+        ev(
+            "a2",
+            "v1",
+            "Product Added",
+            1,
+            json!({"sku": "S-2", "price": 4.5}),
+        ),
+        ev(
+            "a3",
+            "v2",
+            "Product Added",
+            2,
+            json!({"sku": "S-1", "price": 10.5}),
+        ),
         ev("o1", "v2", "Order Completed", 3, json!({"revenue": 10.5})),
         ev("o2", "v3", "Order Completed", 4, json!({"revenue": 3.0})),
-        ev("a4", "v3", "Product Added", 5, json!({"sku": "S-3", "price": 7.0})),
+        ev(
+            "a4",
+            "v3",
+            "Product Added",
+            5,
+            json!({"sku": "S-3", "price": 7.0}),
+        ),
     ];
     let r = st
-        .post("/v1/batch", &json!({"batch": batch, "sentAt": "2026-11-20T10:06:00.000Z"}))
+        .post(
+            "/v1/batch",
+            &json!({"batch": batch, "sentAt": "2026-11-20T10:06:00.000Z"}),
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     st.drain().await;

@@ -9,6 +9,8 @@
 //!   the agent's peak RSS
 //! - every sink's bulk load of 100k events beside the database's own bulk load
 //!   (`collector-agent/benches/sinks.rs`)
+//! - identity resolution on 1M identify events, then incrementally
+//!   (`collector-agent/benches/identity.rs`)
 
 use std::io::Write;
 use std::process::Command;
@@ -310,8 +312,19 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
     edge.stop();
     let _ = std::fs::remove_dir_all(&dir);
 
-    // Every sink's bulk load beside the database's own (collector-agent/benches/sinks.rs).
-    eprintln!("bench: sink loads (cargo bench -p collector-agent --bench sinks)");
+    // Every sink's bulk load beside the database's own (collector-agent/benches/sinks.rs),
+    // and identity resolution on 1M identify events (collector-agent/benches/identity.rs).
+    for bench in ["sinks", "identity"] {
+        eprintln!("bench: cargo bench -p collector-agent --bench {bench}");
+        rows.extend(agent_bench(tools, bench)?);
+    }
+
+    print_table(&rows);
+    Ok(())
+}
+
+/// Runs one of the agent's `cargo bench` targets; its `label<TAB>result` lines.
+fn agent_bench(tools: &Toolchain, bench: &str) -> Result<Vec<(String, String)>> {
     let out = Command::new("cargo")
         .args([
             "bench",
@@ -319,24 +332,21 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
             "-p",
             "collector-agent",
             "--bench",
-            "sinks",
+            bench,
         ])
         .current_dir(&tools.root)
         .output()
-        .context("cargo bench --bench sinks")?;
+        .with_context(|| format!("cargo bench --bench {bench}"))?;
     anyhow::ensure!(
         out.status.success(),
-        "sink bench failed: {}",
+        "{bench} bench failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        if let Some((k, v)) = line.split_once('\t') {
-            rows.push((k.to_string(), v.to_string()));
-        }
-    }
-
-    print_table(&rows);
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect())
 }
 
 pub fn print_table(rows: &[(String, String)]) {

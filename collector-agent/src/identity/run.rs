@@ -407,6 +407,8 @@ async fn run_in_tx(
     // Verdicts that changed, people that changed, the merge log.
     let mut verdict_rows = Vec::new();
     let mut log_rows = Vec::new();
+    let text_row =
+        |v: &[&str]| -> Vec<Option<String>> { v.iter().map(|x| Some(x.to_string())).collect() };
     for (e, v) in &res.verdicts {
         let (status, reason) = match v {
             Verdict::Accepted => ("accepted", None),
@@ -414,31 +416,17 @@ async fn run_in_tx(
         };
         let old = old_status.get(&(e.a.clone(), e.b.clone()));
         if old.map(|(s, r)| (s.as_str(), r.clone())) != Some((status, reason.clone())) {
-            verdict_rows.push(format!(
-                "({}, {}, {}, {}, {}, {})",
-                sql_lit(&e.a.0),
-                sql_lit(&e.a.1),
-                sql_lit(&e.b.0),
-                sql_lit(&e.b.1),
-                sql_lit(status),
-                reason.as_deref().map_or("NULL".into(), sql_lit)
-            ));
+            let mut row = text_row(&[&e.a.0, &e.a.1, &e.b.0, &e.b.1, status]);
+            row.push(reason.clone());
+            verdict_rows.push(row);
         }
-        let edge_cols = format!(
-            "{}, {}, {}, {}, {}",
-            sql_lit(&e.message_id),
-            sql_lit(&e.a.0),
-            sql_lit(&e.a.1),
-            sql_lit(&e.b.0),
-            sql_lit(&e.b.1)
-        );
+        let edge = [e.message_id.as_str(), &e.a.0, &e.a.1, &e.b.0, &e.b.1];
         match v {
             Verdict::Refused(r) => {
                 stats.refused += 1;
-                log_rows.push(format!(
-                    "({edge_cols}, 'refused', NULL, NULL, {})",
-                    sql_lit(r)
-                ));
+                let mut row = text_row(&edge);
+                row.extend([Some("refused".into()), None, None, Some(r.clone())]);
+                log_rows.push(row);
             }
             Verdict::Accepted => {
                 // Two people became one: the side whose person changed was merged.
@@ -448,11 +436,14 @@ async fn run_in_tx(
                     let from = if pb != into { pb } else { pa };
                     if from != into {
                         stats.merges += 1;
-                        log_rows.push(format!(
-                            "({edge_cols}, 'merged', {}, {}, NULL)",
-                            sql_lit(from),
-                            sql_lit(into)
-                        ));
+                        let mut row = text_row(&edge);
+                        row.extend([
+                            Some("merged".into()),
+                            Some(from.clone()),
+                            Some(into.clone()),
+                            None,
+                        ]);
+                        log_rows.push(row);
                     }
                 }
             }
@@ -463,12 +454,7 @@ async fn run_in_tx(
     for (id, p) in &new_person {
         let old = &old_person[*id];
         if old != p {
-            people_rows.push(format!(
-                "({}, {}, {})",
-                sql_lit(&id.0),
-                sql_lit(&id.1),
-                sql_lit(p)
-            ));
+            people_rows.push(text_row(&[&id.0, &id.1, p]));
             touched.insert(old.clone());
             touched.insert(p.clone());
         }
@@ -479,16 +465,19 @@ async fn run_in_tx(
          DROP TABLE IF EXISTS identity_people;
          CREATE TEMP TABLE identity_people (id_type {t}, id_value {t}, person_id {t});
          DROP TABLE IF EXISTS identity_touched;
-         CREATE TEMP TABLE identity_touched (person_id {t});"
+         CREATE TEMP TABLE identity_touched (person_id {t});
+         DROP TABLE IF EXISTS identity_log;
+         CREATE TEMP TABLE identity_log (message_id {t}, a_type {t}, a_value {t}, b_type {t}, b_value {t}, kind {t}, from_person {t}, into_person {t}, reason {t});"
     ))
     .await?;
-    insert_values(s, "identity_verdicts", &verdict_rows).await?;
-    insert_values(s, "identity_people", &people_rows).await?;
-    let touched_rows: Vec<String> = touched
-        .iter()
-        .map(|p| format!("({})", sql_lit(p)))
-        .collect();
-    insert_values(s, "identity_touched", &touched_rows).await?;
+    s.insert("identity_verdicts", verdict_rows).await?;
+    s.insert("identity_people", people_rows).await?;
+    s.insert(
+        "identity_touched",
+        touched.into_iter().map(|p| vec![Some(p)]).collect(),
+    )
+    .await?;
+    s.insert("identity_log", log_rows).await?;
     s.execute(
         "UPDATE identity_edges SET status = v.status, reason = v.reason FROM identity_verdicts v
          WHERE identity_edges.a_type = v.a_type AND identity_edges.a_value = v.a_value
@@ -500,14 +489,11 @@ async fn run_in_tx(
          WHERE identities.id_type = p.id_type AND identities.id_value = p.id_value",
     )
     .await?;
-    for chunk in log_rows.chunks(500) {
-        s.execute(&format!(
-            "INSERT INTO identity_merges (message_id, a_type, a_value, b_type, b_value, kind, from_person, into_person, reason, merged_at)
-             SELECT *, {now} FROM (VALUES {}) v ON CONFLICT DO NOTHING",
-            chunk.join(", ")
-        ))
-        .await?;
-    }
+    s.execute(&format!(
+        "INSERT INTO identity_merges (message_id, a_type, a_value, b_type, b_value, kind, from_person, into_person, reason, merged_at)
+         SELECT *, {now} FROM identity_log ON CONFLICT DO NOTHING"
+    ))
+    .await?;
 
     // 5. Profiles of everyone touched: the people of the ids just scanned, and those
     //    that merged or changed.
@@ -525,19 +511,6 @@ async fn run_in_tx(
     )
     .await?;
     Ok(stats)
-}
-
-/// Inserts rows given as SQL tuples, 500 per statement.
-async fn insert_values(
-    s: &mut dyn SqlSession,
-    table: &str,
-    rows: &[String],
-) -> Result<(), SinkError> {
-    for chunk in rows.chunks(500) {
-        s.execute(&format!("INSERT INTO {table} VALUES {}", chunk.join(", ")))
-            .await?;
-    }
-    Ok(())
 }
 
 /// `INSERT INTO profiles` for the people in `identity_touched`.

@@ -194,6 +194,13 @@ pub trait SqlSession: Send {
     async fn batch(&mut self, sql: &str) -> Result<(), SinkError>;
     /// Runs one query; its rows rendered as text (timestamps RFC 3339 UTC).
     async fn query(&mut self, sql: &str) -> Result<QueryResult, SinkError>;
+    /// Bulk-inserts text rows into `table` (all its columns, in order; the warehouse
+    /// casts): DuckDB's appender, PostgreSQL's `COPY`.
+    async fn insert(
+        &mut self,
+        table: &str,
+        rows: Vec<Vec<Option<String>>>,
+    ) -> Result<(), SinkError>;
 }
 
 /// A SQL string literal (standard SQL: quotes doubled; both dialects read it so).

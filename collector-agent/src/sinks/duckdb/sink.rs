@@ -792,4 +792,23 @@ impl SqlSession for DuckSession {
         let sql = sql.to_string();
         self.run(move |c| run_query(c, &sql)).await
     }
+
+    async fn insert(
+        &mut self,
+        table: &str,
+        rows: Vec<Vec<Option<String>>>,
+    ) -> Result<(), SinkError> {
+        let table = table.to_string();
+        self.run(move |c| {
+            let mut app = c.appender(&table).map_err(transient)?;
+            for row in &rows {
+                app.append_row(duckdb::appender_params_from_iter(
+                    row.iter().map(|v| v.as_deref()),
+                ))
+                .map_err(classify)?;
+            }
+            app.flush().map_err(classify)
+        })
+        .await
+    }
 }

@@ -649,6 +649,33 @@ impl SqlSession for PgSession<'_> {
     async fn query(&mut self, sql: &str) -> Result<QueryResult, SinkError> {
         simple_rows(self.client(), sql).await
     }
+
+    async fn insert(
+        &mut self,
+        table: &str,
+        rows: Vec<Vec<Option<String>>>,
+    ) -> Result<(), SinkError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut csv = Vec::new();
+        for row in &rows {
+            let cells: Vec<Cell<'_>> = row
+                .iter()
+                .map(|v| v.as_deref().map(std::borrow::Cow::Borrowed))
+                .collect();
+            csv_line(&cells, None, &mut csv);
+        }
+        let sink = self
+            .client()
+            .copy_in(&format!("COPY {} FROM STDIN (FORMAT csv)", ident(table)))
+            .await
+            .map_err(classify)?;
+        futures_util::pin_mut!(sink);
+        sink.send(Bytes::from(csv)).await.map_err(classify)?;
+        sink.as_mut().finish().await.map_err(classify)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
