@@ -116,7 +116,18 @@ async fn warehouse_from_an_earlier_release_is_migrated() {
         one("SELECT max(version) FROM collector_migrations")
             .await
             .as_deref(),
-        Some("3")
+        Some("6")
+    );
+    // The identity and audience tables came with the later migrations.
+    assert_eq!(
+        one("SELECT count(*) FROM identities").await.as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        one("SELECT count(*) FROM audience_membership")
+            .await
+            .as_deref(),
+        Some("0")
     );
     // Its rows got Segment's `id`.
     assert_eq!(one("SELECT id FROM tracks").await.as_deref(), Some("old-1"));
@@ -132,7 +143,7 @@ async fn warehouse_from_an_earlier_release_is_migrated() {
             .unwrap()
             .rows[0][0]
             .as_deref(),
-        Some("3")
+        Some("6")
     );
 }
 

@@ -297,6 +297,47 @@ async fn profiles_hold_the_latest_consent(t: &Target) {
     );
 }
 
+// An erasure removes an event and its edge and lists the ids to resolve again: the
+// next run splits them off, and says so.
+async fn removed_edges_split_people_and_say_so(t: &Target) {
+    let sink = t.open().await;
+    let cfg = IdentityConfig::default();
+    load(&*sink, 1, json!([
+        {"type": "identify", "messageId": "j1", "anonymousId": "w1", "userId": "wu", "timestamp": "2026-11-20T09:00:00.000Z"},
+        {"type": "identify", "messageId": "j2", "anonymousId": "w2", "userId": "wu", "timestamp": "2026-11-20T09:01:00.000Z"},
+    ]))
+    .await;
+    resolve(&*sink, &cfg).await;
+    let wu = person(&*sink, "user_id", "wu").await;
+    assert_eq!(person(&*sink, "anonymous_id", "w2").await, wu);
+    for sql in [
+        "DELETE FROM identifies WHERE message_id = 'j2'",
+        "DELETE FROM identity_edges WHERE message_id = 'j2'",
+        "INSERT INTO identity_dirty VALUES ('anonymous_id', 'w2', 'erasure'), ('user_id', 'wu', 'erasure')",
+    ] {
+        sink.query(sql).await.unwrap();
+    }
+    let stats = resolve(&*sink, &cfg).await;
+    assert_eq!(stats.splits, 1);
+    let w2 = identity::person_id(&("anonymous_id".into(), "w2".into()));
+    assert_eq!(person(&*sink, "anonymous_id", "w2").await, Some(w2.clone()));
+    assert_eq!(person(&*sink, "anonymous_id", "w1").await, wu);
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT a_value, from_person, into_person FROM identity_merges WHERE kind = 'split'"
+        )
+        .await,
+        vec![vec![s("w2"), wu.clone(), Some(w2)]]
+    );
+    assert_eq!(
+        one(&*sink, "SELECT count(*) FROM identity_dirty")
+            .await
+            .as_deref(),
+        Some("0")
+    );
+}
+
 macro_rules! both {
     ($($scenario:ident),* $(,)?) => {
         mod duckdb {
@@ -324,6 +365,7 @@ both!(
     block_list_stops_a_bad_merge,
     limits_refuse_a_merge_and_late_events_reorder,
     profiles_hold_the_latest_consent,
+    removed_edges_split_people_and_say_so,
 );
 
 /// Events of a few visitors on shared devices, with user ids, emails and aliases.

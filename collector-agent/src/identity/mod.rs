@@ -21,8 +21,10 @@
 //! `status` accepted/refused/blocked and the reason), `identities` (id → person),
 //! `identity_merges` (every merge of two people and every refused edge, naming the
 //! event and the ids), `profiles` (one row per person). Nothing is ever split
-//! silently: ids leave a person only if their edges are removed (an erasure, issue
-//! #12), and the run that follows resolves that part of the graph again.
+//! silently: ids leave a person only when the edges that joined them are removed (an
+//! erasure, issue #12, deletes them and lists the person's other ids in
+//! `identity_dirty`) or a late event takes precedence; the next run resolves that part
+//! of the graph again and logs each id that left as a `split` in `identity_merges`.
 
 pub mod config;
 pub mod profile;

@@ -35,6 +35,8 @@ pub struct IdentityStats {
     /// People merged into others, and merges refused by a limit.
     pub merges: u64,
     pub refused: u64,
+    /// Ids that left a person because edges were removed.
+    pub splits: u64,
     /// Profiles written.
     pub profiles: u64,
 }
@@ -187,6 +189,15 @@ CREATE INDEX identity_edges_status ON identity_edges (status);
     sql
 }
 
+/// `identity_dirty` (a later migration): ids to resolve again at the next run although
+/// no new edge touches them, e.g. after an erasure removed some of their edges.
+pub fn ddl_dirty(d: Dialect) -> String {
+    let t = Sql(d).text();
+    format!(
+        "CREATE TABLE identity_dirty (id_type {t} NOT NULL, id_value {t} NOT NULL, reason {t}, PRIMARY KEY (id_type, id_value));\n"
+    )
+}
+
 /// The base tables an identity run reads, with what each adds (`previous_id` of an
 /// alias, the `email` trait of an identify).
 const SOURCES: &[&str] = &[
@@ -330,7 +341,8 @@ async fn run_in_tx(
         .execute(
             "INSERT INTO identity_region SELECT DISTINCT id_type, id_value, 0 FROM (
                SELECT a_type AS id_type, a_value AS id_value FROM identity_edges WHERE status = 'new'
-               UNION ALL SELECT b_type, b_value FROM identity_edges WHERE status = 'new') n
+               UNION ALL SELECT b_type, b_value FROM identity_edges WHERE status = 'new'
+               UNION ALL SELECT d.id_type, d.id_value FROM identity_dirty d) n
              ON CONFLICT DO NOTHING",
         )
         .await?;
@@ -451,12 +463,30 @@ async fn run_in_tx(
     }
     let mut people_rows = Vec::new();
     let mut touched: HashSet<String> = HashSet::new();
+    // Old person → the people its ids belong to now: more than one is a split (its
+    // edges were removed), logged for every id that left.
+    let mut now_in: HashMap<&String, HashSet<&String>> = HashMap::new();
     for (id, p) in &new_person {
         let old = &old_person[*id];
+        now_in.entry(old).or_default().insert(p);
         if old != p {
             people_rows.push(text_row(&[&id.0, &id.1, p]));
             touched.insert(old.clone());
             touched.insert(p.clone());
+        }
+    }
+    for (id, p) in &new_person {
+        let old = &old_person[*id];
+        if old != p && now_in[old].len() > 1 {
+            stats.splits += 1;
+            let mut row = text_row(&["split", &id.0, &id.1, "person_id", old]);
+            row.extend([
+                Some("split".into()),
+                Some(old.clone()),
+                Some(p.clone()),
+                Some("no longer joined to this person: an edge was removed, or an earlier event now takes precedence".into()),
+            ]);
+            log_rows.push(row);
         }
     }
     s.batch(&format!(
@@ -494,6 +524,7 @@ async fn run_in_tx(
          SELECT *, {now} FROM identity_log ON CONFLICT DO NOTHING"
     ))
     .await?;
+    s.execute("DELETE FROM identity_dirty").await?;
 
     // 5. Profiles of everyone touched: the people of the ids just scanned, and those
     //    that merged or changed.

@@ -134,6 +134,11 @@ ALTER TABLE dead_letters_keyed RENAME TO dead_letters;
             crate::identity::ddl(Dialect::DuckDb),
         ),
         (5, "audience_membership", crate::audiences::ddl(Dialect::DuckDb)),
+        (
+            6,
+            "identity_dirty",
+            crate::identity::run::ddl_dirty(Dialect::DuckDb),
+        ),
     ]
 }
 

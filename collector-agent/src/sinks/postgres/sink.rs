@@ -118,6 +118,11 @@ CREATE TABLE IF NOT EXISTS rejected_values (message_id text NOT NULL, table_name
             crate::identity::ddl(Dialect::Postgres),
         ),
         (5, "audience_membership", crate::audiences::ddl(Dialect::Postgres)),
+        (
+            6,
+            "identity_dirty",
+            crate::identity::run::ddl_dirty(Dialect::Postgres),
+        ),
     ]
 }
 
