@@ -84,8 +84,9 @@ async fn loads_each_kind_into_its_segment_table(t: &Target) {
     let stats = sink.load(&Load::events(0, 1, evs)).await.unwrap();
     assert_eq!((stats.inserted, stats.duplicates), (6, 0));
     assert_eq!(
-        rows(&*sink, "SELECT message_id, user_id, event, properties->>'plan', timestamp, received_at, raw->>'extra' FROM tracks").await,
-        vec![vec![s("t1"), s("u1"), s("Signed Up"), s("pro"), s("2026-11-24T13:54:00.000Z"), s("2026-11-24T13:54:04.000Z"), s("1")]]
+        rows(&*sink, "SELECT message_id, user_id, event, event_text, properties->>'plan', timestamp, received_at, raw->>'extra' FROM tracks").await,
+        // Segment's `event` is the slug (the per-event table), `event_text` the name as sent.
+        vec![vec![s("t1"), s("u1"), s("signed_up"), s("Signed Up"), s("pro"), s("2026-11-24T13:54:00.000Z"), s("2026-11-24T13:54:04.000Z"), s("1")]]
     );
     assert_eq!(
         rows(&*sink, "SELECT name, category, anonymous_id FROM pages").await,
@@ -115,7 +116,7 @@ async fn nulls_unicode_and_nested_json_round_trip(t: &Target) {
     ]}));
     sink.load(&Load::events(0, 1, evs)).await.unwrap();
     assert_eq!(
-        rows(&*sink, "SELECT user_id, event, properties->>'city', properties->'nested'->'deep'->'list'->>1, sent_at, integrations FROM tracks").await,
+        rows(&*sink, "SELECT user_id, event_text, properties->>'city', properties->'nested'->'deep'->'list'->>1, sent_at, integrations FROM tracks").await,
         vec![vec![s("Zoë 🚀"), s("Größe geändert"), s("Zürich"), s("zwei"), None, None]]
     );
 }
@@ -136,7 +137,7 @@ async fn same_events_twice_land_once(t: &Target) {
     let s2 = sink.load(&Load::events(0, 1, evs)).await.unwrap();
     assert_eq!((s2.inserted, s2.duplicates), (0, 3));
     assert_eq!(
-        rows(&*sink, "SELECT (SELECT count(*) FROM tracks), (SELECT count(*) FROM identifies), (SELECT event FROM tracks)").await,
+        rows(&*sink, "SELECT (SELECT count(*) FROM tracks), (SELECT count(*) FROM identifies), (SELECT event_text FROM tracks)").await,
         vec![vec![s("1"), s("1"), s("A")]]
     );
 }
@@ -236,7 +237,7 @@ async fn poison_event_is_quarantined_and_replayed(t: &Target) {
     assert_eq!(
         rows(
             &*sink,
-            "SELECT event, timestamp FROM tracks WHERE message_id = 'bad-ts'"
+            "SELECT event_text, timestamp FROM tracks WHERE message_id = 'bad-ts'"
         )
         .await,
         vec![vec![s("B"), s("2026-11-25T10:00:00.000Z")]]

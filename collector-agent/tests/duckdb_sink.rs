@@ -58,7 +58,7 @@ fn prepared_warehouse(dir: &tempfile::TempDir, sql: &str) -> std::path::PathBuf 
 #[tokio::test]
 async fn event_the_warehouse_refuses_is_isolated_and_quarantined() {
     let dir = tempfile::tempdir().unwrap();
-    let path = prepared_warehouse(&dir, &tracks_ddl("CHECK (event <> 'Forbidden')"));
+    let path = prepared_warehouse(&dir, &tracks_ddl("CHECK (event <> 'forbidden')"));
     let sink = DuckDbSink::open(&path).unwrap();
     let evs = events(json!({"batch": [
         {"type": "track", "messageId": "t1", "userId": "u", "event": "Fine"},
@@ -116,7 +116,12 @@ async fn warehouse_from_an_earlier_release_is_migrated() {
         one("SELECT max(version) FROM collector_migrations")
             .await
             .as_deref(),
-        Some("6")
+        Some("7")
+    );
+    // Its tracks got `event_text` (the name as sent).
+    assert_eq!(
+        one("SELECT event_text FROM tracks").await.as_deref(),
+        Some("A")
     );
     // The identity and audience tables came with the later migrations.
     assert_eq!(
@@ -143,7 +148,7 @@ async fn warehouse_from_an_earlier_release_is_migrated() {
             .unwrap()
             .rows[0][0]
             .as_deref(),
-        Some("6")
+        Some("7")
     );
 }
 

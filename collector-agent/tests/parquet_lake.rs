@@ -74,7 +74,7 @@ async fn lake_layout_is_partitioned_by_table_and_date_with_one_file_per_batch() 
     let n: i64 = conn
         .query_row(
             &format!(
-                "SELECT count(*) FROM read_parquet('{}/table=tracks/*/*.parquet', hive_partitioning = true) WHERE event = 'E' AND date IS NOT NULL",
+                "SELECT count(*) FROM read_parquet('{}/table=tracks/*/*.parquet', hive_partitioning = true) WHERE event_text = 'E' AND event = 'e' AND date IS NOT NULL",
                 root.display()
             ),
             [],

@@ -98,19 +98,35 @@ impl LocalPostgres {
                 "--no-sync",
             ],
         )?;
-        let port = crate::free_port();
-        let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
-            dir.path().display()
-        );
+        // A free port can be taken by a parallel test before the server binds it: then
+        // try another.
         let log = dir.path().join("postgres.log").display().to_string();
-        pg(
-            &bin,
-            "pg_ctl",
-            &[
-                "-D", &data_s, "-o", &opts, "-l", &log, "-w", "-t", "60", "start",
-            ],
-        )?;
+        let mut attempt = 0;
+        let port = loop {
+            attempt += 1;
+            let port = crate::free_port();
+            let opts = format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                dir.path().display()
+            );
+            match pg(
+                &bin,
+                "pg_ctl",
+                &[
+                    "-D", &data_s, "-o", &opts, "-l", &log, "-w", "-t", "60", "start",
+                ],
+            ) {
+                Ok(()) => break port,
+                Err(e) if attempt < 5 => {
+                    let _ = pg(&bin, "pg_ctl", &["-D", &data_s, "-m", "immediate", "stop"]);
+                    eprintln!("PostgreSQL did not start on port {port} ({e}); trying another port");
+                }
+                Err(e) => {
+                    let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                    return Err(e.context(format!("PostgreSQL log:\n{tail}")));
+                }
+            }
+        };
         Ok(LocalPostgres {
             url: format!("postgres://{USER}@127.0.0.1:{port}/postgres"),
             port,

@@ -124,7 +124,7 @@ async fn snippet_calls_made_before_the_sdk_loads_are_replayed_in_order_and_land(
     // identify was called.
     let rows = site.st.query(
         "SELECT kind, name, user_id, anonymous_id FROM (
-           SELECT 'track' AS kind, event AS name, user_id, anonymous_id, original_timestamp FROM tracks
+           SELECT 'track' AS kind, event_text AS name, user_id, anonymous_id, original_timestamp FROM tracks
            UNION ALL SELECT 'identify', NULL, user_id, anonymous_id, original_timestamp FROM identifies
            UNION ALL SELECT 'page', name, user_id, anonymous_id, original_timestamp FROM pages)
          ORDER BY original_timestamp",
@@ -191,7 +191,7 @@ async fn identify_then_track_carries_the_user_id_and_a_reload_keeps_the_anonymou
     site.drain_until("SELECT count(*) FROM tracks", 3).await;
     let rows = site
         .st
-        .query("SELECT event, user_id, anonymous_id FROM tracks ORDER BY original_timestamp");
+        .query("SELECT event_text, user_id, anonymous_id FROM tracks ORDER BY original_timestamp");
     assert_eq!(
         rows,
         vec![
@@ -243,7 +243,7 @@ async fn events_tracked_while_the_worker_is_down_are_persisted_and_delivered_exa
         .expect("the stored events are delivered");
     site.drain_until("SELECT count(*) FROM tracks", 4).await;
     let rows = site.st.query(
-        "SELECT event, count(*), count(DISTINCT message_id) FROM tracks GROUP BY event ORDER BY event",
+        "SELECT event_text, count(*), count(DISTINCT message_id) FROM tracks GROUP BY event_text ORDER BY event_text",
     );
     assert_eq!(
         rows,
@@ -272,7 +272,7 @@ async fn navigating_away_right_after_track_still_delivers_the_event_by_beacon() 
     site.drain_until("SELECT count(*) FROM tracks", 1).await;
     let r = row(
         &site,
-        "SELECT event, properties->>'to', context->'page'->>'path' FROM tracks",
+        "SELECT event_text, properties->>'to', context->'page'->>'path' FROM tracks",
     );
     assert_eq!(r, vec![s("Clicked Away"), s("plain"), s("/app.html")]);
 }
@@ -322,7 +322,7 @@ async fn gpc_and_a_tcf_cmp_reach_the_edge_and_the_resolved_consent_is_stored() {
                 "SELECT user_id, context->'consent'->'resolved'->'sources'->>'analytics',
                         context->'consent'->'resolved'->'sources'->>'marketing',
                         context->'consent'->'resolved'->>'gpc', context->'consent'->>'tcf'
-                 FROM tracks WHERE event = '{event}'"
+                 FROM tracks WHERE event_text = '{event}'"
             ),
         )
     };
@@ -363,7 +363,7 @@ async fn consent_denied_in_the_browser_is_enforced_at_the_edge() {
     // Analytics denied (anonymise): no user id, no traits; the choice is the evidence.
     let order = row(
         &site,
-        "SELECT event, user_id, context->'consent'->'resolved'->'sources'->>'analytics',
+        "SELECT event_text, user_id, context->'consent'->'resolved'->'sources'->>'analytics',
                 context->'consent'->'categoryPreferences'->>'analytics'
          FROM tracks",
     );
@@ -401,7 +401,10 @@ async fn the_demo_page_of_xtask_dev_sends_its_page_view_and_clicks() {
     site.drain_until("SELECT count(*) FROM tracks", 1).await;
     let anon = site.eval("analytics.user().anonymousId()");
     assert_eq!(
-        row(&site, "SELECT event, user_id, anonymous_id FROM tracks"),
+        row(
+            &site,
+            "SELECT event_text, user_id, anonymous_id FROM tracks"
+        ),
         vec![
             s("Demo Clicked"),
             s("demo-user"),
@@ -434,7 +437,10 @@ async fn events_the_sdk_could_not_send_are_counted_at_the_edge() {
         Value::from(2),
         "{stats}"
     );
-    assert_eq!(row(&site, "SELECT event FROM tracks"), vec![s("Next Page")]);
+    assert_eq!(
+        row(&site, "SELECT event_text FROM tracks"),
+        vec![s("Next Page")]
+    );
 }
 
 #[tokio::test]
@@ -473,7 +479,7 @@ async fn segments_own_browser_sdk_unmodified_lands_every_call_once() {
     assert_eq!(
         row(
             &site,
-            "SELECT event, user_id, anonymous_id, properties->>'n', context->'library'->>'name' FROM tracks"
+            "SELECT event_text, user_id, anonymous_id, properties->>'n', context->'library'->>'name' FROM tracks"
         ),
         vec![
             s("Segment Browser Event"),

@@ -85,7 +85,7 @@ async fn every_endpoint_lands_as_exact_rows_in_duckdb() {
     assert_eq!(summary.duplicates, 0);
 
     assert_eq!(
-        st.query("SELECT message_id, anonymous_id, user_id, event, properties->>'plan', properties->>'seats', \
+        st.query("SELECT message_id, anonymous_id, user_id, event_text, properties->>'plan', properties->>'seats', \
                   context->'library'->>'name', raw->>'custom_field' FROM tracks ORDER BY message_id"),
         vec![
             vec![s("b-1"), None, s("u2"), s("A"), None, None, s("batcher"), None],

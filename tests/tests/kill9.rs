@@ -93,7 +93,7 @@ where
 
 async fn check(sink: &dyn Sink) {
     let r = sink
-        .query("SELECT count(*), count(DISTINCT message_id), sum(CAST(properties->>'n' AS BIGINT)) FROM tracks WHERE event = 'Kill Test'")
+        .query("SELECT count(*), count(DISTINCT message_id), sum(CAST(properties->>'n' AS BIGINT)) FROM tracks WHERE event_text = 'Kill Test' AND event = 'kill_test'")
         .await
         .unwrap();
     let n = EVENTS as u64;

@@ -83,7 +83,7 @@ fn xtask_dev_runs_the_stack_and_stops_cleanly_on_sigterm() {
                 "--csv",
                 "--config",
                 &kv["agent_config"],
-                "SELECT message_id, event FROM tracks",
+                "SELECT message_id, event_text FROM tracks",
             ])
             .env("RUST_BACKTRACE", "0")
             .output()

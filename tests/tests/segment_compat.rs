@@ -33,7 +33,7 @@ async fn unmodified_segment_analytics_node_lands_every_call_exactly_once() {
     );
 
     assert_eq!(
-        st.query("SELECT user_id, event, properties->>'revenue', properties->>'currency', context->'library'->>'name' FROM tracks"),
+        st.query("SELECT user_id, event_text, properties->>'revenue', properties->>'currency', context->'library'->>'name' FROM tracks"),
         vec![vec![s("compat-user"), s("Compat Track"), s("42.5"), s("EUR"), s("@segment/analytics-node")]]
     );
     assert_eq!(

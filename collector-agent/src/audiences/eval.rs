@@ -62,7 +62,7 @@ fn json_text(d: Dialect, col: &str, path: &[&str]) -> String {
 /// `(person_id, message_id, ts)` of the events a rule counts, attributed to people.
 fn person_events(d: Dialect, r: &EventRule) -> String {
     let (table, mut conds) = match &r.what {
-        EventRef::Track(name) => ("tracks", vec![format!("event = {}", sql_lit(name))]),
+        EventRef::Track(name) => ("tracks", vec![format!("event_text = {}", sql_lit(name))]),
         EventRef::View(kind) => (
             if *kind == "page" { "pages" } else { "screens" },
             Vec::new(),

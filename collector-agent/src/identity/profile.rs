@@ -57,7 +57,7 @@ where
             .unwrap_or(Value::Null)
     };
     let sources = [
-        ("tracks", "track", "event"),
+        ("tracks", "track", "event_text"),
         ("pages", "page", "name"),
         ("screens", "screen", "name"),
         ("identifies", "identify", "CAST(NULL AS VARCHAR)"),

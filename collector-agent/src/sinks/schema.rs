@@ -108,8 +108,11 @@ pub const LOADED_AT: &str = "loaded_at";
 
 /// Columns of one event table beyond the common ones.
 pub fn specific_columns(kind: EventKind) -> &'static [Column] {
+    // As in Segment's warehouses: `event` is the slug (the per-event table's name, so
+    // the two join), `event_text` the name as sent.
     const TRACK: &[Column] = &[
         col("event", "event", Text),
+        col("event_text", "event", Text),
         col("properties", "properties", Json),
     ];
     const PAGE: &[Column] = &[
@@ -264,7 +267,10 @@ fn prepared_row(
         payload,
     };
     if kind == EventKind::Track {
-        row.event_table = row.value("event").and_then(tables::event_table_name);
+        row.event_table = row.value("event_text").and_then(tables::event_table_name);
+        if let (Some(slug), Some(i)) = (&row.event_table, column_index(kind, "event")) {
+            row.values[i] = Some(slug.clone());
+        }
     }
     row
 }
@@ -315,7 +321,7 @@ impl PreparedRow {
 
     /// A track's event name as sent.
     pub fn event_name(&self) -> &str {
-        self.value("event").unwrap_or("")
+        self.value("event_text").unwrap_or("")
     }
 
     /// The flattened columns of the kind's own table: the context, and the payload
@@ -522,7 +528,8 @@ mod tests {
         assert_eq!(row[3].as_deref(), Some("2026-11-25T10:00:00.000Z"));
         assert_eq!(row[9].as_deref(), Some("m"));
         assert_eq!(row[10].as_deref(), Some("E"));
-        assert_eq!(row[11].as_deref(), Some(r#"{"a":1}"#));
+        assert_eq!(row[11].as_deref(), Some("E"));
+        assert_eq!(row[12].as_deref(), Some(r#"{"a":1}"#));
         assert!(prepare_row(&ev("[1]"))
             .unwrap_err()
             .contains("not a JSON object"));

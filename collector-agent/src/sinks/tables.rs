@@ -243,6 +243,19 @@ pub fn add_segment_id_sql(text_type: &str) -> String {
     sql
 }
 
+/// Migration of `tracks` to Segment's `event` (the slug, = the per-event table) and
+/// `event_text` (the name as sent): earlier releases kept the name as sent in `event`.
+/// Rows whose name got no per-event table keep it in both.
+pub fn track_event_text_sql(text_type: &str) -> String {
+    format!(
+        "ALTER TABLE tracks ADD COLUMN IF NOT EXISTS event_text {text_type};
+UPDATE tracks SET event_text = event WHERE event_text IS NULL;
+UPDATE tracks SET event = c.table_name FROM collector_tables c
+  WHERE c.event_text = tracks.event_text AND tracks.event = tracks.event_text;
+"
+    )
+}
+
 /// The `SET` list of the `users` upsert (DuckDB and PostgreSQL): a row whose
 /// `timestamp` is not older than the stored one overwrites the traits it carries; an
 /// older one only fills traits still NULL.

@@ -308,12 +308,42 @@ impl ClickHouseSink {
         let (_, applied) = self
             .select("SELECT version FROM collector_migrations FINAL")
             .await?;
-        if applied
-            .iter()
-            .any(|r| r.first().and_then(Value::as_u64) == Some(3))
-        {
-            return Ok(());
+        let has = |v: u64| {
+            applied
+                .iter()
+                .any(|r| r.first().and_then(Value::as_u64) == Some(v))
+        };
+        if !has(3) {
+            self.migrate_v3().await?;
         }
+        if !has(4) {
+            // `tracks.event` is the slug, `event_text` the name as sent (Segment's
+            // schema). Tables made by version 3 of this release have it already; rows
+            // loaded before keep their name in `event` and NULL in `event_text`
+            // (ClickHouse 18.16 cannot update from a join).
+            match self
+                .exec("ALTER TABLE collector_rows_tracks ADD COLUMN event_text Nullable(String) AFTER event")
+                .await
+            {
+                Err(e)
+                    if e.to_string().contains("Code: 15,")
+                        || e.to_string().contains("Code: 44,")
+                        || e.to_string().contains("already exists") => {}
+                other => {
+                    other?;
+                }
+            }
+            self.refresh_view("tracks", TableKind::Base(EventKind::Track))
+                .await?;
+            self.exec("INSERT INTO collector_migrations VALUES (4, 'tracks.event is the slug, event_text the name as sent', now())")
+                .await?;
+            tracing::info!(version = 4, "warehouse migrated");
+        }
+        Ok(())
+    }
+
+    /// The schema of version 3 in every sink, in one step.
+    async fn migrate_v3(&self) -> Result<(), SinkError> {
         let mut ddl = Vec::new();
         for kind in EventKind::ALL {
             ddl.extend(self.create_table_sql(kind.table(), TableKind::Base(kind)));

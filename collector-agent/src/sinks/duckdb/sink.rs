@@ -139,6 +139,11 @@ ALTER TABLE dead_letters_keyed RENAME TO dead_letters;
             "identity_dirty",
             crate::identity::run::ddl_dirty(Dialect::DuckDb),
         ),
+        (
+            7,
+            "tracks.event is the slug, tracks.event_text the name as sent (Segment's schema)",
+            tables::track_event_text_sql(sql_type(LogicalType::Text)),
+        ),
     ]
 }
 

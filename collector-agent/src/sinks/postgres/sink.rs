@@ -123,6 +123,11 @@ CREATE TABLE IF NOT EXISTS rejected_values (message_id text NOT NULL, table_name
             "identity_dirty",
             crate::identity::run::ddl_dirty(Dialect::Postgres),
         ),
+        (
+            7,
+            "tracks.event is the slug, tracks.event_text the name as sent (Segment's schema)",
+            tables::track_event_text_sql(sql_type(LogicalType::Text)),
+        ),
     ]
 }
 
