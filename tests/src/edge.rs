@@ -65,6 +65,7 @@ impl LocalEdge {
         } else {
             opts.port
         };
+        let pick = opts.port == 0;
         let mut edge = LocalEdge {
             child: None,
             port,
@@ -72,8 +73,23 @@ impl LocalEdge {
             opts,
             tools,
         };
-        edge.spawn()?;
-        Ok(edge)
+        // A free port can be taken by a parallel test before wrangler binds it: then
+        // try another.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match edge.spawn() {
+                Ok(()) => return Ok(edge),
+                Err(e)
+                    if pick && attempt < 4 && e.to_string().contains("Address already in use") =>
+                {
+                    edge.stop();
+                    edge.port = crate::free_port();
+                    edge.url = format!("http://127.0.0.1:{}", edge.port);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {

@@ -98,7 +98,10 @@ fn xtask_dev_runs_the_stack_and_stops_cleanly_on_sigterm() {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    assert!(last.contains("message_id,event\nqs-1,Quickstart"), "{last}");
+    assert!(
+        last.contains("message_id,event_text\nqs-1,Quickstart"),
+        "{last}"
+    );
 
     let _ = Command::new("kill")
         .args(["-s", "TERM", &child.id().to_string()])

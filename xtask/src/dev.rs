@@ -133,7 +133,7 @@ pub fn dev(tools: &Toolchain, _args: &[String]) -> Result<()> {
     println!("demo_url=http://127.0.0.1:{demo_port}/");
     println!("warehouse={}", data.join("warehouse.duckdb").display());
     println!(
-        "try={} sql --config {} \"SELECT event, user_id, anonymous_id, timestamp FROM tracks ORDER BY timestamp DESC LIMIT 10\"",
+        "try={} sql --config {} \"SELECT event_text, user_id, anonymous_id, timestamp FROM tracks ORDER BY timestamp DESC LIMIT 10\"",
         agent_bin.display(),
         agent_config.display()
     );
