@@ -241,17 +241,8 @@ impl AgentConfig {
         let Some(path) = &self.privacy else {
             return Ok(None);
         };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("config: privacy: {}: {e}", path.display()))?;
-        let policy = collector_core::policy::parse(&text).map_err(|errs| {
-            anyhow::anyhow!(
-                "config: privacy: {}",
-                errs.iter()
-                    .map(|e| format!("{}:{e}", path.display()))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            )
-        })?;
+        let policy =
+            crate::privacy_cli::load(path).map_err(|e| anyhow::anyhow!("config: privacy: {e}"))?;
         Ok(Some(policy))
     }
 

@@ -200,16 +200,8 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let cats = match &privacy {
                 Some(p) => Some(
-                    collector_core::policy::parse(&std::fs::read_to_string(p)?)
-                        .map_err(|errs| {
-                            anyhow::anyhow!(
-                                "{}",
-                                errs.iter()
-                                    .map(|e| format!("{}:{e}", p.display()))
-                                    .collect::<Vec<_>>()
-                                    .join("\n")
-                            )
-                        })?
+                    collector_agent::privacy_cli::load(p)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?
                         .categories
                         .into_iter()
                         .map(|c| c.name)

@@ -29,7 +29,9 @@ pub fn check(path: &Path) -> Result<String, String> {
     ))
 }
 
-fn load(path: &Path) -> Result<Policy, String> {
+/// Reads and validates a rules file; `Err` carries every problem as
+/// `file:line:col: message`.
+pub fn load(path: &Path) -> Result<Policy, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     parse(&text).map_err(|errs| {
         errs.iter()

@@ -6,57 +6,11 @@
 
 mod common;
 
-use std::sync::Arc;
-
-use collector_agent::config::PostgresConfig;
-use collector_agent::sinks::duckdb::DuckDbSink;
-use collector_agent::sinks::parquet::ParquetSink;
-use collector_agent::sinks::postgres::PostgresSink;
-use collector_agent::sinks::{Load, LoadBatch, Sink};
+use collector_agent::sinks::{Load, LoadBatch};
 use collector_core::{EventKind, StoredEvent};
 use collector_e2e::postgres::LocalPostgres;
-use common::{events, one, rows, s};
+use common::{events, one, rows, s, Target};
 use serde_json::json;
-
-/// A warehouse of one kind, opened (and reopened) for a scenario.
-enum Target {
-    DuckDb(tempfile::TempDir),
-    Postgres(LocalPostgres),
-    Parquet(tempfile::TempDir),
-}
-
-impl Target {
-    fn duckdb() -> Target {
-        Target::DuckDb(tempfile::tempdir().unwrap())
-    }
-
-    fn parquet() -> Target {
-        Target::Parquet(tempfile::tempdir().unwrap())
-    }
-
-    fn postgres() -> Target {
-        Target::Postgres(LocalPostgres::start().expect("PostgreSQL starts"))
-    }
-
-    async fn open(&self) -> Arc<dyn Sink> {
-        match self {
-            Target::DuckDb(dir) => {
-                Arc::new(DuckDbSink::open(&dir.path().join("w.duckdb")).unwrap())
-            }
-            Target::Parquet(dir) => Arc::new(ParquetSink::open(&dir.path().join("lake")).unwrap()),
-            Target::Postgres(pg) => Arc::new(
-                PostgresSink::connect(&PostgresConfig {
-                    url: pg.url.clone(),
-                    password_env: None,
-                    schema: "analytics".into(),
-                    timeout_ms: 30_000,
-                })
-                .await
-                .unwrap(),
-            ),
-        }
-    }
-}
 
 fn raw_event(id: &str, kind: EventKind, json: &str) -> StoredEvent {
     StoredEvent {

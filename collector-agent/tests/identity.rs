@@ -3,41 +3,11 @@
 
 mod common;
 
-use std::sync::Arc;
-
-use collector_agent::config::PostgresConfig;
 use collector_agent::identity::{self, IdentityConfig, IdentityStats, Limits};
 use collector_agent::sinks::duckdb::DuckDbSink;
-use collector_agent::sinks::postgres::PostgresSink;
 use collector_agent::sinks::{Load, Sink};
-use collector_e2e::postgres::LocalPostgres;
-use common::{events, one, rows, s};
+use common::{events, one, rows, s, Target};
 use serde_json::{json, Value};
-
-enum Target {
-    DuckDb(tempfile::TempDir),
-    Postgres(LocalPostgres),
-}
-
-impl Target {
-    async fn open(&self) -> Arc<dyn Sink> {
-        match self {
-            Target::DuckDb(dir) => {
-                Arc::new(DuckDbSink::open(&dir.path().join("w.duckdb")).unwrap())
-            }
-            Target::Postgres(pg) => Arc::new(
-                PostgresSink::connect(&PostgresConfig {
-                    url: pg.url.clone(),
-                    password_env: None,
-                    schema: "analytics".into(),
-                    timeout_ms: 30_000,
-                })
-                .await
-                .unwrap(),
-            ),
-        }
-    }
-}
 
 async fn resolve(sink: &dyn Sink, cfg: &IdentityConfig) -> IdentityStats {
     let mut session = sink.session().await.unwrap().expect("a SQL warehouse");
@@ -344,7 +314,7 @@ macro_rules! both {
             $(
                 #[tokio::test]
                 async fn $scenario() {
-                    super::$scenario(&super::Target::DuckDb(tempfile::tempdir().unwrap())).await;
+                    super::$scenario(&super::Target::duckdb()).await;
                 }
             )*
         }
@@ -352,8 +322,7 @@ macro_rules! both {
             $(
                 #[tokio::test]
                 async fn $scenario() {
-                    let pg = collector_e2e::postgres::LocalPostgres::start().expect("PostgreSQL starts");
-                    super::$scenario(&super::Target::Postgres(pg)).await;
+                    super::$scenario(&super::Target::postgres()).await;
                 }
             )*
         }
@@ -654,7 +623,6 @@ mod audiences_duckdb {
 mod audiences_postgres {
     #[tokio::test]
     async fn seed_audiences_enter_and_exit_on_time() {
-        let pg = collector_e2e::postgres::LocalPostgres::start().expect("PostgreSQL starts");
-        super::audiences::seed_audiences_enter_and_exit_on_time(&super::Target::Postgres(pg)).await;
+        super::audiences::seed_audiences_enter_and_exit_on_time(&super::Target::postgres()).await;
     }
 }

@@ -352,7 +352,8 @@ struct RawField {
 const EVENT_TYPES: [&str; 6] = ["track", "page", "screen", "identify", "group", "alias"];
 const TCF_MAX_PURPOSE: i64 = 11;
 
-fn line_col(src: &str, offset: usize) -> (usize, usize) {
+/// The 1-based line and column of a byte offset in `src` (for errors with a place).
+pub fn line_col(src: &str, offset: usize) -> (usize, usize) {
     let before = &src[..offset.min(src.len())];
     let line = before.matches('\n').count() + 1;
     let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;

@@ -8,7 +8,6 @@ mod common;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use collector_agent::config::{PostgresConfig, WarehouseConfig};
 use collector_agent::sinks::Sink;
 use collector_agent::{AgentConfig, Drainer};
 use collector_e2e::postgres::LocalPostgres;
@@ -261,12 +260,6 @@ async fn people_and_audiences_from_the_worker_into_duckdb() {
 async fn people_and_audiences_from_the_worker_into_postgres() {
     let st = Stack::start();
     let pg = LocalPostgres::start().unwrap();
-    let mut cfg = st.agent_config();
-    cfg.warehouse = WarehouseConfig::Postgres(PostgresConfig {
-        url: pg.url.clone(),
-        password_env: None,
-        schema: "public".into(),
-        timeout_ms: 10_000,
-    });
+    let cfg = st.pg_config(&pg);
     scenario(&st, with_audiences(cfg)).await;
 }

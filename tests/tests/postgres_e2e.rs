@@ -7,24 +7,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use collector_agent::config::{PostgresConfig, WarehouseConfig};
+use collector_agent::drain_once;
 use collector_agent::sinks::postgres::PostgresSink;
 use collector_agent::sinks::Sink;
-use collector_agent::{drain_once, AgentConfig};
 use collector_e2e::postgres::LocalPostgres;
 use common::*;
 use serde_json::json;
-
-fn pg_config(st: &Stack, pg: &LocalPostgres) -> AgentConfig {
-    let mut cfg = st.agent_config();
-    cfg.warehouse = WarehouseConfig::Postgres(PostgresConfig {
-        url: pg.url.clone(),
-        password_env: None,
-        schema: "public".into(),
-        timeout_ms: 10_000,
-    });
-    cfg.validate().expect("valid config");
-    cfg
-}
 
 async fn count(pg: &LocalPostgres, sql: &str) -> u64 {
     let sink = PostgresSink::connect(&PostgresConfig {
@@ -68,7 +56,7 @@ async fn edge_to_postgres_lands_every_event_once() {
         ]}))
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let cfg = pg_config(&st, &pg);
+    let cfg = st.pg_config(&pg);
     // `collector-agent status` before the drain: the backlog and its lag, once the
     // shards' alarms sealed the open batches (BATCH_MAX_AGE_MS = 5 s).
     let client = collector_agent::edge::EdgeClient::new(&cfg).unwrap();
@@ -147,7 +135,7 @@ async fn two_agents_drain_one_edge_into_postgres_exactly_once() {
     let st = Stack::start();
     let pg = LocalPostgres::start().unwrap();
     post_tracks(&st, "two", 600).await;
-    let cfg = pg_config(&st, &pg);
+    let cfg = st.pg_config(&pg);
     let mut stops = Vec::new();
     let mut agents = Vec::new();
     for _ in 0..2 {
@@ -189,7 +177,7 @@ async fn two_agents_drain_one_edge_into_postgres_exactly_once() {
 async fn postgres_outage_mid_drain_backs_off_and_loses_nothing() {
     let st = Stack::start();
     let pg = LocalPostgres::start().unwrap();
-    let mut cfg = pg_config(&st, &pg);
+    let mut cfg = st.pg_config(&pg);
     let metrics_port = collector_e2e::free_port();
     cfg.metrics_addr = Some(format!("127.0.0.1:{metrics_port}"));
     post_tracks(&st, "before", 100).await;
@@ -251,7 +239,7 @@ async fn postgres_outage_mid_drain_backs_off_and_loses_nothing() {
 async fn a_load_longer_than_its_lease_renews_it() {
     let st = Stack::start();
     let pg = LocalPostgres::start().unwrap();
-    let mut cfg = pg_config(&st, &pg);
+    let mut cfg = st.pg_config(&pg);
     cfg.lease_ms = 1_500;
     // Everything in one shard: one anonymous id.
     let batch: Vec<_> = (0..50)

@@ -32,6 +32,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use collector_core::policy::line_col;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -160,13 +161,6 @@ fn value_text(v: &toml::Value) -> Result<String, String> {
             "{other} cannot be compared (use a string, number or boolean)"
         )),
     }
-}
-
-fn line_col(src: &str, offset: usize) -> (usize, usize) {
-    let before = &src[..offset.min(src.len())];
-    let line = before.matches('\n').count() + 1;
-    let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
-    (line, col)
 }
 
 fn event_rule(raw: RawEvent, key: &str) -> Result<EventRule, String> {

@@ -18,6 +18,7 @@
 use std::collections::{HashMap, HashSet};
 
 use collector_core::identity::BlockList;
+use collector_core::EventKind;
 
 use super::config::IdentityConfig;
 use super::resolve::{resolve, Edge, Id, Verdict};
@@ -198,16 +199,11 @@ pub fn ddl_dirty(d: Dialect) -> String {
     )
 }
 
-/// The base tables an identity run reads, with what each adds (`previous_id` of an
-/// alias, the `email` trait of an identify).
-const SOURCES: &[&str] = &[
-    "tracks",
-    "pages",
-    "screens",
-    "identifies",
-    "groups",
-    "aliases",
-];
+/// The base tables an identity run reads (`previous_id` of an alias and the `email`
+/// trait of an identify add ids).
+fn sources() -> impl Iterator<Item = &'static str> {
+    EventKind::ALL.iter().map(|k| k.table())
+}
 
 /// `person_id` of an id: a stable digest of its type and value (the same in Rust and
 /// in SQL's `md5`).
@@ -244,8 +240,7 @@ async fn run_in_tx(
     }
     let (t, ts, now) = (q.text(), q.ts(), q.now());
     // 1. The scan window.
-    let max_loaded = SOURCES
-        .iter()
+    let max_loaded = sources()
         .map(|tb| format!("SELECT max(loaded_at) AS m FROM {tb}"))
         .collect::<Vec<_>>()
         .join(" UNION ALL ");
@@ -256,15 +251,14 @@ async fn run_in_tx(
            (SELECT max(m) FROM ({max_loaded}) x) AS scan_to;"
     ))
     .await?;
-    let scan = SOURCES
-        .iter()
+    let scan = sources()
         .map(|tb| {
-            let previous = if *tb == "aliases" {
+            let previous = if tb == "aliases" {
                 "previous_id".to_string()
             } else {
                 format!("CAST(NULL AS {t})")
             };
-            let email = if *tb == "identifies" {
+            let email = if tb == "identifies" {
                 q.json_text("traits", "email")
             } else {
                 format!("CAST(NULL AS {t})")
@@ -547,10 +541,9 @@ async fn run_in_tx(
 /// `INSERT INTO profiles` for the people in `identity_touched`.
 fn profiles_sql(q: &Sql) -> String {
     let (j, now) = (q.json(), q.now());
-    let events = SOURCES
-        .iter()
+    let events = sources()
         .map(|tb| {
-            let traits = if *tb == "identifies" {
+            let traits = if tb == "identifies" {
                 "traits".to_string()
             } else {
                 format!("CAST(NULL AS {j})")

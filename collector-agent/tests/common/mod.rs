@@ -40,3 +40,51 @@ pub async fn rows(sink: &dyn collector_agent::sinks::Sink, sql: &str) -> Vec<Vec
 pub async fn one(sink: &dyn collector_agent::sinks::Sink, sql: &str) -> Option<String> {
     rows(sink, sql).await[0][0].clone()
 }
+
+/// A warehouse of one kind, opened (and reopened) for a scenario.
+pub enum Target {
+    DuckDb(tempfile::TempDir),
+    Postgres(collector_e2e::postgres::LocalPostgres),
+    Parquet(tempfile::TempDir),
+}
+
+impl Target {
+    pub fn duckdb() -> Target {
+        Target::DuckDb(tempfile::tempdir().unwrap())
+    }
+
+    pub fn parquet() -> Target {
+        Target::Parquet(tempfile::tempdir().unwrap())
+    }
+
+    pub fn postgres() -> Target {
+        Target::Postgres(
+            collector_e2e::postgres::LocalPostgres::start().expect("PostgreSQL starts"),
+        )
+    }
+
+    pub async fn open(&self) -> std::sync::Arc<dyn collector_agent::sinks::Sink> {
+        match self {
+            Target::DuckDb(dir) => std::sync::Arc::new(
+                collector_agent::sinks::duckdb::DuckDbSink::open(&dir.path().join("w.duckdb"))
+                    .unwrap(),
+            ),
+            Target::Parquet(dir) => std::sync::Arc::new(
+                collector_agent::sinks::parquet::ParquetSink::open(&dir.path().join("lake"))
+                    .unwrap(),
+            ),
+            Target::Postgres(pg) => std::sync::Arc::new(
+                collector_agent::sinks::postgres::PostgresSink::connect(
+                    &collector_agent::config::PostgresConfig {
+                        url: pg.url.clone(),
+                        password_env: None,
+                        schema: "analytics".into(),
+                        timeout_ms: 30_000,
+                    },
+                )
+                .await
+                .unwrap(),
+            ),
+        }
+    }
+}

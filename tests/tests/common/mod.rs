@@ -53,6 +53,19 @@ impl Stack {
         self.dir.path().join("data/warehouse.duckdb")
     }
 
+    /// The agent's config, loading into this PostgreSQL server (schema `public`).
+    pub fn pg_config(&self, pg: &collector_e2e::postgres::LocalPostgres) -> AgentConfig {
+        let mut cfg = self.agent_config();
+        cfg.warehouse = WarehouseConfig::Postgres(collector_agent::config::PostgresConfig {
+            url: pg.url.clone(),
+            password_env: None,
+            schema: "public".into(),
+            timeout_ms: 10_000,
+        });
+        cfg.validate().expect("valid config");
+        cfg
+    }
+
     pub fn agent_config(&self) -> AgentConfig {
         let cfg = AgentConfig {
             edge_url: self.edge.url.clone(),
