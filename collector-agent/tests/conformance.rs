@@ -443,37 +443,9 @@ async fn users_hold_the_latest_traits(t: &Target) {
     );
 }
 
-macro_rules! conformance {
-    ($($scenario:ident),* $(,)?) => {
-        mod duckdb {
-            $(
-                #[tokio::test]
-                async fn $scenario() {
-                    super::$scenario(&super::Target::duckdb()).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $scenario() {
-                    super::$scenario(&super::Target::postgres()).await;
-                }
-            )*
-        }
-        mod parquet {
-            $(
-                #[tokio::test]
-                async fn $scenario() {
-                    super::$scenario(&super::Target::parquet()).await;
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
-    loads_each_kind_into_its_segment_table,
+crate::per_target!(
+    [duckdb, postgres, parquet]
+    [loads_each_kind_into_its_segment_table,
     nulls_unicode_and_nested_json_round_trip,
     same_events_twice_land_once,
     message_id_is_unique_across_tables,
@@ -483,7 +455,7 @@ conformance!(
     dead_letters_that_decode_now_are_replayed,
     per_event_tables_and_flattened_columns,
     type_drift_is_cast_or_recorded_never_dropped,
-    users_hold_the_latest_traits,
+    users_hold_the_latest_traits,]
 );
 
 // PostgreSQL itself refuses a value (jsonb has no \u0000): that event alone is isolated

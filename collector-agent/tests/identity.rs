@@ -308,33 +308,13 @@ async fn removed_edges_split_people_and_say_so(t: &Target) {
     );
 }
 
-macro_rules! both {
-    ($($scenario:ident),* $(,)?) => {
-        mod duckdb {
-            $(
-                #[tokio::test]
-                async fn $scenario() {
-                    super::$scenario(&super::Target::duckdb()).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $scenario() {
-                    super::$scenario(&super::Target::postgres()).await;
-                }
-            )*
-        }
-    };
-}
-
-both!(
-    one_person_across_devices,
+crate::per_target!(
+    [duckdb, postgres]
+    [one_person_across_devices,
     block_list_stops_a_bad_merge,
     limits_refuse_a_merge_and_late_events_reorder,
     profiles_hold_the_latest_consent,
-    removed_edges_split_people_and_say_so,
+    removed_edges_split_people_and_say_so,]
 );
 
 /// Events of a few visitors on shared devices, with user ids, emails and aliases.

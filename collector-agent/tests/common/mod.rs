@@ -88,3 +88,22 @@ impl Target {
         }
     }
 }
+
+/// Runs scenarios (each an `async fn(&Target)`) against targets, as `#[tokio::test]`s
+/// in one module per target: `per_target!([duckdb, postgres] [scenario_a, scenario_b]);`
+#[macro_export]
+macro_rules! per_target {
+    ([$($target:ident),* $(,)?] $scenarios:tt) => {
+        $( $crate::per_target!(@one $target $scenarios); )*
+    };
+    (@one $target:ident [$($scenario:ident),* $(,)?]) => {
+        mod $target {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    super::$scenario(&super::Target::$target()).await;
+                }
+            )*
+        }
+    };
+}
