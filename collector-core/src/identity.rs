@@ -28,6 +28,19 @@ pub const DEFAULT_BLOCKED: &[&str] = &[
     "nil",
 ];
 
+/// Whether `v` is one of `list` (lower-case values), ignoring case.
+fn listed<'a>(v: &str, mut list: impl Iterator<Item = &'a str>) -> bool {
+    if v.is_ascii() {
+        list.any(|b| b.len() == v.len() && b.eq_ignore_ascii_case(v))
+    } else {
+        let lower = v.to_lowercase();
+        list.any(|b| b == lower)
+    }
+}
+
+/// The longest value of [`DEFAULT_BLOCKED`].
+const LONGEST_DEFAULT: usize = 17;
+
 /// The block list: the defaults plus configured values (matched ignoring case and
 /// surrounding blanks).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -75,11 +88,12 @@ impl BlockList {
         if v.chars().all(|c| c == '0' || c == '-') {
             return Some("id made only of 0 and -");
         }
-        let lower = v.to_lowercase();
-        if DEFAULT_BLOCKED.contains(&lower.as_str()) {
+        // On the edge's hot path: a real id is longer than any default value, and an
+        // ASCII one compares without allocating.
+        if v.len() <= LONGEST_DEFAULT && listed(v, DEFAULT_BLOCKED.iter().copied()) {
             return Some("placeholder id on the default block list");
         }
-        if self.extra.contains(&lower) {
+        if listed(v, self.extra.iter().map(String::as_str)) {
             return Some("id on the configured block list");
         }
         None
@@ -89,6 +103,14 @@ impl BlockList {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn longest_default_is_the_longest() {
+        assert_eq!(
+            DEFAULT_BLOCKED.iter().map(|b| b.len()).max(),
+            Some(LONGEST_DEFAULT)
+        );
+    }
 
     #[test]
     fn placeholders_are_blocked_real_ids_are_not() {

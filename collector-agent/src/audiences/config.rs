@@ -36,19 +36,8 @@ use collector_core::policy::line_col;
 use serde::Deserialize;
 use toml::Spanned;
 
-/// One problem in the file, with its place.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileError {
-    pub line: usize,
-    pub column: usize,
-    pub message: String,
-}
-
-impl std::fmt::Display for FileError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}: {}", self.line, self.column, self.message)
-    }
-}
+/// One problem in the file, with its place (the same shape as the privacy file's).
+pub use collector_core::policy::PolicyError as FileError;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
