@@ -119,9 +119,10 @@ async fn main() {
 
     // What every sink does before its database: rows, flattening, typing against the
     // catalog.
+    let copies = loads.clone();
     let t = Instant::now();
     let mut catalog = collector_agent::sinks::tables::Catalog::default();
-    for l in &loads {
+    for l in copies {
         let prepared = schema::prepare(l);
         catalog = catalog.plan(&prepared).catalog;
     }

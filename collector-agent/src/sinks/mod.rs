@@ -158,7 +158,7 @@ pub trait Sink: Send + Sync {
     /// the same `Load` again changes nothing. `Err` only when nothing was committed and
     /// the load must be retried.
     async fn load(&self, load: &Load) -> Result<LoadStats, SinkError> {
-        load_isolating(self, schema::prepare(load)).await
+        load_isolating(self, schema::prepare(load.clone())).await
     }
 
     /// Loads the quarantined events again (all, or the given message ids), e.g. after
@@ -268,7 +268,7 @@ impl LoadPipeline {
     /// Prepares `load`, waits for the write before it, then starts writing it. An error
     /// is the earlier write's; nothing after it is written.
     pub async fn push(&mut self, load: Load) -> Result<(), SinkError> {
-        let prepared = tokio::task::spawn_blocking(move || schema::prepare(&load))
+        let prepared = tokio::task::spawn_blocking(move || schema::prepare(load))
             .await
             .map_err(|e| SinkError::Transient(format!("prepare task failed: {e}")))?;
         self.wait().await?;

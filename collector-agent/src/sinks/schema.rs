@@ -7,13 +7,14 @@
 //! inside the load.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use collector_core::timestamp::{format_ms, parse_ms};
 use collector_core::{EventKind, StoredEvent};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+use crate::sinks::tables::{Flat, Names};
 use crate::sinks::{tables, Load, LoadBatch};
 
 /// A column's logical type.
@@ -172,16 +173,29 @@ fn truncate(s: &str) -> String {
 /// could make an insert fail for this event alone is checked here, so one bad event
 /// never fails the others' SQL.
 pub fn prepare_row(ev: &StoredEvent) -> Result<Row, String> {
-    prepare_parsed(ev).map(|(row, _)| row)
+    prepare_parsed(ev).map(|(mut row, _)| {
+        row.push(Some(ev.json.clone()));
+        row
+    })
 }
 
-/// [`prepare_row`], also returning the parsed event.
+/// A JSON string's text, borrowed unless it has escapes.
+fn json_str(t: &str) -> Result<Cow<'_, str>, serde_json::Error> {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_str(t);
+    let s = tables::KeySeed.deserialize(&mut de)?;
+    de.end()?;
+    Ok(s)
+}
+
+/// [`prepare_row`] without `raw` (the caller adds the event, moved or copied), also
+/// returning the parsed event.
 fn prepare_parsed(ev: &StoredEvent) -> Result<(Row, Fields<'_>), String> {
     if ev.message_id.is_empty() {
         return Err("event has an empty messageId".into());
     }
     // Only the top level is parsed; nested values stay borrowed JSON text (a JSON
-    // column takes them as they are, and only `context` and the payload are parsed
+    // column takes them as they are, and only `context` and the payload are read
     // again, to flatten them).
     let fields: Fields<'_> = serde_json::from_str(&ev.json).map_err(|e| {
         if serde_json::from_str::<Value>(&ev.json).is_ok() {
@@ -204,7 +218,7 @@ fn prepare_parsed(ev: &StoredEvent) -> Result<(Row, Fields<'_>), String> {
             (_, None) => None,
             (Json, Some(t)) => Some(t.to_string()),
             (Timestamp, Some(t)) => {
-                let s = serde_json::from_str::<String>(t)
+                let s = json_str(t)
                     .map_err(|_| format!("`{field}` is not a date-time: {}", truncate(t)))?;
                 Some(
                     parse_ms(&s).map(format_ms).ok_or_else(|| {
@@ -212,18 +226,77 @@ fn prepare_parsed(ev: &StoredEvent) -> Result<(Row, Fields<'_>), String> {
                     })?,
                 )
             }
-            (_, Some(t)) if t.starts_with('"') => {
-                Some(serde_json::from_str::<String>(t).map_err(|e| format!("`{field}`: {e}"))?)
-            }
+            (_, Some(t)) if t.starts_with('"') => Some(
+                json_str(t)
+                    .map_err(|e| format!("`{field}`: {e}"))?
+                    .into_owned(),
+            ),
             (_, Some(t)) => Some(t.to_string()),
         });
     }
-    row.push(Some(ev.json.clone()));
     Ok((row, fields))
 }
 
-/// An event's top-level fields, their values borrowed as JSON text.
-type Fields<'a> = HashMap<String, &'a RawValue>;
+/// The top-level fields a table reads, in this order in [`Fields`].
+const FIELDS: &[&str] = &[
+    "anonymousId",
+    "userId",
+    "timestamp",
+    "sentAt",
+    "receivedAt",
+    "originalTimestamp",
+    "context",
+    "integrations",
+    "messageId",
+    "event",
+    "name",
+    "category",
+    "properties",
+    "traits",
+    "groupId",
+    "previousId",
+];
+
+/// An event's top-level fields that tables read, their values borrowed as JSON text
+/// (read in one pass; other fields are skipped; a repeated key's last value wins).
+struct Fields<'a>([Option<&'a RawValue>; FIELDS.len()]);
+
+impl<'a> Fields<'a> {
+    fn get(&self, field: &str) -> Option<&'a RawValue> {
+        FIELDS
+            .iter()
+            .position(|f| *f == field)
+            .and_then(|i| self.0[i])
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Fields<'de>, A::Error> {
+                let mut fields = Fields([None; FIELDS.len()]);
+                while let Some(key) = map.next_key_seed(tables::KeySeed)? {
+                    match FIELDS.iter().position(|f| *f == key) {
+                        Some(i) => fields.0[i] = Some(map.next_value()?),
+                        None => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(fields)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
 
 /// The payload a kind's table flattens into un-prefixed columns.
 fn payload_field(kind: EventKind) -> Option<&'static str> {
@@ -235,14 +308,15 @@ fn payload_field(kind: EventKind) -> Option<&'static str> {
 }
 
 /// `field`, flattened under `prefix`, when it is an object.
-fn flatten_field(fields: &Fields<'_>, field: &str, prefix: &str) -> Vec<(String, Value)> {
+fn flatten_field(
+    fields: &Fields<'_>,
+    field: &str,
+    prefix: &'static str,
+    names: &mut Names,
+) -> Vec<Flat> {
     let mut out = Vec::new();
-    if let Some(raw) = fields.get(field).map(|r| r.get()) {
-        if raw.starts_with('{') {
-            if let Ok(v) = serde_json::from_str::<Value>(raw) {
-                tables::flatten(prefix, &v, &mut out);
-            }
-        }
+    if let Some(raw) = fields.get(field) {
+        tables::flatten(prefix, raw.get(), names, &mut out);
     }
     out
 }
@@ -253,10 +327,11 @@ fn prepared_row(
     values: Row,
     fields: &Fields<'_>,
     batch_id: Option<i64>,
+    names: &mut Names,
 ) -> PreparedRow {
-    let context = flatten_field(fields, "context", "context");
+    let context = flatten_field(fields, "context", "context", names);
     let payload = payload_field(kind)
-        .map(|f| flatten_field(fields, f, ""))
+        .map(|f| flatten_field(fields, f, "", names))
         .unwrap_or_default();
     let mut row = PreparedRow {
         kind,
@@ -306,9 +381,9 @@ pub struct PreparedRow {
     /// A track's per-event table (`None` when its name has nothing usable).
     pub event_table: Option<String>,
     /// `context`, flattened into `context_*` columns.
-    pub context: Vec<(String, Value)>,
+    pub context: Vec<Flat>,
     /// `properties` or `traits`, flattened into un-prefixed columns.
-    pub payload: Vec<(String, Value)>,
+    pub payload: Vec<Flat>,
 }
 
 impl PreparedRow {
@@ -326,8 +401,8 @@ impl PreparedRow {
 
     /// The flattened columns of the kind's own table: the context, and the payload
     /// except for `tracks` (whose properties go to the per-event table).
-    pub fn base_flat(&self) -> impl Iterator<Item = &(String, Value)> {
-        let payload: &[(String, Value)] = if self.kind == EventKind::Track {
+    pub fn base_flat(&self) -> impl Iterator<Item = &Flat> {
+        let payload: &[Flat] = if self.kind == EventKind::Track {
             &[]
         } else {
             &self.payload
@@ -400,13 +475,26 @@ impl Prepared {
 
 /// Prepares a load: rows for what the warehouse can take, quarantine entries for what it
 /// cannot, dead letters for undecodable batches, in-load duplicates skipped.
-pub fn prepare(load: &Load) -> Prepared {
+pub fn prepare(load: Load) -> Prepared {
     let mut p = Prepared {
         shard: load.shard,
         ..Prepared::default()
     };
-    let mut seen: HashSet<&str> = HashSet::new();
-    for b in &load.batches {
+    // Which events repeat one before them in this load (the first occurrence wins).
+    let repeated: Vec<bool> = {
+        let mut seen: HashSet<&str> = HashSet::new();
+        load.batches
+            .iter()
+            .flat_map(|b| match b {
+                LoadBatch::Decoded { events, .. } => events.as_slice(),
+                LoadBatch::Undecodable { .. } => &[],
+            })
+            .map(|ev| !seen.insert(ev.message_id.as_str()))
+            .collect()
+    };
+    let mut repeated = repeated.into_iter();
+    let mut names = Names::default();
+    for b in load.batches {
         match b {
             LoadBatch::Undecodable {
                 batch_id,
@@ -414,28 +502,39 @@ pub fn prepare(load: &Load) -> Prepared {
                 error,
             } => p.dead.push(DeadLetter {
                 shard: load.shard,
-                batch_id: *batch_id,
-                blob: blob.clone(),
-                error: error.clone(),
+                batch_id,
+                blob,
+                error,
             }),
             LoadBatch::Decoded { batch_id, events } => {
                 for ev in events {
-                    if !seen.insert(ev.message_id.as_str()) {
+                    if repeated.next().unwrap_or(false) {
                         p.in_load_duplicates += 1;
                         continue;
                     }
-                    match prepare_parsed(ev) {
-                        Ok((values, fields)) => {
-                            p.rows
-                                .push(prepared_row(ev.kind, values, &fields, Some(*batch_id)))
+                    let row = match prepare_parsed(&ev) {
+                        Ok((values, fields)) => Ok(prepared_row(
+                            ev.kind,
+                            values,
+                            &fields,
+                            Some(batch_id),
+                            &mut names,
+                        )),
+                        Err(reason) => Err(reason),
+                    };
+                    match row {
+                        Ok(mut row) => {
+                            // The event itself is `raw`, the row's last value.
+                            row.values.push(Some(ev.json));
+                            p.rows.push(row);
                         }
                         Err(reason) => p.quarantine.push(Quarantined {
-                            message_id: ev.message_id.clone(),
+                            message_id: ev.message_id,
                             kind: ev.kind,
                             shard: load.shard,
-                            batch_id: Some(*batch_id),
+                            batch_id: Some(batch_id),
                             reason,
-                            event: ev.json.clone(),
+                            event: ev.json,
                         }),
                     }
                 }
@@ -463,7 +562,7 @@ impl DeadLetter {
     pub fn prepared(&self) -> Option<Prepared> {
         let batch = collector_core::codec::decode_batch(&self.blob).ok()?;
         let load = Load::events(self.shard, self.batch_id, batch.events);
-        let mut p = prepare(&load);
+        let mut p = prepare(load);
         p.resolved_dead.push((self.shard, self.batch_id));
         Some(p)
     }
@@ -487,7 +586,7 @@ impl QuarantinedEvent {
             self.batch_id.unwrap_or(0),
             vec![ev],
         );
-        let mut p = prepare(&load);
+        let mut p = prepare(load);
         p.replay = true;
         Some(p)
     }

@@ -29,6 +29,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use collector_core::timestamp::{format_ms, parse_ms};
 use collector_core::EventKind;
@@ -373,33 +374,180 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-/// Flattens `v` under the column prefix `prefix` into `(column, leaf)` pairs: objects
-/// recurse with `_`, nulls make no column.
-pub fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, Value)>) {
-    match v {
-        Value::Null => {}
-        Value::Object(map) => {
-            for (k, child) in map {
-                let part = snake_case(k);
-                let name = match (prefix.is_empty(), part.is_empty()) {
-                    (_, true) => continue_with_empty(prefix, k),
-                    (true, false) => part,
-                    (false, false) => format!("{prefix}_{part}"),
-                };
-                flatten(&name, child, out);
-            }
+/// A flattened column name, shared by every row of a load that has it.
+pub type Name = Arc<str>;
+
+/// One flattened value: its column name and the JSON leaf.
+pub type Flat = (Name, Value);
+
+/// The flattened column names a load has met, per parent name and JSON key, so each
+/// is computed (snake_case, joined) and allocated once per load, not once per event.
+#[derive(Debug, Default)]
+pub struct Names {
+    /// Per name id: the name.
+    names: Vec<Name>,
+    /// Per name id: its children's ids by JSON key.
+    children: Vec<HashMap<Box<str>, usize>>,
+    /// The ids of the root prefixes (`context`, `""`).
+    roots: Vec<(&'static str, usize)>,
+}
+
+impl Names {
+    fn root(&mut self, prefix: &'static str) -> usize {
+        if let Some(&(_, id)) = self.roots.iter().find(|(p, _)| *p == prefix) {
+            return id;
         }
-        leaf => out.push((prefix.to_string(), leaf.clone())),
+        let id = self.push(prefix.into());
+        self.roots.push((prefix, id));
+        id
+    }
+
+    fn push(&mut self, name: Name) -> usize {
+        self.names.push(name);
+        self.children.push(HashMap::new());
+        self.names.len() - 1
+    }
+
+    /// The id of `key` under `parent`: objects nest with `_`; a key with no usable
+    /// characters (`"🎉"`, `""`) becomes `_` under its parent, kept and visible.
+    fn child(&mut self, parent: usize, key: &str) -> usize {
+        if let Some(&id) = self.children[parent].get(key) {
+            return id;
+        }
+        let prefix = &self.names[parent];
+        let part = snake_case(key);
+        let name: Name = match (prefix.is_empty(), part.is_empty()) {
+            (true, true) => "_".into(),
+            (false, true) => format!("{prefix}__").into(),
+            (true, false) => part.into(),
+            (false, false) => format!("{prefix}_{part}").into(),
+        };
+        let id = self.push(name);
+        self.children[parent].insert(key.into(), id);
+        id
     }
 }
 
-/// A key with no usable characters (`"🎉"`, `""`) becomes `_` under its parent: kept and
-/// visible, never dropped.
-fn continue_with_empty(prefix: &str, _key: &str) -> String {
-    if prefix.is_empty() {
-        "_".to_string()
-    } else {
-        format!("{prefix}__")
+/// Flattens the JSON object `raw` under the column prefix `prefix` into `(column,
+/// leaf)` pairs, reading the text once (no intermediate object): objects recurse with
+/// `_`, nulls make no column, arrays stay JSON leaves. Anything but an object (or text
+/// that does not parse) flattens to nothing.
+pub fn flatten(prefix: &'static str, raw: &str, names: &mut Names, out: &mut Vec<Flat>) {
+    use serde::de::DeserializeSeed;
+    if !raw.trim_start().starts_with('{') {
+        return;
+    }
+    let start = out.len();
+    let root = names.root(prefix);
+    let mut de = serde_json::Deserializer::from_str(raw);
+    let seed = FlattenSeed {
+        names,
+        node: root,
+        out,
+    };
+    if seed.deserialize(&mut de).is_err() {
+        out.truncate(start);
+    }
+}
+
+struct FlattenSeed<'n, 'o> {
+    names: &'n mut Names,
+    node: usize,
+    out: &'o mut Vec<Flat>,
+}
+
+impl FlattenSeed<'_, '_> {
+    fn leaf(self, v: Value) {
+        self.out.push((self.names.names[self.node].clone(), v));
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for FlattenSeed<'_, '_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for FlattenSeed<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_none<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+        self.leaf(Value::Bool(v));
+        Ok(())
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        self.leaf(Value::from(v));
+        Ok(())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        self.leaf(Value::from(v));
+        Ok(())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+        self.leaf(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number));
+        Ok(())
+    }
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        self.leaf(Value::String(v.to_string()));
+        Ok(())
+    }
+    fn visit_string<E>(self, v: String) -> Result<(), E> {
+        self.leaf(Value::String(v));
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut items = Vec::new();
+        while let Some(v) = seq.next_element::<Value>()? {
+            items.push(v);
+        }
+        self.leaf(Value::Array(items));
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key_seed(KeySeed)? {
+            let node = self.names.child(self.node, &key);
+            map.next_value_seed(FlattenSeed {
+                names: self.names,
+                node,
+                out: self.out,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// An object key, borrowed from the JSON text unless it has escapes.
+pub(crate) struct KeySeed;
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeySeed {
+    type Value = Cow<'de, str>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Cow<'de, str>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for KeySeed {
+    type Value = Cow<'de, str>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Borrowed(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(v))
     }
 }
 
@@ -500,6 +648,8 @@ struct Builder<'a, 'c> {
     index: HashMap<String, usize>,
     rows: Vec<TableRow<'a>>,
     batch_ids: Vec<Option<i64>>,
+    /// Scratch: which added columns the row being pushed has filled.
+    seen: Vec<bool>,
 }
 
 impl<'a, 'c> Builder<'a, 'c> {
@@ -518,6 +668,7 @@ impl<'a, 'c> Builder<'a, 'c> {
             index,
             rows: Vec::new(),
             batch_ids: Vec::new(),
+            seen: Vec::new(),
         }
     }
 
@@ -528,12 +679,17 @@ impl<'a, 'c> Builder<'a, 'c> {
         message_id: &str,
         batch_id: Option<i64>,
         fixed: TableRow<'a>,
-        flat: impl Iterator<Item = &'a (String, Value)>,
+        flat: impl Iterator<Item = &'a Flat>,
         new_columns: &mut Vec<NewColumn>,
         rejected: &mut Vec<Rejected>,
     ) {
-        let mut dynamic: Vec<Cell<'a>> = vec![None; self.added.len()];
-        let mut seen: Vec<bool> = vec![false; self.added.len()];
+        // The row: its fixed values, then one cell per added column.
+        let mut row = fixed;
+        let base = row.len();
+        row.resize(base + self.added.len(), None);
+        let seen = &mut self.seen;
+        seen.clear();
+        seen.resize(self.added.len(), false);
         for (name, v) in flat.map(|p| (&p.0, &p.1)) {
             let name = bounded(name);
             let mut reject = |reason: String| {
@@ -573,7 +729,7 @@ impl<'a, 'c> Builder<'a, 'c> {
                     for r in &mut self.rows {
                         r.push(None);
                     }
-                    dynamic.push(None);
+                    row.push(None);
                     seen.push(false);
                     self.added.len() - 1
                 }
@@ -585,12 +741,10 @@ impl<'a, 'c> Builder<'a, 'c> {
                 continue;
             }
             match convert(v, self.added[i].1) {
-                Ok(text) => dynamic[i] = Some(text),
+                Ok(text) => row[base + i] = Some(text),
                 Err(reason) => reject(reason),
             }
         }
-        let mut row = fixed;
-        row.extend(dynamic);
         self.rows.push(row);
         self.batch_ids.push(batch_id);
     }
@@ -754,7 +908,7 @@ impl Catalog {
 }
 
 /// A user's merged row: id, fixed values, and the traits that won.
-type UserRow<'a> = (&'a str, TableRow<'a>, Vec<&'a (String, Value)>);
+type UserRow<'a> = (&'a str, TableRow<'a>, Vec<&'a Flat>);
 
 /// The `users` rows of a load: per user id, its identifies merged in timestamp order
 /// (a later non-null trait wins).
@@ -771,7 +925,7 @@ fn users_rows(p: &Prepared) -> Vec<UserRow<'_>> {
             (a.value("timestamp"), a.message_id()).cmp(&(b.value("timestamp"), b.message_id()))
         });
         let mut fixed: TableRow<'_> = vec![Some(Cow::Borrowed(uid)), None, None, None];
-        let mut traits: Vec<&(String, Value)> = Vec::new();
+        let mut traits: Vec<&Flat> = Vec::new();
         for r in rows {
             for (i, c) in ["anonymous_id", "timestamp", "received_at"]
                 .iter()
@@ -835,16 +989,38 @@ mod tests {
     #[test]
     fn flatten_nests_with_underscores_and_skips_nulls() {
         let mut out = Vec::new();
+        let mut names = Names::default();
+        let raw = json!({"userAgent": "UA", "page": {"path": "/", "x": null, "n": -2, "f": 1.5},
+                         "list": [1, {"a": null}], "🎉": {"": true}, "empty": {}})
+        .to_string();
+        flatten("context", &raw, &mut names, &mut out);
+        flatten("context", &raw, &mut names, &mut out);
+        let flat: Vec<(&str, Value)> = out.iter().map(|(n, v)| (&**n, v.clone())).collect();
+        let once = vec![
+            ("context_user_agent", json!("UA")),
+            ("context_page_path", json!("/")),
+            ("context_page_n", json!(-2)),
+            ("context_page_f", json!(1.5)),
+            ("context_list", json!([1, {"a": null}])),
+            ("context____", json!(true)),
+        ];
+        assert_eq!(flat, [once.clone(), once].concat());
+        // The same name is one allocation, shared.
+        assert!(Arc::ptr_eq(&out[0].0, &out[6].0));
+        let mut top = Vec::new();
         flatten(
-            "context",
-            &json!({"userAgent": "UA", "page": {"path": "/", "x": null}, "list": [1, 2]}),
-            &mut out,
+            "",
+            r#"{"Revenue": 5, "": "x", "a\u0062": 1}"#,
+            &mut names,
+            &mut top,
         );
-        let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(
-            names,
-            vec!["context_user_agent", "context_page_path", "context_list"]
-        );
+        let flat: Vec<&str> = top.iter().map(|(n, _)| &**n).collect();
+        assert_eq!(flat, ["revenue", "_", "ab"]);
+        for not_object in ["[1]", "\"s\"", "{\"a\": ", "null"] {
+            let mut none = Vec::new();
+            flatten("", not_object, &mut names, &mut none);
+            assert!(none.is_empty(), "{not_object}");
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! appender (which types them) straight into their tables; `users` is staged and
 //! upserted. The Parquet lake reuses the staging helpers.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -413,13 +413,15 @@ fn write(
     apply_plan_ddl(&tx, &plan, true)?;
     // The ids new to the warehouse are registered first; only their rows are then
     // appended, typed by the appender, straight into their tables (no staging pass).
-    let mut new_ids: HashSet<String> = HashSet::new();
+    let mut new_ids = NewIds::default();
     for load in &plan.loads {
         if let TableKind::Base(kind) = load.kind {
-            let fresh = register_ids(&tx, load, load_id)?;
-            stats.inserted_into(kind, fresh.len() as u64);
-            stats.duplicates += (load.rows.len() - fresh.len()) as u64;
-            new_ids.extend(fresh);
+            let (fresh, ids) = register_ids(&tx, load, load_id)?;
+            stats.inserted_into(kind, fresh);
+            stats.duplicates += load.rows.len() as u64 - fresh;
+            if let Some(ids) = ids {
+                new_ids.0.insert(kind.table(), ids.into_iter().collect());
+            }
         }
     }
     let now: String = tx
@@ -441,13 +443,26 @@ fn write(
     Ok(stats)
 }
 
-/// Registers a base table's ids that are new to the warehouse under `load_id`, and
-/// returns them.
+/// Which rows of a load are new to the warehouse: per base table whose load was not
+/// all new, its new ids (a table not named here is all new, the usual case).
+#[derive(Default)]
+struct NewIds(HashMap<&'static str, HashSet<String>>);
+
+impl NewIds {
+    fn contains(&self, load: &TableLoad<'_>, id: &str) -> bool {
+        load.registry()
+            .and_then(|t| self.0.get(t))
+            .is_none_or(|ids| ids.contains(id))
+    }
+}
+
+/// Registers a base table's ids that are new to the warehouse under `load_id`: how
+/// many, and which when some were loaded before (`None`: all of them).
 fn register_ids(
     tx: &duckdb::Transaction<'_>,
     load: &TableLoad,
     load_id: i64,
-) -> Result<Vec<String>, SinkError> {
+) -> Result<(u64, Option<Vec<String>>), SinkError> {
     tx.execute_batch("CREATE OR REPLACE TEMP TABLE stage_ids (message_id VARCHAR)")
         .map_err(transient)?;
     {
@@ -459,13 +474,17 @@ fn register_ids(
         app.flush().map_err(classify)?;
     }
     let table = &load.table;
-    tx.execute(
-        &format!(
-            "INSERT OR IGNORE INTO message_ids SELECT message_id, '{table}', ? FROM stage_ids"
-        ),
-        params![load_id],
-    )
-    .map_err(classify)?;
+    let fresh = tx
+        .execute(
+            &format!(
+                "INSERT OR IGNORE INTO message_ids SELECT message_id, '{table}', ? FROM stage_ids"
+            ),
+            params![load_id],
+        )
+        .map_err(classify)?;
+    if fresh == load.rows.len() {
+        return Ok((fresh as u64, None));
+    }
     let mut stmt = tx
         .prepare("SELECT message_id FROM message_ids WHERE load_id = ? AND table_name = ?")
         .map_err(transient)?;
@@ -474,7 +493,7 @@ fn register_ids(
         .map_err(transient)?
         .collect::<Result<Vec<String>, _>>()
         .map_err(transient)?;
-    Ok(ids)
+    Ok((ids.len() as u64, Some(ids)))
 }
 
 /// Appends the rows whose id is new straight into their table, in the table's own
@@ -482,7 +501,7 @@ fn register_ids(
 fn append_new(
     tx: &duckdb::Transaction<'_>,
     load: &TableLoad,
-    new_ids: &HashSet<String>,
+    new_ids: &NewIds,
     now: &str,
 ) -> Result<(), SinkError> {
     let mut stmt = tx
@@ -504,7 +523,7 @@ fn append_new(
     let mut app = tx.appender(&load.table).map_err(transient)?;
     for row in &load.rows {
         let id = row.first().and_then(|c| c.as_deref()).unwrap_or("");
-        if !new_ids.contains(id) {
+        if !new_ids.contains(load, id) {
             continue;
         }
         let values = source.iter().enumerate().map(|(i, src)| match src {

@@ -498,10 +498,12 @@ async fn write(
         .await
         .map_err(classify)?;
     }
-    // An event that was quarantined once and has now loaded leaves the quarantine.
+    // An event that was quarantined once and has now loaded leaves the quarantine
+    // (looked up by key: the registry is never scanned).
+    let loaded: Vec<&str> = new_ids.iter().map(String::as_str).collect();
     tx.execute(
-        "DELETE FROM quarantine WHERE message_id IN (SELECT message_id FROM message_ids WHERE load_id = $1)",
-        &[&load_id],
+        "DELETE FROM quarantine WHERE message_id = ANY($1::text[])",
+        &[&loaded],
     )
     .await
     .map_err(classify)?;
