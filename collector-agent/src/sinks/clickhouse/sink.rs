@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use collector_core::timestamp::{format_ms, parse_ms};
 use collector_core::EventKind;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::sync::Mutex;
 
 use super::config::ClickHouseConfig;
@@ -140,13 +140,23 @@ impl ClickHouseSink {
         columns: &[String],
         rows: Vec<Value>,
     ) -> Result<(), SinkError> {
-        if rows.is_empty() {
-            return Ok(());
-        }
         let mut body = String::new();
         for r in rows {
             body.push_str(&r.to_string());
             body.push('\n');
+        }
+        self.insert_body(table, columns, body).await
+    }
+
+    /// Sends a `JSONEachRow` body (one object per line) into `table`.
+    async fn insert_body(
+        &self,
+        table: &str,
+        columns: &[String],
+        body: String,
+    ) -> Result<(), SinkError> {
+        if body.is_empty() {
+            return Ok(());
         }
         let cols: Vec<String> = columns.iter().map(|c| ident(c)).collect();
         self.request(
@@ -518,19 +528,23 @@ impl ClickHouseSink {
                 &candidates,
             )
             .await?;
-        let fresh = Prepared {
-            shard: p.shard,
-            replay: p.replay,
-            rows: p
-                .rows
-                .iter()
-                .filter(|r| {
-                    !r.batch_id.is_some_and(|b| loaded_batches.contains(&b))
-                        && !known.contains(r.message_id())
-                })
-                .cloned()
-                .collect(),
-            ..Prepared::default()
+        let is_new = |r: &schema::PreparedRow| {
+            !r.batch_id.is_some_and(|b| loaded_batches.contains(&b))
+                && !known.contains(r.message_id())
+        };
+        // The rows to write: the load's own when all are new (the usual case), else a
+        // copy of the new ones.
+        let copy;
+        let fresh: &Prepared = if p.rows.iter().all(is_new) {
+            &p
+        } else {
+            copy = Prepared {
+                shard: p.shard,
+                replay: p.replay,
+                rows: p.rows.iter().filter(|r| is_new(r)).cloned().collect(),
+                ..Prepared::default()
+            };
+            &copy
         };
         stats.duplicates += (p.rows.len() - fresh.rows.len()) as u64;
 
@@ -601,7 +615,7 @@ impl ClickHouseSink {
         }
 
         // Schema growth, then the rows.
-        let mut plan = catalog.plan(&fresh);
+        let mut plan = catalog.plan(fresh);
         if plan.changes_schema() {
             for (table, event_text) in &plan.new_tables {
                 for sql in self.create_table_sql(table, TableKind::Event) {
@@ -662,19 +676,20 @@ impl ClickHouseSink {
                     .unwrap_or(TableKind::Event);
                 self.refresh_view(table, kind).await?;
             }
-            plan = committed.plan(&fresh);
+            plan = committed.plan(fresh);
         }
 
         let load_id = now_ms as u64;
         for load in &plan.loads {
-            let rows = self.rows_json(load, &now);
+            let body = self.rows_body(load, &now);
             let mut cols: Vec<String> = load.columns.iter().map(|(n, _)| n.clone()).collect();
             cols.push(schema::LOADED_AT.into());
             cols.push("_version".into());
             if load.kind != TableKind::Users {
                 cols.push("_received".into());
             }
-            self.insert(&rows_table(&load.table), &cols, rows).await?;
+            self.insert_body(&rows_table(&load.table), &cols, body)
+                .await?;
             if let TableKind::Base(kind) = load.kind {
                 stats.inserted_into(kind, load.rows.len() as u64);
             }
@@ -784,35 +799,57 @@ impl ClickHouseSink {
     /// A table's rows as `JSONEachRow` objects, with `loaded_at`, the `_version` that
     /// makes the first-received copy win (the latest identify for `users`) and the
     /// partition day.
-    fn rows_json(&self, load: &TableLoad, now: &Value) -> Vec<Value> {
+    /// A table load as a `JSONEachRow` body, written straight from the cells.
+    fn rows_body(&self, load: &TableLoad, now: &Value) -> String {
+        use std::io::Write as _;
         let received = load.columns.iter().position(|(n, _)| n == "received_at");
         let ts = load.columns.iter().position(|(n, _)| n == "timestamp");
-        load.rows
+        // Each column's key, quoted once.
+        let keys: Vec<String> = load
+            .columns
             .iter()
-            .map(|row| {
-                let mut obj = Map::new();
-                for ((name, ty), v) in load.columns.iter().zip(row) {
-                    obj.insert(name.clone(), self.json_value(v, *ty));
+            .map(|(n, _)| Value::String(n.clone()).to_string())
+            .collect();
+        let mut body: Vec<u8> = Vec::with_capacity(load.rows.len() * 512);
+        // Writing into a Vec cannot fail.
+        for row in &load.rows {
+            body.push(b'{');
+            for ((key, (_, ty)), v) in keys.iter().zip(&load.columns).zip(row) {
+                body.extend_from_slice(key.as_bytes());
+                body.push(b':');
+                match (ty, v.as_deref()) {
+                    (LogicalType::Text | LogicalType::Json, Some(text)) => {
+                        let _ = serde_json::to_writer(&mut body, text);
+                    }
+                    _ => {
+                        let _ = serde_json::to_writer(&mut body, &self.json_value(v, *ty));
+                    }
                 }
-                obj.insert(schema::LOADED_AT.into(), now.clone());
-                let ms_of = |i: Option<usize>| {
-                    i.and_then(|i| row[i].as_deref())
-                        .and_then(parse_ms)
-                        .unwrap_or(0)
-                        .max(0)
-                };
-                let version = match load.kind {
-                    TableKind::Users => ms_of(ts) as u64,
-                    _ => u64::MAX - ms_of(received) as u64,
-                };
-                obj.insert("_version".into(), Value::from(version));
-                if load.kind != TableKind::Users {
-                    let day = format_ms(ms_of(received));
-                    obj.insert("_received".into(), Value::String(day[..10].to_string()));
-                }
-                Value::Object(obj)
-            })
-            .collect()
+                body.push(b',');
+            }
+            let ms_of = |i: Option<usize>| {
+                i.and_then(|i| row[i].as_deref())
+                    .and_then(parse_ms)
+                    .unwrap_or(0)
+                    .max(0)
+            };
+            let version = match load.kind {
+                TableKind::Users => ms_of(ts) as u64,
+                _ => u64::MAX - ms_of(received) as u64,
+            };
+            let _ = write!(
+                body,
+                "\"{}\":{now},\"_version\":{version}",
+                schema::LOADED_AT
+            );
+            if load.kind != TableKind::Users {
+                let day = format_ms(ms_of(received));
+                let _ = write!(body, ",\"_received\":\"{}\"", &day[..10]);
+            }
+            body.extend_from_slice(b"}\n");
+        }
+        // Only JSON text was written.
+        String::from_utf8(body).unwrap_or_default()
     }
 }
 
