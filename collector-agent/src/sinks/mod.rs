@@ -245,6 +245,31 @@ pub async fn replay_all(
     Ok(r)
 }
 
+/// The ids of a load that were in the warehouse before it (usually none): their rows
+/// are not written again. A message id is unique across the warehouse's tables, so
+/// one set serves every table of the load.
+#[derive(Debug, Default)]
+pub struct KnownIds(std::collections::HashSet<String>);
+
+impl KnownIds {
+    /// Records that of `ids` (a table's rows), only `new` were registered by this load.
+    pub fn add_all_but<'a>(
+        &mut self,
+        ids: impl IntoIterator<Item = &'a str>,
+        new: &std::collections::HashSet<String>,
+    ) {
+        self.0.extend(
+            ids.into_iter()
+                .filter(|id| !new.contains(*id))
+                .map(String::from),
+        );
+    }
+
+    pub fn is_new(&self, id: &str) -> bool {
+        !self.0.contains(id)
+    }
+}
+
 /// Loads in order, preparing each load (parsing and flattening: the agent's CPU work)
 /// on the blocking pool while the sink writes the one before (mostly the database's
 /// work), so a drain uses two cores. At most one write runs and one prepared load

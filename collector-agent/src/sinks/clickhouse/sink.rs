@@ -536,7 +536,7 @@ impl ClickHouseSink {
         // copy of the new ones.
         let copy;
         let fresh: &Prepared = if p.rows.iter().all(is_new) {
-            &p
+            p
         } else {
             copy = Prepared {
                 shard: p.shard,

@@ -3,7 +3,6 @@
 //! appender (which types them) straight into their tables; `users` is staged and
 //! upserted. The Parquet lake reuses the staging helpers.
 
-use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -15,7 +14,7 @@ use duckdb::{params, Connection};
 
 use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
 use crate::sinks::tables::{self, Catalog, Plan, TableKind, TableLoad};
-use crate::sinks::{Dialect, LoadStats, QueryResult, Sink, SinkError, SqlSession};
+use crate::sinks::{Dialect, KnownIds, LoadStats, QueryResult, Sink, SinkError, SqlSession};
 
 /// DuckDB's type for a logical type.
 pub(crate) fn sql_type(ty: LogicalType) -> &'static str {
@@ -413,14 +412,19 @@ fn write(
     apply_plan_ddl(&tx, &plan, true)?;
     // The ids new to the warehouse are registered first; only their rows are then
     // appended, typed by the appender, straight into their tables (no staging pass).
-    let mut new_ids = NewIds::default();
+    let mut known = KnownIds::default();
     for load in &plan.loads {
         if let TableKind::Base(kind) = load.kind {
             let (fresh, ids) = register_ids(&tx, load, load_id)?;
             stats.inserted_into(kind, fresh);
             stats.duplicates += load.rows.len() as u64 - fresh;
             if let Some(ids) = ids {
-                new_ids.0.insert(kind.table(), ids.into_iter().collect());
+                known.add_all_but(
+                    load.rows
+                        .iter()
+                        .filter_map(|r| r.first().and_then(|c| c.as_deref())),
+                    &ids.into_iter().collect(),
+                );
             }
         }
     }
@@ -433,7 +437,7 @@ fn write(
                 stage(&tx, load)?;
                 upsert_users(&tx, load)?;
             }
-            _ => append_new(&tx, load, &new_ids, &now)?,
+            _ => append_new(&tx, load, &known, &now)?,
         }
     }
     write_rejected(&tx, &plan, load_id)?;
@@ -441,19 +445,6 @@ fn write(
     tx.commit().map_err(transient)?;
     *catalog = plan.catalog;
     Ok(stats)
-}
-
-/// Which rows of a load are new to the warehouse: per base table whose load was not
-/// all new, its new ids (a table not named here is all new, the usual case).
-#[derive(Default)]
-struct NewIds(HashMap<&'static str, HashSet<String>>);
-
-impl NewIds {
-    fn contains(&self, load: &TableLoad<'_>, id: &str) -> bool {
-        load.registry()
-            .and_then(|t| self.0.get(t))
-            .is_none_or(|ids| ids.contains(id))
-    }
 }
 
 /// Registers a base table's ids that are new to the warehouse under `load_id`: how
@@ -501,7 +492,7 @@ fn register_ids(
 fn append_new(
     tx: &duckdb::Transaction<'_>,
     load: &TableLoad,
-    new_ids: &NewIds,
+    known: &KnownIds,
     now: &str,
 ) -> Result<(), SinkError> {
     let mut stmt = tx
@@ -523,7 +514,7 @@ fn append_new(
     let mut app = tx.appender(&load.table).map_err(transient)?;
     for row in &load.rows {
         let id = row.first().and_then(|c| c.as_deref()).unwrap_or("");
-        if !new_ids.contains(load, id) {
+        if !known.is_new(id) {
             continue;
         }
         let values = source.iter().enumerate().map(|(i, src)| match src {

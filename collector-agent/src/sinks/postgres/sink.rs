@@ -18,7 +18,7 @@ use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 use super::config::PostgresConfig;
 use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
 use crate::sinks::tables::{self, Catalog, Cell, TableKind};
-use crate::sinks::{Dialect, LoadStats, QueryResult, Sink, SinkError, SqlSession};
+use crate::sinks::{Dialect, KnownIds, LoadStats, QueryResult, Sink, SinkError, SqlSession};
 
 /// PostgreSQL's type for a logical type.
 fn sql_type(ty: LogicalType) -> &'static str {
@@ -255,6 +255,10 @@ async fn migrate(client: &mut Client) -> Result<(), SinkError> {
     Ok(())
 }
 
+/// How much CSV a `COPY` is sent in at a time: the server parses one chunk while the
+/// agent writes the next.
+const COPY_CHUNK: usize = 256 * 1024;
+
 /// Streams CSV rows into a `COPY … FROM STDIN`.
 async fn copy_in(
     tx: &tokio_postgres::Transaction<'_>,
@@ -394,7 +398,7 @@ async fn write(
         .await
         .map_err(classify)?
         .get(0);
-    let mut new_ids: HashSet<String> = HashSet::new();
+    let mut known = KnownIds::default();
     for load in &plan.loads {
         if let TableKind::Base(kind) = load.kind {
             let ids: Vec<&str> = load
@@ -402,20 +406,30 @@ async fn write(
                 .iter()
                 .filter_map(|r| r.first().and_then(|c| c.as_deref()))
                 .collect();
-            let fresh: Vec<String> = tx
-                .query(
+            let fresh = tx
+                .execute(
                     "INSERT INTO message_ids SELECT id, $2, $3 FROM unnest($1::text[]) AS id
-                     ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
+                     ON CONFLICT (message_id) DO NOTHING",
                     &[&ids, &kind.table(), &load_id],
                 )
                 .await
-                .map_err(classify)?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            stats.inserted_into(kind, fresh.len() as u64);
-            stats.duplicates += (ids.len() - fresh.len()) as u64;
-            new_ids.extend(fresh);
+                .map_err(classify)?;
+            if fresh < ids.len() as u64 {
+                // Some were loaded before: which ones are this load's (by key).
+                let mine: HashSet<String> = tx
+                    .query(
+                        "SELECT message_id FROM message_ids WHERE message_id = ANY($1::text[]) AND load_id = $2",
+                        &[&ids, &load_id],
+                    )
+                    .await
+                    .map_err(classify)?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                known.add_all_but(ids.iter().copied(), &mine);
+            }
+            stats.inserted_into(kind, fresh);
+            stats.duplicates += ids.len() as u64 - fresh;
         }
     }
     for load in &plan.loads {
@@ -457,34 +471,36 @@ async fn write(
             .map_err(classify)?;
             continue;
         }
-        let mut csv = Vec::new();
-        let mut n = 0usize;
-        for row in &load.rows {
-            let id = row.first().and_then(|c| c.as_deref()).unwrap_or("");
-            if new_ids.contains(id) {
-                csv_line(row, Some(&now), &mut csv);
-                n += 1;
-            }
-        }
-        if n == 0 {
+        let is_new = |row: &&Vec<Cell<'_>>| {
+            known.is_new(row.first().and_then(|c| c.as_deref()).unwrap_or(""))
+        };
+        if !load.rows.iter().any(|r| is_new(&r)) {
             continue;
         }
-        copy_in(
-            &tx,
-            &format!(
+        // Streamed in chunks, so the server parses one while the next is written.
+        let sink = tx
+            .copy_in(&format!(
                 "COPY {} ({}, {loaded}) FROM STDIN (FORMAT csv)",
                 ident(table),
                 names.join(", ")
-            ),
-            csv,
-        )
-        .await?;
+            ))
+            .await
+            .map_err(classify)?;
+        futures_util::pin_mut!(sink);
+        let mut csv = Vec::with_capacity(COPY_CHUNK + 4096);
+        for row in load.rows.iter().filter(is_new) {
+            csv_line(row, Some(&now), &mut csv);
+            if csv.len() >= COPY_CHUNK {
+                let chunk = std::mem::replace(&mut csv, Vec::with_capacity(COPY_CHUNK + 4096));
+                sink.send(Bytes::from(chunk)).await.map_err(classify)?;
+            }
+        }
+        if !csv.is_empty() {
+            sink.send(Bytes::from(csv)).await.map_err(classify)?;
+        }
+        sink.as_mut().finish().await.map_err(classify)?;
     }
-    for r in plan
-        .rejected
-        .iter()
-        .filter(|r| new_ids.contains(&r.message_id))
-    {
+    for r in plan.rejected.iter().filter(|r| known.is_new(&r.message_id)) {
         tx.execute(
             "INSERT INTO rejected_values VALUES ($1, $2, $3, $4, $5, now()) ON CONFLICT DO NOTHING",
             &[
@@ -500,7 +516,14 @@ async fn write(
     }
     // An event that was quarantined once and has now loaded leaves the quarantine
     // (looked up by key: the registry is never scanned).
-    let loaded: Vec<&str> = new_ids.iter().map(String::as_str).collect();
+    let loaded: Vec<&str> = plan
+        .loads
+        .iter()
+        .filter(|l| matches!(l.kind, TableKind::Base(_)))
+        .flat_map(|l| l.rows.iter())
+        .filter_map(|r| r.first().and_then(|c| c.as_deref()))
+        .filter(|id| known.is_new(id))
+        .collect();
     tx.execute(
         "DELETE FROM quarantine WHERE message_id = ANY($1::text[])",
         &[&loaded],
