@@ -72,6 +72,10 @@ fn problems_name_their_key() {
         ),
         (format!("{BASE}[warehouse]\nthreads = 0\n"), "warehouse.threads"),
         (
+            format!("{BASE}[warehouse]\nmemory_limit = \"32MB\"\n"),
+            "warehouse.memory_limit must be at least 64MB",
+        ),
+        (
             format!("{BASE}[warehouse]\ncheckpoint_threshold = \"1GB;\"\n"),
             "warehouse.checkpoint_threshold",
         ),

@@ -176,3 +176,61 @@ async fn memory_limit_and_threads_are_applied() {
         "{threshold}"
     );
 }
+
+// A fatal DuckDB error (here a checkpoint that finds no memory) invalidates the
+// database: DuckDB refuses every statement until it is opened again. The sink opens it
+// again by itself (with its configured settings), the failed load is retried, and
+// every event lands exactly once.
+#[tokio::test]
+async fn a_fatal_error_reopens_the_warehouse_and_the_retry_lands_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = DuckDbSink::open(&dir.path().join("w.duckdb")).unwrap();
+    // Only this connection's limit: the sink opens the file again without it.
+    sink.query("SET memory_limit = '20MB'").await.unwrap();
+    let load = |b: i64| {
+        let batch: Vec<serde_json::Value> = (0..2000)
+            .map(|i| json!({"type": "track", "messageId": format!("m{b}-{i}"), "anonymousId": format!("a{i}"),
+                "event": "Order Completed", "properties": {"revenue": i, "sku": format!("SKU-{i}"), "note": "n".repeat(100)},
+                "context": {"page": {"path": "/p", "url": format!("https://shop.example/{i}")}, "userAgent": "UA"}}))
+            .collect();
+        let evs: Vec<_> = batch
+            .chunks(300)
+            .flat_map(|c| events(json!({ "batch": c })))
+            .collect();
+        Load::events(0, b, evs)
+    };
+    let mut failed = None;
+    for b in 0..40 {
+        match sink.load(&load(b)).await {
+            Ok(s) => assert_eq!(s.inserted, 2000),
+            Err(e) => {
+                assert!(e.retryable(), "a fatal error is transient: {e}");
+                assert!(e.to_string().contains("FATAL"), "{e}");
+                failed = Some(b);
+                break;
+            }
+        }
+    }
+    let failed = failed.expect("20MB is too little for DuckDB's checkpoint: a fatal error");
+    // The retry of the failed load lands (what its commit wrote before the fatal
+    // checkpoint counts as duplicates), and so do the loads after it.
+    let retry = sink.load(&load(failed)).await.unwrap();
+    assert_eq!(retry.inserted + retry.duplicates, 2000);
+    let next = sink.load(&load(failed + 1)).await.unwrap();
+    assert_eq!(next.inserted, 2000);
+    let expected = ((failed + 2) * 2000).to_string();
+    assert_eq!(
+        sink.query("SELECT count(*), count(DISTINCT message_id) FROM tracks")
+            .await
+            .unwrap()
+            .rows,
+        vec![vec![Some(expected.clone()), Some(expected.clone())]]
+    );
+    assert_eq!(
+        sink.query("SELECT count(*) FROM order_completed")
+            .await
+            .unwrap()
+            .rows,
+        vec![vec![Some(expected)]]
+    );
+}

@@ -49,10 +49,17 @@ impl DuckDbConfig {
                 let ok = !m.is_empty()
                     && m.chars()
                         .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == ' ');
+                let bytes = ok.then(|| size_bytes(m)).flatten();
                 anyhow::ensure!(
-                    ok,
+                    bytes.is_some(),
                     "config: warehouse.{key} must look like \"64MB\" or \"1GB\", got {m:?}"
                 );
+                if key == "memory_limit" {
+                    anyhow::ensure!(
+                        bytes >= Some(MIN_MEMORY_LIMIT),
+                        "config: warehouse.memory_limit must be at least 64MB (DuckDB's checkpoints fail below that, and a failed checkpoint stops every load until the agent opens the warehouse again), got {m:?}"
+                    );
+                }
                 sql.push_str(&format!("SET {key} = '{m}';"));
             }
         }
@@ -64,6 +71,60 @@ impl DuckDbConfig {
     }
 }
 
+/// The least `memory_limit` accepted: below it, DuckDB's checkpoint of a 5,000-event load
+/// runs out of memory (seen at 20MB and 32MB).
+const MIN_MEMORY_LIMIT: u64 = 64 * 1000 * 1000;
+
+/// A DuckDB size (`"64MB"`, `"1.5 GB"`, `"512MiB"`, `"100000"` bytes) in bytes, as DuckDB
+/// reads it: KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024.
+fn size_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let number: f64 = s[..split].parse().ok()?;
+    let unit = s[split..].trim().to_ascii_lowercase();
+    let scale: f64 = match unit.as_str() {
+        "" | "b" | "byte" | "bytes" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    number.is_finite().then_some((number * scale) as u64)
+}
+
 fn default_path() -> PathBuf {
     PathBuf::from("./data/warehouse.duckdb")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_as_duckdb_reads_them() {
+        assert_eq!(size_bytes("64MB"), Some(64_000_000));
+        assert_eq!(size_bytes("1.5 GB"), Some(1_500_000_000));
+        assert_eq!(size_bytes("512MiB"), Some(512 * 1024 * 1024));
+        assert_eq!(size_bytes("100000"), Some(100_000));
+        assert_eq!(size_bytes("16mb"), Some(16_000_000));
+        assert_eq!(size_bytes("lots"), None);
+        assert_eq!(size_bytes("5 parsecs"), None);
+        let cfg = |m: &str| DuckDbConfig {
+            memory_limit: Some(m.into()),
+            ..DuckDbConfig::default()
+        };
+        assert!(cfg("64MB").settings_sql().is_ok());
+        let err = cfg("32MB").settings_sql().unwrap_err().to_string();
+        assert!(
+            err.contains("warehouse.memory_limit must be at least 64MB"),
+            "{err}"
+        );
+    }
 }

@@ -3,7 +3,7 @@
 //! ```toml
 //! [warehouse]
 //! path = "./data/warehouse.duckdb"   # relative to the config file
-//! # memory_limit = "64MB"           # DuckDB's settings; its defaults when absent
+//! # memory_limit = "64MB"           # DuckDB's settings; its defaults when absent (64MB at least)
 //! # threads = 1
 //! # checkpoint_threshold = "64MB"   # faster loads, more memory (DuckDB's default: 16MB)
 //! ```
@@ -19,6 +19,11 @@
 //!
 //! DuckDB lets one process hold a file open for writing, so live queries go through the
 //! running agent's admin endpoint (see `crate::admin`).
+//!
+//! A fatal DuckDB error (a checkpoint that runs out of memory or disk) invalidates the
+//! database: DuckDB refuses every statement until it is opened again. The sink then
+//! closes it and opens the file again at its next use (replaying the write-ahead log);
+//! the load that failed is not acked and its retry lands once.
 
 pub mod config;
 pub(crate) mod sink;

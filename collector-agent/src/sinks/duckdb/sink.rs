@@ -57,7 +57,63 @@ fn create_table_sql(kind: EventKind) -> String {
 /// The embedded DuckDB warehouse. DuckDB's API is blocking: every call runs on the
 /// blocking pool, one at a time (DuckDB lets one process write the file).
 pub struct DuckDbSink {
-    conn: Arc<Mutex<(Connection, Catalog)>>,
+    state: Arc<Mutex<State>>,
+}
+
+/// The open warehouse, and what it takes to open it again.
+struct State {
+    /// `None` after DuckDB invalidated the database (a fatal error, e.g. a checkpoint
+    /// that found no memory or no disk): the next use opens the file again, replaying
+    /// its write-ahead log, until that succeeds.
+    conn: Option<Connection>,
+    catalog: Catalog,
+    path: std::path::PathBuf,
+    /// The configured `SET`s, applied at every open.
+    settings: String,
+}
+
+impl State {
+    /// The connection, opened again if a fatal error closed it.
+    fn conn(&mut self) -> Result<&mut Connection, SinkError> {
+        if self.conn.is_none() {
+            let (conn, catalog) = open_file(&self.path, &self.settings)?;
+            tracing::warn!(path = %self.path.display(), "warehouse opened again after a fatal error");
+            self.catalog = catalog;
+            self.conn = Some(conn);
+        }
+        Ok(self.conn.as_mut().expect("just opened"))
+    }
+
+    /// After an error: if DuckDB has invalidated the database, closes it, so the next
+    /// use opens it again (DuckDB refuses every statement until it is).
+    fn check(&mut self) -> bool {
+        let invalid = self
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.execute_batch("SELECT 1").is_err());
+        if invalid {
+            tracing::error!(path = %self.path.display(), "DuckDB invalidated the warehouse after a fatal error; it is opened again at the next load (nothing was acked)");
+            self.conn = None;
+        }
+        invalid
+    }
+}
+
+/// Opens (creating if needed) a warehouse file, applies `settings` and brings its
+/// schema up to date.
+fn open_file(path: &Path, settings: &str) -> Result<(Connection, Catalog), SinkError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| SinkError::Permanent(format!("{}: {e}", dir.display())))?;
+    }
+    let mut conn = Connection::open(path).map_err(transient)?;
+    if !settings.is_empty() {
+        conn.execute_batch(settings)
+            .map_err(|e| SinkError::Permanent(format!("warehouse settings: {e}")))?;
+    }
+    migrate(&mut conn)?;
+    let catalog = load_catalog(&conn)?;
+    Ok((conn, catalog))
 }
 
 /// Classifies a DuckDB error: data the warehouse will never take (conversion,
@@ -287,34 +343,28 @@ pub(crate) fn apply_migrations(
 impl DuckDbSink {
     /// Opens (creating if needed) the warehouse file and brings its schema up to date.
     pub fn open(path: &Path) -> Result<DuckDbSink, SinkError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| SinkError::Permanent(format!("{}: {e}", dir.display())))?;
-        }
-        let mut conn = Connection::open(path).map_err(transient)?;
-        migrate(&mut conn)?;
-        let catalog = load_catalog(&conn)?;
-        Ok(DuckDbSink {
-            conn: Arc::new(Mutex::new((conn, catalog))),
-        })
+        DuckDbSink::open_with(path, String::new())
     }
 
-    /// Opens the configured warehouse with its tuning keys (`memory_limit`, `threads`).
+    /// Opens the configured warehouse with its tuning keys (`memory_limit`, `threads`,
+    /// `checkpoint_threshold`).
     pub fn open_config(cfg: &super::config::DuckDbConfig) -> Result<DuckDbSink, SinkError> {
         let settings = cfg
             .settings_sql()
             .map_err(|e| SinkError::Permanent(e.to_string()))?;
-        let sink = DuckDbSink::open(&cfg.path)?;
-        if !settings.is_empty() {
-            let conn = sink
-                .conn
-                .lock()
-                .map_err(|_| SinkError::Transient("warehouse lock poisoned".into()))?;
-            conn.0
-                .execute_batch(&settings)
-                .map_err(|e| SinkError::Permanent(format!("warehouse settings: {e}")))?;
-        }
-        Ok(sink)
+        DuckDbSink::open_with(&cfg.path, settings)
+    }
+
+    fn open_with(path: &Path, settings: String) -> Result<DuckDbSink, SinkError> {
+        let (conn, catalog) = open_file(path, &settings)?;
+        Ok(DuckDbSink {
+            state: Arc::new(Mutex::new(State {
+                conn: Some(conn),
+                catalog,
+                path: path.to_path_buf(),
+                settings,
+            })),
+        })
     }
 
     /// Opens an existing warehouse file read-only (for `collector-agent sql` when no
@@ -331,13 +381,23 @@ impl DuckDbSink {
         &self,
         f: impl FnOnce(&mut Connection, &mut Catalog) -> Result<T, SinkError> + Send + 'static,
     ) -> Result<T, SinkError> {
-        let conn = self.conn.clone();
+        let state = self.state.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = conn
+            let mut guard = state
                 .lock()
                 .map_err(|_| SinkError::Transient("warehouse lock poisoned".into()))?;
-            let (conn, catalog) = &mut *guard;
-            f(conn, catalog)
+            let st = &mut *guard;
+            st.conn()?;
+            let out = f(st.conn.as_mut().expect("open"), &mut st.catalog);
+            match out {
+                // A fatal error says nothing about the data: retry, never quarantine.
+                Err(SinkError::Permanent(e)) if st.check() => Err(SinkError::Transient(e)),
+                Err(e) => {
+                    st.check();
+                    Err(e)
+                }
+                ok => ok,
+            }
         })
         .await
         .map_err(|e| SinkError::Transient(format!("warehouse task failed: {e}")))?
