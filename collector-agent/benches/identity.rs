@@ -13,17 +13,26 @@ use collector_agent::sinks::Sink;
 const EVENTS: u64 = 1_000_000;
 const MORE: u64 = 10_000;
 
-/// `n` identify events from `start`, straight into `identifies` as a load would leave
-/// them (loaded `loaded_ago` ago): device `a{i}` signs in as `u{user}`.
-fn insert_sql(start: u64, n: u64, user: &str, loaded_ago: &str) -> String {
-    format!(
+/// `n` identify events from `start`, straight into `identifies` as load `load` would
+/// leave them (registered in `message_ids`, pending for identity): device `a{i}` signs
+/// in as `u{user}`.
+fn insert_sql(start: u64, n: u64, user: &str, load: u64) -> Vec<String> {
+    let end = start + n;
+    vec![format!(
         "INSERT INTO identifies (message_id, anonymous_id, user_id, timestamp, received_at, context, traits, raw, loaded_at, id)
          SELECT 'm' || i, 'a' || i, 'u' || ({user}), TIMESTAMP '2026-11-01 00:00:00' + to_seconds(i),
                 TIMESTAMP '2026-11-01 00:00:00' + to_seconds(i), '{{}}', '{{\"plan\": \"p' || (i % 3) || '\"}}', '{{}}',
-                now()::TIMESTAMP - INTERVAL '{loaded_ago}', 'm' || i
-         FROM range({start}, {}) r(i)",
-        start + n
-    )
+                now()::TIMESTAMP, 'm' || i
+         FROM range({start}, {end}) r(i)"
+    ),
+    format!("INSERT INTO message_ids SELECT 'm' || i, 'identifies', {load} FROM range({start}, {end}) r(i)"),
+    format!("INSERT INTO identity_pending VALUES ({load})")]
+}
+
+async fn insert(sink: &DuckDbSink, statements: Vec<String>) {
+    for sql in statements {
+        sink.query(&sql).await.unwrap();
+    }
 }
 
 #[tokio::main]
@@ -33,10 +42,7 @@ async fn main() {
     }
     let dir = tempfile::tempdir().unwrap();
     let sink = DuckDbSink::open(&dir.path().join("identity.duckdb")).unwrap();
-    // Loaded an hour ago, so the next runs scan only what arrives after.
-    sink.query(&insert_sql(0, EVENTS, "i // 4", "1 hour"))
-        .await
-        .unwrap();
+    insert(&sink, insert_sql(0, EVENTS, "i // 4", 1)).await;
     let cfg = IdentityConfig::default();
 
     let t = Instant::now();
@@ -52,17 +58,12 @@ async fn main() {
     );
 
     // 10k more: half new devices of existing people, half new people.
-    sink.query(&insert_sql(EVENTS, MORE / 2, "i % 250000", "0 seconds"))
-        .await
-        .unwrap();
-    sink.query(&insert_sql(
-        2 * EVENTS,
-        MORE / 2,
-        "10000000 + i // 4",
-        "0 seconds",
-    ))
-    .await
-    .unwrap();
+    insert(&sink, insert_sql(EVENTS, MORE / 2, "i % 250000", 2)).await;
+    insert(
+        &sink,
+        insert_sql(2 * EVENTS, MORE / 2, "10000000 + i // 4", 3),
+    )
+    .await;
     let t = Instant::now();
     let inc = identity::run(&mut *session, &cfg).await.unwrap();
     println!(

@@ -314,8 +314,86 @@ crate::per_target!(
     block_list_stops_a_bad_merge,
     limits_refuse_a_merge_and_late_events_reorder,
     profiles_hold_the_latest_consent,
-    removed_edges_split_people_and_say_so,]
+    removed_edges_split_people_and_say_so,
+    a_load_is_read_once_however_late_it_commits,
+    an_upgraded_warehouse_reads_what_came_since_its_old_watermark,]
 );
+
+// Every load marks itself for identity in its own transaction, so a load whose rows
+// were stamped long before it committed (a slow transaction; another agent) is still
+// read, exactly once: there is no time window to fall out of.
+async fn a_load_is_read_once_however_late_it_commits(t: &Target) {
+    let sink = t.open().await;
+    let cfg = IdentityConfig::default();
+    load(&*sink, 1, json!([
+        {"type": "identify", "messageId": "i1", "anonymousId": "a1", "userId": "u1", "timestamp": "2026-11-20T09:00:00.000Z"},
+    ]))
+    .await;
+    resolve(&*sink, &cfg).await;
+    load(&*sink, 2, json!([
+        {"type": "identify", "messageId": "i2", "anonymousId": "a2", "userId": "u2", "timestamp": "2026-11-20T09:05:00.000Z"},
+    ]))
+    .await;
+    sink.query(
+        "UPDATE identifies SET loaded_at = loaded_at - INTERVAL '2 hours' WHERE message_id = 'i2'",
+    )
+    .await
+    .unwrap();
+    let late = resolve(&*sink, &cfg).await;
+    assert_eq!(late.new_edges, 1);
+    assert_eq!(
+        person(&*sink, "anonymous_id", "a2").await,
+        Some(identity::person_id(&("user_id".into(), "u2".into())))
+    );
+    assert_eq!(
+        one(&*sink, "SELECT count(*) FROM profiles")
+            .await
+            .as_deref(),
+        Some("2")
+    );
+    // Read once: the next run has nothing to read.
+    let again = resolve(&*sink, &cfg).await;
+    assert_eq!((again.new_edges, again.region_ids), (0, 0));
+    assert_eq!(
+        one(&*sink, "SELECT count(*) FROM identity_pending")
+            .await
+            .as_deref(),
+        Some("0")
+    );
+}
+
+// A warehouse from a release that kept a time watermark: its loads since the watermark
+// carry no mark. The first run reads them from the watermark, once, and drops it.
+async fn an_upgraded_warehouse_reads_what_came_since_its_old_watermark(t: &Target) {
+    let sink = t.open().await;
+    let cfg = IdentityConfig::default();
+    load(&*sink, 1, json!([
+        {"type": "identify", "messageId": "i1", "anonymousId": "a1", "userId": "u1", "timestamp": "2026-11-20T09:00:00.000Z"},
+    ]))
+    .await;
+    // As the old release left it: no marks, a watermark before the load.
+    for sql in [
+        "DELETE FROM identity_pending",
+        "DELETE FROM collector_identity_state",
+        "INSERT INTO collector_identity_state VALUES ('scan_from', CAST('2000-01-01 00:00:00' AS TIMESTAMP))",
+    ] {
+        sink.query(sql).await.unwrap();
+    }
+    let first = resolve(&*sink, &cfg).await;
+    assert_eq!(first.new_edges, 1);
+    assert_eq!(
+        person(&*sink, "anonymous_id", "a1").await,
+        Some(identity::person_id(&("user_id".into(), "u1".into())))
+    );
+    assert_eq!(
+        one(&*sink, "SELECT count(*) FROM collector_identity_state")
+            .await
+            .as_deref(),
+        Some("0")
+    );
+    let again = resolve(&*sink, &cfg).await;
+    assert_eq!((again.new_edges, again.region_ids), (0, 0));
+}
 
 /// Events of a few visitors on shared devices, with user ids, emails and aliases.
 fn scenario_events() -> Vec<Value> {

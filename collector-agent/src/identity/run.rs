@@ -1,8 +1,10 @@
 //! One identity run, in the warehouse, in one transaction:
 //!
-//! 1. **Scan** the events loaded since the last run (`loaded_at` from the saved
-//!    watermark, minus a 10-minute margin so loads that committed late are not
-//!    missed; everything below is idempotent, so scanning twice changes nothing).
+//! 1. **Scan** the events of the loads not read yet: every load that inserted rows
+//!    adds its `load_id` to `identity_pending` in its own transaction, and the run
+//!    deletes the ones it read in its own. A load is read exactly once, however late
+//!    it commits and whatever order agents commit in (everything below is idempotent
+//!    too, so reading twice would change nothing).
 //! 2. **Ids and edges.** Every id becomes an `identities` row (its own person until
 //!    joined); ids seen together in one event become an `identity_edges` row, one per
 //!    pair, kept at its earliest event. Ids on the block list never become either; an
@@ -199,6 +201,19 @@ pub fn ddl_dirty(d: Dialect) -> String {
     )
 }
 
+/// `identity_pending` (a later migration): the loads an identity run has not read yet.
+/// An upgraded warehouse reads once everything since its old time watermark (or
+/// everything, when identity never ran on it).
+pub fn ddl_pending(d: Dialect) -> String {
+    let ts = Sql(d).ts();
+    format!(
+        "CREATE TABLE identity_pending (load_id BIGINT PRIMARY KEY);
+INSERT INTO collector_identity_state SELECT 'scan_from', CAST('1970-01-01 00:00:00' AS {ts})
+  WHERE NOT EXISTS (SELECT 1 FROM collector_identity_state WHERE name = 'scan_from');
+"
+    )
+}
+
 /// The base tables an identity run reads (`previous_id` of an alias and the `email`
 /// trait of an identify add ids).
 fn sources() -> impl Iterator<Item = &'static str> {
@@ -238,19 +253,23 @@ async fn run_in_tx(
         // One identity run at a time across the agents sharing the database.
         s.query("SELECT pg_advisory_xact_lock(7415202612)").await?;
     }
-    let (t, ts, now) = (q.text(), q.ts(), q.now());
-    // 1. The scan window.
-    let max_loaded = sources()
-        .map(|tb| format!("SELECT max(loaded_at) AS m FROM {tb}"))
-        .collect::<Vec<_>>()
-        .join(" UNION ALL ");
-    s.batch(&format!(
-        "DROP TABLE IF EXISTS identity_window;
-         CREATE TEMP TABLE identity_window AS SELECT
-           COALESCE((SELECT value FROM collector_identity_state WHERE name = 'scan_from'), CAST('1970-01-01 00:00:00' AS {ts})) AS scan_from,
-           (SELECT max(m) FROM ({max_loaded}) x) AS scan_to;"
-    ))
+    let (t, now) = (q.text(), q.now());
+    // 1. What to scan: the loads not read yet (each load that inserted rows adds its id
+    //    to `identity_pending` in its own transaction, so a load is read once, however
+    //    late it committed), and, once after an upgrade from a release that kept a
+    //    time watermark, everything loaded since it.
+    s.batch(
+        "DROP TABLE IF EXISTS identity_loads;
+         CREATE TEMP TABLE identity_loads AS SELECT load_id FROM identity_pending;",
+    )
     .await?;
+    let legacy = s
+        .query("SELECT count(*) FROM collector_identity_state WHERE name = 'scan_from'")
+        .await?
+        .rows
+        .first()
+        .and_then(|r| r[0].as_deref())
+        .is_some_and(|n| n != "0");
     let scan = sources()
         .map(|tb| {
             let previous = if tb == "aliases" {
@@ -263,9 +282,18 @@ async fn run_in_tx(
             } else {
                 format!("CAST(NULL AS {t})")
             };
-            format!(
-                "SELECT message_id, anonymous_id, user_id, {previous} AS previous_id, {email} AS email, timestamp AS ts FROM {tb} WHERE loaded_at >= (SELECT scan_from FROM identity_window)"
-            )
+            let select = format!(
+                "SELECT message_id, anonymous_id, user_id, {previous} AS previous_id, {email} AS email, timestamp AS ts FROM {tb}"
+            );
+            let mut part = format!(
+                "{select} WHERE message_id IN (SELECT m.message_id FROM message_ids m JOIN identity_loads l ON m.load_id = l.load_id WHERE m.table_name = '{tb}')"
+            );
+            if legacy {
+                part.push_str(
+                    " OR loaded_at >= (SELECT value FROM collector_identity_state WHERE name = 'scan_from')",
+                );
+            }
+            part
         })
         .collect::<Vec<_>>()
         .join(" UNION ALL ");
@@ -530,9 +558,10 @@ async fn run_in_tx(
     s.execute("DELETE FROM profiles WHERE person_id IN (SELECT person_id FROM identity_touched)")
         .await?;
     stats.profiles = s.execute(&profiles_sql(&q)).await?;
-    s.execute(
-        "INSERT INTO collector_identity_state SELECT 'scan_from', scan_to - INTERVAL '10 minutes' FROM identity_window WHERE scan_to IS NOT NULL
-         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+    // The loads read are done; a load that committed meanwhile stays pending.
+    s.batch(
+        "DELETE FROM identity_pending WHERE load_id IN (SELECT load_id FROM identity_loads);
+         DELETE FROM collector_identity_state WHERE name = 'scan_from';",
     )
     .await?;
     Ok(stats)

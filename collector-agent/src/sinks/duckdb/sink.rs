@@ -199,6 +199,11 @@ ALTER TABLE dead_letters_keyed RENAME TO dead_letters;
             "tracks.event is the slug, tracks.event_text the name as sent (Segment's schema)",
             tables::track_event_text_sql(sql_type(LogicalType::Text)),
         ),
+        (
+            8,
+            "identity_pending: identity reads each load once (no time window)",
+            crate::identity::run::ddl_pending(Dialect::DuckDb),
+        ),
     ]
 }
 
@@ -502,6 +507,11 @@ fn write(
     }
     write_rejected(&tx, &plan, load_id)?;
     finish_load(&tx, load_id)?;
+    if stats.inserted > 0 {
+        // For the next identity run.
+        tx.execute("INSERT INTO identity_pending VALUES (?)", params![load_id])
+            .map_err(transient)?;
+    }
     tx.commit().map_err(transient)?;
     *catalog = plan.catalog;
     Ok(stats)

@@ -128,6 +128,11 @@ CREATE TABLE IF NOT EXISTS rejected_values (message_id text NOT NULL, table_name
             "tracks.event is the slug, tracks.event_text the name as sent (Segment's schema)",
             tables::track_event_text_sql(sql_type(LogicalType::Text)),
         ),
+        (
+            8,
+            "identity_pending: identity reads each load once (no time window)",
+            crate::identity::run::ddl_pending(Dialect::Postgres),
+        ),
     ]
 }
 
@@ -530,6 +535,12 @@ async fn write(
     )
     .await
     .map_err(classify)?;
+    if stats.inserted > 0 {
+        // For the next identity run.
+        tx.execute("INSERT INTO identity_pending VALUES ($1)", &[&load_id])
+            .await
+            .map_err(classify)?;
+    }
     tx.commit().await.map_err(classify)?;
     *catalog = plan.catalog;
     Ok(stats)
