@@ -113,6 +113,36 @@ impl<'de> Deserialize<'de> for WarehouseConfig {
 }
 
 impl WarehouseConfig {
+    /// The SQL dialect identity, profiles and audiences are computed in; `None` for the
+    /// kinds that do not compute them (yet): ClickHouse and the Parquet lake.
+    pub fn people_dialect(&self) -> Option<crate::sinks::Dialect> {
+        match self {
+            WarehouseConfig::DuckDb(_) => Some(crate::sinks::Dialect::DuckDb),
+            WarehouseConfig::Postgres(_) => Some(crate::sinks::Dialect::Postgres),
+            WarehouseConfig::ClickHouse(_) | WarehouseConfig::Parquet(_) => None,
+        }
+    }
+
+    /// The kind's name as configured.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WarehouseConfig::DuckDb(_) => "duckdb",
+            WarehouseConfig::Postgres(_) => "postgres",
+            WarehouseConfig::ClickHouse(_) => "clickhouse",
+            WarehouseConfig::Parquet(_) => "parquet",
+        }
+    }
+
+    /// Why `what` (profiles, audiences) cannot be asked of this warehouse, if so.
+    pub fn people_unsupported(&self, what: &str) -> Option<String> {
+        self.people_dialect().is_none().then(|| {
+            format!(
+                "{what}: identity, profiles and audiences are computed in duckdb and postgres warehouses; this one is kind = \"{}\", where they are not built yet",
+                self.kind()
+            )
+        })
+    }
+
     /// The DuckDB file, for kinds that have one.
     pub fn duckdb_path(&self) -> Option<&Path> {
         match self {
@@ -214,6 +244,11 @@ impl AgentConfig {
             self.audience_interval_ms >= 1_000,
             "config: audience_interval_ms must be at least 1000"
         );
+        if self.audiences.is_some() {
+            if let Some(why) = self.warehouse.people_unsupported("config: audiences") {
+                anyhow::bail!("{why}");
+            }
+        }
         self.load_audiences()?;
         self.secret()?;
         Ok(())

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use collector_agent::sinks::duckdb::DuckDbSink;
-use collector_agent::sinks::{Dialect, QueryResult};
+use collector_agent::sinks::QueryResult;
 use collector_agent::{admin, drain_once, run, AgentConfig};
 
 #[derive(Parser)]
@@ -245,10 +245,13 @@ async fn main() -> anyhow::Result<()> {
                         .join(", ")
                 );
             };
-            let dialect = match cfg.warehouse {
-                collector_agent::config::WarehouseConfig::DuckDb(_) => Dialect::DuckDb,
-                collector_agent::config::WarehouseConfig::Postgres(_) => Dialect::Postgres,
-                _ => anyhow::bail!("audiences are computed in DuckDB and PostgreSQL warehouses"),
+            let Some(dialect) = cfg.warehouse.people_dialect() else {
+                anyhow::bail!(
+                    "{}",
+                    cfg.warehouse
+                        .people_unsupported("audience preview")
+                        .unwrap_or_default()
+                );
             };
             let members =
                 collector_agent::audiences::members_sql(a, dialect, collector_agent::now_ms());
@@ -282,6 +285,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Profile { id, config, json } => {
             let cfg = AgentConfig::load(&config)?;
+            if let Some(why) = cfg.warehouse.people_unsupported("profile") {
+                anyhow::bail!("{why}");
+            }
             let found = collector_agent::identity::profile::lookup(&id, |q| sql(&cfg, q)).await?;
             match found {
                 Some(p) if json => println!("{}", serde_json::to_string_pretty(&p)?),

@@ -72,6 +72,10 @@ fn problems_name_their_key() {
         ),
         (format!("{BASE}[warehouse]\nthreads = 0\n"), "warehouse.threads"),
         (
+            format!("{BASE}audiences = \"audiences.toml\"\n[warehouse]\nkind = \"clickhouse\"\nurl = \"http://127.0.0.1:8123\"\n"),
+            "config: audiences: identity, profiles and audiences are computed in duckdb and postgres warehouses; this one is kind = \"clickhouse\"",
+        ),
+        (
             format!("{BASE}[warehouse]\nmemory_limit = \"32MB\"\n"),
             "warehouse.memory_limit must be at least 64MB",
         ),
@@ -221,4 +225,27 @@ fn check_in(dir: &std::path::Path, toml: &str) -> (bool, String) {
         "--config".as_ref(),
         path.as_os_str(),
     ])
+}
+
+// `profile` on a warehouse that builds no profiles says so, before any query.
+#[test]
+fn profile_says_which_warehouses_have_profiles() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        format!("{BASE}[warehouse]\nkind = \"parquet\"\npath = \"lake\"\n"),
+    )
+    .unwrap();
+    let (ok, text) = agent(&[
+        "profile".as_ref(),
+        "u1".as_ref(),
+        "--config".as_ref(),
+        path.as_os_str(),
+    ]);
+    assert!(!ok);
+    assert!(
+        text.contains("profile: identity, profiles and audiences are computed in duckdb and postgres warehouses; this one is kind = \"parquet\""),
+        "{text}"
+    );
 }
