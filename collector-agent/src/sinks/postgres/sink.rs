@@ -277,6 +277,63 @@ async fn copy_in(
     Ok(())
 }
 
+/// Registers `ids` of `table` under `load_id`; how many were new. Usually all are: one
+/// `COPY`, in a savepoint; when some id is already there (a replay, a concurrent
+/// agent's insert of the same id, which the `COPY` waits for), the savepoint is rolled
+/// back and the ids go in with `ON CONFLICT DO NOTHING`.
+async fn register(
+    tx: &tokio_postgres::Transaction<'_>,
+    ids: &[&str],
+    table: &str,
+    load_id: i64,
+) -> Result<u64, SinkError> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    tx.batch_execute("SAVEPOINT register_ids")
+        .await
+        .map_err(classify)?;
+    let mut csv = Vec::with_capacity(ids.len() * 48);
+    let load = load_id.to_string();
+    let cells: [Cell<'_>; 2] = [Some(table.into()), Some(load.as_str().into())];
+    for id in ids {
+        csv_line(&[Some((*id).into())], None, &mut csv);
+        csv.pop();
+        csv.push(b',');
+        csv_line(&cells, None, &mut csv);
+    }
+    let copied = async {
+        let sink = tx
+            .copy_in("COPY message_ids (message_id, table_name, load_id) FROM STDIN (FORMAT csv)")
+            .await?;
+        futures_util::pin_mut!(sink);
+        sink.send(Bytes::from(csv)).await?;
+        sink.as_mut().finish().await
+    }
+    .await;
+    match copied {
+        Ok(_) => {
+            tx.batch_execute("RELEASE SAVEPOINT register_ids")
+                .await
+                .map_err(classify)?;
+            Ok(ids.len() as u64)
+        }
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+            tx.batch_execute("ROLLBACK TO SAVEPOINT register_ids")
+                .await
+                .map_err(classify)?;
+            tx.execute(
+                "INSERT INTO message_ids SELECT id, $2, $3 FROM unnest($1::text[]) AS id
+                 ON CONFLICT (message_id) DO NOTHING",
+                &[&ids, &table, &load_id],
+            )
+            .await
+            .map_err(classify)
+        }
+        Err(e) => Err(classify(e)),
+    }
+}
+
 /// One row as a CSV line for `COPY … (FORMAT csv)`: every value quoted, NULL as an
 /// unquoted empty field; `last`, if any, appended as one more value.
 fn csv_line(row: &[Cell<'_>], last: Option<&str>, out: &mut Vec<u8>) {
@@ -411,14 +468,7 @@ async fn write(
                 .iter()
                 .filter_map(|r| r.first().and_then(|c| c.as_deref()))
                 .collect();
-            let fresh = tx
-                .execute(
-                    "INSERT INTO message_ids SELECT id, $2, $3 FROM unnest($1::text[]) AS id
-                     ON CONFLICT (message_id) DO NOTHING",
-                    &[&ids, &kind.table(), &load_id],
-                )
-                .await
-                .map_err(classify)?;
+            let fresh = register(&tx, &ids, kind.table(), load_id).await?;
             if fresh < ids.len() as u64 {
                 // Some were loaded before: which ones are this load's (by key).
                 let mine: HashSet<String> = tx
@@ -727,6 +777,51 @@ impl SqlSession for PgSession<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Registration's fast path (one COPY) and its fallback when some ids are already
+    // there, against a real server: the counts, and the registry, are exact either way.
+    #[tokio::test]
+    async fn ids_register_by_copy_and_fall_back_when_some_are_known() {
+        let pg = collector_e2e::postgres::LocalPostgres::start().expect("PostgreSQL starts");
+        let cfg = PostgresConfig {
+            url: pg.url.clone(),
+            password_env: None,
+            schema: "public".into(),
+            timeout_ms: 30_000,
+        };
+        let sink = PostgresSink::connect(&cfg).await.unwrap();
+        let mut guard = sink.client().await.unwrap();
+        let client = guard.as_mut().unwrap();
+        let tx = client.transaction().await.unwrap();
+        assert_eq!(register(&tx, &["a", "b"], "tracks", 1).await.unwrap(), 2);
+        assert_eq!(
+            register(&tx, &["b", "c", "a", "d"], "pages", 2)
+                .await
+                .unwrap(),
+            2
+        );
+        assert_eq!(register(&tx, &[], "pages", 3).await.unwrap(), 0);
+        let rows: Vec<(String, String, i64)> = tx
+            .query(
+                "SELECT message_id, table_name, load_id FROM message_ids ORDER BY message_id",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        let row = |id: &str, t: &str, l: i64| (id.to_string(), t.to_string(), l);
+        assert_eq!(
+            rows,
+            vec![
+                row("a", "tracks", 1),
+                row("b", "tracks", 1),
+                row("c", "pages", 2),
+                row("d", "pages", 2)
+            ]
+        );
+    }
 
     #[test]
     fn csv_quotes_values_and_leaves_null_empty() {
