@@ -290,6 +290,11 @@ async fn register(
     if ids.is_empty() {
         return Ok(0);
     }
+    // In one order for every agent: two agents registering the same ids wait for each
+    // other in the same order, never in a cycle.
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    let ids = sorted.as_slice();
     tx.batch_execute("SAVEPOINT register_ids")
         .await
         .map_err(classify)?;
