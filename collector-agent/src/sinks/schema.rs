@@ -597,6 +597,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_field_a_table_reads_is_parsed() {
+        for kind in EventKind::ALL {
+            for c in columns(kind) {
+                if let Some(field) = c.field {
+                    assert!(FIELDS.contains(&field), "{field} is not in FIELDS");
+                }
+            }
+            if let Some(p) = payload_field(kind) {
+                assert!(FIELDS.contains(&p), "{p} is not in FIELDS");
+            }
+        }
+        assert!(FIELDS.contains(&"context"));
+    }
+
+    #[test]
     fn every_table_starts_with_message_id_and_ends_with_raw() {
         for kind in EventKind::ALL {
             let cols = columns(kind);
