@@ -15,8 +15,9 @@
 //! `dead_letters`, the catalog (`collector_tables`, `collector_columns`) and
 //! `collector_migrations`. New tables and columns are created under the agents'
 //! advisory lock, so agents sharing a database never race on DDL. Exactly once: each load is one
-//! transaction; the registry insert (`ON CONFLICT DO NOTHING RETURNING`) decides which
-//! rows are new, so a replayed batch inserts nothing.
+//! transaction; registering its ids in `message_ids` (one `COPY`, or `INSERT … ON
+//! CONFLICT DO NOTHING` when one is already there) decides which rows are new, so a
+//! replayed batch inserts nothing.
 
 pub mod config;
 mod sink;
