@@ -203,6 +203,31 @@ pub trait SqlSession: Send {
     ) -> Result<(), SinkError>;
 }
 
+/// The migrations every SQL warehouse (DuckDB, PostgreSQL) applies after its own first
+/// three, in its dialect (`text`: its text type): one list, so versions and names stay
+/// the same in both.
+pub(crate) fn sql_migrations(d: Dialect, text: &str) -> Vec<(i32, &'static str, String)> {
+    vec![
+        (
+            4,
+            "identity graph, identities, identity_merges, profiles",
+            crate::identity::ddl(d),
+        ),
+        (5, "audience_membership", crate::audiences::ddl(d)),
+        (6, "identity_dirty", crate::identity::run::ddl_dirty(d)),
+        (
+            7,
+            "tracks.event is the slug, tracks.event_text the name as sent (Segment's schema)",
+            tables::track_event_text_sql(text),
+        ),
+        (
+            8,
+            "identity_pending: identity reads each load once (no time window)",
+            crate::identity::run::ddl_pending(d),
+        ),
+    ]
+}
+
 /// A SQL string literal (standard SQL: quotes doubled; both dialects read it so).
 pub fn sql_lit(v: &str) -> String {
     format!("'{}'", v.replace('\'', "''"))

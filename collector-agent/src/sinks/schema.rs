@@ -183,7 +183,7 @@ pub fn prepare_row(ev: &StoredEvent) -> Result<Row, String> {
 fn json_str(t: &str) -> Result<Cow<'_, str>, serde_json::Error> {
     use serde::de::DeserializeSeed;
     let mut de = serde_json::Deserializer::from_str(t);
-    let s = tables::KeySeed.deserialize(&mut de)?;
+    let s = tables::StrSeed.deserialize(&mut de)?;
     de.end()?;
     Ok(s)
 }
@@ -283,7 +283,7 @@ impl<'de> serde::Deserialize<'de> for Fields<'de> {
                 mut map: A,
             ) -> Result<Fields<'de>, A::Error> {
                 let mut fields = Fields([None; FIELDS.len()]);
-                while let Some(key) = map.next_key_seed(tables::KeySeed)? {
+                while let Some(key) = map.next_key_seed(tables::StrSeed)? {
                     match FIELDS.iter().position(|f| *f == key) {
                         Some(i) => fields.0[i] = Some(map.next_value()?),
                         None => {

@@ -513,7 +513,7 @@ impl<'de> serde::de::Visitor<'de> for FlattenSeed<'_, '_> {
         Ok(())
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(key) = map.next_key_seed(KeySeed)? {
+        while let Some(key) = map.next_key_seed(StrSeed)? {
             let node = self.names.child(self.node, &key);
             map.next_value_seed(FlattenSeed {
                 names: self.names,
@@ -525,20 +525,21 @@ impl<'de> serde::de::Visitor<'de> for FlattenSeed<'_, '_> {
     }
 }
 
-/// An object key, borrowed from the JSON text unless it has escapes.
-pub(crate) struct KeySeed;
+/// A JSON string (an object key or a value), borrowed from the JSON text unless it has
+/// escapes.
+pub(crate) struct StrSeed;
 
-impl<'de> serde::de::DeserializeSeed<'de> for KeySeed {
+impl<'de> serde::de::DeserializeSeed<'de> for StrSeed {
     type Value = Cow<'de, str>;
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Cow<'de, str>, D::Error> {
         d.deserialize_str(self)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for KeySeed {
+impl<'de> serde::de::Visitor<'de> for StrSeed {
     type Value = Cow<'de, str>;
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("an object key")
+        f.write_str("a string")
     }
     fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Cow<'de, str>, E> {
         Ok(Cow::Borrowed(v))

@@ -335,10 +335,7 @@ impl ClickHouseSink {
                 .exec("ALTER TABLE collector_rows_tracks ADD COLUMN event_text Nullable(String) AFTER event")
                 .await
             {
-                Err(e)
-                    if e.to_string().contains("Code: 15,")
-                        || e.to_string().contains("Code: 44,")
-                        || e.to_string().contains("already exists") => {}
+                Err(e) if duplicate_column(&e) => {}
                 other => {
                     other?;
                 }
@@ -645,9 +642,7 @@ impl ClickHouseSink {
                         .await
                     {
                         // Another agent added it meanwhile (code 44 on 18.16, 15 later).
-                        Err(e)
-                            if e.to_string().contains("Code: 15,")
-                                || e.to_string().contains("already exists") => {}
+                        Err(e) if duplicate_column(&e) => {}
                         other => {
                             other?;
                         }
@@ -851,6 +846,13 @@ impl ClickHouseSink {
         // Only JSON text was written.
         String::from_utf8(body).unwrap_or_default()
     }
+}
+
+/// ClickHouse's answer to adding a column that exists (code 44 on 18.16, 15 later):
+/// another agent, or an earlier attempt, added it.
+fn duplicate_column(e: &SinkError) -> bool {
+    let text = e.to_string();
+    text.contains("Code: 15,") || text.contains("Code: 44,") || text.contains("already exists")
 }
 
 fn now_ms() -> i64 {

@@ -183,28 +183,10 @@ ALTER TABLE dead_letters_keyed RENAME TO dead_letters;
             "per-event tables, flattened columns, users, rejected_values",
             v3,
         ),
-        (
-            4,
-            "identity graph, identities, identity_merges, profiles",
-            crate::identity::ddl(Dialect::DuckDb),
-        ),
-        (5, "audience_membership", crate::audiences::ddl(Dialect::DuckDb)),
-        (
-            6,
-            "identity_dirty",
-            crate::identity::run::ddl_dirty(Dialect::DuckDb),
-        ),
-        (
-            7,
-            "tracks.event is the slug, tracks.event_text the name as sent (Segment's schema)",
-            tables::track_event_text_sql(sql_type(LogicalType::Text)),
-        ),
-        (
-            8,
-            "identity_pending: identity reads each load once (no time window)",
-            crate::identity::run::ddl_pending(Dialect::DuckDb),
-        ),
     ]
+    .into_iter()
+    .chain(crate::sinks::sql_migrations(Dialect::DuckDb, sql_type(LogicalType::Text)))
+    .collect()
 }
 
 /// The catalog of per-event tables and added columns, and the values that did not fit

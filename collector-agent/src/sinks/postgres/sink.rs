@@ -112,28 +112,10 @@ CREATE TABLE IF NOT EXISTS rejected_values (message_id text NOT NULL, table_name
             "per-event tables, flattened columns, users, rejected_values",
             v3,
         ),
-        (
-            4,
-            "identity graph, identities, identity_merges, profiles",
-            crate::identity::ddl(Dialect::Postgres),
-        ),
-        (5, "audience_membership", crate::audiences::ddl(Dialect::Postgres)),
-        (
-            6,
-            "identity_dirty",
-            crate::identity::run::ddl_dirty(Dialect::Postgres),
-        ),
-        (
-            7,
-            "tracks.event is the slug, tracks.event_text the name as sent (Segment's schema)",
-            tables::track_event_text_sql(sql_type(LogicalType::Text)),
-        ),
-        (
-            8,
-            "identity_pending: identity reads each load once (no time window)",
-            crate::identity::run::ddl_pending(Dialect::Postgres),
-        ),
     ]
+    .into_iter()
+    .chain(crate::sinks::sql_migrations(Dialect::Postgres, sql_type(LogicalType::Text)))
+    .collect()
 }
 
 /// The agents' own advisory lock: migrations and schema growth take it, so agents
