@@ -119,7 +119,8 @@ impl WarehouseConfig {
         match self {
             WarehouseConfig::DuckDb(_) => Some(crate::sinks::Dialect::DuckDb),
             WarehouseConfig::Postgres(_) => Some(crate::sinks::Dialect::Postgres),
-            WarehouseConfig::ClickHouse(_) | WarehouseConfig::Parquet(_) => None,
+            WarehouseConfig::ClickHouse(_) => Some(crate::sinks::Dialect::ClickHouse),
+            WarehouseConfig::Parquet(_) => None,
         }
     }
 
@@ -137,7 +138,7 @@ impl WarehouseConfig {
     pub fn people_unsupported(&self, what: &str) -> Option<String> {
         self.people_dialect().is_none().then(|| {
             format!(
-                "{what}: identity, profiles and audiences are computed in duckdb and postgres warehouses; this one is kind = \"{}\", where they are not built yet",
+                "{what}: identity, profiles and audiences are computed in the warehouse (duckdb, postgres or clickhouse); kind = \"{}\" (a parquet lake) has no SQL engine of its own (query it from one, e.g. DuckDB's read_parquet)",
                 self.kind()
             )
         })

@@ -319,6 +319,55 @@ crate::per_target!(
     an_upgraded_warehouse_reads_what_came_since_its_old_watermark,]
 );
 
+// ClickHouse has no DELETE or UPDATE of events (the last three scenarios edit events in
+// place to stage their case); its own way of reading each load once is checked below.
+crate::per_target!(
+    [clickhouse]
+    [one_person_across_devices,
+    block_list_stops_a_bad_merge,
+    limits_refuse_a_merge_and_late_events_reorder,
+    profiles_hold_the_latest_consent,
+    the_block_list_is_the_same_in_sql_and_in_rust,
+    each_load_is_read_once_in_clickhouse,]
+);
+
+// ClickHouse: a run marks the loads it read (`collector_identity_read`) last, so the
+// next run reads only what came since; a load whose mark was lost (a run stopped
+// before its end) is read again, which changes nothing.
+async fn each_load_is_read_once_in_clickhouse(t: &Target) {
+    let sink = t.open().await;
+    let cfg = IdentityConfig::default();
+    load(&*sink, 1, json!([
+        {"type": "identify", "messageId": "i1", "anonymousId": "a1", "userId": "u1", "timestamp": "2026-11-20T09:00:00.000Z"},
+    ]))
+    .await;
+    assert_eq!(resolve(&*sink, &cfg).await.new_edges, 1);
+    assert_eq!(
+        one(&*sink, "SELECT count(*) FROM identity_pending").await.as_deref(),
+        Some("0")
+    );
+    let again = resolve(&*sink, &cfg).await;
+    assert_eq!((again.new_edges, again.region_ids, again.profiles), (0, 0, 0));
+    load(&*sink, 2, json!([
+        {"type": "identify", "messageId": "i2", "anonymousId": "a2", "userId": "u1", "timestamp": "2026-11-20T09:05:00.000Z"},
+    ]))
+    .await;
+    let second = resolve(&*sink, &cfg).await;
+    assert_eq!((second.new_edges, second.merges), (1, 1));
+    // The marks are lost: both loads are read again, and nothing changes.
+    sink.query("TRUNCATE TABLE collector_identity_read").await.unwrap();
+    let before = rows(&*sink, "SELECT id_type, id_value, person_id FROM identities ORDER BY id_type, id_value").await;
+    let merges = one(&*sink, "SELECT count(*) FROM identity_merges").await;
+    let replay = resolve(&*sink, &cfg).await;
+    assert_eq!((replay.new_edges, replay.merges), (0, 0));
+    assert_eq!(rows(&*sink, "SELECT id_type, id_value, person_id FROM identities ORDER BY id_type, id_value").await, before);
+    assert_eq!(one(&*sink, "SELECT count(*) FROM identity_merges").await, merges);
+    assert_eq!(
+        rows(&*sink, "SELECT event_count, CAST(anonymous_ids AS VARCHAR) FROM profiles").await,
+        vec![vec![s("2"), s(r#"["a1","a2"]"#)]]
+    );
+}
+
 // Every load marks itself for identity in its own transaction, so a load whose rows
 // were stamped long before it committed (a slow transaction; another agent) is still
 // read, exactly once: there is no time window to fall out of.
@@ -506,9 +555,13 @@ async fn any_order_of_the_same_events_gives_the_same_people() {
 
 // The block list means the same in SQL as in Rust.
 #[tokio::test]
-async fn the_block_list_is_the_same_in_sql_and_in_rust() {
-    let dir = tempfile::tempdir().unwrap();
-    let sink = DuckDbSink::open(&dir.path().join("w.duckdb")).unwrap();
+async fn the_block_list_is_the_same_in_sql_and_in_rust_duckdb() {
+    the_block_list_is_the_same_in_sql_and_in_rust(&Target::duckdb()).await;
+}
+
+async fn the_block_list_is_the_same_in_sql_and_in_rust(t: &Target) {
+    let sink = t.open().await;
+    let sink = &*sink;
     let list = collector_core::identity::BlockList::new(["test-user"]);
     let cfg = IdentityConfig {
         block: vec!["test-user".into()],
@@ -543,11 +596,11 @@ async fn the_block_list_is_the_same_in_sql_and_in_rust() {
         .enumerate()
         .map(|(i, v)| json!({"type": "track", "messageId": format!("k{i}"), "anonymousId": format!("anon{i}"), "userId": v, "event": "E"}))
         .collect();
-    load(&sink, 1, Value::Array(batch)).await;
-    resolve(&sink, &cfg).await;
+    load(sink, 1, Value::Array(batch)).await;
+    resolve(sink, &cfg).await;
     for (i, v) in values.iter().enumerate() {
         let status = rows(
-            &sink,
+            sink,
             &format!("SELECT e.status FROM tracks t LEFT JOIN identity_edges e ON e.message_id = t.message_id WHERE t.message_id = 'k{i}'"),
         )
         .await;
@@ -675,6 +728,14 @@ mod audiences_duckdb {
             tempfile::tempdir().unwrap(),
         ))
         .await;
+    }
+}
+
+mod audiences_clickhouse {
+    #[tokio::test]
+    async fn seed_audiences_enter_and_exit_on_time() {
+        super::audiences::seed_audiences_enter_and_exit_on_time(&super::Target::clickhouse())
+            .await;
     }
 }
 

@@ -7,13 +7,13 @@ use std::time::Duration;
 use collector_core::timestamp::format_ms;
 
 use super::config::{Audience, Definition, EventRef, EventRule};
-use crate::sinks::{sql_lit, Dialect, SinkError, SqlSession};
+use crate::sinks::{sql_lit, Dialect, Relational, SinkError, SqlSession};
 
-/// `audience_membership` (a migration of each SQL sink).
-pub fn ddl(d: Dialect) -> String {
+/// `audience_membership` (a migration of DuckDB and PostgreSQL; ClickHouse has its own).
+pub fn ddl(d: Relational) -> String {
     let (t, ts) = match d {
-        Dialect::DuckDb => ("VARCHAR", "TIMESTAMP"),
-        Dialect::Postgres => ("text", "timestamptz"),
+        Relational::DuckDb => ("VARCHAR", "TIMESTAMP"),
+        Relational::Postgres => ("text", "timestamptz"),
     };
     format!(
         "CREATE TABLE audience_membership (audience {t} NOT NULL, person_id {t} NOT NULL, entered_at {ts} NOT NULL, exited_at {ts}, PRIMARY KEY (audience, person_id, entered_at));\n"
@@ -30,6 +30,16 @@ fn at(d: Dialect, ms: i64) -> String {
     match d {
         Dialect::DuckDb => format!("CAST('{text}' AS TIMESTAMP)"),
         Dialect::Postgres => format!("CAST('{text}+00' AS timestamptz)"),
+        // Whole seconds, as ClickHouse 18.16 stores instants; a number has no time zone.
+        Dialect::ClickHouse => format!("toDateTime({})", ms.div_euclid(1000)),
+    }
+}
+
+/// `e` plus `secs` seconds.
+fn plus_seconds(d: Dialect, e: &str, secs: u64) -> String {
+    match d {
+        Dialect::DuckDb | Dialect::Postgres => format!("{e} + INTERVAL '{secs} seconds'"),
+        Dialect::ClickHouse => format!("{e} + INTERVAL {secs} SECOND"),
     }
 }
 
@@ -53,6 +63,20 @@ fn json_text(d: Dialect, col: &str, path: &[&str]) -> String {
                 init.iter()
                     .map(|k| format!("->{}", sql_lit(k)))
                     .collect::<String>(),
+                sql_lit(last)
+            )
+        }
+        // ClickHouse 18.16 has no JSON paths, only `visitParam*`, which finds the first
+        // occurrence of a key at any depth: exact for flat objects (properties as
+        // sent, and the traits and consent the agent writes).
+        Dialect::ClickHouse => {
+            let (last, init) = path.split_last().expect("a path");
+            let obj = init.iter().fold(col.to_string(), |o, k| {
+                format!("visitParamExtractRaw({o}, {})", sql_lit(k))
+            });
+            let raw = format!("visitParamExtractRaw({obj}, {})", sql_lit(last));
+            format!(
+                "if(substring({raw}, 1, 1) = '\"', visitParamExtractString({obj}, {}), {raw})",
                 sql_lit(last)
             )
         }
@@ -87,9 +111,10 @@ fn person_events(d: Dialect, r: &EventRule) -> String {
     let src =
         format!("SELECT message_id, anonymous_id, user_id, timestamp AS ts FROM {table}{filter}");
     format!(
-        "SELECT i.person_id, e.message_id, e.ts FROM ({src}) e JOIN identities i ON i.id_type = 'anonymous_id' AND i.id_value = e.anonymous_id
-         UNION
-         SELECT i.person_id, e.message_id, e.ts FROM ({src}) e JOIN identities i ON i.id_type = 'user_id' AND i.id_value = e.user_id"
+        "SELECT DISTINCT person_id, message_id, ts FROM (
+           SELECT i.person_id, e.message_id, e.ts FROM ({src}) e JOIN (SELECT id_value, person_id FROM identities WHERE id_type = 'anonymous_id') i ON i.id_value = e.anonymous_id
+           UNION ALL
+           SELECT i.person_id, e.message_id, e.ts FROM ({src}) e JOIN (SELECT id_value, person_id FROM identities WHERE id_type = 'user_id') i ON i.id_value = e.user_id) u"
     )
 }
 
@@ -137,33 +162,30 @@ pub fn members_sql(a: &Audience, d: Dialect, now_ms: i64) -> String {
             if let Some(o) = perf.older_than {
                 having.push(format!("max(ts) <= {}", at(d, now_ms - ms(o))));
             }
-            let mut sql = format!(
-                "WITH perf AS (SELECT person_id, max(ts) AS last_ts FROM ({}) x WHERE {} GROUP BY person_id HAVING {})",
+            // Subqueries, not `WITH`: ClickHouse 18.16 has no common table expressions.
+            let perf_sql = format!(
+                "SELECT person_id, max(ts) AS last_ts FROM ({}) x WHERE {} GROUP BY person_id HAVING {}",
                 person_events(d, perf),
                 window.join(" AND "),
                 having.join(" AND ")
             );
             if let Some(y) = not_performed_after {
-                let mut after = vec![
-                    "y.person_id = perf.person_id".to_string(),
-                    "y.ts > perf.last_ts".to_string(),
-                    format!("y.ts <= {now}"),
-                ];
+                let mut after = vec!["y.ts > p2.last_ts".to_string(), format!("y.ts <= {now}")];
                 if let Some(w) = y.within {
                     after.push(format!(
-                        "y.ts <= perf.last_ts + INTERVAL '{} seconds'",
-                        w.as_secs()
+                        "y.ts <= {}",
+                        plus_seconds(d, "p2.last_ts", w.as_secs())
                     ));
                 }
-                sql.push_str(&format!(", done AS ({}) ", person_events(d, y)));
                 conds.push(format!(
-                    "NOT EXISTS (SELECT 1 FROM done y WHERE {})",
+                    "p.person_id NOT IN (SELECT y.person_id FROM ({}) y JOIN ({perf_sql}) p2 ON y.person_id = p2.person_id WHERE {})",
+                    person_events(d, y),
                     after.join(" AND ")
                 ));
             }
-            conds.insert(0, "TRUE".into());
+            conds.insert(0, "1 = 1".into());
             format!(
-                "{sql} SELECT p.person_id FROM profiles p JOIN perf ON perf.person_id = p.person_id WHERE {}",
+                "SELECT p.person_id FROM profiles p JOIN ({perf_sql}) perf ON perf.person_id = p.person_id WHERE {}",
                 conds.join(" AND ")
             )
         }
@@ -186,6 +208,17 @@ pub async fn evaluate(
     audiences: &[Audience],
     now_ms: i64,
 ) -> Result<Vec<Evaluation>, SinkError> {
+    if s.dialect() == Dialect::ClickHouse {
+        let mut out = Vec::new();
+        for a in audiences {
+            out.push(
+                evaluate_clickhouse(s, a, now_ms)
+                    .await
+                    .map_err(|e| SinkError::Permanent(format!("audience {}: {e}", a.name)))?,
+            );
+        }
+        return Ok(out);
+    }
     s.batch("BEGIN").await?;
     let mut out = Vec::new();
     for a in audiences {
@@ -236,6 +269,57 @@ async fn evaluate_one(
         .first()
         .and_then(|r| r[0].as_deref().and_then(|n| n.parse().ok()))
         .unwrap_or(0);
+    Ok(Evaluation {
+        audience: a.name.clone(),
+        members,
+        entered,
+        exited,
+    })
+}
+
+/// One audience in ClickHouse, which has no transactions and no `UPDATE`: an exit is a
+/// new version of the stay (`collector_audience_membership`, read through the `FINAL`
+/// view `audience_membership`). Interrupted between its two inserts, the next
+/// evaluation finishes the job: both inserts only add what is still missing.
+async fn evaluate_clickhouse(
+    s: &mut dyn SqlSession,
+    a: &Audience,
+    now_ms: i64,
+) -> Result<Evaluation, SinkError> {
+    let d = Dialect::ClickHouse;
+    let now = at(d, now_ms);
+    let name = sql_lit(&a.name);
+    let version = crate::sinks::clickhouse::version_now();
+    s.batch(&format!(
+        "DROP TEMPORARY TABLE IF EXISTS audience_now;
+         CREATE TEMPORARY TABLE audience_now (person_id String) ENGINE = Memory;
+         INSERT INTO audience_now SELECT DISTINCT person_id FROM ({})",
+        members_sql(a, d, now_ms)
+    ))
+    .await?;
+    let count = |r: crate::sinks::QueryResult| -> u64 {
+        r.rows
+            .first()
+            .and_then(|r| r[0].as_deref().and_then(|n| n.parse().ok()))
+            .unwrap_or(0)
+    };
+    let open = format!(
+        "SELECT person_id FROM audience_membership WHERE audience = {name} AND exited_at IS NULL"
+    );
+    let entering = format!("FROM audience_now WHERE person_id NOT IN ({open})");
+    let leaving = format!(
+        "FROM audience_membership WHERE audience = {name} AND exited_at IS NULL AND person_id NOT IN (SELECT person_id FROM audience_now)"
+    );
+    let entered = count(s.query(&format!("SELECT count() {entering}")).await?);
+    let exited = count(s.query(&format!("SELECT count() {leaving}")).await?);
+    s.batch(&format!(
+        "INSERT INTO collector_audience_membership (audience, person_id, entered_at, exited_at, _version)
+         SELECT audience, person_id, entered_at, {now}, {version} {leaving};
+         INSERT INTO collector_audience_membership (audience, person_id, entered_at, exited_at, _version)
+         SELECT {name}, person_id, {now}, CAST(NULL AS Nullable(DateTime)), {version} {entering}"
+    ))
+    .await?;
+    let members = count(s.query("SELECT count() FROM audience_now").await?);
     Ok(Evaluation {
         audience: a.name.clone(),
         members,

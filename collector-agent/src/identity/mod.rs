@@ -26,6 +26,7 @@
 //! `identity_dirty`) or a late event takes precedence; the next run resolves that part
 //! of the graph again and logs each id that left as a `split` in `identity_merges`.
 
+mod clickhouse;
 pub mod config;
 pub mod profile;
 pub mod resolve;

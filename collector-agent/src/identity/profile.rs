@@ -60,7 +60,8 @@ where
         ("tracks", "track", "event_text"),
         ("pages", "page", "name"),
         ("screens", "screen", "name"),
-        ("identifies", "identify", "CAST(NULL AS VARCHAR)"),
+        // A NULL text every dialect reads (ClickHouse cannot CAST NULL to VARCHAR).
+        ("identifies", "identify", "NULLIF('', '')"),
         ("groups", "group", "group_id"),
         ("aliases", "alias", "previous_id"),
     ];

@@ -24,7 +24,7 @@ use collector_core::EventKind;
 
 use super::config::IdentityConfig;
 use super::resolve::{resolve, Edge, Id, Verdict};
-use crate::sinks::{sql_lit, Dialect, SinkError, SqlSession};
+use crate::sinks::{sql_lit, Relational, SinkError, SqlSession};
 
 /// What one run did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -45,51 +45,51 @@ pub struct IdentityStats {
 }
 
 /// The SQL of one dialect.
-struct Sql(Dialect);
+struct Sql(Relational);
 
 impl Sql {
     fn text(&self) -> &'static str {
         match self.0 {
-            Dialect::DuckDb => "VARCHAR",
-            Dialect::Postgres => "text",
+            Relational::DuckDb => "VARCHAR",
+            Relational::Postgres => "text",
         }
     }
     fn ts(&self) -> &'static str {
         match self.0 {
-            Dialect::DuckDb => "TIMESTAMP",
-            Dialect::Postgres => "timestamptz",
+            Relational::DuckDb => "TIMESTAMP",
+            Relational::Postgres => "timestamptz",
         }
     }
     fn json(&self) -> &'static str {
         match self.0 {
-            Dialect::DuckDb => "JSON",
-            Dialect::Postgres => "jsonb",
+            Relational::DuckDb => "JSON",
+            Relational::Postgres => "jsonb",
         }
     }
     fn now(&self) -> &'static str {
         match self.0 {
-            Dialect::DuckDb => "now()::TIMESTAMP",
-            Dialect::Postgres => "now()",
+            Relational::DuckDb => "now()::TIMESTAMP",
+            Relational::Postgres => "now()",
         }
     }
     /// A text field of a JSON column.
     fn json_text(&self, col: &str, key: &str) -> String {
         match self.0 {
-            Dialect::DuckDb => format!("json_extract_string({col}, '$.\"{key}\"')"),
-            Dialect::Postgres => format!("({col}->>'{key}')"),
+            Relational::DuckDb => format!("json_extract_string({col}, '$.\"{key}\"')"),
+            Relational::Postgres => format!("({col}->>'{key}')"),
         }
     }
     /// A JSON path (object keys) of a JSON column, as JSON.
     fn json_path(&self, col: &str, keys: &[&str]) -> String {
         match self.0 {
-            Dialect::DuckDb => format!(
+            Relational::DuckDb => format!(
                 "json_extract({col}, '$.{}')",
                 keys.iter()
                     .map(|k| format!("\"{k}\""))
                     .collect::<Vec<_>>()
                     .join(".")
             ),
-            Dialect::Postgres => format!(
+            Relational::Postgres => format!(
                 "({col}{})",
                 keys.iter().map(|k| format!("->'{k}'")).collect::<String>()
             ),
@@ -98,26 +98,26 @@ impl Sql {
     /// Instants rendered the same in every dialect.
     fn ts_text(&self, e: &str) -> String {
         match self.0 {
-            Dialect::DuckDb => format!("strftime({e}, '%Y-%m-%dT%H:%M:%S.%gZ')"),
-            Dialect::Postgres => {
+            Relational::DuckDb => format!("strftime({e}, '%Y-%m-%dT%H:%M:%S.%gZ')"),
+            Relational::Postgres => {
                 format!("to_char({e} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
             }
         }
     }
     fn text_array_agg(&self, e: &str, filter: &str) -> String {
         match self.0 {
-            Dialect::DuckDb => format!(
+            Relational::DuckDb => format!(
                 "COALESCE(to_json(list({e} ORDER BY {e}) FILTER (WHERE {filter})), '[]'::JSON)"
             ),
-            Dialect::Postgres => format!(
+            Relational::Postgres => format!(
                 "COALESCE(jsonb_agg({e} ORDER BY {e}) FILTER (WHERE {filter}), '[]'::jsonb)"
             ),
         }
     }
     fn object_agg(&self, k: &str, v: &str) -> String {
         match self.0 {
-            Dialect::DuckDb => format!("json_group_object({k}, {v})"),
-            Dialect::Postgres => format!("jsonb_object_agg({k}, {v})"),
+            Relational::DuckDb => format!("json_group_object({k}, {v})"),
+            Relational::Postgres => format!("jsonb_object_agg({k}, {v})"),
         }
     }
     fn build_object(&self, pairs: &[(&str, String)]) -> String {
@@ -127,33 +127,33 @@ impl Sql {
             .collect::<Vec<_>>()
             .join(", ");
         match self.0 {
-            Dialect::DuckDb => format!("json_object({args})"),
-            Dialect::Postgres => format!("jsonb_build_object({args})"),
+            Relational::DuckDb => format!("json_object({args})"),
+            Relational::Postgres => format!("jsonb_build_object({args})"),
         }
     }
     fn json_each(&self, col: &str) -> String {
         match self.0 {
-            Dialect::DuckDb => format!("json_each({col})"),
-            Dialect::Postgres => format!("jsonb_each({col})"),
+            Relational::DuckDb => format!("json_each({col})"),
+            Relational::Postgres => format!("jsonb_each({col})"),
         }
     }
     /// The elements of a JSON array of strings, one row each (in a select list).
     fn unnest_text(&self, json: &str) -> String {
         match self.0 {
-            Dialect::DuckDb => format!("unnest(CAST({json} AS VARCHAR[]))"),
-            Dialect::Postgres => format!("jsonb_array_elements_text({json})"),
+            Relational::DuckDb => format!("unnest(CAST({json} AS VARCHAR[]))"),
+            Relational::Postgres => format!("jsonb_array_elements_text({json})"),
         }
     }
     fn empty_object(&self) -> &'static str {
         match self.0 {
-            Dialect::DuckDb => "'{}'::JSON",
-            Dialect::Postgres => "'{}'::jsonb",
+            Relational::DuckDb => "'{}'::JSON",
+            Relational::Postgres => "'{}'::jsonb",
         }
     }
     fn all_digits_0_dash(&self, e: &str) -> String {
         match self.0 {
-            Dialect::DuckDb => format!("regexp_full_match({e}, '[0-]+')"),
-            Dialect::Postgres => format!("({e} ~ '^[0-]+$')"),
+            Relational::DuckDb => format!("regexp_full_match({e}, '[0-]+')"),
+            Relational::Postgres => format!("({e} ~ '^[0-]+$')"),
         }
     }
 
@@ -170,7 +170,7 @@ impl Sql {
 }
 
 /// The tables identity keeps (a migration of each SQL sink).
-pub fn ddl(d: Dialect) -> String {
+pub fn ddl(d: Relational) -> String {
     let s = Sql(d);
     let (t, ts, j) = (s.text(), s.ts(), s.json());
     let mut sql = format!(
@@ -181,7 +181,7 @@ CREATE TABLE profiles (person_id {t} PRIMARY KEY, user_ids {j} NOT NULL, anonymo
 CREATE TABLE collector_identity_state (name {t} PRIMARY KEY, value {ts} NOT NULL);
 "
     );
-    if d == Dialect::Postgres {
+    if d == Relational::Postgres {
         sql.push_str(
             "CREATE INDEX identities_person ON identities (person_id);
 CREATE INDEX identity_edges_b ON identity_edges (b_type, b_value);
@@ -194,7 +194,7 @@ CREATE INDEX identity_edges_status ON identity_edges (status);
 
 /// `identity_dirty` (a later migration): ids to resolve again at the next run although
 /// no new edge touches them, e.g. after an erasure removed some of their edges.
-pub fn ddl_dirty(d: Dialect) -> String {
+pub fn ddl_dirty(d: Relational) -> String {
     let t = Sql(d).text();
     format!(
         "CREATE TABLE identity_dirty (id_type {t} NOT NULL, id_value {t} NOT NULL, reason {t}, PRIMARY KEY (id_type, id_value));\n"
@@ -204,7 +204,7 @@ pub fn ddl_dirty(d: Dialect) -> String {
 /// `identity_pending` (a later migration): the loads an identity run has not read yet.
 /// An upgraded warehouse reads once everything since its old time watermark (or
 /// everything, when identity never ran on it).
-pub fn ddl_pending(d: Dialect) -> String {
+pub fn ddl_pending(d: Relational) -> String {
     let ts = Sql(d).ts();
     format!(
         "CREATE TABLE identity_pending (load_id BIGINT PRIMARY KEY);
@@ -229,8 +229,11 @@ pub fn person_id(id: &Id) -> String {
 
 /// Runs identity resolution once, in one transaction (rolled back on error).
 pub async fn run(s: &mut dyn SqlSession, cfg: &IdentityConfig) -> Result<IdentityStats, SinkError> {
+    let Some(rel) = s.dialect().relational() else {
+        return super::clickhouse::run(s, cfg).await;
+    };
     s.batch("BEGIN").await?;
-    match run_in_tx(s, cfg).await {
+    match run_in_tx(s, rel, cfg).await {
         Ok(stats) => {
             s.batch("COMMIT").await?;
             Ok(stats)
@@ -244,12 +247,13 @@ pub async fn run(s: &mut dyn SqlSession, cfg: &IdentityConfig) -> Result<Identit
 
 async fn run_in_tx(
     s: &mut dyn SqlSession,
+    rel: Relational,
     cfg: &IdentityConfig,
 ) -> Result<IdentityStats, SinkError> {
-    let q = Sql(s.dialect());
+    let q = Sql(rel);
     let list = BlockList::new(&cfg.block);
     let mut stats = IdentityStats::default();
-    if q.0 == Dialect::Postgres {
+    if q.0 == Relational::Postgres {
         // One identity run at a time across the agents sharing the database.
         s.query("SELECT pg_advisory_xact_lock(7415202612)").await?;
     }
@@ -400,6 +404,88 @@ async fn run_in_tx(
              WHERE e.status <> 'blocked'",
         )
         .await?;
+    let Plan {
+        verdict_rows,
+        people_rows,
+        touched,
+        log_rows,
+    } = plan(&ids, &edges, cfg, &mut stats);
+    s.batch(&format!(
+        "DROP TABLE IF EXISTS identity_verdicts;
+         CREATE TEMP TABLE identity_verdicts (a_type {t}, a_value {t}, b_type {t}, b_value {t}, status {t}, reason {t});
+         DROP TABLE IF EXISTS identity_people;
+         CREATE TEMP TABLE identity_people (id_type {t}, id_value {t}, person_id {t});
+         DROP TABLE IF EXISTS identity_touched;
+         CREATE TEMP TABLE identity_touched (person_id {t});
+         DROP TABLE IF EXISTS identity_log;
+         CREATE TEMP TABLE identity_log (message_id {t}, a_type {t}, a_value {t}, b_type {t}, b_value {t}, kind {t}, from_person {t}, into_person {t}, reason {t});"
+    ))
+    .await?;
+    s.insert("identity_verdicts", verdict_rows).await?;
+    s.insert("identity_people", people_rows).await?;
+    s.insert(
+        "identity_touched",
+        touched.into_iter().map(|p| vec![Some(p)]).collect(),
+    )
+    .await?;
+    s.insert("identity_log", log_rows).await?;
+    s.execute(
+        "UPDATE identity_edges SET status = v.status, reason = v.reason FROM identity_verdicts v
+         WHERE identity_edges.a_type = v.a_type AND identity_edges.a_value = v.a_value
+           AND identity_edges.b_type = v.b_type AND identity_edges.b_value = v.b_value",
+    )
+    .await?;
+    s.execute(
+        "UPDATE identities SET person_id = p.person_id FROM identity_people p
+         WHERE identities.id_type = p.id_type AND identities.id_value = p.id_value",
+    )
+    .await?;
+    s.execute(&format!(
+        "INSERT INTO identity_merges (message_id, a_type, a_value, b_type, b_value, kind, from_person, into_person, reason, merged_at)
+         SELECT *, {now} FROM identity_log ON CONFLICT DO NOTHING"
+    ))
+    .await?;
+    s.execute("DELETE FROM identity_dirty").await?;
+
+    // 5. Profiles of everyone touched: the people of the ids just scanned, and those
+    //    that merged or changed.
+    s.execute(
+        "INSERT INTO identity_touched SELECT DISTINCT i.person_id FROM identities i
+         JOIN identity_scan_ids n ON i.id_type = n.id_type AND i.id_value = n.id_value",
+    )
+    .await?;
+    s.execute("DELETE FROM profiles WHERE person_id IN (SELECT person_id FROM identity_touched)")
+        .await?;
+    stats.profiles = s.execute(&profiles_sql(&q)).await?;
+    // The loads read are done; a load that committed meanwhile stays pending.
+    s.batch(
+        "DELETE FROM identity_pending WHERE load_id IN (SELECT load_id FROM identity_loads);
+         DELETE FROM collector_identity_state WHERE name = 'scan_from';",
+    )
+    .await?;
+    Ok(stats)
+}
+
+/// What one run writes, decided in Rust from the region's ids and edges.
+pub(super) struct Plan {
+    /// `(a_type, a_value, b_type, b_value, status, reason)` of edges whose verdict changed.
+    pub verdict_rows: Vec<Vec<Option<String>>>,
+    /// `(id_type, id_value, person_id)` of ids whose person changed.
+    pub people_rows: Vec<Vec<Option<String>>>,
+    /// People whose profile must be computed again.
+    pub touched: HashSet<String>,
+    /// `identity_merges` rows (without `merged_at`).
+    pub log_rows: Vec<Vec<Option<String>>>,
+}
+
+/// Resolves a region: `ids` are `(id_type, id_value, person_id or NULL)`, `edges`
+/// `(a_type, a_value, b_type, b_value, message_id, ts, status, reason)`.
+pub(super) fn plan(
+    ids: &crate::sinks::QueryResult,
+    edges: &crate::sinks::QueryResult,
+    cfg: &IdentityConfig,
+    stats: &mut IdentityStats,
+) -> Plan {
     let text = |v: &Option<String>| v.clone().unwrap_or_default();
     let region: Vec<Id> = ids
         .rows
@@ -511,60 +597,12 @@ async fn run_in_tx(
             log_rows.push(row);
         }
     }
-    s.batch(&format!(
-        "DROP TABLE IF EXISTS identity_verdicts;
-         CREATE TEMP TABLE identity_verdicts (a_type {t}, a_value {t}, b_type {t}, b_value {t}, status {t}, reason {t});
-         DROP TABLE IF EXISTS identity_people;
-         CREATE TEMP TABLE identity_people (id_type {t}, id_value {t}, person_id {t});
-         DROP TABLE IF EXISTS identity_touched;
-         CREATE TEMP TABLE identity_touched (person_id {t});
-         DROP TABLE IF EXISTS identity_log;
-         CREATE TEMP TABLE identity_log (message_id {t}, a_type {t}, a_value {t}, b_type {t}, b_value {t}, kind {t}, from_person {t}, into_person {t}, reason {t});"
-    ))
-    .await?;
-    s.insert("identity_verdicts", verdict_rows).await?;
-    s.insert("identity_people", people_rows).await?;
-    s.insert(
-        "identity_touched",
-        touched.into_iter().map(|p| vec![Some(p)]).collect(),
-    )
-    .await?;
-    s.insert("identity_log", log_rows).await?;
-    s.execute(
-        "UPDATE identity_edges SET status = v.status, reason = v.reason FROM identity_verdicts v
-         WHERE identity_edges.a_type = v.a_type AND identity_edges.a_value = v.a_value
-           AND identity_edges.b_type = v.b_type AND identity_edges.b_value = v.b_value",
-    )
-    .await?;
-    s.execute(
-        "UPDATE identities SET person_id = p.person_id FROM identity_people p
-         WHERE identities.id_type = p.id_type AND identities.id_value = p.id_value",
-    )
-    .await?;
-    s.execute(&format!(
-        "INSERT INTO identity_merges (message_id, a_type, a_value, b_type, b_value, kind, from_person, into_person, reason, merged_at)
-         SELECT *, {now} FROM identity_log ON CONFLICT DO NOTHING"
-    ))
-    .await?;
-    s.execute("DELETE FROM identity_dirty").await?;
-
-    // 5. Profiles of everyone touched: the people of the ids just scanned, and those
-    //    that merged or changed.
-    s.execute(
-        "INSERT INTO identity_touched SELECT DISTINCT i.person_id FROM identities i
-         JOIN identity_scan_ids n ON i.id_type = n.id_type AND i.id_value = n.id_value",
-    )
-    .await?;
-    s.execute("DELETE FROM profiles WHERE person_id IN (SELECT person_id FROM identity_touched)")
-        .await?;
-    stats.profiles = s.execute(&profiles_sql(&q)).await?;
-    // The loads read are done; a load that committed meanwhile stays pending.
-    s.batch(
-        "DELETE FROM identity_pending WHERE load_id IN (SELECT load_id FROM identity_loads);
-         DELETE FROM collector_identity_state WHERE name = 'scan_from';",
-    )
-    .await?;
-    Ok(stats)
+    Plan {
+        verdict_rows,
+        people_rows,
+        touched,
+        log_rows,
+    }
 }
 
 /// `INSERT INTO profiles` for the people in `identity_touched`.
@@ -585,8 +623,8 @@ fn profiles_sql(q: &Sql) -> String {
         .join(" UNION ALL ");
     let resolved = q.json_path("context", &["consent", "resolved"]);
     let source = match q.0 {
-        Dialect::DuckDb => "json_extract_string(r, '$.sources.\"' || category || '\"')".to_string(),
-        Dialect::Postgres => "(r->'sources'->>category)".to_string(),
+        Relational::DuckDb => "json_extract_string(r, '$.sources.\"' || category || '\"')".to_string(),
+        Relational::Postgres => "(r->'sources'->>category)".to_string(),
     };
     let consent_entry = q.build_object(&[
         ("granted", "granted".into()),

@@ -181,6 +181,27 @@ pub trait Sink: Send + Sync {
 pub enum Dialect {
     DuckDb,
     Postgres,
+    /// ClickHouse (18.16 and later): no transactions, no `UPDATE`, versioned rows
+    /// behind `FINAL` views; identity and audiences have their own steps there.
+    ClickHouse,
+}
+
+/// The dialects with transactions, `UPDATE … FROM` and `ON CONFLICT`, where identity
+/// and audiences share one SQL text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relational {
+    DuckDb,
+    Postgres,
+}
+
+impl Dialect {
+    pub fn relational(self) -> Option<Relational> {
+        match self {
+            Dialect::DuckDb => Some(Relational::DuckDb),
+            Dialect::Postgres => Some(Relational::Postgres),
+            Dialect::ClickHouse => None,
+        }
+    }
 }
 
 /// One connection to the warehouse, used by one job at a time; the job opens and
@@ -206,7 +227,7 @@ pub trait SqlSession: Send {
 /// The migrations every SQL warehouse (DuckDB, PostgreSQL) applies after its own first
 /// three, in its dialect (`text`: its text type): one list, so versions and names stay
 /// the same in both.
-pub(crate) fn sql_migrations(d: Dialect, text: &str) -> Vec<(i32, &'static str, String)> {
+pub(crate) fn sql_migrations(d: Relational, text: &str) -> Vec<(i32, &'static str, String)> {
     vec![
         (
             4,

@@ -46,6 +46,7 @@ pub enum Target {
     DuckDb(tempfile::TempDir),
     Postgres(collector_e2e::postgres::LocalPostgres),
     Parquet(tempfile::TempDir),
+    ClickHouse(collector_e2e::clickhouse::LocalClickHouse),
 }
 
 impl Target {
@@ -60,6 +61,12 @@ impl Target {
     pub fn postgres() -> Target {
         Target::Postgres(
             collector_e2e::postgres::LocalPostgres::start().expect("PostgreSQL starts"),
+        )
+    }
+
+    pub fn clickhouse() -> Target {
+        Target::ClickHouse(
+            collector_e2e::clickhouse::LocalClickHouse::start().expect("ClickHouse starts"),
         )
     }
 
@@ -79,6 +86,19 @@ impl Target {
                         url: pg.url.clone(),
                         password_env: None,
                         schema: "analytics".into(),
+                        timeout_ms: 30_000,
+                    },
+                )
+                .await
+                .unwrap(),
+            ),
+            Target::ClickHouse(ch) => std::sync::Arc::new(
+                collector_agent::sinks::clickhouse::ClickHouseSink::connect(
+                    &collector_agent::config::ClickHouseConfig {
+                        url: ch.url.clone(),
+                        database: "analytics".into(),
+                        user: "default".into(),
+                        password_env: None,
                         timeout_ms: 30_000,
                     },
                 )

@@ -40,3 +40,22 @@ pub mod config;
 mod sink;
 
 pub use sink::ClickHouseSink;
+
+/// A `_version` for rows the agent rewrites (identity, profiles, audience stays):
+/// microseconds since the epoch, strictly increasing within the process, so the
+/// newest write of a row is the one `FINAL` keeps.
+pub fn version_now() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    let mut last = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(last + 1);
+        match LAST.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => last = seen,
+        }
+    }
+}

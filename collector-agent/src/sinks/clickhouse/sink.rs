@@ -14,7 +14,7 @@ use tokio::sync::Mutex;
 use super::config::ClickHouseConfig;
 use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
 use crate::sinks::tables::{self, Catalog, Cell, TableKind, TableLoad};
-use crate::sinks::{LoadStats, QueryResult, Sink, SinkError};
+use crate::sinks::{Dialect, LoadStats, QueryResult, Sink, SinkError, SqlSession};
 
 /// ClickHouse error codes that mean "this data can never be inserted as is".
 const DATA_ERRORS: &[u32] = &[6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117, 130, 131];
@@ -98,12 +98,27 @@ impl ClickHouseSink {
         sql: &str,
         data: Option<String>,
     ) -> Result<String, SinkError> {
+        self.request_in(None, database, sql, data).await
+    }
+
+    /// [`Self::request`] in an HTTP session (`session_id`), whose temporary tables
+    /// outlive one request.
+    async fn request_in(
+        &self,
+        session: Option<&str>,
+        database: Option<&str>,
+        sql: &str,
+        data: Option<String>,
+    ) -> Result<String, SinkError> {
         let mut params: Vec<(&str, String)> = vec![("user", self.cfg.user.clone())];
         if let Some(p) = self.cfg.password() {
             params.push(("password", p));
         }
         if let Some(db) = database {
             params.push(("database", db.to_string()));
+        }
+        if let Some(id) = session {
+            params.push(("session_id", id.to_string()));
         }
         let req = self.http.post(&self.cfg.url);
         let req = match data {
@@ -177,8 +192,23 @@ impl ClickHouseSink {
         &self,
         sql: &str,
     ) -> Result<(Vec<(String, String)>, Vec<Vec<Value>>), SinkError> {
+        self.select_in(None, sql).await
+    }
+
+    async fn select_in(
+        &self,
+        session: Option<&str>,
+        sql: &str,
+    ) -> Result<(Vec<(String, String)>, Vec<Vec<Value>>), SinkError> {
         let sql = sql.trim().trim_end_matches(';');
-        let text = self.exec(&format!("{sql} FORMAT JSONCompact")).await?;
+        let text = self
+            .request_in(
+                session,
+                Some(&self.cfg.database.clone()),
+                &format!("{sql} FORMAT JSONCompact"),
+                None,
+            )
+            .await?;
         if text.trim().is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
@@ -346,6 +376,48 @@ impl ClickHouseSink {
                 .await?;
             tracing::info!(version = 4, "warehouse migrated");
         }
+        if !has(5) {
+            self.migrate_people().await?;
+        }
+        Ok(())
+    }
+
+    /// Identity, profiles and audiences (version 5): the tables DuckDB and PostgreSQL
+    /// have, as versioned `ReplacingMergeTree` rows behind `FINAL` views of the same
+    /// names. A rewrite of a row is a new version; a row that goes away (a profile
+    /// merged into another) is a version with `deleted = 1`, which the view hides.
+    async fn migrate_people(&self) -> Result<(), SinkError> {
+        let ddl = [
+            "CREATE TABLE IF NOT EXISTS collector_identity_edges (a_type String, a_value String, b_type String, b_value String, message_id String, ts DateTime, status String, reason Nullable(String), `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY (a_type, a_value, b_type, b_value)",
+            "CREATE TABLE IF NOT EXISTS collector_identities (id_type String, id_value String, person_id String, first_seen DateTime, `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY (id_type, id_value)",
+            "CREATE TABLE IF NOT EXISTS collector_identity_merges (message_id String, a_type String, a_value String, b_type String, b_value String, kind String, from_person Nullable(String), into_person Nullable(String), reason Nullable(String), merged_at DateTime) ENGINE = ReplacingMergeTree() ORDER BY (message_id, a_type, a_value, b_type, b_value, kind)",
+            "CREATE TABLE IF NOT EXISTS collector_profiles (person_id String, user_ids String, anonymous_ids String, emails String, first_seen Nullable(DateTime), last_seen Nullable(DateTime), event_count UInt64, traits String, consent String, updated_at DateTime, deleted UInt8, `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY person_id",
+            "CREATE TABLE IF NOT EXISTS collector_identity_dirty (id_type String, id_value String, reason Nullable(String), resolved UInt8, `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY (id_type, id_value)",
+            "CREATE TABLE IF NOT EXISTS collector_identity_read (load_id UInt64, read_at DateTime) ENGINE = ReplacingMergeTree() ORDER BY load_id",
+            "CREATE TABLE IF NOT EXISTS collector_audience_membership (audience String, person_id String, entered_at DateTime, exited_at Nullable(DateTime), `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY (audience, person_id, entered_at)",
+        ];
+        for sql in ddl {
+            self.exec(sql)
+                .await
+                .map_err(|e| SinkError::Transient(format!("ClickHouse schema: {e}")))?;
+        }
+        // A filter goes outside the `FINAL` subquery: ClickHouse may move a `WHERE`
+        // next to `FINAL` before rows are collapsed, which would bring back an old
+        // version whose newer one the filter drops.
+        for (view, select) in [
+            ("identity_edges", "SELECT a_type, a_value, b_type, b_value, message_id, ts, status, reason FROM collector_identity_edges FINAL"),
+            ("identities", "SELECT id_type, id_value, person_id, first_seen FROM collector_identities FINAL"),
+            ("identity_merges", "SELECT message_id, a_type, a_value, b_type, b_value, kind, from_person, into_person, reason, merged_at FROM collector_identity_merges FINAL"),
+            ("profiles", "SELECT person_id, user_ids, anonymous_ids, emails, first_seen, last_seen, event_count, traits, consent, updated_at FROM (SELECT * FROM collector_profiles FINAL) WHERE deleted = 0"),
+            ("identity_dirty", "SELECT id_type, id_value, reason FROM (SELECT * FROM collector_identity_dirty FINAL) WHERE resolved = 0"),
+            ("identity_pending", "SELECT DISTINCT load_id FROM message_ids WHERE load_id NOT IN (SELECT load_id FROM collector_identity_read)"),
+            ("audience_membership", "SELECT audience, person_id, entered_at, exited_at FROM collector_audience_membership FINAL"),
+        ] {
+            self.replace_view(view, select).await?;
+        }
+        self.exec("INSERT INTO collector_migrations VALUES (5, 'identity graph, identities, identity_merges, profiles, identity_dirty, identity_pending, audience_membership', now())")
+            .await?;
+        tracing::info!(version = 5, "warehouse migrated");
         Ok(())
     }
 
@@ -943,7 +1015,21 @@ impl Sink for ClickHouseSink {
     }
 
     async fn query(&self, sql: &str) -> Result<QueryResult, SinkError> {
-        let (meta, rows) = self.select(sql).await.map_err(|e| match e {
+        self.query_in(None, sql).await
+    }
+
+    async fn session(&self) -> Result<Option<Box<dyn SqlSession + '_>>, SinkError> {
+        Ok(Some(Box::new(ChSession {
+            sink: self,
+            id: session_id(),
+        })))
+    }
+}
+
+impl ClickHouseSink {
+    /// Rows of a query rendered as text (instants RFC 3339 UTC), in a session or not.
+    async fn query_in(&self, session: Option<&str>, sql: &str) -> Result<QueryResult, SinkError> {
+        let (meta, rows) = self.select_in(session, sql).await.map_err(|e| match e {
             SinkError::Transient(m) if m.starts_with("Code: ") => SinkError::Permanent(m),
             other => other,
         })?;
@@ -959,6 +1045,130 @@ impl Sink for ClickHouseSink {
                 })
                 .collect(),
         })
+    }
+}
+
+/// A ClickHouse HTTP session: its temporary tables live as long as it is used (the
+/// server drops them after `session_timeout`, 60 s by default, of silence). ClickHouse
+/// has no transactions: `BEGIN`/`COMMIT` are not sent, and the jobs that use a session
+/// write only new versions of rows, so an interrupted job leaves nothing half-done that
+/// the next run does not redo.
+struct ChSession<'a> {
+    sink: &'a ClickHouseSink,
+    id: String,
+}
+
+/// An id no other session of this or another agent has.
+fn session_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "collector-{}-{}-{}",
+        std::process::id(),
+        now_ms(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// `sql` split into statements at the `;` outside quotes (ClickHouse takes one a request).
+fn statements(sql: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut quote) = (0, None::<char>);
+    let mut chars = sql.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        match (quote, c) {
+            (Some(_), '\\') => {
+                chars.next();
+            }
+            (Some(q), c) if c == q => quote = None,
+            (None, '\'' | '"' | '`') => quote = Some(c),
+            (None, ';') => {
+                out.push(&sql[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&sql[start..]);
+    out.into_iter().filter(|s| !s.trim().is_empty()).collect()
+}
+
+/// A text value in `TabSeparated` (`\N` is NULL).
+fn tsv_field(v: &Option<String>, out: &mut String) {
+    match v {
+        None => out.push_str("\\N"),
+        Some(t) => {
+            for c in t.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '\t' => out.push_str("\\t"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    c => out.push(c),
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl SqlSession for ChSession<'_> {
+    fn dialect(&self) -> Dialect {
+        Dialect::ClickHouse
+    }
+
+    /// ClickHouse does not say how many rows a statement changed: always 0.
+    async fn execute(&mut self, sql: &str) -> Result<u64, SinkError> {
+        self.batch(sql).await.map(|()| 0)
+    }
+
+    async fn batch(&mut self, sql: &str) -> Result<(), SinkError> {
+        let db = self.sink.cfg.database.clone();
+        for st in statements(sql) {
+            let st = st.trim();
+            if matches!(st.to_ascii_uppercase().as_str(), "BEGIN" | "COMMIT" | "ROLLBACK") {
+                continue;
+            }
+            self.sink
+                .request_in(Some(&self.id), Some(&db), st, None)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn query(&mut self, sql: &str) -> Result<QueryResult, SinkError> {
+        self.sink.query_in(Some(&self.id), sql).await
+    }
+
+    /// Rows as `TabSeparated` text: instants as `YYYY-MM-DD hh:mm:ss` (UTC).
+    async fn insert(
+        &mut self,
+        table: &str,
+        rows: Vec<Vec<Option<String>>>,
+    ) -> Result<(), SinkError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut body = String::new();
+        for r in &rows {
+            for (i, v) in r.iter().enumerate() {
+                if i > 0 {
+                    body.push('\t');
+                }
+                tsv_field(v, &mut body);
+            }
+            body.push('\n');
+        }
+        let db = self.sink.cfg.database.clone();
+        self.sink
+            .request_in(
+                Some(&self.id),
+                Some(&db),
+                &format!("INSERT INTO {} FORMAT TabSeparated", ident(table)),
+                Some(body),
+            )
+            .await
+            .map(|_| ())
     }
 }
 

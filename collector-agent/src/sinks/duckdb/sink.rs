@@ -185,7 +185,7 @@ ALTER TABLE dead_letters_keyed RENAME TO dead_letters;
         ),
     ]
     .into_iter()
-    .chain(crate::sinks::sql_migrations(Dialect::DuckDb, sql_type(LogicalType::Text)))
+    .chain(crate::sinks::sql_migrations(crate::sinks::Relational::DuckDb, sql_type(LogicalType::Text)))
     .collect()
 }
 

@@ -114,7 +114,7 @@ CREATE TABLE IF NOT EXISTS rejected_values (message_id text NOT NULL, table_name
         ),
     ]
     .into_iter()
-    .chain(crate::sinks::sql_migrations(Dialect::Postgres, sql_type(LogicalType::Text)))
+    .chain(crate::sinks::sql_migrations(crate::sinks::Relational::Postgres, sql_type(LogicalType::Text)))
     .collect()
 }
 
