@@ -72,8 +72,8 @@ fn problems_name_their_key() {
         ),
         (format!("{BASE}[warehouse]\nthreads = 0\n"), "warehouse.threads"),
         (
-            format!("{BASE}audiences = \"audiences.toml\"\n[warehouse]\nkind = \"clickhouse\"\nurl = \"http://127.0.0.1:8123\"\n"),
-            "config: audiences: identity, profiles and audiences are computed in duckdb and postgres warehouses; this one is kind = \"clickhouse\"",
+            format!("{BASE}audiences = \"audiences.toml\"\n[warehouse]\nkind = \"parquet\"\npath = \"lake\"\n"),
+            "config: audiences: identity, profiles and audiences are computed in the warehouse (duckdb, postgres or clickhouse); kind = \"parquet\"",
         ),
         (
             format!("{BASE}[warehouse]\nmemory_limit = \"32MB\"\n"),
@@ -245,7 +245,7 @@ fn profile_says_which_warehouses_have_profiles() {
     ]);
     assert!(!ok);
     assert!(
-        text.contains("profile: identity, profiles and audiences are computed in duckdb and postgres warehouses; this one is kind = \"parquet\""),
+        text.contains("profile: identity, profiles and audiences are computed in the warehouse (duckdb, postgres or clickhouse); kind = \"parquet\""),
         "{text}"
     );
 }

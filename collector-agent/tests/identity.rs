@@ -495,14 +495,7 @@ async fn people_after(
 // people (late and replayed events included: every load repeats a few earlier ones).
 #[tokio::test]
 async fn any_order_of_the_same_events_gives_the_same_people() {
-    let cfg = IdentityConfig {
-        limits: Limits {
-            email: 2,
-            max_ids: 5,
-            ..Limits::default()
-        },
-        ..IdentityConfig::default()
-    };
+    let cfg = tight_limits();
     let evs = scenario_events();
     let dir = tempfile::tempdir().unwrap();
     let sink = DuckDbSink::open(&dir.path().join("ref.duckdb")).unwrap();
@@ -527,6 +520,17 @@ async fn any_order_of_the_same_events_gives_the_same_people() {
         accepted.unwrap().parse::<u32>().unwrap() >= 5,
         "too few joins"
     );
+    for (round, (order, splits)) in shuffles(&evs, 6).into_iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = DuckDbSink::open(&dir.path().join(format!("w{round}.duckdb"))).unwrap();
+        let got = people_after(&sink, &order, &splits, &cfg).await;
+        assert_eq!(got, want, "round {round}, splits {splits:?}");
+    }
+}
+
+/// `rounds` shuffles of `evs` (a fixed seed), each with a few replays at the end and
+/// three split points.
+fn shuffles(evs: &[Value], rounds: usize) -> Vec<(Vec<Value>, Vec<usize>)> {
     let mut seed = 11u64;
     let mut next = |n: usize| {
         seed = seed
@@ -534,22 +538,65 @@ async fn any_order_of_the_same_events_gives_the_same_people() {
             .wrapping_add(1442695040888963407);
         (seed >> 33) as usize % n
     };
-    for round in 0..6 {
-        let mut order = evs.clone();
-        for i in (1..order.len()).rev() {
-            order.swap(i, next(i + 1));
-        }
-        // Replays: a few events again at the end.
-        for _ in 0..4 {
-            let again = order[next(order.len())].clone();
-            order.push(again);
-        }
-        let mut splits: Vec<usize> = (0..3).map(|_| next(order.len())).collect();
-        splits.sort();
-        let dir = tempfile::tempdir().unwrap();
-        let sink = DuckDbSink::open(&dir.path().join(format!("w{round}.duckdb"))).unwrap();
+    (0..rounds)
+        .map(|_| {
+            let mut order = evs.to_vec();
+            for i in (1..order.len()).rev() {
+                order.swap(i, next(i + 1));
+            }
+            // Replays: a few events again at the end.
+            for _ in 0..4 {
+                let again = order[next(order.len())].clone();
+                order.push(again);
+            }
+            let mut splits: Vec<usize> = (0..3).map(|_| next(order.len())).collect();
+            splits.sort();
+            (order, splits)
+        })
+        .collect()
+}
+
+/// The limits the order scenarios use (they make refusals common).
+fn tight_limits() -> IdentityConfig {
+    IdentityConfig {
+        limits: Limits {
+            email: 2,
+            max_ids: 5,
+            ..Limits::default()
+        },
+        ..IdentityConfig::default()
+    }
+}
+
+// ClickHouse resolves with SQL of its own: the same events, in order or shuffled and
+// split, give it the same people and the same edge verdicts as DuckDB.
+#[tokio::test]
+async fn clickhouse_gives_the_same_people_as_duckdb_in_any_order() {
+    let cfg = tight_limits();
+    let evs = scenario_events();
+    let dir = tempfile::tempdir().unwrap();
+    let duck = DuckDbSink::open(&dir.path().join("ref.duckdb")).unwrap();
+    let want = people_after(&duck, &evs, &[], &cfg).await;
+    let verdicts = "SELECT a_type, a_value, b_type, b_value, status, reason FROM identity_edges ORDER BY a_type, a_value, b_type, b_value";
+    let want_verdicts = rows(&duck, verdicts).await;
+    let ch = collector_e2e::clickhouse::LocalClickHouse::start().unwrap();
+    let mut runs = vec![(evs.clone(), Vec::new())];
+    runs.extend(shuffles(&evs, 3));
+    for (round, (order, splits)) in runs.into_iter().enumerate() {
+        let sink = collector_agent::sinks::clickhouse::ClickHouseSink::connect(
+            &collector_agent::config::ClickHouseConfig {
+                url: ch.url.clone(),
+                database: format!("w{round}"),
+                user: "default".into(),
+                password_env: None,
+                timeout_ms: 30_000,
+            },
+        )
+        .await
+        .unwrap();
         let got = people_after(&sink, &order, &splits, &cfg).await;
         assert_eq!(got, want, "round {round}, splits {splits:?}");
+        assert_eq!(rows(&sink, verdicts).await, want_verdicts, "round {round}");
     }
 }
 

@@ -1,5 +1,5 @@
 //! Identity, profiles and audiences from events posted to the real worker, drained by
-//! the agent into DuckDB and into PostgreSQL: anonymous pages, a sign-in, an alias on a
+//! the agent into DuckDB, PostgreSQL and ClickHouse: anonymous pages, a sign-in, an alias on a
 //! second device → one person; placeholder ids never merge anyone (at the edge they are
 //! noted and never shard); both seed audiences enter and exit at the right times.
 
@@ -261,5 +261,22 @@ async fn people_and_audiences_from_the_worker_into_postgres() {
     let st = Stack::start();
     let pg = LocalPostgres::start().unwrap();
     let cfg = st.pg_config(&pg);
+    scenario(&st, with_audiences(cfg)).await;
+}
+
+#[tokio::test]
+async fn people_and_audiences_from_the_worker_into_clickhouse() {
+    let st = Stack::start();
+    let ch = collector_e2e::clickhouse::LocalClickHouse::start().unwrap();
+    let mut cfg = st.agent_config();
+    cfg.warehouse = collector_agent::config::WarehouseConfig::ClickHouse(
+        collector_agent::config::ClickHouseConfig {
+            url: ch.url.clone(),
+            database: "analytics".into(),
+            user: "default".into(),
+            password_env: None,
+            timeout_ms: 10_000,
+        },
+    );
     scenario(&st, with_audiences(cfg)).await;
 }
