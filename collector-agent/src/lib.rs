@@ -327,12 +327,13 @@ impl Drainer {
         (total, errors)
     }
 
-    /// Evaluates the audiences at `now_ms` (SQL sinks only; nothing without audiences).
+    /// Evaluates the audiences at `now_ms` (SQL sinks only; nothing without audiences
+    /// or with `[identity] enabled = false`).
     pub async fn evaluate_audiences(
         &self,
         now_ms: i64,
     ) -> Result<Vec<audiences::Evaluation>, SinkError> {
-        if self.audiences.is_empty() {
+        if self.audiences.is_empty() || !self.identity.enabled {
             return Ok(Vec::new());
         }
         let Some(mut session) = self.sink.session().await? else {
@@ -348,7 +349,11 @@ impl Drainer {
     }
 
     /// Resolves identity and profiles in the warehouse (SQL sinks only).
+    /// `None` when the warehouse has no SQL or `[identity] enabled = false`.
     pub async fn resolve_identity(&self) -> Result<Option<identity::IdentityStats>, SinkError> {
+        if !self.identity.enabled {
+            return Ok(None);
+        }
         let Some(mut session) = self.sink.session().await? else {
             return Ok(None);
         };

@@ -190,7 +190,9 @@ async fn a_fatal_error_reopens_the_warehouse_and_the_retry_lands_once() {
     // its checkpoint (fatal), not in the commit itself (an ordinary rollback), so the
     // test does not depend on timing.
     sink.query("SET memory_limit = '20MB'").await.unwrap();
-    sink.query("SET checkpoint_threshold = '1kB'").await.unwrap();
+    sink.query("SET checkpoint_threshold = '1kB'")
+        .await
+        .unwrap();
     let load = |b: i64| {
         let batch: Vec<serde_json::Value> = (0..2000)
             .map(|i| json!({"type": "track", "messageId": format!("m{b}-{i}"), "anonymousId": format!("a{i}"),
@@ -230,7 +232,11 @@ async fn a_fatal_error_reopens_the_warehouse_and_the_retry_lands_once() {
     let retry = sink.load(&load(failed)).await.unwrap();
     assert_eq!(retry.inserted + retry.duplicates, 2000);
     for b in refused {
-        assert_eq!(sink.load(&load(b)).await.unwrap().inserted, 2000, "refused load {b}");
+        assert_eq!(
+            sink.load(&load(b)).await.unwrap().inserted,
+            2000,
+            "refused load {b}"
+        );
     }
     let next = sink.load(&load(failed + 1)).await.unwrap();
     assert_eq!(next.inserted, 2000);

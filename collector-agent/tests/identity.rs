@@ -343,11 +343,16 @@ async fn each_load_is_read_once_in_clickhouse(t: &Target) {
     .await;
     assert_eq!(resolve(&*sink, &cfg).await.new_edges, 1);
     assert_eq!(
-        one(&*sink, "SELECT count(*) FROM identity_pending").await.as_deref(),
+        one(&*sink, "SELECT count(*) FROM identity_pending")
+            .await
+            .as_deref(),
         Some("0")
     );
     let again = resolve(&*sink, &cfg).await;
-    assert_eq!((again.new_edges, again.region_ids, again.profiles), (0, 0, 0));
+    assert_eq!(
+        (again.new_edges, again.region_ids, again.profiles),
+        (0, 0, 0)
+    );
     load(&*sink, 2, json!([
         {"type": "identify", "messageId": "i2", "anonymousId": "a2", "userId": "u1", "timestamp": "2026-11-20T09:05:00.000Z"},
     ]))
@@ -355,15 +360,35 @@ async fn each_load_is_read_once_in_clickhouse(t: &Target) {
     let second = resolve(&*sink, &cfg).await;
     assert_eq!((second.new_edges, second.merges), (1, 1));
     // The marks are lost: both loads are read again, and nothing changes.
-    sink.query("TRUNCATE TABLE collector_identity_read").await.unwrap();
-    let before = rows(&*sink, "SELECT id_type, id_value, person_id FROM identities ORDER BY id_type, id_value").await;
+    sink.query("TRUNCATE TABLE collector_identity_read")
+        .await
+        .unwrap();
+    let before = rows(
+        &*sink,
+        "SELECT id_type, id_value, person_id FROM identities ORDER BY id_type, id_value",
+    )
+    .await;
     let merges = one(&*sink, "SELECT count(*) FROM identity_merges").await;
     let replay = resolve(&*sink, &cfg).await;
     assert_eq!((replay.new_edges, replay.merges), (0, 0));
-    assert_eq!(rows(&*sink, "SELECT id_type, id_value, person_id FROM identities ORDER BY id_type, id_value").await, before);
-    assert_eq!(one(&*sink, "SELECT count(*) FROM identity_merges").await, merges);
     assert_eq!(
-        rows(&*sink, "SELECT event_count, CAST(anonymous_ids AS VARCHAR) FROM profiles").await,
+        rows(
+            &*sink,
+            "SELECT id_type, id_value, person_id FROM identities ORDER BY id_type, id_value"
+        )
+        .await,
+        before
+    );
+    assert_eq!(
+        one(&*sink, "SELECT count(*) FROM identity_merges").await,
+        merges
+    );
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT event_count, CAST(anonymous_ids AS VARCHAR) FROM profiles"
+        )
+        .await,
         vec![vec![s("2"), s(r#"["a1","a2"]"#)]]
     );
 }
@@ -781,8 +806,7 @@ mod audiences_duckdb {
 mod audiences_clickhouse {
     #[tokio::test]
     async fn seed_audiences_enter_and_exit_on_time() {
-        super::audiences::seed_audiences_enter_and_exit_on_time(&super::Target::clickhouse())
-            .await;
+        super::audiences::seed_audiences_enter_and_exit_on_time(&super::Target::clickhouse()).await;
     }
 }
 
@@ -791,4 +815,42 @@ mod audiences_postgres {
     async fn seed_audiences_enter_and_exit_on_time() {
         super::audiences::seed_audiences_enter_and_exit_on_time(&super::Target::postgres()).await;
     }
+}
+
+// `[identity] enabled = false`: this agent loads but leaves people and audiences to
+// another (ClickHouse has no lock to share the work safely).
+#[tokio::test]
+async fn an_agent_with_identity_disabled_leaves_people_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |enabled: bool| {
+        let path = dir.path().join(format!("agent-{enabled}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "edge_url = \"http://127.0.0.1:9\"\ndrain_secret = \"s\"\n[warehouse]\npath = \"{}\"\n[identity]\nenabled = {enabled}\n",
+                dir.path().join("w.duckdb").display()
+            ),
+        )
+        .unwrap();
+        collector_agent::AgentConfig::load(&path).unwrap()
+    };
+    let off = config(false);
+    let sink = collector_agent::sinks::open(&off.warehouse).await.unwrap();
+    load(&*sink, 1, json!([
+        {"type": "identify", "messageId": "i1", "anonymousId": "a1", "userId": "u1", "timestamp": "2026-11-20T09:00:00.000Z"},
+    ]))
+    .await;
+    let drainer = collector_agent::Drainer::new(off, sink.clone()).unwrap();
+    assert_eq!(drainer.resolve_identity().await.unwrap(), None);
+    assert_eq!(
+        one(&*sink, "SELECT count(*) FROM identities")
+            .await
+            .as_deref(),
+        Some("0")
+    );
+    let drainer = collector_agent::Drainer::new(config(true), sink.clone()).unwrap();
+    assert_eq!(
+        drainer.resolve_identity().await.unwrap().unwrap().new_edges,
+        1
+    );
 }

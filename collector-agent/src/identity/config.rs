@@ -6,6 +6,7 @@ use serde::Deserialize;
 ///
 /// ```toml
 /// [identity]
+/// enabled = true                 # this agent resolves people and evaluates audiences
 /// block = ["test-user"]          # more placeholder ids to ignore (the defaults stay)
 /// [identity.limits]
 /// user_id = 1                    # at most one user id per person
@@ -13,14 +14,35 @@ use serde::Deserialize;
 /// anonymous_id = 200
 /// max_ids = 500                  # ids of any type per person
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
+    /// Whether this agent resolves identity, computes profiles and evaluates audiences
+    /// after its loads and on schedule (default: yes). DuckDB is one agent's, and
+    /// PostgreSQL runs one identity run at a time (an advisory lock); ClickHouse has no
+    /// locks, so when several agents drain into one ClickHouse database, leave this on
+    /// in one of them.
+    #[serde(default = "yes")]
+    pub enabled: bool,
     /// Extra ids that may never join people (the default list always applies).
     #[serde(default)]
     pub block: Vec<String>,
     #[serde(default)]
     pub limits: Limits,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            enabled: true,
+            block: Vec::new(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The most ids of each type one person may have; a merge that would exceed one is

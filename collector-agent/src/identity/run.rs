@@ -623,7 +623,9 @@ fn profiles_sql(q: &Sql) -> String {
         .join(" UNION ALL ");
     let resolved = q.json_path("context", &["consent", "resolved"]);
     let source = match q.0 {
-        Relational::DuckDb => "json_extract_string(r, '$.sources.\"' || category || '\"')".to_string(),
+        Relational::DuckDb => {
+            "json_extract_string(r, '$.sources.\"' || category || '\"')".to_string()
+        }
         Relational::Postgres => "(r->'sources'->>category)".to_string(),
     };
     let consent_entry = q.build_object(&[

@@ -27,6 +27,12 @@
 //! - `quarantine` and `dead_letters` are views too: replaying or resolving appends a new
 //!   version of the row.
 //!
+//! - Identity, profiles and audiences (`identities`, `identity_edges`, `identity_merges`,
+//!   `profiles`, `identity_dirty`, `audience_membership`) are `FINAL` views too, over
+//!   versioned `collector_*` tables: each rewrite of a row is a new `_version`
+//!   ([`version_now`]); `identity_pending` lists the loads in `message_ids` that no
+//!   run has marked in `collector_identity_read`. See `identity/clickhouse.rs`.
+//!
 //! Types: `String`, `Float64`, `UInt8` for booleans, JSON as `String`; instants are
 //! `DateTime64(3, 'UTC')` on ClickHouse 20.1 and later and `DateTime` (whole seconds;
 //! the milliseconds stay in `raw`) on older servers. Tested against Debian's

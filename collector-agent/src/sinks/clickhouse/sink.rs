@@ -1126,7 +1126,10 @@ impl SqlSession for ChSession<'_> {
         let db = self.sink.cfg.database.clone();
         for st in statements(sql) {
             let st = st.trim();
-            if matches!(st.to_ascii_uppercase().as_str(), "BEGIN" | "COMMIT" | "ROLLBACK") {
+            if matches!(
+                st.to_ascii_uppercase().as_str(),
+                "BEGIN" | "COMMIT" | "ROLLBACK"
+            ) {
                 continue;
             }
             self.sink
