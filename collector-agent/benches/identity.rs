@@ -1,14 +1,18 @@
-//! Identity resolution at scale, in DuckDB: 1M identify events (250k people, four
+//! Identity resolution at scale, in DuckDB and in ClickHouse: 1M identify events (250k people, four
 //! devices each) resolved from scratch, then the incremental run after 10k more events
 //! (new devices of existing people, and new people), then a run with nothing new.
 //! Prints `label<TAB>result` lines for `cargo xtask bench`.
-//! Run: `cargo bench -p collector-agent --bench identity`.
+//! Run: `cargo bench -p collector-agent --bench identity` (`-- duckdb` or
+//! `-- clickhouse` for one).
 
 use std::time::Instant;
 
+use collector_agent::config::ClickHouseConfig;
 use collector_agent::identity::{self, IdentityConfig};
+use collector_agent::sinks::clickhouse::ClickHouseSink;
 use collector_agent::sinks::duckdb::DuckDbSink;
 use collector_agent::sinks::Sink;
+use collector_e2e::clickhouse::LocalClickHouse;
 
 const EVENTS: u64 = 1_000_000;
 const MORE: u64 = 10_000;
@@ -16,8 +20,9 @@ const MORE: u64 = 10_000;
 /// `n` identify events from `start`, straight into `identifies` as load `load` would
 /// leave them (registered in `message_ids`, pending for identity): device `a{i}` signs
 /// in as `u{user}`.
-fn insert_sql(start: u64, n: u64, user: &str, load: u64) -> Vec<String> {
+fn insert_sql(start: u64, n: u64, user: User, load: u64) -> Vec<String> {
     let end = start + n;
+    let user = user.sql(&format!("i // {}", user.div));
     vec![format!(
         "INSERT INTO identifies (message_id, anonymous_id, user_id, timestamp, received_at, context, traits, raw, loaded_at, id)
          SELECT 'm' || i, 'a' || i, 'u' || ({user}), TIMESTAMP '2026-11-01 00:00:00' + to_seconds(i),
@@ -29,20 +34,73 @@ fn insert_sql(start: u64, n: u64, user: &str, load: u64) -> Vec<String> {
     format!("INSERT INTO identity_pending VALUES ({load})")]
 }
 
-async fn insert(sink: &DuckDbSink, statements: Vec<String>) {
-    for sql in statements {
-        sink.query(&sql).await.unwrap();
+/// The same events in ClickHouse: rows, registry (`identity_pending` is a view there).
+fn insert_sql_clickhouse(start: u64, n: u64, user: User, load: u64) -> Vec<String> {
+    let i = format!("(number + {start})");
+    let user = user.sql(&format!("intDiv({i}, {})", user.div));
+    vec![
+        format!(
+            "INSERT INTO collector_rows_identifies (message_id, anonymous_id, user_id, timestamp, received_at, context, traits, raw, loaded_at, _version, _received, id)
+             SELECT concat('m', toString({i})), concat('a', toString({i})), concat('u', toString({user})),
+                    toDateTime('2026-11-01 00:00:00') + {i}, toDateTime('2026-11-01 00:00:00') + {i}, '{{}}',
+                    concat('{{\"plan\": \"p', toString({i} % 3), '\"}}'), '{{}}', now(), 1, toDate('2026-11-01'), concat('m', toString({i}))
+             FROM numbers({n})"
+        ),
+        format!(
+            "INSERT INTO message_ids SELECT concat('m', toString({i})), 'identifies', {load} FROM numbers({n})"
+        ),
+    ]
+}
+
+/// Which user event `i` signs in as: `offset + (i / div) % modulo`.
+#[derive(Clone, Copy)]
+struct User {
+    offset: u64,
+    div: u64,
+    modulo: Option<u64>,
+}
+
+impl User {
+    /// In SQL, given `i / div` in the dialect.
+    fn sql(self, quotient: &str) -> String {
+        match self.modulo {
+            Some(m) => format!("({} + ({quotient}) % {m})", self.offset),
+            None => format!("({} + {quotient})", self.offset),
+        }
     }
 }
 
-#[tokio::main]
-async fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        return;
+/// Four devices per person, people from 0.
+const PEOPLE: User = User {
+    offset: 0,
+    div: 4,
+    modulo: None,
+};
+/// A new device of one of the first 250k people.
+const NEW_DEVICES: User = User {
+    offset: 0,
+    div: 1,
+    modulo: Some(250_000),
+};
+/// New people, four devices each.
+const NEW_PEOPLE: User = User {
+    offset: 10_000_000,
+    div: 4,
+    modulo: None,
+};
+
+async fn insert(sink: &dyn Sink, statements: Vec<String>) {
+    let mut session = sink.session().await.unwrap().unwrap();
+    for sql in statements {
+        session.batch(&sql).await.unwrap();
     }
-    let dir = tempfile::tempdir().unwrap();
-    let sink = DuckDbSink::open(&dir.path().join("identity.duckdb")).unwrap();
-    insert(&sink, insert_sql(0, EVENTS, "i // 4", 1)).await;
+}
+
+type Statements = fn(u64, u64, User, u64) -> Vec<String>;
+
+/// 1M from scratch, 10k more, nothing new: one line each.
+async fn bench(name: &str, sink: &dyn Sink, sql: Statements) {
+    insert(sink, sql(0, EVENTS, PEOPLE, 1)).await;
     let cfg = IdentityConfig::default();
 
     let t = Instant::now();
@@ -50,7 +108,7 @@ async fn main() {
     let full = identity::run(&mut *session, &cfg).await.unwrap();
     let secs = t.elapsed().as_secs_f64();
     println!(
-        "identity: 1M identify events from scratch (DuckDB)\t{secs:.1} s ({:.0} events/s; {} edges, {} label-propagation passes, {} profiles)",
+        "identity: 1M identify events from scratch ({name})\t{secs:.1} s ({:.0} events/s; {} edges, {} label-propagation passes, {} profiles)",
         EVENTS as f64 / secs,
         full.new_edges,
         full.passes,
@@ -58,16 +116,12 @@ async fn main() {
     );
 
     // 10k more: half new devices of existing people, half new people.
-    insert(&sink, insert_sql(EVENTS, MORE / 2, "i % 250000", 2)).await;
-    insert(
-        &sink,
-        insert_sql(2 * EVENTS, MORE / 2, "10000000 + i // 4", 3),
-    )
-    .await;
+    insert(sink, sql(EVENTS, MORE / 2, NEW_DEVICES, 2)).await;
+    insert(sink, sql(2 * EVENTS, MORE / 2, NEW_PEOPLE, 3)).await;
     let t = Instant::now();
     let inc = identity::run(&mut *session, &cfg).await.unwrap();
     println!(
-        "identity: then 10k more events, incremental\t{:.2} s ({} new edges, region {} ids, {} passes, {} refused)",
+        "identity: then 10k more events, incremental ({name})\t{:.2} s ({} new edges, region {} ids, {} passes, {} refused)",
         t.elapsed().as_secs_f64(),
         inc.new_edges,
         inc.region_ids,
@@ -77,8 +131,42 @@ async fn main() {
     let t = Instant::now();
     let idle = identity::run(&mut *session, &cfg).await.unwrap();
     println!(
-        "identity: a run with nothing new\t{:.2} s ({} new edges)",
+        "identity: a run with nothing new ({name})\t{:.2} s ({} new edges)",
         t.elapsed().as_secs_f64(),
         idle.new_edges
     );
+}
+
+#[tokio::main]
+async fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
+    if wanted("duckdb") {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = DuckDbSink::open(&dir.path().join("identity.duckdb")).unwrap();
+        bench("DuckDB", &sink, insert_sql).await;
+    }
+    if wanted("clickhouse") {
+        match LocalClickHouse::start() {
+            Ok(ch) => {
+                let sink = ClickHouseSink::connect(&ClickHouseConfig {
+                    url: ch.url.clone(),
+                    database: "analytics".into(),
+                    user: "default".into(),
+                    password_env: None,
+                    timeout_ms: 600_000,
+                })
+                .await
+                .unwrap();
+                bench("ClickHouse", &sink, insert_sql_clickhouse).await;
+            }
+            Err(e) => println!("identity: ClickHouse\tnot run: {e}"),
+        }
+    }
 }

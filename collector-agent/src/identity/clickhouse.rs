@@ -28,7 +28,7 @@ use crate::sinks::clickhouse::version_now;
 use crate::sinks::{sql_lit, QueryResult, SinkError, SqlSession};
 
 /// People whose profiles one round of queries computes.
-const PROFILE_CHUNK: usize = 5_000;
+const PROFILE_CHUNK: usize = 50_000;
 
 /// Prefix of the flattened consent evidence columns.
 const CONSENT: &str = "context_consent_resolved_";
@@ -79,12 +79,21 @@ pub(super) async fn run(
 
     // 1. What to scan: the loads not read yet.
     s.batch(
-        "CREATE TEMPORARY TABLE identity_loads (load_id UInt64) ENGINE = Memory;
+        "DROP TEMPORARY TABLE IF EXISTS identity_loads;
+         CREATE TEMPORARY TABLE identity_loads (load_id UInt64) ENGINE = Memory;
          INSERT INTO identity_loads SELECT load_id FROM identity_pending;
+         DROP TEMPORARY TABLE IF EXISTS identity_scan;
          CREATE TEMPORARY TABLE identity_scan (message_id String, anonymous_id Nullable(String), user_id Nullable(String),
            previous_id Nullable(String), email Nullable(String), ts DateTime) ENGINE = Memory",
     )
     .await?;
+    // Nothing pending and nothing to redo: nothing can have changed (a run that
+    // stopped half-way left its loads pending, so they are read again).
+    if count(s, "SELECT count() FROM identity_loads").await? == 0
+        && count(s, "SELECT count() FROM identity_dirty").await? == 0
+    {
+        return Ok(stats);
+    }
     let has_email = columns_of(s, "identifies").await?.contains("email");
     for kind in EventKind::ALL {
         let tb = kind.table();
@@ -109,7 +118,8 @@ pub(super) async fn run(
     // 2. Ids (each its own person until joined) and edges.
     let v = version_now();
     s.batch(&format!(
-        "CREATE TEMPORARY TABLE identity_scan_ids (id_type String, id_value String, ts DateTime) ENGINE = Memory;
+        "DROP TEMPORARY TABLE IF EXISTS identity_scan_ids;
+         CREATE TEMPORARY TABLE identity_scan_ids (id_type String, id_value String, ts DateTime) ENGINE = Memory;
          INSERT INTO identity_scan_ids SELECT id_type, id_value, ts FROM (
            SELECT 'anonymous_id' AS id_type, assumeNotNull(anonymous_id) AS id_value, ts FROM identity_scan WHERE anonymous_id IS NOT NULL
            UNION ALL SELECT 'user_id', assumeNotNull(user_id), ts FROM identity_scan WHERE user_id IS NOT NULL
@@ -120,8 +130,10 @@ pub(super) async fn run(
          INSERT INTO collector_identities (id_type, id_value, person_id, first_seen, _version)
            SELECT id_type, id_value, if(old_person = '', lower(hex(MD5(concat(id_type, ':', id_value)))), old_person), first_seen, {v}
            FROM (SELECT id_type, id_value, min(ts) AS first_seen FROM identity_scan_ids GROUP BY id_type, id_value)
-           ANY LEFT JOIN (SELECT id_type, id_value, person_id AS old_person, first_seen AS old_first FROM identities) USING (id_type, id_value)
+           ANY LEFT JOIN (SELECT id_type, id_value, person_id AS old_person, first_seen AS old_first FROM identities
+             WHERE (id_type, id_value) IN (SELECT id_type, id_value FROM identity_scan_ids)) USING (id_type, id_value)
            WHERE old_person = '' OR first_seen < old_first;
+         DROP TEMPORARY TABLE IF EXISTS identity_scan_edges;
          CREATE TEMPORARY TABLE identity_scan_edges (a_type String, a_value String, b_type String, b_value String, message_id String, ts DateTime) ENGINE = Memory;
          INSERT INTO identity_scan_edges
            SELECT 'anonymous_id' AS a_type, assumeNotNull(anonymous_id) AS a_value, 'user_id' AS b_type, assumeNotNull(user_id) AS b_value, message_id, ts
@@ -140,7 +152,8 @@ pub(super) async fn run(
     // Each pair once, at its earliest event; kept when new or earlier than the stored one.
     let (blocked_a, blocked_b) = (blocked("a_value", &list), blocked("b_value", &list));
     s.batch(&format!(
-        "CREATE TEMPORARY TABLE identity_new_edges (a_type String, a_value String, b_type String, b_value String, message_id String,
+        "DROP TEMPORARY TABLE IF EXISTS identity_new_edges;
+         CREATE TEMPORARY TABLE identity_new_edges (a_type String, a_value String, b_type String, b_value String, message_id String,
            ts DateTime, status String, reason Nullable(String)) ENGINE = Memory;
          INSERT INTO identity_new_edges
            SELECT a_type, a_value, b_type, b_value, message_id, ts,
@@ -149,7 +162,8 @@ pub(super) async fn run(
            FROM (SELECT a_type, a_value, b_type, b_value, tupleElement(first, 1) AS ts, tupleElement(first, 2) AS message_id
                  FROM (SELECT a_type, a_value, b_type, b_value, min((ts, message_id)) AS first FROM identity_scan_edges
                        GROUP BY a_type, a_value, b_type, b_value))
-           ANY LEFT JOIN (SELECT a_type, a_value, b_type, b_value, message_id AS old_message_id, ts AS old_ts, status AS old_status FROM identity_edges)
+           ANY LEFT JOIN (SELECT a_type, a_value, b_type, b_value, message_id AS old_message_id, ts AS old_ts, status AS old_status FROM identity_edges
+               WHERE (a_type, a_value, b_type, b_value) IN (SELECT a_type, a_value, b_type, b_value FROM identity_scan_edges))
              USING (a_type, a_value, b_type, b_value)
            WHERE old_status = '' OR ts < old_ts OR (ts = old_ts AND message_id < old_message_id);
          INSERT INTO collector_identity_edges SELECT *, {v} FROM identity_new_edges;
@@ -162,14 +176,18 @@ pub(super) async fn run(
     .await?;
     stats.new_edges = count(s, "SELECT count() FROM identity_new_edges").await?;
 
-    // 3. The region to resolve again: label propagation from the new edges' ids.
-    s.batch(
-        "CREATE TEMPORARY TABLE identity_region (id_type String, id_value String, pass UInt32) ENGINE = Memory;
+    // 3. The region to resolve again: label propagation from the ids of the edges
+    //    just scanned (not only the new ones: an edge a stopped run wrote stays `new`
+    //    in the table, and reading the whole table for those is what this avoids;
+    //    the region is whole components, so resolving more of them changes nothing).
+    s.batch(&format!(
+        "DROP TEMPORARY TABLE IF EXISTS identity_region;
+         CREATE TEMPORARY TABLE identity_region (id_type String, id_value String, pass UInt32) ENGINE = Memory;
          INSERT INTO identity_region SELECT DISTINCT id_type, id_value, toUInt32(0) FROM (
-           SELECT a_type AS id_type, a_value AS id_value FROM identity_edges WHERE status = 'new'
-           UNION ALL SELECT b_type, b_value FROM identity_edges WHERE status = 'new'
+           SELECT a_type AS id_type, a_value AS id_value FROM identity_scan_edges WHERE NOT ({blocked_a} OR {blocked_b})
+           UNION ALL SELECT b_type, b_value FROM identity_scan_edges WHERE NOT ({blocked_a} OR {blocked_b})
            UNION ALL SELECT id_type, id_value FROM identity_dirty)",
-    )
+    ))
     .await?;
     let mut added = count(s, "SELECT count() FROM identity_region").await?;
     let mut pass = 0u32;
@@ -214,9 +232,13 @@ pub(super) async fn run(
         log_rows,
     } = plan(&ids, &edges, cfg, &mut stats);
     s.batch(
-        "CREATE TEMPORARY TABLE identity_verdicts (a_type String, a_value String, b_type String, b_value String, status String, reason Nullable(String)) ENGINE = Memory;
+        "DROP TEMPORARY TABLE IF EXISTS identity_verdicts;
+         CREATE TEMPORARY TABLE identity_verdicts (a_type String, a_value String, b_type String, b_value String, status String, reason Nullable(String)) ENGINE = Memory;
+         DROP TEMPORARY TABLE IF EXISTS identity_people;
          CREATE TEMPORARY TABLE identity_people (id_type String, id_value String, person_id String) ENGINE = Memory;
+         DROP TEMPORARY TABLE IF EXISTS identity_touched;
          CREATE TEMPORARY TABLE identity_touched (person_id String) ENGINE = Memory;
+         DROP TEMPORARY TABLE IF EXISTS identity_log;
          CREATE TEMPORARY TABLE identity_log (message_id String, a_type String, a_value String, b_type String, b_value String, kind String,
            from_person Nullable(String), into_person Nullable(String), reason Nullable(String)) ENGINE = Memory",
     )
