@@ -74,7 +74,7 @@ impl Groups {
 
 /// Resolves a region. `ids` are every id of the region (ids without edges stay alone);
 /// `edges` may come in any order.
-pub fn resolve(ids: &[Id], edges: &[Edge], limits: &Limits) -> Resolution {
+pub fn resolve<'a>(ids: &'a [Id], edges: &'a [Edge], limits: &Limits) -> Resolution {
     let mut index: HashMap<&Id, usize> = HashMap::new();
     let mut all: Vec<&Id> = Vec::new();
     for id in ids.iter().chain(edges.iter().flat_map(|e| [&e.a, &e.b])) {
@@ -142,11 +142,11 @@ pub fn resolve(ids: &[Id], edges: &[Edge], limits: &Limits) -> Resolution {
     let mut best: HashMap<usize, &Id> = HashMap::new();
     for (i, id) in all.iter().copied().enumerate() {
         let r = g.find(i);
-        let key = |id: &Id| {
+        let key = |id: &'a Id| {
             (
                 rank(&id.0),
                 first.get(id).copied().unwrap_or("~"),
-                id.1.clone(),
+                id.1.as_str(),
             )
         };
         match best.get(&r) {

@@ -502,19 +502,25 @@ pub(super) fn plan(
             (id, p)
         })
         .collect();
-    let mut old_status: HashMap<(Id, Id), (String, Option<String>)> = HashMap::new();
     let region_edges: Vec<Edge> = edges
         .rows
         .iter()
-        .map(|r| {
-            let e = Edge {
-                a: (text(&r[0]), text(&r[1])),
-                b: (text(&r[2]), text(&r[3])),
-                message_id: text(&r[4]),
-                ts: text(&r[5]),
-            };
-            old_status.insert((e.a.clone(), e.b.clone()), (text(&r[6]), r[7].clone()));
-            e
+        .map(|r| Edge {
+            a: (text(&r[0]), text(&r[1])),
+            b: (text(&r[2]), text(&r[3])),
+            message_id: text(&r[4]),
+            ts: text(&r[5]),
+        })
+        .collect();
+    // Each edge's stored verdict, by its ids (borrowed: a region can have millions).
+    let old_status: HashMap<(&Id, &Id), (&str, Option<&str>)> = region_edges
+        .iter()
+        .zip(&edges.rows)
+        .map(|(e, r)| {
+            (
+                (&e.a, &e.b),
+                (r[6].as_deref().unwrap_or_default(), r[7].as_deref()),
+            )
         })
         .collect();
     let res = resolve(&region, &region_edges, &cfg.limits);
@@ -534,8 +540,7 @@ pub(super) fn plan(
             Verdict::Accepted => ("accepted", None),
             Verdict::Refused(r) => ("refused", Some(r.clone())),
         };
-        let old = old_status.get(&(e.a.clone(), e.b.clone()));
-        if old.map(|(s, r)| (s.as_str(), r.clone())) != Some((status, reason.clone())) {
+        if old_status.get(&(&e.a, &e.b)).copied() != Some((status, reason.as_deref())) {
             let mut row = text_row(&[&e.a.0, &e.a.1, &e.b.0, &e.b.1, status]);
             row.push(reason.clone());
             verdict_rows.push(row);
