@@ -59,6 +59,10 @@ pub struct AgentConfig {
     /// ("15 minutes ago") are noticed when nothing new arrives.
     #[serde(default = "default_audience_interval_ms")]
     pub audience_interval_ms: u64,
+    /// `[[destinations]]`: where audiences and events are sent (see
+    /// `destinations/config.rs`); each must be named in `privacy.toml`.
+    #[serde(default)]
+    pub destinations: Vec<crate::destinations::DestinationConfig>,
 }
 
 fn default_audience_interval_ms() -> u64 {
@@ -250,7 +254,27 @@ impl AgentConfig {
                 anyhow::bail!("{why}");
             }
         }
-        self.load_audiences()?;
+        let audiences = self.load_audiences()?;
+        if !self.destinations.is_empty() {
+            anyhow::ensure!(
+                matches!(
+                    self.warehouse,
+                    WarehouseConfig::DuckDb(_) | WarehouseConfig::Postgres(_)
+                ),
+                "config: destinations: activation runs from duckdb and postgres warehouses; this one is kind = \"{}\"",
+                self.warehouse.kind()
+            );
+            let policy = self.policy()?;
+            let mut seen = std::collections::HashSet::new();
+            for d in &self.destinations {
+                anyhow::ensure!(
+                    seen.insert(d.name.as_str()),
+                    "config: destinations: the name {:?} is used twice",
+                    d.name
+                );
+                d.validate(&audiences, policy.as_ref())?;
+            }
+        }
         self.secret()?;
         Ok(())
     }

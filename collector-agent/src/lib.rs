@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod audiences;
 pub mod config;
+pub mod destinations;
 pub mod edge;
 pub mod identity;
 pub mod metrics;
@@ -93,17 +94,45 @@ pub struct Drainer {
     audiences: Vec<audiences::Audience>,
     /// `[identity]` with the edge policy's block list.
     identity: identity::IdentityConfig,
+    /// Each destination with the consent categories `privacy.toml` requires for it.
+    destinations: Vec<(
+        destinations::DestinationConfig,
+        Box<dyn destinations::Destination>,
+        Vec<String>,
+    )>,
     cfg: AgentConfig,
     metrics: Arc<metrics::Metrics>,
 }
 
 impl Drainer {
     pub fn new(cfg: AgentConfig, sink: Arc<dyn Sink>) -> anyhow::Result<Drainer> {
+        let policy = if cfg.destinations.is_empty() {
+            None
+        } else {
+            cfg.policy()?
+        };
+        let mut dests = Vec::new();
+        for d in &cfg.destinations {
+            // Deny by default: `config check` refuses a destination the policy does not
+            // name; were one to slip through, it needs every category there is.
+            let categories = policy
+                .as_ref()
+                .and_then(|p| p.destinations.get(&d.name).cloned())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "destinations.{}: privacy.toml has no [destinations.{}]",
+                        d.name,
+                        d.name
+                    )
+                })?;
+            dests.push((d.clone(), destinations::open(d)?, categories));
+        }
         Ok(Drainer {
             client: EdgeClient::new(&cfg)?,
             sink,
             audiences: cfg.load_audiences()?,
             identity: cfg.identity_config()?,
+            destinations: dests,
             cfg,
             metrics: Arc::default(),
         })
@@ -322,6 +351,8 @@ impl Drainer {
                 tracing::warn!(error = %e, "identity resolution failed; retried after the next load");
             } else if let Err(e) = self.evaluate_audiences(now_ms()).await {
                 tracing::warn!(error = %e, "audience evaluation failed; retried on schedule");
+            } else if let Err(e) = self.activate(now_ms()).await {
+                tracing::warn!(error = %e, "activation failed; retried on schedule");
             }
         }
         (total, errors)
@@ -344,6 +375,35 @@ impl Drainer {
             if e.entered > 0 || e.exited > 0 {
                 tracing::info!(audience = %e.audience, members = e.members, entered = e.entered, exited = e.exited, "audience changed");
             }
+        }
+        Ok(out)
+    }
+
+    /// Syncs every destination at `now_ms`: enqueues entries, exits and events, sends
+    /// what is due (consent checked per attempt). Nothing with `[identity] enabled =
+    /// false`: the agent that computes people sends to their destinations.
+    pub async fn activate(
+        &self,
+        now_ms: i64,
+    ) -> Result<Vec<(String, destinations::sync::SyncStats)>, SinkError> {
+        let mut out = Vec::new();
+        if !self.identity.enabled || self.destinations.is_empty() {
+            return Ok(out);
+        }
+        let Some(mut session) = self.sink.session().await? else {
+            return Ok(out);
+        };
+        for (cfg, dest, categories) in &self.destinations {
+            let target = destinations::sync::Target {
+                cfg,
+                dest: dest.as_ref(),
+                categories,
+            };
+            let st = destinations::sync::sync(&mut *session, &target, now_ms).await?;
+            if st != destinations::sync::SyncStats::default() {
+                tracing::info!(destination = %cfg.name, enqueued = st.enqueued, sent = st.sent, withheld = st.withheld, retried = st.retried, dead = st.dead, "destination synced");
+            }
+            out.push((cfg.name.clone(), st));
         }
         Ok(out)
     }
@@ -492,6 +552,10 @@ pub async fn run(
             audiences_at = tokio::time::Instant::now();
             if let Err(e) = drainer.evaluate_audiences(now_ms()).await {
                 tracing::warn!(error = %e, "audience evaluation failed; retried on schedule");
+            }
+            // Retries come due and consent changes even when nothing loads.
+            if let Err(e) = drainer.activate(now_ms()).await {
+                tracing::warn!(error = %e, "activation failed; retried on schedule");
             }
         }
         let pause = match result {

@@ -21,7 +21,7 @@ pub fn ddl(d: Relational) -> String {
 }
 
 /// An instant as a literal of the dialect's timestamp type (UTC).
-fn at(d: Dialect, ms: i64) -> String {
+pub(crate) fn at(d: Dialect, ms: i64) -> String {
     // format_ms: 2026-11-25T10:00:00.000Z
     let text = format_ms(ms)
         .replace('T', " ")
@@ -47,7 +47,7 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-fn json_text(d: Dialect, col: &str, path: &[&str]) -> String {
+pub(crate) fn json_text(d: Dialect, col: &str, path: &[&str]) -> String {
     match d {
         Dialect::DuckDb => format!(
             "json_extract_string({col}, '$.{}')",

@@ -246,6 +246,11 @@ pub(crate) fn sql_migrations(d: Relational, text: &str) -> Vec<(i32, &'static st
             "identity_pending: identity reads each load once (no time window)",
             crate::identity::run::ddl_pending(d),
         ),
+        (
+            9,
+            "activation_outbox, activation_log",
+            crate::destinations::outbox::ddl(d),
+        ),
     ]
 }
 

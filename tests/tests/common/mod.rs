@@ -85,6 +85,7 @@ impl Stack {
             audiences: None,
             privacy: None,
             audience_interval_ms: 60_000,
+            destinations: Vec::new(),
         };
         cfg.validate().expect("valid agent config");
         cfg

@@ -1,0 +1,117 @@
+//! Destinations: audiences and events sent to the tools marketing teams use, with
+//! consent checked again at the moment of sending.
+//!
+//! One folder per kind (`webhook/`), each a [`Destination`]: it turns a batch of
+//! [`Item`]s into its API's calls and says how a failure should be treated. What is
+//! common lives here:
+//!
+//! - [`outbox`]: the `activation_outbox` table, one row per thing to send, keyed so it
+//!   is sent once whatever restarts or replays happen: `destination:person:audience:
+//!   entered|exited:entered_at` for an audience stay, `destination:message_id` for an
+//!   event; and `activation_log`, what was sent or withheld and the consent it was
+//!   decided on.
+//! - [`sync`]: one pass per destination: enqueue the new entries, exits and events,
+//!   then send what is due, checking the person's current consent (the categories
+//!   `privacy.toml`'s `[destinations.<name>]` names) before every attempt. Transient
+//!   failures retry with full jitter (honouring `Retry-After`) for `retry_for`, then
+//!   dead-letter; a rejected batch is split to find the record at fault.
+
+pub mod config;
+pub mod outbox;
+pub mod sync;
+pub mod webhook;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+pub use config::DestinationConfig;
+
+/// One thing to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    /// The outbox key (the destination's idempotency key for it).
+    pub key: String,
+    pub person_id: Option<String>,
+    pub what: What,
+    /// What the destination receives about it (no contact data in the clear is ever
+    /// stored: this is built at send time).
+    pub payload: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum What {
+    /// A person entered or left an audience.
+    Audience { audience: String, entered: bool },
+    /// An event, forwarded.
+    Event { message_id: String },
+}
+
+/// Why a send failed, and what to do about it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SendError {
+    /// Try again later (timeouts, 429, 5xx), not before `after` when the destination
+    /// said so.
+    Retry {
+        error: String,
+        after: Option<Duration>,
+    },
+    /// The destination refused this batch as it is (4xx): split it to find the record
+    /// at fault; a single record goes to the dead letters.
+    Reject { error: String },
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Retry { error, .. } | SendError::Reject { error } => f.write_str(error),
+        }
+    }
+}
+
+/// A destination kind.
+#[async_trait]
+pub trait Destination: Send + Sync {
+    /// Sends one batch (at most the configured `batch_size` items); `Ok` when all of it
+    /// was accepted.
+    async fn send(&self, items: &[Item]) -> Result<(), SendError>;
+    /// Whether it can take a person out of an audience (else exits are not sent).
+    fn removes(&self) -> bool;
+}
+
+/// The destination a config describes.
+pub fn open(cfg: &DestinationConfig) -> anyhow::Result<Box<dyn Destination>> {
+    match cfg.kind.as_str() {
+        "webhook" => Ok(Box::new(webhook::Webhook::new(cfg)?)),
+        other => anyhow::bail!("destination {}: kind {other:?} is not built", cfg.name),
+    }
+}
+
+/// `Retry-After` (seconds, or an HTTP date) as a wait from now.
+pub fn retry_after(value: Option<&str>, now_ms: i64) -> Option<Duration> {
+    let v = value?.trim();
+    if let Ok(s) = v.parse::<u64>() {
+        return Some(Duration::from_secs(s));
+    }
+    let at = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc2822).ok()?;
+    let ms = at.unix_timestamp() * 1000 - now_ms;
+    Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        assert_eq!(retry_after(Some("120"), 0), Some(Duration::from_secs(120)));
+        // Wed, 21 Oct 2015 07:28:00 GMT = 1445412480 s.
+        assert_eq!(
+            retry_after(Some("Wed, 21 Oct 2015 07:28:00 GMT"), 1_445_412_470_000),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(retry_after(Some("soon"), 0), None);
+        assert_eq!(retry_after(None, 0), None);
+    }
+}

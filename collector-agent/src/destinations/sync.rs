@@ -1,0 +1,533 @@
+//! One sync pass of a destination: enqueue, then send what is due, checking consent
+//! before every attempt.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::outbox::enqueue_sql;
+use super::{Destination, DestinationConfig, Item, SendError, What};
+use crate::audiences::eval::at;
+use crate::sinks::{sql_lit, Dialect, SinkError, SqlSession};
+
+/// Most batches one pass sends per destination (the rest waits for the next pass, so
+/// loads are not held up).
+const MAX_BATCHES: usize = 50;
+/// Backoff of the first retry, and the longest.
+const BASE_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(3_600);
+
+/// What one pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SyncStats {
+    pub enqueued: u64,
+    pub sent: u64,
+    /// Not sent: the person's consent does not allow this destination.
+    pub withheld: u64,
+    /// Not sent: the stay ended before its entry went out.
+    pub superseded: u64,
+    pub retried: u64,
+    pub dead: u64,
+}
+
+/// One outbox row due.
+#[derive(Debug, Clone)]
+struct Row {
+    key: String,
+    person_id: Option<String>,
+    audience: Option<String>,
+    entered: bool,
+    entered_at: Option<String>,
+    message_id: Option<String>,
+    attempts: i64,
+    created_ms: i64,
+}
+
+/// A decision about one row, recorded in the outbox and the log.
+struct Outcome {
+    key: String,
+    person_id: Option<String>,
+    status: &'static str,
+    detail: Option<String>,
+    consent: Option<Value>,
+}
+
+/// Everything a destination needs to know for one pass.
+pub struct Target<'a> {
+    pub cfg: &'a DestinationConfig,
+    pub dest: &'a dyn Destination,
+    /// The consent categories `privacy.toml` requires for it.
+    pub categories: &'a [String],
+}
+
+/// Enqueues and sends for one destination at `now_ms`.
+pub async fn sync(
+    s: &mut dyn SqlSession,
+    t: &Target<'_>,
+    now_ms: i64,
+) -> Result<SyncStats, SinkError> {
+    let mut stats = SyncStats::default();
+    stats.enqueued = enqueue(s, t, now_ms).await?;
+    for _ in 0..MAX_BATCHES {
+        let rows = due(s, t.cfg, now_ms).await?;
+        if rows.is_empty() {
+            break;
+        }
+        send_rows(s, t, rows, now_ms, &mut stats).await?;
+    }
+    Ok(stats)
+}
+
+/// Fills the outbox (one transaction); the rows it added.
+pub async fn enqueue(
+    s: &mut dyn SqlSession,
+    t: &Target<'_>,
+    now_ms: i64,
+) -> Result<u64, SinkError> {
+    let d = s.dialect();
+    let age = i64::try_from(t.cfg.max_event_age().as_millis()).unwrap_or(i64::MAX);
+    s.batch("BEGIN").await?;
+    let mut n = 0;
+    for sql in enqueue_sql(
+        d,
+        &t.cfg.name,
+        &t.cfg.audiences,
+        &t.cfg.events,
+        t.categories,
+        age,
+        now_ms,
+    ) {
+        match s.execute(&sql).await {
+            Ok(k) => n += k,
+            Err(e) => {
+                let _ = s.batch("ROLLBACK").await;
+                return Err(e);
+            }
+        }
+    }
+    s.batch("COMMIT").await?;
+    Ok(n)
+}
+
+fn text_type(d: Dialect) -> &'static str {
+    match d {
+        Dialect::Postgres => "text",
+        _ => "VARCHAR",
+    }
+}
+
+fn ms_of(rfc3339: &str) -> i64 {
+    collector_core::timestamp::parse_ms(rfc3339).unwrap_or(0)
+}
+
+async fn due(
+    s: &mut dyn SqlSession,
+    cfg: &DestinationConfig,
+    now_ms: i64,
+) -> Result<Vec<Row>, SinkError> {
+    let d = s.dialect();
+    let r = s
+        .query(&format!(
+            "SELECT key, person_id, audience, transition, entered_at, message_id, attempts, created_at FROM activation_outbox
+             WHERE destination = {} AND status = 'pending' AND next_attempt_at <= {}
+             ORDER BY created_at, key LIMIT {}",
+            sql_lit(&cfg.name),
+            at(d, now_ms),
+            cfg.batch_size
+        ))
+        .await?;
+    Ok(r.rows
+        .into_iter()
+        .map(|r| Row {
+            key: r[0].clone().unwrap_or_default(),
+            person_id: r[1].clone(),
+            audience: r[2].clone(),
+            entered: r[3].as_deref() == Some("entered"),
+            entered_at: r[4].clone(),
+            message_id: r[5].clone(),
+            attempts: r[6].as_deref().and_then(|n| n.parse().ok()).unwrap_or(0),
+            created_ms: r[7].as_deref().map_or(now_ms, ms_of),
+        })
+        .collect())
+}
+
+fn in_list<'a>(v: impl Iterator<Item = &'a String>) -> String {
+    let items: Vec<String> = v.map(|s| sql_lit(s)).collect();
+    if items.is_empty() {
+        "NULL".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// Whether `consent` (a profile's, or an event's evidence turned into the same shape)
+/// grants every category.
+fn allows(consent: &Value, categories: &[String]) -> bool {
+    categories
+        .iter()
+        .all(|c| consent[c.as_str()]["granted"].as_bool() == Some(true))
+}
+
+/// An event's own evidence (`context.consent.resolved`) in the profile's shape.
+fn evidence_consent(raw: &Value) -> Value {
+    let r = &raw["context"]["consent"]["resolved"];
+    let mut out = serde_json::Map::new();
+    for (granted, key) in [(true, "granted"), (false, "denied")] {
+        for c in r[key].as_array().into_iter().flatten() {
+            if let Some(c) = c.as_str() {
+                out.insert(
+                    c.to_string(),
+                    json!({"granted": granted, "source": r["sources"][c], "policy_version": r["policy_version"]}),
+                );
+            }
+        }
+    }
+    Value::Object(out)
+}
+
+/// Decides and sends one batch of due rows.
+async fn send_rows(
+    s: &mut dyn SqlSession,
+    t: &Target<'_>,
+    rows: Vec<Row>,
+    now_ms: i64,
+    stats: &mut SyncStats,
+) -> Result<(), SinkError> {
+    let d = s.dialect();
+    let tt = text_type(d);
+    // The people of the events, by their ids.
+    let mids: Vec<&String> = rows.iter().filter_map(|r| r.message_id.as_ref()).collect();
+    let mut events: HashMap<String, (Value, Option<String>)> = HashMap::new();
+    if !mids.is_empty() {
+        let r = s
+            .query(&format!(
+                "SELECT t.message_id, CAST(t.raw AS {tt}),
+                   (SELECT i.person_id FROM identities i WHERE (i.id_type = 'user_id' AND i.id_value = t.user_id)
+                      OR (i.id_type = 'anonymous_id' AND i.id_value = t.anonymous_id) ORDER BY i.id_type DESC LIMIT 1)
+                 FROM tracks t WHERE t.message_id IN ({})",
+                in_list(mids.into_iter())
+            ))
+            .await?;
+        for row in r.rows {
+            let raw = row[1]
+                .as_deref()
+                .and_then(|t| serde_json::from_str(t).ok())
+                .unwrap_or(Value::Null);
+            events.insert(row[0].clone().unwrap_or_default(), (raw, row[2].clone()));
+        }
+    }
+    let people: HashSet<String> = rows
+        .iter()
+        .filter_map(|r| r.person_id.clone())
+        .chain(events.values().filter_map(|(_, p)| p.clone()))
+        .collect();
+    let mut profiles: HashMap<String, (Value, Value, Value)> = HashMap::new();
+    if !people.is_empty() {
+        let r = s
+            .query(&format!(
+                "SELECT person_id, CAST(user_ids AS {tt}), CAST(traits AS {tt}), CAST(consent AS {tt}) FROM profiles WHERE person_id IN ({})",
+                in_list(people.iter())
+            ))
+            .await?;
+        let json = |v: &Option<String>| {
+            v.as_deref()
+                .and_then(|t| serde_json::from_str(t).ok())
+                .unwrap_or(Value::Null)
+        };
+        for row in r.rows {
+            profiles.insert(
+                row[0].clone().unwrap_or_default(),
+                (json(&row[1]), json(&row[2]), json(&row[3])),
+            );
+        }
+    }
+    // Stays still open (an entry whose stay ended is not sent).
+    let open: HashSet<(String, String, String)> = if rows.iter().any(|r| r.entered) {
+        s.query(&format!(
+            "SELECT person_id, audience, entered_at FROM audience_membership WHERE exited_at IS NULL AND person_id IN ({})",
+            in_list(rows.iter().filter_map(|r| r.person_id.as_ref()))
+        ))
+        .await?
+        .rows
+        .into_iter()
+        .map(|r| {
+            (
+                r[0].clone().unwrap_or_default(),
+                r[1].clone().unwrap_or_default(),
+                r[2].clone().unwrap_or_default(),
+            )
+        })
+        .collect()
+    } else {
+        HashSet::new()
+    };
+
+    let mut outcomes = Vec::new();
+    let mut items = Vec::new();
+    let mut by_key: HashMap<String, Row> = HashMap::new();
+    for row in rows {
+        let settle = |status: &'static str, detail: String, consent: Option<Value>| Outcome {
+            key: row.key.clone(),
+            person_id: row.person_id.clone(),
+            status,
+            detail: Some(detail),
+            consent,
+        };
+        let item = match (&row.audience, &row.message_id) {
+            (Some(audience), _) => {
+                let person = row.person_id.clone().unwrap_or_default();
+                let profile = profiles.get(&person);
+                if row.entered {
+                    let stay = (
+                        person.clone(),
+                        audience.clone(),
+                        row.entered_at.clone().unwrap_or_default(),
+                    );
+                    if !open.contains(&stay) {
+                        stats.superseded += 1;
+                        outcomes.push(settle(
+                            "superseded",
+                            "the stay ended before its entry was sent".into(),
+                            None,
+                        ));
+                        continue;
+                    }
+                    let consent = profile.map_or(Value::Null, |p| p.2.clone());
+                    if !allows(&consent, t.categories) {
+                        stats.withheld += 1;
+                        outcomes.push(settle(
+                            "withheld",
+                            format!("consent does not grant {}", t.categories.join(", ")),
+                            Some(consent),
+                        ));
+                        continue;
+                    }
+                } else if !t.dest.removes() {
+                    outcomes.push(settle(
+                        "skipped",
+                        "the destination cannot remove people".into(),
+                        None,
+                    ));
+                    continue;
+                }
+                let payload = match profile {
+                    Some((ids, traits, _)) if row.entered => {
+                        json!({"user_ids": ids, "traits": traits})
+                    }
+                    Some((ids, _, _)) => json!({"user_ids": ids}),
+                    None => json!({}),
+                };
+                Item {
+                    key: row.key.clone(),
+                    person_id: Some(person),
+                    what: What::Audience {
+                        audience: audience.clone(),
+                        entered: row.entered,
+                    },
+                    payload,
+                }
+            }
+            (None, Some(mid)) => {
+                let Some((raw, person)) = events.get(mid) else {
+                    outcomes.push(settle(
+                        "dead",
+                        "the event is no longer in the warehouse".into(),
+                        None,
+                    ));
+                    stats.dead += 1;
+                    continue;
+                };
+                // Collected under consent, and still allowed now.
+                let evidence = evidence_consent(raw);
+                let current = person
+                    .as_ref()
+                    .and_then(|p| profiles.get(p))
+                    .map(|p| p.2.clone());
+                let consent = current.clone().unwrap_or_else(|| evidence.clone());
+                if !allows(&evidence, t.categories) || !allows(&consent, t.categories) {
+                    stats.withheld += 1;
+                    outcomes.push(Outcome {
+                        key: row.key.clone(),
+                        person_id: person.clone(),
+                        status: "withheld",
+                        detail: Some(format!(
+                            "consent does not grant {}",
+                            t.categories.join(", ")
+                        )),
+                        consent: Some(json!({"event": evidence, "current": current})),
+                    });
+                    continue;
+                }
+                Item {
+                    key: row.key.clone(),
+                    person_id: person.clone(),
+                    what: What::Event {
+                        message_id: mid.clone(),
+                    },
+                    payload: raw.clone(),
+                }
+            }
+            (None, None) => {
+                stats.dead += 1;
+                outcomes.push(settle(
+                    "dead",
+                    "an outbox row with neither audience nor event".into(),
+                    None,
+                ));
+                continue;
+            }
+        };
+        by_key.insert(row.key.clone(), row);
+        items.push(item);
+    }
+    // Send, splitting a rejected batch until the item at fault is alone.
+    let mut pending = vec![items];
+    let mut last_call = None;
+    while let Some(batch) = pending.pop() {
+        if batch.is_empty() {
+            continue;
+        }
+        pace(t.cfg, &mut last_call).await;
+        match t.dest.send(&batch).await {
+            Ok(()) => {
+                for i in &batch {
+                    stats.sent += 1;
+                    let consent = i
+                        .person_id
+                        .as_ref()
+                        .and_then(|p| profiles.get(p))
+                        .map(|p| p.2.clone());
+                    outcomes.push(Outcome {
+                        key: i.key.clone(),
+                        person_id: i.person_id.clone(),
+                        status: "sent",
+                        detail: None,
+                        consent,
+                    });
+                }
+            }
+            Err(SendError::Reject { error }) if batch.len() > 1 => {
+                tracing::info!(destination = %t.cfg.name, items = batch.len(), %error, "batch rejected; splitting it to find the item at fault");
+                let mut a = batch;
+                let b = a.split_off(a.len() / 2);
+                pending.push(b);
+                pending.push(a);
+            }
+            Err(SendError::Reject { error }) => {
+                stats.dead += 1;
+                outcomes.push(Outcome {
+                    key: batch[0].key.clone(),
+                    person_id: batch[0].person_id.clone(),
+                    status: "dead",
+                    detail: Some(error),
+                    consent: None,
+                });
+            }
+            Err(SendError::Retry { error, after }) => {
+                tracing::warn!(destination = %t.cfg.name, %error, "send failed; retried later");
+                for i in &batch {
+                    let row = &by_key[&i.key];
+                    let wait = backoff(row.attempts).max(after.unwrap_or_default());
+                    let next = now_ms + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
+                    let give_up = row.created_ms
+                        + i64::try_from(t.cfg.retry_for().as_millis()).unwrap_or(i64::MAX / 2);
+                    if next > give_up {
+                        stats.dead += 1;
+                        outcomes.push(Outcome {
+                            key: i.key.clone(),
+                            person_id: i.person_id.clone(),
+                            status: "dead",
+                            detail: Some(format!(
+                                "still failing after {}: {error}",
+                                t.cfg.retry_for
+                            )),
+                            consent: None,
+                        });
+                    } else {
+                        stats.retried += 1;
+                        s.execute(&format!(
+                            "UPDATE activation_outbox SET attempts = attempts + 1, next_attempt_at = {}, last_error = {} WHERE key = {}",
+                            at(d, next),
+                            sql_lit(&error),
+                            sql_lit(&i.key)
+                        ))
+                        .await?;
+                    }
+                }
+            }
+        }
+    }
+    record(s, t, outcomes, now_ms).await
+}
+
+/// Writes the outcomes: the outbox rows' status and the log.
+async fn record(
+    s: &mut dyn SqlSession,
+    t: &Target<'_>,
+    outcomes: Vec<Outcome>,
+    now_ms: i64,
+) -> Result<(), SinkError> {
+    if outcomes.is_empty() {
+        return Ok(());
+    }
+    let d = s.dialect();
+    let now = at(d, now_ms);
+    let when = collector_core::timestamp::format_ms(now_ms);
+    s.batch("BEGIN").await?;
+    let mut log = Vec::new();
+    for o in &outcomes {
+        let error = o.detail.as_deref().filter(|_| o.status == "dead");
+        if let Err(e) = s
+            .execute(&format!(
+                "UPDATE activation_outbox SET status = {}, done_at = {now}, attempts = attempts + {}, last_error = {} WHERE key = {}",
+                sql_lit(o.status),
+                i64::from(matches!(o.status, "sent" | "dead")),
+                error.map_or("last_error".to_string(), sql_lit),
+                sql_lit(&o.key)
+            ))
+            .await
+        {
+            let _ = s.batch("ROLLBACK").await;
+            return Err(e);
+        }
+        log.push(vec![
+            Some(when.clone()),
+            Some(t.cfg.name.clone()),
+            Some(o.key.clone()),
+            o.person_id.clone(),
+            Some(o.status.to_string()),
+            Some(t.categories.join(",")),
+            o.consent.as_ref().map(Value::to_string),
+            o.detail.clone(),
+        ]);
+    }
+    if let Err(e) = s.insert("activation_log", log).await {
+        let _ = s.batch("ROLLBACK").await;
+        return Err(e);
+    }
+    s.batch("COMMIT").await
+}
+
+/// Full jitter: a random wait up to `BASE · 2^attempts`, capped.
+fn backoff(attempts: i64) -> Duration {
+    let exp = BASE_BACKOFF
+        .saturating_mul(1u32 << attempts.clamp(0, 20) as u32)
+        .min(MAX_BACKOFF);
+    let mut b = [0u8; 8];
+    let r = if getrandom::getrandom(&mut b).is_ok() {
+        u64::from_le_bytes(b) as f64 / u64::MAX as f64
+    } else {
+        1.0
+    };
+    exp.mul_f64(r)
+}
+
+/// Waits so calls stay under `rate_limit` per second.
+async fn pace(cfg: &DestinationConfig, last: &mut Option<tokio::time::Instant>) {
+    let gap = Duration::from_secs(1) / cfg.rate_limit;
+    if let Some(l) = *last {
+        tokio::time::sleep_until(l + gap).await;
+    }
+    *last = Some(tokio::time::Instant::now());
+}

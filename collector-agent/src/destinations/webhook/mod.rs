@@ -1,0 +1,143 @@
+//! `kind = "webhook"`: JSON batches to any HTTPS endpoint, signed.
+//!
+//! Each call is a `POST` to `base_url` with a JSON body:
+//!
+//! ```json
+//! {"destination": "crm_hook", "sent_at": "2026-11-26T10:00:00.000Z",
+//!  "items": [{"key": "crm_hook:<person>:pricing_no_purchase_7d:entered:2026-…",
+//!             "type": "audience", "action": "entered", "audience": "pricing_no_purchase_7d",
+//!             "person_id": "…", "data": {"user_ids": ["u-1"], "traits": {…}}},
+//!            {"key": "crm_hook:<message_id>", "type": "event", "person_id": "…",
+//!             "data": {…the event as stored…}}]}
+//! ```
+//!
+//! and the headers of the drain API's signing scheme ([`collector_core::sign`]):
+//! `X-Collector-Timestamp` (Unix seconds) and `X-Collector-Signature: v1=<hex>`, the
+//! HMAC-SHA256 with the shared secret of `POST \n <path and query> \n <timestamp> \n
+//! hex(sha256(body))`. A receiver recomputes it, compares in constant time, and refuses
+//! a timestamp more than 300 s from its clock (a replay). `Idempotency-Key` is the
+//! SHA-256 of the batch's item keys: a retried batch carries the same one, and each
+//! item's `key` names it for good, so a receiver can drop what it has seen.
+//!
+//! Answers: 2xx is delivered; 408, 429 and 5xx (and timeouts) are retried later,
+//! honouring `Retry-After`; any other 4xx rejects the batch (it is split to find the
+//! item at fault, which is dead-lettered with the answer).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::{retry_after, Destination, DestinationConfig, Item, SendError, What};
+
+pub struct Webhook {
+    name: String,
+    url: reqwest::Url,
+    secret: String,
+    http: reqwest::Client,
+}
+
+impl Webhook {
+    pub fn new(cfg: &DestinationConfig) -> anyhow::Result<Webhook> {
+        Ok(Webhook {
+            name: cfg.name.clone(),
+            url: reqwest::Url::parse(&cfg.base_url)
+                .map_err(|e| anyhow::anyhow!("destinations.{}.base_url: {e}", cfg.name))?,
+            secret: cfg.secret()?,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_millis(cfg.timeout_ms))
+                .build()?,
+        })
+    }
+
+    /// The body of one call.
+    pub fn body(&self, items: &[Item], now_ms: i64) -> Value {
+        let items: Vec<Value> = items
+            .iter()
+            .map(|i| match &i.what {
+                What::Audience { audience, entered } => json!({
+                    "key": i.key, "type": "audience",
+                    "action": if *entered { "entered" } else { "exited" },
+                    "audience": audience, "person_id": i.person_id, "data": i.payload,
+                }),
+                What::Event { message_id } => json!({
+                    "key": i.key, "type": "event", "message_id": message_id,
+                    "person_id": i.person_id, "data": i.payload,
+                }),
+            })
+            .collect();
+        json!({
+            "destination": self.name,
+            "sent_at": collector_core::timestamp::format_ms(now_ms),
+            "items": items,
+        })
+    }
+}
+
+/// The idempotency key of a batch: the SHA-256 of its item keys.
+fn batch_key(items: &[Item]) -> String {
+    let mut h = Sha256::new();
+    for i in items {
+        h.update(i.key.as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
+}
+
+#[async_trait]
+impl Destination for Webhook {
+    async fn send(&self, items: &[Item]) -> Result<(), SendError> {
+        let now = crate::now_ms();
+        let body = serde_json::to_vec(&self.body(items, now)).map_err(|e| SendError::Reject {
+            error: e.to_string(),
+        })?;
+        let ts = now.div_euclid(1000);
+        let path = match self.url.query() {
+            Some(q) => format!("{}?{q}", self.url.path()),
+            None => self.url.path().to_string(),
+        };
+        let sig = collector_core::sign::sign(self.secret.as_bytes(), "POST", &path, ts, &body);
+        let resp = self
+            .http
+            .post(self.url.clone())
+            .header("Content-Type", "application/json")
+            .header(collector_core::sign::TIMESTAMP_HEADER, ts.to_string())
+            .header(collector_core::sign::SIGNATURE_HEADER, sig)
+            .header("Idempotency-Key", batch_key(items))
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| SendError::Retry {
+                error: format!("{}: {e}", self.name),
+                after: None,
+            })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let after = retry_after(
+            resp.headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()),
+            now,
+        );
+        let text: String = resp
+            .text()
+            .await
+            .unwrap_or_default()
+            .chars()
+            .take(300)
+            .collect();
+        let error = format!("{} answered {status}: {text}", self.name);
+        if status.as_u16() == 408 || status.as_u16() == 429 || status.is_server_error() {
+            Err(SendError::Retry { error, after })
+        } else {
+            Err(SendError::Reject { error })
+        }
+    }
+
+    fn removes(&self) -> bool {
+        true
+    }
+}

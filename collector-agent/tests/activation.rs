@@ -1,0 +1,313 @@
+//! Activation through a webhook destination, against a local server that records what
+//! it receives (standing in for the receiver we cannot reach), on a real DuckDB file and
+//! a real PostgreSQL server: entries and exits of an audience, events forwarded only
+//! where consent allows (checked again at send time), signed calls, retries that
+//! deliver once, and a rejected item isolated into a dead letter.
+
+mod common;
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use collector_agent::sinks::{Load, Sink};
+use collector_agent::{AgentConfig, Drainer};
+use common::{events, one, rows, s, Target};
+use serde_json::{json, Value};
+
+const SECRET_ENV: &str = "ACTIVATION_TEST_HOOK_SECRET";
+const SECRET: &str = "hook-secret";
+const T0: i64 = 1_795_000_000_000;
+const MIN: i64 = 60_000;
+
+/// A webhook receiver: records every call; answers with the queued statuses first,
+/// 400 to a body that mentions `poison`, else 200.
+#[derive(Clone, Default)]
+struct Recorder {
+    calls: Arc<Mutex<Vec<(u16, Value, bool)>>>,
+    answers: Arc<Mutex<VecDeque<u16>>>,
+}
+
+impl Recorder {
+    async fn start(&self) -> (String, tokio::task::JoinHandle<()>) {
+        use axum::http::{HeaderMap, StatusCode};
+        let rec = self.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+                let rec = rec.clone();
+                async move {
+                    let h = |n: &str| {
+                        headers
+                            .get(n)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string)
+                    };
+                    let signed = collector_core::sign::verify(
+                        SECRET.as_bytes(),
+                        "POST",
+                        "/hook",
+                        &body,
+                        h(collector_core::sign::TIMESTAMP_HEADER).as_deref(),
+                        h(collector_core::sign::SIGNATURE_HEADER).as_deref(),
+                        collector_agent::now_ms() / 1000,
+                    )
+                    .is_ok();
+                    let text = String::from_utf8_lossy(&body).to_string();
+                    let status = rec
+                        .answers
+                        .lock()
+                        .unwrap()
+                        .pop_front()
+                        .unwrap_or(if text.contains("poison") { 400 } else { 200 });
+                    rec.calls.lock().unwrap().push((
+                        status,
+                        serde_json::from_str(&text).unwrap_or(Value::Null),
+                        signed,
+                    ));
+                    (StatusCode::from_u16(status).unwrap(), "recorded")
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        (url, task)
+    }
+
+    /// The items of the calls answered 2xx: `(type, action or event name, key)`.
+    fn delivered(&self) -> Vec<Value> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(st, _, _)| *st == 200)
+            .flat_map(|(_, b, _)| b["items"].as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+}
+
+fn consent(marketing: bool) -> Value {
+    let (granted, denied) = if marketing {
+        (json!(["analytics", "marketing"]), json!([]))
+    } else {
+        (json!(["analytics"]), json!(["marketing"]))
+    };
+    json!({"consent": {"resolved": {"policy_version": "v1", "granted": granted, "denied": denied,
+        "sources": {"analytics": "explicit", "marketing": "explicit"}}}})
+}
+
+fn iso(ms: i64) -> String {
+    collector_core::timestamp::format_ms(ms)
+}
+
+/// `agent.toml` for the target's warehouse with one webhook destination.
+fn agent_config(dir: &std::path::Path, t: &Target, url: &str) -> AgentConfig {
+    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let policy = std::fs::read_to_string(format!("{repo}/privacy.toml")).unwrap()
+        + "\n[destinations.crm_hook]\ncategories = [\"marketing\"]\n";
+    std::fs::write(dir.join("privacy.toml"), policy).unwrap();
+    std::fs::copy(format!("{repo}/audiences.toml"), dir.join("audiences.toml")).unwrap();
+    let warehouse = match t {
+        Target::DuckDb(d) => format!("path = \"{}\"", d.path().join("w.duckdb").display()),
+        Target::Postgres(pg) => format!("kind = \"postgres\"\nurl = \"{}\"", pg.url),
+        _ => unreachable!("activation runs from duckdb and postgres"),
+    };
+    std::env::set_var(SECRET_ENV, SECRET);
+    let toml = format!(
+        "edge_url = \"http://127.0.0.1:9\"\ndrain_secret = \"s\"\nprivacy = \"privacy.toml\"\naudiences = \"audiences.toml\"
+[warehouse]\n{warehouse}
+[[destinations]]
+name = \"crm_hook\"
+kind = \"webhook\"
+base_url = \"{url}\"
+secret_env = \"{SECRET_ENV}\"
+audiences = [\"pricing_no_purchase_7d\"]
+events = [\"Order Completed\"]
+batch_size = 10
+rate_limit = 1000
+max_event_age = \"3650d\"
+"
+    );
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, toml).unwrap();
+    let cfg = AgentConfig::load(&path).unwrap();
+    cfg.validate().unwrap();
+    cfg
+}
+
+async fn load(sink: &dyn Sink, batch_id: i64, batch: Value) {
+    sink.load(&Load::events(
+        0,
+        batch_id,
+        events(json!({ "batch": batch })),
+    ))
+    .await
+    .unwrap();
+}
+
+/// Identity, audiences and activation at `at`, as the agent does after a load.
+async fn cycle(drainer: &Drainer, at: i64) -> collector_agent::destinations::sync::SyncStats {
+    drainer.resolve_identity().await.unwrap();
+    drainer.evaluate_audiences(at).await.unwrap();
+    let out = drainer.activate(at).await.unwrap();
+    assert_eq!(out.len(), 1);
+    out[0].1
+}
+
+async fn webhook_delivers_what_consent_allows_once(t: &Target) {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = Recorder::default();
+    let (url, server) = rec.start().await;
+    let cfg = agent_config(dir.path(), t, &url);
+    let sink: Arc<dyn Sink> = t.open().await;
+    let drainer = Drainer::new(cfg, sink.clone()).unwrap();
+
+    load(&*sink, 1, json!([
+        // v1 views pricing with marketing consent: enters the audience.
+        {"type": "page", "messageId": "v1p", "anonymousId": "v1", "properties": {"path": "/pricing"}, "timestamp": iso(T0), "context": consent(true)},
+        // v2 views pricing without it: never a member.
+        {"type": "page", "messageId": "v2p", "anonymousId": "v2", "properties": {"path": "/pricing"}, "timestamp": iso(T0), "context": consent(false)},
+        // Orders: o1's may be forwarded, o2's may not.
+        {"type": "track", "messageId": "o1", "anonymousId": "o1-dev", "userId": "buyer-1", "event": "Order Completed", "properties": {"revenue": 10}, "timestamp": iso(T0), "context": consent(true)},
+        {"type": "track", "messageId": "o2", "anonymousId": "o2-dev", "userId": "buyer-2", "event": "Order Completed", "properties": {"revenue": 20}, "timestamp": iso(T0), "context": consent(false)},
+    ]))
+    .await;
+    let st = cycle(&drainer, T0 + MIN).await;
+    assert_eq!((st.sent, st.withheld, st.dead), (2, 1, 0), "{st:?}");
+    let calls = rec.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1, "one batch: {calls:?}");
+    assert!(calls[0].2, "the call is signed with the shared secret");
+    let items = rec.delivered();
+    let v1 = one(
+        &*sink,
+        "SELECT person_id FROM identities WHERE id_value = 'v1'",
+    )
+    .await;
+    let entry = items.iter().find(|i| i["type"] == "audience").unwrap();
+    assert_eq!(entry["action"], "entered");
+    assert_eq!(entry["audience"], "pricing_no_purchase_7d");
+    assert_eq!(entry["person_id"].as_str(), v1.as_deref());
+    let event = items.iter().find(|i| i["type"] == "event").unwrap();
+    assert_eq!(event["message_id"], "o1");
+    assert_eq!(event["data"]["event"], "Order Completed");
+    // The log says what was withheld, and on what consent.
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT action, key FROM activation_log ORDER BY action, key"
+        )
+        .await,
+        vec![
+            vec![
+                s("sent"),
+                Some(format!(
+                    "crm_hook:{}:pricing_no_purchase_7d:entered:{}",
+                    v1.clone().unwrap(),
+                    iso(T0 + MIN)
+                ))
+            ],
+            vec![s("sent"), s("crm_hook:o1")],
+            vec![s("withheld"), s("crm_hook:o2")],
+        ]
+    );
+    let withheld = one(
+        &*sink,
+        "SELECT CAST(consent AS VARCHAR) FROM activation_log WHERE action = 'withheld'",
+    )
+    .await
+    .unwrap();
+    assert!(withheld.contains("\"marketing\""), "{withheld}");
+
+    // Nothing new: nothing sent again.
+    let again = cycle(&drainer, T0 + 2 * MIN).await;
+    assert_eq!((again.enqueued, again.sent), (0, 0), "{again:?}");
+
+    // v1 withdraws marketing consent: removed from the audience at the destination.
+    load(&*sink, 2, json!([
+        {"type": "page", "messageId": "v1q", "anonymousId": "v1", "properties": {"path": "/"}, "timestamp": iso(T0 + 3 * MIN), "context": consent(false)},
+    ]))
+    .await;
+    let st = cycle(&drainer, T0 + 4 * MIN).await;
+    assert_eq!(st.sent, 1, "{st:?}");
+    let exit = rec
+        .delivered()
+        .into_iter()
+        .filter(|i| i["action"] == "exited")
+        .collect::<Vec<_>>();
+    assert_eq!(exit.len(), 1);
+    assert_eq!(exit[0]["person_id"].as_str(), v1.as_deref());
+    let st = cycle(&drainer, T0 + 5 * MIN).await;
+    assert_eq!((st.enqueued, st.sent), (0, 0), "never added again: {st:?}");
+
+    // The receiver fails twice (500, then 503 with Retry-After-less body), then
+    // recovers: the order is delivered exactly once.
+    rec.answers.lock().unwrap().extend([500, 503]);
+    load(&*sink, 3, json!([
+        {"type": "track", "messageId": "o3", "anonymousId": "o1-dev", "userId": "buyer-1", "event": "Order Completed", "timestamp": iso(T0 + 6 * MIN), "context": consent(true)},
+    ]))
+    .await;
+    let st = cycle(&drainer, T0 + 7 * MIN).await;
+    assert_eq!((st.sent, st.retried), (0, 1), "{st:?}");
+    let st = cycle(&drainer, T0 + 30 * MIN).await;
+    assert_eq!((st.sent, st.retried), (0, 1), "{st:?}");
+    let st = cycle(&drainer, T0 + 120 * MIN).await;
+    assert_eq!((st.sent, st.retried), (1, 0), "{st:?}");
+    let keys: Vec<String> = rec
+        .delivered()
+        .iter()
+        .map(|i| i["key"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        keys.len(),
+        keys.iter().collect::<HashSet<_>>().len(),
+        "each item delivered once: {keys:?}"
+    );
+    assert_eq!(keys.iter().filter(|k| *k == "crm_hook:o3").count(), 1);
+    assert_eq!(
+        one(
+            &*sink,
+            "SELECT attempts FROM activation_outbox WHERE key = 'crm_hook:o3'"
+        )
+        .await
+        .as_deref(),
+        Some("3")
+    );
+
+    // A bad record is refused (400): its batch is split, the good order goes out, the
+    // bad one is a dead letter with the answer.
+    load(&*sink, 4, json!([
+        {"type": "track", "messageId": "o4", "anonymousId": "o1-dev", "userId": "buyer-1", "event": "Order Completed", "timestamp": iso(T0 + 130 * MIN), "context": consent(true)},
+        {"type": "track", "messageId": "o5", "anonymousId": "o1-dev", "userId": "buyer-1", "event": "Order Completed", "properties": {"note": "poison"}, "timestamp": iso(T0 + 130 * MIN), "context": consent(true)},
+    ]))
+    .await;
+    let st = cycle(&drainer, T0 + 131 * MIN).await;
+    assert_eq!((st.sent, st.dead), (1, 1), "{st:?}");
+    assert_eq!(
+        rows(&*sink, "SELECT key, status, last_error FROM activation_outbox WHERE key IN ('crm_hook:o4', 'crm_hook:o5') ORDER BY key").await,
+        vec![
+            vec![s("crm_hook:o4"), s("sent"), None],
+            vec![s("crm_hook:o5"), s("dead"), s("crm_hook answered 400 Bad Request: recorded")],
+        ]
+    );
+    server.abort();
+}
+
+crate::per_target!([duckdb, postgres] [webhook_delivers_what_consent_allows_once,]);
+
+// A destination the privacy policy does not name receives nothing: `config check`
+// refuses it (deny by default).
+#[test]
+fn a_destination_the_policy_does_not_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Target::duckdb();
+    let cfg = agent_config(dir.path(), &t, "http://127.0.0.1:9/hook");
+    let mut other = cfg.clone();
+    other.destinations[0].name = "crm_other".into();
+    let err = other.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("privacy.toml has no [destinations.crm_other]"),
+        "{err}"
+    );
+}
