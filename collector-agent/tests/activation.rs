@@ -89,24 +89,46 @@ impl Recorder {
 }
 
 fn consent(marketing: bool) -> Value {
-    let (granted, denied) = if marketing {
-        (json!(["analytics", "marketing"]), json!([]))
+    if marketing {
+        consent_of(&["analytics", "marketing"], &[])
     } else {
-        (json!(["analytics"]), json!(["marketing"]))
-    };
+        consent_of(&["analytics"], &["marketing"])
+    }
+}
+
+/// The evidence the edge stamps, with these categories granted and denied.
+fn consent_of(granted: &[&str], denied: &[&str]) -> Value {
+    let sources: serde_json::Map<String, Value> = granted
+        .iter()
+        .chain(denied)
+        .map(|c| (c.to_string(), json!("explicit")))
+        .collect();
     json!({"consent": {"resolved": {"policy_version": "v1", "granted": granted, "denied": denied,
-        "sources": {"analytics": "explicit", "marketing": "explicit"}}}})
+        "sources": sources}}})
 }
 
 fn iso(ms: i64) -> String {
     collector_core::timestamp::format_ms(ms)
 }
 
-/// `agent.toml` for the target's warehouse with one webhook destination.
+/// `agent.toml` for the target's warehouse with one webhook destination, which
+/// `privacy.toml` lets receive what `categories` allow.
 fn agent_config(dir: &std::path::Path, t: &Target, url: &str) -> AgentConfig {
+    agent_config_for(dir, t, url, &["marketing"])
+}
+
+fn agent_config_for(
+    dir: &std::path::Path,
+    t: &Target,
+    url: &str,
+    categories: &[&str],
+) -> AgentConfig {
     let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let policy = std::fs::read_to_string(format!("{repo}/privacy.toml")).unwrap()
-        + "\n[destinations.crm_hook]\ncategories = [\"marketing\"]\n";
+        + &format!(
+            "\n[destinations.crm_hook]\ncategories = {}\n",
+            serde_json::to_string(categories).unwrap()
+        );
     std::fs::write(dir.join("privacy.toml"), policy).unwrap();
     std::fs::copy(format!("{repo}/audiences.toml"), dir.join("audiences.toml")).unwrap();
     let warehouse = match t {
@@ -294,7 +316,73 @@ async fn webhook_delivers_what_consent_allows_once(t: &Target) {
     server.abort();
 }
 
-crate::per_target!([duckdb, postgres] [webhook_delivers_what_consent_allows_once,]);
+// The destination needs personalization as well as marketing (which the audience
+// itself requires): consent is checked again before every attempt, and a member who
+// withdraws it is removed though still in the audience.
+async fn consent_is_checked_at_every_attempt_and_withdrawal_removes(t: &Target) {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = Recorder::default();
+    let (url, server) = rec.start().await;
+    let cfg = agent_config_for(dir.path(), t, &url, &["marketing", "personalization"]);
+    let sink: Arc<dyn Sink> = t.open().await;
+    let drainer = Drainer::new(cfg, sink.clone()).unwrap();
+    let all = consent_of(&["analytics", "marketing", "personalization"], &[]);
+    let less = consent_of(&["analytics", "marketing"], &["personalization"]);
+    load(&*sink, 1, json!([
+        {"type": "page", "messageId": "p1", "anonymousId": "w1", "properties": {"path": "/pricing"}, "timestamp": iso(T0), "context": all},
+        {"type": "page", "messageId": "p2", "anonymousId": "w2", "properties": {"path": "/pricing"}, "timestamp": iso(T0), "context": all},
+    ]))
+    .await;
+    // The first attempt fails; before the retry, w2 withdraws personalization.
+    rec.answers.lock().unwrap().push_back(500);
+    let st = cycle(&drainer, T0 + MIN).await;
+    assert_eq!((st.sent, st.retried), (0, 2), "{st:?}");
+    load(&*sink, 2, json!([
+        {"type": "page", "messageId": "p2b", "anonymousId": "w2", "properties": {"path": "/about"}, "timestamp": iso(T0 + 2 * MIN), "context": less},
+    ]))
+    .await;
+    let st = cycle(&drainer, T0 + 60 * MIN).await;
+    assert_eq!((st.sent, st.withheld), (1, 1), "{st:?}");
+    let person = |id: &str| format!("SELECT person_id FROM identities WHERE id_value = '{id}'");
+    let w1 = one(&*sink, &person("w1")).await;
+    let w2 = one(&*sink, &person("w2")).await;
+    let delivered = rec.delivered();
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0]["person_id"].as_str(), w1.as_deref());
+    // Both are still members (the audience needs only marketing).
+    assert_eq!(
+        one(
+            &*sink,
+            "SELECT count(*) FROM audience_membership WHERE exited_at IS NULL"
+        )
+        .await
+        .as_deref(),
+        Some("2")
+    );
+    // w1 withdraws personalization: removed at the destination, still a member.
+    load(&*sink, 3, json!([
+        {"type": "page", "messageId": "p1b", "anonymousId": "w1", "properties": {"path": "/about"}, "timestamp": iso(T0 + 61 * MIN), "context": less},
+    ]))
+    .await;
+    let st = cycle(&drainer, T0 + 62 * MIN).await;
+    assert_eq!(st.sent, 1, "{st:?}");
+    let last = rec.delivered().pop().unwrap();
+    assert_eq!(
+        (last["action"].as_str(), last["person_id"].as_str()),
+        (Some("exited"), w1.as_deref())
+    );
+    assert_ne!(w1, w2);
+    // Nothing more, ever, for this stay.
+    let st = cycle(&drainer, T0 + 63 * MIN).await;
+    assert_eq!((st.enqueued, st.sent), (0, 0), "{st:?}");
+    server.abort();
+}
+
+crate::per_target!(
+    [duckdb, postgres]
+    [webhook_delivers_what_consent_allows_once,
+    consent_is_checked_at_every_attempt_and_withdrawal_removes,]
+);
 
 // A destination the privacy policy does not name receives nothing: `config check`
 // refuses it (deny by default).

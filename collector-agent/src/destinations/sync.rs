@@ -67,8 +67,10 @@ pub async fn sync(
     t: &Target<'_>,
     now_ms: i64,
 ) -> Result<SyncStats, SinkError> {
-    let mut stats = SyncStats::default();
-    stats.enqueued = enqueue(s, t, now_ms).await?;
+    let mut stats = SyncStats {
+        enqueued: enqueue(s, t, now_ms).await?,
+        ..SyncStats::default()
+    };
     for _ in 0..MAX_BATCHES {
         let rows = due(s, t.cfg, now_ms).await?;
         if rows.is_empty() {
