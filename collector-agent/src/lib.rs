@@ -408,6 +408,28 @@ impl Drainer {
         Ok(out)
     }
 
+    /// What the next sync of destination `name` would do at `now_ms` (nothing is sent
+    /// or written).
+    pub async fn dry_run(
+        &self,
+        name: &str,
+        now_ms: i64,
+    ) -> Result<destinations::sync::DryRun, SinkError> {
+        let Some((cfg, dest, categories)) = self.destinations.iter().find(|d| d.0.name == name)
+        else {
+            return Err(SinkError::Permanent(format!("no destination {name:?}")));
+        };
+        let Some(mut session) = self.sink.session().await? else {
+            return Err(SinkError::Permanent("no SQL warehouse".into()));
+        };
+        let target = destinations::sync::Target {
+            cfg,
+            dest: dest.as_ref(),
+            categories,
+        };
+        destinations::sync::dry_run(&mut *session, &target, now_ms).await
+    }
+
     /// Resolves identity and profiles in the warehouse (SQL sinks only).
     /// `None` when the warehouse has no SQL or `[identity] enabled = false`.
     pub async fn resolve_identity(&self) -> Result<Option<identity::IdentityStats>, SinkError> {

@@ -69,8 +69,17 @@ enum Command {
     /// an upgrade), then quarantined events (all, or the given message ids).
     Replay {
         message_ids: Vec<String>,
+        /// Instead: send a destination's dead letters again (from now on, with consent
+        /// checked again).
+        #[arg(long)]
+        destination: Option<String>,
         #[arg(long, default_value = "agent.toml")]
         config: PathBuf,
+    },
+    /// Destinations (`[[destinations]]`): test one, or see what its next sync would do.
+    Destinations {
+        #[command(subcommand)]
+        command: DestinationsCommand,
     },
     /// Audiences (`audiences.toml`): check the file, preview one.
     Audience {
@@ -120,6 +129,26 @@ enum QuarantineCommand {
         message_ids: Vec<String>,
         #[arg(long, default_value = "agent.toml")]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DestinationsCommand {
+    /// Send one signed call that changes nothing and print the answer.
+    Test {
+        name: String,
+        #[arg(long, default_value = "agent.toml")]
+        config: PathBuf,
+    },
+    /// Print what the next sync would send, add and remove, and how many consent
+    /// withholds, without sending or writing anything.
+    DryRun {
+        name: String,
+        #[arg(long, default_value = "agent.toml")]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -297,8 +326,91 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Replay {
+            destination: Some(name),
+            config,
+            ..
+        } => {
+            let cfg = AgentConfig::load(&config)?;
+            let (d, _) = destination(&cfg, &name)?;
+            let dialect = cfg.warehouse.people_dialect().context("no SQL warehouse")?;
+            let (count, update) = collector_agent::destinations::outbox::replay_dead_sql(
+                dialect,
+                &d.name,
+                collector_agent::now_ms(),
+            );
+            let n = sql(&cfg, count).await?;
+            write_sql(&cfg, update).await?;
+            println!(
+                "{name}: {} dead letters will be sent again at the next sync",
+                n.rows
+                    .first()
+                    .and_then(|r| r[0].clone())
+                    .unwrap_or_else(|| "0".into())
+            );
+            Ok(())
+        }
+        Command::Destinations {
+            command: DestinationsCommand::Test { name, config },
+        } => {
+            let cfg = AgentConfig::load(&config)?;
+            let (d, _) = destination(&cfg, &name)?;
+            let dest = collector_agent::destinations::open(d)?;
+            match dest.test().await {
+                Ok(answer) => {
+                    println!("{name} ({}) answered {answer}", d.base_url);
+                    Ok(())
+                }
+                Err(e) => anyhow::bail!("{name} ({}): {e}", d.base_url),
+            }
+        }
+        Command::Destinations {
+            command: DestinationsCommand::DryRun { name, config, json },
+        } => {
+            let cfg = AgentConfig::load(&config)?;
+            let (d, categories) = destination(&cfg, &name)?;
+            let dest = collector_agent::destinations::open(d)?;
+            let target = collector_agent::destinations::sync::Target {
+                cfg: d,
+                dest: dest.as_ref(),
+                categories: &categories,
+            };
+            let mut session = CliSession {
+                dialect: cfg.warehouse.people_dialect().context("no SQL warehouse")?,
+                cfg: &cfg,
+            };
+            let r = collector_agent::destinations::sync::dry_run(
+                &mut session,
+                &target,
+                collector_agent::now_ms(),
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                return Ok(());
+            }
+            println!(
+                "{name}: would add {}, remove {}, forward {} events; consent withholds {} (entries whose stay ended: {}, retries among them: {})",
+                r.add.len(),
+                r.remove.len(),
+                r.events.len(),
+                r.withheld,
+                r.superseded,
+                r.retries
+            );
+            for (what, list) in [("add", &r.add), ("remove", &r.remove), ("event", &r.events)] {
+                for x in list.iter().take(20) {
+                    println!("  {what:<6} {x}");
+                }
+                if list.len() > 20 {
+                    println!("  … and {} more", list.len() - 20);
+                }
+            }
+            Ok(())
+        }
+        Command::Replay {
             message_ids,
             config,
+            destination: None,
         } => {
             let cfg = AgentConfig::load(&config)?;
             let state = cfg.warehouse.state_file();
@@ -487,6 +599,87 @@ async fn sql(cfg: &AgentConfig, query: String) -> anyhow::Result<QueryResult> {
             Ok(sink.query(&query).await?)
         }
     }
+}
+
+/// A destination of the config with the consent categories the policy requires for it.
+fn destination<'a>(
+    cfg: &'a AgentConfig,
+    name: &str,
+) -> anyhow::Result<(
+    &'a collector_agent::destinations::DestinationConfig,
+    Vec<String>,
+)> {
+    let d = cfg
+        .destinations
+        .iter()
+        .find(|d| d.name == name)
+        .with_context(|| {
+            format!(
+                "no destination {name:?} in the config (destinations: {})",
+                cfg.destinations
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+    let categories = cfg
+        .policy()?
+        .and_then(|p| p.destinations.get(name).cloned())
+        .with_context(|| {
+            format!(
+                "privacy.toml has no [destinations.{name}]: it receives nothing (deny by default)"
+            )
+        })?;
+    Ok((d, categories))
+}
+
+/// Runs a statement that writes: through the running agent if there is one, else on
+/// the warehouse opened for writing.
+async fn write_sql(cfg: &AgentConfig, query: String) -> anyhow::Result<QueryResult> {
+    if let Some(r) = admin::query_running_agent(&cfg.warehouse.state_file(), &query).await? {
+        return Ok(r);
+    }
+    let sink = collector_agent::sinks::open(&cfg.warehouse)
+        .await
+        .context("open the warehouse")?;
+    Ok(sink.query(&query).await?)
+}
+
+/// Read-only SQL for library code that takes a session, through [`sql`] (the running
+/// agent, or the warehouse directly).
+struct CliSession<'a> {
+    cfg: &'a AgentConfig,
+    dialect: collector_agent::sinks::Dialect,
+}
+
+#[async_trait::async_trait]
+impl collector_agent::sinks::SqlSession for CliSession<'_> {
+    fn dialect(&self) -> collector_agent::sinks::Dialect {
+        self.dialect
+    }
+    async fn execute(&mut self, _: &str) -> Result<u64, collector_agent::sinks::SinkError> {
+        Err(read_only())
+    }
+    async fn batch(&mut self, _: &str) -> Result<(), collector_agent::sinks::SinkError> {
+        Err(read_only())
+    }
+    async fn query(&mut self, q: &str) -> Result<QueryResult, collector_agent::sinks::SinkError> {
+        sql(self.cfg, q.to_string())
+            .await
+            .map_err(|e| collector_agent::sinks::SinkError::Permanent(e.to_string()))
+    }
+    async fn insert(
+        &mut self,
+        _: &str,
+        _: Vec<Vec<Option<String>>>,
+    ) -> Result<(), collector_agent::sinks::SinkError> {
+        Err(read_only())
+    }
+}
+
+fn read_only() -> collector_agent::sinks::SinkError {
+    collector_agent::sinks::SinkError::Permanent("this command only reads".into())
 }
 
 async fn shutdown_signal() {

@@ -133,7 +133,10 @@ fn agent_config_for(
     std::fs::copy(format!("{repo}/audiences.toml"), dir.join("audiences.toml")).unwrap();
     let warehouse = match t {
         Target::DuckDb(d) => format!("path = \"{}\"", d.path().join("w.duckdb").display()),
-        Target::Postgres(pg) => format!("kind = \"postgres\"\nurl = \"{}\"", pg.url),
+        Target::Postgres(pg) => format!(
+            "kind = \"postgres\"\nurl = \"{}\"\nschema = \"analytics\"",
+            pg.url
+        ),
         _ => unreachable!("activation runs from duckdb and postgres"),
     };
     std::env::set_var(SECRET_ENV, SECRET);
@@ -196,6 +199,23 @@ async fn webhook_delivers_what_consent_allows_once(t: &Target) {
         {"type": "track", "messageId": "o2", "anonymousId": "o2-dev", "userId": "buyer-2", "event": "Order Completed", "properties": {"revenue": 20}, "timestamp": iso(T0), "context": consent(false)},
     ]))
     .await;
+    // A dry run first: what would go, nothing sent, nothing written.
+    drainer.resolve_identity().await.unwrap();
+    drainer.evaluate_audiences(T0 + MIN).await.unwrap();
+    let dry = dry_run(&drainer, &*sink, T0 + MIN).await;
+    assert_eq!(
+        (dry.add.len(), dry.remove.len(), dry.withheld),
+        (1, 0, 1),
+        "{dry:?}"
+    );
+    assert_eq!(dry.events, vec!["o1".to_string()]);
+    assert!(rec.calls.lock().unwrap().is_empty());
+    assert_eq!(
+        one(&*sink, "SELECT count(*) FROM activation_outbox")
+            .await
+            .as_deref(),
+        Some("0")
+    );
     let st = cycle(&drainer, T0 + MIN).await;
     assert_eq!((st.sent, st.withheld, st.dead), (2, 1, 0), "{st:?}");
     let calls = rec.calls.lock().unwrap().clone();
@@ -313,7 +333,61 @@ async fn webhook_delivers_what_consent_allows_once(t: &Target) {
             vec![s("crm_hook:o5"), s("dead"), s("crm_hook answered 400 Bad Request: recorded")],
         ]
     );
+
+    // The command line, with no agent running: the dead letter is made pending again,
+    // the dry run shows it, and a test call reaches the receiver signed.
+    if matches!(t, Target::DuckDb(_)) {
+        drop(drainer);
+        drop(sink);
+    }
+    let config = dir.path().join("agent.toml");
+    let out = cli(&["replay", "--destination", "crm_hook"], &config).await;
+    assert!(
+        out.contains("crm_hook: 1 dead letters will be sent again"),
+        "{out}"
+    );
+    let out = cli(&["destinations", "dry-run", "crm_hook", "--json"], &config).await;
+    let dry: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(dry["events"], json!(["o5"]), "{out}");
+    let before = rec.calls.lock().unwrap().len();
+    let out = cli(&["destinations", "test", "crm_hook"], &config).await;
+    assert!(out.contains("answered 200 OK: recorded"), "{out}");
+    let calls = rec.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), before + 1);
+    let (_, body, signed) = calls.last().unwrap();
+    assert!(
+        *signed && body["test"] == json!(true) && body["items"] == json!([]),
+        "{body}"
+    );
     server.abort();
+}
+
+/// A dry run of the destination, through the drainer's warehouse.
+async fn dry_run(
+    drainer: &Drainer,
+    _sink: &dyn Sink,
+    at: i64,
+) -> collector_agent::destinations::sync::DryRun {
+    drainer.dry_run("crm_hook", at).await.unwrap()
+}
+
+/// Runs the agent's command line (the receiver answers meanwhile); its output.
+async fn cli(args: &[&str], config: &std::path::Path) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_collector-agent"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env(SECRET_ENV, SECRET)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
 }
 
 // The destination needs personalization as well as marketing (which the audience

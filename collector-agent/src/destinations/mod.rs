@@ -78,6 +78,8 @@ pub trait Destination: Send + Sync {
     async fn send(&self, items: &[Item]) -> Result<(), SendError>;
     /// Whether it can take a person out of an audience (else exits are not sent).
     fn removes(&self) -> bool;
+    /// One signed call that changes nothing at the destination; its answer.
+    async fn test(&self) -> Result<String, SendError>;
 }
 
 /// The destination a config describes.

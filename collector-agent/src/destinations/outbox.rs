@@ -54,11 +54,15 @@ fn list(v: &[String]) -> String {
     v.iter().map(|s| sql_lit(s)).collect::<Vec<_>>().join(", ")
 }
 
-/// The statements that enqueue, at `now_ms`, what `destination` should be sent:
-/// entries of open stays, exits of stays whose entry was sent, removals of people whose
-/// consent no longer allows the destination, and recent events of the configured names.
-/// Keys make each idempotent.
-pub fn enqueue_sql(
+/// The columns an enqueue query selects (the rest of an outbox row is its state).
+pub const NEW_ROW: &str =
+    "key, destination, kind, person_id, audience, transition, entered_at, message_id";
+
+/// The queries of what `destination` should be sent at `now_ms`, each selecting
+/// [`NEW_ROW`]: entries of open stays, exits of stays whose entry was sent, removals of
+/// people whose consent no longer allows the destination, and recent events of the
+/// configured names. Keys make enqueueing them idempotent.
+pub fn candidates_sql(
     d: Dialect,
     destination: &str,
     audiences: &[String],
@@ -68,28 +72,24 @@ pub fn enqueue_sql(
     now_ms: i64,
 ) -> Vec<String> {
     let dl = sql_lit(destination);
-    let now = at(d, now_ms);
-    let cols = "key, destination, kind, person_id, audience, transition, entered_at, message_id, created_at, attempts, next_attempt_at, status";
     let mut out = Vec::new();
     if !audiences.is_empty() {
         let auds = list(audiences);
         out.push(format!(
-            "INSERT INTO activation_outbox ({cols})
-             SELECT {dl} || ':' || m.person_id || ':' || m.audience || ':entered:' || {k}, {dl}, 'audience', m.person_id, m.audience,
-               'entered', m.entered_at, NULL, {now}, 0, {now}, 'pending'
-             FROM audience_membership m WHERE m.audience IN ({auds}) AND m.exited_at IS NULL
-             ON CONFLICT (key) DO NOTHING",
-            k = ts_key(d, "m.entered_at")
+            "SELECT {dl} || ':' || m.person_id || ':' || m.audience || ':entered:' || {k} AS key, {dl} AS destination, 'audience' AS kind,
+               m.person_id, m.audience, 'entered' AS transition, m.entered_at, CAST(NULL AS {t}) AS message_id
+             FROM audience_membership m WHERE m.audience IN ({auds}) AND m.exited_at IS NULL",
+            k = ts_key(d, "m.entered_at"),
+            t = text(d)
         ));
         let exit = |from: &str, cond: &str| {
             format!(
-                "INSERT INTO activation_outbox ({cols})
-                 SELECT {dl} || ':' || o.person_id || ':' || o.audience || ':exited:' || {k}, {dl}, 'audience', o.person_id, o.audience,
-                   'exited', o.entered_at, NULL, {now}, 0, {now}, 'pending'
+                "SELECT {dl} || ':' || o.person_id || ':' || o.audience || ':exited:' || {k} AS key, {dl} AS destination, 'audience' AS kind,
+                   o.person_id, o.audience, 'exited' AS transition, o.entered_at, CAST(NULL AS {t}) AS message_id
                  FROM activation_outbox o {from}
-                 WHERE o.destination = {dl} AND o.transition = 'entered' AND o.status = 'sent' AND {cond}
-                 ON CONFLICT (key) DO NOTHING",
-                k = ts_key(d, "o.entered_at")
+                 WHERE o.destination = {dl} AND o.transition = 'entered' AND o.status = 'sent' AND {cond}",
+                k = ts_key(d, "o.entered_at"),
+                t = text(d)
             )
         };
         // The stay ended.
@@ -106,13 +106,56 @@ pub fn enqueue_sql(
     }
     if !events.is_empty() {
         out.push(format!(
-            "INSERT INTO activation_outbox ({cols})
-             SELECT {dl} || ':' || t.message_id, {dl}, 'event', NULL, NULL, NULL, NULL, t.message_id, {now}, 0, {now}, 'pending'
-             FROM tracks t WHERE t.event_text IN ({}) AND t.timestamp > {}
-             ON CONFLICT (key) DO NOTHING",
+            "SELECT {dl} || ':' || t.message_id AS key, {dl} AS destination, 'event' AS kind, CAST(NULL AS {tx}) AS person_id,
+               CAST(NULL AS {tx}) AS audience, CAST(NULL AS {tx}) AS transition, CAST(NULL AS {ts}) AS entered_at, t.message_id
+             FROM tracks t WHERE t.event_text IN ({}) AND t.timestamp > {}",
             list(events),
-            at(d, now_ms - max_event_age_ms)
+            at(d, now_ms - max_event_age_ms),
+            tx = text(d),
+            ts = ts_type(d)
         ));
     }
     out
+}
+
+fn text(d: Dialect) -> &'static str {
+    match d {
+        Dialect::Postgres => "text",
+        _ => "VARCHAR",
+    }
+}
+
+fn ts_type(d: Dialect) -> &'static str {
+    match d {
+        Dialect::Postgres => "timestamptz",
+        _ => "TIMESTAMP",
+    }
+}
+
+/// The statements that enqueue the candidates at `now_ms`.
+pub fn enqueue_sql(candidates: &[String], d: Dialect, now_ms: i64) -> Vec<String> {
+    let now = at(d, now_ms);
+    candidates
+        .iter()
+        .map(|c| {
+            format!(
+                "INSERT INTO activation_outbox ({NEW_ROW}, created_at, attempts, next_attempt_at, status)
+                 SELECT {NEW_ROW}, {now}, 0, {now}, 'pending' FROM ({c}) x
+                 ON CONFLICT (key) DO NOTHING"
+            )
+        })
+        .collect()
+}
+
+/// `(count, update)`: how many dead letters `destination` has, and the statement that
+/// makes them pending again from `now_ms` (a fresh `retry_for`, consent checked again).
+pub fn replay_dead_sql(d: Dialect, destination: &str, now_ms: i64) -> (String, String) {
+    let (dl, now) = (sql_lit(destination), at(d, now_ms));
+    (
+        format!("SELECT count(*) FROM activation_outbox WHERE destination = {dl} AND status = 'dead'"),
+        format!(
+            "UPDATE activation_outbox SET status = 'pending', attempts = 0, created_at = {now}, next_attempt_at = {now}, last_error = NULL, done_at = NULL
+             WHERE destination = {dl} AND status = 'dead'"
+        ),
+    )
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::outbox::enqueue_sql;
+use super::outbox::{candidates_sql, enqueue_sql};
 use super::{Destination, DestinationConfig, Item, SendError, What};
 use crate::audiences::eval::at;
 use crate::sinks::{sql_lit, Dialect, SinkError, SqlSession};
@@ -88,18 +88,9 @@ pub async fn enqueue(
     now_ms: i64,
 ) -> Result<u64, SinkError> {
     let d = s.dialect();
-    let age = i64::try_from(t.cfg.max_event_age().as_millis()).unwrap_or(i64::MAX);
     s.batch("BEGIN").await?;
     let mut n = 0;
-    for sql in enqueue_sql(
-        d,
-        &t.cfg.name,
-        &t.cfg.audiences,
-        &t.cfg.events,
-        t.categories,
-        age,
-        now_ms,
-    ) {
+    for sql in enqueue_sql(&candidates(d, t, now_ms), d, now_ms) {
         match s.execute(&sql).await {
             Ok(k) => n += k,
             Err(e) => {
@@ -110,6 +101,20 @@ pub async fn enqueue(
     }
     s.batch("COMMIT").await?;
     Ok(n)
+}
+
+/// The queries of what `t` should be sent at `now_ms` ([`candidates_sql`]).
+fn candidates(d: Dialect, t: &Target<'_>, now_ms: i64) -> Vec<String> {
+    let age = i64::try_from(t.cfg.max_event_age().as_millis()).unwrap_or(i64::MAX);
+    candidates_sql(
+        d,
+        &t.cfg.name,
+        &t.cfg.audiences,
+        &t.cfg.events,
+        t.categories,
+        age,
+        now_ms,
+    )
 }
 
 fn text_type(d: Dialect) -> &'static str {
@@ -188,6 +193,15 @@ fn evidence_consent(raw: &Value) -> Value {
     Value::Object(out)
 }
 
+/// Rows decided: what to send, and what not with why.
+struct Decided {
+    items: Vec<Item>,
+    outcomes: Vec<Outcome>,
+    by_key: HashMap<String, Row>,
+    /// Person → (user ids, traits, consent).
+    profiles: HashMap<String, (Value, Value, Value)>,
+}
+
 /// Decides and sends one batch of due rows.
 async fn send_rows(
     s: &mut dyn SqlSession,
@@ -196,6 +210,101 @@ async fn send_rows(
     now_ms: i64,
     stats: &mut SyncStats,
 ) -> Result<(), SinkError> {
+    let d = s.dialect();
+    let Decided {
+        items,
+        mut outcomes,
+        by_key,
+        profiles,
+    } = decide(s, t, rows, stats).await?;
+    // Send, splitting a rejected batch until the item at fault is alone.
+    let mut pending = vec![items];
+    let mut last_call = None;
+    while let Some(batch) = pending.pop() {
+        if batch.is_empty() {
+            continue;
+        }
+        pace(t.cfg, &mut last_call).await;
+        match t.dest.send(&batch).await {
+            Ok(()) => {
+                for i in &batch {
+                    stats.sent += 1;
+                    let consent = i
+                        .person_id
+                        .as_ref()
+                        .and_then(|p| profiles.get(p))
+                        .map(|p| p.2.clone());
+                    outcomes.push(Outcome {
+                        key: i.key.clone(),
+                        person_id: i.person_id.clone(),
+                        status: "sent",
+                        detail: None,
+                        consent,
+                    });
+                }
+            }
+            Err(SendError::Reject { error }) if batch.len() > 1 => {
+                tracing::info!(destination = %t.cfg.name, items = batch.len(), %error, "batch rejected; splitting it to find the item at fault");
+                let mut a = batch;
+                let b = a.split_off(a.len() / 2);
+                pending.push(b);
+                pending.push(a);
+            }
+            Err(SendError::Reject { error }) => {
+                stats.dead += 1;
+                outcomes.push(Outcome {
+                    key: batch[0].key.clone(),
+                    person_id: batch[0].person_id.clone(),
+                    status: "dead",
+                    detail: Some(error),
+                    consent: None,
+                });
+            }
+            Err(SendError::Retry { error, after }) => {
+                tracing::warn!(destination = %t.cfg.name, %error, "send failed; retried later");
+                for i in &batch {
+                    let row = &by_key[&i.key];
+                    let wait = backoff(row.attempts).max(after.unwrap_or_default());
+                    let next = now_ms + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
+                    let give_up = row.created_ms
+                        + i64::try_from(t.cfg.retry_for().as_millis()).unwrap_or(i64::MAX / 2);
+                    if next > give_up {
+                        stats.dead += 1;
+                        outcomes.push(Outcome {
+                            key: i.key.clone(),
+                            person_id: i.person_id.clone(),
+                            status: "dead",
+                            detail: Some(format!(
+                                "still failing after {}: {error}",
+                                t.cfg.retry_for
+                            )),
+                            consent: None,
+                        });
+                    } else {
+                        stats.retried += 1;
+                        s.execute(&format!(
+                            "UPDATE activation_outbox SET attempts = attempts + 1, next_attempt_at = {}, last_error = {} WHERE key = {}",
+                            at(d, next),
+                            sql_lit(&error),
+                            sql_lit(&i.key)
+                        ))
+                        .await?;
+                    }
+                }
+            }
+        }
+    }
+    record(s, t, outcomes, now_ms).await
+}
+
+/// Decides due rows: whom the destination may receive now (consent, open stays), and
+/// the payload of each item.
+async fn decide(
+    s: &mut dyn SqlSession,
+    t: &Target<'_>,
+    rows: Vec<Row>,
+    stats: &mut SyncStats,
+) -> Result<Decided, SinkError> {
     let d = s.dialect();
     let tt = text_type(d);
     // The people of the events, by their ids.
@@ -383,84 +492,12 @@ async fn send_rows(
         by_key.insert(row.key.clone(), row);
         items.push(item);
     }
-    // Send, splitting a rejected batch until the item at fault is alone.
-    let mut pending = vec![items];
-    let mut last_call = None;
-    while let Some(batch) = pending.pop() {
-        if batch.is_empty() {
-            continue;
-        }
-        pace(t.cfg, &mut last_call).await;
-        match t.dest.send(&batch).await {
-            Ok(()) => {
-                for i in &batch {
-                    stats.sent += 1;
-                    let consent = i
-                        .person_id
-                        .as_ref()
-                        .and_then(|p| profiles.get(p))
-                        .map(|p| p.2.clone());
-                    outcomes.push(Outcome {
-                        key: i.key.clone(),
-                        person_id: i.person_id.clone(),
-                        status: "sent",
-                        detail: None,
-                        consent,
-                    });
-                }
-            }
-            Err(SendError::Reject { error }) if batch.len() > 1 => {
-                tracing::info!(destination = %t.cfg.name, items = batch.len(), %error, "batch rejected; splitting it to find the item at fault");
-                let mut a = batch;
-                let b = a.split_off(a.len() / 2);
-                pending.push(b);
-                pending.push(a);
-            }
-            Err(SendError::Reject { error }) => {
-                stats.dead += 1;
-                outcomes.push(Outcome {
-                    key: batch[0].key.clone(),
-                    person_id: batch[0].person_id.clone(),
-                    status: "dead",
-                    detail: Some(error),
-                    consent: None,
-                });
-            }
-            Err(SendError::Retry { error, after }) => {
-                tracing::warn!(destination = %t.cfg.name, %error, "send failed; retried later");
-                for i in &batch {
-                    let row = &by_key[&i.key];
-                    let wait = backoff(row.attempts).max(after.unwrap_or_default());
-                    let next = now_ms + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
-                    let give_up = row.created_ms
-                        + i64::try_from(t.cfg.retry_for().as_millis()).unwrap_or(i64::MAX / 2);
-                    if next > give_up {
-                        stats.dead += 1;
-                        outcomes.push(Outcome {
-                            key: i.key.clone(),
-                            person_id: i.person_id.clone(),
-                            status: "dead",
-                            detail: Some(format!(
-                                "still failing after {}: {error}",
-                                t.cfg.retry_for
-                            )),
-                            consent: None,
-                        });
-                    } else {
-                        stats.retried += 1;
-                        s.execute(&format!(
-                            "UPDATE activation_outbox SET attempts = attempts + 1, next_attempt_at = {}, last_error = {} WHERE key = {}",
-                            at(d, next),
-                            sql_lit(&error),
-                            sql_lit(&i.key)
-                        ))
-                        .await?;
-                    }
-                }
-            }
-        }
-    }
-    record(s, t, outcomes, now_ms).await
+    Ok(Decided {
+        items,
+        outcomes,
+        by_key,
+        profiles,
+    })
 }
 
 /// Writes the outcomes: the outbox rows' status and the log.
@@ -532,4 +569,74 @@ async fn pace(cfg: &DestinationConfig, last: &mut Option<tokio::time::Instant>) 
         tokio::time::sleep_until(l + gap).await;
     }
     *last = Some(tokio::time::Instant::now());
+}
+
+/// What the next sync of a destination would do at `now_ms`, found with queries only:
+/// nothing is sent or written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DryRun {
+    /// People who would be added to an audience (`audience: person_id`).
+    pub add: Vec<String>,
+    /// People who would be removed.
+    pub remove: Vec<String>,
+    /// Events that would be forwarded (message ids).
+    pub events: Vec<String>,
+    /// Not sent because consent does not allow this destination.
+    pub withheld: u64,
+    /// Entries whose stay ended before they went out.
+    pub superseded: u64,
+    /// Of the above, how many are retries of earlier attempts.
+    pub retries: u64,
+}
+
+/// The most outbox rows a dry run looks at.
+const DRY_RUN_ROWS: usize = 100_000;
+
+pub async fn dry_run(
+    s: &mut dyn SqlSession,
+    t: &Target<'_>,
+    now_ms: i64,
+) -> Result<DryRun, SinkError> {
+    let d = s.dialect();
+    let mut cfg = t.cfg.clone();
+    cfg.batch_size = DRY_RUN_ROWS;
+    let mut rows = due(s, &cfg, now_ms).await?;
+    let retries = rows.iter().filter(|r| r.attempts > 0).count() as u64;
+    for c in candidates(d, t, now_ms) {
+        let r = s
+            .query(&format!(
+                "SELECT key, person_id, audience, transition, entered_at, message_id FROM ({c}) x
+                 WHERE key NOT IN (SELECT key FROM activation_outbox) ORDER BY key LIMIT {DRY_RUN_ROWS}"
+            ))
+            .await?;
+        rows.extend(r.rows.into_iter().map(|r| Row {
+            key: r[0].clone().unwrap_or_default(),
+            person_id: r[1].clone(),
+            audience: r[2].clone(),
+            entered: r[3].as_deref() == Some("entered"),
+            entered_at: r[4].clone(),
+            message_id: r[5].clone(),
+            attempts: 0,
+            created_ms: now_ms,
+        }));
+    }
+    let mut stats = SyncStats::default();
+    let decided = decide(s, t, rows, &mut stats).await?;
+    let mut out = DryRun {
+        withheld: stats.withheld,
+        superseded: stats.superseded,
+        retries,
+        ..DryRun::default()
+    };
+    for i in decided.items {
+        let person = i.person_id.unwrap_or_default();
+        match i.what {
+            What::Audience { audience, entered } if entered => {
+                out.add.push(format!("{audience}: {person}"));
+            }
+            What::Audience { audience, .. } => out.remove.push(format!("{audience}: {person}")),
+            What::Event { message_id } => out.events.push(message_id),
+        }
+    }
+    Ok(out)
 }

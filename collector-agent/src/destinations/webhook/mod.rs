@@ -85,11 +85,11 @@ fn batch_key(items: &[Item]) -> String {
     hex::encode(h.finalize())
 }
 
-#[async_trait]
-impl Destination for Webhook {
-    async fn send(&self, items: &[Item]) -> Result<(), SendError> {
+impl Webhook {
+    /// Posts a signed body; the answer's status and text, or how it failed.
+    async fn post(&self, body: Value, key: String) -> Result<String, SendError> {
         let now = crate::now_ms();
-        let body = serde_json::to_vec(&self.body(items, now)).map_err(|e| SendError::Reject {
+        let body = serde_json::to_vec(&body).map_err(|e| SendError::Reject {
             error: e.to_string(),
         })?;
         let ts = now.div_euclid(1000);
@@ -104,7 +104,7 @@ impl Destination for Webhook {
             .header("Content-Type", "application/json")
             .header(collector_core::sign::TIMESTAMP_HEADER, ts.to_string())
             .header(collector_core::sign::SIGNATURE_HEADER, sig)
-            .header("Idempotency-Key", batch_key(items))
+            .header("Idempotency-Key", key)
             .body(body)
             .send()
             .await
@@ -114,7 +114,14 @@ impl Destination for Webhook {
             })?;
         let status = resp.status();
         if status.is_success() {
-            return Ok(());
+            let text: String = resp
+                .text()
+                .await
+                .unwrap_or_default()
+                .chars()
+                .take(300)
+                .collect();
+            return Ok(format!("{status}: {text}"));
         }
         let after = retry_after(
             resp.headers()
@@ -136,8 +143,24 @@ impl Destination for Webhook {
             Err(SendError::Reject { error })
         }
     }
+}
+
+#[async_trait]
+impl Destination for Webhook {
+    async fn send(&self, items: &[Item]) -> Result<(), SendError> {
+        self.post(self.body(items, crate::now_ms()), batch_key(items))
+            .await
+            .map(|_| ())
+    }
 
     fn removes(&self) -> bool {
         true
+    }
+
+    /// A batch with no items and `"test": true`.
+    async fn test(&self) -> Result<String, SendError> {
+        let mut body = self.body(&[], crate::now_ms());
+        body["test"] = Value::Bool(true);
+        self.post(body, batch_key(&[])).await
     }
 }
