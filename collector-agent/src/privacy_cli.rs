@@ -54,7 +54,8 @@ pub fn dry_run(
     let (version, secret) = key
         .and_then(|k| k.split_once(':'))
         .unwrap_or(("dry-run", "dry-run-key"));
-    let engine = PrivacyEngine::new(policy, PiiHasher::new(version, secret.as_bytes(), &[]));
+    let engine = PrivacyEngine::new(policy, PiiHasher::new(version, secret.as_bytes(), &[]))
+        .with_random(|b| getrandom::getrandom(b).is_ok());
     let text = std::fs::read_to_string(events_path)
         .map_err(|e| format!("{}: {e}", events_path.display()))?;
     let mut out = String::new();

@@ -30,6 +30,7 @@ pub mod note;
 pub mod pii;
 pub mod policy;
 pub mod privacy;
+pub mod seal;
 pub mod shard;
 pub mod sign;
 pub mod tcf;

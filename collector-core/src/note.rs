@@ -20,6 +20,9 @@ pub enum Note {
     /// (`"undefined"`, `"guest"`, …): kept as sent, but never used to shard or to link
     /// people.
     BlockedId,
+    /// An `encrypt` field was only hashed: this engine cannot seal (no `[pii]
+    /// seal_to`, or no random source).
+    SealUnavailable,
 }
 
 impl Note {
@@ -31,6 +34,7 @@ impl Note {
             Note::PiiKey => "pii_key_field".into(),
             Note::PiiDetected(kind) => format!("pii_detected_{}", kind.as_str()),
             Note::BlockedId => "blocked_id".into(),
+            Note::SealUnavailable => "seal_unavailable".into(),
         }
     }
 }

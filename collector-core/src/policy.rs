@@ -35,7 +35,9 @@
 //! user_agent = "reduce"                  # keep | reduce | drop
 //! default_phone_calling_code = "49"
 //! scrub_query_params = ["email", "token"]
-//! fields = [{ path = "traits.email", kind = "email" }]
+//! fields = [{ path = "traits.email", kind = "email" },
+//!           { path = "traits.phone", kind = "phone", action = "encrypt" }]  # hash | encrypt
+//! seal_to = "x25519:…"                   # the agent's public key, for `encrypt`
 //!
 //! [pii.keys]     # safety net 1: these key names at any depth of traits, context.traits
 //! email = "email" # and properties (case, `_`, `-` ignored). Absent: the built-in list.
@@ -219,6 +221,21 @@ pub struct PiiField {
     /// Dotted path, e.g. `context.traits.email`.
     pub path: String,
     pub kind: PiiKind,
+    #[serde(default)]
+    pub action: FieldAction,
+}
+
+/// What the edge does with a PII field's value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldAction {
+    /// Replace it by its keyed hash (joins and identity still work).
+    #[default]
+    Hash,
+    /// Hash it in place, and also seal the normalised value to the agent's key
+    /// (`[pii] seal_to`) under `context.sealed.<path>`, for the destinations that need
+    /// the address itself (email platforms, SMS). Only the agent can open it.
+    Encrypt,
 }
 
 /// A validated policy.
@@ -237,6 +254,9 @@ pub struct Policy {
     pub default_phone_calling_code: String,
     pub scrub_query_params: Vec<String>,
     pub pii_fields: Vec<PiiField>,
+    /// The agent's public key (`x25519:…`) that `encrypt` fields are sealed to.
+    #[serde(default)]
+    pub seal_to: Option<String>,
     /// Normalised key name → kind, hashed at any depth of traits, context.traits and
     /// properties ([`normalise_key`]).
     pub pii_keys: BTreeMap<String, PiiKind>,
@@ -329,6 +349,8 @@ struct RawPii {
     keys: Option<Spanned<BTreeMap<String, PiiKind>>>,
     #[serde(default)]
     detect: Option<Spanned<RawDetect>>,
+    #[serde(default)]
+    seal_to: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -347,6 +369,8 @@ struct RawDetect {
 struct RawField {
     path: String,
     kind: PiiKind,
+    #[serde(default)]
+    action: FieldAction,
 }
 
 const EVENT_TYPES: [&str; 6] = ["track", "page", "screen", "identify", "group", "alias"];
@@ -566,7 +590,14 @@ pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
         .map(|(k, kind)| (k.to_string(), *kind))
         .collect();
     let mut pii_detect = DetectRules::default();
+    let mut seal_to = None;
     if let Some(p) = &raw.pii {
+        if let Some(k) = &p.seal_to {
+            match crate::seal::SealKey::parse(k.get_ref()) {
+                Ok(key) => seal_to = Some(key.to_text()),
+                Err(e) => errs.at(k.span(), format!("[pii] seal_to: {e}")),
+            }
+        }
         if let Some(d) = &p.detect {
             let d = d.get_ref();
             let dflt = DetectRules::default();
@@ -623,9 +654,16 @@ pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
                     "a phone field needs [pii] default_phone_calling_code".into(),
                 );
             }
+            if field.action == FieldAction::Encrypt && p.seal_to.is_none() {
+                errs.at(
+                    f.span(),
+                    format!("`{}` is to be encrypted: set [pii] seal_to to the agent's public key (`collector-agent keys generate` makes one)", field.path),
+                );
+            }
             pii_fields.push(PiiField {
                 path: field.path.clone(),
                 kind: field.kind,
+                action: field.action,
             });
         }
         if let Some(keys) = &p.keys {
@@ -655,6 +693,7 @@ pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
         default_phone_calling_code: calling_code,
         scrub_query_params: scrub,
         pii_fields,
+        seal_to,
         pii_keys,
         pii_detect,
         block_list: crate::identity::BlockList::new(

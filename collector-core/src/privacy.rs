@@ -119,7 +119,12 @@ pub struct PrivacyEngine {
     /// Shared, so building an engine per request does not copy the policy.
     pub policy: Arc<Policy>,
     pub hasher: PiiHasher,
+    /// `[pii] seal_to` and the platform's random source, for `encrypt` fields.
+    sealer: Option<(crate::seal::SealKey, RandomFill)>,
 }
+
+/// Fills a buffer from the platform's CSPRNG; false when it could not.
+pub type RandomFill = fn(&mut [u8]) -> bool;
 
 fn get_path<'a>(obj: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
     let mut parts = path.split('.');
@@ -176,7 +181,22 @@ impl PrivacyEngine {
         PrivacyEngine {
             policy: policy.into(),
             hasher,
+            sealer: None,
         }
+    }
+
+    /// Lets the engine seal `encrypt` fields, with `fill` (the platform's CSPRNG; false
+    /// when it failed) for the ephemeral keys. Without it, or without `[pii] seal_to`,
+    /// or when `fill` fails, such fields are only hashed (the event notes
+    /// `seal_unavailable`).
+    pub fn with_random(mut self, fill: RandomFill) -> PrivacyEngine {
+        self.sealer = self
+            .policy
+            .seal_to
+            .as_deref()
+            .and_then(|k| crate::seal::SealKey::parse(k).ok())
+            .map(|k| (k, fill));
+        self
     }
 
     /// Applies the policy to an event object in place. `Err` means the event must not be
@@ -188,6 +208,11 @@ impl PrivacyEngine {
         req: &RequestSignals,
     ) -> Result<Applied, Dropped> {
         let mut applied = self.consent_stage(event, req)?;
+        // Sealed values come from this engine only: one a client sent could make the
+        // agent text or mail an address of the client's choosing.
+        if remove_path(event, "context.sealed") {
+            applied.removed.push("context.sealed".into());
+        }
         if applied.anonymised {
             self.anonymise(event, &mut applied);
         }
@@ -315,12 +340,36 @@ impl PrivacyEngine {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
+            let already_hashed = self.hasher.is_hashed(&raw);
             *v = Value::String(
                 self.hasher
                     .hash(field.kind, &raw, &p.default_phone_calling_code),
             );
             applied.hashed.push(field.path.clone());
-            applied.touched(field.path.clone(), kind, "hash");
+            if field.action != crate::policy::FieldAction::Encrypt || already_hashed {
+                applied.touched(field.path.clone(), kind, "hash");
+                continue;
+            }
+            let mut seed = [0u8; 32];
+            match &self.sealer {
+                Some((key, fill)) if fill(&mut seed) => {
+                    let normalised =
+                        crate::pii::normalise(field.kind, &raw, &p.default_phone_calling_code);
+                    let sealed = key.seal_with_seed(&normalised, seed);
+                    let ctx = context_mut(event);
+                    let bag = ctx
+                        .entry("sealed")
+                        .or_insert_with(|| Value::Object(Map::new()));
+                    if let Some(bag) = bag.as_object_mut() {
+                        bag.insert(field.path.clone(), Value::String(sealed));
+                    }
+                    applied.touched(field.path.clone(), kind, "encrypt");
+                }
+                _ => {
+                    applied.notes.push(Note::SealUnavailable);
+                    applied.touched(field.path.clone(), kind, "hash");
+                }
+            }
         }
     }
 

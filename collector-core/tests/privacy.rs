@@ -274,3 +274,102 @@ fn detected_values_past_the_cap_are_redacted_and_all_counted() {
         .count();
     assert_eq!(n, 100);
 }
+
+/// A policy whose email field is sealed to `public` as well as hashed.
+fn sealing_policy(public: &str) -> collector_core::policy::Policy {
+    let src = include_str!("../../privacy.toml")
+        .replace(
+            r#"{ path = "traits.email", kind = "email" },"#,
+            r#"{ path = "traits.email", kind = "email", action = "encrypt" },"#,
+        )
+        .replace("[pii]\n", &format!("[pii]\nseal_to = \"{public}\"\n"));
+    parse(&src).unwrap()
+}
+
+fn os_random(buf: &mut [u8]) -> bool {
+    // Tests only: a fixed-seed generator would do as well, but the edge's path is this.
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
+    for b in buf {
+        let x = N.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+        *b = (x.wrapping_mul(0xbf58_476d_1ce4_e5b9) >> 56) as u8;
+    }
+    true
+}
+
+#[test]
+fn encrypt_fields_are_hashed_in_place_and_sealed_to_the_agent() {
+    use collector_core::seal::OpenKey;
+    let (secret, public) = OpenKey::generate_from(os_random).unwrap();
+    let policy = sealing_policy(&public);
+    let e =
+        PrivacyEngine::new(policy.clone(), PiiHasher::new("v1", KEY, &[])).with_random(os_random);
+    let mut ev = json!({"type": "identify", "userId": "u1",
+        "traits": {"email": "  Jane.Doe@Example.COM "},
+        "context": {"sealed": {"traits.email": "sealed:v1:forged-by-the-client"}}})
+    .as_object()
+    .unwrap()
+    .clone();
+    let signals = RequestSignals {
+        country: Some("US".into()),
+        ..RequestSignals::default()
+    };
+    let applied = e.apply(&mut ev, &signals).unwrap();
+    let stored = Value::Object(ev.clone()).to_string();
+    assert!(
+        !stored.to_lowercase().contains("jane"),
+        "no raw email at rest: {stored}"
+    );
+    let hashed = ev["traits"]["email"].as_str().unwrap();
+    assert!(e.hasher.is_hashed(hashed), "{hashed}");
+    let sealed = ev["context"]["sealed"]["traits.email"].as_str().unwrap();
+    assert_ne!(
+        sealed, "sealed:v1:forged-by-the-client",
+        "a client's sealed value is dropped"
+    );
+    let open = OpenKey::parse(&secret).unwrap();
+    assert_eq!(
+        open.open(sealed).unwrap(),
+        "jane.doe@example.com",
+        "sealed normalised"
+    );
+    assert!(applied.removed.contains(&"context.sealed".to_string()));
+    assert_eq!(
+        ev["context"]["consent"]["resolved"]["pii"]["traits.email"],
+        json!("email:encrypt")
+    );
+
+    // Without a random source the field is only hashed, and the event says so.
+    let plain = PrivacyEngine::new(policy, PiiHasher::new("v1", KEY, &[]));
+    let mut ev =
+        json!({"type": "identify", "userId": "u1", "traits": {"email": "jane@example.com"}})
+            .as_object()
+            .unwrap()
+            .clone();
+    let applied = plain.apply(&mut ev, &signals).unwrap();
+    assert!(ev["context"].get("sealed").is_none());
+    assert!(applied.notes.iter().any(|n| n.key() == "seal_unavailable"));
+}
+
+#[test]
+fn encrypt_without_a_key_to_seal_to_is_a_policy_error_with_its_line() {
+    let src = include_str!("../../privacy.toml").replace(
+        r#"{ path = "traits.phone", kind = "phone" },"#,
+        r#"{ path = "traits.phone", kind = "phone", action = "encrypt" },"#,
+    );
+    let errs = parse(&src).unwrap_err();
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].message.contains("set [pii] seal_to"), "{errs:?}");
+    let line = src
+        .lines()
+        .position(|l| l.contains(r#"action = "encrypt""#))
+        .unwrap()
+        + 1;
+    assert_eq!(errs[0].line, line);
+    let bad = src.replace("[pii]\n", "[pii]\nseal_to = \"x25519:nope\"\n");
+    let errs = parse(&bad).unwrap_err();
+    assert!(
+        errs.iter().any(|e| e.message.contains("seal_to")),
+        "{errs:?}"
+    );
+}

@@ -171,7 +171,8 @@ impl EdgeConfig {
             allowed_origins,
             shards,
             drain_secret: lookup(env, VAR_DRAIN_SECRET),
-            privacy: collector_core::privacy::PrivacyEngine::new(policy()?, hasher(env)?),
+            privacy: collector_core::privacy::PrivacyEngine::new(policy()?, hasher(env)?)
+                .with_random(fill_random),
             dev_mode: lookup(env, VAR_DEV_MODE).as_deref() == Some("true"),
         })
     }
@@ -213,4 +214,10 @@ impl ShardConfig {
         }
         Ok(cfg)
     }
+}
+
+/// The Workers runtime's CSPRNG (`crypto.getRandomValues`), for sealing `encrypt`
+/// fields; false when it failed (the field is then only hashed).
+fn fill_random(buf: &mut [u8]) -> bool {
+    getrandom::getrandom(buf).is_ok()
 }
