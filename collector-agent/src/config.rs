@@ -63,6 +63,11 @@ pub struct AgentConfig {
     /// `destinations/config.rs`); each must be named in `privacy.toml`.
     #[serde(default)]
     pub destinations: Vec<crate::destinations::DestinationConfig>,
+    /// The environment variable holding the agent's secret key (`x25519-secret:…`,
+    /// from `collector-agent keys generate`), which opens the contact fields the edge
+    /// sealed (`action = "encrypt"`) for the destinations that send to them.
+    #[serde(default)]
+    pub seal_key_env: Option<String>,
 }
 
 fn default_audience_interval_ms() -> u64 {
@@ -273,10 +278,50 @@ impl AgentConfig {
                     d.name
                 );
                 d.validate(&audiences, policy.as_ref())?;
+                if crate::destinations::config::NEEDS_CONTACTS.contains(&d.kind.as_str()) {
+                    anyhow::ensure!(
+                        self.seal_key_env.is_some(),
+                        "config: destinations.{}: kind = \"{}\" sends to addresses, which only the agent's key opens: set seal_key_env",
+                        d.name,
+                        d.kind
+                    );
+                }
             }
+            self.contacts()?;
         }
         self.secret()?;
         Ok(())
+    }
+
+    /// The key and paths that open sealed contact fields, when `seal_key_env` is set.
+    /// The key must be the one `privacy.toml` seals to.
+    pub fn contacts(&self) -> anyhow::Result<Option<crate::destinations::Contacts>> {
+        let Some(var) = &self.seal_key_env else {
+            return Ok(None);
+        };
+        let text = std::env::var(var).map_err(|_| {
+            anyhow::anyhow!("config: seal_key_env: the environment variable {var} is not set")
+        })?;
+        let key = collector_core::seal::OpenKey::parse(&text)
+            .map_err(|e| anyhow::anyhow!("config: seal_key_env: {var}: {e}"))?;
+        let policy = self.policy()?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "config: seal_key_env needs `privacy` (the policy says which fields are sealed)"
+            )
+        })?;
+        let public = key.public().to_text();
+        anyhow::ensure!(
+            policy.seal_to.as_deref() == Some(public.as_str()),
+            "config: seal_key_env: {var} holds the key of {public}, but privacy.toml's [pii] seal_to is {}",
+            policy.seal_to.as_deref().unwrap_or("not set")
+        );
+        let paths = policy
+            .pii_fields
+            .iter()
+            .filter(|f| f.action == collector_core::policy::FieldAction::Encrypt)
+            .map(|f| (f.kind, f.path.clone()))
+            .collect();
+        Ok(Some(crate::destinations::Contacts { key, paths }))
     }
 
     /// The consent categories of `privacy`, when configured.

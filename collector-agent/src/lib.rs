@@ -100,6 +100,8 @@ pub struct Drainer {
         Box<dyn destinations::Destination>,
         Vec<String>,
     )>,
+    /// Opens sealed contact fields (`seal_key_env`), when configured.
+    contacts: Option<destinations::Contacts>,
     cfg: AgentConfig,
     metrics: Arc<metrics::Metrics>,
 }
@@ -133,6 +135,7 @@ impl Drainer {
             audiences: cfg.load_audiences()?,
             identity: cfg.identity_config()?,
             destinations: dests,
+            contacts: cfg.contacts()?,
             cfg,
             metrics: Arc::default(),
         })
@@ -398,6 +401,7 @@ impl Drainer {
                 cfg,
                 dest: dest.as_ref(),
                 categories,
+                contacts: self.contacts.as_ref(),
             };
             let st = destinations::sync::sync(&mut *session, &target, now_ms).await?;
             if st != destinations::sync::SyncStats::default() {
@@ -426,6 +430,7 @@ impl Drainer {
             cfg,
             dest: dest.as_ref(),
             categories,
+            contacts: self.contacts.as_ref(),
         };
         destinations::sync::dry_run(&mut *session, &target, now_ms).await
     }

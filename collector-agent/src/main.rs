@@ -76,6 +76,11 @@ enum Command {
         #[arg(long, default_value = "agent.toml")]
         config: PathBuf,
     },
+    /// The key pair for sealed contact fields (`action = "encrypt"` in privacy.toml).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Destinations (`[[destinations]]`): test one, or see what its next sync would do.
     Destinations {
         #[command(subcommand)]
@@ -130,6 +135,13 @@ enum QuarantineCommand {
         #[arg(long, default_value = "agent.toml")]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Make a new key pair: the secret goes in the agent's environment only, the
+    /// public key in privacy.toml's `[pii] seal_to`.
+    Generate,
 }
 
 #[derive(Subcommand)]
@@ -349,6 +361,20 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Keys {
+            command: KeysCommand::Generate,
+        } => {
+            let (secret, public) =
+                collector_core::seal::OpenKey::generate_from(|b| getrandom::getrandom(b).is_ok())
+                    .context("the system's random source failed")?;
+            println!("# The agent's secret key. Only in the agent's environment (agent.toml: seal_key_env = \"COLLECTOR_SEAL_KEY\"); never in a file you commit.");
+            println!("COLLECTOR_SEAL_KEY={secret}");
+            println!();
+            println!("# The public key, for privacy.toml (the edge seals to it):");
+            println!("[pii]");
+            println!("seal_to = \"{public}\"");
+            Ok(())
+        }
         Command::Destinations {
             command: DestinationsCommand::Test { name, config },
         } => {
@@ -369,10 +395,12 @@ async fn main() -> anyhow::Result<()> {
             let cfg = AgentConfig::load(&config)?;
             let (d, categories) = destination(&cfg, &name)?;
             let dest = collector_agent::destinations::open(d)?;
+            let contacts = cfg.contacts()?;
             let target = collector_agent::destinations::sync::Target {
                 cfg: d,
                 dest: dest.as_ref(),
                 categories: &categories,
+                contacts: contacts.as_ref(),
             };
             let mut session = CliSession {
                 dialect: cfg.warehouse.people_dialect().context("no SQL warehouse")?,

@@ -19,21 +19,38 @@ const SECRET: &str = "hook-secret";
 const T0: i64 = 1_795_000_000_000;
 const MIN: i64 = 60_000;
 
-/// A webhook receiver: records every call; answers with the queued statuses first,
-/// 400 to a body that mentions `poison`, else 200.
+/// A receiver standing in for a destination: records every call (any path); answers
+/// with the queued statuses first, 400 to a body that mentions `poison`, else 200.
 #[derive(Clone, Default)]
 struct Recorder {
-    calls: Arc<Mutex<Vec<(u16, Value, bool)>>>,
+    calls: Arc<Mutex<Vec<Call>>>,
     answers: Arc<Mutex<VecDeque<u16>>>,
 }
 
+/// One call as received.
+#[derive(Clone, Debug)]
+struct Call {
+    status: u16,
+    path: String,
+    body: String,
+    /// The webhook signature verified with the shared secret.
+    signed: bool,
+    authorization: Option<String>,
+}
+
+impl Call {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+}
+
 impl Recorder {
+    /// Serves on a free loopback port; the base URL.
     async fn start(&self) -> (String, tokio::task::JoinHandle<()>) {
-        use axum::http::{HeaderMap, StatusCode};
+        use axum::http::{HeaderMap, StatusCode, Uri};
         let rec = self.clone();
-        let app = axum::Router::new().route(
-            "/hook",
-            axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+        let app = axum::Router::new().fallback(
+            move |uri: Uri, headers: HeaderMap, body: axum::body::Bytes| {
                 let rec = rec.clone();
                 async move {
                     let h = |n: &str| {
@@ -45,7 +62,7 @@ impl Recorder {
                     let signed = collector_core::sign::verify(
                         SECRET.as_bytes(),
                         "POST",
-                        "/hook",
+                        uri.path(),
                         &body,
                         h(collector_core::sign::TIMESTAMP_HEADER).as_deref(),
                         h(collector_core::sign::SIGNATURE_HEADER).as_deref(),
@@ -59,31 +76,33 @@ impl Recorder {
                         .unwrap()
                         .pop_front()
                         .unwrap_or(if text.contains("poison") { 400 } else { 200 });
-                    rec.calls.lock().unwrap().push((
+                    rec.calls.lock().unwrap().push(Call {
                         status,
-                        serde_json::from_str(&text).unwrap_or(Value::Null),
+                        path: uri.path().to_string(),
+                        body: text,
                         signed,
-                    ));
+                        authorization: h("authorization"),
+                    });
                     (StatusCode::from_u16(status).unwrap(), "recorded")
                 }
-            }),
+            },
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let url = format!("http://{}", listener.local_addr().unwrap());
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
         (url, task)
     }
 
-    /// The items of the calls answered 2xx: `(type, action or event name, key)`.
+    /// The webhook items of the calls answered 200.
     fn delivered(&self) -> Vec<Value> {
         self.calls
             .lock()
             .unwrap()
             .iter()
-            .filter(|(st, _, _)| *st == 200)
-            .flat_map(|(_, b, _)| b["items"].as_array().cloned().unwrap_or_default())
+            .filter(|c| c.status == 200)
+            .flat_map(|c| c.json()["items"].as_array().cloned().unwrap_or_default())
             .collect()
     }
 }
@@ -185,7 +204,7 @@ async fn webhook_delivers_what_consent_allows_once(t: &Target) {
     let dir = tempfile::tempdir().unwrap();
     let rec = Recorder::default();
     let (url, server) = rec.start().await;
-    let cfg = agent_config(dir.path(), t, &url);
+    let cfg = agent_config(dir.path(), t, &format!("{url}/hook"));
     let sink: Arc<dyn Sink> = t.open().await;
     let drainer = Drainer::new(cfg, sink.clone()).unwrap();
 
@@ -220,7 +239,7 @@ async fn webhook_delivers_what_consent_allows_once(t: &Target) {
     assert_eq!((st.sent, st.withheld, st.dead), (2, 1, 0), "{st:?}");
     let calls = rec.calls.lock().unwrap().clone();
     assert_eq!(calls.len(), 1, "one batch: {calls:?}");
-    assert!(calls[0].2, "the call is signed with the shared secret");
+    assert!(calls[0].signed, "the call is signed with the shared secret");
     let items = rec.delivered();
     let v1 = one(
         &*sink,
@@ -354,9 +373,10 @@ async fn webhook_delivers_what_consent_allows_once(t: &Target) {
     assert!(out.contains("answered 200 OK: recorded"), "{out}");
     let calls = rec.calls.lock().unwrap().clone();
     assert_eq!(calls.len(), before + 1);
-    let (_, body, signed) = calls.last().unwrap();
+    let last = calls.last().unwrap();
+    let body = last.json();
     assert!(
-        *signed && body["test"] == json!(true) && body["items"] == json!([]),
+        last.signed && body["test"] == json!(true) && body["items"] == json!([]),
         "{body}"
     );
     server.abort();
@@ -397,7 +417,12 @@ async fn consent_is_checked_at_every_attempt_and_withdrawal_removes(t: &Target) 
     let dir = tempfile::tempdir().unwrap();
     let rec = Recorder::default();
     let (url, server) = rec.start().await;
-    let cfg = agent_config_for(dir.path(), t, &url, &["marketing", "personalization"]);
+    let cfg = agent_config_for(
+        dir.path(),
+        t,
+        &format!("{url}/hook"),
+        &["marketing", "personalization"],
+    );
     let sink: Arc<dyn Sink> = t.open().await;
     let drainer = Drainer::new(cfg, sink.clone()).unwrap();
     let all = consent_of(&["analytics", "marketing", "personalization"], &[]);
@@ -455,7 +480,8 @@ async fn consent_is_checked_at_every_attempt_and_withdrawal_removes(t: &Target) 
 crate::per_target!(
     [duckdb, postgres]
     [webhook_delivers_what_consent_allows_once,
-    consent_is_checked_at_every_attempt_and_withdrawal_removes,]
+    consent_is_checked_at_every_attempt_and_withdrawal_removes,
+    cart_abandonment_texts_exactly_the_people_it_may,]
 );
 
 // A destination the privacy policy does not name receives nothing: `config check`
@@ -472,4 +498,183 @@ fn a_destination_the_policy_does_not_name_is_refused() {
         err.contains("privacy.toml has no [destinations.crm_other]"),
         "{err}"
     );
+}
+
+/// `agent.toml` with a Twilio destination for the cart abandoners, and a policy that
+/// seals phone numbers to a key made for this test; the key's variable and public key.
+fn sms_config(dir: &std::path::Path, t: &Target, url: &str) -> (AgentConfig, String) {
+    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let (secret, public) =
+        collector_core::seal::OpenKey::generate_from(|b| getrandom::getrandom(b).is_ok()).unwrap();
+    let policy = std::fs::read_to_string(format!("{repo}/privacy.toml"))
+        .unwrap()
+        .replace(
+            r#"{ path = "traits.phone", kind = "phone" },"#,
+            r#"{ path = "traits.phone", kind = "phone", action = "encrypt" },"#,
+        )
+        .replace("[pii]\n", &format!("[pii]\nseal_to = \"{public}\"\n"))
+        + "\n[categories.sms]\ndescription = \"Text messages\"\nwhen_denied = \"keep\"\n"
+        + "\n[destinations.cart_sms]\ncategories = [\"marketing\", \"sms\"]\n";
+    std::fs::write(dir.join("privacy.toml"), policy).unwrap();
+    std::fs::copy(format!("{repo}/audiences.toml"), dir.join("audiences.toml")).unwrap();
+    let warehouse = match t {
+        Target::DuckDb(d) => format!("path = \"{}\"", d.path().join("w.duckdb").display()),
+        Target::Postgres(pg) => format!(
+            "kind = \"postgres\"\nurl = \"{}\"\nschema = \"analytics\"",
+            pg.url
+        ),
+        _ => unreachable!("activation runs from duckdb and postgres"),
+    };
+    // One variable per test: tests run in parallel, each with its own key.
+    let var = format!(
+        "ACTIVATION_TEST_SEAL_KEY_{}",
+        &public[7..15].replace(['-', '_'], "x")
+    );
+    std::env::set_var(&var, secret);
+    std::env::set_var(SECRET_ENV, SECRET);
+    let toml = format!(
+        "edge_url = \"http://127.0.0.1:9\"\ndrain_secret = \"s\"\nprivacy = \"privacy.toml\"\naudiences = \"audiences.toml\"
+seal_key_env = \"{var}\"
+[warehouse]\n{warehouse}
+[[destinations]]
+name = \"cart_sms\"
+kind = \"twilio\"
+base_url = \"{url}\"
+account = \"AC123\"
+secret_env = \"{SECRET_ENV}\"
+from = \"+15005550006\"
+message = \"Your cart is waiting ({{audience}})\"
+audiences = [\"cart_abandoners_15m\"]
+"
+    );
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, toml).unwrap();
+    let cfg = AgentConfig::load(&path).unwrap();
+    cfg.validate().unwrap();
+    (cfg, public)
+}
+
+/// What the edge stores for a visitor who consents to `granted` and denies `denied`,
+/// with their phone number sealed to `public` (the edge's `encrypt` action).
+fn sealed_identify(
+    id: &str,
+    anon: &str,
+    phone: &str,
+    public: &str,
+    at: i64,
+    granted: &[&str],
+    denied: &[&str],
+) -> Value {
+    let mut seed = [0u8; 32];
+    getrandom::getrandom(&mut seed).unwrap();
+    let sealed = collector_core::seal::SealKey::parse(public)
+        .unwrap()
+        .seal_with_seed(
+            // As the edge does: normalised (E.164), then sealed.
+            &collector_core::pii::normalise(collector_core::pii::PiiKind::Phone, phone, "49"),
+            seed,
+        );
+    let mut context = consent_of(granted, denied);
+    context["sealed"] = json!({ "traits.phone": sealed });
+    json!({"type": "identify", "messageId": id, "anonymousId": anon, "userId": format!("user-{anon}"),
+        "traits": {"phone": "hmac:v1:…"}, "timestamp": iso(at), "context": context})
+}
+
+// The seed's cart-abandonment SMS: a Product Added and no Order Completed within 15
+// minutes → exactly one text to that person; a purchase at minute 10 → none; marketing
+// withdrawn at minute 5 → none; no SMS consent → none; no phone → none.
+async fn cart_abandonment_texts_exactly_the_people_it_may(t: &Target) {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = Recorder::default();
+    let (url, server) = rec.start().await;
+    let (cfg, public) = sms_config(dir.path(), t, &url);
+    let sink: Arc<dyn Sink> = t.open().await;
+    let drainer = Drainer::new(cfg, sink.clone()).unwrap();
+    let all = ["analytics", "marketing", "sms"];
+    let add = |id: &str, anon: &str, at: i64, granted: &[&str], denied: &[&str]| {
+        json!({"type": "track", "messageId": id, "anonymousId": anon, "userId": format!("user-{anon}"),
+            "event": "Product Added", "timestamp": iso(at), "context": consent_of(granted, denied)})
+    };
+    load(&*sink, 1, json!([
+        sealed_identify("i1", "c1", "+49 151 1234 5678", &public, T0 - MIN, &all, &[]),
+        add("a1", "c1", T0, &all, &[]),
+        // c2 buys at minute 10.
+        sealed_identify("i2", "c2", "+4915100000002", &public, T0 - MIN, &all, &[]),
+        add("a2", "c2", T0, &all, &[]),
+        {"type": "track", "messageId": "b2", "anonymousId": "c2", "userId": "user-c2", "event": "Order Completed",
+         "timestamp": iso(T0 + 10 * MIN), "context": consent_of(&all, &[])},
+        // c3 withdraws marketing at minute 5.
+        sealed_identify("i3", "c3", "+4915100000003", &public, T0 - MIN, &all, &[]),
+        add("a3", "c3", T0, &all, &[]),
+        {"type": "page", "messageId": "w3", "anonymousId": "c3", "userId": "user-c3", "properties": {"path": "/"},
+         "timestamp": iso(T0 + 5 * MIN), "context": consent_of(&["analytics", "sms"], &["marketing"])},
+        // c4 never agreed to texts; c5 left no number.
+        sealed_identify("i4", "c4", "+4915100000004", &public, T0 - MIN, &["analytics", "marketing"], &["sms"]),
+        add("a4", "c4", T0, &["analytics", "marketing"], &["sms"]),
+        {"type": "identify", "messageId": "i5", "anonymousId": "c5", "userId": "user-c5", "timestamp": iso(T0 - MIN), "context": consent_of(&all, &[])},
+        add("a5", "c5", T0, &all, &[]),
+    ]))
+    .await;
+    let early = cycle(&drainer, T0 + 14 * MIN).await;
+    assert_eq!(early.sent, 0, "not yet 15 minutes: {early:?}");
+    let st = cycle(&drainer, T0 + 16 * MIN).await;
+    assert_eq!((st.sent, st.withheld), (1, 2), "{st:?}");
+    let calls = rec.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].path, "/2010-04-01/Accounts/AC123/Messages.json");
+    let form: std::collections::HashMap<String, String> = calls[0]
+        .body
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| {
+            let dec = |x: &str| {
+                let x = x.replace('+', " ");
+                let mut out = Vec::new();
+                let b = x.as_bytes();
+                let mut i = 0;
+                while i < b.len() {
+                    if b[i] == b'%' && i + 2 < b.len() + 1 {
+                        out.push(u8::from_str_radix(&x[i + 1..i + 3], 16).unwrap());
+                        i += 3;
+                    } else {
+                        out.push(b[i]);
+                        i += 1;
+                    }
+                }
+                String::from_utf8(out).unwrap()
+            };
+            (dec(k), dec(v))
+        })
+        .collect();
+    assert_eq!(
+        form["To"], "+4915112345678",
+        "the opened, normalised number"
+    );
+    assert_eq!(form["From"], "+15005550006");
+    assert_eq!(form["Body"], "Your cart is waiting (cart_abandoners_15m)");
+    use base64::Engine;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("AC123:{SECRET}"));
+    assert_eq!(
+        calls[0].authorization.as_deref(),
+        Some(format!("Basic {basic}").as_str())
+    );
+    // Why the others got nothing is in the log; no number is written anywhere.
+    let log = rows(
+        &*sink,
+        "SELECT action, detail FROM activation_log ORDER BY action",
+    )
+    .await;
+    assert_eq!(
+        log.iter()
+            .map(|r| r[0].clone().unwrap())
+            .collect::<Vec<_>>(),
+        vec!["sent", "unreachable", "withheld"]
+    );
+    let everything = rows(&*sink, "SELECT CAST(key AS VARCHAR) || COALESCE(detail, '') || COALESCE(CAST(consent AS VARCHAR), '') FROM activation_log").await;
+    assert!(!format!("{everything:?}").contains("151"), "{everything:?}");
+    // Later passes text no one again.
+    let st = cycle(&drainer, T0 + 30 * MIN).await;
+    assert_eq!(st.sent, 0, "{st:?}");
+    assert_eq!(rec.calls.lock().unwrap().len(), 1);
+    server.abort();
 }

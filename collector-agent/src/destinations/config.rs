@@ -11,7 +11,7 @@ use crate::audiences::config::parse_window;
 /// ```toml
 /// [[destinations]]
 /// name = "crm_hook"                       # privacy.toml needs [destinations.crm_hook]
-/// kind = "webhook"
+/// kind = "webhook"                       # webhook | twilio
 /// base_url = "https://hooks.example.com/collector"
 /// secret_env = "CRM_HOOK_SECRET"          # signs every call (never the secret itself)
 /// audiences = ["pricing_no_purchase_7d"]  # entries and exits of these audiences
@@ -21,6 +21,16 @@ use crate::audiences::config::parse_window;
 /// retry_for = "24h"                       # then a dead letter
 /// max_event_age = "7d"                    # older events are not forwarded
 /// timeout_ms = 10000
+///
+/// [[destinations]]
+/// name = "cart_sms"                       # privacy.toml: categories = ["marketing", "sms"]
+/// kind = "twilio"
+/// base_url = "https://api.twilio.com"
+/// account = "AC0123456789abcdef0123456789abcdef"
+/// secret_env = "TWILIO_AUTH_TOKEN"
+/// from = "+15005550006"
+/// message = "Your cart is waiting: https://shop.example/cart"
+/// audiences = ["cart_abandoners_15m"]
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +54,15 @@ pub struct DestinationConfig {
     pub max_event_age: String,
     #[serde(default = "default_timeout")]
     pub timeout_ms: u64,
+    /// `twilio`: the account SID (`AC…`; not a secret: the auth token is `secret_env`).
+    #[serde(default)]
+    pub account: Option<String>,
+    /// `twilio`: the sender, a phone number (`+1…`) or a Messaging Service SID (`MG…`).
+    #[serde(default)]
+    pub from: Option<String>,
+    /// `twilio`: the text sent; `{audience}` is replaced by the audience's name.
+    #[serde(default)]
+    pub message: Option<String>,
 }
 
 fn default_batch() -> usize {
@@ -63,7 +82,10 @@ fn default_timeout() -> u64 {
 }
 
 /// The kinds built so far.
-pub const KINDS: &[&str] = &["webhook"];
+pub const KINDS: &[&str] = &["webhook", "twilio"];
+
+/// The kinds that send to an address (opened from its sealed copy).
+pub const NEEDS_CONTACTS: &[&str] = &["twilio", "mailchimp"];
 
 impl DestinationConfig {
     pub fn retry_for(&self) -> Duration {
@@ -129,6 +151,18 @@ impl DestinationConfig {
             ("max_event_age", &self.max_event_age),
         ] {
             parse_window(v).map_err(|e| anyhow::anyhow!("config: destinations.{n}.{key}: {e}"))?;
+        }
+        if self.kind == "twilio" {
+            for (key, v) in [
+                ("account", &self.account),
+                ("from", &self.from),
+                ("message", &self.message),
+            ] {
+                anyhow::ensure!(
+                    v.as_deref().is_some_and(|v| !v.trim().is_empty()),
+                    "config: destinations.{n}.{key} is required for kind = \"twilio\""
+                );
+            }
         }
         anyhow::ensure!(
             !self.audiences.is_empty() || !self.events.is_empty(),

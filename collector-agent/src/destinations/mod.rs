@@ -19,6 +19,7 @@
 pub mod config;
 pub mod outbox;
 pub mod sync;
+pub mod twilio;
 pub mod webhook;
 
 use std::time::Duration;
@@ -38,6 +39,43 @@ pub struct Item {
     /// What the destination receives about it (no contact data in the clear is ever
     /// stored: this is built at send time).
     pub payload: Value,
+    /// Contact data opened for this send only, for destinations that need it.
+    pub contact: Contact,
+}
+
+/// An email address and phone number opened from their sealed copies at send time. In
+/// memory only: never written, never logged (`Debug` shows only which are present).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Contact {
+    pub email: Option<String>,
+    pub phone: Option<String>,
+}
+
+impl std::fmt::Debug for Contact {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Contact {{ email: {}, phone: {} }}",
+            if self.email.is_some() {
+                "<opened>"
+            } else {
+                "-"
+            },
+            if self.phone.is_some() {
+                "<opened>"
+            } else {
+                "-"
+            }
+        )
+    }
+}
+
+/// The agent's means to open sealed contact fields: its secret key, and where the
+/// policy seals each kind (`[pii] fields` with `action = "encrypt"`).
+pub struct Contacts {
+    pub key: collector_core::seal::OpenKey,
+    /// `(kind, path)`, e.g. `(Email, "traits.email")`.
+    pub paths: Vec<(collector_core::pii::PiiKind, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,12 +118,26 @@ pub trait Destination: Send + Sync {
     fn removes(&self) -> bool;
     /// One signed call that changes nothing at the destination; its answer.
     async fn test(&self) -> Result<String, SendError>;
+    /// The contact kinds it sends to (opened at send time); none by default.
+    fn contact_kinds(&self) -> &'static [collector_core::pii::PiiKind] {
+        &[]
+    }
+    /// Whether an item without any of those contacts cannot be sent at all.
+    fn requires_contact(&self) -> bool {
+        false
+    }
+    /// The most items one call takes (APIs that take one record per call say 1, so a
+    /// failure never makes the others be sent twice).
+    fn max_batch(&self) -> usize {
+        usize::MAX
+    }
 }
 
 /// The destination a config describes.
 pub fn open(cfg: &DestinationConfig) -> anyhow::Result<Box<dyn Destination>> {
     match cfg.kind.as_str() {
         "webhook" => Ok(Box::new(webhook::Webhook::new(cfg)?)),
+        "twilio" => Ok(Box::new(twilio::Twilio::new(cfg)?)),
         other => anyhow::bail!("destination {}: kind {other:?} is not built", cfg.name),
     }
 }

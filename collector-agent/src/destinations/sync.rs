@@ -7,9 +7,10 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::outbox::{candidates_sql, enqueue_sql};
-use super::{Destination, DestinationConfig, Item, SendError, What};
+use super::{Contact, Destination, DestinationConfig, Item, SendError, What};
 use crate::audiences::eval::at;
 use crate::sinks::{sql_lit, Dialect, SinkError, SqlSession};
+use collector_core::pii::PiiKind;
 
 /// Most batches one pass sends per destination (the rest waits for the next pass, so
 /// loads are not held up).
@@ -59,6 +60,8 @@ pub struct Target<'a> {
     pub dest: &'a dyn Destination,
     /// The consent categories `privacy.toml` requires for it.
     pub categories: &'a [String],
+    /// How to open sealed contact fields (`seal_key_env`), when configured.
+    pub contacts: Option<&'a super::Contacts>,
 }
 
 /// Enqueues and sends for one destination at `now_ms`.
@@ -72,7 +75,8 @@ pub async fn sync(
         ..SyncStats::default()
     };
     for _ in 0..MAX_BATCHES {
-        let rows = due(s, t.cfg, now_ms).await?;
+        let limit = t.cfg.batch_size.min(t.dest.max_batch()).max(1);
+        let rows = due(s, &t.cfg.name, limit, now_ms).await?;
         if rows.is_empty() {
             break;
         }
@@ -130,7 +134,8 @@ fn ms_of(rfc3339: &str) -> i64 {
 
 async fn due(
     s: &mut dyn SqlSession,
-    cfg: &DestinationConfig,
+    destination: &str,
+    limit: usize,
     now_ms: i64,
 ) -> Result<Vec<Row>, SinkError> {
     let d = s.dialect();
@@ -139,9 +144,9 @@ async fn due(
             "SELECT key, person_id, audience, transition, entered_at, message_id, attempts, created_at FROM activation_outbox
              WHERE destination = {} AND status = 'pending' AND next_attempt_at <= {}
              ORDER BY created_at, key LIMIT {}",
-            sql_lit(&cfg.name),
+            sql_lit(destination),
             at(d, now_ms),
-            cfg.batch_size
+            limit
         ))
         .await?;
     Ok(r.rows
@@ -437,6 +442,7 @@ async fn decide(
                         entered: row.entered,
                     },
                     payload,
+                    contact: Contact::default(),
                 }
             }
             (None, Some(mid)) => {
@@ -477,6 +483,7 @@ async fn decide(
                         message_id: mid.clone(),
                     },
                     payload: raw.clone(),
+                    contact: Contact::default(),
                 }
             }
             (None, None) => {
@@ -492,12 +499,114 @@ async fn decide(
         by_key.insert(row.key.clone(), row);
         items.push(item);
     }
+    let items = open_contacts(s, t, items, &events, &mut outcomes, stats).await?;
     Ok(Decided {
         items,
         outcomes,
         by_key,
         profiles,
     })
+}
+
+/// Opens the contact data the destination sends to, for each item: an event's own
+/// sealed copies, or a person's latest from their events. An item that needs one and
+/// has none is not sent (`unreachable`).
+async fn open_contacts(
+    s: &mut dyn SqlSession,
+    t: &Target<'_>,
+    items: Vec<Item>,
+    events: &HashMap<String, (Value, Option<String>)>,
+    outcomes: &mut Vec<Outcome>,
+    stats: &mut SyncStats,
+) -> Result<Vec<Item>, SinkError> {
+    let kinds = t.dest.contact_kinds();
+    if kinds.is_empty() || items.is_empty() {
+        return Ok(items);
+    }
+    let paths: Vec<(PiiKind, &str)> = t
+        .contacts
+        .map(|c| {
+            c.paths
+                .iter()
+                .filter(|(k, _)| kinds.contains(k))
+                .map(|(k, p)| (*k, p.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    // A person's latest sealed copy of each path, from identifies and tracks.
+    let d = s.dialect();
+    let people: Vec<&String> = items
+        .iter()
+        .filter(|i| matches!(i.what, What::Audience { .. }))
+        .filter_map(|i| i.person_id.as_ref())
+        .collect();
+    let mut latest: HashMap<(String, &str), String> = HashMap::new();
+    if !people.is_empty() {
+        for (_, path) in &paths {
+            for table in ["identifies", "tracks"] {
+                let v = crate::audiences::eval::json_text(d, "e.context", &["sealed", path]);
+                let r = s
+                    .query(&format!(
+                        "SELECT i.person_id, {v} FROM {table} e JOIN identities i
+                           ON (i.id_type = 'user_id' AND i.id_value = e.user_id) OR (i.id_type = 'anonymous_id' AND i.id_value = e.anonymous_id)
+                         WHERE i.person_id IN ({}) AND {v} IS NOT NULL
+                         ORDER BY e.timestamp DESC, e.message_id DESC",
+                        in_list(people.iter().copied())
+                    ))
+                    .await?;
+                for row in r.rows {
+                    if let (Some(p), Some(v)) = (row[0].clone(), row[1].clone()) {
+                        latest.entry((p, path)).or_insert(v);
+                    }
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for mut item in items {
+        for (kind, path) in &paths {
+            let sealed = match &item.what {
+                What::Event { message_id } => events
+                    .get(message_id)
+                    .and_then(|(raw, _)| raw["context"]["sealed"][*path].as_str())
+                    .map(str::to_string),
+                What::Audience { .. } => item
+                    .person_id
+                    .as_ref()
+                    .and_then(|p| latest.get(&(p.clone(), *path)).cloned()),
+            };
+            let Some(sealed) = sealed else { continue };
+            let opened = t.contacts.and_then(|c| c.key.open(&sealed).ok());
+            match kind {
+                PiiKind::Email if item.contact.email.is_none() => item.contact.email = opened,
+                PiiKind::Phone if item.contact.phone.is_none() => item.contact.phone = opened,
+                _ => {}
+            }
+        }
+        let reachable = item.contact.email.is_some() || item.contact.phone.is_some();
+        // An exit needs no address where the destination keys people otherwise; one
+        // that does will say so when it sends.
+        if t.dest.requires_contact() && !reachable {
+            stats.withheld += 1;
+            outcomes.push(Outcome {
+                key: item.key.clone(),
+                person_id: item.person_id.clone(),
+                status: "unreachable",
+                detail: Some(format!(
+                    "no sealed {} to send to (privacy.toml fields with action = \"encrypt\", and the agent's seal_key_env)",
+                    kinds
+                        .iter()
+                        .map(|k| format!("{k:?}").to_lowercase())
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                )),
+                consent: None,
+            });
+            continue;
+        }
+        out.push(item);
+    }
+    Ok(out)
 }
 
 /// Writes the outcomes: the outbox rows' status and the log.
@@ -598,9 +707,7 @@ pub async fn dry_run(
     now_ms: i64,
 ) -> Result<DryRun, SinkError> {
     let d = s.dialect();
-    let mut cfg = t.cfg.clone();
-    cfg.batch_size = DRY_RUN_ROWS;
-    let mut rows = due(s, &cfg, now_ms).await?;
+    let mut rows = due(s, &t.cfg.name, DRY_RUN_ROWS, now_ms).await?;
     let retries = rows.iter().filter(|r| r.attempts > 0).count() as u64;
     for c in candidates(d, t, now_ms) {
         let r = s

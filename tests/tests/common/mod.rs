@@ -86,6 +86,7 @@ impl Stack {
             privacy: None,
             audience_interval_ms: 60_000,
             destinations: Vec::new(),
+            seal_key_env: None,
         };
         cfg.validate().expect("valid agent config");
         cfg
