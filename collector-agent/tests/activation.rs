@@ -481,7 +481,8 @@ crate::per_target!(
     [duckdb, postgres]
     [webhook_delivers_what_consent_allows_once,
     consent_is_checked_at_every_attempt_and_withdrawal_removes,
-    cart_abandonment_texts_exactly_the_people_it_may,]
+    cart_abandonment_texts_exactly_the_people_it_may,
+    conversions_carry_hashed_contacts_only_where_consent_allows,]
 );
 
 // A destination the privacy policy does not name receives nothing: `config check`
@@ -501,20 +502,39 @@ fn a_destination_the_policy_does_not_name_is_refused() {
 }
 
 /// `agent.toml` with a Twilio destination for the cart abandoners, and a policy that
-/// seals phone numbers to a key made for this test; the key's variable and public key.
+/// seals phone numbers to a key made for this test; the config and the public key.
 fn sms_config(dir: &std::path::Path, t: &Target, url: &str) -> (AgentConfig, String) {
+    sealed_config(
+        dir,
+        t,
+        &[r#"{ path = "traits.phone", kind = "phone" },"#],
+        "\n[categories.sms]\ndescription = \"Text messages\"\nwhen_denied = \"keep\"\n\n[destinations.cart_sms]\ncategories = [\"marketing\", \"sms\"]\n",
+        &format!(
+            "name = \"cart_sms\"\nkind = \"twilio\"\nbase_url = \"{url}\"\naccount = \"AC123\"\nsecret_env = \"{SECRET_ENV}\"
+from = \"+15005550006\"\nmessage = \"Your cart is waiting ({{audience}})\"\naudiences = [\"cart_abandoners_15m\"]\n"
+        ),
+    )
+}
+
+/// A config whose policy seals `fields` (their lines in privacy.toml) to a key made for
+/// this test, with `policy_extra` appended to the policy and one destination.
+fn sealed_config(
+    dir: &std::path::Path,
+    t: &Target,
+    fields: &[&str],
+    policy_extra: &str,
+    destination: &str,
+) -> (AgentConfig, String) {
     let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let (secret, public) =
         collector_core::seal::OpenKey::generate_from(|b| getrandom::getrandom(b).is_ok()).unwrap();
-    let policy = std::fs::read_to_string(format!("{repo}/privacy.toml"))
-        .unwrap()
-        .replace(
-            r#"{ path = "traits.phone", kind = "phone" },"#,
-            r#"{ path = "traits.phone", kind = "phone", action = "encrypt" },"#,
-        )
-        .replace("[pii]\n", &format!("[pii]\nseal_to = \"{public}\"\n"))
-        + "\n[categories.sms]\ndescription = \"Text messages\"\nwhen_denied = \"keep\"\n"
-        + "\n[destinations.cart_sms]\ncategories = [\"marketing\", \"sms\"]\n";
+    let mut policy = std::fs::read_to_string(format!("{repo}/privacy.toml")).unwrap();
+    for f in fields {
+        assert!(policy.contains(f), "{f}");
+        policy = policy.replace(f, &f.replace(" },", r#", action = "encrypt" },"#));
+    }
+    let policy =
+        policy.replace("[pii]\n", &format!("[pii]\nseal_to = \"{public}\"\n")) + policy_extra;
     std::fs::write(dir.join("privacy.toml"), policy).unwrap();
     std::fs::copy(format!("{repo}/audiences.toml"), dir.join("audiences.toml")).unwrap();
     let warehouse = match t {
@@ -537,15 +557,7 @@ fn sms_config(dir: &std::path::Path, t: &Target, url: &str) -> (AgentConfig, Str
 seal_key_env = \"{var}\"
 [warehouse]\n{warehouse}
 [[destinations]]
-name = \"cart_sms\"
-kind = \"twilio\"
-base_url = \"{url}\"
-account = \"AC123\"
-secret_env = \"{SECRET_ENV}\"
-from = \"+15005550006\"
-message = \"Your cart is waiting ({{audience}})\"
-audiences = [\"cart_abandoners_15m\"]
-"
+{destination}"
     );
     let path = dir.join("agent.toml");
     std::fs::write(&path, toml).unwrap();
@@ -578,6 +590,15 @@ fn sealed_identify(
     context["sealed"] = json!({ "traits.phone": sealed });
     json!({"type": "identify", "messageId": id, "anonymousId": anon, "userId": format!("user-{anon}"),
         "traits": {"phone": "hmac:v1:…"}, "timestamp": iso(at), "context": context})
+}
+
+/// `value` as the edge seals it: normalised, then sealed to `public`.
+fn seal(kind: collector_core::pii::PiiKind, value: &str, public: &str) -> String {
+    let mut seed = [0u8; 32];
+    getrandom::getrandom(&mut seed).unwrap();
+    collector_core::seal::SealKey::parse(public)
+        .unwrap()
+        .seal_with_seed(&collector_core::pii::normalise(kind, value, "49"), seed)
 }
 
 // The seed's cart-abandonment SMS: a Product Added and no Order Completed within 15
@@ -676,5 +697,126 @@ async fn cart_abandonment_texts_exactly_the_people_it_may(t: &Target) {
     let st = cycle(&drainer, T0 + 30 * MIN).await;
     assert_eq!(st.sent, 0, "{st:?}");
     assert_eq!(rec.calls.lock().unwrap().len(), 1);
+    server.abort();
+}
+
+// Order Completed forwarded to the conversions shape (Meta's Conversions API) only for
+// people whose consent allows it, with the SHA-256 of the normalised email computed at
+// send time; an event older than Meta's 7 days is singled out as a dead letter and
+// does not hold back the rest of its batch.
+async fn conversions_carry_hashed_contacts_only_where_consent_allows(t: &Target) {
+    use collector_core::pii::PiiKind;
+    let dir = tempfile::tempdir().unwrap();
+    let rec = Recorder::default();
+    let (url, server) = rec.start().await;
+    let (cfg, public) = sealed_config(
+        dir.path(),
+        t,
+        &[r#"{ path = "traits.email", kind = "email" },"#],
+        "\n[destinations.meta_capi]\ncategories = [\"marketing\"]\n",
+        &format!(
+            "name = \"meta_capi\"\nkind = \"meta_capi\"\nbase_url = \"{url}/v21.0\"\npixel_id = \"PIXEL1\"
+secret_env = \"{SECRET_ENV}\"\nevents = [\"Order Completed\"]\nmax_event_age = \"30d\"\n"
+        ),
+    );
+    let sink: Arc<dyn Sink> = t.open().await;
+    let drainer = Drainer::new(cfg, sink.clone()).unwrap();
+    // Meta's 7 days are counted on the real clock.
+    let now = collector_agent::now_ms();
+    let all = ["analytics", "marketing"];
+    let identify = |id: &str, user: &str, email: &str, granted: &[&str], denied: &[&str]| {
+        let mut context = consent_of(granted, denied);
+        context["sealed"] = json!({ "traits.email": seal(PiiKind::Email, email, &public) });
+        json!({"type": "identify", "messageId": id, "userId": user, "traits": {"email": "hmac:v1:…"},
+            "timestamp": iso(now - 2 * 3_600_000), "context": context})
+    };
+    let order = |id: &str, user: &str, at: i64, granted: &[&str], denied: &[&str]| {
+        let mut context = consent_of(granted, denied);
+        context["page"] = json!({"url": "https://shop.example/checkout"});
+        json!({"type": "track", "messageId": id, "userId": user, "event": "Order Completed",
+            "properties": {"revenue": 42.5, "currency": "EUR"}, "timestamp": iso(at), "context": context})
+    };
+    load(
+        &*sink,
+        1,
+        json!([
+            identify("i1", "buyer-1", "  Jane.Doe@Example.COM", &all, &[]),
+            order("o1", "buyer-1", now - 3_600_000, &all, &[]),
+            order("o3", "buyer-1", now - 8 * 86_400_000, &all, &[]),
+            identify(
+                "i2",
+                "buyer-2",
+                "max@example.com",
+                &["analytics"],
+                &["marketing"]
+            ),
+            order(
+                "o2",
+                "buyer-2",
+                now - 3_600_000,
+                &["analytics"],
+                &["marketing"]
+            ),
+        ]),
+    )
+    .await;
+    let st = cycle(&drainer, now).await;
+    assert_eq!((st.sent, st.withheld, st.dead), (1, 1, 1), "{st:?}");
+    let calls = rec.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls.len(),
+        1,
+        "the old event is singled out without a call: {calls:?}"
+    );
+    assert_eq!(calls[0].path, "/v21.0/PIXEL1/events");
+    assert!(
+        !calls[0].body.to_lowercase().contains("jane"),
+        "only hashes: {}",
+        calls[0].body
+    );
+    let body = calls[0].json();
+    assert_eq!(body["access_token"], SECRET);
+    let data = body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 1);
+    let e = &data[0];
+    assert_eq!(e["event_name"], "Purchase");
+    assert_eq!(e["event_id"], "o1");
+    assert_eq!(e["action_source"], "website");
+    // The event's time as stored (the test's edge clock corrects times after receipt).
+    let stored = one(
+        &*sink,
+        "SELECT timestamp FROM tracks WHERE message_id = 'o1'",
+    )
+    .await
+    .unwrap();
+    let stored_s = collector_core::timestamp::parse_ms(&stored)
+        .unwrap()
+        .div_euclid(1000);
+    assert_eq!(e["event_time"], json!(stored_s));
+    assert_eq!(e["event_source_url"], "https://shop.example/checkout");
+    use sha2::Digest;
+    let sha = |v: &str| hex::encode(sha2::Sha256::digest(v.as_bytes()));
+    assert_eq!(e["user_data"]["em"], json!([sha("jane.doe@example.com")]));
+    assert_eq!(e["user_data"]["external_id"], json!([sha("buyer-1")]));
+    assert_eq!(e["custom_data"], json!({"value": 42.5, "currency": "EUR"}));
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT key, status FROM activation_outbox ORDER BY key"
+        )
+        .await,
+        vec![
+            vec![s("meta_capi:o1"), s("sent")],
+            vec![s("meta_capi:o2"), s("withheld")],
+            vec![s("meta_capi:o3"), s("dead")],
+        ]
+    );
+    let reason = one(
+        &*sink,
+        "SELECT last_error FROM activation_outbox WHERE key = 'meta_capi:o3'",
+    )
+    .await
+    .unwrap();
+    assert!(reason.contains("older than the 7 days"), "{reason}");
     server.abort();
 }

@@ -11,7 +11,7 @@ use crate::audiences::config::parse_window;
 /// ```toml
 /// [[destinations]]
 /// name = "crm_hook"                       # privacy.toml needs [destinations.crm_hook]
-/// kind = "webhook"                       # webhook | twilio
+/// kind = "webhook"                       # webhook | twilio | meta_capi
 /// base_url = "https://hooks.example.com/collector"
 /// secret_env = "CRM_HOOK_SECRET"          # signs every call (never the secret itself)
 /// audiences = ["pricing_no_purchase_7d"]  # entries and exits of these audiences
@@ -31,6 +31,14 @@ use crate::audiences::config::parse_window;
 /// from = "+15005550006"
 /// message = "Your cart is waiting: https://shop.example/cart"
 /// audiences = ["cart_abandoners_15m"]
+///
+/// [[destinations]]
+/// name = "meta_capi"                      # privacy.toml: categories = ["marketing"]
+/// kind = "meta_capi"
+/// base_url = "https://graph.facebook.com/v21.0"
+/// pixel_id = "123456789012345"
+/// secret_env = "META_ACCESS_TOKEN"
+/// events = ["Order Completed"]
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,6 +71,9 @@ pub struct DestinationConfig {
     /// `twilio`: the text sent; `{audience}` is replaced by the audience's name.
     #[serde(default)]
     pub message: Option<String>,
+    /// `meta_capi`: the pixel (dataset) id the events belong to.
+    #[serde(default)]
+    pub pixel_id: Option<String>,
 }
 
 fn default_batch() -> usize {
@@ -82,7 +93,7 @@ fn default_timeout() -> u64 {
 }
 
 /// The kinds built so far.
-pub const KINDS: &[&str] = &["webhook", "twilio"];
+pub const KINDS: &[&str] = &["webhook", "twilio", "meta_capi"];
 
 /// The kinds that send to an address (opened from its sealed copy).
 pub const NEEDS_CONTACTS: &[&str] = &["twilio", "mailchimp"];
@@ -163,6 +174,18 @@ impl DestinationConfig {
                     "config: destinations.{n}.{key} is required for kind = \"twilio\""
                 );
             }
+        }
+        if self.kind == "meta_capi" {
+            anyhow::ensure!(
+                self.pixel_id
+                    .as_deref()
+                    .is_some_and(|p| !p.trim().is_empty()),
+                "config: destinations.{n}.pixel_id is required for kind = \"meta_capi\""
+            );
+            anyhow::ensure!(
+                self.audiences.is_empty(),
+                "config: destinations.{n}: kind = \"meta_capi\" takes events, not audiences (sync audiences to Meta as custom audiences from a webhook)"
+            );
         }
         anyhow::ensure!(
             !self.audiences.is_empty() || !self.events.is_empty(),

@@ -17,6 +17,7 @@
 //!   dead-letter; a rejected batch is split to find the record at fault.
 
 pub mod config;
+pub mod meta_capi;
 pub mod outbox;
 pub mod sync;
 pub mod twilio;
@@ -138,6 +139,7 @@ pub fn open(cfg: &DestinationConfig) -> anyhow::Result<Box<dyn Destination>> {
     match cfg.kind.as_str() {
         "webhook" => Ok(Box::new(webhook::Webhook::new(cfg)?)),
         "twilio" => Ok(Box::new(twilio::Twilio::new(cfg)?)),
+        "meta_capi" => Ok(Box::new(meta_capi::MetaCapi::new(cfg)?)),
         other => anyhow::bail!("destination {}: kind {other:?} is not built", cfg.name),
     }
 }

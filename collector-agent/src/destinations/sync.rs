@@ -533,13 +533,9 @@ async fn open_contacts(
                 .collect()
         })
         .unwrap_or_default();
-    // A person's latest sealed copy of each path, from identifies and tracks.
+    // Each person's latest sealed copy of each path, from identifies and tracks.
     let d = s.dialect();
-    let people: Vec<&String> = items
-        .iter()
-        .filter(|i| matches!(i.what, What::Audience { .. }))
-        .filter_map(|i| i.person_id.as_ref())
-        .collect();
+    let people: Vec<&String> = items.iter().filter_map(|i| i.person_id.as_ref()).collect();
     let mut latest: HashMap<(String, &str), String> = HashMap::new();
     if !people.is_empty() {
         for (_, path) in &paths {
@@ -565,16 +561,19 @@ async fn open_contacts(
     let mut out = Vec::new();
     for mut item in items {
         for (kind, path) in &paths {
-            let sealed = match &item.what {
+            // An event's own sealed copy, else the person's latest.
+            let own = match &item.what {
                 What::Event { message_id } => events
                     .get(message_id)
                     .and_then(|(raw, _)| raw["context"]["sealed"][*path].as_str())
                     .map(str::to_string),
-                What::Audience { .. } => item
-                    .person_id
-                    .as_ref()
-                    .and_then(|p| latest.get(&(p.clone(), *path)).cloned()),
+                What::Audience { .. } => None,
             };
+            let sealed = own.or_else(|| {
+                item.person_id
+                    .as_ref()
+                    .and_then(|p| latest.get(&(p.clone(), *path)).cloned())
+            });
             let Some(sealed) = sealed else { continue };
             let opened = t.contacts.and_then(|c| c.key.open(&sealed).ok());
             match kind {
