@@ -31,6 +31,7 @@ struct Recorder {
 #[derive(Clone, Debug)]
 struct Call {
     status: u16,
+    method: String,
     path: String,
     body: String,
     /// The webhook signature verified with the shared secret.
@@ -50,7 +51,10 @@ impl Recorder {
         use axum::http::{HeaderMap, StatusCode, Uri};
         let rec = self.clone();
         let app = axum::Router::new().fallback(
-            move |uri: Uri, headers: HeaderMap, body: axum::body::Bytes| {
+            move |method: axum::http::Method,
+                  uri: Uri,
+                  headers: HeaderMap,
+                  body: axum::body::Bytes| {
                 let rec = rec.clone();
                 async move {
                     let h = |n: &str| {
@@ -78,6 +82,7 @@ impl Recorder {
                         .unwrap_or(if text.contains("poison") { 400 } else { 200 });
                     rec.calls.lock().unwrap().push(Call {
                         status,
+                        method: method.to_string(),
                         path: uri.path().to_string(),
                         body: text,
                         signed,
@@ -482,7 +487,8 @@ crate::per_target!(
     [webhook_delivers_what_consent_allows_once,
     consent_is_checked_at_every_attempt_and_withdrawal_removes,
     cart_abandonment_texts_exactly_the_people_it_may,
-    conversions_carry_hashed_contacts_only_where_consent_allows,]
+    conversions_carry_hashed_contacts_only_where_consent_allows,
+    email_platform_members_are_tagged_untagged_and_archived,]
 );
 
 // A destination the privacy policy does not name receives nothing: `config check`
@@ -727,7 +733,7 @@ secret_env = \"{SECRET_ENV}\"\nevents = [\"Order Completed\"]\nmax_event_age = \
     let identify = |id: &str, user: &str, email: &str, granted: &[&str], denied: &[&str]| {
         let mut context = consent_of(granted, denied);
         context["sealed"] = json!({ "traits.email": seal(PiiKind::Email, email, &public) });
-        json!({"type": "identify", "messageId": id, "userId": user, "traits": {"email": "hmac:v1:…"},
+        json!({"type": "identify", "messageId": id, "userId": user, "traits": {"email": format!("hmac:v1:{user}")},
             "timestamp": iso(now - 2 * 3_600_000), "context": context})
     };
     let order = |id: &str, user: &str, at: i64, granted: &[&str], denied: &[&str]| {
@@ -818,5 +824,101 @@ secret_env = \"{SECRET_ENV}\"\nevents = [\"Order Completed\"]\nmax_event_age = \
     .await
     .unwrap();
     assert!(reason.contains("older than the 7 days"), "{reason}");
+    server.abort();
+}
+
+// pricing_no_purchase_7d members reach the email platform (Mailchimp's shape) as
+// tagged list members, keyed by the MD5 of the lower-cased address; a member who buys
+// is untagged (the exit diff); one who withdraws consent is archived and never added
+// again.
+async fn email_platform_members_are_tagged_untagged_and_archived(t: &Target) {
+    use collector_core::pii::PiiKind;
+    let dir = tempfile::tempdir().unwrap();
+    let rec = Recorder::default();
+    let (url, server) = rec.start().await;
+    let (cfg, public) = sealed_config(
+        dir.path(),
+        t,
+        &[r#"{ path = "traits.email", kind = "email" },"#],
+        "\n[destinations.newsletter]\ncategories = [\"marketing\"]\n",
+        &format!(
+            "name = \"newsletter\"\nkind = \"mailchimp\"\nbase_url = \"{url}/3.0\"\nlist_id = \"L1\"
+secret_env = \"{SECRET_ENV}\"\naudiences = [\"pricing_no_purchase_7d\"]\n"
+        ),
+    );
+    let sink: Arc<dyn Sink> = t.open().await;
+    let drainer = Drainer::new(cfg, sink.clone()).unwrap();
+    let all = ["analytics", "marketing"];
+    let visitor = |n: &str, email: &str| {
+        let mut context = consent_of(&all, &[]);
+        context["sealed"] = json!({ "traits.email": seal(PiiKind::Email, email, &public) });
+        json!([
+            {"type": "identify", "messageId": format!("i-{n}"), "anonymousId": n, "traits": {"email": format!("hmac:v1:{n}")},
+             "timestamp": iso(T0 - MIN), "context": context},
+            {"type": "page", "messageId": format!("p-{n}"), "anonymousId": n, "properties": {"path": "/pricing"},
+             "timestamp": iso(T0), "context": consent_of(&all, &[])},
+        ])
+    };
+    let mut batch = Vec::new();
+    for (n, e) in [
+        ("m1", "Ann@Example.com"),
+        ("m2", "bob@example.com"),
+        ("m3", "cy@example.com"),
+    ] {
+        batch.extend(visitor(n, e).as_array().unwrap().clone());
+    }
+    load(&*sink, 1, Value::Array(batch)).await;
+    let st = cycle(&drainer, T0 + MIN).await;
+    assert_eq!(st.sent, 3, "{st:?}");
+    let hash = |e: &str| collector_agent::destinations::mailchimp::subscriber_hash(e);
+    let calls = rec.calls.lock().unwrap().clone();
+    let ann = format!("/3.0/lists/L1/members/{}", hash("ann@example.com"));
+    let upsert = calls
+        .iter()
+        .find(|c| c.method == "PUT" && c.path == ann)
+        .expect("ann upserted");
+    assert_eq!(
+        upsert.json(),
+        json!({"email_address": "ann@example.com", "status_if_new": "subscribed"})
+    );
+    let tag = calls
+        .iter()
+        .find(|c| c.method == "POST" && c.path == format!("{ann}/tags"))
+        .unwrap();
+    assert_eq!(
+        tag.json(),
+        json!({"tags": [{"name": "pricing_no_purchase_7d", "status": "active"}]})
+    );
+    assert_eq!(calls.len(), 6, "an upsert and a tag each: {calls:?}");
+
+    // m2 buys: untagged. m3 withdraws marketing: archived.
+    load(&*sink, 2, json!([
+        {"type": "track", "messageId": "o-m2", "anonymousId": "m2", "event": "Order Completed",
+         "timestamp": iso(T0 + 10 * MIN), "context": consent_of(&all, &[])},
+        {"type": "page", "messageId": "w-m3", "anonymousId": "m3", "properties": {"path": "/"},
+         "timestamp": iso(T0 + 10 * MIN), "context": consent_of(&["analytics"], &["marketing"])},
+    ]))
+    .await;
+    let st = cycle(&drainer, T0 + 11 * MIN).await;
+    assert_eq!(st.sent, 2, "{st:?}");
+    let calls = rec.calls.lock().unwrap()[6..].to_vec();
+    let bob = format!("/3.0/lists/L1/members/{}", hash("bob@example.com"));
+    let cy = format!("/3.0/lists/L1/members/{}", hash("cy@example.com"));
+    let untag = calls
+        .iter()
+        .find(|c| c.path == format!("{bob}/tags"))
+        .expect("bob untagged");
+    assert_eq!(
+        untag.json(),
+        json!({"tags": [{"name": "pricing_no_purchase_7d", "status": "inactive"}]})
+    );
+    assert!(
+        calls.iter().any(|c| c.method == "DELETE" && c.path == cy),
+        "cy archived: {calls:?}"
+    );
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    // Never added again.
+    let st = cycle(&drainer, T0 + 12 * MIN).await;
+    assert_eq!((st.enqueued, st.sent), (0, 0), "{st:?}");
     server.abort();
 }

@@ -11,7 +11,7 @@ use crate::audiences::config::parse_window;
 /// ```toml
 /// [[destinations]]
 /// name = "crm_hook"                       # privacy.toml needs [destinations.crm_hook]
-/// kind = "webhook"                       # webhook | twilio | meta_capi
+/// kind = "webhook"                       # webhook | twilio | meta_capi | mailchimp
 /// base_url = "https://hooks.example.com/collector"
 /// secret_env = "CRM_HOOK_SECRET"          # signs every call (never the secret itself)
 /// audiences = ["pricing_no_purchase_7d"]  # entries and exits of these audiences
@@ -39,6 +39,14 @@ use crate::audiences::config::parse_window;
 /// pixel_id = "123456789012345"
 /// secret_env = "META_ACCESS_TOKEN"
 /// events = ["Order Completed"]
+///
+/// [[destinations]]
+/// name = "newsletter"                     # privacy.toml: categories = ["marketing", "email"]
+/// kind = "mailchimp"
+/// base_url = "https://us21.api.mailchimp.com/3.0"
+/// list_id = "a1b2c3d4e5"
+/// secret_env = "MAILCHIMP_API_KEY"
+/// audiences = ["pricing_no_purchase_7d"]
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,6 +82,9 @@ pub struct DestinationConfig {
     /// `meta_capi`: the pixel (dataset) id the events belong to.
     #[serde(default)]
     pub pixel_id: Option<String>,
+    /// `mailchimp`: the list (audience) id members are added to.
+    #[serde(default)]
+    pub list_id: Option<String>,
 }
 
 fn default_batch() -> usize {
@@ -93,7 +104,7 @@ fn default_timeout() -> u64 {
 }
 
 /// The kinds built so far.
-pub const KINDS: &[&str] = &["webhook", "twilio", "meta_capi"];
+pub const KINDS: &[&str] = &["webhook", "twilio", "meta_capi", "mailchimp"];
 
 /// The kinds that send to an address (opened from its sealed copy).
 pub const NEEDS_CONTACTS: &[&str] = &["twilio", "mailchimp"];
@@ -174,6 +185,18 @@ impl DestinationConfig {
                     "config: destinations.{n}.{key} is required for kind = \"twilio\""
                 );
             }
+        }
+        if self.kind == "mailchimp" {
+            anyhow::ensure!(
+                self.list_id
+                    .as_deref()
+                    .is_some_and(|p| !p.trim().is_empty()),
+                "config: destinations.{n}.list_id is required for kind = \"mailchimp\""
+            );
+            anyhow::ensure!(
+                self.events.is_empty(),
+                "config: destinations.{n}: kind = \"mailchimp\" takes audiences, not events"
+            );
         }
         if self.kind == "meta_capi" {
             anyhow::ensure!(

@@ -17,6 +17,7 @@
 //!   dead-letter; a rejected batch is split to find the record at fault.
 
 pub mod config;
+pub mod mailchimp;
 pub mod meta_capi;
 pub mod outbox;
 pub mod sync;
@@ -82,7 +83,13 @@ pub struct Contacts {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum What {
     /// A person entered or left an audience.
-    Audience { audience: String, entered: bool },
+    Audience {
+        audience: String,
+        entered: bool,
+        /// Left because their consent no longer allows this destination (the
+        /// destination should forget them, not only untag them).
+        withdrawn: bool,
+    },
     /// An event, forwarded.
     Event { message_id: String },
 }
@@ -140,6 +147,7 @@ pub fn open(cfg: &DestinationConfig) -> anyhow::Result<Box<dyn Destination>> {
         "webhook" => Ok(Box::new(webhook::Webhook::new(cfg)?)),
         "twilio" => Ok(Box::new(twilio::Twilio::new(cfg)?)),
         "meta_capi" => Ok(Box::new(meta_capi::MetaCapi::new(cfg)?)),
+        "mailchimp" => Ok(Box::new(mailchimp::Mailchimp::new(cfg)?)),
         other => anyhow::bail!("destination {}: kind {other:?} is not built", cfg.name),
     }
 }

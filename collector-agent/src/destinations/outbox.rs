@@ -82,26 +82,31 @@ pub fn candidates_sql(
             k = ts_key(d, "m.entered_at"),
             t = text(d)
         ));
-        let exit = |from: &str, cond: &str| {
+        // Both exits share one key per stay: a person leaves a destination's audience
+        // once, for whichever reason comes first.
+        let exit = |from: &str, cond: &str, transition: &str| {
             format!(
                 "SELECT {dl} || ':' || o.person_id || ':' || o.audience || ':exited:' || {k} AS key, {dl} AS destination, 'audience' AS kind,
-                   o.person_id, o.audience, 'exited' AS transition, o.entered_at, CAST(NULL AS {t}) AS message_id
+                   o.person_id, o.audience, '{transition}' AS transition, o.entered_at, CAST(NULL AS {t}) AS message_id
                  FROM activation_outbox o {from}
                  WHERE o.destination = {dl} AND o.transition = 'entered' AND o.status = 'sent' AND {cond}",
                 k = ts_key(d, "o.entered_at"),
                 t = text(d)
             )
         };
+        // Consent withdrawn (whether or not the audience still holds them): removed,
+        // and never added again in this stay (its entry key is spent). First, so that
+        // when both happen at once the destination forgets them rather than untags.
+        out.push(exit(
+            "JOIN profiles p ON p.person_id = o.person_id",
+            &format!("NOT ({})", consent_sql(d, "p.consent", categories)),
+            "withdrawn",
+        ));
         // The stay ended.
         out.push(exit(
             "JOIN audience_membership m ON m.audience = o.audience AND m.person_id = o.person_id AND m.entered_at = o.entered_at",
             "m.exited_at IS NOT NULL",
-        ));
-        // Still in, but consent withdrawn: removed, and never added again in this stay
-        // (its entry key is spent).
-        out.push(exit(
-            "JOIN profiles p ON p.person_id = o.person_id",
-            &format!("NOT ({})", consent_sql(d, "p.consent", categories)),
+            "exited",
         ));
     }
     if !events.is_empty() {

@@ -39,6 +39,8 @@ struct Row {
     person_id: Option<String>,
     audience: Option<String>,
     entered: bool,
+    /// An exit because consent no longer allows the destination (not the audience).
+    withdrawn: bool,
     entered_at: Option<String>,
     message_id: Option<String>,
     attempts: i64,
@@ -156,6 +158,7 @@ async fn due(
             person_id: r[1].clone(),
             audience: r[2].clone(),
             entered: r[3].as_deref() == Some("entered"),
+            withdrawn: r[3].as_deref() == Some("withdrawn"),
             entered_at: r[4].clone(),
             message_id: r[5].clone(),
             attempts: r[6].as_deref().and_then(|n| n.parse().ok()).unwrap_or(0),
@@ -440,6 +443,7 @@ async fn decide(
                     what: What::Audience {
                         audience: audience.clone(),
                         entered: row.entered,
+                        withdrawn: row.withdrawn,
                     },
                     payload,
                     contact: Contact::default(),
@@ -720,6 +724,7 @@ pub async fn dry_run(
             person_id: r[1].clone(),
             audience: r[2].clone(),
             entered: r[3].as_deref() == Some("entered"),
+            withdrawn: r[3].as_deref() == Some("withdrawn"),
             entered_at: r[4].clone(),
             message_id: r[5].clone(),
             attempts: 0,
@@ -737,7 +742,9 @@ pub async fn dry_run(
     for i in decided.items {
         let person = i.person_id.unwrap_or_default();
         match i.what {
-            What::Audience { audience, entered } if entered => {
+            What::Audience {
+                audience, entered, ..
+            } if entered => {
                 out.add.push(format!("{audience}: {person}"));
             }
             What::Audience { audience, .. } => out.remove.push(format!("{audience}: {person}")),

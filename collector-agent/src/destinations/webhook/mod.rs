@@ -5,7 +5,8 @@
 //! ```json
 //! {"destination": "crm_hook", "sent_at": "2026-11-26T10:00:00.000Z",
 //!  "items": [{"key": "crm_hook:<person>:pricing_no_purchase_7d:entered:2026-…",
-//!             "type": "audience", "action": "entered", "audience": "pricing_no_purchase_7d",
+//!             "type": "audience", "action": "entered", "reason": null,
+//!             "audience": "pricing_no_purchase_7d",
 //!             "person_id": "…", "data": {"user_ids": ["u-1"], "traits": {…}}},
 //!            {"key": "crm_hook:<message_id>", "type": "event", "person_id": "…",
 //!             "data": {…the event as stored…}}]}
@@ -15,7 +16,9 @@
 //! `X-Collector-Timestamp` (Unix seconds) and `X-Collector-Signature: v1=<hex>`, the
 //! HMAC-SHA256 with the shared secret of `POST \n <path and query> \n <timestamp> \n
 //! hex(sha256(body))`. A receiver recomputes it, compares in constant time, and refuses
-//! a timestamp more than 300 s from its clock (a replay). `Idempotency-Key` is the
+//! a timestamp more than 300 s from its clock (a replay). An exit's `reason` is
+//! `"consent_withdrawn"` when the person's consent no longer allows this destination
+//! (forget them), else `null` (they left the audience). `Idempotency-Key` is the
 //! SHA-256 of the batch's item keys: a retried batch carries the same one, and each
 //! item's `key` names it for good, so a receiver can drop what it has seen.
 //!
@@ -56,9 +59,14 @@ impl Webhook {
         let items: Vec<Value> = items
             .iter()
             .map(|i| match &i.what {
-                What::Audience { audience, entered } => json!({
+                What::Audience {
+                    audience,
+                    entered,
+                    withdrawn,
+                } => json!({
                     "key": i.key, "type": "audience",
                     "action": if *entered { "entered" } else { "exited" },
+                    "reason": if *withdrawn { Some("consent_withdrawn") } else { None },
                     "audience": audience, "person_id": i.person_id, "data": i.payload,
                 }),
                 What::Event { message_id } => json!({
