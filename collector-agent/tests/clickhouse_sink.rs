@@ -261,21 +261,3 @@ async fn a_server_that_is_down_is_a_transient_error() {
         other => panic!("expected a transient error from {url}, got {other:?}"),
     }
 }
-
-#[tokio::test]
-#[ignore]
-async fn scratch_server() {
-    let ch = LocalClickHouse::start().unwrap();
-    let sink = open(&ch).await;
-    let evs = events(json!({"batch": [
-        {"type": "page", "messageId": "p1", "anonymousId": "a1", "name": "Pricing", "properties": {"path": "/pricing"}, "timestamp": "2026-11-20T09:00:00.000Z",
-         "context": {"consent": {"resolved": {"policy_version": "v7", "region": "EU", "granted": ["analytics"], "denied": ["marketing"], "sources": {"analytics": "gpc", "marketing": "gpc"}, "gpc": false}}}},
-        {"type": "identify", "messageId": "i1", "anonymousId": "a1", "userId": "u1", "traits": {"plan": "free", "email": "hash-e1", "company": {"email": "x"}}, "timestamp": "2026-11-20T09:01:00.000Z"},
-        {"type": "alias", "messageId": "al2", "anonymousId": "a2", "previousId": "a2", "userId": "u1", "timestamp": "2026-11-20T10:02:00.000Z"},
-        {"type": "track", "messageId": "t2", "anonymousId": "a2", "event": "Product Added", "timestamp": "2026-11-20T10:01:00.000Z"},
-    ]}));
-    sink.load(&Load::events(0, 1, evs)).await.unwrap();
-    println!("URL {}", ch.url);
-    std::fs::write("/tmp/ch_url", &ch.url).unwrap();
-    tokio::time::sleep(std::time::Duration::from_secs(7200)).await;
-}
