@@ -510,11 +510,11 @@ fn a_destination_the_policy_does_not_name_is_refused() {
 /// `agent.toml` with a Twilio destination for the cart abandoners, and a policy that
 /// seals phone numbers to a key made for this test; the config and the public key.
 fn sms_config(dir: &std::path::Path, t: &Target, url: &str) -> (AgentConfig, String) {
+    // The shipped policy has the sms category and [destinations.cart_sms].
     sealed_config(
         dir,
         t,
-        &[r#"{ path = "traits.phone", kind = "phone" },"#],
-        "\n[categories.sms]\ndescription = \"Text messages\"\nwhen_denied = \"keep\"\n\n[destinations.cart_sms]\ncategories = [\"marketing\", \"sms\"]\n",
+        "",
         &format!(
             "name = \"cart_sms\"\nkind = \"twilio\"\nbase_url = \"{url}\"\naccount = \"AC123\"\nsecret_env = \"{SECRET_ENV}\"
 from = \"+15005550006\"\nmessage = \"Your cart is waiting ({{audience}})\"\naudiences = [\"cart_abandoners_15m\"]\n"
@@ -522,25 +522,23 @@ from = \"+15005550006\"\nmessage = \"Your cart is waiting ({{audience}})\"\naudi
     )
 }
 
-/// A config whose policy seals `fields` (their lines in privacy.toml) to a key made for
-/// this test, with `policy_extra` appended to the policy and one destination.
+/// A config whose policy is the shipped one (which seals emails and phones) sealing to a
+/// key made for this test, with `policy_extra` appended, and one destination.
 fn sealed_config(
     dir: &std::path::Path,
     t: &Target,
-    fields: &[&str],
     policy_extra: &str,
     destination: &str,
 ) -> (AgentConfig, String) {
     let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let (secret, public) =
         collector_core::seal::OpenKey::generate_from(|b| getrandom::getrandom(b).is_ok()).unwrap();
-    let mut policy = std::fs::read_to_string(format!("{repo}/privacy.toml")).unwrap();
-    for f in fields {
-        assert!(policy.contains(f), "{f}");
-        policy = policy.replace(f, &f.replace(" },", r#", action = "encrypt" },"#));
-    }
-    let policy =
-        policy.replace("[pii]\n", &format!("[pii]\nseal_to = \"{public}\"\n")) + policy_extra;
+    let shipped = std::fs::read_to_string(format!("{repo}/privacy.toml")).unwrap();
+    let line = shipped
+        .lines()
+        .find(|l| l.starts_with("seal_to = "))
+        .unwrap();
+    let policy = shipped.replace(line, &format!("seal_to = \"{public}\"")) + policy_extra;
     std::fs::write(dir.join("privacy.toml"), policy).unwrap();
     std::fs::copy(format!("{repo}/audiences.toml"), dir.join("audiences.toml")).unwrap();
     let warehouse = match t {
@@ -718,7 +716,6 @@ async fn conversions_carry_hashed_contacts_only_where_consent_allows(t: &Target)
     let (cfg, public) = sealed_config(
         dir.path(),
         t,
-        &[r#"{ path = "traits.email", kind = "email" },"#],
         "\n[destinations.meta_capi]\ncategories = [\"marketing\"]\n",
         &format!(
             "name = \"meta_capi\"\nkind = \"meta_capi\"\nbase_url = \"{url}/v21.0\"\npixel_id = \"PIXEL1\"
@@ -839,7 +836,6 @@ async fn email_platform_members_are_tagged_untagged_and_archived(t: &Target) {
     let (cfg, public) = sealed_config(
         dir.path(),
         t,
-        &[r#"{ path = "traits.email", kind = "email" },"#],
         "\n[destinations.newsletter]\ncategories = [\"marketing\"]\n",
         &format!(
             "name = \"newsletter\"\nkind = \"mailchimp\"\nbase_url = \"{url}/3.0\"\nlist_id = \"L1\"

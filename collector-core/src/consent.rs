@@ -219,7 +219,7 @@ pub fn resolve_decoded(
             }
         } else {
             Decision {
-                granted: region.default == RegionDefault::Grant,
+                granted: region.default == RegionDefault::Grant && !cat.explicit_only,
                 source: Source::Default,
             }
         };

@@ -15,6 +15,10 @@
 //! tcf_purposes = [1, 3, 4]
 //! gpc_denies = true             # Sec-GPC: 1 is an opt-out of this category
 //!
+//! [categories.sms]
+//! when_denied = "keep"
+//! explicit_only = true          # only the visitor's own choice grants it
+//!
 //! [events]
 //! default_categories = ["analytics"]
 //! [events.track]
@@ -110,6 +114,10 @@ pub struct Category {
     pub when_denied: WhenDenied,
     pub tcf_purposes: Vec<u8>,
     pub gpc_denies: bool,
+    /// Granted only by the visitor's own choice: no region default grants it (channel
+    /// opt-ins such as SMS, which laws like the TCPA require to be express).
+    #[serde(default)]
+    pub explicit_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -305,6 +313,8 @@ struct RawCategory {
     #[serde(default)]
     gpc_denies: bool,
     #[serde(default)]
+    explicit_only: bool,
+    #[serde(default)]
     #[allow(dead_code)]
     description: Option<String>,
 }
@@ -454,12 +464,19 @@ pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
                 WhenDenied::Drop
             }
         };
+        if c.explicit_only && (c.always_granted || !purposes.is_empty()) {
+            errs.at(
+                span.clone(),
+                format!("category `{name}` is explicit_only: only the visitor's choice grants it, so it takes neither always_granted nor tcf_purposes"),
+            );
+        }
         categories.push(Category {
             name: name.clone(),
             always_granted: c.always_granted,
             when_denied,
             tcf_purposes: purposes,
             gpc_denies: c.gpc_denies,
+            explicit_only: c.explicit_only,
         });
     }
 

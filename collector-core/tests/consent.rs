@@ -54,16 +54,41 @@ fn region_defaults_opt_in_for_eea_opt_out_for_us_and_rest() {
             d("analytics", false, "default"),
             d("marketing", false, "default"),
             d("necessary", true, "necessary"),
-            d("personalization", false, "default")
+            d("personalization", false, "default"),
+            d("sms", false, "default"),
         ]
     );
+    // Opt-out regions grant every category by default, but an explicit-only one (a
+    // channel opt-in such as SMS).
+    let but_sms = |v: Vec<(String, bool, &str)>| v.iter().all(|(c, g, _)| *g == (c != "sms"));
     for c in ["US", "BR"] {
-        assert!(decisions(country(c)).iter().all(|(_, g, _)| *g), "{c}");
+        assert!(but_sms(decisions(country(c))), "{c}");
     }
     // Unknown country: the catch-all region.
-    assert!(decisions(ConsentInputs::default())
-        .iter()
-        .all(|(_, g, _)| *g));
+    assert!(but_sms(decisions(ConsentInputs::default())));
+}
+
+#[test]
+fn explicit_only_categories_are_granted_by_the_visitors_choice_alone() {
+    let mut i = country("US");
+    i.explicit.insert("sms".into(), true);
+    assert!(resolve(&policy(), &i).granted("sms"));
+    let mut i = country("DE");
+    i.tcf = Some(tc_marketing_and_personalization());
+    assert_eq!(
+        resolve(&policy(), &i).decisions["sms"],
+        collector_core::consent::Decision {
+            granted: false,
+            source: Source::Default
+        }
+    );
+    // Such a category takes no TCF purposes (nothing but the choice may grant it).
+    let src = include_str!("../../privacy.toml").replace(
+        "explicit_only = true",
+        "explicit_only = true\ntcf_purposes = [1]",
+    );
+    let errs = collector_core::policy::parse(&src).unwrap_err();
+    assert!(errs[0].message.contains("explicit_only"), "{errs:?}");
 }
 
 #[test]
@@ -77,7 +102,8 @@ fn explicit_preferences_override_region_defaults() {
             d("analytics", true, "explicit"),
             d("marketing", false, "explicit"),
             d("necessary", true, "necessary"),
-            d("personalization", false, "default")
+            d("personalization", false, "default"),
+            d("sms", false, "default"),
         ]
     );
 }
@@ -93,7 +119,8 @@ fn gpc_denies_sale_and_sharing_categories_even_over_an_explicit_grant() {
             d("analytics", true, "default"),
             d("marketing", false, "gpc"),
             d("necessary", true, "necessary"),
-            d("personalization", false, "gpc")
+            d("personalization", false, "gpc"),
+            d("sms", false, "default"),
         ]
     );
 }
@@ -108,7 +135,8 @@ fn tcf_purposes_grant_categories_when_all_are_consented() {
             d("analytics", false, "tcf"),
             d("marketing", true, "tcf"),
             d("necessary", true, "necessary"),
-            d("personalization", true, "tcf")
+            d("personalization", true, "tcf"),
+            d("sms", false, "default"),
         ]
     );
     let mut i = country("US");
@@ -119,7 +147,8 @@ fn tcf_purposes_grant_categories_when_all_are_consented() {
             d("analytics", false, "tcf"),
             d("marketing", false, "tcf"),
             d("necessary", true, "necessary"),
-            d("personalization", false, "tcf")
+            d("personalization", false, "tcf"),
+            d("sms", false, "default"),
         ]
     );
 }
@@ -192,7 +221,7 @@ fn evidence_names_granted_denied_sources_and_policy_version() {
     assert_eq!(ev["policy_version"], json!(p.version));
     assert_eq!(ev["region"], "eea_uk_ch");
     assert_eq!(ev["granted"], json!(["analytics", "necessary"]));
-    assert_eq!(ev["denied"], json!(["marketing", "personalization"]));
+    assert_eq!(ev["denied"], json!(["marketing", "personalization", "sms"]));
     assert_eq!(ev["sources"]["analytics"], "explicit");
     assert_eq!(ev["gpc"], false);
 }

@@ -263,7 +263,10 @@ async fn consent_is_enforced_and_no_raw_pii_reaches_storage_or_the_warehouse() {
     assert_eq!(fr[5], s("FR"));
     assert_eq!(fr[6], s("https://shop.test/reset?lang=fr"));
     assert_eq!(fr[7], s("eea_uk_ch"));
-    assert_eq!(fr[8], s(r#"["analytics","marketing","personalization"]"#));
+    assert_eq!(
+        fr[8],
+        s(r#"["analytics","marketing","personalization","sms"]"#)
+    );
     assert_eq!(fr[9], s("Firefox 121 (Linux)"), "the user agent is reduced");
 
     let us = &st.query("SELECT traits->>'email', traits->>'phone', traits->>'plan', context->'consent'->'resolved'->'sources'->>'analytics' FROM identifies")[0];
