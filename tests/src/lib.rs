@@ -13,6 +13,7 @@ pub mod clickhouse;
 pub mod edge;
 pub mod pages;
 pub mod postgres;
+pub mod recorder;
 pub mod toolchain;
 
 pub use edge::{EdgeOptions, LocalEdge, TEST_PII_KEY};

@@ -42,24 +42,7 @@ fn tc_string() -> String {
 
 /// Every file under `dir`, lower-cased, searched for every raw value.
 fn scan(dir: &Path) -> Vec<String> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = entry.path();
-            if p.is_dir() {
-                stack.push(p);
-                continue;
-            }
-            let bytes = std::fs::read(&p).unwrap().to_ascii_lowercase();
-            for raw in RAW {
-                if bytes.windows(raw.len()).any(|w| w == raw.as_bytes()) {
-                    found.push(format!("{raw} in {}", p.display()));
-                }
-            }
-        }
-    }
-    found
+    scan_for(dir, RAW)
 }
 
 /// (path, country, extra headers, event) of one request.

@@ -211,3 +211,26 @@ pub fn agent_binary() -> std::path::PathBuf {
         .unwrap_or_else(|| root.join("target"));
     target.join("debug/collector-agent")
 }
+
+/// Every file under `dir`, lower-cased, searched for each of `raw` (lower case): where
+/// each was found.
+pub fn scan_for(dir: &std::path::Path, raw: &[&str]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let bytes = std::fs::read(&p).unwrap_or_default().to_ascii_lowercase();
+            for r in raw {
+                if bytes.windows(r.len()).any(|w| w == r.as_bytes()) {
+                    found.push(format!("{r} in {}", p.display()));
+                }
+            }
+        }
+    }
+    found
+}
