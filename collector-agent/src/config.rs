@@ -287,9 +287,19 @@ impl AgentConfig {
                     );
                 }
             }
-            self.contacts()?;
         }
         self.secret()?;
+        Ok(())
+    }
+
+    /// The secrets only sending needs, read from the environment: each destination's
+    /// credential and the key that opens sealed contacts (`config check` and `run`;
+    /// commands that only query the warehouse do without them).
+    pub fn validate_secrets(&self) -> anyhow::Result<()> {
+        for d in &self.destinations {
+            d.secret()?;
+        }
+        self.contacts()?;
         Ok(())
     }
 

@@ -483,13 +483,14 @@ async fn main() -> anyhow::Result<()> {
         Command::Config {
             command: ConfigCommand::Check { config, connect },
         } => {
-            let cfg = match AgentConfig::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{e}");
-                    std::process::exit(1);
-                }
-            };
+            let cfg =
+                match AgentConfig::load(&config).and_then(|c| c.validate_secrets().map(|()| c)) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        std::process::exit(1);
+                    }
+                };
             let warehouse = match &cfg.warehouse {
                 collector_agent::config::WarehouseConfig::DuckDb(d) => {
                     format!("duckdb {}", d.path.display())

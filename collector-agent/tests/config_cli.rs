@@ -184,7 +184,7 @@ fn audience_check_and_config_check_report_audience_problems_by_line() {
     let bad = dir.path().join("audiences.toml");
     std::fs::write(
         &bad,
-        "[audiences.ok]\nperformed = { event = \"A\" }\n\n[audiences.x]\nrequires = [\"sms\"]\nperformed = { event = \"A\", within = \"3q\" }\n",
+        "[audiences.ok]\nperformed = { event = \"A\" }\n\n[audiences.x]\nrequires = [\"fax\"]\nperformed = { event = \"A\", within = \"3q\" }\n",
     )
     .unwrap();
     let (ok, text) = agent(&[
@@ -196,7 +196,7 @@ fn audience_check_and_config_check_report_audience_problems_by_line() {
     ]);
     assert!(!ok, "{text}");
     assert!(
-        text.contains("audiences.toml:4:1: audience x: requires \"sms\""),
+        text.contains("audiences.toml:4:1: audience x: requires \"fax\""),
         "{text}"
     );
     assert!(

@@ -35,7 +35,14 @@ fn xtask_dev_runs_the_stack_and_stops_cleanly_on_sigterm() {
             kv.insert(k.to_string(), v.to_string());
         }
     }
-    for key in ["edge_url", "write_key", "agent_config", "demo_url", "try"] {
+    for key in [
+        "edge_url",
+        "write_key",
+        "agent_config",
+        "demo_url",
+        "try",
+        "sms_log",
+    ] {
         assert!(kv.contains_key(key), "xtask dev printed {key}=…: {kv:?}");
     }
     let edge = kv["edge_url"].clone();

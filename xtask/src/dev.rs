@@ -2,7 +2,9 @@
 //!
 //! Starts the built worker under `wrangler dev` (local mode, state persisted in
 //! `data/edge-state`), the agent draining into `data/warehouse.duckdb`, and a demo page
-//! that embeds the SDK snippet (the SDK itself is served by the worker). Prints `key=value` lines once ready (scriptable), and stops
+//! that embeds the SDK snippet (the SDK itself is served by the worker), and a local
+//! stand-in for the SMS provider that the cart-abandonment texts go to (printed, and
+//! kept in `data/sms.log`). Prints `key=value` lines once ready (scriptable), and stops
 //! everything on SIGINT/SIGTERM.
 //!
 //! Environment: `XTASK_DEV_DATA_DIR` (default `<repo>/data`), `XTASK_DEV_EDGE_PORT`
@@ -92,21 +94,71 @@ pub fn dev(tools: &Toolchain, _args: &[String]) -> Result<()> {
         log_file: data.join("wrangler.log"),
     })?;
 
+    // A local server standing in for the SMS provider (Twilio's Messages API): every
+    // text the agent sends is printed and appended to data/sms.log.
+    let sms_log = data.join("sms.log");
+    let sms = {
+        let log = sms_log.clone();
+        collector_e2e::recorder::Recorder::start_with(0, move |r| {
+            let form = r.form();
+            let field = |k: &str| {
+                form.iter()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default()
+            };
+            let line = format!("SMS to {}: {}", field("To"), field("Body"));
+            eprintln!("xtask dev: {line}");
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+            {
+                let _ = writeln!(f, "{line}");
+            }
+        })?
+    };
     let agent_config = data.join("agent.toml");
     std::fs::write(
         &agent_config,
         format!(
-            "# Written by `cargo xtask dev`.\nedge_url = \"{}\"\ndrain_secret = \"{secret}\"\npoll_interval_ms = 1000\naudiences = \"{}\"\nprivacy = \"{}\"\naudience_interval_ms = 10000\n\n[warehouse]\npath = \"warehouse.duckdb\"\n",
+            "# Written by `cargo xtask dev`.\nedge_url = \"{}\"\ndrain_secret = \"{secret}\"\npoll_interval_ms = 1000\naudiences = \"{}\"\nprivacy = \"{}\"\naudience_interval_ms = 10000
+# The development key (examples/dev-seal.key), which privacy.toml seals phones and emails to.
+seal_key_env = \"COLLECTOR_SEAL_KEY\"
+
+[warehouse]\npath = \"warehouse.duckdb\"
+
+# The cart-abandonment SMS, through a local stand-in for Twilio (texts go to {}).
+[[destinations]]
+name = \"cart_sms\"
+kind = \"twilio\"
+base_url = \"{}\"
+account = \"ACdev\"
+secret_env = \"TWILIO_AUTH_TOKEN\"
+from = \"+15005550006\"
+message = \"You left something in your cart: https://shop.example/cart\"
+audiences = [\"cart_abandoners_15m\"]
+",
             edge.url,
             tools.root.join("audiences.toml").display(),
-            tools.root.join("privacy.toml").display()
+            tools.root.join("privacy.toml").display(),
+            sms_log.display(),
+            sms.url,
         ),
     )?;
+    let seal_key = std::fs::read_to_string(tools.root.join("examples/dev-seal.key"))?
+        .lines()
+        .find(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .context("examples/dev-seal.key holds no key")?
+        .trim()
+        .to_string();
     let agent_log = std::fs::File::create(data.join("agent.log"))?;
     let mut agent = {
         let mut cmd = Command::new(tools.root.join("target/debug/collector-agent"));
         cmd.args(["run", "--config"])
             .arg(&agent_config)
+            .env("COLLECTOR_SEAL_KEY", &seal_key)
+            .env("TWILIO_AUTH_TOKEN", "dev-token")
             .stdin(Stdio::null())
             .stdout(agent_log.try_clone()?)
             .stderr(agent_log);
@@ -147,6 +199,7 @@ pub fn dev(tools: &Toolchain, _args: &[String]) -> Result<()> {
         agent_bin.display(),
         agent_config.display()
     );
+    println!("sms_log={}", sms_log.display());
     println!("ready");
     let _ = std::io::stdout().flush();
     eprintln!(
@@ -173,6 +226,7 @@ pub fn dev(tools: &Toolchain, _args: &[String]) -> Result<()> {
     eprintln!("xtask dev: stopping");
     demo.stop();
     stop_child(&mut agent);
+    drop(sms);
     edge.stop();
     eprintln!("xtask dev: stopped");
     Ok(())

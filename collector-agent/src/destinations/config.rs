@@ -138,6 +138,8 @@ impl DestinationConfig {
 
     /// Checks one destination against the audiences defined and the privacy policy's
     /// destinations (deny by default: one the policy does not name receives nothing).
+    /// Its secret is read only by what sends ([`Self::secret`]): commands that only
+    /// query the warehouse do not need it.
     pub fn validate(
         &self,
         audiences: &[crate::audiences::Audience],
@@ -229,7 +231,10 @@ impl DestinationConfig {
             policy.destinations.contains_key(n),
             "config: destinations.{n}: privacy.toml has no [destinations.{n}], so it would receive nothing (deny by default); name the consent categories it needs there"
         );
-        self.secret()?;
+        anyhow::ensure!(
+            self.secret_env.is_some(),
+            "config: destinations.{n}.secret_env is required (the name of the environment variable holding its credential)"
+        );
         Ok(())
     }
 }
