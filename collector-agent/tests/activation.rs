@@ -488,7 +488,8 @@ crate::per_target!(
     consent_is_checked_at_every_attempt_and_withdrawal_removes,
     cart_abandonment_texts_exactly_the_people_it_may,
     conversions_carry_hashed_contacts_only_where_consent_allows,
-    email_platform_members_are_tagged_untagged_and_archived,]
+    email_platform_members_are_tagged_untagged_and_archived,
+    a_merge_continues_a_stay_without_sending_it_again,]
 );
 
 // A destination the privacy policy does not name receives nothing: `config check`
@@ -916,5 +917,84 @@ secret_env = \"{SECRET_ENV}\"\naudiences = [\"pricing_no_purchase_7d\"]\n"
     // Never added again.
     let st = cycle(&drainer, T0 + 12 * MIN).await;
     assert_eq!((st.enqueued, st.sent), (0, 0), "{st:?}");
+    server.abort();
+}
+
+// An identity merge never sends twice: an anonymous visitor who entered an audience (and
+// was sent) then signs in becomes another person_id, whose stay continues without a
+// second entry and whose exit is sent once.
+async fn a_merge_continues_a_stay_without_sending_it_again(t: &Target) {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = Recorder::default();
+    let (url, server) = rec.start().await;
+    let cfg = agent_config(dir.path(), t, &format!("{url}/hook"));
+    let sink: Arc<dyn Sink> = t.open().await;
+    let drainer = Drainer::new(cfg, sink.clone()).unwrap();
+    load(&*sink, 1, json!([
+        {"type": "page", "messageId": "p1", "anonymousId": "a1", "properties": {"path": "/pricing"},
+         "timestamp": iso(T0), "context": consent(true)},
+    ]))
+    .await;
+    assert_eq!(cycle(&drainer, T0 + MIN).await.sent, 1);
+    let anon = one(
+        &*sink,
+        "SELECT person_id FROM identities WHERE id_value = 'a1'",
+    )
+    .await;
+    // Signs in: the anonymous person merges into the user's.
+    load(
+        &*sink,
+        2,
+        json!([
+            {"type": "identify", "messageId": "i1", "anonymousId": "a1", "userId": "u1",
+             "timestamp": iso(T0 + 2 * MIN), "context": consent(true)},
+        ]),
+    )
+    .await;
+    let st = cycle(&drainer, T0 + 3 * MIN).await;
+    assert_eq!(st.sent, 0, "the stay continues, nothing sent: {st:?}");
+    let user = one(
+        &*sink,
+        "SELECT person_id FROM identities WHERE id_value = 'u1'",
+    )
+    .await;
+    assert_ne!(anon, user);
+    assert_eq!(
+        rows(&*sink, "SELECT person_id, transition, status FROM activation_outbox ORDER BY status, transition, person_id").await,
+        vec![
+            vec![user.clone(), s("entered"), s("continued")],
+            vec![anon.clone(), s("exited"), s("continued")],
+            vec![anon.clone(), s("entered"), s("sent")],
+        ]
+    );
+    // The user buys: one exit, under the person they are now.
+    load(
+        &*sink,
+        3,
+        json!([
+            {"type": "track", "messageId": "o1", "userId": "u1", "event": "Order Completed",
+             "timestamp": iso(T0 + 4 * MIN), "context": consent(true)},
+        ]),
+    )
+    .await;
+    cycle(&drainer, T0 + 5 * MIN).await;
+    let items: Vec<(String, String)> = rec
+        .delivered()
+        .iter()
+        .filter(|i| i["type"] == "audience")
+        .map(|i| {
+            (
+                i["action"].as_str().unwrap().to_string(),
+                i["person_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        items,
+        vec![
+            ("entered".to_string(), anon.unwrap()),
+            ("exited".to_string(), user.unwrap())
+        ]
+    );
     server.abort();
 }

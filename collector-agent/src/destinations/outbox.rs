@@ -89,7 +89,7 @@ pub fn candidates_sql(
                 "SELECT {dl} || ':' || o.person_id || ':' || o.audience || ':exited:' || {k} AS key, {dl} AS destination, 'audience' AS kind,
                    o.person_id, o.audience, '{transition}' AS transition, o.entered_at, CAST(NULL AS {t}) AS message_id
                  FROM activation_outbox o {from}
-                 WHERE o.destination = {dl} AND o.transition = 'entered' AND o.status = 'sent' AND {cond}",
+                 WHERE o.destination = {dl} AND o.transition = 'entered' AND o.status IN ('sent', 'continued') AND {cond}",
                 k = ts_key(d, "o.entered_at"),
                 t = text(d)
             )
@@ -163,4 +163,64 @@ pub fn replay_dead_sql(d: Dialect, destination: &str, now_ms: i64) -> (String, S
              WHERE destination = {dl} AND status = 'dead'"
         ),
     )
+}
+
+/// When two people merge while one of them was in an audience a destination had been
+/// sent, the stay goes on under the surviving person without a second send: the
+/// survivor's entry is recorded as `continued` (nothing is sent for it, and its exit
+/// later is sent as usual), and the merged-away person's exit too (so it is never
+/// sent). Run before the candidates, so those see the continuation.
+pub fn continuation_sql(
+    d: Dialect,
+    destination: &str,
+    audiences: &[String],
+    now_ms: i64,
+) -> Vec<String> {
+    if audiences.is_empty() {
+        return Vec::new();
+    }
+    let dl = sql_lit(destination);
+    let now = at(d, now_ms);
+    let auds = list(audiences);
+    let cols = format!("{NEW_ROW}, created_at, attempts, next_attempt_at, status, done_at");
+    let key = |who: &str, transition: &str, at: &str| {
+        format!(
+            "{dl} || ':' || {who} || ':' || m.audience || ':{transition}:' || {}",
+            ts_key(d, at)
+        )
+    };
+    vec![
+        // The survivor's open stay continues one that was sent (and not left).
+        format!(
+            "INSERT INTO activation_outbox ({cols})
+             SELECT DISTINCT {k}, {dl}, 'audience', m.person_id, m.audience, 'entered', m.entered_at, CAST(NULL AS {t}), {now}, 0, {now}, 'continued', {now}
+             FROM audience_membership m
+             JOIN identity_merges g ON g.into_person = m.person_id AND g.kind = 'merged'
+             JOIN activation_outbox o ON o.person_id = g.from_person AND o.audience = m.audience AND o.destination = {dl}
+               AND o.transition = 'entered' AND o.status IN ('sent', 'continued')
+             WHERE m.audience IN ({auds}) AND m.exited_at IS NULL
+               AND NOT EXISTS (SELECT 1 FROM activation_outbox x WHERE x.destination = {dl} AND x.person_id = o.person_id
+                 AND x.audience = o.audience AND x.entered_at = o.entered_at AND x.transition <> 'entered')
+             ON CONFLICT (key) DO NOTHING",
+            k = key("m.person_id", "entered", "m.entered_at"),
+            t = text(d)
+        ),
+        // The merged-away person's stay is handed over to the survivor's open one (a
+        // continuation, or one already sent): its exit is spent, not sent.
+        format!(
+            "INSERT INTO activation_outbox ({cols})
+             SELECT DISTINCT {k}, {dl}, 'audience', o.person_id, o.audience, 'exited', o.entered_at, CAST(NULL AS {t}), {now}, 0, {now}, 'continued', {now}
+             FROM activation_outbox o
+             JOIN identity_merges g ON g.from_person = o.person_id AND g.kind = 'merged'
+             JOIN activation_outbox c ON c.person_id = g.into_person AND c.audience = o.audience AND c.destination = {dl}
+               AND c.transition = 'entered' AND c.status IN ('sent', 'continued')
+             JOIN audience_membership p ON p.person_id = c.person_id AND p.audience = c.audience
+               AND p.entered_at = c.entered_at AND p.exited_at IS NULL
+             JOIN audience_membership m ON m.person_id = o.person_id AND m.audience = o.audience AND m.entered_at = o.entered_at
+             WHERE o.destination = {dl} AND o.transition = 'entered' AND o.status IN ('sent', 'continued')
+             ON CONFLICT (key) DO NOTHING",
+            k = key("o.person_id", "exited", "o.entered_at"),
+            t = text(d)
+        ),
+    ]
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::outbox::{candidates_sql, enqueue_sql};
+use super::outbox::{candidates_sql, continuation_sql, enqueue_sql};
 use super::{Contact, Destination, DestinationConfig, Item, SendError, What};
 use crate::audiences::eval::at;
 use crate::sinks::{sql_lit, Dialect, SinkError, SqlSession};
@@ -96,7 +96,11 @@ pub async fn enqueue(
     let d = s.dialect();
     s.batch("BEGIN").await?;
     let mut n = 0;
-    for sql in enqueue_sql(&candidates(d, t, now_ms), d, now_ms) {
+    let continuations = continuation_sql(d, &t.cfg.name, &t.cfg.audiences, now_ms);
+    for sql in continuations
+        .into_iter()
+        .chain(enqueue_sql(&candidates(d, t, now_ms), d, now_ms))
+    {
         match s.execute(&sql).await {
             Ok(k) => n += k,
             Err(e) => {
