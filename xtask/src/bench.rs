@@ -11,6 +11,8 @@
 //!   (`collector-agent/benches/sinks.rs`)
 //! - identity resolution on 1M identify events, then incrementally
 //!   (`collector-agent/benches/identity.rs`)
+//! - activation latency: an event posted to the edge → the webhook call forwarding it
+//!   (the agent running as a daemon at its default settings)
 
 use std::io::Write;
 use std::process::Command;
@@ -312,6 +314,9 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
     edge.stop();
     let _ = std::fs::remove_dir_all(&dir);
 
+    eprintln!("bench: activation latency (edge receipt → webhook call)");
+    rows.extend(activation_latency(tools)?);
+
     // Every sink's bulk load beside the database's own (collector-agent/benches/sinks.rs),
     // and identity resolution on 1M identify events (collector-agent/benches/identity.rs).
     for bench in ["sinks", "identity"] {
@@ -476,4 +481,100 @@ pub fn core_costs(tools: &Toolchain) -> Result<Vec<(String, String)>> {
         ));
     }
     Ok(rows)
+}
+
+/// Events posted one at a time to a fresh edge, forwarded by the agent (`run`, default
+/// poll and seal settings) to a webhook on a local recording server: for each event,
+/// the time from the edge's 200 to the webhook call carrying it.
+pub fn activation_latency(tools: &Toolchain) -> Result<Vec<(String, String)>> {
+    const EVENTS: usize = 200;
+    let dir = std::env::temp_dir().join(format!("edge-collector-latency-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut edge = LocalEdge::start(EdgeOptions::in_dir(&dir, SECRET))?;
+    let arrived: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
+    let hook = {
+        let arrived = arrived.clone();
+        collector_e2e::recorder::Recorder::start_with(0, move |r| {
+            let now = Instant::now();
+            let body: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
+            let mut map = arrived.lock().unwrap();
+            for item in body["items"].as_array().into_iter().flatten() {
+                if let Some(id) = item["message_id"].as_str() {
+                    map.entry(id.to_string()).or_insert(now);
+                }
+            }
+        })?
+    };
+    let policy = std::fs::read_to_string(tools.root.join("privacy.toml"))?
+        + "\n[destinations.latency_hook]\ncategories = [\"analytics\"]\n";
+    std::fs::write(dir.join("privacy.toml"), policy)?;
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "edge_url = \"{}\"\ndrain_secret = \"{SECRET}\"\nprivacy = \"privacy.toml\"\n[warehouse]\npath = \"warehouse.duckdb\"
+[[destinations]]\nname = \"latency_hook\"\nkind = \"webhook\"\nbase_url = \"{}/hook\"\nsecret_env = \"LATENCY_HOOK_SECRET\"\nevents = [\"Bench Latency\"]\n",
+            edge.url, hook.url
+        ),
+    )?;
+    let mut agent = Command::new(tools.root.join("target/release/collector-agent"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .env("LATENCY_HOOK_SECRET", "bench")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("run the agent")?;
+    let client = reqwest::blocking::Client::new();
+    let mut sent: Vec<(String, Instant)> = Vec::new();
+    for i in 0..EVENTS {
+        let id = format!("lat-{i}");
+        let body = serde_json::json!({"writeKey": DEV_WRITE_KEY, "batch": [
+            {"type": "track", "event": "Bench Latency", "anonymousId": format!("lat-{}", i % 20), "messageId": id,
+             "context": {"consent": {"categoryPreferences": {"analytics": true}}}}]});
+        let r = client
+            .post(format!("{}/v1/batch", edge.url))
+            .header("Content-Type", "text/plain")
+            .body(body.to_string())
+            .send()?;
+        anyhow::ensure!(r.status().is_success(), "the edge answered {}", r.status());
+        sent.push((id, Instant::now()));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while arrived.lock().unwrap().len() < EVENTS && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = Command::new("kill")
+        .args(["-s", "TERM", &agent.id().to_string()])
+        .status();
+    let _ = agent.wait();
+    drop(hook);
+    edge.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+    let map = arrived.lock().unwrap();
+    let mut ms: Vec<f64> = sent
+        .iter()
+        .filter_map(|(id, at)| {
+            map.get(id)
+                .map(|a| a.duration_since(*at).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        ms.get(((ms.len() as f64 * p).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Ok(vec![(
+        format!("edge receipt → webhook call ({EVENTS} events, one per request, default settings)"),
+        format!(
+            "p50 {:.0} ms, p99 {:.0} ms ({} of {EVENTS} delivered)",
+            pct(0.5),
+            pct(0.99),
+            ms.len()
+        ),
+    )])
 }

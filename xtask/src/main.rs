@@ -49,13 +49,23 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        "bench" if rest.iter().any(|a| a == "--latency") => {
+            // Only the activation latency (edge receipt → webhook call).
+            setup::setup(&tools, false)?;
+            build_edge(&tools, true)?;
+            run(Command::new("cargo")
+                .args(["build", "--release", "--quiet", "-p", "collector-agent"])
+                .current_dir(&tools.root))?;
+            bench::print_table(&bench::activation_latency(&tools)?);
+            Ok(())
+        }
         "bench" => {
             setup::setup(&tools, false)?;
             build_edge(&tools, true)?;
             bench::bench(&tools)
         }
         _ => {
-            eprintln!("usage: cargo xtask <setup|build-edge [--dev]|dev|ci|bench|sdk-size>");
+            eprintln!("usage: cargo xtask <setup|build-edge [--dev]|dev|ci|bench [--latency]|sdk-size>");
             if cmd == "help" || cmd == "--help" {
                 Ok(())
             } else {
