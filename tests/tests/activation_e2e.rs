@@ -128,3 +128,109 @@ from = \"+15005550006\"\nmessage = \"Your cart is waiting\"\naudiences = [\"cart
         "the edge sealed each number"
     );
 }
+
+// From the real worker to the email platform (Mailchimp's shape) and the conversions
+// shape (Meta's): pricing_no_purchase_7d members become tagged list members keyed by
+// the MD5 of their address; Order Completed goes to the conversions API with the
+// SHA-256 of the normalised email, only for people whose consent allows it.
+#[tokio::test]
+async fn audiences_reach_the_email_platform_and_orders_the_conversions_api() {
+    let st = Stack::start();
+    let mailchimp = Recorder::start(0).unwrap();
+    let meta = Recorder::start(0).unwrap();
+    std::env::set_var(KEY_ENV, dev_seal_key());
+    std::env::set_var(TOKEN_ENV, "platform-token");
+    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    // The shipped policy (the worker's) with these two destinations named.
+    let policy = std::fs::read_to_string(format!("{repo}/privacy.toml")).unwrap()
+        + "\n[destinations.newsletter]\ncategories = [\"marketing\"]\n\n[destinations.meta_capi]\ncategories = [\"marketing\"]\n";
+    let policy_path = st.dir.path().join("privacy.toml");
+    std::fs::write(&policy_path, policy).unwrap();
+    let mut cfg = st.agent_config();
+    cfg.privacy = Some(policy_path);
+    cfg.audiences = Some(format!("{repo}/audiences.toml").into());
+    cfg.seal_key_env = Some(KEY_ENV.into());
+    cfg.destinations = vec![
+        toml::from_str::<DestinationConfig>(&format!(
+            "name = \"newsletter\"\nkind = \"mailchimp\"\nbase_url = \"{}/3.0\"\nlist_id = \"L1\"\nsecret_env = \"{TOKEN_ENV}\"
+audiences = [\"pricing_no_purchase_7d\"]\n",
+            mailchimp.url
+        ))
+        .unwrap(),
+        toml::from_str::<DestinationConfig>(&format!(
+            "name = \"meta_capi\"\nkind = \"meta_capi\"\nbase_url = \"{}/v21.0\"\npixel_id = \"P1\"\nsecret_env = \"{TOKEN_ENV}\"
+events = [\"Order Completed\"]\n",
+            meta.url
+        ))
+        .unwrap(),
+    ];
+    cfg.validate().expect("valid config");
+
+    let now = collector_agent::now_ms();
+    let yes = json!({"consent": {"categoryPreferences": {"marketing": true}}});
+    let no = json!({"consent": {"categoryPreferences": {"marketing": false}}});
+    let mut batch = Vec::new();
+    for (n, email, context) in [
+        ("s1", "Ann@Example.com", &yes),
+        ("s2", "bo@example.com", &yes),
+        ("s3", "cy@example.com", &no),
+    ] {
+        batch.push(json!({"type": "identify", "messageId": format!("i-{n}"), "userId": format!("shopper-{n}"),
+            "traits": {"email": email}, "timestamp": iso(now - 30 * MIN), "context": context}));
+        batch.push(json!({"type": "page", "messageId": format!("p-{n}"), "userId": format!("shopper-{n}"),
+            "properties": {"path": "/pricing"}, "timestamp": iso(now - 20 * MIN), "context": context}));
+    }
+    for (n, context) in [("s2", &yes), ("s3", &no)] {
+        batch.push(
+            json!({"type": "track", "messageId": format!("o-{n}"), "userId": format!("shopper-{n}"),
+            "event": "Order Completed", "properties": {"revenue": 10, "currency": "EUR"},
+            "timestamp": iso(now - 10 * MIN), "context": context}),
+        );
+    }
+    let r = st
+        .post("/v1/batch", &json!({"batch": batch, "sentAt": iso(now)}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // s3's events need marketing (Order Completed) or are kept (pages, identify).
+    drain_once(&cfg).await.expect("drain");
+
+    // s1 alone is in the audience (s2 bought, s3 withheld marketing).
+    let ann = collector_agent::destinations::mailchimp::subscriber_hash("ann@example.com");
+    let calls = mailchimp.calls();
+    let paths: Vec<(String, String)> = calls
+        .iter()
+        .map(|c| (c.method.clone(), c.path.clone()))
+        .collect();
+    assert_eq!(
+        paths,
+        vec![
+            ("PUT".to_string(), format!("/3.0/lists/L1/members/{ann}")),
+            (
+                "POST".to_string(),
+                format!("/3.0/lists/L1/members/{ann}/tags")
+            ),
+        ]
+    );
+    let upsert: Value = serde_json::from_str(&calls[0].body).unwrap();
+    assert_eq!(upsert["email_address"], "ann@example.com");
+    // s2's order reaches the conversions API, hashed; s3's never left the edge (its
+    // marketing category was denied, so the edge dropped it).
+    let calls = meta.calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].path, "/v21.0/P1/events");
+    let body: Value = serde_json::from_str(&calls[0].body).unwrap();
+    assert_eq!(body["data"][0]["event_id"], "o-s2");
+    assert_eq!(body["data"][0]["event_name"], "Purchase");
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(b"bo@example.com"))
+    };
+    assert_eq!(body["data"][0]["user_data"]["em"], json!([sha]));
+    assert!(!calls[0].body.contains("bo@example.com"));
+    // No address at rest.
+    let found = scan_for(
+        st.dir.path(),
+        &["ann@example.com", "bo@example.com", "cy@example.com"],
+    );
+    assert!(found.is_empty(), "raw emails at rest: {found:?}");
+}

@@ -65,7 +65,9 @@ fn main() -> Result<()> {
             bench::bench(&tools)
         }
         _ => {
-            eprintln!("usage: cargo xtask <setup|build-edge [--dev]|dev|ci|bench [--latency]|sdk-size>");
+            eprintln!(
+                "usage: cargo xtask <setup|build-edge [--dev]|dev|ci|bench [--latency]|sdk-size>"
+            );
             if cmd == "help" || cmd == "--help" {
                 Ok(())
             } else {
