@@ -20,7 +20,8 @@ const T0: i64 = 1_795_000_000_000;
 const MIN: i64 = 60_000;
 
 /// A receiver standing in for a destination: records every call (any path); answers
-/// with the queued statuses first, 400 to a body that mentions `poison`, else 200.
+/// with the queued statuses first (0: hangs, then 504), 400 to a body that mentions
+/// `poison`, else 200.
 #[derive(Clone, Default)]
 struct Recorder {
     calls: Arc<Mutex<Vec<Call>>>,
@@ -80,6 +81,13 @@ impl Recorder {
                         .unwrap()
                         .pop_front()
                         .unwrap_or(if text.contains("poison") { 400 } else { 200 });
+                    // 0: hang past the sender's timeout, then fail.
+                    let status = if status == 0 {
+                        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+                        504
+                    } else {
+                        status
+                    };
                     rec.calls.lock().unwrap().push(Call {
                         status,
                         method: method.to_string(),
@@ -489,7 +497,8 @@ crate::per_target!(
     cart_abandonment_texts_exactly_the_people_it_may,
     conversions_carry_hashed_contacts_only_where_consent_allows,
     email_platform_members_are_tagged_untagged_and_archived,
-    a_merge_continues_a_stay_without_sending_it_again,]
+    a_merge_continues_a_stay_without_sending_it_again,
+    a_destination_that_times_out_then_recovers_gets_each_event_once,]
 );
 
 // A destination the privacy policy does not name receives nothing: `config check`
@@ -995,6 +1004,49 @@ async fn a_merge_continues_a_stay_without_sending_it_again(t: &Target) {
             ("entered".to_string(), anon.unwrap()),
             ("exited".to_string(), user.unwrap())
         ]
+    );
+    server.abort();
+}
+
+// A destination that times out for a while, then recovers: each event is delivered
+// once (the hung calls are retried with the same keys).
+async fn a_destination_that_times_out_then_recovers_gets_each_event_once(t: &Target) {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = Recorder::default();
+    let (url, server) = rec.start().await;
+    let mut cfg = agent_config(dir.path(), t, &format!("{url}/hook"));
+    cfg.destinations[0].timeout_ms = 300;
+    let sink: Arc<dyn Sink> = t.open().await;
+    let drainer = Drainer::new(cfg, sink.clone()).unwrap();
+    rec.answers.lock().unwrap().extend([0, 0]);
+    load(&*sink, 1, json!([
+        {"type": "track", "messageId": "t1", "userId": "b1", "event": "Order Completed", "timestamp": iso(T0), "context": consent(true)},
+        {"type": "track", "messageId": "t2", "userId": "b2", "event": "Order Completed", "timestamp": iso(T0), "context": consent(true)},
+    ]))
+    .await;
+    let st = cycle(&drainer, T0 + MIN).await;
+    assert_eq!((st.sent, st.retried), (0, 2), "timed out: {st:?}");
+    let st = cycle(&drainer, T0 + 60 * MIN).await;
+    assert_eq!((st.sent, st.retried), (0, 2), "timed out again: {st:?}");
+    let st = cycle(&drainer, T0 + 180 * MIN).await;
+    assert_eq!((st.sent, st.retried), (2, 0), "recovered: {st:?}");
+    let keys: Vec<String> = rec
+        .delivered()
+        .iter()
+        .map(|i| i["key"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        keys,
+        vec!["crm_hook:t1".to_string(), "crm_hook:t2".to_string()]
+    );
+    assert_eq!(
+        one(
+            &*sink,
+            "SELECT attempts FROM activation_outbox WHERE key = 'crm_hook:t1'"
+        )
+        .await
+        .as_deref(),
+        Some("3")
     );
     server.abort();
 }

@@ -237,7 +237,10 @@ async fn send_rows(
             continue;
         }
         pace(t.cfg, &mut last_call).await;
-        match t.dest.send(&batch).await {
+        // A destination's answer may quote the address it was sent (Twilio's 21211
+        // does): it is scrubbed before anything is logged or written.
+        let result = t.dest.send(&batch).await.map_err(|e| redact(e, &batch));
+        match result {
             Ok(()) => {
                 for i in &batch {
                     stats.sent += 1;
@@ -664,6 +667,32 @@ async fn record(
     s.batch("COMMIT").await
 }
 
+/// `e` without the contact data of `batch` (as sent, and as bare digits).
+fn redact(e: SendError, batch: &[Item]) -> SendError {
+    let scrub = |mut text: String| {
+        for i in batch {
+            for v in [&i.contact.email, &i.contact.phone].into_iter().flatten() {
+                let digits: String = v.chars().filter(char::is_ascii_digit).collect();
+                for form in [v.as_str(), v.trim_start_matches('+'), digits.as_str()] {
+                    if form.len() >= 5 {
+                        text = text.replace(form, "[contact]");
+                    }
+                }
+            }
+        }
+        text
+    };
+    match e {
+        SendError::Retry { error, after } => SendError::Retry {
+            error: scrub(error),
+            after,
+        },
+        SendError::Reject { error } => SendError::Reject {
+            error: scrub(error),
+        },
+    }
+}
+
 /// Full jitter: a random wait up to `BASE · 2^attempts`, capped.
 fn backoff(attempts: i64) -> Duration {
     let exp = BASE_BACKOFF
@@ -756,4 +785,35 @@ pub async fn dry_run(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_quoting_an_address_are_scrubbed() {
+        let item = Item {
+            key: "k".into(),
+            person_id: None,
+            what: What::Event {
+                message_id: "m".into(),
+            },
+            payload: Value::Null,
+            contact: Contact {
+                email: Some("ann@example.com".into()),
+                phone: Some("+4915123456789".into()),
+            },
+        };
+        let e = SendError::Reject {
+            error: "The 'To' number +4915123456789 (4915123456789) is invalid; ann@example.com looks fake".into(),
+        };
+        let SendError::Reject { error } = redact(e, &[item]) else {
+            unreachable!()
+        };
+        assert_eq!(
+            error,
+            "The 'To' number [contact] ([contact]) is invalid; [contact] looks fake"
+        );
+    }
 }
