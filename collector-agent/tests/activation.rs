@@ -9,9 +9,9 @@ mod common;
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use collector_agent::sinks::{Load, Sink};
+use collector_agent::sinks::Sink;
 use collector_agent::{AgentConfig, Drainer};
-use common::{events, one, rows, s, Target};
+use common::{load, one, rows, s, Target};
 use serde_json::{json, Value};
 
 const SECRET_ENV: &str = "ACTIVATION_TEST_HOOK_SECRET";
@@ -192,16 +192,6 @@ max_event_age = \"3650d\"
     let cfg = AgentConfig::load(&path).unwrap();
     cfg.validate().unwrap();
     cfg
-}
-
-async fn load(sink: &dyn Sink, batch_id: i64, batch: Value) {
-    sink.load(&Load::events(
-        0,
-        batch_id,
-        events(json!({ "batch": batch })),
-    ))
-    .await
-    .unwrap();
 }
 
 /// Identity, audiences and activation at `at`, as the agent does after a load.

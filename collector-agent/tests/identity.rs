@@ -5,23 +5,13 @@ mod common;
 
 use collector_agent::identity::{self, IdentityConfig, IdentityStats, Limits};
 use collector_agent::sinks::duckdb::DuckDbSink;
-use collector_agent::sinks::{Load, Sink};
-use common::{events, one, rows, s, Target};
+use collector_agent::sinks::Sink;
+use common::{load, one, rows, s, Target};
 use serde_json::{json, Value};
 
 async fn resolve(sink: &dyn Sink, cfg: &IdentityConfig) -> IdentityStats {
     let mut session = sink.session().await.unwrap().expect("a SQL warehouse");
     identity::run(&mut *session, cfg).await.unwrap()
-}
-
-async fn load(sink: &dyn Sink, batch_id: i64, batch: Value) {
-    sink.load(&Load::events(
-        0,
-        batch_id,
-        events(json!({ "batch": batch })),
-    ))
-    .await
-    .unwrap();
 }
 
 /// The person of an id.

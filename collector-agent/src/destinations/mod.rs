@@ -152,6 +152,78 @@ pub fn open(cfg: &DestinationConfig) -> anyhow::Result<Box<dyn Destination>> {
     }
 }
 
+/// An HTTP client with the destination's timeout.
+pub(crate) fn http_client(cfg: &DestinationConfig) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .timeout(Duration::from_millis(cfg.timeout_ms))
+        .build()?)
+}
+
+/// A destination's answer to one call.
+pub(crate) struct Answer {
+    pub status: reqwest::StatusCode,
+    /// `Retry-After`, when given.
+    pub after: Option<Duration>,
+    pub text: String,
+}
+
+/// Sends a request; a transport failure (refused, reset, timed out) is retried.
+pub(crate) async fn call(name: &str, req: reqwest::RequestBuilder) -> Result<Answer, SendError> {
+    let now = crate::now_ms();
+    let resp = req.send().await.map_err(|e| SendError::Retry {
+        error: format!("{name}: {e}"),
+        after: None,
+    })?;
+    let status = resp.status();
+    let after = retry_after(
+        resp.headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()),
+        now,
+    );
+    let text = resp.text().await.unwrap_or_default();
+    Ok(Answer {
+        status,
+        after,
+        text,
+    })
+}
+
+impl Answer {
+    /// The first characters of the body.
+    pub fn excerpt(&self) -> String {
+        self.text.chars().take(300).collect()
+    }
+
+    /// `Ok("<status>: <excerpt>")` on 2xx; else an error naming `message` (the body's
+    /// excerpt when `None`), retried on 408, 429 and 5xx or when the destination said it
+    /// was `transient`, else a rejection.
+    pub fn result(
+        self,
+        name: &str,
+        message: Option<String>,
+        transient: bool,
+    ) -> Result<String, SendError> {
+        if self.status.is_success() {
+            return Ok(format!("{}: {}", self.status, self.excerpt()));
+        }
+        let error = format!(
+            "{name} answered {}: {}",
+            self.status,
+            message.unwrap_or_else(|| self.excerpt())
+        );
+        let code = self.status.as_u16();
+        if code == 408 || code == 429 || self.status.is_server_error() || transient {
+            Err(SendError::Retry {
+                error,
+                after: self.after,
+            })
+        } else {
+            Err(SendError::Reject { error })
+        }
+    }
+}
+
 /// `Retry-After` (seconds, or an HTTP date) as a wait from now.
 pub fn retry_after(value: Option<&str>, now_ms: i64) -> Option<Duration> {
     let v = value?.trim();

@@ -157,7 +157,18 @@ async fn due(
         .await?;
     Ok(r.rows
         .into_iter()
-        .map(|r| Row {
+        .map(|r| {
+            let attempts = r[6].as_deref().and_then(|n| n.parse().ok()).unwrap_or(0);
+            let created = r[7].as_deref().map_or(now_ms, ms_of);
+            Row::of(&r, attempts, created)
+        })
+        .collect())
+}
+
+impl Row {
+    /// A row from `key, person_id, audience, transition, entered_at, message_id`.
+    fn of(r: &[Option<String>], attempts: i64, created_ms: i64) -> Row {
+        Row {
             key: r[0].clone().unwrap_or_default(),
             person_id: r[1].clone(),
             audience: r[2].clone(),
@@ -165,10 +176,10 @@ async fn due(
             withdrawn: r[3].as_deref() == Some("withdrawn"),
             entered_at: r[4].clone(),
             message_id: r[5].clone(),
-            attempts: r[6].as_deref().and_then(|n| n.parse().ok()).unwrap_or(0),
-            created_ms: r[7].as_deref().map_or(now_ms, ms_of),
-        })
-        .collect())
+            attempts,
+            created_ms,
+        }
+    }
 }
 
 fn in_list<'a>(v: impl Iterator<Item = &'a String>) -> String {
@@ -752,17 +763,7 @@ pub async fn dry_run(
                  WHERE key NOT IN (SELECT key FROM activation_outbox) ORDER BY key LIMIT {DRY_RUN_ROWS}"
             ))
             .await?;
-        rows.extend(r.rows.into_iter().map(|r| Row {
-            key: r[0].clone().unwrap_or_default(),
-            person_id: r[1].clone(),
-            audience: r[2].clone(),
-            entered: r[3].as_deref() == Some("entered"),
-            withdrawn: r[3].as_deref() == Some("withdrawn"),
-            entered_at: r[4].clone(),
-            message_id: r[5].clone(),
-            attempts: 0,
-            created_ms: now_ms,
-        }));
+        rows.extend(r.rows.iter().map(|r| Row::of(r, 0, now_ms)));
     }
     let mut stats = SyncStats::default();
     let decided = decide(s, t, rows, &mut stats).await?;

@@ -23,7 +23,7 @@ use collector_core::EventKind;
 use serde_json::{json, Map, Value};
 
 use super::config::IdentityConfig;
-use super::run::{plan, IdentityStats, Plan};
+use super::run::{plan, IdentityStats};
 use crate::sinks::clickhouse::version_now;
 use crate::sinks::{sql_lit, QueryResult, SinkError, SqlSession};
 
@@ -225,12 +225,7 @@ pub(super) async fn run(
              WHERE status != 'blocked' AND (a_type, a_value) IN (SELECT id_type, id_value FROM identity_region)",
         )
         .await?;
-    let Plan {
-        verdict_rows,
-        people_rows,
-        touched,
-        log_rows,
-    } = plan(&ids, &edges, cfg, &mut stats);
+    let decided = plan(&ids, &edges, cfg, &mut stats);
     s.batch(
         "DROP TEMPORARY TABLE IF EXISTS identity_verdicts;
          CREATE TEMPORARY TABLE identity_verdicts (a_type String, a_value String, b_type String, b_value String, status String, reason Nullable(String)) ENGINE = Memory;
@@ -243,14 +238,7 @@ pub(super) async fn run(
            from_person Nullable(String), into_person Nullable(String), reason Nullable(String)) ENGINE = Memory",
     )
     .await?;
-    s.insert("identity_verdicts", verdict_rows).await?;
-    s.insert("identity_people", people_rows).await?;
-    s.insert(
-        "identity_touched",
-        touched.into_iter().map(|p| vec![Some(p)]).collect(),
-    )
-    .await?;
-    s.insert("identity_log", log_rows).await?;
+    decided.write_scratch(s).await?;
     let v = version_now();
     s.batch(&format!(
         "INSERT INTO collector_identity_edges

@@ -404,12 +404,7 @@ async fn run_in_tx(
              WHERE e.status <> 'blocked'",
         )
         .await?;
-    let Plan {
-        verdict_rows,
-        people_rows,
-        touched,
-        log_rows,
-    } = plan(&ids, &edges, cfg, &mut stats);
+    let decided = plan(&ids, &edges, cfg, &mut stats);
     s.batch(&format!(
         "DROP TABLE IF EXISTS identity_verdicts;
          CREATE TEMP TABLE identity_verdicts (a_type {t}, a_value {t}, b_type {t}, b_value {t}, status {t}, reason {t});
@@ -421,14 +416,7 @@ async fn run_in_tx(
          CREATE TEMP TABLE identity_log (message_id {t}, a_type {t}, a_value {t}, b_type {t}, b_value {t}, kind {t}, from_person {t}, into_person {t}, reason {t});"
     ))
     .await?;
-    s.insert("identity_verdicts", verdict_rows).await?;
-    s.insert("identity_people", people_rows).await?;
-    s.insert(
-        "identity_touched",
-        touched.into_iter().map(|p| vec![Some(p)]).collect(),
-    )
-    .await?;
-    s.insert("identity_log", log_rows).await?;
+    decided.write_scratch(s).await?;
     s.execute(
         "UPDATE identity_edges SET status = v.status, reason = v.reason FROM identity_verdicts v
          WHERE identity_edges.a_type = v.a_type AND identity_edges.a_value = v.a_value
@@ -476,6 +464,22 @@ pub(super) struct Plan {
     pub touched: HashSet<String>,
     /// `identity_merges` rows (without `merged_at`).
     pub log_rows: Vec<Vec<Option<String>>>,
+}
+
+impl Plan {
+    /// Writes the plan into the run's scratch tables `identity_verdicts`,
+    /// `identity_people`, `identity_touched` and `identity_log` (made by the caller in
+    /// its dialect).
+    pub(super) async fn write_scratch(self, s: &mut dyn SqlSession) -> Result<(), SinkError> {
+        s.insert("identity_verdicts", self.verdict_rows).await?;
+        s.insert("identity_people", self.people_rows).await?;
+        s.insert(
+            "identity_touched",
+            self.touched.into_iter().map(|p| vec![Some(p)]).collect(),
+        )
+        .await?;
+        s.insert("identity_log", self.log_rows).await
+    }
 }
 
 /// Resolves a region: `ids` are `(id_type, id_value, person_id or NULL)`, `edges`

@@ -23,6 +23,21 @@ pub fn events(body: serde_json::Value) -> Vec<StoredEvent> {
     p.accepted
 }
 
+/// Loads `batch` (events as a `/v1/batch` body's `batch`) as batch `batch_id` of shard 0.
+pub async fn load(
+    sink: &dyn collector_agent::sinks::Sink,
+    batch_id: i64,
+    batch: serde_json::Value,
+) {
+    sink.load(&collector_agent::sinks::Load::events(
+        0,
+        batch_id,
+        events(serde_json::json!({ "batch": batch })),
+    ))
+    .await
+    .unwrap();
+}
+
 /// `Some(v)`, for comparing query results.
 pub fn s(v: &str) -> Option<String> {
     Some(v.to_string())

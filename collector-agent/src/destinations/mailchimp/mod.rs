@@ -18,13 +18,11 @@
 //! Answers: 2xx done; 429 and 5xx retried, honouring `Retry-After`; any other 4xx
 //! (e.g. 400 "looks fake or invalid") is a dead letter with Mailchimp's `detail`.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use collector_core::pii::PiiKind;
 use serde_json::{json, Value};
 
-use super::{retry_after, Destination, DestinationConfig, Item, SendError, What};
+use super::{call, http_client, Destination, DestinationConfig, Item, SendError, What};
 
 pub struct Mailchimp {
     name: String,
@@ -47,9 +45,7 @@ impl Mailchimp {
             base: cfg.base_url.trim_end_matches('/').to_string(),
             list: cfg.list_id.clone().unwrap_or_default(),
             key: cfg.secret()?,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_millis(cfg.timeout_ms))
-                .build()?,
+            http: http_client(cfg)?,
         })
     }
 
@@ -60,7 +56,6 @@ impl Mailchimp {
         body: Option<Value>,
         missing_is_done: bool,
     ) -> Result<String, SendError> {
-        let now = crate::now_ms();
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.base))
@@ -68,35 +63,16 @@ impl Mailchimp {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.map_err(|e| SendError::Retry {
-            error: format!("{}: {e}", self.name),
-            after: None,
-        })?;
-        let status = resp.status();
-        let after = retry_after(
-            resp.headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok()),
-            now,
-        );
-        let text = resp.text().await.unwrap_or_default();
-        if status.is_success() || (missing_is_done && status.as_u16() == 404) {
-            return Ok(format!("{status}"));
+        let answer = call(&self.name, req).await?;
+        if missing_is_done && answer.status.as_u16() == 404 {
+            return Ok(format!("{} (already gone)", answer.status));
         }
-        let err: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        let error = format!(
-            "{} answered {status}: {}",
-            self.name,
-            err["detail"]
-                .as_str()
-                .or(err["title"].as_str())
-                .map_or_else(|| text.chars().take(300).collect(), str::to_string)
-        );
-        if status.as_u16() == 429 || status.is_server_error() {
-            Err(SendError::Retry { error, after })
-        } else {
-            Err(SendError::Reject { error })
-        }
+        let err: Value = serde_json::from_str(&answer.text).unwrap_or(Value::Null);
+        let message = err["detail"]
+            .as_str()
+            .or(err["title"].as_str())
+            .map(str::to_string);
+        answer.result(&self.name, message, false)
     }
 }
 

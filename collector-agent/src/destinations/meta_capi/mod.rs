@@ -17,14 +17,12 @@
 //! until the event at fault is alone. Answers: 2xx sent; 429, 5xx and Graph API errors
 //! marked transient or with a rate-limit code (4, 17, 32, 613) are retried.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use collector_core::pii::PiiKind;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::{retry_after, Destination, DestinationConfig, Item, SendError, What};
+use super::{call, http_client, Destination, DestinationConfig, Item, SendError, What};
 
 /// The most events Meta takes in one call.
 const MAX_EVENTS: usize = 1_000;
@@ -65,9 +63,7 @@ impl MetaCapi {
                 cfg.pixel_id.clone().unwrap_or_default()
             ),
             token: cfg.secret()?,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_millis(cfg.timeout_ms))
-                .build()?,
+            http: http_client(cfg)?,
         })
     }
 
@@ -125,47 +121,13 @@ impl MetaCapi {
     }
 
     async fn post(&self, body: Value) -> Result<String, SendError> {
-        let now = crate::now_ms();
-        let resp = self
-            .http
-            .post(&self.url)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| SendError::Retry {
-                error: format!("{}: {e}", self.name),
-                after: None,
-            })?;
-        let status = resp.status();
-        let after = retry_after(
-            resp.headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok()),
-            now,
-        );
-        let text = resp.text().await.unwrap_or_default();
-        if status.is_success() {
-            return Ok(format!(
-                "{status}: {}",
-                text.chars().take(300).collect::<String>()
-            ));
-        }
-        let err: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let answer = call(&self.name, self.http.post(&self.url).json(&body)).await?;
+        let err: Value = serde_json::from_str(&answer.text).unwrap_or(Value::Null);
         let code = err["error"]["code"].as_u64();
-        let error = format!(
-            "{} answered {status}: {}",
-            self.name,
-            err["error"]["message"]
-                .as_str()
-                .map_or_else(|| text.chars().take(300).collect(), str::to_string)
-        );
         let transient = err["error"]["is_transient"].as_bool() == Some(true)
             || matches!(code, Some(4 | 17 | 32 | 613));
-        if status.as_u16() == 429 || status.is_server_error() || transient {
-            Err(SendError::Retry { error, after })
-        } else {
-            Err(SendError::Reject { error })
-        }
+        let message = err["error"]["message"].as_str().map(str::to_string);
+        answer.result(&self.name, message, transient)
     }
 }
 

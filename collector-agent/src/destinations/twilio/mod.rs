@@ -14,13 +14,11 @@
 //! any other 4xx (21211 invalid `To`, 21610 the recipient replied STOP, …) is a dead
 //! letter with Twilio's code and message.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use collector_core::pii::PiiKind;
 use serde_json::Value;
 
-use super::{retry_after, Destination, DestinationConfig, Item, SendError, What};
+use super::{call, http_client, Destination, DestinationConfig, Item, SendError, What};
 
 pub struct Twilio {
     name: String,
@@ -45,9 +43,7 @@ impl Twilio {
             token: cfg.secret()?,
             from: cfg.from.clone().unwrap_or_default(),
             message: cfg.message.clone().unwrap_or_default(),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_millis(cfg.timeout_ms))
-                .build()?,
+            http: http_client(cfg)?,
         })
     }
 
@@ -61,44 +57,23 @@ impl Twilio {
     }
 
     async fn post(&self, form: &[(&str, &str)]) -> Result<String, SendError> {
-        let now = crate::now_ms();
-        let resp = self
+        let req = self
             .http
             .post(&self.url)
             .basic_auth(&self.account, Some(&self.token))
-            .form(form)
-            .send()
-            .await
-            .map_err(|e| SendError::Retry {
-                error: format!("{}: {e}", self.name),
-                after: None,
-            })?;
-        let status = resp.status();
-        let after = retry_after(
-            resp.headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok()),
-            now,
-        );
-        let text = resp.text().await.unwrap_or_default();
-        if status.is_success() {
-            return Ok(format!("{status}"));
-        }
-        let err: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            .form(form);
+        let answer = call(&self.name, req).await?;
+        let err: Value = serde_json::from_str(&answer.text).unwrap_or(Value::Null);
         let code = err["code"].as_u64();
-        let error = format!(
-            "{} answered {status}: Twilio error {} {}",
-            self.name,
+        let message = format!(
+            "Twilio error {} {}",
             code.map_or("-".into(), |c| c.to_string()),
             err["message"]
                 .as_str()
-                .unwrap_or(text.chars().take(200).collect::<String>().as_str())
+                .map_or_else(|| answer.excerpt(), str::to_string)
         );
-        if status.as_u16() == 429 || status.is_server_error() || code == Some(20429) {
-            Err(SendError::Retry { error, after })
-        } else {
-            Err(SendError::Reject { error })
-        }
+        // 20429: too many requests, whatever the status says.
+        answer.result(&self.name, Some(message), code == Some(20429))
     }
 
     fn sender(&self) -> (&'static str, &str) {
@@ -135,31 +110,11 @@ impl Destination for Twilio {
     /// message: it lists one message of the account (`GET …/Messages.json?PageSize=1`),
     /// which checks the URL, the account and the token.
     async fn test(&self) -> Result<String, SendError> {
-        let resp = self
+        let req = self
             .http
             .get(format!("{}?PageSize=1", self.url))
-            .basic_auth(&self.account, Some(&self.token))
-            .send()
-            .await
-            .map_err(|e| SendError::Retry {
-                error: format!("{}: {e}", self.name),
-                after: None,
-            })?;
-        let status = resp.status();
-        let text: String = resp
-            .text()
-            .await
-            .unwrap_or_default()
-            .chars()
-            .take(300)
-            .collect();
-        if status.is_success() {
-            Ok(format!("{status}: {text}"))
-        } else {
-            Err(SendError::Reject {
-                error: format!("{} answered {status}: {text}", self.name),
-            })
-        }
+            .basic_auth(&self.account, Some(&self.token));
+        call(&self.name, req).await?.result(&self.name, None, false)
     }
 
     fn contact_kinds(&self) -> &'static [PiiKind] {

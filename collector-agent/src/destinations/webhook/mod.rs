@@ -26,13 +26,11 @@
 //! honouring `Retry-After`; any other 4xx rejects the batch (it is split to find the
 //! item at fault, which is dead-lettered with the answer).
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::{retry_after, Destination, DestinationConfig, Item, SendError, What};
+use super::{call, http_client, Destination, DestinationConfig, Item, SendError, What};
 
 pub struct Webhook {
     name: String,
@@ -48,9 +46,7 @@ impl Webhook {
             url: reqwest::Url::parse(&cfg.base_url)
                 .map_err(|e| anyhow::anyhow!("destinations.{}.base_url: {e}", cfg.name))?,
             secret: cfg.secret()?,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_millis(cfg.timeout_ms))
-                .build()?,
+            http: http_client(cfg)?,
         })
     }
 
@@ -106,50 +102,15 @@ impl Webhook {
             None => self.url.path().to_string(),
         };
         let sig = collector_core::sign::sign(self.secret.as_bytes(), "POST", &path, ts, &body);
-        let resp = self
+        let req = self
             .http
             .post(self.url.clone())
             .header("Content-Type", "application/json")
             .header(collector_core::sign::TIMESTAMP_HEADER, ts.to_string())
             .header(collector_core::sign::SIGNATURE_HEADER, sig)
             .header("Idempotency-Key", key)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| SendError::Retry {
-                error: format!("{}: {e}", self.name),
-                after: None,
-            })?;
-        let status = resp.status();
-        if status.is_success() {
-            let text: String = resp
-                .text()
-                .await
-                .unwrap_or_default()
-                .chars()
-                .take(300)
-                .collect();
-            return Ok(format!("{status}: {text}"));
-        }
-        let after = retry_after(
-            resp.headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok()),
-            now,
-        );
-        let text: String = resp
-            .text()
-            .await
-            .unwrap_or_default()
-            .chars()
-            .take(300)
-            .collect();
-        let error = format!("{} answered {status}: {text}", self.name);
-        if status.as_u16() == 408 || status.as_u16() == 429 || status.is_server_error() {
-            Err(SendError::Retry { error, after })
-        } else {
-            Err(SendError::Reject { error })
-        }
+            .body(body);
+        call(&self.name, req).await?.result(&self.name, None, false)
     }
 }
 
