@@ -5,6 +5,8 @@
 
 use std::collections::HashMap;
 
+use foldhash::HashMapExt;
+
 use super::config::Limits;
 
 /// An identifier: `(type, value)`, e.g. `("user_id", "u1")`.
@@ -57,8 +59,8 @@ fn rank(t: &str) -> u8 {
 
 struct Groups {
     parent: Vec<usize>,
-    /// Per root: ids per type.
-    counts: Vec<HashMap<String, u32>>,
+    /// Per group (its root), ids of each type: `counts[root * types + type]`.
+    counts: Vec<u32>,
     size: Vec<u32>,
 }
 
@@ -75,7 +77,7 @@ impl Groups {
 /// Resolves a region. `ids` are every id of the region (ids without edges stay alone);
 /// `edges` may come in any order.
 pub fn resolve<'a>(ids: &'a [Id], edges: &'a [Edge], limits: &Limits) -> Resolution {
-    let mut index: HashMap<&Id, usize> = HashMap::new();
+    let mut index: foldhash::HashMap<&Id, usize> = foldhash::HashMap::new();
     let mut all: Vec<&Id> = Vec::new();
     for id in ids.iter().chain(edges.iter().flat_map(|e| [&e.a, &e.b])) {
         if !index.contains_key(id) {
@@ -83,16 +85,26 @@ pub fn resolve<'a>(ids: &'a [Id], edges: &'a [Edge], limits: &Limits) -> Resolut
             all.push(id);
         }
     }
+    // Id types, in order of appearance (three in practice).
+    let mut types: Vec<&str> = Vec::new();
+    for id in &all {
+        if !types.contains(&id.0.as_str()) {
+            types.push(&id.0);
+        }
+    }
+    let nt = types.len().max(1);
+    let mut counts = vec![0u32; all.len() * nt];
+    for (i, id) in all.iter().enumerate() {
+        let t = types.iter().position(|t| *t == id.0).unwrap_or(0);
+        counts[i * nt + t] = 1;
+    }
     let mut g = Groups {
         parent: (0..all.len()).collect(),
-        counts: all
-            .iter()
-            .map(|id| HashMap::from([(id.0.clone(), 1)]))
-            .collect(),
+        counts,
         size: vec![1; all.len()],
     };
     // When each id was first seen in an edge (canonical order), for naming groups.
-    let mut first: HashMap<&Id, &str> = HashMap::new();
+    let mut first: foldhash::HashMap<&Id, &str> = foldhash::HashMap::new();
     let mut sorted: Vec<&Edge> = edges.iter().collect();
     sorted.sort_by(|x, y| x.order_key().cmp(&y.order_key()));
     for e in &sorted {
@@ -108,8 +120,12 @@ pub fn resolve<'a>(ids: &'a [Id], edges: &'a [Edge], limits: &Limits) -> Resolut
             continue;
         }
         let mut broken = None;
-        for (t, n) in &g.counts[rb] {
-            let total = g.counts[ra].get(t).copied().unwrap_or(0) + n;
+        for (k, t) in types.iter().enumerate() {
+            let n = g.counts[rb * nt + k];
+            if n == 0 {
+                continue;
+            }
+            let total = g.counts[ra * nt + k] + n;
             let limit = limits.of(t);
             if total > limit {
                 broken = Some(format!(
@@ -128,9 +144,8 @@ pub fn resolve<'a>(ids: &'a [Id], edges: &'a [Edge], limits: &Limits) -> Resolut
         match broken {
             Some(reason) => verdicts.push((e.clone(), Verdict::Refused(reason))),
             None => {
-                let moved = std::mem::take(&mut g.counts[rb]);
-                for (t, n) in moved {
-                    *g.counts[ra].entry(t).or_insert(0) += n;
+                for k in 0..nt {
+                    g.counts[ra * nt + k] += std::mem::take(&mut g.counts[rb * nt + k]);
                 }
                 g.size[ra] += g.size[rb];
                 g.parent[rb] = ra;
@@ -139,27 +154,26 @@ pub fn resolve<'a>(ids: &'a [Id], edges: &'a [Edge], limits: &Limits) -> Resolut
         }
     }
     // Name each group by its best id.
-    let mut best: HashMap<usize, &Id> = HashMap::new();
-    for (i, id) in all.iter().copied().enumerate() {
+    let key = |id: &'a Id| {
+        (
+            rank(&id.0),
+            first.get(id).copied().unwrap_or("~"),
+            id.1.as_str(),
+        )
+    };
+    let mut best: Vec<Option<usize>> = vec![None; all.len()];
+    for i in 0..all.len() {
         let r = g.find(i);
-        let key = |id: &'a Id| {
-            (
-                rank(&id.0),
-                first.get(id).copied().unwrap_or("~"),
-                id.1.as_str(),
-            )
-        };
-        match best.get(&r) {
-            Some(b) if key(b) <= key(id) => {}
-            _ => {
-                best.insert(r, id);
-            }
+        match best[r] {
+            Some(b) if key(all[b]) <= key(all[i]) => {}
+            _ => best[r] = Some(i),
         }
     }
-    let mut person_of = HashMap::new();
+    let mut person_of = HashMap::with_capacity(all.len());
     for (i, id) in all.iter().enumerate() {
         let r = g.find(i);
-        person_of.insert((*id).clone(), best[&r].clone());
+        let b = best[r].unwrap_or(r);
+        person_of.insert((*id).clone(), all[b].clone());
     }
     Resolution {
         person_of,

@@ -17,7 +17,7 @@
 //!    merge of two people and every refusal (`identity_merges`).
 //! 5. **Profiles** of every person touched are computed again (`profiles`).
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashSet};
 
 use collector_core::identity::BlockList;
 use collector_core::EventKind;
@@ -528,10 +528,18 @@ pub(super) fn plan(
         })
         .collect();
     let res = resolve(&region, &region_edges, &cfg.limits);
+    // One digest per person, not per id.
+    let mut digest: HashMap<&Id, String> = HashMap::default();
     let new_person: HashMap<&Id, String> = res
         .person_of
         .iter()
-        .map(|(id, canon)| (id, person_id(canon)))
+        .map(|(id, canon)| {
+            let p = digest
+                .entry(canon)
+                .or_insert_with(|| person_id(canon))
+                .clone();
+            (id, p)
+        })
         .collect();
 
     // Verdicts that changed, people that changed, the merge log.
@@ -579,10 +587,10 @@ pub(super) fn plan(
         }
     }
     let mut people_rows = Vec::new();
-    let mut touched: HashSet<String> = HashSet::new();
+    let mut touched: HashSet<String> = HashSet::default();
     // Old person → the people its ids belong to now: more than one is a split (its
     // edges were removed), logged for every id that left.
-    let mut now_in: HashMap<&String, HashSet<&String>> = HashMap::new();
+    let mut now_in: HashMap<&String, HashSet<&String>> = HashMap::default();
     for (id, p) in &new_person {
         let old = &old_person[*id];
         now_in.entry(old).or_default().insert(p);
