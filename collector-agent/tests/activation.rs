@@ -224,7 +224,7 @@ async fn webhook_delivers_what_consent_allows_once(t: &Target) {
     // A dry run first: what would go, nothing sent, nothing written.
     drainer.resolve_identity().await.unwrap();
     drainer.evaluate_audiences(T0 + MIN).await.unwrap();
-    let dry = dry_run(&drainer, &*sink, T0 + MIN).await;
+    let dry = drainer.dry_run("crm_hook", T0 + MIN).await.unwrap();
     assert_eq!(
         (dry.add.len(), dry.remove.len(), dry.withheld),
         (1, 0, 1),
@@ -383,15 +383,6 @@ async fn webhook_delivers_what_consent_allows_once(t: &Target) {
         "{body}"
     );
     server.abort();
-}
-
-/// A dry run of the destination, through the drainer's warehouse.
-async fn dry_run(
-    drainer: &Drainer,
-    _sink: &dyn Sink,
-    at: i64,
-) -> collector_agent::destinations::sync::DryRun {
-    drainer.dry_run("crm_hook", at).await.unwrap()
 }
 
 /// Runs the agent's command line (the receiver answers meanwhile); its output.

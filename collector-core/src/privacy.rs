@@ -340,21 +340,24 @@ impl PrivacyEngine {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
-            let already_hashed = self.hasher.is_hashed(&raw);
-            *v = Value::String(
-                self.hasher
-                    .hash(field.kind, &raw, &p.default_phone_calling_code),
-            );
+            // Normalised once, for the hash and (for `encrypt`) the sealed copy; a value
+            // already hashed under an active key stays as it is and is not sealed.
+            let normalised = (!self.hasher.is_hashed(&raw))
+                .then(|| crate::pii::normalise(field.kind, &raw, &p.default_phone_calling_code));
+            *v = Value::String(match &normalised {
+                Some(n) => self.hasher.hash_normalised(n),
+                None => raw,
+            });
             applied.hashed.push(field.path.clone());
-            if field.action != crate::policy::FieldAction::Encrypt || already_hashed {
+            let Some(normalised) =
+                normalised.filter(|_| field.action == crate::policy::FieldAction::Encrypt)
+            else {
                 applied.touched(field.path.clone(), kind, "hash");
                 continue;
-            }
+            };
             let mut seed = [0u8; 32];
             match &self.sealer {
                 Some((key, fill)) if fill(&mut seed) => {
-                    let normalised =
-                        crate::pii::normalise(field.kind, &raw, &p.default_phone_calling_code);
                     let sealed = key.seal_with_seed(&normalised, seed);
                     let ctx = context_mut(event);
                     let bag = ctx

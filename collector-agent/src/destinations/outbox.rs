@@ -123,7 +123,8 @@ pub fn candidates_sql(
     out
 }
 
-fn text(d: Dialect) -> &'static str {
+/// The dialect's text type.
+pub(super) fn text(d: Dialect) -> &'static str {
     match d {
         Dialect::Postgres => "text",
         _ => "VARCHAR",

@@ -127,13 +127,6 @@ fn candidates(d: Dialect, t: &Target<'_>, now_ms: i64) -> Vec<String> {
     )
 }
 
-fn text_type(d: Dialect) -> &'static str {
-    match d {
-        Dialect::Postgres => "text",
-        _ => "VARCHAR",
-    }
-}
-
 fn ms_of(rfc3339: &str) -> i64 {
     collector_core::timestamp::parse_ms(rfc3339).unwrap_or(0)
 }
@@ -332,7 +325,7 @@ async fn decide(
     stats: &mut SyncStats,
 ) -> Result<Decided, SinkError> {
     let d = s.dialect();
-    let tt = text_type(d);
+    let tt = super::outbox::text(d);
     // The people of the events, by their ids.
     let mids: Vec<&String> = rows.iter().filter_map(|r| r.message_id.as_ref()).collect();
     let mut events: HashMap<String, (Value, Option<String>)> = HashMap::new();
