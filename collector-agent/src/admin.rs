@@ -1,7 +1,17 @@
-//! The admin endpoint on loopback: lets `collector-agent sql` query the live warehouse
-//! while the agent holds the DuckDB file. The address and a random bearer token are
-//! written to a state file next to the warehouse (`<warehouse>.agent`, mode 0600) and
-//! removed when the agent stops.
+//! The admin endpoint: lets `collector-agent sql` query the live warehouse while the
+//! agent holds the DuckDB file, takes privacy requests, and serves the consent
+//! dashboard. The address and a random bearer token are written to a state file next
+//! to the warehouse (`<warehouse>.agent`, mode 0600) and removed when the agent stops.
+//!
+//! It listens on loopback unless `dashboard_token_env` is set. Two ways in:
+//! - the state file's bearer token (the CLI on this machine; every route);
+//! - for the privacy API, a named key of `[[admin_keys]]`: the request signed as the
+//!   drain API's are ([`collector_core::sign`]), with `X-Collector-Key: <name>`; the
+//!   audit trail records that name.
+//!
+//! Privacy routes: `POST /privacy/requests` (a [`crate::privacy::NewRequest`]; 202 and
+//! the stored request, carried out by the drain loop, or 200 with the document for an
+//! export), `GET /privacy/requests`, `GET /privacy/requests/{id}`.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -27,6 +37,36 @@ pub struct AgentState {
 struct AppState {
     sink: Arc<dyn Sink>,
     token: Arc<String>,
+    ops: Arc<Ops>,
+}
+
+/// What the privacy API and the dashboard need besides the warehouse.
+pub struct Ops {
+    /// Hashes emails the way the edge does (`pii_key_env`).
+    pub hasher: Option<collector_core::pii::PiiHasher>,
+    /// `[[admin_keys]]`: name and secret.
+    pub keys: Vec<(String, String)>,
+    /// The dashboard's token, when it may be served beyond loopback.
+    pub dashboard_token: Option<String>,
+    /// Wakes the drain loop to carry out a new request now.
+    pub wake: Arc<tokio::sync::Notify>,
+    /// The edge, for the dashboard's counters (drops by reason, PII notes).
+    pub edge: Option<crate::edge::EdgeClient>,
+}
+
+impl Ops {
+    pub fn from_config(
+        cfg: &crate::config::AgentConfig,
+        wake: Arc<tokio::sync::Notify>,
+    ) -> anyhow::Result<Ops> {
+        Ok(Ops {
+            hasher: cfg.pii_hasher()?,
+            keys: cfg.admin_secrets()?,
+            dashboard_token: cfg.dashboard_token()?,
+            wake,
+            edge: crate::edge::EdgeClient::new(cfg).ok(),
+        })
+    }
 }
 
 fn random_token() -> String {
@@ -35,12 +75,16 @@ fn random_token() -> String {
     hex::encode(b)
 }
 
-/// Binds the admin endpoint on a loopback address.
-pub async fn bind(addr: &str) -> anyhow::Result<(AgentState, tokio::net::TcpListener)> {
+/// Binds the admin endpoint: on a loopback address unless `beyond_loopback` (the
+/// dashboard has a token).
+pub async fn bind(
+    addr: &str,
+    beyond_loopback: bool,
+) -> anyhow::Result<(AgentState, tokio::net::TcpListener)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    if !local.ip().is_loopback() {
-        anyhow::bail!("admin_addr must be a loopback address, got {local}");
+    if !local.ip().is_loopback() && !beyond_loopback {
+        anyhow::bail!("admin_addr must be a loopback address, got {local} (set dashboard_token_env to serve beyond loopback)");
     }
     let state = AgentState {
         addr: local,
@@ -55,6 +99,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     sink: Arc<dyn Sink>,
     token: String,
+    ops: Arc<Ops>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let app = Router::new()
@@ -62,9 +107,15 @@ pub async fn serve(
         .route("/sql", post(handle_sql))
         .route("/quarantine/replay", post(handle_replay))
         .route("/replay", post(handle_replay_all))
+        .route(
+            "/privacy/requests",
+            post(handle_privacy_submit).get(handle_privacy_list),
+        )
+        .route("/privacy/requests/{id}", get(handle_privacy_get))
         .with_state(AppState {
             sink,
             token: Arc::new(token),
+            ops,
         });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -96,6 +147,145 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), AdminError> {
             StatusCode::UNAUTHORIZED,
             Json(json!({"error": "bad or missing admin token"})),
         ))
+    }
+}
+
+/// Who is calling the privacy API: the bearer token (the local CLI) or a signed
+/// `[[admin_keys]]` key, by name.
+enum Caller {
+    Local,
+    Key(String),
+}
+
+fn privacy_caller(
+    state: &AppState,
+    method: &str,
+    path: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Caller, AdminError> {
+    if authorize(state, headers).is_ok() {
+        return Ok(Caller::Local);
+    }
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    let unauthorized = |why: String| {
+        (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": why})),
+        )
+    };
+    let Some(name) = header("x-collector-key") else {
+        return Err(unauthorized(
+            "sign the request with an admin key (X-Collector-Key, X-Collector-Timestamp, X-Collector-Signature) or send the local admin token".into(),
+        ));
+    };
+    let Some((_, secret)) = state.ops.keys.iter().find(|(n, _)| n == name) else {
+        return Err(unauthorized(format!("no admin key named {name:?}")));
+    };
+    collector_core::sign::verify(
+        secret.as_bytes(),
+        method,
+        path,
+        body,
+        header(collector_core::sign::TIMESTAMP_HEADER),
+        header(collector_core::sign::SIGNATURE_HEADER),
+        crate::now_ms() / 1000,
+    )
+    .map_err(|e| unauthorized(format!("admin key {name:?}: {e}")))?;
+    Ok(Caller::Key(name.to_string()))
+}
+
+fn bad_request(msg: impl Into<String>) -> AdminError {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"error": msg.into()})),
+    )
+}
+
+async fn privacy_session(
+    state: &AppState,
+) -> Result<Box<dyn crate::sinks::SqlSession + '_>, AdminError> {
+    match state.sink.session().await.map_err(unavailable)? {
+        Some(s) if s.dialect().relational().is_some() => Ok(s),
+        _ => Err((
+            StatusCode::NOT_IMPLEMENTED,
+            Json(json!({"error": format!("privacy requests need a DuckDB or PostgreSQL warehouse; this one is {}", state.sink.kind())})),
+        )),
+    }
+}
+
+async fn handle_privacy_submit(
+    State(state): State<AppState>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), AdminError> {
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/privacy/requests");
+    let caller = privacy_caller(&state, "POST", path, &headers, &body)?;
+    let req: crate::privacy::NewRequest = serde_json::from_slice(&body)
+        .map_err(|e| bad_request(format!("bad privacy request: {e}")))?;
+    let kind = req
+        .kind
+        .ok_or_else(|| bad_request("kind is required: erase, suppress, unsuppress or export"))?;
+    let subject = req.subject(state.ops.hasher.as_ref()).map_err(bad_request)?;
+    let by = match caller {
+        Caller::Local => req
+            .requested_by
+            .clone()
+            .unwrap_or_else(|| "cli".to_string()),
+        Caller::Key(name) => name,
+    };
+    let now = crate::now_ms();
+    let mut s = privacy_session(&state).await?;
+    let stored = crate::privacy::submit(&mut *s, kind, req.id.as_deref(), &subject, &by, now)
+        .await
+        .map_err(|e| match e {
+            crate::sinks::SinkError::Permanent(m) => (StatusCode::CONFLICT, Json(json!({"error": m}))),
+            e => unavailable(e),
+        })?;
+    if kind == crate::privacy::Kind::Export {
+        let document = crate::privacy::export(&mut *s, &stored, now)
+            .await
+            .map_err(unavailable)?;
+        let request = crate::privacy::get(&mut *s, &stored.id)
+            .await
+            .map_err(unavailable)?;
+        return Ok((
+            StatusCode::OK,
+            Json(json!({"request": request, "document": document})),
+        ));
+    }
+    state.ops.wake.notify_one();
+    Ok((StatusCode::ACCEPTED, Json(json!({"request": stored}))))
+}
+
+async fn handle_privacy_list(
+    State(state): State<AppState>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, AdminError> {
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/privacy/requests");
+    privacy_caller(&state, "GET", path, &headers, b"")?;
+    let mut s = privacy_session(&state).await?;
+    let list = crate::privacy::list(&mut *s).await.map_err(unavailable)?;
+    Ok(Json(json!({"requests": list})))
+}
+
+async fn handle_privacy_get(
+    State(state): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, AdminError> {
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    privacy_caller(&state, "GET", path, &headers, b"")?;
+    let mut s = privacy_session(&state).await?;
+    match crate::privacy::get(&mut *s, &id).await.map_err(unavailable)? {
+        Some(r) => Ok(Json(json!({"request": r}))),
+        None => Err((
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("no privacy request {id:?}")})),
+        )),
     }
 }
 
@@ -167,6 +357,16 @@ async fn call_running_agent<T: serde::de::DeserializeOwned>(
     path: &str,
     build: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
 ) -> anyhow::Result<Option<T>> {
+    call_running_agent_with(state_file, reqwest::Method::POST, path, build).await
+}
+
+/// [`call_running_agent`] with any method.
+pub async fn call_running_agent_with<T: serde::de::DeserializeOwned>(
+    state_file: &Path,
+    method: reqwest::Method,
+    path: &str,
+    build: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+) -> anyhow::Result<Option<T>> {
     let Ok(text) = std::fs::read_to_string(state_file) else {
         return Ok(None);
     };
@@ -174,7 +374,7 @@ async fn call_running_agent<T: serde::de::DeserializeOwned>(
         return Ok(None);
     };
     let req = reqwest::Client::new()
-        .post(format!("http://{}{path}", state.addr))
+        .request(method, format!("http://{}{path}", state.addr))
         .bearer_auth(&state.token);
     let resp = match build(req).send().await {
         Ok(r) => r,

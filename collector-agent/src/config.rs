@@ -68,6 +68,30 @@ pub struct AgentConfig {
     /// sealed (`action = "encrypt"`) for the destinations that send to them.
     #[serde(default)]
     pub seal_key_env: Option<String>,
+    /// The environment variable holding the edge's PII key (`VERSION:SECRET`, the
+    /// worker's `PII_HMAC_KEY`): privacy requests by email find the person through its
+    /// keyed hash.
+    #[serde(default)]
+    pub pii_key_env: Option<String>,
+    /// `[[admin_keys]]`: callers of the signed privacy API on `admin_addr` (a DPO
+    /// portal, a ticketing system), each named in the audit trail.
+    #[serde(default)]
+    pub admin_keys: Vec<AdminKey>,
+    /// The environment variable holding the consent dashboard's token. Without it the
+    /// dashboard is served on a loopback `admin_addr` only; with it, `admin_addr` may be
+    /// any address and the dashboard asks for the token.
+    #[serde(default)]
+    pub dashboard_token_env: Option<String>,
+}
+
+/// `[[admin_keys]]`: one caller of the signed admin API.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminKey {
+    /// Who it is, as the audit trail names them (`dpo-portal`).
+    pub name: String,
+    /// The environment variable holding its shared secret (16+ characters).
+    pub secret_env: String,
 }
 
 fn default_audience_interval_ms() -> u64 {
@@ -300,7 +324,72 @@ impl AgentConfig {
             d.secret()?;
         }
         self.contacts()?;
+        self.pii_hasher()?;
+        self.admin_secrets()?;
+        self.dashboard_token()?;
         Ok(())
+    }
+
+    /// The edge's PII hasher (`pii_key_env`), when configured.
+    pub fn pii_hasher(&self) -> anyhow::Result<Option<collector_core::pii::PiiHasher>> {
+        let Some(var) = &self.pii_key_env else {
+            return Ok(None);
+        };
+        let raw = std::env::var(var).map_err(|_| {
+            anyhow::anyhow!("config: pii_key_env: the environment variable {var} is not set")
+        })?;
+        let (version, secret) = raw
+            .split_once(':')
+            .filter(|(v, s)| !v.is_empty() && !v.contains(char::is_whitespace) && s.len() >= 16)
+            .ok_or_else(|| {
+                anyhow::anyhow!("config: pii_key_env: {var} must be VERSION:SECRET with a secret of 16+ characters (the edge's PII_HMAC_KEY)")
+            })?;
+        Ok(Some(collector_core::pii::PiiHasher::new(
+            version,
+            secret.as_bytes(),
+            &[],
+        )))
+    }
+
+    /// Each admin key's name and secret.
+    pub fn admin_secrets(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        for k in &self.admin_keys {
+            anyhow::ensure!(
+                !k.name.is_empty() && !out.iter().any(|(n, _)| *n == k.name),
+                "config: admin_keys: names must be unique and not empty ({:?})",
+                k.name
+            );
+            let secret = std::env::var(&k.secret_env).map_err(|_| {
+                anyhow::anyhow!(
+                    "config: admin_keys.{}: the environment variable {} is not set",
+                    k.name,
+                    k.secret_env
+                )
+            })?;
+            anyhow::ensure!(
+                secret.len() >= 16,
+                "config: admin_keys.{}: the secret must have 16+ characters",
+                k.name
+            );
+            out.push((k.name.clone(), secret));
+        }
+        Ok(out)
+    }
+
+    /// The dashboard's token (`dashboard_token_env`), when configured.
+    pub fn dashboard_token(&self) -> anyhow::Result<Option<String>> {
+        let Some(var) = &self.dashboard_token_env else {
+            return Ok(None);
+        };
+        let t = std::env::var(var).map_err(|_| {
+            anyhow::anyhow!("config: dashboard_token_env: the environment variable {var} is not set")
+        })?;
+        anyhow::ensure!(
+            t.len() >= 16,
+            "config: dashboard_token_env: the token must have 16+ characters"
+        );
+        Ok(Some(t))
     }
 
     /// The key and paths that open sealed contact fields, when `seal_key_env` is set.

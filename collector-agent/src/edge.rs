@@ -6,7 +6,8 @@ use std::time::Duration;
 use collector_core::codec::{decode_lease, Lease};
 use collector_core::drain::{
     AckRequest, AckResponse, DrainInfo, DrainStats, LeaseRequest, RenewRequest, RenewResponse,
-    ACK_PATH, INFO_PATH, LEASE_PATH, RENEW_PATH, STATS_PATH,
+    SuppressRequest, SuppressedId, Suppressions, ACK_PATH, INFO_PATH, LEASE_PATH, RENEW_PATH,
+    STATS_PATH, SUPPRESSIONS_PATH,
 };
 use collector_core::sign::{sign, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use serde::de::DeserializeOwned;
@@ -171,5 +172,45 @@ impl EdgeClient {
     pub async fn stats(&self) -> Result<DrainStats, EdgeError> {
         self.call_json(reqwest::Method::GET, STATS_PATH, Vec::new())
             .await
+    }
+
+    /// Adds and removes ids on every shard's suppression list (idempotent); how many
+    /// ids are suppressed now.
+    pub async fn suppress(
+        &self,
+        add: Vec<SuppressedId>,
+        remove: Vec<SuppressedId>,
+    ) -> Result<u64, EdgeError> {
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            suppressed: u64,
+        }
+        // In requests the edge accepts, whatever the list's length.
+        let max = collector_core::drain::MAX_SUPPRESS_IDS / 2;
+        let (mut add, mut remove) = (add.into_iter().peekable(), remove.into_iter().peekable());
+        loop {
+            let req = SuppressRequest {
+                add: add.by_ref().take(max).map(|i| i.digest()).collect(),
+                remove: remove.by_ref().take(max).map(|i| i.digest()).collect(),
+            };
+            let body = serde_json::to_vec(&req).map_err(|e| EdgeError::Body {
+                path: SUPPRESSIONS_PATH,
+                error: e.to_string(),
+            })?;
+            let a: Answer = self
+                .call_json(reqwest::Method::POST, SUPPRESSIONS_PATH, body)
+                .await?;
+            if add.peek().is_none() && remove.peek().is_none() {
+                return Ok(a.suppressed);
+            }
+        }
+    }
+
+    /// The edge's suppression list (digests).
+    pub async fn suppressions(&self) -> Result<Vec<String>, EdgeError> {
+        let s: Suppressions = self
+            .call_json(reqwest::Method::GET, SUPPRESSIONS_PATH, Vec::new())
+            .await?;
+        Ok(s.digests)
     }
 }

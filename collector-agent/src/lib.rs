@@ -16,6 +16,7 @@ pub mod destinations;
 pub mod edge;
 pub mod identity;
 pub mod metrics;
+pub mod privacy;
 pub mod privacy_cli;
 pub mod sinks;
 pub mod status;
@@ -42,10 +43,13 @@ pub struct DrainSummary {
     pub duplicates: u64,
     pub quarantined: u64,
     pub dead_letters: u64,
+    /// Queued events of suppressed people, dropped (and acked) instead of loaded.
+    pub suppressed: u64,
 }
 
 impl DrainSummary {
     fn add(&mut self, o: DrainSummary) {
+        self.suppressed += o.suppressed;
         self.batches += o.batches;
         self.events += o.events;
         self.inserted += o.inserted;
@@ -104,6 +108,9 @@ pub struct Drainer {
     contacts: Option<destinations::Contacts>,
     cfg: AgentConfig,
     metrics: Arc<metrics::Metrics>,
+    /// The edge's suppression list (digests), refreshed every pass: queued
+    /// events of these people are dropped at drain.
+    suppressed: std::sync::RwLock<Arc<std::collections::HashSet<String>>>,
 }
 
 impl Drainer {
@@ -138,7 +145,118 @@ impl Drainer {
             contacts: cfg.contacts()?,
             cfg,
             metrics: Arc::default(),
+            suppressed: Default::default(),
         })
+    }
+
+    /// Reads the edge's suppression list into this agent's copy (kept as it was when
+    /// the edge cannot be reached).
+    pub async fn refresh_suppressions(&self) -> Result<usize, DrainError> {
+        let set: std::collections::HashSet<String> =
+            self.client.suppressions().await?.into_iter().collect();
+        let n = set.len();
+        *self.suppressed.write().expect("suppression lock") = Arc::new(set);
+        Ok(n)
+    }
+
+    /// Adds ids to (or removes them from) this agent's copy of the suppression list.
+    pub fn note_suppressed(&self, ids: &[collector_core::drain::SuppressedId], add: bool) {
+        let mut guard = self.suppressed.write().expect("suppression lock");
+        let mut set = (**guard).clone();
+        for id in ids {
+            if add {
+                set.insert(id.digest());
+            } else {
+                set.remove(&id.digest());
+            }
+        }
+        *guard = Arc::new(set);
+    }
+
+    /// Carries out the privacy requests not finished yet (SQL warehouses only; see
+    /// [`privacy`]). Runs between drain passes, never during a load. Returns how many
+    /// requests it worked on.
+    pub async fn privacy_pass(&self, now_ms: i64) -> Result<usize, SinkError> {
+        let pending = {
+            let Some(mut session) = self.sink.session().await? else {
+                return Ok(0);
+            };
+            if session.dialect().relational().is_none() {
+                return Ok(0);
+            }
+            privacy::pending(&mut *session).await?
+        };
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        // Erasure reads the identity graph: bring it up to date with what was loaded
+        // (in a session of its own: one session at a time).
+        if pending.iter().any(|r| r.kind == privacy::Kind::Erase) {
+            self.resolve_identity().await?;
+        }
+        let Some(mut session) = self.sink.session().await? else {
+            return Ok(0);
+        };
+        let on_suppress = |ids: &[collector_core::drain::SuppressedId], add: bool| {
+            self.note_suppressed(ids, add)
+        };
+        let ctx = privacy::erase::Context {
+            edge: &self.client,
+            destinations: self
+                .destinations
+                .iter()
+                .map(|(c, d, _)| (c, d.as_ref()))
+                .collect(),
+            contacts: self.contacts.as_ref(),
+            on_suppress: &on_suppress,
+        };
+        for r in &pending {
+            if let Err(e) = privacy::process(&mut *session, &ctx, r, now_ms).await {
+                tracing::warn!(request = %r.id, error = %e, "privacy request failed this pass; retried at the next");
+                continue;
+            }
+            if let Ok(Some(after)) = privacy::get(&mut *session, &r.id).await {
+                tracing::info!(request = %r.id, kind = r.kind.as_str(), status = %after.status, "privacy request");
+            }
+        }
+        Ok(pending.len())
+    }
+
+    /// Records the policy in force (`privacy`) once per version, for the consent
+    /// dashboard's history (SQL warehouses only).
+    pub async fn record_policy(&self, now_ms: i64) -> anyhow::Result<()> {
+        let Some(path) = &self.cfg.privacy else {
+            return Ok(());
+        };
+        let Some(policy) = self.cfg.policy()? else {
+            return Ok(());
+        };
+        let text = std::fs::read_to_string(path)?;
+        let Some(mut session) = self.sink.session().await? else {
+            return Ok(());
+        };
+        if session.dialect().relational().is_none() {
+            return Ok(());
+        }
+        privacy::record_policy(&mut *session, &policy.version, &text, now_ms).await?;
+        Ok(())
+    }
+
+    /// Whether an event belongs to a suppressed person.
+    fn drop_suppressed(&self, events: &mut Vec<collector_core::StoredEvent>) -> u64 {
+        let list = self.suppressed.read().expect("suppression lock").clone();
+        if list.is_empty() {
+            return 0;
+        }
+        let before = events.len();
+        events.retain(|e| {
+            !collector_core::drain::is_suppressed(
+                e.user_id.as_deref(),
+                e.anonymous_id.as_deref(),
+                |k| list.contains(k),
+            )
+        });
+        (before - events.len()) as u64
     }
 
     pub fn client(&self) -> &EdgeClient {
@@ -266,7 +384,13 @@ impl Drainer {
         let n = batches.len();
         for (i, b) in batches.into_iter().enumerate() {
             match decode_batch(&b.blob) {
-                Ok(batch) => {
+                Ok(mut batch) => {
+                    let dropped = self.drop_suppressed(&mut batch.events);
+                    if dropped > 0 {
+                        summary.suppressed += dropped;
+                        self.metrics.suppressed(dropped);
+                        tracing::info!(shard, batch_id = b.batch_id, dropped, "queued events of suppressed people dropped at drain");
+                    }
                     summary.events += batch.events.len() as u64;
                     events += batch.events.len();
                     load.batches.push(LoadBatch::Decoded {
@@ -338,6 +462,12 @@ impl Drainer {
     ) -> (DrainSummary, Vec<(u32, DrainError)>) {
         let mut total = DrainSummary::default();
         let mut errors = Vec::new();
+        if let Err(e) = self.refresh_suppressions().await {
+            tracing::warn!(error = %e, "could not read the edge's suppression list; using the last one");
+        }
+        if let Err(e) = self.privacy_pass(now_ms()).await {
+            tracing::warn!(error = %e, "privacy requests could not be read; retried at the next pass");
+        }
         for shard in 0..shards {
             match self.drain_shard(shard, flush, stop).await {
                 Ok(s) => total.add(s),
@@ -517,7 +647,9 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
 
-    let (state, listener) = admin::bind(&cfg.admin_addr).await?;
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let ops = Arc::new(admin::Ops::from_config(&cfg, wake.clone())?);
+    let (state, listener) = admin::bind(&cfg.admin_addr, ops.dashboard_token.is_some()).await?;
     let state_path = cfg.warehouse.state_file();
     admin::write_state(&state_path, &state)?;
     tracing::info!(admin = %state.addr, warehouse = sink.kind(), "agent started");
@@ -526,12 +658,16 @@ pub async fn run(
         listener,
         sink.clone(),
         state.token.clone(),
+        ops,
         async move {
             let _ = admin_stop.wait_for(|s| *s).await;
         },
     ));
 
     let drainer = Drainer::new(cfg.clone(), sink)?;
+    if let Err(e) = drainer.record_policy(now_ms()).await {
+        tracing::warn!(error = %e, "could not record the policy version for the dashboard");
+    }
     let metrics_task = match &cfg.metrics_addr {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -608,6 +744,8 @@ pub async fn run(
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = stop_rx.wait_for(|s| *s) => {}
+                // A privacy request arrived: carry it out now.
+                _ = wake.notified() => {}
             }
         }
     }

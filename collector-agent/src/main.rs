@@ -195,6 +195,69 @@ enum PrivacyCommand {
         #[arg(long)]
         key: Option<String>,
     },
+    /// A person's request: erase, suppress, unsuppress or export; its status; the list.
+    Request {
+        #[command(subcommand)]
+        command: RequestCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RequestCommand {
+    /// Erase the person (all their ids, through the identity graph) from the
+    /// warehouse, the edge queue and the destinations that can delete, and suppress
+    /// their ids at the edge.
+    Erase(SubjectArgs),
+    /// Stop collecting about them: the edge drops their events before storing them.
+    Suppress(SubjectArgs),
+    /// Lift a suppression.
+    Unsuppress(SubjectArgs),
+    /// Everything stored about them, as one JSON document (stdout, or --out).
+    Export {
+        #[command(flatten)]
+        subject: SubjectArgs,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// A request's audit trail: each store's status with the rows before and after.
+    Status {
+        id: String,
+        #[arg(long, default_value = "agent.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every request, newest first.
+    List {
+        #[arg(long, default_value = "agent.toml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct SubjectArgs {
+    #[arg(long = "user-id")]
+    user_id: Vec<String>,
+    #[arg(long = "anonymous-id")]
+    anonymous_id: Vec<String>,
+    /// Matched through the edge's keyed hash (needs pii_key_env).
+    #[arg(long)]
+    email: Vec<String>,
+    /// Your id for the request (a ticket number): submitting it again returns the
+    /// stored request.
+    #[arg(long)]
+    id: Option<String>,
+    #[arg(long, default_value = "agent.toml")]
+    config: PathBuf,
+    /// Return once the request is stored, without waiting for it to finish.
+    #[arg(long)]
+    no_wait: bool,
+    /// How long to wait for it to finish.
+    #[arg(long, default_value_t = 300)]
+    timeout_s: u64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[tokio::main]
@@ -561,8 +624,12 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Privacy {
+            command: PrivacyCommand::Request { command },
+        } => privacy_request(command).await,
         Command::Privacy { command } => {
             let result = match command {
+                PrivacyCommand::Request { .. } => unreachable!("handled above"),
                 PrivacyCommand::Check { policy } => collector_agent::privacy_cli::check(&policy),
                 PrivacyCommand::DryRun {
                     policy,
@@ -602,6 +669,75 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn privacy_request(command: RequestCommand) -> anyhow::Result<()> {
+    use collector_agent::privacy::{cli, Kind, NewRequest};
+    let (kind, args, out) = match command {
+        RequestCommand::Status { id, config, json } => {
+            let r = cli::status(&AgentConfig::load(&config)?, &id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", r.render());
+            }
+            return Ok(());
+        }
+        RequestCommand::List { config } => {
+            for r in cli::list(&AgentConfig::load(&config)?).await? {
+                println!(
+                    "{}  {:<10} {:<10} {}  {}",
+                    r.id,
+                    r.kind.as_str(),
+                    r.status,
+                    r.received_at,
+                    r.requested_by
+                );
+            }
+            return Ok(());
+        }
+        RequestCommand::Erase(a) => (Kind::Erase, a, None),
+        RequestCommand::Suppress(a) => (Kind::Suppress, a, None),
+        RequestCommand::Unsuppress(a) => (Kind::Unsuppress, a, None),
+        RequestCommand::Export { subject, out } => (Kind::Export, subject, out),
+    };
+    let cfg = AgentConfig::load(&args.config)?;
+    let new = NewRequest {
+        kind: Some(kind),
+        id: args.id.clone(),
+        user_ids: args.user_id.clone(),
+        anonymous_ids: args.anonymous_id.clone(),
+        emails: args.email.clone(),
+        requested_by: None,
+    };
+    let wait = (!args.no_wait).then(|| std::time::Duration::from_secs(args.timeout_s));
+    let (request, document) = cli::submit(&cfg, new, wait).await?;
+    if let Some(doc) = document {
+        let text = serde_json::to_string_pretty(&doc)?;
+        match out {
+            Some(path) => {
+                std::fs::write(&path, text)?;
+                eprintln!("request {}: export written to {}", request.id, path.display());
+            }
+            None => println!("{text}"),
+        }
+        return Ok(());
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&request)?);
+    } else {
+        print!("{}", request.render());
+    }
+    if wait.is_some() && !request.is_finished() {
+        anyhow::bail!(
+            "request {} is still {} after {} s; `privacy request status {}` follows it",
+            request.id,
+            request.status,
+            args.timeout_s,
+            request.id
+        );
+    }
+    Ok(())
 }
 
 /// Runs a query through the running agent if there is one, else on the warehouse.

@@ -16,6 +16,7 @@ pub const EVENTS_DUPLICATE: &str = "collector_agent_events_duplicate_total";
 pub const EVENTS_QUARANTINED: &str = "collector_agent_events_quarantined_total";
 pub const BATCHES_LOADED: &str = "collector_agent_batches_loaded_total";
 pub const BATCHES_DEAD_LETTERED: &str = "collector_agent_batches_dead_lettered_total";
+pub const EVENTS_SUPPRESSED: &str = "collector_agent_events_suppressed_total";
 pub const DRAIN_FAILURES: &str = "collector_agent_drain_failures_total";
 pub const LOAD_SECONDS: &str = "collector_agent_load_seconds";
 pub const LAST_LOAD: &str = "collector_agent_last_load_timestamp_seconds";
@@ -31,6 +32,7 @@ pub struct Metrics {
     quarantined: AtomicU64,
     batches: AtomicU64,
     dead_letters: AtomicU64,
+    suppressed: AtomicU64,
     last_load_unix_ms: AtomicU64,
     failures: Mutex<BTreeMap<&'static str, u64>>,
     /// Counts per bucket (the last is +Inf), sum of seconds in microseconds, count.
@@ -65,6 +67,11 @@ impl Metrics {
             h.1 += took.as_micros() as u64;
             h.2 += 1;
         }
+    }
+
+    /// Queued events of suppressed people dropped at drain.
+    pub fn suppressed(&self, n: u64) {
+        self.suppressed.fetch_add(n, Ordering::Relaxed);
     }
 
     /// A failed drain round, by reason (`edge`, `warehouse_transient`, …).
@@ -119,6 +126,12 @@ impl Metrics {
             BATCHES_DEAD_LETTERED,
             "Batches that did not decode, kept as dead letters.",
             get(&self.dead_letters),
+        );
+        counter(
+            &mut out,
+            EVENTS_SUPPRESSED,
+            "Queued events of suppressed people (privacy requests) dropped at drain, not loaded.",
+            get(&self.suppressed),
         );
         let _ = writeln!(out, "# HELP {DRAIN_FAILURES} Failed drain rounds by reason.\n# TYPE {DRAIN_FAILURES} counter");
         if let Ok(f) = self.failures.lock() {

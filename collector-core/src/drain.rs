@@ -16,6 +16,8 @@ pub const LEASE_PATH: &str = "/drain/lease";
 pub const ACK_PATH: &str = "/drain/ack";
 pub const STATS_PATH: &str = "/drain/stats";
 pub const RENEW_PATH: &str = "/drain/renew";
+/// `POST` a [`SuppressRequest`]; `GET` the [`Suppressions`].
+pub const SUPPRESSIONS_PATH: &str = "/drain/suppressions";
 
 /// Most sealed batches one lease may hand out.
 pub const MAX_LEASE_BATCHES: u32 = 100;
@@ -264,9 +266,141 @@ impl DrainStats {
     }
 }
 
+/// Most digests one suppression request may add or remove, and most an edge keeps.
+pub const MAX_SUPPRESS_IDS: usize = 10_000;
+pub const MAX_SUPPRESSED: usize = 1_000_000;
+/// Longest suppressed id value (Segment's ids are short; this bounds a request).
+pub const MAX_SUPPRESSED_ID_BYTES: usize = 1_024;
+
+/// One suppressed id: an event whose `user_id` (or `anonymous_id`) equals `value` is
+/// dropped at the edge before it is stored, and at drain when it was already queued.
+/// The edge never holds the id itself, only its [`SuppressedId::digest`].
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SuppressedId {
+    /// `user_id` or `anonymous_id`.
+    #[serde(rename = "type")]
+    pub id_type: String,
+    pub value: String,
+}
+
+impl SuppressedId {
+    pub fn new(id_type: &str, value: &str) -> SuppressedId {
+        SuppressedId {
+            id_type: id_type.into(),
+            value: value.into(),
+        }
+    }
+
+    /// What the suppression list holds for it: [`suppression_digest`].
+    pub fn digest(&self) -> String {
+        suppression_digest(&self.id_type, &self.value)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.id_type != "user_id" && self.id_type != "anonymous_id" {
+            return Err(format!(
+                "id type {:?} is not \"user_id\" or \"anonymous_id\"",
+                self.id_type
+            ));
+        }
+        if self.value.is_empty() || self.value.len() > MAX_SUPPRESSED_ID_BYTES {
+            return Err(format!(
+                "an id value must have 1 to {MAX_SUPPRESSED_ID_BYTES} bytes"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The suppression list's entry for an id: the first 128 bits of
+/// `SHA-256("collector-suppression:v1:<type>:<value>")`, in hex. The edge's storage
+/// holds these, not the ids of the people who asked to be forgotten.
+pub fn suppression_digest(id_type: &str, value: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"collector-suppression:v1:");
+    h.update(id_type.as_bytes());
+    h.update(b":");
+    h.update(value.as_bytes());
+    hex::encode(&h.finalize()[..16])
+}
+
+/// Whether a string is a suppression digest (32 lowercase hex digits).
+pub fn is_digest(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Whether an event with these ids is suppressed, given a lookup of digests.
+pub fn is_suppressed(
+    user_id: Option<&str>,
+    anonymous_id: Option<&str>,
+    contains: impl Fn(&str) -> bool,
+) -> bool {
+    user_id.is_some_and(|v| contains(&suppression_digest("user_id", v)))
+        || anonymous_id.is_some_and(|v| contains(&suppression_digest("anonymous_id", v)))
+}
+
+/// `POST /drain/suppressions`: digests to add to and remove from every shard's list
+/// (idempotent: adding one twice or removing an absent one changes nothing).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuppressRequest {
+    #[serde(default)]
+    pub add: Vec<String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+impl SuppressRequest {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.add.len() + self.remove.len() > MAX_SUPPRESS_IDS {
+            return Err(format!(
+                "at most {MAX_SUPPRESS_IDS} digests per request, got {}",
+                self.add.len() + self.remove.len()
+            ));
+        }
+        if let Some(bad) = self.add.iter().chain(&self.remove).find(|d| !is_digest(d)) {
+            return Err(format!(
+                "{bad:?} is not a suppression digest (32 lowercase hex digits)"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `GET /drain/suppressions`: the digests suppressed now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Suppressions {
+    pub digests: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn suppressed_ids_are_digested_checked_and_matched_by_type() {
+        let id = SuppressedId::new("user_id", "u:1");
+        let d = id.digest();
+        assert!(is_digest(&d), "{d}");
+        assert_ne!(d, SuppressedId::new("anonymous_id", "u:1").digest());
+        assert!(SuppressedId::new("email", "x").validate().is_err());
+        assert!(SuppressedId::new("user_id", "").validate().is_err());
+        let has = |k: &str| k == d;
+        assert!(is_suppressed(Some("u:1"), None, has));
+        assert!(!is_suppressed(Some("other"), None, has));
+        // A user id that happens to be an anonymous id elsewhere is not the same id.
+        assert!(!is_suppressed(None, Some("u:1"), has));
+        let many = SuppressRequest {
+            add: vec![d; MAX_SUPPRESS_IDS + 1],
+            remove: vec![],
+        };
+        assert!(many.validate().is_err());
+        let raw = SuppressRequest {
+            add: vec!["user_id:u:1".into()],
+            remove: vec![],
+        };
+        assert!(raw.validate().is_err(), "ids in the clear are refused");
+    }
 
     #[test]
     fn lease_request_limits_are_enforced() {

@@ -11,10 +11,15 @@
 //! - `POST /drain/ack`   `{"shard", "lease_id"}` → `{"acked": n}` (the batches are deleted)
 //! - `POST /drain/renew` `{"shard", "lease_id", "lease_ms"}` → `{"renewed": n}`
 //! - `GET  /drain/stats` → per-shard queue depth, drop counters by reason, note counters
+//! - `POST /drain/suppressions` `{"add": [digest], "remove": [digest]}` → every shard's
+//!   suppression list updated (idempotent) → `{"suppressed": n}`; a digest is
+//!   `collector_core::drain::suppression_digest` of an id, never the id
+//! - `GET  /drain/suppressions` → `{"digests": [...]}`
 
 use collector_core::drain::{
     AckRequest, DrainInfo, DrainRequestError, DrainStats, Formats, LeaseRequest, RenewRequest,
-    ShardRequest, ShardStats, ACK_PATH, INFO_PATH, LEASE_PATH, RENEW_PATH, STATS_PATH,
+    ShardRequest, ShardStats, SuppressRequest, ACK_PATH, INFO_PATH, LEASE_PATH, RENEW_PATH,
+    STATS_PATH, SUPPRESSIONS_PATH,
 };
 use collector_core::sign::{verify, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use serde_json::json;
@@ -31,6 +36,8 @@ pub enum DrainOp {
     Ack,
     Renew,
     Stats,
+    Suppress,
+    Suppressions,
 }
 
 impl DrainOp {
@@ -41,6 +48,8 @@ impl DrainOp {
             (Method::Post, ACK_PATH) => Some(DrainOp::Ack),
             (Method::Post, RENEW_PATH) => Some(DrainOp::Renew),
             (Method::Get, STATS_PATH) => Some(DrainOp::Stats),
+            (Method::Post, SUPPRESSIONS_PATH) => Some(DrainOp::Suppress),
+            (Method::Get, SUPPRESSIONS_PATH) => Some(DrainOp::Suppressions),
             _ => None,
         }
     }
@@ -101,7 +110,53 @@ pub async fn handle_drain(
             }
             http::json(200, &json!(DrainStats::from_shards(shards)))
         }
+        DrainOp::Suppress => {
+            let req: SuppressRequest = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => return http::error(400, "bad_suppress_request", &e.to_string()),
+            };
+            if let Err(e) = req.validate() {
+                return http::error(400, "bad_suppress_request", &e);
+            }
+            // Every shard keeps the whole list (an event's shard does not depend on
+            // one id alone). A shard that fails fails the request: the agent retries,
+            // and applying the same change again changes nothing.
+            let body = serde_json::to_vec(&req)?;
+            let mut suppressed = 0u64;
+            for shard in 0..cfg.shards {
+                let mut resp = shard_client::request(
+                    env,
+                    shard,
+                    shard_client::SUPPRESS,
+                    Method::Post,
+                    body.clone(),
+                )
+                .await?;
+                if resp.status_code() != 200 {
+                    return http::error(
+                        503,
+                        "queue_unavailable",
+                        &format!("shard {shard} did not confirm the suppression list; retry"),
+                    );
+                }
+                let v: serde_json::Value = resp.json().await?;
+                suppressed = v["suppressed"].as_u64().unwrap_or(0);
+            }
+            http::json(200, &json!({"suppressed": suppressed}))
+        }
+        DrainOp::Suppressions => {
+            forward_get(env, 0, shard_client::SUPPRESSIONS).await
+        }
     }
+}
+
+async fn forward_get(env: &Env, shard: u32, path: &str) -> Result<Response> {
+    let mut resp = shard_client::request(env, shard, path, Method::Get, Vec::new()).await?;
+    let status = resp.status_code();
+    let bytes = resp.bytes().await?;
+    let mut out = Response::from_bytes(bytes)?.with_status(status);
+    out.headers_mut().set("Content-Type", "application/json")?;
+    Ok(out)
 }
 
 /// Parses and validates a request for one shard, then forwards it there.

@@ -16,8 +16,12 @@ use collector_core::codec::{
     decode_append, decode_event, encode_batch, encode_event, encode_lease, Batch, Lease,
     LeasedBatch,
 };
+use std::cell::RefCell;
+use std::collections::HashSet;
+
 use collector_core::drain::{
-    AckRequest, AckResponse, LeaseRequest, RenewRequest, RenewResponse, ShardStats,
+    is_suppressed, AckRequest, AckResponse, LeaseRequest, RenewRequest, RenewResponse,
+    ShardStats, SuppressRequest, Suppressions, MAX_SUPPRESSED,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -48,12 +52,17 @@ CREATE INDEX IF NOT EXISTS batches_lease ON batches(lease_id);
 CREATE TABLE IF NOT EXISTS drops (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS notes (key TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS suppressed (key TEXT PRIMARY KEY, added_ms INTEGER NOT NULL);
 ";
 
 #[durable_object]
 pub struct QueueShard {
     state: State,
     env: Env,
+    /// The suppression list (digests of `user_id` / `anonymous_id` values), read from
+    /// storage on first use and kept in step with it by `/suppress` (one instance
+    /// serves the object at a time).
+    suppressed: RefCell<Option<HashSet<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -171,13 +180,29 @@ impl QueueShard {
         for (key, n) in &append.notes {
             self.count_note(&sql, key, *n)?;
         }
+        self.load_suppressed(&sql)?;
+        let suppressed = self.suppressed.borrow();
+        let list = suppressed.as_ref().filter(|s| !s.is_empty());
+        let mut dropped = 0u64;
         for ev in &append.events {
+            if let Some(list) = list {
+                if is_suppressed(ev.user_id.as_deref(), ev.anonymous_id.as_deref(), |k| {
+                    list.contains(k)
+                }) {
+                    dropped += 1;
+                    continue;
+                }
+            }
             let bytes = encode_event(ev).map_err(|e| worker::Error::RustError(e.to_string()))?;
             let len = bytes.len() as i64;
             sql.exec(
                 "INSERT INTO open_events (event, bytes) VALUES (?, ?)",
                 vec![bytes.into(), len.into()],
             )?;
+        }
+        drop(suppressed);
+        if dropped > 0 {
+            self.count_drop(&sql, "suppressed", dropped)?;
         }
         let stats: OpenStats = sql
             .exec(
@@ -192,7 +217,68 @@ impl QueueShard {
         } else if stats.n > 0 && self.state.storage().get_alarm().await?.is_none() {
             self.state.storage().set_alarm(cfg.batch_max_age_ms).await?;
         }
-        http::json(200, &json!({"ok": true, "appended": append.events.len()}))
+        http::json(
+            200,
+            &json!({"ok": true, "appended": append.events.len() as u64 - dropped, "suppressed": dropped}),
+        )
+    }
+
+    fn load_suppressed(&self, sql: &SqlStorage) -> Result<()> {
+        if self.suppressed.borrow().is_some() {
+            return Ok(());
+        }
+        #[derive(Deserialize)]
+        struct K {
+            key: String,
+        }
+        let rows: Vec<K> = sql.exec("SELECT key FROM suppressed", None)?.to_array()?;
+        *self.suppressed.borrow_mut() = Some(rows.into_iter().map(|k| k.key).collect());
+        Ok(())
+    }
+
+    /// Adds and removes suppressed ids (idempotent), in storage and in the cached list.
+    async fn suppress(&self, mut req: Request) -> Result<Response> {
+        let change: SuppressRequest = match req.json().await {
+            Ok(c) => c,
+            Err(e) => return http::error(400, "bad_suppress_request", &e.to_string()),
+        };
+        if let Err(e) = change.validate() {
+            return http::error(400, "bad_suppress_request", &e);
+        }
+        let sql = self.sql();
+        self.load_suppressed(&sql)?;
+        let mut cache = self.suppressed.borrow_mut();
+        let list = cache.get_or_insert_with(HashSet::new);
+        if list.len() + change.add.len() > MAX_SUPPRESSED {
+            return http::error(
+                400,
+                "too_many_suppressed",
+                &format!("an edge keeps at most {MAX_SUPPRESSED} suppressed ids"),
+            );
+        }
+        let now = now_ms();
+        for key in &change.add {
+            let key = key.clone();
+            sql.exec(
+                "INSERT INTO suppressed (key, added_ms) VALUES (?, ?) ON CONFLICT(key) DO NOTHING",
+                vec![key.clone().into(), now.into()],
+            )?;
+            list.insert(key);
+        }
+        for key in &change.remove {
+            let key = key.clone();
+            sql.exec("DELETE FROM suppressed WHERE key = ?", vec![key.clone().into()])?;
+            list.remove(&key);
+        }
+        http::json(200, &json!({"suppressed": list.len()}))
+    }
+
+    fn suppressions(&self) -> Result<Response> {
+        let sql = self.sql();
+        self.load_suppressed(&sql)?;
+        let mut digests: Vec<String> = self.suppressed.borrow().iter().flatten().cloned().collect();
+        digests.sort();
+        http::json(200, &json!(Suppressions { digests }))
     }
 
     async fn lease(&self, mut req: Request) -> Result<Response> {
@@ -331,7 +417,11 @@ impl DurableObject for QueueShard {
         if let Err(e) = state.storage().sql().exec(SCHEMA, None) {
             worker::console_error!("queue shard schema: {e}");
         }
-        Self { state, env }
+        Self {
+            state,
+            env,
+            suppressed: RefCell::new(None),
+        }
     }
 
     async fn fetch(&self, req: Request) -> Result<Response> {
@@ -345,6 +435,8 @@ impl DurableObject for QueueShard {
             shard_client::ACK => self.ack(req).await,
             shard_client::RENEW => self.renew(req).await,
             shard_client::STATS => self.stats(&req),
+            shard_client::SUPPRESS => self.suppress(req).await,
+            shard_client::SUPPRESSIONS => self.suppressions(),
             other => http::error(404, "not_found", &format!("queue shard has no {other}")),
         }
     }

@@ -16,6 +16,8 @@ pub const LEASE: &str = "/lease";
 pub const ACK: &str = "/ack";
 pub const RENEW: &str = "/renew";
 pub const STATS: &str = "/stats";
+pub const SUPPRESS: &str = "/suppress";
+pub const SUPPRESSIONS: &str = "/suppressions";
 
 /// A fresh random UUID v4 (the runtime's CSPRNG via `crypto.getRandomValues`).
 pub fn new_uuid() -> String {

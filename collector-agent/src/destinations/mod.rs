@@ -116,6 +116,17 @@ impl std::fmt::Display for SendError {
     }
 }
 
+/// A person to delete at a destination (an erasure request): all their ids, and their
+/// contact opened for this call only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Erasure {
+    pub request_id: String,
+    pub person_ids: Vec<String>,
+    pub user_ids: Vec<String>,
+    pub anonymous_ids: Vec<String>,
+    pub contact: Contact,
+}
+
 /// A destination kind.
 #[async_trait]
 pub trait Destination: Send + Sync {
@@ -138,6 +149,12 @@ pub trait Destination: Send + Sync {
     /// failure never makes the others be sent twice).
     fn max_batch(&self) -> usize {
         usize::MAX
+    }
+    /// Deletes a person at the destination (an erasure); its answer. `None` when the
+    /// destination has no deletion endpoint (the audit trail says so). Deleting someone
+    /// the destination never had is a success.
+    async fn erase(&self, _who: &Erasure) -> Option<Result<String, SendError>> {
+        None
     }
 }
 

@@ -175,14 +175,7 @@ impl Row {
     }
 }
 
-fn in_list<'a>(v: impl Iterator<Item = &'a String>) -> String {
-    let items: Vec<String> = v.map(|s| sql_lit(s)).collect();
-    if items.is_empty() {
-        "NULL".into()
-    } else {
-        items.join(", ")
-    }
-}
+use crate::sinks::sql_list as in_list;
 
 /// Whether `consent` (a profile's, or an event's evidence turned into the same shape)
 /// grants every category.
@@ -243,7 +236,7 @@ async fn send_rows(
         pace(t.cfg, &mut last_call).await;
         // A destination's answer may quote the address it was sent (Twilio's 21211
         // does): it is scrubbed before anything is logged or written.
-        let result = t.dest.send(&batch).await.map_err(|e| redact(e, &batch));
+        let result = t.dest.send(&batch).await.map_err(|e| redact_error(e, &batch));
         match result {
             Ok(()) => {
                 for i in &batch {
@@ -548,31 +541,8 @@ async fn open_contacts(
                 .collect()
         })
         .unwrap_or_default();
-    // Each person's latest sealed copy of each path, from identifies and tracks.
-    let d = s.dialect();
     let people: Vec<&String> = items.iter().filter_map(|i| i.person_id.as_ref()).collect();
-    let mut latest: HashMap<(String, &str), String> = HashMap::new();
-    if !people.is_empty() {
-        for (_, path) in &paths {
-            for table in ["identifies", "tracks"] {
-                let v = crate::audiences::eval::json_text(d, "e.context", &["sealed", path]);
-                let r = s
-                    .query(&format!(
-                        "SELECT i.person_id, {v} FROM {table} e JOIN identities i
-                           ON (i.id_type = 'user_id' AND i.id_value = e.user_id) OR (i.id_type = 'anonymous_id' AND i.id_value = e.anonymous_id)
-                         WHERE i.person_id IN ({}) AND {v} IS NOT NULL
-                         ORDER BY e.timestamp DESC, e.message_id DESC",
-                        in_list(people.iter().copied())
-                    ))
-                    .await?;
-                for row in r.rows {
-                    if let (Some(p), Some(v)) = (row[0].clone(), row[1].clone()) {
-                        latest.entry((p, path)).or_insert(v);
-                    }
-                }
-            }
-        }
-    }
+    let latest = latest_sealed(s, &paths, &people).await?;
     let mut out = Vec::new();
     for mut item in items {
         for (kind, path) in &paths {
@@ -587,7 +557,7 @@ async fn open_contacts(
             let sealed = own.or_else(|| {
                 item.person_id
                     .as_ref()
-                    .and_then(|p| latest.get(&(p.clone(), *path)).cloned())
+                    .and_then(|p| latest.get(&(p.clone(), path.to_string())).cloned())
             });
             let Some(sealed) = sealed else { continue };
             let opened = t.contacts.and_then(|c| c.key.open(&sealed).ok());
@@ -619,6 +589,71 @@ async fn open_contacts(
             continue;
         }
         out.push(item);
+    }
+    Ok(out)
+}
+
+/// Each person's latest sealed copy of each path (`(person, path)` → sealed text), from
+/// identifies and tracks.
+pub(crate) async fn latest_sealed(
+    s: &mut dyn SqlSession,
+    paths: &[(PiiKind, &str)],
+    people: &[&String],
+) -> Result<HashMap<(String, String), String>, SinkError> {
+    let d = s.dialect();
+    let mut latest: HashMap<(String, String), String> = HashMap::new();
+    if people.is_empty() {
+        return Ok(latest);
+    }
+    for (_, path) in paths {
+        for table in ["identifies", "tracks"] {
+            let v = crate::audiences::eval::json_text(d, "e.context", &["sealed", path]);
+            let r = s
+                .query(&format!(
+                    "SELECT i.person_id, {v} FROM {table} e JOIN identities i
+                       ON (i.id_type = 'user_id' AND i.id_value = e.user_id) OR (i.id_type = 'anonymous_id' AND i.id_value = e.anonymous_id)
+                     WHERE i.person_id IN ({}) AND {v} IS NOT NULL
+                     ORDER BY e.timestamp DESC, e.message_id DESC",
+                    in_list(people.iter().copied())
+                ))
+                .await?;
+            for row in r.rows {
+                if let (Some(p), Some(v)) = (row[0].clone(), row[1].clone()) {
+                    latest.entry((p, path.to_string())).or_insert(v);
+                }
+            }
+        }
+    }
+    Ok(latest)
+}
+
+/// The contacts of `people` that `kinds` names, opened from their latest sealed copies
+/// (for an erasure: the destination deletes them by address).
+pub(crate) async fn person_contact(
+    s: &mut dyn SqlSession,
+    contacts: Option<&super::Contacts>,
+    kinds: &[PiiKind],
+    people: &[&String],
+) -> Result<Contact, SinkError> {
+    let mut out = Contact::default();
+    let Some(c) = contacts else { return Ok(out) };
+    let paths: Vec<(PiiKind, &str)> = c
+        .paths
+        .iter()
+        .filter(|(k, _)| kinds.contains(k))
+        .map(|(k, p)| (*k, p.as_str()))
+        .collect();
+    let latest = latest_sealed(s, &paths, people).await?;
+    for (kind, path) in &paths {
+        for p in people {
+            let Some(sealed) = latest.get(&((*p).clone(), path.to_string())) else { continue };
+            let opened = c.key.open(sealed).ok();
+            match kind {
+                PiiKind::Email if out.email.is_none() => out.email = opened,
+                PiiKind::Phone if out.phone.is_none() => out.phone = opened,
+                _ => {}
+            }
+        }
     }
     Ok(out)
 }
@@ -671,21 +706,23 @@ async fn record(
     s.batch("COMMIT").await
 }
 
-/// `e` without the contact data of `batch` (as sent, and as bare digits).
-fn redact(e: SendError, batch: &[Item]) -> SendError {
-    let scrub = |mut text: String| {
-        for i in batch {
-            for v in [&i.contact.email, &i.contact.phone].into_iter().flatten() {
-                let digits: String = v.chars().filter(char::is_ascii_digit).collect();
-                for form in [v.as_str(), v.trim_start_matches('+'), digits.as_str()] {
-                    if form.len() >= 5 {
-                        text = text.replace(form, "[contact]");
-                    }
-                }
+/// `text` without the contact data (as sent, and as bare digits).
+pub(crate) fn redact(text: &str, contact: &Contact) -> String {
+    let mut text = text.to_string();
+    for v in [&contact.email, &contact.phone].into_iter().flatten() {
+        let digits: String = v.chars().filter(char::is_ascii_digit).collect();
+        for form in [v.as_str(), v.trim_start_matches('+'), digits.as_str()] {
+            if form.len() >= 5 {
+                text = text.replace(form, "[contact]");
             }
         }
-        text
-    };
+    }
+    text
+}
+
+/// `e` without the contact data of `batch`.
+fn redact_error(e: SendError, batch: &[Item]) -> SendError {
+    let scrub = |text: String| batch.iter().fold(text, |t, i| redact(&t, &i.contact));
     match e {
         SendError::Retry { error, after } => SendError::Retry {
             error: scrub(error),
@@ -802,7 +839,7 @@ mod tests {
         let e = SendError::Reject {
             error: "The 'To' number +4915123456789 (4915123456789) is invalid; ann@example.com looks fake".into(),
         };
-        let SendError::Reject { error } = redact(e, &[item]) else {
+        let SendError::Reject { error } = redact_error(e, &[item]) else {
             unreachable!()
         };
         assert_eq!(

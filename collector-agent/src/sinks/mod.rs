@@ -251,12 +251,28 @@ pub(crate) fn sql_migrations(d: Relational, text: &str) -> Vec<(i32, &'static st
             "activation_outbox, activation_log",
             crate::destinations::outbox::ddl(d),
         ),
+        (
+            10,
+            "privacy_requests, privacy_request_stores, policy_versions",
+            crate::privacy::ddl(d),
+        ),
     ]
 }
 
 /// A SQL string literal (standard SQL: quotes doubled; both dialects read it so).
 pub fn sql_lit(v: &str) -> String {
     format!("'{}'", v.replace('\'', "''"))
+}
+
+/// Values as the inside of a SQL `IN (…)` list (`NULL` when empty, which matches
+/// nothing).
+pub fn sql_list<'a>(v: impl Iterator<Item = &'a String>) -> String {
+    let items: Vec<String> = v.map(|s| sql_lit(s)).collect();
+    if items.is_empty() {
+        "NULL".into()
+    } else {
+        items.join(", ")
+    }
 }
 
 /// What a replay did: dead letters that decode now and were loaded (or are still

@@ -87,6 +87,9 @@ impl Stack {
             audience_interval_ms: 60_000,
             destinations: Vec::new(),
             seal_key_env: None,
+            pii_key_env: None,
+            admin_keys: Vec::new(),
+            dashboard_token_env: None,
         };
         cfg.validate().expect("valid agent config");
         cfg

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use collector_core::pii::PiiKind;
 use serde_json::{json, Value};
 
-use super::{call, http_client, Destination, DestinationConfig, Item, SendError, What};
+use super::{call, http_client, Destination, DestinationConfig, Erasure, Item, SendError, What};
 
 pub struct Mailchimp {
     name: String,
@@ -149,5 +149,21 @@ impl Destination for Mailchimp {
 
     fn max_batch(&self) -> usize {
         1
+    }
+
+    /// `POST /lists/{list_id}/members/{hash}/actions/delete-permanent`: the member and
+    /// their history are gone for good (a member it never had answers 404: done).
+    async fn erase(&self, who: &Erasure) -> Option<Result<String, SendError>> {
+        let Some(email) = who.contact.email.as_deref() else {
+            return Some(Ok(
+                "no sealed email is stored for this person, so none was sent here".into(),
+            ));
+        };
+        let path = format!(
+            "/lists/{}/members/{}/actions/delete-permanent",
+            self.list,
+            subscriber_hash(email)
+        );
+        Some(self.call(reqwest::Method::POST, &path, None, true).await)
     }
 }

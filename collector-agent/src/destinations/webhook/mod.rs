@@ -22,6 +22,10 @@
 //! SHA-256 of the batch's item keys: a retried batch carries the same one, and each
 //! item's `key` names it for good, so a receiver can drop what it has seen.
 //!
+//! An erasure request sends `{"destination", "sent_at", "type": "delete", "request_id",
+//! "person_ids", "user_ids", "anonymous_ids"}`, signed the same way: the receiver
+//! deletes everything it holds under those ids.
+//!
 //! Answers: 2xx is delivered; 408, 429 and 5xx (and timeouts) are retried later,
 //! honouring `Retry-After`; any other 4xx rejects the batch (it is split to find the
 //! item at fault, which is dead-lettered with the answer).
@@ -30,7 +34,7 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::{call, http_client, Destination, DestinationConfig, Item, SendError, What};
+use super::{call, http_client, Destination, DestinationConfig, Erasure, Item, SendError, What};
 
 pub struct Webhook {
     name: String,
@@ -131,5 +135,21 @@ impl Destination for Webhook {
         let mut body = self.body(&[], crate::now_ms());
         body["test"] = Value::Bool(true);
         self.post(body, batch_key(&[])).await
+    }
+
+    /// A signed `"type": "delete"` call naming every id of the person (no items);
+    /// `Idempotency-Key` is the SHA-256 of `delete:<request id>`.
+    async fn erase(&self, who: &Erasure) -> Option<Result<String, SendError>> {
+        let body = json!({
+            "destination": self.name,
+            "sent_at": collector_core::timestamp::format_ms(crate::now_ms()),
+            "type": "delete",
+            "request_id": who.request_id,
+            "person_ids": who.person_ids,
+            "user_ids": who.user_ids,
+            "anonymous_ids": who.anonymous_ids,
+        });
+        let key = hex::encode(Sha256::digest(format!("delete:{}", who.request_id).as_bytes()));
+        Some(self.post(body, key).await)
     }
 }

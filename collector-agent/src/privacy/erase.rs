@@ -1,0 +1,498 @@
+//! Carrying a request out: resolving the subject to every id of their person(s),
+//! finding their rows in every table ([`stores`]), erasing, exporting.
+
+use std::collections::BTreeSet;
+
+use collector_core::drain::SuppressedId;
+use serde_json::{json, Map, Value};
+
+use super::{cell, record_run, set_status, set_store, values_of, Kind, Request, Subject};
+use crate::destinations::{Contacts, Destination, DestinationConfig, Erasure, SendError};
+use crate::edge::EdgeClient;
+use crate::sinks::{sql_lit, sql_list, SinkError, SqlSession};
+
+/// Everyone a request is about: their ids (`(type, value)`; types `user_id`,
+/// `anonymous_id`, `email`) and their persons in the identity graph.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Person {
+    pub ids: BTreeSet<(String, String)>,
+    pub person_ids: BTreeSet<String>,
+}
+
+impl Person {
+    /// The ids the edge can suppress (events carry user and anonymous ids).
+    pub fn suppressible(&self) -> Vec<SuppressedId> {
+        self.ids
+            .iter()
+            .filter(|(t, _)| t == "user_id" || t == "anonymous_id")
+            .map(|(t, v)| SuppressedId::new(t, v))
+            .filter(|id| id.validate().is_ok())
+            .collect()
+    }
+
+    fn values(&self, id_type: &str) -> Vec<String> {
+        self.ids
+            .iter()
+            .filter(|(t, _)| t == id_type)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+}
+
+/// `(type_col, value_col)` is one of `ids`.
+fn id_match(ids: &BTreeSet<(String, String)>, type_col: &str, value_col: &str) -> String {
+    let mut parts = Vec::new();
+    for t in ["user_id", "anonymous_id", "email"] {
+        if ids.iter().any(|(ty, _)| ty == t) {
+            parts.push(format!(
+                "({type_col} = '{t}' AND {value_col} IN ({}))",
+                values_of(ids, t)
+            ));
+        }
+    }
+    if parts.is_empty() {
+        "FALSE".into()
+    } else {
+        format!("({})", parts.join(" OR "))
+    }
+}
+
+/// Resolves a subject (and the ids an earlier run found) through the identity graph:
+/// every id of every person one of its ids belongs to. Emails are also matched in
+/// `identifies` traits, for a warehouse whose graph has not been built.
+pub async fn resolve(
+    s: &mut dyn SqlSession,
+    subject: &Subject,
+    known: &[(String, String)],
+) -> Result<Person, SinkError> {
+    let d = s.dialect();
+    let mut ids = subject.ids();
+    ids.extend(known.iter().cloned());
+    let persons = s
+        .query(&format!(
+            "SELECT DISTINCT person_id FROM identities WHERE {}",
+            id_match(&ids, "id_type", "id_value")
+        ))
+        .await?;
+    let person_ids: BTreeSet<String> = persons.rows.into_iter().filter_map(|r| r[0].clone()).collect();
+    if !person_ids.is_empty() {
+        let r = s
+            .query(&format!(
+                "SELECT id_type, id_value FROM identities WHERE person_id IN ({})",
+                sql_list(person_ids.iter())
+            ))
+            .await?;
+        for row in r.rows {
+            if let (Some(t), Some(v)) = (row[0].clone(), row[1].clone()) {
+                ids.insert((t, v));
+            }
+        }
+    }
+    if !subject.email_hashes.is_empty() {
+        let email = crate::audiences::eval::json_text(d, "traits", &["email"]);
+        let r = s
+            .query(&format!(
+                "SELECT DISTINCT user_id, anonymous_id FROM identifies WHERE {email} IN ({})",
+                sql_list(subject.email_hashes.iter())
+            ))
+            .await?;
+        for row in r.rows {
+            if let Some(u) = row[0].clone() {
+                ids.insert(("user_id".into(), u));
+            }
+            if let Some(a) = row[1].clone() {
+                ids.insert(("anonymous_id".into(), a));
+            }
+        }
+    }
+    Ok(Person { ids, person_ids })
+}
+
+/// A place that holds rows about a person, and how to find them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Store {
+    pub table: String,
+    /// The `WHERE` of their rows.
+    pub predicate: String,
+    /// `SET …` that strips the identifiers instead of deleting the row (the
+    /// activation log's tombstone).
+    pub tombstone: Option<String>,
+}
+
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Every place in the warehouse that holds rows about `person`: the event tables (the
+/// six Segment tables and every per-event table: any table with `user_id` and
+/// `anonymous_id` columns), `users`, the quarantine and rejected values of their
+/// events, the identity graph, profiles, audience membership, the activation outbox,
+/// and the activation log (a tombstone).
+pub async fn stores(s: &mut dyn SqlSession, person: &Person) -> Result<Vec<Store>, SinkError> {
+    let users = sql_list(person.values("user_id").iter());
+    let anons = sql_list(person.values("anonymous_id").iter());
+    let persons = sql_list(person.person_ids.iter());
+    let event_tables = s
+        .query(
+            "SELECT c.table_name FROM information_schema.columns c
+               JOIN information_schema.tables t ON t.table_schema = c.table_schema AND t.table_name = c.table_name
+             WHERE c.table_schema = current_schema() AND t.table_type = 'BASE TABLE'
+               AND c.column_name IN ('user_id', 'anonymous_id')
+             GROUP BY c.table_name HAVING COUNT(*) = 2 ORDER BY c.table_name",
+        )
+        .await?;
+    let mut out = Vec::new();
+    let both: Vec<String> = person
+        .values("user_id")
+        .into_iter()
+        .chain(person.values("anonymous_id"))
+        .collect();
+    for row in event_tables.rows {
+        let Some(table) = row[0].clone() else { continue };
+        let mut predicate = format!("(user_id IN ({users}) OR anonymous_id IN ({anons}))");
+        if table == "aliases" {
+            predicate = format!(
+                "({predicate} OR previous_id IN ({}))",
+                sql_list(both.iter())
+            );
+        }
+        out.push(Store {
+            table,
+            predicate,
+            tombstone: None,
+        });
+    }
+    // The message ids of their events, for what is keyed by message id.
+    let mut message_ids: Vec<String> = Vec::new();
+    for table in ["tracks", "pages", "identifies", "screens", "groups", "aliases"] {
+        if let Some(st) = out.iter().find(|s| s.table == table) {
+            let r = s
+                .query(&format!("SELECT message_id FROM {table} WHERE {}", st.predicate))
+                .await?;
+            message_ids.extend(r.rows.into_iter().filter_map(|r| r[0].clone()));
+        }
+    }
+    let messages = sql_list(message_ids.iter());
+    let mut needles = Vec::new();
+    for (t, key) in [("user_id", "userId"), ("anonymous_id", "anonymousId")] {
+        for v in person.values(t) {
+            let needle = format!("\"{key}\":{}", Value::String(v));
+            needles.push(format!("strpos(event, {}) > 0", sql_lit(&needle)));
+        }
+    }
+    let quarantine = if needles.is_empty() {
+        "FALSE".to_string()
+    } else {
+        format!("({})", needles.join(" OR "))
+    };
+    let ids = &person.ids;
+    let fixed = [
+        ("users", format!("id IN ({users})"), None),
+        ("quarantine", quarantine, None),
+        ("rejected_values", format!("message_id IN ({messages})"), None),
+        // The registry that makes loads exactly once: an erased event's id goes too
+        // (its batch is gone from the edge, and its ids are suppressed there).
+        ("message_ids", format!("message_id IN ({messages})"), None),
+        (
+            "identities",
+            format!("(person_id IN ({persons}) OR {})", id_match(ids, "id_type", "id_value")),
+            None,
+        ),
+        (
+            "identity_edges",
+            format!(
+                "({} OR {})",
+                id_match(ids, "a_type", "a_value"),
+                id_match(ids, "b_type", "b_value")
+            ),
+            None,
+        ),
+        (
+            "identity_merges",
+            format!(
+                "({} OR {} OR from_person IN ({persons}) OR into_person IN ({persons}))",
+                id_match(ids, "a_type", "a_value"),
+                id_match(ids, "b_type", "b_value")
+            ),
+            None,
+        ),
+        ("identity_dirty", id_match(ids, "id_type", "id_value"), None),
+        ("profiles", format!("person_id IN ({persons})"), None),
+        ("audience_membership", format!("person_id IN ({persons})"), None),
+        (
+            "activation_outbox",
+            format!("(person_id IN ({persons}) OR message_id IN ({messages}))"),
+            None,
+        ),
+        (
+            "activation_log",
+            format!("person_id IN ({persons})"),
+            Some("person_id = NULL, key = 'erased', detail = NULL".to_string()),
+        ),
+    ];
+    for (table, predicate, tombstone) in fixed {
+        out.push(Store {
+            table: table.to_string(),
+            predicate,
+            tombstone,
+        });
+    }
+    Ok(out)
+}
+
+async fn count(s: &mut dyn SqlSession, st: &Store) -> Result<i64, SinkError> {
+    let r = s
+        .query(&format!(
+            "SELECT COUNT(*) FROM {} WHERE {}",
+            quote(&st.table),
+            st.predicate
+        ))
+        .await?;
+    Ok(r.rows
+        .first()
+        .and_then(|r| r[0].as_deref())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0))
+}
+
+/// Everything stored about a person, as one JSON document: per table, their rows
+/// (column → value; JSON columns as JSON).
+pub async fn export(
+    s: &mut dyn SqlSession,
+    request: &Request,
+    now_ms: i64,
+) -> Result<Value, SinkError> {
+    let person = resolve(s, &request.subject, &request.resolved).await?;
+    let mut tables = Map::new();
+    for st in stores(s, &person).await? {
+        let r = s
+            .query(&format!(
+                "SELECT * FROM {} WHERE {}",
+                quote(&st.table),
+                st.predicate
+            ))
+            .await?;
+        set_store(
+            s,
+            &request.id,
+            &st.table,
+            "done",
+            Some((r.rows.len() as i64, r.rows.len() as i64)),
+            Some("exported"),
+            now_ms,
+        )
+        .await?;
+        if r.rows.is_empty() {
+            continue;
+        }
+        let rows: Vec<Value> = r
+            .rows
+            .iter()
+            .map(|row| {
+                Value::Object(
+                    r.columns
+                        .iter()
+                        .zip(row)
+                        .map(|(c, v)| (c.clone(), cell(v)))
+                        .collect(),
+                )
+            })
+            .collect();
+        tables.insert(st.table.clone(), Value::Array(rows));
+    }
+    set_status(s, &request.id, "completed", None, now_ms).await?;
+    Ok(json!({
+        "request_id": request.id,
+        "generated_at": collector_core::timestamp::format_ms(now_ms),
+        "subject": request.subject,
+        "person_ids": person.person_ids,
+        "ids": person.ids.iter().map(|(t, v)| json!({"type": t, "value": v})).collect::<Vec<_>>(),
+        "tables": tables,
+    }))
+}
+
+/// What the agent brings to a request: the edge (suppression list), the destinations
+/// that can delete people, the key that opens their sealed contacts, and a hook that
+/// updates the agent's own copy of the suppression list.
+pub struct Context<'a> {
+    pub edge: &'a EdgeClient,
+    pub destinations: Vec<(&'a DestinationConfig, &'a dyn Destination)>,
+    pub contacts: Option<&'a Contacts>,
+    pub on_suppress: &'a (dyn Fn(&[SuppressedId], bool) + Send + Sync),
+}
+
+/// Carries out one run of a suppress, unsuppress or erase request (see the module
+/// docs); returns the request as it stands after it.
+pub async fn process(
+    s: &mut dyn SqlSession,
+    ctx: &Context<'_>,
+    request: &Request,
+    now_ms: i64,
+) -> Result<(), SinkError> {
+    let id = request.id.as_str();
+    match request.kind {
+        Kind::Export => Ok(()),
+        Kind::Suppress | Kind::Unsuppress => {
+            let person = Person {
+                ids: request.subject.ids(),
+                person_ids: BTreeSet::new(),
+            };
+            record_run(s, id, &person.ids).await?;
+            let list = person.suppressible();
+            let add = request.kind == Kind::Suppress;
+            let (a, r) = if add {
+                (list.clone(), Vec::new())
+            } else {
+                (Vec::new(), list.clone())
+            };
+            match ctx.edge.suppress(a, r).await {
+                Ok(total) => {
+                    (ctx.on_suppress)(&list, add);
+                    let what = if add { "added to" } else { "removed from" };
+                    set_store(
+                        s,
+                        id,
+                        "edge",
+                        "done",
+                        None,
+                        Some(&format!(
+                            "{} id(s) {what} the edge's suppression list ({total} suppressed in all)",
+                            list.len()
+                        )),
+                        now_ms,
+                    )
+                    .await?;
+                    set_status(s, id, "completed", None, now_ms).await
+                }
+                Err(e) => {
+                    set_store(s, id, "edge", "retrying", None, Some(&e.to_string()), now_ms).await?;
+                    set_status(s, id, "running", Some("the edge is unreachable; retried every pass"), now_ms).await
+                }
+            }
+        }
+        Kind::Erase => erase(s, ctx, request, now_ms).await,
+    }
+}
+
+async fn erase(
+    s: &mut dyn SqlSession,
+    ctx: &Context<'_>,
+    request: &Request,
+    now_ms: i64,
+) -> Result<(), SinkError> {
+    let id = request.id.as_str();
+    let person = resolve(s, &request.subject, &request.resolved).await?;
+    record_run(s, id, &person.ids).await?;
+    let first_run = request.runs == 0;
+    // 1. Nothing new: the edge drops their events from now on, and this agent drops
+    //    those already queued.
+    let list = person.suppressible();
+    match ctx.edge.suppress(list.clone(), Vec::new()).await {
+        Ok(total) => {
+            (ctx.on_suppress)(&list, true);
+            set_store(
+                s,
+                id,
+                "edge",
+                "done",
+                None,
+                Some(&format!("{} id(s) suppressed at the edge ({total} in all); queued events dropped at drain", list.len())),
+                now_ms,
+            )
+            .await?;
+        }
+        Err(e) => {
+            set_store(s, id, "edge", "retrying", None, Some(&e.to_string()), now_ms).await?;
+            return set_status(s, id, "running", Some("the edge is unreachable; retried every pass"), now_ms).await;
+        }
+    }
+    // 2. The destinations that can delete a person, while their contact can still be
+    //    opened from the warehouse.
+    let done: BTreeSet<String> = super::get(s, id)
+        .await?
+        .map(|r| {
+            r.stores
+                .into_iter()
+                .filter(|st| st.status == "done" || st.status == "failed" || st.status == "not_supported")
+                .map(|st| st.store)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut waiting = false;
+    let people: Vec<&String> = person.person_ids.iter().collect();
+    for (cfg, dest) in &ctx.destinations {
+        let store = format!("destination:{}", cfg.name);
+        if done.contains(&store) {
+            continue;
+        }
+        let contact = crate::destinations::sync::person_contact(s, ctx.contacts, dest.contact_kinds(), &people).await?;
+        let who = Erasure {
+            request_id: id.to_string(),
+            person_ids: person.person_ids.iter().cloned().collect(),
+            user_ids: person.values("user_id"),
+            anonymous_ids: person.values("anonymous_id"),
+            contact,
+        };
+        match dest.erase(&who).await {
+            None => {
+                set_store(s, id, &store, "not_supported", None, Some("this destination has no deletion endpoint; delete the person there by hand"), now_ms).await?
+            }
+            Some(Ok(answer)) => set_store(s, id, &store, "done", None, Some(&crate::destinations::sync::redact(&answer, &who.contact)), now_ms).await?,
+            Some(Err(SendError::Retry { error, .. })) => {
+                waiting = true;
+                set_store(s, id, &store, "retrying", None, Some(&crate::destinations::sync::redact(&error, &who.contact)), now_ms).await?
+            }
+            Some(Err(SendError::Reject { error })) => {
+                set_store(s, id, &store, "failed", None, Some(&crate::destinations::sync::redact(&error, &who.contact)), now_ms).await?
+            }
+        }
+    }
+    if waiting {
+        return set_status(s, id, "running", Some("a destination failed transiently; retried every pass before the warehouse is erased"), now_ms).await;
+    }
+    // 3. Every table, in one transaction.
+    let stores = stores(s, &person).await?;
+    s.batch("BEGIN").await?;
+    let mut found = Vec::new();
+    let erased: Result<(), SinkError> = async {
+        for st in &stores {
+            let n = count(s, st).await?;
+            if n > 0 {
+                let sql = match &st.tombstone {
+                    Some(set) => format!("UPDATE {} SET {set} WHERE {}", quote(&st.table), st.predicate),
+                    None => format!("DELETE FROM {} WHERE {}", quote(&st.table), st.predicate),
+                };
+                s.execute(&sql).await?;
+            }
+            found.push(n);
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = erased {
+        let _ = s.batch("ROLLBACK").await;
+        return Err(e);
+    }
+    s.batch("COMMIT").await?;
+    let mut total = 0;
+    for (st, n) in stores.iter().zip(&found) {
+        let after = count(s, st).await?;
+        total += n;
+        let detail = match (&st.tombstone, n) {
+            (Some(_), n) if *n > 0 => Some("identifiers removed; the rows stay as tombstones"),
+            _ => None,
+        };
+        set_store(s, id, &st.table, if after == 0 { "done" } else { "retrying" }, Some((*n, after)), detail, now_ms).await?;
+    }
+    let failed = super::get(s, id)
+        .await?
+        .map(|r| r.stores.iter().any(|st| st.status == "failed"))
+        .unwrap_or(false);
+    if !first_run && total == 0 {
+        let detail = failed.then_some("completed, but a destination refused the deletion (see its store)");
+        set_status(s, id, "completed", detail, now_ms).await
+    } else {
+        set_status(s, id, "running", Some("erased; a later pass checks that nothing came back"), now_ms).await
+    }
+}
+
