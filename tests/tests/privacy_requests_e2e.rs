@@ -274,3 +274,143 @@ async fn erasure_export_and_suppression_in_postgres() {
     let cfg = st.pg_config(&pg);
     erase_export_and_suppress(&st, cfg).await;
 }
+
+/// A signed call to the running agent's privacy API as the `[[admin_keys]]` key
+/// `name` would make it.
+async fn signed_call(
+    http: &reqwest::Client,
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+    name: &str,
+    secret: &str,
+) -> (u16, Value) {
+    let ts = now_s();
+    let sig = collector_core::sign::sign(secret.as_bytes(), method, path, ts, body.as_bytes());
+    let resp = http
+        .request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), format!("http://{addr}{path}"))
+        .header("X-Collector-Key", name)
+        .header(collector_core::sign::TIMESTAMP_HEADER, ts.to_string())
+        .header(collector_core::sign::SIGNATURE_HEADER, sig)
+        .header("Content-Type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+// The signed API on the running agent's admin address: a DPO portal's key files an
+// erasure, the loop carries it out between drains, the trail names the key, and the
+// CLI reads it through the agent. Bad signatures and bad requests get clear errors.
+#[tokio::test]
+async fn the_running_agent_takes_signed_requests_from_named_keys() {
+    let st = Stack::start();
+    let now = collector_agent::now_ms();
+    let batch = json!([
+        {"type": "identify", "messageId": "r-i1", "anonymousId": "dev-rae", "userId": "u-rae", "timestamp": iso(now - MIN)},
+        {"type": "page", "messageId": "r-p1", "anonymousId": "dev-rae", "properties": {"path": "/"}, "timestamp": iso(now - MIN)},
+        {"type": "page", "messageId": "s-p1", "anonymousId": "dev-sam", "properties": {"path": "/"}, "timestamp": iso(now - MIN)},
+    ]);
+    assert_eq!(st.post("/v1/batch", &json!({"batch": batch})).await.status, 200);
+    let config = st.dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "edge_url = \"{}\"\ndrain_secret = \"{SECRET}\"\npoll_interval_ms = 100\nadmin_addr = \"127.0.0.1:0\"\n\n[warehouse]\npath = \"{}\"\n\n[[admin_keys]]\nname = \"dpo-portal\"\nsecret_env = \"PRIVACY_E2E_ADMIN_KEY\"\n",
+            st.edge.url,
+            st.warehouse().display()
+        ),
+    )
+    .unwrap();
+    let secret = "dpo-portal-secret-0123456789";
+    let mut agent = std::process::Command::new(agent_binary())
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("PRIVACY_E2E_ADMIN_KEY", secret)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let state_file = {
+        let mut s = st.warehouse().into_os_string();
+        s.push(".agent");
+        std::path::PathBuf::from(s)
+    };
+    let http = reqwest::Client::new();
+    let mut addr = String::new();
+    for _ in 0..200 {
+        if let Ok(text) = std::fs::read_to_string(&state_file) {
+            let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            if let Some(a) = v["addr"].as_str() {
+                addr = a.to_string();
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(!addr.is_empty(), "the agent wrote its state file");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(agent_binary())
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    // Wait until Rae's events are loaded (through the agent: it holds the file).
+    for _ in 0..100 {
+        let (_, out) = cli(&["sql", "SELECT count(*) FROM pages"]);
+        if out.contains('2') {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    let body = json!({"kind": "erase", "user_ids": ["u-rae"], "id": "dsar-7"}).to_string();
+    // A wrong secret, an unknown key, no signature: 401, named.
+    let (status, err) = signed_call(&http, &addr, "POST", "/privacy/requests", &body, "dpo-portal", "not-the-secret-0123456789").await;
+    assert_eq!(status, 401, "{err}");
+    assert!(err["error"].as_str().unwrap().contains("dpo-portal"), "{err}");
+    let (status, err) = signed_call(&http, &addr, "POST", "/privacy/requests", &body, "someone", secret).await;
+    assert_eq!(status, 401, "{err}");
+    let r = http.post(format!("http://{addr}/privacy/requests")).body(body.clone()).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    // A request that names no one, or no kind: 400, saying what is missing.
+    let (status, err) = signed_call(&http, &addr, "POST", "/privacy/requests", r#"{"kind":"erase"}"#, "dpo-portal", secret).await;
+    assert_eq!(status, 400, "{err}");
+    assert!(err["error"].as_str().unwrap().contains("name the person"), "{err}");
+    let (status, err) = signed_call(&http, &addr, "POST", "/privacy/requests", r#"{"kind":"forget"}"#, "dpo-portal", secret).await;
+    assert_eq!(status, 400, "{err}");
+
+    let (status, accepted) = signed_call(&http, &addr, "POST", "/privacy/requests", &body, "dpo-portal", secret).await;
+    assert_eq!(status, 202, "{accepted}");
+    assert_eq!(accepted["request"]["requested_by"], "dpo-portal");
+    let mut done = Value::Null;
+    for _ in 0..150 {
+        let (status, r) = signed_call(&http, &addr, "GET", "/privacy/requests/dsar-7", "", "dpo-portal", secret).await;
+        assert_eq!(status, 200, "{r}");
+        if r["request"]["status"] == "completed" {
+            done = r;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(done["request"]["status"], "completed", "the loop carried it out");
+    let (ok, out) = cli(&["privacy", "request", "status", "dsar-7"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("completed") && out.contains("dpo-portal") && out.contains("pages"), "{out}");
+    let (ok, out) = cli(&["sql", "SELECT count(*) FROM pages WHERE anonymous_id = 'dev-rae'"]);
+    assert!(ok && out.contains('0'), "{out}");
+    let (ok, out) = cli(&["sql", "SELECT count(*) FROM pages WHERE anonymous_id = 'dev-sam'"]);
+    assert!(ok && out.contains('1'), "{out}");
+    let (status, missing) = signed_call(&http, &addr, "GET", "/privacy/requests/nope", "", "dpo-portal", secret).await;
+    assert_eq!(status, 404, "{missing}");
+
+    let _ = std::process::Command::new("kill")
+        .args(["-s", "TERM", &agent.id().to_string()])
+        .status();
+    assert!(agent.wait().unwrap().success(), "the agent stops on SIGTERM");
+}
