@@ -34,10 +34,10 @@ pub struct AgentState {
 }
 
 #[derive(Clone)]
-struct AppState {
-    sink: Arc<dyn Sink>,
+pub(crate) struct AppState {
+    pub(crate) sink: Arc<dyn Sink>,
     token: Arc<String>,
-    ops: Arc<Ops>,
+    pub(crate) ops: Arc<Ops>,
 }
 
 /// What the privacy API and the dashboard need besides the warehouse.
@@ -52,6 +52,9 @@ pub struct Ops {
     pub wake: Arc<tokio::sync::Notify>,
     /// The edge, for the dashboard's counters (drops by reason, PII notes).
     pub edge: Option<crate::edge::EdgeClient>,
+    /// The policy's consent categories and version, for the dashboard.
+    pub categories: Vec<String>,
+    pub policy_version: Option<String>,
 }
 
 impl Ops {
@@ -59,12 +62,18 @@ impl Ops {
         cfg: &crate::config::AgentConfig,
         wake: Arc<tokio::sync::Notify>,
     ) -> anyhow::Result<Ops> {
+        let policy = cfg.policy()?;
         Ok(Ops {
             hasher: cfg.pii_hasher()?,
             keys: cfg.admin_secrets()?,
             dashboard_token: cfg.dashboard_token()?,
             wake,
             edge: crate::edge::EdgeClient::new(cfg).ok(),
+            categories: policy
+                .as_ref()
+                .map(|p| p.categories.iter().map(|c| c.name.clone()).collect())
+                .unwrap_or_default(),
+            policy_version: policy.map(|p| p.version),
         })
     }
 }
@@ -112,6 +121,7 @@ pub async fn serve(
             post(handle_privacy_submit).get(handle_privacy_list),
         )
         .route("/privacy/requests/{id}", get(handle_privacy_get))
+        .merge(crate::dashboard::routes())
         .with_state(AppState {
             sink,
             token: Arc::new(token),

@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod audiences;
 pub mod config;
+pub mod dashboard;
 pub mod destinations;
 pub mod edge;
 pub mod identity;

@@ -6,6 +6,10 @@
 //   {"op":"reload"}
 //   {"op":"eval","js":"…"}                evaluate an expression (awaited) → value
 //   {"op":"waitFor","js":"…","timeoutMs":N}  poll an expression until truthy → value
+//   {"op":"press","key":"Tab"}            a key press on the page → the focused element's
+//                                          tag, id and text
+//   {"op":"screenshot","path":"…","fullPage":true,"width":N,"height":N}
+//                                          a PNG of the page → its size in bytes
 //   {"op":"quit"}
 //
 // Answers: {"ok":true,"value":…} or {"ok":false,"error":"…"}. Console messages and page
@@ -61,6 +65,24 @@ async function handle(cmd) {
     case 'waitFor': {
       const handle = await page.waitForFunction(cmd.js, null, { timeout: cmd.timeoutMs || 30000, polling: 100 });
       return await handle.jsonValue();
+    }
+    case 'press': {
+      await page.keyboard.press(cmd.key);
+      try {
+        return await page.evaluate(() => {
+          const e = document.activeElement;
+          return e ? { tag: e.tagName.toLowerCase(), id: e.id || null, text: (e.textContent || '').trim().slice(0, 80) } : null;
+        });
+      } catch (e) {
+        // The key navigated (Enter in a form): wait for the new page instead.
+        await page.waitForLoadState('load');
+        return null;
+      }
+    }
+    case 'screenshot': {
+      if (cmd.width && cmd.height) await page.setViewportSize({ width: cmd.width, height: cmd.height });
+      const png = await page.screenshot({ path: cmd.path, fullPage: !!cmd.fullPage });
+      return png.length;
     }
     case 'quit':
       await browser.close();

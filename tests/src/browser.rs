@@ -106,6 +106,25 @@ impl Browser {
         self.send(json!({"op": "waitFor", "js": js, "timeoutMs": timeout.as_millis() as u64}))
     }
 
+    /// Presses a key (`Tab`, `Enter`); the focused element after it (`tag`, `id`, `text`).
+    pub fn press(&mut self, key: &str) -> anyhow::Result<Value> {
+        self.send(json!({"op": "press", "key": key}))
+    }
+
+    /// Saves a PNG of the page (the whole page when `full_page`) at a viewport of
+    /// `width`×`height`; its size in bytes.
+    pub fn screenshot(
+        &mut self,
+        path: &std::path::Path,
+        full_page: bool,
+        width: u32,
+        height: u32,
+    ) -> anyhow::Result<u64> {
+        let v = self.send(json!({"op": "screenshot", "path": path, "fullPage": full_page, "width": width, "height": height}))?;
+        v.as_u64()
+            .ok_or_else(|| anyhow::anyhow!("screenshot answered {v}"))
+    }
+
     /// The page's console output and errors so far (for failure messages).
     pub fn log_tail(&self) -> String {
         let mut text = String::new();

@@ -326,13 +326,13 @@ async fn the_running_agent_takes_signed_requests_from_named_keys() {
     )
     .unwrap();
     let secret = "dpo-portal-secret-0123456789";
-    let mut agent = std::process::Command::new(agent_binary())
+    let mut agent = ChildGuard(std::process::Command::new(agent_binary())
         .args(["run", "--config"])
         .arg(&config)
         .env("PRIVACY_E2E_ADMIN_KEY", secret)
         .env("RUST_LOG", "warn")
         .spawn()
-        .unwrap();
+        .unwrap());
     let state_file = {
         let mut s = st.warehouse().into_os_string();
         s.push(".agent");
@@ -409,8 +409,5 @@ async fn the_running_agent_takes_signed_requests_from_named_keys() {
     let (status, missing) = signed_call(&http, &addr, "GET", "/privacy/requests/nope", "", "dpo-portal", secret).await;
     assert_eq!(status, 404, "{missing}");
 
-    let _ = std::process::Command::new("kill")
-        .args(["-s", "TERM", &agent.id().to_string()])
-        .status();
-    assert!(agent.wait().unwrap().success(), "the agent stops on SIGTERM");
+    assert!(agent.terminate(), "the agent stops on SIGTERM");
 }

@@ -237,3 +237,26 @@ pub fn scan_for(dir: &std::path::Path, raw: &[&str]) -> Vec<String> {
     }
     found
 }
+
+/// A child process (an agent) that is killed when this is dropped, so a failing test
+/// leaves nothing running.
+pub struct ChildGuard(pub std::process::Child);
+
+impl ChildGuard {
+    /// Stops it with SIGTERM and waits: whether it exited cleanly.
+    pub fn terminate(&mut self) -> bool {
+        let _ = std::process::Command::new("kill")
+            .args(["-s", "TERM", &self.0.id().to_string()])
+            .status();
+        self.0.wait().map(|s| s.success()).unwrap_or(false)
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
