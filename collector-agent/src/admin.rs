@@ -178,12 +178,7 @@ fn privacy_caller(
         return Ok(Caller::Local);
     }
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    let unauthorized = |why: String| {
-        (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"error": why})),
-        )
-    };
+    let unauthorized = |why: String| (StatusCode::UNAUTHORIZED, Json(json!({"error": why})));
     let Some(name) = header("x-collector-key") else {
         return Err(unauthorized(
             "sign the request with an admin key (X-Collector-Key, X-Collector-Timestamp, X-Collector-Signature) or send the local admin token".into(),
@@ -206,10 +201,7 @@ fn privacy_caller(
 }
 
 fn bad_request(msg: impl Into<String>) -> AdminError {
-    (
-        StatusCode::BAD_REQUEST,
-        Json(json!({"error": msg.into()})),
-    )
+    (StatusCode::BAD_REQUEST, Json(json!({"error": msg.into()})))
 }
 
 async fn privacy_session(
@@ -219,7 +211,9 @@ async fn privacy_session(
         Some(s) if s.dialect().relational().is_some() => Ok(s),
         _ => Err((
             StatusCode::NOT_IMPLEMENTED,
-            Json(json!({"error": format!("privacy requests need a DuckDB or PostgreSQL warehouse; this one is {}", state.sink.kind())})),
+            Json(
+                json!({"error": format!("privacy requests need a DuckDB or PostgreSQL warehouse; this one is {}", state.sink.kind())}),
+            ),
         )),
     }
 }
@@ -230,14 +224,19 @@ async fn handle_privacy_submit(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), AdminError> {
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/privacy/requests");
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/privacy/requests");
     let caller = privacy_caller(&state, "POST", path, &headers, &body)?;
     let req: crate::privacy::NewRequest = serde_json::from_slice(&body)
         .map_err(|e| bad_request(format!("bad privacy request: {e}")))?;
     let kind = req
         .kind
         .ok_or_else(|| bad_request("kind is required: erase, suppress, unsuppress or export"))?;
-    let subject = req.subject(state.ops.hasher.as_ref()).map_err(bad_request)?;
+    let subject = req
+        .subject(state.ops.hasher.as_ref())
+        .map_err(bad_request)?;
     let by = match caller {
         Caller::Local => req
             .requested_by
@@ -250,7 +249,9 @@ async fn handle_privacy_submit(
     let stored = crate::privacy::submit(&mut *s, kind, req.id.as_deref(), &subject, &by, now)
         .await
         .map_err(|e| match e {
-            crate::sinks::SinkError::Permanent(m) => (StatusCode::CONFLICT, Json(json!({"error": m}))),
+            crate::sinks::SinkError::Permanent(m) => {
+                (StatusCode::CONFLICT, Json(json!({"error": m})))
+            }
             e => unavailable(e),
         })?;
     if kind == crate::privacy::Kind::Export {
@@ -274,7 +275,10 @@ async fn handle_privacy_list(
     uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, AdminError> {
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/privacy/requests");
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/privacy/requests");
     privacy_caller(&state, "GET", path, &headers, b"")?;
     let mut s = privacy_session(&state).await?;
     let list = crate::privacy::list(&mut *s).await.map_err(unavailable)?;
@@ -290,7 +294,10 @@ async fn handle_privacy_get(
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     privacy_caller(&state, "GET", path, &headers, b"")?;
     let mut s = privacy_session(&state).await?;
-    match crate::privacy::get(&mut *s, &id).await.map_err(unavailable)? {
+    match crate::privacy::get(&mut *s, &id)
+        .await
+        .map_err(unavailable)?
+    {
         Some(r) => Ok(Json(json!({"request": r}))),
         None => Err((
             StatusCode::NOT_FOUND,

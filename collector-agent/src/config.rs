@@ -383,7 +383,9 @@ impl AgentConfig {
             return Ok(None);
         };
         let t = std::env::var(var).map_err(|_| {
-            anyhow::anyhow!("config: dashboard_token_env: the environment variable {var} is not set")
+            anyhow::anyhow!(
+                "config: dashboard_token_env: the environment variable {var} is not set"
+            )
         })?;
         anyhow::ensure!(
             t.len() >= 16,

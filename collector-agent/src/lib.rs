@@ -198,9 +198,8 @@ impl Drainer {
         let Some(mut session) = self.sink.session().await? else {
             return Ok(0);
         };
-        let on_suppress = |ids: &[collector_core::drain::SuppressedId], add: bool| {
-            self.note_suppressed(ids, add)
-        };
+        let on_suppress =
+            |ids: &[collector_core::drain::SuppressedId], add: bool| self.note_suppressed(ids, add);
         let ctx = privacy::erase::Context {
             edge: &self.client,
             destinations: self
@@ -390,7 +389,12 @@ impl Drainer {
                     if dropped > 0 {
                         summary.suppressed += dropped;
                         self.metrics.suppressed(dropped);
-                        tracing::info!(shard, batch_id = b.batch_id, dropped, "queued events of suppressed people dropped at drain");
+                        tracing::info!(
+                            shard,
+                            batch_id = b.batch_id,
+                            dropped,
+                            "queued events of suppressed people dropped at drain"
+                        );
                     }
                     summary.events += batch.events.len() as u64;
                     events += batch.events.len();

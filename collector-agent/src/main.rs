@@ -717,7 +717,11 @@ async fn privacy_request(command: RequestCommand) -> anyhow::Result<()> {
         match out {
             Some(path) => {
                 std::fs::write(&path, text)?;
-                eprintln!("request {}: export written to {}", request.id, path.display());
+                eprintln!(
+                    "request {}: export written to {}",
+                    request.id,
+                    path.display()
+                );
             }
             None => println!("{text}"),
         }

@@ -327,7 +327,9 @@ pub fn suppression_digest(id_type: &str, value: &str) -> String {
 
 /// Whether a string is a suppression digest (32 lowercase hex digits).
 pub fn is_digest(s: &str) -> bool {
-    s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 32
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Whether an event with these ids is suppressed, given a lookup of digests.

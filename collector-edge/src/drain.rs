@@ -144,9 +144,7 @@ pub async fn handle_drain(
             }
             http::json(200, &json!({"suppressed": suppressed}))
         }
-        DrainOp::Suppressions => {
-            forward_get(env, 0, shard_client::SUPPRESSIONS).await
-        }
+        DrainOp::Suppressions => forward_get(env, 0, shard_client::SUPPRESSIONS).await,
     }
 }
 

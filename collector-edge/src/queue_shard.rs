@@ -20,8 +20,8 @@ use std::cell::RefCell;
 use std::collections::HashSet;
 
 use collector_core::drain::{
-    is_suppressed, AckRequest, AckResponse, LeaseRequest, RenewRequest, RenewResponse,
-    ShardStats, SuppressRequest, Suppressions, MAX_SUPPRESSED,
+    is_suppressed, AckRequest, AckResponse, LeaseRequest, RenewRequest, RenewResponse, ShardStats,
+    SuppressRequest, Suppressions, MAX_SUPPRESSED,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -181,26 +181,7 @@ impl QueueShard {
             self.count_note(&sql, key, *n)?;
         }
         self.load_suppressed(&sql)?;
-        let suppressed = self.suppressed.borrow();
-        let list = suppressed.as_ref().filter(|s| !s.is_empty());
-        let mut dropped = 0u64;
-        for ev in &append.events {
-            if let Some(list) = list {
-                if is_suppressed(ev.user_id.as_deref(), ev.anonymous_id.as_deref(), |k| {
-                    list.contains(k)
-                }) {
-                    dropped += 1;
-                    continue;
-                }
-            }
-            let bytes = encode_event(ev).map_err(|e| worker::Error::RustError(e.to_string()))?;
-            let len = bytes.len() as i64;
-            sql.exec(
-                "INSERT INTO open_events (event, bytes) VALUES (?, ?)",
-                vec![bytes.into(), len.into()],
-            )?;
-        }
-        drop(suppressed);
+        let dropped = self.store_events(&sql, &append.events)?;
         if dropped > 0 {
             self.count_drop(&sql, "suppressed", dropped)?;
         }
@@ -221,6 +202,35 @@ impl QueueShard {
             200,
             &json!({"ok": true, "appended": append.events.len() as u64 - dropped, "suppressed": dropped}),
         )
+    }
+
+    /// Appends the events to the open batch, except those of suppressed people; how
+    /// many were dropped.
+    fn store_events(
+        &self,
+        sql: &SqlStorage,
+        events: &[collector_core::StoredEvent],
+    ) -> Result<u64> {
+        let suppressed = self.suppressed.borrow();
+        let list = suppressed.as_ref().filter(|s| !s.is_empty());
+        let mut dropped = 0u64;
+        for ev in events {
+            if let Some(list) = list {
+                if is_suppressed(ev.user_id.as_deref(), ev.anonymous_id.as_deref(), |k| {
+                    list.contains(k)
+                }) {
+                    dropped += 1;
+                    continue;
+                }
+            }
+            let bytes = encode_event(ev).map_err(|e| worker::Error::RustError(e.to_string()))?;
+            let len = bytes.len() as i64;
+            sql.exec(
+                "INSERT INTO open_events (event, bytes) VALUES (?, ?)",
+                vec![bytes.into(), len.into()],
+            )?;
+        }
+        Ok(dropped)
     }
 
     fn load_suppressed(&self, sql: &SqlStorage) -> Result<()> {
@@ -267,7 +277,10 @@ impl QueueShard {
         }
         for key in &change.remove {
             let key = key.clone();
-            sql.exec("DELETE FROM suppressed WHERE key = ?", vec![key.clone().into()])?;
+            sql.exec(
+                "DELETE FROM suppressed WHERE key = ?",
+                vec![key.clone().into()],
+            )?;
             list.remove(&key);
         }
         http::json(200, &json!({"suppressed": list.len()}))

@@ -47,21 +47,45 @@ async fn the_dashboard_shows_the_consent_decisions_of_a_crafted_mix_of_visitors(
     let tc = format!("euconsent-v2={}", tc_string());
     // EEA, no choice: the region denies by default (analytics anonymises the page).
     for n in 1..=3 {
-        page_event(&st, "DE", &[], json!({"anonymousId": format!("eea-none-{n}"), "properties": {"path": "/"}})).await;
+        page_event(
+            &st,
+            "DE",
+            &[],
+            json!({"anonymousId": format!("eea-none-{n}"), "properties": {"path": "/"}}),
+        )
+        .await;
     }
     // EEA, an explicit choice. eea-yes-1 first granted analytics only, then also
     // marketing: their latest decision of the day counts.
     page_event(&st, "FR", &[], json!({"anonymousId": "eea-yes-1", "properties": {"path": "/a"}, "timestamp": "2026-01-01T00:00:00Z",
         "context": consent(json!({"analytics": true, "marketing": false}))})).await;
     for n in 1..=2 {
-        page_event(&st, "FR", &[], json!({"anonymousId": format!("eea-yes-{n}"), "properties": {"path": "/b"},
-            "context": consent(json!({"analytics": true, "marketing": true}))})).await;
+        page_event(
+            &st,
+            "FR",
+            &[],
+            json!({"anonymousId": format!("eea-yes-{n}"), "properties": {"path": "/b"},
+            "context": consent(json!({"analytics": true, "marketing": true}))}),
+        )
+        .await;
     }
     // US, no signal: granted by the region's default. US with GPC: marketing and
     // personalization denied by the signal; their order is not stored at all.
     for n in 1..=2 {
-        page_event(&st, "US", &[], json!({"anonymousId": format!("us-none-{n}"), "properties": {"path": "/"}})).await;
-        page_event(&st, "US", &[("Sec-GPC", "1")], json!({"anonymousId": format!("us-gpc-{n}"), "properties": {"path": "/"}})).await;
+        page_event(
+            &st,
+            "US",
+            &[],
+            json!({"anonymousId": format!("us-none-{n}"), "properties": {"path": "/"}}),
+        )
+        .await;
+        page_event(
+            &st,
+            "US",
+            &[("Sec-GPC", "1")],
+            json!({"anonymousId": format!("us-gpc-{n}"), "properties": {"path": "/"}}),
+        )
+        .await;
     }
     let r = st
         .send(
@@ -75,7 +99,13 @@ async fn the_dashboard_shows_the_consent_decisions_of_a_crafted_mix_of_visitors(
         .await;
     assert_eq!(r.status, 200);
     // EEA with a TCF string in the cookie.
-    page_event(&st, "DE", &[("Cookie", &tc)], json!({"anonymousId": "eea-tcf-1", "properties": {"path": "/"}})).await;
+    page_event(
+        &st,
+        "DE",
+        &[("Cookie", &tc)],
+        json!({"anonymousId": "eea-tcf-1", "properties": {"path": "/"}}),
+    )
+    .await;
 
     let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let config = st.dir.path().join("agent.toml");
@@ -88,13 +118,15 @@ async fn the_dashboard_shows_the_consent_decisions_of_a_crafted_mix_of_visitors(
         ),
     )
     .unwrap();
-    let mut agent = ChildGuard(std::process::Command::new(agent_binary())
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("DASHBOARD_E2E_TOKEN", TOKEN)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap());
+    let mut agent = ChildGuard(
+        std::process::Command::new(agent_binary())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("DASHBOARD_E2E_TOKEN", TOKEN)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    );
     let state_file = {
         let mut s = st.warehouse().into_os_string();
         s.push(".agent");
@@ -103,7 +135,10 @@ async fn the_dashboard_shows_the_consent_decisions_of_a_crafted_mix_of_visitors(
     let mut addr = String::new();
     for _ in 0..200 {
         if let Ok(text) = std::fs::read_to_string(&state_file) {
-            if let Some(a) = serde_json::from_str::<Value>(&text).ok().and_then(|v| v["addr"].as_str().map(String::from)) {
+            if let Some(a) = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v["addr"].as_str().map(String::from))
+            {
                 addr = a;
                 break;
             }
@@ -134,7 +169,12 @@ async fn the_dashboard_shows_the_consent_decisions_of_a_crafted_mix_of_visitors(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(data["decisions"], 10, "ten visitors decided: {data}");
-    let rate = |v: &Value| (v["granted"].as_u64().unwrap(), v["decided"].as_u64().unwrap());
+    let rate = |v: &Value| {
+        (
+            v["granted"].as_u64().unwrap(),
+            v["decided"].as_u64().unwrap(),
+        )
+    };
     let eea = &data["by_region"]["eea_uk_ch"];
     assert_eq!(rate(&eea["analytics"]), (2, 6));
     assert_eq!(rate(&eea["marketing"]), (3, 6));
@@ -151,10 +191,18 @@ async fn the_dashboard_shows_the_consent_decisions_of_a_crafted_mix_of_visitors(
     assert_eq!(rate(&marketing["tcf"]), (1, 1));
     assert_eq!(rate(&data["by_source"]["analytics"]["tcf"]), (0, 1));
     // The GPC visitor's order was withheld at the edge, and counted.
-    let withheld: u64 = data["withheld"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    let withheld: u64 = data["withheld"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
     assert_eq!(withheld, 1, "{}", data["withheld"]);
     // The policy in force was recorded with its text.
-    assert!(data["policies"][0]["text"].as_str().unwrap().contains("[categories.marketing]"));
+    assert!(data["policies"][0]["text"]
+        .as_str()
+        .unwrap()
+        .contains("[categories.marketing]"));
     // The same figures straight from the warehouse (through the agent, which holds it):
     // visitors in the EEA whose latest event of the day grants marketing.
     let out = std::process::Command::new(agent_binary())
@@ -163,33 +211,74 @@ async fn the_dashboard_shows_the_consent_decisions_of_a_crafted_mix_of_visitors(
         .arg("SELECT count(*) FROM (SELECT anonymous_id, context, row_number() OVER (PARTITION BY anonymous_id ORDER BY timestamp DESC) AS rn FROM pages) WHERE rn = 1 AND json_extract_string(context, '$.consent.resolved.region') = 'eea_uk_ch' AND json_contains(json_extract(context, '$.consent.resolved.granted'), '\"marketing\"')")
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == "3"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.trim() == "3"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     // In Chromium.
     let log = st.dir.path().join("browser.log");
     let mut b = Browser::launch(&log).expect("chromium");
     b.open(None).unwrap();
     b.goto(&format!("{base}/dashboard?token={TOKEN}")).unwrap();
-    b.wait_for("document.getElementById('rates-chart').dataset.drawn === 'true'", Duration::from_secs(20))
-        .unwrap_or_else(|e| panic!("{e}\n{}", b.log_tail()));
-    let text = |b: &mut Browser, js: &str| b.eval(js).unwrap().as_str().unwrap_or_default().to_string();
-    assert_eq!(text(&mut b, "document.querySelector('#sum-decisions strong').textContent"), "10");
-    assert_eq!(text(&mut b, "document.querySelector('#sum-withheld strong').textContent"), "1");
+    b.wait_for(
+        "document.getElementById('rates-chart').dataset.drawn === 'true'",
+        Duration::from_secs(20),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", b.log_tail()));
+    let text =
+        |b: &mut Browser, js: &str| b.eval(js).unwrap().as_str().unwrap_or_default().to_string();
+    assert_eq!(
+        text(
+            &mut b,
+            "document.querySelector('#sum-decisions strong').textContent"
+        ),
+        "10"
+    );
+    assert_eq!(
+        text(
+            &mut b,
+            "document.querySelector('#sum-withheld strong').textContent"
+        ),
+        "1"
+    );
     let cell = |b: &mut Browser, table: &str, key: &str, attr: &str, col: &str| {
         text(b, &format!("document.querySelector('#{table} tr[data-key=\"{key}\"] td[data-{attr}=\"{col}\"]').textContent"))
     };
-    assert_eq!(cell(&mut b, "regions-table", "eea_uk_ch", "cat", "marketing"), "50% (3 of 6)");
-    assert_eq!(cell(&mut b, "regions-table", "us", "cat", "analytics"), "100% (4 of 4)");
-    assert_eq!(cell(&mut b, "regions-table", "eea_uk_ch", "cat", "analytics"), "33.3% (2 of 6)");
-    assert_eq!(cell(&mut b, "sources-table", "marketing", "source", "gpc"), "0% (0 of 2)");
-    assert_eq!(cell(&mut b, "sources-table", "marketing", "source", "tcf"), "100% (1 of 1)");
+    assert_eq!(
+        cell(&mut b, "regions-table", "eea_uk_ch", "cat", "marketing"),
+        "50% (3 of 6)"
+    );
+    assert_eq!(
+        cell(&mut b, "regions-table", "us", "cat", "analytics"),
+        "100% (4 of 4)"
+    );
+    assert_eq!(
+        cell(&mut b, "regions-table", "eea_uk_ch", "cat", "analytics"),
+        "33.3% (2 of 6)"
+    );
+    assert_eq!(
+        cell(&mut b, "sources-table", "marketing", "source", "gpc"),
+        "0% (0 of 2)"
+    );
+    assert_eq!(
+        cell(&mut b, "sources-table", "marketing", "source", "tcf"),
+        "100% (1 of 1)"
+    );
     // The chart drew lines (not just an empty frame): enough dark pixels on its canvas.
     let inked = b
         .eval("(() => { const c = document.querySelector('#rates-chart canvas'); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i + 3] > 0 && d[i] + d[i + 1] + d[i + 2] < 600) n++; return n; })()")
         .unwrap()
         .as_u64()
         .unwrap();
-    assert!(inked > 300, "the chart has {inked} inked pixels\n{}", b.log_tail());
+    assert!(
+        inked > 300,
+        "the chart has {inked} inked pixels\n{}",
+        b.log_tail()
+    );
     // Labelled and navigable: a language, captions on every table, a label for every
     // field, the chart described, and the skip link first from the keyboard.
     assert_eq!(text(&mut b, "document.documentElement.lang"), "en");
@@ -197,7 +286,11 @@ async fn the_dashboard_shows_the_consent_decisions_of_a_crafted_mix_of_visitors(
     assert_eq!(uncaptioned, json!([]), "tables without a caption");
     let unlabelled = b.eval("[...document.querySelectorAll('input:not([type=hidden]), select')].filter(i => !(i.labels && i.labels.length > 0) && !i.getAttribute('aria-label')).map(i => i.outerHTML)").unwrap();
     assert_eq!(unlabelled, json!([]), "fields without a label");
-    assert!(!text(&mut b, "document.getElementById('rates-chart').getAttribute('aria-label')").is_empty());
+    assert!(!text(
+        &mut b,
+        "document.getElementById('rates-chart').getAttribute('aria-label')"
+    )
+    .is_empty());
     let first = b.press("Tab").unwrap();
     assert_eq!(first["text"], "Skip to the figures", "{first}");
     // Text contrast: body text on white is at least 4.5:1.
@@ -209,22 +302,49 @@ async fn the_dashboard_shows_the_consent_decisions_of_a_crafted_mix_of_visitors(
     assert!(contrast >= 4.5, "contrast {contrast}");
 
     // One person's history, looked up through the form (from the keyboard's Enter).
-    b.eval("document.getElementById('person-id').value = 'eea-yes-1'").unwrap();
-    b.eval("document.getElementById('person-id').focus()").unwrap();
+    b.eval("document.getElementById('person-id').value = 'eea-yes-1'")
+        .unwrap();
+    b.eval("document.getElementById('person-id').focus()")
+        .unwrap();
     b.press("Enter").unwrap();
-    b.wait_for("document.getElementById('person-table')", Duration::from_secs(20)).unwrap();
-    assert_eq!(b.eval("document.querySelectorAll('#person-table tbody tr').length").unwrap(), 2);
-    let last = text(&mut b, "document.querySelector('#person-table tbody tr:last-child').textContent");
-    assert!(last.contains("marketing") && last.contains("explicit choice"), "{last}");
+    b.wait_for(
+        "document.getElementById('person-table')",
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    assert_eq!(
+        b.eval("document.querySelectorAll('#person-table tbody tr').length")
+            .unwrap(),
+        2
+    );
+    let last = text(
+        &mut b,
+        "document.querySelector('#person-table tbody tr:last-child').textContent",
+    );
+    assert!(
+        last.contains("marketing") && last.contains("explicit choice"),
+        "{last}"
+    );
 
     // A screenshot of the whole page is far from an empty page's.
     let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
     b.goto(&format!("{base}/dashboard")).unwrap();
-    b.wait_for("document.getElementById('rates-chart').dataset.drawn === 'true'", Duration::from_secs(20)).unwrap();
-    let full = b.screenshot(&shots.join("dashboard.png"), true, 1200, 900).unwrap();
+    b.wait_for(
+        "document.getElementById('rates-chart').dataset.drawn === 'true'",
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    let full = b
+        .screenshot(&shots.join("dashboard.png"), true, 1200, 900)
+        .unwrap();
     b.goto("about:blank").unwrap();
-    let blank = b.screenshot(&shots.join("blank.png"), true, 1200, 900).unwrap();
-    assert!(full > 20 * blank && full > 60_000, "dashboard {full} bytes, blank page {blank} bytes");
+    let blank = b
+        .screenshot(&shots.join("blank.png"), true, 1200, 900)
+        .unwrap();
+    assert!(
+        full > 20 * blank && full > 60_000,
+        "dashboard {full} bytes, blank page {blank} bytes"
+    );
     drop(b);
 
     assert!(agent.terminate(), "the agent stops on SIGTERM");

@@ -40,16 +40,28 @@ fn dev_seal_key() -> String {
 /// Runs SQL on the warehouse the config names (no agent holds it).
 async fn query(cfg: &AgentConfig, sql: &str) -> Vec<Vec<Option<String>>> {
     let sink = collector_agent::sinks::open(&cfg.warehouse).await.unwrap();
-    sink.query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}")).rows
+    sink.query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .rows
 }
 
 async fn count(cfg: &AgentConfig, sql: &str) -> u64 {
-    query(cfg, sql).await[0][0].as_deref().unwrap().parse().unwrap()
+    query(cfg, sql).await[0][0]
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// The agent's config for this scenario: the shipped policy naming the two
 /// destinations, their stand-ins, the key that opens sealed emails, the edge's PII key.
-fn configure(st: &Stack, mut cfg: AgentConfig, hook: &Recorder, mailchimp: &Recorder) -> AgentConfig {
+fn configure(
+    st: &Stack,
+    mut cfg: AgentConfig,
+    hook: &Recorder,
+    mailchimp: &Recorder,
+) -> AgentConfig {
     std::env::set_var(KEY_ENV, dev_seal_key());
     std::env::set_var(TOKEN_ENV, "stand-in-secret-0123456789");
     std::env::set_var(PII_ENV, collector_e2e::edge::TEST_PII_KEY);
@@ -115,7 +127,13 @@ async fn erase_export_and_suppress(st: &Stack, cfg: AgentConfig) {
         "the three ids are one person"
     );
     let email_hash = query(&cfg, "SELECT id_value FROM identities WHERE id_type = 'email' AND person_id = (SELECT person_id FROM identities WHERE id_value = 'u-erin')").await[0][0].clone().unwrap();
-    let person = query(&cfg, "SELECT person_id FROM identities WHERE id_value = 'u-erin'").await[0][0].clone().unwrap();
+    let person = query(
+        &cfg,
+        "SELECT person_id FROM identities WHERE id_value = 'u-erin'",
+    )
+    .await[0][0]
+        .clone()
+        .unwrap();
     // The webhook got both orders (both consented to marketing), in one batch.
     let sent: Value = serde_json::from_str(&hook.calls()[0].body).unwrap();
     assert_eq!(sent["items"].as_array().map(Vec::len), Some(2), "{sent}");
@@ -127,14 +145,29 @@ async fn erase_export_and_suppress(st: &Stack, cfg: AgentConfig) {
     assert_eq!(req.status, "completed");
     let doc = doc.expect("a document");
     let mut ids = BTreeSet::new();
-    for table in ["tracks", "pages", "identifies", "screens", "groups", "aliases"] {
+    for table in [
+        "tracks",
+        "pages",
+        "identifies",
+        "screens",
+        "groups",
+        "aliases",
+    ] {
         for row in doc["tables"][table].as_array().into_iter().flatten() {
             ids.insert(row["message_id"].as_str().unwrap().to_string());
         }
     }
-    let erin: BTreeSet<String> = ["e-p1", "e-i1", "e-p2", "e-i2", "e-o1"].iter().map(|s| s.to_string()).collect();
+    let erin: BTreeSet<String> = ["e-p1", "e-i1", "e-p2", "e-i2", "e-o1"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     assert_eq!(ids, erin, "the export holds exactly Erin's events");
-    assert_eq!(doc["tables"]["order_completed"][0]["revenue"].as_str(), Some("42.5"), "{}", doc["tables"]["order_completed"]);
+    assert_eq!(
+        doc["tables"]["order_completed"][0]["revenue"].as_str(),
+        Some("42.5"),
+        "{}",
+        doc["tables"]["order_completed"]
+    );
     assert_eq!(doc["tables"]["profiles"].as_array().map(Vec::len), Some(1));
     assert!(!doc.to_string().contains("u-quinn"));
 
@@ -143,16 +176,22 @@ async fn erase_export_and_suppress(st: &Stack, cfg: AgentConfig) {
         {"type": "page", "messageId": "e-p3", "anonymousId": "dev-erin-b", "properties": {"path": "/cart"}, "timestamp": iso(now - MIN)},
         {"type": "track", "messageId": "e-t3", "userId": "u-erin", "event": "Product Viewed", "timestamp": iso(now - MIN)},
     ]);
-    let r = st.post("/v1/batch", &json!({"batch": queued, "sentAt": iso(now)})).await;
+    let r = st
+        .post("/v1/batch", &json!({"batch": queued, "sentAt": iso(now)}))
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
 
     // Erase, by user id, under the DPO's ticket number.
     let mut erase = request(Kind::Erase);
     erase.user_ids = vec!["u-erin".into()];
     erase.id = Some("ticket-4711".into());
-    let (req, _) = cli::submit(&cfg, erase.clone(), Some(std::time::Duration::from_secs(60)))
-        .await
-        .expect("erase");
+    let (req, _) = cli::submit(
+        &cfg,
+        erase.clone(),
+        Some(std::time::Duration::from_secs(60)),
+    )
+    .await
+    .expect("erase");
     assert_eq!(req.status, "completed", "{}", req.render());
     assert_eq!(req.id, "ticket-4711");
     assert!(req.requested_by.starts_with("cli:"), "{}", req.requested_by);
@@ -164,35 +203,79 @@ async fn erase_export_and_suppress(st: &Stack, cfg: AgentConfig) {
             .unwrap_or_else(|| panic!("no store {name}: {}", req.render()))
             .clone()
     };
-    for (name, before) in [("tracks", 1), ("pages", 2), ("identifies", 2), ("order_completed", 1), ("identities", 4), ("profiles", 1), ("users", 1), ("activation_log", 1)] {
+    for (name, before) in [
+        ("tracks", 1),
+        ("pages", 2),
+        ("identifies", 2),
+        ("order_completed", 1),
+        ("identities", 4),
+        ("profiles", 1),
+        ("users", 1),
+        ("activation_log", 1),
+    ] {
         let s = store(name);
-        assert_eq!((s.status.as_str(), s.before, s.after), ("done", Some(before), Some(0)), "{name}: {}", req.render());
+        assert_eq!(
+            (s.status.as_str(), s.before, s.after),
+            ("done", Some(before), Some(0)),
+            "{name}: {}",
+            req.render()
+        );
     }
     assert_eq!(store("edge").status, "done");
-    assert_eq!(store("destination:crm_hook").status, "done", "{}", req.render());
-    assert_eq!(store("destination:newsletter").status, "done", "{}", req.render());
+    assert_eq!(
+        store("destination:crm_hook").status,
+        "done",
+        "{}",
+        req.render()
+    );
+    assert_eq!(
+        store("destination:newsletter").status,
+        "done",
+        "{}",
+        req.render()
+    );
 
     // The destinations were asked to delete Erin: the webhook by a signed delete naming
     // all her ids, the email platform by the member hash of her address.
-    let deletes: Vec<_> = hook.calls().into_iter().filter(|c| c.body.contains("\"delete\"")).collect();
+    let deletes: Vec<_> = hook
+        .calls()
+        .into_iter()
+        .filter(|c| c.body.contains("\"delete\""))
+        .collect();
     assert_eq!(deletes.len(), 1, "{:?}", hook.calls());
     let body: Value = serde_json::from_str(&deletes[0].body).unwrap();
     assert_eq!(body["type"], "delete");
     assert_eq!(body["request_id"], "ticket-4711");
     assert_eq!(body["user_ids"], json!(["u-erin"]));
     assert_eq!(body["anonymous_ids"], json!(["dev-erin-a", "dev-erin-b"]));
-    let ts: i64 = deletes[0].header("x-collector-timestamp").unwrap().parse().unwrap();
-    let sig = collector_core::sign::sign(b"stand-in-secret-0123456789", "POST", "/hook", ts, deletes[0].body.as_bytes());
-    assert_eq!(deletes[0].header("x-collector-signature"), Some(sig.as_str()));
+    let ts: i64 = deletes[0]
+        .header("x-collector-timestamp")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let sig = collector_core::sign::sign(
+        b"stand-in-secret-0123456789",
+        "POST",
+        "/hook",
+        ts,
+        deletes[0].body.as_bytes(),
+    );
+    assert_eq!(
+        deletes[0].header("x-collector-signature"),
+        Some(sig.as_str())
+    );
     let member = collector_agent::destinations::mailchimp::subscriber_hash("erin@example.com");
     let calls = mailchimp.calls();
     assert!(
-        calls.iter().any(|c| c.method == "POST" && c.path == format!("/3.0/lists/L1/members/{member}/actions/delete-permanent")),
+        calls.iter().any(|c| c.method == "POST"
+            && c.path == format!("/3.0/lists/L1/members/{member}/actions/delete-permanent")),
         "{calls:?}"
     );
 
     // Submitting the same request again returns it, and does not run it again.
-    let (again, _) = cli::submit(&cfg, erase, Some(std::time::Duration::from_secs(5))).await.unwrap();
+    let (again, _) = cli::submit(&cfg, erase, Some(std::time::Duration::from_secs(5)))
+        .await
+        .unwrap();
     assert_eq!((again.id.as_str(), again.runs), ("ticket-4711", req.runs));
 
     // A new event from her laptop is dropped at the edge and counted.
@@ -206,10 +289,21 @@ async fn erase_export_and_suppress(st: &Stack, cfg: AgentConfig) {
     assert_eq!((after.suppressed, after.inserted), (2, 0), "{after:?}");
     let stats = st.edge_stats().await;
     for shard in stats["shards"].as_array().unwrap() {
-        assert_eq!((shard["open_events"].as_u64(), shard["sealed_batches"].as_u64()), (Some(0), Some(0)), "{stats}");
+        assert_eq!(
+            (
+                shard["open_events"].as_u64(),
+                shard["sealed_batches"].as_u64()
+            ),
+            (Some(0), Some(0)),
+            "{stats}"
+        );
     }
     // The edge keeps digests, not her ids.
-    let digests = collector_agent::edge::EdgeClient::new(&cfg).unwrap().suppressions().await.unwrap();
+    let digests = collector_agent::edge::EdgeClient::new(&cfg)
+        .unwrap()
+        .suppressions()
+        .await
+        .unwrap();
     assert_eq!(digests.len(), 3);
     assert!(digests.iter().all(|d| !d.contains("erin")));
 
@@ -217,15 +311,40 @@ async fn erase_export_and_suppress(st: &Stack, cfg: AgentConfig) {
     // the request's subject, as they must).
     let tables = query(&cfg, "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() AND table_type = 'BASE TABLE' AND table_name NOT LIKE 'privacy_request%' ORDER BY 1").await;
     assert!(tables.len() > 20, "{tables:?}");
-    let needles = ["u-erin", "dev-erin-a", "dev-erin-b", email_hash.as_str(), person.as_str(), "e-p1", "e-o1"];
+    let needles = [
+        "u-erin",
+        "dev-erin-a",
+        "dev-erin-b",
+        email_hash.as_str(),
+        person.as_str(),
+        "e-p1",
+        "e-o1",
+    ];
     for t in &tables {
         let t = t[0].clone().unwrap();
-        let cond: Vec<String> = needles.iter().map(|n| format!("strpos(CAST(x AS TEXT), '{n}') > 0")).collect();
-        let n = count(&cfg, &format!("SELECT count(*) FROM \"{t}\" AS x WHERE {}", cond.join(" OR "))).await;
+        let cond: Vec<String> = needles
+            .iter()
+            .map(|n| format!("strpos(CAST(x AS TEXT), '{n}') > 0"))
+            .collect();
+        let n = count(
+            &cfg,
+            &format!(
+                "SELECT count(*) FROM \"{t}\" AS x WHERE {}",
+                cond.join(" OR ")
+            ),
+        )
+        .await;
         assert_eq!(n, 0, "{t} still holds rows of hers");
     }
     // Quinn is untouched; the activation log keeps a tombstone of Erin's send.
-    assert_eq!(count(&cfg, "SELECT count(*) FROM tracks WHERE user_id = 'u-quinn'").await, 1);
+    assert_eq!(
+        count(
+            &cfg,
+            "SELECT count(*) FROM tracks WHERE user_id = 'u-quinn'"
+        )
+        .await,
+        1
+    );
     assert_eq!(count(&cfg, "SELECT count(*) FROM profiles").await, 1);
     assert_eq!(count(&cfg, "SELECT count(*) FROM activation_log WHERE key = 'erased' AND person_id IS NULL AND action = 'sent'").await, 1);
 
@@ -233,29 +352,65 @@ async fn erase_export_and_suppress(st: &Stack, cfg: AgentConfig) {
     let trail = cli::status(&cfg, "ticket-4711").await.unwrap();
     assert_eq!(trail.status, "completed");
     assert!(trail.runs >= 2, "a later run confirmed nothing came back");
-    assert!(trail.resolved.is_empty(), "the ids it resolved are not kept once done");
+    assert!(
+        trail.resolved.is_empty(),
+        "the ids it resolved are not kept once done"
+    );
     let text = trail.render();
-    for part in ["received", "completed", "destination:newsletter", "order_completed"] {
+    for part in [
+        "received",
+        "completed",
+        "destination:newsletter",
+        "order_completed",
+    ] {
         assert!(text.contains(part), "{text}");
     }
 
     // Suppress Quinn: the edge drops his new events; lift it: they are stored again.
     let mut suppress = request(Kind::Suppress);
     suppress.user_ids = vec!["u-quinn".into()];
-    let (r, _) = cli::submit(&cfg, suppress, Some(std::time::Duration::from_secs(60))).await.unwrap();
+    let (r, _) = cli::submit(&cfg, suppress, Some(std::time::Duration::from_secs(60)))
+        .await
+        .unwrap();
     assert_eq!(r.status, "completed", "{}", r.render());
-    let r = st.post("/v1/track", &json!({"userId": "u-quinn", "event": "Viewed", "messageId": "q-t2"})).await;
+    let r = st
+        .post(
+            "/v1/track",
+            &json!({"userId": "u-quinn", "event": "Viewed", "messageId": "q-t2"}),
+        )
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(st.edge_stats().await["drops"]["suppressed"], 2);
     let mut lift = request(Kind::Unsuppress);
     lift.user_ids = vec!["u-quinn".into()];
-    let (r, _) = cli::submit(&cfg, lift, Some(std::time::Duration::from_secs(60))).await.unwrap();
+    let (r, _) = cli::submit(&cfg, lift, Some(std::time::Duration::from_secs(60)))
+        .await
+        .unwrap();
     assert_eq!(r.status, "completed", "{}", r.render());
-    let r = st.post("/v1/track", &json!({"userId": "u-quinn", "event": "Viewed", "messageId": "q-t3"})).await;
+    let r = st
+        .post(
+            "/v1/track",
+            &json!({"userId": "u-quinn", "event": "Viewed", "messageId": "q-t3"}),
+        )
+        .await;
     assert_eq!(r.status, 200);
     drain_once(&cfg).await.expect("drain");
-    assert_eq!(count(&cfg, "SELECT count(*) FROM tracks WHERE message_id IN ('q-t2', 'q-t3')").await, 1);
-    assert_eq!(count(&cfg, "SELECT count(*) FROM tracks WHERE message_id = 'q-t3'").await, 1);
+    assert_eq!(
+        count(
+            &cfg,
+            "SELECT count(*) FROM tracks WHERE message_id IN ('q-t2', 'q-t3')"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &cfg,
+            "SELECT count(*) FROM tracks WHERE message_id = 'q-t3'"
+        )
+        .await,
+        1
+    );
     let list = cli::list(&cfg).await.unwrap();
     assert_eq!(list.len(), 4, "export, erase, suppress, unsuppress");
 }
@@ -289,7 +444,10 @@ async fn signed_call(
     let ts = now_s();
     let sig = collector_core::sign::sign(secret.as_bytes(), method, path, ts, body.as_bytes());
     let resp = http
-        .request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), format!("http://{addr}{path}"))
+        .request(
+            reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+            format!("http://{addr}{path}"),
+        )
         .header("X-Collector-Key", name)
         .header(collector_core::sign::TIMESTAMP_HEADER, ts.to_string())
         .header(collector_core::sign::SIGNATURE_HEADER, sig)
@@ -314,7 +472,10 @@ async fn the_running_agent_takes_signed_requests_from_named_keys() {
         {"type": "page", "messageId": "r-p1", "anonymousId": "dev-rae", "properties": {"path": "/"}, "timestamp": iso(now - MIN)},
         {"type": "page", "messageId": "s-p1", "anonymousId": "dev-sam", "properties": {"path": "/"}, "timestamp": iso(now - MIN)},
     ]);
-    assert_eq!(st.post("/v1/batch", &json!({"batch": batch})).await.status, 200);
+    assert_eq!(
+        st.post("/v1/batch", &json!({"batch": batch})).await.status,
+        200
+    );
     let config = st.dir.path().join("agent.toml");
     std::fs::write(
         &config,
@@ -326,13 +487,15 @@ async fn the_running_agent_takes_signed_requests_from_named_keys() {
     )
     .unwrap();
     let secret = "dpo-portal-secret-0123456789";
-    let mut agent = ChildGuard(std::process::Command::new(agent_binary())
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("PRIVACY_E2E_ADMIN_KEY", secret)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap());
+    let mut agent = ChildGuard(
+        std::process::Command::new(agent_binary())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("PRIVACY_E2E_ADMIN_KEY", secret)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    );
     let state_file = {
         let mut s = st.warehouse().into_os_string();
         s.push(".agent");
@@ -358,7 +521,11 @@ async fn the_running_agent_takes_signed_requests_from_named_keys() {
             .arg(&config)
             .output()
             .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
     };
     // Wait until Rae's events are loaded (through the agent: it holds the file).
     for _ in 0..100 {
@@ -371,26 +538,91 @@ async fn the_running_agent_takes_signed_requests_from_named_keys() {
 
     let body = json!({"kind": "erase", "user_ids": ["u-rae"], "id": "dsar-7"}).to_string();
     // A wrong secret, an unknown key, no signature: 401, named.
-    let (status, err) = signed_call(&http, &addr, "POST", "/privacy/requests", &body, "dpo-portal", "not-the-secret-0123456789").await;
+    let (status, err) = signed_call(
+        &http,
+        &addr,
+        "POST",
+        "/privacy/requests",
+        &body,
+        "dpo-portal",
+        "not-the-secret-0123456789",
+    )
+    .await;
     assert_eq!(status, 401, "{err}");
-    assert!(err["error"].as_str().unwrap().contains("dpo-portal"), "{err}");
-    let (status, err) = signed_call(&http, &addr, "POST", "/privacy/requests", &body, "someone", secret).await;
+    assert!(
+        err["error"].as_str().unwrap().contains("dpo-portal"),
+        "{err}"
+    );
+    let (status, err) = signed_call(
+        &http,
+        &addr,
+        "POST",
+        "/privacy/requests",
+        &body,
+        "someone",
+        secret,
+    )
+    .await;
     assert_eq!(status, 401, "{err}");
-    let r = http.post(format!("http://{addr}/privacy/requests")).body(body.clone()).send().await.unwrap();
+    let r = http
+        .post(format!("http://{addr}/privacy/requests"))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 401);
     // A request that names no one, or no kind: 400, saying what is missing.
-    let (status, err) = signed_call(&http, &addr, "POST", "/privacy/requests", r#"{"kind":"erase"}"#, "dpo-portal", secret).await;
+    let (status, err) = signed_call(
+        &http,
+        &addr,
+        "POST",
+        "/privacy/requests",
+        r#"{"kind":"erase"}"#,
+        "dpo-portal",
+        secret,
+    )
+    .await;
     assert_eq!(status, 400, "{err}");
-    assert!(err["error"].as_str().unwrap().contains("name the person"), "{err}");
-    let (status, err) = signed_call(&http, &addr, "POST", "/privacy/requests", r#"{"kind":"forget"}"#, "dpo-portal", secret).await;
+    assert!(
+        err["error"].as_str().unwrap().contains("name the person"),
+        "{err}"
+    );
+    let (status, err) = signed_call(
+        &http,
+        &addr,
+        "POST",
+        "/privacy/requests",
+        r#"{"kind":"forget"}"#,
+        "dpo-portal",
+        secret,
+    )
+    .await;
     assert_eq!(status, 400, "{err}");
 
-    let (status, accepted) = signed_call(&http, &addr, "POST", "/privacy/requests", &body, "dpo-portal", secret).await;
+    let (status, accepted) = signed_call(
+        &http,
+        &addr,
+        "POST",
+        "/privacy/requests",
+        &body,
+        "dpo-portal",
+        secret,
+    )
+    .await;
     assert_eq!(status, 202, "{accepted}");
     assert_eq!(accepted["request"]["requested_by"], "dpo-portal");
     let mut done = Value::Null;
     for _ in 0..150 {
-        let (status, r) = signed_call(&http, &addr, "GET", "/privacy/requests/dsar-7", "", "dpo-portal", secret).await;
+        let (status, r) = signed_call(
+            &http,
+            &addr,
+            "GET",
+            "/privacy/requests/dsar-7",
+            "",
+            "dpo-portal",
+            secret,
+        )
+        .await;
         assert_eq!(status, 200, "{r}");
         if r["request"]["status"] == "completed" {
             done = r;
@@ -398,15 +630,36 @@ async fn the_running_agent_takes_signed_requests_from_named_keys() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    assert_eq!(done["request"]["status"], "completed", "the loop carried it out");
+    assert_eq!(
+        done["request"]["status"], "completed",
+        "the loop carried it out"
+    );
     let (ok, out) = cli(&["privacy", "request", "status", "dsar-7"]);
     assert!(ok, "{out}");
-    assert!(out.contains("completed") && out.contains("dpo-portal") && out.contains("pages"), "{out}");
-    let (ok, out) = cli(&["sql", "SELECT count(*) FROM pages WHERE anonymous_id = 'dev-rae'"]);
+    assert!(
+        out.contains("completed") && out.contains("dpo-portal") && out.contains("pages"),
+        "{out}"
+    );
+    let (ok, out) = cli(&[
+        "sql",
+        "SELECT count(*) FROM pages WHERE anonymous_id = 'dev-rae'",
+    ]);
     assert!(ok && out.contains('0'), "{out}");
-    let (ok, out) = cli(&["sql", "SELECT count(*) FROM pages WHERE anonymous_id = 'dev-sam'"]);
+    let (ok, out) = cli(&[
+        "sql",
+        "SELECT count(*) FROM pages WHERE anonymous_id = 'dev-sam'",
+    ]);
     assert!(ok && out.contains('1'), "{out}");
-    let (status, missing) = signed_call(&http, &addr, "GET", "/privacy/requests/nope", "", "dpo-portal", secret).await;
+    let (status, missing) = signed_call(
+        &http,
+        &addr,
+        "GET",
+        "/privacy/requests/nope",
+        "",
+        "dpo-portal",
+        secret,
+    )
+    .await;
     assert_eq!(status, 404, "{missing}");
 
     assert!(agent.terminate(), "the agent stops on SIGTERM");

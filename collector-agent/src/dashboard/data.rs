@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::audiences::eval::at;
-use crate::sinks::{sql_lit, sql_list, Dialect, SinkError, SqlSession};
+use crate::sinks::{sql_list, sql_lit, Dialect, SinkError, SqlSession};
 
 /// Granted and decided (granted + denied) counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -34,7 +34,8 @@ impl Rate {
 
     /// Percent granted, one decimal.
     pub fn percent(&self) -> Option<f64> {
-        (self.decided > 0).then(|| (self.granted as f64 * 1000.0 / self.decided as f64).round() / 10.0)
+        (self.decided > 0)
+            .then(|| (self.granted as f64 * 1000.0 / self.decided as f64).round() / 10.0)
     }
 }
 
@@ -97,11 +98,16 @@ fn json_raw(d: Dialect, col: &str, path: &[&str]) -> String {
     match d {
         Dialect::Postgres => format!(
             "CAST({col}{} AS VARCHAR)",
-            path.iter().map(|k| format!("->{}", sql_lit(k))).collect::<String>()
+            path.iter()
+                .map(|k| format!("->{}", sql_lit(k)))
+                .collect::<String>()
         ),
         _ => format!(
             "CAST(json_extract({col}, '$.{}') AS VARCHAR)",
-            path.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(".")
+            path.iter()
+                .map(|k| format!("\"{k}\""))
+                .collect::<Vec<_>>()
+                .join(".")
         ),
     }
 }
@@ -194,7 +200,10 @@ pub async fn compute(
                 .entry(cat.clone())
                 .or_default()
                 .add(is_granted, count);
-            let source = sources.get(cat).cloned().unwrap_or_else(|| "unknown".into());
+            let source = sources
+                .get(cat)
+                .cloned()
+                .unwrap_or_else(|| "unknown".into());
             data.by_source
                 .entry(cat.clone())
                 .or_default()
@@ -317,8 +326,18 @@ pub async fn history(
             person.person_ids.insert(id.to_string());
         }
     }
-    let users: Vec<String> = person.ids.iter().filter(|(t, _)| t == "user_id").map(|(_, v)| v.clone()).collect();
-    let anons: Vec<String> = person.ids.iter().filter(|(t, _)| t == "anonymous_id").map(|(_, v)| v.clone()).collect();
+    let users: Vec<String> = person
+        .ids
+        .iter()
+        .filter(|(t, _)| t == "user_id")
+        .map(|(_, v)| v.clone())
+        .collect();
+    let anons: Vec<String> = person
+        .ids
+        .iter()
+        .filter(|(t, _)| t == "anonymous_id")
+        .map(|(_, v)| v.clone())
+        .collect();
     let filter = format!(
         "(user_id IN ({}) OR anonymous_id IN ({}))",
         sql_list(users.iter()),

@@ -124,10 +124,19 @@ fn rate_table(
     }
     out.push_str("</tr></thead><tbody>");
     if rows.is_empty() {
-        let _ = write!(out, "<tr><td colspan=\"{}\">no decisions in this window</td></tr>", cols.len() + 1);
+        let _ = write!(
+            out,
+            "<tr><td colspan=\"{}\">no decisions in this window</td></tr>",
+            cols.len() + 1
+        );
     }
     for (k, per) in rows {
-        let _ = write!(out, "<tr data-key=\"{}\"><th scope=\"row\">{}</th>", esc(k), esc(k));
+        let _ = write!(
+            out,
+            "<tr data-key=\"{}\"><th scope=\"row\">{}</th>",
+            esc(k),
+            esc(k)
+        );
         for c in cols {
             let _ = write!(out, "<td data-cat=\"{}\">{}</td>", esc(c), pct(per.get(c)));
         }
@@ -162,8 +171,18 @@ pub fn render(
 <nav aria-label=\"Sections\"><ul><li><a href=\"#rates\">Consent rates</a></li><li><a href=\"#regions\">By region</a></li><li><a href=\"#sources\">By source</a></li><li><a href=\"#withheld\">Withheld and hashed</a></li><li><a href=\"#policies\">Policy versions</a></li><li><a href=\"#activations\">Activations</a></li><li><a href=\"#requests\">Privacy requests</a></li><li><a href=\"#person\">One person</a></li></ul></nav></header>
 <main id=\"main\">");
     let withheld: u64 = d.withheld.values().sum();
-    let sent: u64 = d.activations.iter().filter(|a| a.1 == "sent").map(|a| a.3).sum();
-    let held: u64 = d.activations.iter().filter(|a| a.1 != "sent").map(|a| a.3).sum();
+    let sent: u64 = d
+        .activations
+        .iter()
+        .filter(|a| a.1 == "sent")
+        .map(|a| a.3)
+        .sum();
+    let held: u64 = d
+        .activations
+        .iter()
+        .filter(|a| a.1 != "sent")
+        .map(|a| a.3)
+        .sum();
     let _ = write!(
         out,
         "<div class=\"summary\" role=\"group\" aria-label=\"Summary\"><div id=\"sum-decisions\"><strong>{}</strong> visitor decisions</div><div id=\"sum-withheld\"><strong>{withheld}</strong> events withheld at the edge</div><div id=\"sum-sent\"><strong>{sent}</strong> activations sent</div><div id=\"sum-held\"><strong>{held}</strong> activations withheld or failed</div><div id=\"sum-requests\"><strong>{}</strong> privacy requests</div></div>",
@@ -186,16 +205,36 @@ pub fn render(
         "<script type=\"application/json\" id=\"rates-data\">{}</script>",
         series.to_string().replace('<', "\\u003c")
     );
-    rate_table(&mut out, "Percent granted per day", "day", &d.by_day, &d.categories, "rates-table");
+    rate_table(
+        &mut out,
+        "Percent granted per day",
+        "day",
+        &d.by_day,
+        &d.categories,
+        "rates-table",
+    );
     out.push_str("</section>");
 
-    out.push_str("<section id=\"regions\" aria-labelledby=\"regions-h\"><h2 id=\"regions-h\">By region</h2>");
-    rate_table(&mut out, "Percent granted per region (the region the policy applied)", "region", &d.by_region, &d.categories, "regions-table");
+    out.push_str(
+        "<section id=\"regions\" aria-labelledby=\"regions-h\"><h2 id=\"regions-h\">By region</h2>",
+    );
+    rate_table(
+        &mut out,
+        "Percent granted per region (the region the policy applied)",
+        "region",
+        &d.by_region,
+        &d.categories,
+        "regions-table",
+    );
     out.push_str("</section>");
 
     out.push_str("<section id=\"sources\" aria-labelledby=\"sources-h\"><h2 id=\"sources-h\">By source of the decision</h2><p>What decided each category: the visitor's explicit choice, a Global Privacy Control signal, an IAB TCF string, or the region's default.</p>");
     let sources: Vec<String> = {
-        let mut all: Vec<String> = d.by_source.values().flat_map(|m| m.keys().cloned()).collect();
+        let mut all: Vec<String> = d
+            .by_source
+            .values()
+            .flat_map(|m| m.keys().cloned())
+            .collect();
         all.sort();
         all.dedup();
         all
@@ -206,23 +245,50 @@ pub fn render(
     }
     out.push_str("</tr></thead><tbody>");
     for (cat, per) in &d.by_source {
-        let _ = write!(out, "<tr data-key=\"{}\"><th scope=\"row\">{}</th>", esc(cat), esc(cat));
+        let _ = write!(
+            out,
+            "<tr data-key=\"{}\"><th scope=\"row\">{}</th>",
+            esc(cat),
+            esc(cat)
+        );
         for s in &sources {
-            let _ = write!(out, "<td data-source=\"{}\">{}</td>", esc(s), pct(per.get(s)));
+            let _ = write!(
+                out,
+                "<td data-source=\"{}\">{}</td>",
+                esc(s),
+                pct(per.get(s))
+            );
         }
         out.push_str("</tr>");
     }
     if d.by_source.is_empty() {
-        let _ = write!(out, "<tr><td colspan=\"{}\">no decisions in this window</td></tr>", sources.len() + 1);
+        let _ = write!(
+            out,
+            "<tr><td colspan=\"{}\">no decisions in this window</td></tr>",
+            sources.len() + 1
+        );
     }
     out.push_str("</tbody></table></section>");
 
     out.push_str("<section id=\"withheld\" aria-labelledby=\"withheld-h\"><h2 id=\"withheld-h\">Withheld at the edge, and PII handled</h2>");
     if let Some(e) = &d.edge_error {
-        let _ = write!(out, "<p class=\"warn\" role=\"status\">The edge's counters could not be read: {}</p>", esc(e));
+        let _ = write!(
+            out,
+            "<p class=\"warn\" role=\"status\">The edge's counters could not be read: {}</p>",
+            esc(e)
+        );
     }
-    let rows: Vec<(Vec<String>, u64)> = d.withheld.iter().map(|(k, v)| (vec![k.clone()], *v)).collect();
-    count_bars(&mut out, "Events the edge did not store, by reason (since the edge's queue began)", &["reason"], &rows);
+    let rows: Vec<(Vec<String>, u64)> = d
+        .withheld
+        .iter()
+        .map(|(k, v)| (vec![k.clone()], *v))
+        .collect();
+    count_bars(
+        &mut out,
+        "Events the edge did not store, by reason (since the edge's queue began)",
+        &["reason"],
+        &rows,
+    );
     let rows: Vec<(Vec<String>, u64)> = d
         .pii
         .iter()
@@ -231,9 +297,20 @@ pub fn render(
             (vec![kind.to_string(), action.to_string()], *v)
         })
         .collect();
-    count_bars(&mut out, "PII fields hashed, sealed or redacted at the edge, by kind (stored events in the window)", &["kind", "action"], &rows);
-    let rows: Vec<(Vec<String>, u64)> = d.notes.iter().map(|(k, v)| (vec![k.clone()], *v)).collect();
-    count_bars(&mut out, "Events stored with a note (the edge's counters)", &["note"], &rows);
+    count_bars(
+        &mut out,
+        "PII fields hashed, sealed or redacted at the edge, by kind (stored events in the window)",
+        &["kind", "action"],
+        &rows,
+    );
+    let rows: Vec<(Vec<String>, u64)> =
+        d.notes.iter().map(|(k, v)| (vec![k.clone()], *v)).collect();
+    count_bars(
+        &mut out,
+        "Events stored with a note (the edge's counters)",
+        &["note"],
+        &rows,
+    );
     out.push_str("</section>");
 
     out.push_str("<section id=\"policies\" aria-labelledby=\"policies-h\"><h2 id=\"policies-h\">Policy versions in force</h2><table id=\"policies-table\"><caption>Each version of privacy.toml the stored events were collected under</caption><thead><tr><th scope=\"col\">version</th><th scope=\"col\">first seen</th><th scope=\"col\">last seen</th><th scope=\"col\">events</th></tr></thead><tbody>");
@@ -255,10 +332,25 @@ pub fn render(
     for w in known.windows(2) {
         let (a, b) = (w[0], w[1]);
         let _ = write!(out, "<details><summary>What changed from <code>{}</code> to <code>{}</code></summary><pre class=\"diff\">", esc(&a.version), esc(&b.version));
-        for (tag, line) in diff(a.text.as_deref().unwrap_or(""), b.text.as_deref().unwrap_or("")) {
+        for (tag, line) in diff(
+            a.text.as_deref().unwrap_or(""),
+            b.text.as_deref().unwrap_or(""),
+        ) {
             match tag {
-                '-' => { let _ = write!(out, "<span class=\"del\"><span class=\"visually\">removed: </span>- {}</span>", esc(&line)); }
-                '+' => { let _ = write!(out, "<span class=\"add\"><span class=\"visually\">added: </span>+ {}</span>", esc(&line)); }
+                '-' => {
+                    let _ = write!(
+                        out,
+                        "<span class=\"del\"><span class=\"visually\">removed: </span>- {}</span>",
+                        esc(&line)
+                    );
+                }
+                '+' => {
+                    let _ = write!(
+                        out,
+                        "<span class=\"add\"><span class=\"visually\">added: </span>+ {}</span>",
+                        esc(&line)
+                    );
+                }
                 _ => {}
             }
         }
@@ -275,7 +367,12 @@ pub fn render(
         .iter()
         .map(|(dest, action, reason, n)| (vec![dest.clone(), action.clone(), reason.clone()], *n))
         .collect();
-    count_bars(&mut out, "Per destination, action and consent reason (in the window)", &["destination", "action", "reason"], &rows);
+    count_bars(
+        &mut out,
+        "Per destination, action and consent reason (in the window)",
+        &["destination", "action", "reason"],
+        &rows,
+    );
     out.push_str("</section>");
 
     out.push_str("<section id=\"requests\" aria-labelledby=\"requests-h\"><h2 id=\"requests-h\">Privacy requests</h2><table id=\"requests-table\"><caption>Every request, newest first (<code>collector-agent privacy request status ID</code> shows each store)</caption><thead><tr><th scope=\"col\">id</th><th scope=\"col\">kind</th><th scope=\"col\">status</th><th scope=\"col\">received</th><th scope=\"col\">completed</th><th scope=\"col\">requested by</th></tr></thead><tbody>");
@@ -317,7 +414,12 @@ pub fn render(
         for r in rows {
             let list = |v: &serde_json::Value| {
                 v.as_array()
-                    .map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", "))
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
                     .unwrap_or_default()
             };
             let sources = r
@@ -358,13 +460,25 @@ mod tests {
 
     #[test]
     fn text_is_escaped() {
-        assert_eq!(esc("<a href='x'>&\"</a>"), "&lt;a href=&#39;x&#39;&gt;&amp;&quot;&lt;/a&gt;");
+        assert_eq!(
+            esc("<a href='x'>&\"</a>"),
+            "&lt;a href=&#39;x&#39;&gt;&amp;&quot;&lt;/a&gt;"
+        );
     }
 
     #[test]
     fn an_empty_warehouse_renders_every_section() {
         let page = render(&Data::default(), None, None);
-        for id in ["rates", "regions", "sources", "withheld", "policies", "activations", "requests", "person"] {
+        for id in [
+            "rates",
+            "regions",
+            "sources",
+            "withheld",
+            "policies",
+            "activations",
+            "requests",
+            "person",
+        ] {
             assert!(page.contains(&format!("<section id=\"{id}\"")), "{id}");
         }
         assert!(page.contains("no decisions in this window"));

@@ -42,9 +42,18 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/dashboard", get(page))
         .route("/dashboard/data.json", get(data_json))
         .route("/dashboard/person.json", get(person_json))
-        .route("/dashboard/uplot.js", get(|s, h, q| asset(s, h, q, UPLOT_JS, "text/javascript")))
-        .route("/dashboard/uplot.css", get(|s, h, q| asset(s, h, q, UPLOT_CSS, "text/css")))
-        .route("/dashboard/app.js", get(|s, h, q| asset(s, h, q, APP_JS, "text/javascript")))
+        .route(
+            "/dashboard/uplot.js",
+            get(|s, h, q| asset(s, h, q, UPLOT_JS, "text/javascript")),
+        )
+        .route(
+            "/dashboard/uplot.css",
+            get(|s, h, q| asset(s, h, q, UPLOT_CSS, "text/css")),
+        )
+        .route(
+            "/dashboard/app.js",
+            get(|s, h, q| asset(s, h, q, APP_JS, "text/javascript")),
+        )
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -63,9 +72,18 @@ impl Params {
 
 const COOKIE: &str = "collector_dashboard";
 
+/// A refusal or failure: its status and a JSON body naming the problem.
+pub(crate) struct Fail(StatusCode, String);
+
+impl IntoResponse for Fail {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": self.1}))).into_response()
+    }
+}
+
 /// `Ok(set_cookie)`: whether the token came in the query (so the answer sets it as a
 /// cookie).
-fn authorize(state: &AppState, headers: &HeaderMap, q: &Params) -> Result<bool, Response> {
+fn authorize(state: &AppState, headers: &HeaderMap, q: &Params) -> Result<bool, Fail> {
     let Some(expected) = &state.ops.dashboard_token else {
         return Ok(false);
     };
@@ -97,22 +115,35 @@ fn authorize(state: &AppState, headers: &HeaderMap, q: &Params) -> Result<bool, 
     if bearer.is_some_and(eq) || cookie.as_deref().is_some_and(eq) {
         return Ok(false);
     }
-    Err((
+    Err(Fail(
         StatusCode::UNAUTHORIZED,
-        Json(json!({"error": "the dashboard needs its token (dashboard_token_env): open /dashboard?token=…"})),
-    )
-        .into_response())
+        "the dashboard needs its token (dashboard_token_env): open /dashboard?token=…".into(),
+    ))
 }
 
 fn with_headers(mut resp: Response, content_type: &str, set_cookie: Option<&str>) -> Response {
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_str(content_type).expect("a valid header"));
-    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(content_type).expect("a valid header"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Some(token) = set_cookie {
-        if let Ok(v) = HeaderValue::from_str(&format!("{COOKIE}={token}; Path=/dashboard; HttpOnly; SameSite=Strict")) {
+        if let Ok(v) = HeaderValue::from_str(&format!(
+            "{COOKIE}={token}; Path=/dashboard; HttpOnly; SameSite=Strict"
+        )) {
             h.insert(header::SET_COOKIE, v);
         }
     }
@@ -127,29 +158,27 @@ async fn asset(
     content_type: &'static str,
 ) -> Response {
     if let Err(r) = authorize(&state, &headers, &q) {
-        return r;
+        return r.into_response();
     }
     with_headers(body.into_response(), content_type, None)
 }
 
-fn unavailable(e: impl std::fmt::Display) -> Response {
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({"error": e.to_string()})),
-    )
-        .into_response()
+fn unavailable(e: impl std::fmt::Display) -> Fail {
+    Fail(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
 }
 
 /// The figures: the warehouse's, and the edge's counters.
-async fn figures(state: &AppState, days: u32) -> Result<data::Data, Response> {
+async fn figures(state: &AppState, days: u32) -> Result<data::Data, Fail> {
     let mut session = match state.sink.session().await {
         Ok(Some(s)) if s.dialect().relational().is_some() => s,
         Ok(_) => {
-            return Err((
+            return Err(Fail(
                 StatusCode::NOT_IMPLEMENTED,
-                Json(json!({"error": format!("the dashboard reads a DuckDB or PostgreSQL warehouse; this one is {}", state.sink.kind())})),
-            )
-                .into_response())
+                format!(
+                    "the dashboard reads a DuckDB or PostgreSQL warehouse; this one is {}",
+                    state.sink.kind()
+                ),
+            ))
         }
         Err(e) => return Err(unavailable(e)),
     };
@@ -170,55 +199,75 @@ async fn figures(state: &AppState, days: u32) -> Result<data::Data, Response> {
     Ok(d)
 }
 
-async fn page(State(state): State<AppState>, headers: HeaderMap, Query(q): Query<Params>) -> Response {
+async fn page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<Params>,
+) -> Response {
     let set_cookie = match authorize(&state, &headers, &q) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let d = match figures(&state, q.days()).await {
         Ok(d) => d,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let person = match q.person.as_deref().map(str::trim).filter(|p| !p.is_empty()) {
         None => None,
         Some(id) => {
             let mut session = match state.sink.session().await {
                 Ok(Some(s)) => s,
-                Ok(None) => return unavailable("no SQL warehouse"),
-                Err(e) => return unavailable(e),
+                Ok(None) => return unavailable("no SQL warehouse").into_response(),
+                Err(e) => return unavailable(e).into_response(),
             };
             match data::history(&mut *session, id, state.ops.hasher.as_ref()).await {
                 Ok(h) => Some((id.to_string(), h)),
-                Err(e) => return unavailable(e),
+                Err(e) => return unavailable(e).into_response(),
             }
         }
     };
     let body = html::render(&d, state.ops.policy_version.as_deref(), person.as_ref());
     let token = set_cookie.then(|| q.token.clone()).flatten();
-    with_headers(body.into_response(), "text/html; charset=utf-8", token.as_deref())
+    with_headers(
+        body.into_response(),
+        "text/html; charset=utf-8",
+        token.as_deref(),
+    )
 }
 
-async fn data_json(State(state): State<AppState>, headers: HeaderMap, Query(q): Query<Params>) -> Response {
+async fn data_json(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<Params>,
+) -> Response {
     if let Err(r) = authorize(&state, &headers, &q) {
-        return r;
+        return r.into_response();
     }
     match figures(&state, q.days()).await {
         Ok(d) => with_headers(Json(d).into_response(), "application/json", None),
-        Err(r) => r,
+        Err(r) => r.into_response(),
     }
 }
 
-async fn person_json(State(state): State<AppState>, headers: HeaderMap, Query(q): Query<Params>) -> Response {
+async fn person_json(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<Params>,
+) -> Response {
     if let Err(r) = authorize(&state, &headers, &q) {
-        return r;
+        return r.into_response();
     }
     let Some(id) = q.id.as_deref().filter(|i| !i.is_empty()) else {
-        return (StatusCode::BAD_REQUEST, Json(json!({"error": "?id= is required"}))).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "?id= is required"})),
+        )
+            .into_response();
     };
     let mut session = match state.sink.session().await {
         Ok(Some(s)) => s,
-        Ok(None) => return unavailable("no SQL warehouse"),
-        Err(e) => return unavailable(e),
+        Ok(None) => return unavailable("no SQL warehouse").into_response(),
+        Err(e) => return unavailable(e).into_response(),
     };
     match data::history(&mut *session, id, state.ops.hasher.as_ref()).await {
         Ok((person, rows)) => with_headers(
@@ -231,6 +280,6 @@ async fn person_json(State(state): State<AppState>, headers: HeaderMap, Query(q)
             "application/json",
             None,
         ),
-        Err(e) => unavailable(e),
+        Err(e) => unavailable(e).into_response(),
     }
 }

@@ -236,7 +236,11 @@ async fn send_rows(
         pace(t.cfg, &mut last_call).await;
         // A destination's answer may quote the address it was sent (Twilio's 21211
         // does): it is scrubbed before anything is logged or written.
-        let result = t.dest.send(&batch).await.map_err(|e| redact_error(e, &batch));
+        let result = t
+            .dest
+            .send(&batch)
+            .await
+            .map_err(|e| redact_error(e, &batch));
         match result {
             Ok(()) => {
                 for i in &batch {
@@ -646,7 +650,9 @@ pub(crate) async fn person_contact(
     let latest = latest_sealed(s, &paths, people).await?;
     for (kind, path) in &paths {
         for p in people {
-            let Some(sealed) = latest.get(&((*p).clone(), path.to_string())) else { continue };
+            let Some(sealed) = latest.get(&((*p).clone(), path.to_string())) else {
+                continue;
+            };
             let opened = c.key.open(sealed).ok();
             match kind {
                 PiiKind::Email if out.email.is_none() => out.email = opened,

@@ -54,9 +54,13 @@ pub async fn submit(
         while !r.is_finished() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(250)).await;
             let path = format!("/privacy/requests/{}", r.id);
-            if let Some(one) =
-                admin::call_running_agent_with::<One>(&state_file, reqwest::Method::GET, &path, |r| r)
-                    .await?
+            if let Some(one) = admin::call_running_agent_with::<One>(
+                &state_file,
+                reqwest::Method::GET,
+                &path,
+                |r| r,
+            )
+            .await?
             {
                 r = one.request;
             }
@@ -64,9 +68,7 @@ pub async fn submit(
         return Ok((r, None));
     }
     // No agent runs: carry it out here.
-    let kind = new
-        .kind
-        .context("the request's kind is missing")?;
+    let kind = new.kind.context("the request's kind is missing")?;
     let subject = new
         .subject(cfg.pii_hasher()?.as_ref())
         .map_err(|e| anyhow::anyhow!(e))?;
@@ -77,12 +79,22 @@ pub async fn submit(
     let now = crate::now_ms();
     let stored = {
         let mut s = session(&*sink).await?;
-        super::submit(&mut *s, kind, new.id.as_deref(), &subject, new.requested_by.as_deref().unwrap_or("cli"), now).await?
+        super::submit(
+            &mut *s,
+            kind,
+            new.id.as_deref(),
+            &subject,
+            new.requested_by.as_deref().unwrap_or("cli"),
+            now,
+        )
+        .await?
     };
     if kind == Kind::Export {
         let mut s = session(&*sink).await?;
         let doc = super::export(&mut *s, &stored, now).await?;
-        let r = super::get(&mut *s, &stored.id).await?.context("the request was stored")?;
+        let r = super::get(&mut *s, &stored.id)
+            .await?
+            .context("the request was stored")?;
         return Ok((r, Some(doc)));
     }
     if !stored.is_finished() {
@@ -93,13 +105,18 @@ pub async fn submit(
         for _ in 0..2 {
             drainer.privacy_pass(crate::now_ms()).await?;
             let mut s = session(&*sink).await?;
-            if super::get(&mut *s, &stored.id).await?.is_some_and(|r| r.is_finished()) {
+            if super::get(&mut *s, &stored.id)
+                .await?
+                .is_some_and(|r| r.is_finished())
+            {
                 break;
             }
         }
     }
     let mut s = session(&*sink).await?;
-    let r = super::get(&mut *s, &stored.id).await?.context("the request was stored")?;
+    let r = super::get(&mut *s, &stored.id)
+        .await?
+        .context("the request was stored")?;
     Ok((r, None))
 }
 

@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 use super::{cell, record_run, set_status, set_store, values_of, Kind, Request, Subject};
 use crate::destinations::{Contacts, Destination, DestinationConfig, Erasure, SendError};
 use crate::edge::EdgeClient;
-use crate::sinks::{sql_lit, sql_list, SinkError, SqlSession};
+use crate::sinks::{sql_list, sql_lit, SinkError, SqlSession};
 
 /// Everyone a request is about: their ids (`(type, value)`; types `user_id`,
 /// `anonymous_id`, `email`) and their persons in the identity graph.
@@ -74,7 +74,11 @@ pub async fn resolve(
             id_match(&ids, "id_type", "id_value")
         ))
         .await?;
-    let person_ids: BTreeSet<String> = persons.rows.into_iter().filter_map(|r| r[0].clone()).collect();
+    let person_ids: BTreeSet<String> = persons
+        .rows
+        .into_iter()
+        .filter_map(|r| r[0].clone())
+        .collect();
     if !person_ids.is_empty() {
         let r = s
             .query(&format!(
@@ -148,7 +152,9 @@ pub async fn stores(s: &mut dyn SqlSession, person: &Person) -> Result<Vec<Store
         .chain(person.values("anonymous_id"))
         .collect();
     for row in event_tables.rows {
-        let Some(table) = row[0].clone() else { continue };
+        let Some(table) = row[0].clone() else {
+            continue;
+        };
         let mut predicate = format!("(user_id IN ({users}) OR anonymous_id IN ({anons}))");
         if table == "aliases" {
             predicate = format!(
@@ -164,10 +170,20 @@ pub async fn stores(s: &mut dyn SqlSession, person: &Person) -> Result<Vec<Store
     }
     // The message ids of their events, for what is keyed by message id.
     let mut message_ids: Vec<String> = Vec::new();
-    for table in ["tracks", "pages", "identifies", "screens", "groups", "aliases"] {
+    for table in [
+        "tracks",
+        "pages",
+        "identifies",
+        "screens",
+        "groups",
+        "aliases",
+    ] {
         if let Some(st) = out.iter().find(|s| s.table == table) {
             let r = s
-                .query(&format!("SELECT message_id FROM {table} WHERE {}", st.predicate))
+                .query(&format!(
+                    "SELECT message_id FROM {table} WHERE {}",
+                    st.predicate
+                ))
                 .await?;
             message_ids.extend(r.rows.into_iter().filter_map(|r| r[0].clone()));
         }
@@ -189,13 +205,20 @@ pub async fn stores(s: &mut dyn SqlSession, person: &Person) -> Result<Vec<Store
     let fixed = [
         ("users", format!("id IN ({users})"), None),
         ("quarantine", quarantine, None),
-        ("rejected_values", format!("message_id IN ({messages})"), None),
+        (
+            "rejected_values",
+            format!("message_id IN ({messages})"),
+            None,
+        ),
         // The registry that makes loads exactly once: an erased event's id goes too
         // (its batch is gone from the edge, and its ids are suppressed there).
         ("message_ids", format!("message_id IN ({messages})"), None),
         (
             "identities",
-            format!("(person_id IN ({persons}) OR {})", id_match(ids, "id_type", "id_value")),
+            format!(
+                "(person_id IN ({persons}) OR {})",
+                id_match(ids, "id_type", "id_value")
+            ),
             None,
         ),
         (
@@ -218,7 +241,11 @@ pub async fn stores(s: &mut dyn SqlSession, person: &Person) -> Result<Vec<Store
         ),
         ("identity_dirty", id_match(ids, "id_type", "id_value"), None),
         ("profiles", format!("person_id IN ({persons})"), None),
-        ("audience_membership", format!("person_id IN ({persons})"), None),
+        (
+            "audience_membership",
+            format!("person_id IN ({persons})"),
+            None,
+        ),
         (
             "activation_outbox",
             format!("(person_id IN ({persons}) OR message_id IN ({messages}))"),
@@ -365,8 +392,24 @@ pub async fn process(
                     set_status(s, id, "completed", None, now_ms).await
                 }
                 Err(e) => {
-                    set_store(s, id, "edge", "retrying", None, Some(&e.to_string()), now_ms).await?;
-                    set_status(s, id, "running", Some("the edge is unreachable; retried every pass"), now_ms).await
+                    set_store(
+                        s,
+                        id,
+                        "edge",
+                        "retrying",
+                        None,
+                        Some(&e.to_string()),
+                        now_ms,
+                    )
+                    .await?;
+                    set_status(
+                        s,
+                        id,
+                        "running",
+                        Some("the edge is unreachable; retried every pass"),
+                        now_ms,
+                    )
+                    .await
                 }
             }
         }
@@ -402,8 +445,24 @@ async fn erase(
             .await?;
         }
         Err(e) => {
-            set_store(s, id, "edge", "retrying", None, Some(&e.to_string()), now_ms).await?;
-            return set_status(s, id, "running", Some("the edge is unreachable; retried every pass"), now_ms).await;
+            set_store(
+                s,
+                id,
+                "edge",
+                "retrying",
+                None,
+                Some(&e.to_string()),
+                now_ms,
+            )
+            .await?;
+            return set_status(
+                s,
+                id,
+                "running",
+                Some("the edge is unreachable; retried every pass"),
+                now_ms,
+            )
+            .await;
         }
     }
     // 2. The destinations that can delete a person, while their contact can still be
@@ -413,7 +472,9 @@ async fn erase(
         .map(|r| {
             r.stores
                 .into_iter()
-                .filter(|st| st.status == "done" || st.status == "failed" || st.status == "not_supported")
+                .filter(|st| {
+                    st.status == "done" || st.status == "failed" || st.status == "not_supported"
+                })
                 .map(|st| st.store)
                 .collect()
         })
@@ -425,7 +486,13 @@ async fn erase(
         if done.contains(&store) {
             continue;
         }
-        let contact = crate::destinations::sync::person_contact(s, ctx.contacts, dest.contact_kinds(), &people).await?;
+        let contact = crate::destinations::sync::person_contact(
+            s,
+            ctx.contacts,
+            dest.contact_kinds(),
+            &people,
+        )
+        .await?;
         let who = Erasure {
             request_id: id.to_string(),
             person_ids: person.person_ids.iter().cloned().collect(),
@@ -434,16 +501,52 @@ async fn erase(
             contact,
         };
         match dest.erase(&who).await {
-            None => {
-                set_store(s, id, &store, "not_supported", None, Some("this destination has no deletion endpoint; delete the person there by hand"), now_ms).await?
+            None => set_store(
+                s,
+                id,
+                &store,
+                "not_supported",
+                None,
+                Some("this destination has no deletion endpoint; delete the person there by hand"),
+                now_ms,
+            )
+            .await?,
+            Some(Ok(answer)) => {
+                set_store(
+                    s,
+                    id,
+                    &store,
+                    "done",
+                    None,
+                    Some(&crate::destinations::sync::redact(&answer, &who.contact)),
+                    now_ms,
+                )
+                .await?
             }
-            Some(Ok(answer)) => set_store(s, id, &store, "done", None, Some(&crate::destinations::sync::redact(&answer, &who.contact)), now_ms).await?,
             Some(Err(SendError::Retry { error, .. })) => {
                 waiting = true;
-                set_store(s, id, &store, "retrying", None, Some(&crate::destinations::sync::redact(&error, &who.contact)), now_ms).await?
+                set_store(
+                    s,
+                    id,
+                    &store,
+                    "retrying",
+                    None,
+                    Some(&crate::destinations::sync::redact(&error, &who.contact)),
+                    now_ms,
+                )
+                .await?
             }
             Some(Err(SendError::Reject { error })) => {
-                set_store(s, id, &store, "failed", None, Some(&crate::destinations::sync::redact(&error, &who.contact)), now_ms).await?
+                set_store(
+                    s,
+                    id,
+                    &store,
+                    "failed",
+                    None,
+                    Some(&crate::destinations::sync::redact(&error, &who.contact)),
+                    now_ms,
+                )
+                .await?
             }
         }
     }
@@ -459,7 +562,11 @@ async fn erase(
             let n = count(s, st).await?;
             if n > 0 {
                 let sql = match &st.tombstone {
-                    Some(set) => format!("UPDATE {} SET {set} WHERE {}", quote(&st.table), st.predicate),
+                    Some(set) => format!(
+                        "UPDATE {} SET {set} WHERE {}",
+                        quote(&st.table),
+                        st.predicate
+                    ),
                     None => format!("DELETE FROM {} WHERE {}", quote(&st.table), st.predicate),
                 };
                 s.execute(&sql).await?;
@@ -482,17 +589,33 @@ async fn erase(
             (Some(_), n) if *n > 0 => Some("identifiers removed; the rows stay as tombstones"),
             _ => None,
         };
-        set_store(s, id, &st.table, if after == 0 { "done" } else { "retrying" }, Some((*n, after)), detail, now_ms).await?;
+        set_store(
+            s,
+            id,
+            &st.table,
+            if after == 0 { "done" } else { "retrying" },
+            Some((*n, after)),
+            detail,
+            now_ms,
+        )
+        .await?;
     }
     let failed = super::get(s, id)
         .await?
         .map(|r| r.stores.iter().any(|st| st.status == "failed"))
         .unwrap_or(false);
     if !first_run && total == 0 {
-        let detail = failed.then_some("completed, but a destination refused the deletion (see its store)");
+        let detail =
+            failed.then_some("completed, but a destination refused the deletion (see its store)");
         set_status(s, id, "completed", detail, now_ms).await
     } else {
-        set_status(s, id, "running", Some("erased; a later pass checks that nothing came back"), now_ms).await
+        set_status(
+            s,
+            id,
+            "running",
+            Some("erased; a later pass checks that nothing came back"),
+            now_ms,
+        )
+        .await
     }
 }
-

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::audiences::eval::at;
-use crate::sinks::{sql_lit, sql_list, Dialect, Relational, SinkError, SqlSession};
+use crate::sinks::{sql_list, sql_lit, Dialect, Relational, SinkError, SqlSession};
 
 /// The tables (a migration of each SQL warehouse).
 pub fn ddl(d: Relational) -> String {
@@ -138,7 +138,10 @@ pub const MAX_ID_BYTES: usize = 128;
 
 impl NewRequest {
     /// Checks the request and turns its emails into their keyed hashes.
-    pub fn subject(&self, hasher: Option<&collector_core::pii::PiiHasher>) -> Result<Subject, String> {
+    pub fn subject(
+        &self,
+        hasher: Option<&collector_core::pii::PiiHasher>,
+    ) -> Result<Subject, String> {
         if let Some(id) = &self.id {
             if id.is_empty()
                 || id.len() > MAX_ID_BYTES
@@ -166,7 +169,10 @@ impl NewRequest {
         let mut email_hashes = Vec::new();
         for e in &self.emails {
             let Some(h) = hasher else {
-                return Err("--email needs the edge's PII key on the agent: set pii_key_env in agent.toml".into());
+                return Err(
+                    "--email needs the edge's PII key on the agent: set pii_key_env in agent.toml"
+                        .into(),
+                );
             };
             if !e.contains('@') {
                 return Err(format!("{e:?} is not an email address"));
@@ -232,7 +238,11 @@ impl Request {
         use std::fmt::Write;
         let mut out = format!(
             "request {} ({}) by {}: {}\n  received  {}\n",
-            self.id, self.kind.as_str(), self.requested_by, self.status, self.received_at
+            self.id,
+            self.kind.as_str(),
+            self.requested_by,
+            self.status,
+            self.received_at
         );
         if let Some(c) = &self.completed_at {
             let _ = writeln!(out, "  completed {c}");
@@ -240,9 +250,17 @@ impl Request {
         if let Some(d) = &self.detail {
             let _ = writeln!(out, "  {d}");
         }
-        let _ = writeln!(out, "  subject   {}", serde_json::to_string(&self.subject).unwrap_or_default());
+        let _ = writeln!(
+            out,
+            "  subject   {}",
+            serde_json::to_string(&self.subject).unwrap_or_default()
+        );
         if !self.stores.is_empty() {
-            let _ = writeln!(out, "  {:<34} {:<13} {:>7} {:>7}  detail", "store", "status", "before", "after");
+            let _ = writeln!(
+                out,
+                "  {:<34} {:<13} {:>7} {:>7}  detail",
+                "store", "status", "before", "after"
+            );
         }
         for s in &self.stores {
             let n = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
@@ -448,7 +466,11 @@ pub(crate) async fn set_status(
 ) -> Result<(), SinkError> {
     let d = s.dialect();
     let finished = status == "completed" || status == "failed";
-    let completed = if finished { at(d, now_ms) } else { "NULL".into() };
+    let completed = if finished {
+        at(d, now_ms)
+    } else {
+        "NULL".into()
+    };
     // The ids a finished request resolved to are not kept: the subject (as the person
     // named themselves) is what the audit trail needs.
     let resolved = if finished { ", resolved = NULL" } else { "" };

@@ -149,7 +149,9 @@ impl Destination for Webhook {
             "user_ids": who.user_ids,
             "anonymous_ids": who.anonymous_ids,
         });
-        let key = hex::encode(Sha256::digest(format!("delete:{}", who.request_id).as_bytes()));
+        let key = hex::encode(Sha256::digest(
+            format!("delete:{}", who.request_id).as_bytes(),
+        ));
         Some(self.post(body, key).await)
     }
 }
