@@ -207,7 +207,7 @@ fn bad_request(msg: impl Into<String>) -> AdminError {
 async fn privacy_session(
     state: &AppState,
 ) -> Result<Box<dyn crate::sinks::SqlSession + '_>, AdminError> {
-    match state.sink.session().await.map_err(unavailable)? {
+    match state.sink.privacy_session().await.map_err(unavailable)? {
         Some(s) if s.dialect().relational().is_some() => Ok(s),
         _ => Err((
             StatusCode::NOT_IMPLEMENTED,
@@ -255,7 +255,7 @@ async fn handle_privacy_submit(
             e => unavailable(e),
         })?;
     if kind == crate::privacy::Kind::Export {
-        let document = crate::privacy::export(&mut *s, &stored, now)
+        let document = crate::privacy::export(&mut *s, &stored, state.sink.rows_in_files(), now)
             .await
             .map_err(unavailable)?;
         let request = crate::privacy::get(&mut *s, &stored.id)

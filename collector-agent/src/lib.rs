@@ -179,7 +179,7 @@ impl Drainer {
     /// requests it worked on.
     pub async fn privacy_pass(&self, now_ms: i64) -> Result<usize, SinkError> {
         let pending = {
-            let Some(mut session) = self.sink.session().await? else {
+            let Some(mut session) = self.sink.privacy_session().await? else {
                 return Ok(0);
             };
             if session.dialect().relational().is_none() {
@@ -195,7 +195,7 @@ impl Drainer {
         if pending.iter().any(|r| r.kind == privacy::Kind::Erase) {
             self.resolve_identity().await?;
         }
-        let Some(mut session) = self.sink.session().await? else {
+        let Some(mut session) = self.sink.privacy_session().await? else {
             return Ok(0);
         };
         let on_suppress =
@@ -209,6 +209,7 @@ impl Drainer {
                 .collect(),
             contacts: self.contacts.as_ref(),
             on_suppress: &on_suppress,
+            sink: &*self.sink,
         };
         for r in &pending {
             if let Err(e) = privacy::process(&mut *session, &ctx, r, now_ms).await {

@@ -664,3 +664,126 @@ async fn the_running_agent_takes_signed_requests_from_named_keys() {
 
     assert!(agent.terminate(), "the agent stops on SIGTERM");
 }
+
+// The Parquet lake: no identity graph, so the ids one identify event carries together
+// are the person; their rows are removed by rewriting each file that holds some, the
+// registry forgets their message ids, and no file of the lake holds their ids after.
+#[tokio::test]
+async fn erasure_and_export_in_the_parquet_lake() {
+    let st = Stack::start();
+    let mut cfg = st.agent_config();
+    let lake = st.dir.path().join("lake");
+    cfg.warehouse =
+        collector_agent::config::WarehouseConfig::Parquet(collector_agent::config::ParquetConfig {
+            path: lake.clone(),
+        });
+    cfg.validate().expect("valid config");
+    let now = collector_agent::now_ms();
+    let batch = json!([
+        {"type": "page", "messageId": "e-p1", "anonymousId": "dev-erin-a", "properties": {"path": "/pricing"}, "timestamp": iso(now - 50 * MIN)},
+        {"type": "identify", "messageId": "e-i1", "anonymousId": "dev-erin-a", "userId": "u-erin", "traits": {"plan": "pro"}, "timestamp": iso(now - 45 * MIN)},
+        {"type": "identify", "messageId": "e-i2", "anonymousId": "dev-erin-b", "userId": "u-erin", "timestamp": iso(now - 35 * MIN)},
+        {"type": "track", "messageId": "e-o1", "userId": "u-erin", "event": "Order Completed", "properties": {"revenue": 42.5}, "timestamp": iso(now - 30 * MIN)},
+        {"type": "page", "messageId": "q-p1", "anonymousId": "dev-quinn", "userId": "u-quinn", "properties": {"path": "/"}, "timestamp": iso(now - 30 * MIN)},
+        {"type": "track", "messageId": "q-o1", "userId": "u-quinn", "event": "Order Completed", "properties": {"revenue": 9.5}, "timestamp": iso(now - 30 * MIN)},
+    ]);
+    assert_eq!(
+        st.post("/v1/batch", &json!({"batch": batch, "sentAt": iso(now)}))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(drain_once(&cfg).await.expect("drain").inserted, 6);
+
+    let mut export = request(Kind::Export);
+    export.user_ids = vec!["u-erin".into()];
+    let (_, doc) = cli::submit(&cfg, export, None).await.expect("export");
+    let doc = doc.unwrap();
+    let mut ids = BTreeSet::new();
+    for table in ["tracks", "pages", "identifies"] {
+        for row in doc["tables"][table].as_array().into_iter().flatten() {
+            ids.insert(row["message_id"].as_str().unwrap().to_string());
+        }
+    }
+    let erin: BTreeSet<String> = ["e-p1", "e-i1", "e-i2", "e-o1"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(ids, erin, "{doc}");
+
+    let queued = json!([{"type": "page", "messageId": "e-p3", "anonymousId": "dev-erin-b", "properties": {"path": "/cart"}}]);
+    assert_eq!(
+        st.post("/v1/batch", &json!({"batch": queued})).await.status,
+        200
+    );
+    let mut erase = request(Kind::Erase);
+    erase.user_ids = vec!["u-erin".into()];
+    let (req, _) = cli::submit(&cfg, erase, Some(std::time::Duration::from_secs(60)))
+        .await
+        .expect("erase");
+    assert_eq!(req.status, "completed", "{}", req.render());
+    let store = |name: &str| {
+        req.stores
+            .iter()
+            .find(|s| s.store == name)
+            .unwrap_or_else(|| panic!("{name}: {}", req.render()))
+            .clone()
+    };
+    for (name, before) in [
+        ("tracks", 1),
+        ("pages", 1),
+        ("identifies", 2),
+        ("order_completed", 1),
+        ("message_ids", 4),
+    ] {
+        let s = store(name);
+        assert_eq!(
+            (s.before, s.after),
+            (Some(before), Some(0)),
+            "{name}: {}",
+            req.render()
+        );
+    }
+    assert!(
+        !req.stores.iter().any(|s| s.store == "identities"),
+        "a lake has no identity graph"
+    );
+    let after = drain_once(&cfg).await.expect("drain");
+    assert_eq!((after.suppressed, after.inserted), (1, 0), "{after:?}");
+    assert_eq!(
+        count(
+            &cfg,
+            "SELECT count(*) FROM tracks WHERE user_id = 'u-quinn'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(&cfg, "SELECT count(*) FROM pages WHERE user_id = 'u-quinn'").await,
+        1
+    );
+    assert_eq!(count(&cfg, "SELECT count(*) FROM order_completed").await, 1);
+    // No Parquet file holds her ids any more (the ones that did were rewritten).
+    let mut files = Vec::new();
+    let mut dirs = vec![lake.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.path().is_dir() {
+                if e.file_name() != "_collector" {
+                    dirs.push(e.path());
+                }
+            } else if e.path().extension().is_some_and(|x| x == "parquet") {
+                files.push(std::fs::read(e.path()).unwrap());
+            }
+        }
+    }
+    assert!(files.len() >= 3, "the lake has files");
+    for needle in ["u-erin", "dev-erin-a", "dev-erin-b", "e-o1"] {
+        assert!(
+            !files
+                .iter()
+                .any(|f| f.windows(needle.len()).any(|w| w == needle.as_bytes())),
+            "{needle} is still in a file"
+        );
+    }
+}

@@ -91,7 +91,7 @@ pub async fn submit(
     };
     if kind == Kind::Export {
         let mut s = session(&*sink).await?;
-        let doc = super::export(&mut *s, &stored, now).await?;
+        let doc = super::export(&mut *s, &stored, sink.rows_in_files(), now).await?;
         let r = super::get(&mut *s, &stored.id)
             .await?
             .context("the request was stored")?;
@@ -123,7 +123,7 @@ pub async fn submit(
 async fn session(
     sink: &dyn crate::sinks::Sink,
 ) -> anyhow::Result<Box<dyn crate::sinks::SqlSession + '_>> {
-    match sink.session().await? {
+    match sink.privacy_session().await? {
         Some(s) if s.dialect().relational().is_some() => Ok(s),
         _ => anyhow::bail!(
             "privacy requests need a DuckDB or PostgreSQL warehouse; this one is {}",

@@ -68,6 +68,30 @@ pub async fn resolve(
     let d = s.dialect();
     let mut ids = subject.ids();
     ids.extend(known.iter().cloned());
+    let kinds = table_kinds(s).await?;
+    if !kinds.contains_key("identities") {
+        // No identity graph (the lake): ids that one identify event carries together
+        // are the same person.
+        let r = s
+            .query(&format!(
+                "SELECT DISTINCT user_id, anonymous_id FROM identifies WHERE user_id IN ({}) OR anonymous_id IN ({})",
+                values_of(&ids, "user_id"),
+                values_of(&ids, "anonymous_id")
+            ))
+            .await?;
+        for row in r.rows {
+            if let Some(u) = row[0].clone() {
+                ids.insert(("user_id".into(), u));
+            }
+            if let Some(a) = row[1].clone() {
+                ids.insert(("anonymous_id".into(), a));
+            }
+        }
+        return Ok(Person {
+            ids,
+            person_ids: BTreeSet::new(),
+        });
+    }
     let persons = s
         .query(&format!(
             "SELECT DISTINCT person_id FROM identities WHERE {}",
@@ -112,9 +136,25 @@ pub async fn resolve(
     Ok(Person { ids, person_ids })
 }
 
+/// The tables and views of the session's schema, by name: `true` for a base table.
+async fn table_kinds(
+    s: &mut dyn SqlSession,
+) -> Result<std::collections::BTreeMap<String, bool>, SinkError> {
+    let r = s
+        .query("SELECT table_name, table_type FROM information_schema.tables WHERE table_schema = current_schema()")
+        .await?;
+    Ok(r.rows
+        .into_iter()
+        .filter_map(|row| Some((row[0].clone()?, row[1].as_deref() == Some("BASE TABLE"))))
+        .collect())
+}
+
 /// A place that holds rows about a person, and how to find them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Store {
+    /// A view (a lake's tables over its files): counted and exported, erased by the
+    /// sink's own means.
+    pub view: bool,
     pub table: String,
     /// The `WHERE` of their rows.
     pub predicate: String,
@@ -132,18 +172,26 @@ fn quote(name: &str) -> String {
 /// `anonymous_id` columns), `users`, the quarantine and rejected values of their
 /// events, the identity graph, profiles, audience membership, the activation outbox,
 /// and the activation log (a tombstone).
-pub async fn stores(s: &mut dyn SqlSession, person: &Person) -> Result<Vec<Store>, SinkError> {
+/// `lake`: the event tables are views over files (counted and exported here, erased by
+/// [`crate::sinks::Sink::erase_files`]).
+pub async fn stores(
+    s: &mut dyn SqlSession,
+    person: &Person,
+    lake: bool,
+) -> Result<Vec<Store>, SinkError> {
+    let kinds = table_kinds(s).await?;
     let users = sql_list(person.values("user_id").iter());
     let anons = sql_list(person.values("anonymous_id").iter());
     let persons = sql_list(person.person_ids.iter());
     let event_tables = s
-        .query(
+        .query(&format!(
             "SELECT c.table_name FROM information_schema.columns c
                JOIN information_schema.tables t ON t.table_schema = c.table_schema AND t.table_name = c.table_name
-             WHERE c.table_schema = current_schema() AND t.table_type = 'BASE TABLE'
+             WHERE c.table_schema = current_schema() AND (t.table_type = 'BASE TABLE' OR {lake})
                AND c.column_name IN ('user_id', 'anonymous_id')
              GROUP BY c.table_name HAVING COUNT(*) = 2 ORDER BY c.table_name",
-        )
+            lake = if lake { "TRUE" } else { "FALSE" }
+        ))
         .await?;
     let mut out = Vec::new();
     let both: Vec<String> = person
@@ -163,6 +211,7 @@ pub async fn stores(s: &mut dyn SqlSession, person: &Person) -> Result<Vec<Store
             );
         }
         out.push(Store {
+            view: kinds.get(&table) != Some(&true),
             table,
             predicate,
             tombstone: None,
@@ -258,7 +307,12 @@ pub async fn stores(s: &mut dyn SqlSession, person: &Person) -> Result<Vec<Store
         ),
     ];
     for (table, predicate, tombstone) in fixed {
+        // What this warehouse does not have (a lake keeps no identity graph).
+        let Some(base) = kinds.get(table) else {
+            continue;
+        };
         out.push(Store {
+            view: !base,
             table: table.to_string(),
             predicate,
             tombstone,
@@ -287,11 +341,12 @@ async fn count(s: &mut dyn SqlSession, st: &Store) -> Result<i64, SinkError> {
 pub async fn export(
     s: &mut dyn SqlSession,
     request: &Request,
+    lake: bool,
     now_ms: i64,
 ) -> Result<Value, SinkError> {
     let person = resolve(s, &request.subject, &request.resolved).await?;
     let mut tables = Map::new();
-    for st in stores(s, &person).await? {
+    for st in stores(s, &person, lake).await? {
         let r = s
             .query(&format!(
                 "SELECT * FROM {} WHERE {}",
@@ -346,6 +401,8 @@ pub struct Context<'a> {
     pub destinations: Vec<(&'a DestinationConfig, &'a dyn Destination)>,
     pub contacts: Option<&'a Contacts>,
     pub on_suppress: &'a (dyn Fn(&[SuppressedId], bool) + Send + Sync),
+    /// The sink, for rows kept in files (a lake).
+    pub sink: &'a dyn crate::sinks::Sink,
 }
 
 /// Carries out one run of a suppress, unsuppress or erase request (see the module
@@ -554,13 +611,14 @@ async fn erase(
         return set_status(s, id, "running", Some("a destination failed transiently; retried every pass before the warehouse is erased"), now_ms).await;
     }
     // 3. Every table, in one transaction.
-    let stores = stores(s, &person).await?;
+    let lake = ctx.sink.rows_in_files();
+    let stores = stores(s, &person, lake).await?;
     s.batch("BEGIN").await?;
     let mut found = Vec::new();
     let erased: Result<(), SinkError> = async {
         for st in &stores {
             let n = count(s, st).await?;
-            if n > 0 {
+            if n > 0 && !st.view {
                 let sql = match &st.tombstone {
                     Some(set) => format!(
                         "UPDATE {} SET {set} WHERE {}",
@@ -581,9 +639,25 @@ async fn erase(
         return Err(e);
     }
     s.batch("COMMIT").await?;
+    // What was found is on record before the files are touched.
+    for (st, n) in stores.iter().zip(&found) {
+        set_store(s, id, &st.table, "erasing", Some((*n, *n)), None, now_ms).await?;
+    }
+    // A lake's files: after the registry (a crash between leaves rows the next run
+    // finds and removes). Its tables are counted again through fresh views.
+    let mut fresh = None;
+    if lake {
+        ctx.sink
+            .erase_files(&person.values("user_id"), &person.values("anonymous_id"))
+            .await?;
+        fresh = ctx.sink.privacy_session().await?;
+    }
     let mut total = 0;
     for (st, n) in stores.iter().zip(&found) {
-        let after = count(s, st).await?;
+        let after = match fresh.as_mut() {
+            Some(f) => count(&mut **f, st).await?,
+            None => count(s, st).await?,
+        };
         total += n;
         let detail = match (&st.tombstone, n) {
             (Some(_), n) if *n > 0 => Some("identifiers removed; the rows stay as tombstones"),
@@ -594,12 +668,13 @@ async fn erase(
             id,
             &st.table,
             if after == 0 { "done" } else { "retrying" },
-            Some((*n, after)),
+            Some((0, after)),
             detail,
             now_ms,
         )
         .await?;
     }
+    drop(fresh);
     let failed = super::get(s, id)
         .await?
         .map(|r| r.stores.iter().any(|st| st.status == "failed"))

@@ -152,6 +152,30 @@ pub trait Sink: Send + Sync {
         Ok(None)
     }
 
+    /// The session privacy requests run in (their ledger, and the tables erased in
+    /// SQL): the SQL session where there is one; a lake's state database, with its
+    /// tables as views over the files.
+    async fn privacy_session(&self) -> Result<Option<Box<dyn SqlSession + '_>>, SinkError> {
+        self.session().await
+    }
+
+    /// Whether the event rows live in files (a lake), erased by [`Sink::erase_files`]
+    /// rather than by SQL.
+    fn rows_in_files(&self) -> bool {
+        false
+    }
+
+    /// Removes every row of these ids from the files that hold event rows, rewriting
+    /// each file that has some (temp + rename); per table, the rows removed. Nothing
+    /// for a sink whose rows are in SQL tables.
+    async fn erase_files(
+        &self,
+        _user_ids: &[String],
+        _anonymous_ids: &[String],
+    ) -> Result<Vec<(String, i64)>, SinkError> {
+        Ok(Vec::new())
+    }
+
     /// Loads one lease's batches, all or nothing: its events (each `message_id` once in
     /// the whole warehouse), the events the warehouse refuses (quarantined with their
     /// reason, never blocking the rest), and undecodable batches (dead letters). Loading

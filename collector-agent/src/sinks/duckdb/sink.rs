@@ -821,11 +821,18 @@ impl Sink for DuckDbSink {
 
 /// A second connection to the same database (DuckDB's MVCC keeps its transactions
 /// apart from the loads'); every call runs on the blocking pool.
-struct DuckSession {
+pub(crate) struct DuckSession {
     conn: Arc<Mutex<Connection>>,
 }
 
 impl DuckSession {
+    /// A session on this connection (a clone of the sink's).
+    pub(crate) fn new(conn: Connection) -> DuckSession {
+        DuckSession {
+            conn: Arc::new(Mutex::new(conn)),
+        }
+    }
+
     async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, SinkError> + Send + 'static,

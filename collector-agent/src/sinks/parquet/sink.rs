@@ -40,6 +40,11 @@ CREATE TABLE dead_letters (shard INTEGER NOT NULL, batch_id BIGINT NOT NULL, err
             "per-event tables, flattened columns, rejected_values",
             CATALOG_SQL.to_string(),
         ),
+        (
+            4,
+            "privacy_requests, privacy_request_stores, policy_versions",
+            crate::privacy::ddl(crate::sinks::Relational::DuckDb),
+        ),
     ]
 }
 
@@ -271,8 +276,123 @@ fn refresh_views(conn: &Connection, catalog: &Catalog, root: &Path) -> Result<()
     Ok(())
 }
 
+/// Rewrites every Parquet file under `root` that holds rows of these ids without them
+/// (temp file in the state folder, then rename over it; a file left empty is removed).
+/// Per table, the rows removed. Idempotent: a second run finds nothing.
+fn erase_files(
+    conn: &Connection,
+    root: &Path,
+    users: &[String],
+    anons: &[String],
+) -> Result<Vec<(String, i64)>, SinkError> {
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "NULL".to_string()
+        } else {
+            v.iter().map(|s| lit(s)).collect::<Vec<_>>().join(", ")
+        }
+    };
+    let (u, a) = (list(users), list(anons));
+    let both: Vec<String> = users.iter().chain(anons).cloned().collect();
+    let mut out: Vec<(String, i64)> = Vec::new();
+    let Ok(tables) = std::fs::read_dir(root) else {
+        return Ok(out);
+    };
+    let count = |sql: &str| -> Result<i64, SinkError> {
+        conn.query_row(sql, [], |r| r.get::<_, i64>(0))
+            .map_err(transient)
+    };
+    for t in tables.flatten() {
+        let name = t.file_name().to_string_lossy().to_string();
+        let Some(table) = name.strip_prefix("table=").map(str::to_string) else {
+            continue;
+        };
+        let mut pred = format!("(user_id IN ({u}) OR anonymous_id IN ({a}))");
+        if table == "aliases" {
+            pred = format!("({pred} OR previous_id IN ({}))", list(&both));
+        }
+        let mut removed = 0i64;
+        for date in std::fs::read_dir(t.path()).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(date.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let path = f.path();
+                if path.extension().and_then(|e| e.to_str()) != Some("parquet") {
+                    continue;
+                }
+                let file = lit(&path.display().to_string());
+                let n = count(&format!(
+                    "SELECT count(*) FROM read_parquet({file}) WHERE {pred}"
+                ))?;
+                if n == 0 {
+                    continue;
+                }
+                let total = count(&format!("SELECT count(*) FROM read_parquet({file})"))?;
+                if total == n {
+                    std::fs::remove_file(&path).map_err(|e| {
+                        SinkError::Transient(format!("remove {}: {e}", path.display()))
+                    })?;
+                } else {
+                    let staged = root.join(STATE_DIR).join("tmp").join(format!(
+                        "erase-{}",
+                        path.file_name().unwrap_or_default().to_string_lossy()
+                    ));
+                    let _ = std::fs::remove_file(&staged);
+                    conn.execute_batch(&format!(
+                        "COPY (SELECT * FROM read_parquet({file}) WHERE NOT COALESCE({pred}, false)) TO {} (FORMAT parquet)",
+                        lit(&staged.display().to_string())
+                    ))
+                    .map_err(transient)?;
+                    std::fs::rename(&staged, &path).map_err(|e| {
+                        SinkError::Transient(format!("rename into {}: {e}", path.display()))
+                    })?;
+                }
+                removed += n;
+            }
+            // A partition left without files goes (its views read `*/*.parquet`).
+            let _ = std::fs::remove_dir(date.path());
+        }
+        let _ = std::fs::remove_dir(t.path());
+        out.push((table, removed));
+    }
+    out.sort();
+    Ok(out)
+}
+
 #[async_trait]
 impl Sink for ParquetSink {
+    async fn privacy_session(
+        &self,
+    ) -> Result<Option<Box<dyn crate::sinks::SqlSession + '_>>, SinkError> {
+        let conn = self
+            .with_conn(|c, catalog, root| {
+                let clone = c.try_clone().map_err(transient)?;
+                refresh_views(&clone, catalog, root)?;
+                Ok(clone)
+            })
+            .await?;
+        Ok(Some(Box::new(
+            crate::sinks::duckdb::sink::DuckSession::new(conn),
+        )))
+    }
+
+    fn rows_in_files(&self) -> bool {
+        true
+    }
+
+    async fn erase_files(
+        &self,
+        user_ids: &[String],
+        anonymous_ids: &[String],
+    ) -> Result<Vec<(String, i64)>, SinkError> {
+        let (u, a) = (user_ids.to_vec(), anonymous_ids.to_vec());
+        // Under the lake's lock: no load writes a file meanwhile.
+        self.with_conn(move |c, _, root| erase_files(c, root, &u, &a))
+            .await
+    }
+
     fn kind(&self) -> &'static str {
         "parquet"
     }
