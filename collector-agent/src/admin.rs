@@ -208,7 +208,7 @@ async fn privacy_session(
     state: &AppState,
 ) -> Result<Box<dyn crate::sinks::SqlSession + '_>, AdminError> {
     match state.sink.privacy_session().await.map_err(unavailable)? {
-        Some(s) if s.dialect().relational().is_some() => Ok(s),
+        Some(s) => Ok(s),
         _ => Err((
             StatusCode::NOT_IMPLEMENTED,
             Json(

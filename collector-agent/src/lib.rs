@@ -182,9 +182,6 @@ impl Drainer {
             let Some(mut session) = self.sink.privacy_session().await? else {
                 return Ok(0);
             };
-            if session.dialect().relational().is_none() {
-                return Ok(0);
-            }
             privacy::pending(&mut *session).await?
         };
         if pending.is_empty() {

@@ -787,3 +787,120 @@ async fn erasure_and_export_in_the_parquet_lake() {
         );
     }
 }
+
+// ClickHouse: the ledger as versioned rows, the person resolved through the identity
+// graph ClickHouse keeps, their rows deleted by mutations on the tables behind the
+// views (every version of each row), which the agent waits for.
+#[tokio::test]
+async fn erasure_and_export_in_clickhouse() {
+    let st = Stack::start();
+    let ch = collector_e2e::clickhouse::LocalClickHouse::start().unwrap();
+    let mut cfg = st.agent_config();
+    cfg.warehouse = collector_agent::config::WarehouseConfig::ClickHouse(
+        collector_agent::config::ClickHouseConfig {
+            url: ch.url.clone(),
+            database: "analytics".into(),
+            user: "default".into(),
+            password_env: None,
+            timeout_ms: 10_000,
+        },
+    );
+    cfg.validate().expect("valid config");
+    let now = collector_agent::now_ms();
+    let batch = json!([
+        {"type": "page", "messageId": "e-p1", "anonymousId": "dev-erin-a", "properties": {"path": "/pricing"}, "timestamp": iso(now - 50 * MIN)},
+        {"type": "identify", "messageId": "e-i1", "anonymousId": "dev-erin-a", "userId": "u-erin", "traits": {"plan": "pro"}, "timestamp": iso(now - 45 * MIN)},
+        {"type": "identify", "messageId": "e-i2", "anonymousId": "dev-erin-b", "userId": "u-erin", "timestamp": iso(now - 35 * MIN)},
+        {"type": "track", "messageId": "e-o1", "userId": "u-erin", "event": "Order Completed", "properties": {"revenue": 42.5}, "timestamp": iso(now - 30 * MIN)},
+        {"type": "identify", "messageId": "q-i1", "anonymousId": "dev-quinn", "userId": "u-quinn", "timestamp": iso(now - 30 * MIN)},
+        {"type": "track", "messageId": "q-o1", "userId": "u-quinn", "event": "Order Completed", "properties": {"revenue": 9.5}, "timestamp": iso(now - 30 * MIN)},
+    ]);
+    assert_eq!(
+        st.post("/v1/batch", &json!({"batch": batch, "sentAt": iso(now)}))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(drain_once(&cfg).await.expect("drain").inserted, 6);
+
+    let mut export = request(Kind::Export);
+    export.anonymous_ids = vec!["dev-erin-b".into()];
+    let (_, doc) = cli::submit(&cfg, export, None).await.expect("export");
+    let doc = doc.unwrap();
+    let mut ids = BTreeSet::new();
+    for table in ["tracks", "pages", "identifies"] {
+        for row in doc["tables"][table].as_array().into_iter().flatten() {
+            ids.insert(row["message_id"].as_str().unwrap().to_string());
+        }
+    }
+    let erin: BTreeSet<String> = ["e-p1", "e-i1", "e-i2", "e-o1"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(ids, erin, "the graph joins her three ids: {doc}");
+
+    let mut erase = request(Kind::Erase);
+    erase.anonymous_ids = vec!["dev-erin-b".into()];
+    erase.id = Some("ch-1".into());
+    let (req, _) = cli::submit(&cfg, erase, Some(std::time::Duration::from_secs(120)))
+        .await
+        .expect("erase");
+    assert_eq!(req.status, "completed", "{}", req.render());
+    let store = |name: &str| {
+        req.stores
+            .iter()
+            .find(|s| s.store == name)
+            .unwrap_or_else(|| panic!("{name}: {}", req.render()))
+            .clone()
+    };
+    for (name, before) in [
+        ("tracks", 1),
+        ("pages", 1),
+        ("identifies", 2),
+        ("order_completed", 1),
+        ("identities", 3),
+        ("profiles", 1),
+        ("users", 1),
+        ("message_ids", 4),
+    ] {
+        let s = store(name);
+        assert_eq!(
+            (s.status.as_str(), s.before, s.after),
+            ("done", Some(before), Some(0)),
+            "{name}: {}",
+            req.render()
+        );
+    }
+    let needles = ["u-erin", "dev-erin-a", "dev-erin-b", "e-o1", "e-p1"];
+    for table in [
+        "tracks",
+        "pages",
+        "identifies",
+        "order_completed",
+        "users",
+        "identities",
+        "identity_edges",
+        "identity_merges",
+        "profiles",
+        "message_ids",
+    ] {
+        let cond: Vec<String> = needles
+            .iter()
+            .map(|n| format!("position(toString(tuple(*)), '{n}') > 0"))
+            .collect();
+        let n = count(
+            &cfg,
+            &format!("SELECT count() FROM {table} WHERE {}", cond.join(" OR ")),
+        )
+        .await;
+        assert_eq!(n, 0, "{table} still holds rows of hers");
+    }
+    assert_eq!(
+        count(&cfg, "SELECT count() FROM tracks WHERE user_id = 'u-quinn'").await,
+        1
+    );
+    assert_eq!(count(&cfg, "SELECT count() FROM profiles").await, 1);
+    let trail = cli::status(&cfg, "ch-1").await.unwrap();
+    assert_eq!(trail.status, "completed");
+    assert!(trail.resolved.is_empty());
+}

@@ -124,7 +124,7 @@ async fn session(
     sink: &dyn crate::sinks::Sink,
 ) -> anyhow::Result<Box<dyn crate::sinks::SqlSession + '_>> {
     match sink.privacy_session().await? {
-        Some(s) if s.dialect().relational().is_some() => Ok(s),
+        Some(s) => Ok(s),
         _ => anyhow::bail!(
             "privacy requests need a DuckDB or PostgreSQL warehouse; this one is {}",
             sink.kind()

@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 use super::{cell, record_run, set_status, set_store, values_of, Kind, Request, Subject};
 use crate::destinations::{Contacts, Destination, DestinationConfig, Erasure, SendError};
 use crate::edge::EdgeClient;
-use crate::sinks::{sql_list, sql_lit, SinkError, SqlSession};
+use crate::sinks::{sql_list, sql_lit, Dialect, SinkError, SqlSession};
 
 /// Everyone a request is about: their ids (`(type, value)`; types `user_id`,
 /// `anonymous_id`, `email`) and their persons in the identity graph.
@@ -39,6 +39,20 @@ impl Person {
     }
 }
 
+/// `col IN (values)`, or a predicate that matches nothing when there are none (every
+/// dialect, ClickHouse 18.16 included, reads it).
+fn isin<'a>(col: &str, values: impl Iterator<Item = &'a String>) -> String {
+    let list: Vec<String> = values.map(|v| sql_lit(v)).collect();
+    if list.is_empty() {
+        NOTHING.into()
+    } else {
+        format!("{col} IN ({})", list.join(", "))
+    }
+}
+
+/// A predicate that matches nothing.
+const NOTHING: &str = "1 = 0";
+
 /// `(type_col, value_col)` is one of `ids`.
 fn id_match(ids: &BTreeSet<(String, String)>, type_col: &str, value_col: &str) -> String {
     let mut parts = Vec::new();
@@ -51,7 +65,7 @@ fn id_match(ids: &BTreeSet<(String, String)>, type_col: &str, value_col: &str) -
         }
     }
     if parts.is_empty() {
-        "FALSE".into()
+        NOTHING.into()
     } else {
         format!("({})", parts.join(" OR "))
     }
@@ -140,13 +154,44 @@ pub async fn resolve(
 async fn table_kinds(
     s: &mut dyn SqlSession,
 ) -> Result<std::collections::BTreeMap<String, bool>, SinkError> {
-    let r = s
-        .query("SELECT table_name, table_type FROM information_schema.tables WHERE table_schema = current_schema()")
-        .await?;
+    let ch = s.dialect() == Dialect::ClickHouse;
+    let sql = if ch {
+        "SELECT name, engine FROM system.tables WHERE database = currentDatabase()"
+    } else {
+        "SELECT table_name, table_type FROM information_schema.tables WHERE table_schema = current_schema()"
+    };
+    let r = s.query(sql).await?;
     Ok(r.rows
         .into_iter()
-        .filter_map(|row| Some((row[0].clone()?, row[1].as_deref() == Some("BASE TABLE"))))
+        .filter_map(|row| {
+            let t = row[1].as_deref();
+            let base = if ch {
+                t != Some("View")
+            } else {
+                t == Some("BASE TABLE")
+            };
+            Some((row[0].clone()?, base))
+        })
         .collect())
+}
+
+/// Where a view's rows are erased: on ClickHouse, the versioned table behind it
+/// (`collector_rows_<name>` or `collector_<name>`); elsewhere none (a view of the
+/// warehouse's is derived from tables erased on their own).
+fn base_of(
+    d: Dialect,
+    kinds: &std::collections::BTreeMap<String, bool>,
+    table: &str,
+) -> Option<String> {
+    if d != Dialect::ClickHouse || kinds.get(table) == Some(&true) {
+        return None;
+    }
+    [
+        format!("collector_rows_{table}"),
+        format!("collector_{table}"),
+    ]
+    .into_iter()
+    .find(|b| kinds.get(b) == Some(&true))
 }
 
 /// A place that holds rows about a person, and how to find them.
@@ -155,6 +200,8 @@ pub struct Store {
     /// A view (a lake's tables over its files): counted and exported, erased by the
     /// sink's own means.
     pub view: bool,
+    /// Where the rows of a view are erased (ClickHouse's versioned table behind it).
+    pub base: Option<String>,
     pub table: String,
     /// The `WHERE` of their rows.
     pub predicate: String,
@@ -180,19 +227,24 @@ pub async fn stores(
     lake: bool,
 ) -> Result<Vec<Store>, SinkError> {
     let kinds = table_kinds(s).await?;
-    let users = sql_list(person.values("user_id").iter());
-    let anons = sql_list(person.values("anonymous_id").iter());
-    let persons = sql_list(person.person_ids.iter());
-    let event_tables = s
-        .query(&format!(
+    let d = s.dialect();
+    let users = person.values("user_id");
+    let anons = person.values("anonymous_id");
+    let persons = &person.person_ids;
+    let discover = if d == Dialect::ClickHouse {
+        // The logical tables are views over `collector_rows_*` (erased there).
+        "SELECT table FROM system.columns WHERE database = currentDatabase() AND name IN ('user_id', 'anonymous_id') AND NOT startsWith(table, 'collector_') GROUP BY table HAVING count() = 2 ORDER BY table".to_string()
+    } else {
+        format!(
             "SELECT c.table_name FROM information_schema.columns c
                JOIN information_schema.tables t ON t.table_schema = c.table_schema AND t.table_name = c.table_name
              WHERE c.table_schema = current_schema() AND (t.table_type = 'BASE TABLE' OR {lake})
                AND c.column_name IN ('user_id', 'anonymous_id')
              GROUP BY c.table_name HAVING COUNT(*) = 2 ORDER BY c.table_name",
-            lake = if lake { "TRUE" } else { "FALSE" }
-        ))
-        .await?;
+            lake = if lake { "1 = 1" } else { NOTHING }
+        )
+    };
+    let event_tables = s.query(&discover).await?;
     let mut out = Vec::new();
     let both: Vec<String> = person
         .values("user_id")
@@ -203,15 +255,17 @@ pub async fn stores(
         let Some(table) = row[0].clone() else {
             continue;
         };
-        let mut predicate = format!("(user_id IN ({users}) OR anonymous_id IN ({anons}))");
+        let mut predicate = format!(
+            "({} OR {})",
+            isin("user_id", users.iter()),
+            isin("anonymous_id", anons.iter())
+        );
         if table == "aliases" {
-            predicate = format!(
-                "({predicate} OR previous_id IN ({}))",
-                sql_list(both.iter())
-            );
+            predicate = format!("({predicate} OR {})", isin("previous_id", both.iter()));
         }
         out.push(Store {
             view: kinds.get(&table) != Some(&true),
+            base: base_of(d, &kinds, &table),
             table,
             predicate,
             tombstone: None,
@@ -237,35 +291,35 @@ pub async fn stores(
             message_ids.extend(r.rows.into_iter().filter_map(|r| r[0].clone()));
         }
     }
-    let messages = sql_list(message_ids.iter());
+    let messages = |col: &str| isin(col, message_ids.iter());
     let mut needles = Vec::new();
     for (t, key) in [("user_id", "userId"), ("anonymous_id", "anonymousId")] {
         for v in person.values(t) {
             let needle = format!("\"{key}\":{}", Value::String(v));
-            needles.push(format!("strpos(event, {}) > 0", sql_lit(&needle)));
+            needles.push(match d {
+                Dialect::ClickHouse => format!("position(event, {}) > 0", sql_lit(&needle)),
+                _ => format!("strpos(event, {}) > 0", sql_lit(&needle)),
+            });
         }
     }
     let quarantine = if needles.is_empty() {
-        "FALSE".to_string()
+        NOTHING.to_string()
     } else {
         format!("({})", needles.join(" OR "))
     };
     let ids = &person.ids;
     let fixed = [
-        ("users", format!("id IN ({users})"), None),
+        ("users", isin("id", users.iter()), None),
         ("quarantine", quarantine, None),
-        (
-            "rejected_values",
-            format!("message_id IN ({messages})"),
-            None,
-        ),
+        ("rejected_values", messages("message_id"), None),
         // The registry that makes loads exactly once: an erased event's id goes too
         // (its batch is gone from the edge, and its ids are suppressed there).
-        ("message_ids", format!("message_id IN ({messages})"), None),
+        ("message_ids", messages("message_id"), None),
         (
             "identities",
             format!(
-                "(person_id IN ({persons}) OR {})",
+                "({} OR {})",
+                isin("person_id", persons.iter()),
                 id_match(ids, "id_type", "id_value")
             ),
             None,
@@ -282,27 +336,33 @@ pub async fn stores(
         (
             "identity_merges",
             format!(
-                "({} OR {} OR from_person IN ({persons}) OR into_person IN ({persons}))",
+                "({} OR {} OR {} OR {})",
                 id_match(ids, "a_type", "a_value"),
-                id_match(ids, "b_type", "b_value")
+                id_match(ids, "b_type", "b_value"),
+                isin("from_person", persons.iter()),
+                isin("into_person", persons.iter())
             ),
             None,
         ),
         ("identity_dirty", id_match(ids, "id_type", "id_value"), None),
-        ("profiles", format!("person_id IN ({persons})"), None),
+        ("profiles", isin("person_id", persons.iter()), None),
         (
             "audience_membership",
-            format!("person_id IN ({persons})"),
+            isin("person_id", persons.iter()),
             None,
         ),
         (
             "activation_outbox",
-            format!("(person_id IN ({persons}) OR message_id IN ({messages}))"),
+            format!(
+                "({} OR {})",
+                isin("person_id", persons.iter()),
+                messages("message_id")
+            ),
             None,
         ),
         (
             "activation_log",
-            format!("person_id IN ({persons})"),
+            isin("person_id", persons.iter()),
             Some("person_id = NULL, key = 'erased', detail = NULL".to_string()),
         ),
     ];
@@ -313,12 +373,34 @@ pub async fn stores(
         };
         out.push(Store {
             view: !base,
+            base: base_of(d, &kinds, table),
             table: table.to_string(),
             predicate,
             tombstone,
         });
     }
     Ok(out)
+}
+
+/// Waits until ClickHouse has carried out this database's mutations (its deletes run
+/// in the background; 18.16 cannot wait for them in the statement).
+async fn wait_for_mutations(s: &mut dyn SqlSession) -> Result<(), SinkError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let r = s
+            .query("SELECT count() FROM system.mutations WHERE database = currentDatabase() AND is_done = 0")
+            .await?;
+        if r.rows.first().and_then(|r| r[0].as_deref()) == Some("0") {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(SinkError::Transient(
+                "ClickHouse has not finished the deletes after 300 s; the next pass checks again"
+                    .into(),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 async fn count(s: &mut dyn SqlSession, st: &Store) -> Result<i64, SinkError> {
@@ -615,19 +697,24 @@ async fn erase(
     let stores = stores(s, &person, lake).await?;
     s.batch("BEGIN").await?;
     let mut found = Vec::new();
+    let ch = s.dialect() == Dialect::ClickHouse;
+    let mut mutated = false;
     let erased: Result<(), SinkError> = async {
         for st in &stores {
             let n = count(s, st).await?;
-            if n > 0 && !st.view {
-                let sql = match &st.tombstone {
-                    Some(set) => format!(
-                        "UPDATE {} SET {set} WHERE {}",
-                        quote(&st.table),
-                        st.predicate
-                    ),
-                    None => format!("DELETE FROM {} WHERE {}", quote(&st.table), st.predicate),
+            if n > 0 && (!st.view || st.base.is_some()) {
+                let target = quote(st.base.as_deref().unwrap_or(&st.table));
+                let sql = match (&st.tombstone, ch) {
+                    (Some(set), false) => {
+                        format!("UPDATE {target} SET {set} WHERE {}", st.predicate)
+                    }
+                    (None, false) => format!("DELETE FROM {target} WHERE {}", st.predicate),
+                    // ClickHouse deletes with a mutation (every version of the rows);
+                    // it keeps no activation log to tombstone.
+                    (_, true) => format!("ALTER TABLE {target} DELETE WHERE {}", st.predicate),
                 };
                 s.execute(&sql).await?;
+                mutated = true;
             }
             found.push(n);
         }
@@ -639,6 +726,9 @@ async fn erase(
         return Err(e);
     }
     s.batch("COMMIT").await?;
+    if ch && mutated {
+        wait_for_mutations(s).await?;
+    }
     // What was found is on record before the files are touched.
     for (st, n) in stores.iter().zip(&found) {
         set_store(s, id, &st.table, "erasing", Some((*n, *n)), None, now_ms).await?;

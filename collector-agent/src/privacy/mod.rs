@@ -294,13 +294,59 @@ pub fn cli_caller() -> String {
 }
 
 fn relational(s: &dyn SqlSession) -> Result<Dialect, SinkError> {
-    let d = s.dialect();
-    if d.relational().is_none() {
-        return Err(SinkError::Permanent(
-            "privacy requests need a DuckDB or PostgreSQL warehouse".into(),
-        ));
+    Ok(s.dialect())
+}
+
+/// A `_version` for a ClickHouse row: microseconds, strictly increasing in this
+/// process (two writes of one row in the same microsecond still order).
+fn next_version() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = u64::try_from(crate::now_ms()).unwrap_or(0) * 1000;
+    let mut prev = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(prev + 1);
+        match LAST.compare_exchange(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(p) => prev = p,
+        }
     }
-    Ok(d)
+}
+
+/// A nullable text value as a ClickHouse expression.
+fn ch_text(v: Option<&str>) -> String {
+    v.map(sql_lit)
+        .unwrap_or_else(|| "CAST(NULL AS Nullable(String))".into())
+}
+
+/// A rendered instant back as a ClickHouse expression.
+fn ch_time(v: Option<&str>) -> String {
+    match v.and_then(collector_core::timestamp::parse_ms) {
+        Some(ms) => at(Dialect::ClickHouse, ms),
+        None => "CAST(NULL AS Nullable(DateTime))".into(),
+    }
+}
+
+/// Writes a request's row as a new version (ClickHouse has no `UPDATE`).
+async fn ch_write_request(s: &mut dyn SqlSession, r: &Request) -> Result<(), SinkError> {
+    let resolved =
+        (!r.resolved.is_empty()).then(|| serde_json::to_string(&r.resolved).unwrap_or_default());
+    s.execute(&format!(
+        "INSERT INTO collector_privacy_requests SELECT {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}",
+        sql_lit(&r.id),
+        sql_lit(r.kind.as_str()),
+        sql_lit(&serde_json::to_string(&r.subject).unwrap_or_default()),
+        ch_text(resolved.as_deref()),
+        sql_lit(&r.requested_by),
+        ch_time(Some(&r.received_at)),
+        sql_lit(&r.status),
+        r.runs,
+        ch_time(r.completed_at.as_deref()),
+        ch_text(r.detail.as_deref()),
+        next_version()
+    ))
+    .await?;
+    Ok(())
 }
 
 /// Stores a new request (or returns the one stored under the caller's id).
@@ -324,6 +370,25 @@ pub async fn submit(
         }
     }
     let id = id.map(str::to_string).unwrap_or_else(new_id);
+    if d == Dialect::ClickHouse {
+        let r = Request {
+            id: id.clone(),
+            kind,
+            subject: subject.clone(),
+            resolved: Vec::new(),
+            requested_by: requested_by.to_string(),
+            received_at: collector_core::timestamp::format_ms(now_ms),
+            status: "received".into(),
+            runs: 0,
+            completed_at: None,
+            detail: None,
+            stores: Vec::new(),
+        };
+        ch_write_request(s, &r).await?;
+        return get(s, &id)
+            .await?
+            .ok_or_else(|| SinkError::Transient(format!("request {id} was not stored")));
+    }
     let subject_json = serde_json::to_string(subject).unwrap_or_default();
     s.execute(&format!(
         "INSERT INTO privacy_requests (id, kind, subject, requested_by, received_at, status, runs) VALUES ({}, {}, {}, {}, {}, 'received', 0) ON CONFLICT (id) DO NOTHING",
@@ -344,6 +409,9 @@ const REQUEST_COLUMNS: &str = "id, kind, CAST(subject AS VARCHAR), CAST(resolved
 fn request_columns(d: Dialect) -> String {
     match d {
         Dialect::Postgres => REQUEST_COLUMNS.replace("VARCHAR", "text"),
+        Dialect::ClickHouse => REQUEST_COLUMNS
+            .replace("CAST(subject AS VARCHAR)", "subject")
+            .replace("CAST(resolved AS VARCHAR)", "resolved"),
         _ => REQUEST_COLUMNS.to_string(),
     }
 }
@@ -416,13 +484,24 @@ pub async fn list(s: &mut dyn SqlSession) -> Result<Vec<Request>, SinkError> {
 /// The requests not finished yet, oldest first.
 pub async fn pending(s: &mut dyn SqlSession) -> Result<Vec<Request>, SinkError> {
     let d = relational(s)?;
+    // On ClickHouse a filter on a column outside the key could meet an older version
+    // of a row: filter here.
+    let filter = if d == Dialect::ClickHouse {
+        ""
+    } else {
+        "WHERE status IN ('received', 'running')"
+    };
     let r = s
         .query(&format!(
-            "SELECT {} FROM privacy_requests WHERE status IN ('received', 'running') ORDER BY received_at, id",
+            "SELECT {} FROM privacy_requests {filter} ORDER BY received_at, id",
             request_columns(d)
         ))
         .await?;
-    Ok(r.rows.iter().filter_map(|r| from_row(r)).collect())
+    Ok(r.rows
+        .iter()
+        .filter_map(|r| from_row(r))
+        .filter(|r| !r.is_finished())
+        .collect())
 }
 
 /// Records one store's outcome. `add_before`: the rows found this run are added to
@@ -437,6 +516,39 @@ pub(crate) async fn set_store(
     now_ms: i64,
 ) -> Result<(), SinkError> {
     let d = s.dialect();
+    if d == Dialect::ClickHouse {
+        let r = s
+            .query(&format!(
+                "SELECT before_count FROM privacy_request_stores WHERE request_id = {} AND store = {}",
+                sql_lit(request),
+                sql_lit(store)
+            ))
+            .await?;
+        let prior: i64 = r
+            .rows
+            .first()
+            .and_then(|r| r[0].as_deref())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let (before, after) = match counts {
+            Some((b, a)) => ((prior + b).to_string(), a.to_string()),
+            None => (
+                prior.to_string(),
+                "CAST(NULL AS Nullable(Int64))".to_string(),
+            ),
+        };
+        s.execute(&format!(
+            "INSERT INTO collector_privacy_request_stores SELECT {}, {}, {}, {before}, {after}, {}, {}, {}",
+            sql_lit(request),
+            sql_lit(store),
+            sql_lit(status),
+            ch_text(detail),
+            at(d, now_ms),
+            next_version()
+        ))
+        .await?;
+        return Ok(());
+    }
     let (before, after) = match counts {
         Some((b, a)) => (b.to_string(), a.to_string()),
         None => ("NULL".into(), "NULL".into()),
@@ -466,6 +578,18 @@ pub(crate) async fn set_status(
 ) -> Result<(), SinkError> {
     let d = s.dialect();
     let finished = status == "completed" || status == "failed";
+    if d == Dialect::ClickHouse {
+        let Some(mut r) = get(s, id).await? else {
+            return Ok(());
+        };
+        r.status = status.to_string();
+        r.detail = detail.map(str::to_string);
+        r.completed_at = finished.then(|| collector_core::timestamp::format_ms(now_ms));
+        if finished {
+            r.resolved.clear();
+        }
+        return ch_write_request(s, &r).await;
+    }
     let completed = if finished {
         at(d, now_ms)
     } else {
@@ -490,6 +614,15 @@ pub(crate) async fn record_run(
     id: &str,
     resolved: &BTreeSet<(String, String)>,
 ) -> Result<(), SinkError> {
+    if s.dialect() == Dialect::ClickHouse {
+        let Some(mut r) = get(s, id).await? else {
+            return Ok(());
+        };
+        r.runs += 1;
+        r.status = "running".into();
+        r.resolved = resolved.iter().cloned().collect();
+        return ch_write_request(s, &r).await;
+    }
     let ids: Vec<&(String, String)> = resolved.iter().collect();
     s.execute(&format!(
         "UPDATE privacy_requests SET runs = runs + 1, status = 'running', resolved = {} WHERE id = {}",
@@ -509,6 +642,25 @@ pub async fn record_policy(
     now_ms: i64,
 ) -> Result<(), SinkError> {
     let d = relational(s)?;
+    if d == Dialect::ClickHouse {
+        let r = s
+            .query(&format!(
+                "SELECT count() FROM policy_versions WHERE version = {}",
+                sql_lit(version)
+            ))
+            .await?;
+        if r.rows.first().and_then(|r| r[0].as_deref()) != Some("0") {
+            return Ok(());
+        }
+        s.execute(&format!(
+            "INSERT INTO collector_policy_versions SELECT {}, {}, {}",
+            sql_lit(version),
+            at(d, now_ms),
+            sql_lit(text)
+        ))
+        .await?;
+        return Ok(());
+    }
     s.execute(&format!(
         "INSERT INTO policy_versions VALUES ({}, {}, {}) ON CONFLICT (version) DO NOTHING",
         sql_lit(version),

@@ -379,6 +379,34 @@ impl ClickHouseSink {
         if !has(5) {
             self.migrate_people().await?;
         }
+        if !has(6) {
+            self.migrate_privacy().await?;
+        }
+        Ok(())
+    }
+
+    /// Privacy requests (version 6): the ledger DuckDB and PostgreSQL keep, as
+    /// versioned rows behind `FINAL` views of the same names.
+    async fn migrate_privacy(&self) -> Result<(), SinkError> {
+        for sql in [
+            "CREATE TABLE IF NOT EXISTS collector_privacy_requests (id String, kind String, subject String, resolved Nullable(String), requested_by String, received_at DateTime, status String, runs Int64, completed_at Nullable(DateTime), detail Nullable(String), `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY id",
+            "CREATE TABLE IF NOT EXISTS collector_privacy_request_stores (request_id String, store String, status String, before_count Nullable(Int64), after_count Nullable(Int64), detail Nullable(String), updated_at DateTime, `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY (request_id, store)",
+            "CREATE TABLE IF NOT EXISTS collector_policy_versions (version String, first_seen DateTime, policy String) ENGINE = ReplacingMergeTree() ORDER BY version",
+        ] {
+            self.exec(sql)
+                .await
+                .map_err(|e| SinkError::Transient(format!("ClickHouse schema: {e}")))?;
+        }
+        for (view, select) in [
+            ("privacy_requests", "SELECT id, kind, subject, resolved, requested_by, received_at, status, runs, completed_at, detail FROM collector_privacy_requests FINAL"),
+            ("privacy_request_stores", "SELECT request_id, store, status, before_count, after_count, detail, updated_at FROM collector_privacy_request_stores FINAL"),
+            ("policy_versions", "SELECT version, first_seen, policy FROM collector_policy_versions FINAL"),
+        ] {
+            self.replace_view(view, select).await?;
+        }
+        self.exec("INSERT INTO collector_migrations VALUES (6, 'privacy_requests, privacy_request_stores, policy_versions', now())")
+            .await?;
+        tracing::info!(version = 6, "warehouse migrated");
         Ok(())
     }
 
