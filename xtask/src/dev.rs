@@ -86,7 +86,7 @@ pub fn dev(tools: &Toolchain, _args: &[String]) -> Result<()> {
     let mut edge = LocalEdge::start(EdgeOptions {
         vars: vec![
             ("DRAIN_SECRET".into(), secret.clone()),
-            ("PII_HMAC_KEY".into(), pii_key),
+            ("PII_HMAC_KEY".into(), pii_key.clone()),
             ("DEV_MODE".into(), "true".into()),
         ],
         persist_dir: data.join("edge-state"),
@@ -118,6 +118,8 @@ pub fn dev(tools: &Toolchain, _args: &[String]) -> Result<()> {
             }
         })?
     };
+    // The agent's admin address: `sql`, privacy requests and the consent dashboard.
+    let admin_port = port_or_free("XTASK_DEV_ADMIN_PORT", 8790);
     let agent_config = data.join("agent.toml");
     std::fs::write(
         &agent_config,
@@ -125,6 +127,9 @@ pub fn dev(tools: &Toolchain, _args: &[String]) -> Result<()> {
             "# Written by `cargo xtask dev`.\nedge_url = \"{}\"\ndrain_secret = \"{secret}\"\npoll_interval_ms = 1000\naudiences = \"{}\"\nprivacy = \"{}\"\naudience_interval_ms = 10000
 # The development key (examples/dev-seal.key), which privacy.toml seals phones and emails to.
 seal_key_env = \"COLLECTOR_SEAL_KEY\"
+# The edge's PII key, so privacy requests can name a person by email.
+pii_key_env = \"COLLECTOR_PII_KEY\"
+admin_addr = \"127.0.0.1:{admin_port}\"
 
 [warehouse]\npath = \"warehouse.duckdb\"
 
@@ -158,6 +163,7 @@ audiences = [\"cart_abandoners_15m\"]
         cmd.args(["run", "--config"])
             .arg(&agent_config)
             .env("COLLECTOR_SEAL_KEY", &seal_key)
+            .env("COLLECTOR_PII_KEY", &pii_key)
             .env("TWILIO_AUTH_TOKEN", "dev-token")
             .stdin(Stdio::null())
             .stdout(agent_log.try_clone()?)
@@ -200,6 +206,12 @@ audiences = [\"cart_abandoners_15m\"]
         agent_config.display()
     );
     println!("sms_log={}", sms_log.display());
+    println!("dashboard_url=http://127.0.0.1:{admin_port}/dashboard");
+    println!(
+        "erase={} privacy request erase --user-id demo-user --config {}",
+        agent_bin.display(),
+        agent_config.display()
+    );
     println!("ready");
     let _ = std::io::stdout().flush();
     eprintln!(
