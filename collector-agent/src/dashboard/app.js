@@ -32,8 +32,8 @@
   var chart = new uPlot({
     width: width,
     height: 300,
-    // Half a day of margin each side, so one day is a point in a day-wide frame.
-    scales: { x: { time: true, range: function (u, min, max) { return [min - 43200, max + 43200]; } }, y: { range: [0, 100] } },
+    // A fixed frame: the days shown, with a day of margin each side.
+    scales: { x: { time: true, range: [xs[0] - 86400, xs[xs.length - 1] + 86400] }, y: { range: [0, 100] } },
     axes: [
       { stroke: '#1a1a1a' },
       { stroke: '#1a1a1a', values: function (u, ticks) { return ticks.map(function (t) { return t + '%'; }); } }
