@@ -123,6 +123,38 @@ pub fn encode_batch(batch: &Batch) -> Result<Vec<u8>, CodecError> {
     frame(BATCH_MAGIC, BATCH_VERSION, batch)
 }
 
+/// The events of one append as a batch stores them (each event's postcard encoding,
+/// back to back, no framing): what a shard keeps per append, so sealing concatenates
+/// instead of decoding and encoding every event again.
+pub fn encode_events_raw(events: &[StoredEvent]) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(events.len() * 512);
+    for ev in events {
+        out = postcard::to_extend(ev, out).map_err(|e| CodecError::Encode(e.to_string()))?;
+    }
+    Ok(out)
+}
+
+/// A sealed batch built from parts of [`encode_events_raw`], byte for byte what
+/// [`encode_batch`] writes for the same events.
+pub fn encode_batch_from_parts<'a>(
+    shard: u32,
+    sealed_at_ms: i64,
+    events: usize,
+    parts: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(1024);
+    out.extend_from_slice(&BATCH_MAGIC);
+    out.push(BATCH_VERSION);
+    let mut out = postcard::to_extend(&(shard, sealed_at_ms, events), out)
+        .map_err(|e| CodecError::Encode(e.to_string()))?;
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    let crc = crc32fast::hash(&out[4..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+    Ok(out)
+}
+
 pub fn decode_batch(bytes: &[u8]) -> Result<Batch, CodecError> {
     decode_v1(BATCH_MAGIC, bytes)
 }

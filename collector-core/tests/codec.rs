@@ -191,3 +191,33 @@ fn empty_and_large_batches_round_trip() {
         .collect();
     assert_eq!(decode_batch(&encode_batch(&big).unwrap()).unwrap(), big);
 }
+
+#[test]
+fn a_batch_from_raw_parts_is_the_batch_encoding() {
+    let ev = |i: u32| StoredEvent {
+        message_id: format!("m-{i}"),
+        kind: collector_core::EventKind::Track,
+        anonymous_id: Some(format!("a-{i}")),
+        user_id: (i % 2 == 0).then(|| format!("u-{i}")),
+        received_at_ms: 1_700_000_000_000 + i64::from(i),
+        timestamp_ms: 1_700_000_000_000,
+        json: format!("{{\"i\":{i}}}"),
+    };
+    let all: Vec<StoredEvent> = (0..300).map(ev).collect();
+    let parts = [
+        encode_events_raw(&all[..1]).unwrap(),
+        encode_events_raw(&all[1..200]).unwrap(),
+        encode_events_raw(&all[200..]).unwrap(),
+    ];
+    let joined =
+        encode_batch_from_parts(3, -5, all.len(), parts.iter().map(Vec::as_slice)).unwrap();
+    let batch = Batch {
+        shard: 3,
+        sealed_at_ms: -5,
+        events: all,
+    };
+    assert_eq!(joined, encode_batch(&batch).unwrap());
+    assert_eq!(decode_batch(&joined).unwrap(), batch);
+    let empty = encode_batch_from_parts(0, 0, 0, std::iter::empty()).unwrap();
+    assert_eq!(decode_batch(&empty).unwrap().events, vec![]);
+}

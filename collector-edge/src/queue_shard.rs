@@ -13,10 +13,10 @@
 //! are durable: a 200 from `/append` means the events are on disk.
 
 use collector_core::codec::{
-    decode_append, decode_event, encode_batch, encode_event, encode_lease, Batch, Lease,
+    decode_append, decode_event, encode_batch_from_parts, encode_events_raw, encode_lease, Lease,
     LeasedBatch,
 };
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 
 use collector_core::drain::{
@@ -53,6 +53,12 @@ CREATE TABLE IF NOT EXISTS drops (reason TEXT PRIMARY KEY, count INTEGER NOT NUL
 CREATE TABLE IF NOT EXISTS notes (key TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS suppressed (key TEXT PRIMARY KEY, added_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS open_chunks (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    events INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    blob BLOB NOT NULL
+);
 ";
 
 #[durable_object]
@@ -63,6 +69,13 @@ pub struct QueueShard {
     /// storage on first use and kept in step with it by `/suppress` (one instance
     /// serves the object at a time).
     suppressed: RefCell<Option<HashSet<String>>>,
+    /// The open batch's events and bytes, read from storage once per instance and
+    /// kept in step by every append and seal (no scan per append).
+    open: Cell<Option<(i64, i64)>>,
+    /// Whether this instance knows an alarm is set (so an append does not ask).
+    alarm_set: Cell<bool>,
+    /// Whether this instance has stored its shard number.
+    shard_stored: Cell<bool>,
 }
 
 #[derive(Deserialize)]
@@ -92,11 +105,31 @@ impl QueueShard {
         Ok(rows.first().map(|v| v.value as u32).unwrap_or(0))
     }
 
-    /// Seals every open event into one batch row. Synchronous: one atomic unit.
+    /// The open batch's events and bytes (both tables: appends are chunks; rows of
+    /// `open_events` are from before chunks, or planted by `/dev/inject`).
+    fn open_totals(&self, sql: &SqlStorage) -> Result<(i64, i64)> {
+        if let Some(t) = self.open.get() {
+            return Ok(t);
+        }
+        let t: OpenStats = sql
+            .exec(
+                "SELECT (SELECT COUNT(*) FROM open_events) + (SELECT COALESCE(SUM(events), 0) FROM open_chunks) AS n,
+                        (SELECT COALESCE(SUM(bytes), 0) FROM open_events) + (SELECT COALESCE(SUM(bytes), 0) FROM open_chunks) AS bytes",
+                None,
+            )?
+            .one()?;
+        let t = (t.n, t.bytes.unwrap_or(0));
+        self.open.set(Some(t));
+        Ok(t)
+    }
+
+    /// Seals every open event into one batch row. Synchronous: one atomic unit. The
+    /// chunks are already in the batch's encoding: they are concatenated, not decoded.
     fn seal(&self) -> Result<usize> {
         let sql = self.sql();
-        let mut events = Vec::new();
-        let mut max_seq = 0i64;
+        let shape = || worker::Error::RustError("an open row has an unexpected shape".into());
+        let mut legacy = Vec::new();
+        let mut max_legacy = 0i64;
         for row in sql
             .exec("SELECT seq, event FROM open_events ORDER BY seq", None)?
             .raw()
@@ -105,13 +138,11 @@ impl QueueShard {
             let (Some(SqlStorageValue::Integer(seq)), Some(SqlStorageValue::Blob(bytes))) =
                 (row.first(), row.get(1))
             else {
-                return Err(worker::Error::RustError(
-                    "open_events row has an unexpected shape".into(),
-                ));
+                return Err(shape());
             };
-            max_seq = *seq;
+            max_legacy = *seq;
             match decode_event(bytes) {
-                Ok(ev) => events.push(ev),
+                Ok(ev) => legacy.push(ev),
                 Err(e) => {
                     // Never silently: count it, and keep going with the rest.
                     worker::console_error!("open event {seq} does not decode: {e}");
@@ -119,26 +150,64 @@ impl QueueShard {
                 }
             }
         }
-        if max_seq == 0 {
+        let mut parts: Vec<Vec<u8>> = Vec::new();
+        let mut n = legacy.len();
+        if !legacy.is_empty() {
+            parts.push(
+                encode_events_raw(&legacy).map_err(|e| worker::Error::RustError(e.to_string()))?,
+            );
+        }
+        let mut max_chunk = 0i64;
+        for row in sql
+            .exec(
+                "SELECT seq, events, blob FROM open_chunks ORDER BY seq",
+                None,
+            )?
+            .raw()
+        {
+            let row = row?;
+            let (
+                Some(SqlStorageValue::Integer(seq)),
+                Some(SqlStorageValue::Integer(events)),
+                Some(SqlStorageValue::Blob(blob)),
+            ) = (row.first(), row.get(1), row.get(2))
+            else {
+                return Err(shape());
+            };
+            max_chunk = *seq;
+            n += *events as usize;
+            parts.push(blob.clone());
+        }
+        if max_legacy == 0 && max_chunk == 0 {
             return Ok(0);
         }
-        let n = events.len();
         if n > 0 {
-            let batch = Batch {
-                shard: self.shard_number()?,
-                sealed_at_ms: now_ms(),
-                events,
-            };
-            let blob = encode_batch(&batch).map_err(|e| worker::Error::RustError(e.to_string()))?;
+            let sealed_at_ms = now_ms();
+            let blob = encode_batch_from_parts(
+                self.shard_number()?,
+                sealed_at_ms,
+                n,
+                parts.iter().map(Vec::as_slice),
+            )
+            .map_err(|e| worker::Error::RustError(e.to_string()))?;
             sql.exec(
                 "INSERT INTO batches (blob, events, sealed_ms) VALUES (?, ?, ?)",
-                vec![blob.into(), (n as i64).into(), batch.sealed_at_ms.into()],
+                vec![blob.into(), (n as i64).into(), sealed_at_ms.into()],
             )?;
         }
-        sql.exec(
-            "DELETE FROM open_events WHERE seq <= ?",
-            vec![max_seq.into()],
-        )?;
+        if max_legacy > 0 {
+            sql.exec(
+                "DELETE FROM open_events WHERE seq <= ?",
+                vec![max_legacy.into()],
+            )?;
+        }
+        if max_chunk > 0 {
+            sql.exec(
+                "DELETE FROM open_chunks WHERE seq <= ?",
+                vec![max_chunk.into()],
+            )?;
+        }
+        self.open.set(Some((0, 0)));
         Ok(n)
     }
 
@@ -170,10 +239,13 @@ impl QueueShard {
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         let sql = self.sql();
-        sql.exec(
-            "INSERT INTO meta (key, value) VALUES ('shard', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            vec![shard.into()],
-        )?;
+        if !self.shard_stored.get() {
+            sql.exec(
+                "INSERT INTO meta (key, value) VALUES ('shard', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                vec![shard.into()],
+            )?;
+            self.shard_stored.set(true);
+        }
         for (reason, n) in &append.drops {
             self.count_drop(&sql, reason, *n)?;
         }
@@ -185,18 +257,14 @@ impl QueueShard {
         if dropped > 0 {
             self.count_drop(&sql, "suppressed", dropped)?;
         }
-        let stats: OpenStats = sql
-            .exec(
-                "SELECT COUNT(*) AS n, SUM(bytes) AS bytes FROM open_events",
-                None,
-            )?
-            .one()?;
-        if stats.n as usize >= cfg.batch_max_events
-            || stats.bytes.unwrap_or(0) as usize >= cfg.batch_max_bytes
-        {
+        let (n, bytes) = self.open_totals(&sql)?;
+        if n as usize >= cfg.batch_max_events || bytes as usize >= cfg.batch_max_bytes {
             self.seal()?;
-        } else if stats.n > 0 && self.state.storage().get_alarm().await?.is_none() {
-            self.state.storage().set_alarm(cfg.batch_max_age_ms).await?;
+        } else if n > 0 && !self.alarm_set.get() {
+            if self.state.storage().get_alarm().await?.is_none() {
+                self.state.storage().set_alarm(cfg.batch_max_age_ms).await?;
+            }
+            self.alarm_set.set(true);
         }
         http::json(
             200,
@@ -204,8 +272,9 @@ impl QueueShard {
         )
     }
 
-    /// Appends the events to the open batch, except those of suppressed people; how
-    /// many were dropped.
+    /// Appends the events to the open batch as one chunk (one row per append, in
+    /// the batch's own encoding), except those of suppressed people; how many were
+    /// dropped.
     fn store_events(
         &self,
         sql: &SqlStorage,
@@ -213,23 +282,34 @@ impl QueueShard {
     ) -> Result<u64> {
         let suppressed = self.suppressed.borrow();
         let list = suppressed.as_ref().filter(|s| !s.is_empty());
-        let mut dropped = 0u64;
-        for ev in events {
-            if let Some(list) = list {
-                if is_suppressed(ev.user_id.as_deref(), ev.anonymous_id.as_deref(), |k| {
-                    list.contains(k)
-                }) {
-                    dropped += 1;
-                    continue;
-                }
-            }
-            let bytes = encode_event(ev).map_err(|e| worker::Error::RustError(e.to_string()))?;
-            let len = bytes.len() as i64;
-            sql.exec(
-                "INSERT INTO open_events (event, bytes) VALUES (?, ?)",
-                vec![bytes.into(), len.into()],
-            )?;
+        let kept: Vec<&collector_core::StoredEvent> = events
+            .iter()
+            .filter(|ev| {
+                !list.is_some_and(|list| {
+                    is_suppressed(ev.user_id.as_deref(), ev.anonymous_id.as_deref(), |k| {
+                        list.contains(k)
+                    })
+                })
+            })
+            .collect();
+        let dropped = (events.len() - kept.len()) as u64;
+        if kept.is_empty() {
+            return Ok(dropped);
         }
+        let blob = if dropped == 0 {
+            encode_events_raw(events)
+        } else {
+            encode_events_raw(&kept.into_iter().cloned().collect::<Vec<_>>())
+        }
+        .map_err(|e| worker::Error::RustError(e.to_string()))?;
+        let (n, bytes) = ((events.len() as u64 - dropped) as i64, blob.len() as i64);
+        // Read before the insert, so a first read does not count this chunk twice.
+        let (open_n, open_bytes) = self.open_totals(sql)?;
+        sql.exec(
+            "INSERT INTO open_chunks (events, bytes, blob) VALUES (?, ?, ?)",
+            vec![n.into(), bytes.into(), blob.into()],
+        )?;
+        self.open.set(Some((open_n + n, open_bytes + bytes)));
         Ok(dropped)
     }
 
@@ -388,12 +468,7 @@ impl QueueShard {
             oldest: Option<i64>,
         }
         let sql = self.sql();
-        let open: OpenStats = sql
-            .exec(
-                "SELECT COUNT(*) AS n, SUM(bytes) AS bytes FROM open_events",
-                None,
-            )?
-            .one()?;
+        let (open_n, open_bytes) = self.open_totals(&sql)?;
         let depth: Depth = sql
             .exec(
                 "SELECT COUNT(*) AS sealed, COUNT(lease_id) AS leased, SUM(events) AS events, MIN(sealed_ms) AS oldest FROM batches",
@@ -412,8 +487,8 @@ impl QueueShard {
                 .headers()
                 .get(SHARD_HEADER)?
                 .and_then(|s| s.parse::<u32>().ok()),
-            open_events: open.n.max(0) as u64,
-            open_bytes: open.bytes.unwrap_or(0).max(0) as u64,
+            open_events: open_n.max(0) as u64,
+            open_bytes: open_bytes.max(0) as u64,
             sealed_batches: depth.sealed.max(0) as u64,
             leased_batches: depth.leased.max(0) as u64,
             sealed_events: depth.events.unwrap_or(0).max(0) as u64,
@@ -434,6 +509,9 @@ impl DurableObject for QueueShard {
             state,
             env,
             suppressed: RefCell::new(None),
+            open: Cell::new(None),
+            alarm_set: Cell::new(false),
+            shard_stored: Cell::new(false),
         }
     }
 
@@ -455,6 +533,7 @@ impl DurableObject for QueueShard {
     }
 
     async fn alarm(&self) -> Result<Response> {
+        self.alarm_set.set(false);
         let sealed = self.seal()?;
         Response::ok(format!("sealed {sealed}"))
     }

@@ -314,6 +314,9 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
     edge.stop();
     let _ = std::fs::remove_dir_all(&dir);
 
+    eprintln!("bench: the edge under load, 1-, 20- and 100-event bodies");
+    rows.extend(edge_load(tools)?);
+
     eprintln!("bench: activation latency (edge receipt → webhook call)");
     rows.extend(activation_latency(tools)?);
 
@@ -577,4 +580,100 @@ pub fn activation_latency(tools: &Toolchain) -> Result<Vec<(String, String)>> {
             ms.len()
         ),
     )])
+}
+
+/// The edge under load through `wrangler dev`: for bodies of 1, 20 and 100 events,
+/// `requests` POSTs from 4 senders; requests and events per second, latency p50/p99,
+/// and workerd's CPU per event (all its processes: parse, policy, Durable Object
+/// writes). `cargo xtask bench --edge` prints only this.
+pub fn edge_load(tools: &Toolchain) -> Result<Vec<(String, String)>> {
+    let mut rows = Vec::new();
+    let dir = std::env::temp_dir().join(format!("edge-collector-load-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut edge = LocalEdge::start(EdgeOptions::in_dir(&dir, SECRET))?;
+    let _ = tools;
+    let senders = 4;
+    let seq = Arc::new(AtomicU64::new(1_000_000));
+    for (events, requests) in [(1usize, 600u64), (20, 400), (100, 300)] {
+        // Warm up (compile and instantiate the wasm, open the shards).
+        let client = reqwest::blocking::Client::new();
+        for _ in 0..5 {
+            client
+                .post(format!("{}/v1/batch", edge.url))
+                .body(batch_body(seq.fetch_add(1, Ordering::Relaxed), events))
+                .send()?;
+        }
+        let next = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let cpu_before = edge.workerd_cpu_seconds();
+        let start = Instant::now();
+        let mut latencies: Vec<Duration> = Vec::new();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..senders)
+                .map(|_| {
+                    let (next, failed, seq, url) =
+                        (next.clone(), failed.clone(), seq.clone(), edge.url.clone());
+                    s.spawn(move || {
+                        let client = reqwest::blocking::Client::new();
+                        let mut lat = Vec::new();
+                        while next.fetch_add(1, Ordering::Relaxed) < requests {
+                            let body = batch_body(seq.fetch_add(1, Ordering::Relaxed), events);
+                            let t = Instant::now();
+                            let ok = client
+                                .post(format!("{url}/v1/batch"))
+                                .header("Content-Type", "text/plain")
+                                .body(body)
+                                .send()
+                                .map(|r| r.status().as_u16() == 200)
+                                .unwrap_or(false);
+                            lat.push(t.elapsed());
+                            if !ok {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        lat
+                    })
+                })
+                .collect();
+            for h in handles {
+                latencies.extend(h.join().unwrap_or_default());
+            }
+        });
+        let elapsed = start.elapsed().as_secs_f64();
+        let cpu = match (cpu_before, edge.workerd_cpu_seconds()) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
+        latencies.sort();
+        let pct = |p: f64| {
+            latencies
+                .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1e3
+        };
+        let total_events = requests as f64 * events as f64;
+        rows.push((
+            format!("edge, {events}-event bodies ({requests} requests, {senders} senders, wrangler dev)"),
+            format!(
+                "{:.0} req/s, {:.0} events/s, p50 {:.1} ms, p99 {:.1} ms, {} non-200",
+                requests as f64 / elapsed,
+                total_events / elapsed,
+                pct(0.5),
+                pct(0.99),
+                failed.load(Ordering::Relaxed)
+            ),
+        ));
+        if let Some(cpu) = cpu {
+            rows.push((
+                format!("  workerd CPU per event ({events}-event bodies)"),
+                format!("{:.0} µs/event", cpu / total_events * 1e6),
+            ));
+        }
+    }
+    edge.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(rows)
 }

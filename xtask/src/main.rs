@@ -59,6 +59,13 @@ fn main() -> Result<()> {
             bench::print_table(&bench::activation_latency(&tools)?);
             Ok(())
         }
+        "bench" if rest.iter().any(|a| a == "--edge") => {
+            // Only the edge under load (1-, 20- and 100-event bodies).
+            setup::setup(&tools, false)?;
+            build_edge(&tools, true)?;
+            bench::print_table(&bench::edge_load(&tools)?);
+            Ok(())
+        }
         "bench" => {
             setup::setup(&tools, false)?;
             build_edge(&tools, true)?;
@@ -66,7 +73,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|build-edge [--dev]|dev|ci|bench [--latency]|sdk-size>"
+                "usage: cargo xtask <setup|build-edge [--dev]|dev|ci|bench [--latency|--edge]|sdk-size>"
             );
             if cmd == "help" || cmd == "--help" {
                 Ok(())
