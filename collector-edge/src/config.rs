@@ -1,5 +1,6 @@
-//! The worker's configuration, parsed once per request from `env` into a typed
-//! `EdgeConfig`. A bad value is a clear error naming the variable, never a panic.
+//! The worker's configuration, parsed from `env` into a typed `EdgeConfig` once per
+//! isolate (an isolate's bindings never change: a new deployment, or new secrets, start
+//! new isolates). A bad value is a clear error naming the variable, never a panic.
 
 use worker::Env;
 
@@ -137,7 +138,20 @@ fn number<T: std::str::FromStr>(env: &Env, name: &str, default: T) -> Result<T, 
     }
 }
 
+thread_local! {
+    static CONFIG: std::cell::OnceCell<Result<std::rc::Rc<EdgeConfig>, String>> =
+        const { std::cell::OnceCell::new() };
+}
+
 impl EdgeConfig {
+    /// The configuration, parsed on this isolate's first request.
+    pub fn cached(env: &Env) -> Result<std::rc::Rc<EdgeConfig>, String> {
+        CONFIG.with(|cell| {
+            cell.get_or_init(|| EdgeConfig::from_env(env).map(std::rc::Rc::new))
+                .clone()
+        })
+    }
+
     pub fn from_env(env: &Env) -> Result<EdgeConfig, String> {
         let write_keys: Vec<String> = lookup(env, VAR_WRITE_KEYS)
             .unwrap_or_default()

@@ -28,7 +28,7 @@ use crate::ingest::handle_ingest;
 
 #[event(fetch)]
 async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
-    let cfg = match EdgeConfig::from_env(&env) {
+    let cfg = match EdgeConfig::cached(&env) {
         Ok(cfg) => cfg,
         Err(e) => {
             worker::console_error!("{e}");

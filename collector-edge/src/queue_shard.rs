@@ -76,6 +76,8 @@ pub struct QueueShard {
     alarm_set: Cell<bool>,
     /// Whether this instance has stored its shard number.
     shard_stored: Cell<bool>,
+    /// The sealing thresholds, read from `env` on the first request.
+    config: Cell<Option<ShardConfig>>,
 }
 
 #[derive(Deserialize)]
@@ -512,13 +514,20 @@ impl DurableObject for QueueShard {
             open: Cell::new(None),
             alarm_set: Cell::new(false),
             shard_stored: Cell::new(false),
+            config: Cell::new(None),
         }
     }
 
     async fn fetch(&self, req: Request) -> Result<Response> {
-        let cfg = match ShardConfig::from_env(&self.env) {
-            Ok(c) => c,
-            Err(e) => return http::error(503, "bad_config", &e),
+        let cfg = match self.config.get() {
+            Some(c) => c,
+            None => match ShardConfig::from_env(&self.env) {
+                Ok(c) => {
+                    self.config.set(Some(c));
+                    c
+                }
+                Err(e) => return http::error(503, "bad_config", &e),
+            },
         };
         match req.path().as_str() {
             shard_client::APPEND => self.append(req, cfg).await,

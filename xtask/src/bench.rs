@@ -673,6 +673,34 @@ pub fn edge_load(tools: &Toolchain) -> Result<Vec<(String, String)>> {
             ));
         }
     }
+    // What the runtime (and `wrangler dev`'s proxy) costs per request on its own: a
+    // route that only answers.
+    let requests = 600u64;
+    let next = Arc::new(AtomicU64::new(0));
+    let cpu_before = edge.workerd_cpu_seconds();
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..senders {
+            let (next, url) = (next.clone(), edge.url.clone());
+            s.spawn(move || {
+                let client = reqwest::blocking::Client::new();
+                while next.fetch_add(1, Ordering::Relaxed) < requests {
+                    let _ = client.get(format!("{url}/health")).send();
+                }
+            });
+        }
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    if let (Some(a), Some(b)) = (cpu_before, edge.workerd_cpu_seconds()) {
+        rows.push((
+            format!("edge, GET /health ({requests} requests, {senders} senders, wrangler dev)"),
+            format!(
+                "{:.0} req/s, workerd CPU {:.0} µs/request",
+                requests as f64 / elapsed,
+                (b - a) / requests as f64 * 1e6
+            ),
+        ));
+    }
     edge.stop();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(rows)
