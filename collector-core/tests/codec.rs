@@ -198,7 +198,7 @@ fn a_batch_from_raw_parts_is_the_batch_encoding() {
         message_id: format!("m-{i}"),
         kind: collector_core::EventKind::Track,
         anonymous_id: Some(format!("a-{i}")),
-        user_id: (i % 2 == 0).then(|| format!("u-{i}")),
+        user_id: i.is_multiple_of(2).then(|| format!("u-{i}")),
         received_at_ms: 1_700_000_000_000 + i64::from(i),
         timestamp_ms: 1_700_000_000_000,
         json: format!("{{\"i\":{i}}}"),

@@ -15,6 +15,7 @@ pub mod pages;
 pub mod postgres;
 pub mod recorder;
 pub mod toolchain;
+pub mod workerd;
 
 pub use edge::{EdgeOptions, LocalEdge, TEST_PII_KEY};
 pub use toolchain::Toolchain;

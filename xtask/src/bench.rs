@@ -582,126 +582,234 @@ pub fn activation_latency(tools: &Toolchain) -> Result<Vec<(String, String)>> {
     )])
 }
 
-/// The edge under load through `wrangler dev`: for bodies of 1, 20 and 100 events,
-/// `requests` POSTs from 4 senders; requests and events per second, latency p50/p99,
-/// and workerd's CPU per event (all its processes: parse, policy, Durable Object
-/// writes). `cargo xtask bench --edge` prints only this.
+/// One load run's figures.
+struct LoadRun {
+    req_s: f64,
+    events_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    failed: u64,
+    /// Workerd CPU per event, in µs.
+    cpu_us: Option<f64>,
+}
+
+/// `requests` POSTs of `events`-event bodies to `url` from `senders` threads (after a
+/// warm-up); `cpu` reads the server's CPU seconds.
+fn load_run(
+    url: &str,
+    events: usize,
+    requests: u64,
+    senders: usize,
+    seq: &AtomicU64,
+    cpu: &dyn Fn() -> Option<f64>,
+) -> Result<LoadRun> {
+    let client = reqwest::blocking::Client::new();
+    for _ in 0..5 {
+        client
+            .post(url)
+            .body(batch_body(seq.fetch_add(1, Ordering::Relaxed), events))
+            .send()?;
+    }
+    let next = AtomicU64::new(0);
+    let failed = AtomicU64::new(0);
+    let cpu_before = cpu();
+    let start = Instant::now();
+    let mut latencies: Vec<Duration> = Vec::new();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..senders)
+            .map(|_| {
+                let (next, failed) = (&next, &failed);
+                s.spawn(move || {
+                    let client = reqwest::blocking::Client::new();
+                    let mut lat = Vec::new();
+                    while next.fetch_add(1, Ordering::Relaxed) < requests {
+                        let body = batch_body(seq.fetch_add(1, Ordering::Relaxed), events);
+                        let t = Instant::now();
+                        let ok = client
+                            .post(url)
+                            .header("Content-Type", "text/plain")
+                            .body(body)
+                            .send()
+                            .map(|r| r.status().as_u16() == 200)
+                            .unwrap_or(false);
+                        lat.push(t.elapsed());
+                        if !ok {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    lat
+                })
+            })
+            .collect();
+        for h in handles {
+            latencies.extend(h.join().unwrap_or_default());
+        }
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu_s = match (cpu_before, cpu()) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    latencies.sort();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+            .as_secs_f64()
+            * 1e3
+    };
+    let total = requests as f64 * events as f64;
+    Ok(LoadRun {
+        req_s: requests as f64 / elapsed,
+        events_s: total / elapsed,
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        failed: failed.load(Ordering::Relaxed),
+        cpu_us: cpu_s.map(|c| c / total * 1e6),
+    })
+}
+
+/// The floor: a minimal worker that answers each request after one Durable Object
+/// SQLite write of its body (JavaScript: the runtime's own floor, no wasm).
+const FLOOR_WORKER: &str = r#"import { DurableObject } from "cloudflare:workers";
+export class Floor extends DurableObject {
+  constructor(ctx, env) {
+    super(ctx, env);
+    ctx.storage.sql.exec("CREATE TABLE IF NOT EXISTS bodies (id INTEGER PRIMARY KEY AUTOINCREMENT, body BLOB NOT NULL)");
+  }
+  async fetch(request) {
+    const body = await request.arrayBuffer();
+    this.ctx.storage.sql.exec("INSERT INTO bodies (body) VALUES (?)", body);
+    return new Response('{"success":true}', { headers: { "content-type": "application/json" } });
+  }
+}
+export default {
+  async fetch(request, env) {
+    if (request.method !== "POST") return new Response("ok");
+    const body = await request.arrayBuffer();
+    const stub = env.FLOOR.get(env.FLOOR.idFromName("shard-0"));
+    return stub.fetch("https://floor/", { method: "POST", body });
+  },
+};
+"#;
+
+/// The edge under load, for bodies of 1, 20 and 100 events (600, 400 and 300 requests
+/// from 4 senders): through `wrangler dev` (what developers run), then the same worker
+/// on `workerd serve` directly beside the floor worker, with the ratios. Workerd's CPU
+/// per event counts all its processes. `cargo xtask bench --edge` prints only this.
 pub fn edge_load(tools: &Toolchain) -> Result<Vec<(String, String)>> {
+    use collector_e2e::workerd::{DirectWorker, Module, WorkerSpec};
     let mut rows = Vec::new();
     let dir = std::env::temp_dir().join(format!("edge-collector-load-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let mut edge = LocalEdge::start(EdgeOptions::in_dir(&dir, SECRET))?;
-    let _ = tools;
     let senders = 4;
-    let seq = Arc::new(AtomicU64::new(1_000_000));
-    for (events, requests) in [(1usize, 600u64), (20, 400), (100, 300)] {
-        // Warm up (compile and instantiate the wasm, open the shards).
-        let client = reqwest::blocking::Client::new();
-        for _ in 0..5 {
-            client
-                .post(format!("{}/v1/batch", edge.url))
-                .body(batch_body(seq.fetch_add(1, Ordering::Relaxed), events))
-                .send()?;
+    let seq = AtomicU64::new(1_000_000);
+    let sizes = [(1usize, 600u64), (20, 400), (100, 300)];
+    let fmt = |r: &LoadRun| {
+        format!(
+            "{:.0} req/s, {:.0} events/s, p50 {:.1} ms, p99 {:.1} ms, {} non-200, {}",
+            r.req_s,
+            r.events_s,
+            r.p50_ms,
+            r.p99_ms,
+            r.failed,
+            r.cpu_us
+                .map(|c| format!("{c:.0} µs CPU/event"))
+                .unwrap_or_else(|| "CPU n/a".into())
+        )
+    };
+
+    {
+        let mut edge = LocalEdge::start(EdgeOptions::in_dir(&dir.join("wrangler"), SECRET))?;
+        let url = format!("{}/v1/batch", edge.url);
+        for (events, requests) in sizes {
+            let r = load_run(&url, events, requests, senders, &seq, &|| {
+                edge.workerd_cpu_seconds()
+            })?;
+            rows.push((format!("wrangler dev, {events}-event bodies"), fmt(&r)));
         }
-        let next = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let cpu_before = edge.workerd_cpu_seconds();
-        let start = Instant::now();
-        let mut latencies: Vec<Duration> = Vec::new();
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..senders)
-                .map(|_| {
-                    let (next, failed, seq, url) =
-                        (next.clone(), failed.clone(), seq.clone(), edge.url.clone());
-                    s.spawn(move || {
-                        let client = reqwest::blocking::Client::new();
-                        let mut lat = Vec::new();
-                        while next.fetch_add(1, Ordering::Relaxed) < requests {
-                            let body = batch_body(seq.fetch_add(1, Ordering::Relaxed), events);
-                            let t = Instant::now();
-                            let ok = client
-                                .post(format!("{url}/v1/batch"))
-                                .header("Content-Type", "text/plain")
-                                .body(body)
-                                .send()
-                                .map(|r| r.status().as_u16() == 200)
-                                .unwrap_or(false);
-                            lat.push(t.elapsed());
-                            if !ok {
-                                failed.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        lat
-                    })
-                })
-                .collect();
-            for h in handles {
-                latencies.extend(h.join().unwrap_or_default());
-            }
-        });
-        let elapsed = start.elapsed().as_secs_f64();
-        let cpu = match (cpu_before, edge.workerd_cpu_seconds()) {
-            (Some(a), Some(b)) => Some(b - a),
-            _ => None,
-        };
-        latencies.sort();
-        let pct = |p: f64| {
-            latencies
-                .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-                .copied()
-                .unwrap_or_default()
-                .as_secs_f64()
-                * 1e3
-        };
-        let total_events = requests as f64 * events as f64;
-        rows.push((
-            format!("edge, {events}-event bodies ({requests} requests, {senders} senders, wrangler dev)"),
-            format!(
-                "{:.0} req/s, {:.0} events/s, p50 {:.1} ms, p99 {:.1} ms, {} non-200",
-                requests as f64 / elapsed,
-                total_events / elapsed,
-                pct(0.5),
-                pct(0.99),
-                failed.load(Ordering::Relaxed)
-            ),
-        ));
-        if let Some(cpu) = cpu {
-            rows.push((
-                format!("  workerd CPU per event ({events}-event bodies)"),
-                format!("{:.0} µs/event", cpu / total_events * 1e6),
-            ));
-        }
+        edge.stop();
     }
-    // What the runtime (and `wrangler dev`'s proxy) costs per request on its own: a
-    // route that only answers.
-    let requests = 600u64;
-    let next = Arc::new(AtomicU64::new(0));
-    let cpu_before = edge.workerd_cpu_seconds();
-    let start = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..senders {
-            let (next, url) = (next.clone(), edge.url.clone());
-            s.spawn(move || {
-                let client = reqwest::blocking::Client::new();
-                while next.fetch_add(1, Ordering::Relaxed) < requests {
-                    let _ = client.get(format!("{url}/health")).send();
-                }
-            });
-        }
-    });
-    let elapsed = start.elapsed().as_secs_f64();
-    if let (Some(a), Some(b)) = (cpu_before, edge.workerd_cpu_seconds()) {
+
+    let build = tools.root.join("collector-edge/build");
+    let ours = WorkerSpec {
+        modules: vec![
+            Module::Js("index.js".into(), build.join("index.js")),
+            Module::Wasm("index_bg.wasm".into(), build.join("index_bg.wasm")),
+        ],
+        vars: vec![
+            ("WRITE_KEYS".into(), collector_e2e::DEV_WRITE_KEY.into()),
+            ("ALLOWED_ORIGINS".into(), "*".into()),
+            ("SHARDS".into(), "4".into()),
+            ("DRAIN_SECRET".into(), SECRET.into()),
+            (
+                "PII_HMAC_KEY".into(),
+                collector_e2e::edge::TEST_PII_KEY.into(),
+            ),
+        ],
+        durable_object: Some(("QUEUE".into(), "QueueShard".into())),
+        compatibility_date: "2026-11-01".into(),
+    };
+    let floor_js = dir.join("floor.js");
+    std::fs::write(&floor_js, FLOOR_WORKER)?;
+    let floor = WorkerSpec {
+        modules: vec![Module::Js("floor.js".into(), floor_js)],
+        vars: Vec::new(),
+        durable_object: Some(("FLOOR".into(), "Floor".into())),
+        compatibility_date: "2026-11-01".into(),
+    };
+    let started = Instant::now();
+    let w = DirectWorker::start(&ours, &dir.join("ours"))?;
+    // Cold start: from a fresh process to the first answer (compiling and
+    // instantiating the wasm included).
+    let client = reqwest::blocking::Client::new();
+    client
+        .post(format!("{}/v1/batch", w.url))
+        .body(batch_body(seq.fetch_add(1, Ordering::Relaxed), 1))
+        .send()?;
+    rows.push((
+        "workerd serve, our worker: process start to first answer".into(),
+        format!("{:.0} ms", started.elapsed().as_secs_f64() * 1e3),
+    ));
+    let mut our_runs = Vec::new();
+    for (events, requests) in sizes {
+        let r = load_run(
+            &format!("{}/v1/batch", w.url),
+            events,
+            requests,
+            senders,
+            &seq,
+            &|| w.cpu_seconds(),
+        )?;
         rows.push((
-            format!("edge, GET /health ({requests} requests, {senders} senders, wrangler dev)"),
+            format!("workerd serve, our worker, {events}-event bodies"),
+            fmt(&r),
+        ));
+        our_runs.push(r);
+    }
+    drop(w);
+    let f = DirectWorker::start(&floor, &dir.join("floor"))?;
+    for ((events, requests), ours) in sizes.into_iter().zip(&our_runs) {
+        let r = load_run(&f.url, events, requests, senders, &seq, &|| f.cpu_seconds())?;
+        rows.push((
+            format!("workerd serve, floor worker, {events}-event bodies"),
+            fmt(&r),
+        ));
+        let cpu_ratio = match (ours.cpu_us, r.cpu_us) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.1}× the floor's CPU/event", a / b),
+            _ => "CPU n/a".into(),
+        };
+        rows.push((
+            format!("  ours / floor, {events}-event bodies"),
             format!(
-                "{:.0} req/s, workerd CPU {:.0} µs/request",
-                requests as f64 / elapsed,
-                (b - a) / requests as f64 * 1e6
+                "{:.2}× its events/s, {cpu_ratio}",
+                ours.events_s / r.events_s
             ),
         ));
     }
-    edge.stop();
+    drop(f);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(rows)
 }
