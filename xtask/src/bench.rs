@@ -106,58 +106,7 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let mut edge = LocalEdge::start(EdgeOptions::in_dir(&dir, SECRET))?;
 
-    // The pipeline alone, inside the runtime: CPU of one request that runs it N times.
-    let client = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(300))
-        .build()?;
-    let body = batch_body(7, 20).replace(
-        "\"properties\":{",
-        "\"properties\":{\"email\":\"Jane@Example.com\",",
-    );
-    // Warm up: the first requests pay for compiling and instantiating the wasm.
-    for _ in 0..3 {
-        client
-            .post(format!("{}/dev/bench/pipeline?iterations=20", edge.url))
-            .body(body.clone())
-            .send()?;
-    }
-    for (label, query) in [
-        (
-            "worker: parse + validate (no policy), in workerd",
-            "privacy=false",
-        ),
-        (
-            "worker: parse + policy, US visitor, in workerd",
-            "privacy=true&country=US",
-        ),
-        (
-            "worker: parse + policy, EEA visitor (anonymise), in workerd",
-            "privacy=true&country=FR",
-        ),
-    ] {
-        let iterations = 3000;
-        let before = edge.workerd_cpu_seconds();
-        let resp = client
-            .post(format!(
-                "{}/dev/bench/pipeline?iterations={iterations}&{query}",
-                edge.url
-            ))
-            .body(body.clone())
-            .send()?;
-        anyhow::ensure!(
-            resp.status().as_u16() == 200,
-            "bench endpoint: {}",
-            resp.text()?
-        );
-        let v: serde_json::Value = resp.json()?;
-        let events = v["events"].as_f64().unwrap_or(0.0);
-        if let (Some(a), Some(b)) = (before, edge.workerd_cpu_seconds()) {
-            rows.push((
-                label.into(),
-                format!("{:.1} µs/event ({events} events)", (b - a) / events * 1e6),
-            ));
-        }
-    }
+    rows.extend(pipeline_in_workerd(&edge)?);
 
     // Load: N connections, each POSTing 20-event batches for a fixed time.
     let connections = 16;
@@ -483,6 +432,31 @@ pub fn core_costs(tools: &Toolchain) -> Result<Vec<(String, String)>> {
             format!("{:.2} µs/event", per_event * 1e6),
         ));
     }
+    // The floor of the same work: the same events parsed as `serde_json::Value`, two
+    // HMACs each (an id and the e-mail), and encoded back to JSON text.
+    let iterations = 2_000;
+    let key = b"bench-key-bench-key";
+    let start = Instant::now();
+    for _ in 0..iterations {
+        use hmac::Mac;
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        let mut out = Vec::new();
+        for ev in v["batch"].as_array().into_iter().flatten() {
+            let mut tags = Vec::new();
+            for field in [&ev["anonymousId"], &ev["properties"]["email"]] {
+                let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key)?;
+                mac.update(field.as_str().unwrap_or_default().as_bytes());
+                tags.push(mac.finalize().into_bytes());
+            }
+            out.push((serde_json::to_string(ev)?, tags));
+        }
+        std::hint::black_box(out);
+    }
+    let floor = start.elapsed().as_secs_f64() / f64::from(iterations * 20);
+    rows.push((
+        "core floor: parse as serde_json::Value + 2 HMACs + encode, native".into(),
+        format!("{:.2} µs/event", floor * 1e6),
+    ));
     Ok(rows)
 }
 
@@ -723,6 +697,7 @@ pub fn edge_load(tools: &Toolchain) -> Result<Vec<(String, String)>> {
 
     {
         let mut edge = LocalEdge::start(EdgeOptions::in_dir(&dir.join("wrangler"), SECRET))?;
+        rows.extend(pipeline_in_workerd(&edge)?);
         let url = format!("{}/v1/batch", edge.url);
         for (events, requests) in sizes {
             let r = load_run(&url, events, requests, senders, &seq, &|| {
@@ -811,5 +786,68 @@ pub fn edge_load(tools: &Toolchain) -> Result<Vec<(String, String)>> {
     }
     drop(f);
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(rows)
+}
+
+/// The pipeline alone inside the runtime, beside its floor: the CPU of one request that
+/// runs it N times over a 20-event body (`/dev/bench/pipeline`, dev mode only).
+fn pipeline_in_workerd(edge: &LocalEdge) -> Result<Vec<(String, String)>> {
+    let mut rows = Vec::new();
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()?;
+    let body = batch_body(7, 20).replace(
+        "\"properties\":{",
+        "\"properties\":{\"email\":\"Jane@Example.com\",",
+    );
+    // Warm up: the first requests pay for compiling and instantiating the wasm.
+    for _ in 0..3 {
+        client
+            .post(format!("{}/dev/bench/pipeline?iterations=20", edge.url))
+            .body(body.clone())
+            .send()?;
+    }
+    for (label, query) in [
+        (
+            "worker: parse + validate (no policy), in workerd",
+            "privacy=false",
+        ),
+        (
+            "worker: parse + policy, US visitor, in workerd",
+            "privacy=true&country=US",
+        ),
+        (
+            "worker: parse + policy, EEA visitor (anonymise), in workerd",
+            "privacy=true&country=FR",
+        ),
+        (
+            "worker floor: parse as serde_json::Value + 2 HMACs + encode, in workerd",
+            "floor=true",
+        ),
+    ] {
+        let iterations = 3000;
+        let before = edge.workerd_cpu_seconds();
+        let resp = client
+            .post(format!(
+                "{}/dev/bench/pipeline?iterations={iterations}&{query}",
+                edge.url
+            ))
+            .body(body.clone())
+            .send()?;
+        anyhow::ensure!(
+            resp.status().as_u16() == 200,
+            "bench endpoint: {}",
+            resp.text()?
+        );
+        let v: serde_json::Value = resp.json()?;
+        let events = v["events"].as_f64().unwrap_or(0.0);
+        if let (Some(a), Some(b)) = (before, edge.workerd_cpu_seconds()) {
+            rows.push((
+                label.into(),
+                format!("{:.1} µs/event ({events} events)", (b - a) / events * 1e6),
+            ));
+        }
+    }
+
     Ok(rows)
 }
