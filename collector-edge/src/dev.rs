@@ -83,13 +83,16 @@ pub async fn handle_bench_pipeline(mut req: Request, cfg: &EdgeConfig) -> Result
             };
             for ev in v["batch"].as_array().into_iter().flatten() {
                 let a = hasher.hash_normalised(ev["anonymousId"].as_str().unwrap_or_default());
-                let b = hasher
-                    .hash_normalised(ev["properties"]["email"].as_str().unwrap_or_default());
+                let b =
+                    hasher.hash_normalised(ev["properties"]["email"].as_str().unwrap_or_default());
                 let text = serde_json::to_string(ev).unwrap_or_default();
                 events += usize::from(!a.is_empty() && !b.is_empty() && !text.is_empty());
             }
         }
-        return http::json(200, &json!({"iterations": iterations, "events": events, "floor": true}));
+        return http::json(
+            200,
+            &json!({"iterations": iterations, "events": events, "floor": true}),
+        );
     }
     for _ in 0..iterations {
         let privacy = with_privacy.then_some((&cfg.privacy, &signals));

@@ -27,6 +27,23 @@ use crate::run;
 
 const SECRET: &str = "bench-drain-secret";
 
+/// How big the benchmark loads are: the real sizes, or a smoke run's (CI checks the
+/// machinery works, never the numbers).
+static SMOKE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes every later benchmark a smoke run (tiny sizes).
+pub fn smoke() {
+    SMOKE.store(true, Ordering::Relaxed);
+}
+
+fn scaled(n: u64) -> u64 {
+    if SMOKE.load(Ordering::Relaxed) {
+        n.min(4)
+    } else {
+        n
+    }
+}
+
 fn gzip_len(bytes: &[u8]) -> usize {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     let _ = gz.write_all(bytes);
@@ -413,7 +430,7 @@ pub fn core_costs(tools: &Toolchain) -> Result<Vec<(String, String)>> {
         ),
     ];
     for (label, body, engine, signals) in cases {
-        let iterations = 2_000;
+        let iterations = scaled(2_000) as u32;
         let start = Instant::now();
         for _ in 0..iterations {
             let parsed = parse_body_with_privacy(
@@ -434,7 +451,7 @@ pub fn core_costs(tools: &Toolchain) -> Result<Vec<(String, String)>> {
     }
     // The floor of the same work: the same events parsed as `serde_json::Value`, two
     // HMACs each (an id and the e-mail), and encoded back to JSON text.
-    let iterations = 2_000;
+    let iterations = scaled(2_000) as u32;
     let key = b"bench-key-bench-key";
     let start = Instant::now();
     for _ in 0..iterations {
@@ -464,7 +481,7 @@ pub fn core_costs(tools: &Toolchain) -> Result<Vec<(String, String)>> {
 /// poll and seal settings) to a webhook on a local recording server: for each event,
 /// the time from the edge's 200 to the webhook call carrying it.
 pub fn activation_latency(tools: &Toolchain) -> Result<Vec<(String, String)>> {
-    const EVENTS: usize = 200;
+    const EVENTS: usize = 1000;
     let dir = std::env::temp_dir().join(format!("edge-collector-latency-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -518,12 +535,28 @@ pub fn activation_latency(tools: &Toolchain) -> Result<Vec<(String, String)>> {
             .send()?;
         anyhow::ensure!(r.status().is_success(), "the edge answered {}", r.status());
         sent.push((id, Instant::now()));
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(10));
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while arrived.lock().unwrap().len() < EVENTS && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
+    // When each row became visible in DuckDB (`loaded_at`, the load's commit) after
+    // the edge received it (`received_at`), through the running agent.
+    let out = Command::new(tools.root.join("target/release/collector-agent"))
+        .args(["sql", "--csv", "--config"])
+        .arg(&config)
+        .arg("SELECT quantile_cont(epoch_ms(loaded_at) - epoch_ms(received_at), 0.5), quantile_cont(epoch_ms(loaded_at) - epoch_ms(received_at), 0.99), count(*) FROM tracks WHERE event_text = 'Bench Latency'")
+        .output()
+        .context("query the warehouse")?;
+    let csv = String::from_utf8_lossy(&out.stdout).to_string();
+    let duck: Vec<String> = csv
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split(',')
+        .map(str::to_string)
+        .collect();
     let _ = Command::new("kill")
         .args(["-s", "TERM", &agent.id().to_string()])
         .status();
@@ -545,15 +578,35 @@ pub fn activation_latency(tools: &Toolchain) -> Result<Vec<(String, String)>> {
             .copied()
             .unwrap_or(f64::NAN)
     };
-    Ok(vec![(
-        format!("edge receipt → webhook call ({EVENTS} events, one per request, default settings)"),
-        format!(
-            "p50 {:.0} ms, p99 {:.0} ms ({} of {EVENTS} delivered)",
-            pct(0.5),
-            pct(0.99),
-            ms.len()
+    let num = |i: usize| {
+        duck.get(i)
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    Ok(vec![
+        (
+            format!(
+                "edge receipt → row in DuckDB ({EVENTS} events, one per request, default settings)"
+            ),
+            format!(
+                "p50 {:.0} ms, p99 {:.0} ms ({} of {EVENTS} loaded)",
+                num(0),
+                num(1),
+                duck.get(2).map(|v| v.trim()).unwrap_or("?")
+            ),
         ),
-    )])
+        (
+            format!(
+                "edge receipt → webhook call ({EVENTS} events, one per request, default settings)"
+            ),
+            format!(
+                "p50 {:.0} ms, p99 {:.0} ms ({} of {EVENTS} delivered)",
+                pct(0.5),
+                pct(0.99),
+                ms.len()
+            ),
+        ),
+    ])
 }
 
 /// One load run's figures.
@@ -577,11 +630,27 @@ fn load_run(
     seq: &AtomicU64,
     cpu: &dyn Fn() -> Option<f64>,
 ) -> Result<LoadRun> {
+    load_run_as(url, DEV_WRITE_KEY, events, requests, senders, seq, cpu)
+}
+
+/// [`load_run`] with a write key of one's own (sent as HTTP Basic username, and as
+/// `writeKey` in the body).
+fn load_run_as(
+    url: &str,
+    write_key: &str,
+    events: usize,
+    requests: u64,
+    senders: usize,
+    seq: &AtomicU64,
+    cpu: &dyn Fn() -> Option<f64>,
+) -> Result<LoadRun> {
+    let body_for = |seq: u64| batch_body(seq, events).replace(DEV_WRITE_KEY, write_key);
     let client = reqwest::blocking::Client::new();
     for _ in 0..5 {
         client
             .post(url)
-            .body(batch_body(seq.fetch_add(1, Ordering::Relaxed), events))
+            .basic_auth(write_key, Some(""))
+            .body(body_for(seq.fetch_add(1, Ordering::Relaxed)))
             .send()?;
     }
     let next = AtomicU64::new(0);
@@ -592,16 +661,17 @@ fn load_run(
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..senders)
             .map(|_| {
-                let (next, failed) = (&next, &failed);
+                let (next, failed, body_for) = (&next, &failed, &body_for);
                 s.spawn(move || {
                     let client = reqwest::blocking::Client::new();
                     let mut lat = Vec::new();
                     while next.fetch_add(1, Ordering::Relaxed) < requests {
-                        let body = batch_body(seq.fetch_add(1, Ordering::Relaxed), events);
+                        let body = body_for(seq.fetch_add(1, Ordering::Relaxed));
                         let t = Instant::now();
                         let ok = client
                             .post(url)
-                            .header("Content-Type", "text/plain")
+                            .basic_auth(write_key, Some(""))
+                            .header("Content-Type", "application/json")
                             .body(body)
                             .send()
                             .map(|r| r.status().as_u16() == 200)
@@ -673,6 +743,16 @@ export default {
 /// on `workerd serve` directly beside the floor worker, with the ratios. Workerd's CPU
 /// per event counts all its processes. `cargo xtask bench --edge` prints only this.
 pub fn edge_load(tools: &Toolchain) -> Result<Vec<(String, String)>> {
+    edge_load_compare(tools, None)
+}
+
+/// [`edge_load`], and the same load against another Segment-compatible ingestion
+/// server (`compare`: its base URL and write key), printed beside ours
+/// (`cargo xtask bench --compare URL [--write-key KEY]`).
+pub fn edge_load_compare(
+    tools: &Toolchain,
+    compare: Option<(&str, &str)>,
+) -> Result<Vec<(String, String)>> {
     use collector_e2e::workerd::{DirectWorker, Module, WorkerSpec};
     let mut rows = Vec::new();
     let dir = std::env::temp_dir().join(format!("edge-collector-load-{}", std::process::id()));
@@ -680,7 +760,7 @@ pub fn edge_load(tools: &Toolchain) -> Result<Vec<(String, String)>> {
     std::fs::create_dir_all(&dir)?;
     let senders = 4;
     let seq = AtomicU64::new(1_000_000);
-    let sizes = [(1usize, 600u64), (20, 400), (100, 300)];
+    let sizes = [(1usize, scaled(600)), (20, scaled(400)), (100, scaled(300))];
     let fmt = |r: &LoadRun| {
         format!(
             "{:.0} req/s, {:.0} events/s, p50 {:.1} ms, p99 {:.1} ms, {} non-200, {}",
@@ -785,6 +865,17 @@ pub fn edge_load(tools: &Toolchain) -> Result<Vec<(String, String)>> {
         ));
     }
     drop(f);
+    if let Some((base, key)) = compare {
+        let url = format!("{}/v1/batch", base.trim_end_matches('/'));
+        for ((events, requests), ours) in sizes.into_iter().zip(&our_runs) {
+            let r = load_run_as(&url, key, events, requests, senders, &seq, &|| None)?;
+            rows.push((format!("{base}, {events}-event bodies"), fmt(&r)));
+            rows.push((
+                format!("  ours (workerd serve) / {base}, {events}-event bodies"),
+                format!("{:.2}× its events/s", ours.events_s / r.events_s),
+            ));
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(rows)
 }
@@ -825,7 +916,7 @@ fn pipeline_in_workerd(edge: &LocalEdge) -> Result<Vec<(String, String)>> {
             "floor=true",
         ),
     ] {
-        let iterations = 3000;
+        let iterations = scaled(3000);
         let before = edge.workerd_cpu_seconds();
         let resp = client
             .post(format!(

@@ -59,11 +59,23 @@ fn main() -> Result<()> {
             bench::print_table(&bench::activation_latency(&tools)?);
             Ok(())
         }
-        "bench" if rest.iter().any(|a| a == "--edge") => {
-            // Only the edge under load (1-, 20- and 100-event bodies).
+        "bench" if rest.iter().any(|a| a == "--edge" || a == "--compare") => {
+            // Only the edge under load (1-, 20- and 100-event bodies), and with
+            // `--compare URL [--write-key KEY]` the same load against another server.
+            let arg = |name: &str| {
+                rest.iter()
+                    .position(|a| a == name)
+                    .and_then(|i| rest.get(i + 1))
+                    .cloned()
+            };
+            let compare = arg("--compare");
+            let key = arg("--write-key").unwrap_or_else(|| collector_e2e::DEV_WRITE_KEY.into());
             setup::setup(&tools, false)?;
             build_edge(&tools, true)?;
-            bench::print_table(&bench::edge_load(&tools)?);
+            bench::print_table(&bench::edge_load_compare(
+                &tools,
+                compare.as_deref().map(|c| (c, key.as_str())),
+            )?);
             Ok(())
         }
         "bench" => {
@@ -73,7 +85,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|build-edge [--dev]|dev|ci|bench [--latency|--edge]|sdk-size>"
+                "usage: cargo xtask <setup|build-edge [--dev]|dev|ci|bench [--latency|--edge|--compare URL [--write-key K]]|sdk-size>"
             );
             if cmd == "help" || cmd == "--help" {
                 Ok(())
@@ -166,6 +178,13 @@ fn ci(tools: &Toolchain) -> Result<()> {
     build_edge(tools, true)?;
     let sdk = sdk_unit_tests(tools)?;
     let cargo = cargo_test(tools)?;
+    // Benchmarks are not tests: a smoke run with tiny sizes checks they still run.
+    bench::smoke();
+    let smoke_rows = bench::core_costs(tools)?
+        .into_iter()
+        .chain(bench::edge_load(tools)?)
+        .count();
+    eprintln!("xtask ci: benchmark smoke run printed {smoke_rows} rows");
     let totals = (sdk.0 + cargo.0, sdk.1 + cargo.1, sdk.2 + cargo.2);
     eprintln!("xtask ci: finished in {:.0?}", started.elapsed());
     // The closing line: the total over every test binary.
