@@ -504,55 +504,65 @@ pub async fn process(
                 person_ids: BTreeSet::new(),
             };
             record_run(s, id, &person.ids).await?;
-            let list = person.suppressible();
             let add = request.kind == Kind::Suppress;
-            let (a, r) = if add {
-                (list.clone(), Vec::new())
-            } else {
-                (Vec::new(), list.clone())
-            };
-            match ctx.edge.suppress(a, r).await {
-                Ok(total) => {
-                    (ctx.on_suppress)(&list, add);
-                    let what = if add { "added to" } else { "removed from" };
-                    set_store(
-                        s,
-                        id,
-                        "edge",
-                        "done",
-                        None,
-                        Some(&format!(
-                            "{} id(s) {what} the edge's suppression list ({total} suppressed in all)",
-                            list.len()
-                        )),
-                        now_ms,
-                    )
-                    .await?;
-                    set_status(s, id, "completed", None, now_ms).await
-                }
-                Err(e) => {
-                    set_store(
-                        s,
-                        id,
-                        "edge",
-                        "retrying",
-                        None,
-                        Some(&e.to_string()),
-                        now_ms,
-                    )
-                    .await?;
-                    set_status(
-                        s,
-                        id,
-                        "running",
-                        Some("the edge is unreachable; retried every pass"),
-                        now_ms,
-                    )
-                    .await
-                }
+            if edge_step(s, ctx, id, &person.suppressible(), add, now_ms).await? {
+                set_status(s, id, "completed", None, now_ms).await?;
             }
+            Ok(())
         }
         Kind::Erase => erase(s, ctx, request, now_ms).await,
+    }
+}
+
+/// Adds the ids to the edge's suppression list (or removes them) and to this agent's
+/// copy, recording the `edge` store. `false` when the edge could not be reached: the
+/// request stays running and is retried at the next pass.
+async fn edge_step(
+    s: &mut dyn SqlSession,
+    ctx: &Context<'_>,
+    id: &str,
+    list: &[SuppressedId],
+    add: bool,
+    now_ms: i64,
+) -> Result<bool, SinkError> {
+    let (a, r) = if add {
+        (list.to_vec(), Vec::new())
+    } else {
+        (Vec::new(), list.to_vec())
+    };
+    match ctx.edge.suppress(a, r).await {
+        Ok(total) => {
+            (ctx.on_suppress)(list, add);
+            let what = if add {
+                "suppressed at the edge; queued events dropped at drain"
+            } else {
+                "removed from the edge's suppression list"
+            };
+            let detail = format!("{} id(s) {what} ({total} suppressed in all)", list.len());
+            set_store(s, id, "edge", "done", None, Some(&detail), now_ms).await?;
+            Ok(true)
+        }
+        Err(e) => {
+            set_store(
+                s,
+                id,
+                "edge",
+                "retrying",
+                None,
+                Some(&e.to_string()),
+                now_ms,
+            )
+            .await?;
+            set_status(
+                s,
+                id,
+                "running",
+                Some("the edge is unreachable; retried every pass"),
+                now_ms,
+            )
+            .await?;
+            Ok(false)
+        }
     }
 }
 
@@ -568,41 +578,8 @@ async fn erase(
     let first_run = request.runs == 0;
     // 1. Nothing new: the edge drops their events from now on, and this agent drops
     //    those already queued.
-    let list = person.suppressible();
-    match ctx.edge.suppress(list.clone(), Vec::new()).await {
-        Ok(total) => {
-            (ctx.on_suppress)(&list, true);
-            set_store(
-                s,
-                id,
-                "edge",
-                "done",
-                None,
-                Some(&format!("{} id(s) suppressed at the edge ({total} in all); queued events dropped at drain", list.len())),
-                now_ms,
-            )
-            .await?;
-        }
-        Err(e) => {
-            set_store(
-                s,
-                id,
-                "edge",
-                "retrying",
-                None,
-                Some(&e.to_string()),
-                now_ms,
-            )
-            .await?;
-            return set_status(
-                s,
-                id,
-                "running",
-                Some("the edge is unreachable; retried every pass"),
-                now_ms,
-            )
-            .await;
-        }
+    if !edge_step(s, ctx, id, &person.suppressible(), true, now_ms).await? {
+        return Ok(());
     }
     // 2. The destinations that can delete a person, while their contact can still be
     //    opened from the warehouse.
