@@ -118,34 +118,9 @@ async fn the_dashboard_shows_the_consent_decisions_of_a_crafted_mix_of_visitors(
         ),
     )
     .unwrap();
-    let mut agent = ChildGuard(
-        std::process::Command::new(agent_binary())
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("DASHBOARD_E2E_TOKEN", TOKEN)
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap(),
-    );
-    let state_file = {
-        let mut s = st.warehouse().into_os_string();
-        s.push(".agent");
-        std::path::PathBuf::from(s)
-    };
-    let mut addr = String::new();
-    for _ in 0..200 {
-        if let Ok(text) = std::fs::read_to_string(&state_file) {
-            if let Some(a) = serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| v["addr"].as_str().map(String::from))
-            {
-                addr = a;
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(!addr.is_empty(), "the agent started");
+    let (mut agent, addr) = st
+        .run_agent(&config, &[("DASHBOARD_E2E_TOKEN", TOKEN)])
+        .await;
     let base = format!("http://{addr}");
 
     // The token is required: without it 401, with it the figures.

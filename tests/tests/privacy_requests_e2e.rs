@@ -487,33 +487,10 @@ async fn the_running_agent_takes_signed_requests_from_named_keys() {
     )
     .unwrap();
     let secret = "dpo-portal-secret-0123456789";
-    let mut agent = ChildGuard(
-        std::process::Command::new(agent_binary())
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("PRIVACY_E2E_ADMIN_KEY", secret)
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap(),
-    );
-    let state_file = {
-        let mut s = st.warehouse().into_os_string();
-        s.push(".agent");
-        std::path::PathBuf::from(s)
-    };
+    let (mut agent, addr) = st
+        .run_agent(&config, &[("PRIVACY_E2E_ADMIN_KEY", secret)])
+        .await;
     let http = reqwest::Client::new();
-    let mut addr = String::new();
-    for _ in 0..200 {
-        if let Ok(text) = std::fs::read_to_string(&state_file) {
-            let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-            if let Some(a) = v["addr"].as_str() {
-                addr = a.to_string();
-                break;
-            }
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(!addr.is_empty(), "the agent wrote its state file");
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(agent_binary())
             .args(args)

@@ -260,3 +260,39 @@ impl Drop for ChildGuard {
         }
     }
 }
+
+impl Stack {
+    /// Starts `collector-agent run` with `config` (its DuckDB warehouse is this stack's)
+    /// and `env`; waits until it has written its state file. The agent and its admin
+    /// address.
+    pub async fn run_agent(
+        &self,
+        config: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> (ChildGuard, String) {
+        let mut cmd = std::process::Command::new(agent_binary());
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let agent = ChildGuard(cmd.spawn().unwrap());
+        let state_file = {
+            let mut s = self.warehouse().into_os_string();
+            s.push(".agent");
+            PathBuf::from(s)
+        };
+        for _ in 0..200 {
+            if let Some(addr) = std::fs::read_to_string(&state_file)
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .and_then(|v| v["addr"].as_str().map(String::from))
+            {
+                return (agent, addr);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("the agent did not write its state file");
+    }
+}
