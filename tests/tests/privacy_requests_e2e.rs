@@ -90,6 +90,28 @@ fn configure(
     cfg
 }
 
+/// Exports a person; the message ids of the events in the document (the six event
+/// tables), and the document. The request completed.
+async fn exported_message_ids(cfg: &AgentConfig, export: NewRequest) -> (BTreeSet<String>, Value) {
+    let (req, doc) = cli::submit(cfg, export, None).await.expect("export");
+    assert_eq!(req.status, "completed");
+    let doc = doc.expect("a document");
+    let mut ids = BTreeSet::new();
+    for table in [
+        "tracks",
+        "pages",
+        "identifies",
+        "screens",
+        "groups",
+        "aliases",
+    ] {
+        for row in doc["tables"][table].as_array().into_iter().flatten() {
+            ids.insert(row["message_id"].as_str().unwrap().to_string());
+        }
+    }
+    (ids, doc)
+}
+
 fn request(kind: Kind) -> NewRequest {
     NewRequest {
         kind: Some(kind),
@@ -141,22 +163,7 @@ async fn erase_export_and_suppress(st: &Stack, cfg: AgentConfig) {
     // Export, by email (matched through the edge's keyed hash): exactly Erin's events.
     let mut export = request(Kind::Export);
     export.emails = vec!["erin@example.com".into()];
-    let (req, doc) = cli::submit(&cfg, export, None).await.expect("export");
-    assert_eq!(req.status, "completed");
-    let doc = doc.expect("a document");
-    let mut ids = BTreeSet::new();
-    for table in [
-        "tracks",
-        "pages",
-        "identifies",
-        "screens",
-        "groups",
-        "aliases",
-    ] {
-        for row in doc["tables"][table].as_array().into_iter().flatten() {
-            ids.insert(row["message_id"].as_str().unwrap().to_string());
-        }
-    }
+    let (ids, doc) = exported_message_ids(&cfg, export).await;
     let erin: BTreeSet<String> = ["e-p1", "e-i1", "e-p2", "e-i2", "e-o1"]
         .iter()
         .map(|s| s.to_string())
@@ -674,14 +681,7 @@ async fn erasure_and_export_in_the_parquet_lake() {
 
     let mut export = request(Kind::Export);
     export.user_ids = vec!["u-erin".into()];
-    let (_, doc) = cli::submit(&cfg, export, None).await.expect("export");
-    let doc = doc.unwrap();
-    let mut ids = BTreeSet::new();
-    for table in ["tracks", "pages", "identifies"] {
-        for row in doc["tables"][table].as_array().into_iter().flatten() {
-            ids.insert(row["message_id"].as_str().unwrap().to_string());
-        }
-    }
+    let (ids, doc) = exported_message_ids(&cfg, export).await;
     let erin: BTreeSet<String> = ["e-p1", "e-i1", "e-i2", "e-o1"]
         .iter()
         .map(|s| s.to_string())
@@ -802,14 +802,7 @@ async fn erasure_and_export_in_clickhouse() {
 
     let mut export = request(Kind::Export);
     export.anonymous_ids = vec!["dev-erin-b".into()];
-    let (_, doc) = cli::submit(&cfg, export, None).await.expect("export");
-    let doc = doc.unwrap();
-    let mut ids = BTreeSet::new();
-    for table in ["tracks", "pages", "identifies"] {
-        for row in doc["tables"][table].as_array().into_iter().flatten() {
-            ids.insert(row["message_id"].as_str().unwrap().to_string());
-        }
-    }
+    let (ids, doc) = exported_message_ids(&cfg, export).await;
     let erin: BTreeSet<String> = ["e-p1", "e-i1", "e-i2", "e-o1"]
         .iter()
         .map(|s| s.to_string())
