@@ -338,17 +338,11 @@ impl AgentConfig {
         let raw = std::env::var(var).map_err(|_| {
             anyhow::anyhow!("config: pii_key_env: the environment variable {var} is not set")
         })?;
-        let (version, secret) = raw
-            .split_once(':')
-            .filter(|(v, s)| !v.is_empty() && !v.contains(char::is_whitespace) && s.len() >= 16)
+        collector_core::pii::PiiHasher::from_spec(&raw, &[])
+            .map(Some)
             .ok_or_else(|| {
                 anyhow::anyhow!("config: pii_key_env: {var} must be VERSION:SECRET with a secret of 16+ characters (the edge's PII_HMAC_KEY)")
-            })?;
-        Ok(Some(collector_core::pii::PiiHasher::new(
-            version,
-            secret.as_bytes(),
-            &[],
-        )))
+            })
     }
 
     /// Each admin key's name and secret.

@@ -45,6 +45,16 @@ impl std::fmt::Debug for PiiHasher {
 }
 
 impl PiiHasher {
+    /// A hasher from a key written `VERSION:SECRET` (the edge's `PII_HMAC_KEY`; the
+    /// agent reads the same value): `None` unless the version is non-empty without
+    /// spaces and the secret has 16+ characters.
+    pub fn from_spec(spec: &str, also_active: &[&str]) -> Option<PiiHasher> {
+        let (version, secret) = spec
+            .split_once(':')
+            .filter(|(v, s)| !v.is_empty() && !v.contains(char::is_whitespace) && s.len() >= 16)?;
+        Some(PiiHasher::new(version, secret.as_bytes(), also_active))
+    }
+
     /// `version` hashes new values; `also_active` are older versions still being rotated
     /// out, whose hashes pass through unchanged.
     pub fn new(version: &str, key: &[u8], also_active: &[&str]) -> PiiHasher {
@@ -284,6 +294,16 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_spec_is_version_colon_secret_of_16_or_more() {
+        let h = PiiHasher::from_spec("v2:0123456789abcdef", &[]).unwrap();
+        assert!(h.hash_normalised("x").starts_with("hmac-sha256:v2:"));
+        assert!(PiiHasher::from_spec("v2:short", &[]).is_none());
+        assert!(PiiHasher::from_spec(":0123456789abcdef", &[]).is_none());
+        assert!(PiiHasher::from_spec("v 2:0123456789abcdef", &[]).is_none());
+        assert!(PiiHasher::from_spec("no-colon", &[]).is_none());
+    }
 
     #[test]
     fn hmac_matches_rfc4231_test_case_2() {

@@ -91,25 +91,15 @@ fn hasher(env: &Env) -> Result<collector_core::pii::PiiHasher, String> {
     let raw = lookup(env, VAR_PII_HMAC_KEY).ok_or_else(|| {
         format!("config: {VAR_PII_HMAC_KEY} is not set; set it to VERSION:SECRET (e.g. v1:<32+ random bytes>)")
     })?;
-    let (version, secret) = raw
-        .split_once(':')
-        .filter(|(v, s)| !v.is_empty() && !v.contains(char::is_whitespace) && s.len() >= 16)
-        .ok_or_else(|| {
-            format!(
-                "config: {VAR_PII_HMAC_KEY} must be VERSION:SECRET with a secret of 16+ characters"
-            )
-        })?;
     let previous = lookup(env, VAR_PII_HMAC_PREVIOUS_VERSIONS).unwrap_or_default();
     let previous: Vec<&str> = previous
         .split(',')
         .map(str::trim)
         .filter(|v| !v.is_empty())
         .collect();
-    Ok(collector_core::pii::PiiHasher::new(
-        version,
-        secret.as_bytes(),
-        &previous,
-    ))
+    collector_core::pii::PiiHasher::from_spec(&raw, &previous).ok_or_else(|| {
+        format!("config: {VAR_PII_HMAC_KEY} must be VERSION:SECRET with a secret of 16+ characters")
+    })
 }
 
 /// A queue shard's sealing thresholds.
