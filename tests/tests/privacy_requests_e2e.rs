@@ -513,8 +513,8 @@ async fn the_running_agent_takes_signed_requests_from_named_keys() {
     };
     // Wait until Rae's events are loaded (through the agent: it holds the file).
     for _ in 0..100 {
-        let (_, out) = cli(&["sql", "SELECT count(*) FROM pages"]);
-        if out.contains('2') {
+        let (_, out) = cli(&["sql", "--csv", "SELECT count(*) FROM pages"]);
+        if out.lines().any(|l| l.trim() == "2") {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -626,14 +626,17 @@ async fn the_running_agent_takes_signed_requests_from_named_keys() {
     );
     let (ok, out) = cli(&[
         "sql",
+        "--csv",
         "SELECT count(*) FROM pages WHERE anonymous_id = 'dev-rae'",
     ]);
-    assert!(ok && out.contains('0'), "{out}");
+    // The CSV's value line (a table's "(1 row)" would match any digit test).
+    assert!(ok && out.lines().any(|l| l.trim() == "0"), "{out}");
     let (ok, out) = cli(&[
         "sql",
+        "--csv",
         "SELECT count(*) FROM pages WHERE anonymous_id = 'dev-sam'",
     ]);
-    assert!(ok && out.contains('1'), "{out}");
+    assert!(ok && out.lines().any(|l| l.trim() == "1"), "{out}");
     let (status, missing) = signed_call(
         &http,
         &addr,
