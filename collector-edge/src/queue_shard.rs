@@ -1,8 +1,10 @@
 //! `QueueShard`: the durable queue, one Durable Object per shard (SQLite storage,
 //! migration `v1` in `wrangler.toml`).
 //!
-//! Accepted events are appended to `open_events`, one framed row each. The open batch
-//! is sealed into one encoded `Batch` blob per `batches` row when it reaches
+//! Each append is one row of `open_chunks`: its events in the sealed batch's own
+//! encoding (`codec::encode_events_raw`), without those of suppressed people (counted as
+//! `suppressed`). Rows of the older `open_events` (one per event) are still read, so an
+//! upgraded shard loses nothing. The open batch is sealed, by concatenation, into one encoded `Batch` blob per `batches` row when it reaches
 //! `BATCH_MAX_EVENTS` or `BATCH_MAX_BYTES`, or when the alarm fires `BATCH_MAX_AGE_MS`
 //! after its first event. The drain API leases sealed batches (lease id + expiry) and
 //! deletes them on ack; a lease that is not acked in time expires and its batches are
@@ -108,7 +110,7 @@ impl QueueShard {
     }
 
     /// The open batch's events and bytes (both tables: appends are chunks; rows of
-    /// `open_events` are from before chunks, or planted by `/dev/inject`).
+    /// `open_events` are from before chunks).
     fn open_totals(&self, sql: &SqlStorage) -> Result<(i64, i64)> {
         if let Some(t) = self.open.get() {
             return Ok(t);
