@@ -4,8 +4,8 @@
 //! Each append is one row of `open_chunks`: its events in the sealed batch's own
 //! encoding (`codec::encode_events_raw`), without those of suppressed people (counted as
 //! `suppressed`). Rows of the older `open_events` (one per event) are still read, so an
-//! upgraded shard loses nothing. The open batch is sealed, by concatenation, into one encoded `Batch` blob per `batches` row when it reaches
-//! `BATCH_MAX_EVENTS` or `BATCH_MAX_BYTES`, or when the alarm fires `BATCH_MAX_AGE_MS`
+//! upgraded shard loses nothing. The open batch is sealed, by concatenation, into one
+//! encoded `Batch` blob per `batches` row when it reaches `BATCH_MAX_EVENTS` or `BATCH_MAX_BYTES`, or when the alarm fires `BATCH_MAX_AGE_MS`
 //! after its first event. The drain API leases sealed batches (lease id + expiry) and
 //! deletes them on ack; a lease that is not acked in time expires and its batches are
 //! handed out again.
