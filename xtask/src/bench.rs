@@ -714,8 +714,9 @@ fn load_run_as(
     })
 }
 
-/// The floor: a minimal worker that answers each request after one Durable Object
-/// SQLite write of its body (JavaScript: the runtime's own floor, no wasm).
+/// The same floor as `xtask/floor-worker`, written in JavaScript: what the runtime does
+/// per request with no wasm at all (printed for scale; the ratios the goals name are to
+/// the Rust floor).
 const FLOOR_WORKER: &str = r#"import { DurableObject } from "cloudflare:workers";
 export class Floor extends DurableObject {
   constructor(ctx, env) {
@@ -807,9 +808,21 @@ pub fn edge_load_compare(
         durable_object: Some(("QUEUE".into(), "QueueShard".into())),
         compatibility_date: "2026-11-01".into(),
     };
+    // The floor the issue defines: our crate versions, one Durable Object SQLite write
+    // per request. Beside it, the same floor written in JavaScript, for scale.
+    let floor_build = crate::build_floor_worker(tools)?;
+    let floor_rust = WorkerSpec {
+        modules: vec![
+            Module::Js("index.js".into(), floor_build.join("index.js")),
+            Module::Wasm("index_bg.wasm".into(), floor_build.join("index_bg.wasm")),
+        ],
+        vars: Vec::new(),
+        durable_object: Some(("FLOOR".into(), "Floor".into())),
+        compatibility_date: "2026-11-01".into(),
+    };
     let floor_js = dir.join("floor.js");
     std::fs::write(&floor_js, FLOOR_WORKER)?;
-    let floor = WorkerSpec {
+    let floor_js = WorkerSpec {
         modules: vec![Module::Js("floor.js".into(), floor_js)],
         vars: Vec::new(),
         durable_object: Some(("FLOOR".into(), "Floor".into())),
@@ -845,26 +858,30 @@ pub fn edge_load_compare(
         our_runs.push(r);
     }
     drop(w);
-    let f = DirectWorker::start(&floor, &dir.join("floor"))?;
-    for ((events, requests), ours) in sizes.into_iter().zip(&our_runs) {
-        let r = load_run(&f.url, events, requests, senders, &seq, &|| f.cpu_seconds())?;
-        rows.push((
-            format!("workerd serve, floor worker, {events}-event bodies"),
-            fmt(&r),
-        ));
-        let cpu_ratio = match (ours.cpu_us, r.cpu_us) {
-            (Some(a), Some(b)) if b > 0.0 => format!("{:.1}× the floor's CPU/event", a / b),
-            _ => "CPU n/a".into(),
-        };
-        rows.push((
-            format!("  ours / floor, {events}-event bodies"),
-            format!(
-                "{:.2}× its events/s, {cpu_ratio}",
-                ours.events_s / r.events_s
-            ),
-        ));
+    for (name, spec) in [
+        ("floor worker (Rust)", &floor_rust),
+        ("floor worker (JS)", &floor_js),
+    ] {
+        let f = DirectWorker::start(spec, &dir.join(name.replace([' ', '(', ')'], "")))?;
+        for ((events, requests), ours) in sizes.into_iter().zip(&our_runs) {
+            let r = load_run(&f.url, events, requests, senders, &seq, &|| f.cpu_seconds())?;
+            rows.push((
+                format!("workerd serve, {name}, {events}-event bodies"),
+                fmt(&r),
+            ));
+            let cpu_ratio = match (ours.cpu_us, r.cpu_us) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.1}× its CPU/event", a / b),
+                _ => "CPU n/a".into(),
+            };
+            rows.push((
+                format!("  ours / {name}, {events}-event bodies"),
+                format!(
+                    "{:.2}× its events/s, {cpu_ratio}",
+                    ours.events_s / r.events_s
+                ),
+            ));
+        }
     }
-    drop(f);
     if let Some((base, key)) = compare {
         let url = format!("{}/v1/batch", base.trim_end_matches('/'));
         for ((events, requests), ours) in sizes.into_iter().zip(&our_runs) {

@@ -164,6 +164,23 @@ pub fn build_edge(tools: &Toolchain, release: bool) -> Result<()> {
     Ok(())
 }
 
+/// Builds the benchmark's floor worker (`xtask/floor-worker`) into
+/// `xtask/floor-worker/build/` the way [`build_edge`] builds ours: worker-build, the
+/// workspace's release profile and lock file, the same pinned tools.
+pub fn build_floor_worker(tools: &Toolchain) -> Result<std::path::PathBuf> {
+    let dir = tools.root.join("xtask/floor-worker");
+    eprintln!("xtask: building the floor worker (release)");
+    run(Command::new(&tools.worker_build)
+        .arg("--release")
+        .current_dir(&dir)
+        .env("PATH", tools.path_env())
+        .env("WASM_BINDGEN_BIN", &tools.wasm_bindgen)
+        .env("WASM_OPT_BIN", &tools.wasm_opt)
+        .env("ESBUILD_BIN", &tools.esbuild))
+    .context("build the floor worker (xtask/floor-worker)")?;
+    Ok(dir.join("build"))
+}
+
 fn ci(tools: &Toolchain) -> Result<()> {
     let started = std::time::Instant::now();
     setup::setup(tools, true)?;
