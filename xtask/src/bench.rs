@@ -449,6 +449,35 @@ pub fn core_costs(tools: &Toolchain) -> Result<Vec<(String, String)>> {
             format!("{:.2} µs/event", per_event * 1e6),
         ));
     }
+    // What a queue shard does with an append of those events: decode it, and encode
+    // its events into the open batch's chunk.
+    {
+        use collector_core::codec::{decode_append, encode_append, encode_events_raw, Append};
+        let parsed = parse_body_with_privacy(
+            Endpoint::Batch,
+            body.as_bytes(),
+            0,
+            &mut || "bench-id".to_string(),
+            Some((&engine, &signals_us)),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let n = parsed.accepted.len();
+        let append = encode_append(&Append {
+            events: parsed.accepted,
+            ..Append::default()
+        })?;
+        let iterations = scaled(2_000) as u32;
+        let start = Instant::now();
+        for _ in 0..iterations {
+            let a = decode_append(&append)?;
+            std::hint::black_box(encode_events_raw(&a.events)?);
+        }
+        let per_event = start.elapsed().as_secs_f64() / f64::from(iterations * n as u32);
+        rows.push((
+            "core: shard append, decode + encode the chunk, native".into(),
+            format!("{:.2} µs/event", per_event * 1e6),
+        ));
+    }
     // The floor of the same work: the same events parsed as `serde_json::Value`, two
     // HMACs each (an id and the e-mail), and encoded back to JSON text.
     let iterations = scaled(2_000) as u32;
