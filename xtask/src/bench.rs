@@ -125,97 +125,72 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
 
     rows.extend(pipeline_in_workerd(&edge)?);
 
-    // Load: N connections, each POSTing 20-event batches for a fixed time.
+    rows.extend(drain_run(tools, &edge, &dir)?);
+    edge.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    eprintln!("bench: the edge under load, 1-, 20- and 100-event bodies");
+    rows.extend(edge_load(tools)?);
+
+    eprintln!("bench: activation latency (edge receipt → webhook call)");
+    rows.extend(activation_latency(tools)?);
+
+    // Every sink's bulk load beside the database's own (collector-agent/benches/sinks.rs),
+    // and identity resolution on 1M identify events (collector-agent/benches/identity.rs).
+    for bench in ["sinks", "identity"] {
+        eprintln!("bench: cargo bench -p collector-agent --bench {bench}");
+        rows.extend(agent_bench(tools, bench)?);
+    }
+
+    print_table(&rows);
+    Ok(())
+}
+
+/// A backlog for the agent: 20-event bodies from 16 senders through `wrangler dev`
+/// (36,000 events; what developers run), then `collector-agent run --once` drains it
+/// into a fresh DuckDB file: its rows/s, rows lost, and its peak RSS (sampled from
+/// `/proc`). `cargo xtask bench --drain` prints only this.
+pub fn drain_run(
+    tools: &Toolchain,
+    edge: &LocalEdge,
+    dir: &std::path::Path,
+) -> Result<Vec<(String, String)>> {
+    let mut rows = Vec::new();
+    let seq = AtomicU64::new(0);
     let connections = 16;
-    let duration = Duration::from_secs(10);
-    let sent = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let seq = Arc::new(AtomicU64::new(0));
-    let cpu_before = edge.workerd_cpu_seconds();
-    let start = Instant::now();
-    let mut latencies = Vec::new();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..connections)
-            .map(|_| {
-                let (sent, failed, seq, url) =
-                    (sent.clone(), failed.clone(), seq.clone(), edge.url.clone());
-                s.spawn(move || {
-                    let client = reqwest::blocking::Client::new();
-                    let mut lat = Vec::new();
-                    while start.elapsed() < duration {
-                        let body = batch_body(seq.fetch_add(1, Ordering::Relaxed), 20);
-                        let t = Instant::now();
-                        let ok = client
-                            .post(format!("{url}/v1/batch"))
-                            .header("Content-Type", "text/plain")
-                            .body(body)
-                            .send()
-                            .map(|r| r.status().as_u16() == 200)
-                            .unwrap_or(false);
-                        lat.push(t.elapsed());
-                        if ok {
-                            sent.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    lat
-                })
-            })
-            .collect();
-        for h in handles {
-            latencies.extend(h.join().unwrap_or_default());
-        }
-    });
-    let elapsed = start.elapsed().as_secs_f64();
-    let cpu_used = match (cpu_before, edge.workerd_cpu_seconds()) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
-    latencies.sort();
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default()
-    };
-    let ok = sent.load(Ordering::Relaxed);
+    let r = load_run(
+        &format!("{}/v1/batch", edge.url),
+        20,
+        scaled(1_800),
+        connections,
+        &seq,
+        &|| edge.workerd_cpu_seconds(),
+    )?;
     rows.push((
         format!("POST /v1/batch (20 events), wrangler dev, {connections} conns"),
         format!(
-            "{:.0} req/s ({:.0} events/s)",
-            ok as f64 / elapsed,
-            ok as f64 * 20.0 / elapsed
+            "{:.0} req/s ({:.0} events/s), p50 {:.1} ms, p99 {:.1} ms, {} non-200, {}",
+            r.req_s,
+            r.events_s,
+            r.p50_ms,
+            r.p99_ms,
+            r.failed,
+            r.cpu_us
+                .map(|c| format!("{c:.0} µs CPU/event"))
+                .unwrap_or_else(|| "CPU n/a".into())
         ),
     ));
-    rows.push((
-        "  latency p50 / p99".into(),
-        format!(
-            "{:.1} / {:.1} ms",
-            pct(0.5).as_secs_f64() * 1e3,
-            pct(0.99).as_secs_f64() * 1e3
-        ),
-    ));
-    rows.push((
-        "  non-200 answers".into(),
-        failed.load(Ordering::Relaxed).to_string(),
-    ));
-    if let Some(cpu) = cpu_used {
-        rows.push((
-            "  workerd CPU per event (parse, policy, queue write)".into(),
-            format!(
-                "{:.0} µs/event ({cpu:.1} CPU-s for {} events)",
-                cpu / (ok as f64 * 20.0) * 1e6,
-                ok * 20
-            ),
-        ));
-    }
 
     // Drain what was accepted into a fresh DuckDB file.
     let config = dir.join("agent.toml");
     std::fs::write(
         &config,
-        format!("edge_url = \"{}\"\ndrain_secret = \"{SECRET}\"\nlease_batches = 50\n[warehouse]\npath = \"warehouse.duckdb\"\n", edge.url),
+        format!(
+            "edge_url = \"{}\"\ndrain_secret = \"{SECRET}\"\nlease_batches = 50\n[warehouse]\npath = \"warehouse.duckdb\"\n{}\n",
+            edge.url,
+            // To measure a setting: `BENCH_WAREHOUSE='memory_limit = "64MB"'`.
+            std::env::var("BENCH_WAREHOUSE").unwrap_or_default()
+        ),
     )?;
     let t = Instant::now();
     let child = Command::new(tools.root.join("target/release/collector-agent"))
@@ -228,7 +203,7 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
         .context("run the agent")?;
     // Its peak resident memory, sampled from /proc while it runs.
     let pid = child.id();
-    let peak_kb = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let peak_kb = Arc::new(AtomicU64::new(0));
     let sampler = {
         let peak_kb = peak_kb.clone();
         std::thread::spawn(move || loop {
@@ -240,7 +215,7 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
                 .find_map(|l| l.strip_prefix("VmHWM:"))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             {
-                peak_kb.fetch_max(kb, std::sync::atomic::Ordering::Relaxed);
+                peak_kb.fetch_max(kb, Ordering::Relaxed);
             }
             std::thread::sleep(Duration::from_millis(20));
         })
@@ -267,34 +242,14 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
         ),
     ));
     rows.push((
-        "  rows lost (accepted x20 - inserted)".into(),
-        (ok * 20).saturating_sub(inserted).to_string(),
+        "  rows lost (events accepted - rows inserted)".into(),
+        r.accepted_events.saturating_sub(inserted).to_string(),
     ));
     rows.push((
         "  agent peak RSS".into(),
-        format!(
-            "{:.1} MB",
-            peak_kb.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0
-        ),
+        format!("{:.1} MB", peak_kb.load(Ordering::Relaxed) as f64 / 1024.0),
     ));
-    edge.stop();
-    let _ = std::fs::remove_dir_all(&dir);
-
-    eprintln!("bench: the edge under load, 1-, 20- and 100-event bodies");
-    rows.extend(edge_load(tools)?);
-
-    eprintln!("bench: activation latency (edge receipt → webhook call)");
-    rows.extend(activation_latency(tools)?);
-
-    // Every sink's bulk load beside the database's own (collector-agent/benches/sinks.rs),
-    // and identity resolution on 1M identify events (collector-agent/benches/identity.rs).
-    for bench in ["sinks", "identity"] {
-        eprintln!("bench: cargo bench -p collector-agent --bench {bench}");
-        rows.extend(agent_bench(tools, bench)?);
-    }
-
-    print_table(&rows);
-    Ok(())
+    Ok(rows)
 }
 
 /// Runs one of the agent's `cargo bench` targets; its `label<TAB>result` lines.
@@ -645,6 +600,8 @@ struct LoadRun {
     p50_ms: f64,
     p99_ms: f64,
     failed: u64,
+    /// Events in bodies answered 200, the warm-up's included.
+    accepted_events: u64,
     /// Workerd CPU per event, in µs.
     cpu_us: Option<f64>,
 }
@@ -675,12 +632,14 @@ fn load_run_as(
 ) -> Result<LoadRun> {
     let body_for = |seq: u64| batch_body(seq, events).replace(DEV_WRITE_KEY, write_key);
     let client = reqwest::blocking::Client::new();
+    let mut warm_ok = 0;
     for _ in 0..5 {
-        client
+        let resp = client
             .post(url)
             .basic_auth(write_key, Some(""))
             .body(body_for(seq.fetch_add(1, Ordering::Relaxed)))
             .send()?;
+        warm_ok += u64::from(resp.status().as_u16() == 200);
     }
     let next = AtomicU64::new(0);
     let failed = AtomicU64::new(0);
@@ -739,6 +698,7 @@ fn load_run_as(
         p50_ms: pct(0.5),
         p99_ms: pct(0.99),
         failed: failed.load(Ordering::Relaxed),
+        accepted_events: (warm_ok + requests - failed.load(Ordering::Relaxed)) * events as u64,
         cpu_us: cpu_s.map(|c| c / total * 1e6),
     })
 }
@@ -987,4 +947,16 @@ fn pipeline_in_workerd(edge: &LocalEdge) -> Result<Vec<(String, String)>> {
     }
 
     Ok(rows)
+}
+
+/// `cargo xtask bench --drain`: only [`drain_run`], on a fresh local edge.
+pub fn drain_only(tools: &Toolchain) -> Result<Vec<(String, String)>> {
+    let dir = std::env::temp_dir().join(format!("edge-collector-drain-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut edge = LocalEdge::start(EdgeOptions::in_dir(&dir, SECRET))?;
+    let rows = drain_run(tools, &edge, &dir);
+    edge.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+    rows
 }

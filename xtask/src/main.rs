@@ -59,6 +59,16 @@ fn main() -> Result<()> {
             bench::print_table(&bench::activation_latency(&tools)?);
             Ok(())
         }
+        "bench" if rest.iter().any(|a| a == "--drain") => {
+            // Only the agent's drain of a backlog into DuckDB: rows/s and peak RSS.
+            setup::setup(&tools, false)?;
+            build_edge(&tools, true)?;
+            run(Command::new("cargo")
+                .args(["build", "--release", "--quiet", "-p", "collector-agent"])
+                .current_dir(&tools.root))?;
+            bench::print_table(&bench::drain_only(&tools)?);
+            Ok(())
+        }
         "bench" if rest.iter().any(|a| a == "--edge" || a == "--compare") => {
             // Only the edge under load (1-, 20- and 100-event bodies), and with
             // `--compare URL [--write-key KEY]` the same load against another server.
@@ -85,7 +95,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|build-edge [--dev]|dev|ci|bench [--latency|--edge|--compare URL [--write-key K]]|sdk-size>"
+                "usage: cargo xtask <setup|build-edge [--dev]|dev|ci|bench [--latency|--drain|--edge|--compare URL [--write-key K]]|sdk-size>"
             );
             if cmd == "help" || cmd == "--help" {
                 Ok(())
