@@ -51,11 +51,23 @@ fn gzip_len(bytes: &[u8]) -> usize {
 }
 
 fn batch_body(seq: u64, events: usize) -> String {
+    batch_body_from(seq, events, false)
+}
+
+/// A body of `events` track events: from as many visitors (a server-side batch; they
+/// spread over the queue shards), or with `one_visitor` all from one (a browser's batch:
+/// one shard).
+fn batch_body_from(seq: u64, events: usize, one_visitor: bool) -> String {
     let batch: Vec<serde_json::Value> = (0..events)
         .map(|i| {
+            let visitor = if one_visitor {
+                seq as usize % 1000
+            } else {
+                (seq as usize * events + i) % 1000
+            };
             serde_json::json!({
                 "type": "track", "event": "Bench Event", "messageId": format!("bench-{seq}-{i}"),
-                "anonymousId": format!("anon-{}", (seq as usize * events + i) % 1000),
+                "anonymousId": format!("anon-{visitor}"),
                 "properties": {"plan": "pro", "price": 19.99, "sku": format!("SKU-{i}")},
                 "context": {"library": {"name": "bench", "version": "1"}, "page": {"path": "/checkout"}},
                 "timestamp": "2026-11-24T12:00:00.000Z"
@@ -616,11 +628,21 @@ fn load_run(
     seq: &AtomicU64,
     cpu: &dyn Fn() -> Option<f64>,
 ) -> Result<LoadRun> {
-    load_run_as(url, DEV_WRITE_KEY, events, requests, senders, seq, cpu)
+    load_run_as(
+        url,
+        DEV_WRITE_KEY,
+        events,
+        requests,
+        senders,
+        seq,
+        cpu,
+        false,
+    )
 }
 
 /// [`load_run`] with a write key of one's own (sent as HTTP Basic username, and as
-/// `writeKey` in the body).
+/// `writeKey` in the body), and bodies from one visitor each if `one_visitor`.
+#[allow(clippy::too_many_arguments)]
 fn load_run_as(
     url: &str,
     write_key: &str,
@@ -629,8 +651,10 @@ fn load_run_as(
     senders: usize,
     seq: &AtomicU64,
     cpu: &dyn Fn() -> Option<f64>,
+    one_visitor: bool,
 ) -> Result<LoadRun> {
-    let body_for = |seq: u64| batch_body(seq, events).replace(DEV_WRITE_KEY, write_key);
+    let body_for =
+        |seq: u64| batch_body_from(seq, events, one_visitor).replace(DEV_WRITE_KEY, write_key);
     let client = reqwest::blocking::Client::new();
     let mut warm_ok = 0;
     for _ in 0..5 {
@@ -846,6 +870,23 @@ pub fn edge_load_compare(
         ));
         our_runs.push(r);
     }
+    // The same 100-event load, each body from one visitor (a browser's batch): one
+    // queue shard per request, where the bodies above touch all four.
+    let (events, requests) = sizes[2];
+    let one_visitor = load_run_as(
+        &format!("{}/v1/batch", w.url),
+        DEV_WRITE_KEY,
+        events,
+        requests,
+        senders,
+        &seq,
+        &|| w.cpu_seconds(),
+        true,
+    )?;
+    rows.push((
+        format!("workerd serve, our worker, {events}-event bodies from one visitor each"),
+        fmt(&one_visitor),
+    ));
     drop(w);
     for (name, spec) in [
         ("floor worker (Rust)", &floor_rust),
@@ -869,12 +910,26 @@ pub fn edge_load_compare(
                     ours.events_s / r.events_s
                 ),
             ));
+            if events == sizes[2].0 {
+                rows.push((
+                    format!("  ours / {name}, {events}-event bodies from one visitor each"),
+                    format!(
+                        "{:.2}× its events/s{}",
+                        one_visitor.events_s / r.events_s,
+                        match (one_visitor.cpu_us, r.cpu_us) {
+                            (Some(a), Some(b)) if b > 0.0 =>
+                                format!(", {:.1}× its CPU/event", a / b),
+                            _ => String::new(),
+                        }
+                    ),
+                ));
+            }
         }
     }
     if let Some((base, key)) = compare {
         let url = format!("{}/v1/batch", base.trim_end_matches('/'));
         for ((events, requests), ours) in sizes.into_iter().zip(&our_runs) {
-            let r = load_run_as(&url, key, events, requests, senders, &seq, &|| None)?;
+            let r = load_run_as(&url, key, events, requests, senders, &seq, &|| None, false)?;
             rows.push((format!("{base}, {events}-event bodies"), fmt(&r)));
             rows.push((
                 format!("  ours (workerd serve) / {base}, {events}-event bodies"),
