@@ -64,6 +64,9 @@ impl EventKind {
     }
 }
 
+/// [`crate::privacy::EVIDENCE_PATH`], one key per level.
+const EVIDENCE_PATH_PARTS: [&str; 3] = ["context", "consent", "resolved"];
+
 /// An accepted, normalised event as it travels from the edge to the warehouse.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredEvent {
@@ -141,7 +144,9 @@ pub fn normalize(
             }
         },
     };
-    obj.insert("type".into(), Value::String(kind.as_str().into()));
+    if obj.get("type").and_then(Value::as_str) != Some(kind.as_str()) {
+        obj.insert("type".into(), Value::String(kind.as_str().into()));
+    }
 
     let anonymous_id = take_id(&mut obj, "anonymousId")?;
     let user_id = take_id(&mut obj, "userId")?;
@@ -222,10 +227,11 @@ pub fn normalize(
         obj.insert("sentAt".into(), format_ms(ms).into());
     }
 
+    let mut evidence = None;
     let (anonymous_id, user_id) = match env.privacy {
         None => (anonymous_id, user_id),
         Some((engine, signals)) => {
-            match engine.apply(&mut obj, signals) {
+            match engine.apply_spliced(&mut obj, signals) {
                 Err(dropped) => {
                     notes.extend(dropped.notes);
                     return Ok(Outcome::Withheld {
@@ -234,7 +240,10 @@ pub fn normalize(
                         notes,
                     });
                 }
-                Ok(applied) => notes.extend(applied.notes),
+                Ok((applied, text)) => {
+                    notes.extend(applied.notes);
+                    evidence = Some(text);
+                }
             }
             // Anonymisation may have removed or replaced the ids.
             let id = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_string);
@@ -249,7 +258,15 @@ pub fn normalize(
             ids
         }
     };
-    let json = Value::Object(obj).to_string();
+    // Written straight into a `String`, the consent evidence spliced in as the text
+    // the engine wrote (no `Value` tree for it, no `io::Write` adapter).
+    let mut json = String::with_capacity(512);
+    match &evidence {
+        Some(text) => {
+            crate::json_text::push_object_with(&mut json, &obj, &EVIDENCE_PATH_PARTS, text)
+        }
+        None => crate::json_text::push_object_with(&mut json, &obj, &[], ""),
+    }
     Ok(Outcome::Stored {
         event: StoredEvent {
             message_id,
@@ -280,11 +297,16 @@ fn take_id(
     obj: &mut Map<String, Value>,
     field: &'static str,
 ) -> Result<Option<String>, EventError> {
+    // Whether the object must be updated to hold the string form.
+    let mut coerced = false;
     let id = match obj.get(field) {
         None => return Ok(None),
         Some(Value::String(s)) if s.is_empty() => None,
         Some(Value::String(s)) => Some(s.clone()),
-        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(Value::Number(n)) => {
+            coerced = true;
+            Some(n.to_string())
+        }
         Some(_) => {
             return Err(EventError::WrongType {
                 field,
@@ -302,7 +324,9 @@ fn take_id(
             limit: MAX_ID_CHARS,
         }),
         Some(id) => {
-            obj.insert(field.into(), Value::String(id.clone()));
+            if coerced {
+                obj.insert(field.into(), Value::String(id.clone()));
+            }
             Ok(Some(id))
         }
     }

@@ -25,6 +25,7 @@ pub mod error;
 pub mod event;
 pub mod identity;
 pub mod ingest;
+pub mod json_text;
 pub mod limits;
 pub mod note;
 pub mod pii;

@@ -35,6 +35,9 @@ pub struct RequestSignals {
     pub tcf_cookie_decoded: TcfCookieCache,
 }
 
+/// Where an event keeps its consent evidence.
+pub const EVIDENCE_PATH: &str = "context.consent.resolved";
+
 /// A request's decoded `euconsent-v2` cookie, filled on first use.
 #[derive(Debug, Clone, Default)]
 pub struct TcfCookieCache(OnceLock<Option<Result<TcString, TcfError>>>);
@@ -207,6 +210,22 @@ impl PrivacyEngine {
         event: &mut Map<String, Value>,
         req: &RequestSignals,
     ) -> Result<Applied, Dropped> {
+        let (applied, evidence) = self.apply_spliced(event, req)?;
+        if let Some(slot) = get_path_mut(event, EVIDENCE_PATH) {
+            *slot = serde_json::from_str(&evidence).unwrap_or(Value::Null);
+        }
+        Ok(applied)
+    }
+
+    /// [`PrivacyEngine::apply`], leaving `null` at [`EVIDENCE_PATH`] and returning the
+    /// evidence as JSON text, for the caller to splice in as it writes the event
+    /// ([`crate::json_text::push_object_with`]): what the edge does for every event,
+    /// without building the evidence as a `Value` tree.
+    pub fn apply_spliced(
+        &self,
+        event: &mut Map<String, Value>,
+        req: &RequestSignals,
+    ) -> Result<(Applied, String), Dropped> {
         let mut applied = self.consent_stage(event, req)?;
         // Sealed values come from this engine only: one a client sent could make the
         // agent text or mail an address of the client's choosing.
@@ -220,7 +239,8 @@ impl PrivacyEngine {
         self.pii_keys(event, &mut applied);
         self.scrub_urls(event, &mut applied);
         self.detect_values(event, &mut applied);
-        let evidence = self.evidence(&applied);
+        let mut evidence = String::with_capacity(256);
+        applied.resolved.write_evidence(&mut evidence, &applied.pii);
         let ctx = context_mut(event);
         self.minimise_ip(ctx, req, &mut applied);
         self.reduce_user_agent(ctx, &mut applied);
@@ -233,9 +253,9 @@ impl PrivacyEngine {
         if let Some(c) = consent.as_object_mut() {
             // The raw TC string is personal data in its own right; keep only the decision.
             c.remove("tcf");
-            c.insert("resolved".into(), evidence);
+            c.insert("resolved".into(), Value::Null);
         }
-        Ok(applied)
+        Ok((applied, evidence))
     }
 
     /// Resolves consent and decides: drop (`Err`), anonymise, or keep.
@@ -652,21 +672,6 @@ impl PrivacyEngine {
                 }
             }
         }
-    }
-
-    /// The consent evidence, with the PII fields touched (`pii`: path → `kind:action`).
-    fn evidence(&self, applied: &Applied) -> Value {
-        let mut evidence = applied.resolved.evidence();
-        if !applied.pii.is_empty() {
-            evidence["pii"] = Value::Object(
-                applied
-                    .pii
-                    .iter()
-                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-                    .collect(),
-            );
-        }
-        evidence
     }
 }
 

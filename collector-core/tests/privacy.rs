@@ -37,6 +37,42 @@ fn run(engine: &PrivacyEngine, case: &Value) -> Value {
     }
 }
 
+/// The edge writes each event with the evidence spliced in as text
+/// (`apply_spliced` + `json_text`); that must be byte for byte the event `apply`
+/// leaves, serialised by serde_json, for every golden case.
+#[test]
+fn the_spliced_evidence_is_byte_for_byte_what_apply_stores() {
+    let e = engine();
+    let mut kept = 0;
+    for line in include_str!("fixtures/privacy/cases.jsonl").lines() {
+        let case: Value = serde_json::from_str(line).unwrap();
+        let sig = signals(&case["signals"]);
+        let mut a = case["event"].as_object().unwrap().clone();
+        let mut b = a.clone();
+        let (Ok(_), Ok((_, evidence))) = (e.apply(&mut a, &sig), e.apply_spliced(&mut b, &sig))
+        else {
+            continue;
+        };
+        kept += 1;
+        let mut spliced = String::new();
+        collector_core::json_text::push_object_with(
+            &mut spliced,
+            &b,
+            &collector_core::privacy::EVIDENCE_PATH
+                .split('.')
+                .collect::<Vec<_>>(),
+            &evidence,
+        );
+        assert_eq!(
+            spliced,
+            serde_json::to_string(&a).unwrap(),
+            "{}",
+            case["name"]
+        );
+    }
+    assert!(kept > 10, "only {kept} golden cases were kept");
+}
+
 #[test]
 fn golden_cases_produce_exactly_the_expected_events() {
     let e = engine();
