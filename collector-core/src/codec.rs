@@ -31,8 +31,10 @@ pub const EVENT_MAGIC: [u8; 3] = *b"ECE";
 pub const BATCH_VERSION: u8 = 1;
 /// Version of the lease response format written now.
 pub const LEASE_VERSION: u8 = 1;
-/// Version of the append format written now (v1 still decodes).
-pub const APPEND_VERSION: u8 = 2;
+/// Version of the append format written now (v1 and v2 still decode). Version 3
+/// carries the events already in the sealed batch's encoding, after the counts, so a
+/// shard stores them as they came.
+pub const APPEND_VERSION: u8 = 3;
 /// Version of the open event format written now.
 pub const EVENT_VERSION: u8 = 1;
 
@@ -167,8 +169,91 @@ pub fn decode_lease(bytes: &[u8]) -> Result<Lease, CodecError> {
     decode_v1(LEASE_MAGIC, bytes)
 }
 
+/// Encodes an append (version 3): the drop and note counts and the number of events,
+/// then the events as [`encode_events_raw`] writes them, then the checksum.
 pub fn encode_append(append: &Append) -> Result<Vec<u8>, CodecError> {
-    frame(APPEND_MAGIC, APPEND_VERSION, append)
+    let enc = |e: postcard::Error| CodecError::Encode(e.to_string());
+    let mut out = Vec::with_capacity(64 + append.events.len() * 512);
+    out.extend_from_slice(&APPEND_MAGIC);
+    out.push(APPEND_VERSION);
+    let head = (&append.drops, &append.notes, append.events.len() as u64);
+    let mut out = postcard::to_extend(&head, out).map_err(enc)?;
+    for ev in &append.events {
+        out = postcard::to_extend(ev, out).map_err(enc)?;
+    }
+    let crc = crc32fast::hash(&out[4..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+    Ok(out)
+}
+
+/// Encodes an append as version 2 (the events inside the postcard value): what a front
+/// worker of the previous release sent. For tests of mixed-version deploys.
+pub fn encode_append_v2(append: &Append) -> Result<Vec<u8>, CodecError> {
+    frame(APPEND_MAGIC, 2, append)
+}
+
+/// An append as a queue shard stores it: the counts decoded, the events left in the
+/// sealed batch's encoding ([`encode_events_raw`]): borrowed from a version-3 append,
+/// encoded again from an older one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendParts<'a> {
+    pub drops: Vec<(String, u64)>,
+    pub notes: Vec<(String, u64)>,
+    /// How many events `events_raw` holds.
+    pub events: u64,
+    pub events_raw: std::borrow::Cow<'a, [u8]>,
+}
+
+impl AppendParts<'_> {
+    /// The events, decoded (a shard needs them only to drop a suppressed person's).
+    pub fn decode_events(&self) -> Result<Vec<StoredEvent>, CodecError> {
+        decode_events_raw(&self.events_raw, self.events)
+    }
+}
+
+/// `n` events as [`encode_events_raw`] wrote them; trailing bytes are an error.
+pub fn decode_events_raw(mut raw: &[u8], n: u64) -> Result<Vec<StoredEvent>, CodecError> {
+    let mut events = Vec::with_capacity(n.min(10_000) as usize);
+    for _ in 0..n {
+        let (ev, rest) = postcard::take_from_bytes::<StoredEvent>(raw)
+            .map_err(|e| CodecError::Payload(e.to_string()))?;
+        events.push(ev);
+        raw = rest;
+    }
+    if !raw.is_empty() {
+        return Err(CodecError::Payload(format!(
+            "{} bytes after the last of {n} events",
+            raw.len()
+        )));
+    }
+    Ok(events)
+}
+
+/// Reads an append of any version for storing: see [`AppendParts`].
+pub fn decode_append_parts(bytes: &[u8]) -> Result<AppendParts<'_>, CodecError> {
+    match unframe(APPEND_MAGIC, bytes)? {
+        (3, p) => {
+            type Head = (Vec<(String, u64)>, Vec<(String, u64)>, u64);
+            let ((drops, notes, events), rest) = postcard::take_from_bytes::<Head>(p)
+                .map_err(|e| CodecError::Payload(e.to_string()))?;
+            Ok(AppendParts {
+                drops,
+                notes,
+                events,
+                events_raw: std::borrow::Cow::Borrowed(rest),
+            })
+        }
+        (1 | 2, _) => {
+            let a = decode_append(bytes)?;
+            Ok(AppendParts {
+                events: a.events.len() as u64,
+                events_raw: std::borrow::Cow::Owned(encode_events_raw(&a.events)?),
+                drops: a.drops,
+                notes: a.notes,
+            })
+        }
+        (v, _) => Err(CodecError::UnsupportedVersion(v)),
+    }
 }
 
 /// Encodes an append as version 1 (notes are lost): what a front worker of the previous
@@ -177,8 +262,8 @@ pub fn encode_append_v1(append: &AppendV1) -> Result<Vec<u8>, CodecError> {
     frame(APPEND_MAGIC, 1, append)
 }
 
-/// Decodes an append of version 1 or 2 (during a deploy, an old front worker may still
-/// talk to a new shard).
+/// Decodes an append of version 1, 2 or 3 (during a deploy, an old front worker may
+/// still talk to a new shard).
 pub fn decode_append(bytes: &[u8]) -> Result<Append, CodecError> {
     match unframe(APPEND_MAGIC, bytes)? {
         (1, p) => {
@@ -190,6 +275,14 @@ pub fn decode_append(bytes: &[u8]) -> Result<Append, CodecError> {
             })
         }
         (2, p) => payload(p),
+        (3, _) => {
+            let parts = decode_append_parts(bytes)?;
+            Ok(Append {
+                events: parts.decode_events()?,
+                drops: parts.drops,
+                notes: parts.notes,
+            })
+        }
         (v, _) => Err(CodecError::UnsupportedVersion(v)),
     }
 }

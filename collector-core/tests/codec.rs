@@ -91,8 +91,59 @@ fn sample_append() -> Append {
 }
 
 #[test]
-fn append_v2_golden_fixture_round_trips() {
+fn append_v3_golden_fixture_round_trips() {
     let bytes = encode_append(&sample_append()).unwrap();
+    assert_eq!((&bytes[..3], bytes[3]), (&b"ECA"[..], 3));
+    check_golden("append-v3.bin", &bytes);
+    assert_eq!(decode_append(&bytes).unwrap(), sample_append());
+}
+
+// Issue #13: a shard stores a version-3 append's events as they came (borrowed, not
+// decoded and encoded again), and gets the same bytes from an older version's.
+#[test]
+fn append_parts_hold_the_events_in_the_batch_encoding_for_every_version() {
+    let a = sample_append();
+    let raw = encode_events_raw(&a.events).unwrap();
+    let v3 = encode_append(&a).unwrap();
+    let parts = decode_append_parts(&v3).unwrap();
+    assert!(matches!(parts.events_raw, std::borrow::Cow::Borrowed(_)));
+    assert_eq!(parts.events_raw.as_ref(), raw.as_slice());
+    assert_eq!(parts.events, a.events.len() as u64);
+    assert_eq!(
+        (parts.drops.clone(), parts.notes.clone()),
+        (a.drops.clone(), a.notes.clone())
+    );
+    assert_eq!(parts.decode_events().unwrap(), a.events);
+    // Sealing the stored parts gives exactly the batch of those events.
+    assert_eq!(
+        encode_batch_from_parts(3, 7, a.events.len(), [parts.events_raw.as_ref()]).unwrap(),
+        encode_batch(&Batch {
+            shard: 3,
+            sealed_at_ms: 7,
+            events: a.events.clone()
+        })
+        .unwrap()
+    );
+    for old in [
+        std::fs::read(fixture("append-v2.bin")).unwrap(),
+        encode_append_v2(&a).unwrap(),
+    ] {
+        let parts = decode_append_parts(&old).unwrap();
+        assert_eq!(parts.events_raw.as_ref(), raw.as_slice());
+        assert_eq!(parts.events, a.events.len() as u64);
+    }
+    let v1 = std::fs::read(fixture("append-v1.bin")).unwrap();
+    let parts = decode_append_parts(&v1).unwrap();
+    assert_eq!(parts.decode_events().unwrap(), sample_batch().events);
+    // A count that does not match the bytes is an error, not a short read.
+    assert!(decode_events_raw(&raw, a.events.len() as u64 - 1).is_err());
+    assert!(decode_events_raw(&raw, a.events.len() as u64 + 1).is_err());
+}
+
+// Issue #13: version 2, what the previous front worker sent, still decodes.
+#[test]
+fn append_v2_golden_fixture_still_decodes() {
+    let bytes = encode_append_v2(&sample_append()).unwrap();
     assert_eq!((&bytes[..3], bytes[3]), (&b"ECA"[..], 2));
     check_golden("append-v2.bin", &bytes);
     assert_eq!(decode_append(&bytes).unwrap(), sample_append());

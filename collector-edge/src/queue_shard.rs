@@ -15,8 +15,8 @@
 //! are durable: a 200 from `/append` means the events are on disk.
 
 use collector_core::codec::{
-    decode_append, decode_event, encode_batch_from_parts, encode_events_raw, encode_lease, Lease,
-    LeasedBatch,
+    decode_append_parts, decode_event, encode_batch_from_parts, encode_events_raw, encode_lease,
+    AppendParts, Lease, LeasedBatch,
 };
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
@@ -233,7 +233,7 @@ impl QueueShard {
 
     async fn append(&self, mut req: Request, cfg: ShardConfig) -> Result<Response> {
         let body = req.bytes().await?;
-        let append = match decode_append(&body) {
+        let append = match decode_append_parts(&body) {
             Ok(a) => a,
             Err(e) => return http::error(400, "bad_append", &e.to_string()),
         };
@@ -257,7 +257,7 @@ impl QueueShard {
             self.count_note(&sql, key, *n)?;
         }
         self.load_suppressed(&sql)?;
-        let dropped = self.store_events(&sql, &append.events)?;
+        let dropped = self.store_events(&sql, &append)?;
         if dropped > 0 {
             self.count_drop(&sql, "suppressed", dropped)?;
         }
@@ -272,41 +272,38 @@ impl QueueShard {
         }
         http::json(
             200,
-            &json!({"ok": true, "appended": append.events.len() as u64 - dropped, "suppressed": dropped}),
+            &json!({"ok": true, "appended": append.events - dropped, "suppressed": dropped}),
         )
     }
 
     /// Appends the events to the open batch as one chunk (one row per append, in
-    /// the batch's own encoding), except those of suppressed people; how many were
-    /// dropped.
-    fn store_events(
-        &self,
-        sql: &SqlStorage,
-        events: &[collector_core::StoredEvent],
-    ) -> Result<u64> {
+    /// the batch's own encoding, as the front worker sent them), except those of
+    /// suppressed people; how many were dropped. Only with a suppression list are the
+    /// events decoded (to read their ids) and the kept ones encoded again.
+    fn store_events(&self, sql: &SqlStorage, append: &AppendParts<'_>) -> Result<u64> {
+        let codec_err = |e: collector_core::CodecError| worker::Error::RustError(e.to_string());
         let suppressed = self.suppressed.borrow();
-        let list = suppressed.as_ref().filter(|s| !s.is_empty());
-        let kept: Vec<&collector_core::StoredEvent> = events
-            .iter()
-            .filter(|ev| {
-                !list.is_some_and(|list| {
-                    is_suppressed(ev.user_id.as_deref(), ev.anonymous_id.as_deref(), |k| {
-                        list.contains(k)
+        let (n, blob, dropped) = match suppressed.as_ref().filter(|s| !s.is_empty()) {
+            None => (append.events, append.events_raw.as_ref().to_vec(), 0),
+            Some(list) => {
+                let events = append.decode_events().map_err(codec_err)?;
+                let kept: Vec<collector_core::StoredEvent> = events
+                    .into_iter()
+                    .filter(|ev| {
+                        !is_suppressed(ev.user_id.as_deref(), ev.anonymous_id.as_deref(), |k| {
+                            list.contains(k)
+                        })
                     })
-                })
-            })
-            .collect();
-        let dropped = (events.len() - kept.len()) as u64;
-        if kept.is_empty() {
+                    .collect();
+                let dropped = append.events - kept.len() as u64;
+                let blob = encode_events_raw(&kept).map_err(codec_err)?;
+                (kept.len() as u64, blob, dropped)
+            }
+        };
+        if n == 0 {
             return Ok(dropped);
         }
-        let blob = if dropped == 0 {
-            encode_events_raw(events)
-        } else {
-            encode_events_raw(&kept.into_iter().cloned().collect::<Vec<_>>())
-        }
-        .map_err(|e| worker::Error::RustError(e.to_string()))?;
-        let (n, bytes) = ((events.len() as u64 - dropped) as i64, blob.len() as i64);
+        let (n, bytes) = (n as i64, blob.len() as i64);
         // Read before the insert, so a first read does not count this chunk twice.
         let (open_n, open_bytes) = self.open_totals(sql)?;
         sql.exec(
