@@ -219,12 +219,12 @@ pub fn normalize(
         notes.push(Note::ClockUntrusted);
     }
     obj.insert("receivedAt".into(), format_ms(env.received_at_ms).into());
-    obj.insert("timestamp".into(), format_ms(corrected.timestamp_ms).into());
+    set_string(&mut obj, "timestamp", format_ms(corrected.timestamp_ms));
     if let Some(ms) = corrected.original_ms {
-        obj.insert("originalTimestamp".into(), format_ms(ms).into());
+        set_string(&mut obj, "originalTimestamp", format_ms(ms));
     }
     if let Some(ms) = sent_ms {
-        obj.insert("sentAt".into(), format_ms(ms).into());
+        set_string(&mut obj, "sentAt", format_ms(ms));
     }
 
     let mut evidence = None;
@@ -279,6 +279,16 @@ pub fn normalize(
         },
         notes,
     })
+}
+
+/// Sets `key` to the string `v`, in place when the key is there (no new key `String`).
+fn set_string(obj: &mut Map<String, Value>, key: &'static str, v: String) {
+    match obj.get_mut(key) {
+        Some(slot) => *slot = Value::String(v),
+        None => {
+            obj.insert(key.into(), Value::String(v));
+        }
+    }
 }
 
 fn static_field(field: &str) -> &'static str {

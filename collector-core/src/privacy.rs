@@ -158,13 +158,18 @@ fn remove_path(obj: &mut Map<String, Value>, path: &str) -> bool {
 }
 
 fn context_mut(obj: &mut Map<String, Value>) -> &mut Map<String, Value> {
-    let ctx = obj
-        .entry("context")
-        .or_insert_with(|| Value::Object(Map::new()));
-    if !ctx.is_object() {
-        *ctx = Value::Object(Map::new());
+    object_at(obj, "context")
+}
+
+/// The object under `key`, made one (replacing any other value) when it is not; no new
+/// key `String` when the key is there.
+fn object_at<'a>(obj: &'a mut Map<String, Value>, key: &str) -> &'a mut Map<String, Value> {
+    if !obj.get(key).is_some_and(Value::is_object) {
+        obj.insert(key.into(), Value::Object(Map::new()));
     }
-    ctx.as_object_mut().expect("just made an object")
+    obj.get_mut(key)
+        .and_then(Value::as_object_mut)
+        .expect("just made an object")
 }
 
 /// Most detected values hashed in one event; further ones are redacted.
@@ -244,17 +249,10 @@ impl PrivacyEngine {
         let ctx = context_mut(event);
         self.minimise_ip(ctx, req, &mut applied);
         self.reduce_user_agent(ctx, &mut applied);
-        let consent = ctx
-            .entry("consent")
-            .or_insert_with(|| Value::Object(Map::new()));
-        if !consent.is_object() {
-            *consent = Value::Object(Map::new());
-        }
-        if let Some(c) = consent.as_object_mut() {
-            // The raw TC string is personal data in its own right; keep only the decision.
-            c.remove("tcf");
-            c.insert("resolved".into(), Value::Null);
-        }
+        let c = object_at(ctx, "consent");
+        // The raw TC string is personal data in its own right; keep only the decision.
+        c.remove("tcf");
+        c.insert("resolved".into(), Value::Null);
         Ok((applied, evidence))
     }
 

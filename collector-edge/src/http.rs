@@ -9,6 +9,14 @@ pub fn json(status: u16, body: &Value) -> Result<Response> {
     Ok(Response::from_json(body)?.with_status(status))
 }
 
+/// `200 {"success":true}`: the answer to every accepted request (written as text; no
+/// JSON value is built for it).
+pub fn success() -> Result<Response> {
+    let headers = Headers::new();
+    headers.set("Content-Type", "application/json")?;
+    Ok(Response::ok("{\"success\":true}")?.with_headers(headers))
+}
+
 /// `{"success": false, "code": ..., "error": ...}` with the given status.
 pub fn error(status: u16, code: &str, message: &str) -> Result<Response> {
     json(

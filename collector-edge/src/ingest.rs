@@ -233,7 +233,7 @@ async fn enqueue_and_respond(env: &Env, cfg: &EdgeConfig, parsed: Parsed) -> Res
         return Ok(resp);
     }
     if rejected.is_empty() {
-        return http::json(200, &json!({"success": true}));
+        return http::success();
     }
     let status = rejected
         .iter()
