@@ -13,7 +13,8 @@
 //! - [`sync`]: one pass per destination: enqueue the new entries, exits and events,
 //!   then send what is due, checking the person's current consent (the categories
 //!   `privacy.toml`'s `[destinations.<name>]` names) before every attempt. Transient
-//!   failures retry with full jitter (honouring `Retry-After`) for `retry_for`, then
+//!   failures retry with exponential backoff, jittered between half and all of each
+//!   step (honouring `Retry-After`), for `retry_for`, then
 //!   dead-letter; a rejected batch is split to find the record at fault.
 
 pub mod config;

@@ -740,18 +740,14 @@ fn redact_error(e: SendError, batch: &[Item]) -> SendError {
     }
 }
 
-/// Full jitter: a random wait up to `BASE · 2^attempts`, capped.
+/// A random wait between half and all of `BASE · 2^attempts`, capped. Never near zero:
+/// with full jitter a wait under a millisecond (one in a thousand first retries) made
+/// the row due again at once, so the same pass called the failing destination again.
 fn backoff(attempts: i64) -> Duration {
     let exp = BASE_BACKOFF
         .saturating_mul(1u32 << attempts.clamp(0, 20) as u32)
         .min(MAX_BACKOFF);
-    let mut b = [0u8; 8];
-    let r = if getrandom::getrandom(&mut b).is_ok() {
-        u64::from_le_bytes(b) as f64 / u64::MAX as f64
-    } else {
-        1.0
-    };
-    exp.mul_f64(r)
+    crate::jittered(exp)
 }
 
 /// Waits so calls stay under `rate_limit` per second.
@@ -827,6 +823,26 @@ pub async fn dry_run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // A retried row is never due again within the same pass: the wait is at least half
+    // the step (full jitter gave < 1 ms about once in a thousand first retries, and the
+    // activation test that hangs a destination then saw a third call).
+    #[test]
+    fn retry_waits_are_half_to_all_of_the_step_and_capped() {
+        for _ in 0..5_000 {
+            let w = backoff(0);
+            assert!(w >= BASE_BACKOFF / 2 && w <= BASE_BACKOFF, "{w:?}");
+        }
+        let w = backoff(3);
+        assert!(w >= BASE_BACKOFF * 4 && w <= BASE_BACKOFF * 8, "{w:?}");
+        for attempts in [12, 20, 40, i64::MAX] {
+            let w = backoff(attempts);
+            assert!(
+                w >= MAX_BACKOFF / 2 && w <= MAX_BACKOFF,
+                "{attempts}: {w:?}"
+            );
+        }
+    }
 
     #[test]
     fn answers_quoting_an_address_are_scrubbed() {
