@@ -36,6 +36,7 @@ pub mod shard;
 pub mod sign;
 pub mod tcf;
 pub mod timestamp;
+pub mod url_parts;
 
 pub use error::{CodecError, EventError, RequestError, SignError};
 pub use event::{EventKind, StoredEvent};

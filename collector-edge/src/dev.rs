@@ -26,11 +26,8 @@ pub async fn handle_inject(mut req: Request, env: &Env, cfg: &EdgeConfig) -> Res
     if !cfg.dev_mode {
         return http::error(404, "not_found", "no route for /dev/inject");
     }
-    let shard = req
-        .url()?
-        .query_pairs()
-        .find(|(k, _)| k == "shard")
-        .and_then(|(_, v)| v.parse::<u32>().ok())
+    let shard = collector_core::url_parts::query_param(&req.inner().url(), "shard")
+        .and_then(|v| v.parse::<u32>().ok())
         .filter(|s| *s < cfg.shards);
     let Some(shard) = shard else {
         return http::error(400, "bad_shard", "?shard=N must name an existing shard");
@@ -54,12 +51,8 @@ pub async fn handle_bench_pipeline(mut req: Request, cfg: &EdgeConfig) -> Result
     if !cfg.dev_mode {
         return http::error(404, "not_found", "no route for /dev/bench/pipeline");
     }
-    let url = req.url()?;
-    let param = |k: &str| {
-        url.query_pairs()
-            .find(|(name, _)| name == k)
-            .map(|(_, v)| v.into_owned())
-    };
+    let url = req.inner().url();
+    let param = |k: &str| collector_core::url_parts::query_param(&url, k);
     let iterations: u32 = param("iterations")
         .and_then(|v| v.parse().ok())
         .unwrap_or(100)

@@ -69,17 +69,14 @@ pub async fn handle_drain(
         );
     };
     let body = req.bytes().await.unwrap_or_default();
-    let url = req.url()?;
-    let path = match url.query() {
-        Some(q) => format!("{}?{q}", url.path()),
-        None => url.path().to_string(),
-    };
+    let url = req.inner().url();
+    let path = collector_core::url_parts::path_and_query(&url);
     let header = |name: &str| req.headers().get(name).ok().flatten();
     let now_s = (Date::now().as_millis() / 1000) as i64;
     if let Err(e) = verify(
         secret.as_bytes(),
         req.method().as_ref(),
-        &path,
+        path,
         &body,
         header(TIMESTAMP_HEADER).as_deref(),
         header(SIGNATURE_HEADER).as_deref(),
