@@ -5,6 +5,13 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
+use std::io::Write;
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(bytes).unwrap();
+    gz.finish().unwrap()
+}
 
 #[tokio::test]
 async fn bad_input_table_each_gets_its_4xx_and_reason() {
@@ -113,6 +120,24 @@ async fn bad_input_table_each_gets_its_4xx_and_reason() {
                 .basic_auth(WRITE_KEY, Some(""))
                 .header("Content-Encoding", "gzip")
                 .body("not gzip"),
+            400,
+            "bad_encoding",
+        ),
+        (
+            // Cut off halfway: the runtime's inflater fails at the end of the stream.
+            "truncated gzip",
+            st.http
+                .post(url("/v1/track"))
+                .basic_auth(WRITE_KEY, Some(""))
+                .header("Content-Encoding", "gzip")
+                .body({
+                    let full = gzip(
+                        json!({"event": "E", "userId": "u", "properties": {"pad": "z".repeat(4000)}})
+                            .to_string()
+                            .as_bytes(),
+                    );
+                    full[..full.len() / 2].to_vec()
+                }),
             400,
             "bad_encoding",
         ),
