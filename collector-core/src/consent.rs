@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use crate::policy::{Policy, RegionDefault};
 use crate::tcf;
@@ -197,37 +197,12 @@ impl Resolved {
         out.push('}');
     }
 
-    /// The evidence an auditor needs, as stored in `context.consent.resolved`.
+    /// The evidence an auditor needs, as stored in `context.consent.resolved`: what
+    /// [`Resolved::write_evidence`] writes (without `pii`), as a `Value`.
     pub fn evidence(&self) -> Value {
-        let granted: Vec<&str> = self
-            .decisions
-            .iter()
-            .filter(|(_, d)| d.granted)
-            .map(|(c, _)| c.as_str())
-            .collect();
-        let denied: Vec<&str> = self
-            .decisions
-            .iter()
-            .filter(|(_, d)| !d.granted)
-            .map(|(c, _)| c.as_str())
-            .collect();
-        let sources: Map<String, Value> = self
-            .decisions
-            .iter()
-            .map(|(c, d)| (c.clone(), Value::from(d.source.as_str())))
-            .collect();
-        let mut v = json!({
-            "policy_version": self.policy_version,
-            "region": self.region,
-            "granted": granted,
-            "denied": denied,
-            "sources": sources,
-            "gpc": self.gpc,
-        });
-        if let Some(e) = &self.tcf_error {
-            v["tcf_error"] = Value::from(e.as_str());
-        }
-        v
+        let mut text = String::with_capacity(256);
+        self.write_evidence(&mut text, &BTreeMap::new());
+        serde_json::from_str(&text).expect("write_evidence writes valid JSON")
     }
 }
 

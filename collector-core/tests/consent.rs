@@ -225,3 +225,50 @@ fn evidence_names_granted_denied_sources_and_policy_version() {
     assert_eq!(ev["sources"]["analytics"], "explicit");
     assert_eq!(ev["gpc"], false);
 }
+
+// Issue #13: the edge writes the evidence as text, without a `Value` tree. Its bytes are
+// pinned here: the order of the keys, the `tcf_error` and `pii` members, and escaping.
+#[test]
+fn evidence_text_is_exactly_the_stored_shape() {
+    let mut i = country("DE");
+    i.tcf = Some("CO".into());
+    i.explicit.insert("analytics".into(), true);
+    let p = policy();
+    let r = resolve(&p, &i);
+    let pii: std::collections::BTreeMap<String, String> = [
+        ("properties.email".to_string(), "email:hash".to_string()),
+        (
+            "traits.\"odd\"\nkey".to_string(),
+            "phone:hash,phone:encrypt".to_string(),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    let mut text = String::new();
+    r.write_evidence(&mut text, &pii);
+    let sources: serde_json::Map<String, Value> = r
+        .decisions
+        .iter()
+        .map(|(c, d)| (c.clone(), json!(d.source.as_str())))
+        .collect();
+    let expected = json!({
+        "policy_version": p.version,
+        "region": "eea_uk_ch",
+        "granted": ["analytics", "necessary"],
+        "denied": ["marketing", "personalization", "sms"],
+        "sources": sources,
+        "gpc": false,
+        "tcf_error": r.tcf_error.clone().unwrap(),
+        "pii": {"properties.email": "email:hash", "traits.\"odd\"\nkey": "phone:hash,phone:encrypt"},
+    });
+    assert_eq!(text, serde_json::to_string(&expected).unwrap());
+    // Without findings and without a TC string error, neither member is written.
+    let plain = resolve(&p, &country("US"));
+    let mut text = String::new();
+    plain.write_evidence(&mut text, &Default::default());
+    assert!(text.ends_with(",\"gpc\":false}"), "{text}");
+    assert_eq!(
+        plain.evidence(),
+        serde_json::from_str::<Value>(&text).unwrap()
+    );
+}
