@@ -375,3 +375,14 @@ fn merge_under(obj: &mut Map<String, Value>, field: &str, batch: Option<&Map<Str
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_evidence_path_is_the_privacy_engines() {
+        assert_eq!(
+            super::EVIDENCE_PATH_PARTS.join("."),
+            crate::privacy::EVIDENCE_PATH
+        );
+    }
+}
