@@ -25,11 +25,14 @@ pub fn query_param(url: &str, name: &str) -> Option<String> {
     let query = url.split('#').next()?.split_once('?')?.1;
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (decode(k) == name).then(|| decode(v))
+        (form_decode(k) == name).then(|| form_decode(v))
     })
 }
 
-fn decode(s: &str) -> String {
+/// One `application/x-www-form-urlencoded` name or value, decoded: `+` is a space,
+/// `%XX` a byte (a `%` not followed by two hex digits stays as it is), invalid UTF-8
+/// replaced.
+pub fn form_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -3,6 +3,7 @@
 //! (or the statuses queued with [`Recorder::answer`]). Loopback only, on a free port;
 //! stopped when dropped. Used by the tests and by `cargo xtask dev`.
 
+use collector_core::url_parts::form_decode;
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -32,33 +33,9 @@ impl Recorded {
         self.body
             .split('&')
             .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (decode(k), decode(v)))
+            .map(|(k, v)| (form_decode(k), form_decode(v)))
             .collect()
     }
-}
-
-fn decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
-                match u8::from_str_radix(hex, 16) {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 pub struct Recorder {

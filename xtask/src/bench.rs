@@ -180,17 +180,7 @@ pub fn drain_run(
     )?;
     rows.push((
         format!("POST /v1/batch (20 events), wrangler dev, {connections} conns"),
-        format!(
-            "{:.0} req/s ({:.0} events/s), p50 {:.1} ms, p99 {:.1} ms, {} non-200, {}",
-            r.req_s,
-            r.events_s,
-            r.p50_ms,
-            r.p99_ms,
-            r.failed,
-            r.cpu_us
-                .map(|c| format!("{c:.0} µs CPU/event"))
-                .unwrap_or_else(|| "CPU n/a".into())
-        ),
+        r.summary(),
     ));
 
     // Drain what was accepted into a fresh DuckDB file.
@@ -637,6 +627,23 @@ struct LoadRun {
     cpu_us: Option<f64>,
 }
 
+impl LoadRun {
+    /// The run on one line of the table.
+    fn summary(&self) -> String {
+        format!(
+            "{:.0} req/s, {:.0} events/s, p50 {:.1} ms, p99 {:.1} ms, {} non-200, {}",
+            self.req_s,
+            self.events_s,
+            self.p50_ms,
+            self.p99_ms,
+            self.failed,
+            self.cpu_us
+                .map(|c| format!("{c:.0} µs CPU/event"))
+                .unwrap_or_else(|| "CPU n/a".into())
+        )
+    }
+}
+
 /// `requests` POSTs of `events`-event bodies to `url` from `senders` threads (after a
 /// warm-up); `cpu` reads the server's CPU seconds.
 fn load_run(
@@ -794,19 +801,7 @@ pub fn edge_load_compare(
     let senders = 4;
     let seq = AtomicU64::new(1_000_000);
     let sizes = [(1usize, scaled(600)), (20, scaled(400)), (100, scaled(300))];
-    let fmt = |r: &LoadRun| {
-        format!(
-            "{:.0} req/s, {:.0} events/s, p50 {:.1} ms, p99 {:.1} ms, {} non-200, {}",
-            r.req_s,
-            r.events_s,
-            r.p50_ms,
-            r.p99_ms,
-            r.failed,
-            r.cpu_us
-                .map(|c| format!("{c:.0} µs CPU/event"))
-                .unwrap_or_else(|| "CPU n/a".into())
-        )
-    };
+    let fmt = LoadRun::summary;
 
     {
         let mut edge = LocalEdge::start(EdgeOptions::in_dir(&dir.join("wrangler"), SECRET))?;
