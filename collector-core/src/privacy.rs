@@ -129,15 +129,6 @@ pub struct PrivacyEngine {
 /// Fills a buffer from the platform's CSPRNG; false when it could not.
 pub type RandomFill = fn(&mut [u8]) -> bool;
 
-fn get_path<'a>(obj: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
-    let mut parts = path.split('.');
-    let mut cur = obj.get(parts.next()?)?;
-    for p in parts {
-        cur = cur.get(p)?;
-    }
-    Some(cur)
-}
-
 fn get_path_mut<'a>(obj: &'a mut Map<String, Value>, path: &str) -> Option<&'a mut Value> {
     let mut parts = path.split('.');
     let mut cur = obj.get_mut(parts.next()?)?;
@@ -175,13 +166,10 @@ fn object_at<'a>(obj: &'a mut Map<String, Value>, key: &str) -> &'a mut Map<Stri
 /// Most detected values hashed in one event; further ones are redacted.
 pub const MAX_HASHED_FINDINGS_PER_EVENT: usize = 64;
 
-const URL_FIELDS: [&str; 6] = [
-    "context.page.url",
-    "context.page.referrer",
-    "context.page.search",
-    "properties.url",
-    "properties.referrer",
-    "properties.search",
+/// The URL fields whose query is scrubbed: each parent object, then its fields.
+const URL_FIELDS: [(&str, [&str; 3]); 2] = [
+    ("context.page", ["url", "referrer", "search"]),
+    ("properties", ["url", "referrer", "search"]),
 ];
 
 impl PrivacyEngine {
@@ -479,16 +467,20 @@ impl PrivacyEngine {
         if names.is_empty() {
             return;
         }
-        for path in URL_FIELDS {
-            let Some(Value::String(url)) = get_path(event, path) else {
+        for (parent, fields) in URL_FIELDS {
+            // One lookup of the parent, then one per field.
+            let Some(Value::Object(m)) = get_path_mut(event, parent) else {
                 continue;
             };
-            let (clean, changed) = scrub_query(url, names);
-            if changed {
-                if let Some(v) = get_path_mut(event, path) {
-                    *v = Value::String(clean);
+            for field in fields {
+                let Some(Value::String(url)) = m.get_mut(field) else {
+                    continue;
+                };
+                let (clean, changed) = scrub_query(url, names);
+                if changed {
+                    *url = clean;
+                    applied.scrubbed.push(format!("{parent}.{field}"));
                 }
-                applied.scrubbed.push(path.to_string());
             }
         }
     }
