@@ -213,13 +213,22 @@ async fn postgres_outage_mid_drain_backs_off_and_loses_nothing() {
     }
     pg.restart().unwrap();
     wait_for(&pg, "SELECT count(*) FROM tracks", 200, "after the outage").await;
-    let metrics = scrape().await;
-    let inserted: u64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("collector_agent_events_inserted_total{table="))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
-    assert_eq!(inserted, 200, "{metrics}");
+    // The counters move just after the commit that made the rows visible: read them
+    // until they have caught up (or the deadline passes), then check them exactly.
+    let inserted_of = |metrics: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("collector_agent_events_inserted_total{table="))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut metrics = scrape().await;
+    while inserted_of(&metrics) < 200 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        metrics = scrape().await;
+    }
+    assert_eq!(inserted_of(&metrics), 200, "{metrics}");
     let _ = tx.send(());
     agent.await.unwrap().unwrap();
     assert_eq!(
