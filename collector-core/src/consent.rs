@@ -134,65 +134,37 @@ impl Resolved {
     /// when it is not empty. Byte for byte what serialising the `Value` gives (a test
     /// checks it).
     pub fn write_evidence(&self, out: &mut String, pii: &BTreeMap<String, String>) {
-        fn text(out: &mut String, s: &str) {
-            crate::json_text::push_str(out, s);
-        }
-        fn list<'a>(out: &mut String, items: impl Iterator<Item = &'a str>) {
-            out.push('[');
-            for (i, item) in items.enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                text(out, item);
-            }
-            out.push(']');
-        }
+        use crate::json_text::{push_str, push_str_array, push_str_object};
         out.push_str("{\"policy_version\":");
-        text(out, &self.policy_version);
+        push_str(out, &self.policy_version);
         out.push_str(",\"region\":");
-        text(out, &self.region);
+        push_str(out, &self.region);
+        let with = |granted: bool| {
+            self.decisions
+                .iter()
+                .filter(move |(_, d)| d.granted == granted)
+                .map(|(c, _)| c.as_str())
+        };
         out.push_str(",\"granted\":");
-        list(
-            out,
-            self.decisions
-                .iter()
-                .filter(|(_, d)| d.granted)
-                .map(|(c, _)| c.as_str()),
-        );
+        push_str_array(out, with(true));
         out.push_str(",\"denied\":");
-        list(
+        push_str_array(out, with(false));
+        out.push_str(",\"sources\":");
+        push_str_object(
             out,
             self.decisions
                 .iter()
-                .filter(|(_, d)| !d.granted)
-                .map(|(c, _)| c.as_str()),
+                .map(|(c, d)| (c.as_str(), d.source.as_str())),
         );
-        out.push_str(",\"sources\":{");
-        for (i, (c, d)) in self.decisions.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            text(out, c);
-            out.push(':');
-            text(out, d.source.as_str());
-        }
-        out.push_str("},\"gpc\":");
+        out.push_str(",\"gpc\":");
         out.push_str(if self.gpc { "true" } else { "false" });
         if let Some(e) = &self.tcf_error {
             out.push_str(",\"tcf_error\":");
-            text(out, e);
+            push_str(out, e);
         }
         if !pii.is_empty() {
-            out.push_str(",\"pii\":{");
-            for (i, (path, tag)) in pii.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                text(out, path);
-                out.push(':');
-                text(out, tag);
-            }
-            out.push('}');
+            out.push_str(",\"pii\":");
+            push_str_object(out, pii.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         }
         out.push('}');
     }

@@ -52,6 +52,32 @@ static NEEDS_ESCAPE: [bool; 256] = {
     t
 };
 
+/// A JSON array of strings.
+pub fn push_str_array<'a>(out: &mut String, items: impl IntoIterator<Item = &'a str>) {
+    out.push('[');
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_str(out, item);
+    }
+    out.push(']');
+}
+
+/// A JSON object of string values, in the order given.
+pub fn push_str_object<'a>(out: &mut String, pairs: impl IntoIterator<Item = (&'a str, &'a str)>) {
+    out.push('{');
+    for (i, (k, v)) in pairs.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_str(out, k);
+        out.push(':');
+        push_str(out, v);
+    }
+    out.push('}');
+}
+
 /// `v` as compact JSON text.
 pub fn push_value(out: &mut String, v: &Value) {
     match v {

@@ -97,14 +97,7 @@ async fn exported_message_ids(cfg: &AgentConfig, export: NewRequest) -> (BTreeSe
     assert_eq!(req.status, "completed");
     let doc = doc.expect("a document");
     let mut ids = BTreeSet::new();
-    for table in [
-        "tracks",
-        "pages",
-        "identifies",
-        "screens",
-        "groups",
-        "aliases",
-    ] {
+    for table in collector_core::EventKind::ALL.map(collector_core::EventKind::table) {
         for row in doc["tables"][table].as_array().into_iter().flatten() {
             ids.insert(row["message_id"].as_str().unwrap().to_string());
         }

@@ -273,14 +273,7 @@ pub async fn stores(
     }
     // The message ids of their events, for what is keyed by message id.
     let mut message_ids: Vec<String> = Vec::new();
-    for table in [
-        "tracks",
-        "pages",
-        "identifies",
-        "screens",
-        "groups",
-        "aliases",
-    ] {
+    for table in collector_core::EventKind::ALL.map(collector_core::EventKind::table) {
         if let Some(st) = out.iter().find(|s| s.table == table) {
             let r = s
                 .query(&format!(
