@@ -130,17 +130,10 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
         .args(["build", "--release", "--quiet", "-p", "collector-agent"])
         .current_dir(&tools.root))?;
 
-    let dir = std::env::temp_dir().join(format!("edge-collector-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let mut edge = LocalEdge::start(EdgeOptions::in_dir(&dir, SECRET))?;
+    eprintln!("bench: the agent's drain of a backlog");
+    rows.extend(drain_only(tools)?);
 
-    rows.extend(pipeline_in_workerd(&edge)?);
-
-    rows.extend(drain_run(tools, &edge, &dir)?);
-    edge.stop();
-    let _ = std::fs::remove_dir_all(&dir);
-
+    // (The pipeline-in-workerd rows come with the edge load, below.)
     eprintln!("bench: the edge under load, 1-, 20- and 100-event bodies");
     rows.extend(edge_load(tools)?);
 
