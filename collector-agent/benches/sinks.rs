@@ -100,13 +100,22 @@ fn rate(label: &str, rows_per_s: f64, native: Option<f64>) {
     }
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary
     // without it, and then it does nothing (benchmarks are not tests).
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
+    // DuckDB's allocator set as the agent sets it.
+    collector_agent::memory::reexec_with_settings();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(bench_main());
+}
+
+async fn bench_main() {
     // `cargo bench --bench sinks -- duckdb postgres`: only the named sinks.
     let only: Vec<String> = std::env::args()
         .skip(1)

@@ -16,6 +16,7 @@ pub mod dashboard;
 pub mod destinations;
 pub mod edge;
 pub mod identity;
+pub mod memory;
 pub mod metrics;
 pub mod privacy;
 pub mod privacy_cli;

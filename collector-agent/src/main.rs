@@ -260,8 +260,17 @@ struct SubjectArgs {
     json: bool,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before any thread starts: the allocators read their settings at process start.
+    collector_agent::memory::reexec_with_settings();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?
+        .block_on(agent_main())
+}
+
+async fn agent_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());

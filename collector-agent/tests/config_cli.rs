@@ -249,3 +249,65 @@ fn profile_says_which_warehouses_have_profiles() {
         "{text}"
     );
 }
+
+/// The environment of a running `collector-agent run` (read from `/proc` once it has
+/// logged, i.e. once it is past `main`'s start), started with `env` added.
+#[cfg(target_os = "linux")]
+fn running_agent_environment(env: &[(&str, &str)]) -> Vec<String> {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "edge_url = \"http://127.0.0.1:{}\"\ndrain_secret = \"s\"\nrequest_timeout_ms = 1000\n",
+            collector_e2e::free_port()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_collector-agent"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env_remove("DUCKDB_JE_MALLOC_CONF")
+        .env_remove("COLLECTOR_AGENT_ALLOCATOR")
+        .envs(env.iter().copied())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    // Same pid: the agent executes itself again in place.
+    let environ = std::fs::read(format!("/proc/{}/environ", child.id())).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!first.is_empty(), "the agent exited before logging");
+    environ
+        .split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect()
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn the_agent_runs_with_duckdbs_allocator_giving_freed_memory_back() {
+    let conf = |env: &[String]| {
+        env.iter()
+            .find_map(|v| v.strip_prefix("DUCKDB_JE_MALLOC_CONF="))
+            .map(str::to_string)
+    };
+    let env = running_agent_environment(&[]);
+    assert_eq!(
+        conf(&env).as_deref(),
+        Some("dirty_decay_ms:0,muzzy_decay_ms:0"),
+        "{env:?}"
+    );
+    // An operator's own setting is kept.
+    let env = running_agent_environment(&[("DUCKDB_JE_MALLOC_CONF", "narenas:2")]);
+    assert_eq!(conf(&env).as_deref(), Some("narenas:2"));
+    // And DuckDB's defaults on request.
+    let env = running_agent_environment(&[("COLLECTOR_AGENT_ALLOCATOR", "default")]);
+    assert_eq!(conf(&env), None);
+}

@@ -181,8 +181,10 @@ pub fn drain_run(
     std::fs::write(
         &config,
         format!(
-            "edge_url = \"{}\"\ndrain_secret = \"{SECRET}\"\nlease_batches = 50\n[warehouse]\npath = \"warehouse.duckdb\"\n{}\n",
+            "edge_url = \"{}\"\ndrain_secret = \"{SECRET}\"\n{}\n[warehouse]\npath = \"warehouse.duckdb\"\n{}\n",
             edge.url,
+            // The agent's defaults; to measure its own keys: `BENCH_AGENT='lease_batches = 50'`.
+            std::env::var("BENCH_AGENT").unwrap_or_default(),
             // To measure a setting: `BENCH_WAREHOUSE='memory_limit = "64MB"'`.
             std::env::var("BENCH_WAREHOUSE").unwrap_or_default()
         ),
