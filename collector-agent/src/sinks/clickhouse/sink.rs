@@ -36,6 +36,10 @@ const QUARANTINE_COLUMNS: [&str; 10] = [
 /// How many ids one registry lookup sends.
 const LOOKUP_CHUNK: usize = 2_000;
 
+/// Up to this many quarantined events, a load reads the whole quarantine to see which
+/// of its ids were there (see `quarantined_among`).
+const QUARANTINE_READ_WHOLE: usize = 2_000;
+
 /// The physical table behind a view.
 fn rows_table(table: &str) -> String {
     format!("collector_rows_{table}")
@@ -524,6 +528,47 @@ impl ClickHouseSink {
         Ok(self.rows_for(sql, ids).await?.into_keys().collect())
     }
 
+    /// Which of `ids` are in the quarantine now. The quarantine is usually small (or
+    /// empty): then it is read whole and matched here, one short query instead of one
+    /// carrying every id of the load.
+    async fn quarantined_among(&self, ids: &[&str]) -> Result<HashSet<String>, SinkError> {
+        self.quarantined_among_reading_whole(ids, QUARANTINE_READ_WHOLE)
+            .await
+    }
+
+    async fn quarantined_among_reading_whole(
+        &self,
+        ids: &[&str],
+        read_whole: usize,
+    ) -> Result<HashSet<String>, SinkError> {
+        if ids.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let (_, rows) = self
+            .select(&format!(
+                "SELECT message_id FROM quarantine LIMIT {}",
+                read_whole + 1
+            ))
+            .await?;
+        if rows.len() > read_whole {
+            return self
+                .ids_in(
+                    "SELECT message_id FROM quarantine WHERE message_id IN ({ids})",
+                    ids,
+                )
+                .await;
+        }
+        let all: HashSet<&str> = rows
+            .iter()
+            .filter_map(|r| r.first().and_then(Value::as_str))
+            .collect();
+        Ok(ids
+            .iter()
+            .filter(|id| all.contains(**id))
+            .map(|id| id.to_string())
+            .collect())
+    }
+
     /// The rows a query (with `{ids}` for the list) returns for `ids`, by their first
     /// column, the second column beside it.
     async fn rows_for(&self, sql: &str, ids: &[&str]) -> Result<HashMap<String, Value>, SinkError> {
@@ -832,12 +877,7 @@ impl ClickHouseSink {
         .await?;
         // Events once quarantined that loaded now leave the quarantine.
         let loaded_ids: Vec<&str> = fresh.rows.iter().map(|r| r.message_id()).collect();
-        let were_quarantined = self
-            .ids_in(
-                "SELECT message_id FROM quarantine WHERE message_id IN ({ids})",
-                &loaded_ids,
-            )
-            .await?;
+        let were_quarantined = self.quarantined_among(&loaded_ids).await?;
         let resolved: Vec<Value> = were_quarantined
             .iter()
             .map(|id| serde_json::json!({
@@ -1221,6 +1261,55 @@ mod tests {
             classify("<html>bad gateway"),
             SinkError::Transient(_)
         ));
+    }
+
+    // Both ways of finding a load's quarantined ids (the quarantine read whole, or
+    // looked up by the load's ids) give the same answer, resolved entries excluded.
+    #[tokio::test]
+    async fn quarantined_ids_are_found_whether_the_quarantine_is_small_or_large() {
+        let ch = collector_e2e::clickhouse::LocalClickHouse::start().unwrap();
+        let sink = ClickHouseSink::connect(&ClickHouseConfig {
+            url: ch.url.clone(),
+            database: "analytics".into(),
+            user: "default".into(),
+            password_env: None,
+            timeout_ms: 30_000,
+        })
+        .await
+        .unwrap();
+        let entry = |id: &str, resolved: u8, version: u64| {
+            serde_json::json!({
+                "message_id": id, "type": "track", "shard": 0, "batch_id": 1, "reason": "r",
+                "event": "{}", "quarantined_at": "2026-11-26 10:00:00", "attempts": 1,
+                "resolved": resolved, "_version": version
+            })
+        };
+        sink.insert(
+            "collector_quarantine",
+            &QUARANTINE_COLUMNS.map(String::from),
+            vec![
+                entry("q1", 0, 1),
+                entry("q2", 0, 1),
+                entry("q3", 0, 1),
+                entry("q3", 1, 2),
+                entry("elsewhere", 0, 1),
+            ],
+        )
+        .await
+        .unwrap();
+        let ids = ["q1", "q2", "q3", "new"];
+        let want: HashSet<String> = ["q1", "q2"].map(String::from).into();
+        // Three unresolved entries: read whole when up to 3 may be, by ids when 2.
+        for read_whole in [3, 100, 2, 1] {
+            assert_eq!(
+                sink.quarantined_among_reading_whole(&ids, read_whole)
+                    .await
+                    .unwrap(),
+                want,
+                "read_whole = {read_whole}"
+            );
+        }
+        assert!(sink.quarantined_among(&[]).await.unwrap().is_empty());
     }
 
     #[test]
