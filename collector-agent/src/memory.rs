@@ -17,11 +17,13 @@ use std::ffi::OsString;
 
 /// The settings the agent runs with, unless the environment has its own.
 ///
-/// Measured (BENCHMARKS.md, "Memory"): DuckDB's decay at zero took the drain's peak
-/// from 345 to 281 MB for about 10% of its speed; one jemalloc arena
-/// (`narenas:1`), a delay with a background purging thread (`dirty_decay_ms:200`) and
-/// fewer glibc arenas (`MALLOC_ARENA_MAX=2`) each changed nothing measurable, so
-/// they are not set.
+/// Measured (BENCHMARKS.md, "DuckDB's allocator"): decay at zero took the drain's
+/// peak from 317 to 252 MB, for about 10% of the DuckDB sink's speed and 35% of the
+/// Parquet lake's (which writes its files through DuckDB). A short decay instead
+/// (100 or 500 ms, or 200 ms with a background purging thread) kept the speed and
+/// none of the memory; one jemalloc arena (`narenas:1`) and fewer glibc arenas
+/// (`MALLOC_ARENA_MAX=2`) changed nothing measurable. So zero it is, and
+/// `COLLECTOR_AGENT_ALLOCATOR=default` gives the speed back for the memory.
 pub const SETTINGS: &[(&str, &str)] =
     &[("DUCKDB_JE_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")];
 
