@@ -63,8 +63,24 @@ async function handle(cmd) {
     case 'eval':
       return await page.evaluate(`(async () => (${cmd.js}))()`);
     case 'waitFor': {
-      const handle = await page.waitForFunction(cmd.js, null, { timeout: cmd.timeoutMs || 30000, polling: 100 });
-      return await handle.jsonValue();
+      // Polled from here, not with page.waitForFunction: that evaluates a string
+      // predicate inside the page, which a Content-Security-Policy without
+      // 'unsafe-eval' (the dashboard's) refuses once a navigation lands mid-wait.
+      // page.evaluate goes through the DevTools protocol, which no CSP governs.
+      const timeoutMs = cmd.timeoutMs || 30000;
+      const deadline = Date.now() + timeoutMs;
+      const probe = `(async () => { const v = (${cmd.js}); return (typeof Node !== 'undefined' && v instanceof Node) ? true : v; })()`;
+      for (;;) {
+        try {
+          const v = await page.evaluate(probe);
+          if (v) return v;
+        } catch (e) {
+          // A navigation replaced the document mid-poll: poll the new one.
+          if (!/Execution context was destroyed|navigat|Cannot find context/i.test(String(e && e.message))) throw e;
+        }
+        if (Date.now() >= deadline) throw new Error(`waitFor: not true after ${timeoutMs} ms: ${cmd.js}`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
     }
     case 'press': {
       await page.keyboard.press(cmd.key);
