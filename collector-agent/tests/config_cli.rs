@@ -114,11 +114,9 @@ fn problems_name_their_key() {
     }
 }
 
-#[test]
-fn logs_can_be_json_lines() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("agent.toml");
-    // An unreachable edge: the agent logs its failure, then `--once` exits with an error.
+/// A config in `dir` whose edge nothing answers at (a free loopback port).
+fn unreachable_edge_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("agent.toml");
     std::fs::write(
         &path,
         format!(
@@ -127,6 +125,14 @@ fn logs_can_be_json_lines() {
         ),
     )
     .unwrap();
+    path
+}
+
+#[test]
+fn logs_can_be_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    // An unreachable edge: the agent logs its failure, then `--once` exits with an error.
+    let path = unreachable_edge_config(dir.path());
     let out = Command::new(env!("CARGO_BIN_EXE_collector-agent"))
         .args(["--log-format", "json", "run", "--once", "--config"])
         .arg(&path)
@@ -256,15 +262,7 @@ fn profile_says_which_warehouses_have_profiles() {
 fn running_agent_environment(env: &[(&str, &str)]) -> Vec<String> {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("agent.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "edge_url = \"http://127.0.0.1:{}\"\ndrain_secret = \"s\"\nrequest_timeout_ms = 1000\n",
-            collector_e2e::free_port()
-        ),
-    )
-    .unwrap();
+    let path = unreachable_edge_config(dir.path());
     let mut child = Command::new(env!("CARGO_BIN_EXE_collector-agent"))
         .args(["run", "--config"])
         .arg(&path)
