@@ -52,7 +52,7 @@ CREATE TABLE policy_versions (version {t} PRIMARY KEY, first_seen {ts} NOT NULL,
 }
 
 /// What a request asks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Erase,
