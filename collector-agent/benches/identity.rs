@@ -156,11 +156,8 @@ async fn main() {
         match LocalClickHouse::start() {
             Ok(ch) => {
                 let sink = ClickHouseSink::connect(&ClickHouseConfig {
-                    url: ch.url.clone(),
-                    database: "analytics".into(),
-                    user: "default".into(),
-                    password_env: None,
                     timeout_ms: 600_000,
+                    ..ClickHouseConfig::at(&ch.url)
                 })
                 .await
                 .unwrap();

@@ -249,11 +249,8 @@ async fn bench_main() {
         match LocalClickHouse::start() {
             Ok(ch) => {
                 let cfg = ClickHouseConfig {
-                    url: ch.url.clone(),
-                    database: "analytics".into(),
-                    user: "default".into(),
-                    password_env: None,
                     timeout_ms: 300_000,
+                    ..ClickHouseConfig::at(&ch.url)
                 };
                 let sink = Arc::new(ClickHouseSink::connect(&cfg).await.unwrap());
                 // ClickHouse's own bulk load: the same rows (as prepared for tracks) sent as

@@ -15,13 +15,7 @@ use common::{events, one, rows, s};
 use serde_json::json;
 
 fn cfg(ch: &LocalClickHouse) -> ClickHouseConfig {
-    ClickHouseConfig {
-        url: ch.url.clone(),
-        database: "analytics".into(),
-        user: "default".into(),
-        password_env: None,
-        timeout_ms: 30_000,
-    }
+    ClickHouseConfig::at(&ch.url)
 }
 
 async fn open(ch: &LocalClickHouse) -> Arc<dyn Sink> {

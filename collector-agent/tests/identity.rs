@@ -600,11 +600,8 @@ async fn clickhouse_gives_the_same_people_as_duckdb_in_any_order() {
     for (round, (order, splits)) in runs.into_iter().enumerate() {
         let sink = collector_agent::sinks::clickhouse::ClickHouseSink::connect(
             &collector_agent::config::ClickHouseConfig {
-                url: ch.url.clone(),
                 database: format!("w{round}"),
-                user: "default".into(),
-                password_env: None,
-                timeout_ms: 30_000,
+                ..collector_agent::config::ClickHouseConfig::at(&ch.url)
             },
         )
         .await

@@ -14,11 +14,8 @@ use serde_json::json;
 
 fn ch_config(ch: &LocalClickHouse) -> ClickHouseConfig {
     ClickHouseConfig {
-        url: ch.url.clone(),
-        database: "analytics".into(),
-        user: "default".into(),
-        password_env: None,
         timeout_ms: 10_000,
+        ..ClickHouseConfig::at(&ch.url)
     }
 }
 

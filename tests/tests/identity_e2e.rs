@@ -271,11 +271,8 @@ async fn people_and_audiences_from_the_worker_into_clickhouse() {
     let mut cfg = st.agent_config();
     cfg.warehouse = collector_agent::config::WarehouseConfig::ClickHouse(
         collector_agent::config::ClickHouseConfig {
-            url: ch.url.clone(),
-            database: "analytics".into(),
-            user: "default".into(),
-            password_env: None,
             timeout_ms: 10_000,
+            ..collector_agent::config::ClickHouseConfig::at(&ch.url)
         },
     );
     scenario(&st, with_audiences(cfg)).await;

@@ -771,11 +771,8 @@ async fn erasure_and_export_in_clickhouse() {
     let mut cfg = st.agent_config();
     cfg.warehouse = collector_agent::config::WarehouseConfig::ClickHouse(
         collector_agent::config::ClickHouseConfig {
-            url: ch.url.clone(),
-            database: "analytics".into(),
-            user: "default".into(),
-            password_env: None,
             timeout_ms: 10_000,
+            ..collector_agent::config::ClickHouseConfig::at(&ch.url)
         },
     );
     cfg.validate().expect("valid config");

@@ -109,13 +109,7 @@ impl Target {
             ),
             Target::ClickHouse(ch) => std::sync::Arc::new(
                 collector_agent::sinks::clickhouse::ClickHouseSink::connect(
-                    &collector_agent::config::ClickHouseConfig {
-                        url: ch.url.clone(),
-                        database: "analytics".into(),
-                        user: "default".into(),
-                        password_env: None,
-                        timeout_ms: 30_000,
-                    },
+                    &collector_agent::config::ClickHouseConfig::at(&ch.url),
                 )
                 .await
                 .unwrap(),

@@ -37,6 +37,18 @@ fn default_timeout_ms() -> u64 {
 }
 
 impl ClickHouseConfig {
+    /// The server at `url` with every other key at its default, as a config that names
+    /// only `url` has.
+    pub fn at(url: &str) -> ClickHouseConfig {
+        ClickHouseConfig {
+            url: url.to_string(),
+            database: default_database(),
+            user: default_user(),
+            password_env: None,
+            timeout_ms: default_timeout_ms(),
+        }
+    }
+
     /// Checks what can be checked without connecting.
     pub fn validate(&self) -> anyhow::Result<()> {
         let Some(rest) = self
@@ -74,5 +86,16 @@ impl ClickHouseConfig {
 
     pub fn password(&self) -> Option<String> {
         PasswordEnv(&self.password_env).password()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_a_url_is_what_a_config_naming_only_the_url_reads_as() {
+        let read: ClickHouseConfig = toml::from_str("url = \"http://127.0.0.1:8123\"").unwrap();
+        assert_eq!(ClickHouseConfig::at("http://127.0.0.1:8123"), read);
     }
 }

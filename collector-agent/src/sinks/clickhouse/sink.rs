@@ -1309,15 +1309,9 @@ mod tests {
     #[tokio::test]
     async fn quarantined_ids_are_found_whether_the_quarantine_is_small_or_large() {
         let ch = collector_e2e::clickhouse::LocalClickHouse::start().unwrap();
-        let sink = ClickHouseSink::connect(&ClickHouseConfig {
-            url: ch.url.clone(),
-            database: "analytics".into(),
-            user: "default".into(),
-            password_env: None,
-            timeout_ms: 30_000,
-        })
-        .await
-        .unwrap();
+        let sink = ClickHouseSink::connect(&ClickHouseConfig::at(&ch.url))
+            .await
+            .unwrap();
         let entry = |id: &str, resolved: u8, version: u64| {
             serde_json::json!({
                 "message_id": id, "type": "track", "shard": 0, "batch_id": 1, "reason": "r",
