@@ -54,7 +54,9 @@ fn id_set_sql(ids: &[&str]) -> String {
     )
 }
 
-/// `ids` in runs of at most [`LOOKUP_BYTES`] (at least one id each).
+/// `ids` in runs of at most [`LOOKUP_BYTES`] as SQL (at least one id each), counted
+/// as the longer form [`id_set_sql`] may write: each id escaped, quoted and followed
+/// by `, `.
 fn lookup_chunks<'a>(ids: &'a [&'a str]) -> impl Iterator<Item = &'a [&'a str]> + 'a {
     let mut rest = ids;
     std::iter::from_fn(move || {
@@ -65,7 +67,7 @@ fn lookup_chunks<'a>(ids: &'a [&'a str]) -> impl Iterator<Item = &'a [&'a str]> 
         let n = rest
             .iter()
             .position(|id| {
-                bytes += id.len() + 1;
+                bytes += id.len() + id.matches(['\\', '\'']).count() + 4;
                 bytes > LOOKUP_BYTES
             })
             .unwrap_or(rest.len())
@@ -1378,6 +1380,16 @@ mod tests {
         );
         assert_eq!(chunks.concat(), ids);
         assert_eq!(lookup_chunks(&[]).count(), 0);
+        // Escaped, an id of quotes takes twice its length: two fit no more.
+        let quotes = "'".repeat(LOOKUP_BYTES / 3);
+        let ids: Vec<&str> = vec![&quotes, &quotes];
+        assert_eq!(lookup_chunks(&ids).count(), 2);
+        // Tiny ids still fit once listed as quoted literals.
+        let tiny: Vec<&str> = vec!["a"; LOOKUP_BYTES];
+        let chunks: Vec<&[&str]> = lookup_chunks(&tiny).collect();
+        assert!(chunks
+            .iter()
+            .all(|c| id_set_sql(&[&["\u{1}"], *c].concat()).len() <= LOOKUP_BYTES + 16));
         let many: Vec<String> = (0..5_000).map(|i| format!("message-{i:08}")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         assert_eq!(lookup_chunks(&many).count(), 1);
