@@ -510,3 +510,54 @@ async fn postgres_outage_is_transient_and_the_retry_lands_once() {
         1
     );
 }
+
+// Rows go to PostgreSQL in binary while the tables have the sink's own types. An
+// operator who retypes a column (a property to `numeric`, an instant to `timestamp`)
+// gets CSV for that table, cast by the server: the next loads land with the same
+// values, and the untouched tables keep loading.
+#[tokio::test]
+async fn postgres_loads_into_columns_an_operator_retyped() {
+    let t = Target::postgres();
+    let sink = t.open().await;
+    let load = |id: &str, revenue: f64| {
+        events(json!({"batch": [
+            {"type": "track", "messageId": id, "userId": "u", "event": "Order Completed",
+             "timestamp": "2026-11-24T13:54:00.250Z",
+             "properties": {"revenue": revenue, "paid": true, "paid_at": "2026-11-24T13:55:00Z"}}
+        ]}))
+    };
+    let st = sink
+        .load(&Load::events(0, 1, load("o1", 0.1)))
+        .await
+        .unwrap();
+    assert_eq!(st.inserted, 1);
+    sink.query("ALTER TABLE order_completed ALTER COLUMN revenue TYPE numeric")
+        .await
+        .unwrap();
+    sink.query("ALTER TABLE tracks ALTER COLUMN \"timestamp\" TYPE timestamp")
+        .await
+        .unwrap();
+    let st = sink
+        .load(&Load::events(0, 2, load("o2", 12.75)))
+        .await
+        .unwrap();
+    assert_eq!((st.inserted, st.quarantined), (1, 0));
+    assert_eq!(
+        rows(&*sink, "SELECT message_id, revenue::text, paid::text, paid_at, timestamp FROM order_completed ORDER BY message_id").await,
+        vec![
+            vec![s("o1"), s("0.1"), s("true"), s("2026-11-24T13:55:00.000Z"), s("2026-11-24T13:54:00.250Z")],
+            vec![s("o2"), s("12.75"), s("true"), s("2026-11-24T13:55:00.000Z"), s("2026-11-24T13:54:00.250Z")],
+        ]
+    );
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT message_id, timestamp::text FROM tracks ORDER BY message_id"
+        )
+        .await,
+        vec![
+            vec![s("o1"), s("2026-11-24 13:54:00.25")],
+            vec![s("o2"), s("2026-11-24 13:54:00.25")],
+        ]
+    );
+}

@@ -68,6 +68,72 @@ pub fn format_ms(ms: i64) -> String {
     out
 }
 
+/// Parses exactly what [`format_ms`] writes (`YYYY-MM-DDTHH:MM:SS.mmmZ`) back to Unix
+/// milliseconds, without a general date-time parser: warehouse loaders turn every
+/// stored instant into a number with it. Anything else (another form, an impossible
+/// date) is `None`, and callers fall back to [`parse_ms`] or to text.
+pub fn parse_canonical_ms(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() != 24 {
+        return None;
+    }
+    for (i, sep) in [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+        (23, b'Z'),
+    ] {
+        if b[i] != sep {
+            return None;
+        }
+    }
+    let num = |from: usize, to: usize| -> Option<i64> {
+        b[from..to].iter().try_fold(0i64, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + i64::from(d - b'0'))
+        })
+    };
+    let (year, month, day) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
+    let (h, m, sec, milli) = (num(11, 13)?, num(14, 16)?, num(17, 19)?, num(20, 23)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if year < 1
+        || !(1..=12).contains(&month)
+        || day < 1
+        || day > month_days[(month - 1) as usize]
+        || h > 23
+        || m > 59
+        || sec > 59
+    {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's `days_from_civil`, the inverse of the
+    // calendar arithmetic in `format_ms`).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400_000 + h * 3_600_000 + m * 60_000 + sec * 1000 + milli)
+}
+
 /// The event times after skew correction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Corrected {
@@ -155,6 +221,45 @@ mod tests {
         );
         // Clamped, not a panic.
         assert_eq!(format_ms(i64::MAX), "9999-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn canonical_form_parses_back_exactly_and_nothing_else_does() {
+        // Every day of four centuries (leap rules included) and instants across the
+        // whole range `format_ms` writes round-trip, and agree with the general parser.
+        let day = 86_400_000;
+        let start = parse_ms("1900-01-01T00:00:00Z").unwrap();
+        for d in 0..(400 * 366) {
+            let ms = start + d * day + (d * 7_919_123) % day;
+            let text = format_ms(ms);
+            assert_eq!(parse_canonical_ms(&text), Some(ms), "{text}");
+        }
+        for ms in [-62_135_596_800_000, -1, 0, 1, 253_402_300_799_999] {
+            let text = format_ms(ms);
+            assert_eq!(parse_canonical_ms(&text), Some(ms), "{text}");
+            assert_eq!(parse_ms(&text), Some(ms), "{text}");
+        }
+        for other in [
+            "2026-11-24T13:54:04Z",
+            "2026-11-24T13:54:04.123+00:00",
+            "2026-11-24 13:54:04.123Z",
+            "2026-02-29T00:00:00.000Z",
+            "2024-02-30T00:00:00.000Z",
+            "2026-13-01T00:00:00.000Z",
+            "2026-11-24T24:00:00.000Z",
+            "2026-11-24T23:60:00.000Z",
+            "0000-01-01T00:00:00.000Z",
+            "2026-11-2xT13:54:04.123Z",
+            "+026-11-24T13:54:04.123Z",
+            "2026-11-24T13:54:04.123z",
+            "",
+        ] {
+            assert_eq!(parse_canonical_ms(other), None, "{other}");
+        }
+        assert_eq!(
+            parse_canonical_ms("2024-02-29T23:59:59.999Z"),
+            parse_ms("2024-02-29T23:59:59.999Z")
+        );
     }
 
     #[test]

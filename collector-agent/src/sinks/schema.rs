@@ -32,6 +32,15 @@ pub enum LogicalType {
 }
 
 impl LogicalType {
+    /// Every logical type.
+    pub const ALL: [LogicalType; 5] = [
+        LogicalType::Text,
+        LogicalType::Timestamp,
+        LogicalType::Json,
+        LogicalType::Double,
+        LogicalType::Boolean,
+    ];
+
     /// The name stored in `collector_columns`.
     pub fn name(self) -> &'static str {
         match self {
@@ -44,15 +53,7 @@ impl LogicalType {
     }
 
     pub fn parse(s: &str) -> Option<LogicalType> {
-        [
-            LogicalType::Text,
-            LogicalType::Timestamp,
-            LogicalType::Json,
-            LogicalType::Double,
-            LogicalType::Boolean,
-        ]
-        .into_iter()
-        .find(|t| t.name() == s)
+        LogicalType::ALL.into_iter().find(|t| t.name() == s)
     }
 }
 

@@ -18,8 +18,11 @@
 //! transaction; registering its ids in `message_ids` (one `COPY`, or `INSERT … ON
 //! CONFLICT DO NOTHING` when one is already there) decides which rows are new, so a
 //! replayed batch inserts nothing.
+//! The new rows go in `COPY … (FORMAT binary)` (`copy.rs`) while the tables have the
+//! sink's own types; a table whose column types an operator changed goes as CSV.
 
 pub mod config;
+mod copy;
 mod sink;
 
 pub use sink::PostgresSink;

@@ -1,9 +1,10 @@
 //! The PostgreSQL sink: per load, one transaction that registers the load's
-//! `message_id`s (`INSERT … ON CONFLICT DO NOTHING RETURNING`, one array per table) and
-//! `COPY`s exactly the rows whose id came back straight into the typed tables; `users`
-//! is staged in a temporary table and upserted.
+//! `message_id`s (one `COPY` into `message_ids`; `INSERT … ON CONFLICT DO NOTHING` when
+//! some are there already) and `COPY`s exactly the rows whose id was new straight into
+//! the typed tables, in binary (`copy.rs`); `users` is staged in a temporary table and
+//! upserted.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use tokio::sync::Mutex;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use super::config::PostgresConfig;
+use super::copy;
 use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
 use crate::sinks::tables::{self, Catalog, Cell, TableKind};
 use crate::sinks::{Dialect, KnownIds, LoadStats, QueryResult, Sink, SinkError, SqlSession};
@@ -40,11 +42,13 @@ use tables::quote as ident;
 /// Classifies a PostgreSQL error: data the warehouse will never take (class 22, data
 /// exceptions such as invalid text or JSON; class 23, integrity constraints) is
 /// permanent; everything else (connection, locks, a schema an operator must fix) is
-/// transient and retried.
+/// transient and retried. A binary `COPY` field the server could not read (22P03) is
+/// the sink's mistake about a column's type, not the data's: transient, and the retry
+/// reads the types again.
 fn classify(e: tokio_postgres::Error) -> SinkError {
     let permanent = e.code().is_some_and(|c| {
         let code = c.code();
-        code.starts_with("22") || code.starts_with("23")
+        (code.starts_with("22") && code != "22P03") || code.starts_with("23")
     });
     let msg = match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
@@ -242,8 +246,8 @@ async fn migrate(client: &mut Client) -> Result<(), SinkError> {
     Ok(())
 }
 
-/// How much CSV a `COPY` is sent in at a time: the server parses one chunk while the
-/// agent writes the next.
+/// How much of a `COPY` is sent at a time: the server parses one chunk while the next
+/// is on its way.
 const COPY_CHUNK: usize = 256 * 1024;
 
 /// Streams CSV rows into a `COPY … FROM STDIN`.
@@ -257,6 +261,34 @@ async fn copy_in(
     sink.send(Bytes::from(csv)).await.map_err(classify)?;
     sink.as_mut().finish().await.map_err(classify)?;
     Ok(())
+}
+
+/// A table's column name → type (as `format_type` prints it), as the `COPY` into it
+/// will find them: the table is locked first in the mode `COPY` takes (inserters do not
+/// wait for each other), so no `ALTER TABLE` can change a type between this read and
+/// the commit. Binary rows read with another type would be refused, or worse, taken
+/// as something else (a `float8` read as an `int8`).
+async fn table_types(
+    tx: &tokio_postgres::Transaction<'_>,
+    table: &str,
+) -> Result<HashMap<String, String>, SinkError> {
+    tx.batch_execute(&format!(
+        "LOCK TABLE {} IN ROW EXCLUSIVE MODE",
+        ident(table)
+    ))
+    .await
+    .map_err(classify)?;
+    Ok(tx
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&ident(table)],
+        )
+        .await
+        .map_err(classify)?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
 }
 
 /// Registers `ids` of `table` under `load_id`; how many were new. Usually all are: one
@@ -442,11 +474,15 @@ async fn write(
     // `ON CONFLICT DO NOTHING RETURNING`: a concurrent agent's insert of the same id
     // waits for its commit, then counts as a duplicate here). Only their rows are then
     // `COPY`d, straight into the typed tables: one pass, PostgreSQL's own bulk path.
-    let now: String = tx
-        .query_one("SELECT now()::text", &[])
+    let now_row = tx
+        .query_one(
+            "SELECT now()::text, (extract(epoch FROM now()) * 1000000)::int8",
+            &[],
+        )
         .await
-        .map_err(classify)?
-        .get(0);
+        .map_err(classify)?;
+    let now: String = now_row.get(0);
+    let now_binary = copy::timestamptz(now_row.get(1));
     let mut known = KnownIds::default();
     for load in &plan.loads {
         if let TableKind::Base(kind) = load.kind {
@@ -519,26 +555,49 @@ async fn write(
         if !load.rows.iter().any(|r| is_new(&r)) {
             continue;
         }
-        // Streamed in chunks, so the server parses one while the next is written.
+        // In binary when the table's types are the sink's own and every value has
+        // an exact binary form; otherwise as CSV, cast by the server.
+        let physical = table_types(&tx, table).await?;
+        let binary = (physical.get(schema::LOADED_AT).map(String::as_str)
+            == Some(copy::PgType::Timestamptz.name()))
+        .then(|| copy::binary_types(&load.columns, &physical))
+        .flatten()
+        .and_then(|types| {
+            let mut out = copy::HEADER.to_vec();
+            for row in load.rows.iter().filter(is_new) {
+                if !copy::row(&types, row, now_binary, &mut out) {
+                    return None;
+                }
+            }
+            out.extend_from_slice(copy::TRAILER);
+            Some(out)
+        });
+        let (format, data) = match binary {
+            Some(data) => ("binary", data),
+            None => {
+                let mut csv = Vec::new();
+                for row in load.rows.iter().filter(is_new) {
+                    csv_line(row, Some(&now), &mut csv);
+                }
+                ("csv", csv)
+            }
+        };
+        // Sent in chunks, so the server parses one while the next is on its way.
         let sink = tx
             .copy_in(&format!(
-                "COPY {} ({}, {loaded}) FROM STDIN (FORMAT csv)",
+                "COPY {} ({}, {loaded}) FROM STDIN (FORMAT {format})",
                 ident(table),
                 names.join(", ")
             ))
             .await
             .map_err(classify)?;
         futures_util::pin_mut!(sink);
-        let mut csv = Vec::with_capacity(COPY_CHUNK + 4096);
-        for row in load.rows.iter().filter(is_new) {
-            csv_line(row, Some(&now), &mut csv);
-            if csv.len() >= COPY_CHUNK {
-                let chunk = std::mem::replace(&mut csv, Vec::with_capacity(COPY_CHUNK + 4096));
-                sink.send(Bytes::from(chunk)).await.map_err(classify)?;
-            }
-        }
-        if !csv.is_empty() {
-            sink.send(Bytes::from(csv)).await.map_err(classify)?;
+        let data = Bytes::from(data);
+        let mut at = 0;
+        while at < data.len() {
+            let end = (at + COPY_CHUNK).min(data.len());
+            sink.send(data.slice(at..end)).await.map_err(classify)?;
+            at = end;
         }
         sink.as_mut().finish().await.map_err(classify)?;
     }
@@ -808,6 +867,80 @@ mod tests {
                 row("d", "pages", 2)
             ]
         );
+    }
+
+    // The tables the sink creates have exactly the types its binary `COPY` writes, so a
+    // warehouse the sink made loads in binary: base, per-event (a property of every
+    // type) and `loaded_at`. A column an operator retyped sends its table as CSV.
+    #[tokio::test]
+    async fn the_sinks_own_tables_take_binary_rows() {
+        let pg = collector_e2e::postgres::LocalPostgres::start().expect("PostgreSQL starts");
+        let sink = PostgresSink::connect(&PostgresConfig {
+            url: pg.url.clone(),
+            password_env: None,
+            schema: "public".into(),
+            timeout_ms: 30_000,
+        })
+        .await
+        .unwrap();
+        let body = serde_json::json!({"batch": [
+            {"type": "track", "messageId": "o1", "userId": "u1", "event": "Order Completed",
+             "properties": {"revenue": 9.5, "currency": "EUR", "express": true,
+                            "shipped_at": "2026-11-26T09:00:00Z", "tags": ["a"]},
+             "context": {"page": {"path": "/p"}}},
+            {"type": "page", "messageId": "p1", "anonymousId": "a1", "name": "Home"}
+        ]});
+        let events = collector_core::ingest::parse_body(
+            collector_core::ingest::Endpoint::Batch,
+            body.to_string().as_bytes(),
+            1_795_528_444_000,
+            &mut || "gen".to_string(),
+        )
+        .unwrap()
+        .accepted;
+        let st = sink
+            .load(&crate::sinks::Load::events(0, 1, events))
+            .await
+            .unwrap();
+        assert_eq!(st.inserted, 2);
+        let catalog = sink.catalog.lock().await.clone();
+        let mut guard = sink.client().await.unwrap();
+        let client = guard.as_mut().unwrap();
+        let tx = client.transaction().await.unwrap();
+        let columns = |table: &str, kind: TableKind| -> Vec<(String, LogicalType)> {
+            tables::fixed_columns(kind)
+                .iter()
+                .map(|c| (c.name.to_string(), c.ty))
+                .chain(catalog.columns(table).iter().cloned())
+                .collect()
+        };
+        let order = columns("order_completed", TableKind::Event);
+        for ty in LogicalType::ALL {
+            assert!(order.iter().any(|(_, t)| *t == ty), "a {ty:?} property");
+        }
+        for (table, cols) in [
+            (
+                "tracks",
+                columns("tracks", TableKind::Base(EventKind::Track)),
+            ),
+            ("pages", columns("pages", TableKind::Base(EventKind::Page))),
+            ("order_completed", order.clone()),
+        ] {
+            let physical = table_types(&tx, table).await.unwrap();
+            assert!(
+                copy::binary_types(&cols, &physical).is_some(),
+                "{table}: {physical:?}"
+            );
+            assert_eq!(
+                physical[schema::LOADED_AT],
+                copy::PgType::Timestamptz.name()
+            );
+        }
+        tx.batch_execute("ALTER TABLE order_completed ALTER COLUMN revenue TYPE numeric")
+            .await
+            .unwrap();
+        let physical = table_types(&tx, "order_completed").await.unwrap();
+        assert_eq!(copy::binary_types(&order, &physical), None);
     }
 
     #[test]
