@@ -255,3 +255,51 @@ async fn a_server_that_is_down_is_a_transient_error() {
         other => panic!("expected a transient error from {url}, got {other:?}"),
     }
 }
+
+// Rows go in `RowBinary` while a table has the sink's own types; a column an operator
+// retyped (`revenue` to `Nullable(Float32)`, which would read 4 of the 8 bytes of a
+// `Float64`) sends that table as `JSONEachRow`, which
+// the server converts: the next load lands whole, with the same values.
+#[tokio::test]
+async fn a_column_an_operator_retyped_still_loads() {
+    let ch = LocalClickHouse::start().unwrap();
+    let sink = open(&ch).await;
+    let load = |id: &str, revenue: f64| {
+        events(json!({"batch": [
+            {"type": "track", "messageId": id, "userId": "u", "event": "Order Completed",
+             "timestamp": "2026-11-24T13:54:00Z", "properties": {"revenue": revenue, "paid": true}}
+        ]}))
+    };
+    assert_eq!(
+        sink.load(&Load::events(0, 1, load("o1", 0.5)))
+            .await
+            .unwrap()
+            .inserted,
+        1
+    );
+    ch_exec(
+        &ch,
+        "ALTER TABLE analytics.collector_rows_order_completed MODIFY COLUMN revenue Nullable(Float32)",
+    )
+    .await;
+    let st = sink
+        .load(&Load::events(0, 2, load("o2", 12.75)))
+        .await
+        .unwrap();
+    assert_eq!((st.inserted, st.quarantined), (1, 0));
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT message_id, revenue, paid, timestamp FROM order_completed ORDER BY message_id"
+        )
+        .await,
+        vec![
+            vec![s("o1"), s("0.5"), s("1"), s("2026-11-24T13:54:00.000Z")],
+            vec![s("o2"), s("12.75"), s("1"), s("2026-11-24T13:54:00.000Z")],
+        ]
+    );
+    assert_eq!(
+        rows(&*sink, "SELECT message_id FROM tracks ORDER BY message_id").await,
+        vec![vec![s("o1")], vec![s("o2")]]
+    );
+}

@@ -38,11 +38,19 @@
 //! the milliseconds stay in `raw`) on older servers. Tested against Debian's
 //! clickhouse-server 18.16; the SQL avoids what newer releases removed or changed.
 //!
+//! Rows go in `RowBinary` (`rowbinary.rs`: the server parses no JSON) while the rows
+//! table has, in `system.columns` read for each load, the types the sink created; a
+//! table whose types an operator changed goes as `JSONEachRow`, which the server
+//! converts. ClickHouse has no lock to hold across that read and the insert: a type
+//! changed between them makes the insert fail and retry (or, for a change between
+//! types of one size, read the bytes as the new type).
+//!
 //! Limits: two agents adding the *same new column* at the same instant with values of
 //! different types may disagree on its type until restarted; an event whose
 //! `message_id` reaches two different tables at once from two agents stays in both.
 
 pub mod config;
+mod rowbinary;
 mod sink;
 
 pub use sink::ClickHouseSink;

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use collector_core::timestamp::{format_ms, parse_ms};
+use collector_core::timestamp::{format_ms, parse_canonical_ms, parse_ms};
 use collector_core::EventKind;
 use serde_json::Value;
 use tokio::sync::Mutex;
 
 use super::config::ClickHouseConfig;
+use super::rowbinary::{Field, Layout};
 use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
 use crate::sinks::tables::{self, Catalog, Cell, TableKind, TableLoad};
 use crate::sinks::{Dialect, LoadStats, QueryResult, Sink, SinkError, SqlSession};
@@ -142,7 +143,7 @@ impl ClickHouseSink {
         &self,
         database: Option<&str>,
         sql: &str,
-        data: Option<String>,
+        data: Option<Vec<u8>>,
     ) -> Result<String, SinkError> {
         self.request_in(None, database, sql, data).await
     }
@@ -154,7 +155,7 @@ impl ClickHouseSink {
         session: Option<&str>,
         database: Option<&str>,
         sql: &str,
-        data: Option<String>,
+        data: Option<Vec<u8>>,
     ) -> Result<String, SinkError> {
         let mut params: Vec<(&str, String)> = vec![("user", self.cfg.user.clone())];
         if let Some(p) = self.cfg.password() {
@@ -216,6 +217,18 @@ impl ClickHouseSink {
         columns: &[String],
         body: String,
     ) -> Result<(), SinkError> {
+        self.insert_format(table, columns, "JSONEachRow", body.into_bytes())
+            .await
+    }
+
+    /// Sends a body in `format` into `table`'s `columns`.
+    async fn insert_format(
+        &self,
+        table: &str,
+        columns: &[String],
+        format: &str,
+        body: Vec<u8>,
+    ) -> Result<(), SinkError> {
         if body.is_empty() {
             return Ok(());
         }
@@ -223,7 +236,7 @@ impl ClickHouseSink {
         self.request(
             Some(&self.cfg.database.clone()),
             &format!(
-                "INSERT INTO {} ({}) FORMAT JSONEachRow",
+                "INSERT INTO {} ({}) FORMAT {format}",
                 ident(table),
                 cols.join(", ")
             ),
@@ -863,16 +876,26 @@ impl ClickHouseSink {
         }
 
         let load_id = now_ms as u64;
+        let physical = self
+            .column_types(plan.loads.iter().map(|l| rows_table(&l.table)))
+            .await?;
         for load in &plan.loads {
-            let body = self.rows_body(load, &now);
             let mut cols: Vec<String> = load.columns.iter().map(|(n, _)| n.clone()).collect();
             cols.push(schema::LOADED_AT.into());
             cols.push("_version".into());
             if load.kind != TableKind::Users {
                 cols.push("_received".into());
             }
-            self.insert_body(&rows_table(&load.table), &cols, body)
-                .await?;
+            let table = rows_table(&load.table);
+            // In `RowBinary` while the table has the sink's own types; otherwise as
+            // `JSONEachRow`, which the server converts by name and type.
+            match self.rows_binary(load, now_ms, physical.get(&table)) {
+                Some(body) => self.insert_format(&table, &cols, "RowBinary", body).await?,
+                None => {
+                    self.insert_body(&table, &cols, self.rows_body(load, &now))
+                        .await?
+                }
+            }
             if let TableKind::Base(kind) = load.kind {
                 stats.inserted_into(kind, load.rows.len() as u64);
             }
@@ -974,14 +997,88 @@ impl ClickHouseSink {
         Value::String(format!("{} {}", &iso[..10], &iso[11..19]))
     }
 
+    /// A table load in `RowBinary`, or `None` when the table's types in the database
+    /// (`physical`, name → type) are not the sink's own or a row does not fit.
+    fn rows_binary(
+        &self,
+        load: &TableLoad,
+        now_ms: i64,
+        physical: Option<&HashMap<String, String>>,
+    ) -> Option<Vec<u8>> {
+        let meta = RowMeta::of(load);
+        let fields: Vec<(Field, &str)> = load
+            .columns
+            .iter()
+            .map(|(name, ty)| {
+                let key = name == schema::MESSAGE_ID.name || (meta.users && name == "id");
+                (
+                    if key { Field::Key } else { Field::Value(*ty) },
+                    name.as_str(),
+                )
+            })
+            .collect();
+        let layout = Layout::new(
+            &fields,
+            !meta.users,
+            self.ms_precision,
+            physical?,
+            |ty, nullable| {
+                if nullable {
+                    self.nullable(ty)
+                } else {
+                    self.sql_type(ty).to_string()
+                }
+            },
+        )?;
+        let mut out = Vec::with_capacity(load.rows.len() * 256);
+        for row in &load.rows {
+            let (version, received_ms) = meta.of_row(row);
+            let day = received_ms.map(|ms| ms / 86_400_000);
+            if !layout.row(row, now_ms, version, day, &mut out) {
+                return None;
+            }
+        }
+        Some(out)
+    }
+
+    /// The column types (name → type) of `tables`, from `system.columns`.
+    async fn column_types(
+        &self,
+        tables: impl Iterator<Item = String>,
+    ) -> Result<HashMap<String, HashMap<String, String>>, SinkError> {
+        let list: Vec<String> = tables.map(|t| lit(&t)).collect();
+        if list.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let (_, rows) = self
+            .select(&format!(
+                "SELECT table, name, type FROM system.columns WHERE database = {} AND table IN ({})",
+                lit(&self.cfg.database),
+                list.join(", ")
+            ))
+            .await?;
+        let mut out: HashMap<String, HashMap<String, String>> = HashMap::new();
+        for r in rows {
+            if let (Some(t), Some(n), Some(ty)) = (
+                r.first().and_then(Value::as_str),
+                r.get(1).and_then(Value::as_str),
+                r.get(2).and_then(Value::as_str),
+            ) {
+                out.entry(t.to_string())
+                    .or_default()
+                    .insert(n.to_string(), ty.to_string());
+            }
+        }
+        Ok(out)
+    }
+
     /// A table's rows as `JSONEachRow` objects, with `loaded_at`, the `_version` that
     /// makes the first-received copy win (the latest identify for `users`) and the
     /// partition day.
     /// A table load as a `JSONEachRow` body, written straight from the cells.
     fn rows_body(&self, load: &TableLoad, now: &Value) -> String {
         use std::io::Write as _;
-        let received = load.columns.iter().position(|(n, _)| n == "received_at");
-        let ts = load.columns.iter().position(|(n, _)| n == "timestamp");
+        let meta = RowMeta::of(load);
         // Each column's key, quoted once.
         let keys: Vec<String> = load
             .columns
@@ -1005,29 +1102,55 @@ impl ClickHouseSink {
                 }
                 body.push(b',');
             }
-            let ms_of = |i: Option<usize>| {
-                i.and_then(|i| row[i].as_deref())
-                    .and_then(parse_ms)
-                    .unwrap_or(0)
-                    .max(0)
-            };
-            let version = match load.kind {
-                TableKind::Users => ms_of(ts) as u64,
-                _ => u64::MAX - ms_of(received) as u64,
-            };
+            let (version, received_ms) = meta.of_row(row);
             let _ = write!(
                 body,
                 "\"{}\":{now},\"_version\":{version}",
                 schema::LOADED_AT
             );
-            if load.kind != TableKind::Users {
-                let day = format_ms(ms_of(received));
+            if let Some(ms) = received_ms {
+                let day = format_ms(ms);
                 let _ = write!(body, ",\"_received\":\"{}\"", &day[..10]);
             }
             body.extend_from_slice(b"}\n");
         }
         // Only JSON text was written.
         String::from_utf8(body).unwrap_or_default()
+    }
+}
+
+/// Where a table load's rows keep what `_version` and `_received` are made of.
+struct RowMeta {
+    received: Option<usize>,
+    timestamp: Option<usize>,
+    users: bool,
+}
+
+impl RowMeta {
+    fn of(load: &TableLoad) -> RowMeta {
+        let at = |name: &str| load.columns.iter().position(|(n, _)| n == name);
+        RowMeta {
+            received: at("received_at"),
+            timestamp: at("timestamp"),
+            users: load.kind == TableKind::Users,
+        }
+    }
+
+    /// A row's `_version` (the first-received copy wins; for `users`, the latest
+    /// identify) and, but for `users`, its receipt time (Unix ms) for `_received`.
+    fn of_row(&self, row: &[Cell<'_>]) -> (u64, Option<i64>) {
+        let ms_of = |i: Option<usize>| {
+            i.and_then(|i| row.get(i)?.as_deref())
+                .and_then(|v| parse_canonical_ms(v).or_else(|| parse_ms(v)))
+                .unwrap_or(0)
+                .max(0)
+        };
+        if self.users {
+            (ms_of(self.timestamp) as u64, None)
+        } else {
+            let received = ms_of(self.received);
+            (u64::MAX - received as u64, Some(received))
+        }
     }
 }
 
@@ -1279,7 +1402,7 @@ impl SqlSession for ChSession<'_> {
                 Some(&self.id),
                 Some(&db),
                 &format!("INSERT INTO {} FORMAT TabSeparated", ident(table)),
-                Some(body),
+                Some(body.into_bytes()),
             )
             .await
             .map(|_| ())
@@ -1308,6 +1431,97 @@ mod tests {
 
     // Both ways of finding a load's quarantined ids (the quarantine read whole, or
     // looked up by the load's ids) give the same answer, resolved entries excluded.
+    // The tables the sink creates take `RowBinary` (base, per-event with a property of
+    // every type, `users`), and a table loaded in `RowBinary` holds exactly what the same
+    // rows sent as `JSONEachRow` give.
+    #[tokio::test]
+    async fn rows_go_in_row_binary_and_read_back_as_json_rows_do() {
+        let ch = collector_e2e::clickhouse::LocalClickHouse::start().unwrap();
+        let sink = ClickHouseSink::connect(&ClickHouseConfig::at(&ch.url))
+            .await
+            .unwrap();
+        let body = serde_json::json!({"batch": [
+            {"type": "track", "messageId": "o1", "userId": "u1", "event": "Order Completed",
+             "timestamp": "2026-11-24T13:54:00.250Z",
+             "properties": {"revenue": 9.5, "currency": "EUR é\t\"q\"\\", "express": true,
+                            "shipped_at": "2026-11-26T09:00:00Z", "tags": ["a"], "big": 1e300},
+             "context": {"page": {"path": "/p"}}},
+            {"type": "track", "messageId": "o2", "userId": "u2", "event": "Order Completed",
+             "properties": {"revenue": 1, "express": false, "shipped_at": "1969-12-31T23:59:59Z"}},
+            {"type": "identify", "messageId": "i1", "userId": "u1", "traits": {"plan": "pro"}}
+        ]});
+        let events = collector_core::ingest::parse_body(
+            collector_core::ingest::Endpoint::Batch,
+            body.to_string().as_bytes(),
+            1_795_528_444_000,
+            &mut || "gen".to_string(),
+        )
+        .unwrap()
+        .accepted;
+        let load = crate::sinks::Load::events(0, 1, events);
+        assert_eq!(sink.load(&load).await.unwrap().inserted, 3);
+        let prepared = schema::prepare(load);
+        let catalog = sink.catalog.lock().await.clone();
+        let plan = catalog.plan(&prepared);
+        let order = plan
+            .loads
+            .iter()
+            .find(|l| l.table == "order_completed")
+            .unwrap();
+        for ty in LogicalType::ALL {
+            assert!(
+                order.columns.iter().any(|(_, t)| *t == ty),
+                "a {ty:?} property"
+            );
+        }
+        let physical = sink
+            .column_types(plan.loads.iter().map(|l| rows_table(&l.table)))
+            .await
+            .unwrap();
+        let now_ms = 1_795_528_500_123;
+        let now = sink.instant(&format_ms(now_ms));
+        for load in &plan.loads {
+            let table = rows_table(&load.table);
+            let binary = sink
+                .rows_binary(load, now_ms, physical.get(&table))
+                .unwrap_or_else(|| panic!("{table} goes in RowBinary: {:?}", physical.get(&table)));
+            // The same rows both ways, into two copies of the table.
+            let mut cols: Vec<String> = load.columns.iter().map(|(n, _)| n.clone()).collect();
+            cols.extend([schema::LOADED_AT.into(), "_version".into()]);
+            if load.kind != TableKind::Users {
+                cols.push("_received".into());
+            }
+            let mut read = Vec::new();
+            for (copy, format, body) in [
+                ("b", "RowBinary", binary),
+                ("j", "JSONEachRow", sink.rows_body(load, &now).into_bytes()),
+            ] {
+                let name = format!("{table}_{copy}");
+                sink.exec(&format!(
+                    "CREATE TABLE {} AS {}",
+                    ident(&name),
+                    ident(&table)
+                ))
+                .await
+                .unwrap();
+                sink.insert_format(&name, &cols, format, body)
+                    .await
+                    .unwrap();
+                let (_, rows) = sink
+                    .select(&format!(
+                        "SELECT * FROM {} ORDER BY {}",
+                        ident(&name),
+                        ident(&load.columns[0].0)
+                    ))
+                    .await
+                    .unwrap();
+                assert_eq!(rows.len(), load.rows.len(), "{name}");
+                read.push(rows);
+            }
+            assert_eq!(read[0], read[1], "{table}");
+        }
+    }
+
     #[tokio::test]
     async fn quarantined_ids_are_found_whether_the_quarantine_is_small_or_large() {
         let ch = collector_e2e::clickhouse::LocalClickHouse::start().unwrap();
