@@ -177,6 +177,45 @@ async fn memory_limit_and_threads_are_applied() {
     );
 }
 
+// With no `memory_limit` configured, DuckDB's default (80% of the host's RAM) is
+// capped at 1 GiB, so the blocks DuckDB caches cannot climb to most of the host's RAM;
+// a configured value is left as it is, above the cap too.
+#[tokio::test]
+async fn default_memory_limit_is_capped_and_a_configured_one_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = |sink: DuckDbSink| async move {
+        sink.query("SELECT current_setting('memory_limit')")
+            .await
+            .unwrap()
+            .rows[0][0]
+            .clone()
+            .unwrap()
+    };
+    let default = DuckDbSink::open_config(&collector_agent::config::DuckDbConfig {
+        path: dir.path().join("default.duckdb"),
+        ..Default::default()
+    })
+    .unwrap();
+    // "1.0 GiB" here; on a host with less than 1.25 GiB, DuckDB's own (smaller) default.
+    let l = limit(default).await;
+    let (n, unit) = l.split_once(' ').unwrap();
+    let n: f64 = n.parse().unwrap();
+    assert!(unit == "MiB" || (unit == "GiB" && n <= 1.0), "{l}");
+    let configured = DuckDbSink::open_config(&collector_agent::config::DuckDbConfig {
+        path: dir.path().join("configured.duckdb"),
+        memory_limit: Some("3GB".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let l = limit(configured).await;
+    assert!(l.starts_with("2.7") && l.contains("GiB"), "{l}");
+    // DuckDB's own default when the sink is opened without a config (tests, benches):
+    // above the cap on any host with more than 1.25 GiB of RAM, like this one.
+    let plain = DuckDbSink::open(&dir.path().join("plain.duckdb")).unwrap();
+    let l = limit(plain).await;
+    assert!(l.ends_with("GiB") && !l.starts_with("1.0 "), "{l}");
+}
+
 // A fatal DuckDB error (here a checkpoint that finds no memory) invalidates the
 // database: DuckDB refuses every statement until it is opened again. The sink opens it
 // again by itself (with its configured settings), the failed load is retried, and

@@ -11,8 +11,11 @@ pub struct DuckDbConfig {
     /// Path of the DuckDB file. Relative paths are relative to the config file.
     #[serde(default = "default_path")]
     pub path: PathBuf,
-    /// DuckDB's `memory_limit` (`"64MB"`, `"1GB"`); DuckDB's default (80% of RAM) when
-    /// absent. Operators that exceed it spill to a temp folder beside the file.
+    /// DuckDB's `memory_limit` (`"64MB"`, `"1GB"`). When absent, DuckDB's default (80%
+    /// of RAM, or of the container's limit), capped at [`DEFAULT_MEMORY_CAP`]: DuckDB
+    /// keeps the warehouse's blocks cached up to it, so an uncapped agent's RSS climbs
+    /// with what it loaded. Operators that exceed it spill to a temp folder beside the
+    /// file.
     #[serde(default)]
     pub memory_limit: Option<String>,
     /// DuckDB's worker threads; DuckDB's default (one per core) when absent.
@@ -71,13 +74,18 @@ impl DuckDbConfig {
     }
 }
 
+/// The most a default `memory_limit` allows (1 GiB): a long-running agent's DuckDB
+/// caches about 20 MB of table blocks per 100k events loaded (BENCHMARKS.md), and
+/// DuckDB's own default would let that climb to 80% of the host's RAM.
+pub const DEFAULT_MEMORY_CAP: u64 = 1 << 30;
+
 /// The least `memory_limit` accepted: below it, DuckDB's checkpoint of a 5,000-event load
 /// runs out of memory (seen at 20MB and 32MB).
 const MIN_MEMORY_LIMIT: u64 = 64 * 1000 * 1000;
 
 /// A DuckDB size (`"64MB"`, `"1.5 GB"`, `"512MiB"`, `"100000"` bytes) in bytes, as DuckDB
 /// reads it: KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024.
-fn size_bytes(s: &str) -> Option<u64> {
+pub(crate) fn size_bytes(s: &str) -> Option<u64> {
     let s = s.trim();
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))

@@ -70,13 +70,16 @@ struct State {
     path: std::path::PathBuf,
     /// The configured `SET`s, applied at every open.
     settings: String,
+    /// No `memory_limit` configured: DuckDB's default is capped (see
+    /// [`super::config::DEFAULT_MEMORY_CAP`]).
+    cap_memory: bool,
 }
 
 impl State {
     /// The connection, opened again if a fatal error closed it.
     fn conn(&mut self) -> Result<&mut Connection, SinkError> {
         if self.conn.is_none() {
-            let (conn, catalog) = open_file(&self.path, &self.settings)?;
+            let (conn, catalog) = open_file(&self.path, &self.settings, self.cap_memory)?;
             tracing::warn!(path = %self.path.display(), "warehouse opened again after a fatal error");
             self.catalog = catalog;
             self.conn = Some(conn);
@@ -99,9 +102,13 @@ impl State {
     }
 }
 
-/// Opens (creating if needed) a warehouse file, applies `settings` and brings its
-/// schema up to date.
-fn open_file(path: &Path, settings: &str) -> Result<(Connection, Catalog), SinkError> {
+/// Opens (creating if needed) a warehouse file, applies `settings` (and, with
+/// `cap_memory`, caps DuckDB's default `memory_limit`) and brings its schema up to date.
+fn open_file(
+    path: &Path,
+    settings: &str,
+    cap_memory: bool,
+) -> Result<(Connection, Catalog), SinkError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| SinkError::Permanent(format!("{}: {e}", dir.display())))?;
@@ -110,6 +117,20 @@ fn open_file(path: &Path, settings: &str) -> Result<(Connection, Catalog), SinkE
     if !settings.is_empty() {
         conn.execute_batch(settings)
             .map_err(|e| SinkError::Permanent(format!("warehouse settings: {e}")))?;
+    }
+    if cap_memory {
+        let current: String = conn
+            .query_row("SELECT current_setting('memory_limit')", [], |r| r.get(0))
+            .map_err(transient)?;
+        if super::config::size_bytes(&current)
+            .is_some_and(|b| b > super::config::DEFAULT_MEMORY_CAP)
+        {
+            conn.execute_batch(&format!(
+                "SET memory_limit = '{}B'",
+                super::config::DEFAULT_MEMORY_CAP
+            ))
+            .map_err(transient)?;
+        }
     }
     migrate(&mut conn)?;
     let catalog = load_catalog(&conn)?;
@@ -330,7 +351,7 @@ pub(crate) fn apply_migrations(
 impl DuckDbSink {
     /// Opens (creating if needed) the warehouse file and brings its schema up to date.
     pub fn open(path: &Path) -> Result<DuckDbSink, SinkError> {
-        DuckDbSink::open_with(path, String::new())
+        DuckDbSink::open_with(path, String::new(), false)
     }
 
     /// Opens the configured warehouse with its tuning keys (`memory_limit`, `threads`,
@@ -339,17 +360,18 @@ impl DuckDbSink {
         let settings = cfg
             .settings_sql()
             .map_err(|e| SinkError::Permanent(e.to_string()))?;
-        DuckDbSink::open_with(&cfg.path, settings)
+        DuckDbSink::open_with(&cfg.path, settings, cfg.memory_limit.is_none())
     }
 
-    fn open_with(path: &Path, settings: String) -> Result<DuckDbSink, SinkError> {
-        let (conn, catalog) = open_file(path, &settings)?;
+    fn open_with(path: &Path, settings: String, cap_memory: bool) -> Result<DuckDbSink, SinkError> {
+        let (conn, catalog) = open_file(path, &settings, cap_memory)?;
         Ok(DuckDbSink {
             state: Arc::new(Mutex::new(State {
                 conn: Some(conn),
                 catalog,
                 path: path.to_path_buf(),
                 settings,
+                cap_memory,
             })),
         })
     }
