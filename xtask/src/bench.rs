@@ -152,9 +152,10 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
 }
 
 /// A backlog for the agent: 20-event bodies from 16 senders through `wrangler dev`
-/// (36,000 events; what developers run), then `collector-agent run --once` drains it
-/// into a fresh DuckDB file: its rows/s, rows lost, and its peak RSS (sampled from
-/// `/proc`). `cargo xtask bench --drain` prints only this.
+/// (1,800 requests, 36,000 events; `BENCH_DRAIN_REQUESTS` sets the count), then
+/// `collector-agent run --once` drains it into a fresh DuckDB file: its rows/s, rows
+/// lost, and its peak RSS (sampled from `/proc`). `cargo xtask bench --drain` prints
+/// only this.
 pub fn drain_run(
     tools: &Toolchain,
     edge: &LocalEdge,
@@ -166,7 +167,13 @@ pub fn drain_run(
     let r = load_run(
         &format!("{}/v1/batch", edge.url),
         20,
-        scaled(1_800),
+        // `BENCH_DRAIN_REQUESTS=5400`: three times the backlog, to see what grows with it.
+        scaled(
+            std::env::var("BENCH_DRAIN_REQUESTS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1_800),
+        ),
         connections,
         &seq,
         &|| edge.workerd_cpu_seconds(),
