@@ -11,7 +11,7 @@ use collector_agent::config::ClickHouseConfig;
 use collector_agent::sinks::clickhouse::ClickHouseSink;
 use collector_agent::sinks::{Load, LoadBatch, Sink, SinkError};
 use collector_e2e::clickhouse::LocalClickHouse;
-use common::{events, one, rows, s};
+use common::{events, one, order_completed, rows, s};
 use serde_json::json;
 
 fn cfg(ch: &LocalClickHouse) -> ClickHouseConfig {
@@ -264,14 +264,8 @@ async fn a_server_that_is_down_is_a_transient_error() {
 async fn a_column_an_operator_retyped_still_loads() {
     let ch = LocalClickHouse::start().unwrap();
     let sink = open(&ch).await;
-    let load = |id: &str, revenue: f64| {
-        events(json!({"batch": [
-            {"type": "track", "messageId": id, "userId": "u", "event": "Order Completed",
-             "timestamp": "2026-11-24T13:54:00Z", "properties": {"revenue": revenue, "paid": true}}
-        ]}))
-    };
     assert_eq!(
-        sink.load(&Load::events(0, 1, load("o1", 0.5)))
+        sink.load(&Load::events(0, 1, order_completed("o1", 0.5)))
             .await
             .unwrap()
             .inserted,
@@ -283,7 +277,7 @@ async fn a_column_an_operator_retyped_still_loads() {
     )
     .await;
     let st = sink
-        .load(&Load::events(0, 2, load("o2", 12.75)))
+        .load(&Load::events(0, 2, order_completed("o2", 12.75)))
         .await
         .unwrap();
     assert_eq!((st.inserted, st.quarantined), (1, 0));

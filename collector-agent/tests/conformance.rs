@@ -9,7 +9,7 @@ mod common;
 use collector_agent::sinks::{Load, LoadBatch};
 use collector_core::{EventKind, StoredEvent};
 use collector_e2e::postgres::LocalPostgres;
-use common::{events, one, rows, s, Target};
+use common::{events, one, order_completed, rows, s, Target};
 use serde_json::json;
 
 fn raw_event(id: &str, kind: EventKind, json: &str) -> StoredEvent {
@@ -519,15 +519,8 @@ async fn postgres_outage_is_transient_and_the_retry_lands_once() {
 async fn postgres_loads_into_columns_an_operator_retyped() {
     let t = Target::postgres();
     let sink = t.open().await;
-    let load = |id: &str, revenue: f64| {
-        events(json!({"batch": [
-            {"type": "track", "messageId": id, "userId": "u", "event": "Order Completed",
-             "timestamp": "2026-11-24T13:54:00.250Z",
-             "properties": {"revenue": revenue, "paid": true, "paid_at": "2026-11-24T13:55:00Z"}}
-        ]}))
-    };
     let st = sink
-        .load(&Load::events(0, 1, load("o1", 0.1)))
+        .load(&Load::events(0, 1, order_completed("o1", 0.1)))
         .await
         .unwrap();
     assert_eq!(st.inserted, 1);
@@ -538,7 +531,7 @@ async fn postgres_loads_into_columns_an_operator_retyped() {
         .await
         .unwrap();
     let st = sink
-        .load(&Load::events(0, 2, load("o2", 12.75)))
+        .load(&Load::events(0, 2, order_completed("o2", 12.75)))
         .await
         .unwrap();
     assert_eq!((st.inserted, st.quarantined), (1, 0));

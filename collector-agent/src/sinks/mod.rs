@@ -480,3 +480,21 @@ pub async fn open(cfg: &WarehouseConfig) -> Result<Arc<dyn Sink>, SinkError> {
         WarehouseConfig::ClickHouse(c) => Arc::new(clickhouse::ClickHouseSink::connect(c).await?),
     })
 }
+
+/// Events as the edge stores them, from a `/v1/batch` body (for the sinks' own tests;
+/// the integration tests have `tests/common::events`).
+#[cfg(test)]
+pub(crate) fn test_events(body: serde_json::Value) -> Vec<collector_core::StoredEvent> {
+    let mut n = 0;
+    collector_core::ingest::parse_body(
+        collector_core::ingest::Endpoint::Batch,
+        body.to_string().as_bytes(),
+        1_795_528_444_000,
+        &mut || {
+            n += 1;
+            format!("gen-{n}")
+        },
+    )
+    .expect("a valid body")
+    .accepted
+}

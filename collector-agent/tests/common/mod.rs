@@ -23,6 +23,16 @@ pub fn events(body: serde_json::Value) -> Vec<StoredEvent> {
     p.accepted
 }
 
+/// One `Order Completed` event (`revenue`, `paid: true`, `paid_at`) timed
+/// 2026-11-24T13:54:00.250Z: what the tests of retyped columns load before and after.
+pub fn order_completed(id: &str, revenue: f64) -> Vec<StoredEvent> {
+    events(serde_json::json!({"batch": [
+        {"type": "track", "messageId": id, "userId": "u", "event": "Order Completed",
+         "timestamp": "2026-11-24T13:54:00.250Z",
+         "properties": {"revenue": revenue, "paid": true, "paid_at": "2026-11-24T13:55:00Z"}}
+    ]}))
+}
+
 /// Loads `batch` (events as a `/v1/batch` body's `batch`) as batch `batch_id` of shard 0.
 pub async fn load(
     sink: &dyn collector_agent::sinks::Sink,

@@ -1450,14 +1450,7 @@ mod tests {
              "properties": {"revenue": 1, "express": false, "shipped_at": "1969-12-31T23:59:59Z"}},
             {"type": "identify", "messageId": "i1", "userId": "u1", "traits": {"plan": "pro"}}
         ]});
-        let events = collector_core::ingest::parse_body(
-            collector_core::ingest::Endpoint::Batch,
-            body.to_string().as_bytes(),
-            1_795_528_444_000,
-            &mut || "gen".to_string(),
-        )
-        .unwrap()
-        .accepted;
+        let events = crate::sinks::test_events(body);
         let load = crate::sinks::Load::events(0, 1, events);
         assert_eq!(sink.load(&load).await.unwrap().inserted, 3);
         let prepared = schema::prepare(load);

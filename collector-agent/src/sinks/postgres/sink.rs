@@ -890,14 +890,7 @@ mod tests {
              "context": {"page": {"path": "/p"}}},
             {"type": "page", "messageId": "p1", "anonymousId": "a1", "name": "Home"}
         ]});
-        let events = collector_core::ingest::parse_body(
-            collector_core::ingest::Endpoint::Batch,
-            body.to_string().as_bytes(),
-            1_795_528_444_000,
-            &mut || "gen".to_string(),
-        )
-        .unwrap()
-        .accepted;
+        let events = crate::sinks::test_events(body);
         let st = sink
             .load(&crate::sinks::Load::events(0, 1, events))
             .await
