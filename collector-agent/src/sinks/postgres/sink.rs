@@ -470,10 +470,10 @@ async fn write(
         .await
         .map_err(classify)?;
     }
-    // The ids new to the warehouse, registered first (one array insert per table,
-    // `ON CONFLICT DO NOTHING RETURNING`: a concurrent agent's insert of the same id
-    // waits for its commit, then counts as a duplicate here). Only their rows are then
-    // `COPY`d, straight into the typed tables: one pass, PostgreSQL's own bulk path.
+    // The ids new to the warehouse, registered first (`register`: a concurrent agent's
+    // insert of the same id waits for its commit, then counts as a duplicate here).
+    // Only their rows are then `COPY`d, straight into the typed tables: one pass,
+    // PostgreSQL's own bulk path.
     let now_row = tx
         .query_one(
             "SELECT now()::text, (extract(epoch FROM now()) * 1000000)::int8",
