@@ -45,6 +45,11 @@
 //! changed between them makes the insert fail and retry (or, for a change between
 //! types of one size, read the bytes as the new type).
 //!
+//! One load is four rounds of requests, each round's at once: the lookups (ledger,
+//! registry, column types) while the agent plans the load; the rows tables' inserts
+//! (with the rejected values and the quarantine lookup), which the server parses and
+//! stores in a thread each; the registry, quarantine and dead letters; the ledger.
+//!
 //! Limits: two agents adding the *same new column* at the same instant with values of
 //! different types may disagree on its type until restarted; an event whose
 //! `message_id` reaches two different tables at once from two agents stays in both.

@@ -578,6 +578,30 @@ impl ClickHouseSink {
             .collect())
     }
 
+    /// Which of `batch_ids` (of shard `p.shard`) the ledger has: none for a replay,
+    /// whose events are checked one by one.
+    async fn loaded_batches(
+        &self,
+        p: &Prepared,
+        batch_ids: &[i64],
+    ) -> Result<HashSet<i64>, SinkError> {
+        if p.replay || batch_ids.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let list: Vec<String> = batch_ids.iter().map(i64::to_string).collect();
+        let (_, rows) = self
+            .select(&format!(
+                "SELECT batch_id FROM collector_loaded_batches FINAL WHERE shard = {} AND batch_id IN ({})",
+                p.shard,
+                list.join(", ")
+            ))
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| r[0].as_i64().or_else(|| r[0].as_str()?.parse().ok()))
+            .collect())
+    }
+
     /// The ids among `ids` that a query (with `{ids}` for the list) returns.
     async fn ids_in(&self, sql: &str, ids: &[&str]) -> Result<HashSet<String>, SinkError> {
         Ok(self.rows_for(sql, ids).await?.into_keys().collect())
@@ -698,34 +722,40 @@ impl ClickHouseSink {
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        let loaded_batches: HashSet<i64> = if p.replay || batch_ids.is_empty() {
-            HashSet::new()
-        } else {
-            let list: Vec<String> = batch_ids.iter().map(i64::to_string).collect();
-            let (_, rows) = self
-                .select(&format!(
-                    "SELECT batch_id FROM collector_loaded_batches FINAL WHERE shard = {} AND batch_id IN ({})",
-                    p.shard,
-                    list.join(", ")
-                ))
-                .await?;
-            rows.iter()
-                .filter_map(|r| r[0].as_i64().or_else(|| r[0].as_str()?.parse().ok()))
-                .collect()
-        };
-        let candidates: Vec<&str> = p
+        // The tables the load writes, as far as its rows tell before it is planned.
+        let tables: HashSet<String> = p
             .rows
             .iter()
-            .filter(|r| !r.batch_id.is_some_and(|b| loaded_batches.contains(&b)))
+            .flat_map(|r| {
+                let users = (r.kind == EventKind::Identify).then(|| "users".to_string());
+                [
+                    Some(r.kind.table().to_string()),
+                    r.event_table.clone(),
+                    users,
+                ]
+            })
+            .flatten()
+            .map(|t| rows_table(&t))
+            .collect();
+        // The lookups and the column types are asked for at once, and the load is
+        // planned while the server answers (its rows are usually all new; when some
+        // are not, the new ones are planned again).
+        let ids: Vec<&str> = p
+            .rows
+            .iter()
             .map(|r| r.message_id())
             .chain(p.quarantine.iter().map(|q| q.message_id.as_str()))
             .collect();
-        let known = self
-            .ids_in(
+        let (loaded_batches, known, physical, planned) = tokio::join!(
+            self.loaded_batches(p, &batch_ids),
+            self.ids_in(
                 "SELECT message_id FROM message_ids FINAL WHERE message_id IN ({ids})",
-                &candidates,
-            )
-            .await?;
+                &ids,
+            ),
+            self.column_types(tables.iter().cloned()),
+            async { catalog.plan(p) },
+        );
+        let (loaded_batches, known, mut physical) = (loaded_batches?, known?, physical?);
         let is_new = |r: &schema::PreparedRow| {
             !r.batch_id.is_some_and(|b| loaded_batches.contains(&b))
                 && !known.contains(r.message_id())
@@ -733,8 +763,8 @@ impl ClickHouseSink {
         // The rows to write: the load's own when all are new (the usual case), else a
         // copy of the new ones.
         let copy;
-        let fresh: &Prepared = if p.rows.iter().all(is_new) {
-            p
+        let (fresh, planned): (&Prepared, _) = if p.rows.iter().all(is_new) {
+            (p, Some(planned))
         } else {
             copy = Prepared {
                 shard: p.shard,
@@ -742,7 +772,7 @@ impl ClickHouseSink {
                 rows: p.rows.iter().filter(|r| is_new(r)).cloned().collect(),
                 ..Prepared::default()
             };
-            &copy
+            (&copy, None)
         };
         stats.duplicates += (p.rows.len() - fresh.rows.len()) as u64;
 
@@ -813,7 +843,7 @@ impl ClickHouseSink {
         }
 
         // Schema growth, then the rows.
-        let mut plan = catalog.plan(fresh);
+        let mut plan = planned.unwrap_or_else(|| catalog.plan(fresh));
         if plan.changes_schema() {
             for (table, event_text) in &plan.new_tables {
                 for sql in self.create_table_sql(table, TableKind::Event) {
@@ -876,9 +906,21 @@ impl ClickHouseSink {
         }
 
         let load_id = now_ms as u64;
-        let physical = self
-            .column_types(plan.loads.iter().map(|l| rows_table(&l.table)))
-            .await?;
+        // Types of tables created or grown now, or not foreseen.
+        if plan.changes_schema()
+            || plan
+                .loads
+                .iter()
+                .any(|l| !tables.contains(&rows_table(&l.table)))
+        {
+            physical = self
+                .column_types(plan.loads.iter().map(|l| rows_table(&l.table)))
+                .await?;
+        }
+        // The rows tables' inserts run at once: ClickHouse parses and stores each in a
+        // thread of its own. In `RowBinary` while the table has the sink's own types;
+        // otherwise as `JSONEachRow`, which the server converts by name and type.
+        let mut rows_inserts = Vec::with_capacity(plan.loads.len());
         for load in &plan.loads {
             let mut cols: Vec<String> = load.columns.iter().map(|(n, _)| n.clone()).collect();
             cols.push(schema::LOADED_AT.into());
@@ -887,15 +929,11 @@ impl ClickHouseSink {
                 cols.push("_received".into());
             }
             let table = rows_table(&load.table);
-            // In `RowBinary` while the table has the sink's own types; otherwise as
-            // `JSONEachRow`, which the server converts by name and type.
-            match self.rows_binary(load, now_ms, physical.get(&table)) {
-                Some(body) => self.insert_format(&table, &cols, "RowBinary", body).await?,
-                None => {
-                    self.insert_body(&table, &cols, self.rows_body(load, &now))
-                        .await?
-                }
-            }
+            let (format, body) = match self.rows_binary(load, now_ms, physical.get(&table)) {
+                Some(body) => ("RowBinary", body),
+                None => ("JSONEachRow", self.rows_body(load, &now).into_bytes()),
+            };
+            rows_inserts.push(async move { self.insert_format(&table, &cols, format, body).await });
             if let TableKind::Base(kind) = load.kind {
                 stats.inserted_into(kind, load.rows.len() as u64);
             }
@@ -908,42 +946,40 @@ impl ClickHouseSink {
                 "value": r.value, "reason": r.reason, "rejected_at": now_s
             }))
             .collect();
-        self.insert(
-            "collector_rows_rejected_values",
-            &[
-                "message_id",
-                "table_name",
-                "column_name",
-                "value",
-                "reason",
-                "rejected_at",
-            ]
-            .map(String::from),
-            rejected,
-        )
-        .await?;
+        let rejected_columns = [
+            "message_id",
+            "table_name",
+            "column_name",
+            "value",
+            "reason",
+            "rejected_at",
+        ]
+        .map(String::from);
+        // Beside them (neither depends on the rows): the rejected values, and which of
+        // the loaded ids were quarantined once.
+        let loaded_ids: Vec<&str> = fresh.rows.iter().map(|r| r.message_id()).collect();
+        let (rows_written, rejected_written, were_quarantined) = tokio::join!(
+            all_of(rows_inserts),
+            self.insert(
+                "collector_rows_rejected_values",
+                &rejected_columns,
+                rejected
+            ),
+            self.quarantined_among(&loaded_ids),
+        );
+        rows_written?;
+        rejected_written?;
+        let were_quarantined = were_quarantined?;
         // Only now the ids are registered, then the ledger: a crash before either
-        // makes the retry write the same rows, which `FINAL` collapses.
+        // makes the retry write the same rows, which `FINAL` collapses. The registry,
+        // the quarantine and the dead letters do not depend on each other.
         let registry: Vec<Value> = fresh
             .rows
             .iter()
             .map(|r| serde_json::json!({"message_id": r.message_id(), "table_name": r.kind.table(), "load_id": load_id}))
             .collect();
-        self.insert(
-            "message_ids",
-            &["message_id", "table_name", "load_id"].map(String::from),
-            registry,
-        )
-        .await?;
-        self.insert(
-            "collector_quarantine",
-            &QUARANTINE_COLUMNS.map(String::from),
-            quarantine,
-        )
-        .await?;
-        // Events once quarantined that loaded now leave the quarantine.
-        let loaded_ids: Vec<&str> = fresh.rows.iter().map(|r| r.message_id()).collect();
-        let were_quarantined = self.quarantined_among(&loaded_ids).await?;
+        // Events once quarantined that loaded now leave the quarantine (their newer
+        // `_version` wins over any entry written beside it).
         let resolved: Vec<Value> = were_quarantined
             .iter()
             .map(|id| serde_json::json!({
@@ -951,27 +987,28 @@ impl ClickHouseSink {
                 "event": "", "quarantined_at": now_s, "attempts": 0, "resolved": 1, "_version": now_ms + 1
             }))
             .collect();
-        self.insert(
-            "collector_quarantine",
-            &QUARANTINE_COLUMNS.map(String::from),
-            resolved,
-        )
-        .await?;
-        self.insert(
-            "collector_dead_letters",
-            &[
-                "shard",
-                "batch_id",
-                "error",
-                "blob_hex",
-                "loaded_at",
-                "resolved",
-                "_version",
-            ]
-            .map(String::from),
-            dead,
-        )
-        .await?;
+        let registry_columns = ["message_id", "table_name", "load_id"].map(String::from);
+        let quarantine_columns = QUARANTINE_COLUMNS.map(String::from);
+        let dead_columns = [
+            "shard",
+            "batch_id",
+            "error",
+            "blob_hex",
+            "loaded_at",
+            "resolved",
+            "_version",
+        ]
+        .map(String::from);
+        let (registered, quarantined, resolved, dead) = tokio::join!(
+            self.insert("message_ids", &registry_columns, registry),
+            self.insert("collector_quarantine", &quarantine_columns, quarantine),
+            self.insert("collector_quarantine", &quarantine_columns, resolved),
+            self.insert("collector_dead_letters", &dead_columns, dead),
+        );
+        registered?;
+        quarantined?;
+        resolved?;
+        dead?;
         if !p.replay {
             let ledger: Vec<Value> = batch_ids
                 .iter()
@@ -1152,6 +1189,17 @@ impl RowMeta {
             (u64::MAX - received as u64, Some(received))
         }
     }
+}
+
+/// Awaits every one of `inserts` at once; the first error, once all have finished
+/// (none is left running behind the load).
+async fn all_of(
+    inserts: Vec<impl std::future::Future<Output = Result<(), SinkError>>>,
+) -> Result<(), SinkError> {
+    futures_util::future::join_all(inserts)
+        .await
+        .into_iter()
+        .collect()
 }
 
 /// ClickHouse's answer to adding a column that exists (code 44 on 18.16, 15 later):
