@@ -12,10 +12,12 @@ pub struct DuckDbConfig {
     #[serde(default = "default_path")]
     pub path: PathBuf,
     /// DuckDB's `memory_limit` (`"64MB"`, `"1GB"`). When absent, DuckDB's default (80%
-    /// of RAM, or of the container's limit), capped at [`DEFAULT_MEMORY_CAP`]: DuckDB
-    /// keeps the warehouse's blocks cached up to it, so an uncapped agent's RSS climbs
+    /// of RAM, or of the container's limit), capped at [`DEFAULT_MEMORY_CAP`] plus room
+    /// for the indexes, which DuckDB keeps whole in memory (`message_ids`' key grows
+    /// with every event loaded; see `MemoryFit` in `sink.rs`): DuckDB keeps the
+    /// warehouse's blocks cached up to the limit, so an uncapped agent's RSS climbs
     /// with what it loaded. Operators that exceed it spill to a temp folder beside the
-    /// file.
+    /// file; a configured limit must leave the indexes their room.
     #[serde(default)]
     pub memory_limit: Option<String>,
     /// DuckDB's worker threads; DuckDB's default (one per core) when absent.
@@ -74,9 +76,10 @@ impl DuckDbConfig {
     }
 }
 
-/// The most a default `memory_limit` allows (1 GiB): a long-running agent's DuckDB
-/// caches about 20 MB of table blocks per 100k events loaded (BENCHMARKS.md), and
-/// DuckDB's own default would let that climb to 80% of the host's RAM.
+/// What a default `memory_limit` allows beyond the indexes (1 GiB): a long-running
+/// agent's DuckDB caches about 20 MB of table blocks per 100k events loaded
+/// (BENCHMARKS.md), and DuckDB's own default would let that climb to 80% of the
+/// host's RAM.
 pub const DEFAULT_MEMORY_CAP: u64 = 1 << 30;
 
 /// The least `memory_limit` accepted: below it, DuckDB's checkpoint of a 5,000-event load

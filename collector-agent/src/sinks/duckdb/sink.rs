@@ -71,17 +71,65 @@ struct State {
     /// The configured `SET`s, applied at every open.
     settings: String,
     /// No `memory_limit` configured: DuckDB's default is capped (see
-    /// [`super::config::DEFAULT_MEMORY_CAP`]).
+    /// [`super::config::DEFAULT_MEMORY_CAP`]), and the cap grows with the indexes.
     cap_memory: bool,
+    /// The default `memory_limit` as it follows the indexes (`None`: a configured
+    /// limit, or DuckDB's own).
+    memory: Option<MemoryFit>,
+}
+
+/// Bytes a default `memory_limit` sets aside per id in `message_ids`, beyond the cap,
+/// before DuckDB has loaded that key's index: its ART takes ~86 bytes per UUID id
+/// (BENCHMARKS.md, "The registry's index").
+const INDEX_BYTES_PER_ID: u64 = 128;
+
+/// A default `memory_limit` that follows the warehouse. DuckDB keeps every index whole
+/// in memory (the `message_ids` key above all, which grows with every event ever
+/// loaded) and fails each commit once they outgrow the limit, so the limit is the cap
+/// plus room for them: estimated from the registry's size at open, then twice what
+/// they measure (`duckdb_memory()`) after each call; never above DuckDB's own default
+/// (80% of RAM), never lowered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MemoryFit {
+    /// Room for everything but the indexes (cached blocks, queries, checkpoints).
+    cap: u64,
+    /// DuckDB's own default: the most the limit grows to.
+    ceiling: u64,
+    /// Ids in `message_ids` when the warehouse was opened.
+    ids_at_open: u64,
+    /// The limit set now.
+    limit: u64,
+}
+
+impl MemoryFit {
+    /// The limit for indexes that measure `index_bytes` now.
+    fn target(&self, index_bytes: u64) -> u64 {
+        let room = self
+            .ids_at_open
+            .saturating_mul(INDEX_BYTES_PER_ID)
+            .max(index_bytes.saturating_mul(2));
+        self.cap.saturating_add(room).min(self.ceiling)
+    }
 }
 
 impl State {
     /// The connection, opened again if a fatal error closed it.
     fn conn(&mut self) -> Result<&mut Connection, SinkError> {
         if self.conn.is_none() {
-            let (conn, catalog) = open_file(&self.path, &self.settings, self.cap_memory)?;
+            let (conn, catalog, memory) = open_file(&self.path, &self.settings, self.cap_memory)?;
             tracing::warn!(path = %self.path.display(), "warehouse opened again after a fatal error");
             self.catalog = catalog;
+            // A limit raised after running out of memory stays raised.
+            self.memory = match (memory, self.memory) {
+                (Some(new), Some(old)) if old.limit > new.limit => {
+                    set_memory_limit(&conn, old.limit)?;
+                    Some(MemoryFit {
+                        limit: old.limit,
+                        ..new
+                    })
+                }
+                (new, _) => new,
+            };
             self.conn = Some(conn);
         }
         Ok(self.conn.as_mut().expect("just opened"))
@@ -89,6 +137,50 @@ impl State {
 
     /// After an error: if DuckDB has invalidated the database, closes it, so the next
     /// use opens it again (DuckDB refuses every statement until it is).
+    /// After a call: raises a default limit to what the indexes now need (see
+    /// [`MemoryFit`]); after DuckDB ran out of memory (`out_of_memory`), to twice
+    /// that at least, so the retry finds room.
+    fn fit_memory(&mut self, out_of_memory: bool) {
+        let (Some(fit), Some(conn)) = (self.memory.as_mut(), self.conn.as_ref()) else {
+            return;
+        };
+        let index: Result<i64, _> = conn.query_row(
+            "SELECT coalesce(sum(memory_usage_bytes), 0)::BIGINT FROM duckdb_memory() WHERE tag = 'ART_INDEX'",
+            [],
+            |r| r.get(0),
+        );
+        // (After a fatal error the database refuses even this query.)
+        let index = index.unwrap_or(0);
+        let mut target = fit.target(index.max(0) as u64);
+        if out_of_memory {
+            target = target.max(fit.limit.saturating_mul(2)).min(fit.ceiling);
+        }
+        if target <= fit.limit {
+            if out_of_memory {
+                tracing::error!(limit = fit.limit, "DuckDB ran out of memory at its most (DuckDB's own default, 80% of RAM): the warehouse's indexes need a larger host, or another warehouse (README, DuckDB sink)");
+            }
+            return;
+        }
+        match set_memory_limit(conn, target) {
+            Ok(()) => {
+                tracing::info!(
+                    from = fit.limit,
+                    to = target,
+                    index_bytes = index,
+                    "warehouse memory_limit raised for its indexes"
+                );
+                fit.limit = target;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not raise the warehouse's memory_limit now");
+                // Opening the warehouse again sets it.
+                if out_of_memory {
+                    fit.limit = target;
+                }
+            }
+        }
+    }
+
     fn check(&mut self) -> bool {
         let invalid = self
             .conn
@@ -108,7 +200,7 @@ fn open_file(
     path: &Path,
     settings: &str,
     cap_memory: bool,
-) -> Result<(Connection, Catalog), SinkError> {
+) -> Result<(Connection, Catalog, Option<MemoryFit>), SinkError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| SinkError::Permanent(format!("{}: {e}", dir.display())))?;
@@ -118,23 +210,46 @@ fn open_file(
         conn.execute_batch(settings)
             .map_err(|e| SinkError::Permanent(format!("warehouse settings: {e}")))?;
     }
-    if cap_memory {
-        let current: String = conn
-            .query_row("SELECT current_setting('memory_limit')", [], |r| r.get(0))
-            .map_err(transient)?;
-        if super::config::size_bytes(&current)
-            .is_some_and(|b| b > super::config::DEFAULT_MEMORY_CAP)
-        {
-            conn.execute_batch(&format!(
-                "SET memory_limit = '{}B'",
-                super::config::DEFAULT_MEMORY_CAP
-            ))
-            .map_err(transient)?;
-        }
-    }
     migrate(&mut conn)?;
     let catalog = load_catalog(&conn)?;
-    Ok((conn, catalog))
+    let memory = if cap_memory {
+        Some(fit_default_memory(
+            &conn,
+            super::config::DEFAULT_MEMORY_CAP,
+        )?)
+    } else {
+        None
+    };
+    Ok((conn, catalog, memory))
+}
+
+/// Caps DuckDB's default `memory_limit` at `cap` plus room for the registry's index
+/// (see [`MemoryFit`]).
+pub(crate) fn fit_default_memory(conn: &Connection, cap: u64) -> Result<MemoryFit, SinkError> {
+    let current: String = conn
+        .query_row("SELECT current_setting('memory_limit')", [], |r| r.get(0))
+        .map_err(transient)?;
+    let ceiling = super::config::size_bytes(&current).unwrap_or(u64::MAX);
+    let ids: i64 = conn
+        .query_row("SELECT count(*) FROM message_ids", [], |r| r.get(0))
+        .map_err(transient)?;
+    let mut fit = MemoryFit {
+        cap,
+        ceiling,
+        ids_at_open: ids.max(0) as u64,
+        limit: ceiling,
+    };
+    let limit = fit.target(0);
+    if limit < ceiling {
+        set_memory_limit(conn, limit)?;
+        fit.limit = limit;
+    }
+    Ok(fit)
+}
+
+fn set_memory_limit(conn: &Connection, bytes: u64) -> Result<(), SinkError> {
+    conn.execute_batch(&format!("SET memory_limit = '{bytes}B'"))
+        .map_err(transient)
 }
 
 /// Classifies a DuckDB error: data the warehouse will never take (conversion,
@@ -158,6 +273,12 @@ pub(crate) fn classify(e: duckdb::Error) -> SinkError {
     } else {
         SinkError::Transient(msg)
     }
+}
+
+/// DuckDB's words for a limit reached (an allocation, or pinning a block).
+fn out_of_memory(e: &SinkError) -> bool {
+    let text = e.to_string();
+    text.contains("Out of Memory Error") || text.contains("failed to pin block")
 }
 
 pub(crate) fn transient(e: duckdb::Error) -> SinkError {
@@ -364,7 +485,7 @@ impl DuckDbSink {
     }
 
     fn open_with(path: &Path, settings: String, cap_memory: bool) -> Result<DuckDbSink, SinkError> {
-        let (conn, catalog) = open_file(path, &settings, cap_memory)?;
+        let (conn, catalog, memory) = open_file(path, &settings, cap_memory)?;
         Ok(DuckDbSink {
             state: Arc::new(Mutex::new(State {
                 conn: Some(conn),
@@ -372,6 +493,7 @@ impl DuckDbSink {
                 path: path.to_path_buf(),
                 settings,
                 cap_memory,
+                memory,
             })),
         })
     }
@@ -398,6 +520,8 @@ impl DuckDbSink {
             let st = &mut *guard;
             st.conn()?;
             let out = f(st.conn.as_mut().expect("open"), &mut st.catalog);
+            let out_of_memory = matches!(&out, Err(e) if out_of_memory(e));
+            st.fit_memory(out_of_memory);
             match out {
                 // A fatal error says nothing about the data: retry, never quarantine.
                 Err(SinkError::Permanent(e)) if st.check() => Err(SinkError::Transient(e)),
@@ -911,5 +1035,102 @@ impl SqlSession for DuckSession {
             app.flush().map_err(classify)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::{schema, test_events, Load, LoadBatch};
+
+    #[test]
+    fn the_default_limit_makes_room_for_the_indexes_up_to_duckdbs_own() {
+        let fit = MemoryFit {
+            cap: 1000,
+            ceiling: 1_000_000,
+            ids_at_open: 0,
+            limit: 1000,
+        };
+        assert_eq!(fit.target(0), 1000);
+        assert_eq!(fit.target(300), 1600);
+        let opened_big = MemoryFit {
+            ids_at_open: 10,
+            ..fit
+        };
+        assert_eq!(opened_big.target(0), 1000 + 10 * INDEX_BYTES_PER_ID);
+        assert_eq!(opened_big.target(5000), 11_000);
+        assert_eq!(fit.target(10_000_000), 1_000_000);
+    }
+
+    /// A random-looking id in a UUID's shape (as SDKs send them: no shared prefixes
+    /// for the index to fold), from `n` (splitmix64).
+    fn uuid_like(n: usize) -> String {
+        let mix = |mut z: u64| {
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+            z ^ (z >> 31)
+        };
+        let (a, b) = (mix(n as u64 * 2 + 1), mix(n as u64 * 2 + 2));
+        let h = format!("{a:016x}{b:016x}");
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..]
+        )
+    }
+
+    // The registry's index grows with every id loaded and DuckDB keeps it whole in
+    // memory: under a fixed limit, commits fail once it outgrows it (here, with a 24 MB
+    // cap, at about 125k ids). The default limit follows it instead, and every load
+    // lands.
+    #[tokio::test]
+    async fn loads_go_on_when_the_registry_outgrows_the_default_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink =
+            DuckDbSink::open_with(&dir.path().join("w.duckdb"), String::new(), true).unwrap();
+        let cap = 24_000_000;
+        {
+            let mut st = sink.state.lock().unwrap();
+            let fit = fit_default_memory(st.conn.as_ref().unwrap(), cap).unwrap();
+            assert_eq!(fit.limit, cap);
+            st.memory = Some(fit);
+        }
+        let (loads, per_load) = (25, 8000);
+        for l in 0..loads {
+            let batches = (0..per_load / 500)
+                .map(|b| {
+                    let batch: Vec<serde_json::Value> = (0..500)
+                        .map(|i| {
+                            serde_json::json!({
+                                "type": "alias", "previousId": "p", "userId": "u",
+                                "messageId": uuid_like((l * 100 + b) * 1000 + i),
+                            })
+                        })
+                        .collect();
+                    LoadBatch::Decoded {
+                        batch_id: (l * 100 + b) as i64,
+                        events: test_events(serde_json::json!({ "batch": batch })),
+                    }
+                })
+                .collect();
+            let prepared = schema::prepare(Load { shard: 0, batches });
+            let stats = sink.write(Arc::new(prepared)).await.unwrap();
+            assert_eq!(stats.inserted, per_load as u64, "load {l}");
+        }
+        let limit = sink.state.lock().unwrap().memory.unwrap().limit;
+        let count = sink.query("SELECT count(*) FROM aliases").await.unwrap();
+        assert_eq!(count.rows[0][0].as_deref(), Some("200000"));
+        assert!(limit > cap, "{limit}");
+        // Opened again, the limit makes room for the registry before its index loads.
+        drop(sink);
+        let sink =
+            DuckDbSink::open_with(&dir.path().join("w.duckdb"), String::new(), true).unwrap();
+        let st = sink.state.lock().unwrap();
+        let fit = fit_default_memory(st.conn.as_ref().unwrap(), cap).unwrap();
+        assert_eq!(fit.ids_at_open, 200_000);
+        assert_eq!(fit.limit, cap + 200_000 * INDEX_BYTES_PER_ID);
     }
 }
