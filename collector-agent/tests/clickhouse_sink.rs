@@ -297,3 +297,38 @@ async fn a_column_an_operator_retyped_still_loads() {
         vec![vec![s("o1")], vec![s("o2")]]
     );
 }
+
+// Each load looks its ids up in `message_ids`; ClickHouse reads a whole granule per
+// id, so the registry is made with small granules (256 rows, not 8192) and a lookup
+// reads a bounded number of rows however many ids it holds. A registry made before,
+// with ClickHouse's default, still loads (the agent says to rebuild it).
+#[tokio::test]
+async fn the_registry_has_small_granules_and_an_older_one_still_loads() {
+    let ch = LocalClickHouse::start().unwrap();
+    let sink = open(&ch).await;
+    assert_eq!(
+        one(&*sink, "SELECT engine_full LIKE '%SETTINGS index_granularity = 256%' FROM system.tables WHERE database = 'analytics' AND name = 'message_ids'").await,
+        s("1")
+    );
+    let older = LocalClickHouse::start().unwrap();
+    let http = reqwest::Client::new();
+    for sql in [
+        "CREATE DATABASE analytics",
+        "CREATE TABLE analytics.message_ids (message_id String, table_name String, load_id UInt64) ENGINE = ReplacingMergeTree() ORDER BY message_id",
+    ] {
+        let r = http.post(&older.url).body(sql).send().await.unwrap();
+        assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    }
+    let sink = open(&older).await;
+    assert_eq!(
+        one(&*sink, "SELECT engine_full LIKE '%SETTINGS index_granularity = 8192%' FROM system.tables WHERE database = 'analytics' AND name = 'message_ids'").await,
+        s("1")
+    );
+    let evs = events(
+        json!({"batch": [{"type": "track", "messageId": "m1", "userId": "u1", "event": "E"}]}),
+    );
+    let st = sink.load(&Load::events(0, 1, evs.clone())).await.unwrap();
+    assert_eq!(st.inserted, 1);
+    let st = sink.load(&Load::events(0, 2, evs)).await.unwrap();
+    assert_eq!((st.inserted, st.duplicates), (0, 1));
+}

@@ -34,6 +34,14 @@ const QUARANTINE_COLUMNS: [&str; 10] = [
     "_version",
 ];
 
+/// Rows per granule of `message_ids`' primary index. Each load looks up its ids there,
+/// and ClickHouse reads a whole granule for each id it may hold: with the default 8192
+/// a lookup of 5,000 random ids reads the whole registry once it holds a few million
+/// (10M ids on 18.16: 9.8M rows read, ~340 ms); with 256, at most ~1.3M rows however
+/// large it grows (~80–130 ms at 10M), for a primary index of ~40k marks per 10M ids
+/// in memory (BENCHMARKS.md).
+const REGISTRY_GRANULARITY: u32 = 256;
+
 /// How many bytes of ids one lookup sends at most (ClickHouse parses at most
 /// `max_query_size`, 256 KiB by default, of a query).
 const LOOKUP_BYTES: usize = 128 * 1024;
@@ -441,6 +449,31 @@ impl ClickHouseSink {
         if !has(6) {
             self.migrate_privacy().await?;
         }
+        self.check_registry_granularity().await
+    }
+
+    /// Says when `message_ids` was created before it had [`REGISTRY_GRANULARITY`]: its
+    /// lookups then read the whole registry once it is large. ClickHouse 18.16 cannot
+    /// change the setting of a table, and rebuilding it while other agents write could
+    /// lose their ids, so the rebuild is the operator's (README, ClickHouse sink).
+    async fn check_registry_granularity(&self) -> Result<(), SinkError> {
+        let (_, rows) = self
+            .select(&format!(
+                "SELECT engine_full FROM system.tables WHERE database = {} AND name = 'message_ids'",
+                lit(&self.cfg.database)
+            ))
+            .await?;
+        let engine = rows
+            .first()
+            .and_then(|r| r.first())
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if !engine.contains(&format!("index_granularity = {REGISTRY_GRANULARITY}")) {
+            tracing::warn!(
+                engine,
+                "message_ids was created with a coarser index granularity than {REGISTRY_GRANULARITY}: each load's lookup reads ~8192 rows per id, the whole registry once it holds a few million ids; rebuild it with the agents stopped (README, ClickHouse sink)"
+            );
+        }
         Ok(())
     }
 
@@ -515,7 +548,7 @@ impl ClickHouseSink {
             ddl.extend(self.create_table_sql(kind.table(), TableKind::Base(kind)));
         }
         ddl.extend(self.create_table_sql("users", TableKind::Users));
-        ddl.push("CREATE TABLE IF NOT EXISTS message_ids (message_id String, table_name String, load_id UInt64) ENGINE = ReplacingMergeTree() ORDER BY message_id".into());
+        ddl.push(format!("CREATE TABLE IF NOT EXISTS message_ids (message_id String, table_name String, load_id UInt64) ENGINE = ReplacingMergeTree() ORDER BY message_id SETTINGS index_granularity = {REGISTRY_GRANULARITY}"));
         ddl.push("CREATE TABLE IF NOT EXISTS collector_loaded_batches (shard UInt32, batch_id Int64, rows UInt64, loaded_at DateTime) ENGINE = ReplacingMergeTree() ORDER BY (shard, batch_id)".into());
         ddl.push("CREATE TABLE IF NOT EXISTS collector_quarantine (message_id String, type String, shard Nullable(UInt32), batch_id Nullable(Int64), reason String, event String, quarantined_at DateTime, attempts UInt32, resolved UInt8, `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY message_id".into());
         ddl.push("CREATE TABLE IF NOT EXISTS collector_dead_letters (shard UInt32, batch_id Int64, error String, blob_hex String, loaded_at DateTime, resolved UInt8, `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY (shard, batch_id)".into());
