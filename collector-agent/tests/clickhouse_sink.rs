@@ -311,14 +311,12 @@ async fn the_registry_has_small_granules_and_an_older_one_still_loads() {
         s("1")
     );
     let older = LocalClickHouse::start().unwrap();
-    let http = reqwest::Client::new();
-    for sql in [
-        "CREATE DATABASE analytics",
+    ch_exec(&older, "CREATE DATABASE analytics").await;
+    ch_exec(
+        &older,
         "CREATE TABLE analytics.message_ids (message_id String, table_name String, load_id UInt64) ENGINE = ReplacingMergeTree() ORDER BY message_id",
-    ] {
-        let r = http.post(&older.url).body(sql).send().await.unwrap();
-        assert!(r.status().is_success(), "{}", r.text().await.unwrap());
-    }
+    )
+    .await;
     let sink = open(&older).await;
     assert_eq!(
         one(&*sink, "SELECT engine_full LIKE '%SETTINGS index_granularity = 8192%' FROM system.tables WHERE database = 'analytics' AND name = 'message_ids'").await,

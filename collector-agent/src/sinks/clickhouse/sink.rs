@@ -1510,8 +1510,6 @@ mod tests {
         ));
     }
 
-    // Both ways of finding a load's quarantined ids (the quarantine read whole, or
-    // looked up by the load's ids) give the same answer, resolved entries excluded.
     // The tables the sink creates take `RowBinary` (base, per-event with a property of
     // every type, `users`), and a table loaded in `RowBinary` holds exactly what the same
     // rows sent as `JSONEachRow` give.
@@ -1596,6 +1594,8 @@ mod tests {
         }
     }
 
+    // Both ways of finding a load's quarantined ids (the quarantine read whole, or
+    // looked up by the load's ids) give the same answer, resolved entries excluded.
     #[tokio::test]
     async fn quarantined_ids_are_found_whether_the_quarantine_is_small_or_large() {
         let ch = collector_e2e::clickhouse::LocalClickHouse::start().unwrap();
