@@ -23,10 +23,12 @@ pub struct DuckDbConfig {
     /// DuckDB's worker threads; DuckDB's default (one per core) when absent.
     #[serde(default)]
     pub threads: Option<u32>,
-    /// DuckDB's `checkpoint_threshold` (`"16MB"`, its default when absent): how much
-    /// write-ahead log gathers before DuckDB folds it into the file. Each checkpoint
-    /// recompresses the newest row groups, so a larger value loads faster (the sinks
-    /// bench: 16MB → 64MB ≈ +15% rows/s) and keeps more unfolded rows in memory.
+    /// DuckDB's `checkpoint_threshold`: how much write-ahead log gathers before DuckDB
+    /// folds it into the file. Each checkpoint recompresses the newest row groups and
+    /// writes every index whole, so a larger value loads faster (the sinks bench: 16MB
+    /// → 64MB ≈ +15% rows/s) and keeps more unfolded rows in memory. When absent,
+    /// DuckDB's 16 MiB, raised to twice the indexes' size as the registry grows, up to
+    /// 1 GiB (see `CheckpointFit` in `sink.rs`).
     #[serde(default)]
     pub checkpoint_threshold: Option<String>,
 }

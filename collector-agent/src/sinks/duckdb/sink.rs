@@ -70,12 +70,58 @@ struct State {
     path: std::path::PathBuf,
     /// The configured `SET`s, applied at every open.
     settings: String,
-    /// No `memory_limit` configured: DuckDB's default is capped (see
-    /// [`super::config::DEFAULT_MEMORY_CAP`]), and the cap grows with the indexes.
-    cap_memory: bool,
+    /// Which settings were not configured, and follow the indexes.
+    defaults: Defaults,
     /// The default `memory_limit` as it follows the indexes (`None`: a configured
     /// limit, or DuckDB's own).
     memory: Option<MemoryFit>,
+    /// The default `checkpoint_threshold` as it follows the indexes (`None`: a
+    /// configured one, or DuckDB's own).
+    checkpoint: Option<CheckpointFit>,
+}
+
+/// Which of DuckDB's settings the sink sets itself, because the operator did not.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Defaults {
+    /// `memory_limit`: DuckDB's default, capped (see
+    /// [`super::config::DEFAULT_MEMORY_CAP`]), plus room for the indexes.
+    pub memory_limit: bool,
+    /// `checkpoint_threshold`: DuckDB's default, raised as the indexes grow.
+    pub checkpoint_threshold: bool,
+}
+
+/// DuckDB's own `checkpoint_threshold`.
+const DEFAULT_CHECKPOINT_THRESHOLD: u64 = 16 << 20;
+
+/// The most a default `checkpoint_threshold` grows to (see [`CheckpointFit`]).
+const MAX_CHECKPOINT_THRESHOLD: u64 = 1 << 30;
+
+/// A default `checkpoint_threshold` that follows the indexes. Each checkpoint writes
+/// every index whole, not what changed (duckdb/duckdb#24848, open for 1.5): with
+/// `message_ids`' key at 4M ids a checkpoint took ~1.6 s against ~50 ms at 100k, and
+/// at DuckDB's 16 MiB one comes after almost every 5,000-event load. So the threshold
+/// is twice the indexes' size (measured, or estimated from the registry's count): a
+/// checkpoint then comes once per as many bytes loaded as it writes, and costs each
+/// load about the same however large the warehouse grows, up to 1 GiB of log
+/// (~4M ids); beyond that the cost per load grows again. More log also means more to
+/// replay when the agent starts after a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CheckpointFit {
+    /// Ids in `message_ids` at the last count (at open, and after each call).
+    ids: u64,
+    /// The threshold set now.
+    threshold: u64,
+}
+
+impl CheckpointFit {
+    /// The threshold for indexes that measure `index_bytes` now.
+    fn target(&self, index_bytes: u64) -> u64 {
+        self.ids
+            .saturating_mul(INDEX_BYTES_PER_ID)
+            .max(index_bytes)
+            .saturating_mul(2)
+            .clamp(DEFAULT_CHECKPOINT_THRESHOLD, MAX_CHECKPOINT_THRESHOLD)
+    }
 }
 
 /// Bytes a default `memory_limit` sets aside per id in `message_ids`, beyond the cap,
@@ -86,17 +132,18 @@ const INDEX_BYTES_PER_ID: u64 = 128;
 /// A default `memory_limit` that follows the warehouse. DuckDB keeps every index whole
 /// in memory (the `message_ids` key above all, which grows with every event ever
 /// loaded) and fails each commit once they outgrow the limit, so the limit is the cap
-/// plus room for them: estimated from the registry's size at open, then twice what
-/// they measure (`duckdb_memory()`) after each call; never above DuckDB's own default
-/// (80% of RAM), never lowered.
+/// plus room for them: estimated from the registry's count (at open and after each
+/// call), or twice what they measure (`duckdb_memory()`, which shows them only until
+/// a checkpoint writes them out; a checkpoint loads them whole again); never above
+/// DuckDB's own default (80% of RAM), never lowered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct MemoryFit {
     /// Room for everything but the indexes (cached blocks, queries, checkpoints).
     cap: u64,
     /// DuckDB's own default: the most the limit grows to.
     ceiling: u64,
-    /// Ids in `message_ids` when the warehouse was opened.
-    ids_at_open: u64,
+    /// Ids in `message_ids` at the last count (at open, and after each call).
+    ids: u64,
     /// The limit set now.
     limit: u64,
 }
@@ -105,7 +152,7 @@ impl MemoryFit {
     /// The limit for indexes that measure `index_bytes` now.
     fn target(&self, index_bytes: u64) -> u64 {
         let room = self
-            .ids_at_open
+            .ids
             .saturating_mul(INDEX_BYTES_PER_ID)
             .max(index_bytes.saturating_mul(2));
         self.cap.saturating_add(room).min(self.ceiling)
@@ -116,7 +163,8 @@ impl State {
     /// The connection, opened again if a fatal error closed it.
     fn conn(&mut self) -> Result<&mut Connection, SinkError> {
         if self.conn.is_none() {
-            let (conn, catalog, memory) = open_file(&self.path, &self.settings, self.cap_memory)?;
+            let (conn, catalog, memory, checkpoint) =
+                open_file(&self.path, &self.settings, self.defaults)?;
             tracing::warn!(path = %self.path.display(), "warehouse opened again after a fatal error");
             self.catalog = catalog;
             // A limit raised after running out of memory stays raised.
@@ -130,6 +178,7 @@ impl State {
                 }
                 (new, _) => new,
             };
+            self.checkpoint = checkpoint;
             self.conn = Some(conn);
         }
         Ok(self.conn.as_mut().expect("just opened"))
@@ -140,8 +189,11 @@ impl State {
     /// After a call: raises a default limit to what the indexes now need (see
     /// [`MemoryFit`]); after DuckDB ran out of memory (`out_of_memory`), to twice
     /// that at least, so the retry finds room.
-    fn fit_memory(&mut self, out_of_memory: bool) {
-        let (Some(fit), Some(conn)) = (self.memory.as_mut(), self.conn.as_ref()) else {
+    fn fit_to_indexes(&mut self, out_of_memory: bool) {
+        if self.memory.is_none() && self.checkpoint.is_none() {
+            return;
+        }
+        let Some(conn) = self.conn.as_ref() else {
             return;
         };
         let index: Result<i64, _> = conn.query_row(
@@ -149,9 +201,43 @@ impl State {
             [],
             |r| r.get(0),
         );
-        // (After a fatal error the database refuses even this query.)
-        let index = index.unwrap_or(0);
-        let mut target = fit.target(index.max(0) as u64);
+        // (After a fatal error the database refuses even these queries.)
+        let index = index.unwrap_or(0).max(0) as u64;
+        if let Ok(ids) = registered_ids(conn) {
+            if let Some(fit) = self.checkpoint.as_mut() {
+                fit.ids = ids;
+            }
+            if let Some(fit) = self.memory.as_mut() {
+                fit.ids = ids;
+            }
+        }
+        if let Some(fit) = self.checkpoint.as_mut() {
+            let target = fit.target(index);
+            if target > fit.threshold {
+                match conn.execute_batch(&format!("SET checkpoint_threshold = '{target}B'")) {
+                    Ok(()) => {
+                        tracing::info!(
+                            from = fit.threshold,
+                            to = target,
+                            index_bytes = index,
+                            "warehouse checkpoint_threshold raised for its indexes"
+                        );
+                        fit.threshold = target;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not raise the warehouse's checkpoint_threshold now")
+                    }
+                }
+            }
+        }
+        self.fit_memory(index, out_of_memory);
+    }
+
+    fn fit_memory(&mut self, index: u64, out_of_memory: bool) {
+        let (Some(fit), Some(conn)) = (self.memory.as_mut(), self.conn.as_ref()) else {
+            return;
+        };
+        let mut target = fit.target(index);
         if out_of_memory {
             target = target.max(fit.limit.saturating_mul(2)).min(fit.ceiling);
         }
@@ -199,8 +285,16 @@ impl State {
 fn open_file(
     path: &Path,
     settings: &str,
-    cap_memory: bool,
-) -> Result<(Connection, Catalog, Option<MemoryFit>), SinkError> {
+    defaults: Defaults,
+) -> Result<
+    (
+        Connection,
+        Catalog,
+        Option<MemoryFit>,
+        Option<CheckpointFit>,
+    ),
+    SinkError,
+> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| SinkError::Permanent(format!("{}: {e}", dir.display())))?;
@@ -212,7 +306,7 @@ fn open_file(
     }
     migrate(&mut conn)?;
     let catalog = load_catalog(&conn)?;
-    let memory = if cap_memory {
+    let memory = if defaults.memory_limit {
         Some(fit_default_memory(
             &conn,
             super::config::DEFAULT_MEMORY_CAP,
@@ -220,7 +314,36 @@ fn open_file(
     } else {
         None
     };
-    Ok((conn, catalog, memory))
+    let checkpoint = if defaults.checkpoint_threshold {
+        Some(fit_default_checkpoint(&conn)?)
+    } else {
+        None
+    };
+    Ok((conn, catalog, memory, checkpoint))
+}
+
+/// How many ids `message_ids` holds.
+fn registered_ids(conn: &Connection) -> Result<u64, SinkError> {
+    let ids: i64 = conn
+        .query_row("SELECT count(*) FROM message_ids", [], |r| r.get(0))
+        .map_err(transient)?;
+    Ok(ids.max(0) as u64)
+}
+
+/// Raises DuckDB's default `checkpoint_threshold` for the registry's index (see
+/// [`CheckpointFit`]).
+pub(crate) fn fit_default_checkpoint(conn: &Connection) -> Result<CheckpointFit, SinkError> {
+    let mut fit = CheckpointFit {
+        ids: registered_ids(conn)?,
+        threshold: DEFAULT_CHECKPOINT_THRESHOLD,
+    };
+    let threshold = fit.target(0);
+    if threshold > fit.threshold {
+        conn.execute_batch(&format!("SET checkpoint_threshold = '{threshold}B'"))
+            .map_err(transient)?;
+        fit.threshold = threshold;
+    }
+    Ok(fit)
 }
 
 /// Caps DuckDB's default `memory_limit` at `cap` plus room for the registry's index
@@ -230,13 +353,10 @@ pub(crate) fn fit_default_memory(conn: &Connection, cap: u64) -> Result<MemoryFi
         .query_row("SELECT current_setting('memory_limit')", [], |r| r.get(0))
         .map_err(transient)?;
     let ceiling = super::config::size_bytes(&current).unwrap_or(u64::MAX);
-    let ids: i64 = conn
-        .query_row("SELECT count(*) FROM message_ids", [], |r| r.get(0))
-        .map_err(transient)?;
     let mut fit = MemoryFit {
         cap,
         ceiling,
-        ids_at_open: ids.max(0) as u64,
+        ids: registered_ids(conn)?,
         limit: ceiling,
     };
     let limit = fit.target(0);
@@ -472,7 +592,7 @@ pub(crate) fn apply_migrations(
 impl DuckDbSink {
     /// Opens (creating if needed) the warehouse file and brings its schema up to date.
     pub fn open(path: &Path) -> Result<DuckDbSink, SinkError> {
-        DuckDbSink::open_with(path, String::new(), false)
+        DuckDbSink::open_with(path, String::new(), Defaults::default())
     }
 
     /// Opens the configured warehouse with its tuning keys (`memory_limit`, `threads`,
@@ -481,19 +601,28 @@ impl DuckDbSink {
         let settings = cfg
             .settings_sql()
             .map_err(|e| SinkError::Permanent(e.to_string()))?;
-        DuckDbSink::open_with(&cfg.path, settings, cfg.memory_limit.is_none())
+        let defaults = Defaults {
+            memory_limit: cfg.memory_limit.is_none(),
+            checkpoint_threshold: cfg.checkpoint_threshold.is_none(),
+        };
+        DuckDbSink::open_with(&cfg.path, settings, defaults)
     }
 
-    fn open_with(path: &Path, settings: String, cap_memory: bool) -> Result<DuckDbSink, SinkError> {
-        let (conn, catalog, memory) = open_file(path, &settings, cap_memory)?;
+    fn open_with(
+        path: &Path,
+        settings: String,
+        defaults: Defaults,
+    ) -> Result<DuckDbSink, SinkError> {
+        let (conn, catalog, memory, checkpoint) = open_file(path, &settings, defaults)?;
         Ok(DuckDbSink {
             state: Arc::new(Mutex::new(State {
                 conn: Some(conn),
                 catalog,
                 path: path.to_path_buf(),
                 settings,
-                cap_memory,
+                defaults,
                 memory,
+                checkpoint,
             })),
         })
     }
@@ -521,7 +650,7 @@ impl DuckDbSink {
             st.conn()?;
             let out = f(st.conn.as_mut().expect("open"), &mut st.catalog);
             let out_of_memory = matches!(&out, Err(e) if out_of_memory(e));
-            st.fit_memory(out_of_memory);
+            st.fit_to_indexes(out_of_memory);
             match out {
                 // A fatal error says nothing about the data: retry, never quarantine.
                 Err(SinkError::Permanent(e)) if st.check() => Err(SinkError::Transient(e)),
@@ -1048,18 +1177,78 @@ mod tests {
         let fit = MemoryFit {
             cap: 1000,
             ceiling: 1_000_000,
-            ids_at_open: 0,
+            ids: 0,
             limit: 1000,
         };
         assert_eq!(fit.target(0), 1000);
         assert_eq!(fit.target(300), 1600);
-        let opened_big = MemoryFit {
-            ids_at_open: 10,
-            ..fit
-        };
+        let opened_big = MemoryFit { ids: 10, ..fit };
         assert_eq!(opened_big.target(0), 1000 + 10 * INDEX_BYTES_PER_ID);
         assert_eq!(opened_big.target(5000), 11_000);
         assert_eq!(fit.target(10_000_000), 1_000_000);
+    }
+
+    /// Only the memory limit follows the indexes.
+    const MEMORY: Defaults = Defaults {
+        memory_limit: true,
+        checkpoint_threshold: false,
+    };
+
+    #[test]
+    fn the_default_checkpoint_threshold_is_twice_the_indexes_within_bounds() {
+        let fit = CheckpointFit {
+            ids: 0,
+            threshold: DEFAULT_CHECKPOINT_THRESHOLD,
+        };
+        assert_eq!(fit.target(0), DEFAULT_CHECKPOINT_THRESHOLD);
+        assert_eq!(fit.target(100 << 20), 200 << 20);
+        assert_eq!(fit.target(10 << 30), MAX_CHECKPOINT_THRESHOLD);
+        let opened = CheckpointFit {
+            ids: 1_000_000,
+            ..fit
+        };
+        assert_eq!(opened.target(0), 2 * 1_000_000 * INDEX_BYTES_PER_ID);
+    }
+
+    // Each checkpoint writes the registry's index whole, so the default threshold
+    // grows with it: measured after each call, estimated from the registry at open.
+    // A sink opened without the agent's config keeps DuckDB's own.
+    #[tokio::test]
+    async fn the_default_checkpoint_threshold_follows_the_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.duckdb");
+        let checkpoint = Defaults {
+            memory_limit: false,
+            checkpoint_threshold: true,
+        };
+        let threshold = |sink: &DuckDbSink| {
+            let st = sink.state.lock().unwrap();
+            let setting: String = st
+                .conn
+                .as_ref()
+                .unwrap()
+                .query_row("SELECT current_setting('checkpoint_threshold')", [], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+            (setting, st.checkpoint.map(|c| c.threshold))
+        };
+        let sink = DuckDbSink::open_with(&path, String::new(), checkpoint).unwrap();
+        assert_eq!(threshold(&sink), ("16.0 MiB".into(), Some(16 << 20)));
+        // 200k ids straight into the registry: its index outgrows half the default.
+        sink.query(
+            "INSERT INTO message_ids SELECT uuid()::VARCHAR, 'tracks', 0 FROM range(200000)",
+        )
+        .await
+        .unwrap();
+        let raised = threshold(&sink).1.unwrap();
+        assert!(raised > 16 << 20, "{raised}");
+        drop(sink);
+        let sink = DuckDbSink::open_with(&path, String::new(), checkpoint).unwrap();
+        assert_eq!(threshold(&sink).1, Some(2 * 200_000 * INDEX_BYTES_PER_ID));
+        drop(sink);
+        let plain = DuckDbSink::open(&path).unwrap();
+        assert_eq!(threshold(&plain), ("16.0 MiB".into(), None));
     }
 
     /// A random-looking id in a UUID's shape (as SDKs send them: no shared prefixes
@@ -1090,7 +1279,7 @@ mod tests {
     async fn loads_go_on_when_the_registry_outgrows_the_default_cap() {
         let dir = tempfile::tempdir().unwrap();
         let sink =
-            DuckDbSink::open_with(&dir.path().join("w.duckdb"), String::new(), true).unwrap();
+            DuckDbSink::open_with(&dir.path().join("w.duckdb"), String::new(), MEMORY).unwrap();
         let cap = 24_000_000;
         {
             let mut st = sink.state.lock().unwrap();
@@ -1127,10 +1316,10 @@ mod tests {
         // Opened again, the limit makes room for the registry before its index loads.
         drop(sink);
         let sink =
-            DuckDbSink::open_with(&dir.path().join("w.duckdb"), String::new(), true).unwrap();
+            DuckDbSink::open_with(&dir.path().join("w.duckdb"), String::new(), MEMORY).unwrap();
         let st = sink.state.lock().unwrap();
         let fit = fit_default_memory(st.conn.as_ref().unwrap(), cap).unwrap();
-        assert_eq!(fit.ids_at_open, 200_000);
+        assert_eq!(fit.ids, 200_000);
         assert_eq!(fit.limit, cap + 200_000 * INDEX_BYTES_PER_ID);
     }
 }
