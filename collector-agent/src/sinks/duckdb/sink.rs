@@ -213,21 +213,10 @@ impl State {
         }
         if let Some(fit) = self.checkpoint.as_mut() {
             let target = fit.target(index);
-            if target > fit.threshold {
-                match conn.execute_batch(&format!("SET checkpoint_threshold = '{target}B'")) {
-                    Ok(()) => {
-                        tracing::info!(
-                            from = fit.threshold,
-                            to = target,
-                            index_bytes = index,
-                            "warehouse checkpoint_threshold raised for its indexes"
-                        );
-                        fit.threshold = target;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "could not raise the warehouse's checkpoint_threshold now")
-                    }
-                }
+            if target > fit.threshold
+                && raise(conn, "checkpoint_threshold", fit.threshold, target, index)
+            {
+                fit.threshold = target;
             }
         }
         self.fit_memory(index, out_of_memory);
@@ -247,23 +236,9 @@ impl State {
             }
             return;
         }
-        match set_memory_limit(conn, target) {
-            Ok(()) => {
-                tracing::info!(
-                    from = fit.limit,
-                    to = target,
-                    index_bytes = index,
-                    "warehouse memory_limit raised for its indexes"
-                );
-                fit.limit = target;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "could not raise the warehouse's memory_limit now");
-                // Opening the warehouse again sets it.
-                if out_of_memory {
-                    fit.limit = target;
-                }
-            }
+        // When it cannot be set now, opening the warehouse again sets it.
+        if raise(conn, "memory_limit", fit.limit, target, index) || out_of_memory {
+            fit.limit = target;
         }
     }
 
@@ -365,6 +340,27 @@ pub(crate) fn fit_default_memory(conn: &Connection, cap: u64) -> Result<MemoryFi
         fit.limit = limit;
     }
     Ok(fit)
+}
+
+/// Raises one of DuckDB's size settings for the indexes (`index` bytes measured);
+/// whether it took.
+fn raise(conn: &Connection, setting: &str, from: u64, to: u64, index: u64) -> bool {
+    match conn.execute_batch(&format!("SET {setting} = '{to}B'")) {
+        Ok(()) => {
+            tracing::info!(
+                setting,
+                from,
+                to,
+                index_bytes = index,
+                "warehouse setting raised for its indexes"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::warn!(setting, error = %e, "could not raise a warehouse setting now");
+            false
+        }
+    }
 }
 
 fn set_memory_limit(conn: &Connection, bytes: u64) -> Result<(), SinkError> {
