@@ -170,7 +170,7 @@ impl State {
             // A limit raised after running out of memory stays raised.
             self.memory = match (memory, self.memory) {
                 (Some(new), Some(old)) if old.limit > new.limit => {
-                    set_memory_limit(&conn, old.limit)?;
+                    set_size(&conn, "memory_limit", old.limit)?;
                     Some(MemoryFit {
                         limit: old.limit,
                         ..new
@@ -184,8 +184,6 @@ impl State {
         Ok(self.conn.as_mut().expect("just opened"))
     }
 
-    /// After an error: if DuckDB has invalidated the database, closes it, so the next
-    /// use opens it again (DuckDB refuses every statement until it is).
     /// After a call: raises a default limit to what the indexes now need (see
     /// [`MemoryFit`]); after DuckDB ran out of memory (`out_of_memory`), to twice
     /// that at least, so the retry finds room.
@@ -242,6 +240,8 @@ impl State {
         }
     }
 
+    /// After an error: if DuckDB has invalidated the database, closes it, so the next
+    /// use opens it again (DuckDB refuses every statement until it is).
     fn check(&mut self) -> bool {
         let invalid = self
             .conn
@@ -281,16 +281,22 @@ fn open_file(
     }
     migrate(&mut conn)?;
     let catalog = load_catalog(&conn)?;
+    let ids = if defaults.memory_limit || defaults.checkpoint_threshold {
+        registered_ids(&conn)?
+    } else {
+        0
+    };
     let memory = if defaults.memory_limit {
         Some(fit_default_memory(
             &conn,
             super::config::DEFAULT_MEMORY_CAP,
+            ids,
         )?)
     } else {
         None
     };
     let checkpoint = if defaults.checkpoint_threshold {
-        Some(fit_default_checkpoint(&conn)?)
+        Some(fit_default_checkpoint(&conn, ids)?)
     } else {
         None
     };
@@ -307,15 +313,17 @@ fn registered_ids(conn: &Connection) -> Result<u64, SinkError> {
 
 /// Raises DuckDB's default `checkpoint_threshold` for the registry's index (see
 /// [`CheckpointFit`]).
-pub(crate) fn fit_default_checkpoint(conn: &Connection) -> Result<CheckpointFit, SinkError> {
+pub(crate) fn fit_default_checkpoint(
+    conn: &Connection,
+    ids: u64,
+) -> Result<CheckpointFit, SinkError> {
     let mut fit = CheckpointFit {
-        ids: registered_ids(conn)?,
+        ids,
         threshold: DEFAULT_CHECKPOINT_THRESHOLD,
     };
     let threshold = fit.target(0);
     if threshold > fit.threshold {
-        conn.execute_batch(&format!("SET checkpoint_threshold = '{threshold}B'"))
-            .map_err(transient)?;
+        set_size(conn, "checkpoint_threshold", threshold)?;
         fit.threshold = threshold;
     }
     Ok(fit)
@@ -323,7 +331,11 @@ pub(crate) fn fit_default_checkpoint(conn: &Connection) -> Result<CheckpointFit,
 
 /// Caps DuckDB's default `memory_limit` at `cap` plus room for the registry's index
 /// (see [`MemoryFit`]).
-pub(crate) fn fit_default_memory(conn: &Connection, cap: u64) -> Result<MemoryFit, SinkError> {
+pub(crate) fn fit_default_memory(
+    conn: &Connection,
+    cap: u64,
+    ids: u64,
+) -> Result<MemoryFit, SinkError> {
     let current: String = conn
         .query_row("SELECT current_setting('memory_limit')", [], |r| r.get(0))
         .map_err(transient)?;
@@ -331,12 +343,12 @@ pub(crate) fn fit_default_memory(conn: &Connection, cap: u64) -> Result<MemoryFi
     let mut fit = MemoryFit {
         cap,
         ceiling,
-        ids: registered_ids(conn)?,
+        ids,
         limit: ceiling,
     };
     let limit = fit.target(0);
     if limit < ceiling {
-        set_memory_limit(conn, limit)?;
+        set_size(conn, "memory_limit", limit)?;
         fit.limit = limit;
     }
     Ok(fit)
@@ -345,7 +357,7 @@ pub(crate) fn fit_default_memory(conn: &Connection, cap: u64) -> Result<MemoryFi
 /// Raises one of DuckDB's size settings for the indexes (`index` bytes measured);
 /// whether it took.
 fn raise(conn: &Connection, setting: &str, from: u64, to: u64, index: u64) -> bool {
-    match conn.execute_batch(&format!("SET {setting} = '{to}B'")) {
+    match set_size(conn, setting, to) {
         Ok(()) => {
             tracing::info!(
                 setting,
@@ -363,8 +375,9 @@ fn raise(conn: &Connection, setting: &str, from: u64, to: u64, index: u64) -> bo
     }
 }
 
-fn set_memory_limit(conn: &Connection, bytes: u64) -> Result<(), SinkError> {
-    conn.execute_batch(&format!("SET memory_limit = '{bytes}B'"))
+/// Sets one of DuckDB's size settings, in bytes.
+fn set_size(conn: &Connection, setting: &str, bytes: u64) -> Result<(), SinkError> {
+    conn.execute_batch(&format!("SET {setting} = '{bytes}B'"))
         .map_err(transient)
 }
 
@@ -1279,7 +1292,10 @@ mod tests {
         let cap = 24_000_000;
         {
             let mut st = sink.state.lock().unwrap();
-            let fit = fit_default_memory(st.conn.as_ref().unwrap(), cap).unwrap();
+            let fit = {
+                let conn = st.conn.as_ref().unwrap();
+                fit_default_memory(conn, cap, registered_ids(conn).unwrap()).unwrap()
+            };
             assert_eq!(fit.limit, cap);
             st.memory = Some(fit);
         }
@@ -1314,7 +1330,10 @@ mod tests {
         let sink =
             DuckDbSink::open_with(&dir.path().join("w.duckdb"), String::new(), MEMORY).unwrap();
         let st = sink.state.lock().unwrap();
-        let fit = fit_default_memory(st.conn.as_ref().unwrap(), cap).unwrap();
+        let fit = {
+            let conn = st.conn.as_ref().unwrap();
+            fit_default_memory(conn, cap, registered_ids(conn).unwrap()).unwrap()
+        };
         assert_eq!(fit.ids, 200_000);
         assert_eq!(fit.limit, cap + 200_000 * INDEX_BYTES_PER_ID);
     }
