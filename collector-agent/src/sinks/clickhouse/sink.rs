@@ -760,15 +760,13 @@ impl ClickHouseSink {
             .rows
             .iter()
             .flat_map(|r| {
-                let users = (r.kind == EventKind::Identify).then(|| "users".to_string());
-                [
-                    Some(r.kind.table().to_string()),
-                    r.event_table.clone(),
-                    users,
-                ]
+                let users = (r.kind == EventKind::Identify).then_some("users");
+                [Some(r.kind.table()), r.event_table.as_deref(), users]
             })
             .flatten()
-            .map(|t| rows_table(&t))
+            .collect::<HashSet<&str>>()
+            .into_iter()
+            .map(rows_table)
             .collect();
         // The lookups and the column types are asked for at once, and the load is
         // planned while the server answers (its rows are usually all new; when some
