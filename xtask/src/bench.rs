@@ -5,8 +5,8 @@
 //! - worker bundle size (wasm and JS glue, raw and gzip)
 //! - requests/s of `POST /v1/batch` with 20 events, against the local runtime
 //!   (`wrangler dev`, workerd with SQLite-backed Durable Objects)
-//! - agent drain rows/s into DuckDB (`collector-agent run --once`, release build) and
-//!   the agent's peak RSS
+//! - agent drain rows/s into each sink (`collector-agent run --once`, release build)
+//!   and the agent's peak RSS
 //! - every sink's bulk load of 100k events beside the database's own bulk load
 //!   (`collector-agent/benches/sinks.rs`)
 //! - identity resolution on 1M identify events, then incrementally
@@ -151,15 +151,23 @@ pub fn bench(tools: &Toolchain) -> Result<()> {
     Ok(())
 }
 
+/// Which warehouse a drain benchmark loads, as its `[warehouse]` keys.
+pub struct DrainSink {
+    /// `DuckDB`, `PostgreSQL`, …
+    pub label: &'static str,
+    pub warehouse: String,
+}
+
 /// A backlog for the agent: 20-event bodies from 16 senders through `wrangler dev`
 /// (1,800 requests, 36,000 events; `BENCH_DRAIN_REQUESTS` sets the count), then
-/// `collector-agent run --once` drains it into a fresh DuckDB file: its rows/s, rows
-/// lost, and its peak RSS (sampled from `/proc`). `cargo xtask bench --drain` prints
-/// only this.
+/// `collector-agent run --once` drains it into a fresh warehouse (`sink`): its rows/s,
+/// rows lost, and its peak RSS (sampled from `/proc`). `cargo xtask bench --drain`
+/// prints only this, for every sink.
 pub fn drain_run(
     tools: &Toolchain,
     edge: &LocalEdge,
     dir: &std::path::Path,
+    sink: &DrainSink,
 ) -> Result<Vec<(String, String)>> {
     let mut rows = Vec::new();
     let seq = AtomicU64::new(0);
@@ -179,21 +187,23 @@ pub fn drain_run(
         &|| edge.workerd_cpu_seconds(),
     )?;
     rows.push((
-        format!("POST /v1/batch (20 events), wrangler dev, {connections} conns"),
+        format!(
+            "POST /v1/batch (20 events), wrangler dev, {connections} conns (backlog for {})",
+            sink.label
+        ),
         r.summary(),
     ));
 
-    // Drain what was accepted into a fresh DuckDB file.
+    // Drain what was accepted into a fresh warehouse.
     let config = dir.join("agent.toml");
     std::fs::write(
         &config,
         format!(
-            "edge_url = \"{}\"\ndrain_secret = \"{SECRET}\"\n{}\n[warehouse]\npath = \"warehouse.duckdb\"\n{}\n",
+            "edge_url = \"{}\"\ndrain_secret = \"{SECRET}\"\n{}\n[warehouse]\n{}\n",
             edge.url,
             // The agent's defaults; to measure its own keys: `BENCH_AGENT='lease_batches = 50'`.
             std::env::var("BENCH_AGENT").unwrap_or_default(),
-            // To measure a setting: `BENCH_WAREHOUSE='memory_limit = "64MB"'`.
-            std::env::var("BENCH_WAREHOUSE").unwrap_or_default()
+            sink.warehouse,
         ),
     )?;
     let t = Instant::now();
@@ -239,7 +249,7 @@ pub fn drain_run(
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     rows.push((
-        "agent drain into DuckDB (lease+decode+load+ack)".into(),
+        format!("agent drain into {} (lease+decode+load+ack)", sink.label),
         format!(
             "{:.0} rows/s ({inserted} rows in {drain_s:.2} s)",
             inserted as f64 / drain_s
@@ -1020,14 +1030,78 @@ fn pipeline_in_workerd(edge: &LocalEdge) -> Result<Vec<(String, String)>> {
     Ok(rows)
 }
 
-/// `cargo xtask bench --drain`: only [`drain_run`], on a fresh local edge.
+/// `cargo xtask bench --drain`: only [`drain_run`], on a fresh local edge, into each
+/// sink in turn (`BENCH_DRAIN_SINKS=duckdb,postgres` for some; PostgreSQL and
+/// ClickHouse are started on loopback for it). The embedded DuckDB runs inside the
+/// agent's process, so its RSS is the database's too; the others show the agent alone.
 pub fn drain_only(tools: &Toolchain) -> Result<Vec<(String, String)>> {
+    let only = std::env::var("BENCH_DRAIN_SINKS")
+        .unwrap_or_else(|_| "duckdb,postgres,clickhouse,parquet".into());
     let dir = std::env::temp_dir().join(format!("edge-collector-drain-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let mut edge = LocalEdge::start(EdgeOptions::in_dir(&dir, SECRET))?;
-    let rows = drain_run(tools, &edge, &dir);
+    let mut rows = Vec::new();
+    let mut result = Ok(());
+    for kind in only.split(',').map(str::trim).filter(|k| !k.is_empty()) {
+        let r = drain_into(tools, &edge, &dir, kind).map(|r| rows.extend(r));
+        if r.is_err() {
+            result = r;
+            break;
+        }
+    }
     edge.stop();
     let _ = std::fs::remove_dir_all(&dir);
-    rows
+    result.map(|()| rows)
+}
+
+/// One drain benchmark into a fresh warehouse of `kind`, its server started for it.
+fn drain_into(
+    tools: &Toolchain,
+    edge: &LocalEdge,
+    dir: &std::path::Path,
+    kind: &str,
+) -> Result<Vec<(String, String)>> {
+    eprintln!("bench: the agent's drain into {kind}");
+    match kind {
+        "duckdb" => {
+            let _ = std::fs::remove_file(dir.join("warehouse.duckdb"));
+            let sink = DrainSink {
+                label: "DuckDB",
+                warehouse: format!(
+                    "path = \"warehouse.duckdb\"\n{}",
+                    // To measure a setting: `BENCH_WAREHOUSE='memory_limit = "64MB"'`.
+                    std::env::var("BENCH_WAREHOUSE").unwrap_or_default()
+                ),
+            };
+            drain_run(tools, edge, dir, &sink)
+        }
+        "postgres" => {
+            let pg = collector_e2e::postgres::LocalPostgres::start()?;
+            let sink = DrainSink {
+                label: "PostgreSQL",
+                warehouse: format!("kind = \"postgres\"\nurl = \"{}\"", pg.url),
+            };
+            drain_run(tools, edge, dir, &sink)
+        }
+        "clickhouse" => {
+            let ch = collector_e2e::clickhouse::LocalClickHouse::start()?;
+            let sink = DrainSink {
+                label: "ClickHouse",
+                warehouse: format!("kind = \"clickhouse\"\nurl = \"{}\"", ch.url),
+            };
+            drain_run(tools, edge, dir, &sink)
+        }
+        "parquet" => {
+            let _ = std::fs::remove_dir_all(dir.join("lake"));
+            let sink = DrainSink {
+                label: "the Parquet lake",
+                warehouse: "kind = \"parquet\"\npath = \"lake\"".into(),
+            };
+            drain_run(tools, edge, dir, &sink)
+        }
+        other => anyhow::bail!(
+            "BENCH_DRAIN_SINKS: unknown sink {other:?} (duckdb, postgres, clickhouse, parquet)"
+        ),
+    }
 }

@@ -60,7 +60,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         "bench" if rest.iter().any(|a| a == "--drain") => {
-            // Only the agent's drain of a backlog into DuckDB: rows/s and peak RSS.
+            // Only the agent's drain of a backlog into each sink: rows/s and peak RSS.
             setup::setup(&tools, false)?;
             build_edge(&tools, true)?;
             run(Command::new("cargo")
