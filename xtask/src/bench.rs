@@ -218,20 +218,38 @@ pub fn drain_run(
     // Its peak resident memory, sampled from /proc while it runs.
     let pid = child.id();
     let peak_kb = Arc::new(AtomicU64::new(0));
+    // `BENCH_SMAPS=DIR`: keeps `/proc/PID/smaps` as it was at the highest RSS sampled,
+    // as `DIR/<sink>.smaps`, to see what the peak is made of.
+    let smaps_out = std::env::var_os("BENCH_SMAPS").map(|d| {
+        std::path::PathBuf::from(d).join(format!("{}.smaps", sink.label.replace(' ', "_")))
+    });
     let sampler = {
         let peak_kb = peak_kb.clone();
-        std::thread::spawn(move || loop {
-            let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-                return;
-            };
-            if let Some(kb) = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            {
-                peak_kb.fetch_max(kb, Ordering::Relaxed);
+        std::thread::spawn(move || {
+            let mut highest_rss = 0;
+            loop {
+                let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+                    return;
+                };
+                let kb = |key: &str| {
+                    status
+                        .lines()
+                        .find_map(|l| l.strip_prefix(key))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                };
+                if let Some(kb) = kb("VmHWM:") {
+                    peak_kb.fetch_max(kb, Ordering::Relaxed);
+                }
+                if let (Some(out), Some(rss)) = (&smaps_out, kb("VmRSS:")) {
+                    if rss > highest_rss {
+                        highest_rss = rss;
+                        if let Ok(smaps) = std::fs::read(format!("/proc/{pid}/smaps")) {
+                            let _ = std::fs::write(out, smaps);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
         })
     };
     let out = child.wait_with_output().context("run the agent")?;
