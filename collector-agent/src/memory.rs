@@ -8,24 +8,35 @@
 //!
 //! jemalloc reads its settings from the environment when the library is loaded,
 //! before `main` runs (and the project has no `unsafe` code to call `mallctl`), so the
-//! agent sets what is missing and executes itself again: same pid, same arguments. A
-//! value an operator set is kept as it is; `COLLECTOR_AGENT_ALLOCATOR=default` keeps
-//! DuckDB's own defaults. A DuckDB built from source (`--features bundled`) has no
-//! jemalloc of its own, and the variable is then simply unused.
+//! agent sets what is missing and executes itself again: same pid, same arguments.
+//! glibc's malloc, which serves the agent's own (Rust) allocations, reads
+//! `MALLOC_ARENA_MAX` the same way. A value an operator set is kept as it is;
+//! `COLLECTOR_AGENT_ALLOCATOR=default` keeps both allocators' own defaults. A DuckDB
+//! built from source (`--features bundled`) has no jemalloc of its own, and its
+//! variable is then simply unused.
 
 use std::ffi::OsString;
 
 /// The settings the agent runs with, unless the environment has its own.
 ///
-/// Measured (BENCHMARKS.md, "DuckDB's allocator"): decay at zero took the drain's
-/// peak from 317 to 252 MB, for about 10% of the DuckDB sink's speed and 35% of the
-/// Parquet lake's (which writes its files through DuckDB). A short decay instead
-/// (100 or 500 ms, or 200 ms with a background purging thread) kept the speed and
-/// none of the memory; one jemalloc arena (`narenas:1`) and fewer glibc arenas
-/// (`MALLOC_ARENA_MAX=2`) changed nothing measurable. So zero it is, and
+/// - DuckDB's jemalloc with decay at zero (BENCHMARKS.md, "DuckDB's allocator"): it
+///   took the drain's peak from 317 to 252 MB, for about 10% of the DuckDB sink's
+///   speed and 35% of the Parquet lake's (which writes its files through DuckDB). A
+///   short decay instead (100 or 500 ms, or 200 ms with a background purging thread)
+///   kept the speed and none of the memory.
+/// - One glibc malloc arena (`MALLOC_ARENA_MAX=1`; BENCHMARKS.md, "Fifth round") for
+///   the agent's own (Rust) allocations. A load is prepared on one thread and written
+///   and freed on another, and glibc gives each thread an arena of its own that keeps
+///   what was freed in it: three arenas of 15–20 MB each at the drain's peak. With one,
+///   the peak fell by 16 MB into PostgreSQL (85 → 68 MB) and into DuckDB, by 6–12 MB
+///   into ClickHouse and the Parquet lake, at the same drain rate (glibc's per-thread
+///   caches serve most allocations without the arena's lock).
+///
 /// `COLLECTOR_AGENT_ALLOCATOR=default` gives the speed back for the memory.
-pub const SETTINGS: &[(&str, &str)] =
-    &[("DUCKDB_JE_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")];
+pub const SETTINGS: &[(&str, &str)] = &[
+    ("DUCKDB_JE_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0"),
+    ("MALLOC_ARENA_MAX", "1"),
+];
 
 /// Opting out: the allocators' own defaults.
 pub const OPT_OUT: (&str, &str) = ("COLLECTOR_AGENT_ALLOCATOR", "default");
@@ -92,13 +103,21 @@ mod tests {
 
     #[test]
     fn only_what_the_environment_lacks_is_added() {
+        assert_eq!(missing(env(&[("HOME", "/root")])), SETTINGS.to_vec());
         assert_eq!(
-            missing(env(&[("HOME", "/root")])),
+            missing(env(&[("DUCKDB_JE_MALLOC_CONF", "narenas:4")])),
+            vec![("MALLOC_ARENA_MAX", "1")]
+        );
+        assert_eq!(
+            missing(env(&[("MALLOC_ARENA_MAX", "4")])),
             vec![("DUCKDB_JE_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")]
         );
-        assert!(missing(env(&[("DUCKDB_JE_MALLOC_CONF", "narenas:4")])).is_empty());
         // Set but empty is still the operator's choice.
-        assert!(missing(env(&[("DUCKDB_JE_MALLOC_CONF", "")])).is_empty());
+        assert!(missing(env(&[
+            ("DUCKDB_JE_MALLOC_CONF", ""),
+            ("MALLOC_ARENA_MAX", "")
+        ]))
+        .is_empty());
     }
 
     #[test]

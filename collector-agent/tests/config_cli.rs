@@ -267,6 +267,7 @@ fn running_agent_environment(env: &[(&str, &str)]) -> Vec<String> {
         .args(["run", "--config"])
         .arg(&path)
         .env_remove("DUCKDB_JE_MALLOC_CONF")
+        .env_remove("MALLOC_ARENA_MAX")
         .env_remove("COLLECTOR_AGENT_ALLOCATOR")
         .envs(env.iter().copied())
         .stderr(std::process::Stdio::piped())
@@ -290,22 +291,35 @@ fn running_agent_environment(env: &[(&str, &str)]) -> Vec<String> {
 
 #[cfg(target_os = "linux")]
 #[test]
-fn the_agent_runs_with_duckdbs_allocator_giving_freed_memory_back() {
-    let conf = |env: &[String]| {
+fn the_agent_runs_with_allocators_giving_freed_memory_back() {
+    let var = |env: &[String], name: &str| {
+        let prefix = format!("{name}=");
         env.iter()
-            .find_map(|v| v.strip_prefix("DUCKDB_JE_MALLOC_CONF="))
+            .find_map(|v| v.strip_prefix(prefix.as_str()))
             .map(str::to_string)
     };
     let env = running_agent_environment(&[]);
     assert_eq!(
-        conf(&env).as_deref(),
+        var(&env, "DUCKDB_JE_MALLOC_CONF").as_deref(),
         Some("dirty_decay_ms:0,muzzy_decay_ms:0"),
         "{env:?}"
     );
-    // An operator's own setting is kept.
+    assert_eq!(
+        var(&env, "MALLOC_ARENA_MAX").as_deref(),
+        Some("1"),
+        "{env:?}"
+    );
+    // An operator's own settings are kept, each on its own.
     let env = running_agent_environment(&[("DUCKDB_JE_MALLOC_CONF", "narenas:2")]);
-    assert_eq!(conf(&env).as_deref(), Some("narenas:2"));
-    // And DuckDB's defaults on request.
+    assert_eq!(
+        var(&env, "DUCKDB_JE_MALLOC_CONF").as_deref(),
+        Some("narenas:2")
+    );
+    assert_eq!(var(&env, "MALLOC_ARENA_MAX").as_deref(), Some("1"));
+    let env = running_agent_environment(&[("MALLOC_ARENA_MAX", "8")]);
+    assert_eq!(var(&env, "MALLOC_ARENA_MAX").as_deref(), Some("8"));
+    // And the allocators' defaults on request.
     let env = running_agent_environment(&[("COLLECTOR_AGENT_ALLOCATOR", "default")]);
-    assert_eq!(conf(&env), None);
+    assert_eq!(var(&env, "DUCKDB_JE_MALLOC_CONF"), None);
+    assert_eq!(var(&env, "MALLOC_ARENA_MAX"), None);
 }

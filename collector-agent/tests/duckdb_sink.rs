@@ -161,6 +161,7 @@ async fn memory_limit_and_threads_are_applied() {
         memory_limit: Some("64MB".into()),
         threads: Some(1),
         checkpoint_threshold: Some("48MB".into()),
+        row_group_size: None,
     })
     .unwrap();
     let r = sink
@@ -175,6 +176,63 @@ async fn memory_limit_and_threads_are_applied() {
         threshold.contains("MiB") && threshold.starts_with("4"),
         "{threshold}"
     );
+}
+
+// `row_group_size` is an option of DuckDB's `ATTACH`: the file is attached with it and
+// made the default database of the sink's connection and of every session's (identity
+// and audiences run in sessions), and what is loaded lands in the file, in row groups
+// of at most that many rows.
+#[tokio::test]
+async fn a_configured_row_group_size_bounds_the_row_groups_of_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.duckdb");
+    let sink = DuckDbSink::open_config(&collector_agent::config::DuckDbConfig {
+        path: path.clone(),
+        row_group_size: Some(2048),
+        ..Default::default()
+    })
+    .unwrap();
+    for l in 0..3 {
+        let batch: Vec<serde_json::Value> = (0..2000)
+            .map(|i| json!({"type": "track", "messageId": format!("m{l}-{i}"), "anonymousId": "a", "event": "Viewed", "properties": {"n": i}}))
+            .collect();
+        let stats = sink
+            .load(&Load::events(0, l, events(json!({ "batch": batch }))))
+            .await
+            .unwrap();
+        assert_eq!(stats.inserted, 2000);
+    }
+    sink.query("CHECKPOINT").await.unwrap();
+    let r = sink
+        .query(
+            "SELECT current_database(), current_setting('temp_directory'),
+                    (SELECT max(count) FROM pragma_storage_info('tracks')),
+                    (SELECT count(DISTINCT row_group_id) FROM pragma_storage_info('tracks'))",
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.rows[0][0].as_deref(), Some("w"));
+    assert_eq!(
+        r.rows[0][1].as_deref(),
+        Some(format!("{}.tmp", path.display()).as_str())
+    );
+    assert_eq!(r.rows[0][2].as_deref(), Some("2048"));
+    // 6,000 rows in groups of 2,048: three groups (DuckDB's default would make one).
+    assert_eq!(r.rows[0][3].as_deref(), Some("3"));
+    let mut session = sink.session().await.unwrap().unwrap();
+    let r = session
+        .query("SELECT count(*) FROM tracks JOIN viewed USING (message_id)")
+        .await
+        .unwrap();
+    assert_eq!(r.rows[0][0].as_deref(), Some("6000"));
+    drop(session);
+    drop(sink);
+    // The rows are in the file, for any program that opens it.
+    let conn = duckdb::Connection::open(&path).unwrap();
+    let n: i64 = conn
+        .query_row("SELECT count(*) FROM tracks", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 6000);
 }
 
 // With no `memory_limit` configured, DuckDB's default (80% of the host's RAM) is

@@ -14,7 +14,9 @@ use duckdb::{params, Connection};
 
 use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
 use crate::sinks::tables::{self, Catalog, Plan, TableKind, TableLoad};
-use crate::sinks::{Dialect, KnownIds, LoadStats, QueryResult, Sink, SinkError, SqlSession};
+use crate::sinks::{
+    sql_lit, Dialect, KnownIds, LoadStats, QueryResult, Sink, SinkError, SqlSession,
+};
 
 /// DuckDB's type for a logical type.
 pub(crate) fn sql_type(ty: LogicalType) -> &'static str {
@@ -70,6 +72,8 @@ struct State {
     path: std::path::PathBuf,
     /// The configured `SET`s, applied at every open.
     settings: String,
+    /// The configured `row_group_size` (an option of the file's `ATTACH`).
+    row_group_size: Option<u32>,
     /// Which settings were not configured, and follow the indexes.
     defaults: Defaults,
     /// The default `memory_limit` as it follows the indexes (`None`: a configured
@@ -163,8 +167,12 @@ impl State {
     /// The connection, opened again if a fatal error closed it.
     fn conn(&mut self) -> Result<&mut Connection, SinkError> {
         if self.conn.is_none() {
-            let (conn, catalog, memory, checkpoint) =
-                open_file(&self.path, &self.settings, self.defaults)?;
+            let (conn, catalog, memory, checkpoint) = open_file(
+                &self.path,
+                &self.settings,
+                self.row_group_size,
+                self.defaults,
+            )?;
             tracing::warn!(path = %self.path.display(), "warehouse opened again after a fatal error");
             self.catalog = catalog;
             // A limit raised after running out of memory stays raised.
@@ -255,11 +263,47 @@ impl State {
     }
 }
 
+/// Opens the warehouse file. DuckDB takes a row group size only as an option of
+/// `ATTACH`: the file is then attached to an in-memory instance and made the
+/// connection's default database (`USE`; [`DuckDbSink::session`] does the same for
+/// its connections), named as DuckDB names a file it opens (its stem), with DuckDB's
+/// spill folder where it is for a file opened plainly (`<file>.tmp`).
+fn open_connection(path: &Path, row_group_size: Option<u32>) -> Result<Connection, SinkError> {
+    let Some(rows) = row_group_size else {
+        return Connection::open(path).map_err(transient);
+    };
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .map(|s| s.split('.').next().unwrap_or(s))
+        .unwrap_or("");
+    // The in-memory instance's own databases keep their names.
+    let alias = if stem.is_empty()
+        || ["memory", "system", "temp", "main"].contains(&stem.to_ascii_lowercase().as_str())
+    {
+        "warehouse"
+    } else {
+        stem
+    };
+    let file = path.to_string_lossy();
+    let conn = Connection::open_in_memory().map_err(transient)?;
+    conn.execute_batch(&format!(
+        "SET temp_directory = {}; ATTACH {} AS {alias} (ROW_GROUP_SIZE {rows}); USE {alias};",
+        sql_lit(&format!("{file}.tmp")),
+        sql_lit(&file),
+        alias = ident(alias),
+    ))
+    .map_err(transient)?;
+    Ok(conn)
+}
+
 /// Opens (creating if needed) a warehouse file, applies `settings` (and, with
-/// `cap_memory`, caps DuckDB's default `memory_limit`) and brings its schema up to date.
+/// `defaults`, sets what the operator did not configure) and brings its schema up to
+/// date.
 fn open_file(
     path: &Path,
     settings: &str,
+    row_group_size: Option<u32>,
     defaults: Defaults,
 ) -> Result<
     (
@@ -274,7 +318,7 @@ fn open_file(
         std::fs::create_dir_all(dir)
             .map_err(|e| SinkError::Permanent(format!("{}: {e}", dir.display())))?;
     }
-    let mut conn = Connection::open(path).map_err(transient)?;
+    let mut conn = open_connection(path, row_group_size)?;
     if !settings.is_empty() {
         conn.execute_batch(settings)
             .map_err(|e| SinkError::Permanent(format!("warehouse settings: {e}")))?;
@@ -601,11 +645,11 @@ pub(crate) fn apply_migrations(
 impl DuckDbSink {
     /// Opens (creating if needed) the warehouse file and brings its schema up to date.
     pub fn open(path: &Path) -> Result<DuckDbSink, SinkError> {
-        DuckDbSink::open_with(path, String::new(), Defaults::default())
+        DuckDbSink::open_with(path, String::new(), None, Defaults::default())
     }
 
     /// Opens the configured warehouse with its tuning keys (`memory_limit`, `threads`,
-    /// `checkpoint_threshold`).
+    /// `checkpoint_threshold`, `row_group_size`).
     pub fn open_config(cfg: &super::config::DuckDbConfig) -> Result<DuckDbSink, SinkError> {
         let settings = cfg
             .settings_sql()
@@ -614,21 +658,24 @@ impl DuckDbSink {
             memory_limit: cfg.memory_limit.is_none(),
             checkpoint_threshold: cfg.checkpoint_threshold.is_none(),
         };
-        DuckDbSink::open_with(&cfg.path, settings, defaults)
+        DuckDbSink::open_with(&cfg.path, settings, cfg.row_group_size, defaults)
     }
 
     fn open_with(
         path: &Path,
         settings: String,
+        row_group_size: Option<u32>,
         defaults: Defaults,
     ) -> Result<DuckDbSink, SinkError> {
-        let (conn, catalog, memory, checkpoint) = open_file(path, &settings, defaults)?;
+        let (conn, catalog, memory, checkpoint) =
+            open_file(path, &settings, row_group_size, defaults)?;
         Ok(DuckDbSink {
             state: Arc::new(Mutex::new(State {
                 conn: Some(conn),
                 catalog,
                 path: path.to_path_buf(),
                 settings,
+                row_group_size,
                 defaults,
                 memory,
                 checkpoint,
@@ -1095,7 +1142,18 @@ impl Sink for DuckDbSink {
 
     async fn session(&self) -> Result<Option<Box<dyn SqlSession + '_>>, SinkError> {
         let conn = self
-            .with_conn(|c, _| c.try_clone().map_err(transient))
+            .with_conn(|c, _| {
+                let clone = c.try_clone().map_err(transient)?;
+                // A new connection starts in the instance's default database, which is
+                // not the warehouse when it was attached (`row_group_size`).
+                let db: String = c
+                    .query_row("SELECT current_database()", [], |r| r.get(0))
+                    .map_err(transient)?;
+                clone
+                    .execute_batch(&format!("USE {}", ident(&db)))
+                    .map_err(transient)?;
+                Ok(clone)
+            })
             .await?;
         Ok(Some(Box::new(DuckSession {
             conn: Arc::new(Mutex::new(conn)),
@@ -1242,7 +1300,7 @@ mod tests {
                 .unwrap();
             (setting, st.checkpoint.map(|c| c.threshold))
         };
-        let sink = DuckDbSink::open_with(&path, String::new(), checkpoint).unwrap();
+        let sink = DuckDbSink::open_with(&path, String::new(), None, checkpoint).unwrap();
         assert_eq!(threshold(&sink), ("16.0 MiB".into(), Some(16 << 20)));
         // 200k ids straight into the registry: its index outgrows half the default.
         sink.query(
@@ -1253,7 +1311,7 @@ mod tests {
         let raised = threshold(&sink).1.unwrap();
         assert!(raised > 16 << 20, "{raised}");
         drop(sink);
-        let sink = DuckDbSink::open_with(&path, String::new(), checkpoint).unwrap();
+        let sink = DuckDbSink::open_with(&path, String::new(), None, checkpoint).unwrap();
         assert_eq!(threshold(&sink).1, Some(2 * 200_000 * INDEX_BYTES_PER_ID));
         drop(sink);
         let plain = DuckDbSink::open(&path).unwrap();
@@ -1287,8 +1345,8 @@ mod tests {
     #[tokio::test]
     async fn loads_go_on_when_the_registry_outgrows_the_default_cap() {
         let dir = tempfile::tempdir().unwrap();
-        let sink =
-            DuckDbSink::open_with(&dir.path().join("w.duckdb"), String::new(), MEMORY).unwrap();
+        let sink = DuckDbSink::open_with(&dir.path().join("w.duckdb"), String::new(), None, MEMORY)
+            .unwrap();
         let cap = 24_000_000;
         {
             let mut st = sink.state.lock().unwrap();
@@ -1327,8 +1385,8 @@ mod tests {
         assert!(limit > cap, "{limit}");
         // Opened again, the limit makes room for the registry before its index loads.
         drop(sink);
-        let sink =
-            DuckDbSink::open_with(&dir.path().join("w.duckdb"), String::new(), MEMORY).unwrap();
+        let sink = DuckDbSink::open_with(&dir.path().join("w.duckdb"), String::new(), None, MEMORY)
+            .unwrap();
         let st = sink.state.lock().unwrap();
         let fit = {
             let conn = st.conn.as_ref().unwrap();
