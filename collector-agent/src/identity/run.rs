@@ -625,6 +625,11 @@ pub(super) fn plan(
 /// `INSERT INTO profiles` for the people in `identity_touched`.
 fn profiles_sql(q: &Sql) -> String {
     let (j, now) = (q.json(), q.now());
+    // Of `context`, only the consent the edge resolved is read, and it is taken out
+    // where the events are read: the whole context (most of an event's bytes) would
+    // otherwise be carried through the joins and sorts below. Draining 36k events into
+    // DuckDB, this run was the agent's peak (BENCHMARKS.md, "Fifth round").
+    let resolved = q.json_path("context", &["consent", "resolved"]);
     let events = sources()
         .map(|tb| {
             let traits = if tb == "identifies" {
@@ -633,12 +638,11 @@ fn profiles_sql(q: &Sql) -> String {
                 format!("CAST(NULL AS {j})")
             };
             format!(
-                "SELECT message_id, anonymous_id, user_id, timestamp AS ts, context, {traits} AS traits FROM {tb}"
+                "SELECT message_id, anonymous_id, user_id, timestamp AS ts, {resolved} AS consent_r, {traits} AS traits FROM {tb}"
             )
         })
         .collect::<Vec<_>>()
         .join(" UNION ALL ");
-    let resolved = q.json_path("context", &["consent", "resolved"]);
     let source = match q.0 {
         Relational::DuckDb => {
             "json_extract_string(r, '$.sources.\"' || category || '\"')".to_string()
@@ -666,7 +670,7 @@ idl AS (SELECT person_id, {users} AS user_ids, {anons} AS anonymous_ids, {emails
 tr AS (SELECT DISTINCT ON (ev.person_id, kv.key) ev.person_id, kv.key, kv.value FROM ev, {each} AS kv
        WHERE ev.traits IS NOT NULL ORDER BY ev.person_id, kv.key, ev.ts DESC, ev.message_id DESC),
 tro AS (SELECT person_id, {traits_obj} AS traits FROM tr GROUP BY person_id),
-cs0 AS (SELECT person_id, message_id, ts, {resolved} AS r FROM ev WHERE {resolved} IS NOT NULL),
+cs0 AS (SELECT person_id, message_id, ts, consent_r AS r FROM ev WHERE consent_r IS NOT NULL),
 cs1 AS (SELECT person_id, message_id, ts, r, {granted} AS category, true AS granted FROM cs0
         UNION ALL SELECT person_id, message_id, ts, r, {denied}, false FROM cs0),
 cs AS (SELECT DISTINCT ON (person_id, category) person_id, category, granted, {source} AS source,
