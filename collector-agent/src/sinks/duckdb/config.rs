@@ -34,8 +34,8 @@ pub struct DuckDbConfig {
     /// Rows per row group of the tables the agent writes (a multiple of 2048, below
     /// DuckDB's default of 122,880). Every checkpoint rewrites each table's last,
     /// partial row group whole, so smaller groups bound what a checkpoint reads and
-    /// compresses again: draining 36k events, the agent peaked at 151 MB instead of
-    /// 240 MB with 16384 and loaded 20–30% faster. Analysts pay for it: on 3M rows,
+    /// compresses again: loading 36k events, the agent peaked at 151 MB instead of
+    /// 217 MB with 16384 and loaded ~20% faster. Analysts pay for it: on 3M rows,
     /// files ~19% larger and selective filters on text columns 3–5× slower
     /// (BENCHMARKS.md, "Fifth round"). When absent, DuckDB's default. The file is then
     /// attached with the option (`ATTACH … (ROW_GROUP_SIZE n)`), which DuckDB keeps

@@ -6,6 +6,7 @@
 //! # memory_limit = "64MB"           # DuckDB's settings; its defaults when absent (64MB at least)
 //! # threads = 1
 //! # checkpoint_threshold = "64MB"   # faster loads, more memory (DuckDB's default: 16MB)
+//! # row_group_size = 16384          # less memory and faster loads, slower selective queries
 //! ```
 //!
 //! Tables in Segment's warehouse shape (from `sinks::schema`): `tracks`, `pages`,
