@@ -1081,45 +1081,36 @@ fn drain_into(
     kind: &str,
 ) -> Result<Vec<(String, String)>> {
     eprintln!("bench: the agent's drain into {kind}");
-    match kind {
+    // The servers run until the drain returns (each stops when dropped).
+    let (label, warehouse, _server): (_, String, Option<Box<dyn std::any::Any>>) = match kind {
         "duckdb" => {
             let _ = std::fs::remove_file(dir.join("warehouse.duckdb"));
-            let sink = DrainSink {
-                label: "DuckDB",
-                warehouse: format!(
-                    "path = \"warehouse.duckdb\"\n{}",
-                    // To measure a setting: `BENCH_WAREHOUSE='memory_limit = "64MB"'`.
-                    std::env::var("BENCH_WAREHOUSE").unwrap_or_default()
-                ),
-            };
-            drain_run(tools, edge, dir, &sink)
+            // To measure a setting: `BENCH_WAREHOUSE='memory_limit = "64MB"'`.
+            let extra = std::env::var("BENCH_WAREHOUSE").unwrap_or_default();
+            (
+                "DuckDB",
+                format!("path = \"warehouse.duckdb\"\n{extra}"),
+                None,
+            )
         }
         "postgres" => {
             let pg = collector_e2e::postgres::LocalPostgres::start()?;
-            let sink = DrainSink {
-                label: "PostgreSQL",
-                warehouse: format!("kind = \"postgres\"\nurl = \"{}\"", pg.url),
-            };
-            drain_run(tools, edge, dir, &sink)
+            let w = format!("kind = \"postgres\"\nurl = \"{}\"", pg.url);
+            ("PostgreSQL", w, Some(Box::new(pg)))
         }
         "clickhouse" => {
             let ch = collector_e2e::clickhouse::LocalClickHouse::start()?;
-            let sink = DrainSink {
-                label: "ClickHouse",
-                warehouse: format!("kind = \"clickhouse\"\nurl = \"{}\"", ch.url),
-            };
-            drain_run(tools, edge, dir, &sink)
+            let w = format!("kind = \"clickhouse\"\nurl = \"{}\"", ch.url);
+            ("ClickHouse", w, Some(Box::new(ch)))
         }
         "parquet" => {
             let _ = std::fs::remove_dir_all(dir.join("lake"));
-            let sink = DrainSink {
-                label: "the Parquet lake",
-                warehouse: "kind = \"parquet\"\npath = \"lake\"".into(),
-            };
-            drain_run(tools, edge, dir, &sink)
+            let w = "kind = \"parquet\"\npath = \"lake\"".to_string();
+            ("the Parquet lake", w, None)
         }
         other => anyhow::bail!(
             "BENCH_DRAIN_SINKS: unknown sink {other:?} (duckdb, postgres, clickhouse, parquet)"
         ),
-    }
+    };
+    drain_run(tools, edge, dir, &DrainSink { label, warehouse })
 }
