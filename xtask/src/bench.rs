@@ -1059,18 +1059,17 @@ pub fn drain_only(tools: &Toolchain) -> Result<Vec<(String, String)>> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let mut edge = LocalEdge::start(EdgeOptions::in_dir(&dir, SECRET))?;
-    let mut rows = Vec::new();
-    let mut result = Ok(());
-    for kind in only.split(',').map(str::trim).filter(|k| !k.is_empty()) {
-        let r = drain_into(tools, &edge, &dir, kind).map(|r| rows.extend(r));
-        if r.is_err() {
-            result = r;
-            break;
-        }
-    }
+    // The first sink that fails ends the run; the edge is stopped either way.
+    let rows = only
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(|kind| drain_into(tools, &edge, &dir, kind))
+        .collect::<Result<Vec<_>>>()
+        .map(|per_sink| per_sink.concat());
     edge.stop();
     let _ = std::fs::remove_dir_all(&dir);
-    result.map(|()| rows)
+    rows
 }
 
 /// One drain benchmark into a fresh warehouse of `kind`, its server started for it.
