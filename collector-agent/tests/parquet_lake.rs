@@ -1,6 +1,6 @@
 //! What is particular to the Parquet lake (the behaviour every sink shares is in
 //! `conformance.rs`): its layout, files any Parquet reader can read, the manifest, and
-//! a crash between writing files and committing the ids.
+//! what a crash before or after the commit leaves.
 
 mod common;
 
@@ -29,7 +29,7 @@ fn files(root: &std::path::Path) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn lake_layout_is_partitioned_by_table_and_date_with_one_file_per_batch() {
+async fn lake_layout_is_partitioned_by_table_and_date_with_one_file_per_load() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("lake");
     let sink = ParquetSink::open(&root).unwrap();
@@ -59,14 +59,13 @@ async fn lake_layout_is_partitioned_by_table_and_date_with_one_file_per_batch() 
     assert_eq!(
         files(&root),
         vec![
-            // The per-event table of `E`, beside `tracks`.
-            "table=e/date=2026-11-23/part-s3-b41.parquet",
-            "table=e/date=2026-11-24/part-s3-b41.parquet",
-            "table=e/date=2026-11-24/part-s3-b42.parquet",
-            "table=pages/date=2026-11-24/part-s3-b41.parquet",
-            "table=tracks/date=2026-11-23/part-s3-b41.parquet",
-            "table=tracks/date=2026-11-24/part-s3-b41.parquet",
-            "table=tracks/date=2026-11-24/part-s3-b42.parquet",
+            // The per-event table of `E`, beside `tracks`; named after the load's
+            // shard, first batch and load id.
+            "table=e/date=2026-11-23/part-s3-b41-l1.parquet",
+            "table=e/date=2026-11-24/part-s3-b41-l1.parquet",
+            "table=pages/date=2026-11-24/part-s3-b41-l1.parquet",
+            "table=tracks/date=2026-11-23/part-s3-b41-l1.parquet",
+            "table=tracks/date=2026-11-24/part-s3-b41-l1.parquet",
         ]
     );
     // Any Parquet reader reads them as they are (here DuckDB, without our views).
@@ -83,53 +82,125 @@ async fn lake_layout_is_partitioned_by_table_and_date_with_one_file_per_batch() 
         .unwrap();
     assert_eq!(n, 3);
     let manifest = sink
-        .query("SELECT shard, batch_id, table_name, date, rows FROM loaded_batches WHERE table_name <> 'e' ORDER BY file")
+        .query("SELECT shard, batch_id, table_name, date, rows, CAST(batch_ids AS VARCHAR), staged IS NULL FROM loaded_batches WHERE table_name <> 'e' ORDER BY file")
         .await
         .unwrap();
-    assert_eq!(manifest.rows.len(), 4);
+    assert_eq!(manifest.rows.len(), 3);
+    // The file of tracks on the 24th holds a row of each batch.
     assert_eq!(
-        manifest.rows[3],
+        manifest.rows[2],
         vec![
             Some("3".into()),
-            Some("42".into()),
+            Some("41".into()),
             Some("tracks".into()),
             Some("2026-11-24".into()),
-            Some("1".into())
+            Some("2".into()),
+            Some("[41, 42]".into()),
+            Some("true".into())
         ]
     );
 }
 
-// A crash after the files were renamed into place but before the ids were committed:
-// the retry writes the same file names with the same rows, so nothing doubles.
+fn track_load(shard: u32, batch_id: i64, ids: &[&str]) -> Load {
+    let batch: Vec<serde_json::Value> = ids
+        .iter()
+        .map(|id| json!({"type": "track", "messageId": id, "userId": "u", "event": "E", "timestamp": "2026-11-24T10:00:00Z"}))
+        .collect();
+    Load::events(shard, batch_id, events(json!({ "batch": batch })))
+}
+
+async fn count(sink: &ParquetSink, table: &str) -> String {
+    let r = sink
+        .query(&format!("SELECT count(*) FROM {table}"))
+        .await
+        .unwrap();
+    r.rows[0][0].clone().unwrap()
+}
+
+// A crash before the commit leaves only temp files, which no reader sees and the next
+// open removes; the retry loads the rows (their ids were not committed) once.
 #[tokio::test]
-async fn retry_after_a_lost_commit_rewrites_the_same_files() {
+async fn a_crash_before_the_commit_leaves_nothing_a_reader_sees() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("lake");
     let sink = ParquetSink::open(&root).unwrap();
-    let evs = events(json!({"batch": [
-        {"type": "track", "messageId": "x1", "userId": "u", "event": "E", "timestamp": "2026-11-24T10:00:00Z"},
-        {"type": "track", "messageId": "x2", "userId": "u", "event": "E", "timestamp": "2026-11-24T10:00:01Z"}
-    ]}));
-    let load = Load::events(0, 7, evs);
-    sink.load(&load).await.unwrap();
+    sink.load(&track_load(0, 6, &["w1"])).await.unwrap();
     let before = files(&root);
-    // What a crash before the commit leaves: the files, without their ids.
-    sink.query("DELETE FROM message_ids").await.unwrap();
-    sink.query("DELETE FROM loaded_batches").await.unwrap();
-    let again = sink.load(&load).await.unwrap();
+    // What the killed load left: its temp files, named as the sink names them.
+    let tmp = root.join("_collector/tmp");
+    for t in ["tracks", "e"] {
+        std::fs::copy(
+            root.join(format!("table={t}/date=2026-11-24/part-s0-b6-l1.parquet")),
+            tmp.join(format!("2-{t}-2026-11-24-part-s0-b7-l2.parquet")),
+        )
+        .unwrap();
+    }
+    assert_eq!(count(&sink, "tracks").await, "1");
+    drop(sink);
+
+    let sink = ParquetSink::open(&root).unwrap();
     assert_eq!(
-        again.inserted, 2,
-        "the ids were not committed, so the rows are new again"
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "temp files no commit lists are removed at open"
     );
-    assert_eq!(
-        files(&root),
-        before,
-        "the same file names: overwritten, not added"
-    );
-    let n = sink.query("SELECT count(*) FROM tracks").await.unwrap();
-    assert_eq!(n.rows[0][0].as_deref(), Some("2"));
-    // Once committed, a third delivery writes nothing.
-    let third = sink.load(&load).await.unwrap();
-    assert_eq!((third.inserted, third.duplicates), (0, 2));
     assert_eq!(files(&root), before);
+    let retry = sink.load(&track_load(0, 7, &["x1", "x2"])).await.unwrap();
+    assert_eq!(retry.inserted, 2);
+    assert_eq!(count(&sink, "tracks").await, "3");
+    assert_eq!(count(&sink, "e").await, "3");
+    let third = sink.load(&track_load(0, 7, &["x1", "x2"])).await.unwrap();
+    assert_eq!((third.inserted, third.duplicates), (0, 2));
+    assert_eq!(count(&sink, "tracks").await, "3");
+}
+
+// A crash after the commit, before the files were renamed into place: the manifest
+// lists them as staged, and the next open (or the next load of a running agent whose
+// rename failed) puts them in place. A redelivery writes nothing.
+#[tokio::test]
+async fn files_committed_but_not_in_place_are_published_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("lake");
+    let sink = ParquetSink::open(&root).unwrap();
+    let load = track_load(0, 7, &["x1", "x2"]);
+    sink.load(&load).await.unwrap();
+    let published = files(&root);
+    assert_eq!(published.len(), 2);
+
+    // Put the state back as it was between the commit and the renames.
+    let unpublish = |sink_root: &std::path::Path| -> Vec<String> {
+        let mut updates = Vec::new();
+        for (i, f) in published.iter().enumerate() {
+            let staged = format!("_collector/tmp/pending-{i}.parquet");
+            std::fs::rename(sink_root.join(f), sink_root.join(&staged)).unwrap();
+            updates.push(format!(
+                "UPDATE loaded_batches SET staged = '{staged}' WHERE file = '{f}'"
+            ));
+        }
+        updates
+    };
+    for sql in unpublish(&root) {
+        sink.query(&sql).await.unwrap();
+    }
+    assert_eq!(count(&sink, "tracks").await, "0", "no reader sees them yet");
+    drop(sink);
+
+    let sink = ParquetSink::open(&root).unwrap();
+    assert_eq!(files(&root), published);
+    assert_eq!(count(&sink, "tracks").await, "2");
+    let pending = sink
+        .query("SELECT count(*) FROM loaded_batches WHERE staged IS NOT NULL")
+        .await
+        .unwrap();
+    assert_eq!(pending.rows[0][0].as_deref(), Some("0"));
+    let again = sink.load(&load).await.unwrap();
+    assert_eq!((again.inserted, again.duplicates), (0, 2));
+
+    // The same, found by the next load of a sink that stayed open.
+    for sql in unpublish(&root) {
+        sink.query(&sql).await.unwrap();
+    }
+    sink.load(&track_load(0, 8, &["y1"])).await.unwrap();
+    assert_eq!(count(&sink, "tracks").await, "3");
+    assert_eq!(files(&root).len(), 4);
 }

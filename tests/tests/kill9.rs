@@ -1,7 +1,8 @@
 //! Exactly once through kill -9: the agent (the real binary) drains a backlog of 50,000
 //! events and is killed with SIGKILL at random points, 20 times; a last run drains the
-//! rest. Every event is in the warehouse exactly once, with its content. For DuckDB and
-//! PostgreSQL.
+//! rest. Every event is in the warehouse exactly once, with its content. For DuckDB,
+//! PostgreSQL and the Parquet lake (whose files a reader never sees an event twice in,
+//! between kills either).
 
 mod common;
 
@@ -167,4 +168,47 @@ async fn postgres_exactly_once_through_kill_9() {
     kill_and_finish(&bin, &config, count).await;
     let sink = collector_agent::sinks::open(&wh).await.unwrap();
     check(&*sink).await;
+}
+
+#[tokio::test]
+async fn parquet_lake_exactly_once_through_kill_9() {
+    let bin = agent_binary();
+    let st = Stack::start();
+    post_backlog(&st).await;
+    let lake = st.dir.path().join("lake");
+    let config = write_config(
+        &st,
+        &format!(
+            "[warehouse]\nkind = \"parquet\"\npath = \"{}\"\n",
+            lake.display()
+        ),
+    );
+    // What any reader of the folder sees between kills (the files only, not the
+    // agent's state): never an event twice.
+    let count = || {
+        let lake = lake.clone();
+        async move {
+            let conn = duckdb::Connection::open_in_memory().unwrap();
+            let seen: Result<(u64, u64), _> = conn.query_row(
+                &format!(
+                    "SELECT count(*), count(DISTINCT message_id) FROM read_parquet('{}/table=tracks/*/*.parquet')",
+                    lake.display()
+                ),
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            );
+            match seen {
+                Ok((rows, distinct)) => {
+                    assert_eq!(rows, distinct, "a reader of the lake saw an event twice");
+                    rows
+                }
+                // No file yet.
+                Err(_) => 0,
+            }
+        }
+    };
+    kill_and_finish(&bin, &config, count).await;
+    assert_eq!(count().await, EVENTS as u64);
+    let sink = collector_agent::sinks::parquet::ParquetSink::open(&lake).unwrap();
+    check(&sink).await;
 }

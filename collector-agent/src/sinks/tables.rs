@@ -581,24 +581,6 @@ pub struct TableLoad<'a> {
 }
 
 impl<'a> TableLoad<'a> {
-    /// The rows of one batch, as a load of their own.
-    pub fn of_batch(&self, batch: Option<i64>) -> TableLoad<'a> {
-        let mut t = TableLoad {
-            table: self.table.clone(),
-            kind: self.kind,
-            columns: self.columns.clone(),
-            rows: Vec::new(),
-            batch_ids: Vec::new(),
-        };
-        for (row, b) in self.rows.iter().zip(&self.batch_ids) {
-            if *b == batch {
-                t.rows.push(row.clone());
-                t.batch_ids.push(*b);
-            }
-        }
-        t
-    }
-
     /// The table whose `message_ids` registration decides which rows are new (`users`
     /// has none: it is upserted).
     pub fn registry(&self) -> Option<&'static str> {

@@ -10,18 +10,19 @@
 //! Layout (the same when the folder becomes object storage):
 //!
 //! ```text
-//! lake/table=tracks/date=2026-11-25/part-s3-b41.parquet   one file per table, date and batch
-//! lake/table=pages/date=2026-11-25/part-s0-b7.parquet
+//! lake/table=tracks/date=2026-11-25/part-s3-b41-l17.parquet   one file per table, date and
+//! lake/table=pages/date=2026-11-25/part-s3-b41-l17.parquet    load (shard, first batch, load id)
 //! lake/_collector/state.duckdb   message_ids, loaded_batches (the manifest), quarantine,
 //!                                dead_letters, collector_migrations
+//! lake/_collector/tmp/           files written, not yet renamed into place
 //! ```
 //!
 //! `date` is the UTC date of the event's `timestamp`. Exactly once: a file holds the
-//! rows of one batch whose `message_id`s were new; it is written to a temp file and
-//! renamed into place, and the ids and the manifest are committed after. A crash before
-//! that commit leaves a file that the retry rewrites with the same name and the same
-//! rows (the ids were not committed, so the same rows are new again); a crash after it
-//! makes every row of the retry a duplicate, so nothing is written.
+//! rows of one load whose `message_id`s were new; it is written under `_collector/tmp/`,
+//! the ids and the manifest (which lists it as `staged`) are committed, and only then is
+//! it renamed into place. A crash before the commit leaves temp files that no reader
+//! sees and the next open removes (the retry loads the rows again); a crash after it
+//! leaves `staged` files, which the next open renames into place.
 
 pub mod config;
 mod sink;

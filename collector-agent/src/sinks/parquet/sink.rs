@@ -1,7 +1,7 @@
 //! The Parquet lake sink. DuckDB (in process) stages rows, keeps the lake's state file,
 //! and writes the Parquet files with `COPY … TO … (FORMAT parquet)`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -45,6 +45,13 @@ CREATE TABLE dead_letters (shard INTEGER NOT NULL, batch_id BIGINT NOT NULL, err
             "privacy_requests, privacy_request_stores, policy_versions",
             crate::privacy::ddl(crate::sinks::Relational::DuckDb),
         ),
+        (
+            5,
+            "one file per table, date and load: the manifest lists its batches, and a file committed but not yet renamed into place",
+            "ALTER TABLE loaded_batches ADD COLUMN batch_ids BIGINT[];
+ALTER TABLE loaded_batches ADD COLUMN staged VARCHAR;"
+                .to_string(),
+        ),
     ]
 }
 
@@ -59,17 +66,6 @@ fn lit(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// FNV-1a of the message ids: a stable name for a replay's file.
-fn ids_hash(rows: &[TableRow<'_>]) -> String {
-    let h = rows.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, r| {
-        r[0].as_deref()
-            .unwrap_or_default()
-            .bytes()
-            .fold(h, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
-    });
-    format!("{h:016x}")
-}
-
 impl ParquetSink {
     /// Opens (creating if needed) the lake folder and its state file.
     pub fn open(root: &Path) -> Result<ParquetSink, SinkError> {
@@ -78,6 +74,8 @@ impl ParquetSink {
             .map_err(|e| SinkError::Permanent(format!("{}: {e}", state.display())))?;
         let mut conn = Connection::open(state.join("state.duckdb")).map_err(transient)?;
         apply_migrations(&mut conn, migrations())?;
+        publish_pending(&conn, root)?;
+        remove_stale_staged(&conn, root)?;
         let catalog = load_catalog(&conn)?;
         Ok(ParquetSink {
             root: root.to_path_buf(),
@@ -114,94 +112,204 @@ fn date_of(row: &TableRow<'_>) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// Writes a prepared load: Parquet files first (temp + rename, deterministic names),
-/// then the ids, the manifest, the catalog, the quarantine and the dead letters in one
-/// transaction. `users` is a view over `identifies` (see [`refresh_views`]): a lake
-/// never rewrites a file.
+/// Writes a prepared load, one Parquet file per table and date (a file per batch made
+/// files too small for the engines that read lakes, and cost a `COPY` each).
+///
+/// Exactly once: the files are written to `_collector/tmp/`; the ids, the manifest
+/// (each file with its temp name in `staged`), the catalog, the quarantine and the dead
+/// letters are committed in one transaction; only then are the files renamed into place
+/// and `staged` cleared. A crash before the commit leaves temp files that nothing lists
+/// (removed at open; the retry loads the rows again under new names); a crash after it
+/// leaves `staged` entries that [`publish_pending`] renames at open or before the next
+/// load. No reader ever sees a row whose id was not committed. `users` is a view over
+/// `identifies` (see [`refresh_views`]): a lake never rewrites a file.
 fn write(
     conn: &mut Connection,
     catalog: &mut Catalog,
     root: &Path,
     p: &Prepared,
 ) -> Result<LoadStats, SinkError> {
+    publish_pending(conn, root)?;
     let plan = catalog.plan(p);
     let tx = conn.transaction().map_err(transient)?;
     let (mut stats, load_id) = write_state(&tx, p)?;
     apply_plan_ddl(&tx, &plan, false)?;
-    let tmp = root.join(STATE_DIR).join("tmp");
-    let mut renames: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let first_batch = p.rows.iter().filter_map(|r| r.batch_id).min().unwrap_or(0);
+    let name = if p.replay {
+        format!("part-s{}-replay-l{load_id}.parquet", p.shard)
+    } else {
+        format!("part-s{}-b{first_batch}-l{load_id}.parquet", p.shard)
+    };
+    let mut staged_files = StagedFiles {
+        root,
+        files: Vec::new(),
+        committed: false,
+    };
     for load in plan.loads.iter().filter(|l| l.kind != TableKind::Users) {
         let table = &load.table;
-        // One file per batch and date, named after them.
-        let batches: BTreeSet<Option<i64>> = load.batch_ids.iter().copied().collect();
-        for batch in batches {
-            let part = load.of_batch(batch);
-            stage(&tx, &part)?;
-            if let TableKind::Base(_) = part.kind {
-                register(&tx, &part, load_id)?;
-            }
-            let dates: BTreeSet<String> = part.rows.iter().map(date_of).collect();
-            let registered_sql = registered_rows_sql(&part);
-            let mut batch_inserted = 0u64;
-            for date in dates {
-                let name = match (p.replay, batch) {
-                    (false, Some(b)) => format!("part-s{}-b{b}.parquet", p.shard),
-                    (_, b) => format!(
-                        "part-s{}-b{}-replay-{}.parquet",
-                        p.shard,
-                        b.unwrap_or(0),
-                        ids_hash(&part.rows)
+        stage(&tx, load)?;
+        if let TableKind::Base(_) = load.kind {
+            register(&tx, load, load_id)?;
+        }
+        let registered_sql = registered_rows_sql(load);
+        // Each date's batches, for the manifest.
+        let mut dates: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
+        for (row, batch) in load.rows.iter().zip(&load.batch_ids) {
+            dates.entry(date_of(row)).or_default().extend(*batch);
+        }
+        let mut inserted = 0u64;
+        for (date, batches) in dates {
+            let rel = format!("table={table}/date={date}/{name}");
+            let staged = format!("{STATE_DIR}/tmp/{load_id}-{table}-{date}-{name}");
+            let in_date = format!(
+                "substr(CAST(coalesce(\"timestamp\", received_at) AS VARCHAR), 1, 10) = {}",
+                lit(&date)
+            );
+            // Listed before it exists, so a COPY that fails halfway leaves nothing.
+            staged_files.files.push((staged.clone(), rel.clone()));
+            // COPY answers how many rows it wrote; a file of none is not kept.
+            let n = tx
+                .execute(
+                    &format!(
+                        "COPY (SELECT * FROM ({registered_sql}) WHERE {in_date}) TO {} (FORMAT parquet)",
+                        lit(&root.join(&staged).display().to_string())
                     ),
-                };
-                let rel = format!("table={table}/date={date}/{name}");
-                let staged = tmp.join(format!("{load_id}-{table}-{date}-{name}"));
-                let in_date = format!(
-                    "substr(CAST(coalesce(\"timestamp\", received_at) AS VARCHAR), 1, 10) = {}",
-                    lit(&date)
-                );
-                // COPY answers how many rows it wrote; a file of none is not kept.
-                let n = tx
-                    .execute(
-                        &format!(
-                            "COPY (SELECT * FROM ({registered_sql}) WHERE {in_date} ORDER BY message_id) TO {} (FORMAT parquet)",
-                            lit(&staged.display().to_string())
-                        ),
-                        params![load_id],
-                    )
-                    .map_err(classify)? as i64;
-                if n == 0 {
-                    let _ = std::fs::remove_file(&staged);
-                    continue;
-                }
-                tx.execute(
-                    "INSERT INTO loaded_batches VALUES (?, ?, ?, ?, ?, ?, ?, now()::TIMESTAMP)
-                     ON CONFLICT (file) DO UPDATE SET rows = excluded.rows, load_id = excluded.load_id",
-                    params![p.shard, batch.unwrap_or(0), table, date, rel, n, load_id],
+                    params![load_id],
                 )
-                .map_err(transient)?;
-                batch_inserted += n as u64;
-                renames.push((staged, root.join(&rel)));
+                .map_err(classify)? as i64;
+            if n == 0 {
+                let _ = std::fs::remove_file(root.join(&staged));
+                staged_files.files.pop();
+                continue;
             }
-            if let TableKind::Base(kind) = part.kind {
-                // Every staged row is new (written) or a duplicate.
-                stats.inserted_into(kind, batch_inserted);
-                stats.duplicates += part.rows.len() as u64 - batch_inserted;
-            }
+            let batch_ids = batches
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            tx.execute(
+                &format!("INSERT INTO loaded_batches (shard, batch_id, table_name, date, file, rows, load_id, loaded_at, batch_ids, staged) VALUES (?, ?, ?, ?, ?, ?, ?, now()::TIMESTAMP, [{batch_ids}], ?)"),
+                params![p.shard, batches.first().copied().unwrap_or(first_batch), table, date, rel, n, load_id, staged],
+            )
+            .map_err(transient)?;
+            inserted += n as u64;
+        }
+        // The staged rows are in memory until dropped.
+        tx.execute_batch(&format!("DROP TABLE {}", ident(&format!("stage_{table}"))))
+            .map_err(transient)?;
+        if let TableKind::Base(kind) = load.kind {
+            // Every staged row is new (written) or a duplicate.
+            stats.inserted_into(kind, inserted);
+            stats.duplicates += load.rows.len() as u64 - inserted;
         }
     }
     write_rejected(&tx, &plan, load_id)?;
     finish_load(&tx, load_id)?;
-    for (from, to) in &renames {
+    tx.commit().map_err(transient)?;
+    staged_files.committed = true;
+    *catalog = plan.catalog;
+    // Committed: the load is done whatever happens next. A file that cannot be renamed
+    // now stays listed in `staged` and is renamed before the next load.
+    if let Err(e) = publish(conn, root, &staged_files.files) {
+        tracing::warn!(error = %e, "lake: committed files not yet renamed into place; retried before the next load");
+    }
+    Ok(stats)
+}
+
+/// A load's temp files (path under the lake, path in place): removed when the load
+/// fails before its commit, so a retried load leaves no garbage behind.
+struct StagedFiles<'a> {
+    root: &'a Path,
+    files: Vec<(String, String)>,
+    committed: bool,
+}
+
+impl Drop for StagedFiles<'_> {
+    fn drop(&mut self) {
+        if !self.committed {
+            for (staged, _) in &self.files {
+                let _ = std::fs::remove_file(self.root.join(staged));
+            }
+        }
+    }
+}
+
+/// Renames committed files from their temp names into place (a file already in place
+/// was renamed before a crash), then clears their `staged` entries.
+fn publish(conn: &Connection, root: &Path, files: &[(String, String)]) -> Result<(), SinkError> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    for (staged, rel) in files {
+        let (from, to) = (root.join(staged), root.join(rel));
+        if !from.exists() {
+            if to.exists() {
+                continue;
+            }
+            // Neither: removed by hand. Nothing can bring the rows back; say so loudly
+            // and stop listing the file as pending.
+            tracing::error!(file = %rel, staged = %staged, "lake: a committed file is in neither place");
+            continue;
+        }
         if let Some(dir) = to.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| SinkError::Transient(format!("{}: {e}", dir.display())))?;
         }
-        std::fs::rename(from, to)
+        std::fs::rename(&from, &to)
             .map_err(|e| SinkError::Transient(format!("rename into {}: {e}", to.display())))?;
     }
-    tx.commit().map_err(transient)?;
-    *catalog = plan.catalog;
-    Ok(stats)
+    let list = files
+        .iter()
+        .map(|(_, rel)| lit(rel))
+        .collect::<Vec<_>>()
+        .join(", ");
+    conn.execute_batch(&format!(
+        "UPDATE loaded_batches SET staged = NULL WHERE file IN ({list})"
+    ))
+    .map_err(transient)
+}
+
+/// Publishes what a crash (or a failed rename) left committed but not in place.
+fn publish_pending(conn: &Connection, root: &Path) -> Result<(), SinkError> {
+    let mut stmt = conn
+        .prepare("SELECT staged, file FROM loaded_batches WHERE staged IS NOT NULL ORDER BY file")
+        .map_err(transient)?;
+    let pending: Vec<(String, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(transient)?
+        .collect::<Result<_, _>>()
+        .map_err(transient)?;
+    if !pending.is_empty() {
+        tracing::info!(
+            files = pending.len(),
+            "lake: renaming committed files into place"
+        );
+    }
+    publish(conn, root, &pending)
+}
+
+/// Removes the temp files no committed load lists: what a crash before a commit (or
+/// during an erasure) left. Only at open, when nothing else writes.
+fn remove_stale_staged(conn: &Connection, root: &Path) -> Result<(), SinkError> {
+    let mut stmt = conn
+        .prepare("SELECT staged FROM loaded_batches WHERE staged IS NOT NULL")
+        .map_err(transient)?;
+    let listed: BTreeSet<String> = stmt
+        .query_map([], |r| r.get(0))
+        .map_err(transient)?
+        .collect::<Result<_, _>>()
+        .map_err(transient)?;
+    for e in std::fs::read_dir(root.join(STATE_DIR).join("tmp"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let rel = format!("{STATE_DIR}/tmp/{}", e.file_name().to_string_lossy());
+        if !listed.contains(&rel) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    Ok(())
 }
 
 /// Points one temporary view per table at its Parquet files (an empty typed view when
@@ -217,7 +325,19 @@ fn refresh_views(conn: &Connection, catalog: &Catalog, root: &Path) -> Result<()
     }
     for (table, kind) in tables {
         let dir = root.join(format!("table={table}"));
-        let has_files = std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some());
+        // A partition folder can be empty (made just before a crash, or left by hand):
+        // `read_parquet` fails on a pattern that matches no file.
+        let has_files = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|d| {
+                std::fs::read_dir(d.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|f| f.path().extension().and_then(|e| e.to_str()) == Some("parquet"))
+            });
         let sql = if has_files {
             format!(
                 "CREATE OR REPLACE TEMP VIEW {} AS SELECT * EXCLUDE (\"table\") FROM read_parquet({}, hive_partitioning = true, union_by_name = true)",
@@ -389,8 +509,12 @@ impl Sink for ParquetSink {
     ) -> Result<Vec<(String, i64)>, SinkError> {
         let (u, a) = (user_ids.to_vec(), anonymous_ids.to_vec());
         // Under the lake's lock: no load writes a file meanwhile.
-        self.with_conn(move |c, _, root| erase_files(c, root, &u, &a))
-            .await
+        self.with_conn(move |c, _, root| {
+            // A committed file not yet in place is erased like the others.
+            publish_pending(c, root)?;
+            erase_files(c, root, &u, &a)
+        })
+        .await
     }
 
     fn kind(&self) -> &'static str {
