@@ -1,7 +1,9 @@
 //! Bulk-load speed of every sink from one backlog of realistic events, beside the
-//! database's own bulk load of the same events (DuckDB `read_json` of the NDJSON,
-//! PostgreSQL `COPY` of the same rows, ClickHouse `INSERT … JSONEachRow` of them). Prints `label<TAB>result` lines for
-//! `cargo xtask bench`. Run: `cargo bench -p collector-agent --bench sinks`.
+//! database's own bulk load of the same events: DuckDB `read_json` of the NDJSON (and,
+//! like for like, of the rows of `tracks` into a table like it), DuckDB `COPY … TO`
+//! Parquet for the lake, PostgreSQL `COPY` of the same rows, ClickHouse `INSERT …
+//! JSONEachRow` of them. Prints `label<TAB>result` lines for `cargo xtask bench`. Run:
+//! `cargo bench -p collector-agent --bench sinks`.
 
 use std::io::Write;
 use std::sync::Arc;
