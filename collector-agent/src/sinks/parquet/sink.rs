@@ -269,16 +269,22 @@ fn publish(conn: &Connection, root: &Path, files: &[(String, String)]) -> Result
     .map_err(transient)
 }
 
-/// Publishes what a crash (or a failed rename) left committed but not in place.
-fn publish_pending(conn: &Connection, root: &Path) -> Result<(), SinkError> {
+/// The manifest's files committed but not yet in place: (temp path, path in place).
+fn staged_entries(conn: &Connection) -> Result<Vec<(String, String)>, SinkError> {
     let mut stmt = conn
         .prepare("SELECT staged, file FROM loaded_batches WHERE staged IS NOT NULL ORDER BY file")
         .map_err(transient)?;
-    let pending: Vec<(String, String)> = stmt
+    let rows = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
         .map_err(transient)?
         .collect::<Result<_, _>>()
-        .map_err(transient)?;
+        .map_err(transient);
+    rows
+}
+
+/// Publishes what a crash (or a failed rename) left committed but not in place.
+fn publish_pending(conn: &Connection, root: &Path) -> Result<(), SinkError> {
+    let pending = staged_entries(conn)?;
     if !pending.is_empty() {
         tracing::info!(
             files = pending.len(),
@@ -291,14 +297,7 @@ fn publish_pending(conn: &Connection, root: &Path) -> Result<(), SinkError> {
 /// Removes the temp files no committed load lists: what a crash before a commit (or
 /// during an erasure) left. Only at open, when nothing else writes.
 fn remove_stale_staged(conn: &Connection, root: &Path) -> Result<(), SinkError> {
-    let mut stmt = conn
-        .prepare("SELECT staged FROM loaded_batches WHERE staged IS NOT NULL")
-        .map_err(transient)?;
-    let listed: BTreeSet<String> = stmt
-        .query_map([], |r| r.get(0))
-        .map_err(transient)?
-        .collect::<Result<_, _>>()
-        .map_err(transient)?;
+    let listed: BTreeSet<String> = staged_entries(conn)?.into_iter().map(|(s, _)| s).collect();
     for e in std::fs::read_dir(root.join(STATE_DIR).join("tmp"))
         .into_iter()
         .flatten()
