@@ -56,6 +56,21 @@ impl LocalClickHouse {
         if !Path::new(SERVER).exists() {
             bail!("ClickHouse is not installed ({SERVER}); run `cargo xtask setup`");
         }
+        // A free port can be taken by another test's server between the probe and the
+        // bind (tests run at once): then start again on fresh ports.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_once() {
+                Err(e) if attempt < 5 && e.to_string().contains("Address already in use") => {
+                    continue
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn start_once() -> anyhow::Result<LocalClickHouse> {
         let tmp = crate::TempDir::new("collector-ch")?;
         let dir = tmp.path().to_path_buf();
         let (http, tcp) = (crate::free_port(), crate::free_port());
