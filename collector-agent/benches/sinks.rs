@@ -92,6 +92,16 @@ async fn time_sink(sink: Arc<dyn Sink>, loads: Vec<Load>) -> f64 {
     EVENTS as f64 / t.elapsed().as_secs_f64()
 }
 
+/// The row of `tracks` prepared for an event, as a JSON object by column name (the
+/// rows the DuckDB and ClickHouse baselines load).
+fn tracks_row(e: &StoredEvent) -> serde_json::Map<String, serde_json::Value> {
+    schema::columns(collector_core::EventKind::Track)
+        .iter()
+        .zip(schema::prepare_row(e).unwrap())
+        .map(|(c, v)| (c.name.into(), v.map_or(serde_json::Value::Null, Into::into)))
+        .collect()
+}
+
 /// DuckDB's bulk load of exactly what PostgreSQL's and ClickHouse's baselines load: the
 /// rows as prepared for `tracks`, as NDJSON, read by `read_json` into a table with the
 /// columns and types of `tracks` (made by the sink itself), then checkpointed; rows/s.
@@ -101,12 +111,7 @@ fn duckdb_shaped_load(dir: &std::path::Path, events: &[StoredEvent]) -> f64 {
     {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&rows).unwrap());
         for e in events {
-            let row: serde_json::Map<String, serde_json::Value> = cols
-                .iter()
-                .zip(schema::prepare_row(e).unwrap())
-                .map(|(c, v)| (c.name.into(), v.map_or(serde_json::Value::Null, Into::into)))
-                .collect();
-            writeln!(f, "{}", serde_json::Value::Object(row)).unwrap();
+            writeln!(f, "{}", serde_json::Value::Object(tracks_row(e))).unwrap();
         }
     }
     let file = dir.join("shaped.duckdb");
@@ -351,14 +356,7 @@ async fn bench_main() {
                     .map(|chunk| {
                         let mut body = String::new();
                         for e in chunk {
-                            let row = schema::prepare_row(e).unwrap();
-                            let mut obj = serde_json::Map::new();
-                            for (c, v) in cols.iter().zip(row) {
-                                obj.insert(
-                                    c.name.into(),
-                                    v.map_or(serde_json::Value::Null, Into::into),
-                                );
-                            }
+                            let mut obj = tracks_row(e);
                             obj.insert("_k".into(), e.message_id.clone().into());
                             body.push_str(&serde_json::Value::Object(obj).to_string());
                             body.push('\n');
