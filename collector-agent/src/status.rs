@@ -5,7 +5,7 @@
 use std::fmt;
 
 use collector_core::drain::DrainStats;
-use collector_core::timestamp::format_ms;
+use collector_core::timestamp::{format_ms, parse_ms};
 
 use crate::sinks::QueryResult;
 
@@ -31,7 +31,9 @@ impl Status {
         Status {
             now_ms,
             edge,
-            last_load: cell(0),
+            // ClickHouse's `max` of no rows is the type's default, the epoch, where
+            // the others answer NULL: no warehouse loads anything at the epoch.
+            last_load: cell(0).filter(|t| parse_ms(t).is_none_or(|ms| ms > 0)),
             quarantined: num(1),
             dead_letters: num(2),
         }

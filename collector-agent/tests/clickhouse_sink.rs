@@ -1,7 +1,7 @@
 //! The ClickHouse sink against a real server (Debian's clickhouse-server, started on
-//! loopback for each test). ClickHouse's SQL differs from the others' (no `->>`, no
-//! `UPDATE`), so it has its own suite: the same scenarios as `conformance.rs`, in its
-//! dialect, plus what is ClickHouse's own (views over `FINAL`, a lost ledger).
+//! loopback for each test): what is ClickHouse's own (views over `FINAL`, a lost
+//! ledger, the registry's granules, retyped columns, its migrations). The scenarios
+//! every sink shares run against it in `conformance.rs`.
 
 mod common;
 
@@ -329,4 +329,73 @@ async fn the_registry_has_small_granules_and_an_older_one_still_loads() {
     assert_eq!(st.inserted, 1);
     let st = sink.load(&Load::events(0, 2, evs)).await.unwrap();
     assert_eq!((st.inserted, st.duplicates), (0, 1));
+}
+
+// Version 7: `dead_letters` has `blob` (the batch's bytes) as in every sink, and the
+// operator's views filter resolved rows after `FINAL`. A warehouse made before (views of
+// version 3) gets them when the agent starts; what was dead-lettered is still there.
+#[tokio::test]
+async fn an_older_warehouse_gets_the_operator_views_of_version_7() {
+    let ch = LocalClickHouse::start().unwrap();
+    let sink = open(&ch).await;
+    let load = Load {
+        shard: 4,
+        batches: vec![LoadBatch::Undecodable {
+            batch_id: 9,
+            blob: b"\x00\xffbytes".to_vec(),
+            error: "bad magic".into(),
+        }],
+    };
+    assert_eq!(sink.load(&load).await.unwrap().dead_letters, 1);
+    drop(sink);
+    // Back to version 6: the views as version 3 made them.
+    ch_exec(
+        &ch,
+        "ALTER TABLE analytics.collector_migrations DELETE WHERE version = 7",
+    )
+    .await;
+    for (view, select) in [
+        ("quarantine", "SELECT message_id, type, shard, batch_id, reason, event, quarantined_at, attempts FROM analytics.collector_quarantine FINAL WHERE resolved = 0"),
+        ("dead_letters", "SELECT shard, batch_id, error, blob_hex, loaded_at FROM analytics.collector_dead_letters FINAL WHERE resolved = 0"),
+    ] {
+        ch_exec(&ch, &format!("DROP TABLE analytics.{view}")).await;
+        ch_exec(&ch, &format!("CREATE VIEW analytics.{view} AS {select}")).await;
+    }
+    // The mutation is applied in the background: wait until version 7 is gone.
+    let mut left = String::new();
+    for _ in 0..200 {
+        left = reqwest::Client::new()
+            .post(&ch.url)
+            .body("SELECT count() FROM analytics.collector_migrations WHERE version = 7")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if left.trim() == "0" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(left.trim(), "0");
+    let sink = open(&ch).await;
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT shard, batch_id, length(blob), blob_hex FROM dead_letters"
+        )
+        .await,
+        vec![vec![s("4"), s("9"), s("7"), s("00ff6279746573")]]
+    );
+    assert_eq!(
+        one(
+            &*sink,
+            "SELECT count() FROM collector_migrations FINAL WHERE version = 7"
+        )
+        .await,
+        s("1")
+    );
+    let dead = sink.dead_letters().await.unwrap();
+    assert_eq!(dead[0].blob, b"\x00\xffbytes");
 }

@@ -146,3 +146,101 @@ macro_rules! per_target {
         }
     };
 }
+
+/// What differs between the warehouses' SQL, for the scenarios every sink runs. Each
+/// difference is one the README documents: ClickHouse stores booleans as `UInt8` and
+/// JSON as `String` (18.16 has no JSON path functions), has no `octet_length`, and
+/// changes a row by writing a newer version of it, not by `UPDATE`.
+impl Target {
+    pub fn is_clickhouse(&self) -> bool {
+        matches!(self, Target::ClickHouse(_))
+    }
+
+    /// SQL of a column's value as text (NULL stays NULL).
+    pub fn text(&self, column: &str) -> String {
+        if self.is_clickhouse() {
+            format!("CAST({column} AS Nullable(String))")
+        } else {
+            format!("CAST({column} AS VARCHAR)")
+        }
+    }
+
+    /// A boolean as [`Target::text`] renders it.
+    pub fn boolean(&self, b: bool) -> Option<String> {
+        Some(match (self.is_clickhouse(), b) {
+            (true, b) => u8::from(b).to_string(),
+            (false, b) => b.to_string(),
+        })
+    }
+
+    /// SQL of the length in bytes of a binary column.
+    pub fn bytes_len(&self, column: &str) -> String {
+        if self.is_clickhouse() {
+            format!("length({column})")
+        } else {
+            format!("octet_length({column})")
+        }
+    }
+
+    /// The value at `path` (keys, and array indexes as numbers) in the JSON column
+    /// `column` of the row `message_id` of `table`, as text: a string without quotes,
+    /// like SQL's `->>`. The warehouse walks the path where it has a JSON type; in
+    /// ClickHouse the stored text is read back and walked here.
+    pub async fn json_at(
+        &self,
+        sink: &dyn collector_agent::sinks::Sink,
+        table: &str,
+        column: &str,
+        message_id: &str,
+        path: &[serde_json::Value],
+    ) -> Option<String> {
+        let filter = format!("FROM {table} WHERE message_id = '{message_id}'");
+        if !self.is_clickhouse() {
+            let mut expr = column.to_string();
+            for (i, step) in path.iter().enumerate() {
+                let arrow = if i + 1 == path.len() { "->>" } else { "->" };
+                match step {
+                    serde_json::Value::String(k) => expr.push_str(&format!("{arrow}'{k}'")),
+                    other => expr.push_str(&format!("{arrow}{other}")),
+                }
+            }
+            return one(sink, &format!("SELECT {expr} {filter}")).await;
+        }
+        let text = one(sink, &format!("SELECT {column} {filter}")).await?;
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for step in path {
+            v = match step {
+                serde_json::Value::String(k) => v.get(k).cloned(),
+                serde_json::Value::Number(n) => v.get(n.as_u64().unwrap() as usize).cloned(),
+                other => panic!("not a JSON path step: {other}"),
+            }
+            .unwrap_or(serde_json::Value::Null);
+        }
+        match v {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(s) => Some(s),
+            other => Some(other.to_string()),
+        }
+    }
+
+    /// Replaces a quarantined event's stored JSON, as an operator fixing it would:
+    /// `UPDATE` where the warehouse has it; in ClickHouse a newer version of the row.
+    pub async fn edit_quarantined(
+        &self,
+        sink: &dyn collector_agent::sinks::Sink,
+        message_id: &str,
+        event: &str,
+    ) {
+        let event = event.replace('\'', "''");
+        let sql = if self.is_clickhouse() {
+            format!(
+                "INSERT INTO collector_quarantine SELECT message_id, type, shard, batch_id, reason, '{event}', quarantined_at, attempts, resolved, _version + 1 FROM collector_quarantine FINAL WHERE message_id = '{message_id}'"
+            )
+        } else {
+            format!("UPDATE quarantine SET event = '{event}' WHERE message_id = '{message_id}'")
+        };
+        sink.query(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+}

@@ -25,7 +25,10 @@
 //!   the retry write the same rows again, which `FINAL` collapses.
 //! - `users` is a view that takes, per user id, each trait's latest non-null value.
 //! - `quarantine` and `dead_letters` are views too: replaying or resolving appends a new
-//!   version of the row.
+//!   version of the row (and an operator fixing a quarantined event does the same:
+//!   `INSERT INTO collector_quarantine SELECT …, _version + 1 FROM collector_quarantine
+//!   FINAL WHERE message_id = …`). `dead_letters.blob` is the batch's bytes, as in every
+//!   sink; `blob_hex` beside it is for clients of the JSON formats.
 //!
 //! - Identity, profiles and audiences (`identities`, `identity_edges`, `identity_merges`,
 //!   `profiles`, `identity_dirty`, `audience_membership`) are `FINAL` views too, over

@@ -449,6 +449,9 @@ impl ClickHouseSink {
         if !has(6) {
             self.migrate_privacy().await?;
         }
+        if !has(7) {
+            self.migrate_operator_views().await?;
+        }
         self.check_registry_granularity().await
     }
 
@@ -474,6 +477,21 @@ impl ClickHouseSink {
                 "message_ids was created with a coarser index granularity than {REGISTRY_GRANULARITY}: each load's lookup reads ~8192 rows per id, the whole registry once it holds a few million ids; rebuild it with the agents stopped (README, ClickHouse sink)"
             );
         }
+        Ok(())
+    }
+
+    /// `quarantine` and `dead_letters` as the other sinks have them (version 7):
+    /// `dead_letters.blob` holds the batch's bytes (`blob_hex` stays, for readers of the
+    /// JSON formats, which cannot carry bytes), and both filter their resolved rows
+    /// outside the `FINAL` subquery, so the filter can never be applied before versions
+    /// collapse (see [`Self::migrate_people`]).
+    async fn migrate_operator_views(&self) -> Result<(), SinkError> {
+        for (view, select) in OPERATOR_VIEWS {
+            self.replace_view(view, select).await?;
+        }
+        self.exec("INSERT INTO collector_migrations VALUES (7, 'dead_letters.blob; quarantine and dead_letters filter after FINAL', now())")
+            .await?;
+        tracing::info!(version = 7, "warehouse migrated");
         Ok(())
     }
 
@@ -561,8 +579,6 @@ impl ClickHouseSink {
                 .map_err(|e| SinkError::Transient(format!("ClickHouse schema: {e}")))?;
         }
         for (view, select) in [
-            ("quarantine", "SELECT message_id, type, shard, batch_id, reason, event, quarantined_at, attempts FROM collector_quarantine FINAL WHERE resolved = 0"),
-            ("dead_letters", "SELECT shard, batch_id, error, blob_hex, loaded_at FROM collector_dead_letters FINAL WHERE resolved = 0"),
             ("rejected_values", "SELECT message_id, table_name, column_name, value, reason, rejected_at FROM collector_rows_rejected_values FINAL"),
         ] {
             self.replace_view(view, select).await?;
@@ -1267,8 +1283,18 @@ fn render(v: &Value, ty: &str) -> Option<String> {
     match v {
         Value::Null => None,
         Value::String(s) if ty.contains("DateTime") => {
+            // ClickHouse 18.16 prints the epoch (the `DateTime` 0) as zeros.
+            let s = if s.starts_with("0000-00-00") {
+                "1970-01-01 00:00:00"
+            } else {
+                s
+            };
             let iso = format!("{}T{}Z", s.get(..10)?, s.get(11..)?);
-            Some(parse_ms(&iso).map(format_ms).unwrap_or_else(|| s.clone()))
+            Some(
+                parse_ms(&iso)
+                    .map(format_ms)
+                    .unwrap_or_else(|| s.to_string()),
+            )
         }
         Value::String(s) => Some(s.clone()),
         other => Some(other.to_string()),
@@ -1340,8 +1366,23 @@ impl Sink for ClickHouseSink {
 }
 
 impl ClickHouseSink {
-    /// Rows of a query rendered as text (instants RFC 3339 UTC), in a session or not.
+    /// Rows of a query rendered as text (instants RFC 3339 UTC), in a session or not. A
+    /// statement that answers no rows (`INSERT … SELECT`, `OPTIMIZE`, DDL) is sent as it
+    /// is: ClickHouse refuses a `FORMAT` after it.
     async fn query_in(&self, session: Option<&str>, sql: &str) -> Result<QueryResult, SinkError> {
+        if !answers_rows(sql) {
+            let db = self.cfg.database.clone();
+            self.request_in(session, Some(&db), sql.trim().trim_end_matches(';'), None)
+                .await
+                .map_err(|e| match e {
+                    SinkError::Transient(m) if m.starts_with("Code: ") => SinkError::Permanent(m),
+                    other => other,
+                })?;
+            return Ok(QueryResult {
+                columns: Vec::new(),
+                rows: Vec::new(),
+            });
+        }
         let (meta, rows) = self.select_in(session, sql).await.map_err(|e| match e {
             SinkError::Transient(m) if m.starts_with("Code: ") => SinkError::Permanent(m),
             other => other,
@@ -1382,6 +1423,49 @@ fn session_id() -> String {
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// True unless `sql` is a statement ClickHouse answers with no rows (and refuses a
+/// `FORMAT` after): `INSERT`, DDL, `OPTIMIZE`, `SET`, `SYSTEM`, `KILL`, `USE`.
+fn answers_rows(sql: &str) -> bool {
+    let mut rest = sql.trim_start();
+    // Leading comments.
+    loop {
+        if let Some(r) = rest.strip_prefix("--") {
+            rest = r.split_once('\n').map_or("", |(_, r)| r).trim_start();
+        } else if let Some(r) = rest.strip_prefix("/*") {
+            rest = r.split_once("*/").map_or("", |(_, r)| r).trim_start();
+        } else {
+            break;
+        }
+    }
+    let word: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .collect::<String>()
+        .to_ascii_uppercase();
+    !matches!(
+        word.as_str(),
+        "INSERT"
+            | "CREATE"
+            | "ALTER"
+            | "DROP"
+            | "RENAME"
+            | "TRUNCATE"
+            | "OPTIMIZE"
+            | "ATTACH"
+            | "DETACH"
+            | "SET"
+            | "SYSTEM"
+            | "KILL"
+            | "USE"
+    )
+}
+
+/// The views of the operator's tables (migration 7; version 3 made them without `blob`).
+const OPERATOR_VIEWS: [(&str, &str); 2] = [
+    ("quarantine", "SELECT message_id, type, shard, batch_id, reason, event, quarantined_at, attempts FROM (SELECT * FROM collector_quarantine FINAL) WHERE resolved = 0"),
+    ("dead_letters", "SELECT shard, batch_id, error, unhex(blob_hex) AS blob, blob_hex, loaded_at FROM (SELECT * FROM collector_dead_letters FINAL) WHERE resolved = 0"),
+];
 
 /// `sql` split into statements at the `;` outside quotes (ClickHouse takes one a request).
 fn statements(sql: &str) -> Vec<&str> {
@@ -1679,6 +1763,31 @@ mod tests {
         let many: Vec<String> = (0..5_000).map(|i| format!("message-{i:08}")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         assert_eq!(lookup_chunks(&many).count(), 1);
+    }
+
+    #[test]
+    fn statements_without_rows_are_sent_without_a_format() {
+        for sql in [
+            "SELECT 1",
+            "  select 1",
+            "WITH 1 AS x SELECT x",
+            "SHOW TABLES",
+            "-- a note\nSELECT 1",
+            "DESCRIBE tracks",
+        ] {
+            assert!(answers_rows(sql), "{sql}");
+        }
+        for sql in [
+            "INSERT INTO t SELECT * FROM u",
+            "  insert into t values (1)",
+            "/* fix */ INSERT INTO collector_quarantine SELECT 1",
+            "OPTIMIZE TABLE t FINAL",
+            "ALTER TABLE t DELETE WHERE 1",
+            "CREATE TABLE t (a UInt8) ENGINE = Memory",
+            "DROP TABLE t",
+        ] {
+            assert!(!answers_rows(sql), "{sql}");
+        }
     }
 
     #[test]
