@@ -622,3 +622,148 @@ async fn postgres_loads_into_columns_an_operator_retyped() {
         ]
     );
 }
+
+/// Names a hostile or careless sender can choose: event names that snake_case onto the
+/// warehouse's own tables, or to nothing, or past the length limit; property names that
+/// collide after snake_case or flattening, that are reserved columns (the agent's and
+/// ClickHouse's own among them), keywords, quotes, control characters; numbers no
+/// DOUBLE holds exactly; nesting 40 deep.
+fn hostile_batch() -> serde_json::Value {
+    let long = "p".repeat(70);
+    let mut props = serde_json::Map::new();
+    for (k, v) in [
+        ("", json!("empty")),
+        ("🚀", json!("rocket")),
+        ("a.b", json!(1)),
+        ("a_b", json!(2)),
+        ("A", json!("upper")),
+        ("a", json!("lower")),
+        ("_version", json!(5)),
+        ("_received", json!("r")),
+        ("loaded_at", json!("x")),
+        ("id", json!("spoof")),
+        ("message_id", json!("m")),
+        ("select", json!(true)),
+        ("\"q\"", json!("quoted")),
+        ("back`tick", json!("bt")),
+        ("semi;colon", json!("sc")),
+        ("new\nline", json!("nl")),
+        ("big", json!(9_007_199_254_740_993u64)),
+        ("huge", json!(1e308)),
+    ] {
+        props.insert(k.into(), v);
+    }
+    props.insert(format!("{long}1"), json!("l1"));
+    props.insert(format!("{long}2"), json!("l2"));
+    let mut deep = json!("leaf");
+    for _ in 0..40 {
+        deep = json!({ "d": deep });
+    }
+    props.insert("deep".into(), deep);
+    let named = |id: &str, event: &str| json!({"type": "track", "messageId": id, "userId": "u", "event": event, "properties": {"x": 1}});
+    json!({"batch": [
+        {"type": "track", "messageId": "h1", "userId": "u", "event": "Tracks", "properties": props},
+        named("h2", "Message IDs"),
+        named("h3", "collector_tables"),
+        named("h4", "Users"),
+        named("h5", "🚀🚀"),
+        named("h6", "123 go"),
+        named("h7", &"e".repeat(300)),
+        named("h8", "Rejected Values"),
+        named("h9", "Quarantine"),
+        {"type": "identify", "messageId": "h10", "userId": "u", "traits": {"Loaded At": 1, "id": "x", "user id": "y"}},
+        {"type": "page", "messageId": "h11", "userId": "u", "properties": {"name": "n", "Path": "/x", "path": "/y"}}
+    ]})
+}
+
+/// What a warehouse made of [`hostile_batch`]: its tables, columns and types, the
+/// values it refused and why, and its event counts.
+async fn hostile_outcome(t: &Target) -> Vec<Vec<Vec<Option<String>>>> {
+    let sink = t.open().await;
+    let st = sink
+        .load(&Load::events(0, 1, events(hostile_batch())))
+        .await
+        .unwrap();
+    assert_eq!((st.inserted, st.quarantined), (11, 0), "{st:?}");
+    let mut out = Vec::new();
+    for sql in [
+        "SELECT table_name FROM collector_tables ORDER BY table_name",
+        "SELECT table_name, column_name, type FROM collector_columns ORDER BY table_name, column_name",
+        "SELECT message_id, table_name, column_name, value, reason FROM rejected_values ORDER BY message_id, table_name, column_name",
+        "SELECT (SELECT count(*) FROM tracks), (SELECT count(*) FROM identifies), (SELECT count(*) FROM pages), (SELECT count(*) FROM event_tracks), (SELECT count(*) FROM message_i_ds)",
+    ] {
+        out.push(rows(&*sink, sql).await);
+    }
+    out
+}
+
+// The same hostile names make the same schema, and the same refusals, in every sink:
+// the mapping is decided once (`sinks/tables.rs`), and no warehouse's own rules
+// (ClickHouse's `_version`, PostgreSQL's 63-byte names, quoting) change it.
+#[tokio::test]
+async fn hostile_names_make_the_same_schema_in_every_sink() {
+    let duckdb = hostile_outcome(&Target::duckdb()).await;
+    let [tables, columns, rejected, counts] = &duckdb[..] else {
+        unreachable!()
+    };
+    // Names of the warehouse's own tables get `event_`; no letters, no table.
+    let tables: Vec<&str> = tables.iter().map(|r| r[0].as_deref().unwrap()).collect();
+    for t in [
+        "event_tracks",
+        "event_collector_tables",
+        "event_users",
+        "event_rejected_values",
+        "event_quarantine",
+        "message_i_ds",
+        "_123_go",
+    ] {
+        assert!(tables.contains(&t), "{t} not in {tables:?}");
+    }
+    assert!(tables.iter().all(|t| t.len() <= 63), "{tables:?}");
+    assert_eq!(tables.len(), 8, "{tables:?}");
+    // Two long names stay two columns, within 63 bytes.
+    let long: Vec<&str> = columns
+        .iter()
+        .filter_map(|r| r[1].as_deref().filter(|c| c.starts_with("ppp")))
+        .collect();
+    assert_eq!(long.len(), 2);
+    assert!(long.iter().all(|c| c.len() <= 63) && long[0] != long[1]);
+    // Every collision and reserved name is a row of `rejected_values`, with its value.
+    let refused: Vec<(&str, &str, &str)> = rejected
+        .iter()
+        .map(|r| {
+            (
+                r[0].as_deref().unwrap(),
+                r[2].as_deref().unwrap(),
+                r[3].as_deref().unwrap(),
+            )
+        })
+        .collect();
+    for r in [
+        ("h1", "a", r#""lower""#),
+        ("h1", "a_b", "2"),
+        ("h1", "big", "9007199254740993"),
+        ("h1", "id", r#""spoof""#),
+        ("h1", "loaded_at", r#""x""#),
+        ("h1", "message_id", r#""m""#),
+        ("h10", "user_id", r#""y""#),
+        ("h11", "path", r#""/y""#),
+        ("h5", "event", r#""🚀🚀""#),
+    ] {
+        assert!(refused.contains(&r), "{r:?} not in {refused:?}");
+    }
+    assert_eq!(counts, &vec![vec![s("9"), s("1"), s("1"), s("1"), s("1")]]);
+    for (name, t) in [
+        ("postgres", Target::postgres()),
+        ("parquet", Target::parquet()),
+        ("clickhouse", Target::clickhouse()),
+    ] {
+        let outcome = hostile_outcome(&t).await;
+        for (i, what) in ["tables", "columns", "rejected values", "counts"]
+            .iter()
+            .enumerate()
+        {
+            assert_eq!(outcome[i], duckdb[i], "{name}: {what} differ from DuckDB's");
+        }
+    }
+}
