@@ -399,3 +399,39 @@ async fn an_older_warehouse_gets_the_operator_views_of_version_7() {
     let dead = sink.dead_letters().await.unwrap();
     assert_eq!(dead[0].blob, b"\x00\xffbytes");
 }
+
+// `DateTime` holds 1970 to 2105; the other warehouses keep instants outside. An
+// `originalTimestamp` outside is stored NULL here, and `rejected_values` says so for
+// each table that has the column; the event keeps it in `raw`.
+#[tokio::test]
+async fn an_instant_datetime_cannot_hold_is_null_and_recorded() {
+    let ch = LocalClickHouse::start().unwrap();
+    let sink = open(&ch).await;
+    let evs = events(json!({"batch": [
+        {"type": "track", "messageId": "old", "userId": "u", "event": "Clock Reset", "originalTimestamp": "1969-12-31T23:59:59Z"},
+        {"type": "track", "messageId": "ok", "userId": "u", "event": "Clock Reset", "originalTimestamp": "2026-11-24T13:00:00Z"}
+    ]}));
+    let st = sink.load(&Load::events(0, 1, evs.clone())).await.unwrap();
+    assert_eq!((st.inserted, st.quarantined), (2, 0));
+    assert_eq!(
+        rows(&*sink, "SELECT message_id, original_timestamp, visitParamExtractString(raw, 'originalTimestamp') FROM tracks ORDER BY message_id").await,
+        vec![
+            vec![s("ok"), s("2026-11-24T13:00:00.000Z"), s("2026-11-24T13:00:00.000Z")],
+            vec![s("old"), None, s("1969-12-31T23:59:59.000Z")],
+        ]
+    );
+    assert_eq!(
+        rows(&*sink, "SELECT message_id, table_name, column_name, value FROM rejected_values ORDER BY table_name").await,
+        vec![
+            vec![s("old"), s("clock_reset"), s("original_timestamp"), s(r#""1969-12-31T23:59:59.000Z""#)],
+            vec![s("old"), s("tracks"), s("original_timestamp"), s(r#""1969-12-31T23:59:59.000Z""#)],
+        ]
+    );
+    // Redelivered: nothing new anywhere.
+    let again = sink.load(&Load::events(0, 1, evs)).await.unwrap();
+    assert_eq!(again.inserted, 0);
+    assert_eq!(
+        one(&*sink, "SELECT count() FROM rejected_values").await,
+        s("2")
+    );
+}

@@ -38,7 +38,9 @@
 //!
 //! Types: `String`, `Float64`, `UInt8` for booleans, JSON as `String`; instants are
 //! `DateTime64(3, 'UTC')` on ClickHouse 20.1 and later and `DateTime` (whole seconds;
-//! the milliseconds stay in `raw`) on older servers. Tested against Debian's
+//! the milliseconds stay in `raw`) on older servers. An instant of a fixed column
+//! outside what `DateTime` holds (1970 to 2105) is NULL, with a row in
+//! `rejected_values`; the event keeps it in `raw`. Tested against Debian's
 //! clickhouse-server 18.16; the SQL avoids what newer releases removed or changed.
 //!
 //! Rows go in `RowBinary` (`rowbinary.rs`: the server parses no JSON) while the rows

@@ -12,7 +12,7 @@ use serde_json::Value;
 use tokio::sync::Mutex;
 
 use super::config::ClickHouseConfig;
-use super::rowbinary::{Field, Layout};
+use super::rowbinary::{Field, Layout, MAX_INSTANT_MS};
 use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
 use crate::sinks::tables::{self, Catalog, Cell, TableKind, TableLoad};
 use crate::sinks::{Dialect, LoadStats, QueryResult, Sink, SinkError, SqlSession};
@@ -737,7 +737,7 @@ impl ClickHouseSink {
         let Some(ms) = parse_ms(v) else {
             return Value::Null;
         };
-        if !(0..4_291_747_199_000).contains(&ms) {
+        if !(0..MAX_INSTANT_MS).contains(&ms) {
             return Value::Null;
         }
         let iso = format_ms(ms);
@@ -985,7 +985,7 @@ impl ClickHouseSink {
                 stats.inserted_into(kind, load.rows.len() as u64);
             }
         }
-        let rejected: Vec<Value> = plan
+        let mut rejected: Vec<Value> = plan
             .rejected
             .iter()
             .map(|r| serde_json::json!({
@@ -993,6 +993,7 @@ impl ClickHouseSink {
                 "value": r.value, "reason": r.reason, "rejected_at": now_s
             }))
             .collect();
+        rejected.extend(instants_out_of_range(&plan.loads, &now_s));
         let rejected_columns = [
             "message_id",
             "table_name",
@@ -1459,6 +1460,38 @@ fn answers_rows(sql: &str) -> bool {
             | "KILL"
             | "USE"
     )
+}
+
+/// A row of `rejected_values` for each instant of a fixed column (`timestamp`,
+/// `original_timestamp`, `sent_at`, …) that `DateTime` cannot hold and is therefore
+/// stored NULL: the other warehouses keep instants before 1970 and after 2105, so
+/// here the value is kept in `raw` and said to be missing, not dropped silently.
+/// (Per-event columns refuse such instants in every sink, in the plan.) `users` is
+/// derived from `identifies`, whose row already says it.
+fn instants_out_of_range(loads: &[TableLoad<'_>], now_s: &Value) -> Vec<Value> {
+    let mut out = Vec::new();
+    for load in loads.iter().filter(|l| l.kind != TableKind::Users) {
+        for (i, (name, ty)) in load.columns.iter().enumerate() {
+            if *ty != LogicalType::Timestamp {
+                continue;
+            }
+            for row in &load.rows {
+                let Some(v) = row.get(i).and_then(|c| c.as_deref()) else {
+                    continue;
+                };
+                if parse_ms(v).is_some_and(|ms| !(0..MAX_INSTANT_MS).contains(&ms)) {
+                    out.push(serde_json::json!({
+                        "message_id": row[0].as_deref().unwrap_or_default(),
+                        "table_name": load.table, "column_name": name,
+                        "value": Value::String(v.to_string()).to_string(),
+                        "reason": "ClickHouse's DateTime holds instants from 1970 to 2105; stored NULL, the value stays in `raw`",
+                        "rejected_at": now_s
+                    }));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The views of the operator's tables (migration 7; version 3 made them without `blob`).
