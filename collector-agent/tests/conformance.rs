@@ -526,25 +526,98 @@ crate::per_target!(
     users_hold_the_latest_traits,]
 );
 
-// PostgreSQL itself refuses a value (jsonb has no \u0000): that event alone is isolated
-// and quarantined with PostgreSQL's reason; the rest of the load lands.
+// PostgreSQL itself refuses a value (here an analyst's CHECK constraint): that event
+// alone is isolated and quarantined with PostgreSQL's reason; the rest of the load lands.
 #[tokio::test]
 async fn postgres_refused_value_is_isolated_and_quarantined() {
     let t = Target::postgres();
     let sink = t.open().await;
+    common::load(
+        &*sink,
+        1,
+        json!([{"type": "track", "messageId": "first", "userId": "u", "event": "E"}]),
+    )
+    .await;
+    sink.query("ALTER TABLE tracks ADD CONSTRAINT no_bots CHECK (user_id <> 'bot')")
+        .await
+        .unwrap();
     let mut evs = events(json!({"batch": [
         {"type": "track", "messageId": "fine-1", "userId": "u", "event": "E"},
-        {"type": "track", "messageId": "nul", "userId": "u", "event": "E", "properties": {"p": "a\u{0}b"}},
+        {"type": "track", "messageId": "bot-1", "userId": "bot", "event": "E"},
         {"type": "identify", "messageId": "fine-2", "userId": "u"}
     ]}));
     evs.rotate_left(1);
     let st = sink.load(&Load::events(1, 9, evs)).await.unwrap();
     assert_eq!((st.inserted, st.quarantined), (2, 1));
     let q = rows(&*sink, "SELECT message_id, reason FROM quarantine").await;
-    assert_eq!(q[0][0], s("nul"));
+    assert_eq!(q[0][0], s("bot-1"));
     assert!(
-        q[0][1].as_deref().unwrap().contains("22P05"),
-        "a data exception: {q:?}"
+        q[0][1].as_deref().unwrap().contains("23514"),
+        "a check violation: {q:?}"
+    );
+}
+
+// PostgreSQL's text and jsonb cannot hold U+0000, which the other warehouses store: the
+// event loads with U+FFFD in its place, and rejected_values names each column changed
+// and the value as sent (an event is not refused for one character).
+#[tokio::test]
+async fn postgres_stores_nul_as_the_replacement_character_and_says_so() {
+    let t = Target::postgres();
+    let sink = t.open().await;
+    let evs = events(json!({"batch": [
+        {"type": "track", "messageId": "n1", "userId": "u\u{0}x", "event": "E", "properties": {"p": "a\u{0}b", "ok": "fine"}},
+        {"type": "identify", "messageId": "n2", "userId": "u", "traits": {"t": "\u{0}"}}
+    ]}));
+    let st = sink.load(&Load::events(0, 1, evs.clone())).await.unwrap();
+    assert_eq!((st.inserted, st.quarantined), (2, 0));
+    assert_eq!(
+        rows(&*sink, "SELECT user_id, p, ok FROM e").await,
+        vec![vec![s("u\u{FFFD}x"), s("a\u{FFFD}b"), s("fine")]]
+    );
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT properties->>'p', raw->'properties'->>'p', user_id FROM tracks"
+        )
+        .await,
+        vec![vec![s("a\u{FFFD}b"), s("a\u{FFFD}b"), s("u\u{FFFD}x")]]
+    );
+    assert_eq!(
+        rows(&*sink, "SELECT t FROM users").await,
+        vec![vec![s("\u{FFFD}")]]
+    );
+    let rejected = rows(
+        &*sink,
+        "SELECT message_id, table_name, column_name, value, reason FROM rejected_values ORDER BY 1, 2, 3",
+    )
+    .await;
+    let named: Vec<[&str; 3]> = rejected
+        .iter()
+        .map(|r| [0, 1, 2].map(|i| r[i].as_deref().unwrap()))
+        .collect();
+    assert_eq!(
+        named,
+        vec![
+            ["n1", "e", "p"],
+            ["n1", "e", "user_id"],
+            ["n1", "tracks", "properties"],
+            ["n1", "tracks", "raw"],
+            ["n1", "tracks", "user_id"],
+            ["n2", "identifies", "raw"],
+            ["n2", "identifies", "t"],
+            ["n2", "identifies", "traits"],
+        ]
+    );
+    assert_eq!(rejected[0][3], s(r#""a\u0000b""#));
+    assert!(rejected
+        .iter()
+        .all(|r| r[4].as_deref().unwrap().contains("U+0000")));
+    // Redelivered: nothing new.
+    let again = sink.load(&Load::events(0, 1, evs)).await.unwrap();
+    assert_eq!((again.inserted, again.duplicates), (0, 2));
+    assert_eq!(
+        one(&*sink, "SELECT count(*) FROM rejected_values").await,
+        s("8")
     );
 }
 

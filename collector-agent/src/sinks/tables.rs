@@ -611,7 +611,8 @@ impl Plan<'_> {
     }
 }
 
-fn cut(s: String) -> String {
+/// A rejected value cut at [`MAX_REJECTED_VALUE`] bytes (at a character boundary).
+pub(crate) fn cut(s: String) -> String {
     if s.len() <= MAX_REJECTED_VALUE {
         return s;
     }

@@ -375,6 +375,91 @@ fn csv_line(row: &[Cell<'_>], last: Option<&str>, out: &mut Vec<u8>) {
     out.push(b'\n');
 }
 
+/// Why a value was stored changed (see [`without_nul`]).
+const NUL_REASON: &str =
+    "PostgreSQL cannot store the NUL character (U+0000): stored with U+FFFD in its place";
+
+/// PostgreSQL's `text` and `jsonb` cannot hold U+0000, which every other warehouse
+/// stores. Rather than refuse the whole event for one character, the character becomes
+/// U+FFFD (the replacement character) in text and JSON values, and `rejected_values`
+/// names the event, the column and the value as sent. Keys are left alone: a
+/// `message_id` holding NUL is still refused, and quarantined, since changing it would
+/// change which event it is.
+fn without_nul(plan: &mut tables::Plan<'_>) {
+    let mut rejected = Vec::new();
+    for load in &mut plan.loads {
+        let record = load.kind != TableKind::Users;
+        for (i, (name, ty)) in load.columns.iter().enumerate() {
+            let json = match ty {
+                LogicalType::Json => true,
+                LogicalType::Text => false,
+                _ => continue,
+            };
+            let key = name == schema::MESSAGE_ID.name || (!record && name == "id");
+            if key {
+                continue;
+            }
+            for row in &mut load.rows {
+                let Some(v) = row.get(i).and_then(|c| c.as_deref()) else {
+                    continue;
+                };
+                let fixed = if json {
+                    json_without_nul(v)
+                } else {
+                    v.contains('\0').then(|| v.replace('\0', "\u{FFFD}"))
+                };
+                let Some(fixed) = fixed else { continue };
+                if record {
+                    let sent = if json {
+                        v.to_string()
+                    } else {
+                        serde_json::Value::String(v.to_string()).to_string()
+                    };
+                    rejected.push(tables::Rejected {
+                        message_id: row
+                            .first()
+                            .and_then(|c| c.as_deref())
+                            .unwrap_or_default()
+                            .to_string(),
+                        table_name: load.table.clone(),
+                        column_name: name.clone(),
+                        value: tables::cut(sent),
+                        reason: NUL_REASON.into(),
+                    });
+                }
+                row[i] = Some(fixed.into());
+            }
+        }
+    }
+    plan.rejected.extend(rejected);
+}
+
+/// JSON text with each `\u0000` escape replaced by `\ufffd`, or `None` when it has none
+/// (an escaped backslash followed by `u0000` is text, not the escape).
+fn json_without_nul(v: &str) -> Option<String> {
+    if !v.contains("\\u0000") {
+        return None;
+    }
+    let b = v.as_bytes();
+    let (mut out, mut i, mut from) = (String::with_capacity(v.len()), 0, 0);
+    while i < b.len() {
+        if b[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        if b[i + 1..].starts_with(b"u0000") {
+            out.push_str(&v[from..i]);
+            out.push_str("\\ufffd");
+            i += 6;
+            from = i;
+        } else {
+            i += 2;
+        }
+    }
+    out.push_str(&v[from.min(v.len())..]);
+    (from > 0).then_some(out)
+}
+
 /// Writes a prepared load in one transaction. When it grows the schema, it takes the
 /// agents' lock first and plans again against the catalog as committed (another agent
 /// may have grown it meanwhile); the in-memory catalog changes only after the commit.
@@ -389,6 +474,7 @@ async fn write(
         tx.execute(SCHEMA_LOCK, &[]).await.map_err(classify)?;
         plan = load_catalog(&tx).await?.plan(p);
     }
+    without_nul(&mut plan);
     let mut stats = LoadStats {
         duplicates: p.in_load_duplicates,
         ..LoadStats::default()
@@ -823,6 +909,21 @@ impl SqlSession for PgSession<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nul_escapes_in_json_become_the_replacement_character() {
+        assert_eq!(json_without_nul(r#"{"a":"x"}"#), None);
+        assert_eq!(
+            json_without_nul(r#"{"a\u0000":"x\u0000y\u0000"}"#).as_deref(),
+            Some(r#"{"a\ufffd":"x\ufffdy\ufffd"}"#)
+        );
+        // An escaped backslash followed by `u0000` is text, not a NUL.
+        assert_eq!(json_without_nul(r#"{"a":"\\u0000"}"#), None);
+        assert_eq!(
+            json_without_nul(r#"["\\\u0000"]"#).as_deref(),
+            Some(r#"["\\\ufffd"]"#)
+        );
+    }
 
     // Registration's fast path (one COPY) and its fallback when some ids are already
     // there, against a real server: the counts, and the registry, are exact either way.
