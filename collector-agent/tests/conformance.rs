@@ -511,6 +511,139 @@ async fn users_hold_the_latest_traits(t: &Target) {
     );
 }
 
+/// One user's identifies: `plan` set, then cleared by a later identify that says
+/// nothing of it (NULL is not a value), then set by one sent in between that arrives
+/// last; `city` set twice at the same instant (the later message id wins); an older
+/// `anonymous_id`.
+fn identifies_of(user: &str) -> Vec<serde_json::Value> {
+    let e = |id: &str, ts: &str, anon: Option<&str>, traits: serde_json::Value| {
+        json!({"type": "identify", "messageId": format!("{user}-{id}"), "userId": user,
+               "anonymousId": anon, "timestamp": ts, "traits": traits})
+    };
+    vec![
+        e(
+            "i1",
+            "2026-11-20T10:00:00Z",
+            Some("a1"),
+            json!({"plan": "free", "age": 30}),
+        ),
+        e(
+            "i3",
+            "2026-11-22T10:00:00Z",
+            None,
+            json!({"plan": null, "age": "31"}),
+        ),
+        e(
+            "i4",
+            "2026-11-21T10:00:00Z",
+            None,
+            json!({"plan": "pro", "city": "Lyon"}),
+        ),
+        e("i5", "2026-11-21T10:00:00Z", None, json!({"city": "Paris"})),
+        e(
+            "i0",
+            "2026-11-19T10:00:00Z",
+            Some("a0"),
+            json!({"company": "Acme"}),
+        ),
+    ]
+}
+
+// `users` holds, per user and trait, the value of the latest identify that has it (by
+// `timestamp`, then message id), whatever order the identifies arrive in and however
+// they are split into loads: three users with the same history, loaded three ways,
+// end up the same in every sink.
+async fn users_do_not_depend_on_arrival_order(t: &Target) {
+    let sink = t.open().await;
+    let mut batch = 1;
+    let mut load_of = |evs: Vec<serde_json::Value>| {
+        batch += 1;
+        Load::events(0, batch, events(json!({ "batch": evs })))
+    };
+    // All at once.
+    sink.load(&load_of(identifies_of("ua"))).await.unwrap();
+    // One a load, latest first.
+    for e in identifies_of("ub").into_iter().rev() {
+        sink.load(&load_of(vec![e])).await.unwrap();
+    }
+    // Two loads, interleaved.
+    let c = identifies_of("uc");
+    sink.load(&load_of(vec![c[4].clone(), c[1].clone(), c[3].clone()]))
+        .await
+        .unwrap();
+    sink.load(&load_of(vec![c[2].clone(), c[0].clone()]))
+        .await
+        .unwrap();
+    let expected = |id: &str| {
+        vec![
+            s(id),
+            s("a1"),
+            s("pro"),
+            s("31"),
+            s("Paris"),
+            s("Acme"),
+            s("2026-11-22T10:00:00.000Z"),
+        ]
+    };
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT id, anonymous_id, plan, age, city, company, timestamp FROM users ORDER BY id"
+        )
+        .await,
+        vec![expected("ua"), expected("ub"), expected("uc")]
+    );
+}
+
+// A warehouse from before migration 11 has `users` but no keys: the migration gives
+// each stored value its row's `timestamp`, so what was stored is kept against older
+// identifies, filled where NULL, and replaced by newer ones.
+async fn users_of_an_older_warehouse_keep_their_values(t: &Target) {
+    let sink = t.open().await;
+    common::load(&*sink, 1, json!([
+        {"type": "identify", "messageId": "o1", "userId": "u", "timestamp": "2026-11-20T10:00:00Z", "traits": {"plan": "free", "city": "Lyon"}},
+        {"type": "identify", "messageId": "o2", "userId": "u", "timestamp": "2026-11-21T10:00:00Z", "traits": {"age": 3}}
+    ]))
+    .await;
+    for sql in [
+        "DELETE FROM collector_user_traits",
+        "DELETE FROM collector_migrations WHERE version = 11",
+        "ALTER TABLE users ADD COLUMN tier VARCHAR",
+    ] {
+        sink.query(sql).await.unwrap();
+    }
+    drop(sink);
+    let sink = t.open().await;
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT column_name, ts_ms, message_id FROM collector_user_traits ORDER BY 1"
+        )
+        .await,
+        ["age", "city", "plan"]
+            .map(|c| vec![s(c), s("1795255200000"), s("")])
+            .to_vec()
+    );
+    common::load(&*sink, 2, json!([
+        {"type": "identify", "messageId": "o3", "userId": "u", "timestamp": "2026-11-20T12:00:00Z", "traits": {"plan": "trial", "company": "Acme"}},
+        {"type": "identify", "messageId": "o4", "userId": "u", "timestamp": "2026-11-22T10:00:00Z", "traits": {"city": "Paris"}}
+    ]))
+    .await;
+    assert_eq!(
+        rows(&*sink, "SELECT plan, city, age, company FROM users").await,
+        vec![vec![s("free"), s("Paris"), s("3"), s("Acme")]]
+    );
+}
+
+// (In a module of their own: the shared scenarios' modules are `duckdb`, `postgres`, ….)
+mod upgraded {
+    use super::*;
+    crate::per_target!(
+        [duckdb, postgres]
+        [users_of_an_older_warehouse_keep_their_values,]
+    );
+}
+
 crate::per_target!(
     [duckdb, postgres, parquet, clickhouse]
     [loads_each_kind_into_its_segment_table,
@@ -523,7 +656,8 @@ crate::per_target!(
     dead_letters_that_decode_now_are_replayed,
     per_event_tables_and_flattened_columns,
     type_drift_is_cast_or_recorded_never_dropped,
-    users_hold_the_latest_traits,]
+    users_hold_the_latest_traits,
+    users_do_not_depend_on_arrival_order,]
 );
 
 // PostgreSQL itself refuses a value (here an analyst's CHECK constraint): that event

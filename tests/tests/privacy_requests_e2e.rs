@@ -221,6 +221,13 @@ async fn erase_export_and_suppress(st: &Stack, cfg: AgentConfig) {
             req.render()
         );
     }
+    // Where each of their `users` values came from goes with them.
+    let keys = store("collector_user_traits");
+    assert!(
+        keys.status == "done" && keys.before.is_some_and(|n| n > 0) && keys.after == Some(0),
+        "{}",
+        req.render()
+    );
     assert_eq!(store("edge").status, "done");
     assert_eq!(
         store("destination:crm_hook").status,

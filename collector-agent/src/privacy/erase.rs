@@ -303,6 +303,8 @@ pub async fn stores(
     let ids = &person.ids;
     let fixed = [
         ("users", isin("id", users.iter()), None),
+        // Where each of their `users` values came from (DuckDB, PostgreSQL).
+        ("collector_user_traits", isin("id", users.iter()), None),
         ("quarantine", quarantine, None),
         ("rejected_values", messages("message_id"), None),
         // The registry that makes loads exactly once: an erased event's id goes too

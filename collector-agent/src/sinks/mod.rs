@@ -280,6 +280,11 @@ pub(crate) fn sql_migrations(d: Relational, text: &str) -> Vec<(i32, &'static st
             "privacy_requests, privacy_request_stores, policy_versions",
             crate::privacy::ddl(d),
         ),
+        (
+            11,
+            "collector_user_traits: which identify each users value came from, so users holds each trait's latest value whatever order identifies arrive in",
+            tables::user_traits_ddl(d),
+        ),
     ]
 }
 

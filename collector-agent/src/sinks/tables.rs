@@ -7,7 +7,9 @@
 //! - **One table per track event name** (`Order Completed` → `order_completed`) with
 //!   `event` (the table name), `event_text` (the name as sent), the common columns, the
 //!   flattened context and every property as a typed column.
-//! - **`users`**: the latest traits per user id, from `identify`.
+//! - **`users`**: per user id, each trait's value from the latest `identify` that
+//!   carries it (by `timestamp`, then `message_id`), whatever order identifies arrive
+//!   in ([`merge_users`]).
 //! - **Type drift never drops a value silently.** A column's type is set by the first
 //!   non-null value (`BOOLEAN`, `DOUBLE`, `TIMESTAMP` for ISO 8601 date-times, `TEXT`,
 //!   `JSON` for arrays) and never changes. A later value is cast when the cast loses
@@ -147,7 +149,8 @@ pub enum TableKind {
     Base(EventKind),
     /// One track event name's table: rows of `tracks`, loaded when their id is new.
     Event,
-    /// `users`: upserted by `id`, latest traits win.
+    /// `users`: upserted by `id`; per trait, the value of the latest identify that has
+    /// it (see [`merge_users`]).
     Users,
 }
 
@@ -257,20 +260,76 @@ UPDATE tracks SET event = c.table_name FROM collector_tables c
     )
 }
 
-/// The `SET` list of the `users` upsert (DuckDB and PostgreSQL): a row whose
-/// `timestamp` is not older than the stored one overwrites the traits it carries; an
-/// older one only fills traits still NULL.
+/// Merges a `users` load's rows of the same user and the same `timestamp` into one
+/// (per cell, the later message id's non-NULL value): ClickHouse keeps a row per
+/// user and instant, versioned by the instant, and its `users` view takes each
+/// column's latest non-NULL value, which is [`merge_users`]'s rule.
+pub fn users_by_instant(load: &mut TableLoad<'_>) {
+    let ts_at = load.columns.iter().position(|(n, _)| n == "timestamp");
+    let mut index: HashMap<(String, Option<i64>), usize> = HashMap::new();
+    let mut rows: Vec<TableRow<'_>> = Vec::new();
+    let mut ids = Vec::new();
+    let old = std::mem::take(&mut load.rows);
+    for (row, message_id) in old.into_iter().zip(std::mem::take(&mut load.message_ids)) {
+        let key = (
+            row.first()
+                .and_then(|c| c.as_deref())
+                .unwrap_or_default()
+                .to_string(),
+            ts_at
+                .and_then(|i| row.get(i)?.as_deref())
+                .and_then(parse_ms),
+        );
+        match index.get(&key) {
+            Some(&i) => {
+                for (c, v) in row.into_iter().enumerate() {
+                    if v.is_some() {
+                        rows[i][c] = v;
+                    }
+                }
+                ids[i] = message_id;
+            }
+            None => {
+                index.insert(key, rows.len());
+                rows.push(row);
+                ids.push(message_id);
+            }
+        }
+    }
+    load.batch_ids = vec![None; rows.len()];
+    load.rows = rows;
+    load.message_ids = ids;
+}
+
+/// `collector_user_traits` (migration 11): per user and `users` column, the key of the
+/// identify its value came from ([`TraitKey`]). A warehouse made before gets, for each
+/// non-NULL value, its row's `timestamp` as the key (and an empty message id, below
+/// any identify of the same instant): what the row-level rule before it knew.
+pub fn user_traits_ddl(d: crate::sinks::Relational) -> String {
+    match d {
+        crate::sinks::Relational::DuckDb => "CREATE TABLE IF NOT EXISTS collector_user_traits (id VARCHAR NOT NULL, column_name VARCHAR NOT NULL, ts_ms BIGINT NOT NULL, message_id VARCHAR NOT NULL, PRIMARY KEY (id, column_name));
+INSERT OR IGNORE INTO collector_user_traits SELECT id, name, coalesce(epoch_ms(\"timestamp\"), 0), '' FROM (UNPIVOT (SELECT id, \"timestamp\", COLUMNS(* EXCLUDE (id, \"timestamp\", received_at, loaded_at))::VARCHAR FROM users) ON COLUMNS(* EXCLUDE (id, \"timestamp\")) INTO NAME name VALUE v);
+".into(),
+        crate::sinks::Relational::Postgres => "CREATE TABLE IF NOT EXISTS collector_user_traits (id text NOT NULL, column_name text NOT NULL, ts_ms bigint NOT NULL, message_id text NOT NULL, PRIMARY KEY (id, column_name));
+INSERT INTO collector_user_traits SELECT u.id, j.key, coalesce((extract(epoch FROM u.\"timestamp\") * 1000)::bigint, 0), '' FROM users u CROSS JOIN LATERAL jsonb_each(to_jsonb(u) - 'id' - 'timestamp' - 'received_at' - 'loaded_at') j WHERE j.value <> 'null'::jsonb ON CONFLICT DO NOTHING;
+".into(),
+    }
+}
+
+/// The `SET` list of the `users` upsert (DuckDB and PostgreSQL) of rows merged by
+/// [`merge_users`]: a keyed cell is set only where it won, so it replaces the stored
+/// value where it is not NULL; `timestamp` and `received_at` keep the latest.
 pub fn users_merge_set(columns: &[(String, LogicalType)], new: &str, old: &str) -> String {
-    let ts = quote("timestamp");
-    let newer = format!("({old}.{ts} IS NULL OR {new}.{ts} >= {old}.{ts})");
     let mut set: Vec<String> = columns
         .iter()
         .filter(|(n, _)| n != "id")
         .map(|(n, _)| {
             let c = quote(n);
-            format!(
-                "{c} = CASE WHEN {newer} THEN coalesce({new}.{c}, {old}.{c}) ELSE coalesce({old}.{c}, {new}.{c}) END"
-            )
+            if keyed_users_column(n) {
+                format!("{c} = coalesce({new}.{c}, {old}.{c})")
+            } else {
+                format!("{c} = greatest({new}.{c}, {old}.{c})")
+            }
         })
         .collect();
     set.push(format!("{0} = {new}.{0}", quote(schema::LOADED_AT)));
@@ -578,6 +637,9 @@ pub struct TableLoad<'a> {
     pub rows: Vec<TableRow<'a>>,
     /// The batch each row came from (`None` for `users`).
     pub batch_ids: Vec<Option<i64>>,
+    /// The event each row came from (for `users`, one row per identify, not yet
+    /// merged: [`merge_users`]).
+    pub message_ids: Vec<&'a str>,
 }
 
 impl<'a> TableLoad<'a> {
@@ -632,6 +694,7 @@ struct Builder<'a, 'c> {
     index: HashMap<String, usize>,
     rows: Vec<TableRow<'a>>,
     batch_ids: Vec<Option<i64>>,
+    message_ids: Vec<&'a str>,
     /// Scratch: which added columns the row being pushed has filled.
     seen: Vec<bool>,
 }
@@ -652,6 +715,7 @@ impl<'a, 'c> Builder<'a, 'c> {
             index,
             rows: Vec::new(),
             batch_ids: Vec::new(),
+            message_ids: Vec::new(),
             seen: Vec::new(),
         }
     }
@@ -660,7 +724,7 @@ impl<'a, 'c> Builder<'a, 'c> {
     /// recording what does not fit.
     fn push(
         &mut self,
-        message_id: &str,
+        message_id: &'a str,
         batch_id: Option<i64>,
         fixed: TableRow<'a>,
         flat: impl Iterator<Item = &'a Flat>,
@@ -731,6 +795,7 @@ impl<'a, 'c> Builder<'a, 'c> {
         }
         self.rows.push(row);
         self.batch_ids.push(batch_id);
+        self.message_ids.push(message_id);
     }
 
     fn finish(self) -> TableLoad<'a> {
@@ -746,6 +811,7 @@ impl<'a, 'c> Builder<'a, 'c> {
             columns,
             rows: self.rows,
             batch_ids: self.batch_ids,
+            message_ids: self.message_ids,
         }
     }
 }
@@ -871,62 +937,141 @@ impl Catalog {
         if !users.is_empty() {
             let added = tables.get_mut("users").expect("users");
             let mut b = Builder::new("users".into(), TableKind::Users, added);
-            for (id, fixed, traits) in users {
+            for (message_id, fixed, traits) in users {
                 b.push(
-                    id,
+                    message_id,
                     None,
                     fixed,
-                    traits.into_iter(),
+                    traits.iter(),
                     &mut plan.new_columns,
                     &mut plan.rejected,
                 );
             }
             plan.loads.push(b.finish());
         }
-        // A user's merged traits were rejected under the user id; only events' own
-        // rejections are kept (each is also rejected on `identifies`).
+        // Only events' own rejections are kept (each is also rejected on
+        // `identifies`).
         plan.rejected.retain(|r| r.table_name != "users");
         plan.catalog = catalog;
         plan
     }
 }
 
-/// A user's merged row: id, fixed values, and the traits that won.
-type UserRow<'a> = (&'a str, TableRow<'a>, Vec<&'a Flat>);
+/// One identify's `users` row: its message id, fixed values and traits.
+type UserRow<'a> = (&'a str, TableRow<'a>, &'a [Flat]);
 
-/// The `users` rows of a load: per user id, its identifies merged in timestamp order
-/// (a later non-null trait wins).
+/// The `users` rows of a load: one per identify with a user id, in (`timestamp`,
+/// `message_id`) order. They are merged with each other and with what the warehouse
+/// holds by [`merge_users`] (or, in ClickHouse, by its `users` view).
 fn users_rows(p: &Prepared) -> Vec<UserRow<'_>> {
-    let mut by_user: BTreeMap<&str, Vec<&PreparedRow>> = BTreeMap::new();
-    for r in p.rows.iter().filter(|r| r.kind == EventKind::Identify) {
-        if let Some(uid) = r.value("user_id") {
-            by_user.entry(uid).or_default().push(r);
+    let mut rows: Vec<&PreparedRow> = p
+        .rows
+        .iter()
+        .filter(|r| r.kind == EventKind::Identify && r.value("user_id").is_some())
+        .collect();
+    rows.sort_by(|a, b| {
+        (a.value("timestamp"), a.message_id()).cmp(&(b.value("timestamp"), b.message_id()))
+    });
+    rows.into_iter()
+        .map(|r| {
+            let fixed: TableRow<'_> = ["user_id", "anonymous_id", "timestamp", "received_at"]
+                .iter()
+                .map(|c| r.value(c).map(Cow::Borrowed))
+                .collect();
+            (r.message_id(), fixed, &r.payload[..])
+        })
+        .collect()
+}
+
+/// Where a value of a `users` column came from: the identify's `timestamp` (ms) and
+/// `message_id`. A later key wins: `users` holds, per user and column, the value of
+/// the latest identify that has it non-null, whatever order identifies arrive in.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TraitKey {
+    pub ts_ms: i64,
+    pub message_id: String,
+}
+
+/// The columns of `users` that are merged per key (`timestamp` and `received_at` take
+/// the latest; `id` is the key).
+pub fn keyed_users_column(name: &str) -> bool {
+    !matches!(name, "id" | "timestamp" | "received_at")
+}
+
+/// A `users` load merged against the warehouse (DuckDB, PostgreSQL).
+#[derive(Debug, Default, PartialEq)]
+pub struct MergedUsers<'a> {
+    /// One row per user, in the load's columns: a keyed cell is set only where its
+    /// value beats what the warehouse holds (the upsert keeps the stored value where it
+    /// is NULL: [`users_merge_set`]); `timestamp`/`received_at` are the load's latest.
+    pub rows: Vec<TableRow<'a>>,
+    /// The keys of the cells set: `(user id, column, key)`, for `collector_user_traits`.
+    pub keys: Vec<(String, String, TraitKey)>,
+}
+
+/// Merges a `users` load (one row per identify: [`users_rows`]) with the keys the
+/// warehouse holds for its users (`stored`: (user id, column) → key). Order-free: the
+/// result depends only on the identifies, never on how they were split into loads.
+pub fn merge_users<'a>(
+    load: &TableLoad<'a>,
+    stored: &HashMap<(String, String), TraitKey>,
+) -> MergedUsers<'a> {
+    let col = |name: &str| load.columns.iter().position(|(n, _)| n == name);
+    let (ts_at, received_at) = (col("timestamp"), col("received_at"));
+    let keyed: Vec<usize> = (0..load.columns.len())
+        .filter(|&i| keyed_users_column(&load.columns[i].0))
+        .collect();
+    // Per user: its merged row, and the key of each keyed cell set in it.
+    let mut users: BTreeMap<&str, (TableRow<'a>, HashMap<usize, TraitKey>)> = BTreeMap::new();
+    for (row, message_id) in load.rows.iter().zip(&load.message_ids) {
+        let Some(id) = row.first().and_then(|c| c.as_deref()) else {
+            continue;
+        };
+        let ts = ts_at.and_then(|i| row.get(i)?.as_deref());
+        let key = TraitKey {
+            ts_ms: ts.and_then(parse_ms).unwrap_or(i64::MIN),
+            message_id: message_id.to_string(),
+        };
+        let (merged, keys) = users.entry(id).or_insert_with(|| {
+            let mut r: TableRow<'a> = vec![None; load.columns.len()];
+            r[0] = row[0].clone();
+            (r, HashMap::new())
+        });
+        for i in [ts_at, received_at].into_iter().flatten() {
+            let later = match (&merged[i], &row[i]) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(a), Some(b)) => parse_ms(b) > parse_ms(a),
+            };
+            if later {
+                merged[i] = row[i].clone();
+            }
+        }
+        for &i in &keyed {
+            if row.get(i).is_none_or(Option::is_none) {
+                continue;
+            }
+            let column = &load.columns[i].0;
+            let beats = |k: &TraitKey| key > *k;
+            let wins = keys.get(&i).is_none_or(beats)
+                && stored
+                    .get(&(id.to_string(), column.clone()))
+                    .is_none_or(beats);
+            if wins {
+                merged[i] = row[i].clone();
+                keys.insert(i, key.clone());
+            }
         }
     }
-    let mut out = Vec::new();
-    for (uid, mut rows) in by_user {
-        rows.sort_by(|a, b| {
-            (a.value("timestamp"), a.message_id()).cmp(&(b.value("timestamp"), b.message_id()))
-        });
-        let mut fixed: TableRow<'_> = vec![Some(Cow::Borrowed(uid)), None, None, None];
-        let mut traits: Vec<&Flat> = Vec::new();
-        for r in rows {
-            for (i, c) in ["anonymous_id", "timestamp", "received_at"]
-                .iter()
-                .enumerate()
-            {
-                if let Some(v) = r.value(c) {
-                    fixed[i + 1] = Some(Cow::Borrowed(v));
-                }
-            }
-            for pair in &r.payload {
-                match traits.iter_mut().find(|t| t.0 == pair.0) {
-                    Some(slot) => *slot = pair,
-                    None => traits.push(pair),
-                }
-            }
+    let mut out = MergedUsers::default();
+    for (id, (row, keys)) in users {
+        let mut keys: Vec<(usize, TraitKey)> = keys.into_iter().collect();
+        keys.sort();
+        for (i, key) in keys {
+            out.keys
+                .push((id.to_string(), load.columns[i].0.clone(), key));
         }
-        out.push((uid, fixed, traits));
+        out.rows.push(row);
     }
     out
 }
@@ -935,6 +1080,100 @@ fn users_rows(p: &Prepared) -> Vec<UserRow<'_>> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A `users` load of rows `(message id, user, timestamp, plan)`.
+    fn users_load<'a>(rows: &[(&'a str, &'a str, &'a str, Option<&'a str>)]) -> TableLoad<'a> {
+        let c = |v: &'a str| Some(Cow::Borrowed(v));
+        TableLoad {
+            table: "users".into(),
+            kind: TableKind::Users,
+            columns: ["id", "anonymous_id", "timestamp", "received_at", "plan"]
+                .map(|n| (n.to_string(), LogicalType::Text))
+                .to_vec(),
+            rows: rows
+                .iter()
+                .map(|(_, u, ts, plan)| vec![c(u), None, c(ts), None, plan.map(Cow::Borrowed)])
+                .collect(),
+            batch_ids: vec![None; rows.len()],
+            message_ids: rows.iter().map(|r| r.0).collect(),
+        }
+    }
+
+    fn key(ts: &str, m: &str) -> TraitKey {
+        TraitKey {
+            ts_ms: parse_ms(ts).unwrap(),
+            message_id: m.into(),
+        }
+    }
+
+    #[test]
+    fn users_merge_per_trait_by_instant_then_message_id() {
+        let load = users_load(&[
+            ("m1", "u", "2026-11-20T00:00:00.000Z", Some("free")),
+            ("m3", "u", "2026-11-22T00:00:00.000Z", None),
+            ("m2", "u", "2026-11-21T00:00:00.000Z", Some("pro")),
+            ("m0", "u", "2026-11-21T00:00:00.000Z", Some("team")),
+        ]);
+        let m = merge_users(&load, &HashMap::new());
+        assert_eq!(m.rows.len(), 1);
+        // `plan` from the latest identify that has it (m2 over m0 at one instant);
+        // `timestamp` the latest of all.
+        assert_eq!(m.rows[0][4].as_deref(), Some("pro"));
+        assert_eq!(m.rows[0][2].as_deref(), Some("2026-11-22T00:00:00.000Z"));
+        assert_eq!(
+            m.keys,
+            vec![(
+                "u".into(),
+                "plan".into(),
+                key("2026-11-21T00:00:00.000Z", "m2")
+            )]
+        );
+        // What the warehouse holds wins over anything older: the cell stays NULL (the
+        // upsert keeps the stored value) and no key is written.
+        let stored = HashMap::from([(
+            ("u".to_string(), "plan".to_string()),
+            key("2026-11-21T12:00:00.000Z", "x"),
+        )]);
+        let m = merge_users(&load, &stored);
+        assert_eq!(m.rows[0][4], None);
+        assert!(m.keys.is_empty());
+        // The same identifies in any order, in any split, give the same result.
+        let whole = merge_users(&load, &HashMap::new());
+        let mut rev = users_load(&[]);
+        rev.rows = load.rows.iter().rev().cloned().collect();
+        rev.message_ids = load.message_ids.iter().rev().copied().collect();
+        assert_eq!(merge_users(&rev, &HashMap::new()), whole);
+        let mut stored = HashMap::new();
+        let mut last = None;
+        for i in [3, 0, 2, 1] {
+            let mut one = users_load(&[]);
+            one.rows = vec![load.rows[i].clone()];
+            one.message_ids = vec![load.message_ids[i]];
+            let m = merge_users(&one, &stored);
+            for (u, c, k) in m.keys {
+                stored.insert((u, c), k);
+            }
+            if m.rows[0][4].is_some() {
+                last = m.rows[0][4].clone();
+            }
+        }
+        assert_eq!(last.as_deref(), Some("pro"));
+    }
+
+    #[test]
+    fn users_rows_of_one_instant_become_one() {
+        let mut load = users_load(&[
+            ("m0", "u", "2026-11-21T00:00:00.000Z", Some("team")),
+            ("m2", "u", "2026-11-21T00:00:00.000Z", Some("pro")),
+            ("m3", "u", "2026-11-22T00:00:00.000Z", None),
+            ("m4", "v", "2026-11-21T00:00:00.000Z", Some("free")),
+        ]);
+        users_by_instant(&mut load);
+        assert_eq!(load.message_ids, vec!["m2", "m3", "m4"]);
+        let plans: Vec<Option<&str>> = load.rows.iter().map(|r| r[4].as_deref()).collect();
+        assert_eq!(plans, vec![Some("pro"), None, Some("free")]);
+        assert_eq!(load.batch_ids.len(), 3);
+    }
 
     #[test]
     fn snake_case_follows_segment() {

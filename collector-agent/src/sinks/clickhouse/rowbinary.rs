@@ -36,12 +36,14 @@ pub(super) struct Layout {
 }
 
 impl Layout {
-    /// The layout of `columns` (then `loaded_at`, `_version`, and `_received` when
-    /// `received`), or `None` when a column's type in `physical` (name → type, from
-    /// `system.columns`) is not the sink's: `sql_type(ty, nullable)` as created.
+    /// The layout of `columns` (then `loaded_at`, `_version`, `_received` when
+    /// `received`, and `_mid` when `mid`: `users`), or `None` when a column's type in
+    /// `physical` (name → type, from `system.columns`) is not the sink's:
+    /// `sql_type(ty, nullable)` as created.
     pub(super) fn new(
         columns: &[(Field, &str)],
         received: bool,
+        mid: bool,
         ms_precision: bool,
         physical: &HashMap<String, String>,
         sql_type: impl Fn(LogicalType, bool) -> String,
@@ -49,7 +51,8 @@ impl Layout {
         let has = |name: &str, ty: &str| physical.get(name).map(String::as_str) == Some(ty);
         let extras = has(LOADED_AT, &sql_type(LogicalType::Timestamp, false))
             && has("_version", "UInt64")
-            && (!received || has("_received", "Date"));
+            && (!received || has("_received", "Date"))
+            && (!mid || has("_mid", "String"));
         let fits = |(f, name): &(Field, &str)| match f {
             Field::Key => has(name, &sql_type(LogicalType::Text, false)),
             Field::Value(ty) => has(name, &sql_type(*ty, true)),
@@ -60,15 +63,16 @@ impl Layout {
         })
     }
 
-    /// Appends one row: its cells, `loaded_at` (Unix ms), `_version`, and the
-    /// `_received` day when given. `false`, with `out` as it was, when the row does not
-    /// fit (a key without a value, a day past what `Date` holds).
+    /// Appends one row: its cells, `loaded_at` (Unix ms), `_version`, the `_received`
+    /// day when given and `_mid` when given. `false`, with `out` as it was, when the row
+    /// does not fit (a key without a value, a day past what `Date` holds).
     pub(super) fn row(
         &self,
         cells: &[Cell<'_>],
         loaded_at_ms: i64,
         version: u64,
         received_day: Option<i64>,
+        mid: Option<&str>,
         out: &mut Vec<u8>,
     ) -> bool {
         let start = out.len();
@@ -92,6 +96,12 @@ impl Layout {
                     }
                     Err(_) => false,
                 },
+            }
+            && {
+                if let Some(m) = mid {
+                    string(m, out);
+                }
+                true
             };
         if !ok {
             out.truncate(start);
@@ -224,7 +234,7 @@ mod tests {
             ("_version", "UInt64"),
             ("_received", "Date"),
         ]);
-        Layout::new(&cols, true, ms, &types, expected(ms)).expect("the sink's own types")
+        Layout::new(&cols, true, false, ms, &types, expected(ms)).expect("the sink's own types")
     }
 
     fn cells<'a>(v: &[Option<&'a str>]) -> Vec<Cell<'a>> {
@@ -242,7 +252,7 @@ mod tests {
             Some("true"),
             Some("1970-01-01T00:01:40.900Z"),
         ]);
-        assert!(l.row(&row, 5_000, 7, Some(3), &mut out));
+        assert!(l.row(&row, 5_000, 7, Some(3), None, &mut out));
         let mut want = vec![1, b'm', 0, 2, 0xc3, 0xa9, 0];
         want.extend(2.5f64.to_le_bytes());
         want.extend([0, 1, 0]);
@@ -262,7 +272,7 @@ mod tests {
             None,
             Some("1960-01-01T00:00:00.000Z"),
         ]);
-        assert!(layout(true).row(&row, 5_001, 0, Some(0), &mut out));
+        assert!(layout(true).row(&row, 5_001, 0, Some(0), None, &mut out));
         let mut want = vec![1, b'm', 1, 1, 1, 1];
         want.extend(5_001i64.to_le_bytes());
         want.extend(0u64.to_le_bytes());
@@ -287,6 +297,7 @@ mod tests {
             0,
             0,
             Some(0),
+            None,
             &mut out
         ));
         assert!(!l.row(
@@ -294,9 +305,10 @@ mod tests {
             0,
             0,
             Some(70_000),
+            None,
             &mut out
         ));
-        assert!(!l.row(&cells(&[Some("m")]), 0, 0, Some(0), &mut out));
+        assert!(!l.row(&cells(&[Some("m")]), 0, 0, Some(0), None, &mut out));
         assert_eq!(out, b"earlier");
     }
 
@@ -312,12 +324,12 @@ mod tests {
             ("loaded_at", "DateTime"),
             ("_version", "UInt64"),
         ]);
-        assert!(Layout::new(&cols, false, false, &types, expected(false)).is_some());
+        assert!(Layout::new(&cols, false, false, false, &types, expected(false)).is_some());
         // `_received` is only needed where there is one.
-        assert!(Layout::new(&cols, true, false, &types, expected(false)).is_none());
+        assert!(Layout::new(&cols, true, false, false, &types, expected(false)).is_none());
         types.insert("d".into(), "Nullable(String)".into());
-        assert!(Layout::new(&cols, false, false, &types, expected(false)).is_none());
+        assert!(Layout::new(&cols, false, false, false, &types, expected(false)).is_none());
         types.remove("d");
-        assert!(Layout::new(&cols, false, false, &types, expected(false)).is_none());
+        assert!(Layout::new(&cols, false, false, false, &types, expected(false)).is_none());
     }
 }

@@ -340,7 +340,12 @@ impl ClickHouseSink {
         ));
         cols.push("`_version` UInt64".into());
         let engine = match kind {
-            TableKind::Users => "ENGINE = MergeTree() ORDER BY (`id`, `_version`)".to_string(),
+            TableKind::Users => {
+                // The identify a row came from: ties of `_version` (one instant)
+                // go to the later message id, as in every sink.
+                cols.push("`_mid` String".into());
+                "ENGINE = MergeTree() ORDER BY (`id`, `_version`)".to_string()
+            }
             _ => {
                 cols.push("`_received` Date".into());
                 "ENGINE = ReplacingMergeTree(`_version`) PARTITION BY toYYYYMM(`_received`) ORDER BY `message_id`".to_string()
@@ -371,7 +376,7 @@ impl ClickHouseSink {
                         "timestamp" | "received_at" | "loaded_at" => {
                             format!("max({0}) AS {0}", ident(n))
                         }
-                        _ => format!("argMax({0}, `_version`) AS {0}", ident(n)),
+                        _ => format!("argMax({0}, (`_version`, `_mid`)) AS {0}", ident(n)),
                     })
                     .collect();
                 format!(
@@ -451,6 +456,24 @@ impl ClickHouseSink {
         }
         if !has(7) {
             self.migrate_operator_views().await?;
+        }
+        if !has(8) {
+            // `users` rows carry the identify they came from, so two of one instant
+            // resolve as in every sink (the later message id). Rows from before have
+            // '' and lose such ties.
+            match self
+                .exec("ALTER TABLE collector_rows_users ADD COLUMN `_mid` String")
+                .await
+            {
+                Err(e) if duplicate_column(&e) => {}
+                other => {
+                    other?;
+                }
+            }
+            self.refresh_view("users", TableKind::Users).await?;
+            self.exec("INSERT INTO collector_migrations VALUES (8, 'users rows carry their identify (_mid): ties of one instant go to the later message id', now())")
+                .await?;
+            tracing::info!(version = 8, "warehouse migrated");
         }
         self.check_registry_granularity().await
     }
@@ -967,14 +990,13 @@ impl ClickHouseSink {
         // The rows tables' inserts run at once: ClickHouse parses and stores each in a
         // thread of its own. In `RowBinary` while the table has the sink's own types;
         // otherwise as `JSONEachRow`, which the server converts by name and type.
+        // `users`: a row per user and instant (see the `users` view).
+        for load in plan.loads.iter_mut().filter(|l| l.kind == TableKind::Users) {
+            tables::users_by_instant(load);
+        }
         let mut rows_inserts = Vec::with_capacity(plan.loads.len());
         for load in &plan.loads {
-            let mut cols: Vec<String> = load.columns.iter().map(|(n, _)| n.clone()).collect();
-            cols.push(schema::LOADED_AT.into());
-            cols.push("_version".into());
-            if load.kind != TableKind::Users {
-                cols.push("_received".into());
-            }
+            let cols = insert_columns(load);
             let table = rows_table(&load.table);
             let (format, body) = match self.rows_binary(load, now_ms, physical.get(&table)) {
                 Some(body) => ("RowBinary", body),
@@ -1105,6 +1127,7 @@ impl ClickHouseSink {
         let layout = Layout::new(
             &fields,
             !meta.users,
+            meta.users,
             self.ms_precision,
             physical?,
             |ty, nullable| {
@@ -1116,10 +1139,13 @@ impl ClickHouseSink {
             },
         )?;
         let mut out = Vec::with_capacity(load.rows.len() * 256);
-        for row in &load.rows {
+        for (i, row) in load.rows.iter().enumerate() {
             let (version, received_ms) = meta.of_row(row);
             let day = received_ms.map(|ms| ms / 86_400_000);
-            if !layout.row(row, now_ms, version, day, &mut out) {
+            let mid = meta
+                .users
+                .then(|| load.message_ids.get(i).copied().unwrap_or(""));
+            if !layout.row(row, now_ms, version, day, mid, &mut out) {
                 return None;
             }
         }
@@ -1172,7 +1198,7 @@ impl ClickHouseSink {
             .collect();
         let mut body: Vec<u8> = Vec::with_capacity(load.rows.len() * 512);
         // Writing into a Vec cannot fail.
-        for row in &load.rows {
+        for (i, row) in load.rows.iter().enumerate() {
             body.push(b'{');
             for ((key, (_, ty)), v) in keys.iter().zip(&load.columns).zip(row) {
                 body.extend_from_slice(key.as_bytes());
@@ -1196,6 +1222,11 @@ impl ClickHouseSink {
             if let Some(ms) = received_ms {
                 let day = format_ms(ms);
                 let _ = write!(body, ",\"_received\":\"{}\"", &day[..10]);
+            }
+            if meta.users {
+                body.extend_from_slice(b",\"_mid\":");
+                let mid = load.message_ids.get(i).copied().unwrap_or("");
+                let _ = serde_json::to_writer(&mut body, mid);
             }
             body.extend_from_slice(b"}\n");
         }
@@ -1494,6 +1525,23 @@ fn instants_out_of_range(loads: &[TableLoad<'_>], now_s: &Value) -> Vec<Value> {
     out
 }
 
+/// The columns a rows table's insert writes: the load's, `loaded_at`, `_version`, and
+/// `_mid` (`users`) or `_received` (the others).
+fn insert_columns(load: &TableLoad<'_>) -> Vec<String> {
+    let mut cols: Vec<String> = load.columns.iter().map(|(n, _)| n.clone()).collect();
+    cols.push(schema::LOADED_AT.into());
+    cols.push("_version".into());
+    cols.push(
+        if load.kind == TableKind::Users {
+            "_mid"
+        } else {
+            "_received"
+        }
+        .into(),
+    );
+    cols
+}
+
 /// The views of the operator's tables (migration 7; version 3 made them without `blob`).
 const OPERATOR_VIEWS: [(&str, &str); 2] = [
     ("quarantine", "SELECT message_id, type, shard, batch_id, reason, event, quarantined_at, attempts FROM (SELECT * FROM collector_quarantine FINAL) WHERE resolved = 0"),
@@ -1673,11 +1721,7 @@ mod tests {
                 .rows_binary(load, now_ms, physical.get(&table))
                 .unwrap_or_else(|| panic!("{table} goes in RowBinary: {:?}", physical.get(&table)));
             // The same rows both ways, into two copies of the table.
-            let mut cols: Vec<String> = load.columns.iter().map(|(n, _)| n.clone()).collect();
-            cols.extend([schema::LOADED_AT.into(), "_version".into()]);
-            if load.kind != TableKind::Users {
-                cols.push("_received".into());
-            }
+            let cols = insert_columns(load);
             let mut read = Vec::new();
             for (copy, format, body) in [
                 ("b", "RowBinary", binary),

@@ -811,10 +811,7 @@ fn write(
         .map_err(transient)?;
     for load in &plan.loads {
         match load.kind {
-            TableKind::Users => {
-                stage(&tx, load)?;
-                upsert_users(&tx, load)?;
-            }
+            TableKind::Users => write_users(&tx, load)?,
             _ => append_new(&tx, load, &known, &now)?,
         }
     }
@@ -1042,6 +1039,78 @@ pub(crate) fn registered_rows_sql(load: &TableLoad) -> String {
         ident(schema::LOADED_AT),
         ident(&format!("stage_{}", load.table)),
     )
+}
+
+/// Writes a `users` load (one row per identify): merged with the keys the warehouse
+/// holds ([`tables::merge_users`]), upserted, and the keys of what won recorded.
+fn write_users(tx: &duckdb::Transaction<'_>, load: &TableLoad) -> Result<(), SinkError> {
+    // The keys of the load's users.
+    tx.execute_batch("CREATE OR REPLACE TEMP TABLE stage_user_ids (id VARCHAR)")
+        .map_err(transient)?;
+    {
+        let mut app = tx.appender("stage_user_ids").map_err(transient)?;
+        let ids: std::collections::BTreeSet<&str> = load
+            .rows
+            .iter()
+            .filter_map(|r| r.first().and_then(|c| c.as_deref()))
+            .collect();
+        for id in ids {
+            app.append_row(params![id]).map_err(classify)?;
+        }
+        app.flush().map_err(classify)?;
+    }
+    let mut stored = std::collections::HashMap::new();
+    {
+        let mut stmt = tx
+            .prepare(
+                "SELECT k.id, k.column_name, k.ts_ms, k.message_id FROM collector_user_traits k
+                 JOIN stage_user_ids s ON s.id = k.id",
+            )
+            .map_err(transient)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    (r.get::<_, String>(0)?, r.get::<_, String>(1)?),
+                    tables::TraitKey {
+                        ts_ms: r.get(2)?,
+                        message_id: r.get(3)?,
+                    },
+                ))
+            })
+            .map_err(transient)?;
+        for row in rows {
+            let (k, v) = row.map_err(transient)?;
+            stored.insert(k, v);
+        }
+    }
+    let merged = tables::merge_users(load, &stored);
+    let users = TableLoad {
+        table: load.table.clone(),
+        kind: load.kind,
+        columns: load.columns.clone(),
+        rows: merged.rows,
+        batch_ids: Vec::new(),
+        message_ids: Vec::new(),
+    };
+    stage(tx, &users)?;
+    upsert_users(tx, &users)?;
+    tx.execute_batch(
+        "CREATE OR REPLACE TEMP TABLE stage_user_traits (id VARCHAR, column_name VARCHAR, ts_ms BIGINT, message_id VARCHAR)",
+    )
+    .map_err(transient)?;
+    {
+        let mut app = tx.appender("stage_user_traits").map_err(transient)?;
+        for (id, column, key) in &merged.keys {
+            app.append_row(params![id, column, key.ts_ms, key.message_id])
+                .map_err(classify)?;
+        }
+        app.flush().map_err(classify)?;
+    }
+    tx.execute_batch(
+        "INSERT INTO collector_user_traits SELECT * FROM stage_user_traits
+         ON CONFLICT (id, column_name) DO UPDATE SET ts_ms = excluded.ts_ms, message_id = excluded.message_id",
+    )
+    .map_err(classify)
 }
 
 /// Upserts `users` (see [`tables::users_merge_set`]).

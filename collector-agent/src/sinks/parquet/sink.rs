@@ -365,7 +365,7 @@ fn refresh_views(conn: &Connection, catalog: &Catalog, root: &Path) -> Result<()
     }
     let latest = |c: &str| {
         let c = ident(c);
-        format!("arg_max({c}, \"timestamp\") FILTER (WHERE {c} IS NOT NULL) AS {c}")
+        format!("arg_max({c}, (\"timestamp\", message_id)) FILTER (WHERE {c} IS NOT NULL) AS {c}")
     };
     let mut cols = vec![
         "user_id AS id".to_string(),

@@ -126,6 +126,10 @@ CREATE TABLE IF NOT EXISTS rejected_values (message_id text NOT NULL, table_name
 /// sharing a database never race on DDL.
 const SCHEMA_LOCK: &str = "SELECT pg_advisory_xact_lock(7415202611)";
 
+/// Taken by a load that writes `users`, until it commits: the merge of a user's traits
+/// reads the keys `collector_user_traits` holds, then writes new ones.
+const USERS_LOCK: &str = "SELECT pg_advisory_xact_lock(7415202612)";
+
 /// Reads the catalog of added tables and columns.
 async fn load_catalog(client: &impl tokio_postgres::GenericClient) -> Result<Catalog, SinkError> {
     let tables = client
@@ -601,6 +605,51 @@ async fn write(
         let names: Vec<String> = load.columns.iter().map(|(n, _)| ident(n)).collect();
         let loaded = ident(schema::LOADED_AT);
         if load.kind == TableKind::Users {
+            // One row per identify, merged with the keys the warehouse holds: the
+            // agents' lock is taken first, so two agents never merge one user against
+            // the same keys at once.
+            tx.execute(USERS_LOCK, &[]).await.map_err(classify)?;
+            let ids: Vec<&str> = load
+                .rows
+                .iter()
+                .filter_map(|r| r.first().and_then(|c| c.as_deref()))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let stored = tx
+                .query(
+                    "SELECT id, column_name, ts_ms, message_id FROM collector_user_traits WHERE id = ANY($1)",
+                    &[&ids],
+                )
+                .await
+                .map_err(classify)?
+                .iter()
+                .map(|r| {
+                    (
+                        (r.get::<_, String>(0), r.get::<_, String>(1)),
+                        tables::TraitKey {
+                            ts_ms: r.get(2),
+                            message_id: r.get(3),
+                        },
+                    )
+                })
+                .collect();
+            let merged = tables::merge_users(load, &stored);
+            let (mut k_ids, mut k_cols, mut k_ts, mut k_mids) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for (id, column, key) in &merged.keys {
+                k_ids.push(id.as_str());
+                k_cols.push(column.as_str());
+                k_ts.push(key.ts_ms);
+                k_mids.push(key.message_id.as_str());
+            }
+            tx.execute(
+                "INSERT INTO collector_user_traits SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[])
+                 ON CONFLICT (id, column_name) DO UPDATE SET ts_ms = excluded.ts_ms, message_id = excluded.message_id",
+                &[&k_ids, &k_cols, &k_ts, &k_mids],
+            )
+            .await
+            .map_err(classify)?;
             // Upserted, so staged: a temporary table, then `INSERT … ON CONFLICT`.
             let stage = ident(&format!("stage_{table}"));
             let stage_cols: Vec<String> = load
@@ -615,7 +664,7 @@ async fn write(
             .await
             .map_err(classify)?;
             let mut csv = Vec::new();
-            for row in &load.rows {
+            for row in &merged.rows {
                 csv_line(row, None, &mut csv);
             }
             copy_in(&tx, &format!("COPY {stage} FROM STDIN (FORMAT csv)"), csv).await?;
