@@ -260,47 +260,6 @@ UPDATE tracks SET event = c.table_name FROM collector_tables c
     )
 }
 
-/// Merges a `users` load's rows of the same user and the same `timestamp` into one
-/// (per cell, the later message id's non-NULL value): ClickHouse keeps a row per
-/// user and instant, versioned by the instant, and its `users` view takes each
-/// column's latest non-NULL value, which is [`merge_users`]'s rule.
-pub fn users_by_instant(load: &mut TableLoad<'_>) {
-    let ts_at = load.columns.iter().position(|(n, _)| n == "timestamp");
-    let mut index: HashMap<(String, Option<i64>), usize> = HashMap::new();
-    let mut rows: Vec<TableRow<'_>> = Vec::new();
-    let mut ids = Vec::new();
-    let old = std::mem::take(&mut load.rows);
-    for (row, message_id) in old.into_iter().zip(std::mem::take(&mut load.message_ids)) {
-        let key = (
-            row.first()
-                .and_then(|c| c.as_deref())
-                .unwrap_or_default()
-                .to_string(),
-            ts_at
-                .and_then(|i| row.get(i)?.as_deref())
-                .and_then(parse_ms),
-        );
-        match index.get(&key) {
-            Some(&i) => {
-                for (c, v) in row.into_iter().enumerate() {
-                    if v.is_some() {
-                        rows[i][c] = v;
-                    }
-                }
-                ids[i] = message_id;
-            }
-            None => {
-                index.insert(key, rows.len());
-                rows.push(row);
-                ids.push(message_id);
-            }
-        }
-    }
-    load.batch_ids = vec![None; rows.len()];
-    load.rows = rows;
-    load.message_ids = ids;
-}
-
 /// `collector_user_traits` (migration 11): per user and `users` column, the key of the
 /// identify its value came from ([`TraitKey`]). A warehouse made before gets, for each
 /// non-NULL value, its row's `timestamp` as the key (and an empty message id, below
@@ -1158,21 +1117,6 @@ mod tests {
             }
         }
         assert_eq!(last.as_deref(), Some("pro"));
-    }
-
-    #[test]
-    fn users_rows_of_one_instant_become_one() {
-        let mut load = users_load(&[
-            ("m0", "u", "2026-11-21T00:00:00.000Z", Some("team")),
-            ("m2", "u", "2026-11-21T00:00:00.000Z", Some("pro")),
-            ("m3", "u", "2026-11-22T00:00:00.000Z", None),
-            ("m4", "v", "2026-11-21T00:00:00.000Z", Some("free")),
-        ]);
-        users_by_instant(&mut load);
-        assert_eq!(load.message_ids, vec!["m2", "m3", "m4"]);
-        let plans: Vec<Option<&str>> = load.rows.iter().map(|r| r[4].as_deref()).collect();
-        assert_eq!(plans, vec![Some("pro"), None, Some("free")]);
-        assert_eq!(load.batch_ids.len(), 3);
     }
 
     #[test]

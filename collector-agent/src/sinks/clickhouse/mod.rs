@@ -24,8 +24,8 @@
 //!   redelivered batch is skipped whole. A crash between the rows and the ledger makes
 //!   the retry write the same rows again, which `FINAL` collapses.
 //! - `users` is a view that takes, per user id, each trait's latest non-null value:
-//!   `collector_rows_users` has a row per user and instant (`_version`, the identify's
-//!   `timestamp`; `_mid`, its message id, for two of one instant).
+//!   `collector_rows_users` has a row per identify (`_version`, its `timestamp`;
+//!   `_mid`, its message id, for two of one instant).
 //! - `quarantine` and `dead_letters` are views too: replaying or resolving appends a new
 //!   version of the row (and an operator fixing a quarantined event does the same:
 //!   `INSERT INTO collector_quarantine SELECT …, _version + 1 FROM collector_quarantine

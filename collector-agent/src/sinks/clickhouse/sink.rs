@@ -990,10 +990,6 @@ impl ClickHouseSink {
         // The rows tables' inserts run at once: ClickHouse parses and stores each in a
         // thread of its own. In `RowBinary` while the table has the sink's own types;
         // otherwise as `JSONEachRow`, which the server converts by name and type.
-        // `users`: a row per user and instant (see the `users` view).
-        for load in plan.loads.iter_mut().filter(|l| l.kind == TableKind::Users) {
-            tables::users_by_instant(load);
-        }
         let mut rows_inserts = Vec::with_capacity(plan.loads.len());
         for load in &plan.loads {
             let cols = insert_columns(load);
