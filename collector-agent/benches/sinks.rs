@@ -61,6 +61,43 @@ fn backlog() -> Vec<StoredEvent> {
     out
 }
 
+/// 100k identify events of 20k users (five each, spread over the backlog, so most
+/// loads update users already there; one in four carries an older `timestamp` than
+/// the user's last, as an offline device's queue would), four traits each.
+fn identifies() -> Vec<StoredEvent> {
+    let mut out = Vec::with_capacity(EVENTS);
+    let mut seq = 0;
+    for b in 0..EVENTS / BATCH {
+        let batch: Vec<serde_json::Value> = (0..BATCH)
+            .map(|i| {
+                let n = b * BATCH + i;
+                let minute = if n % 4 == 3 { n / 2 } else { n } % 1440;
+                let plan = ["free", "pro", "team"][n % 3];
+                serde_json::json!({
+                    "type": "identify", "messageId": format!("id-{n}"), "userId": format!("user-{}", n % 20_000),
+                    "anonymousId": format!("anon-{}", n % 30_000),
+                    "traits": {"plan": plan, "city": format!("city-{}", n % 50),
+                               "age": n % 70 + 18, "company": if n.is_multiple_of(5) { serde_json::Value::Null } else { format!("co-{}", n % 900).into() }},
+                    "timestamp": format!("2026-11-24T{:02}:{:02}:00.000Z", minute / 60, minute % 60)
+                })
+            })
+            .collect();
+        let body = serde_json::json!({"batch": batch}).to_string();
+        let p = parse_body(
+            Endpoint::Batch,
+            body.as_bytes(),
+            1_795_528_444_000,
+            &mut || {
+                seq += 1;
+                format!("gen-{seq}")
+            },
+        )
+        .unwrap();
+        out.extend(p.accepted);
+    }
+    out
+}
+
 fn loads(events: &[StoredEvent]) -> Vec<Load> {
     events
         .chunks(BATCH * BATCHES_PER_LOAD)
@@ -311,6 +348,35 @@ async fn bench_main() {
                 );
             }
             Err(e) => println!("sink: PostgreSQL\tskipped: {e}"),
+        }
+    }
+
+    if wanted("users") {
+        // `users` merged per trait against what the warehouse holds (DuckDB and
+        // PostgreSQL keep each value's identify in `collector_user_traits`).
+        let loads = self::loads(&identifies());
+        let duck = Arc::new(DuckDbSink::open(&dir.path().join("users.duckdb")).unwrap());
+        rate(
+            "sink: DuckDB, identifies into `users` (100k events of 20k users)",
+            time_sink(duck, loads.clone()).await,
+            None,
+        );
+        match LocalPostgres::start() {
+            Ok(pg) => {
+                let cfg = PostgresConfig {
+                    url: pg.url.clone(),
+                    password_env: None,
+                    schema: "public".into(),
+                    timeout_ms: 300_000,
+                };
+                let sink = Arc::new(PostgresSink::connect(&cfg).await.unwrap());
+                rate(
+                    "sink: PostgreSQL, identifies into `users` (100k events of 20k users)",
+                    time_sink(sink, loads).await,
+                    None,
+                );
+            }
+            Err(e) => println!("sink: PostgreSQL users\tskipped: {e}"),
         }
     }
 

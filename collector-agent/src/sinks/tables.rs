@@ -260,19 +260,65 @@ UPDATE tracks SET event = c.table_name FROM collector_tables c
     )
 }
 
-/// `collector_user_traits` (migration 11): per user and `users` column, the key of the
-/// identify its value came from ([`TraitKey`]). A warehouse made before gets, for each
-/// non-NULL value, its row's `timestamp` as the key (and an empty message id, below
-/// any identify of the same instant): what the row-level rule before it knew.
+/// `collector_user_traits` (migration 11): per user, the key of the identify each of
+/// its `users` values came from ([`TraitKey`]), as one JSON object (`{"plan":
+/// [1795255200000, "m-1"], …}`: one row per user, read and written whole). A warehouse
+/// made before gets, for each non-NULL value, its row's `timestamp` as the key (and
+/// an empty message id, below any identify of the same instant): what the row-level
+/// rule before it knew.
 pub fn user_traits_ddl(d: crate::sinks::Relational) -> String {
     match d {
-        crate::sinks::Relational::DuckDb => "CREATE TABLE IF NOT EXISTS collector_user_traits (id VARCHAR NOT NULL, column_name VARCHAR NOT NULL, ts_ms BIGINT NOT NULL, message_id VARCHAR NOT NULL, PRIMARY KEY (id, column_name));
-INSERT OR IGNORE INTO collector_user_traits SELECT id, name, coalesce(epoch_ms(\"timestamp\"), 0), '' FROM (UNPIVOT (SELECT id, \"timestamp\", COLUMNS(* EXCLUDE (id, \"timestamp\", received_at, loaded_at))::VARCHAR FROM users) ON COLUMNS(* EXCLUDE (id, \"timestamp\")) INTO NAME name VALUE v);
+        crate::sinks::Relational::DuckDb => "CREATE TABLE IF NOT EXISTS collector_user_traits (id VARCHAR PRIMARY KEY, keys VARCHAR NOT NULL);
+INSERT OR IGNORE INTO collector_user_traits SELECT id, CAST(json_group_object(name, json_array(coalesce(epoch_ms(\"timestamp\"), 0), '')) AS VARCHAR) FROM (UNPIVOT (SELECT id, \"timestamp\", COLUMNS(* EXCLUDE (id, \"timestamp\", received_at, loaded_at))::VARCHAR FROM users) ON COLUMNS(* EXCLUDE (id, \"timestamp\")) INTO NAME name VALUE v) GROUP BY id;
 ".into(),
-        crate::sinks::Relational::Postgres => "CREATE TABLE IF NOT EXISTS collector_user_traits (id text NOT NULL, column_name text NOT NULL, ts_ms bigint NOT NULL, message_id text NOT NULL, PRIMARY KEY (id, column_name));
-INSERT INTO collector_user_traits SELECT u.id, j.key, coalesce((extract(epoch FROM u.\"timestamp\") * 1000)::bigint, 0), '' FROM users u CROSS JOIN LATERAL jsonb_each(to_jsonb(u) - 'id' - 'timestamp' - 'received_at' - 'loaded_at') j WHERE j.value <> 'null'::jsonb ON CONFLICT DO NOTHING;
+        crate::sinks::Relational::Postgres => "CREATE TABLE IF NOT EXISTS collector_user_traits (id text PRIMARY KEY, keys text NOT NULL);
+INSERT INTO collector_user_traits SELECT u.id, jsonb_object_agg(j.key, jsonb_build_array(coalesce((extract(epoch FROM u.\"timestamp\") * 1000)::bigint, 0), ''))::text FROM users u CROSS JOIN LATERAL jsonb_each(to_jsonb(u) - 'id' - 'timestamp' - 'received_at' - 'loaded_at') j WHERE j.value <> 'null'::jsonb GROUP BY u.id ON CONFLICT DO NOTHING;
 ".into(),
     }
+}
+
+/// Adds a user's keys as `collector_user_traits` stores them to `into`.
+pub fn read_user_keys(id: &str, json: &str, into: &mut StoredKeys) {
+    let Ok(keys) = serde_json::from_str::<HashMap<String, (i64, String)>>(json) else {
+        return;
+    };
+    into.insert(
+        id.to_string(),
+        keys.into_iter()
+            .map(|(column, (ts_ms, message_id))| (column, TraitKey { ts_ms, message_id }))
+            .collect(),
+    );
+}
+
+/// The rows of `collector_user_traits` to write after a merge: each user with a value
+/// that won, and all its keys (those stored, and those that won) as JSON.
+pub fn user_keys_rows(
+    stored: &StoredKeys,
+    won: &[(String, String, TraitKey)],
+) -> Vec<(String, String)> {
+    let mut users: BTreeMap<&str, BTreeMap<&str, &TraitKey>> = BTreeMap::new();
+    for (id, column, key) in won {
+        users.entry(id).or_default().insert(column, key);
+    }
+    let mut out = Vec::with_capacity(users.len());
+    for (id, mut keys) in users {
+        for (column, key) in stored.get(id).into_iter().flatten() {
+            keys.entry(column).or_insert(key);
+        }
+        let mut json = String::from("{");
+        for (n, (column, key)) in keys.into_iter().enumerate() {
+            if n > 0 {
+                json.push(',');
+            }
+            json.push_str(&Value::from(column).to_string());
+            json.push_str(&format!(":[{},", key.ts_ms));
+            json.push_str(&Value::from(key.message_id.as_str()).to_string());
+            json.push(']');
+        }
+        json.push('}');
+        out.push((id.to_string(), json));
+    }
+    out
 }
 
 /// The `SET` list of the `users` upsert (DuckDB and PostgreSQL) of rows merged by
@@ -964,71 +1010,85 @@ pub struct MergedUsers<'a> {
     /// value beats what the warehouse holds (the upsert keeps the stored value where it
     /// is NULL: [`users_merge_set`]); `timestamp`/`received_at` are the load's latest.
     pub rows: Vec<TableRow<'a>>,
-    /// The keys of the cells set: `(user id, column, key)`, for `collector_user_traits`.
+    /// The keys of the cells set: `(user id, column, key)` ([`user_keys_rows`]).
     pub keys: Vec<(String, String, TraitKey)>,
 }
 
+/// The keys `collector_user_traits` holds: user id → column → key.
+pub type StoredKeys = HashMap<String, HashMap<String, TraitKey>>;
+
 /// Merges a `users` load (one row per identify: [`users_rows`]) with the keys the
-/// warehouse holds for its users (`stored`: (user id, column) → key). Order-free: the
-/// result depends only on the identifies, never on how they were split into loads.
-pub fn merge_users<'a>(
-    load: &TableLoad<'a>,
-    stored: &HashMap<(String, String), TraitKey>,
-) -> MergedUsers<'a> {
+/// warehouse holds for its users. Order-free: the result depends only on the
+/// identifies, never on how they were split into loads.
+pub fn merge_users<'a>(load: &TableLoad<'a>, stored: &StoredKeys) -> MergedUsers<'a> {
     let col = |name: &str| load.columns.iter().position(|(n, _)| n == name);
     let (ts_at, received_at) = (col("timestamp"), col("received_at"));
     let keyed: Vec<usize> = (0..load.columns.len())
         .filter(|&i| keyed_users_column(&load.columns[i].0))
         .collect();
-    // Per user: its merged row, and the key of each keyed cell set in it.
-    let mut users: BTreeMap<&str, (TableRow<'a>, HashMap<usize, TraitKey>)> = BTreeMap::new();
+    let no_keys = HashMap::new();
+    // Per user: its merged row, and the key (instant, message id) of each keyed cell
+    // set in it.
+    type Won<'m> = Vec<(usize, (i64, &'m str))>;
+    // Per user also the latest `timestamp` and `received_at` seen (ms).
+    let mut users: BTreeMap<&str, (TableRow<'a>, Won<'_>, [Option<i64>; 2])> = BTreeMap::new();
     for (row, message_id) in load.rows.iter().zip(&load.message_ids) {
         let Some(id) = row.first().and_then(|c| c.as_deref()) else {
             continue;
         };
-        let ts = ts_at.and_then(|i| row.get(i)?.as_deref());
-        let key = TraitKey {
-            ts_ms: ts.and_then(parse_ms).unwrap_or(i64::MIN),
-            message_id: message_id.to_string(),
-        };
-        let (merged, keys) = users.entry(id).or_insert_with(|| {
+        let ts_ms = ts_at
+            .and_then(|i| row.get(i)?.as_deref())
+            .and_then(parse_ms)
+            .unwrap_or(i64::MIN);
+        let key = (ts_ms, *message_id);
+        let held = stored.get(id).unwrap_or(&no_keys);
+        let (merged, won, latest) = users.entry(id).or_insert_with(|| {
             let mut r: TableRow<'a> = vec![None; load.columns.len()];
             r[0] = row[0].clone();
-            (r, HashMap::new())
+            (r, Vec::new(), [None, None])
         });
-        for i in [ts_at, received_at].into_iter().flatten() {
-            let later = match (&merged[i], &row[i]) {
-                (_, None) => false,
-                (None, Some(_)) => true,
-                (Some(a), Some(b)) => parse_ms(b) > parse_ms(a),
+        for (slot, i) in [ts_at, received_at].into_iter().enumerate() {
+            let Some(i) = i else { continue };
+            let ms = if Some(i) == ts_at {
+                Some(ts_ms).filter(|&t| t != i64::MIN)
+            } else {
+                row[i].as_deref().and_then(parse_ms)
             };
-            if later {
+            if ms.is_some() && (merged[i].is_none() || ms > latest[slot]) {
                 merged[i] = row[i].clone();
+                latest[slot] = ms;
             }
         }
         for &i in &keyed {
             if row.get(i).is_none_or(Option::is_none) {
                 continue;
             }
-            let column = &load.columns[i].0;
-            let beats = |k: &TraitKey| key > *k;
-            let wins = keys.get(&i).is_none_or(beats)
-                && stored
-                    .get(&(id.to_string(), column.clone()))
-                    .is_none_or(beats);
+            let at = won.iter().position(|(c, _)| *c == i);
+            let wins = at.is_none_or(|w| key > won[w].1)
+                && held
+                    .get(load.columns[i].0.as_str())
+                    .is_none_or(|k| key > (k.ts_ms, k.message_id.as_str()));
             if wins {
                 merged[i] = row[i].clone();
-                keys.insert(i, key.clone());
+                match at {
+                    Some(w) => won[w].1 = key,
+                    None => won.push((i, key)),
+                }
             }
         }
     }
     let mut out = MergedUsers::default();
-    for (id, (row, keys)) in users {
-        let mut keys: Vec<(usize, TraitKey)> = keys.into_iter().collect();
-        keys.sort();
-        for (i, key) in keys {
-            out.keys
-                .push((id.to_string(), load.columns[i].0.clone(), key));
+    for (id, (row, mut won, _)) in users {
+        won.sort();
+        for (i, (ts_ms, message_id)) in won {
+            out.keys.push((
+                id.to_string(),
+                load.columns[i].0.clone(),
+                TraitKey {
+                    ts_ms,
+                    message_id: message_id.to_string(),
+                },
+            ));
         }
         out.rows.push(row);
     }
@@ -1089,9 +1149,9 @@ mod tests {
         );
         // What the warehouse holds wins over anything older: the cell stays NULL (the
         // upsert keeps the stored value) and no key is written.
-        let stored = HashMap::from([(
-            ("u".to_string(), "plan".to_string()),
-            key("2026-11-21T12:00:00.000Z", "x"),
+        let stored = StoredKeys::from([(
+            "u".to_string(),
+            HashMap::from([("plan".to_string(), key("2026-11-21T12:00:00.000Z", "x"))]),
         )]);
         let m = merge_users(&load, &stored);
         assert_eq!(m.rows[0][4], None);
@@ -1102,15 +1162,15 @@ mod tests {
         rev.rows = load.rows.iter().rev().cloned().collect();
         rev.message_ids = load.message_ids.iter().rev().copied().collect();
         assert_eq!(merge_users(&rev, &HashMap::new()), whole);
-        let mut stored = HashMap::new();
+        let mut stored = StoredKeys::new();
         let mut last = None;
         for i in [3, 0, 2, 1] {
             let mut one = users_load(&[]);
             one.rows = vec![load.rows[i].clone()];
             one.message_ids = vec![load.message_ids[i]];
             let m = merge_users(&one, &stored);
-            for (u, c, k) in m.keys {
-                stored.insert((u, c), k);
+            for (id, json) in user_keys_rows(&stored, &m.keys) {
+                read_user_keys(&id, &json, &mut stored);
             }
             if m.rows[0][4].is_some() {
                 last = m.rows[0][4].clone();

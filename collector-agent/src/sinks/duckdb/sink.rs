@@ -1059,28 +1059,19 @@ fn write_users(tx: &duckdb::Transaction<'_>, load: &TableLoad) -> Result<(), Sin
         }
         app.flush().map_err(classify)?;
     }
-    let mut stored = std::collections::HashMap::new();
+    let mut stored = tables::StoredKeys::new();
     {
         let mut stmt = tx
             .prepare(
-                "SELECT k.id, k.column_name, k.ts_ms, k.message_id FROM collector_user_traits k
-                 JOIN stage_user_ids s ON s.id = k.id",
+                "SELECT k.id, k.keys FROM collector_user_traits k JOIN stage_user_ids s ON s.id = k.id",
             )
             .map_err(transient)?;
         let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    (r.get::<_, String>(0)?, r.get::<_, String>(1)?),
-                    tables::TraitKey {
-                        ts_ms: r.get(2)?,
-                        message_id: r.get(3)?,
-                    },
-                ))
-            })
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
             .map_err(transient)?;
         for row in rows {
-            let (k, v) = row.map_err(transient)?;
-            stored.insert(k, v);
+            let (id, keys) = row.map_err(transient)?;
+            tables::read_user_keys(&id, &keys, &mut stored);
         }
     }
     let merged = tables::merge_users(load, &stored);
@@ -1094,21 +1085,18 @@ fn write_users(tx: &duckdb::Transaction<'_>, load: &TableLoad) -> Result<(), Sin
     };
     stage(tx, &users)?;
     upsert_users(tx, &users)?;
-    tx.execute_batch(
-        "CREATE OR REPLACE TEMP TABLE stage_user_traits (id VARCHAR, column_name VARCHAR, ts_ms BIGINT, message_id VARCHAR)",
-    )
-    .map_err(transient)?;
+    tx.execute_batch("CREATE OR REPLACE TEMP TABLE stage_user_traits (id VARCHAR, keys VARCHAR)")
+        .map_err(transient)?;
     {
         let mut app = tx.appender("stage_user_traits").map_err(transient)?;
-        for (id, column, key) in &merged.keys {
-            app.append_row(params![id, column, key.ts_ms, key.message_id])
-                .map_err(classify)?;
+        for (id, keys) in tables::user_keys_rows(&stored, &merged.keys) {
+            app.append_row(params![id, keys]).map_err(classify)?;
         }
         app.flush().map_err(classify)?;
     }
     tx.execute_batch(
         "INSERT INTO collector_user_traits SELECT * FROM stage_user_traits
-         ON CONFLICT (id, column_name) DO UPDATE SET ts_ms = excluded.ts_ms, message_id = excluded.message_id",
+         ON CONFLICT (id) DO UPDATE SET keys = excluded.keys",
     )
     .map_err(classify)
 }

@@ -616,37 +616,26 @@ async fn write(
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            let stored = tx
+            let mut stored = tables::StoredKeys::new();
+            for r in tx
                 .query(
-                    "SELECT id, column_name, ts_ms, message_id FROM collector_user_traits WHERE id = ANY($1)",
+                    "SELECT id, keys FROM collector_user_traits WHERE id = ANY($1)",
                     &[&ids],
                 )
                 .await
                 .map_err(classify)?
-                .iter()
-                .map(|r| {
-                    (
-                        (r.get::<_, String>(0), r.get::<_, String>(1)),
-                        tables::TraitKey {
-                            ts_ms: r.get(2),
-                            message_id: r.get(3),
-                        },
-                    )
-                })
-                .collect();
-            let merged = tables::merge_users(load, &stored);
-            let (mut k_ids, mut k_cols, mut k_ts, mut k_mids) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for (id, column, key) in &merged.keys {
-                k_ids.push(id.as_str());
-                k_cols.push(column.as_str());
-                k_ts.push(key.ts_ms);
-                k_mids.push(key.message_id.as_str());
+            {
+                tables::read_user_keys(r.get(0), r.get(1), &mut stored);
             }
+            let merged = tables::merge_users(load, &stored);
+            let (k_ids, k_json): (Vec<String>, Vec<String>) =
+                tables::user_keys_rows(&stored, &merged.keys)
+                    .into_iter()
+                    .unzip();
             tx.execute(
-                "INSERT INTO collector_user_traits SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[])
-                 ON CONFLICT (id, column_name) DO UPDATE SET ts_ms = excluded.ts_ms, message_id = excluded.message_id",
-                &[&k_ids, &k_cols, &k_ts, &k_mids],
+                "INSERT INTO collector_user_traits SELECT * FROM unnest($1::text[], $2::text[])
+                 ON CONFLICT (id) DO UPDATE SET keys = excluded.keys",
+                &[&k_ids, &k_json],
             )
             .await
             .map_err(classify)?;
