@@ -704,7 +704,9 @@ impl ClickHouseSink {
         if rows.len() > read_whole {
             return self
                 .ids_in(
-                    "SELECT message_id FROM quarantine WHERE message_id IN ({ids})",
+                    // Filtered on the key inside `FINAL` (all versions of an id share
+                    // it), so only those ids' granules are read; `resolved` after.
+                    "SELECT message_id FROM (SELECT message_id, resolved FROM collector_quarantine FINAL WHERE message_id IN ({ids})) WHERE resolved = 0",
                     ids,
                 )
                 .await;
@@ -885,7 +887,7 @@ impl ClickHouseSink {
         // One lookup: which are quarantined now, and their attempts so far.
         let quarantined_now = self
             .rows_for(
-                "SELECT message_id, attempts FROM quarantine WHERE message_id IN ({ids})",
+                "SELECT message_id, attempts FROM (SELECT message_id, attempts, resolved FROM collector_quarantine FINAL WHERE message_id IN ({ids})) WHERE resolved = 0",
                 &q_ids,
             )
             .await?;
