@@ -267,6 +267,63 @@ async fn copy_in(
     Ok(())
 }
 
+/// `COPY`s `rows` (`copy_sql` is `COPY table (columns)`), streamed in chunks as they
+/// are encoded, so the server parses one while the next is made and no table's whole
+/// body is held: in binary (`types`, when the table has the sink's own) while the
+/// values have an exact binary form, and from a row that has none, the rest as CSV,
+/// cast by the server. `now` is `loaded_at`, binary and as text.
+async fn copy_rows<'r, 'a: 'r>(
+    tx: &tokio_postgres::Transaction<'_>,
+    copy_sql: &str,
+    rows: impl Iterator<Item = &'r Vec<Cell<'a>>>,
+    types: Option<&[copy::PgType]>,
+    now: ([u8; 8], &str),
+) -> Result<(), SinkError> {
+    let mut rows = rows.peekable();
+    if let Some(types) = types {
+        let sink = tx
+            .copy_in(&format!("{copy_sql} FROM STDIN (FORMAT binary)"))
+            .await
+            .map_err(classify)?;
+        futures_util::pin_mut!(sink);
+        let mut buf = copy::HEADER.to_vec();
+        while let Some(row) = rows.peek() {
+            if !copy::row(types, row, now.0, &mut buf) {
+                break;
+            }
+            rows.next();
+            if buf.len() >= COPY_CHUNK {
+                sink.send(Bytes::from(std::mem::take(&mut buf)))
+                    .await
+                    .map_err(classify)?;
+            }
+        }
+        buf.extend_from_slice(copy::TRAILER);
+        sink.send(Bytes::from(buf)).await.map_err(classify)?;
+        sink.as_mut().finish().await.map_err(classify)?;
+    }
+    if rows.peek().is_none() {
+        return Ok(());
+    }
+    let sink = tx
+        .copy_in(&format!("{copy_sql} FROM STDIN (FORMAT csv)"))
+        .await
+        .map_err(classify)?;
+    futures_util::pin_mut!(sink);
+    let mut buf = Vec::new();
+    for row in rows {
+        csv_line(row, Some(now.1), &mut buf);
+        if buf.len() >= COPY_CHUNK {
+            sink.send(Bytes::from(std::mem::take(&mut buf)))
+                .await
+                .map_err(classify)?;
+        }
+    }
+    sink.send(Bytes::from(buf)).await.map_err(classify)?;
+    sink.as_mut().finish().await.map_err(classify)?;
+    Ok(())
+}
+
 /// A table's column name → type (as `format_type` prints it), as the `COPY` into it
 /// will find them: the table is locked first in the mode `COPY` takes (inserters do not
 /// wait for each other), so no `ALTER TABLE` can change a type between this read and
@@ -679,51 +736,24 @@ async fn write(
         if !load.rows.iter().any(|r| is_new(&r)) {
             continue;
         }
-        // In binary when the table's types are the sink's own and every value has
-        // an exact binary form; otherwise as CSV, cast by the server.
+        // In binary while the table's types are the sink's own and the values have an
+        // exact binary form; from a row that has none, the rest as CSV, cast by the
+        // server. Streamed in chunks as they are encoded: the server parses one while
+        // the next is made, and no table's whole body is held.
         let physical = table_types(&tx, table).await?;
         let binary = (physical.get(schema::LOADED_AT).map(String::as_str)
             == Some(copy::PgType::Timestamptz.name()))
         .then(|| copy::binary_types(&load.columns, &physical))
-        .flatten()
-        .and_then(|types| {
-            let mut out = copy::HEADER.to_vec();
-            for row in load.rows.iter().filter(is_new) {
-                if !copy::row(&types, row, now_binary, &mut out) {
-                    return None;
-                }
-            }
-            out.extend_from_slice(copy::TRAILER);
-            Some(out)
-        });
-        let (format, data) = match binary {
-            Some(data) => ("binary", data),
-            None => {
-                let mut csv = Vec::new();
-                for row in load.rows.iter().filter(is_new) {
-                    csv_line(row, Some(&now), &mut csv);
-                }
-                ("csv", csv)
-            }
-        };
-        // Sent in chunks, so the server parses one while the next is on its way.
-        let sink = tx
-            .copy_in(&format!(
-                "COPY {} ({}, {loaded}) FROM STDIN (FORMAT {format})",
-                ident(table),
-                names.join(", ")
-            ))
-            .await
-            .map_err(classify)?;
-        futures_util::pin_mut!(sink);
-        let data = Bytes::from(data);
-        let mut at = 0;
-        while at < data.len() {
-            let end = (at + COPY_CHUNK).min(data.len());
-            sink.send(data.slice(at..end)).await.map_err(classify)?;
-            at = end;
-        }
-        sink.as_mut().finish().await.map_err(classify)?;
+        .flatten();
+        let copy_sql = format!("COPY {} ({}, {loaded})", ident(table), names.join(", "));
+        copy_rows(
+            &tx,
+            &copy_sql,
+            load.rows.iter().filter(is_new),
+            binary.as_deref(),
+            (now_binary, &now),
+        )
+        .await?;
     }
     for r in plan.rejected.iter().filter(|r| known.is_new(&r.message_id)) {
         tx.execute(
@@ -965,6 +995,67 @@ mod tests {
 
     // Registration's fast path (one COPY) and its fallback when some ids are already
     // there, against a real server: the counts, and the registry, are exact either way.
+    // Rows stream in binary until one has no exact binary form (here an instant not
+    // in the canonical form), then the rest as CSV; every row lands, in chunks far
+    // smaller than the table's body.
+    #[tokio::test]
+    async fn a_copy_goes_binary_then_csv_from_the_first_row_that_needs_it() {
+        let pg = collector_e2e::postgres::LocalPostgres::start().expect("PostgreSQL starts");
+        let cfg = PostgresConfig {
+            url: pg.url.clone(),
+            password_env: None,
+            schema: "public".into(),
+            timeout_ms: 30_000,
+        };
+        let sink = PostgresSink::connect(&cfg).await.unwrap();
+        let mut guard = sink.client().await.unwrap();
+        let client = guard.as_mut().unwrap();
+        let tx = client.transaction().await.unwrap();
+        tx.batch_execute("CREATE TABLE t (n text, ts timestamptz, loaded_at timestamptz)")
+            .await
+            .unwrap();
+        let big = "x".repeat(1000);
+        let mut rows: Vec<Vec<Cell<'_>>> = (0..2000)
+            .map(|i| {
+                vec![
+                    Some(format!("{i:04}{big}").into()),
+                    Some("2026-11-24T13:54:00.250Z".into()),
+                ]
+            })
+            .collect();
+        rows[1500][1] = Some("2026-11-24 14:54:00.250+01".into());
+        let types = [copy::PgType::Text, copy::PgType::Timestamptz];
+        let now = copy::timestamptz(1_795_528_500_000_000);
+        assert!(copy::row(&types, &rows[1499], now, &mut Vec::new()));
+        assert!(!copy::row(&types, &rows[1500], now, &mut Vec::new()));
+        copy_rows(
+            &tx,
+            "COPY t (n, ts, loaded_at)",
+            rows.iter(),
+            Some(&types),
+            (
+                copy::timestamptz(1_795_528_500_000_000),
+                "2026-11-25 00:00:00+00",
+            ),
+        )
+        .await
+        .unwrap();
+        let got = tx
+            .query_one(
+                "SELECT count(*), count(DISTINCT ts), min(left(n, 4)), max(left(n, 4)), count(*) FILTER (WHERE length(n) = 1004) FROM t",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(got.get::<_, i64>(0), 2000);
+        assert_eq!(got.get::<_, i64>(1), 1, "the CSV rows' instant is the same");
+        assert_eq!(
+            (got.get::<_, String>(2), got.get::<_, String>(3)),
+            ("0000".into(), "1999".into())
+        );
+        assert_eq!(got.get::<_, i64>(4), 2000);
+    }
+
     #[tokio::test]
     async fn ids_register_by_copy_and_fall_back_when_some_are_known() {
         let pg = collector_e2e::postgres::LocalPostgres::start().expect("PostgreSQL starts");
