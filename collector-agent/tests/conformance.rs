@@ -151,11 +151,13 @@ async fn message_id_is_unique_across_tables(t: &Target) {
     let s1 = sink.load(&Load::events(0, 1, first)).await.unwrap();
     assert_eq!((s1.inserted, s1.duplicates), (1, 1));
     let later = events(json!({"batch": [
-        {"type": "identify", "messageId": "same", "userId": "u"},
-        {"type": "identify", "messageId": "new", "userId": "u"}
+        {"type": "identify", "messageId": "same", "userId": "u", "traits": {"plan": "from the duplicate"}},
+        {"type": "identify", "messageId": "new", "userId": "u", "traits": {"plan": "real"}}
     ]}));
     let s2 = sink.load(&Load::events(0, 2, later)).await.unwrap();
     assert_eq!((s2.inserted, s2.duplicates), (1, 1));
+    // The duplicate is not in `identifies`, so it says nothing of the user either.
+    assert_eq!(one(&*sink, "SELECT plan FROM users").await, s("real"));
     assert_eq!(
         rows(&*sink, "SELECT (SELECT count(*) FROM tracks), (SELECT count(*) FROM pages), (SELECT count(*) FROM identifies), (SELECT count(*) FROM message_ids)").await,
         vec![vec![s("1"), s("0"), s("1"), s("2")]]

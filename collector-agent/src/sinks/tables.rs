@@ -1020,7 +1020,15 @@ pub type StoredKeys = HashMap<String, HashMap<String, TraitKey>>;
 /// Merges a `users` load (one row per identify: [`users_rows`]) with the keys the
 /// warehouse holds for its users. Order-free: the result depends only on the
 /// identifies, never on how they were split into loads.
-pub fn merge_users<'a>(load: &TableLoad<'a>, stored: &StoredKeys) -> MergedUsers<'a> {
+///
+/// Only identifies for which `fresh(message_id)` holds count: one whose id the warehouse
+/// already had (a redelivery, or another event's id) is not in `identifies`, so it
+/// says nothing of the user either.
+pub fn merge_users<'a>(
+    load: &TableLoad<'a>,
+    stored: &StoredKeys,
+    fresh: impl Fn(&str) -> bool,
+) -> MergedUsers<'a> {
     let col = |name: &str| load.columns.iter().position(|(n, _)| n == name);
     let (ts_at, received_at) = (col("timestamp"), col("received_at"));
     let keyed: Vec<usize> = (0..load.columns.len())
@@ -1036,6 +1044,9 @@ pub fn merge_users<'a>(load: &TableLoad<'a>, stored: &StoredKeys) -> MergedUsers
         let Some(id) = row.first().and_then(|c| c.as_deref()) else {
             continue;
         };
+        if !fresh(message_id) {
+            continue;
+        }
         let ts_ms = ts_at
             .and_then(|i| row.get(i)?.as_deref())
             .and_then(parse_ms)
@@ -1133,7 +1144,7 @@ mod tests {
             ("m2", "u", "2026-11-21T00:00:00.000Z", Some("pro")),
             ("m0", "u", "2026-11-21T00:00:00.000Z", Some("team")),
         ]);
-        let m = merge_users(&load, &HashMap::new());
+        let m = merge_users(&load, &HashMap::new(), |_| true);
         assert_eq!(m.rows.len(), 1);
         // `plan` from the latest identify that has it (m2 over m0 at one instant);
         // `timestamp` the latest of all.
@@ -1153,22 +1164,22 @@ mod tests {
             "u".to_string(),
             HashMap::from([("plan".to_string(), key("2026-11-21T12:00:00.000Z", "x"))]),
         )]);
-        let m = merge_users(&load, &stored);
+        let m = merge_users(&load, &stored, |_| true);
         assert_eq!(m.rows[0][4], None);
         assert!(m.keys.is_empty());
         // The same identifies in any order, in any split, give the same result.
-        let whole = merge_users(&load, &HashMap::new());
+        let whole = merge_users(&load, &HashMap::new(), |_| true);
         let mut rev = users_load(&[]);
         rev.rows = load.rows.iter().rev().cloned().collect();
         rev.message_ids = load.message_ids.iter().rev().copied().collect();
-        assert_eq!(merge_users(&rev, &HashMap::new()), whole);
+        assert_eq!(merge_users(&rev, &HashMap::new(), |_| true), whole);
         let mut stored = StoredKeys::new();
         let mut last = None;
         for i in [3, 0, 2, 1] {
             let mut one = users_load(&[]);
             one.rows = vec![load.rows[i].clone()];
             one.message_ids = vec![load.message_ids[i]];
-            let m = merge_users(&one, &stored);
+            let m = merge_users(&one, &stored, |_| true);
             for (id, json) in user_keys_rows(&stored, &m.keys) {
                 read_user_keys(&id, &json, &mut stored);
             }

@@ -811,7 +811,7 @@ fn write(
         .map_err(transient)?;
     for load in &plan.loads {
         match load.kind {
-            TableKind::Users => write_users(&tx, load)?,
+            TableKind::Users => write_users(&tx, load, &known)?,
             _ => append_new(&tx, load, &known, &now)?,
         }
     }
@@ -1043,7 +1043,11 @@ pub(crate) fn registered_rows_sql(load: &TableLoad) -> String {
 
 /// Writes a `users` load (one row per identify): merged with the keys the warehouse
 /// holds ([`tables::merge_users`]), upserted, and the keys of what won recorded.
-fn write_users(tx: &duckdb::Transaction<'_>, load: &TableLoad) -> Result<(), SinkError> {
+fn write_users(
+    tx: &duckdb::Transaction<'_>,
+    load: &TableLoad,
+    known: &KnownIds,
+) -> Result<(), SinkError> {
     // The keys of the load's users.
     tx.execute_batch("CREATE OR REPLACE TEMP TABLE stage_user_ids (id VARCHAR)")
         .map_err(transient)?;
@@ -1074,7 +1078,7 @@ fn write_users(tx: &duckdb::Transaction<'_>, load: &TableLoad) -> Result<(), Sin
             tables::read_user_keys(&id, &keys, &mut stored);
         }
     }
-    let merged = tables::merge_users(load, &stored);
+    let merged = tables::merge_users(load, &stored, |id| known.is_new(id));
     let users = TableLoad {
         table: load.table.clone(),
         kind: load.kind,

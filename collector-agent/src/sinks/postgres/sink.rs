@@ -684,7 +684,7 @@ async fn write(
             {
                 tables::read_user_keys(r.get(0), r.get(1), &mut stored);
             }
-            let merged = tables::merge_users(load, &stored);
+            let merged = tables::merge_users(load, &stored, |id| known.is_new(id));
             let (k_ids, k_json): (Vec<String>, Vec<String>) =
                 tables::user_keys_rows(&stored, &merged.keys)
                     .into_iter()
