@@ -144,6 +144,7 @@ impl LocalEdge {
 
     fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let start = Instant::now();
+        let mut foreign_since = None;
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
@@ -154,7 +155,19 @@ impl LocalEdge {
                 }
             }
             if health_ok(self.port) {
-                return Ok(());
+                // Another test's worker may hold the port this one was given (taken
+                // between the probe and the bind): its answer is not this edge's.
+                let pgid = self.child.as_ref().map_or(0, |c| c.id());
+                if listens_in_group(self.port, pgid) {
+                    return Ok(());
+                }
+                let since = *foreign_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(5) {
+                    bail!(
+                        "port {}: Address already in use by another test's server",
+                        self.port
+                    );
+                }
             }
             if start.elapsed() > timeout {
                 bail!(
@@ -298,6 +311,60 @@ impl Drop for LocalEdge {
     }
 }
 
+/// True when a process of process group `pgid` listens on 127.0.0.1:`port` (Linux:
+/// the socket's inode in `/proc/net/tcp`, found among the group's open files).
+fn listens_in_group(port: u16, pgid: u32) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return true;
+    };
+    let local = format!("0100007F:{port:04X}");
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // local_address, …, st (0A: LISTEN), …, inode
+            (f.get(1) == Some(&local.as_str()) && f.get(3) == Some(&"0A"))
+                .then(|| f.get(9).map(|i| format!("socket:[{i}]")))
+                .flatten()
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    for p in procs.flatten() {
+        let Ok(stat) = std::fs::read_to_string(p.path().join("stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        // state ppid pgrp …
+        if rest
+            .split_whitespace()
+            .nth(2)
+            .and_then(|g| g.parse::<u32>().ok())
+            != Some(pgid)
+        {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(link) = std::fs::read_link(fd.path()) {
+                if inodes.iter().any(|i| link.as_os_str() == i.as_str()) {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
 fn health_ok(port: u16) -> bool {
     let Ok(mut s) =
         TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500))
@@ -318,4 +385,27 @@ fn health_ok(port: u16) -> bool {
     let text = String::from_utf8_lossy(&buf);
     text.starts_with("HTTP/1.1 200")
         || (text.starts_with("HTTP/1.1 503") && text.contains("\"bad_config\""))
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::listens_in_group;
+
+    /// This process's process group, from `/proc/self/stat`.
+    fn own_group() -> u32 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let (_, rest) = stat.rsplit_once(") ").unwrap();
+        rest.split_whitespace().nth(2).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn a_port_is_ours_only_when_our_group_listens_on_it() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert!(listens_in_group(port, own_group()));
+        // Another group's server on the port is not ours; nor is a port nobody holds.
+        assert!(!listens_in_group(port, own_group() + 1_000_000));
+        drop(listener);
+        assert!(!listens_in_group(port, own_group()));
+    }
 }
