@@ -46,19 +46,25 @@ fn backlog() -> Vec<StoredEvent> {
             .collect();
         let body =
             serde_json::json!({"sentAt": "2026-11-24T12:00:01.000Z", "batch": batch}).to_string();
-        let p = parse_body(
-            Endpoint::Batch,
-            body.as_bytes(),
-            1_795_528_444_000,
-            &mut || {
-                seq += 1;
-                format!("gen-{seq}")
-            },
-        )
-        .unwrap();
-        out.extend(p.accepted);
+        out.extend(accepted(&body, &mut seq));
     }
     out
+}
+
+/// The events of a `/v1/batch` body as the edge stores them (`seq` numbers the ids
+/// it generates).
+fn accepted(body: &str, seq: &mut u64) -> Vec<StoredEvent> {
+    parse_body(
+        Endpoint::Batch,
+        body.as_bytes(),
+        1_795_528_444_000,
+        &mut || {
+            *seq += 1;
+            format!("gen-{seq}")
+        },
+    )
+    .unwrap()
+    .accepted
 }
 
 /// 100k identify events of 20k users (five each, spread over the backlog, so most
@@ -83,17 +89,7 @@ fn identifies() -> Vec<StoredEvent> {
             })
             .collect();
         let body = serde_json::json!({"batch": batch}).to_string();
-        let p = parse_body(
-            Endpoint::Batch,
-            body.as_bytes(),
-            1_795_528_444_000,
-            &mut || {
-                seq += 1;
-                format!("gen-{seq}")
-            },
-        )
-        .unwrap();
-        out.extend(p.accepted);
+        out.extend(accepted(&body, &mut seq));
     }
     out
 }

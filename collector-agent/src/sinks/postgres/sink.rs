@@ -993,13 +993,8 @@ mod tests {
         );
     }
 
-    // Registration's fast path (one COPY) and its fallback when some ids are already
-    // there, against a real server: the counts, and the registry, are exact either way.
-    // Rows stream in binary until one has no exact binary form (here an instant not
-    // in the canonical form), then the rest as CSV; every row lands, in chunks far
-    // smaller than the table's body.
-    #[tokio::test]
-    async fn a_copy_goes_binary_then_csv_from_the_first_row_that_needs_it() {
+    /// A server on loopback for the test, and a sink connected to it.
+    async fn local_sink() -> (collector_e2e::postgres::LocalPostgres, PostgresSink) {
         let pg = collector_e2e::postgres::LocalPostgres::start().expect("PostgreSQL starts");
         let cfg = PostgresConfig {
             url: pg.url.clone(),
@@ -1008,6 +1003,15 @@ mod tests {
             timeout_ms: 30_000,
         };
         let sink = PostgresSink::connect(&cfg).await.unwrap();
+        (pg, sink)
+    }
+
+    // Rows stream in binary until one has no exact binary form (here an instant not
+    // in the canonical form), then the rest as CSV; every row lands, in chunks far
+    // smaller than the table's body.
+    #[tokio::test]
+    async fn a_copy_goes_binary_then_csv_from_the_first_row_that_needs_it() {
+        let (_pg, sink) = local_sink().await;
         let mut guard = sink.client().await.unwrap();
         let client = guard.as_mut().unwrap();
         let tx = client.transaction().await.unwrap();
@@ -1056,16 +1060,11 @@ mod tests {
         assert_eq!(got.get::<_, i64>(4), 2000);
     }
 
+    // Registration's fast path (one COPY) and its fallback when some ids are already
+    // there, against a real server: the counts, and the registry, are exact either way.
     #[tokio::test]
     async fn ids_register_by_copy_and_fall_back_when_some_are_known() {
-        let pg = collector_e2e::postgres::LocalPostgres::start().expect("PostgreSQL starts");
-        let cfg = PostgresConfig {
-            url: pg.url.clone(),
-            password_env: None,
-            schema: "public".into(),
-            timeout_ms: 30_000,
-        };
-        let sink = PostgresSink::connect(&cfg).await.unwrap();
+        let (_pg, sink) = local_sink().await;
         let mut guard = sink.client().await.unwrap();
         let client = guard.as_mut().unwrap();
         let tx = client.transaction().await.unwrap();
@@ -1104,15 +1103,7 @@ mod tests {
     // type) and `loaded_at`. A column an operator retyped sends its table as CSV.
     #[tokio::test]
     async fn the_sinks_own_tables_take_binary_rows() {
-        let pg = collector_e2e::postgres::LocalPostgres::start().expect("PostgreSQL starts");
-        let sink = PostgresSink::connect(&PostgresConfig {
-            url: pg.url.clone(),
-            password_env: None,
-            schema: "public".into(),
-            timeout_ms: 30_000,
-        })
-        .await
-        .unwrap();
+        let (_pg, sink) = local_sink().await;
         let body = serde_json::json!({"batch": [
             {"type": "track", "messageId": "o1", "userId": "u1", "event": "Order Completed",
              "properties": {"revenue": 9.5, "currency": "EUR", "express": true,
