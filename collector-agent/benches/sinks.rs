@@ -171,6 +171,17 @@ fn duckdb_shaped_load(dir: &std::path::Path, events: &[StoredEvent]) -> f64 {
     events.len() as f64 / t.elapsed().as_secs_f64()
 }
 
+/// A sink into the test server `pg`.
+async fn pg_sink(pg: &LocalPostgres) -> Arc<PostgresSink> {
+    let cfg = PostgresConfig {
+        url: pg.url.clone(),
+        password_env: None,
+        schema: "public".into(),
+        timeout_ms: 300_000,
+    };
+    Arc::new(PostgresSink::connect(&cfg).await.unwrap())
+}
+
 fn rate(label: &str, rows_per_s: f64, native: Option<f64>) {
     match native {
         Some(n) => println!(
@@ -286,13 +297,7 @@ async fn bench_main() {
     if wanted("postgres") {
         match LocalPostgres::start() {
             Ok(pg) => {
-                let cfg = PostgresConfig {
-                    url: pg.url.clone(),
-                    password_env: None,
-                    schema: "public".into(),
-                    timeout_ms: 300_000,
-                };
-                let sink = Arc::new(PostgresSink::connect(&cfg).await.unwrap());
+                let sink = pg_sink(&pg).await;
                 // PostgreSQL's own bulk load: COPY of the same rows (as prepared for tracks)
                 // from a file into an equivalent typed table.
                 let csv = dir.path().join("tracks.csv");
@@ -359,13 +364,7 @@ async fn bench_main() {
         );
         match LocalPostgres::start() {
             Ok(pg) => {
-                let cfg = PostgresConfig {
-                    url: pg.url.clone(),
-                    password_env: None,
-                    schema: "public".into(),
-                    timeout_ms: 300_000,
-                };
-                let sink = Arc::new(PostgresSink::connect(&cfg).await.unwrap());
+                let sink = pg_sink(&pg).await;
                 rate(
                     "sink: PostgreSQL, identifies into `users` (100k events of 20k users)",
                     time_sink(sink, loads).await,

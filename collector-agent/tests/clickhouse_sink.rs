@@ -338,14 +338,7 @@ async fn the_registry_has_small_granules_and_an_older_one_still_loads() {
 async fn an_older_warehouse_gets_the_operator_views_of_version_7() {
     let ch = LocalClickHouse::start().unwrap();
     let sink = open(&ch).await;
-    let load = Load {
-        shard: 4,
-        batches: vec![LoadBatch::Undecodable {
-            batch_id: 9,
-            blob: b"\x00\xffbytes".to_vec(),
-            error: "bad magic".into(),
-        }],
-    };
+    let load = common::undecodable(4, 9, b"\x00\xffbytes");
     assert_eq!(sink.load(&load).await.unwrap().dead_letters, 1);
     drop(sink);
     // Back to version 6: the views as version 3 made them.

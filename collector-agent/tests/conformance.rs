@@ -166,14 +166,7 @@ async fn message_id_is_unique_across_tables(t: &Target) {
 
 async fn undecodable_batches_are_dead_letters_once(t: &Target) {
     let sink = t.open().await;
-    let load = Load {
-        shard: 2,
-        batches: vec![LoadBatch::Undecodable {
-            batch_id: 17,
-            blob: b"garbage".to_vec(),
-            error: "bad magic".into(),
-        }],
-    };
+    let load = common::undecodable(2, 17, b"garbage");
     assert_eq!(sink.load(&load).await.unwrap().dead_letters, 1);
     assert_eq!(sink.load(&load).await.unwrap().dead_letters, 0);
     assert_eq!(

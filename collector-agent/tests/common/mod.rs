@@ -48,6 +48,18 @@ pub async fn load(
     .unwrap();
 }
 
+/// A load of one batch that did not decode (a dead letter to be).
+pub fn undecodable(shard: u32, batch_id: i64, blob: &[u8]) -> collector_agent::sinks::Load {
+    collector_agent::sinks::Load {
+        shard,
+        batches: vec![collector_agent::sinks::LoadBatch::Undecodable {
+            batch_id,
+            blob: blob.to_vec(),
+            error: "bad magic".into(),
+        }],
+    }
+}
+
 /// `Some(v)`, for comparing query results.
 pub fn s(v: &str) -> Option<String> {
     Some(v.to_string())

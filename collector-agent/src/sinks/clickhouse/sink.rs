@@ -433,20 +433,13 @@ impl ClickHouseSink {
             // schema). Tables made by version 3 of this release have it already; rows
             // loaded before keep their name in `event` and NULL in `event_text`
             // (ClickHouse 18.16 cannot update from a join).
-            match self
-                .exec("ALTER TABLE collector_rows_tracks ADD COLUMN event_text Nullable(String) AFTER event")
-                .await
-            {
-                Err(e) if duplicate_column(&e) => {}
-                other => {
-                    other?;
-                }
-            }
-            self.refresh_view("tracks", TableKind::Base(EventKind::Track))
-                .await?;
-            self.exec("INSERT INTO collector_migrations VALUES (4, 'tracks.event is the slug, event_text the name as sent', now())")
-                .await?;
-            tracing::info!(version = 4, "warehouse migrated");
+            self.add_column_migration(
+                4,
+                "tracks.event is the slug, event_text the name as sent",
+                ("tracks", TableKind::Base(EventKind::Track)),
+                "event_text Nullable(String) AFTER event",
+            )
+            .await?;
         }
         if !has(5) {
             self.migrate_people().await?;
@@ -461,21 +454,47 @@ impl ClickHouseSink {
             // `users` rows carry the identify they came from, so two of one instant
             // resolve as in every sink (the later message id). Rows from before have
             // '' and lose such ties.
-            match self
-                .exec("ALTER TABLE collector_rows_users ADD COLUMN `_mid` String")
-                .await
-            {
-                Err(e) if duplicate_column(&e) => {}
-                other => {
-                    other?;
-                }
-            }
-            self.refresh_view("users", TableKind::Users).await?;
-            self.exec("INSERT INTO collector_migrations VALUES (8, 'users rows carry their identify (_mid): ties of one instant go to the later message id', now())")
-                .await?;
-            tracing::info!(version = 8, "warehouse migrated");
+            self.add_column_migration(
+                8,
+                "users rows carry their identify (_mid): ties of one instant go to the later message id",
+                ("users", TableKind::Users),
+                "`_mid` String",
+            )
+            .await?;
         }
         self.check_registry_granularity().await
+    }
+
+    /// A migration that adds `column` (its definition) to the rows table of `table`
+    /// (tables made by a later `migrate_v3` have it: then nothing to add), remakes its
+    /// view and records `version`.
+    async fn add_column_migration(
+        &self,
+        version: u32,
+        name: &str,
+        (table, kind): (&str, TableKind),
+        column: &str,
+    ) -> Result<(), SinkError> {
+        match self
+            .exec(&format!(
+                "ALTER TABLE {} ADD COLUMN {column}",
+                ident(&rows_table(table))
+            ))
+            .await
+        {
+            Err(e) if duplicate_column(&e) => {}
+            other => {
+                other?;
+            }
+        }
+        self.refresh_view(table, kind).await?;
+        self.exec(&format!(
+            "INSERT INTO collector_migrations VALUES ({version}, {}, now())",
+            lit(name)
+        ))
+        .await?;
+        tracing::info!(version, "warehouse migrated");
+        Ok(())
     }
 
     /// Says when `message_ids` was created before it had [`REGISTRY_GRANULARITY`]: its
