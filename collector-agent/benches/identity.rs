@@ -30,7 +30,7 @@ fn insert_sql(start: u64, n: u64, user: User, load: u64) -> Vec<String> {
                 now()::TIMESTAMP, 'm' || i
          FROM range({start}, {end}) r(i)"
     ),
-    format!("INSERT INTO message_ids SELECT 'm' || i, 'identifies', {load} FROM range({start}, {end}) r(i)"),
+    format!("INSERT INTO message_ids SELECT 'm' || i, 'identifies', {load}, md5_number_lower('m' || i) FROM range({start}, {end}) r(i)"),
     format!("INSERT INTO identity_pending VALUES ({load})")]
 }
 

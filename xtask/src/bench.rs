@@ -207,7 +207,12 @@ pub fn drain_run(
         ),
     )?;
     let t = Instant::now();
-    let child = Command::new(tools.root.join("target/release/collector-agent"))
+    // `BENCH_AGENT_BIN=PATH`: another build of the agent (an earlier commit's, to
+    // compare).
+    let agent = std::env::var_os("BENCH_AGENT_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| tools.root.join("target/release/collector-agent"));
+    let child = Command::new(agent)
         .args(["run", "--once", "--config"])
         .arg(&config)
         .env("RUST_LOG", "warn")
@@ -1084,6 +1089,14 @@ fn drain_into(
     let (label, warehouse, _server): (_, String, Option<Box<dyn std::any::Any>>) = match kind {
         "duckdb" => {
             let _ = std::fs::remove_file(dir.join("warehouse.duckdb"));
+            let _ = std::fs::remove_file(dir.join("warehouse.duckdb.wal"));
+            // `BENCH_DUCKDB_SEED=FILE`: drain into a copy of a warehouse that holds
+            // events already (to see what grows with the warehouse) instead of a
+            // fresh one.
+            if let Some(seed) = std::env::var_os("BENCH_DUCKDB_SEED") {
+                std::fs::copy(&seed, dir.join("warehouse.duckdb"))
+                    .with_context(|| format!("BENCH_DUCKDB_SEED {}", seed.to_string_lossy()))?;
+            }
             // To measure a setting: `BENCH_WAREHOUSE='memory_limit = "64MB"'`.
             let extra = std::env::var("BENCH_WAREHOUSE").unwrap_or_default();
             (

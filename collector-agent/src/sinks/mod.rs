@@ -285,6 +285,15 @@ pub(crate) fn sql_migrations(d: Relational, text: &str) -> Vec<(i32, &'static st
             "collector_user_traits: which identify each users value came from, so users holds each trait's latest value whatever order identifies arrive in",
             tables::user_traits_ddl(d),
         ),
+        (
+            12,
+            "message_ids without an index in DuckDB (an id_hash column instead): memory and checkpoints no longer grow with every event loaded",
+            match d {
+                Relational::DuckDb => crate::sinks::duckdb::UNKEYED_REGISTRY_SQL.to_string(),
+                // PostgreSQL's key is a B-tree on disk, read a page at a time.
+                Relational::Postgres => String::new(),
+            },
+        ),
     ]
 }
 
@@ -346,6 +355,13 @@ pub async fn replay_all(
 /// one set serves every table of the load.
 #[derive(Debug, Default)]
 pub struct KnownIds(std::collections::HashSet<String>);
+
+impl From<std::collections::HashSet<String>> for KnownIds {
+    /// The ids the warehouse held before the load.
+    fn from(known: std::collections::HashSet<String>) -> KnownIds {
+        KnownIds(known)
+    }
+}
 
 impl KnownIds {
     /// Records that of `ids` (a table's rows), only `new` were registered by this load.

@@ -13,8 +13,9 @@ pub struct DuckDbConfig {
     pub path: PathBuf,
     /// DuckDB's `memory_limit` (`"64MB"`, `"1GB"`). When absent, DuckDB's default (80%
     /// of RAM, or of the container's limit), capped at [`DEFAULT_MEMORY_CAP`] plus room
-    /// for the indexes, which DuckDB keeps whole in memory (`message_ids`' key grows
-    /// with every event loaded; see `MemoryFit` in `sink.rs`): DuckDB keeps the
+    /// for the indexes, which DuckDB keeps whole in memory (the keys of `users` and the
+    /// identity tables, which grow with the people seen; the registry of loaded ids
+    /// has none; see `MemoryFit` in `sink.rs`): DuckDB keeps the
     /// warehouse's blocks cached up to the limit, so an uncapped agent's RSS climbs
     /// with what it loaded. Operators that exceed it spill to a temp folder beside the
     /// file; a configured limit must leave the indexes their room.
@@ -27,8 +28,8 @@ pub struct DuckDbConfig {
     /// folds it into the file. Each checkpoint recompresses the newest row groups and
     /// writes every index whole, so a larger value loads faster (the sinks bench: 16MB
     /// → 64MB ≈ +15% rows/s) and keeps more unfolded rows in memory. When absent,
-    /// DuckDB's 16 MiB, raised to twice the indexes' size as the registry grows, up to
-    /// 1 GiB (see `CheckpointFit` in `sink.rs`).
+    /// DuckDB's 16 MiB, raised to twice the indexes' size as the keyed tables grow, up
+    /// to 1 GiB (see `CheckpointFit` in `sink.rs`).
     #[serde(default)]
     pub checkpoint_threshold: Option<String>,
     /// Rows per row group of the tables the agent writes (a multiple of 2048, below

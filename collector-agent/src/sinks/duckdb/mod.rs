@@ -29,4 +29,5 @@
 pub mod config;
 pub(crate) mod sink;
 
+pub(crate) use sink::UNKEYED_REGISTRY_SQL;
 pub use sink::{run_query, DuckDbSink};

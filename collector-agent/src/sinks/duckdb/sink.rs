@@ -1,5 +1,6 @@
 //! The DuckDB sink: one embedded file. Per load, one transaction: the ids are
-//! registered in `message_ids` first, then only the new rows are appended by the
+//! registered in `message_ids` first (an unindexed registry: see
+//! [`UNKEYED_REGISTRY_SQL`]), then only the new rows are appended by the
 //! appender (which types them) straight into their tables; `users` is staged and
 //! upserted. The Parquet lake reuses the staging helpers.
 
@@ -101,18 +102,14 @@ const DEFAULT_CHECKPOINT_THRESHOLD: u64 = 16 << 20;
 const MAX_CHECKPOINT_THRESHOLD: u64 = 1 << 30;
 
 /// A default `checkpoint_threshold` that follows the indexes. Each checkpoint writes
-/// every index whole, not what changed (duckdb/duckdb#24848, open for 1.5): with
-/// `message_ids`' key at 4M ids a checkpoint took ~1.6 s against ~50 ms at 100k, and
-/// at DuckDB's 16 MiB one comes after almost every 5,000-event load. So the threshold
-/// is twice the indexes' size (measured, or estimated from the registry's count): a
-/// checkpoint then comes once per as many bytes loaded as it writes, and costs each
-/// load about the same however large the warehouse grows, up to 1 GiB of log
-/// (~4M ids); beyond that the cost per load grows again. More log also means more to
-/// replay when the agent starts after a crash.
+/// every index whole, not what changed (duckdb/duckdb#24848, open for 1.5). The
+/// registry has none (see [`UNKEYED_REGISTRY_SQL`]), but `users`, the identity
+/// tables and the quarantine are keyed and grow with the people seen: the threshold
+/// is twice the indexes' size as measured after each call, so a checkpoint comes once
+/// per as many bytes loaded as it writes, up to 1 GiB of log. More log also means
+/// more to replay when the agent starts after a crash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct CheckpointFit {
-    /// Ids in `message_ids` at the last count (at open, and after each call).
-    ids: u64,
     /// The threshold set now.
     threshold: u64,
 }
@@ -120,34 +117,24 @@ pub(crate) struct CheckpointFit {
 impl CheckpointFit {
     /// The threshold for indexes that measure `index_bytes` now.
     fn target(&self, index_bytes: u64) -> u64 {
-        self.ids
-            .saturating_mul(INDEX_BYTES_PER_ID)
-            .max(index_bytes)
+        index_bytes
             .saturating_mul(2)
             .clamp(DEFAULT_CHECKPOINT_THRESHOLD, MAX_CHECKPOINT_THRESHOLD)
     }
 }
 
-/// Bytes a default `memory_limit` sets aside per id in `message_ids`, beyond the cap,
-/// before DuckDB has loaded that key's index: its ART takes ~86 bytes per UUID id
-/// (BENCHMARKS.md, "The registry's index").
-const INDEX_BYTES_PER_ID: u64 = 128;
-
-/// A default `memory_limit` that follows the warehouse. DuckDB keeps every index whole
-/// in memory (the `message_ids` key above all, which grows with every event ever
-/// loaded) and fails each commit once they outgrow the limit, so the limit is the cap
-/// plus room for them: estimated from the registry's count (at open and after each
-/// call), or twice what they measure (`duckdb_memory()`, which shows them only until
-/// a checkpoint writes them out; a checkpoint loads them whole again); never above
-/// DuckDB's own default (80% of RAM), never lowered.
+/// A default `memory_limit` that follows the indexes. DuckDB keeps every index whole
+/// in memory and fails each commit once they outgrow the limit, so the limit is the
+/// cap plus twice what they measure (`duckdb_memory()`, which shows them only until a
+/// checkpoint writes them out; a checkpoint loads them whole again); never above
+/// DuckDB's own default (80% of RAM), never lowered. (The registry of loaded ids,
+/// which grows with every event, has no index: [`UNKEYED_REGISTRY_SQL`].)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct MemoryFit {
     /// Room for everything but the indexes (cached blocks, queries, checkpoints).
     cap: u64,
     /// DuckDB's own default: the most the limit grows to.
     ceiling: u64,
-    /// Ids in `message_ids` at the last count (at open, and after each call).
-    ids: u64,
     /// The limit set now.
     limit: u64,
 }
@@ -155,11 +142,9 @@ pub(crate) struct MemoryFit {
 impl MemoryFit {
     /// The limit for indexes that measure `index_bytes` now.
     fn target(&self, index_bytes: u64) -> u64 {
-        let room = self
-            .ids
-            .saturating_mul(INDEX_BYTES_PER_ID)
-            .max(index_bytes.saturating_mul(2));
-        self.cap.saturating_add(room).min(self.ceiling)
+        self.cap
+            .saturating_add(index_bytes.saturating_mul(2))
+            .min(self.ceiling)
     }
 }
 
@@ -209,14 +194,6 @@ impl State {
         );
         // (After a fatal error the database refuses even these queries.)
         let index = index.unwrap_or(0).max(0) as u64;
-        if let Ok(ids) = registered_ids(conn) {
-            if let Some(fit) = self.checkpoint.as_mut() {
-                fit.ids = ids;
-            }
-            if let Some(fit) = self.memory.as_mut() {
-                fit.ids = ids;
-            }
-        }
         if let Some(fit) = self.checkpoint.as_mut() {
             let target = fit.target(index);
             if target > fit.threshold
@@ -325,61 +302,23 @@ fn open_file(
     }
     migrate(&mut conn)?;
     let catalog = load_catalog(&conn)?;
-    let ids = if defaults.memory_limit || defaults.checkpoint_threshold {
-        registered_ids(&conn)?
-    } else {
-        0
-    };
     let memory = if defaults.memory_limit {
         Some(fit_default_memory(
             &conn,
             super::config::DEFAULT_MEMORY_CAP,
-            ids,
         )?)
     } else {
         None
     };
-    let checkpoint = if defaults.checkpoint_threshold {
-        Some(fit_default_checkpoint(&conn, ids)?)
-    } else {
-        None
-    };
+    let checkpoint = defaults.checkpoint_threshold.then_some(CheckpointFit {
+        threshold: DEFAULT_CHECKPOINT_THRESHOLD,
+    });
     Ok((conn, catalog, memory, checkpoint))
 }
 
-/// How many ids `message_ids` holds.
-fn registered_ids(conn: &Connection) -> Result<u64, SinkError> {
-    let ids: i64 = conn
-        .query_row("SELECT count(*) FROM message_ids", [], |r| r.get(0))
-        .map_err(transient)?;
-    Ok(ids.max(0) as u64)
-}
-
-/// Raises DuckDB's default `checkpoint_threshold` for the registry's index (see
-/// [`CheckpointFit`]).
-pub(crate) fn fit_default_checkpoint(
-    conn: &Connection,
-    ids: u64,
-) -> Result<CheckpointFit, SinkError> {
-    let mut fit = CheckpointFit {
-        ids,
-        threshold: DEFAULT_CHECKPOINT_THRESHOLD,
-    };
-    let threshold = fit.target(0);
-    if threshold > fit.threshold {
-        set_size(conn, "checkpoint_threshold", threshold)?;
-        fit.threshold = threshold;
-    }
-    Ok(fit)
-}
-
-/// Caps DuckDB's default `memory_limit` at `cap` plus room for the registry's index
-/// (see [`MemoryFit`]).
-pub(crate) fn fit_default_memory(
-    conn: &Connection,
-    cap: u64,
-    ids: u64,
-) -> Result<MemoryFit, SinkError> {
+/// Caps DuckDB's default `memory_limit` at `cap` (see [`MemoryFit`]); the room for
+/// the indexes is made as they are measured.
+pub(crate) fn fit_default_memory(conn: &Connection, cap: u64) -> Result<MemoryFit, SinkError> {
     let current: String = conn
         .query_row("SELECT current_setting('memory_limit')", [], |r| r.get(0))
         .map_err(transient)?;
@@ -387,7 +326,6 @@ pub(crate) fn fit_default_memory(
     let mut fit = MemoryFit {
         cap,
         ceiling,
-        ids,
         limit: ceiling,
     };
     let limit = fit.target(0);
@@ -575,24 +513,40 @@ pub(crate) fn write_rejected(
     plan: &Plan,
     load_id: i64,
 ) -> Result<(), SinkError> {
-    // (Only for events this load registered.)
-    for r in &plan.rejected {
-        tx.execute(
-            "INSERT INTO rejected_values SELECT ?, ?, ?, ?, ?, now()::TIMESTAMP
-             WHERE EXISTS (SELECT 1 FROM message_ids WHERE message_id = ? AND load_id = ?)
-             ON CONFLICT DO NOTHING",
-            params![
+    if plan.rejected.is_empty() {
+        return Ok(());
+    }
+    tx.execute_batch(
+        "CREATE OR REPLACE TEMP TABLE collector_stage_rejected (seq INTEGER, message_id VARCHAR, table_name VARCHAR, column_name VARCHAR, value VARCHAR, reason VARCHAR)",
+    )
+    .map_err(transient)?;
+    {
+        let mut app = tx.appender("collector_stage_rejected").map_err(transient)?;
+        for (seq, r) in plan.rejected.iter().enumerate() {
+            app.append_row(params![
+                seq as i32,
                 r.message_id,
                 r.table_name,
                 r.column_name,
                 r.value,
-                r.reason,
-                r.message_id,
-                load_id
-            ],
-        )
-        .map_err(transient)?;
+                r.reason
+            ])
+            .map_err(classify)?;
+        }
+        app.flush().map_err(classify)?;
     }
+    // Only for events this load registered (zone maps on the ever-growing `load_id`
+    // keep the lookup to the newest ids).
+    tx.execute(
+        "INSERT INTO rejected_values
+         SELECT DISTINCT ON (message_id, table_name, column_name) message_id, table_name, column_name, value, reason, now()::TIMESTAMP
+         FROM collector_stage_rejected
+         WHERE message_id IN (SELECT message_id FROM message_ids WHERE load_id = ?)
+         ORDER BY message_id, table_name, column_name, seq
+         ON CONFLICT DO NOTHING",
+        params![load_id],
+    )
+    .map_err(transient)?;
     Ok(())
 }
 
@@ -788,22 +742,24 @@ fn write(
     let tx = conn.transaction().map_err(transient)?;
     let (mut stats, load_id) = write_state(&tx, p)?;
     apply_plan_ddl(&tx, &plan, true)?;
-    // The ids new to the warehouse are registered first; only their rows are then
-    // appended, typed by the appender, straight into their tables (no staging pass).
-    let mut known = KnownIds::default();
-    for load in &plan.loads {
+    // The ids new to the warehouse are registered first (all tables at once: one
+    // pass over the registry); only their rows are then appended, typed by the
+    // appender, straight into their tables (no staging pass).
+    let base: Vec<&TableLoad> = plan
+        .loads
+        .iter()
+        .filter(|l| matches!(l.kind, TableKind::Base(_)))
+        .collect();
+    let known = KnownIds::from(register_ids(&tx, &base, load_id)?);
+    for load in &base {
         if let TableKind::Base(kind) = load.kind {
-            let (fresh, ids) = register_ids(&tx, load, load_id)?;
+            let fresh = load
+                .rows
+                .iter()
+                .filter(|r| known.is_new(r.first().and_then(|c| c.as_deref()).unwrap_or("")))
+                .count() as u64;
             stats.inserted_into(kind, fresh);
             stats.duplicates += load.rows.len() as u64 - fresh;
-            if let Some(ids) = ids {
-                known.add_all_but(
-                    load.rows
-                        .iter()
-                        .filter_map(|r| r.first().and_then(|c| c.as_deref())),
-                    &ids.into_iter().collect(),
-                );
-            }
         }
     }
     let now: String = tx
@@ -827,44 +783,115 @@ fn write(
     Ok(stats)
 }
 
-/// Registers a base table's ids that are new to the warehouse under `load_id`: how
-/// many, and which when some were loaded before (`None`: all of them).
+/// Registers the ids of a load's base tables that are new to the warehouse under
+/// `load_id`; returns the ids the registry held already.
 fn register_ids(
     tx: &duckdb::Transaction<'_>,
-    load: &TableLoad,
+    loads: &[&TableLoad],
     load_id: i64,
-) -> Result<(u64, Option<Vec<String>>), SinkError> {
-    tx.execute_batch("CREATE OR REPLACE TEMP TABLE stage_ids (message_id VARCHAR)")
-        .map_err(transient)?;
+) -> Result<std::collections::HashSet<String>, SinkError> {
+    tx.execute_batch(
+        "CREATE OR REPLACE TEMP TABLE collector_stage_ids (message_id VARCHAR, table_name VARCHAR)",
+    )
+    .map_err(transient)?;
     {
-        let mut app = tx.appender("stage_ids").map_err(transient)?;
-        for row in &load.rows {
-            app.append_row(params![row.first().and_then(|c| c.as_deref())])
+        let mut app = tx.appender("collector_stage_ids").map_err(transient)?;
+        for load in loads {
+            for row in &load.rows {
+                app.append_row(params![
+                    row.first().and_then(|c| c.as_deref()),
+                    load.table.as_str()
+                ])
                 .map_err(classify)?;
+            }
         }
         app.flush().map_err(classify)?;
     }
-    let table = &load.table;
-    let fresh = tx
-        .execute(
-            &format!(
-                "INSERT OR IGNORE INTO message_ids SELECT message_id, '{table}', ? FROM stage_ids"
-            ),
-            params![load_id],
-        )
-        .map_err(classify)?;
-    if fresh == load.rows.len() {
-        return Ok((fresh as u64, None));
-    }
+    register_new(tx, "collector_stage_ids", "table_name", load_id)
+}
+
+/// The registry of loaded ids has no index. DuckDB keeps an index whole in memory and
+/// writes it whole at every checkpoint (duckdb/duckdb#24848): `message_ids`' primary
+/// key, which grows with every event ever loaded, took tens of bytes of memory per id
+/// and, at 4M ids, ~2 s per checkpoint. Instead each id carries `id_hash` (the low 64
+/// bits of its MD5, DuckDB's `md5_number_lower`): a load finds the ids the registry
+/// holds by scanning that one column (8 bytes per id, ~4 ns per id, in DuckDB's
+/// buffer pool, which the memory limit bounds), then compares the whole ids of the
+/// hashes that matched. Every write to the registry is a load of this process
+/// (DuckDB lets one process open the file; the sink writes one load at a time), so no
+/// key is needed to keep an id unique.
+pub(crate) const UNKEYED_REGISTRY_SQL: &str = "CREATE TABLE message_ids_unkeyed (message_id VARCHAR NOT NULL, table_name VARCHAR NOT NULL, load_id BIGINT NOT NULL, id_hash UBIGINT NOT NULL);
+INSERT INTO message_ids_unkeyed SELECT message_id, table_name, load_id, md5_number_lower(message_id) FROM message_ids;
+DROP TABLE message_ids;
+ALTER TABLE message_ids_unkeyed RENAME TO message_ids;
+";
+
+/// The ids of `stage` (a table with a `message_id` column) that `message_ids` holds.
+pub(crate) fn registered_before(
+    tx: &duckdb::Transaction<'_>,
+    stage: &str,
+) -> Result<std::collections::HashSet<String>, SinkError> {
     let mut stmt = tx
-        .prepare("SELECT message_id FROM message_ids WHERE load_id = ? AND table_name = ?")
+        .prepare(&format!(
+            "SELECT DISTINCT id_hash FROM message_ids WHERE id_hash IN (SELECT md5_number_lower(message_id) FROM {stage})"
+        ))
+        .map_err(transient)?;
+    let hashes = stmt
+        .query_map([], |r| r.get::<_, u64>(0))
+        .map_err(transient)?
+        .collect::<Result<Vec<u64>, _>>()
+        .map_err(transient)?;
+    if hashes.is_empty() {
+        return Ok(Default::default());
+    }
+    let list = hashes
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut stmt = tx
+        .prepare(&format!(
+            "SELECT DISTINCT message_id FROM message_ids WHERE id_hash IN ({list}) AND message_id IN (SELECT message_id FROM {stage})"
+        ))
         .map_err(transient)?;
     let ids = stmt
-        .query_map(params![load_id, table], |r| r.get(0))
+        .query_map([], |r| r.get::<_, String>(0))
         .map_err(transient)?
-        .collect::<Result<Vec<String>, _>>()
-        .map_err(transient)?;
-    Ok((ids.len() as u64, Some(ids)))
+        .collect::<Result<_, _>>()
+        .map_err(transient);
+    ids
+}
+
+/// Registers under `load_id` the ids of `stage` (a table with a `message_id` column,
+/// each id once) that `message_ids` does not hold (`table_name`: a SQL expression for
+/// each id's table); returns the ids it held.
+pub(crate) fn register_new(
+    tx: &duckdb::Transaction<'_>,
+    stage: &str,
+    table_name: &str,
+    load_id: i64,
+) -> Result<std::collections::HashSet<String>, SinkError> {
+    let known = registered_before(tx, stage)?;
+    let unknown = if known.is_empty() {
+        String::new()
+    } else {
+        tx.execute_batch("CREATE OR REPLACE TEMP TABLE collector_stage_known (message_id VARCHAR)")
+            .map_err(transient)?;
+        let mut app = tx.appender("collector_stage_known").map_err(transient)?;
+        for id in &known {
+            app.append_row(params![id]).map_err(classify)?;
+        }
+        app.flush().map_err(classify)?;
+        " WHERE message_id NOT IN (SELECT message_id FROM collector_stage_known)".to_string()
+    };
+    tx.execute(
+        &format!(
+            "INSERT INTO message_ids SELECT message_id, {table_name}, ?, md5_number_lower(message_id) FROM {stage}{unknown}"
+        ),
+        params![load_id],
+    )
+    .map_err(classify)?;
+    Ok(known)
 }
 
 /// Appends the rows whose id is new straight into their table, in the table's own
@@ -937,12 +964,29 @@ pub(crate) fn write_state(
     // An event already in the warehouse is a duplicate, not a poison; one already
     // quarantined is a duplicate too, unless this is a replay of it.
     let on_conflict = p.quarantine_on_conflict();
+    let loaded = if p.quarantine.is_empty() {
+        Default::default()
+    } else {
+        tx.execute_batch(
+            "CREATE OR REPLACE TEMP TABLE collector_stage_quarantine (message_id VARCHAR)",
+        )
+        .map_err(transient)?;
+        let mut app = tx
+            .appender("collector_stage_quarantine")
+            .map_err(transient)?;
+        for q in &p.quarantine {
+            app.append_row(params![q.message_id]).map_err(classify)?;
+        }
+        app.flush().map_err(classify)?;
+        registered_before(tx, "collector_stage_quarantine")?
+    };
     for q in &p.quarantine {
-        let n = tx
-            .execute(
+        let n = if loaded.contains(&q.message_id) {
+            0
+        } else {
+            tx.execute(
                 &format!(
-                    "INSERT INTO quarantine SELECT ?, ?, ?, ?, ?, ?, now()::TIMESTAMP, 1
-                     WHERE NOT EXISTS (SELECT 1 FROM message_ids WHERE message_id = ?)
+                    "INSERT INTO quarantine VALUES (?, ?, ?, ?, ?, ?, now()::TIMESTAMP, 1)
                      ON CONFLICT (message_id) {on_conflict}"
                 ),
                 params![
@@ -951,11 +995,11 @@ pub(crate) fn write_state(
                     q.shard,
                     q.batch_id,
                     q.reason,
-                    q.event,
-                    q.message_id
+                    q.event
                 ],
             )
-            .map_err(transient)? as u64;
+            .map_err(transient)?
+        };
         if n > 0 {
             stats.quarantined += 1;
         } else {
@@ -1010,15 +1054,12 @@ pub(crate) fn register(
     load: &TableLoad,
     load_id: i64,
 ) -> Result<(), SinkError> {
-    let table = &load.table;
-    tx.execute(
-        &format!(
-            "INSERT OR IGNORE INTO message_ids SELECT message_id, '{table}', ? FROM {}",
-            ident(&format!("stage_{table}"))
-        ),
-        params![load_id],
-    )
-    .map_err(classify)?;
+    register_new(
+        tx,
+        &ident(&format!("stage_{}", load.table)),
+        &sql_lit(&load.table),
+        load_id,
+    )?;
     Ok(())
 }
 
@@ -1305,14 +1346,10 @@ mod tests {
         let fit = MemoryFit {
             cap: 1000,
             ceiling: 1_000_000,
-            ids: 0,
             limit: 1000,
         };
         assert_eq!(fit.target(0), 1000);
         assert_eq!(fit.target(300), 1600);
-        let opened_big = MemoryFit { ids: 10, ..fit };
-        assert_eq!(opened_big.target(0), 1000 + 10 * INDEX_BYTES_PER_ID);
-        assert_eq!(opened_big.target(5000), 11_000);
         assert_eq!(fit.target(10_000_000), 1_000_000);
     }
 
@@ -1325,24 +1362,19 @@ mod tests {
     #[test]
     fn the_default_checkpoint_threshold_is_twice_the_indexes_within_bounds() {
         let fit = CheckpointFit {
-            ids: 0,
             threshold: DEFAULT_CHECKPOINT_THRESHOLD,
         };
         assert_eq!(fit.target(0), DEFAULT_CHECKPOINT_THRESHOLD);
         assert_eq!(fit.target(100 << 20), 200 << 20);
         assert_eq!(fit.target(10 << 30), MAX_CHECKPOINT_THRESHOLD);
-        let opened = CheckpointFit {
-            ids: 1_000_000,
-            ..fit
-        };
-        assert_eq!(opened.target(0), 2 * 1_000_000 * INDEX_BYTES_PER_ID);
     }
 
-    // Each checkpoint writes the registry's index whole, so the default threshold
-    // grows with it: measured after each call, estimated from the registry at open.
-    // A sink opened without the agent's config keeps DuckDB's own.
+    // Each checkpoint writes every index whole, so the default threshold grows with
+    // the keyed tables (here `collector_user_traits`, one row per user), as measured
+    // after each call (before a checkpoint writes them out); the registry of loaded ids, which has no index, does not move
+    // it. A sink opened without the agent's config keeps DuckDB's own.
     #[tokio::test]
-    async fn the_default_checkpoint_threshold_follows_the_registry() {
+    async fn the_default_checkpoint_threshold_follows_the_indexes_not_the_registry() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.duckdb");
         let checkpoint = Defaults {
@@ -1363,17 +1395,19 @@ mod tests {
         };
         let sink = DuckDbSink::open_with(&path, String::new(), None, checkpoint).unwrap();
         assert_eq!(threshold(&sink), ("16.0 MiB".into(), Some(16 << 20)));
-        // 200k ids straight into the registry: its index outgrows half the default.
         sink.query(
-            "INSERT INTO message_ids SELECT uuid()::VARCHAR, 'tracks', 0 FROM range(200000)",
+            "INSERT INTO message_ids SELECT uuid()::VARCHAR, 'tracks', 0, 0 FROM range(400000)",
+        )
+        .await
+        .unwrap();
+        assert_eq!(threshold(&sink), ("16.0 MiB".into(), Some(16 << 20)));
+        sink.query(
+            "INSERT INTO collector_user_traits SELECT uuid()::VARCHAR, '{}' FROM range(110000)",
         )
         .await
         .unwrap();
         let raised = threshold(&sink).1.unwrap();
         assert!(raised > 16 << 20, "{raised}");
-        drop(sink);
-        let sink = DuckDbSink::open_with(&path, String::new(), None, checkpoint).unwrap();
-        assert_eq!(threshold(&sink).1, Some(2 * 200_000 * INDEX_BYTES_PER_ID));
         drop(sink);
         let plain = DuckDbSink::open(&path).unwrap();
         assert_eq!(threshold(&plain), ("16.0 MiB".into(), None));
@@ -1399,22 +1433,19 @@ mod tests {
         )
     }
 
-    // The registry's index grows with every id loaded and DuckDB keeps it whole in
-    // memory: under a fixed limit, commits fail once it outgrows it (here, with a 24 MB
-    // cap, at about 125k ids). The default limit follows it instead, and every load
-    // lands.
+    // The registry grows with every id loaded; it has no index, so under a fixed
+    // limit of 24 MB, 200k ids load (with the old primary key, whose index DuckDB
+    // keeps whole in memory, commits failed from about 125k ids) and the default
+    // limit never has to rise for it.
     #[tokio::test]
-    async fn loads_go_on_when_the_registry_outgrows_the_default_cap() {
+    async fn the_registry_loads_within_a_fixed_memory_limit() {
         let dir = tempfile::tempdir().unwrap();
         let sink = DuckDbSink::open_with(&dir.path().join("w.duckdb"), String::new(), None, MEMORY)
             .unwrap();
         let cap = 24_000_000;
         {
             let mut st = sink.state.lock().unwrap();
-            let fit = {
-                let conn = st.conn.as_ref().unwrap();
-                fit_default_memory(conn, cap, registered_ids(conn).unwrap()).unwrap()
-            };
+            let fit = fit_default_memory(st.conn.as_ref().unwrap(), cap).unwrap();
             assert_eq!(fit.limit, cap);
             st.memory = Some(fit);
         }
@@ -1440,20 +1471,93 @@ mod tests {
             let stats = sink.write(Arc::new(prepared)).await.unwrap();
             assert_eq!(stats.inserted, per_load as u64, "load {l}");
         }
-        let limit = sink.state.lock().unwrap().memory.unwrap().limit;
         let count = sink.query("SELECT count(*) FROM aliases").await.unwrap();
         assert_eq!(count.rows[0][0].as_deref(), Some("200000"));
-        assert!(limit > cap, "{limit}");
-        // Opened again, the limit makes room for the registry before its index loads.
-        drop(sink);
-        let sink = DuckDbSink::open_with(&dir.path().join("w.duckdb"), String::new(), None, MEMORY)
+        // (The other tables' small indexes take a few MB; with the old key the
+        // registry alone needed 128 bytes per id, 25.6 MB.)
+        let limit = sink.state.lock().unwrap().memory.unwrap().limit;
+        assert!(limit < cap + 8_000_000, "{limit}");
+        // The same ids again: every one a duplicate, found without an index.
+        let batch: Vec<serde_json::Value> = (0..500)
+            .map(|i| serde_json::json!({"type": "alias", "previousId": "p", "userId": "u", "messageId": uuid_like(i)}))
+            .collect();
+        let prepared = schema::prepare(Load {
+            shard: 0,
+            batches: vec![LoadBatch::Decoded {
+                batch_id: 0,
+                events: test_events(serde_json::json!({ "batch": batch })),
+            }],
+        });
+        let stats = sink.write(Arc::new(prepared)).await.unwrap();
+        assert_eq!((stats.inserted, stats.duplicates), (0, 500));
+    }
+
+    fn one_load(batch_id: i64, batch: serde_json::Value) -> Arc<Prepared> {
+        Arc::new(schema::prepare(Load {
+            shard: 0,
+            batches: vec![LoadBatch::Decoded {
+                batch_id,
+                events: test_events(serde_json::json!({ "batch": batch })),
+            }],
+        }))
+    }
+
+    // Two ids whose hashes are equal are still two ids: the registry compares whole
+    // ids where the hashes matched. (An MD5 collision cannot be found here, so the
+    // registry is given a row that claims the hash of an id it does not hold.)
+    #[tokio::test]
+    async fn ids_that_share_a_hash_are_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = DuckDbSink::open(&dir.path().join("w.duckdb")).unwrap();
+        sink.query("INSERT INTO message_ids VALUES ('other', 'tracks', 0, md5_number_lower('x'))")
+            .await
             .unwrap();
-        let st = sink.state.lock().unwrap();
-        let fit = {
-            let conn = st.conn.as_ref().unwrap();
-            fit_default_memory(conn, cap, registered_ids(conn).unwrap()).unwrap()
+        let ev = |id: &str| serde_json::json!([{"type": "track", "messageId": id, "userId": "u", "event": "E"}]);
+        let st = sink.write(one_load(1, ev("x"))).await.unwrap();
+        assert_eq!((st.inserted, st.duplicates), (1, 0));
+        let st = sink.write(one_load(3, ev("x"))).await.unwrap();
+        assert_eq!((st.inserted, st.duplicates), (0, 1));
+        let n = sink.query("SELECT count(*) FROM tracks").await.unwrap();
+        assert_eq!(n.rows[0][0].as_deref(), Some("1"));
+    }
+
+    // A warehouse whose registry still has its primary key (migration 2, before 12)
+    // is rebuilt without it, keeping every id: the ids loaded before are still
+    // duplicates, and a new id loads.
+    #[tokio::test]
+    async fn a_keyed_registry_is_rebuilt_without_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.duckdb");
+        let sink = DuckDbSink::open(&path).unwrap();
+        let ev = |ids: &[&str]| {
+            serde_json::Value::Array(
+                ids.iter()
+                    .map(|id| serde_json::json!({"type": "track", "messageId": id, "userId": "u", "event": "E"}))
+                    .collect(),
+            )
         };
-        assert_eq!(fit.ids, 200_000);
-        assert_eq!(fit.limit, cap + 200_000 * INDEX_BYTES_PER_ID);
+        sink.write(one_load(1, ev(&["a", "b"]))).await.unwrap();
+        for sql in [
+            "DROP TABLE message_ids",
+            "CREATE TABLE message_ids (message_id VARCHAR PRIMARY KEY, table_name VARCHAR NOT NULL, load_id BIGINT NOT NULL)",
+            "INSERT INTO message_ids VALUES ('a', 'tracks', 1), ('b', 'tracks', 1)",
+            "DELETE FROM collector_migrations WHERE version = 12",
+        ] {
+            sink.query(sql).await.unwrap();
+        }
+        drop(sink);
+        let sink = DuckDbSink::open(&path).unwrap();
+        let keys = sink
+            .query("SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'message_ids' AND constraint_type IN ('PRIMARY KEY', 'UNIQUE')")
+            .await
+            .unwrap();
+        assert_eq!(keys.rows[0][0].as_deref(), Some("0"));
+        let hashed = sink
+            .query("SELECT count(*) FROM message_ids WHERE id_hash = md5_number_lower(message_id)")
+            .await
+            .unwrap();
+        assert_eq!(hashed.rows[0][0].as_deref(), Some("2"));
+        let st = sink.write(one_load(2, ev(&["a", "b", "c"]))).await.unwrap();
+        assert_eq!((st.inserted, st.duplicates), (1, 2));
     }
 }

@@ -12,7 +12,7 @@ use duckdb::{params, Connection};
 use crate::sinks::duckdb::sink::{
     apply_migrations, apply_plan_ddl, classify, dead_letters, finish_load, ident, load_catalog,
     quarantined, register, registered_rows_sql, run_query, sql_type, stage, transient,
-    write_rejected, write_state, CATALOG_SQL, REGISTRY_SQL,
+    write_rejected, write_state, CATALOG_SQL, REGISTRY_SQL, UNKEYED_REGISTRY_SQL,
 };
 use crate::sinks::schema::{self, DeadLetter, Prepared, QuarantinedEvent};
 use crate::sinks::tables::{self, Catalog, TableKind, TableRow};
@@ -51,6 +51,11 @@ CREATE TABLE dead_letters (shard INTEGER NOT NULL, batch_id BIGINT NOT NULL, err
             "ALTER TABLE loaded_batches ADD COLUMN batch_ids BIGINT[];
 ALTER TABLE loaded_batches ADD COLUMN staged VARCHAR;"
                 .to_string(),
+        ),
+        (
+            6,
+            "message_ids without an index (an id_hash column instead): memory and checkpoints no longer grow with every event loaded",
+            UNKEYED_REGISTRY_SQL.to_string(),
         ),
     ]
 }
