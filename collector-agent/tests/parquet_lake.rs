@@ -204,3 +204,49 @@ async fn files_committed_but_not_in_place_are_published_later() {
     assert_eq!(count(&sink, "tracks").await, "3");
     assert_eq!(files(&root).len(), 4);
 }
+
+// A lake whose registry still has its primary key (its migration 2, before 6) is
+// rebuilt without it, keeping every id: the events loaded before are still duplicates.
+#[tokio::test]
+async fn a_keyed_registry_in_the_state_file_is_rebuilt_without_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("lake");
+    let ev = |ids: &[&str]| {
+        events(
+            json!({"batch": ids.iter().map(|id| json!({"type": "track", "messageId": id, "userId": "u", "event": "E"})).collect::<Vec<_>>()}),
+        )
+    };
+    let sink = ParquetSink::open(&root).unwrap();
+    sink.load(&Load::events(0, 1, ev(&["a", "b"])))
+        .await
+        .unwrap();
+    drop(sink);
+    duckdb::Connection::open(root.join("_collector/state.duckdb"))
+        .unwrap()
+        .execute_batch(
+            "CREATE TABLE keyed (message_id VARCHAR PRIMARY KEY, table_name VARCHAR NOT NULL, load_id BIGINT NOT NULL);
+             INSERT INTO keyed SELECT message_id, table_name, load_id FROM message_ids;
+             DROP TABLE message_ids;
+             ALTER TABLE keyed RENAME TO message_ids;
+             DELETE FROM collector_migrations WHERE version = 6;",
+        )
+        .unwrap();
+    let sink = ParquetSink::open(&root).unwrap();
+    let st = sink
+        .load(&Load::events(0, 2, ev(&["a", "b", "c"])))
+        .await
+        .unwrap();
+    assert_eq!((st.inserted, st.duplicates), (1, 2));
+    let n = sink.query("SELECT count(*) FROM tracks").await.unwrap();
+    assert_eq!(n.rows[0][0].as_deref(), Some("3"));
+    drop(sink);
+    let keys: i64 = duckdb::Connection::open(root.join("_collector/state.duckdb"))
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'message_ids' AND constraint_type IN ('PRIMARY KEY', 'UNIQUE')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(keys, 0);
+}
