@@ -10,8 +10,9 @@
 //! ```
 //!
 //! Tables in Segment's warehouse shape (from `sinks::schema`): `tracks`, `pages`,
-//! `identifies`, `screens`, `groups`, `aliases`, each with `message_id` as primary key,
-//! typed id and time columns (UTC `TIMESTAMP`s), JSON columns for
+//! `identifies`, `screens`, `groups`, `aliases`, each with `message_id` (unique across
+//! the warehouse: `message_ids` registers every id, without an index), typed id and
+//! time columns (UTC `TIMESTAMP`s), JSON columns for
 //! `properties`/`traits`/`context`/`integrations`, and the whole normalised event in
 //! `raw`; the growing part from `sinks::tables` (flattened `context_*`, properties and
 //! traits columns, one table per track event name, `users`, `rejected_values`); plus
