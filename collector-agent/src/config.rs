@@ -146,14 +146,15 @@ impl<'de> Deserialize<'de> for WarehouseConfig {
 }
 
 impl WarehouseConfig {
-    /// The SQL dialect identity, profiles and audiences are computed in; `None` for the
-    /// kinds that do not compute them (yet): ClickHouse and the Parquet lake.
-    pub fn people_dialect(&self) -> Option<crate::sinks::Dialect> {
+    /// The SQL dialect identity, profiles and audiences are computed in: the Parquet
+    /// lake's is DuckDB's (its state file, with the tables as views over the files).
+    pub fn people_dialect(&self) -> crate::sinks::Dialect {
         match self {
-            WarehouseConfig::DuckDb(_) => Some(crate::sinks::Dialect::DuckDb),
-            WarehouseConfig::Postgres(_) => Some(crate::sinks::Dialect::Postgres),
-            WarehouseConfig::ClickHouse(_) => Some(crate::sinks::Dialect::ClickHouse),
-            WarehouseConfig::Parquet(_) => None,
+            WarehouseConfig::DuckDb(_) | WarehouseConfig::Parquet(_) => {
+                crate::sinks::Dialect::DuckDb
+            }
+            WarehouseConfig::Postgres(_) => crate::sinks::Dialect::Postgres,
+            WarehouseConfig::ClickHouse(_) => crate::sinks::Dialect::ClickHouse,
         }
     }
 
@@ -165,16 +166,6 @@ impl WarehouseConfig {
             WarehouseConfig::ClickHouse(_) => "clickhouse",
             WarehouseConfig::Parquet(_) => "parquet",
         }
-    }
-
-    /// Why `what` (profiles, audiences) cannot be asked of this warehouse, if so.
-    pub fn people_unsupported(&self, what: &str) -> Option<String> {
-        self.people_dialect().is_none().then(|| {
-            format!(
-                "{what}: identity, profiles and audiences are computed in the warehouse (duckdb, postgres or clickhouse); kind = \"{}\" (a parquet lake) has no SQL engine of its own (query it from one, e.g. DuckDB's read_parquet)",
-                self.kind()
-            )
-        })
     }
 
     /// The DuckDB file, for kinds that have one.
@@ -278,11 +269,6 @@ impl AgentConfig {
             self.audience_interval_ms >= 1_000,
             "config: audience_interval_ms must be at least 1000"
         );
-        if self.audiences.is_some() {
-            if let Some(why) = self.warehouse.people_unsupported("config: audiences") {
-                anyhow::bail!("{why}");
-            }
-        }
         let audiences = self.load_audiences()?;
         if !self.destinations.is_empty() {
             anyhow::ensure!(

@@ -642,9 +642,6 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let sink = open_sink(&cfg).await?;
-    if let Some(why) = cfg.warehouse.people_unsupported("identity") {
-        tracing::warn!("{why}: events load, no profiles are built");
-    }
     let (stop_tx, mut stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;

@@ -358,14 +358,7 @@ async fn agent_main() -> anyhow::Result<()> {
                         .join(", ")
                 );
             };
-            let Some(dialect) = cfg.warehouse.people_dialect() else {
-                anyhow::bail!(
-                    "{}",
-                    cfg.warehouse
-                        .people_unsupported("audience preview")
-                        .unwrap_or_default()
-                );
-            };
+            let dialect = cfg.warehouse.people_dialect();
             let members =
                 collector_agent::audiences::members_sql(a, dialect, collector_agent::now_ms());
             let size = sql(
@@ -398,9 +391,6 @@ async fn agent_main() -> anyhow::Result<()> {
         }
         Command::Profile { id, config, json } => {
             let cfg = AgentConfig::load(&config)?;
-            if let Some(why) = cfg.warehouse.people_unsupported("profile") {
-                anyhow::bail!("{why}");
-            }
             let found = collector_agent::identity::profile::lookup(&id, |q| sql(&cfg, q)).await?;
             match found {
                 Some(p) if json => println!("{}", serde_json::to_string_pretty(&p)?),
@@ -416,7 +406,7 @@ async fn agent_main() -> anyhow::Result<()> {
         } => {
             let cfg = AgentConfig::load(&config)?;
             let (d, _) = destination(&cfg, &name)?;
-            let dialect = cfg.warehouse.people_dialect().context("no SQL warehouse")?;
+            let dialect = cfg.warehouse.people_dialect();
             let (count, update) = collector_agent::destinations::outbox::replay_dead_sql(
                 dialect,
                 &d.name,
@@ -475,7 +465,7 @@ async fn agent_main() -> anyhow::Result<()> {
                 contacts: contacts.as_ref(),
             };
             let mut session = CliSession {
-                dialect: cfg.warehouse.people_dialect().context("no SQL warehouse")?,
+                dialect: cfg.warehouse.people_dialect(),
                 cfg: &cfg,
             };
             let r = collector_agent::destinations::sync::dry_run(

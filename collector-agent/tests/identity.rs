@@ -309,6 +309,17 @@ crate::per_target!(
     an_upgraded_warehouse_reads_what_came_since_its_old_watermark,]
 );
 
+// The Parquet lake: identity runs in its state file, reading the events from its
+// files (which the last three scenarios above cannot edit in place).
+crate::per_target!(
+    [parquet]
+    [one_person_across_devices,
+    block_list_stops_a_bad_merge,
+    limits_refuse_a_merge_and_late_events_reorder,
+    profiles_hold_the_latest_consent,
+    the_block_list_is_the_same_in_sql_and_in_rust,]
+);
+
 // ClickHouse has no DELETE or UPDATE of events (the last three scenarios edit events in
 // place to stage their case); its own way of reading each load once is checked below.
 crate::per_target!(
@@ -790,6 +801,13 @@ mod audiences_duckdb {
     }
 }
 
+mod audiences_parquet {
+    #[tokio::test]
+    async fn seed_audiences_enter_and_exit_on_time() {
+        super::audiences::seed_audiences_enter_and_exit_on_time(&super::Target::parquet()).await;
+    }
+}
+
 mod audiences_clickhouse {
     #[tokio::test]
     async fn seed_audiences_enter_and_exit_on_time() {
@@ -839,5 +857,64 @@ async fn an_agent_with_identity_disabled_leaves_people_alone() {
     assert_eq!(
         drainer.resolve_identity().await.unwrap().unwrap().new_edges,
         1
+    );
+}
+
+// A lake that loaded events before it kept an identity graph (its migration 7) gets
+// one at the next start: the first run reads every event already in its files, then
+// each run reads only the loads since.
+#[tokio::test]
+async fn a_lake_from_before_identity_resolves_the_events_already_in_its_files() {
+    let t = Target::parquet();
+    let Target::Parquet(dir) = &t else {
+        unreachable!()
+    };
+    let sink = t.open().await;
+    load(&*sink, 1, json!([
+        {"type": "page", "messageId": "p1", "anonymousId": "a1", "timestamp": "2026-11-20T09:00:00.000Z"},
+        {"type": "identify", "messageId": "i1", "anonymousId": "a1", "userId": "u1", "timestamp": "2026-11-20T09:01:00.000Z"}
+    ]))
+    .await;
+    drop(sink);
+    // As a lake of the release before: no identity tables, no pending loads.
+    ::duckdb::Connection::open(dir.path().join("lake/_collector/state.duckdb"))
+        .unwrap()
+        .execute_batch(
+            "DROP TABLE identity_edges; DROP TABLE identities; DROP TABLE identity_merges; DROP TABLE profiles;
+             DROP TABLE collector_identity_state; DROP TABLE identity_dirty; DROP TABLE identity_pending;
+             DROP TABLE audience_membership; DELETE FROM collector_migrations WHERE version = 7;",
+        )
+        .unwrap();
+    let sink = t.open().await;
+    let cfg = IdentityConfig::default();
+    resolve(&*sink, &cfg).await;
+    let p = person(&*sink, "user_id", "u1").await.unwrap();
+    assert_eq!(
+        person(&*sink, "anonymous_id", "a1").await.as_deref(),
+        Some(p.as_str())
+    );
+    assert_eq!(
+        one(&*sink, "SELECT event_count FROM profiles")
+            .await
+            .as_deref(),
+        Some("2")
+    );
+    load(&*sink, 2, json!([
+        {"type": "track", "messageId": "t1", "userId": "u1", "event": "E", "timestamp": "2026-11-20T10:00:00.000Z"}
+    ]))
+    .await;
+    let next = resolve(&*sink, &cfg).await;
+    assert_eq!(next.new_edges, 0);
+    assert_eq!(
+        one(&*sink, "SELECT event_count FROM profiles")
+            .await
+            .as_deref(),
+        Some("3")
+    );
+    assert_eq!(
+        one(&*sink, "SELECT count(*) FROM identity_pending")
+            .await
+            .as_deref(),
+        Some("0")
     );
 }

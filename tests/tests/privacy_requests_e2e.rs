@@ -652,9 +652,10 @@ async fn the_running_agent_takes_signed_requests_from_named_keys() {
     assert!(agent.terminate(), "the agent stops on SIGTERM");
 }
 
-// The Parquet lake: no identity graph, so the ids one identify event carries together
-// are the person; their rows are removed by rewriting each file that holds some, the
-// registry forgets their message ids, and no file of the lake holds their ids after.
+// The Parquet lake: the person is resolved through the identity graph its state file
+// keeps (built from the files by the drain's identity run); their rows are removed by
+// rewriting each file that holds some, the registry forgets their message ids, the
+// graph and the profile go, and no file of the lake holds their ids after.
 #[tokio::test]
 async fn erasure_and_export_in_the_parquet_lake() {
     let st = Stack::start();
@@ -715,6 +716,8 @@ async fn erasure_and_export_in_the_parquet_lake() {
         ("identifies", 2),
         ("order_completed", 1),
         ("message_ids", 4),
+        ("identities", 3),
+        ("profiles", 1),
     ] {
         let s = store(name);
         assert_eq!(
@@ -724,9 +727,14 @@ async fn erasure_and_export_in_the_parquet_lake() {
             req.render()
         );
     }
-    assert!(
-        !req.stores.iter().any(|s| s.store == "identities"),
-        "a lake has no identity graph"
+    // Quinn's person stays.
+    assert_eq!(
+        count(
+            &cfg,
+            "SELECT count(*) FROM identities WHERE id_value IN ('u-quinn', 'dev-quinn')"
+        )
+        .await,
+        2
     );
     let after = drain_once(&cfg).await.expect("drain");
     assert_eq!((after.suppressed, after.inserted), (1, 0), "{after:?}");

@@ -16,7 +16,7 @@ use crate::sinks::duckdb::sink::{
 };
 use crate::sinks::schema::{self, DeadLetter, Prepared, QuarantinedEvent};
 use crate::sinks::tables::{self, Catalog, TableKind, TableRow};
-use crate::sinks::{LoadStats, QueryResult, Sink, SinkError};
+use crate::sinks::{LoadStats, QueryResult, Relational, Sink, SinkError};
 
 /// The lake's state folder, beside the table folders.
 const STATE_DIR: &str = "_collector";
@@ -43,7 +43,7 @@ CREATE TABLE dead_letters (shard INTEGER NOT NULL, batch_id BIGINT NOT NULL, err
         (
             4,
             "privacy_requests, privacy_request_stores, policy_versions",
-            crate::privacy::ddl(crate::sinks::Relational::DuckDb),
+            crate::privacy::ddl(Relational::DuckDb),
         ),
         (
             5,
@@ -56,6 +56,17 @@ ALTER TABLE loaded_batches ADD COLUMN staged VARCHAR;"
             6,
             "message_ids without an index (an id_hash column instead): memory and checkpoints no longer grow with every event loaded",
             UNKEYED_REGISTRY_SQL.to_string(),
+        ),
+        (
+            7,
+            "identity graph, identities, identity_merges, profiles, identity_dirty, identity_pending, audience_membership: identity and audiences over the lake's files",
+            [
+                crate::identity::ddl(Relational::DuckDb),
+                crate::identity::run::ddl_dirty(Relational::DuckDb),
+                crate::identity::run::ddl_pending(Relational::DuckDb),
+                crate::audiences::ddl(Relational::DuckDb),
+            ]
+            .concat(),
         ),
     ]
 }
@@ -210,6 +221,11 @@ fn write(
     }
     write_rejected(&tx, &plan, load_id)?;
     finish_load(&tx, load_id)?;
+    if stats.inserted > 0 {
+        // For the next identity run.
+        tx.execute("INSERT INTO identity_pending VALUES (?)", params![load_id])
+            .map_err(transient)?;
+    }
     tx.commit().map_err(transient)?;
     staged_files.committed = true;
     *catalog = plan.catalog;
@@ -487,9 +503,10 @@ fn erase_files(
 
 #[async_trait]
 impl Sink for ParquetSink {
-    async fn privacy_session(
-        &self,
-    ) -> Result<Option<Box<dyn crate::sinks::SqlSession + '_>>, SinkError> {
+    /// The lake's state database on a connection of its own, with the tables as views
+    /// over the files: identity, audiences and privacy requests run in it (their
+    /// tables are in the state file; the events are read from the files).
+    async fn session(&self) -> Result<Option<Box<dyn crate::sinks::SqlSession + '_>>, SinkError> {
         let conn = self
             .with_conn(|c, catalog, root| {
                 let clone = c.try_clone().map_err(transient)?;
