@@ -72,10 +72,6 @@ fn problems_name_their_key() {
         ),
         (format!("{BASE}[warehouse]\nthreads = 0\n"), "warehouse.threads"),
         (
-            format!("{BASE}audiences = \"audiences.toml\"\n[warehouse]\nkind = \"parquet\"\npath = \"lake\"\n"),
-            "config: audiences: identity, profiles and audiences are computed in the warehouse (duckdb, postgres or clickhouse); kind = \"parquet\"",
-        ),
-        (
             format!("{BASE}[warehouse]\nmemory_limit = \"32MB\"\n"),
             "warehouse.memory_limit must be at least 64MB",
         ),
@@ -233,9 +229,9 @@ fn check_in(dir: &std::path::Path, toml: &str) -> (bool, String) {
     ])
 }
 
-// `profile` on a warehouse that builds no profiles says so, before any query.
+// `profile` on a Parquet lake reads the people its state file keeps (here none yet).
 #[test]
-fn profile_says_which_warehouses_have_profiles() {
+fn profile_reads_the_people_of_a_lake() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("agent.toml");
     std::fs::write(
@@ -250,10 +246,7 @@ fn profile_says_which_warehouses_have_profiles() {
         path.as_os_str(),
     ]);
     assert!(!ok);
-    assert!(
-        text.contains("profile: identity, profiles and audiences are computed in the warehouse (duckdb, postgres or clickhouse); kind = \"parquet\""),
-        "{text}"
-    );
+    assert!(text.contains("no person has the id \"u1\""), "{text}");
 }
 
 /// The environment of a running `collector-agent run` (read from `/proc` once it has
