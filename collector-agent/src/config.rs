@@ -274,9 +274,11 @@ impl AgentConfig {
             anyhow::ensure!(
                 matches!(
                     self.warehouse,
-                    WarehouseConfig::DuckDb(_) | WarehouseConfig::Postgres(_)
+                    WarehouseConfig::DuckDb(_)
+                        | WarehouseConfig::Postgres(_)
+                        | WarehouseConfig::Parquet(_)
                 ),
-                "config: destinations: activation runs from duckdb and postgres warehouses; this one is kind = \"{}\"",
+                "config: destinations: activation runs from duckdb, postgres and parquet warehouses; this one is kind = \"{}\"",
                 self.warehouse.kind()
             );
             let policy = self.policy()?;

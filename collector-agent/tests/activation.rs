@@ -165,11 +165,15 @@ fn agent_config_for(
     std::fs::copy(format!("{repo}/audiences.toml"), dir.join("audiences.toml")).unwrap();
     let warehouse = match t {
         Target::DuckDb(d) => format!("path = \"{}\"", d.path().join("w.duckdb").display()),
+        Target::Parquet(d) => format!(
+            "kind = \"parquet\"\npath = \"{}\"",
+            d.path().join("lake").display()
+        ),
         Target::Postgres(pg) => format!(
             "kind = \"postgres\"\nurl = \"{}\"\nschema = \"analytics\"",
             pg.url
         ),
-        _ => unreachable!("activation runs from duckdb and postgres"),
+        _ => unreachable!("activation runs from duckdb, postgres and parquet"),
     };
     std::env::set_var(SECRET_ENV, SECRET);
     let toml = format!(
@@ -358,7 +362,7 @@ async fn webhook_delivers_what_consent_allows_once(t: &Target) {
 
     // The command line, with no agent running: the dead letter is made pending again,
     // the dry run shows it, and a test call reaches the receiver signed.
-    if matches!(t, Target::DuckDb(_)) {
+    if matches!(t, Target::DuckDb(_) | Target::Parquet(_)) {
         drop(drainer);
         drop(sink);
     }
@@ -472,7 +476,7 @@ async fn consent_is_checked_at_every_attempt_and_withdrawal_removes(t: &Target) 
 }
 
 crate::per_target!(
-    [duckdb, postgres]
+    [duckdb, postgres, parquet]
     [webhook_delivers_what_consent_allows_once,
     consent_is_checked_at_every_attempt_and_withdrawal_removes,
     cart_abandonment_texts_exactly_the_people_it_may,
@@ -534,11 +538,15 @@ fn sealed_config(
     std::fs::copy(format!("{repo}/audiences.toml"), dir.join("audiences.toml")).unwrap();
     let warehouse = match t {
         Target::DuckDb(d) => format!("path = \"{}\"", d.path().join("w.duckdb").display()),
+        Target::Parquet(d) => format!(
+            "kind = \"parquet\"\npath = \"{}\"",
+            d.path().join("lake").display()
+        ),
         Target::Postgres(pg) => format!(
             "kind = \"postgres\"\nurl = \"{}\"\nschema = \"analytics\"",
             pg.url
         ),
-        _ => unreachable!("activation runs from duckdb and postgres"),
+        _ => unreachable!("activation runs from duckdb, postgres and parquet"),
     };
     // One variable per test: tests run in parallel, each with its own key.
     let var = format!(

@@ -250,3 +250,41 @@ async fn a_keyed_registry_in_the_state_file_is_rebuilt_without_its_key() {
         .unwrap();
     assert_eq!(keys, 0);
 }
+
+// The dashboard's figures, computed over a lake (its state file, its files through
+// views), are the ones the same events give in a DuckDB warehouse.
+#[tokio::test]
+async fn the_dashboard_figures_of_a_lake_are_duckdbs() {
+    let batch = json!({"batch": [
+        {"type": "page", "messageId": "p1", "anonymousId": "a1", "properties": {"path": "/"},
+         "context": {"consent": {"resolved": {"granted": ["analytics"], "denied": ["marketing"], "sources": {"analytics": "choice", "marketing": "region_default"}, "policy_version": "v1", "region": "EEA"}}}},
+        {"type": "identify", "messageId": "i1", "anonymousId": "a1", "userId": "u1", "traits": {"plan": "pro"}},
+        {"type": "track", "messageId": "t1", "userId": "u1", "event": "Order Completed", "properties": {"revenue": 3.5}},
+        {"type": "page", "messageId": "p2", "anonymousId": "a2", "properties": {"path": "/x"},
+         "context": {"consent": {"resolved": {"granted": ["analytics", "marketing"], "denied": [], "sources": {"analytics": "choice", "marketing": "choice"}, "policy_version": "v1", "region": "EEA"}}}}
+    ]});
+    let now = collector_agent::now_ms();
+    let mut figures = Vec::new();
+    for t in [common::Target::duckdb(), common::Target::parquet()] {
+        let sink = t.open().await;
+        sink.load(&Load::events(0, 1, events(batch.clone())))
+            .await
+            .unwrap();
+        let mut s = sink.session().await.unwrap().unwrap();
+        collector_agent::identity::run(&mut *s, &Default::default())
+            .await
+            .unwrap();
+        let categories = vec!["analytics".to_string(), "marketing".to_string()];
+        let d = collector_agent::dashboard::data::compute(&mut *s, &categories, 7, now)
+            .await
+            .unwrap();
+        figures.push(serde_json::to_value(&d).unwrap());
+    }
+    assert_eq!(figures[0], figures[1]);
+    assert_eq!(figures[0]["decisions"], 2, "{}", figures[0]);
+    assert_eq!(
+        figures[0]["by_source"]["marketing"]["region_default"]["decided"], 1,
+        "{}",
+        figures[0]
+    );
+}

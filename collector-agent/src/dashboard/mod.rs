@@ -170,13 +170,12 @@ fn unavailable(e: impl std::fmt::Display) -> Fail {
 /// The figures: the warehouse's, and the edge's counters.
 async fn figures(state: &AppState, days: u32) -> Result<data::Data, Fail> {
     let mut session = match state.sink.session().await {
-        // (A lake's state file has no activation tables: the lake does not activate.)
-        Ok(Some(s)) if s.dialect().relational().is_some() && !state.sink.rows_in_files() => s,
+        Ok(Some(s)) if s.dialect().relational().is_some() => s,
         Ok(_) => {
             return Err(Fail(
                 StatusCode::NOT_IMPLEMENTED,
                 format!(
-                    "the dashboard reads a DuckDB or PostgreSQL warehouse; this one is {}",
+                    "the dashboard reads a DuckDB, PostgreSQL or Parquet lake warehouse; this one is {}",
                     state.sink.kind()
                 ),
             ))

@@ -1,5 +1,5 @@
-//! `activation_outbox` and `activation_log` (DuckDB and PostgreSQL), and the SQL that
-//! fills the outbox.
+//! `activation_outbox` and `activation_log` (DuckDB, PostgreSQL, the lake's state
+//! file), and the SQL that fills the outbox.
 
 use crate::audiences::eval::{at, json_text};
 use crate::sinks::{sql_lit, Dialect, Relational};

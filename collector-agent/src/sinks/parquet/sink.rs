@@ -68,6 +68,11 @@ ALTER TABLE loaded_batches ADD COLUMN staged VARCHAR;"
             ]
             .concat(),
         ),
+        (
+            8,
+            "activation_outbox, activation_log: activation from the lake",
+            crate::destinations::outbox::ddl(Relational::DuckDb),
+        ),
     ]
 }
 
