@@ -300,8 +300,8 @@ fn open_file(
         conn.execute_batch(settings)
             .map_err(|e| SinkError::Permanent(format!("warehouse settings: {e}")))?;
     }
-    migrate(&mut conn)?;
-    let catalog = load_catalog(&conn)?;
+    // The cap first: a migration that rebuilds a table (the registry, migration 12)
+    // then keeps DuckDB's cache of the blocks it reads under it.
     let memory = if defaults.memory_limit {
         Some(fit_default_memory(
             &conn,
@@ -310,6 +310,8 @@ fn open_file(
     } else {
         None
     };
+    migrate(&mut conn)?;
+    let catalog = load_catalog(&conn)?;
     let checkpoint = defaults.checkpoint_threshold.then_some(CheckpointFit {
         threshold: DEFAULT_CHECKPOINT_THRESHOLD,
     });
