@@ -890,7 +890,9 @@ async fn a_lake_from_before_identity_resolves_its_old_events_when_asked() {
     let cfg = IdentityConfig::default();
     resolve(&*sink, &cfg).await;
     assert_eq!(
-        one(&*sink, "SELECT count(*) FROM identities").await.as_deref(),
+        one(&*sink, "SELECT count(*) FROM identities")
+            .await
+            .as_deref(),
         Some("0")
     );
     sink.query("INSERT INTO identity_pending SELECT DISTINCT load_id FROM message_ids ON CONFLICT DO NOTHING")
