@@ -84,8 +84,9 @@ pub async fn resolve(
     ids.extend(known.iter().cloned());
     let kinds = table_kinds(s).await?;
     if !kinds.contains_key("identities") {
-        // No identity graph (the lake): ids that one identify event carries together
-        // are the same person.
+        // No identity graph (a store without its tables; every sink has them now,
+        // the lake since its migration 7): ids that one identify event carries
+        // together are the same person.
         let r = s
             .query(&format!(
                 "SELECT DISTINCT user_id, anonymous_id FROM identifies WHERE user_id IN ({}) OR anonymous_id IN ({})",
@@ -362,7 +363,8 @@ pub async fn stores(
         ),
     ];
     for (table, predicate, tombstone) in fixed {
-        // What this warehouse does not have (a lake keeps no identity graph).
+        // What this warehouse does not have (`collector_user_traits` in a lake or in
+        // ClickHouse).
         let Some(base) = kinds.get(table) else {
             continue;
         };

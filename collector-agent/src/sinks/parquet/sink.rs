@@ -60,14 +60,14 @@ ALTER TABLE loaded_batches ADD COLUMN staged VARCHAR;"
         (
             7,
             "identity graph, identities, identity_merges, profiles, identity_dirty, identity_pending, audience_membership: identity and audiences over the lake's files",
-            // Without `ddl_pending`'s watermark: the first run after an upgrade would
-            // read the whole lake in one transaction, holding up the drain (~30k
-            // events/s from scratch). The loads from now on are read; the events loaded
-            // before are read once an operator marks their loads (README).
+            // With `ddl_pending`'s watermark, so the first run reads the events already
+            // in the lake's files: an erasure resolves the person through this graph
+            // (before, through the identify events), and a graph without the lake's
+            // history would miss the ids only old events join.
             [
                 crate::identity::ddl(Relational::DuckDb),
                 crate::identity::run::ddl_dirty(Relational::DuckDb),
-                "CREATE TABLE identity_pending (load_id BIGINT PRIMARY KEY);\n".to_string(),
+                crate::identity::run::ddl_pending(Relational::DuckDb),
                 crate::audiences::ddl(Relational::DuckDb),
             ]
             .concat(),
