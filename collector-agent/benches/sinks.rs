@@ -25,28 +25,36 @@ const BATCH: usize = 500;
 const BATCHES_PER_LOAD: usize = 10;
 
 fn backlog() -> Vec<StoredEvent> {
+    generated(Some("2026-11-24T12:00:01.000Z"), |n| {
+        serde_json::json!({
+            "type": "track", "event": if n.is_multiple_of(3) { "Order Completed" } else { "Product Viewed" },
+            "messageId": format!("bench-{n}"), "anonymousId": format!("anon-{}", n % 5000),
+            "userId": if n.is_multiple_of(2) { serde_json::Value::from(format!("user-{}", n % 2000)) } else { serde_json::Value::Null },
+            "properties": {"revenue": (n % 97) as f64 + 0.99, "currency": "EUR", "sku": format!("SKU-{}", n % 300),
+                           "quantity": n % 5 + 1, "category": "shoes"},
+            "context": {"library": {"name": "analytics.js", "version": "5.2.0"},
+                        "page": {"path": "/p", "url": "https://shop.example.com/p?x=1", "title": "Product"},
+                        "userAgent": "Chrome 120 (Windows)", "locale": "de-DE"},
+            "timestamp": "2026-11-24T12:00:00.000Z"
+        })
+    })
+}
+
+/// `EVENTS` events made by `event` from their number, as the edge stores them after
+/// `/v1/batch` bodies of `BATCH` each (with `sentAt`, if given).
+fn generated(
+    sent_at: Option<&str>,
+    event: impl Fn(usize) -> serde_json::Value,
+) -> Vec<StoredEvent> {
     let mut out = Vec::with_capacity(EVENTS);
     let mut seq = 0;
     for b in 0..EVENTS / BATCH {
-        let batch: Vec<serde_json::Value> = (0..BATCH)
-            .map(|i| {
-                let n = b * BATCH + i;
-                serde_json::json!({
-                    "type": "track", "event": if n.is_multiple_of(3) { "Order Completed" } else { "Product Viewed" },
-                    "messageId": format!("bench-{n}"), "anonymousId": format!("anon-{}", n % 5000),
-                    "userId": if n.is_multiple_of(2) { serde_json::Value::from(format!("user-{}", n % 2000)) } else { serde_json::Value::Null },
-                    "properties": {"revenue": (n % 97) as f64 + 0.99, "currency": "EUR", "sku": format!("SKU-{}", n % 300),
-                                   "quantity": n % 5 + 1, "category": "shoes"},
-                    "context": {"library": {"name": "analytics.js", "version": "5.2.0"},
-                                "page": {"path": "/p", "url": "https://shop.example.com/p?x=1", "title": "Product"},
-                                "userAgent": "Chrome 120 (Windows)", "locale": "de-DE"},
-                    "timestamp": "2026-11-24T12:00:00.000Z"
-                })
-            })
-            .collect();
-        let body =
-            serde_json::json!({"sentAt": "2026-11-24T12:00:01.000Z", "batch": batch}).to_string();
-        out.extend(accepted(&body, &mut seq));
+        let batch: Vec<serde_json::Value> = (0..BATCH).map(|i| event(b * BATCH + i)).collect();
+        let mut body = serde_json::json!({"batch": batch});
+        if let Some(t) = sent_at {
+            body["sentAt"] = t.into();
+        }
+        out.extend(accepted(&body.to_string(), &mut seq));
     }
     out
 }
@@ -71,27 +79,17 @@ fn accepted(body: &str, seq: &mut u64) -> Vec<StoredEvent> {
 /// loads update users already there; one in four carries an older `timestamp` than
 /// the user's last, as an offline device's queue would), four traits each.
 fn identifies() -> Vec<StoredEvent> {
-    let mut out = Vec::with_capacity(EVENTS);
-    let mut seq = 0;
-    for b in 0..EVENTS / BATCH {
-        let batch: Vec<serde_json::Value> = (0..BATCH)
-            .map(|i| {
-                let n = b * BATCH + i;
-                let minute = if n % 4 == 3 { n / 2 } else { n } % 1440;
-                let plan = ["free", "pro", "team"][n % 3];
-                serde_json::json!({
-                    "type": "identify", "messageId": format!("id-{n}"), "userId": format!("user-{}", n % 20_000),
-                    "anonymousId": format!("anon-{}", n % 30_000),
-                    "traits": {"plan": plan, "city": format!("city-{}", n % 50),
-                               "age": n % 70 + 18, "company": if n.is_multiple_of(5) { serde_json::Value::Null } else { format!("co-{}", n % 900).into() }},
-                    "timestamp": format!("2026-11-24T{:02}:{:02}:00.000Z", minute / 60, minute % 60)
-                })
-            })
-            .collect();
-        let body = serde_json::json!({"batch": batch}).to_string();
-        out.extend(accepted(&body, &mut seq));
-    }
-    out
+    generated(None, |n| {
+        let minute = if n % 4 == 3 { n / 2 } else { n } % 1440;
+        let plan = ["free", "pro", "team"][n % 3];
+        serde_json::json!({
+            "type": "identify", "messageId": format!("id-{n}"), "userId": format!("user-{}", n % 20_000),
+            "anonymousId": format!("anon-{}", n % 30_000),
+            "traits": {"plan": plan, "city": format!("city-{}", n % 50),
+                       "age": n % 70 + 18, "company": if n.is_multiple_of(5) { serde_json::Value::Null } else { format!("co-{}", n % 900).into() }},
+            "timestamp": format!("2026-11-24T{:02}:{:02}:00.000Z", minute / 60, minute % 60)
+        })
+    })
 }
 
 fn loads(events: &[StoredEvent]) -> Vec<Load> {

@@ -451,16 +451,24 @@ CREATE TABLE collector_columns (table_name VARCHAR NOT NULL, column_name VARCHAR
 CREATE TABLE rejected_values (message_id VARCHAR NOT NULL, table_name VARCHAR NOT NULL, column_name VARCHAR NOT NULL, value VARCHAR NOT NULL, reason VARCHAR NOT NULL, rejected_at TIMESTAMP NOT NULL, PRIMARY KEY (message_id, table_name, column_name));
 ";
 
+/// The first column of a query's rows.
+fn first_column<T: duckdb::types::FromSql, C: FromIterator<T>>(
+    conn: &Connection,
+    sql: &str,
+    params: impl duckdb::Params,
+) -> Result<C, SinkError> {
+    let mut stmt = conn.prepare(sql).map_err(transient)?;
+    let rows = stmt
+        .query_map(params, |r| r.get::<_, T>(0))
+        .map_err(transient)?
+        .collect::<Result<C, _>>()
+        .map_err(transient);
+    rows
+}
+
 /// Reads the catalog of added tables and columns.
 pub(crate) fn load_catalog(conn: &Connection) -> Result<Catalog, SinkError> {
-    let mut stmt = conn
-        .prepare("SELECT table_name FROM collector_tables")
-        .map_err(transient)?;
-    let tables: Vec<String> = stmt
-        .query_map([], |r| r.get(0))
-        .map_err(transient)?
-        .collect::<Result<_, _>>()
-        .map_err(transient)?;
+    let tables: Vec<String> = first_column(conn, "SELECT table_name FROM collector_tables", [])?;
     let mut stmt = conn
         .prepare("SELECT table_name, column_name, type, position FROM collector_columns")
         .map_err(transient)?;
@@ -573,13 +581,7 @@ pub(crate) fn apply_migrations(
         "CREATE TABLE IF NOT EXISTS collector_migrations (version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)",
     )
     .map_err(transient)?;
-    let applied: Vec<i32> = {
-        let mut stmt = conn
-            .prepare("SELECT version FROM collector_migrations")
-            .map_err(transient)?;
-        let rows = stmt.query_map([], |r| r.get(0)).map_err(transient)?;
-        rows.collect::<Result<_, _>>().map_err(transient)?
-    };
+    let applied: Vec<i32> = first_column(conn, "SELECT version FROM collector_migrations", [])?;
     for (version, name, sql) in migrations {
         if applied.contains(&version) {
             continue;
@@ -833,16 +835,13 @@ pub(crate) fn registered_before(
     tx: &duckdb::Transaction<'_>,
     stage: &str,
 ) -> Result<std::collections::HashSet<String>, SinkError> {
-    let mut stmt = tx
-        .prepare(&format!(
+    let hashes: Vec<u64> = first_column(
+        tx,
+        &format!(
             "SELECT DISTINCT id_hash FROM message_ids WHERE id_hash IN (SELECT md5_number_lower(message_id) FROM {stage})"
-        ))
-        .map_err(transient)?;
-    let hashes = stmt
-        .query_map([], |r| r.get::<_, u64>(0))
-        .map_err(transient)?
-        .collect::<Result<Vec<u64>, _>>()
-        .map_err(transient)?;
+        ),
+        [],
+    )?;
     if hashes.is_empty() {
         return Ok(Default::default());
     }
@@ -851,17 +850,13 @@ pub(crate) fn registered_before(
         .map(u64::to_string)
         .collect::<Vec<_>>()
         .join(", ");
-    let mut stmt = tx
-        .prepare(&format!(
+    first_column(
+        tx,
+        &format!(
             "SELECT DISTINCT message_id FROM message_ids WHERE id_hash IN ({list}) AND message_id IN (SELECT message_id FROM {stage})"
-        ))
-        .map_err(transient)?;
-    let ids = stmt
-        .query_map([], |r| r.get::<_, String>(0))
-        .map_err(transient)?
-        .collect::<Result<_, _>>()
-        .map_err(transient);
-    ids
+        ),
+        [],
+    )
 }
 
 /// Registers under `load_id` the ids of `stage` (a table with a `message_id` column,
@@ -904,16 +899,11 @@ fn append_new(
     known: &KnownIds,
     now: &str,
 ) -> Result<(), SinkError> {
-    let mut stmt = tx
-        .prepare(
-            "SELECT column_name FROM duckdb_columns() WHERE table_name = ? AND schema_name = current_schema() AND database_name = current_database() ORDER BY column_index",
-        )
-        .map_err(transient)?;
-    let physical: Vec<String> = stmt
-        .query_map(params![load.table], |r| r.get(0))
-        .map_err(transient)?
-        .collect::<Result<_, _>>()
-        .map_err(transient)?;
+    let physical: Vec<String> = first_column(
+        tx,
+        "SELECT column_name FROM duckdb_columns() WHERE table_name = ? AND schema_name = current_schema() AND database_name = current_database() ORDER BY column_index",
+        params![load.table],
+    )?;
     // For each physical column: where its value is in a load row (`None`: NULL).
     let source: Vec<Option<usize>> = physical
         .iter()
