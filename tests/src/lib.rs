@@ -10,6 +10,7 @@
 
 pub mod browser;
 pub mod clickhouse;
+pub mod disk;
 pub mod edge;
 pub mod pages;
 pub mod postgres;
