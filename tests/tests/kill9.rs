@@ -212,3 +212,56 @@ async fn parquet_lake_exactly_once_through_kill_9() {
     let sink = collector_agent::sinks::parquet::ParquetSink::open(&lake).unwrap();
     check(&sink).await;
 }
+
+// ClickHouse has no transactions: a kill can land between a load's inserts and its
+// ledger entry. What a query sees through the views (`FINAL`, deduplicated by
+// `message_id`) is every event once, with its content.
+#[tokio::test]
+async fn clickhouse_exactly_once_through_kill_9() {
+    let bin = agent_binary();
+    let st = Stack::start();
+    let ch = collector_e2e::clickhouse::LocalClickHouse::start().unwrap();
+    post_backlog(&st).await;
+    let config = write_config(
+        &st,
+        &format!("[warehouse]\nkind = \"clickhouse\"\nurl = \"{}\"\n", ch.url),
+    );
+    let wh = WarehouseConfig::ClickHouse(collector_agent::config::ClickHouseConfig {
+        timeout_ms: 30_000,
+        ..collector_agent::config::ClickHouseConfig::at(&ch.url)
+    });
+    let count = || {
+        let wh = wh.clone();
+        async move {
+            match collector_agent::sinks::open(&wh).await {
+                Ok(s) => s
+                    .query("SELECT count() FROM tracks")
+                    .await
+                    .map(|r| r.rows[0][0].as_deref().unwrap_or("0").parse().unwrap())
+                    .unwrap_or(0),
+                Err(_) => 0,
+            }
+        }
+    };
+    kill_and_finish(&bin, &config, count).await;
+    let sink = collector_agent::sinks::open(&wh).await.unwrap();
+    let n = EVENTS as u64;
+    let r = sink
+        .query("SELECT count(), uniqExact(message_id) FROM tracks WHERE event_text = 'Kill Test' AND event = 'kill_test'")
+        .await
+        .unwrap();
+    assert_eq!(r.rows[0], vec![Some(n.to_string()), Some(n.to_string())]);
+    let r = sink
+        .query("SELECT count(), uniqExact(message_id), toUInt64(sum(n)) FROM kill_test")
+        .await
+        .unwrap();
+    assert_eq!(
+        r.rows[0],
+        vec![
+            Some(n.to_string()),
+            Some(n.to_string()),
+            Some((n * (n - 1) / 2).to_string())
+        ],
+        "every event exactly once, with its content"
+    );
+}
