@@ -598,6 +598,36 @@ async fn open_sink(cfg: &AgentConfig) -> anyhow::Result<Arc<dyn Sink>> {
         .map_err(|e| anyhow::anyhow!("warehouse: {e}"))
 }
 
+/// Opens the warehouse for the daemon. A warehouse that cannot be opened yet (a
+/// transient error: the database starts after the agent or is down, the DuckDB file is
+/// held by another process, the disk is full) is waited for, with the drain's backoff,
+/// while the edge keeps spooling; a permanent error (a setting the warehouse refuses)
+/// ends the agent at once. `None` when `stop` came first.
+async fn open_sink_waiting(
+    cfg: &AgentConfig,
+    stop: &mut watch::Receiver<bool>,
+) -> anyhow::Result<Option<Arc<dyn Sink>>> {
+    let mut backoff = Duration::from_millis(cfg.poll_interval_ms.max(100));
+    loop {
+        if *stop.borrow() {
+            return Ok(None);
+        }
+        match sinks::open(&cfg.warehouse).await {
+            Ok(sink) => return Ok(Some(sink)),
+            Err(SinkError::Transient(e)) => {
+                let wait = jittered(backoff);
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot open the warehouse yet; waiting for it (the edge keeps the events)");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.wait_for(|s| *s) => return Ok(None),
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(e) => anyhow::bail!("warehouse: {e}"),
+        }
+    }
+}
+
 /// Drains every shard until none has anything left (sealing open batches first), then
 /// returns. Used by `collector-agent run --once` and the tests. A shard that fails does
 /// not stop the others; the first error is returned after every shard was tried.
@@ -641,12 +671,14 @@ pub async fn run(
     cfg: AgentConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let sink = open_sink(&cfg).await?;
     let (stop_tx, mut stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    let Some(sink) = open_sink_waiting(&cfg, &mut stop_rx).await? else {
+        return Ok(());
+    };
 
     let wake = Arc::new(tokio::sync::Notify::new());
     let ops = Arc::new(admin::Ops::from_config(&cfg, wake.clone())?);

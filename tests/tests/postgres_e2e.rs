@@ -241,6 +241,40 @@ async fn postgres_outage_mid_drain_backs_off_and_loses_nothing() {
     );
 }
 
+// The warehouse is down when the agent starts (a database that starts after it, or is
+// being restarted): the agent waits for it instead of exiting, then loads everything.
+#[tokio::test]
+async fn the_agent_waits_for_a_postgres_that_is_down_at_start() {
+    let st = Stack::start();
+    let pg = LocalPostgres::start().unwrap();
+    let cfg = st.pg_config(&pg);
+    pg.stop().unwrap();
+    post_tracks(&st, "early", 100).await;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(collector_agent::run(cfg, async move {
+        let _ = rx.await;
+    }));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !agent.is_finished(),
+        "the agent waits for the warehouse instead of exiting"
+    );
+    pg.restart().unwrap();
+    wait_for(
+        &pg,
+        "SELECT count(*) FROM tracks",
+        100,
+        "once PostgreSQL is up",
+    )
+    .await;
+    let _ = tx.send(());
+    agent.await.unwrap().unwrap();
+    assert_eq!(
+        count(&pg, "SELECT count(DISTINCT message_id) FROM tracks").await,
+        100
+    );
+}
+
 // A load that takes longer than its lease (here: blocked by a lock an analyst holds)
 // keeps the lease by renewing it, so no other agent gets its batches meanwhile; then it
 // commits and acks, exactly once.

@@ -61,6 +61,22 @@ fn classify(e: tokio_postgres::Error) -> SinkError {
     }
 }
 
+/// An error and its causes: tokio-postgres says only "error connecting to server", its
+/// cause says why (refused, timed out, a password or database the server refused).
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let t = c.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        cause = c.source();
+    }
+    text
+}
+
 fn create_table_sql(kind: EventKind) -> String {
     let mut cols = Vec::new();
     for c in schema::columns(kind) {
@@ -188,7 +204,7 @@ impl PostgresSink {
         let (client, connection) = pg
             .connect(NoTls)
             .await
-            .map_err(|e| SinkError::Transient(format!("connect to PostgreSQL: {e}")))?;
+            .map_err(|e| SinkError::Transient(format!("connect to PostgreSQL: {}", causes(&e))))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::warn!(error = %e, "PostgreSQL connection closed");

@@ -1,8 +1,13 @@
-//! The warehouse's disk fills up mid-drain, then is freed: the agent (the real binary)
-//! backs off while loads fail, quarantines nothing (a full disk says nothing about an
-//! event), and once there is room again loads every event exactly once. For the
-//! embedded DuckDB and the Parquet lake, on a tmpfs of a few MiB
-//! ([`collector_e2e::disk::SmallDisk`]).
+//! A warehouse that cannot take the events for a while, for the agent (the real
+//! binary):
+//! - its disk fills up mid-drain, then is freed: the agent backs off while loads fail,
+//!   quarantines nothing (a full disk says nothing about an event), and once there is
+//!   room again loads every event exactly once; for the embedded DuckDB and the Parquet
+//!   lake, on a tmpfs of a few MiB ([`collector_e2e::disk::SmallDisk`]);
+//! - it cannot be opened when the agent starts (another process holds the DuckDB
+//!   file): the agent waits for it instead of exiting, stops cleanly on SIGTERM while it
+//!   waits, and loads everything once the file is free. (PostgreSQL down at start:
+//!   `postgres_e2e.rs`.)
 
 mod common;
 
@@ -272,4 +277,75 @@ async fn parquet_lake_disk_full_mid_drain_backs_off_and_loses_nothing() {
     assert_eq!(r.rows[0], expected());
     let r = sink.query("SELECT count(*) FROM quarantine").await.unwrap();
     assert_eq!(r.rows[0][0].as_deref(), Some("0"));
+}
+
+// Another process (an analyst's DuckDB, here the test itself) holds the warehouse file
+// when the agent starts.
+#[tokio::test]
+async fn the_agent_waits_for_a_duckdb_file_another_process_holds() {
+    let st = Stack::start();
+    post_tracks(&st, "held", BEFORE).await;
+    let warehouse = st.warehouse();
+    std::fs::create_dir_all(warehouse.parent().unwrap()).unwrap();
+    let holder = duckdb::Connection::open(&warehouse).unwrap();
+    let metrics_port = collector_e2e::free_port();
+    let config = st.dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "edge_url = \"{}\"\ndrain_secret = \"{SECRET}\"\npoll_interval_ms = 50\nmetrics_addr = \"127.0.0.1:{metrics_port}\"\n[warehouse]\npath = \"{}\"\n",
+            st.edge.url,
+            warehouse.display()
+        ),
+    )
+    .unwrap();
+    // The log of the first run is read; the second's goes nowhere (a pipe nobody
+    // reads would stop the agent once full).
+    let spawn = |log: std::process::Stdio| {
+        let mut cmd = Command::new(agent_binary());
+        cmd.args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stderr(log);
+        ChildGuard(cmd.spawn().unwrap())
+    };
+    // It waits (it does not exit), and SIGTERM stops it cleanly while it does.
+    let mut agent = spawn(std::process::Stdio::piped());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        agent.0.try_wait().unwrap().is_none(),
+        "the agent waits for the warehouse instead of exiting"
+    );
+    assert!(agent.terminate(), "SIGTERM while waiting is a clean stop");
+    let mut log = String::new();
+    std::io::Read::read_to_string(agent.0.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert!(
+        log.contains("cannot open the warehouse yet") && log.contains("lock"),
+        "the log says what it waits for: {log}"
+    );
+
+    // Once the file is free, it opens it and loads everything.
+    let mut agent = spawn(std::process::Stdio::null());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(holder);
+    let run = Run {
+        st,
+        metrics_port,
+        out: PathBuf::new(),
+    };
+    run.until(
+        |m| counter(m, "collector_agent_events_inserted_total{") == BEFORE as u64,
+        90,
+        "the events load once the file is free",
+    )
+    .await;
+    assert!(agent.terminate(), "a clean stop");
+    let conn = collector_agent::sinks::duckdb::DuckDbSink::open_read_only(&warehouse).unwrap();
+    let r = collector_agent::sinks::duckdb::run_query(
+        &conn,
+        "SELECT count(*), count(DISTINCT message_id) FROM tracks",
+    )
+    .unwrap();
+    let n = BEFORE.to_string();
+    assert_eq!(r.rows[0], vec![Some(n.clone()), Some(n)]);
 }
