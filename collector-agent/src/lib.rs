@@ -684,7 +684,11 @@ pub async fn run(
     let ops = Arc::new(admin::Ops::from_config(&cfg, wake.clone())?);
     let (state, listener) = admin::bind(&cfg.admin_addr, ops.dashboard_token.is_some()).await?;
     let state_path = cfg.warehouse.state_file();
-    admin::write_state(&state_path, &state)?;
+    // Only the CLI reads it (to reach this agent); a disk too full to write it must not
+    // stop the drain.
+    if let Err(e) = admin::write_state(&state_path, &state) {
+        tracing::warn!(path = %state_path.display(), error = %e, "cannot write the agent's state file; CLI commands will not find this agent (draining anyway)");
+    }
     tracing::info!(admin = %state.addr, warehouse = sink.kind(), "agent started");
     let mut admin_stop = stop_rx.clone();
     let admin_task = tokio::spawn(admin::serve(

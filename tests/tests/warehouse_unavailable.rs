@@ -349,3 +349,45 @@ async fn the_agent_waits_for_a_duckdb_file_another_process_holds() {
     let n = BEFORE.to_string();
     assert_eq!(r.rows[0], vec![Some(n.clone()), Some(n)]);
 }
+
+// The agent's state file (which only tells CLI commands where the running agent is)
+// cannot be written, as on a full disk: the agent says so and drains anyway.
+#[tokio::test]
+async fn the_agent_drains_when_its_state_file_cannot_be_written() {
+    let st = Stack::start();
+    post_tracks(&st, "stateless", BEFORE).await;
+    let warehouse = st.warehouse();
+    std::fs::create_dir_all(warehouse.parent().unwrap()).unwrap();
+    // A folder where the file would go.
+    let mut state = warehouse.clone().into_os_string();
+    state.push(".agent");
+    std::fs::create_dir_all(&state).unwrap();
+    let metrics_port = collector_e2e::free_port();
+    let config = st.dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "edge_url = \"{}\"\ndrain_secret = \"{SECRET}\"\npoll_interval_ms = 50\nmetrics_addr = \"127.0.0.1:{metrics_port}\"\n[warehouse]\npath = \"{}\"\n",
+            st.edge.url,
+            warehouse.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(agent_binary());
+    cmd.args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn");
+    let mut agent = ChildGuard(cmd.spawn().unwrap());
+    let run = Run {
+        st,
+        metrics_port,
+        out: PathBuf::new(),
+    };
+    run.until(
+        |m| counter(m, "collector_agent_events_inserted_total{") == BEFORE as u64,
+        90,
+        "the events load without a state file",
+    )
+    .await;
+    assert!(agent.terminate(), "a clean stop");
+}
