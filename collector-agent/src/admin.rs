@@ -212,7 +212,7 @@ async fn privacy_session(
         _ => Err((
             StatusCode::NOT_IMPLEMENTED,
             Json(
-                json!({"error": format!("privacy requests need a DuckDB or PostgreSQL warehouse; this one is {}", state.sink.kind())}),
+                json!({"error": format!("privacy requests need a warehouse with a SQL session; the {} sink has none", state.sink.kind())}),
             ),
         )),
     }

@@ -126,7 +126,7 @@ async fn session(
     match sink.privacy_session().await? {
         Some(s) => Ok(s),
         _ => anyhow::bail!(
-            "privacy requests need a DuckDB or PostgreSQL warehouse; this one is {}",
+            "privacy requests need a warehouse with a SQL session; the {} sink has none",
             sink.kind()
         ),
     }
