@@ -117,6 +117,16 @@ pub struct Drainer {
 
 impl Drainer {
     pub fn new(cfg: AgentConfig, sink: Arc<dyn Sink>) -> anyhow::Result<Drainer> {
+        Drainer::with_metrics(cfg, sink, Arc::default())
+    }
+
+    /// [`Drainer::new`], counting into `metrics` (the daemon's, served before the
+    /// warehouse is open).
+    pub fn with_metrics(
+        cfg: AgentConfig,
+        sink: Arc<dyn Sink>,
+        metrics: Arc<metrics::Metrics>,
+    ) -> anyhow::Result<Drainer> {
         let policy = if cfg.destinations.is_empty() {
             None
         } else {
@@ -146,7 +156,7 @@ impl Drainer {
             destinations: dests,
             contacts: cfg.contacts()?,
             cfg,
-            metrics: Arc::default(),
+            metrics,
             suppressed: Default::default(),
         })
     }
@@ -601,11 +611,13 @@ async fn open_sink(cfg: &AgentConfig) -> anyhow::Result<Arc<dyn Sink>> {
 /// Opens the warehouse for the daemon. A warehouse that cannot be opened yet (a
 /// transient error: the database starts after the agent or is down, the DuckDB file is
 /// held by another process, the disk is full) is waited for, with the drain's backoff,
-/// while the edge keeps spooling; a permanent error (a setting the warehouse refuses)
-/// ends the agent at once. `None` when `stop` came first.
+/// while the edge keeps spooling (each attempt counts as a `warehouse_transient`
+/// failure in `/metrics`); a permanent error (a setting the warehouse refuses) ends the
+/// agent at once. `None` when `stop` came first.
 async fn open_sink_waiting(
     cfg: &AgentConfig,
     stop: &mut watch::Receiver<bool>,
+    metrics: &metrics::Metrics,
 ) -> anyhow::Result<Option<Arc<dyn Sink>>> {
     let mut backoff = Duration::from_millis(cfg.poll_interval_ms.max(100));
     loop {
@@ -615,6 +627,7 @@ async fn open_sink_waiting(
         match sinks::open(&cfg.warehouse).await {
             Ok(sink) => return Ok(Some(sink)),
             Err(SinkError::Transient(e)) => {
+                metrics.failed("warehouse_transient");
                 let wait = jittered(backoff);
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot open the warehouse yet; waiting for it (the edge keeps the events)");
                 tokio::select! {
@@ -676,7 +689,27 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let Some(sink) = open_sink_waiting(&cfg, &mut stop_rx).await? else {
+    // /metrics first, so a warehouse the agent waits for shows there as failures.
+    let metrics = Arc::new(metrics::Metrics::default());
+    let metrics_task = match &cfg.metrics_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            tracing::info!(metrics = %listener.local_addr()?, "serving /metrics");
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(metrics::serve(
+                listener,
+                metrics.clone(),
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            )))
+        }
+        None => None,
+    };
+    let Some(sink) = open_sink_waiting(&cfg, &mut stop_rx, &metrics).await? else {
+        if let Some(t) = metrics_task {
+            let _ = t.await;
+        }
         return Ok(());
     };
 
@@ -701,25 +734,10 @@ pub async fn run(
         },
     ));
 
-    let drainer = Drainer::new(cfg.clone(), sink)?;
+    let drainer = Drainer::with_metrics(cfg.clone(), sink, metrics)?;
     if let Err(e) = drainer.record_policy(now_ms()).await {
         tracing::warn!(error = %e, "could not record the policy version for the dashboard");
     }
-    let metrics_task = match &cfg.metrics_addr {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await?;
-            tracing::info!(metrics = %listener.local_addr()?, "serving /metrics");
-            let mut stop = stop_rx.clone();
-            Some(tokio::spawn(metrics::serve(
-                listener,
-                drainer.metrics(),
-                async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                },
-            )))
-        }
-        None => None,
-    };
     let poll = Duration::from_millis(cfg.poll_interval_ms);
     let audience_interval = Duration::from_millis(cfg.audience_interval_ms);
     let mut audiences_at = tokio::time::Instant::now();

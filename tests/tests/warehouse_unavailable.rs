@@ -309,9 +309,25 @@ async fn the_agent_waits_for_a_duckdb_file_another_process_holds() {
             .stderr(log);
         ChildGuard(cmd.spawn().unwrap())
     };
-    // It waits (it does not exit), and SIGTERM stops it cleanly while it does.
+    let run = Run {
+        st,
+        metrics_port,
+        out: PathBuf::new(),
+    };
+    // It waits (it does not exit), counting each attempt in /metrics, and SIGTERM stops
+    // it cleanly while it does.
     let mut agent = spawn(std::process::Stdio::piped());
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    run.until(
+        |m| {
+            counter(
+                m,
+                "collector_agent_drain_failures_total{reason=\"warehouse_transient\"}",
+            ) >= 2
+        },
+        30,
+        "the attempts to open the warehouse show in /metrics",
+    )
+    .await;
     assert!(
         agent.0.try_wait().unwrap().is_none(),
         "the agent waits for the warehouse instead of exiting"
@@ -328,11 +344,6 @@ async fn the_agent_waits_for_a_duckdb_file_another_process_holds() {
     let mut agent = spawn(std::process::Stdio::null());
     tokio::time::sleep(Duration::from_secs(1)).await;
     drop(holder);
-    let run = Run {
-        st,
-        metrics_port,
-        out: PathBuf::new(),
-    };
     run.until(
         |m| counter(m, "collector_agent_events_inserted_total{") == BEFORE as u64,
         90,
