@@ -428,3 +428,54 @@ async fn an_instant_datetime_cannot_hold_is_null_and_recorded() {
         s("2")
     );
 }
+
+// Before such names were reserved, a track event named `Profiles` or `Audience
+// Membership` had its per-event view replace the agent's view of that name (the load
+// dropped the view and made its own). Version 9 makes the agent's views again.
+#[tokio::test]
+async fn views_a_per_event_table_replaced_are_made_again_by_version_9() {
+    let ch = LocalClickHouse::start().unwrap();
+    let sink = open(&ch).await;
+    drop(sink);
+    // The damage, as an older agent left it, and back to version 8.
+    ch_exec(
+        &ch,
+        "ALTER TABLE analytics.collector_migrations DELETE WHERE version = 9",
+    )
+    .await;
+    for view in ["profiles", "audience_membership", "privacy_requests"] {
+        ch_exec(&ch, &format!("DROP TABLE analytics.{view}")).await;
+        ch_exec(
+            &ch,
+            &format!("CREATE VIEW analytics.{view} AS SELECT 'm1' AS message_id, 1.0 AS x"),
+        )
+        .await;
+    }
+    let mut left = String::new();
+    for _ in 0..200 {
+        left = reqwest::Client::new()
+            .post(&ch.url)
+            .body("SELECT count() FROM analytics.collector_migrations WHERE version = 9")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if left.trim() == "0" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(left.trim(), "0");
+    let sink = open(&ch).await;
+    for (view, first) in [
+        ("profiles", "person_id"),
+        ("audience_membership", "audience"),
+        ("privacy_requests", "id"),
+    ] {
+        let r = sink.query(&format!("SELECT * FROM {view}")).await.unwrap();
+        assert_eq!(r.columns[0], first, "{view}: {:?}", r.columns);
+        assert!(r.rows.is_empty());
+    }
+}

@@ -627,6 +627,76 @@ async fn users_of_an_older_warehouse_keep_their_values(t: &Target) {
     );
 }
 
+// A track event may be named like any table or view the agent keeps in the warehouse
+// (`Profiles`, `Audience Membership`, `Privacy Requests`, or a hostile sender's
+// `activation_outbox`): its per-event table gets the prefix `event_`, so it never
+// writes into the agent's own tables or shadows them (the lake's views). Before, such
+// an event was quarantined in DuckDB, shadowed the table in the lake, and failed its
+// whole load in PostgreSQL, transiently, forever: the shard was blocked.
+async fn events_named_after_the_agents_own_tables_get_their_own(t: &Target) {
+    let sink = t.open().await;
+    let list = if t.is_clickhouse() {
+        "SELECT name FROM system.tables WHERE database = currentDatabase()"
+    } else {
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+    };
+    let mut names: Vec<String> = rows(&*sink, list)
+        .await
+        .into_iter()
+        .filter_map(|r| r[0].clone())
+        .collect();
+    names.sort();
+    names.dedup();
+    for own in [
+        "profiles",
+        "identities",
+        "audience_membership",
+        "privacy_requests",
+    ] {
+        assert!(names.iter().any(|n| n == own), "{own} not in {names:?}");
+    }
+    let batch: Vec<_> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| json!({"type": "track", "messageId": format!("own-{i}"), "userId": "u", "event": n, "properties": {"x": 1}}))
+        .collect();
+    let st = sink
+        .load(&Load::events(0, 1, events(json!({ "batch": batch }))))
+        .await
+        .unwrap();
+    assert_eq!(
+        (st.inserted, st.quarantined),
+        (names.len() as u64, 0),
+        "{st:?}"
+    );
+    let made: Vec<String> = rows(&*sink, "SELECT table_name FROM collector_tables")
+        .await
+        .into_iter()
+        .filter_map(|r| r[0].clone())
+        .collect();
+    assert_eq!(made.len(), names.len(), "{made:?}");
+    for n in &names {
+        assert!(
+            !made.contains(n),
+            "an event named {n:?} writes into the agent's own table"
+        );
+    }
+    // The agent's tables are as they were; the events are where they belong.
+    assert_eq!(one(&*sink, "SELECT count(*) FROM profiles").await, s("0"));
+    assert_eq!(
+        one(&*sink, "SELECT count(*) FROM audience_membership").await,
+        s("0")
+    );
+    assert_eq!(
+        one(&*sink, "SELECT count(*) FROM tracks").await,
+        Some(names.len().to_string())
+    );
+    assert_eq!(
+        one(&*sink, "SELECT count(*) FROM event_profiles").await,
+        s("1")
+    );
+}
+
 // (In a module of their own: the shared scenarios' modules are `duckdb`, `postgres`, ….)
 mod upgraded {
     use super::*;
@@ -649,7 +719,8 @@ crate::per_target!(
     per_event_tables_and_flattened_columns,
     type_drift_is_cast_or_recorded_never_dropped,
     users_hold_the_latest_traits,
-    users_do_not_depend_on_arrival_order,]
+    users_do_not_depend_on_arrival_order,
+    events_named_after_the_agents_own_tables_get_their_own,]
 );
 
 // PostgreSQL itself refuses a value (here an analyst's CHECK constraint): that event

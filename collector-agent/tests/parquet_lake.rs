@@ -288,3 +288,37 @@ async fn the_dashboard_figures_of_a_lake_are_duckdbs() {
         figures[0]
     );
 }
+
+// A lake that loaded an event named `Profiles` before such names were reserved has a
+// per-event table `profiles` in its catalog and files under `table=profiles/`. Its
+// view would hide the state file's `profiles` (the people identity resolves), so it
+// gets none: `profiles` is the people's table, and the old files stay in place.
+#[tokio::test]
+async fn an_old_per_event_table_named_like_the_lakes_own_does_not_hide_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("lake");
+    drop(ParquetSink::open(&root).unwrap());
+    let old = root.join("table=profiles/date=2026-11-24/part-old.parquet");
+    std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+    {
+        let c = duckdb::Connection::open(root.join("_collector/state.duckdb")).unwrap();
+        c.execute_batch(&format!(
+            "INSERT INTO collector_tables VALUES ('profiles', 'Profiles', now()::TIMESTAMP);
+             INSERT INTO collector_columns VALUES ('profiles', 'x', 'DOUBLE', 0, now()::TIMESTAMP);
+             COPY (SELECT 'old-1' AS message_id, 'u' AS user_id, 1.0 AS x) TO '{}' (FORMAT parquet);",
+            old.display()
+        ))
+        .unwrap();
+    }
+    let sink = ParquetSink::open(&root).unwrap();
+    let r = sink.query("SELECT * FROM profiles").await.unwrap();
+    assert_eq!(r.columns[0], "person_id", "{:?}", r.columns);
+    assert!(r.rows.is_empty());
+    assert!(old.exists(), "the old files stay in place");
+    // A new `Profiles` event goes to `event_profiles`.
+    let batch = json!({"batch": [{"type": "track", "messageId": "new-1", "userId": "u", "event": "Profiles", "properties": {"x": 2}}]});
+    let st = sink.load(&Load::events(0, 1, events(batch))).await.unwrap();
+    assert_eq!(st.inserted, 1, "{st:?}");
+    assert_eq!(count(&sink, "event_profiles").await, "1");
+    assert_eq!(count(&sink, "profiles").await, "0");
+}

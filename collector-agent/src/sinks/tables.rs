@@ -107,7 +107,10 @@ fn bounded(name: &str) -> Cow<'_, str> {
 }
 
 /// Tables a per-event table may not be named after: the Segment tables and the agent's
-/// own.
+/// own (loads, identity, audiences, activation, privacy), in every sink; names starting
+/// with `collector_` or `stage_` are reserved too. The conformance suite names a track
+/// event after every table and view of each sink's fresh warehouse, so a table added
+/// later without its name here fails it.
 const RESERVED_TABLES: &[&str] = &[
     "tracks",
     "pages",
@@ -122,7 +125,27 @@ const RESERVED_TABLES: &[&str] = &[
     "dead_letters",
     "loaded_batches",
     "load_ids",
+    "identities",
+    "identity_edges",
+    "identity_merges",
+    "identity_dirty",
+    "identity_pending",
+    "profiles",
+    "audience_membership",
+    "activation_outbox",
+    "activation_log",
+    "privacy_requests",
+    "privacy_request_stores",
+    "policy_versions",
 ];
+
+/// Whether `table` is one of the warehouse's own tables (Segment's or the agent's), which
+/// no per-event table is named after.
+pub fn is_reserved_table(table: &str) -> bool {
+    RESERVED_TABLES.contains(&table)
+        || table.starts_with("collector_")
+        || table.starts_with("stage_")
+}
 
 /// The table of a track event name: its snake_case, `event_` before a reserved or
 /// internal name; `None` when nothing of the name is usable (`"🎉"`).
@@ -131,10 +154,7 @@ pub fn event_table_name(event: &str) -> Option<String> {
     if s.is_empty() {
         return None;
     }
-    let s = if RESERVED_TABLES.contains(&s.as_str())
-        || s.starts_with("collector_")
-        || s.starts_with("stage_")
-    {
+    let s = if is_reserved_table(&s) {
         format!("event_{s}")
     } else {
         s
@@ -1216,6 +1236,11 @@ mod tests {
         );
         assert_eq!(event_table_name("Tracks").unwrap(), "event_tracks");
         assert_eq!(event_table_name("users").unwrap(), "event_users");
+        assert_eq!(event_table_name("Profiles").unwrap(), "event_profiles");
+        assert_eq!(
+            event_table_name("Audience Membership").unwrap(),
+            "event_audience_membership"
+        );
         assert_eq!(event_table_name("3D Viewed").unwrap(), "_3d_viewed");
         assert_eq!(event_table_name("🎉"), None);
         let long = "a".repeat(100);

@@ -462,6 +462,18 @@ impl ClickHouseSink {
             )
             .await?;
         }
+        if !has(9) {
+            // Before their names were reserved, a track event named like one of these
+            // views (`Profiles`, `Audience Membership`, `Privacy Requests`) had its
+            // per-event view replace it. Its rows stay in `collector_rows_<name>`; new
+            // ones go to `event_<name>`.
+            for (view, select) in PEOPLE_VIEWS.iter().chain(&PRIVACY_VIEWS) {
+                self.replace_view(view, select).await?;
+            }
+            self.exec("INSERT INTO collector_migrations VALUES (9, 'the views of identity, audiences and privacy again (a per-event view named like one replaced it)', now())")
+                .await?;
+            tracing::info!(version = 9, "warehouse migrated");
+        }
         self.check_registry_granularity().await
     }
 
@@ -549,11 +561,7 @@ impl ClickHouseSink {
                 .await
                 .map_err(|e| SinkError::Transient(format!("ClickHouse schema: {e}")))?;
         }
-        for (view, select) in [
-            ("privacy_requests", "SELECT id, kind, subject, resolved, requested_by, received_at, status, runs, completed_at, detail FROM collector_privacy_requests FINAL"),
-            ("privacy_request_stores", "SELECT request_id, store, status, before_count, after_count, detail, updated_at FROM collector_privacy_request_stores FINAL"),
-            ("policy_versions", "SELECT version, first_seen, policy FROM collector_policy_versions FINAL"),
-        ] {
+        for (view, select) in PRIVACY_VIEWS {
             self.replace_view(view, select).await?;
         }
         self.exec("INSERT INTO collector_migrations VALUES (6, 'privacy_requests, privacy_request_stores, policy_versions', now())")
@@ -584,15 +592,7 @@ impl ClickHouseSink {
         // A filter goes outside the `FINAL` subquery: ClickHouse may move a `WHERE`
         // next to `FINAL` before rows are collapsed, which would bring back an old
         // version whose newer one the filter drops.
-        for (view, select) in [
-            ("identity_edges", "SELECT a_type, a_value, b_type, b_value, message_id, ts, status, reason FROM collector_identity_edges FINAL"),
-            ("identities", "SELECT id_type, id_value, person_id, first_seen FROM collector_identities FINAL"),
-            ("identity_merges", "SELECT message_id, a_type, a_value, b_type, b_value, kind, from_person, into_person, reason, merged_at FROM collector_identity_merges FINAL"),
-            ("profiles", "SELECT person_id, user_ids, anonymous_ids, emails, first_seen, last_seen, event_count, traits, consent, updated_at FROM (SELECT * FROM collector_profiles FINAL) WHERE deleted = 0"),
-            ("identity_dirty", "SELECT id_type, id_value, reason FROM (SELECT * FROM collector_identity_dirty FINAL) WHERE resolved = 0"),
-            ("identity_pending", "SELECT DISTINCT load_id FROM message_ids WHERE load_id NOT IN (SELECT load_id FROM collector_identity_read)"),
-            ("audience_membership", "SELECT audience, person_id, entered_at, exited_at FROM collector_audience_membership FINAL"),
-        ] {
+        for (view, select) in PEOPLE_VIEWS {
             self.replace_view(view, select).await?;
         }
         self.exec("INSERT INTO collector_migrations VALUES (5, 'identity graph, identities, identity_merges, profiles, identity_dirty, identity_pending, audience_membership', now())")
@@ -1569,6 +1569,24 @@ fn insert_columns(load: &TableLoad<'_>) -> Vec<String> {
 }
 
 /// The views of the operator's tables (migration 7; version 3 made them without `blob`).
+/// The views of identity, profiles and audiences (version 5).
+const PEOPLE_VIEWS: [(&str, &str); 7] = [
+    ("identity_edges", "SELECT a_type, a_value, b_type, b_value, message_id, ts, status, reason FROM collector_identity_edges FINAL"),
+    ("identities", "SELECT id_type, id_value, person_id, first_seen FROM collector_identities FINAL"),
+    ("identity_merges", "SELECT message_id, a_type, a_value, b_type, b_value, kind, from_person, into_person, reason, merged_at FROM collector_identity_merges FINAL"),
+    ("profiles", "SELECT person_id, user_ids, anonymous_ids, emails, first_seen, last_seen, event_count, traits, consent, updated_at FROM (SELECT * FROM collector_profiles FINAL) WHERE deleted = 0"),
+    ("identity_dirty", "SELECT id_type, id_value, reason FROM (SELECT * FROM collector_identity_dirty FINAL) WHERE resolved = 0"),
+    ("identity_pending", "SELECT DISTINCT load_id FROM message_ids WHERE load_id NOT IN (SELECT load_id FROM collector_identity_read)"),
+    ("audience_membership", "SELECT audience, person_id, entered_at, exited_at FROM collector_audience_membership FINAL"),
+];
+
+/// The views of the privacy ledger (version 6).
+const PRIVACY_VIEWS: [(&str, &str); 3] = [
+    ("privacy_requests", "SELECT id, kind, subject, resolved, requested_by, received_at, status, runs, completed_at, detail FROM collector_privacy_requests FINAL"),
+    ("privacy_request_stores", "SELECT request_id, store, status, before_count, after_count, detail, updated_at FROM collector_privacy_request_stores FINAL"),
+    ("policy_versions", "SELECT version, first_seen, policy FROM collector_policy_versions FINAL"),
+];
+
 const OPERATOR_VIEWS: [(&str, &str); 2] = [
     ("quarantine", "SELECT message_id, type, shard, batch_id, reason, event, quarantined_at, attempts FROM (SELECT * FROM collector_quarantine FINAL) WHERE resolved = 0"),
     ("dead_letters", "SELECT shard, batch_id, error, unhex(blob_hex) AS blob, blob_hex, loaded_at FROM (SELECT * FROM collector_dead_letters FINAL) WHERE resolved = 0"),

@@ -349,7 +349,13 @@ fn refresh_views(conn: &Connection, catalog: &Catalog, root: &Path) -> Result<()
         .iter()
         .map(|k| (k.table().to_string(), TableKind::Base(*k)))
         .collect();
-    for t in catalog.event_tables() {
+    // A per-event table named like one of the state file's own (`profiles`, from an
+    // event `Profiles` loaded before such names were reserved) gets no view: the view
+    // would hide that table. Its files stay where they are, under `table=profiles/`.
+    for t in catalog
+        .event_tables()
+        .filter(|t| !tables::is_reserved_table(t))
+    {
         tables.push((t.to_string(), TableKind::Event));
     }
     for (table, kind) in tables {
