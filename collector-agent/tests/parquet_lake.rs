@@ -322,3 +322,62 @@ async fn an_old_per_event_table_named_like_the_lakes_own_does_not_hide_it() {
     assert_eq!(count(&sink, "event_profiles").await, "1");
     assert_eq!(count(&sink, "profiles").await, "0");
 }
+
+// `table` and `date` are the layout's partition keys, which readers that discover
+// partitions (Spark, BigQuery, DuckDB's `hive_partitioning`) add to every table: a
+// file with a column of either name makes Spark refuse the table, and DuckDB showed the
+// partition's date instead of the property's and dropped `table`. Such a property is
+// not a column in the lake (like a fixed column's name): `rejected_values` records it
+// and it stays in the event's JSON.
+#[tokio::test]
+async fn properties_named_like_the_partition_keys_are_not_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("lake");
+    let sink = ParquetSink::open(&root).unwrap();
+    let batch = json!({"batch": [
+        {"type": "track", "messageId": "b1", "userId": "u", "event": "Booked", "timestamp": "2026-11-24T10:00:00Z",
+         "properties": {"date": "2026-01-01", "table": "t4", "x": 1}},
+        {"type": "page", "messageId": "b2", "userId": "u", "timestamp": "2026-11-24T10:00:00Z",
+         "properties": {"date": "2026-01-02", "table": "t5"}}
+    ]});
+    let st = sink.load(&Load::events(0, 1, events(batch))).await.unwrap();
+    assert_eq!((st.inserted, st.quarantined), (2, 0), "{st:?}");
+    let r = sink
+        .query("SELECT message_id, table_name, column_name, value FROM rejected_values ORDER BY 1, 2, 3")
+        .await
+        .unwrap();
+    let s = |v: &str| Some(v.to_string());
+    assert_eq!(
+        r.rows,
+        vec![
+            vec![s("b1"), s("booked"), s("date"), s("\"2026-01-01\"")],
+            vec![s("b1"), s("booked"), s("table"), s("\"t4\"")],
+            vec![s("b2"), s("pages"), s("date"), s("\"2026-01-02\"")],
+            vec![s("b2"), s("pages"), s("table"), s("\"t5\"")],
+        ]
+    );
+    // The view's `date` is the partition's; the property is in the JSON.
+    let r = sink
+        .query("SELECT date, x, (SELECT properties->>'date' FROM tracks) FROM booked")
+        .await
+        .unwrap();
+    assert_eq!(r.rows, vec![vec![s("2026-11-24"), s("1"), s("2026-01-01")]]);
+    // No file holds a column named like a partition key.
+    let conn = duckdb::Connection::open_in_memory().unwrap();
+    for f in files(&root) {
+        let cols: Vec<String> = conn
+            .prepare(&format!(
+                "SELECT name FROM parquet_schema('{}/{f}')",
+                root.display()
+            ))
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(
+            !cols.iter().any(|c| c == "date" || c == "table"),
+            "{f}: {cols:?}"
+        );
+    }
+}

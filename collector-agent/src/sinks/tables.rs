@@ -641,6 +641,9 @@ impl<'de> serde::de::Visitor<'de> for StrSeed {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Catalog {
     tables: BTreeMap<String, Vec<(String, LogicalType)>>,
+    /// Column names every table of this sink keeps for itself besides the fixed ones
+    /// (the lake's partition keys, `table` and `date`).
+    reserved: &'static [&'static str],
 }
 
 /// A new column.
@@ -715,6 +718,8 @@ struct Builder<'a, 'c> {
     table: String,
     kind: TableKind,
     fixed: Vec<Column>,
+    /// [`Catalog::reserved`].
+    reserved: &'static [&'static str],
     added: &'c mut Vec<(String, LogicalType)>,
     index: HashMap<String, usize>,
     rows: Vec<TableRow<'a>>,
@@ -725,7 +730,12 @@ struct Builder<'a, 'c> {
 }
 
 impl<'a, 'c> Builder<'a, 'c> {
-    fn new(table: String, kind: TableKind, added: &'c mut Vec<(String, LogicalType)>) -> Self {
+    fn new(
+        table: String,
+        kind: TableKind,
+        added: &'c mut Vec<(String, LogicalType)>,
+        reserved: &'static [&'static str],
+    ) -> Self {
         let fixed = fixed_columns(kind);
         let index = added
             .iter()
@@ -736,6 +746,7 @@ impl<'a, 'c> Builder<'a, 'c> {
             table,
             kind,
             fixed,
+            reserved,
             added,
             index,
             rows: Vec::new(),
@@ -774,7 +785,10 @@ impl<'a, 'c> Builder<'a, 'c> {
                     reason,
                 })
             };
-            if self.fixed.iter().any(|c| c.name == name) || name == schema::LOADED_AT {
+            if self.fixed.iter().any(|c| c.name == name)
+                || name == schema::LOADED_AT
+                || self.reserved.contains(&name.as_ref())
+            {
                 reject(format!(
                     "`{name}` is a reserved column of this table; the value stays in the event's JSON"
                 ));
@@ -842,6 +856,14 @@ impl<'a, 'c> Builder<'a, 'c> {
 }
 
 impl Catalog {
+    /// This catalog, with `names` kept out of every table's columns (a value of a
+    /// property so named is recorded in `rejected_values` and stays in the event's
+    /// JSON, as for a fixed column).
+    pub fn reserving(mut self, names: &'static [&'static str]) -> Catalog {
+        self.reserved = names;
+        self
+    }
+
     /// A catalog from `(table, column, type name, position)` rows as stored.
     pub fn from_rows(tables: Vec<String>, columns: Vec<(String, String, String, i64)>) -> Catalog {
         let mut c = Catalog::default();
@@ -921,7 +943,12 @@ impl Catalog {
                 continue;
             }
             let added = tables.get_mut(kind.table()).expect("base table");
-            let mut b = Builder::new(kind.table().to_string(), TableKind::Base(kind), added);
+            let mut b = Builder::new(
+                kind.table().to_string(),
+                TableKind::Base(kind),
+                added,
+                self.reserved,
+            );
             for r in rows {
                 b.push(
                     r.message_id(),
@@ -944,7 +971,7 @@ impl Catalog {
                     .push((name.clone(), rows[0].event_name().to_string()));
             }
             let added = tables.entry(name.clone()).or_default();
-            let mut b = Builder::new(name.clone(), TableKind::Event, added);
+            let mut b = Builder::new(name.clone(), TableKind::Event, added, self.reserved);
             for r in rows {
                 b.push(
                     r.message_id(),
@@ -961,7 +988,7 @@ impl Catalog {
         let users = users_rows(p);
         if !users.is_empty() {
             let added = tables.get_mut("users").expect("users");
-            let mut b = Builder::new("users".into(), TableKind::Users, added);
+            let mut b = Builder::new("users".into(), TableKind::Users, added, self.reserved);
             for (message_id, fixed, traits) in users {
                 b.push(
                     message_id,

@@ -731,6 +731,12 @@ fn render(v: ValueRef<'_>) -> Option<String> {
             };
             format_ms(ms)
         }
+        // A date (the lake's `date` partition) as `YYYY-MM-DD`.
+        ValueRef::Date32(days) => {
+            let mut t = format_ms(i64::from(days).saturating_mul(86_400_000));
+            t.truncate(10);
+            t
+        }
         other => format!("{:?}", other.to_owned()),
     })
 }

@@ -21,6 +21,13 @@ use crate::sinks::{LoadStats, QueryResult, Relational, Sink, SinkError};
 /// The lake's state folder, beside the table folders.
 const STATE_DIR: &str = "_collector";
 
+/// The partition keys of the layout (`table=tracks/date=2026-11-25/…`). Readers that
+/// discover partitions (Spark, BigQuery, DuckDB's `hive_partitioning`) take them as
+/// columns of every table, so no file may hold a column of either name: Spark refuses
+/// such a table, DuckDB shows the partition's value instead of the file's. A property
+/// so named is recorded in `rejected_values` and stays in the event's JSON.
+const PARTITION_COLUMNS: &[&str] = &["table", "date"];
+
 fn migrations() -> Vec<(i32, &'static str, String)> {
     vec![
         (
@@ -101,7 +108,7 @@ impl ParquetSink {
         apply_migrations(&mut conn, migrations())?;
         publish_pending(&conn, root)?;
         remove_stale_staged(&conn, root)?;
-        let catalog = load_catalog(&conn)?;
+        let catalog = load_catalog(&conn)?.reserving(PARTITION_COLUMNS);
         Ok(ParquetSink {
             root: root.to_path_buf(),
             conn: Arc::new(Mutex::new((conn, catalog))),
