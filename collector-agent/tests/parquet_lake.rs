@@ -28,17 +28,40 @@ fn files(root: &std::path::Path) -> Vec<String> {
     out
 }
 
+/// Events as the edge stores them, received at `received` (RFC 3339).
+fn received_at(received: &str, body: serde_json::Value) -> Vec<collector_core::StoredEvent> {
+    let ms = collector_core::timestamp::parse_ms(received).unwrap();
+    let mut n = 0;
+    collector_core::ingest::parse_body(
+        collector_core::ingest::Endpoint::Batch,
+        body.to_string().as_bytes(),
+        ms,
+        &mut || {
+            n += 1;
+            format!("gen-{n}")
+        },
+    )
+    .unwrap()
+    .accepted
+}
+
+// One file per table, day received and load; two batches received either side of
+// midnight make two days, whatever the events' own times.
 #[tokio::test]
 async fn lake_layout_is_partitioned_by_table_and_date_with_one_file_per_load() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("lake");
     let sink = ParquetSink::open(&root).unwrap();
-    let b1 = events(json!({"batch": [
-        {"type": "track", "messageId": "a", "userId": "u", "event": "E", "timestamp": "2026-11-23T23:59:00Z"},
-        {"type": "track", "messageId": "b", "userId": "u", "event": "E", "timestamp": "2026-11-24T00:01:00Z"},
-        {"type": "page", "messageId": "c", "userId": "u", "name": "Home", "timestamp": "2026-11-24T00:02:00Z"}
-    ]}));
-    let b2 = events(
+    let b1 = received_at(
+        "2026-11-23T23:59:50Z",
+        json!({"batch": [
+            {"type": "track", "messageId": "a", "userId": "u", "event": "E", "timestamp": "2026-11-23T23:59:00Z"},
+            {"type": "track", "messageId": "b", "userId": "u", "event": "E", "timestamp": "2026-11-24T00:01:00Z"},
+            {"type": "page", "messageId": "c", "userId": "u", "name": "Home", "timestamp": "2026-11-24T00:02:00Z"}
+        ]}),
+    );
+    let b2 = received_at(
+        "2026-11-24T08:00:05Z",
         json!({"batch": [{"type": "track", "messageId": "d", "userId": "u", "event": "E", "timestamp": "2026-11-24T08:00:00Z"}]}),
     );
     sink.load(&Load {
@@ -63,7 +86,7 @@ async fn lake_layout_is_partitioned_by_table_and_date_with_one_file_per_load() {
             // shard, first batch and load id.
             "table=e/date=2026-11-23/part-s3-b41-l1.parquet",
             "table=e/date=2026-11-24/part-s3-b41-l1.parquet",
-            "table=pages/date=2026-11-24/part-s3-b41-l1.parquet",
+            "table=pages/date=2026-11-23/part-s3-b41-l1.parquet",
             "table=tracks/date=2026-11-23/part-s3-b41-l1.parquet",
             "table=tracks/date=2026-11-24/part-s3-b41-l1.parquet",
         ]
@@ -86,19 +109,21 @@ async fn lake_layout_is_partitioned_by_table_and_date_with_one_file_per_load() {
         .await
         .unwrap();
     assert_eq!(manifest.rows.len(), 3);
-    // The file of tracks on the 24th holds a row of each batch.
-    assert_eq!(
-        manifest.rows[2],
+    // The file of tracks on the 23rd holds the two rows of the first batch, the one
+    // on the 24th the second's.
+    let row = |date: &str, first: &str, n: &str, batches: &str| {
         vec![
             Some("3".into()),
-            Some("41".into()),
+            Some(first.into()),
             Some("tracks".into()),
-            Some("2026-11-24".into()),
-            Some("2".into()),
-            Some("[41, 42]".into()),
-            Some("true".into())
+            Some(date.into()),
+            Some(n.into()),
+            Some(batches.into()),
+            Some("true".into()),
         ]
-    );
+    };
+    assert_eq!(manifest.rows[1], row("2026-11-23", "41", "2", "[41]"));
+    assert_eq!(manifest.rows[2], row("2026-11-24", "42", "1", "[42]"));
 }
 
 fn track_load(shard: u32, batch_id: i64, ids: &[&str]) -> Load {
@@ -380,4 +405,35 @@ async fn properties_named_like_the_partition_keys_are_not_columns() {
             "{f}: {cols:?}"
         );
     }
+}
+
+// The partition is the day the edge received an event, not the `timestamp` its client
+// chose: one load of events from 40 different days (a history import, or a hostile
+// client) is still one file per table, and every event is in it.
+#[tokio::test]
+async fn a_load_of_many_event_days_is_one_file_per_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("lake");
+    let sink = ParquetSink::open(&root).unwrap();
+    let batch: Vec<serde_json::Value> = (0..40)
+        .map(|d| json!({"type": "track", "messageId": format!("d{d}"), "userId": "u", "event": "Imported",
+            "timestamp": format!("2024-01-{:02}T10:00:00Z", d % 28 + 1).replace("2024-01", if d < 28 { "2024-01" } else { "2024-02" })}))
+        .collect();
+    let st = sink
+        .load(&Load::events(0, 1, events(json!({ "batch": batch }))))
+        .await
+        .unwrap();
+    assert_eq!(st.inserted, 40);
+    let listed = files(&root);
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let r = sink
+        .query("SELECT count(*), count(DISTINCT CAST(\"timestamp\" AS DATE)), min(date), max(date) FROM tracks")
+        .await
+        .unwrap();
+    let s = |v: &str| Some(v.to_string());
+    assert_eq!(
+        r.rows,
+        vec![vec![s("40"), s("40"), s("2026-11-24"), s("2026-11-24")]]
+    );
+    assert_eq!(count(&sink, "imported").await, "40");
 }

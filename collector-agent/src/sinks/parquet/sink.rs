@@ -133,14 +133,16 @@ impl ParquetSink {
     }
 }
 
-/// The partition date of a row: the UTC date of its `timestamp` (else `receivedAt`),
-/// the 4th and 6th values of base and per-event tables alike.
+/// The partition date of a row: the UTC date the edge received it (`received_at`, the
+/// 6th value of base and per-event tables alike), as Segment's data lakes partition.
+/// Not the event's own `timestamp`, which a client chooses (anything from 2000 on
+/// passes as history): partitioned by it, one load of 5,000 events could write 5,000
+/// files per table (the small-files problem every lake engine pays per file), and a
+/// late event would be written into a day a downstream job had already read.
 fn date_of(row: &TableRow<'_>) -> String {
-    let ts = row
-        .get(3)
+    row.get(5)
         .and_then(|c| c.as_deref())
-        .or_else(|| row.get(5).and_then(|c| c.as_deref()));
-    ts.map(|t| t.chars().take(10).collect())
+        .map(|t| t.chars().take(10).collect())
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -193,10 +195,14 @@ fn write(
         for (date, batches) in dates {
             let rel = format!("table={table}/date={date}/{name}");
             let staged = format!("{STATE_DIR}/tmp/{load_id}-{table}-{date}-{name}");
-            let in_date = format!(
-                "substr(CAST(coalesce(\"timestamp\", received_at) AS VARCHAR), 1, 10) = {}",
-                lit(&date)
-            );
+            let in_date = if date == "unknown" {
+                "received_at IS NULL".to_string()
+            } else {
+                format!(
+                    "substr(CAST(received_at AS VARCHAR), 1, 10) = {}",
+                    lit(&date)
+                )
+            };
             // Listed before it exists, so a COPY that fails halfway leaves nothing.
             staged_files.files.push((staged.clone(), rel.clone()));
             // COPY answers how many rows it wrote; a file of none is not kept.
