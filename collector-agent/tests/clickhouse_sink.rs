@@ -447,7 +447,12 @@ async fn views_a_per_event_table_replaced_are_made_again_by_version_9() {
         ch_exec(&ch, &format!("DROP TABLE analytics.{view}")).await;
         ch_exec(
             &ch,
-            &format!("CREATE VIEW analytics.{view} AS SELECT 'm1' AS message_id, 1.0 AS x"),
+            &format!("CREATE TABLE analytics.collector_rows_{view} (message_id String, x Nullable(Float64), `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY message_id"),
+        )
+        .await;
+        ch_exec(
+            &ch,
+            &format!("CREATE VIEW analytics.{view} AS SELECT message_id, x FROM analytics.collector_rows_{view} FINAL"),
         )
         .await;
     }

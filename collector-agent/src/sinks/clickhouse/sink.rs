@@ -467,8 +467,22 @@ impl ClickHouseSink {
             // views (`Profiles`, `Audience Membership`, `Privacy Requests`) had its
             // per-event view replace it. Its rows stay in `collector_rows_<name>`; new
             // ones go to `event_<name>`.
+            // Only the views a per-event view replaced (it reads `collector_rows_…`): a
+            // view replaced needlessly would be missing, for a moment, to another
+            // agent starting at once.
+            let (_, defs) = self
+                .select("SELECT name, create_table_query FROM system.tables WHERE database = currentDatabase()")
+                .await?;
+            let def = |name: &str| {
+                defs.iter()
+                    .find(|r| r.first().and_then(Value::as_str) == Some(name))
+                    .and_then(|r| r.get(1).and_then(Value::as_str))
+                    .map(str::to_string)
+            };
             for (view, select) in PEOPLE_VIEWS.iter().chain(&PRIVACY_VIEWS) {
-                self.replace_view(view, select).await?;
+                if def(view).is_none_or(|d| d.contains("collector_rows_")) {
+                    self.replace_view(view, select).await?;
+                }
             }
             self.exec("INSERT INTO collector_migrations VALUES (9, 'the views of identity, audiences and privacy again (a per-event view named like one replaced it)', now())")
                 .await?;
