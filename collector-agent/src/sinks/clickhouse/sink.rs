@@ -1010,7 +1010,7 @@ impl ClickHouseSink {
             plan = committed.plan(fresh);
         }
 
-        let load_id = now_ms as u64;
+        let load_id = new_load_id();
         // Types of tables created or grown now, or not foreseen.
         if plan.changes_schema()
             || plan
@@ -1317,6 +1317,22 @@ async fn all_of(
 fn duplicate_column(e: &SinkError) -> bool {
     let text = e.to_string();
     text.contains("Code: 15,") || text.contains("Code: 44,") || text.contains("already exists")
+}
+
+/// A load's id in `message_ids`: random, 63 bits. It was the load's millisecond, which
+/// two agents loading in the same millisecond, or one whose clock stepped back, could
+/// give two loads; an identity run that had read the first marked the id read
+/// (`collector_identity_read`), and the second load's people were never resolved.
+fn new_load_id() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::getrandom(&mut b).is_err() {
+        // No entropy (never seen on Linux): the time and a counter, unique in this
+        // process.
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        return ((now_ms() as u64) << 20) | (NEXT.fetch_add(1, Ordering::Relaxed) & 0xF_FFFF);
+    }
+    u64::from_le_bytes(b) >> 1
 }
 
 fn now_ms() -> i64 {
@@ -1708,6 +1724,18 @@ impl SqlSession for ChSession<'_> {
             )
             .await
             .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod load_id_tests {
+    use super::*;
+
+    #[test]
+    fn loads_in_one_millisecond_get_different_ids() {
+        let ids: std::collections::HashSet<u64> = (0..10_000).map(|_| new_load_id()).collect();
+        assert_eq!(ids.len(), 10_000);
+        assert!(ids.iter().all(|i| *i < 1 << 63));
     }
 }
 
