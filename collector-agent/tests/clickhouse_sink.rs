@@ -484,3 +484,34 @@ async fn views_a_per_event_table_replaced_are_made_again_by_version_9() {
         assert!(r.rows.is_empty());
     }
 }
+
+// Quarantine rows are versions, and the newest must win. An agent whose clock was
+// ahead (then stepped back) wrote a resolution with a version from its future: the
+// event quarantined after it must still be in `quarantine`, not hidden behind that
+// resolution (the versions are the agent's monotonic microseconds, no longer the
+// wall clock's milliseconds).
+#[tokio::test]
+async fn a_quarantine_entry_outranks_a_resolution_from_a_clock_that_was_ahead() {
+    let ch = LocalClickHouse::start().unwrap();
+    let sink = open(&ch).await;
+    let ahead_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 600_000;
+    ch_exec(
+        &ch,
+        &format!("INSERT INTO analytics.collector_quarantine VALUES ('bad', 'track', 2, 3, '', '', now(), 1, 1, {ahead_ms})"),
+    )
+    .await;
+    let mut evs = events(json!({"batch": [
+        {"type": "track", "messageId": "bad", "userId": "u", "event": "A"}
+    ]}));
+    evs[0].json = evs[0].json.replacen('{', r#"{"sentAt":5,"#, 1);
+    let st = sink.load(&Load::events(2, 4, evs)).await.unwrap();
+    assert_eq!(st.quarantined, 1, "{st:?}");
+    assert_eq!(
+        rows(&*sink, "SELECT message_id, batch_id FROM quarantine").await,
+        vec![vec![s("bad"), s("4")]]
+    );
+}

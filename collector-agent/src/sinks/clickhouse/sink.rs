@@ -13,6 +13,7 @@ use tokio::sync::Mutex;
 
 use super::config::ClickHouseConfig;
 use super::rowbinary::{Field, Layout, MAX_INSTANT_MS};
+use super::version_now;
 use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
 use crate::sinks::tables::{self, Catalog, Cell, TableKind, TableLoad};
 use crate::sinks::{Dialect, LoadStats, QueryResult, Sink, SinkError, SqlSession};
@@ -910,7 +911,7 @@ impl ClickHouseSink {
         for (shard, batch_id) in &p.resolved_dead {
             dead.push(serde_json::json!({
                 "shard": shard, "batch_id": batch_id, "error": "", "blob_hex": "",
-                "loaded_at": now_s, "resolved": 1, "_version": now_ms
+                "loaded_at": now_s, "resolved": 1, "_version": version_now()
             }));
         }
 
@@ -943,7 +944,7 @@ impl ClickHouseSink {
                 "message_id": q.message_id, "type": q.kind.as_str(), "shard": q.shard,
                 "batch_id": q.batch_id, "reason": q.reason, "event": q.event,
                 "quarantined_at": now_s, "attempts": attempts(&q.message_id) + 1,
-                "resolved": 0, "_version": now_ms
+                "resolved": 0, "_version": version_now()
             }));
         }
 
@@ -1085,7 +1086,7 @@ impl ClickHouseSink {
             .iter()
             .map(|id| serde_json::json!({
                 "message_id": id, "type": "", "shard": null, "batch_id": null, "reason": "",
-                "event": "", "quarantined_at": now_s, "attempts": 0, "resolved": 1, "_version": now_ms + 1
+                "event": "", "quarantined_at": now_s, "attempts": 0, "resolved": 1, "_version": version_now()
             }))
             .collect();
         let registry_columns = ["message_id", "table_name", "load_id"].map(String::from);
