@@ -635,16 +635,27 @@ async fn users_of_an_older_warehouse_keep_their_values(t: &Target) {
 // whole load in PostgreSQL, transiently, forever: the shard was blocked.
 async fn events_named_after_the_agents_own_tables_get_their_own(t: &Target) {
     let sink = t.open().await;
-    let list = if t.is_clickhouse() {
-        "SELECT name FROM system.tables WHERE database = currentDatabase()"
-    } else {
-        "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+    // Every relation: tables and views, and the indexes and sequences that share
+    // PostgreSQL's namespace (and DuckDB's indexes).
+    let lists: &[&str] = match t {
+        Target::ClickHouse(_) => &["SELECT name FROM system.tables WHERE database = currentDatabase()"],
+        Target::Postgres(_) => &["SELECT relname FROM pg_class WHERE relnamespace = current_schema()::regnamespace"],
+        _ => &[
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()",
+            "SELECT index_name FROM duckdb_indexes() WHERE schema_name = current_schema()",
+        ],
     };
-    let mut names: Vec<String> = rows(&*sink, list)
-        .await
-        .into_iter()
-        .filter_map(|r| r[0].clone())
-        .collect();
+    let mut names: Vec<String> = Vec::new();
+    for list in lists {
+        names.extend(
+            rows(&*sink, list)
+                .await
+                .into_iter()
+                .filter_map(|r| r[0].clone()),
+        );
+    }
+    // A per-event table's own index, and the system catalog PostgreSQL searches first.
+    names.extend(["order_completed_pkey".to_string(), "pg_class".to_string()]);
     names.sort();
     names.dedup();
     for own in [

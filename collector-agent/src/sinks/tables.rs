@@ -137,14 +137,28 @@ const RESERVED_TABLES: &[&str] = &[
     "privacy_requests",
     "privacy_request_stores",
     "policy_versions",
+    // Indexes and sequences share PostgreSQL's namespace of relations.
+    "load_ids",
+    "message_ids_load_id",
+    "activation_outbox_due",
+    "identities_person",
+    "identity_edges_b",
+    "identity_edges_status",
 ];
 
-/// Whether `table` is one of the warehouse's own tables (Segment's or the agent's), which
-/// no per-event table is named after.
+/// Whether `table` is one of the warehouse's own relations (Segment's tables, the
+/// agent's tables, views, indexes and sequences), which no per-event table is named
+/// after. Besides the list: `collector_…` and `stage_…` (the agent's), `pg_…`
+/// (PostgreSQL resolves an unqualified name in its own catalog first, so a table
+/// `pg_class` would be the system's), and `…_pkey` (the index of every table's primary
+/// key in PostgreSQL, per-event tables' too). An event so named blocked its shard in
+/// PostgreSQL: its load failed, as transient, again and again.
 pub fn is_reserved_table(table: &str) -> bool {
     RESERVED_TABLES.contains(&table)
         || table.starts_with("collector_")
         || table.starts_with("stage_")
+        || table.starts_with("pg_")
+        || table.ends_with("_pkey")
 }
 
 /// The table of a track event name: its snake_case, `event_` before a reserved or
