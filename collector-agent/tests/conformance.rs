@@ -734,6 +734,47 @@ crate::per_target!(
     events_named_after_the_agents_own_tables_get_their_own,]
 );
 
+// Every PostgreSQL table has hidden system columns (`xmin`, `ctid`, …), which no
+// column may be named: `ADD COLUMN xmin` failed, as transient, so one event with a
+// property `xmin` (a map's bounding box) blocked its shard for good. Such a property
+// is not a column in PostgreSQL: `rejected_values` records it and the value stays in
+// the event's JSON; the other properties load.
+#[tokio::test]
+async fn postgres_system_column_names_are_not_columns() {
+    let t = Target::postgres();
+    let sink = t.open().await;
+    let props = json!({"xmin": 1.5, "xmax": 2.5, "ctid": "c", "tableoid": 5, "oid": 6, "cmin": 3, "cmax": 4, "zoom": 7});
+    let st = sink
+        .load(&Load::events(0, 1, events(json!({"batch": [
+            {"type": "track", "messageId": "g1", "userId": "u", "event": "Map Moved", "properties": props},
+            {"type": "page", "messageId": "g2", "userId": "u", "properties": props},
+            {"type": "identify", "messageId": "g3", "userId": "u", "traits": props}
+        ]}))))
+        .await
+        .unwrap();
+    assert_eq!((st.inserted, st.quarantined), (3, 0), "{st:?}");
+    assert_eq!(one(&*sink, "SELECT zoom FROM map_moved").await, s("7"));
+    assert_eq!(
+        one(&*sink, "SELECT properties->>'xmin' FROM tracks").await,
+        s("1.5")
+    );
+    let refused = rows(
+        &*sink,
+        "SELECT table_name, count(*) FROM rejected_values WHERE column_name IN ('xmin', 'xmax', 'ctid', 'tableoid', 'oid', 'cmin', 'cmax') GROUP BY 1 ORDER BY 1",
+    )
+    .await;
+    assert_eq!(
+        refused,
+        vec![
+            vec![s("identifies"), s("7")],
+            vec![s("map_moved"), s("7")],
+            vec![s("pages"), s("7")],
+        ]
+    );
+    // `users` takes the other traits.
+    assert_eq!(one(&*sink, "SELECT zoom FROM users").await, s("7"));
+}
+
 // PostgreSQL itself refuses a value (here an analyst's CHECK constraint): that event
 // alone is isolated and quarantined with PostgreSQL's reason; the rest of the load lands.
 #[tokio::test]

@@ -61,6 +61,12 @@ fn classify(e: tokio_postgres::Error) -> SinkError {
     }
 }
 
+/// PostgreSQL's system columns, which every table has hidden: `ADD COLUMN xmin` fails
+/// ("conflicts with a system column name"), which blocked the shard of an event with
+/// a property so named (a map's `xmin`) until it was reserved. A property so named is
+/// recorded in `rejected_values` and stays in the event's JSON.
+const SYSTEM_COLUMNS: &[&str] = &["tableoid", "xmin", "cmin", "xmax", "cmax", "ctid", "oid"];
+
 /// An error and its causes: tokio-postgres says only "error connecting to server", its
 /// cause says why (refused, timed out, a password or database the server refused).
 fn causes(e: &dyn std::error::Error) -> String {
@@ -165,7 +171,7 @@ async fn load_catalog(client: &impl tokio_postgres::GenericClient) -> Result<Cat
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect();
-    Ok(Catalog::from_rows(tables, cols))
+    Ok(Catalog::from_rows(tables, cols).reserving(SYSTEM_COLUMNS))
 }
 
 /// A PostgreSQL warehouse: one connection, reopened when it breaks.
