@@ -775,6 +775,36 @@ async fn postgres_system_column_names_are_not_columns() {
     assert_eq!(one(&*sink, "SELECT zoom FROM users").await, s("7"));
 }
 
+// A row PostgreSQL cannot store (over its 8 KB row limit: 900 short text properties,
+// within the edge's 32 KB per event) is the event's problem, not the warehouse's: it
+// is quarantined with PostgreSQL's reason and the rest of the load lands. It was
+// retried as transient, forever: a blocked shard.
+#[tokio::test]
+async fn postgres_row_too_big_is_quarantined_not_retried_forever() {
+    let t = Target::postgres();
+    let sink = t.open().await;
+    let mut wide = serde_json::Map::new();
+    for i in 0..900 {
+        wide.insert(format!("p{i}"), json!(format!("v{i:0>18}")));
+    }
+    let st = sink
+        .load(&Load::events(0, 1, events(json!({"batch": [
+            {"type": "track", "messageId": "w1", "userId": "u", "event": "Wide", "properties": wide},
+            {"type": "track", "messageId": "w2", "userId": "u", "event": "Fine", "properties": {"a": 1}}
+        ]}))))
+        .await
+        .unwrap();
+    assert_eq!((st.inserted, st.quarantined), (1, 1), "{st:?}");
+    let q = rows(&*sink, "SELECT message_id, reason FROM quarantine").await;
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0][0], s("w1"));
+    assert!(
+        q[0][1].as_deref().unwrap().contains("row is too big"),
+        "{q:?}"
+    );
+    assert_eq!(one(&*sink, "SELECT a FROM fine").await, s("1"));
+}
+
 // PostgreSQL itself refuses a value (here an analyst's CHECK constraint): that event
 // alone is isolated and quarantined with PostgreSQL's reason; the rest of the load lands.
 #[tokio::test]

@@ -46,9 +46,14 @@ use tables::quote as ident;
 /// the sink's mistake about a column's type, not the data's: transient, and the retry
 /// reads the types again.
 fn classify(e: tokio_postgres::Error) -> SinkError {
+    // 22: data exceptions, 23: constraints, 54: limits a row reaches ("row is too
+    // big" for a table of many short text columns): each is the event's, so retrying
+    // would block the shard for good; the caller isolates and quarantines the event.
     let permanent = e.code().is_some_and(|c| {
         let code = c.code();
-        (code.starts_with("22") && code != "22P03") || code.starts_with("23")
+        (code.starts_with("22") && code != "22P03")
+            || code.starts_with("23")
+            || code.starts_with("54")
     });
     let msg = match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
