@@ -708,12 +708,84 @@ async fn events_named_after_the_agents_own_tables_get_their_own(t: &Target) {
     );
 }
 
+// An analyst's table or view in the warehouse's schema (a dbt model, say) whose name an
+// event's per-event table would take: the event's table becomes `event_<name>`, and
+// the analyst's relation is left as it was. Before, DuckDB and PostgreSQL failed the
+// load, as transient, forever (a blocked shard), and ClickHouse dropped the analyst's
+// table to put its view in its place.
+async fn an_analysts_table_keeps_its_name(t: &Target) {
+    let sink = t.open().await;
+    let ddl = if t.is_clickhouse() {
+        [
+            "CREATE VIEW signups AS SELECT 1 AS n",
+            "CREATE TABLE orders (id String) ENGINE = MergeTree ORDER BY id",
+        ]
+    } else {
+        [
+            "CREATE VIEW signups AS SELECT 1 AS n",
+            "CREATE TABLE orders (id VARCHAR)",
+        ]
+    };
+    for sql in ddl {
+        sink.query(sql).await.unwrap();
+    }
+    let st = sink
+        .load(&Load::events(0, 1, events(json!({"batch": [
+            {"type": "track", "messageId": "s1", "userId": "u", "event": "Signups", "properties": {"plan": "pro"}},
+            {"type": "track", "messageId": "s2", "userId": "u", "event": "Orders", "properties": {"total": 3}}
+        ]}))))
+        .await
+        .unwrap();
+    assert_eq!((st.inserted, st.quarantined), (2, 0), "{st:?}");
+    assert_eq!(
+        one(&*sink, "SELECT plan FROM event_signups").await,
+        s("pro")
+    );
+    assert_eq!(one(&*sink, "SELECT total FROM event_orders").await, s("3"));
+    assert_eq!(
+        rows(&*sink, "SELECT message_id, event FROM tracks ORDER BY 1").await,
+        vec![
+            vec![s("s1"), s("event_signups")],
+            vec![s("s2"), s("event_orders")]
+        ]
+    );
+    // The analyst's relations, as they were.
+    let r = sink.query("SELECT * FROM orders").await.unwrap();
+    assert_eq!((r.columns, r.rows.len()), (vec!["id".to_string()], 0));
+    assert_eq!(
+        rows(&*sink, "SELECT n FROM signups").await,
+        vec![vec![s("1")]]
+    );
+    // The next events of those names go where the first went.
+    let st = sink
+        .load(&Load::events(0, 2, events(json!({"batch": [
+            {"type": "track", "messageId": "s3", "userId": "u", "event": "Orders", "properties": {"total": 4}}
+        ]}))))
+        .await
+        .unwrap();
+    assert_eq!(st.inserted, 1);
+    assert_eq!(
+        one(&*sink, "SELECT count(*) FROM event_orders").await,
+        s("2")
+    );
+}
+
 // (In a module of their own: the shared scenarios' modules are `duckdb`, `postgres`, ….)
 mod upgraded {
     use super::*;
     crate::per_target!(
         [duckdb, postgres]
         [users_of_an_older_warehouse_keep_their_values,]
+    );
+}
+
+// Not the lake: its tables are folders of files, which no analyst's relation shares a
+// namespace with.
+mod analysts {
+    use super::*;
+    crate::per_target!(
+        [duckdb, postgres, clickhouse]
+        [an_analysts_table_keeps_its_name,]
     );
 }
 

@@ -30,7 +30,7 @@
 //! needs and the rows of every table, typed against the catalog.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use collector_core::timestamp::{format_ms, parse_ms};
@@ -658,6 +658,9 @@ pub struct Catalog {
     /// Column names every table of this sink keeps for itself besides the fixed ones
     /// (the lake's partition keys, `table` and `date`).
     reserved: &'static [&'static str],
+    /// Relations in the warehouse's schema that the agent did not make (an analyst's
+    /// table or view, a dbt model): no per-event table takes their names.
+    foreign: BTreeSet<String>,
 }
 
 /// A new column.
@@ -878,6 +881,39 @@ impl Catalog {
         self
     }
 
+    /// This catalog, knowing the names of every relation in the warehouse's schema (its
+    /// tables, views, indexes); those it did not make are an analyst's, which a
+    /// per-event table must neither write into nor replace.
+    pub fn with_relations(mut self, names: impl IntoIterator<Item = String>) -> Catalog {
+        self.set_relations(names);
+        self
+    }
+
+    /// [`Catalog::with_relations`], in place.
+    pub fn set_relations(&mut self, names: impl IntoIterator<Item = String>) {
+        self.foreign = names
+            .into_iter()
+            .filter(|n| !self.tables.contains_key(n) && !is_reserved_table(n))
+            .collect();
+    }
+
+    /// The per-event table of the event slug `slug`: the slug, unless the warehouse has
+    /// a relation of that name the agent did not make; then `event_<slug>` (the rule for
+    /// the agent's own names), or `event_<slug>_2`, … while that is taken too. A table
+    /// the agent made keeps its name, so an event's table never moves once made.
+    fn table_for(&self, slug: &str) -> String {
+        if self.tables.contains_key(slug) || !self.foreign.contains(slug) {
+            return slug.to_string();
+        }
+        let mut name = bounded(&format!("event_{slug}")).into_owned();
+        let mut n = 2;
+        while self.foreign.contains(&name) && !self.tables.contains_key(&name) {
+            name = bounded(&format!("event_{slug}_{n}")).into_owned();
+            n += 1;
+        }
+        name
+    }
+
     /// A catalog from `(table, column, type name, position)` rows as stored.
     pub fn from_rows(tables: Vec<String>, columns: Vec<(String, String, String, i64)>) -> Catalog {
         let mut c = Catalog::default();
@@ -924,7 +960,7 @@ impl Catalog {
         // Which table each track row also goes to.
         let mut per_event: BTreeMap<String, Vec<&PreparedRow>> = BTreeMap::new();
         for r in p.rows.iter().filter(|r| r.kind == EventKind::Track) {
-            let Some(name) = &r.event_table else {
+            let Some(slug) = &r.event_table else {
                 plan.rejected.push(Rejected {
                     message_id: r.message_id().to_string(),
                     table_name: "tracks".into(),
@@ -934,6 +970,7 @@ impl Catalog {
                 });
                 continue;
             };
+            let name = &self.table_for(slug);
             if !catalog.has_table(name) && !per_event.contains_key(name) {
                 if event_tables >= MAX_EVENT_TABLES {
                     plan.rejected.push(Rejected {
@@ -963,14 +1000,25 @@ impl Catalog {
                 added,
                 self.reserved,
             );
+            let event_at = schema::column_index(kind, "event");
             for r in rows {
+                let mut fixed: TableRow<'a> = r
+                    .values
+                    .iter()
+                    .map(|v| v.as_deref().map(Cow::Borrowed))
+                    .collect();
+                // `tracks.event` names the per-event table, which an analyst's
+                // relation of the slug's name moved.
+                if let (Some(slug), Some(i)) = (&r.event_table, event_at) {
+                    let table = self.table_for(slug);
+                    if &table != slug {
+                        fixed[i] = Some(Cow::Owned(table));
+                    }
+                }
                 b.push(
                     r.message_id(),
                     r.batch_id,
-                    r.values
-                        .iter()
-                        .map(|v| v.as_deref().map(Cow::Borrowed))
-                        .collect(),
+                    fixed,
                     r.base_flat(),
                     &mut plan.new_columns,
                     &mut plan.rejected,
@@ -986,11 +1034,18 @@ impl Catalog {
             }
             let added = tables.entry(name.clone()).or_default();
             let mut b = Builder::new(name.clone(), TableKind::Event, added, self.reserved);
+            let event_at = EVENT_TABLE.iter().position(|c| c.name == "event");
             for r in rows {
+                let mut fixed = r.event_table_values();
+                if let Some(i) = event_at {
+                    if r.event_table.as_deref() != Some(name.as_str()) {
+                        fixed[i] = Some(Cow::Owned(name.clone()));
+                    }
+                }
                 b.push(
                     r.message_id(),
                     r.batch_id,
-                    r.event_table_values(),
+                    fixed,
                     r.context.iter().chain(r.payload.iter()),
                     &mut plan.new_columns,
                     &mut plan.rejected,

@@ -666,7 +666,27 @@ impl ClickHouseSink {
             cols.iter()
                 .map(|r| (s(&r[0]), s(&r[1]), s(&r[2]), r[3].as_i64().unwrap_or(0)))
                 .collect(),
-        ))
+        )
+        .with_relations(self.relation_names().await?))
+    }
+
+    /// The names of the database's tables and views (the agent's and an analyst's).
+    /// A per-event view takes none an analyst made: making it drops what has its name.
+    async fn relation_names(&self) -> Result<Vec<String>, SinkError> {
+        let (_, rows) = self
+            .select(&format!(
+                "SELECT name FROM system.tables WHERE database = {}",
+                lit(&self.cfg.database)
+            ))
+            .await?;
+        let names: Vec<String> = rows
+            .iter()
+            .filter_map(|r| r[0].as_str().map(str::to_string))
+            .collect();
+        // A view over one of the agent's rows tables is the agent's, even before
+        // `collector_tables` lists it (a crash between the two leaves that).
+        let ours = |n: &str| names.iter().any(|m| *m == rows_table(n));
+        Ok(names.iter().filter(|n| !ours(n)).cloned().collect())
     }
 
     /// The columns a rows table has now, in table order, from `system.columns`.
@@ -678,10 +698,14 @@ impl ClickHouseSink {
                 lit(&rows_table(table))
             ))
             .await?;
-        Ok(rows
+        let names: Vec<String> = rows
             .iter()
             .filter_map(|r| r[0].as_str().map(str::to_string))
-            .collect())
+            .collect();
+        // A view over one of the agent's rows tables is the agent's, even before
+        // `collector_tables` lists it (a crash between the two leaves that).
+        let ours = |n: &str| names.iter().any(|m| *m == rows_table(n));
+        Ok(names.iter().filter(|n| !ours(n)).cloned().collect())
     }
 
     /// Which of `batch_ids` (of shard `p.shard`) the ledger has: none for a replay,
@@ -950,6 +974,12 @@ impl ClickHouseSink {
 
         // Schema growth, then the rows.
         let mut plan = planned.unwrap_or_else(|| catalog.plan(fresh));
+        if !plan.new_tables.is_empty() {
+            // An analyst may have made a table or view since the catalog was read: a
+            // per-event view must not replace it.
+            catalog.set_relations(self.relation_names().await?);
+            plan = catalog.plan(fresh);
+        }
         if plan.changes_schema() {
             for (table, event_text) in &plan.new_tables {
                 for sql in self.create_table_sql(table, TableKind::Event) {

@@ -748,6 +748,9 @@ fn write(
     catalog: &mut Catalog,
     p: &Prepared,
 ) -> Result<LoadStats, SinkError> {
+    // An analyst may have made a table or view since (through `collector-agent sql`):
+    // no per-event table takes its name.
+    catalog.set_relations(relation_names(conn)?);
     let plan = catalog.plan(p);
     let tx = conn.transaction().map_err(transient)?;
     let (mut stats, load_id) = write_state(&tx, p)?;
@@ -791,6 +794,18 @@ fn write(
     tx.commit().map_err(transient)?;
     *catalog = plan.catalog;
     Ok(stats)
+}
+
+/// The names of the warehouse's tables, views and indexes (the agent's and an
+/// analyst's alike; see [`Catalog::set_relations`]).
+pub(crate) fn relation_names(conn: &Connection) -> Result<Vec<String>, SinkError> {
+    first_column(
+        conn,
+        "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() AND schema_name = current_schema()
+         UNION ALL SELECT view_name FROM duckdb_views() WHERE NOT internal AND database_name = current_database() AND schema_name = current_schema()
+         UNION ALL SELECT index_name FROM duckdb_indexes() WHERE database_name = current_database() AND schema_name = current_schema()",
+        [],
+    )
 }
 
 /// Registers the ids of a load's base tables that are new to the warehouse under

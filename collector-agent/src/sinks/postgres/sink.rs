@@ -176,7 +176,23 @@ async fn load_catalog(client: &impl tokio_postgres::GenericClient) -> Result<Cat
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect();
-    Ok(Catalog::from_rows(tables, cols).reserving(SYSTEM_COLUMNS))
+    // Every relation and free-standing type of the schema: a per-event table takes
+    // none of their names (an analyst's table or view, a dbt model).
+    let relations: Vec<String> = client
+        .query(
+            "SELECT relname::text FROM pg_class WHERE relnamespace = current_schema()::regnamespace
+             UNION ALL SELECT typname::text FROM pg_type WHERE typnamespace = current_schema()::regnamespace
+               AND typrelid = 0 AND typcategory <> 'A'",
+            &[],
+        )
+        .await
+        .map_err(classify)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(Catalog::from_rows(tables, cols)
+        .reserving(SYSTEM_COLUMNS)
+        .with_relations(relations))
 }
 
 /// A PostgreSQL warehouse: one connection, reopened when it breaks.
