@@ -163,6 +163,28 @@ async fn redelivered_batches_and_ids_land_once_even_after_a_lost_ledger() {
     );
 }
 
+/// Waits (up to 10 s) until `sql`, a count, answers 0: a mutation ClickHouse applies in
+/// the background has run.
+async fn wait_for_zero(ch: &LocalClickHouse, sql: &str) {
+    let mut left = String::new();
+    for _ in 0..200 {
+        left = reqwest::Client::new()
+            .post(&ch.url)
+            .body(sql.to_string())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if left.trim() == "0" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(left.trim(), "0", "{sql}");
+}
+
 async fn ch_exec(ch: &LocalClickHouse, sql: &str) {
     let r = reqwest::Client::new()
         .post(&ch.url)
@@ -355,23 +377,11 @@ async fn an_older_warehouse_gets_the_operator_views_of_version_7() {
         ch_exec(&ch, &format!("CREATE VIEW analytics.{view} AS {select}")).await;
     }
     // The mutation is applied in the background: wait until version 7 is gone.
-    let mut left = String::new();
-    for _ in 0..200 {
-        left = reqwest::Client::new()
-            .post(&ch.url)
-            .body("SELECT count() FROM analytics.collector_migrations WHERE version = 7")
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if left.trim() == "0" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(left.trim(), "0");
+    wait_for_zero(
+        &ch,
+        "SELECT count() FROM analytics.collector_migrations WHERE version = 7",
+    )
+    .await;
     let sink = open(&ch).await;
     assert_eq!(
         rows(
@@ -456,23 +466,11 @@ async fn views_a_per_event_table_replaced_are_made_again_by_version_9() {
         )
         .await;
     }
-    let mut left = String::new();
-    for _ in 0..200 {
-        left = reqwest::Client::new()
-            .post(&ch.url)
-            .body("SELECT count() FROM analytics.collector_migrations WHERE version = 9")
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if left.trim() == "0" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(left.trim(), "0");
+    wait_for_zero(
+        &ch,
+        "SELECT count() FROM analytics.collector_migrations WHERE version = 9",
+    )
+    .await;
     let sink = open(&ch).await;
     for (view, first) in [
         ("profiles", "person_id"),

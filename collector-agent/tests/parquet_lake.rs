@@ -31,18 +31,7 @@ fn files(root: &std::path::Path) -> Vec<String> {
 /// Events as the edge stores them, received at `received` (RFC 3339).
 fn received_at(received: &str, body: serde_json::Value) -> Vec<collector_core::StoredEvent> {
     let ms = collector_core::timestamp::parse_ms(received).unwrap();
-    let mut n = 0;
-    collector_core::ingest::parse_body(
-        collector_core::ingest::Endpoint::Batch,
-        body.to_string().as_bytes(),
-        ms,
-        &mut || {
-            n += 1;
-            format!("gen-{n}")
-        },
-    )
-    .unwrap()
-    .accepted
+    common::events_received_at(ms, body)
 }
 
 // One file per table, day received and load; two batches received either side of

@@ -35,6 +35,21 @@ async fn post_tracks(st: &Stack, prefix: &str, n: usize) {
     }
 }
 
+/// Writes the agent's config for this stack (a fast poll, `/metrics` on
+/// `metrics_port`) with `rest` (the warehouse, other keys) after it.
+fn write_config(st: &Stack, metrics_port: u16, rest: &str) -> PathBuf {
+    let config = st.dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "edge_url = \"{}\"\ndrain_secret = \"{SECRET}\"\npoll_interval_ms = 50\nmetrics_addr = \"127.0.0.1:{metrics_port}\"\n{rest}",
+            st.edge.url
+        ),
+    )
+    .unwrap();
+    config
+}
+
 /// The sum of a counter's series in the agent's `/metrics`.
 fn counter(metrics: &str, name: &str) -> u64 {
     metrics
@@ -89,16 +104,11 @@ async fn fill_mid_drain(warehouse: impl Fn(&Path) -> String, leave: u64) -> Run 
     std::fs::create_dir_all(&disk_dir).unwrap();
     std::fs::create_dir_all(&out).unwrap();
     let metrics_port = collector_e2e::free_port();
-    let config = st.dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "edge_url = \"{}\"\ndrain_secret = \"{SECRET}\"\npoll_interval_ms = 50\nlease_batches = 2\nmetrics_addr = \"127.0.0.1:{metrics_port}\"\n{}",
-            st.edge.url,
-            warehouse(&disk_dir)
-        ),
-    )
-    .unwrap();
+    let config = write_config(
+        &st,
+        metrics_port,
+        &format!("lease_batches = 2\n{}", warehouse(&disk_dir)),
+    );
     let mut cmd = Command::new(agent_binary());
     cmd.args(["run", "--config"])
         .arg(&config)
@@ -289,16 +299,11 @@ async fn the_agent_waits_for_a_duckdb_file_another_process_holds() {
     std::fs::create_dir_all(warehouse.parent().unwrap()).unwrap();
     let holder = duckdb::Connection::open(&warehouse).unwrap();
     let metrics_port = collector_e2e::free_port();
-    let config = st.dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "edge_url = \"{}\"\ndrain_secret = \"{SECRET}\"\npoll_interval_ms = 50\nmetrics_addr = \"127.0.0.1:{metrics_port}\"\n[warehouse]\npath = \"{}\"\n",
-            st.edge.url,
-            warehouse.display()
-        ),
-    )
-    .unwrap();
+    let config = write_config(
+        &st,
+        metrics_port,
+        &format!("[warehouse]\npath = \"{}\"\n", warehouse.display()),
+    );
     // The log of the first run is read; the second's goes nowhere (a pipe nobody
     // reads would stop the agent once full).
     let spawn = |log: std::process::Stdio| {
@@ -374,16 +379,11 @@ async fn the_agent_drains_when_its_state_file_cannot_be_written() {
     state.push(".agent");
     std::fs::create_dir_all(&state).unwrap();
     let metrics_port = collector_e2e::free_port();
-    let config = st.dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "edge_url = \"{}\"\ndrain_secret = \"{SECRET}\"\npoll_interval_ms = 50\nmetrics_addr = \"127.0.0.1:{metrics_port}\"\n[warehouse]\npath = \"{}\"\n",
-            st.edge.url,
-            warehouse.display()
-        ),
-    )
-    .unwrap();
+    let config = write_config(
+        &st,
+        metrics_port,
+        &format!("[warehouse]\npath = \"{}\"\n", warehouse.display()),
+    );
     let mut cmd = Command::new(agent_binary());
     cmd.args(["run", "--config"])
         .arg(&config)

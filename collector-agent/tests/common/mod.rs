@@ -8,11 +8,16 @@ use collector_core::StoredEvent;
 /// Events as the edge would store them: a `/v1/batch` body parsed and validated by core
 /// (no privacy policy), received at 2026-11-24T13:54:04Z.
 pub fn events(body: serde_json::Value) -> Vec<StoredEvent> {
+    events_received_at(1_795_528_444_000, body)
+}
+
+/// [`events`], received at `received_ms`.
+pub fn events_received_at(received_ms: i64, body: serde_json::Value) -> Vec<StoredEvent> {
     let mut n = 0;
     let p = parse_body(
         Endpoint::Batch,
         body.to_string().as_bytes(),
-        1_795_528_444_000,
+        received_ms,
         &mut || {
             n += 1;
             format!("gen-{n}")
