@@ -92,6 +92,19 @@ where
     assert!(status.success(), "the final drain succeeds");
 }
 
+/// How many rows `tracks` of the warehouse holds now (0 while it cannot be opened, as
+/// just after a kill).
+async fn tracks_in(wh: WarehouseConfig) -> u64 {
+    match collector_agent::sinks::open(&wh).await {
+        Ok(s) => s
+            .query("SELECT count(*) FROM tracks")
+            .await
+            .map(|r| r.rows[0][0].as_deref().unwrap_or("0").parse().unwrap())
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
 async fn check(sink: &dyn Sink) {
     let r = sink
         .query("SELECT count(*), count(DISTINCT message_id), sum(CAST(properties->>'n' AS BIGINT)) FROM tracks WHERE event_text = 'Kill Test' AND event = 'kill_test'")
@@ -152,19 +165,7 @@ async fn postgres_exactly_once_through_kill_9() {
         schema: "public".into(),
         timeout_ms: 30_000,
     });
-    let count = || {
-        let wh = wh.clone();
-        async move {
-            match collector_agent::sinks::open(&wh).await {
-                Ok(s) => s
-                    .query("SELECT count(*) FROM tracks")
-                    .await
-                    .map(|r| r.rows[0][0].as_deref().unwrap_or("0").parse().unwrap())
-                    .unwrap_or(0),
-                Err(_) => 0,
-            }
-        }
-    };
+    let count = || tracks_in(wh.clone());
     kill_and_finish(&bin, &config, count).await;
     let sink = collector_agent::sinks::open(&wh).await.unwrap();
     check(&*sink).await;
@@ -230,19 +231,7 @@ async fn clickhouse_exactly_once_through_kill_9() {
         timeout_ms: 30_000,
         ..collector_agent::config::ClickHouseConfig::at(&ch.url)
     });
-    let count = || {
-        let wh = wh.clone();
-        async move {
-            match collector_agent::sinks::open(&wh).await {
-                Ok(s) => s
-                    .query("SELECT count() FROM tracks")
-                    .await
-                    .map(|r| r.rows[0][0].as_deref().unwrap_or("0").parse().unwrap())
-                    .unwrap_or(0),
-                Err(_) => 0,
-            }
-        }
-    };
+    let count = || tracks_in(wh.clone());
     kill_and_finish(&bin, &config, count).await;
     let sink = collector_agent::sinks::open(&wh).await.unwrap();
     let n = EVENTS as u64;

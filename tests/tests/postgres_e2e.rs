@@ -163,14 +163,7 @@ async fn two_agents_drain_one_edge_into_postgres_exactly_once() {
         600
     );
     assert_eq!(count(&pg, "SELECT count(*) FROM message_ids").await, 600);
-    let stats = st.edge_stats().await;
-    let left: u64 = stats["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["sealed_batches"].as_u64().unwrap() + s["open_events"].as_u64().unwrap())
-        .sum();
-    assert_eq!(left, 0, "{stats}");
+    st.assert_edge_drained().await;
 }
 
 #[tokio::test]

@@ -180,6 +180,19 @@ impl Stack {
             .expect("lease")
     }
 
+    /// Asserts that the edge holds nothing back: no sealed batch and no open event in
+    /// any shard.
+    pub async fn assert_edge_drained(&self) {
+        let stats = self.edge_stats().await;
+        let left: u64 = stats["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["sealed_batches"].as_u64().unwrap() + s["open_events"].as_u64().unwrap())
+            .sum();
+        assert_eq!(left, 0, "{stats}");
+    }
+
     pub async fn edge_stats(&self) -> Value {
         let client = collector_agent::edge::EdgeClient::new(&self.agent_config()).unwrap();
         serde_json::to_value(client.stats().await.expect("stats")).unwrap()

@@ -698,14 +698,10 @@ impl ClickHouseSink {
                 lit(&rows_table(table))
             ))
             .await?;
-        let names: Vec<String> = rows
+        Ok(rows
             .iter()
             .filter_map(|r| r[0].as_str().map(str::to_string))
-            .collect();
-        // A view over one of the agent's rows tables is the agent's, even before
-        // `collector_tables` lists it (a crash between the two leaves that).
-        let ours = |n: &str| names.iter().any(|m| *m == rows_table(n));
-        Ok(names.iter().filter(|n| !ours(n)).cloned().collect())
+            .collect())
     }
 
     /// Which of `batch_ids` (of shard `p.shard`) the ledger has: none for a replay,
