@@ -106,10 +106,13 @@ async fn tracks_in(wh: WarehouseConfig) -> u64 {
 }
 
 async fn check(sink: &dyn Sink) {
-    let r = sink
-        .query("SELECT count(*), count(DISTINCT message_id), sum(CAST(properties->>'n' AS BIGINT)) FROM tracks WHERE event_text = 'Kill Test' AND event = 'kill_test'")
-        .await
-        .unwrap();
+    check_with(sink, "SELECT count(*), count(DISTINCT message_id), sum(CAST(properties->>'n' AS BIGINT)) FROM tracks WHERE event_text = 'Kill Test' AND event = 'kill_test'").await;
+}
+
+/// `sql` answers the rows, the distinct ids and the sum of `n`: every event once, with
+/// its content.
+async fn check_with(sink: &dyn Sink, sql: &str) {
+    let r = sink.query(sql).await.unwrap();
     let n = EVENTS as u64;
     assert_eq!(
         r.rows[0],
@@ -240,17 +243,10 @@ async fn clickhouse_exactly_once_through_kill_9() {
         .await
         .unwrap();
     assert_eq!(r.rows[0], vec![Some(n.to_string()), Some(n.to_string())]);
-    let r = sink
-        .query("SELECT count(), uniqExact(message_id), toUInt64(sum(n)) FROM kill_test")
-        .await
-        .unwrap();
-    assert_eq!(
-        r.rows[0],
-        vec![
-            Some(n.to_string()),
-            Some(n.to_string()),
-            Some((n * (n - 1) / 2).to_string())
-        ],
-        "every event exactly once, with its content"
-    );
+    // (ClickHouse 18.16 has no `->>`: the per-event table's typed column.)
+    check_with(
+        &*sink,
+        "SELECT count(), uniqExact(message_id), toUInt64(sum(n)) FROM kill_test",
+    )
+    .await;
 }
