@@ -40,16 +40,7 @@ async fn post_backlog(st: &Stack) {
 }
 
 fn write_config(st: &Stack, warehouse: &str) -> std::path::PathBuf {
-    let path = st.dir.path().join("agent.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "edge_url = \"{}\"\ndrain_secret = \"{SECRET}\"\npoll_interval_ms = 50\nlease_batches = 2\nlease_ms = 2000\n{warehouse}",
-            st.edge.url
-        ),
-    )
-    .unwrap();
-    path
+    st.write_agent_config(&format!("lease_batches = 2\nlease_ms = 2000\n{warehouse}"))
 }
 
 fn spawn(bin: &std::path::Path, config: &std::path::Path, once: bool) -> Child {

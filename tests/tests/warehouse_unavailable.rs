@@ -38,16 +38,9 @@ async fn post_tracks(st: &Stack, prefix: &str, n: usize) {
 /// Writes the agent's config for this stack (a fast poll, `/metrics` on
 /// `metrics_port`) with `rest` (the warehouse, other keys) after it.
 fn write_config(st: &Stack, metrics_port: u16, rest: &str) -> PathBuf {
-    let config = st.dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "edge_url = \"{}\"\ndrain_secret = \"{SECRET}\"\npoll_interval_ms = 50\nmetrics_addr = \"127.0.0.1:{metrics_port}\"\n{rest}",
-            st.edge.url
-        ),
-    )
-    .unwrap();
-    config
+    st.write_agent_config(&format!(
+        "metrics_addr = \"127.0.0.1:{metrics_port}\"\n{rest}"
+    ))
 }
 
 /// The sum of a counter's series in the agent's `/metrics`.

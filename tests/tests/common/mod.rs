@@ -180,6 +180,21 @@ impl Stack {
             .expect("lease")
     }
 
+    /// Writes `agent.toml` for the agent binary draining this stack (its edge and drain
+    /// secret, a 50 ms poll), with `rest` (the warehouse, other keys) after it.
+    pub fn write_agent_config(&self, rest: &str) -> PathBuf {
+        let path = self.dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "edge_url = \"{}\"\ndrain_secret = \"{SECRET}\"\npoll_interval_ms = 50\n{rest}",
+                self.edge.url
+            ),
+        )
+        .unwrap();
+        path
+    }
+
     /// Asserts that the edge holds nothing back: no sealed batch and no open event in
     /// any shard.
     pub async fn assert_edge_drained(&self) {
