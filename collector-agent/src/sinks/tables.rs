@@ -901,9 +901,11 @@ impl Catalog {
     /// a relation of that name the agent did not make; then `event_<slug>` (the rule for
     /// the agent's own names), or `event_<slug>_2`, … while that is taken too. A table
     /// the agent made keeps its name, so an event's table never moves once made.
-    fn table_for(&self, slug: &str) -> String {
+    /// Borrowed when it is the slug (the usual case), owned when an analyst's relation
+    /// moved it.
+    fn table_for<'s>(&self, slug: &'s str) -> Cow<'s, str> {
         if self.tables.contains_key(slug) || !self.foreign.contains(slug) {
-            return slug.to_string();
+            return Cow::Borrowed(slug);
         }
         let mut name = bounded(&format!("event_{slug}")).into_owned();
         let mut n = 2;
@@ -911,7 +913,7 @@ impl Catalog {
             name = bounded(&format!("event_{slug}_{n}")).into_owned();
             n += 1;
         }
-        name
+        Cow::Owned(name)
     }
 
     /// A catalog from `(table, column, type name, position)` rows as stored.
@@ -970,12 +972,12 @@ impl Catalog {
                 });
                 continue;
             };
-            let name = &self.table_for(slug);
-            if !catalog.has_table(name) && !per_event.contains_key(name) {
+            let name = self.table_for(slug);
+            if !catalog.has_table(&name) && !per_event.contains_key(name.as_ref()) {
                 if event_tables >= MAX_EVENT_TABLES {
                     plan.rejected.push(Rejected {
                         message_id: r.message_id().to_string(),
-                        table_name: name.clone(),
+                        table_name: name.into_owned(),
                         column_name: "event".into(),
                         value: cut(Value::String(r.event_name().to_string()).to_string()),
                         reason: format!("the warehouse has reached {MAX_EVENT_TABLES} per-event tables; the event is in `tracks` only"),
@@ -984,7 +986,7 @@ impl Catalog {
                 }
                 event_tables += 1;
             }
-            per_event.entry(name.clone()).or_default().push(r);
+            per_event.entry(name.into_owned()).or_default().push(r);
         }
 
         let tables = &mut catalog.tables;
@@ -1010,8 +1012,7 @@ impl Catalog {
                 // `tracks.event` names the per-event table, which an analyst's
                 // relation of the slug's name moved.
                 if let (Some(slug), Some(i)) = (&r.event_table, event_at) {
-                    let table = self.table_for(slug);
-                    if &table != slug {
+                    if let Cow::Owned(table) = self.table_for(slug) {
                         fixed[i] = Some(Cow::Owned(table));
                     }
                 }
