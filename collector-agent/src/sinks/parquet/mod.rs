@@ -19,7 +19,9 @@
 //! lake/_collector/tmp/           files written, not yet renamed into place
 //! ```
 //!
-//! `date` is the UTC date of the event's `timestamp`. Exactly once: a file holds the
+//! `date` is the UTC day the edge received the event (`received_at`; not the
+//! client-chosen `timestamp`), and no file has a column named `date` or `table` (the
+//! partition keys readers add). Exactly once: a file holds the
 //! rows of one load whose `message_id`s were new; it is written under `_collector/tmp/`,
 //! the ids and the manifest (which lists it as `staged`) are committed, and only then is
 //! it renamed into place. A crash before the commit leaves temp files that no reader
