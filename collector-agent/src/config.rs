@@ -45,6 +45,14 @@ pub struct AgentConfig {
     /// Timeout of one HTTP request to the edge.
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// How long one load may keep failing with errors the warehouse does not call data
+    /// errors (a trigger's exception, a permission refused on one table, a bug an event
+    /// reaches) before the agent writes it in parts, loads every event the warehouse
+    /// takes and quarantines the ones it refuses alone, so one event cannot block its
+    /// shard for good. Only when the warehouse took other events meanwhile: a warehouse
+    /// that is down, full or locked for everything quarantines nothing. `0`: never.
+    #[serde(default = "default_stuck_quarantine_after_ms")]
+    pub stuck_quarantine_after_ms: u64,
     /// `[identity]`: the block list and limits of identity resolution.
     #[serde(default)]
     pub identity: crate::identity::IdentityConfig,
@@ -211,6 +219,9 @@ fn default_lease_batches() -> u32 {
 }
 fn default_lease_ms() -> u64 {
     collector_core::drain::DEFAULT_LEASE_MS as u64
+}
+fn default_stuck_quarantine_after_ms() -> u64 {
+    10 * 60_000
 }
 fn default_request_timeout_ms() -> u64 {
     30_000

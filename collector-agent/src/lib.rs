@@ -113,6 +113,21 @@ pub struct Drainer {
     /// The edge's suppression list (digests), refreshed every pass: queued
     /// events of these people are dropped at drain.
     suppressed: std::sync::RwLock<Arc<std::collections::HashSet<String>>>,
+    /// Per shard, the load that has failed transiently since when (see
+    /// `stuck_quarantine_after_ms`).
+    stuck: std::sync::Mutex<std::collections::HashMap<u32, Failing>>,
+    /// Leases committed with new rows, by any shard: whether the warehouse took other
+    /// events while a shard's load kept failing.
+    committed: std::sync::atomic::AtomicU64,
+}
+
+/// A shard's load that keeps failing transiently.
+#[derive(Debug, Clone, Copy)]
+struct Failing {
+    batch_id: i64,
+    since: std::time::Instant,
+    /// [`Drainer::committed`] when it began to fail.
+    committed: u64,
 }
 
 impl Drainer {
@@ -158,6 +173,8 @@ impl Drainer {
             cfg,
             metrics,
             suppressed: Default::default(),
+            stuck: Default::default(),
+            committed: Default::default(),
         })
     }
 
@@ -334,7 +351,10 @@ impl Drainer {
         renewer.abort();
         let stats: LoadStats = match loaded {
             Ok(s) => s,
-            Err(e) => {
+            Err((e, failed_batch)) => {
+                if let (DrainError::Sink(SinkError::Transient(_)), Some(b)) = (&e, failed_batch) {
+                    self.note_failing(shard, b);
+                }
                 if let DrainError::Sink(e) = &e {
                     self.metrics.failed(if e.retryable() {
                         "warehouse_transient"
@@ -358,6 +378,11 @@ impl Drainer {
                 return Err(e.into());
             }
         };
+        self.stuck.lock().expect("stuck lock").remove(&shard);
+        if stats.inserted > 0 {
+            self.committed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         self.metrics.loaded(summary.batches, &stats, took);
         tracing::info!(
             shard,
@@ -377,14 +402,28 @@ impl Drainer {
     /// not by the lease. Each load is idempotent, so a lease that fails halfway (or
     /// meets a batch in a newer format) is simply loaded again later: what was
     /// committed comes back as duplicates. The caller acks only after all of it.
+    /// On an error, the first batch of the load that failed (when a write failed).
     async fn load_lease(
         &self,
         shard: u32,
         batches: Vec<collector_core::codec::LeasedBatch>,
         summary: &mut DrainSummary,
-    ) -> Result<LoadStats, DrainError> {
+    ) -> Result<LoadStats, (DrainError, Option<i64>)> {
         // Decoding and preparing the next load overlap the write of the one before.
-        let mut pipeline = LoadPipeline::new(self.sink.clone());
+        let mut pipeline = LoadPipeline::new(self.sink.clone()).with_stuck(self.stuck(shard));
+        let out = self
+            .push_lease(shard, batches, summary, &mut pipeline)
+            .await;
+        out.map_err(|e| (e, pipeline.failed_batch()))
+    }
+
+    async fn push_lease(
+        &self,
+        shard: u32,
+        batches: Vec<collector_core::codec::LeasedBatch>,
+        summary: &mut DrainSummary,
+        pipeline: &mut LoadPipeline,
+    ) -> Result<LoadStats, DrainError> {
         let mut load = Load {
             shard,
             batches: Vec::new(),
@@ -443,6 +482,36 @@ impl Drainer {
             }
         }
         pipeline.finish().await.map_err(DrainError::Sink)
+    }
+
+    /// Records that `shard`'s load holding `batch_id` failed transiently (since when it
+    /// has been failing).
+    fn note_failing(&self, shard: u32, batch_id: i64) {
+        let mut stuck = self.stuck.lock().expect("stuck lock");
+        let known = stuck.get(&shard).is_some_and(|f| f.batch_id == batch_id);
+        if !known {
+            stuck.insert(
+                shard,
+                Failing {
+                    batch_id,
+                    since: std::time::Instant::now(),
+                    committed: self.committed.load(std::sync::atomic::Ordering::Relaxed),
+                },
+            );
+        }
+    }
+
+    /// `shard`'s load that has failed for `stuck_quarantine_after_ms` or longer.
+    fn stuck(&self, shard: u32) -> Option<sinks::Stuck> {
+        let after = self.cfg.stuck_quarantine_after_ms;
+        if after == 0 {
+            return None;
+        }
+        let f = *self.stuck.lock().expect("stuck lock").get(&shard)?;
+        (f.since.elapsed() >= Duration::from_millis(after)).then(|| sinks::Stuck {
+            batch_id: f.batch_id,
+            others_loaded: self.committed.load(std::sync::atomic::Ordering::Relaxed) > f.committed,
+        })
     }
 
     /// Drains one shard until it has nothing sealed left (or `max_rounds` rounds).

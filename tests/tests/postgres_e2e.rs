@@ -1,6 +1,6 @@
 //! The real edge (workerd) drained by the agent into a real PostgreSQL server started on
-//! loopback for the test: every event exactly once, with two agents at once, and across
-//! a database outage.
+//! loopback for the test: every event exactly once, with two agents at once, across a
+//! database outage, and past events an analyst's trigger refuses.
 
 mod common;
 
@@ -14,15 +14,20 @@ use collector_e2e::postgres::LocalPostgres;
 use common::*;
 use serde_json::json;
 
-async fn count(pg: &LocalPostgres, sql: &str) -> u64 {
-    let sink = PostgresSink::connect(&PostgresConfig {
+/// A sink of its own on the test's server (its schema brought up to date).
+async fn connect(pg: &LocalPostgres) -> PostgresSink {
+    PostgresSink::connect(&PostgresConfig {
         url: pg.url.clone(),
         password_env: None,
         schema: "public".into(),
         timeout_ms: 10_000,
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+async fn count(pg: &LocalPostgres, sql: &str) -> u64 {
+    let sink = connect(pg).await;
     sink.query(sql).await.unwrap().rows[0][0]
         .as_deref()
         .unwrap()
@@ -173,6 +178,9 @@ async fn postgres_outage_mid_drain_backs_off_and_loses_nothing() {
     let mut cfg = st.pg_config(&pg);
     let metrics_port = collector_e2e::free_port();
     cfg.metrics_addr = Some(format!("127.0.0.1:{metrics_port}"));
+    // Every retry during the outage is a stuck load's, written in parts: a warehouse
+    // that takes nothing has nothing quarantined.
+    cfg.stuck_quarantine_after_ms = 1;
     post_tracks(&st, "before", 100).await;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(collector_agent::run(cfg, async move {
@@ -232,6 +240,82 @@ async fn postgres_outage_mid_drain_backs_off_and_loses_nothing() {
         .await,
         100
     );
+    assert_eq!(count(&pg, "SELECT count(*) FROM quarantine").await, 0);
+}
+
+// An analyst's trigger refuses some events with an exception PostgreSQL does not call a
+// data error (P0001, as `RAISE EXCEPTION` gives): every load holding one fails,
+// transiently, attempt after attempt, which used to block the shard for good. After
+// `stuck_quarantine_after_ms` the agent writes that load in parts: every other event
+// lands, the refused ones are quarantined with the trigger's words, the edge drains.
+// Once the trigger is gone, `replay` loads them.
+#[tokio::test]
+async fn events_a_trigger_refuses_are_quarantined_instead_of_blocking_their_shard() {
+    let st = Stack::start();
+    let pg = LocalPostgres::start().unwrap();
+    let mut cfg = st.pg_config(&pg);
+    cfg.stuck_quarantine_after_ms = 2_000;
+    let sink = connect(&pg).await;
+    sink.query(
+        "CREATE FUNCTION refuse_tests() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF NEW.event_text = 'Test Purchase' THEN \
+         RAISE EXCEPTION 'no test purchases in production (%)', NEW.message_id; \
+         END IF; RETURN NEW; END $$",
+    )
+    .await
+    .unwrap();
+    sink.query("CREATE TRIGGER refuse_tests BEFORE INSERT ON tracks FOR EACH ROW EXECUTE FUNCTION refuse_tests()")
+        .await
+        .unwrap();
+    // Two refused events, each in a batch of good ones.
+    for b in 0..4 {
+        let mut batch: Vec<_> = (0..50)
+            .map(|i| json!({"type": "track", "messageId": format!("good-{b}-{i}"), "anonymousId": format!("v-{b}-{i}"), "event": "Purchase"}))
+            .collect();
+        if b % 2 == 1 {
+            batch.insert(20, json!({"type": "track", "messageId": format!("test-{b}"), "anonymousId": format!("v-{b}-20"), "event": "Test Purchase"}));
+        }
+        let r = st.post("/v1/batch", &json!({ "batch": batch })).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(collector_agent::run(cfg, async move {
+        let _ = rx.await;
+    }));
+    wait_for(&pg, "SELECT count(*) FROM tracks", 200, "good events").await;
+    wait_for(&pg, "SELECT count(*) FROM quarantine", 2, "refused events").await;
+    let _ = tx.send(());
+    agent.await.unwrap().unwrap();
+    st.assert_edge_drained().await;
+    let q = sink
+        .query("SELECT message_id, reason FROM quarantine ORDER BY message_id")
+        .await
+        .unwrap()
+        .rows;
+    assert_eq!(q.len(), 2);
+    for (row, id) in q.iter().zip(["test-1", "test-3"]) {
+        assert_eq!(row[0].as_deref(), Some(id));
+        let reason = row[1].as_deref().unwrap();
+        assert!(
+            reason.contains(&format!("no test purchases in production ({id})")),
+            "{reason}"
+        );
+    }
+    assert_eq!(
+        count(&pg, "SELECT count(*) FROM purchase").await,
+        200,
+        "the per-event table"
+    );
+    // The analyst drops the trigger; the quarantined events load.
+    sink.query("DROP TRIGGER refuse_tests ON tracks")
+        .await
+        .unwrap();
+    let r = collector_agent::sinks::replay_all(&sink, &[], &|_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(r.loads.inserted, 2, "{r:?}");
+    assert_eq!(count(&pg, "SELECT count(*) FROM tracks").await, 202);
+    assert_eq!(count(&pg, "SELECT count(*) FROM quarantine").await, 0);
 }
 
 // The warehouse is down when the agent starts (a database that starts after it, or is

@@ -382,6 +382,29 @@ impl KnownIds {
     }
 }
 
+/// A load that has failed transiently, attempt after attempt, for
+/// `stuck_quarantine_after_ms`: the drain loop asks the pipeline to try it once more in
+/// parts ([`load_stuck`]), so an event the warehouse refuses with an error it does not
+/// call a data error cannot block its shard for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stuck {
+    /// A batch of the load that keeps failing.
+    pub batch_id: i64,
+    /// Whether the warehouse committed other loads (other shards') since it began to
+    /// fail: then it is up, and takes events.
+    pub others_loaded: bool,
+}
+
+impl LoadBatch {
+    pub fn batch_id(&self) -> i64 {
+        match self {
+            LoadBatch::Decoded { batch_id, .. } | LoadBatch::Undecodable { batch_id, .. } => {
+                *batch_id
+            }
+        }
+    }
+}
+
 /// Loads in order, preparing each load (parsing and flattening: the agent's CPU work)
 /// on the blocking pool while the sink writes the one before (mostly the database's
 /// work), so a drain uses two cores. At most one write runs and one prepared load
@@ -389,8 +412,11 @@ impl KnownIds {
 /// each all or nothing, as [`Sink::load`] would.
 pub struct LoadPipeline {
     sink: Arc<dyn Sink>,
-    writing: Option<tokio::task::JoinHandle<Result<LoadStats, SinkError>>>,
+    /// The write in flight, and the first batch of its load.
+    writing: Option<(i64, tokio::task::JoinHandle<Result<LoadStats, SinkError>>)>,
     stats: LoadStats,
+    stuck: Option<Stuck>,
+    failed_batch: Option<i64>,
 }
 
 impl LoadPipeline {
@@ -399,37 +425,119 @@ impl LoadPipeline {
             sink,
             writing: None,
             stats: LoadStats::default(),
+            stuck: None,
+            failed_batch: None,
         }
+    }
+
+    /// The load holding `stuck.batch_id` is written by [`load_stuck`].
+    pub fn with_stuck(mut self, stuck: Option<Stuck>) -> LoadPipeline {
+        self.stuck = stuck;
+        self
     }
 
     /// Prepares `load`, waits for the write before it, then starts writing it. An error
     /// is the earlier write's; nothing after it is written.
     pub async fn push(&mut self, load: Load) -> Result<(), SinkError> {
+        let first = load.batches.first().map(LoadBatch::batch_id).unwrap_or(0);
+        let stuck = self
+            .stuck
+            .filter(|s| load.batches.iter().any(|b| b.batch_id() == s.batch_id));
         let prepared = tokio::task::spawn_blocking(move || schema::prepare(load))
             .await
             .map_err(|e| SinkError::Transient(format!("prepare task failed: {e}")))?;
         self.wait().await?;
         let sink = self.sink.clone();
-        self.writing = Some(tokio::spawn(async move {
-            load_isolating(&*sink, prepared).await
-        }));
+        let write = tokio::spawn(async move {
+            match stuck {
+                Some(s) => load_stuck(&*sink, prepared, s.others_loaded).await,
+                None => load_isolating(&*sink, prepared).await,
+            }
+        });
+        self.writing = Some((first, write));
         Ok(())
     }
 
     async fn wait(&mut self) -> Result<(), SinkError> {
-        if let Some(w) = self.writing.take() {
-            let stats = w
-                .await
-                .map_err(|e| SinkError::Transient(format!("write task failed: {e}")))??;
-            self.stats.add(stats);
+        if let Some((batch, w)) = self.writing.take() {
+            let out = match w.await {
+                Ok(r) => r,
+                Err(e) => Err(SinkError::Transient(format!("write task failed: {e}"))),
+            };
+            match out {
+                Ok(stats) => self.stats.add(stats),
+                Err(e) => {
+                    self.failed_batch = Some(batch);
+                    return Err(e);
+                }
+            }
         }
         Ok(())
     }
 
     /// Waits for the last write; the stats of every load pushed.
-    pub async fn finish(mut self) -> Result<LoadStats, SinkError> {
+    pub async fn finish(&mut self) -> Result<LoadStats, SinkError> {
         self.wait().await?;
         Ok(self.stats)
+    }
+
+    /// The first batch of the load whose write failed, after an error.
+    pub fn failed_batch(&self) -> Option<i64> {
+        self.failed_batch
+    }
+}
+
+/// One write, a panic in it (a bug the data reached) an error like any other, so the
+/// isolation around it goes on.
+async fn write_caught<S: Sink + ?Sized>(
+    sink: &S,
+    p: Arc<Prepared>,
+) -> Result<LoadStats, SinkError> {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(sink.write(p))
+        .catch_unwind()
+        .await
+    {
+        Ok(r) => r,
+        Err(panic) => Err(SinkError::Transient(format!(
+            "the write panicked: {}",
+            panic_text(&*panic)
+        ))),
+    }
+}
+
+/// A panic's message.
+pub(crate) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
+}
+
+impl Prepared {
+    /// These rows of the load, alone (no quarantine entries or dead letters).
+    fn part(&self, rows: std::ops::Range<usize>) -> Prepared {
+        Prepared {
+            shard: self.shard,
+            replay: self.replay,
+            rows: self.rows[rows].to_vec(),
+            ..Prepared::default()
+        }
+    }
+
+    /// The load's quarantine entries (with `more`), dead letters and counts, without
+    /// its rows.
+    fn rest(&self, quarantine: Vec<schema::Quarantined>) -> Prepared {
+        Prepared {
+            shard: self.shard,
+            replay: self.replay,
+            quarantine,
+            dead: self.dead.clone(),
+            in_load_duplicates: self.in_load_duplicates,
+            resolved_dead: self.resolved_dead.clone(),
+            ..Prepared::default()
+        }
     }
 }
 
@@ -447,29 +555,100 @@ pub async fn load_isolating<S: Sink + ?Sized>(
     tracing::warn!(error = %first, events = p.rows.len(), sink = sink.kind(), "load refused; isolating the event(s) the warehouse rejects");
     let mut stats = LoadStats::default();
     let mut quarantine = p.quarantine.clone();
-    for row in &p.rows {
-        let one = Prepared {
-            shard: p.shard,
-            replay: p.replay,
-            rows: vec![row.clone()],
-            ..Prepared::default()
-        };
-        match sink.write(Arc::new(one)).await {
+    for i in 0..p.rows.len() {
+        match sink.write(Arc::new(p.part(i..i + 1))).await {
             Ok(s) => stats.add(s),
-            Err(e @ SinkError::Permanent(_)) => quarantine.push(p.quarantined(row, e.to_string())),
+            Err(e @ SinkError::Permanent(_)) => {
+                quarantine.push(p.quarantined(&p.rows[i], e.to_string()))
+            }
             Err(e) => return Err(e),
         }
     }
-    let rest = Prepared {
-        shard: p.shard,
-        replay: p.replay,
-        quarantine,
-        dead: p.dead.clone(),
-        in_load_duplicates: p.in_load_duplicates,
-        resolved_dead: p.resolved_dead.clone(),
-        ..Prepared::default()
+    stats.add(sink.write(Arc::new(p.rest(quarantine))).await?);
+    Ok(stats)
+}
+
+/// How many parts [`load_stuck`] first splits a load into.
+const STUCK_PARTS: usize = 16;
+
+/// Writes a load that has failed transiently for long (see [`Stuck`]), once whole, then
+/// in parts: [`STUCK_PARTS`] parts, and each part that fails in halves, down to single
+/// events, so every event the warehouse takes commits. An event it refuses on its own
+/// with a permanent error is quarantined, as [`load_isolating`] does; one it refuses
+/// alone, twice, with a transient error, is quarantined with that error only when the
+/// warehouse took other events meanwhile (a part of this load, or `others_loaded`). When
+/// it took none, the error is the warehouse's (down, locked, full), not the events':
+/// the load fails as before and nothing is quarantined. A panic in a write counts as a
+/// transient error of what it wrote.
+pub async fn load_stuck<S: Sink + ?Sized>(
+    sink: &S,
+    prepared: Prepared,
+    others_loaded: bool,
+) -> Result<LoadStats, SinkError> {
+    let p = Arc::new(prepared);
+    let n = p.rows.len();
+    let first = match write_caught(sink, p.clone()).await {
+        Err(e) if n > 0 => e,
+        other => return other,
     };
-    stats.add(sink.write(Arc::new(rest)).await?);
+    tracing::warn!(error = %first, events = n, sink = sink.kind(), "load stuck; writing it in parts to find the event(s) the warehouse refuses");
+    let mut stats = LoadStats::default();
+    let mut taken = false;
+    // Each part that failed, with its error.
+    let mut failed: Vec<(std::ops::Range<usize>, SinkError)> = Vec::new();
+    let step = n.div_ceil(STUCK_PARTS);
+    for start in (0..n).step_by(step) {
+        let r = start..(start + step).min(n);
+        match write_caught(sink, Arc::new(p.part(r.clone()))).await {
+            Ok(s) => {
+                taken = true;
+                stats.add(s);
+            }
+            Err(e) => failed.push((r, e)),
+        }
+    }
+    if !taken && !others_loaded {
+        tracing::warn!(error = %first, "the warehouse took no part of the stuck load and no other load; retrying it later, nothing quarantined");
+        return Err(first);
+    }
+    // Halve each failed part down to single events.
+    let mut refused: Vec<(usize, SinkError)> = Vec::new();
+    while let Some((r, e)) = failed.pop() {
+        if r.len() == 1 {
+            refused.push((r.start, e));
+            continue;
+        }
+        let mid = r.start + r.len() / 2;
+        for half in [r.start..mid, mid..r.end] {
+            match write_caught(sink, Arc::new(p.part(half.clone()))).await {
+                Ok(s) => stats.add(s),
+                Err(e) => failed.push((half, e)),
+            }
+        }
+    }
+    refused.sort_by_key(|(i, _)| *i);
+    let mut quarantine = p.quarantine.clone();
+    for (i, e) in refused {
+        let row = &p.rows[i];
+        let e = match e {
+            e @ SinkError::Permanent(_) => e,
+            // Once more alone: an error that went away was not the event's.
+            SinkError::Transient(_) => match write_caught(sink, Arc::new(p.part(i..i + 1))).await {
+                Ok(s) => {
+                    stats.add(s);
+                    continue;
+                }
+                Err(e) => e,
+            },
+        };
+        let reason = match &e {
+            SinkError::Permanent(_) => e.to_string(),
+            SinkError::Transient(_) => format!("{e} (the load kept failing; the warehouse refused this event alone, twice, while it took others)"),
+        };
+        tracing::warn!(message_id = row.message_id(), reason = %reason, "quarantining an event of a stuck load");
+        quarantine.push(p.quarantined(row, reason));
+    }
+    stats.add(sink.write(Arc::new(p.rest(quarantine))).await?);
     Ok(stats)
 }
 

@@ -476,6 +476,10 @@ impl Prepared {
 
 /// Prepares a load: rows for what the warehouse can take, quarantine entries for what it
 /// cannot, dead letters for undecodable batches, in-load duplicates skipped.
+/// The message id that makes [`prepare`] panic, in this crate's unit tests.
+#[cfg(test)]
+pub(crate) const PANIC_IN_PREPARE: &str = "test-panic-in-prepare";
+
 pub fn prepare(load: Load) -> Prepared {
     let mut p = Prepared {
         shard: load.shard,
@@ -513,16 +517,23 @@ pub fn prepare(load: Load) -> Prepared {
                         p.in_load_duplicates += 1;
                         continue;
                     }
-                    let row = match prepare_parsed(&ev) {
-                        Ok((values, fields)) => Ok(prepared_row(
-                            ev.kind,
-                            values,
-                            &fields,
-                            Some(batch_id),
-                            &mut names,
-                        )),
-                        Err(reason) => Err(reason),
-                    };
+                    // A panic here is a bug an event reached: that event is
+                    // quarantined with it, instead of failing every retry of the load.
+                    let row = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        #[cfg(test)]
+                        if ev.message_id == PANIC_IN_PREPARE {
+                            panic!("a test's planted bug");
+                        }
+                        prepare_parsed(&ev).map(|(values, fields)| {
+                            prepared_row(ev.kind, values, &fields, Some(batch_id), &mut names)
+                        })
+                    }))
+                    .unwrap_or_else(|panic| {
+                        Err(format!(
+                            "the agent failed on this event ({}); please report it",
+                            super::panic_text(&*panic)
+                        ))
+                    });
                     match row {
                         Ok(mut row) => {
                             // The event itself is `raw`, the row's last value.

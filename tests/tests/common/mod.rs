@@ -80,6 +80,7 @@ impl Stack {
             lease_batches: 10,
             lease_ms: 30_000,
             request_timeout_ms: 30_000,
+            stuck_quarantine_after_ms: 600_000,
             metrics_addr: None,
             identity: Default::default(),
             audiences: None,

@@ -657,9 +657,15 @@ impl DuckDbSink {
     ) -> Result<T, SinkError> {
         let state = self.state.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = state
-                .lock()
-                .map_err(|_| SinkError::Transient("warehouse lock poisoned".into()))?;
+            let mut guard = state.lock().unwrap_or_else(|poisoned| {
+                // A panic while the connection was in use (its transaction rolled
+                // back as it unwound): open the warehouse again, catalog and all,
+                // rather than refuse every load after it.
+                state.clear_poison();
+                let mut st = poisoned.into_inner();
+                st.conn = None;
+                st
+            });
             let st = &mut *guard;
             st.conn()?;
             let out = f(st.conn.as_mut().expect("open"), &mut st.catalog);
@@ -1572,5 +1578,60 @@ mod tests {
         assert_eq!(hashed.rows[0][0].as_deref(), Some("2"));
         let st = sink.write(one_load(2, ev(&["a", "b", "c"]))).await.unwrap();
         assert_eq!((st.inserted, st.duplicates), (1, 2));
+    }
+
+    // A panic while the connection is in use (a bug some event reaches) leaves the
+    // mutex poisoned; the sink opens the warehouse again instead of refusing every
+    // load after it (which would stop the drain for good).
+    #[tokio::test]
+    async fn a_panic_in_a_write_does_not_stop_the_loads_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = DuckDbSink::open(&dir.path().join("w.duckdb")).unwrap();
+        let load = |id: &str, batch| {
+            Load::events(
+                0,
+                batch,
+                test_events(
+                    serde_json::json!({"batch": [{"type": "track", "event": "E", "messageId": id, "userId": "u"}]}),
+                ),
+            )
+        };
+        sink.load(&load("a", 1)).await.unwrap();
+        let r = sink
+            .with_conn(|conn, _| -> Result<(), SinkError> {
+                conn.execute_batch("BEGIN; DELETE FROM tracks").unwrap();
+                panic!("a planted bug");
+            })
+            .await;
+        assert!(matches!(r, Err(SinkError::Transient(_))), "{r:?}");
+        assert!(sink.state.is_poisoned());
+        let st = sink.load(&load("b", 2)).await.unwrap();
+        assert_eq!(st.inserted, 1);
+        // What the panicking transaction did was rolled back.
+        let ids = sink
+            .query("SELECT string_agg(message_id, ',' ORDER BY message_id) FROM tracks")
+            .await
+            .unwrap();
+        assert_eq!(ids.rows[0][0].as_deref(), Some("a,b"));
+    }
+
+    // A panic preparing one event (a bug it reaches) quarantines that event with the
+    // panic's message; the events beside it load.
+    #[test]
+    fn a_panic_preparing_an_event_quarantines_that_event() {
+        let events = test_events(serde_json::json!({"batch": [
+            {"type": "track", "event": "E", "messageId": "ok", "userId": "u"},
+            {"type": "track", "event": "E", "messageId": schema::PANIC_IN_PREPARE, "userId": "u"},
+        ]}));
+        let p = schema::prepare(Load::events(0, 1, events));
+        assert_eq!(p.rows.len(), 1);
+        assert_eq!(p.rows[0].message_id(), "ok");
+        assert_eq!(p.quarantine.len(), 1);
+        assert_eq!(p.quarantine[0].message_id, schema::PANIC_IN_PREPARE);
+        assert!(
+            p.quarantine[0].reason.contains("a test's planted bug"),
+            "{}",
+            p.quarantine[0].reason
+        );
     }
 }

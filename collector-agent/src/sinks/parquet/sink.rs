@@ -122,9 +122,18 @@ impl ParquetSink {
         let conn = self.conn.clone();
         let root = self.root.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = conn
-                .lock()
-                .map_err(|_| SinkError::Transient("lake lock poisoned".into()))?;
+            let mut guard = match conn.lock() {
+                Ok(g) => g,
+                // A panic while the state database was in use (its transaction rolled
+                // back as it unwound): read the catalog again, rather than refuse
+                // every load after it.
+                Err(poisoned) => {
+                    conn.clear_poison();
+                    let mut g = poisoned.into_inner();
+                    g.1 = load_catalog(&g.0)?.reserving(PARTITION_COLUMNS);
+                    g
+                }
+            };
             let (conn, catalog) = &mut *guard;
             f(conn, catalog, &root)
         })
