@@ -513,3 +513,35 @@ async fn a_quarantine_entry_outranks_a_resolution_from_a_clock_that_was_ahead() 
         vec![vec![s("bad"), s("4")]]
     );
 }
+
+// The same across a restart: the agent that wrote the resolution ran with a clock an
+// hour ahead (its versions are microseconds from its future); the agent started after
+// it reads the largest version in the warehouse at connect and writes above it, so the
+// event it quarantines is not hidden behind the older resolution.
+#[tokio::test]
+async fn versions_stay_above_the_warehouse_s_after_a_restart() {
+    let ch = LocalClickHouse::start().unwrap();
+    drop(open(&ch).await);
+    let ahead_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+        + 3_600_000_000;
+    ch_exec(
+        &ch,
+        &format!("INSERT INTO analytics.collector_quarantine VALUES ('bad', 'track', 2, 3, '', '', now(), 1, 1, {ahead_us})"),
+    )
+    .await;
+    let sink = open(&ch).await;
+    assert!(collector_agent::sinks::clickhouse::version_now() > ahead_us);
+    let mut evs = events(json!({"batch": [
+        {"type": "track", "messageId": "bad", "userId": "u", "event": "A"}
+    ]}));
+    evs[0].json = evs[0].json.replacen('{', r#"{"sentAt":5,"#, 1);
+    let st = sink.load(&Load::events(2, 4, evs)).await.unwrap();
+    assert_eq!(st.quarantined, 1, "{st:?}");
+    assert_eq!(
+        rows(&*sink, "SELECT message_id, batch_id FROM quarantine").await,
+        vec![vec![s("bad"), s("4")]]
+    );
+}

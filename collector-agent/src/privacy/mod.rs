@@ -297,22 +297,6 @@ fn relational(s: &dyn SqlSession) -> Result<Dialect, SinkError> {
     Ok(s.dialect())
 }
 
-/// A `_version` for a ClickHouse row: microseconds, strictly increasing in this
-/// process (two writes of one row in the same microsecond still order).
-fn next_version() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = u64::try_from(crate::now_ms()).unwrap_or(0) * 1000;
-    let mut prev = LAST.load(Ordering::Relaxed);
-    loop {
-        let next = now.max(prev + 1);
-        match LAST.compare_exchange(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => return next,
-            Err(p) => prev = p,
-        }
-    }
-}
-
 /// A nullable text value as a ClickHouse expression.
 fn ch_text(v: Option<&str>) -> String {
     v.map(sql_lit)
@@ -343,7 +327,7 @@ async fn ch_write_request(s: &mut dyn SqlSession, r: &Request) -> Result<(), Sin
         r.runs,
         ch_time(r.completed_at.as_deref()),
         ch_text(r.detail.as_deref()),
-        next_version()
+        crate::sinks::clickhouse::version_now()
     ))
     .await?;
     Ok(())
@@ -544,7 +528,7 @@ pub(crate) async fn set_store(
             sql_lit(status),
             ch_text(detail),
             at(d, now_ms),
-            next_version()
+            crate::sinks::clickhouse::version_now()
         ))
         .await?;
         return Ok(());

@@ -67,21 +67,32 @@ mod sink;
 
 pub use sink::ClickHouseSink;
 
-/// A `_version` for rows the agent rewrites (identity, profiles, audience stays):
-/// microseconds since the epoch, strictly increasing within the process, so the
-/// newest write of a row is the one `FINAL` keeps.
+/// The last [`version_now`] handed out, or the floor [`raise_version_floor`] set.
+static LAST_VERSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A `_version` for rows the agent rewrites (identity, profiles, audience stays,
+/// quarantine and privacy requests): microseconds since the epoch, strictly increasing
+/// within the process and above every version the warehouse held when the sink
+/// connected, so the newest write of a row is the one `FINAL` keeps.
 pub fn version_now() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static LAST: AtomicU64 = AtomicU64::new(0);
+    use std::sync::atomic::Ordering;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64);
-    let mut last = LAST.load(Ordering::Relaxed);
+    let mut last = LAST_VERSION.load(Ordering::Relaxed);
     loop {
         let next = now.max(last + 1);
-        match LAST.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+        match LAST_VERSION.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
             Ok(_) => return next,
             Err(seen) => last = seen,
         }
     }
+}
+
+/// Makes every later [`version_now`] larger than `floor`: the sink sets it at connect to
+/// the largest version its tables hold, so an agent whose clock stepped back across a
+/// restart (or was behind the agent that wrote before it) does not write versions that
+/// lose to older rows.
+pub fn raise_version_floor(floor: u64) {
+    LAST_VERSION.fetch_max(floor, std::sync::atomic::Ordering::Relaxed);
 }

@@ -144,7 +144,28 @@ impl ClickHouseSink {
         .await?;
         sink.migrate().await?;
         *sink.catalog.lock().await = sink.load_catalog().await?;
+        super::raise_version_floor(sink.max_version().await?);
         Ok(sink)
+    }
+
+    /// The largest `_version` of the tables whose rows the agent rewrites with
+    /// [`super::version_now`] (one scan of one column each).
+    async fn max_version(&self) -> Result<u64, SinkError> {
+        let sql = VERSIONED_TABLES
+            .iter()
+            .map(|t| format!("SELECT max(_version) AS v FROM {t}"))
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        let out = self
+            .request(
+                Some(&self.cfg.database),
+                &format!("SELECT max(v) FROM ({sql})"),
+                None,
+            )
+            .await?;
+        out.trim()
+            .parse()
+            .map_err(|e| SinkError::Transient(format!("max(_version): {out:?}: {e}")))
     }
 
     /// One HTTP request: `sql` as the query, `data` as the rows of an `INSERT`.
@@ -1368,6 +1389,19 @@ fn now_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+/// The tables whose rows the agent rewrites with a newer [`super::version_now`].
+const VERSIONED_TABLES: [&str; 9] = [
+    "collector_quarantine",
+    "collector_dead_letters",
+    "collector_identity_edges",
+    "collector_identities",
+    "collector_profiles",
+    "collector_identity_dirty",
+    "collector_audience_membership",
+    "collector_privacy_requests",
+    "collector_privacy_request_stores",
+];
 
 /// Classifies a ClickHouse error answer (`Code: 27, e.displayText() = …`).
 fn classify(text: &str) -> SinkError {
