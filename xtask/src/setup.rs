@@ -165,7 +165,8 @@ pub const PYTHON_VENV: DebianPackage = DebianPackage {
 };
 
 /// dbt (PyPI, every package pinned in `xtask/dbt-requirements.txt`) in a virtualenv in
-/// the tools folder, for the test that runs an analyst's dbt project on the warehouse.
+/// the tools folder, for the test that runs an analyst's dbt project on the warehouse;
+/// Segment's Python library beside it, for its compatibility test.
 /// Idempotent: the virtualenv keeps a copy of the requirements it was built from.
 fn dbt(tools: &Toolchain) -> Result<()> {
     let req = tools.root.join("xtask/dbt-requirements.txt");
