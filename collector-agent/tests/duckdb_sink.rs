@@ -152,6 +152,25 @@ async fn warehouse_from_an_earlier_release_is_migrated() {
     );
 }
 
+// `memory_cap` replaces the default limit's cap: DuckDB's limit starts there (the
+// fresh warehouse's indexes take next to nothing).
+#[tokio::test]
+async fn a_memory_cap_sets_the_default_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = DuckDbSink::open_config(&collector_agent::config::DuckDbConfig {
+        path: dir.path().join("w.duckdb"),
+        memory_cap: Some("32MB".into()),
+        row_group_size: Some(16384),
+        ..Default::default()
+    })
+    .unwrap();
+    let r = sink
+        .query("SELECT current_setting('memory_limit')")
+        .await
+        .unwrap();
+    assert_eq!(r.rows[0][0].as_deref(), Some("30.5 MiB"));
+}
+
 // The tuning keys reach DuckDB.
 #[tokio::test]
 async fn memory_limit_and_threads_are_applied() {
@@ -162,6 +181,7 @@ async fn memory_limit_and_threads_are_applied() {
         threads: Some(1),
         checkpoint_threshold: Some("48MB".into()),
         row_group_size: None,
+        memory_cap: None,
     })
     .unwrap();
     let r = sink

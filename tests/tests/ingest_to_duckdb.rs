@@ -239,3 +239,111 @@ async fn cors_preflight_and_origins_follow_allowed_origins() {
     st.drain().await;
     assert_eq!(st.count("tracks"), 1);
 }
+
+// A small DuckDB memory cap (`memory_cap = "32MB"` with `row_group_size = 16384`,
+// `threads = 1`, `lease_batches = 2`: what keeps the agent under 100 MB on the drain
+// bench's events, README "Memory") on wider events (a browser context with page and
+// campaign, identifies, pages): a checkpoint needs more than the cap and fails, which
+// invalidates the warehouse. The agent opens it again and every event lands once;
+// identity builds its profiles. Before, with `row_group_size` (the file attached beside
+// DuckDB's in-memory default database) the agent's check that the database was still
+// usable ran `SELECT 1` in the default database, which still answered, so the agent
+// kept the invalidated warehouse and every load failed until it was restarted.
+#[tokio::test]
+async fn a_failed_checkpoint_under_a_small_memory_cap_is_survived() {
+    let st = Stack::start();
+    let ua = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36";
+    let event = |i: usize| {
+        let visitor = format!("visitor-{}", i % 2_000);
+        let context = json!({"userAgent": ua, "locale": "fr-FR",
+            "page": {"url": format!("https://shop.example/p/{}", i % 300), "path": format!("/p/{}", i % 300),
+                     "referrer": "https://search.example/", "title": "A product"},
+            "campaign": {"source": "newsletter", "medium": "email"}});
+        match i % 10 {
+            0 => {
+                json!({"type": "identify", "messageId": format!("lean-{i}"), "anonymousId": visitor,
+                "userId": format!("user-{}", i % 500), "traits": {"plan": "pro", "visits": i % 40}, "context": context})
+            }
+            1 | 2 => {
+                json!({"type": "page", "messageId": format!("lean-{i}"), "anonymousId": visitor,
+                "name": "Product", "properties": {"path": format!("/p/{}", i % 300)}, "context": context})
+            }
+            _ => json!({"type": "track", "messageId": format!("lean-{i}"), "anonymousId": visitor,
+                "event": if i.is_multiple_of(3) { "Order Completed" } else { "Product Viewed" },
+                "properties": {"product_id": format!("sku-{}", i % 300), "price": (i % 97) as f64 + 0.99,
+                               "currency": "EUR", "category": "shoes"}, "context": context}),
+        }
+    };
+    let events = 24_000;
+    for chunk in (0..events).collect::<Vec<_>>().chunks(500) {
+        let batch: Vec<_> = chunk.iter().map(|i| event(*i)).collect();
+        let r = st.post("/v1/batch", &json!({ "batch": batch })).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let mut cfg = st.agent_config();
+    cfg.lease_batches = 2;
+    cfg.warehouse =
+        collector_agent::config::WarehouseConfig::DuckDb(collector_agent::config::DuckDbConfig {
+            path: st.warehouse(),
+            memory_cap: Some("32MB".into()),
+            row_group_size: Some(16_384),
+            threads: Some(1),
+            ..Default::default()
+        });
+    cfg.validate().expect("a valid config");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(collector_agent::run(cfg.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+    let state = cfg.warehouse.state_file();
+    let one = |sql: &'static str| {
+        let w = state.clone();
+        async move {
+            collector_agent::admin::query_running_agent(&w, sql)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|r| r.rows[0][0].clone())
+                .unwrap_or_default()
+        }
+    };
+    let wait = |sql: &'static str, want: &'static str| async move {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+        loop {
+            let got = one(sql).await;
+            if got == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{sql}: {got:?}, not {want}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+    };
+    wait("SELECT count(*) FROM message_ids", "24000").await;
+    // Identity runs after each load; more identifies make sure one runs after any that
+    // ran out of memory (one person per user: 50 users, each with its visitors).
+    for round in 0..3 {
+        let batch: Vec<_> = (0..10)
+            .map(|i| {
+                let mut e = event(i * 10);
+                e["messageId"] = json!(format!("more-{round}-{i}"));
+                e
+            })
+            .collect();
+        let r = st.post("/v1/batch", &json!({ "batch": batch })).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        if one("SELECT count(*) FROM profiles WHERE user_ids <> '[]'").await == "50" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    }
+    wait("SELECT count(*) FROM profiles WHERE user_ids <> '[]'", "50").await;
+    assert_eq!(
+        one("SELECT (SELECT count(*) FROM tracks) || '/' || (SELECT count(*) FROM pages) || '/' || (SELECT count(*) FROM quarantine)").await,
+        "16800/4800/0"
+    );
+    let _ = stop_tx.send(());
+    agent.await.unwrap().unwrap();
+}

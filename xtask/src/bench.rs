@@ -156,7 +156,14 @@ pub struct DrainSink {
     /// `DuckDB`, `PostgreSQL`, …
     pub label: &'static str,
     pub warehouse: String,
+    /// Agent keys of its own (before `BENCH_AGENT`'s).
+    pub agent: &'static str,
 }
+
+/// The DuckDB settings that keep the embedded agent under 100 MB (README, Memory): a
+/// smaller buffer pool, row groups that bound a checkpoint's work, smaller leases.
+pub const LEAN_DUCKDB: &str = "memory_cap = \"32MB\"\nrow_group_size = 16384\nthreads = 1";
+pub const LEAN_AGENT: &str = "lease_batches = 2";
 
 /// A backlog for the agent: 20-event bodies from 16 senders through `wrangler dev`
 /// (1,800 requests, 36,000 events; `BENCH_DRAIN_REQUESTS` sets the count), then
@@ -199,8 +206,9 @@ pub fn drain_run(
     std::fs::write(
         &config,
         format!(
-            "edge_url = \"{}\"\ndrain_secret = \"{SECRET}\"\n{}\n[warehouse]\n{}\n",
+            "edge_url = \"{}\"\ndrain_secret = \"{SECRET}\"\n{}\n{}\n[warehouse]\n{}\n",
             edge.url,
+            sink.agent,
             // The agent's defaults; to measure its own keys: `BENCH_AGENT='lease_batches = 50'`.
             std::env::var("BENCH_AGENT").unwrap_or_default(),
             sink.warehouse,
@@ -1059,7 +1067,7 @@ fn pipeline_in_workerd(edge: &LocalEdge) -> Result<Vec<(String, String)>> {
 /// agent's process, so its RSS is the database's too; the others show the agent alone.
 pub fn drain_only(tools: &Toolchain) -> Result<Vec<(String, String)>> {
     let only = std::env::var("BENCH_DRAIN_SINKS")
-        .unwrap_or_else(|_| "duckdb,postgres,clickhouse,parquet".into());
+        .unwrap_or_else(|_| "duckdb,duckdb-lean,postgres,clickhouse,parquet".into());
     let dir = std::env::temp_dir().join(format!("edge-collector-drain-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -1086,7 +1094,18 @@ fn drain_into(
 ) -> Result<Vec<(String, String)>> {
     eprintln!("bench: the agent's drain into {kind}");
     // The servers run until the drain returns (each stops when dropped).
+    let mut agent = "";
     let (label, warehouse, _server): (_, String, Option<Box<dyn std::any::Any>>) = match kind {
+        "duckdb-lean" => {
+            let _ = std::fs::remove_file(dir.join("warehouse.duckdb"));
+            let _ = std::fs::remove_file(dir.join("warehouse.duckdb.wal"));
+            agent = LEAN_AGENT;
+            (
+                "DuckDB, lean settings",
+                format!("path = \"warehouse.duckdb\"\n{LEAN_DUCKDB}"),
+                None,
+            )
+        }
         "duckdb" => {
             let _ = std::fs::remove_file(dir.join("warehouse.duckdb"));
             let _ = std::fs::remove_file(dir.join("warehouse.duckdb.wal"));
@@ -1121,8 +1140,17 @@ fn drain_into(
             ("the Parquet lake", w, None)
         }
         other => anyhow::bail!(
-            "BENCH_DRAIN_SINKS: unknown sink {other:?} (duckdb, postgres, clickhouse, parquet)"
+            "BENCH_DRAIN_SINKS: unknown sink {other:?} (duckdb, duckdb-lean, postgres, clickhouse, parquet)"
         ),
     };
-    drain_run(tools, edge, dir, &DrainSink { label, warehouse })
+    drain_run(
+        tools,
+        edge,
+        dir,
+        &DrainSink {
+            label,
+            warehouse,
+            agent,
+        },
+    )
 }

@@ -21,6 +21,13 @@ pub struct DuckDbConfig {
     /// file; a configured limit must leave the indexes their room.
     #[serde(default)]
     pub memory_limit: Option<String>,
+    /// The cap of the default `memory_limit` (instead of [`DEFAULT_MEMORY_CAP`]): the
+    /// limit is this plus room for the indexes as they grow, and is raised when DuckDB
+    /// runs out of memory (a load, or identity's SQL), up to DuckDB's own default.
+    /// `"32MB"` with `row_group_size = 16384` keeps a fresh embedded agent under 100
+    /// MB (README, Memory). Not with `memory_limit`.
+    #[serde(default)]
+    pub memory_cap: Option<String>,
     /// DuckDB's worker threads; DuckDB's default (one per core) when absent.
     #[serde(default)]
     pub threads: Option<u32>,
@@ -50,6 +57,7 @@ impl Default for DuckDbConfig {
         DuckDbConfig {
             path: default_path(),
             memory_limit: None,
+            memory_cap: None,
             threads: None,
             checkpoint_threshold: None,
             row_group_size: None,
@@ -58,8 +66,47 @@ impl Default for DuckDbConfig {
 }
 
 impl DuckDbConfig {
+    /// The least memory limit (or cap) DuckDB's checkpoints need with this row group
+    /// size, and how to say it.
+    fn least_memory(&self) -> (u64, &'static str) {
+        if self
+            .row_group_size
+            .is_some_and(|n| n <= SMALL_ROW_GROUP_SIZE)
+        {
+            (MIN_MEMORY_LIMIT_SMALL_GROUPS, "32MB")
+        } else {
+            (
+                MIN_MEMORY_LIMIT,
+                "64MB, or 32MB with row_group_size = 16384 or less",
+            )
+        }
+    }
+
+    /// `memory_cap` in bytes, checked.
+    pub fn memory_cap_bytes(&self) -> anyhow::Result<Option<u64>> {
+        let Some(m) = &self.memory_cap else {
+            return Ok(None);
+        };
+        anyhow::ensure!(
+            self.memory_limit.is_none(),
+            "config: warehouse.memory_cap and warehouse.memory_limit exclude each other (a limit is fixed; a cap grows with the indexes): keep one"
+        );
+        let bytes = size_bytes(m).ok_or_else(|| {
+            anyhow::anyhow!(
+                "config: warehouse.memory_cap must look like \"64MB\" or \"1GB\", got {m:?}"
+            )
+        })?;
+        let (least, text) = self.least_memory();
+        anyhow::ensure!(
+            bytes >= least,
+            "config: warehouse.memory_cap must be at least {text} (DuckDB's checkpoints fail below that), got {m:?}"
+        );
+        Ok(Some(bytes))
+    }
+
     /// The `SET` statements of the tuning keys.
     pub fn settings_sql(&self) -> anyhow::Result<String> {
+        self.memory_cap_bytes()?;
         let mut sql = String::new();
         for (key, value) in [
             ("memory_limit", &self.memory_limit),
@@ -75,9 +122,10 @@ impl DuckDbConfig {
                     "config: warehouse.{key} must look like \"64MB\" or \"1GB\", got {m:?}"
                 );
                 if key == "memory_limit" {
+                    let (least, text) = self.least_memory();
                     anyhow::ensure!(
-                        bytes >= Some(MIN_MEMORY_LIMIT),
-                        "config: warehouse.memory_limit must be at least 64MB (DuckDB's checkpoints fail below that, and a failed checkpoint stops every load until the agent opens the warehouse again), got {m:?}"
+                        bytes >= Some(least),
+                        "config: warehouse.memory_limit must be at least {text} (DuckDB's checkpoints fail below that, and a failed checkpoint stops every load until the agent opens the warehouse again), got {m:?}"
                     );
                 }
                 sql.push_str(&format!("SET {key} = '{m}';"));
@@ -111,9 +159,20 @@ const ROW_GROUP_STEP: u32 = 2048;
 /// host's RAM.
 pub const DEFAULT_MEMORY_CAP: u64 = 1 << 30;
 
-/// The least `memory_limit` accepted: below it, DuckDB's checkpoint of a 5,000-event load
-/// runs out of memory (seen at 20MB and 32MB).
+/// The least `memory_limit` accepted: below it, DuckDB's checkpoint, which rewrites
+/// each table's last partial row group (up to 122,880 rows) whole, runs out of memory
+/// (seen at 32MB).
 const MIN_MEMORY_LIMIT: u64 = 64 * 1000 * 1000;
+
+/// Row groups this small or smaller bound a checkpoint's work enough for
+/// [`MIN_MEMORY_LIMIT_SMALL_GROUPS`].
+const SMALL_ROW_GROUP_SIZE: u32 = 16_384;
+
+/// The least `memory_limit` with row groups of [`SMALL_ROW_GROUP_SIZE`] rows or fewer:
+/// checkpoints of 16384-row groups ran at 24MB and failed at 20MB (the drain bench,
+/// BENCHMARKS.md "Tenth round"); 32MB keeps a margin. The indexes (`users`, identity)
+/// need their room beside it as they grow.
+const MIN_MEMORY_LIMIT_SMALL_GROUPS: u64 = 32 * 1000 * 1000;
 
 /// A DuckDB size (`"64MB"`, `"1.5 GB"`, `"512MiB"`, `"100000"` bytes) in bytes, as DuckDB
 /// reads it: KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024.
@@ -163,9 +222,58 @@ mod tests {
         assert!(cfg("64MB").settings_sql().is_ok());
         let err = cfg("32MB").settings_sql().unwrap_err().to_string();
         assert!(
-            err.contains("warehouse.memory_limit must be at least 64MB"),
+            err.contains("warehouse.memory_limit must be at least 64MB, or 32MB with row_group_size = 16384 or less"),
             "{err}"
         );
+    }
+
+    // A cap is checked as a limit is, and the two exclude each other.
+    #[test]
+    fn a_memory_cap_is_a_size_above_the_least_and_not_beside_a_limit() {
+        let cfg = |cap: &str, limit: Option<&str>, n: Option<u32>| DuckDbConfig {
+            memory_cap: Some(cap.into()),
+            memory_limit: limit.map(String::from),
+            row_group_size: n,
+            ..DuckDbConfig::default()
+        };
+        assert_eq!(
+            cfg("32MB", None, Some(16384)).memory_cap_bytes().unwrap(),
+            Some(32_000_000)
+        );
+        assert!(cfg("32MB", None, Some(16384)).settings_sql().is_ok());
+        for (c, limit, n, want) in [
+            (
+                "32MB",
+                None,
+                None,
+                "memory_cap must be at least 64MB, or 32MB",
+            ),
+            ("lots", None, None, "memory_cap must look like"),
+            ("64MB", Some("64MB"), None, "exclude each other"),
+        ] {
+            let err = cfg(c, limit, n).settings_sql().unwrap_err().to_string();
+            assert!(err.contains(want), "{c}: {err}");
+        }
+    }
+
+    // Small row groups bound what a checkpoint rewrites, so they allow a smaller
+    // memory limit; larger ones do not.
+    #[test]
+    fn small_row_groups_allow_a_32mb_memory_limit() {
+        let cfg = |m: &str, n: u32| DuckDbConfig {
+            memory_limit: Some(m.into()),
+            row_group_size: Some(n),
+            ..DuckDbConfig::default()
+        };
+        assert!(cfg("32MB", 16384).settings_sql().is_ok());
+        assert!(cfg("32MB", 8192).settings_sql().is_ok());
+        for (m, n, least) in [("24MB", 16384, "32MB ("), ("32MB", 32768, "64MB, or")] {
+            let err = cfg(m, n).settings_sql().unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("must be at least {least}")),
+                "{m} {n}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! ```toml
 //! [warehouse]
 //! path = "./data/warehouse.duckdb"   # relative to the config file
-//! # memory_limit = "64MB"           # DuckDB's settings; its defaults when absent (64MB at least)
+//! # memory_limit = "64MB"           # DuckDB's settings; its defaults when absent (64MB at least, 32MB with small row groups)
+//! # memory_cap = "32MB"             # or: the default limit's cap (1 GiB), which still grows with the indexes
 //! # threads = 1
 //! # checkpoint_threshold = "64MB"   # faster loads, more memory (DuckDB's default: 16MB)
 //! # row_group_size = 16384          # less memory and faster loads, slower selective queries

@@ -91,6 +91,8 @@ pub(crate) struct Defaults {
     /// `memory_limit`: DuckDB's default, capped (see
     /// [`super::config::DEFAULT_MEMORY_CAP`]), plus room for the indexes.
     pub memory_limit: bool,
+    /// The cap (`[warehouse] memory_cap`) instead of the default one.
+    pub memory_cap: Option<u64>,
     /// `checkpoint_threshold`: DuckDB's default, raised as the indexes grow.
     pub checkpoint_threshold: bool,
 }
@@ -228,10 +230,13 @@ impl State {
     /// After an error: if DuckDB has invalidated the database, closes it, so the next
     /// use opens it again (DuckDB refuses every statement until it is).
     fn check(&mut self) -> bool {
-        let invalid = self
-            .conn
-            .as_ref()
-            .is_some_and(|c| c.execute_batch("SELECT 1").is_err());
+        // A statement that reads the warehouse itself: with `row_group_size` the file
+        // is attached beside DuckDB's in-memory default database, where `SELECT 1`
+        // still runs after the warehouse was invalidated ("Detach and reattach it").
+        let invalid = self.conn.as_ref().is_some_and(|c| {
+            c.execute_batch("SELECT version FROM collector_migrations LIMIT 1")
+                .is_err()
+        });
         if invalid {
             tracing::error!(path = %self.path.display(), "DuckDB invalidated the warehouse after a fatal error; it is opened again at the next load (nothing was acked)");
             self.conn = None;
@@ -305,7 +310,9 @@ fn open_file(
     let memory = if defaults.memory_limit {
         Some(fit_default_memory(
             &conn,
-            super::config::DEFAULT_MEMORY_CAP,
+            defaults
+                .memory_cap
+                .unwrap_or(super::config::DEFAULT_MEMORY_CAP),
         )?)
     } else {
         None
@@ -388,10 +395,14 @@ pub(crate) fn classify(e: duckdb::Error) -> SinkError {
     }
 }
 
-/// DuckDB's words for a limit reached (an allocation, or pinning a block).
+/// DuckDB's words for a limit reached (an allocation, pinning a block, or a
+/// checkpoint's block: "Checkpoint failed … could not allocate block of size 256.0
+/// KiB", a fatal error that invalidates the database).
 fn out_of_memory(e: &SinkError) -> bool {
     let text = e.to_string();
-    text.contains("Out of Memory Error") || text.contains("failed to pin block")
+    text.contains("Out of Memory Error")
+        || text.contains("failed to pin block")
+        || text.contains("could not allocate block")
 }
 
 pub(crate) fn transient(e: duckdb::Error) -> SinkError {
@@ -614,6 +625,9 @@ impl DuckDbSink {
             .map_err(|e| SinkError::Permanent(e.to_string()))?;
         let defaults = Defaults {
             memory_limit: cfg.memory_limit.is_none(),
+            memory_cap: cfg
+                .memory_cap_bytes()
+                .map_err(|e| SinkError::Permanent(e.to_string()))?,
             checkpoint_threshold: cfg.checkpoint_threshold.is_none(),
         };
         DuckDbSink::open_with(&cfg.path, settings, cfg.row_group_size, defaults)
@@ -1278,6 +1292,7 @@ impl Sink for DuckDbSink {
             .await?;
         Ok(Some(Box::new(DuckSession {
             conn: Arc::new(Mutex::new(conn)),
+            sink: Some(self.state.clone()),
         })))
     }
 }
@@ -1286,6 +1301,9 @@ impl Sink for DuckDbSink {
 /// apart from the loads'); every call runs on the blocking pool.
 pub(crate) struct DuckSession {
     conn: Arc<Mutex<Connection>>,
+    /// The sink's state, whose memory limit a session's out-of-memory error raises as
+    /// a load's does (identity, audiences and activation run in sessions).
+    sink: Option<Arc<Mutex<State>>>,
 }
 
 impl DuckSession {
@@ -1293,6 +1311,7 @@ impl DuckSession {
     pub(crate) fn new(conn: Connection) -> DuckSession {
         DuckSession {
             conn: Arc::new(Mutex::new(conn)),
+            sink: None,
         }
     }
 
@@ -1301,11 +1320,23 @@ impl DuckSession {
         f: impl FnOnce(&Connection) -> Result<T, SinkError> + Send + 'static,
     ) -> Result<T, SinkError> {
         let conn = self.conn.clone();
+        let sink = self.sink.clone();
         tokio::task::spawn_blocking(move || {
             let c = conn
                 .lock()
                 .map_err(|_| SinkError::Transient("session lock poisoned".into()))?;
-            f(&c)
+            let out = f(&c);
+            if let (Err(e), Some(sink)) = (&out, sink) {
+                if out_of_memory(e) {
+                    // The session's connection is not held while the sink's state
+                    // is taken, so a load waiting for this session cannot deadlock.
+                    drop(c);
+                    if let Ok(mut st) = sink.lock() {
+                        st.fit_to_indexes(true);
+                    }
+                }
+            }
+            out
         })
         .await
         .map_err(|e| SinkError::Transient(format!("warehouse task failed: {e}")))?
@@ -1375,6 +1406,7 @@ mod tests {
     /// Only the memory limit follows the indexes.
     const MEMORY: Defaults = Defaults {
         memory_limit: true,
+        memory_cap: None,
         checkpoint_threshold: false,
     };
 
@@ -1398,6 +1430,7 @@ mod tests {
         let path = dir.path().join("w.duckdb");
         let checkpoint = Defaults {
             memory_limit: false,
+            memory_cap: None,
             checkpoint_threshold: true,
         };
         let threshold = |sink: &DuckDbSink| {
@@ -1633,5 +1666,41 @@ mod tests {
             "{}",
             p.quarantine[0].reason
         );
+    }
+
+    // Identity, audiences and activation run their SQL in sessions: when one runs out
+    // of memory under a capped default limit, the limit is raised as after a load's,
+    // so the next run finds room (before, a session's out-of-memory error left the
+    // limit where it was and the run failed the same way every time).
+    #[tokio::test]
+    async fn a_session_out_of_memory_raises_a_capped_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = 32_000_000;
+        let defaults = Defaults {
+            memory_cap: Some(cap),
+            ..MEMORY
+        };
+        let sink =
+            DuckDbSink::open_with(&dir.path().join("w.duckdb"), String::new(), None, defaults)
+                .unwrap();
+        let limit = || sink.state.lock().unwrap().memory.unwrap().limit;
+        assert_eq!(limit(), cap);
+        // A list of 12M integers (~100 MB) cannot spill.
+        let sql = "SELECT len(list(x)) FROM range(12000000) t(x)";
+        let mut session = sink.session().await.unwrap().unwrap();
+        let mut refused = 0;
+        let answer = loop {
+            match session.query(sql).await {
+                Ok(r) => break r.rows[0][0].clone(),
+                Err(e) => {
+                    assert!(out_of_memory(&e), "{e}");
+                    refused += 1;
+                    assert!(refused < 6, "still out of memory at {}", limit());
+                }
+            }
+        };
+        assert_eq!(answer.as_deref(), Some("12000000"));
+        assert!(refused >= 1);
+        assert!(limit() >= cap * 4, "{}", limit());
     }
 }
