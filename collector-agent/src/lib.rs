@@ -562,8 +562,17 @@ impl Drainer {
         }
         if total.inserted > 0 {
             // People are resolved after every round that loaded something; a run that
-            // fails is simply done again after the next (it is idempotent).
-            if let Err(e) = self.resolve_identity().await {
+            // fails is simply done again after the next (it is idempotent). A transient
+            // failure is tried once more at once: an embedded warehouse that ran out of
+            // memory has just raised its limit, and nothing may load for a while.
+            let mut resolved = self.resolve_identity().await;
+            if let Err(e) = &resolved {
+                if e.retryable() {
+                    tracing::info!(error = %e, "identity resolution failed; trying once more now");
+                    resolved = self.resolve_identity().await;
+                }
+            }
+            if let Err(e) = resolved {
                 tracing::warn!(error = %e, "identity resolution failed; retried after the next load");
             } else if let Err(e) = self.evaluate_audiences(now_ms()).await {
                 tracing::warn!(error = %e, "audience evaluation failed; retried on schedule");

@@ -241,8 +241,8 @@ async fn cors_preflight_and_origins_follow_allowed_origins() {
 }
 
 // A small DuckDB memory cap (`memory_cap = "32MB"` with `row_group_size = 16384`,
-// `threads = 1`, `lease_batches = 2`: what keeps the agent under 100 MB on the drain
-// bench's events, README "Memory") on wider events (a browser context with page and
+// `threads = 1`, `lease_batches = 2`: what keeps the agent's loads under 100 MB on the
+// drain bench's events, README "Memory") on wider events (a browser context with page and
 // campaign, identifies, pages): a checkpoint needs more than the cap and fails, which
 // invalidates the warehouse. The agent opens it again and every event lands once;
 // identity builds its profiles. Before, with `row_group_size` (the file attached beside
@@ -252,34 +252,8 @@ async fn cors_preflight_and_origins_follow_allowed_origins() {
 #[tokio::test]
 async fn a_failed_checkpoint_under_a_small_memory_cap_is_survived() {
     let st = Stack::start();
-    let ua = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36";
-    let event = |i: usize| {
-        let visitor = format!("visitor-{}", i % 2_000);
-        let context = json!({"userAgent": ua, "locale": "fr-FR",
-            "page": {"url": format!("https://shop.example/p/{}", i % 300), "path": format!("/p/{}", i % 300),
-                     "referrer": "https://search.example/", "title": "A product"},
-            "campaign": {"source": "newsletter", "medium": "email"}});
-        match i % 10 {
-            0 => {
-                json!({"type": "identify", "messageId": format!("lean-{i}"), "anonymousId": visitor,
-                "userId": format!("user-{}", i % 500), "traits": {"plan": "pro", "visits": i % 40}, "context": context})
-            }
-            1 | 2 => {
-                json!({"type": "page", "messageId": format!("lean-{i}"), "anonymousId": visitor,
-                "name": "Product", "properties": {"path": format!("/p/{}", i % 300)}, "context": context})
-            }
-            _ => json!({"type": "track", "messageId": format!("lean-{i}"), "anonymousId": visitor,
-                "event": if i.is_multiple_of(3) { "Order Completed" } else { "Product Viewed" },
-                "properties": {"product_id": format!("sku-{}", i % 300), "price": (i % 97) as f64 + 0.99,
-                               "currency": "EUR", "category": "shoes"}, "context": context}),
-        }
-    };
-    let events = 24_000;
-    for chunk in (0..events).collect::<Vec<_>>().chunks(500) {
-        let batch: Vec<_> = chunk.iter().map(|i| event(*i)).collect();
-        let r = st.post("/v1/batch", &json!({ "batch": batch })).await;
-        assert_eq!(r.status, 200, "{}", r.body);
-    }
+    let event = wide_event;
+    post_wide_events(&st, 24_000).await;
     let mut cfg = st.agent_config();
     cfg.lease_batches = 2;
     cfg.warehouse =
@@ -346,4 +320,58 @@ async fn a_failed_checkpoint_under_a_small_memory_cap_is_survived() {
     );
     let _ = stop_tx.send(());
     agent.await.unwrap().unwrap();
+}
+
+/// Browser events wider than the drain bench's: a context with page and campaign, and
+/// one identify (50 users) and two pages in ten.
+fn wide_event(i: usize) -> serde_json::Value {
+    let ua = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36";
+    let visitor = format!("visitor-{}", i % 2_000);
+    let context = json!({"userAgent": ua, "locale": "fr-FR",
+        "page": {"url": format!("https://shop.example/p/{}", i % 300), "path": format!("/p/{}", i % 300),
+                 "referrer": "https://search.example/", "title": "A product"},
+        "campaign": {"source": "newsletter", "medium": "email"}});
+    match i % 10 {
+        0 => json!({"type": "identify", "messageId": format!("lean-{i}"), "anonymousId": visitor,
+            "userId": format!("user-{}", i % 500), "traits": {"plan": "pro", "visits": i % 40}, "context": context}),
+        1 | 2 => json!({"type": "page", "messageId": format!("lean-{i}"), "anonymousId": visitor,
+            "name": "Product", "properties": {"path": format!("/p/{}", i % 300)}, "context": context}),
+        _ => json!({"type": "track", "messageId": format!("lean-{i}"), "anonymousId": visitor,
+            "event": if i.is_multiple_of(3) { "Order Completed" } else { "Product Viewed" },
+            "properties": {"product_id": format!("sku-{}", i % 300), "price": (i % 97) as f64 + 0.99,
+                           "currency": "EUR", "category": "shoes"}, "context": context}),
+    }
+}
+
+async fn post_wide_events(st: &Stack, n: usize) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        let batch: Vec<_> = chunk.iter().map(|i| wide_event(*i)).collect();
+        let r = st.post("/v1/batch", &json!({ "batch": batch })).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+}
+
+// Identity's SQL that runs out of memory under a small cap raises the limit (as a
+// load's does) and is tried once more at once, so the profiles are there after the
+// drain that loaded their events, not after some later load.
+#[tokio::test]
+async fn identity_that_runs_out_of_memory_is_tried_again_at_once() {
+    let st = Stack::start();
+    post_wide_events(&st, 24_000).await;
+    let mut cfg = st.agent_config();
+    cfg.lease_batches = 2;
+    cfg.warehouse =
+        collector_agent::config::WarehouseConfig::DuckDb(collector_agent::config::DuckDbConfig {
+            path: st.warehouse(),
+            memory_cap: Some("48MB".into()),
+            row_group_size: Some(16_384),
+            threads: Some(1),
+            ..Default::default()
+        });
+    let summary = collector_agent::drain_once(&cfg).await.expect("drains");
+    assert_eq!(summary.inserted, 24_000, "{summary:?}");
+    assert_eq!(
+        st.query("SELECT count(*) FROM profiles WHERE user_ids <> '[]'"),
+        vec![vec![s("50")]]
+    );
 }

@@ -160,10 +160,13 @@ pub struct DrainSink {
     pub agent: &'static str,
 }
 
-/// The DuckDB settings that keep the embedded agent under 100 MB (README, Memory): a
-/// smaller buffer pool, row groups that bound a checkpoint's work, smaller leases.
+/// The DuckDB settings that keep the embedded agent's loads under 100 MB (README,
+/// Memory): a smaller buffer pool, row groups that bound a checkpoint's work, smaller
+/// leases.
 pub const LEAN_DUCKDB: &str = "memory_cap = \"32MB\"\nrow_group_size = 16384\nthreads = 1";
 pub const LEAN_AGENT: &str = "lease_batches = 2";
+/// The same, with identity left to another agent (its profile rebuild needs more).
+pub const LEAN_AGENT_LOADS: &str = "lease_batches = 2\nidentity = { enabled = false }";
 
 /// A backlog for the agent: 20-event bodies from 16 senders through `wrangler dev`
 /// (1,800 requests, 36,000 events; `BENCH_DRAIN_REQUESTS` sets the count), then
@@ -294,7 +297,56 @@ pub fn drain_run(
         "  agent peak RSS".into(),
         format!("{:.1} MB", peak_kb.load(Ordering::Relaxed) as f64 / 1024.0),
     ));
+    // A run that finished can still have failed a step after its loads (identity
+    // running out of memory): the figures above are only what they say with none.
+    rows.push((
+        "  agent warnings".into(),
+        warnings(&String::from_utf8_lossy(&out.stderr)),
+    ));
     Ok(rows)
+}
+
+/// The agent's `WARN`/`ERROR` log lines: `none`, or how many and the first.
+fn warnings(stderr: &str) -> String {
+    let lines: Vec<String> = stderr
+        .lines()
+        .map(strip_ansi)
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    match lines.first() {
+        None => "none".into(),
+        Some(first) => {
+            let text: String = first
+                .split_once("collector_agent")
+                .map_or(first.as_str(), |(_, rest)| rest)
+                .chars()
+                .take(140)
+                .collect();
+            format!(
+                "{}, first: {}",
+                lines.len(),
+                text.trim_start_matches([':', ' '])
+            )
+        }
+    }
+}
+
+/// A log line without its colour codes.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Runs one of the agent's `cargo bench` targets; its `label<TAB>result` lines.
@@ -1066,8 +1118,9 @@ fn pipeline_in_workerd(edge: &LocalEdge) -> Result<Vec<(String, String)>> {
 /// ClickHouse are started on loopback for it). The embedded DuckDB runs inside the
 /// agent's process, so its RSS is the database's too; the others show the agent alone.
 pub fn drain_only(tools: &Toolchain) -> Result<Vec<(String, String)>> {
-    let only = std::env::var("BENCH_DRAIN_SINKS")
-        .unwrap_or_else(|_| "duckdb,duckdb-lean,postgres,clickhouse,parquet".into());
+    let only = std::env::var("BENCH_DRAIN_SINKS").unwrap_or_else(|_| {
+        "duckdb,duckdb-lean,duckdb-lean-loads,postgres,clickhouse,parquet".into()
+    });
     let dir = std::env::temp_dir().join(format!("edge-collector-drain-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -1096,12 +1149,17 @@ fn drain_into(
     // The servers run until the drain returns (each stops when dropped).
     let mut agent = "";
     let (label, warehouse, _server): (_, String, Option<Box<dyn std::any::Any>>) = match kind {
-        "duckdb-lean" => {
+        "duckdb-lean" | "duckdb-lean-loads" => {
             let _ = std::fs::remove_file(dir.join("warehouse.duckdb"));
             let _ = std::fs::remove_file(dir.join("warehouse.duckdb.wal"));
-            agent = LEAN_AGENT;
+            let loads = kind == "duckdb-lean-loads";
+            agent = if loads { LEAN_AGENT_LOADS } else { LEAN_AGENT };
             (
-                "DuckDB, lean settings",
+                if loads {
+                    "DuckDB, lean settings, identity off"
+                } else {
+                    "DuckDB, lean settings"
+                },
                 format!("path = \"warehouse.duckdb\"\n{LEAN_DUCKDB}"),
                 None,
             )
@@ -1140,7 +1198,7 @@ fn drain_into(
             ("the Parquet lake", w, None)
         }
         other => anyhow::bail!(
-            "BENCH_DRAIN_SINKS: unknown sink {other:?} (duckdb, duckdb-lean, postgres, clickhouse, parquet)"
+            "BENCH_DRAIN_SINKS: unknown sink {other:?} (duckdb, duckdb-lean, duckdb-lean-loads, postgres, clickhouse, parquet)"
         ),
     };
     drain_run(

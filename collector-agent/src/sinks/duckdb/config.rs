@@ -24,8 +24,8 @@ pub struct DuckDbConfig {
     /// The cap of the default `memory_limit` (instead of [`DEFAULT_MEMORY_CAP`]): the
     /// limit is this plus room for the indexes as they grow, and is raised when DuckDB
     /// runs out of memory (a load, or identity's SQL), up to DuckDB's own default.
-    /// `"32MB"` with `row_group_size = 16384` keeps a fresh embedded agent under 100
-    /// MB (README, Memory). Not with `memory_limit`.
+    /// `"32MB"` with `row_group_size = 16384` keeps a fresh embedded agent's loads under
+    /// 100 MB (README, Memory). Not with `memory_limit`.
     #[serde(default)]
     pub memory_cap: Option<String>,
     /// DuckDB's worker threads; DuckDB's default (one per core) when absent.
