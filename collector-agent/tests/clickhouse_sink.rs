@@ -502,16 +502,7 @@ async fn a_quarantine_entry_outranks_a_resolution_from_a_clock_that_was_ahead() 
         &format!("INSERT INTO analytics.collector_quarantine VALUES ('bad', 'track', 2, 3, '', '', now(), 1, 1, {ahead_ms})"),
     )
     .await;
-    let mut evs = events(json!({"batch": [
-        {"type": "track", "messageId": "bad", "userId": "u", "event": "A"}
-    ]}));
-    evs[0].json = evs[0].json.replacen('{', r#"{"sentAt":5,"#, 1);
-    let st = sink.load(&Load::events(2, 4, evs)).await.unwrap();
-    assert_eq!(st.quarantined, 1, "{st:?}");
-    assert_eq!(
-        rows(&*sink, "SELECT message_id, batch_id FROM quarantine").await,
-        vec![vec![s("bad"), s("4")]]
-    );
+    quarantine_bad_from_batch_4(&*sink).await;
 }
 
 // The same across a restart: the agent that wrote the resolution ran with a clock an
@@ -534,6 +525,12 @@ async fn versions_stay_above_the_warehouse_s_after_a_restart() {
     .await;
     let sink = open(&ch).await;
     assert!(collector_agent::sinks::clickhouse::version_now() > ahead_us);
+    quarantine_bad_from_batch_4(&*sink).await;
+}
+
+/// Loads an event the warehouse refuses (`bad`, batch 4) and checks the quarantine
+/// shows it, from that batch.
+async fn quarantine_bad_from_batch_4(sink: &dyn Sink) {
     let mut evs = events(json!({"batch": [
         {"type": "track", "messageId": "bad", "userId": "u", "event": "A"}
     ]}));
@@ -541,7 +538,7 @@ async fn versions_stay_above_the_warehouse_s_after_a_restart() {
     let st = sink.load(&Load::events(2, 4, evs)).await.unwrap();
     assert_eq!(st.quarantined, 1, "{st:?}");
     assert_eq!(
-        rows(&*sink, "SELECT message_id, batch_id FROM quarantine").await,
+        rows(sink, "SELECT message_id, batch_id FROM quarantine").await,
         vec![vec![s("bad"), s("4")]]
     );
 }

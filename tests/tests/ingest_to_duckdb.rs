@@ -254,16 +254,7 @@ async fn a_failed_checkpoint_under_a_small_memory_cap_is_survived() {
     let st = Stack::start();
     let event = wide_event;
     post_wide_events(&st, 24_000).await;
-    let mut cfg = st.agent_config();
-    cfg.lease_batches = 2;
-    cfg.warehouse =
-        collector_agent::config::WarehouseConfig::DuckDb(collector_agent::config::DuckDbConfig {
-            path: st.warehouse(),
-            memory_cap: Some("32MB".into()),
-            row_group_size: Some(16_384),
-            threads: Some(1),
-            ..Default::default()
-        });
+    let cfg = small_memory_config(&st, "32MB");
     cfg.validate().expect("a valid config");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(collector_agent::run(cfg.clone(), async move {
@@ -358,20 +349,26 @@ async fn post_wide_events(st: &Stack, n: usize) {
 async fn identity_that_runs_out_of_memory_is_tried_again_at_once() {
     let st = Stack::start();
     post_wide_events(&st, 24_000).await;
-    let mut cfg = st.agent_config();
-    cfg.lease_batches = 2;
-    cfg.warehouse =
-        collector_agent::config::WarehouseConfig::DuckDb(collector_agent::config::DuckDbConfig {
-            path: st.warehouse(),
-            memory_cap: Some("48MB".into()),
-            row_group_size: Some(16_384),
-            threads: Some(1),
-            ..Default::default()
-        });
+    let cfg = small_memory_config(&st, "48MB");
     let summary = collector_agent::drain_once(&cfg).await.expect("drains");
     assert_eq!(summary.inserted, 24_000, "{summary:?}");
     assert_eq!(
         st.query("SELECT count(*) FROM profiles WHERE user_ids <> '[]'"),
         vec![vec![s("50")]]
     );
+}
+
+/// The agent's config with the README's small-memory settings and this `memory_cap`.
+fn small_memory_config(st: &Stack, cap: &str) -> collector_agent::AgentConfig {
+    let mut cfg = st.agent_config();
+    cfg.lease_batches = 2;
+    cfg.warehouse =
+        collector_agent::config::WarehouseConfig::DuckDb(collector_agent::config::DuckDbConfig {
+            path: st.warehouse(),
+            memory_cap: Some(cap.into()),
+            row_group_size: Some(16_384),
+            threads: Some(1),
+            ..Default::default()
+        });
+    cfg
 }
