@@ -119,6 +119,10 @@ pub struct Drainer {
     /// Leases committed with new rows, by any shard: whether the warehouse took other
     /// events while a shard's load kept failing.
     committed: std::sync::atomic::AtomicU64,
+    /// The last identity run after a load failed: people are behind the events until a
+    /// run succeeds, which the daemon also tries on the audience schedule (nothing may
+    /// load for hours).
+    identity_stale: std::sync::atomic::AtomicBool,
 }
 
 /// A shard's load that keeps failing transiently.
@@ -175,6 +179,7 @@ impl Drainer {
             suppressed: Default::default(),
             stuck: Default::default(),
             committed: Default::default(),
+            identity_stale: Default::default(),
         })
     }
 
@@ -572,8 +577,10 @@ impl Drainer {
                     resolved = self.resolve_identity().await;
                 }
             }
+            self.identity_stale
+                .store(resolved.is_err(), std::sync::atomic::Ordering::Relaxed);
             if let Err(e) = resolved {
-                tracing::warn!(error = %e, "identity resolution failed; retried after the next load");
+                tracing::warn!(error = %e, "identity resolution failed; retried after the next load or on the audience schedule");
             } else if let Err(e) = self.evaluate_audiences(now_ms()).await {
                 tracing::warn!(error = %e, "audience evaluation failed; retried on schedule");
             } else if let Err(e) = self.activate(now_ms()).await {
@@ -581,6 +588,25 @@ impl Drainer {
             }
         }
         (total, errors)
+    }
+
+    /// Resolves identity again if the last run after a load failed (see
+    /// `identity_stale`); whether people are up to date now.
+    pub async fn retry_stale_identity(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if !self.identity_stale.load(Ordering::Relaxed) {
+            return true;
+        }
+        match self.resolve_identity().await {
+            Ok(_) => {
+                self.identity_stale.store(false, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "identity resolution failed again; retried on schedule");
+                false
+            }
+        }
     }
 
     /// Evaluates the audiences at `now_ms` (SQL sinks only; nothing without audiences
@@ -846,6 +872,8 @@ pub async fn run(
         // Time windows move on even when nothing loads.
         if audiences_at.elapsed() >= audience_interval {
             audiences_at = tokio::time::Instant::now();
+            // People first, when the run after the last load failed.
+            drainer.retry_stale_identity().await;
             if let Err(e) = drainer.evaluate_audiences(now_ms()).await {
                 tracing::warn!(error = %e, "audience evaluation failed; retried on schedule");
             }

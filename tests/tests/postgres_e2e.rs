@@ -318,6 +318,47 @@ async fn events_a_trigger_refuses_are_quarantined_instead_of_blocking_their_shar
     assert_eq!(count(&pg, "SELECT count(*) FROM quarantine").await, 0);
 }
 
+// The identity run after the last load fails (here `profiles` is missing while an
+// operator moves it; PostgreSQL's 42P01, transient), and then nothing loads for a
+// while: people are not left behind the events until the next load, the daemon tries
+// identity again on the audience schedule.
+#[tokio::test]
+async fn identity_that_failed_after_the_last_load_is_retried_on_schedule() {
+    let st = Stack::start();
+    let pg = LocalPostgres::start().unwrap();
+    let mut cfg = st.pg_config(&pg);
+    cfg.audience_interval_ms = 300;
+    let sink = connect(&pg).await;
+    sink.query("ALTER TABLE profiles RENAME TO profiles_away")
+        .await
+        .unwrap();
+    let batch: Vec<_> = (0..20)
+        .map(|i| json!({"type": "identify", "messageId": format!("id-{i}"), "anonymousId": format!("a-{i}"), "userId": format!("u-{i}")}))
+        .collect();
+    let r = st.post("/v1/batch", &json!({ "batch": batch })).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(collector_agent::run(cfg, async move {
+        let _ = rx.await;
+    }));
+    wait_for(&pg, "SELECT count(*) FROM identifies", 20, "identifies").await;
+    // Identity failed after that load (and once more at once), and on schedule since.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(count(&pg, "SELECT count(*) FROM profiles_away").await, 0);
+    sink.query("ALTER TABLE profiles_away RENAME TO profiles")
+        .await
+        .unwrap();
+    wait_for(
+        &pg,
+        "SELECT count(*) FROM profiles",
+        20,
+        "profiles, with nothing new loaded",
+    )
+    .await;
+    let _ = tx.send(());
+    agent.await.unwrap().unwrap();
+}
+
 // The warehouse is down when the agent starts (a database that starts after it, or is
 // being restarted): the agent waits for it instead of exiting, then loads everything.
 #[tokio::test]
