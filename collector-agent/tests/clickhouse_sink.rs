@@ -492,16 +492,11 @@ async fn views_a_per_event_table_replaced_are_made_again_by_version_9() {
 async fn a_quarantine_entry_outranks_a_resolution_from_a_clock_that_was_ahead() {
     let ch = LocalClickHouse::start().unwrap();
     let sink = open(&ch).await;
-    let ahead_ms = std::time::SystemTime::now()
+    let since_epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-        + 600_000;
-    ch_exec(
-        &ch,
-        &format!("INSERT INTO analytics.collector_quarantine VALUES ('bad', 'track', 2, 3, '', '', now(), 1, 1, {ahead_ms})"),
-    )
-    .await;
+        .unwrap();
+    let ahead_ms = since_epoch.as_millis() as u64 + 600_000;
+    resolve_bad_at_version(&ch, ahead_ms).await;
     quarantine_bad_from_batch_4(&*sink).await;
 }
 
@@ -513,16 +508,11 @@ async fn a_quarantine_entry_outranks_a_resolution_from_a_clock_that_was_ahead() 
 async fn versions_stay_above_the_warehouse_s_after_a_restart() {
     let ch = LocalClickHouse::start().unwrap();
     drop(open(&ch).await);
-    let ahead_us = std::time::SystemTime::now()
+    let since_epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as u64
-        + 3_600_000_000;
-    ch_exec(
-        &ch,
-        &format!("INSERT INTO analytics.collector_quarantine VALUES ('bad', 'track', 2, 3, '', '', now(), 1, 1, {ahead_us})"),
-    )
-    .await;
+        .unwrap();
+    let ahead_us = since_epoch.as_micros() as u64 + 3_600_000_000;
+    resolve_bad_at_version(&ch, ahead_us).await;
     let sink = open(&ch).await;
     assert!(collector_agent::sinks::clickhouse::version_now() > ahead_us);
     quarantine_bad_from_batch_4(&*sink).await;
@@ -541,4 +531,14 @@ async fn quarantine_bad_from_batch_4(sink: &dyn Sink) {
         rows(sink, "SELECT message_id, batch_id FROM quarantine").await,
         vec![vec![s("bad"), s("4")]]
     );
+}
+
+/// Writes a resolution of the quarantined `bad` event with this `_version`, as an agent
+/// whose clock was ahead would have.
+async fn resolve_bad_at_version(ch: &LocalClickHouse, version: u64) {
+    ch_exec(
+        ch,
+        &format!("INSERT INTO analytics.collector_quarantine VALUES ('bad', 'track', 2, 3, '', '', now(), 1, 1, {version})"),
+    )
+    .await;
 }

@@ -252,7 +252,6 @@ async fn cors_preflight_and_origins_follow_allowed_origins() {
 #[tokio::test]
 async fn a_failed_checkpoint_under_a_small_memory_cap_is_survived() {
     let st = Stack::start();
-    let event = wide_event;
     post_wide_events(&st, 24_000).await;
     let cfg = small_memory_config(&st, "32MB");
     cfg.validate().expect("a valid config");
@@ -292,7 +291,7 @@ async fn a_failed_checkpoint_under_a_small_memory_cap_is_survived() {
     for round in 0..3 {
         let batch: Vec<_> = (0..10)
             .map(|i| {
-                let mut e = event(i * 10);
+                let mut e = wide_event(i * 10);
                 e["messageId"] = json!(format!("more-{round}-{i}"));
                 e
             })

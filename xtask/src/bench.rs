@@ -1138,6 +1138,12 @@ pub fn drain_only(tools: &Toolchain) -> Result<Vec<(String, String)>> {
     rows
 }
 
+/// Removes the DuckDB warehouse an earlier drain into `dir` left.
+fn fresh_duckdb(dir: &std::path::Path) {
+    let _ = std::fs::remove_file(dir.join("warehouse.duckdb"));
+    let _ = std::fs::remove_file(dir.join("warehouse.duckdb.wal"));
+}
+
 /// One drain benchmark into a fresh warehouse of `kind`, its server started for it.
 fn drain_into(
     tools: &Toolchain,
@@ -1150,8 +1156,7 @@ fn drain_into(
     let mut agent = "";
     let (label, warehouse, _server): (_, String, Option<Box<dyn std::any::Any>>) = match kind {
         "duckdb-lean" | "duckdb-lean-loads" => {
-            let _ = std::fs::remove_file(dir.join("warehouse.duckdb"));
-            let _ = std::fs::remove_file(dir.join("warehouse.duckdb.wal"));
+            fresh_duckdb(dir);
             let loads = kind == "duckdb-lean-loads";
             agent = if loads { LEAN_AGENT_LOADS } else { LEAN_AGENT };
             (
@@ -1165,8 +1170,7 @@ fn drain_into(
             )
         }
         "duckdb" => {
-            let _ = std::fs::remove_file(dir.join("warehouse.duckdb"));
-            let _ = std::fs::remove_file(dir.join("warehouse.duckdb.wal"));
+            fresh_duckdb(dir);
             // `BENCH_DUCKDB_SEED=FILE`: drain into a copy of a warehouse that holds
             // events already (to see what grows with the warehouse) instead of a
             // fresh one.
