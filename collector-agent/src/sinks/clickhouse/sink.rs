@@ -101,6 +101,19 @@ fn ident(name: &str) -> String {
     format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
 }
 
+/// Whether the view of `table` is missing or lacks a column its rows table has, by
+/// `physical` (columns per relation, from `system.columns`); a rows table not there
+/// (not made yet) has no view to check.
+fn stale_view(physical: &HashMap<String, HashMap<String, String>>, table: &str) -> bool {
+    let Some(rows) = physical.get(&rows_table(table)) else {
+        return false;
+    };
+    let view = physical.get(table);
+    rows.keys()
+        .filter(|c| !c.starts_with('_'))
+        .any(|c| !view.is_some_and(|v| v.contains_key(c)))
+}
+
 fn lit(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
 }
@@ -143,7 +156,9 @@ impl ClickHouseSink {
         )
         .await?;
         sink.migrate().await?;
-        *sink.catalog.lock().await = sink.load_catalog().await?;
+        let catalog = sink.load_catalog().await?;
+        sink.repair_views(&catalog).await?;
+        *sink.catalog.lock().await = catalog;
         super::raise_version_floor(sink.max_version().await?);
         Ok(sink)
     }
@@ -417,6 +432,33 @@ impl ClickHouseSink {
             }
         };
         self.replace_view(table, &select).await
+    }
+
+    /// Makes again the views of the catalog's tables that are missing or lack a column
+    /// of their rows table. ClickHouse has no transactional DDL: an agent killed
+    /// between a view's `DROP` and `CREATE`, or between growing a rows table (and its
+    /// catalog) and remaking the view, left it so.
+    async fn repair_views(&self, catalog: &Catalog) -> Result<(), SinkError> {
+        let mut names: Vec<(String, TableKind)> = EventKind::ALL
+            .iter()
+            .map(|k| (k.table().to_string(), TableKind::Base(*k)))
+            .collect();
+        names.push(("users".into(), TableKind::Users));
+        names.extend(
+            catalog
+                .event_tables()
+                .map(|t| (t.to_string(), TableKind::Event)),
+        );
+        let physical = self
+            .column_types(names.iter().flat_map(|(t, _)| [t.clone(), rows_table(t)]))
+            .await?;
+        for (table, kind) in &names {
+            if stale_view(&physical, table) {
+                tracing::warn!(table, "view missing or behind its rows table: made again");
+                self.refresh_view(table, *kind).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Replaces a view (ClickHouse 18.16 has no `CREATE OR REPLACE VIEW`). Another agent
@@ -872,7 +914,7 @@ impl ClickHouseSink {
             .into_iter()
             .collect();
         // The tables the load writes, as far as its rows tell before it is planned.
-        let tables: HashSet<String> = p
+        let views: HashSet<String> = p
             .rows
             .iter()
             .flat_map(|r| {
@@ -880,10 +922,9 @@ impl ClickHouseSink {
                 [Some(r.kind.table()), r.event_table.as_deref(), users]
             })
             .flatten()
-            .collect::<HashSet<&str>>()
-            .into_iter()
-            .map(rows_table)
+            .map(str::to_string)
             .collect();
+        let tables: HashSet<String> = views.iter().map(|v| rows_table(v)).collect();
         // The lookups and the column types are asked for at once, and the load is
         // planned while the server answers (its rows are usually all new; when some
         // are not, the new ones are planned again).
@@ -899,7 +940,8 @@ impl ClickHouseSink {
                 "SELECT message_id FROM message_ids FINAL WHERE message_id IN ({ids})",
                 &ids,
             ),
-            self.column_types(tables.iter().cloned()),
+            // With the views' (a view a crash left missing or behind is made again).
+            self.column_types(tables.iter().cloned().chain(views.iter().cloned())),
             async { catalog.plan(p) },
         );
         let (loaded_batches, known, mut physical) = (loaded_batches?, known?, physical?);
@@ -1067,8 +1109,21 @@ impl ClickHouseSink {
                 .any(|l| !tables.contains(&rows_table(&l.table)))
         {
             physical = self
-                .column_types(plan.loads.iter().map(|l| rows_table(&l.table)))
+                .column_types(
+                    plan.loads
+                        .iter()
+                        .flat_map(|l| [rows_table(&l.table), l.table.clone()]),
+                )
                 .await?;
+        }
+        for load in &plan.loads {
+            if stale_view(&physical, &load.table) {
+                tracing::warn!(
+                    table = load.table.as_str(),
+                    "view missing or behind its rows table: made again"
+                );
+                self.refresh_view(&load.table, load.kind).await?;
+            }
         }
         // The rows tables' inserts run at once: ClickHouse parses and stores each in a
         // thread of its own. In `RowBinary` while the table has the sink's own types;
