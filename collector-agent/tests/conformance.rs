@@ -770,6 +770,43 @@ async fn an_analysts_table_keeps_its_name(t: &Target) {
     );
 }
 
+// A name that would be empty (a property `""`, or one in another script, `ключ`) is
+// the column `_`, and one starting with a digit gets a `_` before it (`_123abc`).
+// ClickHouse's views left out every column starting with `_` (they were meant to
+// leave out only the rows tables' own `_version`, `_received` and `_mid`), so these
+// values were in no view there.
+async fn columns_named_with_a_leading_underscore_are_seen(t: &Target) {
+    let sink = t.open().await;
+    sink.load(&Load::events(0, 1, events(json!({"batch": [
+        {"type": "track", "messageId": "n1", "userId": "u", "event": "Order Placed",
+         "properties": {"123abc": 1.5, "ключ": "значение", "plain": "p"}},
+        {"type": "page", "messageId": "n2", "userId": "u", "name": "Home", "properties": {"": "empty", "2fa": true}},
+        {"type": "identify", "messageId": "n3", "userId": "u", "traits": {"9lives": "cat"}}
+    ]}))))
+    .await
+    .unwrap();
+    assert_eq!(
+        rows(&*sink, "SELECT \"_123abc\", \"_\", plain FROM order_placed").await,
+        vec![vec![s("1.5"), s("значение"), s("p")]]
+    );
+    assert_eq!(
+        rows(
+            &*sink,
+            &format!("SELECT \"_\", {} FROM pages", t.text("\"_2fa\""))
+        )
+        .await,
+        vec![vec![s("empty"), t.boolean(true)]]
+    );
+    assert_eq!(
+        rows(&*sink, "SELECT \"_9lives\" FROM identifies").await,
+        vec![vec![s("cat")]]
+    );
+    assert_eq!(
+        rows(&*sink, "SELECT \"_9lives\" FROM users").await,
+        vec![vec![s("cat")]]
+    );
+}
+
 // (In a module of their own: the shared scenarios' modules are `duckdb`, `postgres`, ….)
 mod upgraded {
     use super::*;
@@ -803,7 +840,8 @@ crate::per_target!(
     type_drift_is_cast_or_recorded_never_dropped,
     users_hold_the_latest_traits,
     users_do_not_depend_on_arrival_order,
-    events_named_after_the_agents_own_tables_get_their_own,]
+    events_named_after_the_agents_own_tables_get_their_own,
+    columns_named_with_a_leading_underscore_are_seen,]
 );
 
 // Every PostgreSQL table has hidden system columns (`xmin`, `ctid`, …), which no

@@ -101,6 +101,15 @@ fn ident(name: &str) -> String {
     format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
 }
 
+/// The rows tables' own columns, which their views leave out. A property's column
+/// never has these names (Segment's snake_case starts no name with `_`; only a name
+/// that would be empty, `_`, or start with a digit, `_123abc`, gets one).
+const INTERNAL_COLUMNS: [&str; 3] = ["_version", "_received", "_mid"];
+
+fn internal_column(name: &str) -> bool {
+    INTERNAL_COLUMNS.contains(&name)
+}
+
 /// Whether the view of `table` is missing or lacks a column its rows table has, by
 /// `physical` (columns per relation, from `system.columns`); a rows table not there
 /// (not made yet) has no view to check.
@@ -110,7 +119,7 @@ fn stale_view(physical: &HashMap<String, HashMap<String, String>>, table: &str) 
     };
     let view = physical.get(table);
     rows.keys()
-        .filter(|c| !c.starts_with('_'))
+        .filter(|c| !internal_column(c))
         .any(|c| !view.is_some_and(|v| v.contains_key(c)))
 }
 
@@ -402,7 +411,7 @@ impl ClickHouseSink {
         let names: Vec<&str> = all
             .iter()
             .map(String::as_str)
-            .filter(|n| !n.starts_with('_'))
+            .filter(|n| !internal_column(n))
             .collect();
         let select = match kind {
             TableKind::Users => {
