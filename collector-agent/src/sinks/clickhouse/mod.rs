@@ -18,7 +18,11 @@
 //!   first the one kept, as in every sink.
 //! - Analysts query the views `tracks`, `pages`, `order_completed`, … which read the
 //!   rows tables with `FINAL`: **a query sees every event exactly once as soon as its
-//!   load returned**, before or after ClickHouse merges the parts.
+//!   load returned**, before or after ClickHouse merges the parts. A view has every
+//!   column of its rows table but the sink's own (`_version`, `_received`, `_mid`).
+//!   DDL is not transactional either: a view a crash left missing, or behind a column
+//!   its rows table got, is made again when an agent connects and by the next load
+//!   into that table.
 //! - `message_ids` (a registry) keeps the warehouse-wide uniqueness of `message_id`;
 //!   `collector_loaded_batches` (a ledger of `(shard, batch_id)`) is written last, so a
 //!   redelivered batch is skipped whole. A crash between the rows and the ledger makes
