@@ -595,3 +595,112 @@ async fn views_a_crash_left_missing_or_behind_are_made_again() {
         vec![vec![s("o1"), s("10")], vec![s("o2"), s("5")]]
     );
 }
+
+/// One `E` event with properties `x` and `y`.
+fn e_event(
+    id: &str,
+    x: serde_json::Value,
+    y: serde_json::Value,
+) -> Vec<collector_core::StoredEvent> {
+    events(json!({"batch": [
+        {"type": "track", "messageId": id, "userId": "u", "event": "E", "properties": {"x": x, "y": y}}
+    ]}))
+}
+
+async fn column_types_of_e(sink: &dyn Sink) -> Vec<Vec<Option<String>>> {
+    rows(
+        sink,
+        "SELECT column_name, type FROM collector_columns FINAL WHERE table_name = 'e' ORDER BY 1",
+    )
+    .await
+}
+
+// Two agents add the same column at once, each with the type of its own events. The
+// second found the column there and wrote its own type over the first's in the
+// catalog, which keeps one row per column: its event was quarantined (its value sent
+// as a number the column could not take), and every agent after it rejected what the
+// column holds (`y` text, recorded as a number) and stored NULL. The column's type is
+// the first agent's; the second's values are cast to it or rejected, as in PostgreSQL.
+#[tokio::test]
+async fn two_agents_adding_one_column_keep_its_type() {
+    let ch = LocalClickHouse::start().unwrap();
+    let (a, b) = (open(&ch).await, open(&ch).await);
+    a.load(&Load::events(
+        0,
+        1,
+        e_event("a1", json!(1.5), json!("text")),
+    ))
+    .await
+    .unwrap();
+    // `b` read the catalog before `a` made `e`.
+    let st = b
+        .load(&Load::events(1, 1, e_event("b1", json!("abc"), json!(2))))
+        .await
+        .unwrap();
+    assert_eq!((st.inserted, st.quarantined), (1, 0), "{st:?}");
+    let c = open(&ch).await;
+    c.load(&Load::events(2, 1, e_event("c1", json!(3.5), json!("t3"))))
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&*c, "SELECT message_id, x, y FROM e ORDER BY message_id").await,
+        vec![
+            vec![s("a1"), s("1.5"), s("text")],
+            vec![s("b1"), None, s("2")],
+            vec![s("c1"), s("3.5"), s("t3")],
+        ]
+    );
+    assert_eq!(
+        rows(&*c, "SELECT message_id, column_name FROM rejected_values").await,
+        vec![vec![s("b1"), s("x")]]
+    );
+    assert_eq!(
+        column_types_of_e(&*c).await,
+        vec![vec![s("x"), s("double")], vec![s("y"), s("text")]]
+    );
+}
+
+// A catalog that the race above left with another type than the column's gets the
+// column's type again when an agent connects.
+#[tokio::test]
+async fn a_catalog_type_that_is_not_the_column_s_is_mended_at_connect() {
+    let ch = LocalClickHouse::start().unwrap();
+    let sink = open(&ch).await;
+    sink.load(&Load::events(
+        0,
+        1,
+        e_event("a1", json!(1.5), json!("text")),
+    ))
+    .await
+    .unwrap();
+    for (column, wrong) in [("x", "text"), ("y", "double")] {
+        ch_exec(&ch, &format!("INSERT INTO analytics.collector_columns SELECT table_name, column_name, '{wrong}', position, now() FROM analytics.collector_columns FINAL WHERE table_name = 'e' AND column_name = '{column}'")).await;
+    }
+    let fresh = open(&ch).await;
+    assert_eq!(
+        column_types_of_e(&*fresh).await,
+        vec![vec![s("x"), s("double")], vec![s("y"), s("text")]]
+    );
+    fresh
+        .load(&Load::events(
+            0,
+            2,
+            e_event("a2", json!(2.5), json!("more text")),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(
+            &*fresh,
+            "SELECT message_id, x, y FROM e ORDER BY message_id"
+        )
+        .await,
+        vec![
+            vec![s("a1"), s("1.5"), s("text")],
+            vec![s("a2"), s("2.5"), s("more text")]
+        ]
+    );
+    assert!(rows(&*fresh, "SELECT * FROM rejected_values")
+        .await
+        .is_empty());
+}

@@ -165,8 +165,10 @@ impl ClickHouseSink {
         )
         .await?;
         sink.migrate().await?;
-        let catalog = sink.load_catalog().await?;
-        sink.repair_views(&catalog).await?;
+        let mut catalog = sink.load_catalog().await?;
+        if sink.repair(&catalog).await? {
+            catalog = sink.load_catalog().await?;
+        }
         *sink.catalog.lock().await = catalog;
         super::raise_version_floor(sink.max_version().await?);
         Ok(sink)
@@ -443,11 +445,15 @@ impl ClickHouseSink {
         self.replace_view(table, &select).await
     }
 
-    /// Makes again the views of the catalog's tables that are missing or lack a column
-    /// of their rows table. ClickHouse has no transactional DDL: an agent killed
-    /// between a view's `DROP` and `CREATE`, or between growing a rows table (and its
-    /// catalog) and remaking the view, left it so.
-    async fn repair_views(&self, catalog: &Catalog) -> Result<(), SinkError> {
+    /// Mends what agents of earlier releases could leave, at connect:
+    /// - the views of the catalog's tables that are missing or lack a column of their
+    ///   rows table (ClickHouse has no transactional DDL: an agent killed between a
+    ///   view's `DROP` and `CREATE`, or between growing a rows table and its catalog
+    ///   and remaking the view, left it so);
+    /// - a catalog type that is not the column's (two agents adding one column at once
+    ///   each recorded their own type, and the last one written stayed): the type the
+    ///   column has is recorded again. Whether the catalog changed.
+    async fn repair(&self, catalog: &Catalog) -> Result<bool, SinkError> {
         let mut names: Vec<(String, TableKind)> = EventKind::ALL
             .iter()
             .map(|k| (k.table().to_string(), TableKind::Base(*k)))
@@ -467,7 +473,37 @@ impl ClickHouseSink {
                 self.refresh_view(table, *kind).await?;
             }
         }
-        Ok(())
+        let mut retyped = false;
+        for (table, _) in &names {
+            let Some(cols) = physical.get(&rows_table(table)) else {
+                continue;
+            };
+            for (name, ty) in catalog.columns(table) {
+                let Some(actual) = cols
+                    .get(name)
+                    .filter(|p| **p != self.nullable(*ty))
+                    .and_then(|p| self.logical_type(p))
+                else {
+                    continue;
+                };
+                tracing::warn!(
+                    table,
+                    column = name.as_str(),
+                    recorded = ty.name(),
+                    actual = actual.name(),
+                    "the catalog had another type than the column's: recorded again"
+                );
+                self.exec(&format!(
+                    "INSERT INTO collector_columns SELECT table_name, column_name, {}, position, now() FROM collector_columns FINAL WHERE table_name = {} AND column_name = {}",
+                    lit(actual.name()),
+                    lit(table),
+                    lit(name)
+                ))
+                .await?;
+                retyped = true;
+            }
+        }
+        Ok(retyped)
     }
 
     /// Replaces a view (ClickHouse 18.16 has no `CREATE OR REPLACE VIEW`). Another agent
@@ -759,6 +795,36 @@ impl ClickHouseSink {
         // `collector_tables` lists it (a crash between the two leaves that).
         let ours = |n: &str| names.iter().any(|m| *m == rows_table(n));
         Ok(names.iter().filter(|n| !ours(n)).cloned().collect())
+    }
+
+    /// Whether the catalog lists `column` of `table`.
+    async fn column_recorded(&self, table: &str, column: &str) -> Result<bool, SinkError> {
+        let (_, rows) = self
+            .select(&format!(
+                "SELECT count() FROM collector_columns WHERE table_name = {} AND column_name = {}",
+                lit(table),
+                lit(column)
+            ))
+            .await?;
+        Ok(rows
+            .first()
+            .and_then(|r| r[0].as_u64().or_else(|| r[0].as_str()?.parse().ok()))
+            .unwrap_or(0)
+            > 0)
+    }
+
+    /// The logical type of a column the sink made, from its ClickHouse type (`String`
+    /// is text; JSON is stored as `String` too). `None` for a type the sink does not
+    /// make (an operator's).
+    fn logical_type(&self, physical: &str) -> Option<LogicalType> {
+        [
+            LogicalType::Text,
+            LogicalType::Double,
+            LogicalType::Boolean,
+            LogicalType::Timestamp,
+        ]
+        .into_iter()
+        .find(|ty| self.nullable(*ty) == physical)
     }
 
     /// The columns a rows table has now, in table order, from `system.columns`.
@@ -1066,6 +1132,7 @@ impl ClickHouseSink {
                     touched.push(c.table.clone());
                 }
                 let have = self.existing_columns(&c.table).await?;
+                let mut added = false;
                 if !have.contains(&c.name) {
                     match self
                         .exec(&format!(
@@ -1080,15 +1147,41 @@ impl ClickHouseSink {
                         Err(e) if duplicate_column(&e) => {}
                         other => {
                             other?;
+                            added = true;
                         }
                     }
                 }
-                self.insert(
-                    "collector_columns",
-                    &["table_name".into(), "column_name".into(), "type".into(), "position".into(), "added_at".into()],
-                    vec![serde_json::json!({"table_name": c.table, "column_name": c.name, "type": c.ty.name(), "position": c.position, "added_at": now_s})],
-                )
-                .await?;
+                // Another agent added the column, with the type of its own events: that
+                // type is the column's, and this load's values are cast to it or
+                // rejected, as against any column. (The catalog keeps one row per
+                // column, the last written: writing this load's type over it made
+                // every agent's later loads reject what the column holds.) Recorded
+                // here only if that agent has not (it died after its `ALTER`), with
+                // the type the column has.
+                let ty = if added {
+                    Some(c.ty)
+                } else if self.column_recorded(&c.table, &c.name).await? {
+                    None
+                } else {
+                    let physical = self
+                        .column_types(std::iter::once(rows_table(&c.table)))
+                        .await?;
+                    Some(
+                        physical
+                            .get(&rows_table(&c.table))
+                            .and_then(|cols| cols.get(&c.name))
+                            .and_then(|t| self.logical_type(t))
+                            .unwrap_or(c.ty),
+                    )
+                };
+                if let Some(ty) = ty {
+                    self.insert(
+                        "collector_columns",
+                        &["table_name".into(), "column_name".into(), "type".into(), "position".into(), "added_at".into()],
+                        vec![serde_json::json!({"table_name": c.table, "column_name": c.name, "type": ty.name(), "position": c.position, "added_at": now_s})],
+                    )
+                    .await?;
+                }
             }
             for (table, _) in &plan.new_tables {
                 if !touched.contains(table) {
