@@ -797,20 +797,23 @@ impl ClickHouseSink {
         Ok(names.iter().filter(|n| !ours(n)).cloned().collect())
     }
 
-    /// Whether the catalog lists `column` of `table`.
-    async fn column_recorded(&self, table: &str, column: &str) -> Result<bool, SinkError> {
-        let (_, rows) = self
-            .select(&format!(
-                "SELECT count() FROM collector_columns WHERE table_name = {} AND column_name = {}",
-                lit(table),
-                lit(column)
-            ))
-            .await?;
+    /// The answer of a `SELECT count() …`.
+    async fn count(&self, sql: &str) -> Result<u64, SinkError> {
+        let (_, rows) = self.select(sql).await?;
         Ok(rows
             .first()
             .and_then(|r| r[0].as_u64().or_else(|| r[0].as_str()?.parse().ok()))
-            .unwrap_or(0)
-            > 0)
+            .unwrap_or(0))
+    }
+
+    /// Whether the catalog lists `column` of `table`.
+    async fn column_recorded(&self, table: &str, column: &str) -> Result<bool, SinkError> {
+        let sql = format!(
+            "SELECT count() FROM collector_columns WHERE table_name = {} AND column_name = {}",
+            lit(table),
+            lit(column)
+        );
+        Ok(self.count(&sql).await? > 0)
     }
 
     /// The logical type of a column the sink made, from its ClickHouse type (`String`
@@ -1054,16 +1057,12 @@ impl ClickHouseSink {
                 .iter()
                 .map(|d| format!("({}, {})", d.shard, d.batch_id))
                 .collect();
-            let (_, have) = self
-                .select(&format!(
+            let existing = self
+                .count(&format!(
                     "SELECT count() FROM collector_dead_letters FINAL WHERE (shard, batch_id) IN ({})",
                     keys.join(", ")
                 ))
                 .await?;
-            let existing = have
-                .first()
-                .and_then(|r| r[0].as_u64().or_else(|| r[0].as_str()?.parse().ok()))
-                .unwrap_or(0);
             stats.dead_letters += (p.dead.len() as u64).saturating_sub(existing);
         }
         for (shard, batch_id) in &p.resolved_dead {
