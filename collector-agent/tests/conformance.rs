@@ -807,6 +807,62 @@ async fn columns_named_with_a_leading_underscore_are_seen(t: &Target) {
     );
 }
 
+// A table stops growing at `tables::MAX_COLUMNS` (1,000) columns, in every sink: the
+// properties past it are recorded in `rejected_values`, with the reason, and stay in
+// the event's JSON; the event and its other properties load, and so do later events.
+async fn a_table_stops_at_its_column_limit(t: &Target) {
+    let sink = t.open().await;
+    let mut props = serde_json::Map::new();
+    for i in 0..1100 {
+        props.insert(format!("p{i}"), json!(i as f64 + 0.5));
+    }
+    let st = sink
+        .load(&Load::events(0, 1, events(json!({"batch": [
+            {"type": "track", "messageId": "w1", "userId": "u", "event": "Wide", "properties": props}
+        ]}))))
+        .await
+        .unwrap();
+    assert_eq!((st.inserted, st.quarantined), (1, 0), "{st:?}");
+    let more = events(json!({"batch": [
+        {"type": "track", "messageId": "w2", "userId": "u", "event": "Wide", "properties": {"p0": 1, "q": "new"}}
+    ]}));
+    sink.load(&Load::events(0, 2, more)).await.unwrap();
+    let over = rows(
+        &*sink,
+        "SELECT message_id, reason, count(*) FROM rejected_values WHERE table_name = 'wide' GROUP BY message_id, reason ORDER BY message_id",
+    )
+    .await;
+    let reason = s("table `wide` has reached 1000 columns");
+    // 1,000 columns, of which the per-event table's own take 11.
+    assert_eq!(
+        over,
+        vec![
+            vec![s("w1"), reason.clone(), s("111")],
+            vec![s("w2"), reason, s("1")]
+        ]
+    );
+    let refused = one(
+        &*sink,
+        "SELECT column_name FROM rejected_values WHERE message_id = 'w2'",
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused, "q");
+    assert_eq!(
+        t.json_at(&*sink, "tracks", "properties", "w2", &[json!("q")])
+            .await,
+        s("new")
+    );
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT message_id, p0 FROM wide ORDER BY message_id"
+        )
+        .await,
+        vec![vec![s("w1"), s("0.5")], vec![s("w2"), s("1")]]
+    );
+}
+
 // (In a module of their own: the shared scenarios' modules are `duckdb`, `postgres`, ….)
 mod upgraded {
     use super::*;
@@ -841,7 +897,8 @@ crate::per_target!(
     users_hold_the_latest_traits,
     users_do_not_depend_on_arrival_order,
     events_named_after_the_agents_own_tables_get_their_own,
-    columns_named_with_a_leading_underscore_are_seen,]
+    columns_named_with_a_leading_underscore_are_seen,
+    a_table_stops_at_its_column_limit,]
 );
 
 // Every PostgreSQL table has hidden system columns (`xmin`, `ctid`, …), which no

@@ -1346,6 +1346,54 @@ mod tests {
         assert_ne!(t, event_table_name(&format!("{long}b")).unwrap());
     }
 
+    // At `MAX_EVENT_TABLES` per-event tables, an event name the warehouse has no table
+    // for stays in `tracks` only, with a row in `rejected_values`; events of the
+    // tables it has still get their rows.
+    #[test]
+    fn per_event_tables_stop_at_their_limit() {
+        let catalog = Catalog::from_rows(
+            (0..MAX_EVENT_TABLES).map(|i| format!("e{i}")).collect(),
+            Vec::new(),
+        );
+        let track = |id: &str, event: &str| {
+            collector_core::StoredEvent {
+            message_id: id.into(),
+            kind: EventKind::Track,
+            anonymous_id: None,
+            user_id: Some("u".into()),
+            received_at_ms: 0,
+            timestamp_ms: 0,
+            json: json!({"type": "track", "messageId": id, "userId": "u", "event": event, "properties": {}})
+                .to_string(),
+        }
+        };
+        let p = crate::sinks::schema::prepare(crate::sinks::Load::events(
+            0,
+            1,
+            vec![track("m1", "E7"), track("m2", "Brand New")],
+        ));
+        let plan = catalog.plan(&p);
+        assert!(plan.new_tables.is_empty());
+        let tables: Vec<(&str, usize)> = plan
+            .loads
+            .iter()
+            .map(|l| (l.table.as_str(), l.rows.len()))
+            .collect();
+        assert!(tables.contains(&("e7", 1)), "{tables:?}");
+        assert!(tables.contains(&("tracks", 2)), "{tables:?}");
+        assert_eq!(plan.rejected.len(), 1);
+        let r = &plan.rejected[0];
+        assert_eq!(
+            (
+                r.message_id.as_str(),
+                r.table_name.as_str(),
+                r.column_name.as_str()
+            ),
+            ("m2", "brand_new", "event")
+        );
+        assert!(r.reason.contains("2000 per-event tables"), "{}", r.reason);
+    }
+
     #[test]
     fn flatten_nests_with_underscores_and_skips_nulls() {
         let mut out = Vec::new();
