@@ -165,6 +165,7 @@ impl ClickHouseSink {
         )
         .await?;
         sink.migrate().await?;
+        sink.drop_stray_views().await?;
         let mut catalog = sink.load_catalog().await?;
         if sink.repair(&catalog).await? {
             catalog = sink.load_catalog().await?;
@@ -506,22 +507,82 @@ impl ClickHouseSink {
         Ok(retyped)
     }
 
-    /// Replaces a view (ClickHouse 18.16 has no `CREATE OR REPLACE VIEW`). Another agent
-    /// replacing it at the same moment makes `CREATE` find it (code 57): then again.
+    /// Replaces a view without a moment in which it is missing (ClickHouse 18.16 has
+    /// no `CREATE OR REPLACE VIEW`; dropping and creating it made an analyst's query
+    /// fail now and then while the schema grew): the new view is made under a name of
+    /// its own, then swapped in with one `RENAME` of both, and the old one dropped.
+    /// Another agent swapping the same view uses names of its own; the last swap wins
+    /// (a view it leaves behind its rows table is made again at the next load). The
+    /// temporary views a crash leaves (`collector_next_…`, `collector_prev_…`) are
+    /// dropped when an agent connects.
     async fn replace_view(&self, name: &str, select: &str) -> Result<(), SinkError> {
         let mut last = None;
         for _ in 0..5 {
-            self.exec(&format!("DROP TABLE IF EXISTS {}", ident(name)))
+            let tag = format!("{:016x}", new_load_id());
+            let next = format!("collector_next_{tag}");
+            let prev = format!("collector_prev_{tag}");
+            self.exec(&format!("CREATE VIEW {} AS {select}", ident(&next)))
                 .await?;
-            match self
-                .exec(&format!("CREATE VIEW {} AS {select}", ident(name)))
-                .await
-            {
-                Err(e) if e.to_string().contains("Code: 57,") => last = Some(e),
-                other => return other.map(|_| ()),
+            let swapped = self
+                .exec(&format!(
+                    "RENAME TABLE {} TO {}, {} TO {}",
+                    ident(name),
+                    ident(&prev),
+                    ident(&next),
+                    ident(name)
+                ))
+                .await;
+            let outcome = match swapped {
+                Ok(_) => {
+                    self.exec(&format!("DROP TABLE IF EXISTS {}", ident(&prev)))
+                        .await
+                }
+                // No view of that name yet (code 60): the new one takes the name.
+                Err(e) if e.to_string().contains("Code: 60,") => {
+                    self.exec(&format!("RENAME TABLE {} TO {}", ident(&next), ident(name)))
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(_) => return Ok(()),
+                // Another agent made or swapped it meanwhile (code 57, 60): again.
+                Err(e)
+                    if ["Code: 57,", "Code: 60,"]
+                        .iter()
+                        .any(|c| e.to_string().contains(c)) =>
+                {
+                    let _ = self
+                        .exec(&format!("DROP TABLE IF EXISTS {}", ident(&next)))
+                        .await;
+                    last = Some(e);
+                }
+                Err(e) => {
+                    let _ = self
+                        .exec(&format!("DROP TABLE IF EXISTS {}", ident(&next)))
+                        .await;
+                    return Err(e);
+                }
             }
         }
         Err(last.unwrap_or_else(|| SinkError::Transient(format!("view {name}"))))
+    }
+
+    /// Drops the temporary views of [`Self::replace_view`] that a crash left.
+    async fn drop_stray_views(&self) -> Result<(), SinkError> {
+        let (_, rows) = self
+            .select(&format!(
+                "SELECT name FROM system.tables WHERE database = {} AND (startsWith(name, 'collector_next_') OR startsWith(name, 'collector_prev_'))",
+                lit(&self.cfg.database)
+            ))
+            .await?;
+        for r in rows {
+            if let Some(n) = r[0].as_str() {
+                self.exec(&format!("DROP TABLE IF EXISTS {}", ident(n)))
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     async fn migrate(&self) -> Result<(), SinkError> {
