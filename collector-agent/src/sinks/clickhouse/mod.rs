@@ -21,7 +21,8 @@
 //!   load returned**, before or after ClickHouse merges the parts. A view has every
 //!   column of its rows table but the sink's own (`_version`, `_received`, `_mid`).
 //!   A view that gains a column is swapped in with one `RENAME` (18.16 has no
-//!   `CREATE OR REPLACE VIEW`), so a query never finds it missing.
+//!   `CREATE OR REPLACE VIEW`): on 18.16 a query never finds it missing; newer
+//!   servers rename the two names one after the other, a far shorter moment.
 //!   DDL is not transactional either: a view a crash left missing, or behind a column
 //!   its rows table got, is made again when an agent connects and by the next load
 //!   into that table.
