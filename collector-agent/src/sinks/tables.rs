@@ -1356,16 +1356,16 @@ mod tests {
             Vec::new(),
         );
         let track = |id: &str, event: &str| {
+            let json = json!({"type": "track", "messageId": id, "userId": "u", "event": event});
             collector_core::StoredEvent {
-            message_id: id.into(),
-            kind: EventKind::Track,
-            anonymous_id: None,
-            user_id: Some("u".into()),
-            received_at_ms: 0,
-            timestamp_ms: 0,
-            json: json!({"type": "track", "messageId": id, "userId": "u", "event": event, "properties": {}})
-                .to_string(),
-        }
+                message_id: id.into(),
+                kind: EventKind::Track,
+                anonymous_id: None,
+                user_id: Some("u".into()),
+                received_at_ms: 0,
+                timestamp_ms: 0,
+                json: json.to_string(),
+            }
         };
         let p = crate::sinks::schema::prepare(crate::sinks::Load::events(
             0,
