@@ -572,15 +572,9 @@ impl ClickHouseSink {
 
     /// Drops the temporary views of [`Self::replace_view`] that a crash left.
     async fn drop_stray_views(&self) -> Result<(), SinkError> {
-        let (_, rows) = self
-            .select(&format!(
-                "SELECT name FROM system.tables WHERE database = {} AND (startsWith(name, 'collector_next_') OR startsWith(name, 'collector_prev_'))",
-                lit(&self.cfg.database)
-            ))
-            .await?;
-        for r in rows {
-            if let Some(n) = r[0].as_str() {
-                self.exec(&format!("DROP TABLE IF EXISTS {}", ident(n)))
+        for n in self.all_relation_names().await? {
+            if n.starts_with("collector_next_") || n.starts_with("collector_prev_") {
+                self.exec(&format!("DROP TABLE IF EXISTS {}", ident(&n)))
                     .await?;
             }
         }
@@ -844,20 +838,25 @@ impl ClickHouseSink {
     /// The names of the database's tables and views (the agent's and an analyst's).
     /// A per-event view takes none an analyst made: making it drops what has its name.
     async fn relation_names(&self) -> Result<Vec<String>, SinkError> {
+        let names = self.all_relation_names().await?;
+        // A view over one of the agent's rows tables is the agent's, even before
+        // `collector_tables` lists it (a crash between the two leaves that).
+        let ours = |n: &str| names.iter().any(|m| *m == rows_table(n));
+        Ok(names.iter().filter(|n| !ours(n)).cloned().collect())
+    }
+
+    /// The names of every table and view of the database.
+    async fn all_relation_names(&self) -> Result<Vec<String>, SinkError> {
         let (_, rows) = self
             .select(&format!(
                 "SELECT name FROM system.tables WHERE database = {}",
                 lit(&self.cfg.database)
             ))
             .await?;
-        let names: Vec<String> = rows
+        Ok(rows
             .iter()
             .filter_map(|r| r[0].as_str().map(str::to_string))
-            .collect();
-        // A view over one of the agent's rows tables is the agent's, even before
-        // `collector_tables` lists it (a crash between the two leaves that).
-        let ours = |n: &str| names.iter().any(|m| *m == rows_table(n));
-        Ok(names.iter().filter(|n| !ours(n)).cloned().collect())
+            .collect())
     }
 
     /// The answer of a `SELECT count() …`.
