@@ -807,6 +807,43 @@ async fn columns_named_with_a_leading_underscore_are_seen(t: &Target) {
     );
 }
 
+// A trait named like one of `identifies`' own columns (`user_id`, `sent_at`,
+// `context_ip`) is not a column of `identifies` (the event's own value is), but it is
+// a trait like any other in `users`, in every sink. The lake's `users` was a view over
+// `identifies`' columns, so there the column was missing (`user_id`, `sent_at`) or
+// held the identify's own value (`context_ip`: the context's `ip`).
+async fn traits_named_like_identifies_columns_are_users_traits(t: &Target) {
+    let sink = t.open().await;
+    common::load(&*sink, 1, json!([
+        {"type": "identify", "messageId": "c1", "userId": "u", "timestamp": "2026-11-20T10:00:00Z",
+         "sentAt": "2026-11-20T10:00:01Z", "context": {"ip": "1.1.1.1"},
+         "traits": {"user_id": "legacy-7", "sent_at": "by post", "context_ip": "9.9.9.9", "plan": "pro"}},
+        {"type": "identify", "messageId": "c2", "userId": "v", "timestamp": "2026-11-20T10:00:00Z",
+         "context": {"ip": "2.2.2.2"}, "traits": {"plan": "free"}}
+    ]))
+    .await;
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT id, user_id, sent_at, context_ip, plan FROM users ORDER BY id"
+        )
+        .await,
+        vec![
+            vec![s("u"), s("legacy-7"), s("by post"), s("9.9.9.9"), s("pro")],
+            vec![s("v"), None, None, None, s("free")],
+        ]
+    );
+    // `identifies` keeps its own values.
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT user_id, context_ip FROM identifies ORDER BY user_id"
+        )
+        .await,
+        vec![vec![s("u"), s("1.1.1.1")], vec![s("v"), s("2.2.2.2")]]
+    );
+}
+
 // A table stops growing at `tables::MAX_COLUMNS` (1,000) columns, in every sink: the
 // properties past it are recorded in `rejected_values`, with the reason, and stay in
 // the event's JSON; the event and its other properties load, and so do later events.
@@ -898,7 +935,8 @@ crate::per_target!(
     users_do_not_depend_on_arrival_order,
     events_named_after_the_agents_own_tables_get_their_own,
     columns_named_with_a_leading_underscore_are_seen,
-    a_table_stops_at_its_column_limit,]
+    a_table_stops_at_its_column_limit,
+    traits_named_like_identifies_columns_are_users_traits,]
 );
 
 // Every PostgreSQL table has hidden system columns (`xmin`, `ctid`, …), which no

@@ -426,3 +426,88 @@ async fn a_load_of_many_event_days_is_one_file_per_table() {
     );
     assert_eq!(count(&sink, "imported").await, "40");
 }
+
+// A lake from before migration 9 had `users` as a view over `identifies`' columns
+// (which lost traits named like them). At its next open `users` becomes a table of the
+// state file, filled from the identifies already in its files, a page of 5,000 at a
+// time: it ends up holding exactly what the loads write into it now (values, and the
+// identify each value came from), so later identifies merge with it as usual.
+#[tokio::test]
+async fn a_lake_from_before_users_was_a_table_fills_it_from_its_identifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("lake");
+    // 6,000 identifies of 300 users, in three loads, each load's out of time order;
+    // traits that change, one named like a column of `identifies`, one whose type
+    // drifts (a number column, then text the column cannot hold).
+    let identify = |n: usize| {
+        let user = n % 300;
+        let day = 1 + (n * 7919) % 28;
+        let mut traits = json!({"plan": format!("p{}", n % 5), "visits": n});
+        if n % 3 == 0 {
+            traits["context_ip"] = json!(format!("trait-{n}"));
+        }
+        if n % 11 == 0 {
+            traits["visits"] = json!(format!("many-{n}"));
+        }
+        json!({"type": "identify", "messageId": format!("m{n:05}"), "userId": format!("u{user:03}"),
+               "anonymousId": format!("a{n}"), "timestamp": format!("2026-10-{day:02}T10:00:00Z"),
+               "context": {"ip": "1.1.1.1"}, "traits": traits})
+    };
+    let sink = ParquetSink::open(&root).unwrap();
+    for (batch, range) in [(1, 0..2_000), (2, 2_000..4_000), (3, 4_000..6_000)] {
+        let evs: Vec<_> = range.rev().map(identify).collect();
+        sink.load(&Load::events(0, batch, events(json!({ "batch": evs }))))
+            .await
+            .unwrap();
+    }
+    let users_sql = "SELECT * EXCLUDE (loaded_at) FROM users ORDER BY id";
+    let keys_sql = "SELECT id, keys FROM collector_user_traits ORDER BY id";
+    let users = sink.query(users_sql).await.unwrap();
+    let keys = sink.query(keys_sql).await.unwrap();
+    assert_eq!(users.rows.len(), 300);
+    assert!(
+        users.columns.iter().any(|c| c == "context_ip"),
+        "{:?}",
+        users.columns
+    );
+    drop(sink);
+    // As the release before left it: no `users` table, no keys, migration 9 not run.
+    duckdb::Connection::open(root.join("_collector/state.duckdb"))
+        .unwrap()
+        .execute_batch(
+            "DROP TABLE users; DROP TABLE collector_user_traits;
+             DELETE FROM collector_migrations WHERE version = 9;",
+        )
+        .unwrap();
+    let sink = ParquetSink::open(&root).unwrap();
+    assert_eq!(sink.query(users_sql).await.unwrap(), users);
+    assert_eq!(sink.query(keys_sql).await.unwrap(), keys);
+    // Done once: the mark is gone, and a later identify merges as in any warehouse
+    // (an older one changes nothing, a newer one its traits).
+    drop(sink);
+    let sink = ParquetSink::open(&root).unwrap();
+    sink.load(&Load::events(0, 4, events(json!({"batch": [
+        {"type": "identify", "messageId": "late-old", "userId": "u001", "timestamp": "2026-09-01T00:00:00Z", "traits": {"plan": "ancient"}},
+        {"type": "identify", "messageId": "late-new", "userId": "u002", "timestamp": "2026-12-01T00:00:00Z", "traits": {"plan": "newest"}}
+    ]}))))
+    .await
+    .unwrap();
+    let plans = sink
+        .query("SELECT id, plan FROM users WHERE id IN ('u001', 'u002') ORDER BY id")
+        .await
+        .unwrap();
+    let before: Vec<_> = users
+        .rows
+        .iter()
+        .filter(|r| r[0].as_deref() == Some("u001"))
+        .cloned()
+        .collect();
+    let plan_at = users.columns.iter().position(|c| c == "plan").unwrap();
+    assert_eq!(
+        plans.rows,
+        vec![
+            vec![Some("u001".into()), before[0][plan_at].clone()],
+            vec![Some("u002".into()), Some("newest".into())]
+        ]
+    );
+}

@@ -718,6 +718,9 @@ async fn erasure_and_export_in_the_parquet_lake() {
         ("message_ids", 4),
         ("identities", 3),
         ("profiles", 1),
+        // A table of the lake's state file, as in a DuckDB warehouse.
+        ("users", 1),
+        ("collector_user_traits", 1),
     ] {
         let s = store(name);
         assert_eq!(

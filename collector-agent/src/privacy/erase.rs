@@ -232,15 +232,17 @@ pub async fn stores(
     let users = person.values("user_id");
     let anons = person.values("anonymous_id");
     let persons = &person.person_ids;
+    // Not `users`, which is keyed by `id` (below): a trait `user_id` would make it look
+    // like an event table.
     let discover = if d == Dialect::ClickHouse {
         // The logical tables are views over `collector_rows_*` (erased there).
-        "SELECT table FROM system.columns WHERE database = currentDatabase() AND name IN ('user_id', 'anonymous_id') AND NOT startsWith(table, 'collector_') GROUP BY table HAVING count() = 2 ORDER BY table".to_string()
+        "SELECT table FROM system.columns WHERE database = currentDatabase() AND name IN ('user_id', 'anonymous_id') AND NOT startsWith(table, 'collector_') AND table != 'users' GROUP BY table HAVING count() = 2 ORDER BY table".to_string()
     } else {
         format!(
             "SELECT c.table_name FROM information_schema.columns c
                JOIN information_schema.tables t ON t.table_schema = c.table_schema AND t.table_name = c.table_name
              WHERE c.table_schema = current_schema() AND (t.table_type = 'BASE TABLE' OR {lake})
-               AND c.column_name IN ('user_id', 'anonymous_id')
+               AND c.column_name IN ('user_id', 'anonymous_id') AND c.table_name <> 'users'
              GROUP BY c.table_name HAVING COUNT(*) = 2 ORDER BY c.table_name",
             lake = if lake { "1 = 1" } else { NOTHING }
         )
@@ -304,7 +306,7 @@ pub async fn stores(
     let ids = &person.ids;
     let fixed = [
         ("users", isin("id", users.iter()), None),
-        // Where each of their `users` values came from (DuckDB, PostgreSQL).
+        // Where each of their `users` values came from (DuckDB, PostgreSQL, the lake).
         ("collector_user_traits", isin("id", users.iter()), None),
         ("quarantine", quarantine, None),
         ("rejected_values", messages("message_id"), None),
@@ -363,7 +365,7 @@ pub async fn stores(
         ),
     ];
     for (table, predicate, tombstone) in fixed {
-        // What this warehouse does not have (`collector_user_traits` in a lake or in
+        // What this warehouse does not have (`collector_user_traits` in
         // ClickHouse).
         let Some(base) = kinds.get(table) else {
             continue;

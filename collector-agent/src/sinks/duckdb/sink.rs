@@ -491,15 +491,16 @@ pub(crate) fn load_catalog(conn: &Connection) -> Result<Catalog, SinkError> {
     Ok(Catalog::from_rows(tables, cols))
 }
 
-/// Records a plan's new tables and columns in the catalog tables; with `ddl`, also
-/// creates and alters the warehouse tables (the Parquet lake has no tables to alter).
+/// Records a plan's new tables and columns in the catalog tables, and creates and
+/// alters the tables for which `ddl` holds (in the Parquet lake, only `users` is a
+/// table: the others are folders of files).
 pub(crate) fn apply_plan_ddl(
     tx: &duckdb::Transaction<'_>,
     plan: &Plan,
-    ddl: bool,
+    ddl: impl Fn(&str) -> bool,
 ) -> Result<(), SinkError> {
     for (table, event_text) in &plan.new_tables {
-        if ddl {
+        if ddl(table) {
             tx.execute_batch(&create_fixed_table_sql(table, TableKind::Event))
                 .map_err(transient)?;
         }
@@ -510,7 +511,7 @@ pub(crate) fn apply_plan_ddl(
         .map_err(transient)?;
     }
     for c in &plan.new_columns {
-        if ddl {
+        if ddl(&c.table) {
             tx.execute_batch(&format!(
                 "ALTER TABLE {} ADD COLUMN {} {}",
                 ident(&c.table),
@@ -774,7 +775,7 @@ fn write(
     let plan = catalog.plan(p);
     let tx = conn.transaction().map_err(transient)?;
     let (mut stats, load_id) = write_state(&tx, p)?;
-    apply_plan_ddl(&tx, &plan, true)?;
+    apply_plan_ddl(&tx, &plan, |_| true)?;
     // The ids new to the warehouse are registered first (all tables at once: one
     // pass over the registry); only their rows are then appended, typed by the
     // appender, straight into their tables (no staging pass).
@@ -1082,18 +1083,19 @@ pub(crate) fn stage(tx: &duckdb::Transaction<'_>, load: &TableLoad) -> Result<()
 }
 
 /// Registers the staged ids that are new to the warehouse under `load_id`.
+/// Registers the new ids of a staged base-table load; returns the ids the registry
+/// held already.
 pub(crate) fn register(
     tx: &duckdb::Transaction<'_>,
     load: &TableLoad,
     load_id: i64,
-) -> Result<(), SinkError> {
+) -> Result<std::collections::HashSet<String>, SinkError> {
     register_new(
         tx,
         &ident(&format!("stage_{}", load.table)),
         &sql_lit(&load.table),
         load_id,
-    )?;
-    Ok(())
+    )
 }
 
 /// `SELECT` of the staged rows whose ids the load registered (`?` is the load id),
@@ -1116,8 +1118,9 @@ pub(crate) fn registered_rows_sql(load: &TableLoad) -> String {
 }
 
 /// Writes a `users` load (one row per identify): merged with the keys the warehouse
-/// holds ([`tables::merge_users`]), upserted, and the keys of what won recorded.
-fn write_users(
+/// holds ([`tables::merge_users`]), upserted, and the keys of what won recorded. Only
+/// the identifies that `known` says are new count.
+pub(crate) fn write_users(
     tx: &duckdb::Transaction<'_>,
     load: &TableLoad,
     known: &KnownIds,

@@ -13,7 +13,9 @@
 //! lake/table=tracks/date=2026-11-25/part-s3-b41-l17.parquet   one file per table, date and
 //! lake/table=pages/date=2026-11-25/part-s3-b41-l17.parquet    load (shard, first batch, load id)
 //! lake/_collector/state.duckdb   message_ids, loaded_batches (the manifest), quarantine,
-//!                                dead_letters, collector_migrations; identity, profiles,
+//!                                dead_letters, collector_migrations; `users` and
+//!                                `collector_user_traits` (written with each load, as
+//!                                in a DuckDB warehouse); identity, profiles,
 //!                                audiences, activation and privacy requests (run there,
 //!                                over views of the files: `Sink::session`)
 //! lake/_collector/tmp/           files written, not yet renamed into place

@@ -6,17 +6,18 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use collector_core::EventKind;
+use collector_core::{EventKind, StoredEvent};
 use duckdb::{params, Connection};
 
 use crate::sinks::duckdb::sink::{
-    apply_migrations, apply_plan_ddl, classify, dead_letters, finish_load, ident, load_catalog,
-    quarantined, register, registered_rows_sql, run_query, sql_type, stage, transient,
-    write_rejected, write_state, CATALOG_SQL, REGISTRY_SQL, UNKEYED_REGISTRY_SQL,
+    apply_migrations, apply_plan_ddl, classify, create_fixed_table_sql, dead_letters, finish_load,
+    ident, load_catalog, quarantined, register, registered_rows_sql, run_query, sql_type, stage,
+    transient, write_rejected, write_state, write_users, CATALOG_SQL, REGISTRY_SQL,
+    UNKEYED_REGISTRY_SQL,
 };
 use crate::sinks::schema::{self, DeadLetter, Prepared, QuarantinedEvent};
 use crate::sinks::tables::{self, Catalog, TableKind, TableRow};
-use crate::sinks::{LoadStats, QueryResult, Relational, Sink, SinkError};
+use crate::sinks::{KnownIds, Load, LoadStats, QueryResult, Relational, Sink, SinkError};
 
 /// The lake's state folder, beside the table folders.
 const STATE_DIR: &str = "_collector";
@@ -84,7 +85,123 @@ ALTER TABLE loaded_batches ADD COLUMN staged VARCHAR;"
             "activation_outbox, activation_log: activation from the lake",
             crate::destinations::outbox::ddl(Relational::DuckDb),
         ),
+        (
+            9,
+            "users as a table of the state file, written with each load (it was a view over identifies' columns, which lost traits named like them); filled from the lake's identifies at the next open",
+            format!(
+                "{};
+{}CREATE TABLE {USERS_BACKFILL} (pending BOOLEAN);
+",
+                create_fixed_table_sql("users", TableKind::Users),
+                crate::sinks::tables::user_traits_ddl(Relational::DuckDb),
+            ),
+        ),
     ]
+}
+
+/// The mark migration 9 leaves until `users` holds what the lake's identifies say
+/// ([`backfill_users`]).
+const USERS_BACKFILL: &str = "collector_users_backfill";
+
+/// Identifies prepared again at a time by [`backfill_users`].
+const BACKFILL_PAGE: i64 = 5_000;
+
+/// Fills `users` from the identifies already in the lake's files, once, after
+/// migration 9 (a fresh lake has none: the mark just goes). Each identify's event
+/// (`raw`) is prepared again, a page at a time, and merged as its load's `users` rows
+/// would have been ([`write_users`]; the merge does not depend on order or pages).
+/// One transaction with the mark's removal: a crash midway leaves the mark, and the
+/// next open starts again from nothing. Returns the catalog with `users`' columns.
+fn backfill_users(
+    conn: &mut Connection,
+    mut catalog: Catalog,
+    root: &Path,
+) -> Result<Catalog, SinkError> {
+    let marked: i64 = conn
+        .query_row(
+            &format!("SELECT count(*) FROM duckdb_tables() WHERE table_name = '{USERS_BACKFILL}' AND database_name = current_database()"),
+            [],
+            |r| r.get(0),
+        )
+        .map_err(transient)?;
+    if marked == 0 {
+        return Ok(catalog);
+    }
+    refresh_views(conn, &catalog, root)?;
+    let tx = conn.transaction().map_err(transient)?;
+    // The columns the catalog already lists for `users` (a view had them before).
+    for (name, ty) in catalog.columns("users") {
+        tx.execute_batch(&format!(
+            "ALTER TABLE users ADD COLUMN IF NOT EXISTS {} {}",
+            ident(name),
+            sql_type(*ty)
+        ))
+        .map_err(transient)?;
+    }
+    tx.execute_batch(
+        "CREATE OR REPLACE TEMP TABLE collector_stage_backfill AS
+           SELECT message_id, CAST(raw AS VARCHAR) AS raw, row_number() OVER (ORDER BY message_id) AS n
+           FROM identifies WHERE user_id IS NOT NULL",
+    )
+    .map_err(transient)?;
+    let total: i64 = tx
+        .query_row("SELECT count(*) FROM collector_stage_backfill", [], |r| {
+            r.get(0)
+        })
+        .map_err(transient)?;
+    if total > 0 {
+        tracing::info!(
+            identifies = total,
+            "lake: filling users from the identifies already loaded (once, after an upgrade)"
+        );
+    }
+    let (mut at, mut unprepared) = (0i64, 0usize);
+    while at < total {
+        let events: Vec<StoredEvent> = {
+            let mut stmt = tx
+                .prepare(
+                    "SELECT message_id, raw FROM collector_stage_backfill WHERE n > ? AND n <= ?",
+                )
+                .map_err(transient)?;
+            let rows = stmt
+                .query_map(params![at, at + BACKFILL_PAGE], |r| {
+                    Ok(StoredEvent {
+                        message_id: r.get(0)?,
+                        kind: EventKind::Identify,
+                        anonymous_id: None,
+                        user_id: None,
+                        received_at_ms: 0,
+                        timestamp_ms: 0,
+                        json: r.get(1)?,
+                    })
+                })
+                .map_err(transient)?;
+            rows.collect::<Result<_, _>>().map_err(transient)?
+        };
+        let p = schema::prepare(Load::events(0, 0, events));
+        // Loaded once, so each prepares again; an agent that no longer can says so.
+        unprepared += p.quarantine.len();
+        let plan = catalog.plan(&p);
+        apply_plan_ddl(&tx, &plan, |t| t == "users")?;
+        if let Some(users) = plan.loads.iter().find(|l| l.kind == TableKind::Users) {
+            // Every one of them is in the lake's `identifies`.
+            write_users(&tx, users, &KnownIds::default())?;
+        }
+        catalog = plan.catalog;
+        at += BACKFILL_PAGE;
+    }
+    if unprepared > 0 {
+        tracing::warn!(
+            identifies = unprepared,
+            "lake: identifies whose events no longer prepare are not in users"
+        );
+    }
+    tx.execute_batch(&format!(
+        "DROP TABLE collector_stage_backfill; DROP TABLE IF EXISTS stage_users; DROP TABLE {USERS_BACKFILL};"
+    ))
+    .map_err(transient)?;
+    tx.commit().map_err(transient)?;
+    Ok(catalog)
 }
 
 /// A Parquet lake in a folder.
@@ -109,6 +226,7 @@ impl ParquetSink {
         publish_pending(&conn, root)?;
         remove_stale_staged(&conn, root)?;
         let catalog = load_catalog(&conn)?.reserving(PARTITION_COLUMNS);
+        let catalog = backfill_users(&mut conn, catalog, root)?;
         Ok(ParquetSink {
             root: root.to_path_buf(),
             conn: Arc::new(Mutex::new((conn, catalog))),
@@ -164,8 +282,9 @@ fn date_of(row: &TableRow<'_>) -> String {
 /// and `staged` cleared. A crash before the commit leaves temp files that nothing lists
 /// (removed at open; the retry loads the rows again under new names); a crash after it
 /// leaves `staged` entries that [`publish_pending`] renames at open or before the next
-/// load. No reader ever sees a row whose id was not committed. `users` is a view over
-/// `identifies` (see [`refresh_views`]): a lake never rewrites a file.
+/// load. No reader ever sees a row whose id was not committed. `users` (one row per
+/// user, updated in place) is a table of the state file, written in the same
+/// transaction as in a DuckDB warehouse: a lake never rewrites a file.
 fn write(
     conn: &mut Connection,
     catalog: &mut Catalog,
@@ -176,7 +295,7 @@ fn write(
     let plan = catalog.plan(p);
     let tx = conn.transaction().map_err(transient)?;
     let (mut stats, load_id) = write_state(&tx, p)?;
-    apply_plan_ddl(&tx, &plan, false)?;
+    apply_plan_ddl(&tx, &plan, |t| t == "users")?;
     let first_batch = p.rows.iter().filter_map(|r| r.batch_id).min().unwrap_or(0);
     let name = if p.replay {
         format!("part-s{}-replay-l{load_id}.parquet", p.shard)
@@ -188,11 +307,16 @@ fn write(
         files: Vec::new(),
         committed: false,
     };
+    // The identifies this load registered: only they count for `users`.
+    let mut identifies_known = None;
     for load in plan.loads.iter().filter(|l| l.kind != TableKind::Users) {
         let table = &load.table;
         stage(&tx, load)?;
-        if let TableKind::Base(_) = load.kind {
-            register(&tx, load, load_id)?;
+        if let TableKind::Base(kind) = load.kind {
+            let known = register(&tx, load, load_id)?;
+            if kind == EventKind::Identify {
+                identifies_known = Some(KnownIds::from(known));
+            }
         }
         let registered_sql = registered_rows_sql(load);
         // Each date's batches, for the manifest.
@@ -249,6 +373,13 @@ fn write(
             stats.inserted_into(kind, inserted);
             stats.duplicates += load.rows.len() as u64 - inserted;
         }
+    }
+    if let Some(users) = plan.loads.iter().find(|l| l.kind == TableKind::Users) {
+        // Its rows come only from identifies, so that load was registered above.
+        let known = identifies_known.unwrap_or_default();
+        write_users(&tx, users, &known)?;
+        tx.execute_batch("DROP TABLE stage_users")
+            .map_err(transient)?;
     }
     write_rejected(&tx, &plan, load_id)?;
     finish_load(&tx, load_id)?;
@@ -364,8 +495,8 @@ fn remove_stale_staged(conn: &Connection, root: &Path) -> Result<(), SinkError> 
 }
 
 /// Points one temporary view per table at its Parquet files (an empty typed view when
-/// there are none yet), so SQL reads the lake like any warehouse; `users` is computed
-/// from `identifies`: per user id, each trait's latest non-null value.
+/// there are none yet), so SQL reads the lake like any warehouse. (`users` is a table of
+/// the state file, written with each load.)
 fn refresh_views(conn: &Connection, catalog: &Catalog, root: &Path) -> Result<(), SinkError> {
     let mut tables: Vec<(String, TableKind)> = EventKind::ALL
         .iter()
@@ -421,35 +552,6 @@ fn refresh_views(conn: &Connection, catalog: &Catalog, root: &Path) -> Result<()
         };
         conn.execute_batch(&sql).map_err(transient)?;
     }
-    let latest = |c: &str| {
-        let c = ident(c);
-        format!("arg_max({c}, (\"timestamp\", message_id)) FILTER (WHERE {c} IS NOT NULL) AS {c}")
-    };
-    let mut cols = vec![
-        "user_id AS id".to_string(),
-        latest("anonymous_id"),
-        "max(\"timestamp\") AS \"timestamp\"".to_string(),
-        "max(received_at) AS received_at".to_string(),
-    ];
-    // Only traits that `identifies` has a column for.
-    let identifies: Vec<&str> = catalog
-        .columns("identifies")
-        .iter()
-        .map(|(n, _)| n.as_str())
-        .collect();
-    cols.extend(
-        catalog
-            .columns("users")
-            .iter()
-            .filter(|(n, _)| identifies.contains(&n.as_str()))
-            .map(|(n, _)| latest(n)),
-    );
-    cols.push(format!("max({0}) AS {0}", schema::LOADED_AT));
-    conn.execute_batch(&format!(
-        "CREATE OR REPLACE TEMP VIEW users AS SELECT {} FROM identifies WHERE user_id IS NOT NULL GROUP BY user_id",
-        cols.join(", ")
-    ))
-    .map_err(transient)?;
     Ok(())
 }
 
