@@ -443,10 +443,10 @@ async fn a_lake_from_before_users_was_a_table_fills_it_from_its_identifies() {
         let user = n % 300;
         let day = 1 + (n * 7919) % 28;
         let mut traits = json!({"plan": format!("p{}", n % 5), "visits": n});
-        if n % 3 == 0 {
+        if n.is_multiple_of(3) {
             traits["context_ip"] = json!(format!("trait-{n}"));
         }
-        if n % 11 == 0 {
+        if n.is_multiple_of(11) {
             traits["visits"] = json!(format!("many-{n}"));
         }
         json!({"type": "identify", "messageId": format!("m{n:05}"), "userId": format!("u{user:03}"),
