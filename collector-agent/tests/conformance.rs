@@ -466,6 +466,33 @@ async fn type_drift_is_cast_or_recorded_never_dropped(t: &Target) {
         rejected[1][4].as_deref().unwrap().contains("not a number"),
         "{rejected:?}"
     );
+    // Text with more significant digits than a DOUBLE holds (an order id sent as
+    // text into a number column) is not stored rounded: NULL, and recorded.
+    let evs = events(json!({"batch": [
+        {"type": "track", "messageId": "d4", "userId": "u", "event": "Checkout", "properties": {"total": "12345678901234567891"}},
+        {"type": "track", "messageId": "d5", "userId": "u", "event": "Checkout", "properties": {"total": "123456789012345"}}
+    ]}));
+    sink.load(&Load::events(0, 2, evs)).await.unwrap();
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT message_id, total FROM checkout WHERE message_id IN ('d4', 'd5') ORDER BY message_id"
+        )
+        .await,
+        vec![vec![s("d4"), None], vec![s("d5"), s("123456789012345")]]
+    );
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT column_name, value, reason FROM rejected_values WHERE message_id = 'd4'"
+        )
+        .await,
+        vec![vec![
+            s("total"),
+            s(r#""12345678901234567891""#),
+            s("number has more digits than a DOUBLE column holds without loss")
+        ]]
+    );
 }
 
 async fn users_hold_the_latest_traits(t: &Target) {

@@ -447,7 +447,15 @@ fn convert(v: &Value, ty: LogicalType) -> Result<Cow<'_, str>, String> {
                 .ok_or_else(|| "not a finite number".into())
         }
         (LogicalType::Double, Value::String(s)) => match s.trim().parse::<f64>() {
-            Ok(f) if f.is_finite() && !s.trim().is_empty() => Ok(Cow::Owned(f.to_string())),
+            Ok(f) if f.is_finite() && !s.trim().is_empty() => {
+                // A DOUBLE holds 15–17 significant digits: an id sent as text
+                // ("12345678901234567891") would be stored rounded.
+                if decimal(s.trim()) == decimal(&format!("{f:e}")) {
+                    Ok(Cow::Owned(f.to_string()))
+                } else {
+                    Err("number has more digits than a DOUBLE column holds without loss".into())
+                }
+            }
             _ => Err(format!("{} is not a number", type_name(v))),
         },
         (LogicalType::Timestamp, Value::String(s)) => timestamp_text(s)
@@ -459,6 +467,35 @@ fn convert(v: &Value, ty: LogicalType) -> Result<Cow<'_, str>, String> {
             ty.name()
         )),
     }
+}
+
+/// A decimal number's value, written one way: (negative, significant digits without
+/// leading or trailing zeros, power of ten of the last digit); zero is `(false, "",
+/// 0)`. `None` for what is not `[+-]digits[.digits][e[+-]digits]` (also `.5`, `5.`).
+fn decimal(s: &str) -> Option<(bool, String, i64)> {
+    let (negative, rest) = match s.as_bytes().first()? {
+        b'-' => (true, &s[1..]),
+        b'+' => (false, &s[1..]),
+        _ => (false, s),
+    };
+    let (mantissa, exponent) = match rest.find(['e', 'E']) {
+        Some(i) => (&rest[..i], rest[i + 1..].parse::<i64>().ok()?),
+        None => (rest, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if int.is_empty() && frac.is_empty()
+        || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let all = format!("{int}{frac}");
+    let digits = all.trim_start_matches('0');
+    let trimmed = digits.trim_end_matches('0');
+    if trimmed.is_empty() {
+        return Some((false, String::new(), 0));
+    }
+    let power = exponent - frac.len() as i64 + (digits.len() - trimmed.len()) as i64;
+    Some((negative, trimmed.to_string(), power))
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -1251,6 +1288,46 @@ mod tests {
             ts_ms: parse_ms(ts).unwrap(),
             message_id: m.into(),
         }
+    }
+
+    #[test]
+    fn text_into_a_number_column_is_cast_only_without_loss() {
+        let d = |s: &str| convert(&json!(s), LogicalType::Double).map(Cow::into_owned);
+        for (text, stored) in [
+            ("12.5", "12.5"),
+            (" 3 ", "3"),
+            ("0.1", "0.1"),
+            ("-0.000", "-0"),
+            ("1e3", "1000"),
+            ("+.5", "0.5"),
+            ("5.", "5"),
+            ("9007199254740992", "9007199254740992"),
+            ("1e21", "1000000000000000000000"),
+            ("1.7976931348623157e308", &f64::MAX.to_string()),
+        ] {
+            assert_eq!(d(text).as_deref(), Ok(stored), "{text}");
+        }
+        // 9007199254740993 is 2^53 + 1; the others have more significant digits than a
+        // DOUBLE.
+        for text in [
+            "9007199254740993",
+            "12345678901234567891",
+            "123456789012345678000",
+            "0.12345678901234567891",
+            "1.00000000000000000001",
+        ] {
+            assert_eq!(
+                d(text),
+                Err("number has more digits than a DOUBLE column holds without loss".into()),
+                "{text}"
+            );
+        }
+        for text in ["", "abc", "1e400", "NaN", "inf", "0x10", "1_000", "."] {
+            assert!(d(text).is_err(), "{text}");
+        }
+        assert_eq!(decimal("0012.3400e-1"), Some((false, "1234".into(), -3)));
+        assert_eq!(decimal("-1200"), Some((true, "12".into(), 2)));
+        assert_eq!(decimal("0.0"), Some((false, String::new(), 0)));
     }
 
     #[test]
