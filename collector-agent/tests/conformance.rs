@@ -871,6 +871,54 @@ async fn traits_named_like_identifies_columns_are_users_traits(t: &Target) {
     );
 }
 
+// An instant with microseconds (Python's `isoformat()`, a database's `now()`) keeps
+// them in a timestamp column: DuckDB, PostgreSQL and Parquet hold microseconds (it was
+// cut to the millisecond, silently). ClickHouse keeps what its type holds (whole
+// seconds in 18.16's `DateTime`).
+async fn instants_keep_their_microseconds(t: &Target) {
+    let sink = t.open().await;
+    common::load(&*sink, 1, json!([
+        {"type": "track", "messageId": "t1", "userId": "u", "event": "Shipped",
+         "properties": {"shipped_at": "2026-11-20T11:00:00.123456+01:00", "paid_at": "2026-11-20T10:00:00.5Z"}},
+        {"type": "track", "messageId": "t2", "userId": "u", "event": "Shipped",
+         "properties": {"shipped_at": "2026-11-20T10:00:00.000001Z", "paid_at": "2026-11-20T10:00:00.123456789Z"}},
+        {"type": "identify", "messageId": "i1", "userId": "u", "traits": {"seen_at": "2026-11-20T10:00:00.654321Z"}}
+    ]))
+    .await;
+    let expected = |us: &str, ch: &str| {
+        if t.is_clickhouse() {
+            s(ch)
+        } else {
+            s(us)
+        }
+    };
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT shipped_at, paid_at FROM shipped ORDER BY message_id"
+        )
+        .await,
+        vec![
+            vec![
+                expected("2026-11-20T10:00:00.123456Z", "2026-11-20T10:00:00.000Z"),
+                expected("2026-11-20T10:00:00.500Z", "2026-11-20T10:00:00.000Z"),
+            ],
+            vec![
+                expected("2026-11-20T10:00:00.000001Z", "2026-11-20T10:00:00.000Z"),
+                // Past the microsecond: dropped (no warehouse here holds them).
+                expected("2026-11-20T10:00:00.123456Z", "2026-11-20T10:00:00.000Z"),
+            ],
+        ]
+    );
+    assert_eq!(
+        rows(&*sink, "SELECT seen_at FROM users").await,
+        vec![vec![expected(
+            "2026-11-20T10:00:00.654321Z",
+            "2026-11-20T10:00:00.000Z"
+        )]]
+    );
+}
+
 // A table stops growing at `tables::MAX_COLUMNS` (1,000) columns, in every sink: the
 // properties past it are recorded in `rejected_values`, with the reason, and stay in
 // the event's JSON; the event and its other properties load, and so do later events.
@@ -963,7 +1011,8 @@ crate::per_target!(
     events_named_after_the_agents_own_tables_get_their_own,
     columns_named_with_a_leading_underscore_are_seen,
     a_table_stops_at_its_column_limit,
-    traits_named_like_identifies_columns_are_users_traits,]
+    traits_named_like_identifies_columns_are_users_traits,
+    instants_keep_their_microseconds,]
 );
 
 // Every PostgreSQL table has hidden system columns (`xmin`, `ctid`, …), which no

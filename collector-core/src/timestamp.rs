@@ -134,6 +134,49 @@ pub fn parse_canonical_ms(s: &str) -> Option<i64> {
     Some(days * 86_400_000 + h * 3_600_000 + m * 60_000 + sec * 1000 + milli)
 }
 
+/// Parses like [`parse_ms`], to Unix microseconds, the precision warehouses keep
+/// (digits past the microsecond are dropped).
+pub fn parse_us(s: &str) -> Option<i64> {
+    let s = s.trim();
+    let dt = OffsetDateTime::parse(s, &Rfc3339)
+        .or_else(|_| OffsetDateTime::parse(s, &Iso8601::DEFAULT))
+        .or_else(|_| PrimitiveDateTime::parse(s, &Iso8601::DEFAULT).map(|p| p.assume_utc()))
+        .ok()?;
+    i64::try_from(dt.unix_timestamp_nanos().div_euclid(1000)).ok()
+}
+
+/// Formats Unix microseconds as [`format_ms`] does, with three more digits when the
+/// instant is not on a whole millisecond (`YYYY-MM-DDTHH:MM:SS.mmmuuuZ`).
+pub fn format_us(us: i64) -> String {
+    let mut out = format_ms(us.div_euclid(1000));
+    let micros = us.rem_euclid(1000);
+    if micros != 0 {
+        out.pop();
+        out.push_str(&format!("{micros:03}Z"));
+    }
+    out
+}
+
+/// Parses exactly what [`format_us`] writes back to Unix microseconds (see
+/// [`parse_canonical_ms`]).
+pub fn parse_canonical_us(s: &str) -> Option<i64> {
+    match s.len() {
+        24 => parse_canonical_ms(s).map(|ms| ms * 1000),
+        27 => {
+            let b = s.as_bytes();
+            if b[26] != b'Z' || !b[23..26].iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            let ms = parse_canonical_ms(&format!("{}Z", &s[..23]))?;
+            let micros = b[23..26]
+                .iter()
+                .fold(0i64, |n, &d| n * 10 + i64::from(d - b'0'));
+            Some(ms * 1000 + micros)
+        }
+        _ => None,
+    }
+}
+
 /// The event times after skew correction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Corrected {
@@ -195,6 +238,32 @@ pub fn correct_skew(received_ms: i64, sent_ms: Option<i64>, original_ms: Option<
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn microseconds_are_kept_and_written_only_when_there_are_some() {
+        let us = parse_us("2026-11-20T10:00:00.123456Z").unwrap();
+        assert_eq!(us, 1_795_168_800_123_456);
+        assert_eq!(format_us(us), "2026-11-20T10:00:00.123456Z");
+        assert_eq!(parse_canonical_us("2026-11-20T10:00:00.123456Z"), Some(us));
+        // Python's isoformat(), with an offset; nanoseconds are dropped.
+        assert_eq!(parse_us("2026-11-20T11:00:00.123456789+01:00"), Some(us));
+        // On a whole millisecond: the usual form.
+        assert_eq!(format_us(1_795_168_800_123_000), "2026-11-20T10:00:00.123Z");
+        assert_eq!(
+            parse_canonical_us("2026-11-20T10:00:00.123Z"),
+            Some(1_795_168_800_123_000)
+        );
+        // Before 1970 the digits still read forwards in time.
+        assert_eq!(format_us(-1), "1969-12-31T23:59:59.999999Z");
+        assert_eq!(parse_us("1969-12-31T23:59:59.999999Z"), Some(-1));
+        for bad in [
+            "2026-11-20T10:00:00.12345xZ",
+            "2026-11-20T10:00:00.123456+",
+            "2026-11-20T10:00:00.1234Z",
+        ] {
+            assert_eq!(parse_canonical_us(bad), None, "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]

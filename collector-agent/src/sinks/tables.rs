@@ -33,7 +33,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use collector_core::timestamp::{format_ms, parse_ms};
+use collector_core::timestamp::{format_us, parse_ms, parse_us};
 use collector_core::EventKind;
 use serde_json::Value;
 
@@ -415,10 +415,12 @@ fn timestamp_text(s: &str) -> Option<String> {
     if !shaped {
         return None;
     }
-    let ms = parse_ms(s)?;
+    // To the microsecond, which DuckDB, PostgreSQL and Parquet keep (a backend's
+    // `isoformat()` sends them); ClickHouse keeps what its type holds.
+    let us = parse_us(s)?;
     (MIN_DYNAMIC_MS..=MAX_DYNAMIC_MS)
-        .contains(&ms)
-        .then(|| format_ms(ms))
+        .contains(&us.div_euclid(1000))
+        .then(|| format_us(us))
 }
 
 /// `v` as text a column of type `ty` takes (cast without loss), or why not.

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use collector_core::timestamp::format_ms;
+use collector_core::timestamp::{format_ms, format_us};
 use collector_core::EventKind;
 use duckdb::types::{TimeUnit, ValueRef};
 use duckdb::{params, Connection};
@@ -743,14 +743,15 @@ fn render(v: ValueRef<'_>) -> Option<String> {
         ValueRef::Double(n) => n.to_string(),
         ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
         ValueRef::Blob(b) => format!("\\x{}", hex::encode(b)),
+        // With microseconds only when an instant has some.
         ValueRef::Timestamp(unit, n) => {
-            let ms = match unit {
-                TimeUnit::Second => n.saturating_mul(1000),
-                TimeUnit::Millisecond => n,
-                TimeUnit::Microsecond => n / 1000,
-                TimeUnit::Nanosecond => n / 1_000_000,
+            let us = match unit {
+                TimeUnit::Second => n.saturating_mul(1_000_000),
+                TimeUnit::Millisecond => n.saturating_mul(1000),
+                TimeUnit::Microsecond => n,
+                TimeUnit::Nanosecond => n.div_euclid(1000),
             };
-            format_ms(ms)
+            format_us(us)
         }
         // A date (the lake's `date` partition) as `YYYY-MM-DD`.
         ValueRef::Date32(days) => {

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use collector_core::timestamp::parse_canonical_ms;
+use collector_core::timestamp::parse_canonical_us;
 
 use crate::sinks::schema::LogicalType;
 use crate::sinks::tables::Cell;
@@ -123,8 +123,8 @@ fn field(ty: PgType, v: &str, out: &mut Vec<u8>) -> bool {
         PgType::Text => bytes(out, &[], v.as_bytes()),
         // jsonb's binary form: version 1, then the JSON text.
         PgType::Jsonb => bytes(out, &[1], v.as_bytes()),
-        PgType::Timestamptz => match parse_canonical_ms(v) {
-            Some(ms) => bytes(out, &[], &timestamptz(ms * 1000)),
+        PgType::Timestamptz => match parse_canonical_us(v) {
+            Some(us) => bytes(out, &[], &timestamptz(us)),
             None => false,
         },
         // The sinks write doubles as Rust prints them (shortest text that reads back

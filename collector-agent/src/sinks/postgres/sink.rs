@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use collector_core::timestamp::{format_ms, parse_ms};
+use collector_core::timestamp::{format_us, parse_us};
 use collector_core::EventKind;
 use futures_util::SinkExt;
 use tokio::sync::Mutex;
@@ -852,8 +852,8 @@ fn render(v: &str) -> String {
         && v.ends_with("+00");
     if looks_like_instant {
         let iso = format!("{}T{}Z", &v[..10], &v[11..v.len() - 3]);
-        if let Some(ms) = parse_ms(&iso) {
-            return format_ms(ms);
+        if let Some(us) = parse_us(&iso) {
+            return format_us(us);
         }
     }
     v.to_string()
