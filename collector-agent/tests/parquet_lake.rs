@@ -429,7 +429,7 @@ async fn a_load_of_many_event_days_is_one_file_per_table() {
 
 // A lake from before migration 9 had `users` as a view over `identifies`' columns
 // (which lost traits named like them). At its next open `users` becomes a table of the
-// state file, filled from the identifies already in its files, a page of 5,000 at a
+// state file, filled from the identifies already in its files, one file at a
 // time: it ends up holding exactly what the loads write into it now (values, and the
 // identify each value came from), so later identifies merge with it as usual.
 #[tokio::test]

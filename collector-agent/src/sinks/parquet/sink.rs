@@ -103,15 +103,14 @@ ALTER TABLE loaded_batches ADD COLUMN staged VARCHAR;"
 /// ([`backfill_users`]).
 const USERS_BACKFILL: &str = "collector_users_backfill";
 
-/// Identifies prepared again at a time by [`backfill_users`].
-const BACKFILL_PAGE: i64 = 5_000;
-
 /// Fills `users` from the identifies already in the lake's files, once, after
-/// migration 9 (a fresh lake has none: the mark just goes). Each identify's event
-/// (`raw`) is prepared again, a page at a time, and merged as its load's `users` rows
-/// would have been ([`write_users`]; the merge does not depend on order or pages).
-/// One transaction with the mark's removal: a crash midway leaves the mark, and the
-/// next open starts again from nothing. Returns the catalog with `users`' columns.
+/// migration 9 (a fresh lake has none: the mark just goes). The files are read one at
+/// a time (each holds one load's identifies of one day, so memory stays bounded
+/// whatever the lake's size); each identify's event (`raw`) is prepared again and
+/// merged as its load's `users` rows would have been ([`write_users`]; the merge does
+/// not depend on order or grouping). One transaction with the mark's removal: a crash
+/// midway leaves the mark, and the next open starts again from nothing. Called after
+/// the committed files are in place. Returns the catalog with `users`' columns.
 fn backfill_users(
     conn: &mut Connection,
     mut catalog: Catalog,
@@ -127,9 +126,22 @@ fn backfill_users(
     if marked == 0 {
         return Ok(catalog);
     }
-    refresh_views(conn, &catalog, root)?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root.join("table=identifies"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|date| {
+            std::fs::read_dir(date.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .map(|f| f.path())
+        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("parquet"))
+        .collect();
+    files.sort();
     let tx = conn.transaction().map_err(transient)?;
-    // The columns the catalog already lists for `users` (a view had them before).
+    // The columns the catalog already lists for `users` (the view had them).
     for (name, ty) in catalog.columns("users") {
         tx.execute_batch(&format!(
             "ALTER TABLE users ADD COLUMN IF NOT EXISTS {} {}",
@@ -138,33 +150,17 @@ fn backfill_users(
         ))
         .map_err(transient)?;
     }
-    tx.execute_batch(
-        "CREATE OR REPLACE TEMP TABLE collector_stage_backfill AS
-           SELECT message_id, CAST(raw AS VARCHAR) AS raw, row_number() OVER (ORDER BY message_id) AS n
-           FROM identifies WHERE user_id IS NOT NULL",
-    )
-    .map_err(transient)?;
-    let total: i64 = tx
-        .query_row("SELECT count(*) FROM collector_stage_backfill", [], |r| {
-            r.get(0)
-        })
-        .map_err(transient)?;
-    if total > 0 {
-        tracing::info!(
-            identifies = total,
-            "lake: filling users from the identifies already loaded (once, after an upgrade)"
-        );
-    }
-    let (mut at, mut unprepared) = (0i64, 0usize);
-    while at < total {
+    let (mut read, mut unprepared) = (0usize, 0usize);
+    for file in &files {
         let events: Vec<StoredEvent> = {
             let mut stmt = tx
-                .prepare(
-                    "SELECT message_id, raw FROM collector_stage_backfill WHERE n > ? AND n <= ?",
-                )
+                .prepare(&format!(
+                    "SELECT message_id, CAST(raw AS VARCHAR) FROM read_parquet({}) WHERE user_id IS NOT NULL",
+                    lit(&file.display().to_string())
+                ))
                 .map_err(transient)?;
             let rows = stmt
-                .query_map(params![at, at + BACKFILL_PAGE], |r| {
+                .query_map([], |r| {
                     Ok(StoredEvent {
                         message_id: r.get(0)?,
                         kind: EventKind::Identify,
@@ -178,8 +174,9 @@ fn backfill_users(
                 .map_err(transient)?;
             rows.collect::<Result<_, _>>().map_err(transient)?
         };
+        read += events.len();
         let p = schema::prepare(Load::events(0, 0, events));
-        // Loaded once, so each prepares again; an agent that no longer can says so.
+        // Each loaded once, so each prepares again; an agent that no longer can says so.
         unprepared += p.quarantine.len();
         let plan = catalog.plan(&p);
         apply_plan_ddl(&tx, &plan, |t| t == "users")?;
@@ -188,7 +185,6 @@ fn backfill_users(
             write_users(&tx, users, &KnownIds::default())?;
         }
         catalog = plan.catalog;
-        at += BACKFILL_PAGE;
     }
     if unprepared > 0 {
         tracing::warn!(
@@ -197,10 +193,17 @@ fn backfill_users(
         );
     }
     tx.execute_batch(&format!(
-        "DROP TABLE collector_stage_backfill; DROP TABLE IF EXISTS stage_users; DROP TABLE {USERS_BACKFILL};"
+        "DROP TABLE IF EXISTS stage_users; DROP TABLE {USERS_BACKFILL};"
     ))
     .map_err(transient)?;
     tx.commit().map_err(transient)?;
+    if read > 0 {
+        tracing::info!(
+            identifies = read,
+            files = files.len(),
+            "lake: users filled from the identifies already loaded (once, after an upgrade)"
+        );
+    }
     Ok(catalog)
 }
 
