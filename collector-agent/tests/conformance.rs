@@ -919,6 +919,59 @@ async fn instants_keep_their_microseconds(t: &Target) {
     );
 }
 
+// Several fields of one event can map to one column (`orderId`, `order_id` and
+// `Order ID` are all `order_id`; `{"a": {"b": 1}}` and `a_b` are both `a_b`): the first
+// is stored, and `rejected_values` (one row per event, table and column) names the
+// next one and counts the others. ClickHouse kept the last one and the others the
+// next, so the sinks disagreed, and a third field was in no row.
+async fn fields_that_map_to_one_column_are_recorded_once(t: &Target) {
+    let sink = t.open().await;
+    common::load(&*sink, 1, json!([
+        {"type": "track", "messageId": "c1", "userId": "u", "event": "Coll",
+         "properties": {"orderId": 1, "order_id": "two", "Order ID": true, "a": {"b": 5}, "a_b": "x",
+                        "userId": "p", "user_id": "q"}},
+        {"type": "track", "messageId": "c2", "userId": "u", "event": "Coll", "properties": {"order_id": 7, "a_b": 6}}
+    ]))
+    .await;
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT message_id, order_id, a_b FROM coll ORDER BY message_id"
+        )
+        .await,
+        vec![vec![s("c1"), s("1"), s("5")], vec![s("c2"), s("7"), s("6")]]
+    );
+    let more = " (and 1 more field of this event that map to this column, not stored either; all are in the event's JSON)";
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT column_name, value, reason FROM rejected_values WHERE table_name = 'coll' ORDER BY column_name"
+        )
+        .await,
+        vec![
+            vec![
+                s("a_b"),
+                s(r#""x""#),
+                s("another field of this event already maps to column `a_b`")
+            ],
+            vec![
+                s("order_id"),
+                s(r#""two""#),
+                Some(format!(
+                    "another field of this event already maps to column `order_id`{more}"
+                ))
+            ],
+            vec![
+                s("user_id"),
+                s(r#""p""#),
+                Some(format!(
+                    "`user_id` is a reserved column of this table; the value stays in the event's JSON{more}"
+                ))
+            ],
+        ]
+    );
+}
+
 // A table stops growing at `tables::MAX_COLUMNS` (1,000) columns, in every sink: the
 // properties past it are recorded in `rejected_values`, with the reason, and stay in
 // the event's JSON; the event and its other properties load, and so do later events.
@@ -1012,7 +1065,8 @@ crate::per_target!(
     columns_named_with_a_leading_underscore_are_seen,
     a_table_stops_at_its_column_limit,
     traits_named_like_identifies_columns_are_users_traits,
-    instants_keep_their_microseconds,]
+    instants_keep_their_microseconds,
+    fields_that_map_to_one_column_are_recorded_once,]
 );
 
 // Every PostgreSQL table has hidden system columns (`xmin`, `ctid`, …), which no

@@ -830,16 +830,26 @@ impl<'a, 'c> Builder<'a, 'c> {
         let seen = &mut self.seen;
         seen.clear();
         seen.resize(self.added.len(), false);
+        // This row's rejections, one per column (`rejected_values` is keyed so), with
+        // how many more fields of the event mapped to that column and were not stored.
+        let mut row_rejected: Vec<(Rejected, usize)> = Vec::new();
         for (name, v) in flat.map(|p| (&p.0, &p.1)) {
             let name = bounded(name);
-            let mut reject = |reason: String| {
-                rejected.push(Rejected {
-                    message_id: message_id.to_string(),
-                    table_name: self.table.clone(),
-                    column_name: name.to_string(),
-                    value: cut(v.to_string()),
-                    reason,
-                })
+            let mut reject = |reason: String| match row_rejected
+                .iter_mut()
+                .find(|(r, _)| r.column_name == name.as_ref())
+            {
+                Some((_, more)) => *more += 1,
+                None => row_rejected.push((
+                    Rejected {
+                        message_id: message_id.to_string(),
+                        table_name: self.table.clone(),
+                        column_name: name.to_string(),
+                        value: cut(v.to_string()),
+                        reason,
+                    },
+                    0,
+                )),
             };
             if self.fixed.iter().any(|c| c.name == name)
                 || name == schema::LOADED_AT
@@ -887,6 +897,15 @@ impl<'a, 'c> Builder<'a, 'c> {
                 Ok(text) => row[base + i] = Some(text),
                 Err(reason) => reject(reason),
             }
+        }
+        for (mut r, more) in row_rejected {
+            if more > 0 {
+                let fields = if more == 1 { "field" } else { "fields" };
+                r.reason.push_str(&format!(
+                    " (and {more} more {fields} of this event that map to this column, not stored either; all are in the event's JSON)"
+                ));
+            }
+            rejected.push(r);
         }
         self.rows.push(row);
         self.batch_ids.push(batch_id);
