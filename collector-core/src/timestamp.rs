@@ -7,12 +7,17 @@ use time::{OffsetDateTime, PrimitiveDateTime};
 /// Parses an ISO-8601 / RFC 3339 date-time to Unix milliseconds. A value without an
 /// offset is taken as UTC. Returns `None` for anything else.
 pub fn parse_ms(s: &str) -> Option<i64> {
+    i64::try_from(parse_nanos(s)? / 1_000_000).ok()
+}
+
+/// An ISO-8601 / RFC 3339 date-time as Unix nanoseconds (UTC when it has no offset).
+fn parse_nanos(s: &str) -> Option<i128> {
     let s = s.trim();
     let dt = OffsetDateTime::parse(s, &Rfc3339)
         .or_else(|_| OffsetDateTime::parse(s, &Iso8601::DEFAULT))
         .or_else(|_| PrimitiveDateTime::parse(s, &Iso8601::DEFAULT).map(|p| p.assume_utc()))
         .ok()?;
-    i64::try_from(dt.unix_timestamp_nanos() / 1_000_000).ok()
+    Some(dt.unix_timestamp_nanos())
 }
 
 /// Formats Unix milliseconds as `YYYY-MM-DDTHH:MM:SS.mmmZ`. Out-of-range values are
@@ -137,12 +142,7 @@ pub fn parse_canonical_ms(s: &str) -> Option<i64> {
 /// Parses like [`parse_ms`], to Unix microseconds, the precision warehouses keep
 /// (digits past the microsecond are dropped).
 pub fn parse_us(s: &str) -> Option<i64> {
-    let s = s.trim();
-    let dt = OffsetDateTime::parse(s, &Rfc3339)
-        .or_else(|_| OffsetDateTime::parse(s, &Iso8601::DEFAULT))
-        .or_else(|_| PrimitiveDateTime::parse(s, &Iso8601::DEFAULT).map(|p| p.assume_utc()))
-        .ok()?;
-    i64::try_from(dt.unix_timestamp_nanos().div_euclid(1000)).ok()
+    i64::try_from(parse_nanos(s)?.div_euclid(1000)).ok()
 }
 
 /// Formats Unix microseconds as [`format_ms`] does, with three more digits when the
