@@ -972,6 +972,32 @@ async fn fields_that_map_to_one_column_are_recorded_once(t: &Target) {
     );
 }
 
+// A trait's column in `users` has the type of its column in `identifies`. Typed by
+// its own first value, `users.plan` became a number (the first identify with a user
+// id sent `5`) where `identifies.plan` was text (an anonymous identify sent "pro"
+// first): a later "enterprise" was in `identifies` and silently not in `users`, which
+// kept `5`, and no `rejected_values` row said so.
+async fn users_traits_take_identifies_types(t: &Target) {
+    let sink = t.open().await;
+    common::load(&*sink, 1, json!([
+        {"type": "identify", "messageId": "i1", "anonymousId": "a", "timestamp": "2026-11-20T10:00:00Z", "traits": {"plan": "pro"}},
+        {"type": "identify", "messageId": "i2", "userId": "u", "timestamp": "2026-11-20T11:00:00Z", "traits": {"plan": 5}}
+    ]))
+    .await;
+    common::load(&*sink, 2, json!([
+        {"type": "identify", "messageId": "i3", "userId": "u", "timestamp": "2026-11-20T12:00:00Z", "traits": {"plan": "enterprise"}}
+    ]))
+    .await;
+    assert_eq!(
+        rows(&*sink, "SELECT id, plan FROM users").await,
+        vec![vec![s("u"), s("enterprise")]]
+    );
+    assert_eq!(
+        one(&*sink, "SELECT count(*) FROM rejected_values").await,
+        s("0")
+    );
+}
+
 // A table stops growing at `tables::MAX_COLUMNS` (1,000) columns, in every sink: the
 // properties past it are recorded in `rejected_values`, with the reason, and stay in
 // the event's JSON; the event and its other properties load, and so do later events.
@@ -1028,12 +1054,52 @@ async fn a_table_stops_at_its_column_limit(t: &Target) {
     );
 }
 
+// A `users` column made before its type followed `identifies'` can still differ
+// from it: a trait value `identifies` holds and `users` cannot is then recorded in
+// `rejected_values` under `users` (before, nowhere), and the user keeps the latest
+// value it could hold.
+async fn users_values_an_older_column_cannot_hold_are_recorded(t: &Target) {
+    let sink = t.open().await;
+    let double = if matches!(t, Target::Postgres(..)) {
+        "double precision"
+    } else {
+        "DOUBLE"
+    };
+    for sql in [
+        format!("ALTER TABLE users ADD COLUMN plan {double}"),
+        "INSERT INTO collector_columns VALUES ('users', 'plan', 'double', 0, now())".to_string(),
+    ] {
+        sink.query(&sql).await.unwrap();
+    }
+    drop(sink);
+    let sink = t.open().await;
+    common::load(&*sink, 1, json!([
+        {"type": "identify", "messageId": "i0", "anonymousId": "a", "timestamp": "2026-11-20T10:00:00Z", "traits": {"plan": "pro"}},
+        {"type": "identify", "messageId": "i1", "userId": "u", "timestamp": "2026-11-20T11:00:00Z", "traits": {"plan": 5}},
+        {"type": "identify", "messageId": "i2", "userId": "u", "timestamp": "2026-11-20T12:00:00Z", "traits": {"plan": "enterprise"}}
+    ]))
+    .await;
+    assert_eq!(
+        rows(&*sink, "SELECT id, plan FROM users").await,
+        vec![vec![s("u"), s("5")]]
+    );
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT message_id, table_name, column_name, value FROM rejected_values"
+        )
+        .await,
+        vec![vec![s("i2"), s("users"), s("plan"), s(r#""enterprise""#)]]
+    );
+}
+
 // (In a module of their own: the shared scenarios' modules are `duckdb`, `postgres`, ….)
 mod upgraded {
     use super::*;
     crate::per_target!(
         [duckdb, postgres]
-        [users_of_an_older_warehouse_keep_their_values,]
+        [users_of_an_older_warehouse_keep_their_values,
+        users_values_an_older_column_cannot_hold_are_recorded,]
     );
 }
 
@@ -1066,7 +1132,8 @@ crate::per_target!(
     a_table_stops_at_its_column_limit,
     traits_named_like_identifies_columns_are_users_traits,
     instants_keep_their_microseconds,
-    fields_that_map_to_one_column_are_recorded_once,]
+    fields_that_map_to_one_column_are_recorded_once,
+    users_traits_take_identifies_types,]
 );
 
 // Every PostgreSQL table has hidden system columns (`xmin`, `ctid`, …), which no

@@ -783,6 +783,9 @@ struct Builder<'a, 'c> {
     message_ids: Vec<&'a str>,
     /// Scratch: which added columns the row being pushed has filled.
     seen: Vec<bool>,
+    /// The type a new column takes when it is named here (`users` takes `identifies'`
+    /// types); otherwise its first value's.
+    types: HashMap<String, LogicalType>,
 }
 
 impl<'a, 'c> Builder<'a, 'c> {
@@ -809,6 +812,7 @@ impl<'a, 'c> Builder<'a, 'c> {
             batch_ids: Vec::new(),
             message_ids: Vec::new(),
             seen: Vec::new(),
+            types: HashMap::new(),
         }
     }
 
@@ -870,7 +874,11 @@ impl<'a, 'c> Builder<'a, 'c> {
                         ));
                         continue;
                     }
-                    let ty = infer(v);
+                    let ty = self
+                        .types
+                        .get(name.as_ref())
+                        .copied()
+                        .unwrap_or_else(|| infer(v));
                     self.added.push((name.to_string(), ty));
                     self.index.insert(name.to_string(), self.added.len() - 1);
                     new_columns.push(NewColumn {
@@ -1115,8 +1123,17 @@ impl Catalog {
 
         let users = users_rows(p);
         if !users.is_empty() {
+            // A trait's column in `users` has the type of its column in `identifies`,
+            // so a value `identifies` holds, `users` holds too (typed by its own first
+            // value, `users.plan` could be a number where `identifies.plan` is text,
+            // and a later "enterprise" would fit one and not the other).
+            let types = tables
+                .get("identifies")
+                .map(|c| c.iter().cloned().collect())
+                .unwrap_or_default();
             let added = tables.get_mut("users").expect("users");
             let mut b = Builder::new("users".into(), TableKind::Users, added, self.reserved);
+            b.types = types;
             for (message_id, fixed, traits) in users {
                 b.push(
                     message_id,
@@ -1129,9 +1146,19 @@ impl Catalog {
             }
             plan.loads.push(b.finish());
         }
-        // Only events' own rejections are kept (each is also rejected on
-        // `identifies`).
-        plan.rejected.retain(|r| r.table_name != "users");
+        // A trait `users` could not hold is recorded under `users` only when
+        // `identifies` held it (otherwise `identifies`' row says it already): a
+        // column `users` got before its types followed `identifies'`.
+        let on_identifies: BTreeSet<(String, String)> = plan
+            .rejected
+            .iter()
+            .filter(|r| r.table_name == "identifies")
+            .map(|r| (r.message_id.clone(), r.column_name.clone()))
+            .collect();
+        plan.rejected.retain(|r| {
+            r.table_name != "users"
+                || !on_identifies.contains(&(r.message_id.clone(), r.column_name.clone()))
+        });
         plan.catalog = catalog;
         plan
     }
