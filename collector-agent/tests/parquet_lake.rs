@@ -352,10 +352,12 @@ async fn properties_named_like_the_partition_keys_are_not_columns() {
         {"type": "track", "messageId": "b1", "userId": "u", "event": "Booked", "timestamp": "2026-11-24T10:00:00Z",
          "properties": {"date": "2026-01-01", "table": "t4", "x": 1}},
         {"type": "page", "messageId": "b2", "userId": "u", "timestamp": "2026-11-24T10:00:00Z",
-         "properties": {"date": "2026-01-02", "table": "t5"}}
+         "properties": {"date": "2026-01-02", "table": "t5"}},
+        {"type": "identify", "messageId": "b3", "userId": "u", "timestamp": "2026-11-24T10:00:00Z",
+         "traits": {"date": "2026-01-03", "table": "t6"}}
     ]});
     let st = sink.load(&Load::events(0, 1, events(batch))).await.unwrap();
-    assert_eq!((st.inserted, st.quarantined), (2, 0), "{st:?}");
+    assert_eq!((st.inserted, st.quarantined), (3, 0), "{st:?}");
     let r = sink
         .query("SELECT message_id, table_name, column_name, value FROM rejected_values ORDER BY 1, 2, 3")
         .await
@@ -368,8 +370,17 @@ async fn properties_named_like_the_partition_keys_are_not_columns() {
             vec![s("b1"), s("booked"), s("table"), s("\"t4\"")],
             vec![s("b2"), s("pages"), s("date"), s("\"2026-01-02\"")],
             vec![s("b2"), s("pages"), s("table"), s("\"t5\"")],
+            vec![s("b3"), s("identifies"), s("date"), s("\"2026-01-03\"")],
+            vec![s("b3"), s("identifies"), s("table"), s("\"t6\"")],
         ]
     );
+    // `users` is a table of the state file, not files: such traits are its columns,
+    // as in every other warehouse.
+    let r = sink
+        .query("SELECT id, date, \"table\" FROM users")
+        .await
+        .unwrap();
+    assert_eq!(r.rows, vec![vec![s("u"), s("2026-01-03"), s("t6")]]);
     // The view's `date` is the partition's; the property is in the JSON.
     let r = sink
         .query("SELECT date, x, (SELECT properties->>'date' FROM tracks) FROM booked")

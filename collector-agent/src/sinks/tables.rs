@@ -697,6 +697,9 @@ pub struct Catalog {
     /// Column names every table of this sink keeps for itself besides the fixed ones
     /// (the lake's partition keys, `table` and `date`).
     reserved: &'static [&'static str],
+    /// `reserved` is kept out of the event tables only, not out of `users` (the lake's
+    /// `users` is a table of its state file, not files with partition keys).
+    reserved_in_files_only: bool,
     /// Relations in the warehouse's schema that the agent did not make (an analyst's
     /// table or view, a dbt model): no per-event table takes their names.
     foreign: BTreeSet<String>,
@@ -947,6 +950,14 @@ impl Catalog {
         self
     }
 
+    /// [`Catalog::reserving`], for the tables whose rows are files (every table but
+    /// `users`).
+    pub fn reserving_in_files(mut self, names: &'static [&'static str]) -> Catalog {
+        self.reserved = names;
+        self.reserved_in_files_only = true;
+        self
+    }
+
     /// This catalog, knowing the names of every relation in the warehouse's schema (its
     /// tables, views, indexes); those it did not make are an analyst's, which a
     /// per-event table must neither write into nor replace.
@@ -1132,7 +1143,12 @@ impl Catalog {
                 .map(|c| c.iter().cloned().collect())
                 .unwrap_or_default();
             let added = tables.get_mut("users").expect("users");
-            let mut b = Builder::new("users".into(), TableKind::Users, added, self.reserved);
+            let reserved = if self.reserved_in_files_only {
+                &[]
+            } else {
+                self.reserved
+            };
+            let mut b = Builder::new("users".into(), TableKind::Users, added, reserved);
             b.types = types;
             for (message_id, fixed, traits) in users {
                 b.push(

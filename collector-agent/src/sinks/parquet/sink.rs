@@ -228,7 +228,7 @@ impl ParquetSink {
         apply_migrations(&mut conn, migrations())?;
         publish_pending(&conn, root)?;
         remove_stale_staged(&conn, root)?;
-        let catalog = load_catalog(&conn)?.reserving(PARTITION_COLUMNS);
+        let catalog = load_catalog(&conn)?.reserving_in_files(PARTITION_COLUMNS);
         let catalog = backfill_users(&mut conn, catalog, root)?;
         Ok(ParquetSink {
             root: root.to_path_buf(),
@@ -251,7 +251,7 @@ impl ParquetSink {
                 Err(poisoned) => {
                     conn.clear_poison();
                     let mut g = poisoned.into_inner();
-                    g.1 = load_catalog(&g.0)?.reserving(PARTITION_COLUMNS);
+                    g.1 = load_catalog(&g.0)?.reserving_in_files(PARTITION_COLUMNS);
                     g
                 }
             };
