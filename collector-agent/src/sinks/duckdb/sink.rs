@@ -1083,9 +1083,8 @@ pub(crate) fn stage(tx: &duckdb::Transaction<'_>, load: &TableLoad) -> Result<()
     app.flush().map_err(classify)
 }
 
-/// Registers the staged ids that are new to the warehouse under `load_id`.
-/// Registers the new ids of a staged base-table load; returns the ids the registry
-/// held already.
+/// Registers under `load_id` the ids of a staged base-table load that are new to the
+/// warehouse; returns the ids the registry held already.
 pub(crate) fn register(
     tx: &duckdb::Transaction<'_>,
     load: &TableLoad,
