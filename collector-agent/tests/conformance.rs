@@ -998,6 +998,83 @@ async fn users_traits_take_identifies_types(t: &Target) {
     );
 }
 
+// A redelivered event whose content differs from the stored copy (same `messageId`,
+// other properties: a client bug, or a hostile sender) changes nothing: the load
+// plans its columns from the events new to the warehouse only. Before, the duplicate's
+// properties added columns (typed by their values) and tables that no stored row
+// filled, and a later event's values were cast to, or refused by, that type.
+async fn a_redelivery_with_other_content_changes_no_schema(t: &Target) {
+    let sink = t.open().await;
+    common::load(&*sink, 1, json!([
+        {"type": "track", "messageId": "m1", "userId": "u", "event": "Order Completed", "properties": {"revenue": 10}},
+        {"type": "identify", "messageId": "i1", "userId": "u", "traits": {"plan": "pro"}},
+        {"type": "page", "messageId": "p1", "userId": "u", "name": "Home"}
+    ]))
+    .await;
+    // The same ids, other content, beside one new event.
+    let st = sink
+        .load(&Load::events(0, 2, events(json!({"batch": [
+            {"type": "track", "messageId": "m1", "userId": "u", "event": "Order Completed", "properties": {"revenue": "ten", "coupon": "X"}},
+            {"type": "track", "messageId": "i1", "userId": "u", "event": "Secret Event", "properties": {"a": 1}},
+            {"type": "identify", "messageId": "p1", "userId": "u", "traits": {"plan": 7, "age": "thirty"}},
+            {"type": "page", "messageId": "m1", "userId": "u", "name": "Home", "properties": {"ref": "dup"}},
+            {"type": "track", "messageId": "m2", "userId": "u", "event": "Order Completed", "properties": {"revenue": 5}}
+        ]}))))
+        .await
+        .unwrap();
+    assert_eq!((st.inserted, st.duplicates), (1, 4));
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT table_name FROM collector_tables ORDER BY table_name"
+        )
+        .await,
+        vec![vec![s("order_completed")]]
+    );
+    assert_eq!(
+        rows(&*sink, "SELECT table_name, column_name FROM collector_columns WHERE column_name IN ('coupon', 'a', 'age', 'ref') ORDER BY table_name, column_name").await,
+        Vec::<Vec<Option<String>>>::new()
+    );
+    assert_eq!(
+        one(&*sink, "SELECT count(*) FROM rejected_values").await,
+        s("0")
+    );
+    // A later event types the columns the duplicate would have.
+    common::load(&*sink, 3, json!([
+        {"type": "track", "messageId": "m3", "userId": "u", "event": "Order Completed", "properties": {"revenue": 7, "coupon": 20}},
+        {"type": "identify", "messageId": "i2", "userId": "u", "traits": {"age": 30}}
+    ]))
+    .await;
+    assert_eq!(
+        rows(&*sink, "SELECT table_name, column_name, type FROM collector_columns WHERE column_name IN ('coupon', 'age') ORDER BY table_name, column_name").await,
+        vec![
+            vec![s("identifies"), s("age"), s("double")],
+            vec![s("order_completed"), s("coupon"), s("double")],
+            vec![s("users"), s("age"), s("double")],
+        ]
+    );
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT message_id, revenue FROM order_completed ORDER BY message_id"
+        )
+        .await,
+        vec![
+            vec![s("m1"), s("10")],
+            vec![s("m2"), s("5")],
+            vec![s("m3"), s("7")],
+        ]
+    );
+    assert_eq!(
+        rows(&*sink, "SELECT plan, age FROM users").await,
+        vec![vec![s("pro"), s("30")]]
+    );
+    assert_eq!(
+        one(&*sink, "SELECT count(*) FROM rejected_values").await,
+        s("0")
+    );
+}
+
 // A table stops growing at `tables::MAX_COLUMNS` (1,000) columns, in every sink: the
 // properties past it are recorded in `rejected_values`, with the reason, and stay in
 // the event's JSON; the event and its other properties load, and so do later events.
@@ -1133,7 +1210,8 @@ crate::per_target!(
     traits_named_like_identifies_columns_are_users_traits,
     instants_keep_their_microseconds,
     fields_that_map_to_one_column_are_recorded_once,
-    users_traits_take_identifies_types,]
+    users_traits_take_identifies_types,
+    a_redelivery_with_other_content_changes_no_schema,]
 );
 
 // Every PostgreSQL table has hidden system columns (`xmin`, `ctid`, …), which no

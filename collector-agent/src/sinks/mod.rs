@@ -52,6 +52,16 @@ impl LoadStats {
         }
     }
 
+    /// Counts a load's rows: those of `fresh` (its rows new to the warehouse,
+    /// [`schema::Prepared::new_rows`]) inserted into their kind's table, the rest of
+    /// `p`'s duplicates.
+    pub fn count_fresh(&mut self, p: &schema::Prepared, fresh: &schema::Prepared) {
+        for r in &fresh.rows {
+            self.inserted_into(r.kind, 1);
+        }
+        self.duplicates += (p.rows.len() - fresh.rows.len()) as u64;
+    }
+
     pub fn add(&mut self, o: LoadStats) {
         for (a, b) in self.by_table.iter_mut().zip(o.by_table) {
             *a += b;
@@ -348,38 +358,6 @@ pub async fn replay_all(
     }
     r.loads.add(sink.replay_quarantine(ids).await?);
     Ok(r)
-}
-
-/// The ids of a load that were in the warehouse before it (usually none): their rows
-/// are not written again. A message id is unique across the warehouse's tables, so
-/// one set serves every table of the load.
-#[derive(Debug, Default)]
-pub struct KnownIds(std::collections::HashSet<String>);
-
-impl From<std::collections::HashSet<String>> for KnownIds {
-    /// The ids the warehouse held before the load.
-    fn from(known: std::collections::HashSet<String>) -> KnownIds {
-        KnownIds(known)
-    }
-}
-
-impl KnownIds {
-    /// Records that of `ids` (a table's rows), only `new` were registered by this load.
-    pub fn add_all_but<'a>(
-        &mut self,
-        ids: impl IntoIterator<Item = &'a str>,
-        new: &std::collections::HashSet<String>,
-    ) {
-        self.0.extend(
-            ids.into_iter()
-                .filter(|id| !new.contains(*id))
-                .map(String::from),
-        );
-    }
-
-    pub fn is_new(&self, id: &str) -> bool {
-        !self.0.contains(id)
-    }
 }
 
 /// A load that has failed transiently, attempt after attempt, for

@@ -472,14 +472,31 @@ impl Prepared {
             event: row.event_json().to_string(),
         }
     }
+
+    /// The rows to plan and write: those `is_new` says the warehouse does not hold yet
+    /// (borrowed when all are, the usual case). A redelivered event whose content
+    /// differs from the stored copy must not grow the schema with columns or tables
+    /// that no stored row fills. Only the rows are kept: quarantine and dead letters
+    /// are written from the whole load.
+    pub fn new_rows(&self, is_new: impl Fn(&PreparedRow) -> bool) -> Cow<'_, Prepared> {
+        if self.rows.iter().all(&is_new) {
+            return Cow::Borrowed(self);
+        }
+        Cow::Owned(Prepared {
+            shard: self.shard,
+            replay: self.replay,
+            rows: self.rows.iter().filter(|r| is_new(r)).cloned().collect(),
+            ..Prepared::default()
+        })
+    }
 }
 
-/// Prepares a load: rows for what the warehouse can take, quarantine entries for what it
-/// cannot, dead letters for undecodable batches, in-load duplicates skipped.
 /// The message id that makes [`prepare`] panic, in this crate's unit tests.
 #[cfg(test)]
 pub(crate) const PANIC_IN_PREPARE: &str = "test-panic-in-prepare";
 
+/// Prepares a load: rows for what the warehouse can take, quarantine entries for what it
+/// cannot, dead letters for undecodable batches, in-load duplicates skipped.
 pub fn prepare(load: Load) -> Prepared {
     let mut p = Prepared {
         shard: load.shard,

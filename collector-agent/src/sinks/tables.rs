@@ -1239,14 +1239,10 @@ pub type StoredKeys = HashMap<String, HashMap<String, TraitKey>>;
 /// warehouse holds for its users. Order-free: the result depends only on the
 /// identifies, never on how they were split into loads.
 ///
-/// Only identifies for which `fresh(message_id)` holds count: one whose id the warehouse
-/// already had (a redelivery, or another event's id) is not in `identifies`, so it
-/// says nothing of the user either.
-pub fn merge_users<'a>(
-    load: &TableLoad<'a>,
-    stored: &StoredKeys,
-    fresh: impl Fn(&str) -> bool,
-) -> MergedUsers<'a> {
+/// The load holds only identifies new to the warehouse (sinks plan from those,
+/// [`Prepared::new_rows`]): one whose id the warehouse already had (a redelivery, or
+/// another event's id) is not in `identifies`, so it says nothing of the user either.
+pub fn merge_users<'a>(load: &TableLoad<'a>, stored: &StoredKeys) -> MergedUsers<'a> {
     let col = |name: &str| load.columns.iter().position(|(n, _)| n == name);
     let (ts_at, received_at) = (col("timestamp"), col("received_at"));
     let keyed: Vec<usize> = (0..load.columns.len())
@@ -1262,9 +1258,6 @@ pub fn merge_users<'a>(
         let Some(id) = row.first().and_then(|c| c.as_deref()) else {
             continue;
         };
-        if !fresh(message_id) {
-            continue;
-        }
         let ts_ms = ts_at
             .and_then(|i| row.get(i)?.as_deref())
             .and_then(parse_ms)
@@ -1402,7 +1395,7 @@ mod tests {
             ("m2", "u", "2026-11-21T00:00:00.000Z", Some("pro")),
             ("m0", "u", "2026-11-21T00:00:00.000Z", Some("team")),
         ]);
-        let m = merge_users(&load, &HashMap::new(), |_| true);
+        let m = merge_users(&load, &HashMap::new());
         assert_eq!(m.rows.len(), 1);
         // `plan` from the latest identify that has it (m2 over m0 at one instant);
         // `timestamp` the latest of all.
@@ -1422,22 +1415,22 @@ mod tests {
             "u".to_string(),
             HashMap::from([("plan".to_string(), key("2026-11-21T12:00:00.000Z", "x"))]),
         )]);
-        let m = merge_users(&load, &stored, |_| true);
+        let m = merge_users(&load, &stored);
         assert_eq!(m.rows[0][4], None);
         assert!(m.keys.is_empty());
         // The same identifies in any order, in any split, give the same result.
-        let whole = merge_users(&load, &HashMap::new(), |_| true);
+        let whole = merge_users(&load, &HashMap::new());
         let mut rev = users_load(&[]);
         rev.rows = load.rows.iter().rev().cloned().collect();
         rev.message_ids = load.message_ids.iter().rev().copied().collect();
-        assert_eq!(merge_users(&rev, &HashMap::new(), |_| true), whole);
+        assert_eq!(merge_users(&rev, &HashMap::new()), whole);
         let mut stored = StoredKeys::new();
         let mut last = None;
         for i in [3, 0, 2, 1] {
             let mut one = users_load(&[]);
             one.rows = vec![load.rows[i].clone()];
             one.message_ids = vec![load.message_ids[i]];
-            let m = merge_users(&one, &stored, |_| true);
+            let m = merge_users(&one, &stored);
             for (id, json) in user_keys_rows(&stored, &m.keys) {
                 read_user_keys(&id, &json, &mut stored);
             }

@@ -1089,20 +1089,10 @@ impl ClickHouseSink {
             !r.batch_id.is_some_and(|b| loaded_batches.contains(&b))
                 && !known.contains(r.message_id())
         };
-        // The rows to write: the load's own when all are new (the usual case), else a
-        // copy of the new ones.
-        let copy;
-        let (fresh, planned): (&Prepared, _) = if p.rows.iter().all(is_new) {
-            (p, Some(planned))
-        } else {
-            copy = Prepared {
-                shard: p.shard,
-                replay: p.replay,
-                rows: p.rows.iter().filter(|r| is_new(r)).cloned().collect(),
-                ..Prepared::default()
-            };
-            (&copy, None)
-        };
+        // The rows to plan and write: the load's own when all are new (the usual case),
+        // else the new ones, planned again.
+        let fresh = p.new_rows(is_new);
+        let planned = matches!(fresh, std::borrow::Cow::Borrowed(_)).then_some(planned);
         stats.duplicates += (p.rows.len() - fresh.rows.len()) as u64;
 
         // Dead letters, and dead letters resolved by this load.
@@ -1168,12 +1158,12 @@ impl ClickHouseSink {
         }
 
         // Schema growth, then the rows.
-        let mut plan = planned.unwrap_or_else(|| catalog.plan(fresh));
+        let mut plan = planned.unwrap_or_else(|| catalog.plan(&fresh));
         if !plan.new_tables.is_empty() {
             // An analyst may have made a table or view since the catalog was read: a
             // per-event view must not replace it.
             catalog.set_relations(self.relation_names().await?);
-            plan = catalog.plan(fresh);
+            plan = catalog.plan(&fresh);
         }
         if plan.changes_schema() {
             for (table, event_text) in &plan.new_tables {
@@ -1260,7 +1250,7 @@ impl ClickHouseSink {
                     .unwrap_or(TableKind::Event);
                 self.refresh_view(table, kind).await?;
             }
-            plan = committed.plan(fresh);
+            plan = committed.plan(&fresh);
         }
 
         let load_id = new_load_id();

@@ -13,11 +13,11 @@ use collector_core::EventKind;
 use duckdb::types::{TimeUnit, ValueRef};
 use duckdb::{params, Connection};
 
-use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
-use crate::sinks::tables::{self, Catalog, Plan, TableKind, TableLoad};
-use crate::sinks::{
-    sql_lit, Dialect, KnownIds, LoadStats, QueryResult, Sink, SinkError, SqlSession,
+use crate::sinks::schema::{
+    self, DeadLetter, LogicalType, Prepared, PreparedRow, QuarantinedEvent,
 };
+use crate::sinks::tables::{self, Catalog, Plan, TableKind, TableLoad};
+use crate::sinks::{sql_lit, Dialect, LoadStats, QueryResult, Sink, SinkError, SqlSession};
 
 /// DuckDB's type for a logical type.
 pub(crate) fn sql_type(ty: LogicalType) -> &'static str {
@@ -530,11 +530,7 @@ pub(crate) fn apply_plan_ddl(
 }
 
 /// Records the rejected values of the events this load registered.
-pub(crate) fn write_rejected(
-    tx: &duckdb::Transaction<'_>,
-    plan: &Plan,
-    load_id: i64,
-) -> Result<(), SinkError> {
+pub(crate) fn write_rejected(tx: &duckdb::Transaction<'_>, plan: &Plan) -> Result<(), SinkError> {
     if plan.rejected.is_empty() {
         return Ok(());
     }
@@ -557,16 +553,13 @@ pub(crate) fn write_rejected(
         }
         app.flush().map_err(classify)?;
     }
-    // Only for events this load registered (zone maps on the ever-growing `load_id`
-    // keep the lookup to the newest ids).
-    tx.execute(
+    // The plan's events are all new to the warehouse (it was made from those only).
+    tx.execute_batch(
         "INSERT INTO rejected_values
          SELECT DISTINCT ON (message_id, table_name, column_name) message_id, table_name, column_name, value, reason, now()::TIMESTAMP
          FROM collector_stage_rejected
-         WHERE message_id IN (SELECT message_id FROM message_ids WHERE load_id = ?)
          ORDER BY message_id, table_name, column_name, seq
          ON CONFLICT DO NOTHING",
-        params![load_id],
     )
     .map_err(transient)?;
     Ok(())
@@ -773,40 +766,26 @@ fn write(
     // An analyst may have made a table or view since (through `collector-agent sql`):
     // no per-event table takes its name.
     catalog.set_relations(relation_names(conn)?);
-    let plan = catalog.plan(p);
     let tx = conn.transaction().map_err(transient)?;
     let (mut stats, load_id) = write_state(&tx, p)?;
+    // The ids new to the warehouse are registered first (one pass over the registry);
+    // the load is planned from their events only, and their rows are appended, typed
+    // by the appender, straight into their tables (no staging pass).
+    let known = register_ids(&tx, &p.rows, load_id)?;
+    let fresh = p.new_rows(|r| !known.contains(r.message_id()));
+    stats.count_fresh(p, &fresh);
+    let plan = catalog.plan(&fresh);
     apply_plan_ddl(&tx, &plan, |_| true)?;
-    // The ids new to the warehouse are registered first (all tables at once: one
-    // pass over the registry); only their rows are then appended, typed by the
-    // appender, straight into their tables (no staging pass).
-    let base: Vec<&TableLoad> = plan
-        .loads
-        .iter()
-        .filter(|l| matches!(l.kind, TableKind::Base(_)))
-        .collect();
-    let known = KnownIds::from(register_ids(&tx, &base, load_id)?);
-    for load in &base {
-        if let TableKind::Base(kind) = load.kind {
-            let fresh = load
-                .rows
-                .iter()
-                .filter(|r| known.is_new(r.first().and_then(|c| c.as_deref()).unwrap_or("")))
-                .count() as u64;
-            stats.inserted_into(kind, fresh);
-            stats.duplicates += load.rows.len() as u64 - fresh;
-        }
-    }
     let now: String = tx
         .query_row("SELECT CAST(now()::TIMESTAMP AS VARCHAR)", [], |r| r.get(0))
         .map_err(transient)?;
     for load in &plan.loads {
         match load.kind {
-            TableKind::Users => write_users(&tx, load, &known)?,
-            _ => append_new(&tx, load, &known, &now)?,
+            TableKind::Users => write_users(&tx, load)?,
+            _ => append_rows(&tx, load, &now)?,
         }
     }
-    write_rejected(&tx, &plan, load_id)?;
+    write_rejected(&tx, &plan)?;
     finish_load(&tx, load_id)?;
     if stats.inserted > 0 {
         // For the next identity run.
@@ -830,11 +809,11 @@ pub(crate) fn relation_names(conn: &Connection) -> Result<Vec<String>, SinkError
     )
 }
 
-/// Registers the ids of a load's base tables that are new to the warehouse under
-/// `load_id`; returns the ids the registry held already.
-fn register_ids(
+/// Registers under `load_id` the ids of a load's rows that are new to the warehouse
+/// (each under its kind's table); returns the ids the registry held already.
+pub(crate) fn register_ids(
     tx: &duckdb::Transaction<'_>,
-    loads: &[&TableLoad],
+    rows: &[PreparedRow],
     load_id: i64,
 ) -> Result<std::collections::HashSet<String>, SinkError> {
     tx.execute_batch(
@@ -843,14 +822,9 @@ fn register_ids(
     .map_err(transient)?;
     {
         let mut app = tx.appender("collector_stage_ids").map_err(transient)?;
-        for load in loads {
-            for row in &load.rows {
-                app.append_row(params![
-                    row.first().and_then(|c| c.as_deref()),
-                    load.table.as_str()
-                ])
+        for row in rows {
+            app.append_row(params![row.message_id(), row.kind.table()])
                 .map_err(classify)?;
-            }
         }
         app.flush().map_err(classify)?;
     }
@@ -934,14 +908,10 @@ pub(crate) fn register_new(
     Ok(known)
 }
 
-/// Appends the rows whose id is new straight into their table, in the table's own
-/// column order (columns the load does not have are NULL; `loaded_at` is `now`).
-fn append_new(
-    tx: &duckdb::Transaction<'_>,
-    load: &TableLoad,
-    known: &KnownIds,
-    now: &str,
-) -> Result<(), SinkError> {
+/// Appends a load's rows (all new: the load was planned from new events only)
+/// straight into their table, in the table's own column order (columns the load does
+/// not have are NULL; `loaded_at` is `now`).
+fn append_rows(tx: &duckdb::Transaction<'_>, load: &TableLoad, now: &str) -> Result<(), SinkError> {
     let physical: Vec<String> = first_column(
         tx,
         "SELECT column_name FROM duckdb_columns() WHERE table_name = ? AND schema_name = current_schema() AND database_name = current_database() ORDER BY column_index",
@@ -955,10 +925,6 @@ fn append_new(
     let loaded_at = physical.iter().position(|c| c == schema::LOADED_AT);
     let mut app = tx.appender(&load.table).map_err(transient)?;
     for row in &load.rows {
-        let id = row.first().and_then(|c| c.as_deref()).unwrap_or("");
-        if !known.is_new(id) {
-            continue;
-        }
         let values = source.iter().enumerate().map(|(i, src)| match src {
             Some(j) => row[*j].as_deref(),
             None if Some(i) == loaded_at => Some(now),
@@ -1083,48 +1049,25 @@ pub(crate) fn stage(tx: &duckdb::Transaction<'_>, load: &TableLoad) -> Result<()
     app.flush().map_err(classify)
 }
 
-/// Registers under `load_id` the ids of a staged base-table load that are new to the
-/// warehouse; returns the ids the registry held already.
-pub(crate) fn register(
-    tx: &duckdb::Transaction<'_>,
-    load: &TableLoad,
-    load_id: i64,
-) -> Result<std::collections::HashSet<String>, SinkError> {
-    register_new(
-        tx,
-        &ident(&format!("stage_{}", load.table)),
-        &sql_lit(&load.table),
-        load_id,
-    )
-}
-
-/// `SELECT` of the staged rows whose ids the load registered (`?` is the load id),
-/// cast to their types, with `loaded_at`.
-pub(crate) fn registered_rows_sql(load: &TableLoad) -> String {
-    let registry = load.registry().unwrap_or("users");
+/// `SELECT` of a staged table's rows, cast to their types, with `loaded_at`.
+pub(crate) fn typed_rows_sql(load: &TableLoad) -> String {
     let select: Vec<String> = load
         .columns
         .iter()
-        .map(|(n, ty)| format!("CAST(s.{0} AS {1}) AS {0}", ident(n), sql_type(*ty)))
+        .map(|(n, ty)| format!("CAST({0} AS {1}) AS {0}", ident(n), sql_type(*ty)))
         .collect();
-    // Zone maps on the ever-growing `load_id` keep this lookup to the newest rows.
     format!(
-        "SELECT {}, now()::TIMESTAMP AS {} FROM {} s
-         WHERE s.message_id IN (SELECT message_id FROM message_ids WHERE load_id = ? AND table_name = '{registry}')",
+        "SELECT {}, now()::TIMESTAMP AS {} FROM {}",
         select.join(", "),
         ident(schema::LOADED_AT),
         ident(&format!("stage_{}", load.table)),
     )
 }
 
-/// Writes a `users` load (one row per identify): merged with the keys the warehouse
-/// holds ([`tables::merge_users`]), upserted, and the keys of what won recorded. Only
-/// the identifies that `known` says are new count.
-pub(crate) fn write_users(
-    tx: &duckdb::Transaction<'_>,
-    load: &TableLoad,
-    known: &KnownIds,
-) -> Result<(), SinkError> {
+/// Writes a `users` load (one row per identify new to the warehouse): merged with the
+/// keys the warehouse holds ([`tables::merge_users`]), upserted, and the keys of what
+/// won recorded.
+pub(crate) fn write_users(tx: &duckdb::Transaction<'_>, load: &TableLoad) -> Result<(), SinkError> {
     // The keys of the load's users.
     tx.execute_batch("CREATE OR REPLACE TEMP TABLE stage_user_ids (id VARCHAR)")
         .map_err(transient)?;
@@ -1155,7 +1098,7 @@ pub(crate) fn write_users(
             tables::read_user_keys(&id, &keys, &mut stored);
         }
     }
-    let merged = tables::merge_users(load, &stored, |id| known.is_new(id));
+    let merged = tables::merge_users(load, &stored);
     let users = TableLoad {
         table: load.table.clone(),
         kind: load.kind,

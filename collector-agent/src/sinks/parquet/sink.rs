@@ -11,13 +11,13 @@ use duckdb::{params, Connection};
 
 use crate::sinks::duckdb::sink::{
     apply_migrations, apply_plan_ddl, classify, create_fixed_table_sql, dead_letters, finish_load,
-    ident, load_catalog, quarantined, register, registered_rows_sql, run_query, sql_type, stage,
-    transient, write_rejected, write_state, write_users, CATALOG_SQL, REGISTRY_SQL,
+    ident, load_catalog, quarantined, register_ids, run_query, sql_type, stage, transient,
+    typed_rows_sql, write_rejected, write_state, write_users, CATALOG_SQL, REGISTRY_SQL,
     UNKEYED_REGISTRY_SQL,
 };
 use crate::sinks::schema::{self, DeadLetter, Prepared, QuarantinedEvent};
 use crate::sinks::tables::{self, Catalog, TableKind, TableRow};
-use crate::sinks::{KnownIds, Load, LoadStats, QueryResult, Relational, Sink, SinkError};
+use crate::sinks::{Load, LoadStats, QueryResult, Relational, Sink, SinkError};
 
 /// The lake's state folder, beside the table folders.
 const STATE_DIR: &str = "_collector";
@@ -182,7 +182,7 @@ fn backfill_users(
         apply_plan_ddl(&tx, &plan, |t| t == "users")?;
         if let Some(users) = plan.loads.iter().find(|l| l.kind == TableKind::Users) {
             // Every one of them is in the lake's `identifies`.
-            write_users(&tx, users, &KnownIds::default())?;
+            write_users(&tx, users)?;
         }
         catalog = plan.catalog;
     }
@@ -295,9 +295,14 @@ fn write(
     p: &Prepared,
 ) -> Result<LoadStats, SinkError> {
     publish_pending(conn, root)?;
-    let plan = catalog.plan(p);
     let tx = conn.transaction().map_err(transient)?;
     let (mut stats, load_id) = write_state(&tx, p)?;
+    // The ids new to the lake are registered first, and the load is planned and
+    // written from their events only.
+    let known = register_ids(&tx, &p.rows, load_id)?;
+    let fresh = p.new_rows(|r| !known.contains(r.message_id()));
+    stats.count_fresh(p, &fresh);
+    let plan = catalog.plan(&fresh);
     apply_plan_ddl(&tx, &plan, |t| t == "users")?;
     let first_batch = p.rows.iter().filter_map(|r| r.batch_id).min().unwrap_or(0);
     let name = if p.replay {
@@ -310,24 +315,15 @@ fn write(
         files: Vec::new(),
         committed: false,
     };
-    // The identifies this load registered: only they count for `users`.
-    let mut identifies_known = None;
     for load in plan.loads.iter().filter(|l| l.kind != TableKind::Users) {
         let table = &load.table;
         stage(&tx, load)?;
-        if let TableKind::Base(kind) = load.kind {
-            let known = register(&tx, load, load_id)?;
-            if kind == EventKind::Identify {
-                identifies_known = Some(KnownIds::from(known));
-            }
-        }
-        let registered_sql = registered_rows_sql(load);
+        let typed_sql = typed_rows_sql(load);
         // Each date's batches, for the manifest.
         let mut dates: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
         for (row, batch) in load.rows.iter().zip(&load.batch_ids) {
             dates.entry(date_of(row)).or_default().extend(*batch);
         }
-        let mut inserted = 0u64;
         for (date, batches) in dates {
             let rel = format!("table={table}/date={date}/{name}");
             let staged = format!("{STATE_DIR}/tmp/{load_id}-{table}-{date}-{name}");
@@ -345,10 +341,10 @@ fn write(
             let n = tx
                 .execute(
                     &format!(
-                        "COPY (SELECT * FROM ({registered_sql}) WHERE {in_date}) TO {} (FORMAT parquet)",
+                        "COPY (SELECT * FROM ({typed_sql}) WHERE {in_date}) TO {} (FORMAT parquet)",
                         lit(&root.join(&staged).display().to_string())
                     ),
-                    params![load_id],
+                    [],
                 )
                 .map_err(classify)? as i64;
             if n == 0 {
@@ -366,25 +362,17 @@ fn write(
                 params![p.shard, batches.first().copied().unwrap_or(first_batch), table, date, rel, n, load_id, staged],
             )
             .map_err(transient)?;
-            inserted += n as u64;
         }
         // The staged rows are in memory until dropped.
         tx.execute_batch(&format!("DROP TABLE {}", ident(&format!("stage_{table}"))))
             .map_err(transient)?;
-        if let TableKind::Base(kind) = load.kind {
-            // Every staged row is new (written) or a duplicate.
-            stats.inserted_into(kind, inserted);
-            stats.duplicates += load.rows.len() as u64 - inserted;
-        }
     }
     if let Some(users) = plan.loads.iter().find(|l| l.kind == TableKind::Users) {
-        // Its rows come only from identifies, so that load was registered above.
-        let known = identifies_known.unwrap_or_default();
-        write_users(&tx, users, &known)?;
+        write_users(&tx, users)?;
         tx.execute_batch("DROP TABLE stage_users")
             .map_err(transient)?;
     }
-    write_rejected(&tx, &plan, load_id)?;
+    write_rejected(&tx, &plan)?;
     finish_load(&tx, load_id)?;
     if stats.inserted > 0 {
         // For the next identity run.

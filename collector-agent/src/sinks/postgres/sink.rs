@@ -20,7 +20,7 @@ use super::config::PostgresConfig;
 use super::copy;
 use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
 use crate::sinks::tables::{self, Catalog, Cell, TableKind};
-use crate::sinks::{Dialect, KnownIds, LoadStats, QueryResult, Sink, SinkError, SqlSession};
+use crate::sinks::{Dialect, LoadStats, QueryResult, Sink, SinkError, SqlSession};
 
 /// PostgreSQL's type for a logical type.
 fn sql_type(ty: LogicalType) -> &'static str {
@@ -573,12 +573,6 @@ async fn write(
     p: &Prepared,
 ) -> Result<LoadStats, SinkError> {
     let tx = client.transaction().await.map_err(classify)?;
-    let mut plan = catalog.plan(p);
-    if plan.changes_schema() {
-        tx.execute(SCHEMA_LOCK, &[]).await.map_err(classify)?;
-        plan = load_catalog(&tx).await?.plan(p);
-    }
-    without_nul(&mut plan);
     let mut stats = LoadStats {
         duplicates: p.in_load_duplicates,
         ..LoadStats::default()
@@ -633,6 +627,50 @@ async fn write(
         .await
         .map_err(classify)?
         .get(0);
+    // The ids new to the warehouse, registered first (`register`: a concurrent agent's
+    // insert of the same id waits for its commit, then counts as a duplicate here).
+    // The load is planned from their events only, and their rows are then `COPY`d,
+    // straight into the typed tables: one pass, PostgreSQL's own bulk path. (The
+    // agents' lock below is taken after the registry's: no agent holds it while it
+    // waits for another's ids, so the two never wait on each other in a cycle.)
+    let mut known: HashSet<String> = HashSet::new();
+    for kind in EventKind::ALL {
+        let ids: Vec<&str> = p
+            .rows
+            .iter()
+            .filter(|r| r.kind == kind)
+            .map(|r| r.message_id())
+            .collect();
+        let fresh = register(&tx, &ids, kind.table(), load_id).await?;
+        if fresh < ids.len() as u64 {
+            // Some were loaded before: which ones are this load's (by key).
+            let mine: HashSet<String> = tx
+                .query(
+                    "SELECT message_id FROM message_ids WHERE message_id = ANY($1::text[]) AND load_id = $2",
+                    &[&ids, &load_id],
+                )
+                .await
+                .map_err(classify)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            known.extend(
+                ids.iter()
+                    .filter(|id| !mine.contains(**id))
+                    .map(|id| id.to_string()),
+            );
+        }
+    }
+    let fresh = p.new_rows(|r| !known.contains(r.message_id()));
+    stats.count_fresh(p, &fresh);
+    // When it grows the schema, the agents' lock is taken and the load planned again
+    // against the catalog as committed (another agent may have grown it meanwhile).
+    let mut plan = catalog.plan(&fresh);
+    if plan.changes_schema() {
+        tx.execute(SCHEMA_LOCK, &[]).await.map_err(classify)?;
+        plan = load_catalog(&tx).await?.plan(&fresh);
+    }
+    without_nul(&mut plan);
     for (table, event_text) in &plan.new_tables {
         tx.batch_execute(&create_fixed_table_sql(table, TableKind::Event))
             .await
@@ -660,10 +698,6 @@ async fn write(
         .await
         .map_err(classify)?;
     }
-    // The ids new to the warehouse, registered first (`register`: a concurrent agent's
-    // insert of the same id waits for its commit, then counts as a duplicate here).
-    // Only their rows are then `COPY`d, straight into the typed tables: one pass,
-    // PostgreSQL's own bulk path.
     let now_row = tx
         .query_one(
             "SELECT now()::text, (extract(epoch FROM now()) * 1000000)::int8",
@@ -673,33 +707,6 @@ async fn write(
         .map_err(classify)?;
     let now: String = now_row.get(0);
     let now_binary = copy::timestamptz(now_row.get(1));
-    let mut known = KnownIds::default();
-    for load in &plan.loads {
-        if let TableKind::Base(kind) = load.kind {
-            let ids: Vec<&str> = load
-                .rows
-                .iter()
-                .filter_map(|r| r.first().and_then(|c| c.as_deref()))
-                .collect();
-            let fresh = register(&tx, &ids, kind.table(), load_id).await?;
-            if fresh < ids.len() as u64 {
-                // Some were loaded before: which ones are this load's (by key).
-                let mine: HashSet<String> = tx
-                    .query(
-                        "SELECT message_id FROM message_ids WHERE message_id = ANY($1::text[]) AND load_id = $2",
-                        &[&ids, &load_id],
-                    )
-                    .await
-                    .map_err(classify)?
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect();
-                known.add_all_but(ids.iter().copied(), &mine);
-            }
-            stats.inserted_into(kind, fresh);
-            stats.duplicates += ids.len() as u64 - fresh;
-        }
-    }
     for load in &plan.loads {
         let table = &load.table;
         let names: Vec<String> = load.columns.iter().map(|(n, _)| ident(n)).collect();
@@ -727,7 +734,7 @@ async fn write(
             {
                 tables::read_user_keys(r.get(0), r.get(1), &mut stored);
             }
-            let merged = tables::merge_users(load, &stored, |id| known.is_new(id));
+            let merged = tables::merge_users(load, &stored);
             let (k_ids, k_json): (Vec<String>, Vec<String>) =
                 tables::user_keys_rows(&stored, &merged.keys)
                     .into_iter()
@@ -773,12 +780,6 @@ async fn write(
             .map_err(classify)?;
             continue;
         }
-        let is_new = |row: &&Vec<Cell<'_>>| {
-            known.is_new(row.first().and_then(|c| c.as_deref()).unwrap_or(""))
-        };
-        if !load.rows.iter().any(|r| is_new(&r)) {
-            continue;
-        }
         // In binary while the table's types are the sink's own and the values have an
         // exact binary form; from a row that has none, the rest as CSV, cast by the
         // server. Streamed in chunks as they are encoded: the server parses one while
@@ -792,13 +793,13 @@ async fn write(
         copy_rows(
             &tx,
             &copy_sql,
-            load.rows.iter().filter(is_new),
+            load.rows.iter(),
             binary.as_deref(),
             (now_binary, &now),
         )
         .await?;
     }
-    for r in plan.rejected.iter().filter(|r| known.is_new(&r.message_id)) {
+    for r in &plan.rejected {
         tx.execute(
             "INSERT INTO rejected_values VALUES ($1, $2, $3, $4, $5, now()) ON CONFLICT DO NOTHING",
             &[
@@ -814,14 +815,7 @@ async fn write(
     }
     // An event that was quarantined once and has now loaded leaves the quarantine
     // (looked up by key: the registry is never scanned).
-    let loaded: Vec<&str> = plan
-        .loads
-        .iter()
-        .filter(|l| matches!(l.kind, TableKind::Base(_)))
-        .flat_map(|l| l.rows.iter())
-        .filter_map(|r| r.first().and_then(|c| c.as_deref()))
-        .filter(|id| known.is_new(id))
-        .collect();
+    let loaded: Vec<&str> = fresh.rows.iter().map(|r| r.message_id()).collect();
     tx.execute(
         "DELETE FROM quarantine WHERE message_id = ANY($1::text[])",
         &[&loaded],
