@@ -624,39 +624,25 @@ pub(super) fn plan(
 
 /// `INSERT INTO profiles` for the people in `identity_touched`.
 fn profiles_sql(q: &Sql) -> String {
-    let now = q.now();
-    // The events of the people touched, found by each of their ids: an event matched
-    // by both its anonymous and its user id is there twice, which nothing below
-    // counts twice (`count(DISTINCT message_id)`; the latest trait or consent is the
-    // same row either way). Each part reads only the columns it needs, so no part
-    // holds an event's traits or consent beside every other event: one set of every
-    // event with both, read by all three parts, was what DuckDB kept in memory
-    // (~70 MB of the Parquet lake's peak while draining 36k events, BENCHMARKS.md
-    // "Thirteenth round"). Of `context`, only the consent the edge resolved is read.
-    let matched = |cols: &str, tables: &[&str]| -> String {
-        let union = tables
-            .iter()
-            .map(|tb| {
-                format!("SELECT message_id, anonymous_id, user_id, timestamp AS ts{cols} FROM {tb}")
-            })
-            .collect::<Vec<_>>()
-            .join(" UNION ALL ");
-        ["anonymous_id", "user_id"]
-            .map(|id| {
-                format!("SELECT ids.person_id, e.* FROM ({union}) e JOIN ids ON ids.id_type = '{id}' AND e.{id} = ids.id_value")
-            })
-            .join(" UNION ALL ")
-    };
-    let all: Vec<&str> = sources().collect();
-    let events = matched("", &all);
-    let with_traits = matched(", traits", &["identifies"]);
-    let with_consent = matched(
-        &format!(
-            ", {} AS consent_r",
-            q.json_path("context", &["consent", "resolved"])
-        ),
-        &all,
-    );
+    let (j, now) = (q.json(), q.now());
+    // Of `context`, only the consent the edge resolved is read, and it is taken out
+    // where the events are read: the whole context (most of an event's bytes) would
+    // otherwise be carried through the joins and sorts below. Draining 36k events into
+    // DuckDB, this run was the agent's peak (BENCHMARKS.md, "Fifth round").
+    let resolved = q.json_path("context", &["consent", "resolved"]);
+    let events = sources()
+        .map(|tb| {
+            let traits = if tb == "identifies" {
+                "traits".to_string()
+            } else {
+                format!("CAST(NULL AS {j})")
+            };
+            format!(
+                "SELECT message_id, anonymous_id, user_id, timestamp AS ts, {resolved} AS consent_r, {traits} AS traits FROM {tb}"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
     let source = match q.0 {
         Relational::DuckDb => {
             "json_extract_string(r, '$.sources.\"' || category || '\"')".to_string()
@@ -672,19 +658,23 @@ fn profiles_sql(q: &Sql) -> String {
     format!(
         "INSERT INTO profiles (person_id, user_ids, anonymous_ids, emails, first_seen, last_seen, event_count, traits, consent, updated_at)
 WITH ids AS (SELECT id_type, id_value, person_id FROM identities WHERE person_id IN (SELECT person_id FROM identity_touched)),
-ev AS ({events}),
-stats AS (SELECT person_id, min(ts) AS first_seen, max(ts) AS last_seen, count(DISTINCT message_id) AS event_count FROM ev GROUP BY person_id),
+ev_all AS ({events}),
+ev AS (
+  SELECT DISTINCT ON (person_id, message_id) * FROM (
+    SELECT ids.person_id, e.* FROM ev_all e JOIN ids ON ids.id_type = 'anonymous_id' AND e.anonymous_id = ids.id_value
+    UNION ALL
+    SELECT ids.person_id, e.* FROM ev_all e JOIN ids ON ids.id_type = 'user_id' AND e.user_id = ids.id_value
+  ) x ORDER BY person_id, message_id),
+stats AS (SELECT person_id, min(ts) AS first_seen, max(ts) AS last_seen, count(*) AS event_count FROM ev GROUP BY person_id),
 idl AS (SELECT person_id, {users} AS user_ids, {anons} AS anonymous_ids, {emails} AS emails FROM ids GROUP BY person_id),
-trs AS ({with_traits}),
-tr AS (SELECT DISTINCT ON (t.person_id, kv.key) t.person_id, kv.key, kv.value FROM trs t, {each} AS kv
-       WHERE t.traits IS NOT NULL ORDER BY t.person_id, kv.key, t.ts DESC, t.message_id DESC),
+tr AS (SELECT DISTINCT ON (ev.person_id, kv.key) ev.person_id, kv.key, kv.value FROM ev, {each} AS kv
+       WHERE ev.traits IS NOT NULL ORDER BY ev.person_id, kv.key, ev.ts DESC, ev.message_id DESC),
 tro AS (SELECT person_id, {traits_obj} AS traits FROM tr GROUP BY person_id),
-cs0 AS NOT MATERIALIZED (SELECT person_id, message_id, ts, consent_r AS r FROM ({with_consent}) c WHERE consent_r IS NOT NULL),
+cs0 AS (SELECT person_id, message_id, ts, consent_r AS r FROM ev WHERE consent_r IS NOT NULL),
 cs1 AS (SELECT person_id, message_id, ts, r, {granted} AS category, true AS granted FROM cs0
         UNION ALL SELECT person_id, message_id, ts, r, {denied}, false FROM cs0),
-cs2 AS (SELECT person_id, message_id, ts, category, granted, {source} AS source, {policy} AS policy_version FROM cs1),
-cs AS (SELECT DISTINCT ON (person_id, category) person_id, category, granted, source, policy_version, ts
-       FROM cs2 ORDER BY person_id, category, ts DESC, message_id DESC),
+cs AS (SELECT DISTINCT ON (person_id, category) person_id, category, granted, {source} AS source,
+         {policy} AS policy_version, ts FROM cs1 ORDER BY person_id, category, ts DESC, message_id DESC),
 cso AS (SELECT person_id, {consent_obj} AS consent FROM cs GROUP BY person_id)
 SELECT idl.person_id, idl.user_ids, idl.anonymous_ids, idl.emails, stats.first_seen, stats.last_seen,
   COALESCE(stats.event_count, 0), COALESCE(tro.traits, {empty}), COALESCE(cso.consent, {empty}), {now}
@@ -693,7 +683,7 @@ FROM idl LEFT JOIN stats ON stats.person_id = idl.person_id LEFT JOIN tro ON tro
         users = q.text_array_agg("id_value", "id_type = 'user_id'"),
         anons = q.text_array_agg("id_value", "id_type = 'anonymous_id'"),
         emails = q.text_array_agg("id_value", "id_type = 'email'"),
-        each = q.json_each("t.traits"),
+        each = q.json_each("ev.traits"),
         traits_obj = q.object_agg("key", "value"),
         granted = q.unnest_text(&q.json_path("r", &["granted"])),
         denied = q.unnest_text(&q.json_path("r", &["denied"])),
