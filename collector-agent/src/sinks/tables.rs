@@ -729,18 +729,6 @@ pub struct TableLoad<'a> {
     pub message_ids: Vec<&'a str>,
 }
 
-impl<'a> TableLoad<'a> {
-    /// The table whose `message_ids` registration decides which rows are new (`users`
-    /// has none: it is upserted).
-    pub fn registry(&self) -> Option<&'static str> {
-        match self.kind {
-            TableKind::Base(k) => Some(k.table()),
-            TableKind::Event => Some(EventKind::Track.table()),
-            TableKind::Users => None,
-        }
-    }
-}
-
 /// What a prepared load needs: DDL first (new per-event tables, then new columns), then
 /// rows for every table, and the values that did not fit their column.
 #[derive(Debug, Clone, Default, PartialEq)]
