@@ -445,6 +445,7 @@ async fn run_in_tx(
     s.execute("DELETE FROM profiles WHERE person_id IN (SELECT person_id FROM identity_touched)")
         .await?;
     stats.profiles = s.execute(&profiles_sql(&q)).await?;
+    s.execute(&consent_sql(&q)).await?;
     // The loads read are done; a load that committed meanwhile stays pending.
     s.batch(
         "DELETE FROM identity_pending WHERE load_id IN (SELECT load_id FROM identity_loads);
@@ -622,14 +623,12 @@ pub(super) fn plan(
     }
 }
 
-/// `INSERT INTO profiles` for the people in `identity_touched`.
+/// `INSERT INTO profiles` for the people in `identity_touched`, with their consent
+/// empty: [`consent_sql`] sets it, in a statement of its own, so the events' consent is
+/// not held beside their traits and the rest (the lake's drain peaked ~75 MB higher
+/// with both in one statement, BENCHMARKS.md "Thirteenth round").
 fn profiles_sql(q: &Sql) -> String {
     let (j, now) = (q.json(), q.now());
-    // Of `context`, only the consent the edge resolved is read, and it is taken out
-    // where the events are read: the whole context (most of an event's bytes) would
-    // otherwise be carried through the joins and sorts below. Draining 36k events into
-    // DuckDB, this run was the agent's peak (BENCHMARKS.md, "Fifth round").
-    let resolved = q.json_path("context", &["consent", "resolved"]);
     let events = sources()
         .map(|tb| {
             let traits = if tb == "identifies" {
@@ -638,7 +637,55 @@ fn profiles_sql(q: &Sql) -> String {
                 format!("CAST(NULL AS {j})")
             };
             format!(
-                "SELECT message_id, anonymous_id, user_id, timestamp AS ts, {resolved} AS consent_r, {traits} AS traits FROM {tb}"
+                "SELECT message_id, anonymous_id, user_id, timestamp AS ts, {traits} AS traits FROM {tb}"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    format!(
+        "INSERT INTO profiles (person_id, user_ids, anonymous_ids, emails, first_seen, last_seen, event_count, traits, consent, updated_at)
+WITH {ids},
+ev_all AS ({events}),
+ev AS ({matched}),
+stats AS (SELECT person_id, min(ts) AS first_seen, max(ts) AS last_seen, count(*) AS event_count FROM ev GROUP BY person_id),
+idl AS (SELECT person_id, {users} AS user_ids, {anons} AS anonymous_ids, {emails} AS emails FROM ids GROUP BY person_id),
+tr AS (SELECT DISTINCT ON (ev.person_id, kv.key) ev.person_id, kv.key, kv.value FROM ev, {each} AS kv
+       WHERE ev.traits IS NOT NULL ORDER BY ev.person_id, kv.key, ev.ts DESC, ev.message_id DESC),
+tro AS (SELECT person_id, {traits_obj} AS traits FROM tr GROUP BY person_id)
+SELECT idl.person_id, idl.user_ids, idl.anonymous_ids, idl.emails, stats.first_seen, stats.last_seen,
+  COALESCE(stats.event_count, 0), COALESCE(tro.traits, {empty}), {empty}, {now}
+FROM idl LEFT JOIN stats ON stats.person_id = idl.person_id LEFT JOIN tro ON tro.person_id = idl.person_id",
+        ids = TOUCHED_IDS,
+        matched = MATCHED_EVENTS,
+        users = q.text_array_agg("id_value", "id_type = 'user_id'"),
+        anons = q.text_array_agg("id_value", "id_type = 'anonymous_id'"),
+        emails = q.text_array_agg("id_value", "id_type = 'email'"),
+        each = q.json_each("ev.traits"),
+        traits_obj = q.object_agg("key", "value"),
+        empty = q.empty_object(),
+    )
+}
+
+/// The ids of the people in `identity_touched` (a CTE).
+const TOUCHED_IDS: &str = "ids AS (SELECT id_type, id_value, person_id FROM identities WHERE person_id IN (SELECT person_id FROM identity_touched))";
+
+/// The events of `ev_all` of each person of `ids`, each once per person.
+const MATCHED_EVENTS: &str = "SELECT DISTINCT ON (person_id, message_id) * FROM (
+    SELECT ids.person_id, e.* FROM ev_all e JOIN ids ON ids.id_type = 'anonymous_id' AND e.anonymous_id = ids.id_value
+    UNION ALL
+    SELECT ids.person_id, e.* FROM ev_all e JOIN ids ON ids.id_type = 'user_id' AND e.user_id = ids.id_value
+  ) x ORDER BY person_id, message_id";
+
+/// Sets `profiles.consent` of the people in `identity_touched`: the latest decision per
+/// category, with its source. Of `context`, only the consent the edge resolved is read,
+/// and it is taken out where the events are read (the whole context is most of an
+/// event's bytes).
+fn consent_sql(q: &Sql) -> String {
+    let resolved = q.json_path("context", &["consent", "resolved"]);
+    let events = sources()
+        .map(|tb| {
+            format!(
+                "SELECT message_id, anonymous_id, user_id, timestamp AS ts, {resolved} AS consent_r FROM {tb}"
             )
         })
         .collect::<Vec<_>>()
@@ -656,39 +703,23 @@ fn profiles_sql(q: &Sql) -> String {
         ("at", q.ts_text("ts")),
     ]);
     format!(
-        "INSERT INTO profiles (person_id, user_ids, anonymous_ids, emails, first_seen, last_seen, event_count, traits, consent, updated_at)
-WITH ids AS (SELECT id_type, id_value, person_id FROM identities WHERE person_id IN (SELECT person_id FROM identity_touched)),
+        "UPDATE profiles SET consent = c.consent FROM (
+WITH {ids},
 ev_all AS ({events}),
-ev AS (
-  SELECT DISTINCT ON (person_id, message_id) * FROM (
-    SELECT ids.person_id, e.* FROM ev_all e JOIN ids ON ids.id_type = 'anonymous_id' AND e.anonymous_id = ids.id_value
-    UNION ALL
-    SELECT ids.person_id, e.* FROM ev_all e JOIN ids ON ids.id_type = 'user_id' AND e.user_id = ids.id_value
-  ) x ORDER BY person_id, message_id),
-stats AS (SELECT person_id, min(ts) AS first_seen, max(ts) AS last_seen, count(*) AS event_count FROM ev GROUP BY person_id),
-idl AS (SELECT person_id, {users} AS user_ids, {anons} AS anonymous_ids, {emails} AS emails FROM ids GROUP BY person_id),
-tr AS (SELECT DISTINCT ON (ev.person_id, kv.key) ev.person_id, kv.key, kv.value FROM ev, {each} AS kv
-       WHERE ev.traits IS NOT NULL ORDER BY ev.person_id, kv.key, ev.ts DESC, ev.message_id DESC),
-tro AS (SELECT person_id, {traits_obj} AS traits FROM tr GROUP BY person_id),
-cs0 AS (SELECT person_id, message_id, ts, consent_r AS r FROM ev WHERE consent_r IS NOT NULL),
+cs0 AS (SELECT ids.person_id, e.message_id, e.ts, e.consent_r AS r FROM ev_all e JOIN ids ON ids.id_type = 'anonymous_id' AND e.anonymous_id = ids.id_value WHERE e.consent_r IS NOT NULL
+        UNION ALL
+        SELECT ids.person_id, e.message_id, e.ts, e.consent_r AS r FROM ev_all e JOIN ids ON ids.id_type = 'user_id' AND e.user_id = ids.id_value WHERE e.consent_r IS NOT NULL),
 cs1 AS (SELECT person_id, message_id, ts, r, {granted} AS category, true AS granted FROM cs0
         UNION ALL SELECT person_id, message_id, ts, r, {denied}, false FROM cs0),
-cs AS (SELECT DISTINCT ON (person_id, category) person_id, category, granted, {source} AS source,
-         {policy} AS policy_version, ts FROM cs1 ORDER BY person_id, category, ts DESC, message_id DESC),
-cso AS (SELECT person_id, {consent_obj} AS consent FROM cs GROUP BY person_id)
-SELECT idl.person_id, idl.user_ids, idl.anonymous_ids, idl.emails, stats.first_seen, stats.last_seen,
-  COALESCE(stats.event_count, 0), COALESCE(tro.traits, {empty}), COALESCE(cso.consent, {empty}), {now}
-FROM idl LEFT JOIN stats ON stats.person_id = idl.person_id LEFT JOIN tro ON tro.person_id = idl.person_id
-  LEFT JOIN cso ON cso.person_id = idl.person_id",
-        users = q.text_array_agg("id_value", "id_type = 'user_id'"),
-        anons = q.text_array_agg("id_value", "id_type = 'anonymous_id'"),
-        emails = q.text_array_agg("id_value", "id_type = 'email'"),
-        each = q.json_each("ev.traits"),
-        traits_obj = q.object_agg("key", "value"),
+cs2 AS (SELECT person_id, message_id, ts, category, granted, {source} AS source, {policy} AS policy_version FROM cs1),
+cs AS (SELECT DISTINCT ON (person_id, category) person_id, category, granted, source, policy_version, ts
+       FROM cs2 ORDER BY person_id, category, ts DESC, message_id DESC)
+SELECT person_id, {consent_obj} AS consent FROM cs GROUP BY person_id) c
+WHERE profiles.person_id = c.person_id",
+        ids = TOUCHED_IDS,
         granted = q.unnest_text(&q.json_path("r", &["granted"])),
         denied = q.unnest_text(&q.json_path("r", &["denied"])),
         policy = q.json_text("r", "policy_version"),
         consent_obj = q.object_agg("category", &consent_entry),
-        empty = q.empty_object(),
     )
 }
