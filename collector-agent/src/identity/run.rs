@@ -646,7 +646,12 @@ fn profiles_sql(q: &Sql) -> String {
         "INSERT INTO profiles (person_id, user_ids, anonymous_ids, emails, first_seen, last_seen, event_count, traits, consent, updated_at)
 WITH {ids},
 ev_all AS ({events}),
-ev AS ({matched}),
+ev AS (
+  SELECT DISTINCT ON (person_id, message_id) * FROM (
+    SELECT ids.person_id, e.* FROM ev_all e JOIN ids ON ids.id_type = 'anonymous_id' AND e.anonymous_id = ids.id_value
+    UNION ALL
+    SELECT ids.person_id, e.* FROM ev_all e JOIN ids ON ids.id_type = 'user_id' AND e.user_id = ids.id_value
+  ) x ORDER BY person_id, message_id),
 stats AS (SELECT person_id, min(ts) AS first_seen, max(ts) AS last_seen, count(*) AS event_count FROM ev GROUP BY person_id),
 idl AS (SELECT person_id, {users} AS user_ids, {anons} AS anonymous_ids, {emails} AS emails FROM ids GROUP BY person_id),
 tr AS (SELECT DISTINCT ON (ev.person_id, kv.key) ev.person_id, kv.key, kv.value FROM ev, {each} AS kv
@@ -656,7 +661,6 @@ SELECT idl.person_id, idl.user_ids, idl.anonymous_ids, idl.emails, stats.first_s
   COALESCE(stats.event_count, 0), COALESCE(tro.traits, {empty}), {empty}, {now}
 FROM idl LEFT JOIN stats ON stats.person_id = idl.person_id LEFT JOIN tro ON tro.person_id = idl.person_id",
         ids = TOUCHED_IDS,
-        matched = MATCHED_EVENTS,
         users = q.text_array_agg("id_value", "id_type = 'user_id'"),
         anons = q.text_array_agg("id_value", "id_type = 'anonymous_id'"),
         emails = q.text_array_agg("id_value", "id_type = 'email'"),
@@ -668,13 +672,6 @@ FROM idl LEFT JOIN stats ON stats.person_id = idl.person_id LEFT JOIN tro ON tro
 
 /// The ids of the people in `identity_touched` (a CTE).
 const TOUCHED_IDS: &str = "ids AS (SELECT id_type, id_value, person_id FROM identities WHERE person_id IN (SELECT person_id FROM identity_touched))";
-
-/// The events of `ev_all` of each person of `ids`, each once per person.
-const MATCHED_EVENTS: &str = "SELECT DISTINCT ON (person_id, message_id) * FROM (
-    SELECT ids.person_id, e.* FROM ev_all e JOIN ids ON ids.id_type = 'anonymous_id' AND e.anonymous_id = ids.id_value
-    UNION ALL
-    SELECT ids.person_id, e.* FROM ev_all e JOIN ids ON ids.id_type = 'user_id' AND e.user_id = ids.id_value
-  ) x ORDER BY person_id, message_id";
 
 /// Sets `profiles.consent` of the people in `identity_touched`: the latest decision per
 /// category, with its source. Of `context`, only the consent the edge resolved is read,
