@@ -1,6 +1,8 @@
 //! Identity resolution at scale, in DuckDB and in ClickHouse: 1M identify events (250k people, four
-//! devices each) resolved from scratch, then the incremental run after 10k more events
-//! (new devices of existing people, and new people), then a run with nothing new.
+//! devices each) resolved from scratch; in DuckDB, then 4M pages of those devices (a
+//! history an incremental run should not read again); then the incremental run after
+//! 10k more events (new devices of existing people, and new people), then a run with
+//! nothing new.
 //! Prints `label<TAB>result` lines for `cargo xtask bench`.
 //! Run: `cargo bench -p collector-agent --bench identity` (`-- duckdb` or
 //! `-- clickhouse` for one).
@@ -32,6 +34,28 @@ fn insert_sql(start: u64, n: u64, user: User, load: u64) -> Vec<String> {
     ),
     format!("INSERT INTO message_ids SELECT 'm' || i, 'identifies', {load}, md5_number_lower('m' || i) FROM range({start}, {end}) r(i)"),
     format!("INSERT INTO identity_pending VALUES ({load})")]
+}
+
+/// Pages per device of the 1M identifies, loaded after them: the history a warehouse
+/// holds, which an incremental run must not have to read again.
+const PAGES_PER_DEVICE: u64 = 4;
+
+/// `PAGES_PER_DEVICE` pages of each of the first 1M devices (anonymous only, with the
+/// consent the edge stamps), as load `load`.
+fn history_sql(load: u64) -> Vec<String> {
+    let n = EVENTS * PAGES_PER_DEVICE;
+    vec![
+        format!(
+            "INSERT INTO pages (message_id, anonymous_id, timestamp, received_at, context, properties, raw, loaded_at, id)
+             SELECT 'p' || i, 'a' || (i % {EVENTS}), TIMESTAMP '2026-11-13 00:00:00' + to_seconds(i),
+                    TIMESTAMP '2026-11-13 00:00:00' + to_seconds(i),
+                    '{{\"page\": {{\"path\": \"/\"}}, \"consent\": {{\"resolved\": {{\"policy_version\": \"v1\", \"granted\": [\"analytics\"], \"denied\": [\"marketing\"], \"sources\": {{\"analytics\": \"explicit\", \"marketing\": \"region_default\"}}}}}}}}',
+                    '{{\"path\": \"/\"}}', '{{}}', now()::TIMESTAMP, 'p' || i
+             FROM range(0, {n}) r(i)"
+        ),
+        format!("INSERT INTO message_ids SELECT 'p' || i, 'pages', {load}, md5_number_lower('p' || i) FROM range(0, {n}) r(i)"),
+        format!("INSERT INTO identity_pending VALUES ({load})"),
+    ]
 }
 
 /// The same events in ClickHouse: rows, registry (`identity_pending` is a view there).
@@ -98,8 +122,13 @@ async fn insert(sink: &dyn Sink, statements: Vec<String>) {
 
 type Statements = fn(u64, u64, User, u64) -> Vec<String>;
 
-/// 1M from scratch, 10k more, nothing new: one line each.
-async fn bench(name: &str, sink: &dyn Sink, sql: Statements) {
+/// 1M from scratch, (a history of pages,) 10k more, nothing new: one line each.
+async fn bench(
+    name: &str,
+    sink: &dyn Sink,
+    sql: Statements,
+    history: Option<fn(u64) -> Vec<String>>,
+) {
     insert(sink, sql(0, EVENTS, PEOPLE, 1)).await;
     let cfg = IdentityConfig::default();
 
@@ -114,6 +143,18 @@ async fn bench(name: &str, sink: &dyn Sink, sql: Statements) {
         full.passes,
         full.profiles
     );
+
+    if let Some(history) = history {
+        insert(sink, history(4)).await;
+        let t = Instant::now();
+        let h = identity::run(&mut *session, &cfg).await.unwrap();
+        println!(
+            "identity: then {}M pages of those devices ({name})\t{:.1} s ({} profiles)",
+            EVENTS * PAGES_PER_DEVICE / 1_000_000,
+            t.elapsed().as_secs_f64(),
+            h.profiles
+        );
+    }
 
     // 10k more: half new devices of existing people, half new people.
     insert(sink, sql(EVENTS, MORE / 2, NEW_DEVICES, 2)).await;
@@ -150,7 +191,7 @@ async fn main() {
     if wanted("duckdb") {
         let dir = tempfile::tempdir().unwrap();
         let sink = DuckDbSink::open(&dir.path().join("identity.duckdb")).unwrap();
-        bench("DuckDB", &sink, insert_sql).await;
+        bench("DuckDB", &sink, insert_sql, Some(history_sql)).await;
     }
     if wanted("clickhouse") {
         match LocalClickHouse::start() {
@@ -161,7 +202,7 @@ async fn main() {
                 })
                 .await
                 .unwrap();
-                bench("ClickHouse", &sink, insert_sql_clickhouse).await;
+                bench("ClickHouse", &sink, insert_sql_clickhouse, None).await;
             }
             Err(e) => println!("identity: ClickHouse\tnot run: {e}"),
         }

@@ -270,9 +270,12 @@ async fn removed_edges_split_people_and_say_so(t: &Target) {
     resolve(&*sink, &cfg).await;
     let wu = person(&*sink, "user_id", "wu").await;
     assert_eq!(person(&*sink, "anonymous_id", "w2").await, wu);
+    // As an erasure of the event would leave it: its row, its edge and its pair's
+    // activity gone.
     for sql in [
         "DELETE FROM identifies WHERE message_id = 'j2'",
         "DELETE FROM identity_edges WHERE message_id = 'j2'",
+        "DELETE FROM collector_id_activity WHERE anonymous_id = 'w2'",
         "INSERT INTO identity_dirty VALUES ('anonymous_id', 'w2', 'erasure'), ('user_id', 'wu', 'erasure')",
     ] {
         sink.query(sql).await.unwrap();
@@ -306,7 +309,9 @@ crate::per_target!(
     profiles_hold_the_latest_consent,
     removed_edges_split_people_and_say_so,
     a_load_is_read_once_however_late_it_commits,
-    an_upgraded_warehouse_reads_what_came_since_its_old_watermark,]
+    an_upgraded_warehouse_reads_what_came_since_its_old_watermark,
+    profiles_are_the_same_whatever_the_order_and_split,
+    an_upgraded_warehouse_fills_the_activity_from_every_event,]
 );
 
 // The Parquet lake: identity runs in its state file, reading the events from its
@@ -317,7 +322,9 @@ crate::per_target!(
     block_list_stops_a_bad_merge,
     limits_refuse_a_merge_and_late_events_reorder,
     profiles_hold_the_latest_consent,
-    the_block_list_is_the_same_in_sql_and_in_rust,]
+    the_block_list_is_the_same_in_sql_and_in_rust,
+    profiles_are_the_same_whatever_the_order_and_split,
+    an_upgraded_warehouse_fills_the_activity_from_every_event,]
 );
 
 // ClickHouse has no DELETE or UPDATE of events (the last three scenarios edit events in
@@ -552,6 +559,175 @@ async fn any_order_of_the_same_events_gives_the_same_people() {
         let got = people_after(&sink, &order, &splits, &cfg).await;
         assert_eq!(got, want, "round {round}, splits {splits:?}");
     }
+}
+
+/// The scenario's events with traits and consent evidence that change over time, each
+/// sent again an hour later (same ids, another message id) with other traits and
+/// consent: every pair of ids has events to merge, whichever load each lands in.
+fn profile_events() -> Vec<Value> {
+    let first = scenario_events();
+    let again = first
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let mut e = e.clone();
+            e["messageId"] = json!(format!("{}-again", e["messageId"].as_str().unwrap()));
+            e["timestamp"] = json!(format!("2026-11-20T10:{:02}:00.000Z", (i * 23) % 60));
+            (i + 1, e)
+        })
+        .collect::<Vec<_>>();
+    first
+        .into_iter()
+        .enumerate()
+        .chain(again)
+        .map(|(i, mut e)| {
+            if e["type"] == "identify" {
+                e["traits"]["plan"] = json!(format!("p{}", i % 3));
+                e["traits"][format!("k{}", i % 4)] = json!(i);
+            }
+            let (granted, denied) = if i % 3 == 0 {
+                (json!(["analytics", "marketing"]), json!([]))
+            } else {
+                (json!(["analytics"]), json!(["marketing"]))
+            };
+            if i % 5 != 4 {
+                e["context"] = json!({"consent": {"resolved": {
+                    "policy_version": format!("v{}", i % 2), "granted": granted, "denied": denied,
+                    "sources": {"analytics": "explicit", "marketing": if i % 2 == 0 { "gpc" } else { "explicit" }}}}});
+            }
+            e
+        })
+        .collect()
+}
+
+/// Every profile, JSON parsed (key order is not part of a JSON object).
+async fn profiles(sink: &dyn Sink) -> Vec<(Vec<Option<String>>, Vec<Value>)> {
+    rows(
+        sink,
+        "SELECT person_id, first_seen, last_seen, event_count,
+                CAST(user_ids AS VARCHAR), CAST(anonymous_ids AS VARCHAR), CAST(emails AS VARCHAR),
+                CAST(traits AS VARCHAR), CAST(consent AS VARCHAR)
+         FROM profiles ORDER BY person_id",
+    )
+    .await
+    .into_iter()
+    .map(|mut r| {
+        let json = r
+            .split_off(4)
+            .into_iter()
+            .map(|v| serde_json::from_str(&v.unwrap()).unwrap())
+            .collect();
+        (r, json)
+    })
+    .collect()
+}
+
+// Profiles are kept from each pair of ids' activity, to which each run adds only the
+// events it read: loaded in any order and split (replays included), the same events
+// give the same profiles as all of them loaded and resolved at once.
+async fn profiles_are_the_same_whatever_the_order_and_split(t: &Target) {
+    let cfg = tight_limits();
+    let evs = profile_events();
+    let sink = t.open().await;
+    people_after(&*sink, &evs, &[], &cfg).await;
+    let want = profiles(&*sink).await;
+    drop(sink);
+    assert!(want.len() > 5, "{want:?}");
+    // The profiles have counts, traits and consent to get wrong.
+    assert!(want.iter().any(|(r, j)| r[3].as_deref() != Some("1")
+        && j[3].as_object().is_some_and(|o| o.len() >= 2)
+        && j[4].as_object().is_some_and(|o| o.len() == 2)));
+    for (round, (order, splits)) in shuffles(&evs, 3).into_iter().enumerate() {
+        let t = match t {
+            Target::DuckDb(_) => Target::duckdb(),
+            Target::Parquet(_) => Target::parquet(),
+            Target::Postgres(_) => Target::postgres(),
+            Target::ClickHouse(_) => unreachable!(),
+        };
+        let sink = t.open().await;
+        people_after(&*sink, &order, &splits, &cfg).await;
+        assert_eq!(
+            profiles(&*sink).await,
+            want,
+            "round {round}, splits {splits:?}"
+        );
+    }
+}
+
+// A warehouse from before the activity tables (migration 13; the lake's 10): the first
+// run after the upgrade computes them from every event, so a profile keeps what its
+// person did before.
+async fn an_upgraded_warehouse_fills_the_activity_from_every_event(t: &Target) {
+    let cfg = IdentityConfig::default();
+    let sink = t.open().await;
+    load(&*sink, 1, json!([
+        {"type": "page", "messageId": "p1", "anonymousId": "a1", "timestamp": "2026-11-20T09:00:00.000Z",
+         "context": {"consent": {"resolved": {"policy_version": "v1", "granted": ["analytics"], "denied": [],
+                     "sources": {"analytics": "explicit"}}}}},
+        {"type": "identify", "messageId": "i1", "anonymousId": "a1", "userId": "u1", "timestamp": "2026-11-20T09:01:00.000Z",
+         "traits": {"plan": "free", "seats": 2}},
+    ]))
+    .await;
+    resolve(&*sink, &cfg).await;
+    // As the release before left it.
+    let version = if matches!(t, Target::Parquet(_)) {
+        10
+    } else {
+        13
+    };
+    let undo = format!(
+        "DROP TABLE collector_id_activity; DROP TABLE collector_id_traits; DROP TABLE collector_id_consent;
+         DELETE FROM collector_migrations WHERE version = {version}"
+    );
+    match t {
+        Target::Parquet(dir) => {
+            drop(sink);
+            ::duckdb::Connection::open(dir.path().join("lake/_collector/state.duckdb"))
+                .unwrap()
+                .execute_batch(&undo)
+                .unwrap();
+        }
+        _ => {
+            for sql in undo.split(';') {
+                sink.query(sql).await.unwrap();
+            }
+            drop(sink);
+        }
+    }
+    let sink = t.open().await;
+    load(&*sink, 2, json!([
+        {"type": "track", "messageId": "t1", "userId": "u1", "event": "E", "timestamp": "2026-11-20T10:00:00.000Z",
+         "context": {"consent": {"resolved": {"policy_version": "v2", "granted": ["marketing"], "denied": [],
+                     "sources": {"marketing": "explicit"}}}}},
+    ]))
+    .await;
+    resolve(&*sink, &cfg).await;
+    let got = profiles(&*sink).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    let (r, j) = &got[0];
+    assert_eq!(r[3].as_deref(), Some("3"), "{got:?}");
+    assert_eq!(r[1].as_deref(), Some("2026-11-20T09:00:00.000Z"), "{got:?}");
+    assert_eq!(j[3], json!({"plan": "free", "seats": 2}));
+    assert_eq!(j[4]["analytics"]["policy_version"], json!("v1"), "{got:?}");
+    assert_eq!(j[4]["marketing"]["policy_version"], json!("v2"), "{got:?}");
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT anonymous_id, user_id, event_count FROM collector_id_activity ORDER BY anonymous_id, user_id"
+        )
+        .await,
+        vec![
+            vec![s(""), s("u1"), s("1")],
+            vec![s("a1"), s(""), s("1")],
+            vec![s("a1"), s("u1"), s("1")],
+        ]
+    );
+    assert_eq!(
+        one(&*sink, "SELECT count(*) FROM collector_identity_state")
+            .await
+            .as_deref(),
+        Some("0")
+    );
 }
 
 /// `rounds` shuffles of `evs` (a fixed seed), each with a few replays at the end and

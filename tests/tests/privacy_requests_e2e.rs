@@ -221,13 +221,16 @@ async fn erase_export_and_suppress(st: &Stack, cfg: AgentConfig) {
             req.render()
         );
     }
-    // Where each of their `users` values came from goes with them.
-    let keys = store("collector_user_traits");
-    assert!(
-        keys.status == "done" && keys.before.is_some_and(|n| n > 0) && keys.after == Some(0),
-        "{}",
-        req.render()
-    );
+    // Where each of their `users` values came from goes with them, and what each pair
+    // of their ids did (what their profile was computed from).
+    for name in ["collector_user_traits", "collector_id_activity"] {
+        let keys = store(name);
+        assert!(
+            keys.status == "done" && keys.before.is_some_and(|n| n > 0) && keys.after == Some(0),
+            "{name}: {}",
+            req.render()
+        );
+    }
     assert_eq!(store("edge").status, "done");
     assert_eq!(
         store("destination:crm_hook").status,
@@ -721,6 +724,9 @@ async fn erasure_and_export_in_the_parquet_lake() {
         // A table of the lake's state file, as in a DuckDB warehouse.
         ("users", 1),
         ("collector_user_traits", 1),
+        // Her pairs of ids: (dev-erin-a, none), (dev-erin-a, u-erin),
+        // (dev-erin-b, u-erin), (none, u-erin).
+        ("collector_id_activity", 4),
     ] {
         let s = store(name);
         assert_eq!(

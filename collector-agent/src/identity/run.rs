@@ -15,7 +15,10 @@
 //! 4. **Resolve** the region's edges in canonical order with the limits
 //!    ([`super::resolve`]), write each id's person, each edge's verdict, and log every
 //!    merge of two people and every refusal (`identity_merges`).
-//! 5. **Profiles** of every person touched are computed again (`profiles`).
+//! 5. **Profiles** of every person touched are computed again (`profiles`), from the
+//!    activity of their pairs of ids (`collector_id_activity`, `collector_id_traits`,
+//!    `collector_id_consent`), which step 1 adds the scanned events to: a run reads the
+//!    events of its loads once, never a person's whole history.
 
 use foldhash::{HashMap, HashSet};
 
@@ -287,7 +290,8 @@ async fn run_in_tx(
                 format!("CAST(NULL AS {t})")
             };
             let select = format!(
-                "SELECT message_id, anonymous_id, user_id, {previous} AS previous_id, {email} AS email, timestamp AS ts FROM {tb}"
+                "SELECT message_id, anonymous_id, user_id, {previous} AS previous_id, {email} AS email, timestamp AS ts, {activity} FROM {tb}",
+                activity = activity_columns(&q, tb)
             );
             let mut part = format!(
                 "{select} WHERE message_id IN (SELECT m.message_id FROM message_ids m JOIN identity_loads l ON m.load_id = l.load_id WHERE m.table_name = '{tb}')"
@@ -305,6 +309,42 @@ async fn run_in_tx(
         "DROP TABLE IF EXISTS identity_scan; CREATE TEMP TABLE identity_scan AS {scan};"
     ))
     .await?;
+    // 1b. What each pair of ids did (profiles are computed from it): the events just
+    //     scanned added to it, or, once after the migration that made it, every event.
+    let backfill = s
+        .query(&format!(
+            "SELECT count(*) FROM collector_identity_state WHERE name = '{ACTIVITY_BACKFILL}'"
+        ))
+        .await?
+        .rows
+        .first()
+        .and_then(|r| r[0].as_deref())
+        .is_some_and(|n| n != "0");
+    if backfill {
+        let every = sources()
+            .map(|tb| {
+                format!(
+                    "SELECT message_id, anonymous_id, user_id, timestamp AS ts, {} FROM {tb}",
+                    activity_columns(&q, tb)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        s.batch(
+            "DELETE FROM collector_id_activity; DELETE FROM collector_id_traits; DELETE FROM collector_id_consent;",
+        )
+        .await?;
+        add_activity(s, &q, &format!("({every})")).await?;
+    } else if s
+        .query("SELECT count(*) FROM identity_scan")
+        .await?
+        .rows
+        .first()
+        .and_then(|r| r[0].as_deref())
+        .is_some_and(|n| n != "0")
+    {
+        add_activity(s, &q, "identity_scan").await?;
+    }
 
     // 2. Ids (each its own person until joined) and edges.
     s.batch(&format!(
@@ -445,12 +485,11 @@ async fn run_in_tx(
     s.execute("DELETE FROM profiles WHERE person_id IN (SELECT person_id FROM identity_touched)")
         .await?;
     stats.profiles = s.execute(&profiles_sql(&q)).await?;
-    s.execute(&consent_sql(&q)).await?;
     // The loads read are done; a load that committed meanwhile stays pending.
-    s.batch(
+    s.batch(&format!(
         "DELETE FROM identity_pending WHERE load_id IN (SELECT load_id FROM identity_loads);
-         DELETE FROM collector_identity_state WHERE name = 'scan_from';",
-    )
+         DELETE FROM collector_identity_state WHERE name IN ('scan_from', '{ACTIVITY_BACKFILL}');"
+    ))
     .await?;
     Ok(stats)
 }
@@ -623,76 +662,134 @@ pub(super) fn plan(
     }
 }
 
-/// `INSERT INTO profiles` for the people in `identity_touched`, with their consent
-/// empty: [`consent_sql`] sets it, in a statement of its own, so the events' consent is
-/// not held beside their traits and the rest (the lake's drain peaked ~75 MB higher
-/// with both in one statement, BENCHMARKS.md "Thirteenth round").
-fn profiles_sql(q: &Sql) -> String {
-    let (j, now) = (q.json(), q.now());
-    let events = sources()
-        .map(|tb| {
-            let traits = if tb == "identifies" {
-                "traits".to_string()
-            } else {
-                format!("CAST(NULL AS {j})")
-            };
-            format!(
-                "SELECT message_id, anonymous_id, user_id, timestamp AS ts, {traits} AS traits FROM {tb}"
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" UNION ALL ");
+/// The mark (in `collector_identity_state`) of a warehouse whose activity tables must be
+/// computed from every event at the next run: set by the migration that made them.
+const ACTIVITY_BACKFILL: &str = "activity_backfill";
+
+/// The tables a profile is computed from (a migration of each SQL sink): what each pair
+/// `(anonymous_id, user_id)` of an event did (`''` for the id it lacks, which is never a
+/// person's id: a blank id is blocked). `collector_id_activity`: first and last event
+/// time and the number of events; `collector_id_traits`: each trait's latest value from
+/// the pair's identifies; `collector_id_consent`: each consent category's latest
+/// decision. Every part merges (min, max, sum, latest by event time then message id),
+/// so each run adds only the events it scanned, and a person's profile reads the rows
+/// of the pairs with one of their ids instead of every event they ever sent. An
+/// erasure deletes the rows of the person's ids with their events (like any table with
+/// `user_id` and `anonymous_id`). The warehouse's events before the migration are added
+/// at the next identity run.
+pub fn ddl_activity(d: Relational) -> String {
+    let s = Sql(d);
+    let (t, ts, j, now) = (s.text(), s.ts(), s.json(), s.now());
+    // DuckDB keeps them without an index (its index lives in memory and grows with
+    // every pair); a run matches the pairs it needs with a join.
+    let key = |cols: &str| match d {
+        Relational::DuckDb => String::new(),
+        Relational::Postgres => format!(", PRIMARY KEY ({cols})"),
+    };
     format!(
-        "INSERT INTO profiles (person_id, user_ids, anonymous_ids, emails, first_seen, last_seen, event_count, traits, consent, updated_at)
-WITH {ids},
-ev_all AS ({events}),
-ev AS (
-  SELECT DISTINCT ON (person_id, message_id) * FROM (
-    SELECT ids.person_id, e.* FROM ev_all e JOIN ids ON ids.id_type = 'anonymous_id' AND e.anonymous_id = ids.id_value
-    UNION ALL
-    SELECT ids.person_id, e.* FROM ev_all e JOIN ids ON ids.id_type = 'user_id' AND e.user_id = ids.id_value
-  ) x ORDER BY person_id, message_id),
-stats AS (SELECT person_id, min(ts) AS first_seen, max(ts) AS last_seen, count(*) AS event_count FROM ev GROUP BY person_id),
-idl AS (SELECT person_id, {users} AS user_ids, {anons} AS anonymous_ids, {emails} AS emails FROM ids GROUP BY person_id),
-tr AS (SELECT DISTINCT ON (ev.person_id, kv.key) ev.person_id, kv.key, kv.value FROM ev, {each} AS kv
-       WHERE ev.traits IS NOT NULL ORDER BY ev.person_id, kv.key, ev.ts DESC, ev.message_id DESC),
-tro AS (SELECT person_id, {traits_obj} AS traits FROM tr GROUP BY person_id)
-SELECT idl.person_id, idl.user_ids, idl.anonymous_ids, idl.emails, stats.first_seen, stats.last_seen,
-  COALESCE(stats.event_count, 0), COALESCE(tro.traits, {empty}), {empty}, {now}
-FROM idl LEFT JOIN stats ON stats.person_id = idl.person_id LEFT JOIN tro ON tro.person_id = idl.person_id",
-        ids = TOUCHED_IDS,
-        users = q.text_array_agg("id_value", "id_type = 'user_id'"),
-        anons = q.text_array_agg("id_value", "id_type = 'anonymous_id'"),
-        emails = q.text_array_agg("id_value", "id_type = 'email'"),
-        each = q.json_each("ev.traits"),
-        traits_obj = q.object_agg("key", "value"),
-        empty = q.empty_object(),
+        "CREATE TABLE collector_id_activity (anonymous_id {t} NOT NULL, user_id {t} NOT NULL, first_seen {ts}, last_seen {ts}, event_count BIGINT NOT NULL{});
+CREATE TABLE collector_id_traits (anonymous_id {t} NOT NULL, user_id {t} NOT NULL, key {t} NOT NULL, value {j}, ts {ts}, message_id {t} NOT NULL{});
+CREATE TABLE collector_id_consent (anonymous_id {t} NOT NULL, user_id {t} NOT NULL, category {t} NOT NULL, granted BOOLEAN NOT NULL, source {t}, policy_version {t}, ts {ts}, message_id {t} NOT NULL{});
+INSERT INTO collector_identity_state VALUES ('{ACTIVITY_BACKFILL}', {now});
+",
+        key("anonymous_id, user_id"),
+        key("anonymous_id, user_id, key"),
+        key("anonymous_id, user_id, category"),
     )
 }
 
-/// The ids of the people in `identity_touched` (a CTE).
-const TOUCHED_IDS: &str = "ids AS (SELECT id_type, id_value, person_id FROM identities WHERE person_id IN (SELECT person_id FROM identity_touched))";
+/// What an event of `tb` brings to its pair's activity, beside its ids and time:
+/// `traits` (identifies only) and `consent_r`, the consent the edge resolved (only that
+/// of `context`, which is most of an event's bytes).
+fn activity_columns(q: &Sql, tb: &str) -> String {
+    let traits = if tb == "identifies" {
+        "traits".to_string()
+    } else {
+        format!("CAST(NULL AS {})", q.json())
+    };
+    format!(
+        "{traits} AS traits, {} AS consent_r",
+        q.json_path("context", &["consent", "resolved"])
+    )
+}
 
-/// Sets `profiles.consent` of the people in `identity_touched`: the latest decision per
-/// category, with its source. Of `context`, only the consent the edge resolved is read,
-/// and it is taken out where the events are read (the whole context is most of an
-/// event's bytes).
-fn consent_sql(q: &Sql) -> String {
-    let resolved = q.json_path("context", &["consent", "resolved"]);
-    let events = sources()
-        .map(|tb| {
-            format!(
-                "SELECT message_id, anonymous_id, user_id, timestamp AS ts, {resolved} AS consent_r FROM {tb}"
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" UNION ALL ");
+/// Adds the events of `src` (a relation with `message_id`, `anonymous_id`, `user_id`,
+/// `ts`, `traits` and `consent_r`; each event once, none added before) to the activity
+/// tables: each pair's new rows are its old ones merged with the new events, written in
+/// place of the old.
+async fn add_activity(s: &mut dyn SqlSession, q: &Sql, src: &str) -> Result<(), SinkError> {
+    let pair = "COALESCE(anonymous_id, '') AS anonymous_id, COALESCE(user_id, '') AS user_id";
+    let pair_s = "COALESCE(s.anonymous_id, '') AS anonymous_id, COALESCE(s.user_id, '') AS user_id";
+    let of_new = |tb: &str| {
+        format!(
+            "EXISTS (SELECT 1 FROM identity_act_new n WHERE n.anonymous_id = {tb}.anonymous_id AND n.user_id = {tb}.user_id)"
+        )
+    };
+    s.batch(&format!(
+        "DROP TABLE IF EXISTS identity_act_new;
+         CREATE TEMP TABLE identity_act_new AS
+           SELECT n.anonymous_id, n.user_id,
+             CASE WHEN a.first_seen IS NULL OR n.first_seen < a.first_seen THEN n.first_seen ELSE a.first_seen END AS first_seen,
+             CASE WHEN a.last_seen IS NULL OR n.last_seen > a.last_seen THEN n.last_seen ELSE a.last_seen END AS last_seen,
+             n.event_count + COALESCE(a.event_count, 0) AS event_count
+           FROM (SELECT anonymous_id, user_id, min(ts) AS first_seen, max(ts) AS last_seen, count(*) AS event_count
+                 FROM (SELECT {pair}, ts FROM {src} s0) s GROUP BY anonymous_id, user_id) n
+           LEFT JOIN collector_id_activity a ON a.anonymous_id = n.anonymous_id AND a.user_id = n.user_id;
+         DELETE FROM collector_id_activity WHERE {};
+         INSERT INTO collector_id_activity (anonymous_id, user_id, first_seen, last_seen, event_count)
+           SELECT anonymous_id, user_id, first_seen, last_seen, event_count FROM identity_act_new;",
+        of_new("collector_id_activity")
+    ))
+    .await?;
+    s.batch(&format!(
+        "DROP TABLE IF EXISTS identity_act_traits;
+         CREATE TEMP TABLE identity_act_traits AS
+           SELECT DISTINCT ON (anonymous_id, user_id, key) anonymous_id, user_id, key, value, ts, message_id FROM (
+             SELECT {pair_s}, kv.key, kv.value, s.ts, s.message_id FROM {src} s, {each} AS kv WHERE s.traits IS NOT NULL
+             UNION ALL
+             SELECT anonymous_id, user_id, key, value, ts, message_id FROM collector_id_traits WHERE {old}
+           ) x ORDER BY anonymous_id, user_id, key, ts DESC, message_id DESC;
+         DELETE FROM collector_id_traits WHERE {old};
+         INSERT INTO collector_id_traits (anonymous_id, user_id, key, value, ts, message_id)
+           SELECT anonymous_id, user_id, key, value, ts, message_id FROM identity_act_traits;",
+        each = q.json_each("s.traits"),
+        old = of_new("collector_id_traits"),
+    ))
+    .await?;
     let source = match q.0 {
         Relational::DuckDb => {
             "json_extract_string(r, '$.sources.\"' || category || '\"')".to_string()
         }
         Relational::Postgres => "(r->'sources'->>category)".to_string(),
     };
+    s.batch(&format!(
+        "DROP TABLE IF EXISTS identity_act_consent;
+         CREATE TEMP TABLE identity_act_consent AS
+           SELECT DISTINCT ON (anonymous_id, user_id, category) anonymous_id, user_id, category, granted, source, policy_version, ts, message_id FROM (
+             SELECT anonymous_id, user_id, category, granted, {source} AS source, {policy} AS policy_version, ts, message_id FROM (
+               SELECT {pair_s}, s.message_id, s.ts, s.consent_r AS r, {granted} AS category, true AS granted FROM {src} s WHERE s.consent_r IS NOT NULL
+               UNION ALL
+               SELECT {pair_s}, s.message_id, s.ts, s.consent_r AS r, {denied} AS category, false AS granted FROM {src} s WHERE s.consent_r IS NOT NULL
+             ) c
+             UNION ALL
+             SELECT anonymous_id, user_id, category, granted, source, policy_version, ts, message_id FROM collector_id_consent WHERE {old}
+           ) x ORDER BY anonymous_id, user_id, category, ts DESC, message_id DESC;
+         DELETE FROM collector_id_consent WHERE {old};
+         INSERT INTO collector_id_consent (anonymous_id, user_id, category, granted, source, policy_version, ts, message_id)
+           SELECT anonymous_id, user_id, category, granted, source, policy_version, ts, message_id FROM identity_act_consent;",
+        granted = q.unnest_text(&q.json_path("s.consent_r", &["granted"])),
+        denied = q.unnest_text(&q.json_path("s.consent_r", &["denied"])),
+        policy = q.json_text("r", "policy_version"),
+        old = of_new("collector_id_consent"),
+    ))
+    .await
+}
+
+/// `INSERT INTO profiles` for the people in `identity_touched`, from the activity of
+/// the pairs of ids with one of theirs (each pair once per person: an event whose
+/// anonymous id and user id are both theirs counts once; one whose ids belong to two
+/// people, after a refused merge, counts for both).
+fn profiles_sql(q: &Sql) -> String {
     let consent_entry = q.build_object(&[
         ("granted", "granted".into()),
         ("source", "source".into()),
@@ -700,23 +797,34 @@ fn consent_sql(q: &Sql) -> String {
         ("at", q.ts_text("ts")),
     ]);
     format!(
-        "UPDATE profiles SET consent = c.consent FROM (
-WITH {ids},
-ev_all AS ({events}),
-cs0 AS (SELECT ids.person_id, e.message_id, e.ts, e.consent_r AS r FROM ev_all e JOIN ids ON ids.id_type = 'anonymous_id' AND e.anonymous_id = ids.id_value WHERE e.consent_r IS NOT NULL
-        UNION ALL
-        SELECT ids.person_id, e.message_id, e.ts, e.consent_r AS r FROM ev_all e JOIN ids ON ids.id_type = 'user_id' AND e.user_id = ids.id_value WHERE e.consent_r IS NOT NULL),
-cs1 AS (SELECT person_id, message_id, ts, r, {granted} AS category, true AS granted FROM cs0
-        UNION ALL SELECT person_id, message_id, ts, r, {denied}, false FROM cs0),
-cs2 AS (SELECT person_id, message_id, ts, category, granted, {source} AS source, {policy} AS policy_version FROM cs1),
-cs AS (SELECT DISTINCT ON (person_id, category) person_id, category, granted, source, policy_version, ts
-       FROM cs2 ORDER BY person_id, category, ts DESC, message_id DESC)
-SELECT person_id, {consent_obj} AS consent FROM cs GROUP BY person_id) c
-WHERE profiles.person_id = c.person_id",
-        ids = TOUCHED_IDS,
-        granted = q.unnest_text(&q.json_path("r", &["granted"])),
-        denied = q.unnest_text(&q.json_path("r", &["denied"])),
-        policy = q.json_text("r", "policy_version"),
+        "INSERT INTO profiles (person_id, user_ids, anonymous_ids, emails, first_seen, last_seen, event_count, traits, consent, updated_at)
+WITH ids AS (SELECT id_type, id_value, person_id FROM identities WHERE person_id IN (SELECT person_id FROM identity_touched)),
+pairs AS (
+  SELECT ids.person_id, a.anonymous_id, a.user_id, a.first_seen, a.last_seen, a.event_count
+    FROM collector_id_activity a JOIN ids ON ids.id_type = 'anonymous_id' AND a.anonymous_id = ids.id_value
+  UNION
+  SELECT ids.person_id, a.anonymous_id, a.user_id, a.first_seen, a.last_seen, a.event_count
+    FROM collector_id_activity a JOIN ids ON ids.id_type = 'user_id' AND a.user_id = ids.id_value),
+stats AS (SELECT person_id, min(first_seen) AS first_seen, max(last_seen) AS last_seen, sum(event_count) AS event_count FROM pairs GROUP BY person_id),
+idl AS (SELECT person_id, {users} AS user_ids, {anons} AS anonymous_ids, {emails} AS emails FROM ids GROUP BY person_id),
+tr AS (SELECT DISTINCT ON (p.person_id, t.key) p.person_id, t.key, t.value FROM pairs p
+       JOIN collector_id_traits t ON t.anonymous_id = p.anonymous_id AND t.user_id = p.user_id
+       ORDER BY p.person_id, t.key, t.ts DESC, t.message_id DESC),
+tro AS (SELECT person_id, {traits_obj} AS traits FROM tr GROUP BY person_id),
+cs AS (SELECT DISTINCT ON (p.person_id, c.category) p.person_id, c.category, c.granted, c.source, c.policy_version, c.ts FROM pairs p
+       JOIN collector_id_consent c ON c.anonymous_id = p.anonymous_id AND c.user_id = p.user_id
+       ORDER BY p.person_id, c.category, c.ts DESC, c.message_id DESC),
+cso AS (SELECT person_id, {consent_obj} AS consent FROM cs GROUP BY person_id)
+SELECT idl.person_id, idl.user_ids, idl.anonymous_ids, idl.emails, stats.first_seen, stats.last_seen,
+  COALESCE(stats.event_count, 0), COALESCE(tro.traits, {empty}), COALESCE(cso.consent, {empty}), {now}
+FROM idl LEFT JOIN stats ON stats.person_id = idl.person_id LEFT JOIN tro ON tro.person_id = idl.person_id
+  LEFT JOIN cso ON cso.person_id = idl.person_id",
+        users = q.text_array_agg("id_value", "id_type = 'user_id'"),
+        anons = q.text_array_agg("id_value", "id_type = 'anonymous_id'"),
+        emails = q.text_array_agg("id_value", "id_type = 'email'"),
+        traits_obj = q.object_agg("key", "value"),
         consent_obj = q.object_agg("category", &consent_entry),
+        empty = q.empty_object(),
+        now = q.now(),
     )
 }

@@ -304,6 +304,11 @@ pub(crate) fn sql_migrations(d: Relational, text: &str) -> Vec<(i32, &'static st
                 Relational::Postgres => String::new(),
             },
         ),
+        (
+            13,
+            "collector_id_activity, collector_id_traits, collector_id_consent: what each pair of ids did, so a profile is computed from it instead of from every event its person sent",
+            crate::identity::run::ddl_activity(d),
+        ),
     ]
 }
 

@@ -96,6 +96,11 @@ ALTER TABLE loaded_batches ADD COLUMN staged VARCHAR;"
                 crate::sinks::tables::user_traits_ddl(Relational::DuckDb),
             ),
         ),
+        (
+            10,
+            "collector_id_activity, collector_id_traits, collector_id_consent: what each pair of ids did, so a profile is computed from it instead of from the lake's files",
+            crate::identity::run::ddl_activity(Relational::DuckDb),
+        ),
     ]
 }
 
