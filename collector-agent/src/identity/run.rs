@@ -270,13 +270,11 @@ async fn run_in_tx(
          CREATE TEMP TABLE identity_loads AS SELECT load_id FROM identity_pending;",
     )
     .await?;
-    let legacy = s
-        .query("SELECT count(*) FROM collector_identity_state WHERE name = 'scan_from'")
-        .await?
-        .rows
-        .first()
-        .and_then(|r| r[0].as_deref())
-        .is_some_and(|n| n != "0");
+    let legacy = any(
+        s,
+        "SELECT count(*) FROM collector_identity_state WHERE name = 'scan_from'",
+    )
+    .await?;
     let scan = sources()
         .map(|tb| {
             let previous = if tb == "aliases" {
@@ -311,15 +309,13 @@ async fn run_in_tx(
     .await?;
     // 1b. What each pair of ids did (profiles are computed from it): the events just
     //     scanned added to it, or, once after the migration that made it, every event.
-    let backfill = s
-        .query(&format!(
+    let backfill = any(
+        s,
+        &format!(
             "SELECT count(*) FROM collector_identity_state WHERE name = '{ACTIVITY_BACKFILL}'"
-        ))
-        .await?
-        .rows
-        .first()
-        .and_then(|r| r[0].as_deref())
-        .is_some_and(|n| n != "0");
+        ),
+    )
+    .await?;
     if backfill {
         let every = sources()
             .map(|tb| {
@@ -335,14 +331,7 @@ async fn run_in_tx(
         )
         .await?;
         add_activity(s, &q, &format!("({every})")).await?;
-    } else if s
-        .query("SELECT count(*) FROM identity_scan")
-        .await?
-        .rows
-        .first()
-        .and_then(|r| r[0].as_deref())
-        .is_some_and(|n| n != "0")
-    {
+    } else if any(s, "SELECT count(*) FROM identity_scan").await? {
         add_activity(s, &q, "identity_scan").await?;
     }
 
@@ -492,6 +481,16 @@ async fn run_in_tx(
     ))
     .await?;
     Ok(stats)
+}
+
+/// Whether a `SELECT count(*)` counts anything.
+async fn any(s: &mut dyn SqlSession, count_sql: &str) -> Result<bool, SinkError> {
+    Ok(s.query(count_sql)
+        .await?
+        .rows
+        .first()
+        .and_then(|r| r[0].as_deref())
+        .is_some_and(|n| n != "0"))
 }
 
 /// What one run writes, decided in Rust from the region's ids and edges.
