@@ -275,7 +275,8 @@ async fn run_in_tx(
         "SELECT count(*) FROM collector_identity_state WHERE name = 'scan_from'",
     )
     .await?;
-    let scan = sources()
+    // Each event table's rows as a run reads them; the scan keeps those of its loads.
+    let selects: Vec<(&str, String)> = sources()
         .map(|tb| {
             let previous = if tb == "aliases" {
                 "previous_id".to_string()
@@ -291,6 +292,12 @@ async fn run_in_tx(
                 "SELECT message_id, anonymous_id, user_id, {previous} AS previous_id, {email} AS email, timestamp AS ts, {activity} FROM {tb}",
                 activity = activity_columns(&q, tb)
             );
+            (tb, select)
+        })
+        .collect();
+    let scan = selects
+        .iter()
+        .map(|(tb, select)| {
             let mut part = format!(
                 "{select} WHERE message_id IN (SELECT m.message_id FROM message_ids m JOIN identity_loads l ON m.load_id = l.load_id WHERE m.table_name = '{tb}')"
             );
@@ -317,13 +324,9 @@ async fn run_in_tx(
     )
     .await?;
     if backfill {
-        let every = sources()
-            .map(|tb| {
-                format!(
-                    "SELECT message_id, anonymous_id, user_id, timestamp AS ts, {} FROM {tb}",
-                    activity_columns(&q, tb)
-                )
-            })
+        let every = selects
+            .iter()
+            .map(|(_, select)| select.as_str())
             .collect::<Vec<_>>()
             .join(" UNION ALL ");
         s.batch(
