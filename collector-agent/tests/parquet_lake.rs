@@ -522,3 +522,359 @@ async fn a_lake_from_before_users_was_a_table_fills_it_from_its_identifies() {
         ]
     );
 }
+
+/// What Apache Arrow's Parquet reader (pyarrow, `lake_reader.py`) sees in the lake at
+/// `root`: per table, its unified schema, the files' logical types and the rows.
+fn read_with_arrow(root: &std::path::Path) -> serde_json::Value {
+    let tools = collector_e2e::toolchain::Toolchain::discover();
+    let python = tools.dbt_venv().join("bin/python");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lake_reader.py");
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .arg(root)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "run {} ({e}); `cargo xtask setup` installs pyarrow",
+                python.display()
+            )
+        });
+    assert!(
+        out.status.success(),
+        "lake_reader.py failed (`cargo xtask setup` installs pyarrow):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A value as Arrow read it, in the agent's text form (instants to the microsecond).
+fn arrow_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) => Some(
+            collector_core::timestamp::parse_us(s)
+                .filter(|_| s.len() >= 19 && s.as_bytes()[10] == b'T')
+                .map(|us| us.to_string())
+                .unwrap_or_else(|| s.clone()),
+        ),
+        // Python writes a double that is whole as `41.0`; the agent as `41`.
+        serde_json::Value::Number(n) => n.as_f64().map(|f| f.to_string()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// A value as the agent's SQL renders it, in the same form.
+fn agent_text(v: &Option<String>) -> Option<String> {
+    let s = v.as_ref()?;
+    Some(
+        collector_core::timestamp::parse_us(s)
+            .filter(|_| s.len() >= 19 && s.as_bytes()[10] == b'T' && s.ends_with('Z'))
+            .map(|us| us.to_string())
+            .unwrap_or_else(|| s.clone()),
+    )
+}
+
+// The issue promises a lake that engines other than DuckDB read as they are. Apache
+// Arrow's Parquet implementation (pyarrow, `lake_reader.py`) reads every table's files
+// with their Hive partitions, unifying the files of a table whose later loads added a
+// column, and finds exactly the rows and values the agent's own SQL reads; instants
+// are marked as UTC (before, they were local date-times: BigQuery loads those as
+// `DATETIME`, Spark as `TIMESTAMP_NTZ`), JSON columns as JSON, numbers and booleans
+// typed.
+#[tokio::test]
+async fn another_parquet_implementation_reads_the_lake() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("lake");
+    let sink = ParquetSink::open(&root).unwrap();
+    common::load(&sink, 1, json!([
+        {"type": "track", "messageId": "o1", "userId": "u1", "event": "Order Completed",
+         "timestamp": "2026-11-24T13:54:00.250Z",
+         "context": {"locale": "fr-FR", "page": {"title": "Caf\u{e9} \u{2615} \u{1F600}"}},
+         "properties": {"revenue": 12.5, "currency": "EUR", "items": [{"sku": "a", "qty": 2}], "paid": true, "paid_at": "2026-11-24T13:55:00.123456Z", "n": 3}},
+        {"type": "page", "messageId": "p1", "anonymousId": "a1", "name": "Home", "timestamp": "2026-11-24T13:53:00Z",
+         "properties": {"path": "/"}},
+        {"type": "identify", "messageId": "i1", "userId": "u1", "anonymousId": "a1", "timestamp": "2026-11-24T13:52:00Z",
+         "traits": {"plan": "pro", "age": 41}},
+        {"type": "track", "messageId": "o3", "userId": "u3", "event": "Order Completed",
+         "timestamp": "2026-11-24T13:51:00Z", "properties": {"revenue": 3, "currency": "EUR"}}
+    ])).await;
+    // A later load adds a column (`coupon`) and sends a revenue that is no number.
+    common::load(&sink, 2, json!([
+        {"type": "track", "messageId": "o2", "userId": "u2", "event": "Order Completed",
+         "timestamp": "2026-11-24T13:50:00Z",
+         "properties": {"revenue": "not a number", "currency": "USD", "coupon": "XMAS", "n": 4, "paid": false}}
+    ])).await;
+    let seen = read_with_arrow(&root);
+    let tables: Vec<&str> = seen
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(tables, ["identifies", "order_completed", "pages", "tracks"]);
+
+    let oc = &seen["order_completed"];
+    assert_eq!(oc["files"], 2);
+    let ty = |t: &str, c: &str| {
+        seen[t]["schema"][c]
+            .as_str()
+            .unwrap_or("missing")
+            .to_string()
+    };
+    for t in ["tracks", "pages", "identifies", "order_completed"] {
+        for c in [
+            "timestamp",
+            "received_at",
+            "sent_at",
+            "original_timestamp",
+            "loaded_at",
+        ] {
+            assert_eq!(ty(t, c), "timestamp[us, tz=UTC]", "{t}.{c}");
+            for logical in seen[t]["logical"][c].as_array().unwrap() {
+                assert!(
+                    logical.as_str().unwrap().contains("isAdjustedToUTC=true"),
+                    "{t}.{c}: {logical}"
+                );
+            }
+        }
+        assert_eq!(ty(t, "message_id"), "string");
+        if t != "order_completed" {
+            assert_eq!(ty(t, "raw"), "extension<arrow.json>", "{t}.raw");
+        }
+        // The partition key, from the path.
+        assert_eq!(ty(t, "date"), "string");
+    }
+    assert_eq!(ty("order_completed", "paid_at"), "timestamp[us, tz=UTC]");
+    assert_eq!(ty("order_completed", "revenue"), "double");
+    assert_eq!(ty("order_completed", "paid"), "bool");
+    assert_eq!(ty("order_completed", "coupon"), "string");
+    assert_eq!(ty("order_completed", "items"), "extension<arrow.json>");
+    assert_eq!(ty("identifies", "age"), "double");
+
+    let rows = oc["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    // The first file has no `coupon`: null there. The text that is no number is not
+    // in the column (`rejected_values` has it).
+    assert_eq!(rows[0]["coupon"], serde_json::Value::Null);
+    assert_eq!(rows[1]["coupon"], "XMAS");
+    assert_eq!(rows[0]["revenue"], 12.5);
+    assert_eq!(rows[1]["revenue"], serde_json::Value::Null);
+    assert_eq!(rows[0]["paid_at"], "2026-11-24T13:55:00.123456+00:00");
+    assert_eq!(rows[0]["timestamp"], "2026-11-24T13:54:00.250000+00:00");
+    assert_eq!(
+        seen["tracks"]["rows"][0]["context_page_title"],
+        "Caf\u{e9} \u{2615} \u{1F600}"
+    );
+
+    same_as_the_agents_sql(&sink, &seen).await;
+
+    // An erasure rewrites the files that hold the person's rows: they stay readable,
+    // with the file's own columns only (it once wrote the partition keys into them).
+    let erased = sink
+        .erase_files(&["u1".to_string()], &["a1".to_string()])
+        .await
+        .unwrap();
+    assert_eq!(
+        erased,
+        vec![
+            ("identifies".to_string(), 1),
+            ("order_completed".to_string(), 1),
+            ("pages".to_string(), 1),
+            ("tracks".to_string(), 1)
+        ]
+    );
+    let seen = read_with_arrow(&root);
+    let tables: Vec<&str> = seen
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(tables, ["order_completed", "tracks"]);
+    for (table, t) in seen.as_object().unwrap() {
+        let in_files: Vec<&String> = t["logical"].as_object().unwrap().keys().collect();
+        assert!(
+            !in_files.iter().any(|c| *c == "date" || *c == "table"),
+            "{table}: {in_files:?}"
+        );
+        let ids: Vec<&str> = t["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["message_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["o2", "o3"], "{table}");
+        assert_eq!(
+            t["schema"]["received_at"].as_str(),
+            Some("timestamp[us, tz=UTC]")
+        );
+    }
+    same_as_the_agents_sql(&sink, &seen).await;
+}
+
+/// Every value of every table Arrow read is what the agent's SQL reads.
+async fn same_as_the_agents_sql(sink: &ParquetSink, seen: &serde_json::Value) {
+    for (table, t) in seen.as_object().unwrap() {
+        let ours = sink
+            .query(&format!("SELECT * FROM {table} ORDER BY message_id"))
+            .await
+            .unwrap();
+        let arrow_rows = t["rows"].as_array().unwrap();
+        assert_eq!(arrow_rows.len(), ours.rows.len(), "{table}");
+        let arrow_columns: Vec<&String> = t["schema"].as_object().unwrap().keys().collect();
+        let mut our_columns = ours.columns.clone();
+        our_columns.sort();
+        assert_eq!(
+            arrow_columns,
+            our_columns.iter().collect::<Vec<_>>(),
+            "{table}"
+        );
+        for (a, o) in arrow_rows.iter().zip(&ours.rows) {
+            for (i, c) in ours.columns.iter().enumerate() {
+                assert_eq!(
+                    arrow_text(&a[c]),
+                    agent_text(&o[i]),
+                    "{table}.{c} of {}",
+                    a["message_id"]
+                );
+            }
+        }
+    }
+}
+
+/// Rewrites a lake file as `sql` (a `SELECT` over `src`, the file's rows) makes it.
+fn rewrite_file(conn: &duckdb::Connection, path: &std::path::Path, sql: &str) {
+    let tmp = path.with_extension("tmp");
+    let src = format!("read_parquet('{}')", path.display());
+    conn.execute_batch(&format!(
+        "COPY ({}) TO '{}' (FORMAT parquet)",
+        sql.replace("{src}", &src),
+        tmp.display()
+    ))
+    .unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+// A lake written before migration 11 holds instants as local date-times (`TIMESTAMP`),
+// and the files an erasure rewrote hold the path's `table` and `date` as columns.
+// At the next open each such file is rewritten once, with the same rows: Arrow reads
+// the lake, its instants are the same UTC instants, and a `date` column that is not
+// the path's (a property so named, kept by older releases) stays.
+#[tokio::test]
+async fn a_lake_from_before_utc_instants_is_rewritten_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("lake");
+    let before = {
+        let sink = ParquetSink::open(&root).unwrap();
+        common::load(&sink, 1, json!([
+            {"type": "track", "messageId": "o1", "userId": "u1", "event": "Order Completed",
+             "timestamp": "2026-11-24T13:54:00.250Z",
+             "properties": {"revenue": 12.5, "paid_at": "2026-11-24T13:55:00.123456Z"}},
+            {"type": "page", "messageId": "p1", "anonymousId": "a1", "name": "Home", "timestamp": "2026-11-24T13:53:00Z"}
+        ])).await;
+        let mut out = Vec::new();
+        for t in ["tracks", "order_completed", "pages"] {
+            out.push(sink.query(&format!("SELECT * FROM {t}")).await.unwrap());
+        }
+        out
+    };
+    // As an older release left it: naive instants everywhere; an erasure's rewrite of
+    // `tracks` (the path's keys in the file); a property `date` in `pages`.
+    let conn = duckdb::Connection::open_in_memory().unwrap();
+    conn.execute_batch("SET TimeZone = 'UTC'").unwrap();
+    let mut naive_files = 0;
+    for f in files(&root) {
+        let path = root.join(&f);
+        let naive: Vec<String> = conn
+            .prepare(&format!(
+                "SELECT column_name FROM (DESCRIBE SELECT * FROM read_parquet('{}', hive_partitioning = false)) WHERE column_type = 'TIMESTAMP WITH TIME ZONE'",
+                path.display()
+            ))
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let replace = naive
+            .iter()
+            .map(|c| format!("CAST(\"{c}\" AS TIMESTAMP) AS \"{c}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = if f.starts_with("table=tracks/") {
+            // DuckDB adds the path's keys: what the erasure wrote.
+            format!("SELECT * REPLACE ({replace}) FROM {{src}}")
+        } else if f.starts_with("table=pages/") {
+            format!("SELECT * REPLACE ({replace}), DATE '2026-01-01' AS \"date\" FROM read_parquet('{}', hive_partitioning = false)", path.display())
+        } else {
+            format!(
+                "SELECT * REPLACE ({replace}) FROM read_parquet('{}', hive_partitioning = false)",
+                path.display()
+            )
+        };
+        rewrite_file(&conn, &path, &sql);
+        naive_files += 1;
+    }
+    assert_eq!(naive_files, 3);
+    let schema_of = |conn: &duckdb::Connection, f: &str| -> Vec<(String, String)> {
+        conn.prepare(&format!(
+            "SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM read_parquet('{}', hive_partitioning = false))",
+            root.join(f).display()
+        ))
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+    };
+    let tracks_file = files(&root)
+        .into_iter()
+        .find(|f| f.starts_with("table=tracks/"))
+        .unwrap();
+    assert!(schema_of(&conn, &tracks_file)
+        .iter()
+        .any(|(n, t)| n == "table" || t == "TIMESTAMP"));
+    // The mark migration 11 leaves.
+    {
+        let state = duckdb::Connection::open(root.join("_collector/state.duckdb")).unwrap();
+        state
+            .execute_batch("CREATE TABLE collector_files_rewrite (pending BOOLEAN)")
+            .unwrap();
+    }
+    let sink = ParquetSink::open(&root).unwrap();
+    for f in files(&root) {
+        let cols = schema_of(&conn, &f);
+        assert!(!cols.iter().any(|(_, t)| t == "TIMESTAMP"), "{f}: {cols:?}");
+        assert!(!cols.iter().any(|(n, _)| n == "table"), "{f}: {cols:?}");
+        let dated = cols.iter().any(|(n, _)| n == "date");
+        assert_eq!(dated, f.starts_with("table=pages/"), "{f}: {cols:?}");
+    }
+    // The same rows and instants as before, through the agent's SQL.
+    for (i, t) in ["tracks", "order_completed", "pages"].iter().enumerate() {
+        let now = sink.query(&format!("SELECT * FROM {t}")).await.unwrap();
+        if *t == "pages" {
+            // The view shows the path's date for `date`, as before.
+            assert_eq!(now.rows, before[i].rows, "{t}");
+        } else {
+            assert_eq!(now, before[i], "{t}");
+        }
+    }
+    // Arrow reads what it could not (pages still holds its own `date`, which every
+    // engine that discovers partitions refuses: out of the read).
+    std::fs::rename(root.join("table=pages"), dir.path().join("pages")).unwrap();
+    let seen = read_with_arrow(&root);
+    assert_eq!(
+        seen["tracks"]["schema"]["timestamp"].as_str(),
+        Some("timestamp[us, tz=UTC]")
+    );
+    assert_eq!(
+        seen["order_completed"]["rows"][0]["paid_at"],
+        "2026-11-24T13:55:00.123456+00:00"
+    );
+    same_as_the_agents_sql(&sink, &seen).await;
+    // Once: the mark is gone.
+    let r = sink
+        .query("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'collector_files_rewrite'")
+        .await
+        .unwrap();
+    assert_eq!(r.rows[0][0].as_deref(), Some("0"));
+}

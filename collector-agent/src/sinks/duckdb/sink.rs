@@ -245,6 +245,33 @@ impl State {
     }
 }
 
+/// Sets the time zone of every connection of `conn`'s database to UTC. Instants are
+/// stored as `TIMESTAMP`, in UTC; with ICU (which this DuckDB build loads) a session's
+/// zone is the host's, and `now()::TIMESTAMP` (`loaded_at`, and every time the agent
+/// stamps), like any cast between `TIMESTAMP` and `TIMESTAMPTZ`, is that zone's wall
+/// clock: on a host in New York `loaded_at` was five hours behind, and went back an
+/// hour when daylight saving time ended. A build without ICU has no zone to set (and
+/// is in UTC).
+pub(crate) fn in_utc(conn: &Connection) -> Result<(), SinkError> {
+    match conn.execute_batch("SET GLOBAL TimeZone = 'UTC'") {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let icu: bool = conn
+                .query_row(
+                    "SELECT count(*) > 0 FROM duckdb_extensions() WHERE extension_name = 'icu' AND loaded",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(transient)?;
+            if icu {
+                Err(transient(e))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Opens the warehouse file. DuckDB takes a row group size only as an option of
 /// `ATTACH`: the file is then attached to an in-memory instance and made the
 /// connection's default database (`USE`; [`DuckDbSink::session`] does the same for
@@ -252,7 +279,9 @@ impl State {
 /// spill folder where it is for a file opened plainly (`<file>.tmp`).
 fn open_connection(path: &Path, row_group_size: Option<u32>) -> Result<Connection, SinkError> {
     let Some(rows) = row_group_size else {
-        return Connection::open(path).map_err(transient);
+        let conn = Connection::open(path).map_err(transient)?;
+        in_utc(&conn)?;
+        return Ok(conn);
     };
     let stem = path
         .file_stem()
@@ -269,6 +298,7 @@ fn open_connection(path: &Path, row_group_size: Option<u32>) -> Result<Connectio
     };
     let file = path.to_string_lossy();
     let conn = Connection::open_in_memory().map_err(transient)?;
+    in_utc(&conn)?;
     conn.execute_batch(&format!(
         "SET temp_directory = {}; ATTACH {} AS {alias} (ROW_GROUP_SIZE {rows}); USE {alias};",
         sql_lit(&format!("{file}.tmp")),
@@ -655,7 +685,9 @@ impl DuckDbSink {
         let cfg = duckdb::Config::default()
             .access_mode(duckdb::AccessMode::ReadOnly)
             .map_err(transient)?;
-        Connection::open_with_flags(path, cfg).map_err(transient)
+        let conn = Connection::open_with_flags(path, cfg).map_err(transient)?;
+        in_utc(&conn)?;
+        Ok(conn)
     }
 
     /// Runs `f` with the connection on the blocking pool.
@@ -1047,21 +1079,6 @@ pub(crate) fn stage(tx: &duckdb::Transaction<'_>, load: &TableLoad) -> Result<()
         .map_err(classify)?;
     }
     app.flush().map_err(classify)
-}
-
-/// `SELECT` of a staged table's rows, cast to their types, with `loaded_at`.
-pub(crate) fn typed_rows_sql(load: &TableLoad) -> String {
-    let select: Vec<String> = load
-        .columns
-        .iter()
-        .map(|(n, ty)| format!("CAST({0} AS {1}) AS {0}", ident(n), sql_type(*ty)))
-        .collect();
-    format!(
-        "SELECT {}, now()::TIMESTAMP AS {} FROM {}",
-        select.join(", "),
-        ident(schema::LOADED_AT),
-        ident(&format!("stage_{}", load.table)),
-    )
 }
 
 /// Writes a `users` load (one row per identify new to the warehouse): merged with the

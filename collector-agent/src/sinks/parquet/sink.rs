@@ -11,12 +11,11 @@ use duckdb::{params, Connection};
 
 use crate::sinks::duckdb::sink::{
     apply_migrations, apply_plan_ddl, classify, create_fixed_table_sql, dead_letters, finish_load,
-    ident, load_catalog, quarantined, register_ids, run_query, sql_type, stage, transient,
-    typed_rows_sql, write_rejected, write_state, write_users, CATALOG_SQL, REGISTRY_SQL,
-    UNKEYED_REGISTRY_SQL,
+    ident, in_utc, load_catalog, quarantined, register_ids, run_query, sql_type, stage, transient,
+    write_rejected, write_state, write_users, CATALOG_SQL, REGISTRY_SQL, UNKEYED_REGISTRY_SQL,
 };
-use crate::sinks::schema::{self, DeadLetter, Prepared, QuarantinedEvent};
-use crate::sinks::tables::{self, Catalog, TableKind, TableRow};
+use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
+use crate::sinks::tables::{self, Catalog, TableKind, TableLoad, TableRow};
 use crate::sinks::{Load, LoadStats, QueryResult, Relational, Sink, SinkError};
 
 /// The lake's state folder, beside the table folders.
@@ -101,7 +100,145 @@ ALTER TABLE loaded_batches ADD COLUMN staged VARCHAR;"
             "collector_id_activity, collector_id_traits, collector_id_consent: what each pair of ids did, so a profile is computed from it instead of from the lake's files",
             crate::identity::run::ddl_activity(Relational::DuckDb),
         ),
+        (
+            11,
+            "files as loads write them now: instants marked as UTC (they were local date-times, which BigQuery loads as DATETIME and Spark as TIMESTAMP_NTZ), and no partition keys an erasure wrote into a file; older files are rewritten at the next open",
+            format!("CREATE TABLE {FILES_REWRITE} (pending BOOLEAN);"),
+        ),
     ]
+}
+
+/// The mark migration 11 leaves until every file of the lake is as loads and
+/// erasures write them now ([`rewrite_old_files`]).
+const FILES_REWRITE: &str = "collector_files_rewrite";
+
+/// Whether the state file holds the mark table `name`.
+fn marked(conn: &Connection, name: &str) -> Result<bool, SinkError> {
+    let n: i64 = conn
+        .query_row(
+            &format!("SELECT count(*) FROM duckdb_tables() WHERE table_name = {} AND database_name = current_database()", lit(name)),
+            [],
+            |r| r.get(0),
+        )
+        .map_err(transient)?;
+    Ok(n > 0)
+}
+
+/// Once, after migration 11: rewrites each file of the lake written before it, so
+/// every file reads the same in every engine. Its instants (`TIMESTAMP`, a local
+/// date-time to Parquet) become `TIMESTAMPTZ` (adjusted to UTC: the same instants),
+/// and an erasure's rewrite that copied the path's `table` and `date` into the file
+/// (Spark and Arrow refuse such a table) loses them, when they hold nothing but the
+/// path's values. Each file is rewritten to a temp file and renamed over it, with the
+/// same rows: a reader sees one or the other. A crash midway leaves the mark; the
+/// next open goes on, skipping the files already rewritten. Under the lake's lock (the
+/// state file), so no load writes meanwhile.
+fn rewrite_old_files(conn: &Connection, root: &Path) -> Result<(), SinkError> {
+    if !marked(conn, FILES_REWRITE)? {
+        return Ok(());
+    }
+    let mut files: Vec<(String, String, PathBuf)> = Vec::new();
+    for t in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let name = t.file_name().to_string_lossy().to_string();
+        let Some(table) = name.strip_prefix("table=") else {
+            continue;
+        };
+        for d in std::fs::read_dir(t.path()).into_iter().flatten().flatten() {
+            let dname = d.file_name().to_string_lossy().to_string();
+            let Some(date) = dname.strip_prefix("date=") else {
+                continue;
+            };
+            for f in std::fs::read_dir(d.path()).into_iter().flatten().flatten() {
+                if f.path().extension().and_then(|e| e.to_str()) == Some("parquet") {
+                    files.push((table.to_string(), date.to_string(), f.path()));
+                }
+            }
+        }
+    }
+    files.sort();
+    let mut rewritten = 0usize;
+    for (table, date, path) in &files {
+        let file = format!(
+            "read_parquet({}, hive_partitioning = false)",
+            lit(&path.display().to_string())
+        );
+        let columns: Vec<(String, String)> = {
+            let mut stmt = conn
+                .prepare(&format!("DESCRIBE SELECT * FROM {file}"))
+                .map_err(transient)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(transient)?;
+            rows.collect::<Result<_, _>>().map_err(transient)?
+        };
+        let zoned: Vec<String> = columns
+            .iter()
+            .filter(|(_, ty)| ty == "TIMESTAMP")
+            .map(|(n, _)| format!("CAST({0} AS TIMESTAMPTZ) AS {0}", ident(n)))
+            .collect();
+        let mut path_keys: Vec<&str> = Vec::new();
+        for (key, value) in [("table", table), ("date", date)] {
+            if !columns.iter().any(|(n, _)| n == key) {
+                continue;
+            }
+            let other: i64 = conn
+                .query_row(
+                    &format!(
+                        "SELECT count(*) FROM {file} WHERE CAST({} AS VARCHAR) IS DISTINCT FROM {}",
+                        ident(key),
+                        lit(value)
+                    ),
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(transient)?;
+            if other == 0 {
+                path_keys.push(key);
+            }
+        }
+        if zoned.is_empty() && path_keys.is_empty() {
+            continue;
+        }
+        let exclude = if path_keys.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " EXCLUDE ({})",
+                path_keys
+                    .iter()
+                    .map(|k| ident(k))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let replace = if zoned.is_empty() {
+            String::new()
+        } else {
+            format!(" REPLACE ({})", zoned.join(", "))
+        };
+        let staged = root.join(STATE_DIR).join("tmp").join(format!(
+            "rewrite-{}",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let _ = std::fs::remove_file(&staged);
+        conn.execute_batch(&format!(
+            "COPY (SELECT *{exclude}{replace} FROM {file}) TO {} (FORMAT parquet)",
+            lit(&staged.display().to_string())
+        ))
+        .map_err(transient)?;
+        std::fs::rename(&staged, path)
+            .map_err(|e| SinkError::Transient(format!("rename into {}: {e}", path.display())))?;
+        rewritten += 1;
+    }
+    conn.execute_batch(&format!("DROP TABLE {FILES_REWRITE}"))
+        .map_err(transient)?;
+    if rewritten > 0 {
+        tracing::info!(
+            files = rewritten,
+            "lake: files written by an older release rewritten as loads write them now (once, after an upgrade)"
+        );
+    }
+    Ok(())
 }
 
 /// The mark migration 9 leaves until `users` holds what the lake's identifies say
@@ -121,14 +258,7 @@ fn backfill_users(
     mut catalog: Catalog,
     root: &Path,
 ) -> Result<Catalog, SinkError> {
-    let marked: i64 = conn
-        .query_row(
-            &format!("SELECT count(*) FROM duckdb_tables() WHERE table_name = '{USERS_BACKFILL}' AND database_name = current_database()"),
-            [],
-            |r| r.get(0),
-        )
-        .map_err(transient)?;
-    if marked == 0 {
+    if !marked(conn, USERS_BACKFILL)? {
         return Ok(catalog);
     }
     let mut files: Vec<PathBuf> = std::fs::read_dir(root.join("table=identifies"))
@@ -230,9 +360,11 @@ impl ParquetSink {
         std::fs::create_dir_all(state.join("tmp"))
             .map_err(|e| SinkError::Permanent(format!("{}: {e}", state.display())))?;
         let mut conn = Connection::open(state.join("state.duckdb")).map_err(transient)?;
+        in_utc(&conn)?;
         apply_migrations(&mut conn, migrations())?;
         publish_pending(&conn, root)?;
         remove_stale_staged(&conn, root)?;
+        rewrite_old_files(&conn, root)?;
         let catalog = load_catalog(&conn)?.reserving_in_files(PARTITION_COLUMNS);
         let catalog = backfill_users(&mut conn, catalog, root)?;
         Ok(ParquetSink {
@@ -279,6 +411,33 @@ fn date_of(row: &TableRow<'_>) -> String {
         .and_then(|c| c.as_deref())
         .map(|t| t.chars().take(10).collect())
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// `SELECT` of a staged table's rows, cast to their types, with `loaded_at`, as the
+/// files hold them. Instants are `TIMESTAMPTZ` (the connection is in UTC), which
+/// Parquet marks as adjusted to UTC: BigQuery loads them as `TIMESTAMP`, Spark as
+/// `TimestampType`, Snowflake and Arrow as instants. A plain `TIMESTAMP` is written as
+/// a local date and time, which those engines read as `DATETIME`,
+/// `TIMESTAMP_NTZ` or a naive time (lakes written before this hold such files: the
+/// agent's views read both).
+fn typed_rows_sql(load: &TableLoad) -> String {
+    let select: Vec<String> = load
+        .columns
+        .iter()
+        .map(|(n, ty)| {
+            let ty = match ty {
+                LogicalType::Timestamp => "TIMESTAMPTZ",
+                ty => sql_type(*ty),
+            };
+            format!("CAST({0} AS {ty}) AS {0}", ident(n))
+        })
+        .collect();
+    format!(
+        "SELECT {}, now() AS {} FROM {}",
+        select.join(", "),
+        ident(schema::LOADED_AT),
+        ident(&format!("stage_{}", load.table)),
+    )
 }
 
 /// Writes a prepared load, one Parquet file per table and date (a file per batch made
@@ -523,10 +682,33 @@ fn refresh_views(conn: &Connection, catalog: &Catalog, root: &Path) -> Result<()
                     .any(|f| f.path().extension().and_then(|e| e.to_str()) == Some("parquet"))
             });
         let sql = if has_files {
-            format!(
-                "CREATE OR REPLACE TEMP VIEW {} AS SELECT * EXCLUDE (\"table\") FROM read_parquet({}, hive_partitioning = true, union_by_name = true)",
-                ident(&table),
+            let files = format!(
+                "read_parquet({}, hive_partitioning = true, union_by_name = true)",
                 lit(&format!("{}/*/*.parquet", dir.display()))
+            );
+            // Instants are `TIMESTAMPTZ` in the files written since they were marked
+            // as UTC, `TIMESTAMP` in older ones; SQL reads them as every DuckDB
+            // warehouse holds them, `TIMESTAMP` in UTC.
+            let mut zoned: Vec<String> = Vec::new();
+            let mut described = conn
+                .prepare(&format!("DESCRIBE SELECT * FROM {files}"))
+                .map_err(transient)?;
+            let mut rows = described.query([]).map_err(transient)?;
+            while let Some(r) = rows.next().map_err(transient)? {
+                let (name, ty): (String, String) =
+                    (r.get(0).map_err(transient)?, r.get(1).map_err(transient)?);
+                if ty == "TIMESTAMP WITH TIME ZONE" {
+                    zoned.push(format!("CAST({0} AS TIMESTAMP) AS {0}", ident(&name)));
+                }
+            }
+            let replace = if zoned.is_empty() {
+                String::new()
+            } else {
+                format!(" REPLACE ({})", zoned.join(", "))
+            };
+            format!(
+                "CREATE OR REPLACE TEMP VIEW {} AS SELECT * EXCLUDE (\"table\"){replace} FROM {files}",
+                ident(&table),
             )
         } else {
             let mut cols: Vec<String> = tables::fixed_columns(kind)
@@ -597,7 +779,13 @@ fn erase_files(
                 if path.extension().and_then(|e| e.to_str()) != Some("parquet") {
                     continue;
                 }
-                let file = lit(&path.display().to_string());
+                // The file's own columns: DuckDB would add the path's `table` and
+                // `date` (it detects Hive partitions), and a rewrite would write them
+                // into the file, which Spark and Arrow then refuse to read.
+                let file = format!(
+                    "{}, hive_partitioning = false",
+                    lit(&path.display().to_string())
+                );
                 let n = count(&format!(
                     "SELECT count(*) FROM read_parquet({file}) WHERE {pred}"
                 ))?;
