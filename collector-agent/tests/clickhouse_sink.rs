@@ -403,6 +403,113 @@ async fn an_older_warehouse_gets_the_operator_views_of_version_7() {
     assert_eq!(dead[0].blob, b"\x00\xffbytes");
 }
 
+async fn ch_text(ch: &LocalClickHouse, sql: &str) -> String {
+    reqwest::Client::new()
+        .post(&ch.url)
+        .body(sql.to_string())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+// The test server is in Asia/Tokyo (`LocalClickHouse`), so every ClickHouse test runs
+// on a server outside UTC. Version 10: the agent's instants are `DateTime('UTC')`. A
+// warehouse made before has `DateTime` columns, which read in the server's zone (nine
+// hours off here, for `users`' merge, identity and the agent's SQL alike); they become
+// UTC when the agent starts, with the same stored instants.
+#[tokio::test]
+async fn an_older_warehouse_reads_its_instants_in_utc_on_a_server_elsewhere() {
+    let ch = LocalClickHouse::start().unwrap();
+    assert_eq!(ch_text(&ch, "SELECT timezone()").await.trim(), "Asia/Tokyo");
+    let sink = open(&ch).await;
+    let st = sink
+        .load(&Load::events(0, 1, order_completed("o1", 5.0)))
+        .await
+        .unwrap();
+    assert_eq!(st.inserted, 1);
+    drop(sink);
+    // As an older release made them: every instant of the agent's tables `DateTime`
+    // (but a key column's, which ClickHouse cannot change either way).
+    let zoned = ch_text(
+        &ch,
+        "SELECT table, name, type FROM system.columns WHERE database = 'analytics' AND type LIKE '%DateTime(\\'UTC\\')%' FORMAT TSV",
+    )
+    .await;
+    let mut changed = 0;
+    for line in zoned.lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        let old = f[2].replace("DateTime(\\'UTC\\')", "DateTime");
+        let r = reqwest::Client::new()
+            .post(&ch.url)
+            .body(format!(
+                "ALTER TABLE analytics.`{}` MODIFY COLUMN `{}` {old}",
+                f[0], f[1]
+            ))
+            .send()
+            .await
+            .unwrap();
+        if r.status().is_success() {
+            changed += 1;
+        }
+    }
+    assert!(changed > 20, "{changed}: {zoned}");
+    ch_exec(
+        &ch,
+        "ALTER TABLE analytics.collector_migrations DELETE WHERE version = 10",
+    )
+    .await;
+    wait_for_zero(
+        &ch,
+        "SELECT count() FROM analytics.collector_migrations WHERE version = 10",
+    )
+    .await;
+    // What the older release read: Tokyo's wall clock.
+    assert_eq!(
+        ch_text(
+            &ch,
+            "SELECT toString(paid_at) FROM analytics.order_completed"
+        )
+        .await
+        .trim(),
+        "2026-11-24 22:55:00"
+    );
+    let sink = open(&ch).await;
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT timestamp, paid_at, toString(paid_at) FROM order_completed"
+        )
+        .await,
+        vec![vec![
+            s("2026-11-24T13:54:00.000Z"),
+            s("2026-11-24T13:55:00.000Z"),
+            s("2026-11-24 13:55:00")
+        ]]
+    );
+    assert_eq!(
+        ch_text(
+            &ch,
+            "SELECT count() FROM system.columns WHERE database = 'analytics' AND type IN ('DateTime', 'Nullable(DateTime)') AND table != 'collector_audience_membership'"
+        )
+        .await
+        .trim(),
+        "0"
+    );
+    // Loads go on, in RowBinary as before (the types are the sink's own again).
+    let st = sink
+        .load(&Load::events(0, 2, order_completed("o2", 6.0)))
+        .await
+        .unwrap();
+    assert_eq!(st.inserted, 1);
+    assert_eq!(
+        one(&*sink, "SELECT count() FROM order_completed WHERE paid_at = toDateTime('2026-11-24 13:55:00', 'UTC')").await,
+        s("2")
+    );
+}
+
 // `DateTime` holds 1970 to 2105; the other warehouses keep instants outside. An
 // `originalTimestamp` outside is stored NULL here, and `rejected_values` says so for
 // each table that has the column; the event keeps it in `raw`.

@@ -1,6 +1,9 @@
 //! A throw-away ClickHouse server for tests: Debian's `clickhouse-server` (`cargo xtask
 //! setup` installs it), a generated config in a temp folder, HTTP and native ports on
-//! free loopback ports, killed and removed when dropped.
+//! free loopback ports, killed and removed when dropped. The server's time zone is
+//! Asia/Tokyo, not UTC: the agent must read and write the same instants whatever the
+//! zone of the server it is pointed at (a ClickHouse server takes its host's zone by
+//! default), so every ClickHouse test runs where a zone bug shows.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -37,7 +40,7 @@ fn config(dir: &Path, http: u16, tcp: u16) -> String {
   <users_config>users.xml</users_config>
   <default_profile>default</default_profile>
   <default_database>default</default_database>
-  <timezone>UTC</timezone>
+  <timezone>Asia/Tokyo</timezone>
 </yandex>
 "#
     )

@@ -31,7 +31,7 @@ pub(crate) fn at(d: Dialect, ms: i64) -> String {
         Dialect::DuckDb => format!("CAST('{text}' AS TIMESTAMP)"),
         Dialect::Postgres => format!("CAST('{text}+00' AS timestamptz)"),
         // Whole seconds, as ClickHouse 18.16 stores instants; a number has no time zone.
-        Dialect::ClickHouse => format!("toDateTime({})", ms.div_euclid(1000)),
+        Dialect::ClickHouse => format!("toDateTime({}, 'UTC')", ms.div_euclid(1000)),
     }
 }
 
@@ -316,7 +316,7 @@ async fn evaluate_clickhouse(
         "INSERT INTO collector_audience_membership (audience, person_id, entered_at, exited_at, _version)
          SELECT audience, person_id, entered_at, {now}, {version} {leaving};
          INSERT INTO collector_audience_membership (audience, person_id, entered_at, exited_at, _version)
-         SELECT {name}, person_id, {now}, CAST(NULL AS Nullable(DateTime)), {version} {entering}"
+         SELECT {name}, person_id, {now}, CAST(NULL AS Nullable(DateTime('UTC'))), {version} {entering}"
     ))
     .await?;
     let members = count(s.query("SELECT count() FROM audience_now").await?);

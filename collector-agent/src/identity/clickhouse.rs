@@ -84,7 +84,7 @@ pub(super) async fn run(
          INSERT INTO identity_loads SELECT load_id FROM identity_pending;
          DROP TEMPORARY TABLE IF EXISTS identity_scan;
          CREATE TEMPORARY TABLE identity_scan (message_id String, anonymous_id Nullable(String), user_id Nullable(String),
-           previous_id Nullable(String), email Nullable(String), ts DateTime) ENGINE = Memory",
+           previous_id Nullable(String), email Nullable(String), ts DateTime('UTC')) ENGINE = Memory",
     )
     .await?;
     // Nothing pending and nothing to redo: nothing can have changed (a run that
@@ -109,7 +109,7 @@ pub(super) async fn run(
             "CAST(NULL AS Nullable(String))"
         };
         s.batch(&format!(
-            "INSERT INTO identity_scan SELECT message_id, anonymous_id, user_id, {previous}, {email}, ifNull(timestamp, toDateTime(0)) FROM {tb}
+            "INSERT INTO identity_scan SELECT message_id, anonymous_id, user_id, {previous}, {email}, ifNull(timestamp, toDateTime(0, 'UTC')) FROM {tb}
              WHERE message_id IN (SELECT message_id FROM message_ids WHERE table_name = '{tb}' AND load_id IN (SELECT load_id FROM identity_loads))"
         ))
         .await?;
@@ -119,7 +119,7 @@ pub(super) async fn run(
     let v = version_now();
     s.batch(&format!(
         "DROP TEMPORARY TABLE IF EXISTS identity_scan_ids;
-         CREATE TEMPORARY TABLE identity_scan_ids (id_type String, id_value String, ts DateTime) ENGINE = Memory;
+         CREATE TEMPORARY TABLE identity_scan_ids (id_type String, id_value String, ts DateTime('UTC')) ENGINE = Memory;
          INSERT INTO identity_scan_ids SELECT id_type, id_value, ts FROM (
            SELECT 'anonymous_id' AS id_type, assumeNotNull(anonymous_id) AS id_value, ts FROM identity_scan WHERE anonymous_id IS NOT NULL
            UNION ALL SELECT 'user_id', assumeNotNull(user_id), ts FROM identity_scan WHERE user_id IS NOT NULL
@@ -134,7 +134,7 @@ pub(super) async fn run(
              WHERE (id_type, id_value) IN (SELECT id_type, id_value FROM identity_scan_ids)) USING (id_type, id_value)
            WHERE old_person = '' OR first_seen < old_first;
          DROP TEMPORARY TABLE IF EXISTS identity_scan_edges;
-         CREATE TEMPORARY TABLE identity_scan_edges (a_type String, a_value String, b_type String, b_value String, message_id String, ts DateTime) ENGINE = Memory;
+         CREATE TEMPORARY TABLE identity_scan_edges (a_type String, a_value String, b_type String, b_value String, message_id String, ts DateTime('UTC')) ENGINE = Memory;
          INSERT INTO identity_scan_edges
            SELECT 'anonymous_id' AS a_type, assumeNotNull(anonymous_id) AS a_value, 'user_id' AS b_type, assumeNotNull(user_id) AS b_value, message_id, ts
              FROM identity_scan WHERE anonymous_id IS NOT NULL AND user_id IS NOT NULL
@@ -154,7 +154,7 @@ pub(super) async fn run(
     s.batch(&format!(
         "DROP TEMPORARY TABLE IF EXISTS identity_new_edges;
          CREATE TEMPORARY TABLE identity_new_edges (a_type String, a_value String, b_type String, b_value String, message_id String,
-           ts DateTime, status String, reason Nullable(String)) ENGINE = Memory;
+           ts DateTime('UTC'), status String, reason Nullable(String)) ENGINE = Memory;
          INSERT INTO identity_new_edges
            SELECT a_type, a_value, b_type, b_value, message_id, ts,
              if({blocked_a} OR {blocked_b}, 'blocked', 'new'),
@@ -311,7 +311,7 @@ async fn profiles(
          DROP TEMPORARY TABLE IF EXISTS profile_events;
          CREATE TEMPORARY TABLE profile_people (person_id String) ENGINE = Memory;
          CREATE TEMPORARY TABLE profile_ids (id_type String, id_value String, person_id String) ENGINE = Memory;
-         CREATE TEMPORARY TABLE profile_events (person_id String, message_id String, ts DateTime, source String) ENGINE = Memory",
+         CREATE TEMPORARY TABLE profile_events (person_id String, message_id String, ts DateTime('UTC'), source String) ENGINE = Memory",
     )
     .await?;
     s.insert(
@@ -331,7 +331,7 @@ async fn profiles(
         for col in ["anonymous_id", "user_id"] {
             s.batch(&format!(
                 "INSERT INTO profile_events SELECT person_id, message_id, ts, '{tb}' FROM
-                   (SELECT message_id, {col} AS id_value, ifNull(timestamp, toDateTime(0)) AS ts FROM {tb}
+                   (SELECT message_id, {col} AS id_value, ifNull(timestamp, toDateTime(0, 'UTC')) AS ts FROM {tb}
                     WHERE {col} IN (SELECT id_value FROM profile_ids WHERE id_type = '{col}'))
                  ALL INNER JOIN (SELECT id_value, person_id FROM profile_ids WHERE id_type = '{col}') USING id_value"
             ))

@@ -307,7 +307,7 @@ fn ch_text(v: Option<&str>) -> String {
 fn ch_time(v: Option<&str>) -> String {
     match v.and_then(collector_core::timestamp::parse_ms) {
         Some(ms) => at(Dialect::ClickHouse, ms),
-        None => "CAST(NULL AS Nullable(DateTime))".into(),
+        None => "CAST(NULL AS Nullable(DateTime('UTC')))".into(),
     }
 }
 

@@ -359,7 +359,7 @@ impl ClickHouseSink {
         match ty {
             LogicalType::Text | LogicalType::Json => "String",
             LogicalType::Timestamp if self.ms_precision => "DateTime64(3, 'UTC')",
-            LogicalType::Timestamp => "DateTime",
+            LogicalType::Timestamp => "DateTime('UTC')",
             LogicalType::Double => "Float64",
             LogicalType::Boolean => "UInt8",
         }
@@ -582,7 +582,7 @@ impl ClickHouseSink {
     }
 
     async fn migrate(&self) -> Result<(), SinkError> {
-        self.exec("CREATE TABLE IF NOT EXISTS collector_migrations (version UInt32, name String, applied_at DateTime) ENGINE = ReplacingMergeTree() ORDER BY version").await?;
+        self.exec("CREATE TABLE IF NOT EXISTS collector_migrations (version UInt32, name String, applied_at DateTime('UTC')) ENGINE = ReplacingMergeTree() ORDER BY version").await?;
         let (_, applied) = self
             .select("SELECT version FROM collector_migrations FINAL")
             .await?;
@@ -654,7 +654,69 @@ impl ClickHouseSink {
                 .await?;
             tracing::info!(version = 9, "warehouse migrated");
         }
+        if !has(10) {
+            self.migrate_instants_to_utc().await?;
+        }
         self.check_registry_granularity().await
+    }
+
+    /// Migration 10: the agent's instants in UTC. Older releases made them `DateTime`,
+    /// which ClickHouse shows and parses in the server's time zone: on a server
+    /// outside UTC, what the agent read back (its `sql` command, `users`' merge,
+    /// identity, audiences) was off by the zone's offset. Every column of the agent's
+    /// tables that is `DateTime` becomes `DateTime('UTC')` (the same stored seconds: the
+    /// instants do not change, only the zone they read in). ClickHouse refuses that
+    /// for a column of a table's key (`collector_audience_membership.entered_at`): it
+    /// stays, and the agent says so when the server is not in UTC.
+    async fn migrate_instants_to_utc(&self) -> Result<(), SinkError> {
+        let (_, rows) = self
+            .select(&format!(
+                "SELECT table, name, type FROM system.columns WHERE database = {}
+                 AND type IN ('DateTime', 'Nullable(DateTime)')
+                 AND (startsWith(table, 'collector_') OR table = 'message_ids')",
+                lit(&self.cfg.database)
+            ))
+            .await?;
+        let mut kept = Vec::new();
+        for r in &rows {
+            let text = |i: usize| r.get(i).and_then(Value::as_str).unwrap_or_default();
+            let (table, column, ty) = (text(0), text(1), text(2));
+            let utc = ty.replace("DateTime", "DateTime('UTC')");
+            match self
+                .exec(&format!(
+                    "ALTER TABLE {} MODIFY COLUMN {} {utc}",
+                    ident(table),
+                    ident(column)
+                ))
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if e.to_string().contains("key column") => {
+                    kept.push(format!("{table}.{column}"));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !kept.is_empty() {
+            let (_, zone) = self.select("SELECT timezone()").await?;
+            let zone = zone
+                .first()
+                .and_then(|r| r.first())
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            if !matches!(zone.as_str(), "UTC" | "Etc/UTC" | "GMT" | "Etc/GMT") {
+                tracing::warn!(
+                    columns = kept.join(", "),
+                    zone,
+                    "ClickHouse: these columns of a table's key stay in the server's time zone (ClickHouse cannot change a key column's type); they read in that zone"
+                );
+            }
+        }
+        self.exec("INSERT INTO collector_migrations VALUES (10, 'the agent''s instants are DateTime(''UTC''): they read the same whatever the server''s time zone', now())")
+            .await?;
+        tracing::info!(version = 10, columns = rows.len(), "warehouse migrated");
+        Ok(())
     }
 
     /// A migration that adds `column` (its definition) to the rows table of `table`
@@ -733,9 +795,9 @@ impl ClickHouseSink {
     /// versioned rows behind `FINAL` views of the same names.
     async fn migrate_privacy(&self) -> Result<(), SinkError> {
         for sql in [
-            "CREATE TABLE IF NOT EXISTS collector_privacy_requests (id String, kind String, subject String, resolved Nullable(String), requested_by String, received_at DateTime, status String, runs Int64, completed_at Nullable(DateTime), detail Nullable(String), `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY id",
-            "CREATE TABLE IF NOT EXISTS collector_privacy_request_stores (request_id String, store String, status String, before_count Nullable(Int64), after_count Nullable(Int64), detail Nullable(String), updated_at DateTime, `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY (request_id, store)",
-            "CREATE TABLE IF NOT EXISTS collector_policy_versions (version String, first_seen DateTime, policy String) ENGINE = ReplacingMergeTree() ORDER BY version",
+            "CREATE TABLE IF NOT EXISTS collector_privacy_requests (id String, kind String, subject String, resolved Nullable(String), requested_by String, received_at DateTime('UTC'), status String, runs Int64, completed_at Nullable(DateTime('UTC')), detail Nullable(String), `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY id",
+            "CREATE TABLE IF NOT EXISTS collector_privacy_request_stores (request_id String, store String, status String, before_count Nullable(Int64), after_count Nullable(Int64), detail Nullable(String), updated_at DateTime('UTC'), `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY (request_id, store)",
+            "CREATE TABLE IF NOT EXISTS collector_policy_versions (version String, first_seen DateTime('UTC'), policy String) ENGINE = ReplacingMergeTree() ORDER BY version",
         ] {
             self.exec(sql)
                 .await
@@ -756,13 +818,13 @@ impl ClickHouseSink {
     /// merged into another) is a version with `deleted = 1`, which the view hides.
     async fn migrate_people(&self) -> Result<(), SinkError> {
         let ddl = [
-            "CREATE TABLE IF NOT EXISTS collector_identity_edges (a_type String, a_value String, b_type String, b_value String, message_id String, ts DateTime, status String, reason Nullable(String), `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY (a_type, a_value, b_type, b_value)",
-            "CREATE TABLE IF NOT EXISTS collector_identities (id_type String, id_value String, person_id String, first_seen DateTime, `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY (id_type, id_value)",
-            "CREATE TABLE IF NOT EXISTS collector_identity_merges (message_id String, a_type String, a_value String, b_type String, b_value String, kind String, from_person Nullable(String), into_person Nullable(String), reason Nullable(String), merged_at DateTime) ENGINE = ReplacingMergeTree() ORDER BY (message_id, a_type, a_value, b_type, b_value, kind)",
-            "CREATE TABLE IF NOT EXISTS collector_profiles (person_id String, user_ids String, anonymous_ids String, emails String, first_seen Nullable(DateTime), last_seen Nullable(DateTime), event_count UInt64, traits String, consent String, updated_at DateTime, deleted UInt8, `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY person_id",
+            "CREATE TABLE IF NOT EXISTS collector_identity_edges (a_type String, a_value String, b_type String, b_value String, message_id String, ts DateTime('UTC'), status String, reason Nullable(String), `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY (a_type, a_value, b_type, b_value)",
+            "CREATE TABLE IF NOT EXISTS collector_identities (id_type String, id_value String, person_id String, first_seen DateTime('UTC'), `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY (id_type, id_value)",
+            "CREATE TABLE IF NOT EXISTS collector_identity_merges (message_id String, a_type String, a_value String, b_type String, b_value String, kind String, from_person Nullable(String), into_person Nullable(String), reason Nullable(String), merged_at DateTime('UTC')) ENGINE = ReplacingMergeTree() ORDER BY (message_id, a_type, a_value, b_type, b_value, kind)",
+            "CREATE TABLE IF NOT EXISTS collector_profiles (person_id String, user_ids String, anonymous_ids String, emails String, first_seen Nullable(DateTime('UTC')), last_seen Nullable(DateTime('UTC')), event_count UInt64, traits String, consent String, updated_at DateTime('UTC'), deleted UInt8, `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY person_id",
             "CREATE TABLE IF NOT EXISTS collector_identity_dirty (id_type String, id_value String, reason Nullable(String), resolved UInt8, `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY (id_type, id_value)",
-            "CREATE TABLE IF NOT EXISTS collector_identity_read (load_id UInt64, read_at DateTime) ENGINE = ReplacingMergeTree() ORDER BY load_id",
-            "CREATE TABLE IF NOT EXISTS collector_audience_membership (audience String, person_id String, entered_at DateTime, exited_at Nullable(DateTime), `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY (audience, person_id, entered_at)",
+            "CREATE TABLE IF NOT EXISTS collector_identity_read (load_id UInt64, read_at DateTime('UTC')) ENGINE = ReplacingMergeTree() ORDER BY load_id",
+            "CREATE TABLE IF NOT EXISTS collector_audience_membership (audience String, person_id String, entered_at DateTime('UTC'), exited_at Nullable(DateTime('UTC')), `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY (audience, person_id, entered_at)",
         ];
         for sql in ddl {
             self.exec(sql)
@@ -789,12 +851,12 @@ impl ClickHouseSink {
         }
         ddl.extend(self.create_table_sql("users", TableKind::Users));
         ddl.push(format!("CREATE TABLE IF NOT EXISTS message_ids (message_id String, table_name String, load_id UInt64) ENGINE = ReplacingMergeTree() ORDER BY message_id SETTINGS index_granularity = {REGISTRY_GRANULARITY}"));
-        ddl.push("CREATE TABLE IF NOT EXISTS collector_loaded_batches (shard UInt32, batch_id Int64, rows UInt64, loaded_at DateTime) ENGINE = ReplacingMergeTree() ORDER BY (shard, batch_id)".into());
-        ddl.push("CREATE TABLE IF NOT EXISTS collector_quarantine (message_id String, type String, shard Nullable(UInt32), batch_id Nullable(Int64), reason String, event String, quarantined_at DateTime, attempts UInt32, resolved UInt8, `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY message_id".into());
-        ddl.push("CREATE TABLE IF NOT EXISTS collector_dead_letters (shard UInt32, batch_id Int64, error String, blob_hex String, loaded_at DateTime, resolved UInt8, `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY (shard, batch_id)".into());
-        ddl.push("CREATE TABLE IF NOT EXISTS collector_tables (table_name String, event_text String, created_at DateTime) ENGINE = ReplacingMergeTree() ORDER BY table_name".into());
-        ddl.push("CREATE TABLE IF NOT EXISTS collector_columns (table_name String, column_name String, type String, position UInt32, added_at DateTime) ENGINE = ReplacingMergeTree() ORDER BY (table_name, column_name)".into());
-        ddl.push("CREATE TABLE IF NOT EXISTS collector_rows_rejected_values (message_id String, table_name String, column_name String, value String, reason String, rejected_at DateTime) ENGINE = ReplacingMergeTree() ORDER BY (message_id, table_name, column_name)".into());
+        ddl.push("CREATE TABLE IF NOT EXISTS collector_loaded_batches (shard UInt32, batch_id Int64, rows UInt64, loaded_at DateTime('UTC')) ENGINE = ReplacingMergeTree() ORDER BY (shard, batch_id)".into());
+        ddl.push("CREATE TABLE IF NOT EXISTS collector_quarantine (message_id String, type String, shard Nullable(UInt32), batch_id Nullable(Int64), reason String, event String, quarantined_at DateTime('UTC'), attempts UInt32, resolved UInt8, `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY message_id".into());
+        ddl.push("CREATE TABLE IF NOT EXISTS collector_dead_letters (shard UInt32, batch_id Int64, error String, blob_hex String, loaded_at DateTime('UTC'), resolved UInt8, `_version` UInt64) ENGINE = ReplacingMergeTree(`_version`) ORDER BY (shard, batch_id)".into());
+        ddl.push("CREATE TABLE IF NOT EXISTS collector_tables (table_name String, event_text String, created_at DateTime('UTC')) ENGINE = ReplacingMergeTree() ORDER BY table_name".into());
+        ddl.push("CREATE TABLE IF NOT EXISTS collector_columns (table_name String, column_name String, type String, position UInt32, added_at DateTime('UTC')) ENGINE = ReplacingMergeTree() ORDER BY (table_name, column_name)".into());
+        ddl.push("CREATE TABLE IF NOT EXISTS collector_rows_rejected_values (message_id String, table_name String, column_name String, value String, reason String, rejected_at DateTime('UTC')) ENGINE = ReplacingMergeTree() ORDER BY (message_id, table_name, column_name)".into());
         for sql in ddl {
             self.exec(&sql)
                 .await
@@ -2236,7 +2298,7 @@ mod tests {
         assert_eq!(
             render(
                 &Value::String("2026-11-25 10:00:00".into()),
-                "Nullable(DateTime)"
+                "Nullable(DateTime('UTC'))"
             )
             .as_deref(),
             Some("2026-11-25T10:00:00.000Z")
