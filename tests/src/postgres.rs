@@ -1,6 +1,8 @@
 //! A throw-away PostgreSQL server for tests: Debian's binaries (`cargo xtask setup`
 //! installs them), a fresh cluster in a temp folder, listening on a free loopback port
-//! (and a socket in that folder), stopped and removed when dropped.
+//! (and a socket in that folder), stopped and removed when dropped. The server's time
+//! zone is America/New_York, not UTC (`initdb` takes its host's): the agent must read
+//! and write the same instants whatever the zone of the server it is pointed at.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -106,7 +108,7 @@ impl LocalPostgres {
             attempt += 1;
             let port = crate::free_port();
             let opts = format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c timezone=America/New_York",
                 dir.path().display()
             );
             match pg(
@@ -150,7 +152,7 @@ impl LocalPostgres {
     /// Starts it again on the same port.
     pub fn restart(&self) -> anyhow::Result<()> {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c timezone=America/New_York",
             self.port,
             self.dir.path().display()
         );
