@@ -1,8 +1,9 @@
 //! A throw-away PostgreSQL server for tests: Debian's binaries (`cargo xtask setup`
 //! installs them), a fresh cluster in a temp folder, listening on a free loopback port
 //! (and a socket in that folder), stopped and removed when dropped. The server's time
-//! zone is America/New_York, not UTC (`initdb` takes its host's): the agent must read
-//! and write the same instants whatever the zone of the server it is pointed at.
+//! zone is America/New_York, not UTC (`initdb` takes its host's), its `DateStyle` is
+//! `SQL, DMY` and its `extra_float_digits` 0: the agent must read and write the same
+//! values whatever the settings of the server it is pointed at.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -108,7 +109,7 @@ impl LocalPostgres {
             attempt += 1;
             let port = crate::free_port();
             let opts = format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c timezone=America/New_York",
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c timezone=America/New_York -c DateStyle=SQL,DMY -c IntervalStyle=postgres_verbose -c extra_float_digits=0",
                 dir.path().display()
             );
             match pg(
@@ -152,7 +153,7 @@ impl LocalPostgres {
     /// Starts it again on the same port.
     pub fn restart(&self) -> anyhow::Result<()> {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c timezone=America/New_York",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c timezone=America/New_York -c DateStyle=SQL,DMY -c IntervalStyle=postgres_verbose -c extra_float_digits=0",
             self.port,
             self.dir.path().display()
         );
