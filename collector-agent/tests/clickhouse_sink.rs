@@ -169,7 +169,7 @@ async fn wait_for_zero(ch: &LocalClickHouse, sql: &str) {
     let mut left = String::new();
     for _ in 0..200 {
         left = reqwest::Client::new()
-            .post(&ch.url)
+            .post(ch.plain_url())
             .body(sql.to_string())
             .send()
             .await
@@ -187,7 +187,7 @@ async fn wait_for_zero(ch: &LocalClickHouse, sql: &str) {
 
 async fn ch_exec(ch: &LocalClickHouse, sql: &str) {
     let r = reqwest::Client::new()
-        .post(&ch.url)
+        .post(ch.plain_url())
         .body(sql.to_string())
         .send()
         .await
@@ -405,7 +405,7 @@ async fn an_older_warehouse_gets_the_operator_views_of_version_7() {
 
 async fn ch_text(ch: &LocalClickHouse, sql: &str) -> String {
     reqwest::Client::new()
-        .post(&ch.url)
+        .post(ch.plain_url())
         .body(sql.to_string())
         .send()
         .await
@@ -443,7 +443,7 @@ async fn an_older_warehouse_reads_its_instants_in_utc_on_a_server_elsewhere() {
         let f: Vec<&str> = line.split('\t').collect();
         let old = f[2].replace("DateTime(\\'UTC\\')", "DateTime");
         let r = reqwest::Client::new()
-            .post(&ch.url)
+            .post(ch.plain_url())
             .body(format!(
                 "ALTER TABLE analytics.`{}` MODIFY COLUMN `{}` {old}",
                 f[0], f[1]

@@ -3,7 +3,9 @@
 //! free loopback ports, killed and removed when dropped. The server's time zone is
 //! Asia/Tokyo, not UTC: the agent must read and write the same instants whatever the
 //! zone of the server it is pointed at (a ClickHouse server takes its host's zone by
-//! default), so every ClickHouse test runs where a zone bug shows.
+//! default), so every ClickHouse test runs where a zone bug shows. Its default
+//! profile sets every setting the agent pins (`PINNED_SETTINGS` in the sink) to
+//! another value than the agent's, so a request that does not pin them shows.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -48,13 +50,23 @@ fn config(dir: &Path, http: u16, tcp: u16) -> String {
 
 const USERS: &str = r#"<?xml version="1.0"?>
 <yandex>
-  <profiles><default></default></profiles>
+  <profiles><default><join_use_nulls>1</join_use_nulls><join_default_strictness>ANY</join_default_strictness><output_format_json_quote_64bit_integers>0</output_format_json_quote_64bit_integers><output_format_json_quote_denormals>1</output_format_json_quote_denormals><input_format_skip_unknown_fields>1</input_format_skip_unknown_fields><max_result_rows>3</max_result_rows><result_overflow_mode>break</result_overflow_mode><extremes>1</extremes><count_distinct_implementation>uniq</count_distinct_implementation><empty_result_for_aggregation_by_empty_set>1</empty_result_for_aggregation_by_empty_set></default></profiles>
   <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
   <quotas><default></default></quotas>
 </yandex>
 "#;
 
 impl LocalClickHouse {
+    /// The server's URL with ClickHouse's stock values of the settings its profile
+    /// changes: for a test's own queries, which should not read `extremes` rows or an
+    /// empty answer for `count()`.
+    pub fn plain_url(&self) -> String {
+        format!(
+            "{}/?extremes=0&empty_result_for_aggregation_by_empty_set=0&max_result_rows=0&result_overflow_mode=throw&join_use_nulls=0&output_format_json_quote_64bit_integers=1",
+            self.url
+        )
+    }
+
     pub fn start() -> anyhow::Result<LocalClickHouse> {
         if !Path::new(SERVER).exists() {
             bail!("ClickHouse is not installed ({SERVER}); run `cargo xtask setup`");

@@ -136,6 +136,29 @@ pub struct ClickHouseSink {
     catalog: Mutex<Catalog>,
 }
 
+/// Settings sent with every request, at the values the agent's SQL and its reading of
+/// answers assume, whatever the server's profile says: a profile with
+/// `join_use_nulls = 1` (NULL instead of a type's default for a row a `LEFT JOIN`
+/// does not match) and unquoted 64-bit integers in JSON failed eight identity and
+/// audience tests; `result_overflow_mode = 'break'` under a `max_result_rows` would cut
+/// what the agent reads without an error; `uniq` for `count(DISTINCT …)` would make
+/// its counts approximate. Each exists in ClickHouse 18.16 and in current releases
+/// (an unknown setting fails the request). The tests' server has a profile with
+/// every one of them set otherwise.
+const PINNED_SETTINGS: &[(&str, &str)] = &[
+    ("join_use_nulls", "0"),
+    ("join_default_strictness", "ALL"),
+    ("output_format_json_quote_64bit_integers", "1"),
+    ("output_format_json_quote_denormals", "0"),
+    ("input_format_skip_unknown_fields", "0"),
+    ("max_result_rows", "0"),
+    ("max_result_bytes", "0"),
+    ("result_overflow_mode", "throw"),
+    ("extremes", "0"),
+    ("count_distinct_implementation", "uniqExact"),
+    ("empty_result_for_aggregation_by_empty_set", "0"),
+];
+
 impl ClickHouseSink {
     /// Connects, creates the database and tables if needed, and reads the catalog.
     pub async fn connect(cfg: &ClickHouseConfig) -> Result<ClickHouseSink, SinkError> {
@@ -215,6 +238,7 @@ impl ClickHouseSink {
         data: Option<Vec<u8>>,
     ) -> Result<String, SinkError> {
         let mut params: Vec<(&str, String)> = vec![("user", self.cfg.user.clone())];
+        params.extend(PINNED_SETTINGS.iter().map(|(k, v)| (*k, v.to_string())));
         if let Some(p) = self.cfg.password() {
             params.push(("password", p));
         }
