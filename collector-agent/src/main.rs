@@ -391,7 +391,12 @@ async fn agent_main() -> anyhow::Result<()> {
         }
         Command::Profile { id, config, json } => {
             let cfg = AgentConfig::load(&config)?;
-            let found = collector_agent::identity::profile::lookup(&id, |q| sql(&cfg, q)).await?;
+            let found = collector_agent::identity::profile::lookup(
+                cfg.warehouse.people_dialect(),
+                &id,
+                |q| sql(&cfg, q),
+            )
+            .await?;
             match found {
                 Some(p) if json => println!("{}", serde_json::to_string_pretty(&p)?),
                 Some(p) => print!("{}", p.to_text()),

@@ -111,7 +111,7 @@ async fn one_person_across_devices(t: &Target) {
         ]
     );
     // `collector-agent profile` finds the person by any id.
-    let found = identity::profile::lookup("a2", |q| {
+    let found = identity::profile::lookup(t.dialect(), "a2", |q| {
         let sink = sink.clone();
         async move { Ok(sink.query(&q).await?) }
     })
@@ -301,6 +301,49 @@ async fn removed_edges_split_people_and_say_so(t: &Target) {
     );
 }
 
+// Ids are whatever a client sends: quotes and backslashes are ids like any other. The
+// run resolves them and `collector-agent profile` finds the person by each, in every
+// warehouse (ClickHouse reads a backslash in a literal as an escape, as PostgreSQL does
+// with `standard_conforming_strings = off`, which the tests' server has).
+async fn ids_with_quotes_and_backslashes_are_ids(t: &Target) {
+    let sink = t.open().await;
+    let (user, anon) = ("o'brien\\", "a\\' OR 1=1 OR '\\");
+    load(&*sink, 1, json!([
+        {"type": "page", "messageId": "p1", "anonymousId": anon, "name": "Home", "timestamp": "2026-11-20T09:00:00.000Z"},
+        {"type": "identify", "messageId": "i1", "anonymousId": anon, "userId": user,
+         "traits": {"plan": "it's \\ pro"}, "timestamp": "2026-11-20T09:01:00.000Z"},
+        {"type": "identify", "messageId": "i2", "anonymousId": "other", "userId": "someone else", "timestamp": "2026-11-20T09:02:00.000Z"},
+    ]))
+    .await;
+    let stats = resolve(&*sink, &IdentityConfig::default()).await;
+    assert_eq!(stats.refused, 0);
+    let p = identity::person_id(&("user_id".into(), user.into()));
+    for id in [user, anon] {
+        let found = identity::profile::lookup(t.dialect(), id, |q| {
+            let sink = sink.clone();
+            async move { Ok(sink.query(&q).await?) }
+        })
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("{id:?} not found"));
+        assert_eq!(
+            (found.person_id.as_str(), found.event_count),
+            (p.as_str(), 2),
+            "{id:?}"
+        );
+        assert_eq!(found.traits, json!({"plan": "it's \\ pro"}), "{id:?}");
+    }
+    assert!(
+        identity::profile::lookup(t.dialect(), "nobody' OR '1'='1", |q| {
+            let sink = sink.clone();
+            async move { Ok(sink.query(&q).await?) }
+        })
+        .await
+        .unwrap()
+        .is_none()
+    );
+}
+
 crate::per_target!(
     [duckdb, postgres]
     [one_person_across_devices,
@@ -311,7 +354,8 @@ crate::per_target!(
     a_load_is_read_once_however_late_it_commits,
     an_upgraded_warehouse_reads_what_came_since_its_old_watermark,
     profiles_are_the_same_whatever_the_order_and_split,
-    an_upgraded_warehouse_fills_the_activity_from_every_event,]
+    an_upgraded_warehouse_fills_the_activity_from_every_event,
+    ids_with_quotes_and_backslashes_are_ids,]
 );
 
 // The Parquet lake: identity runs in its state file, reading the events from its
@@ -324,7 +368,8 @@ crate::per_target!(
     profiles_hold_the_latest_consent,
     the_block_list_is_the_same_in_sql_and_in_rust,
     profiles_are_the_same_whatever_the_order_and_split,
-    an_upgraded_warehouse_fills_the_activity_from_every_event,]
+    an_upgraded_warehouse_fills_the_activity_from_every_event,
+    ids_with_quotes_and_backslashes_are_ids,]
 );
 
 // ClickHouse has no DELETE or UPDATE of events (the last three scenarios edit events in
@@ -336,7 +381,8 @@ crate::per_target!(
     limits_refuse_a_merge_and_late_events_reorder,
     profiles_hold_the_latest_consent,
     the_block_list_is_the_same_in_sql_and_in_rust,
-    each_load_is_read_once_in_clickhouse,]
+    each_load_is_read_once_in_clickhouse,
+    ids_with_quotes_and_backslashes_are_ids,]
 );
 
 // ClickHouse: a run marks the loads it read (`collector_identity_read`) last, so the

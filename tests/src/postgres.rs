@@ -109,7 +109,7 @@ impl LocalPostgres {
             attempt += 1;
             let port = crate::free_port();
             let opts = format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c timezone=America/New_York -c DateStyle=SQL,DMY -c IntervalStyle=postgres_verbose -c extra_float_digits=0",
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c timezone=America/New_York -c DateStyle=SQL,DMY -c IntervalStyle=postgres_verbose -c extra_float_digits=0 -c standard_conforming_strings=off -c bytea_output=escape -c default_transaction_isolation=serializable -c escape_string_warning=off",
                 dir.path().display()
             );
             match pg(
@@ -153,7 +153,7 @@ impl LocalPostgres {
     /// Starts it again on the same port.
     pub fn restart(&self) -> anyhow::Result<()> {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c timezone=America/New_York -c DateStyle=SQL,DMY -c IntervalStyle=postgres_verbose -c extra_float_digits=0",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c timezone=America/New_York -c DateStyle=SQL,DMY -c IntervalStyle=postgres_verbose -c extra_float_digits=0 -c standard_conforming_strings=off -c bytea_output=escape -c default_transaction_isolation=serializable -c escape_string_warning=off",
             self.port,
             self.dir.path().display()
         );

@@ -7,7 +7,7 @@ use std::time::Duration;
 use collector_core::timestamp::format_ms;
 
 use super::config::{Audience, Definition, EventRef, EventRule};
-use crate::sinks::{sql_lit, Dialect, Relational, SinkError, SqlSession};
+use crate::sinks::{lit, Dialect, Relational, SinkError, SqlSession};
 
 /// `audience_membership` (a migration of DuckDB and PostgreSQL; ClickHouse has its own).
 pub fn ddl(d: Relational) -> String {
@@ -61,9 +61,9 @@ pub(crate) fn json_text(d: Dialect, col: &str, path: &[&str]) -> String {
             format!(
                 "({col}{}->>{})",
                 init.iter()
-                    .map(|k| format!("->{}", sql_lit(k)))
+                    .map(|k| format!("->{}", lit(d, k)))
                     .collect::<String>(),
-                sql_lit(last)
+                lit(d, last)
             )
         }
         // ClickHouse 18.16 has no JSON paths, only `visitParam*`, which finds the first
@@ -72,12 +72,12 @@ pub(crate) fn json_text(d: Dialect, col: &str, path: &[&str]) -> String {
         Dialect::ClickHouse => {
             let (last, init) = path.split_last().expect("a path");
             let obj = init.iter().fold(col.to_string(), |o, k| {
-                format!("visitParamExtractRaw({o}, {})", sql_lit(k))
+                format!("visitParamExtractRaw({o}, {})", lit(d, k))
             });
-            let raw = format!("visitParamExtractRaw({obj}, {})", sql_lit(last));
+            let raw = format!("visitParamExtractRaw({obj}, {})", lit(d, last));
             format!(
                 "if(substring({raw}, 1, 1) = '\"', visitParamExtractString({obj}, {}), {raw})",
-                sql_lit(last)
+                lit(d, last)
             )
         }
     }
@@ -86,7 +86,7 @@ pub(crate) fn json_text(d: Dialect, col: &str, path: &[&str]) -> String {
 /// `(person_id, message_id, ts)` of the events a rule counts, attributed to people.
 fn person_events(d: Dialect, r: &EventRule) -> String {
     let (table, mut conds) = match &r.what {
-        EventRef::Track(name) => ("tracks", vec![format!("event_text = {}", sql_lit(name))]),
+        EventRef::Track(name) => ("tracks", vec![format!("event_text = {}", lit(d, name))]),
         EventRef::View(kind) => (
             if *kind == "page" { "pages" } else { "screens" },
             Vec::new(),
@@ -94,12 +94,12 @@ fn person_events(d: Dialect, r: &EventRule) -> String {
     };
     for (k, v) in &r.filters {
         if k == "name" && matches!(r.what, EventRef::View(_)) {
-            conds.push(format!("name = {}", sql_lit(v)));
+            conds.push(format!("name = {}", lit(d, v)));
         } else {
             conds.push(format!(
                 "{} = {}",
                 json_text(d, "properties", &[k]),
-                sql_lit(v)
+                lit(d, v)
             ));
         }
     }
@@ -143,7 +143,7 @@ pub fn members_sql(a: &Audience, d: Dialect, now_ms: i64) -> String {
                 conds.push(format!(
                     "{} = {}",
                     json_text(d, "p.traits", &[k]),
-                    sql_lit(v)
+                    lit(d, v)
                 ));
             }
             let Some(perf) = performed else {
@@ -241,7 +241,7 @@ async fn evaluate_one(
 ) -> Result<Evaluation, SinkError> {
     let d = s.dialect();
     let now = at(d, now_ms);
-    let name = sql_lit(&a.name);
+    let name = lit(d, &a.name);
     s.batch(&format!(
         "DROP TABLE IF EXISTS audience_now; CREATE TEMP TABLE audience_now AS {};",
         members_sql(a, d, now_ms)
@@ -288,7 +288,7 @@ async fn evaluate_clickhouse(
 ) -> Result<Evaluation, SinkError> {
     let d = Dialect::ClickHouse;
     let now = at(d, now_ms);
-    let name = sql_lit(&a.name);
+    let name = lit(d, &a.name);
     let version = crate::sinks::clickhouse::version_now();
     s.batch(&format!(
         "DROP TEMPORARY TABLE IF EXISTS audience_now;

@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::audiences::eval::at;
-use crate::sinks::{sql_list, sql_lit, Dialect, SinkError, SqlSession};
+use crate::sinks::{list, lit, Dialect, SinkError, SqlSession};
 
 /// Granted and decided (granted + denied) counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -99,7 +99,7 @@ fn json_raw(d: Dialect, col: &str, path: &[&str]) -> String {
         Dialect::Postgres => format!(
             "CAST({col}{} AS VARCHAR)",
             path.iter()
-                .map(|k| format!("->{}", sql_lit(k)))
+                .map(|k| format!("->{}", lit(d, k)))
                 .collect::<String>()
         ),
         _ => format!(
@@ -317,7 +317,7 @@ pub async fn history(
     let r = s
         .query(&format!(
             "SELECT id_type, id_value FROM identities WHERE person_id = {}",
-            sql_lit(id)
+            lit(d, id)
         ))
         .await?;
     for row in r.rows {
@@ -340,8 +340,8 @@ pub async fn history(
         .collect();
     let filter = format!(
         "(user_id IN ({}) OR anonymous_id IN ({}))",
-        sql_list(users.iter()),
-        sql_list(anons.iter())
+        list(d, users.iter()),
+        list(d, anons.iter())
     );
     let res = |p: &str| json_raw(d, "context", &["consent", "resolved", p]);
     let txt = |p: &str| json_str(d, "context", &["consent", "resolved", p]);

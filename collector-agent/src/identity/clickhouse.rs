@@ -25,7 +25,7 @@ use serde_json::{json, Map, Value};
 use super::config::IdentityConfig;
 use super::run::{plan, IdentityStats};
 use crate::sinks::clickhouse::version_now;
-use crate::sinks::{sql_lit, QueryResult, SinkError, SqlSession};
+use crate::sinks::{lit, Dialect, QueryResult, SinkError, SqlSession};
 
 /// People whose profiles one round of queries computes.
 const PROFILE_CHUNK: usize = 50_000;
@@ -37,7 +37,11 @@ const CONSENT: &str = "context_consent_resolved_";
 /// SQL (only spaces are trimmed, as there).
 fn blocked(v: &str, list: &BlockList) -> String {
     let t = format!("replaceRegexpAll({v}, '^ +| +$', '')");
-    let values = list.values().map(sql_lit).collect::<Vec<_>>().join(", ");
+    let values = list
+        .values()
+        .map(|v| lit(Dialect::ClickHouse, v))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
         "({t} = '' OR (length({t}) >= 2 AND ((substring({t}, 1, 1) = '\"' AND substring({t}, length({t}), 1) = '\"') OR (substring({t}, 1, 1) = '''' AND substring({t}, length({t}), 1) = ''''))) OR match({t}, '^[0-]+$') OR lowerUTF8({t}) IN ({values}))"
     )
@@ -59,7 +63,7 @@ async fn columns_of(s: &mut dyn SqlSession, table: &str) -> Result<BTreeSet<Stri
     let r = s
         .query(&format!(
             "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = {}",
-            sql_lit(&format!("collector_rows_{table}"))
+            lit(Dialect::ClickHouse, &format!("collector_rows_{table}"))
         ))
         .await?;
     Ok(r.rows.into_iter().filter_map(|r| r[0].clone()).collect())

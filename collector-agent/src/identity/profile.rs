@@ -6,7 +6,7 @@ use std::future::Future;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::sinks::{sql_lit, QueryResult};
+use crate::sinks::{lit, Dialect, QueryResult};
 
 /// One person, as printed.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -27,21 +27,21 @@ pub struct Profile {
 /// How many of the latest events a profile shows.
 pub const LAST_EVENTS: usize = 10;
 
-/// Looks a person up by any id, through `query` (SQL both dialects read).
-pub async fn lookup<F, Fut>(id: &str, mut query: F) -> anyhow::Result<Option<Profile>>
+/// Looks a person up by any id, through `query` in a warehouse of dialect `d`.
+pub async fn lookup<F, Fut>(d: Dialect, id: &str, mut query: F) -> anyhow::Result<Option<Profile>>
 where
     F: FnMut(String) -> Fut,
     Fut: Future<Output = anyhow::Result<QueryResult>>,
 {
-    let lit = sql_lit(id);
+    let id = lit(d, id);
     let found = query(format!(
-        "SELECT person_id FROM identities WHERE id_value = {lit} OR person_id = {lit} ORDER BY person_id LIMIT 1"
+        "SELECT person_id FROM identities WHERE id_value = {id} OR person_id = {id} ORDER BY person_id LIMIT 1"
     ))
     .await?;
     let Some(person) = found.rows.first().and_then(|r| r[0].clone()) else {
         return Ok(None);
     };
-    let p = sql_lit(&person);
+    let p = lit(d, &person);
     let r = query(format!(
         "SELECT CAST(user_ids AS VARCHAR), CAST(anonymous_ids AS VARCHAR), CAST(emails AS VARCHAR), first_seen, last_seen,
                 event_count, CAST(traits AS VARCHAR), CAST(consent AS VARCHAR)

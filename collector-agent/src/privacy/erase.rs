@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 use super::{cell, record_run, set_status, set_store, values_of, Kind, Request, Subject};
 use crate::destinations::{Contacts, Destination, DestinationConfig, Erasure, SendError};
 use crate::edge::EdgeClient;
-use crate::sinks::{sql_list, sql_lit, Dialect, SinkError, SqlSession};
+use crate::sinks::{list, lit, Dialect, SinkError, SqlSession};
 
 /// Everyone a request is about: their ids (`(type, value)`; types `user_id`,
 /// `anonymous_id`, `email`) and their persons in the identity graph.
@@ -41,8 +41,8 @@ impl Person {
 
 /// `col IN (values)`, or a predicate that matches nothing when there are none (every
 /// dialect, ClickHouse 18.16 included, reads it).
-fn isin<'a>(col: &str, values: impl Iterator<Item = &'a String>) -> String {
-    let list: Vec<String> = values.map(|v| sql_lit(v)).collect();
+fn isin<'a>(d: Dialect, col: &str, values: impl Iterator<Item = &'a String>) -> String {
+    let list: Vec<String> = values.map(|v| lit(d, v)).collect();
     if list.is_empty() {
         NOTHING.into()
     } else {
@@ -54,13 +54,18 @@ fn isin<'a>(col: &str, values: impl Iterator<Item = &'a String>) -> String {
 const NOTHING: &str = "1 = 0";
 
 /// `(type_col, value_col)` is one of `ids`.
-fn id_match(ids: &BTreeSet<(String, String)>, type_col: &str, value_col: &str) -> String {
+fn id_match(
+    d: Dialect,
+    ids: &BTreeSet<(String, String)>,
+    type_col: &str,
+    value_col: &str,
+) -> String {
     let mut parts = Vec::new();
     for t in ["user_id", "anonymous_id", "email"] {
         if ids.iter().any(|(ty, _)| ty == t) {
             parts.push(format!(
                 "({type_col} = '{t}' AND {value_col} IN ({}))",
-                values_of(ids, t)
+                values_of(d, ids, t)
             ));
         }
     }
@@ -90,8 +95,8 @@ pub async fn resolve(
         let r = s
             .query(&format!(
                 "SELECT DISTINCT user_id, anonymous_id FROM identifies WHERE user_id IN ({}) OR anonymous_id IN ({})",
-                values_of(&ids, "user_id"),
-                values_of(&ids, "anonymous_id")
+                values_of(d, &ids, "user_id"),
+                values_of(d, &ids, "anonymous_id")
             ))
             .await?;
         for row in r.rows {
@@ -110,7 +115,7 @@ pub async fn resolve(
     let persons = s
         .query(&format!(
             "SELECT DISTINCT person_id FROM identities WHERE {}",
-            id_match(&ids, "id_type", "id_value")
+            id_match(d, &ids, "id_type", "id_value")
         ))
         .await?;
     let person_ids: BTreeSet<String> = persons
@@ -122,7 +127,7 @@ pub async fn resolve(
         let r = s
             .query(&format!(
                 "SELECT id_type, id_value FROM identities WHERE person_id IN ({})",
-                sql_list(person_ids.iter())
+                list(d, person_ids.iter())
             ))
             .await?;
         for row in r.rows {
@@ -136,7 +141,7 @@ pub async fn resolve(
         let r = s
             .query(&format!(
                 "SELECT DISTINCT user_id, anonymous_id FROM identifies WHERE {email} IN ({})",
-                sql_list(subject.email_hashes.iter())
+                list(d, subject.email_hashes.iter())
             ))
             .await?;
         for row in r.rows {
@@ -260,11 +265,11 @@ pub async fn stores(
         };
         let mut predicate = format!(
             "({} OR {})",
-            isin("user_id", users.iter()),
-            isin("anonymous_id", anons.iter())
+            isin(d, "user_id", users.iter()),
+            isin(d, "anonymous_id", anons.iter())
         );
         if table == "aliases" {
-            predicate = format!("({predicate} OR {})", isin("previous_id", both.iter()));
+            predicate = format!("({predicate} OR {})", isin(d, "previous_id", both.iter()));
         }
         out.push(Store {
             view: kinds.get(&table) != Some(&true),
@@ -287,14 +292,14 @@ pub async fn stores(
             message_ids.extend(r.rows.into_iter().filter_map(|r| r[0].clone()));
         }
     }
-    let messages = |col: &str| isin(col, message_ids.iter());
+    let messages = |col: &str| isin(d, col, message_ids.iter());
     let mut needles = Vec::new();
     for (t, key) in [("user_id", "userId"), ("anonymous_id", "anonymousId")] {
         for v in person.values(t) {
             let needle = format!("\"{key}\":{}", Value::String(v));
             needles.push(match d {
-                Dialect::ClickHouse => format!("position(event, {}) > 0", sql_lit(&needle)),
-                _ => format!("strpos(event, {}) > 0", sql_lit(&needle)),
+                Dialect::ClickHouse => format!("position(event, {}) > 0", lit(d, &needle)),
+                _ => format!("strpos(event, {}) > 0", lit(d, &needle)),
             });
         }
     }
@@ -305,9 +310,9 @@ pub async fn stores(
     };
     let ids = &person.ids;
     let fixed = [
-        ("users", isin("id", users.iter()), None),
+        ("users", isin(d, "id", users.iter()), None),
         // Where each of their `users` values came from (DuckDB, PostgreSQL, the lake).
-        ("collector_user_traits", isin("id", users.iter()), None),
+        ("collector_user_traits", isin(d, "id", users.iter()), None),
         ("quarantine", quarantine, None),
         ("rejected_values", messages("message_id"), None),
         // The registry that makes loads exactly once: an erased event's id goes too
@@ -317,8 +322,8 @@ pub async fn stores(
             "identities",
             format!(
                 "({} OR {})",
-                isin("person_id", persons.iter()),
-                id_match(ids, "id_type", "id_value")
+                isin(d, "person_id", persons.iter()),
+                id_match(d, ids, "id_type", "id_value")
             ),
             None,
         ),
@@ -326,8 +331,8 @@ pub async fn stores(
             "identity_edges",
             format!(
                 "({} OR {})",
-                id_match(ids, "a_type", "a_value"),
-                id_match(ids, "b_type", "b_value")
+                id_match(d, ids, "a_type", "a_value"),
+                id_match(d, ids, "b_type", "b_value")
             ),
             None,
         ),
@@ -335,32 +340,36 @@ pub async fn stores(
             "identity_merges",
             format!(
                 "({} OR {} OR {} OR {})",
-                id_match(ids, "a_type", "a_value"),
-                id_match(ids, "b_type", "b_value"),
-                isin("from_person", persons.iter()),
-                isin("into_person", persons.iter())
+                id_match(d, ids, "a_type", "a_value"),
+                id_match(d, ids, "b_type", "b_value"),
+                isin(d, "from_person", persons.iter()),
+                isin(d, "into_person", persons.iter())
             ),
             None,
         ),
-        ("identity_dirty", id_match(ids, "id_type", "id_value"), None),
-        ("profiles", isin("person_id", persons.iter()), None),
+        (
+            "identity_dirty",
+            id_match(d, ids, "id_type", "id_value"),
+            None,
+        ),
+        ("profiles", isin(d, "person_id", persons.iter()), None),
         (
             "audience_membership",
-            isin("person_id", persons.iter()),
+            isin(d, "person_id", persons.iter()),
             None,
         ),
         (
             "activation_outbox",
             format!(
                 "({} OR {})",
-                isin("person_id", persons.iter()),
+                isin(d, "person_id", persons.iter()),
                 messages("message_id")
             ),
             None,
         ),
         (
             "activation_log",
-            isin("person_id", persons.iter()),
+            isin(d, "person_id", persons.iter()),
             Some("person_id = NULL, key = 'erased', detail = NULL".to_string()),
         ),
     ];

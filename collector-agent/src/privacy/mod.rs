@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::audiences::eval::at;
-use crate::sinks::{sql_list, sql_lit, Dialect, Relational, SinkError, SqlSession};
+use crate::sinks::{list as lit_list, lit, Dialect, Relational, SinkError, SqlSession};
 
 /// The tables (a migration of each SQL warehouse).
 pub fn ddl(d: Relational) -> String {
@@ -299,7 +299,7 @@ fn relational(s: &dyn SqlSession) -> Result<Dialect, SinkError> {
 
 /// A nullable text value as a ClickHouse expression.
 fn ch_text(v: Option<&str>) -> String {
-    v.map(sql_lit)
+    v.map(|v| lit(Dialect::ClickHouse, v))
         .unwrap_or_else(|| "CAST(NULL AS Nullable(String))".into())
 }
 
@@ -317,13 +317,16 @@ async fn ch_write_request(s: &mut dyn SqlSession, r: &Request) -> Result<(), Sin
         (!r.resolved.is_empty()).then(|| serde_json::to_string(&r.resolved).unwrap_or_default());
     s.execute(&format!(
         "INSERT INTO collector_privacy_requests SELECT {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}",
-        sql_lit(&r.id),
-        sql_lit(r.kind.as_str()),
-        sql_lit(&serde_json::to_string(&r.subject).unwrap_or_default()),
+        lit(Dialect::ClickHouse, &r.id),
+        lit(Dialect::ClickHouse, r.kind.as_str()),
+        lit(
+            Dialect::ClickHouse,
+            &serde_json::to_string(&r.subject).unwrap_or_default()
+        ),
         ch_text(resolved.as_deref()),
-        sql_lit(&r.requested_by),
+        lit(Dialect::ClickHouse, &r.requested_by),
         ch_time(Some(&r.received_at)),
-        sql_lit(&r.status),
+        lit(Dialect::ClickHouse, &r.status),
         r.runs,
         ch_time(r.completed_at.as_deref()),
         ch_text(r.detail.as_deref()),
@@ -376,10 +379,10 @@ pub async fn submit(
     let subject_json = serde_json::to_string(subject).unwrap_or_default();
     s.execute(&format!(
         "INSERT INTO privacy_requests (id, kind, subject, requested_by, received_at, status, runs) VALUES ({}, {}, {}, {}, {}, 'received', 0) ON CONFLICT (id) DO NOTHING",
-        sql_lit(&id),
-        sql_lit(kind.as_str()),
-        sql_lit(&subject_json),
-        sql_lit(requested_by),
+        lit(d, &id),
+        lit(d, kind.as_str()),
+        lit(d, &subject_json),
+        lit(d, requested_by),
         at(d, now_ms)
     ))
     .await?;
@@ -426,7 +429,7 @@ pub async fn get(s: &mut dyn SqlSession, id: &str) -> Result<Option<Request>, Si
         .query(&format!(
             "SELECT {} FROM privacy_requests WHERE id = {}",
             request_columns(d),
-            sql_lit(id)
+            lit(d, id)
         ))
         .await?;
     let Some(mut req) = r.rows.first().and_then(|r| from_row(r)) else {
@@ -435,7 +438,7 @@ pub async fn get(s: &mut dyn SqlSession, id: &str) -> Result<Option<Request>, Si
     let stores = s
         .query(&format!(
             "SELECT store, status, before_count, after_count, detail, updated_at FROM privacy_request_stores WHERE request_id = {} ORDER BY store",
-            sql_lit(id)
+            lit(d, id)
         ))
         .await?;
     req.stores = stores
@@ -504,8 +507,8 @@ pub(crate) async fn set_store(
         let r = s
             .query(&format!(
                 "SELECT before_count FROM privacy_request_stores WHERE request_id = {} AND store = {}",
-                sql_lit(request),
-                sql_lit(store)
+                lit(d, request),
+                lit(d, store)
             ))
             .await?;
         let prior: i64 = r
@@ -523,9 +526,9 @@ pub(crate) async fn set_store(
         };
         s.execute(&format!(
             "INSERT INTO collector_privacy_request_stores SELECT {}, {}, {}, {before}, {after}, {}, {}, {}",
-            sql_lit(request),
-            sql_lit(store),
-            sql_lit(status),
+            lit(d, request),
+            lit(d, store),
+            lit(d, status),
             ch_text(detail),
             at(d, now_ms),
             crate::sinks::clickhouse::version_now()
@@ -537,15 +540,15 @@ pub(crate) async fn set_store(
         Some((b, a)) => (b.to_string(), a.to_string()),
         None => ("NULL".into(), "NULL".into()),
     };
-    let detail = detail.map(sql_lit).unwrap_or_else(|| "NULL".into());
+    let detail = detail.map(|v| lit(d, v)).unwrap_or_else(|| "NULL".into());
     s.execute(&format!(
         "INSERT INTO privacy_request_stores VALUES ({}, {}, {}, {before}, {after}, {detail}, {})
          ON CONFLICT (request_id, store) DO UPDATE SET status = excluded.status,
            before_count = COALESCE(privacy_request_stores.before_count, 0) + COALESCE(excluded.before_count, 0),
            after_count = excluded.after_count, detail = excluded.detail, updated_at = excluded.updated_at",
-        sql_lit(request),
-        sql_lit(store),
-        sql_lit(status),
+        lit(d, request),
+        lit(d, store),
+        lit(d, status),
         at(d, now_ms)
     ))
     .await?;
@@ -584,9 +587,9 @@ pub(crate) async fn set_status(
     let resolved = if finished { ", resolved = NULL" } else { "" };
     s.execute(&format!(
         "UPDATE privacy_requests SET status = {}, completed_at = {completed}{resolved}, detail = {} WHERE id = {}",
-        sql_lit(status),
-        detail.map(sql_lit).unwrap_or_else(|| "NULL".into()),
-        sql_lit(id)
+        lit(d, status),
+        detail.map(|v| lit(d, v)).unwrap_or_else(|| "NULL".into()),
+        lit(d, id)
     ))
     .await?;
     Ok(())
@@ -610,8 +613,8 @@ pub(crate) async fn record_run(
     let ids: Vec<&(String, String)> = resolved.iter().collect();
     s.execute(&format!(
         "UPDATE privacy_requests SET runs = runs + 1, status = 'running', resolved = {} WHERE id = {}",
-        sql_lit(&serde_json::to_string(&ids).unwrap_or_default()),
-        sql_lit(id)
+        lit(Dialect::Postgres, &serde_json::to_string(&ids).unwrap_or_default()),
+        lit(Dialect::Postgres, id)
     ))
     .await?;
     Ok(())
@@ -630,7 +633,7 @@ pub async fn record_policy(
         let r = s
             .query(&format!(
                 "SELECT count() FROM policy_versions WHERE version = {}",
-                sql_lit(version)
+                lit(d, version)
             ))
             .await?;
         if r.rows.first().and_then(|r| r[0].as_deref()) != Some("0") {
@@ -638,26 +641,26 @@ pub async fn record_policy(
         }
         s.execute(&format!(
             "INSERT INTO collector_policy_versions SELECT {}, {}, {}",
-            sql_lit(version),
+            lit(d, version),
             at(d, now_ms),
-            sql_lit(text)
+            lit(d, text)
         ))
         .await?;
         return Ok(());
     }
     s.execute(&format!(
         "INSERT INTO policy_versions VALUES ({}, {}, {}) ON CONFLICT (version) DO NOTHING",
-        sql_lit(version),
+        lit(d, version),
         at(d, now_ms),
-        sql_lit(text)
+        lit(d, text)
     ))
     .await?;
     Ok(())
 }
 
 /// Ids of a type among `(type, value)` pairs, as a SQL list.
-pub(crate) fn values_of(ids: &BTreeSet<(String, String)>, id_type: &str) -> String {
-    sql_list(ids.iter().filter(|(t, _)| t == id_type).map(|(_, v)| v))
+pub(crate) fn values_of(d: Dialect, ids: &BTreeSet<(String, String)>, id_type: &str) -> String {
+    lit_list(d, ids.iter().filter(|(t, _)| t == id_type).map(|(_, v)| v))
 }
 
 /// A JSON value from a column rendered as text: objects and arrays parsed, the rest

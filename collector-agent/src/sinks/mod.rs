@@ -312,7 +312,30 @@ pub(crate) fn sql_migrations(d: Relational, text: &str) -> Vec<(i32, &'static st
     ]
 }
 
-/// A SQL string literal (standard SQL: quotes doubled; both dialects read it so).
+/// A string literal of dialect `d`: standard SQL's ([`sql_lit`]) in DuckDB and
+/// PostgreSQL; in ClickHouse, where a backslash in a literal is an escape, with
+/// backslashes and quotes escaped. Ids are whatever clients send (`o'brien\`), and code
+/// that runs in every warehouse builds its literals with this.
+pub fn lit(d: Dialect, v: &str) -> String {
+    match d {
+        Dialect::ClickHouse => format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'")),
+        Dialect::DuckDb | Dialect::Postgres => sql_lit(v),
+    }
+}
+
+/// [`sql_list`] of dialect `d` ([`lit`]).
+pub fn list<'a>(d: Dialect, v: impl Iterator<Item = &'a String>) -> String {
+    let items: Vec<String> = v.map(|s| lit(d, s)).collect();
+    if items.is_empty() {
+        "NULL".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// A SQL string literal (standard SQL: quotes doubled), as DuckDB and PostgreSQL (with
+/// `standard_conforming_strings`, which the agent's sessions set) read it; not
+/// ClickHouse ([`lit`]).
 pub fn sql_lit(v: &str) -> String {
     format!("'{}'", v.replace('\'', "''"))
 }

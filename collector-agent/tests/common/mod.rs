@@ -169,6 +169,16 @@ macro_rules! per_target {
 /// JSON as `String` (18.16 has no JSON path functions), has no `octet_length`, and
 /// changes a row by writing a newer version of it, not by `UPDATE`.
 impl Target {
+    /// The dialect the agent's SQL over this warehouse is written in.
+    pub fn dialect(&self) -> collector_agent::sinks::Dialect {
+        use collector_agent::sinks::Dialect;
+        match self {
+            Target::DuckDb(_) | Target::Parquet(_) => Dialect::DuckDb,
+            Target::Postgres(_) => Dialect::Postgres,
+            Target::ClickHouse(_) => Dialect::ClickHouse,
+        }
+    }
+
     pub fn is_clickhouse(&self) -> bool {
         matches!(self, Target::ClickHouse(_))
     }

@@ -239,12 +239,14 @@ impl PostgresSink {
         });
         let schema = ident(&cfg.schema);
         // What the agent reads as text (instants, numbers) must not depend on how the
-        // server was configured: UTC, ISO dates, and doubles as the shortest text that
+        // server was configured: UTC, ISO dates, backslashes in literals as themselves
+        // (the agent's literals are standard SQL's: with `standard_conforming_strings
+        // = off` an id holding `\'` ended one), and doubles as the shortest text that
         // reads back exactly (`extra_float_digits` above 0, PostgreSQL 12+). A server
         // with `DateStyle = 'SQL, DMY'` and `extra_float_digits = 0` (the default
         // before PostgreSQL 12) failed 14 tests; the tests' server has both.
         let setup = format!(
-            "SET TIME ZONE 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; SET statement_timeout = {}; CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema};",
+            "SET TIME ZONE 'UTC'; SET standard_conforming_strings = on; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; SET statement_timeout = {}; CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema};",
             cfg.timeout_ms
         );
         client.batch_execute(&setup).await.map_err(classify)?;
