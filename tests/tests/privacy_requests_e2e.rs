@@ -801,11 +801,15 @@ async fn erasure_and_export_in_clickhouse() {
     );
     cfg.validate().expect("valid config");
     let now = collector_agent::now_ms();
+    // Her ids hold quotes and backslashes (ids are whatever a client sends), which
+    // ClickHouse reads as escapes in a literal: the graph, the erasure's search of the
+    // events and its mutations must take them as they are.
+    let (erin, device_b) = ("u-o'erin\\", "dev-\"erin\"-b\\'");
     let batch = json!([
         {"type": "page", "messageId": "e-p1", "anonymousId": "dev-erin-a", "properties": {"path": "/pricing"}, "timestamp": iso(now - 50 * MIN)},
-        {"type": "identify", "messageId": "e-i1", "anonymousId": "dev-erin-a", "userId": "u-erin", "traits": {"plan": "pro"}, "timestamp": iso(now - 45 * MIN)},
-        {"type": "identify", "messageId": "e-i2", "anonymousId": "dev-erin-b", "userId": "u-erin", "timestamp": iso(now - 35 * MIN)},
-        {"type": "track", "messageId": "e-o1", "userId": "u-erin", "event": "Order Completed", "properties": {"revenue": 42.5}, "timestamp": iso(now - 30 * MIN)},
+        {"type": "identify", "messageId": "e-i1", "anonymousId": "dev-erin-a", "userId": erin, "traits": {"plan": "pro"}, "timestamp": iso(now - 45 * MIN)},
+        {"type": "identify", "messageId": "e-i2", "anonymousId": device_b, "userId": erin, "timestamp": iso(now - 35 * MIN)},
+        {"type": "track", "messageId": "e-o1", "userId": erin, "event": "Order Completed", "properties": {"revenue": 42.5}, "timestamp": iso(now - 30 * MIN)},
         {"type": "identify", "messageId": "q-i1", "anonymousId": "dev-quinn", "userId": "u-quinn", "timestamp": iso(now - 30 * MIN)},
         {"type": "track", "messageId": "q-o1", "userId": "u-quinn", "event": "Order Completed", "properties": {"revenue": 9.5}, "timestamp": iso(now - 30 * MIN)},
     ]);
@@ -818,7 +822,7 @@ async fn erasure_and_export_in_clickhouse() {
     assert_eq!(drain_once(&cfg).await.expect("drain").inserted, 6);
 
     let mut export = request(Kind::Export);
-    export.anonymous_ids = vec!["dev-erin-b".into()];
+    export.anonymous_ids = vec![device_b.into()];
     let (ids, doc) = exported_message_ids(&cfg, export).await;
     let erin: BTreeSet<String> = ["e-p1", "e-i1", "e-i2", "e-o1"]
         .iter()
@@ -827,7 +831,7 @@ async fn erasure_and_export_in_clickhouse() {
     assert_eq!(ids, erin, "the graph joins her three ids: {doc}");
 
     let mut erase = request(Kind::Erase);
-    erase.anonymous_ids = vec!["dev-erin-b".into()];
+    erase.anonymous_ids = vec![device_b.into()];
     erase.id = Some("ch-1".into());
     let (req, _) = cli::submit(&cfg, erase, Some(std::time::Duration::from_secs(120)))
         .await
@@ -858,7 +862,8 @@ async fn erasure_and_export_in_clickhouse() {
             req.render()
         );
     }
-    let needles = ["u-erin", "dev-erin-a", "dev-erin-b", "e-o1", "e-p1"];
+    // `erin` is in each of her ids, however ClickHouse renders them.
+    let needles = ["erin", "e-o1", "e-p1"];
     for table in [
         "tracks",
         "pages",

@@ -244,9 +244,13 @@ impl PostgresSink {
         // = off` an id holding `\'` ended one), and doubles as the shortest text that
         // reads back exactly (`extra_float_digits` above 0, PostgreSQL 12+). A server
         // with `DateStyle = 'SQL, DMY'` and `extra_float_digits = 0` (the default
-        // before PostgreSQL 12) failed 14 tests; the tests' server has both.
+        // before PostgreSQL 12) failed 14 tests; the tests' server has both. The
+        // loads' exactness is designed for READ COMMITTED, PostgreSQL's default; a
+        // server whose default is SERIALIZABLE failed the schema check of a second
+        // connection while an agent loaded (a serialization failure, retried by the
+        // agent, but a failure).
         let setup = format!(
-            "SET TIME ZONE 'UTC'; SET standard_conforming_strings = on; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; SET statement_timeout = {}; CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema};",
+            "SET TIME ZONE 'UTC'; SET default_transaction_isolation = 'read committed'; SET standard_conforming_strings = on; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; SET statement_timeout = {}; CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema};",
             cfg.timeout_ms
         );
         client.batch_execute(&setup).await.map_err(classify)?;
