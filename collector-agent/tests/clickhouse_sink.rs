@@ -168,15 +168,7 @@ async fn redelivered_batches_and_ids_land_once_even_after_a_lost_ledger() {
 async fn wait_for_zero(ch: &LocalClickHouse, sql: &str) {
     let mut left = String::new();
     for _ in 0..200 {
-        left = reqwest::Client::new()
-            .post(ch.plain_url())
-            .body(sql.to_string())
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        left = ch_text(ch, sql).await;
         if left.trim() == "0" {
             break;
         }

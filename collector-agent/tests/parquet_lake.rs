@@ -9,6 +9,16 @@ use collector_agent::sinks::{Load, Sink};
 use common::events;
 use serde_json::json;
 
+/// The first column of `sql`'s rows, as text.
+fn strings(conn: &duckdb::Connection, sql: &str) -> Vec<String> {
+    conn.prepare(sql)
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
 fn files(root: &std::path::Path) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
@@ -390,16 +400,10 @@ async fn properties_named_like_the_partition_keys_are_not_columns() {
     // No file holds a column named like a partition key.
     let conn = duckdb::Connection::open_in_memory().unwrap();
     for f in files(&root) {
-        let cols: Vec<String> = conn
-            .prepare(&format!(
-                "SELECT name FROM parquet_schema('{}/{f}')",
-                root.display()
-            ))
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
+        let cols = strings(
+            &conn,
+            &format!("SELECT name FROM parquet_schema('{}/{f}')", root.display()),
+        );
         assert!(
             !cols.iter().any(|c| c == "date" || c == "table"),
             "{f}: {cols:?}"
@@ -605,12 +609,7 @@ async fn another_parquet_implementation_reads_the_lake() {
          "properties": {"revenue": "not a number", "currency": "USD", "coupon": "XMAS", "n": 4, "paid": false}}
     ])).await;
     let seen = read_with_arrow(&root);
-    let tables: Vec<&str> = seen
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(String::as_str)
-        .collect();
+    let tables: Vec<&String> = seen.as_object().unwrap().keys().collect();
     assert_eq!(tables, ["identifies", "order_completed", "pages", "tracks"]);
 
     let oc = &seen["order_completed"];
@@ -684,12 +683,7 @@ async fn another_parquet_implementation_reads_the_lake() {
         ]
     );
     let seen = read_with_arrow(&root);
-    let tables: Vec<&str> = seen
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(String::as_str)
-        .collect();
+    let tables: Vec<&String> = seen.as_object().unwrap().keys().collect();
     assert_eq!(tables, ["order_completed", "tracks"]);
     for (table, t) in seen.as_object().unwrap() {
         let in_files: Vec<&String> = t["logical"].as_object().unwrap().keys().collect();
@@ -785,16 +779,13 @@ async fn a_lake_from_before_utc_instants_is_rewritten_once() {
     let mut naive_files = 0;
     for f in files(&root) {
         let path = root.join(&f);
-        let naive: Vec<String> = conn
-            .prepare(&format!(
+        let naive = strings(
+            &conn,
+            &format!(
                 "SELECT column_name FROM (DESCRIBE SELECT * FROM read_parquet('{}', hive_partitioning = false)) WHERE column_type = 'TIMESTAMP WITH TIME ZONE'",
                 path.display()
-            ))
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
+            ),
+        );
         let replace = naive
             .iter()
             .map(|c| format!("CAST(\"{c}\" AS TIMESTAMP) AS \"{c}\""))
