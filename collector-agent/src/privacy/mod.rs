@@ -610,11 +610,12 @@ pub(crate) async fn record_run(
         r.resolved = resolved.iter().cloned().collect();
         return ch_write_request(s, &r).await;
     }
+    let d = s.dialect();
     let ids: Vec<&(String, String)> = resolved.iter().collect();
     s.execute(&format!(
         "UPDATE privacy_requests SET runs = runs + 1, status = 'running', resolved = {} WHERE id = {}",
-        lit(Dialect::Postgres, &serde_json::to_string(&ids).unwrap_or_default()),
-        lit(Dialect::Postgres, id)
+        lit(d, &serde_json::to_string(&ids).unwrap_or_default()),
+        lit(d, id)
     ))
     .await?;
     Ok(())

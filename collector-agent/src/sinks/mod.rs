@@ -323,7 +323,8 @@ pub fn lit(d: Dialect, v: &str) -> String {
     }
 }
 
-/// [`sql_list`] of dialect `d` ([`lit`]).
+/// Values as the inside of a SQL `IN (…)` list of dialect `d` ([`lit`]; `NULL` when
+/// empty, which matches nothing).
 pub fn list<'a>(d: Dialect, v: impl Iterator<Item = &'a String>) -> String {
     let items: Vec<String> = v.map(|s| lit(d, s)).collect();
     if items.is_empty() {
@@ -333,22 +334,16 @@ pub fn list<'a>(d: Dialect, v: impl Iterator<Item = &'a String>) -> String {
     }
 }
 
+/// [`list`] in standard SQL, for code that runs in DuckDB and PostgreSQL only.
+pub fn sql_list<'a>(v: impl Iterator<Item = &'a String>) -> String {
+    list(Dialect::DuckDb, v)
+}
+
 /// A SQL string literal (standard SQL: quotes doubled), as DuckDB and PostgreSQL (with
 /// `standard_conforming_strings`, which the agent's sessions set) read it; not
 /// ClickHouse ([`lit`]).
 pub fn sql_lit(v: &str) -> String {
     format!("'{}'", v.replace('\'', "''"))
-}
-
-/// Values as the inside of a SQL `IN (…)` list (`NULL` when empty, which matches
-/// nothing).
-pub fn sql_list<'a>(v: impl Iterator<Item = &'a String>) -> String {
-    let items: Vec<String> = v.map(|s| sql_lit(s)).collect();
-    if items.is_empty() {
-        "NULL".into()
-    } else {
-        items.join(", ")
-    }
 }
 
 /// What a replay did: dead letters that decode now and were loaded (or are still

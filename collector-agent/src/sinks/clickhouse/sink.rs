@@ -123,8 +123,9 @@ fn stale_view(physical: &HashMap<String, HashMap<String, String>>, table: &str) 
         .any(|c| !view.is_some_and(|v| v.contains_key(c)))
 }
 
+/// A ClickHouse string literal ([`crate::sinks::lit`]).
 fn lit(s: &str) -> String {
-    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+    crate::sinks::lit(crate::sinks::Dialect::ClickHouse, s)
 }
 
 pub struct ClickHouseSink {

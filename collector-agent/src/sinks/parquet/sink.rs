@@ -350,7 +350,7 @@ pub struct ParquetSink {
 
 /// SQL string literal.
 fn lit(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+    crate::sinks::sql_lit(s)
 }
 
 impl ParquetSink {
