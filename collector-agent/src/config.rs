@@ -273,7 +273,9 @@ impl AgentConfig {
             WarehouseConfig::DuckDb(d) => {
                 d.settings_sql()?;
             }
-            WarehouseConfig::Parquet(_) => {}
+            WarehouseConfig::Parquet(p) => {
+                p.settings_sql()?;
+            }
         }
         self.identity.limits.validate()?;
         anyhow::ensure!(

@@ -869,3 +869,94 @@ async fn a_lake_from_before_utc_instants_is_rewritten_once() {
         .unwrap();
     assert_eq!(r.rows[0][0].as_deref(), Some("0"));
 }
+
+/// The lake's DuckDB setting `name`, as DuckDB shows it.
+async fn setting(sink: &ParquetSink, name: &str) -> String {
+    let r = sink
+        .query(&format!("SELECT current_setting('{name}')"))
+        .await
+        .unwrap();
+    r.rows[0][0].clone().unwrap()
+}
+
+fn lake_config(root: &std::path::Path) -> collector_agent::config::ParquetConfig {
+    collector_agent::config::ParquetConfig::at(root)
+}
+
+// The lake's DuckDB takes the DuckDB warehouse's memory keys. Before, it ran with
+// DuckDB's own default limit (80% of the host's RAM), and nothing could lower it.
+#[tokio::test]
+async fn the_lakes_duckdb_takes_its_memory_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = ParquetSink::open_config(&collector_agent::config::ParquetConfig {
+        memory_limit: Some("64MB".into()),
+        threads: Some(1),
+        ..lake_config(&dir.path().join("configured"))
+    })
+    .unwrap();
+    assert_eq!(setting(&sink, "threads").await, "1");
+    assert_eq!(setting(&sink, "memory_limit").await, "61.0 MiB");
+    let sink = ParquetSink::open_config(&collector_agent::config::ParquetConfig {
+        memory_cap: Some("32MB".into()),
+        ..lake_config(&dir.path().join("capped"))
+    })
+    .unwrap();
+    assert_eq!(setting(&sink, "memory_limit").await, "30.5 MiB");
+    // By default, capped at 1 GiB (plus the indexes' room) like a DuckDB warehouse,
+    // unless the host has less.
+    let sink = ParquetSink::open(&dir.path().join("default")).unwrap();
+    let limit = setting(&sink, "memory_limit").await;
+    let conn = duckdb::Connection::open_in_memory().unwrap();
+    let own = strings(&conn, "SELECT current_setting('memory_limit')").remove(0);
+    let gib = |s: &str| -> f64 {
+        let (n, unit) = s.split_once(' ').unwrap();
+        let n: f64 = n.parse().unwrap();
+        match unit {
+            "GiB" => n,
+            "MiB" => n / 1024.0,
+            other => panic!("{other}"),
+        }
+    };
+    assert!(
+        gib(&limit) <= 1.0 && gib(&limit) <= gib(&own),
+        "{limit} (DuckDB's own: {own})"
+    );
+}
+
+// Identity, audiences and activation run their SQL in sessions over the lake's views:
+// one that runs out of memory under the capped default limit raises it, as a load's
+// error does, so the run after it finds room.
+#[tokio::test]
+async fn a_lake_session_out_of_memory_raises_its_capped_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = ParquetSink::open_config(&collector_agent::config::ParquetConfig {
+        memory_cap: Some("32MB".into()),
+        ..lake_config(&dir.path().join("lake"))
+    })
+    .unwrap();
+    // A list of 12M integers (~100 MB) cannot spill.
+    let sql = "SELECT len(list(x)) FROM range(12000000) t(x)";
+    let mut session = sink.session().await.unwrap().unwrap();
+    let mut refused = 0;
+    let answer = loop {
+        match session.query(sql).await {
+            Ok(r) => break r.rows[0][0].clone(),
+            Err(e) => {
+                assert!(e.to_string().contains("Out of Memory"), "{e}");
+                refused += 1;
+                assert!(
+                    refused < 6,
+                    "still out of memory at {}",
+                    setting(&sink, "memory_limit").await
+                );
+            }
+        }
+    };
+    assert_eq!(answer.as_deref(), Some("12000000"));
+    assert!(refused >= 1);
+    let limit = setting(&sink, "memory_limit").await;
+    assert!(
+        !limit.ends_with("MiB") || limit.trim_end_matches(" MiB").parse::<f64>().unwrap() >= 122.0,
+        "{limit}"
+    );
+}

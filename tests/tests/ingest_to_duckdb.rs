@@ -357,6 +357,41 @@ async fn identity_that_runs_out_of_memory_is_tried_again_at_once() {
     );
 }
 
+// The same wider events into a Parquet lake under the README's lean lake settings
+// (`memory_cap = "32MB"`, `threads = 1`, `lease_batches = 2`): where its DuckDB runs out
+// of memory (the loads' staged rows, identity over the files), the limit is raised and
+// the call retried, so every event lands once and identity builds its profiles. Before,
+// the lake's DuckDB had no limit but DuckDB's own (80% of RAM) and no key to set one.
+#[tokio::test]
+async fn a_lake_under_a_small_memory_cap_loads_everything_and_resolves_identity() {
+    let st = Stack::start();
+    post_wide_events(&st, 24_000).await;
+    let mut cfg = st.agent_config();
+    cfg.lease_batches = 2;
+    cfg.warehouse =
+        collector_agent::config::WarehouseConfig::Parquet(collector_agent::config::ParquetConfig {
+            memory_cap: Some("32MB".into()),
+            threads: Some(1),
+            ..collector_agent::config::ParquetConfig::at(st.warehouse().with_file_name("lake"))
+        });
+    cfg.validate().expect("a valid config");
+    let summary = collector_agent::drain_once(&cfg).await.expect("drains");
+    assert_eq!(summary.inserted, 24_000, "{summary:?}");
+    let lake = collector_agent::sinks::open(&cfg.warehouse).await.unwrap();
+    let one = |sql: &'static str| {
+        let lake = lake.clone();
+        async move { lake.query(sql).await.unwrap().rows[0][0].clone().unwrap() }
+    };
+    assert_eq!(
+        one("SELECT (SELECT count(*) FROM tracks) || '/' || (SELECT count(*) FROM pages) || '/' || (SELECT count(*) FROM identifies) || '/' || (SELECT count(*) FROM quarantine)").await,
+        "16800/4800/2400/0"
+    );
+    assert_eq!(
+        one("SELECT count(*) FROM profiles WHERE user_ids <> '[]'").await,
+        "50"
+    );
+}
+
 /// The agent's config with the README's small-memory settings and this `memory_cap`.
 fn small_memory_config(st: &Stack, cap: &str) -> collector_agent::AgentConfig {
     let mut cfg = st.agent_config();

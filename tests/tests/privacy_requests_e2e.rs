@@ -664,10 +664,9 @@ async fn erasure_and_export_in_the_parquet_lake() {
     let st = Stack::start();
     let mut cfg = st.agent_config();
     let lake = st.dir.path().join("lake");
-    cfg.warehouse =
-        collector_agent::config::WarehouseConfig::Parquet(collector_agent::config::ParquetConfig {
-            path: lake.clone(),
-        });
+    cfg.warehouse = collector_agent::config::WarehouseConfig::Parquet(
+        collector_agent::config::ParquetConfig::at(lake.clone()),
+    );
     cfg.validate().expect("valid config");
     let now = collector_agent::now_ms();
     let batch = json!([

@@ -264,11 +264,10 @@ async fn parquet_lake_disk_full_mid_drain_backs_off_and_loses_nothing() {
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "temp files left: {left:?}");
-    let sink = collector_agent::sinks::open(&WarehouseConfig::Parquet(ParquetConfig {
-        path: lake.clone(),
-    }))
-    .await
-    .unwrap();
+    let sink =
+        collector_agent::sinks::open(&WarehouseConfig::Parquet(ParquetConfig::at(lake.clone())))
+            .await
+            .unwrap();
     let r = sink.query(EXACTLY_ONCE).await.unwrap();
     assert_eq!(r.rows[0], expected());
     let r = sink.query("SELECT count(*) FROM quarantine").await.unwrap();

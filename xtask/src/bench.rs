@@ -165,6 +165,9 @@ pub struct DrainSink {
 /// leases.
 pub const LEAN_DUCKDB: &str = "memory_cap = \"32MB\"\nrow_group_size = 16384\nthreads = 1";
 pub const LEAN_AGENT: &str = "lease_batches = 2";
+/// The lake's DuckDB settings that keep the agent under 100 MB with identity on (README,
+/// Memory), with [`LEAN_AGENT`]'s leases.
+pub const LEAN_LAKE: &str = "memory_cap = \"32MB\"\nthreads = 1";
 /// The same, with identity left to another agent (its profile rebuild needs more).
 pub const LEAN_AGENT_LOADS: &str = "lease_batches = 2\nidentity = { enabled = false }";
 
@@ -1119,7 +1122,7 @@ fn pipeline_in_workerd(edge: &LocalEdge) -> Result<Vec<(String, String)>> {
 /// agent's process, so its RSS is the database's too; the others show the agent alone.
 pub fn drain_only(tools: &Toolchain) -> Result<Vec<(String, String)>> {
     let only = std::env::var("BENCH_DRAIN_SINKS").unwrap_or_else(|_| {
-        "duckdb,duckdb-lean,duckdb-lean-loads,postgres,clickhouse,parquet".into()
+        "duckdb,duckdb-lean,duckdb-lean-loads,postgres,clickhouse,parquet,parquet-lean".into()
     });
     let dir = std::env::temp_dir().join(format!("edge-collector-drain-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -1196,13 +1199,29 @@ fn drain_into(
             let w = format!("kind = \"clickhouse\"\nurl = \"{}\"", ch.url);
             ("ClickHouse", w, Some(Box::new(ch)))
         }
-        "parquet" => {
+        "parquet" | "parquet-lean" => {
             let _ = std::fs::remove_dir_all(dir.join("lake"));
-            let w = "kind = \"parquet\"\npath = \"lake\"".to_string();
-            ("the Parquet lake", w, None)
+            let lean = kind == "parquet-lean";
+            // `BENCH_WAREHOUSE` as for DuckDB (the lake's DuckDB takes the same memory keys).
+            let extra = if lean {
+                agent = LEAN_AGENT;
+                LEAN_LAKE.to_string()
+            } else {
+                std::env::var("BENCH_WAREHOUSE").unwrap_or_default()
+            };
+            let w = format!("kind = \"parquet\"\npath = \"lake\"\n{extra}");
+            (
+                if lean {
+                    "the Parquet lake, lean settings"
+                } else {
+                    "the Parquet lake"
+                },
+                w,
+                None,
+            )
         }
         other => anyhow::bail!(
-            "BENCH_DRAIN_SINKS: unknown sink {other:?} (duckdb, duckdb-lean, duckdb-lean-loads, postgres, clickhouse, parquet)"
+            "BENCH_DRAIN_SINKS: unknown sink {other:?} (duckdb, duckdb-lean, duckdb-lean-loads, postgres, clickhouse, parquet, parquet-lean)"
         ),
     };
     drain_run(

@@ -677,7 +677,7 @@ pub async fn open(cfg: &WarehouseConfig) -> Result<Arc<dyn Sink>, SinkError> {
     Ok(match cfg {
         WarehouseConfig::DuckDb(c) => Arc::new(duckdb::DuckDbSink::open_config(c)?),
         WarehouseConfig::Postgres(c) => Arc::new(postgres::PostgresSink::connect(c).await?),
-        WarehouseConfig::Parquet(c) => Arc::new(parquet::ParquetSink::open(&c.path)?),
+        WarehouseConfig::Parquet(c) => Arc::new(parquet::ParquetSink::open_config(c)?),
         WarehouseConfig::ClickHouse(c) => Arc::new(clickhouse::ClickHouseSink::connect(c).await?),
     })
 }

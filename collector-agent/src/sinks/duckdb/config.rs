@@ -91,11 +91,7 @@ impl DuckDbConfig {
             self.memory_limit.is_none(),
             "config: warehouse.memory_cap and warehouse.memory_limit exclude each other (a limit is fixed; a cap grows with the indexes): keep one"
         );
-        let bytes = size_bytes(m).ok_or_else(|| {
-            anyhow::anyhow!(
-                "config: warehouse.memory_cap must look like \"64MB\" or \"1GB\", got {m:?}"
-            )
-        })?;
+        let bytes = checked_size("memory_cap", m)?;
         let (least, text) = self.least_memory();
         anyhow::ensure!(
             bytes >= least,
@@ -113,28 +109,18 @@ impl DuckDbConfig {
             ("checkpoint_threshold", &self.checkpoint_threshold),
         ] {
             if let Some(m) = value {
-                let ok = !m.is_empty()
-                    && m.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == ' ');
-                let bytes = ok.then(|| size_bytes(m)).flatten();
-                anyhow::ensure!(
-                    bytes.is_some(),
-                    "config: warehouse.{key} must look like \"64MB\" or \"1GB\", got {m:?}"
-                );
+                let bytes = checked_size(key, m)?;
                 if key == "memory_limit" {
                     let (least, text) = self.least_memory();
                     anyhow::ensure!(
-                        bytes >= Some(least),
+                        bytes >= least,
                         "config: warehouse.memory_limit must be at least {text} (DuckDB's checkpoints fail below that, and a failed checkpoint stops every load until the agent opens the warehouse again), got {m:?}"
                     );
                 }
                 sql.push_str(&format!("SET {key} = '{m}';"));
             }
         }
-        if let Some(t) = self.threads {
-            anyhow::ensure!(t >= 1, "config: warehouse.threads must be at least 1");
-            sql.push_str(&format!("SET threads = {t};"));
-        }
+        sql.push_str(&threads_sql(self.threads)?);
         // Not a `SET` (an option of the file's `ATTACH`), but checked with the others.
         if let Some(n) = self.row_group_size {
             anyhow::ensure!(
@@ -144,6 +130,26 @@ impl DuckDbConfig {
         }
         Ok(sql)
     }
+}
+
+/// A size key's value in bytes, or an error naming the key. Only digits, letters, `.`
+/// and spaces: the value goes into a `SET` statement.
+pub(crate) fn checked_size(key: &str, m: &str) -> anyhow::Result<u64> {
+    let ok = !m.is_empty()
+        && m.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == ' ');
+    ok.then(|| size_bytes(m)).flatten().ok_or_else(|| {
+        anyhow::anyhow!("config: warehouse.{key} must look like \"64MB\" or \"1GB\", got {m:?}")
+    })
+}
+
+/// The `SET threads` of a `threads` key, checked.
+pub(crate) fn threads_sql(threads: Option<u32>) -> anyhow::Result<String> {
+    let Some(t) = threads else {
+        return Ok(String::new());
+    };
+    anyhow::ensure!(t >= 1, "config: warehouse.threads must be at least 1");
+    Ok(format!("SET threads = {t};"))
 }
 
 /// DuckDB's row group size when none is given; larger ones need a newer storage
@@ -162,7 +168,7 @@ pub const DEFAULT_MEMORY_CAP: u64 = 1 << 30;
 /// The least `memory_limit` accepted: below it, DuckDB's checkpoint, which rewrites
 /// each table's last partial row group (up to 122,880 rows) whole, runs out of memory
 /// (seen at 32MB).
-const MIN_MEMORY_LIMIT: u64 = 64 * 1000 * 1000;
+pub(crate) const MIN_MEMORY_LIMIT: u64 = 64 * 1000 * 1000;
 
 /// Row groups this small or smaller bound a checkpoint's work enough for
 /// [`MIN_MEMORY_LIMIT_SMALL_GROUPS`].
@@ -172,7 +178,7 @@ const SMALL_ROW_GROUP_SIZE: u32 = 16_384;
 /// checkpoints of 16384-row groups ran at 24MB and failed at 20MB (the drain bench,
 /// BENCHMARKS.md "Tenth round"); 32MB keeps a margin. The indexes (`users`, identity)
 /// need their room beside it as they grow.
-const MIN_MEMORY_LIMIT_SMALL_GROUPS: u64 = 32 * 1000 * 1000;
+pub(crate) const MIN_MEMORY_LIMIT_SMALL_GROUPS: u64 = 32 * 1000 * 1000;
 
 /// A DuckDB size (`"64MB"`, `"1.5 GB"`, `"512MiB"`, `"100000"` bytes) in bytes, as DuckDB
 /// reads it: KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024.

@@ -148,6 +148,56 @@ impl MemoryFit {
             .saturating_add(index_bytes.saturating_mul(2))
             .min(self.ceiling)
     }
+
+    /// The fit of a database opened again (`new`), which keeps a limit the one before
+    /// it (`old`) raised after running out of memory.
+    pub(crate) fn reopened(
+        conn: &Connection,
+        new: Option<MemoryFit>,
+        old: Option<MemoryFit>,
+    ) -> Result<Option<MemoryFit>, SinkError> {
+        Ok(match (new, old) {
+            (Some(new), Some(old)) if old.limit > new.limit => {
+                set_size(conn, "memory_limit", old.limit)?;
+                Some(MemoryFit {
+                    limit: old.limit,
+                    ..new
+                })
+            }
+            (new, _) => new,
+        })
+    }
+
+    /// Raises the limit of `conn`'s database to what indexes of `index` bytes need;
+    /// after DuckDB ran out of memory (`out_of_memory`), to twice the limit at least,
+    /// so the retry finds room.
+    pub(crate) fn fit(&mut self, conn: &Connection, index: u64, out_of_memory: bool) {
+        let mut target = self.target(index);
+        if out_of_memory {
+            target = target.max(self.limit.saturating_mul(2)).min(self.ceiling);
+        }
+        if target <= self.limit {
+            if out_of_memory {
+                tracing::error!(limit = self.limit, "DuckDB ran out of memory at its most (DuckDB's own default, 80% of RAM): the warehouse's indexes need a larger host, or another warehouse (README, DuckDB sink)");
+            }
+            return;
+        }
+        // When it cannot be set now, opening the warehouse again sets it.
+        if raise(conn, "memory_limit", self.limit, target, index) || out_of_memory {
+            self.limit = target;
+        }
+    }
+}
+
+/// What DuckDB's indexes (the keys of `users`, identity, quarantine) hold in memory now,
+/// in bytes; 0 after a fatal error, when the database refuses even this query.
+pub(crate) fn index_bytes(conn: &Connection) -> u64 {
+    let index: Result<i64, _> = conn.query_row(
+        "SELECT coalesce(sum(memory_usage_bytes), 0)::BIGINT FROM duckdb_memory() WHERE tag = 'ART_INDEX'",
+        [],
+        |r| r.get(0),
+    );
+    index.unwrap_or(0).max(0) as u64
 }
 
 impl State {
@@ -162,17 +212,7 @@ impl State {
             )?;
             tracing::warn!(path = %self.path.display(), "warehouse opened again after a fatal error");
             self.catalog = catalog;
-            // A limit raised after running out of memory stays raised.
-            self.memory = match (memory, self.memory) {
-                (Some(new), Some(old)) if old.limit > new.limit => {
-                    set_size(&conn, "memory_limit", old.limit)?;
-                    Some(MemoryFit {
-                        limit: old.limit,
-                        ..new
-                    })
-                }
-                (new, _) => new,
-            };
+            self.memory = MemoryFit::reopened(&conn, memory, self.memory)?;
             self.checkpoint = checkpoint;
             self.conn = Some(conn);
         }
@@ -189,13 +229,7 @@ impl State {
         let Some(conn) = self.conn.as_ref() else {
             return;
         };
-        let index: Result<i64, _> = conn.query_row(
-            "SELECT coalesce(sum(memory_usage_bytes), 0)::BIGINT FROM duckdb_memory() WHERE tag = 'ART_INDEX'",
-            [],
-            |r| r.get(0),
-        );
-        // (After a fatal error the database refuses even these queries.)
-        let index = index.unwrap_or(0).max(0) as u64;
+        let index = index_bytes(conn);
         if let Some(fit) = self.checkpoint.as_mut() {
             let target = fit.target(index);
             if target > fit.threshold
@@ -208,22 +242,8 @@ impl State {
     }
 
     fn fit_memory(&mut self, index: u64, out_of_memory: bool) {
-        let (Some(fit), Some(conn)) = (self.memory.as_mut(), self.conn.as_ref()) else {
-            return;
-        };
-        let mut target = fit.target(index);
-        if out_of_memory {
-            target = target.max(fit.limit.saturating_mul(2)).min(fit.ceiling);
-        }
-        if target <= fit.limit {
-            if out_of_memory {
-                tracing::error!(limit = fit.limit, "DuckDB ran out of memory at its most (DuckDB's own default, 80% of RAM): the warehouse's indexes need a larger host, or another warehouse (README, DuckDB sink)");
-            }
-            return;
-        }
-        // When it cannot be set now, opening the warehouse again sets it.
-        if raise(conn, "memory_limit", fit.limit, target, index) || out_of_memory {
-            fit.limit = target;
+        if let (Some(fit), Some(conn)) = (self.memory.as_mut(), self.conn.as_ref()) {
+            fit.fit(conn, index, out_of_memory);
         }
     }
 
@@ -428,7 +448,7 @@ pub(crate) fn classify(e: duckdb::Error) -> SinkError {
 /// DuckDB's words for a limit reached (an allocation, pinning a block, or a
 /// checkpoint's block: "Checkpoint failed … could not allocate block of size 256.0
 /// KiB", a fatal error that invalidates the database).
-fn out_of_memory(e: &SinkError) -> bool {
+pub(crate) fn out_of_memory(e: &SinkError) -> bool {
     let text = e.to_string();
     text.contains("Out of Memory Error")
         || text.contains("failed to pin block")
@@ -1253,10 +1273,15 @@ impl Sink for DuckDbSink {
                 Ok(clone)
             })
             .await?;
-        Ok(Some(Box::new(DuckSession {
-            conn: Arc::new(Mutex::new(conn)),
-            sink: Some(self.state.clone()),
-        })))
+        let state = self.state.clone();
+        Ok(Some(Box::new(DuckSession::new(
+            conn,
+            Arc::new(move || {
+                if let Ok(mut st) = state.lock() {
+                    st.fit_to_indexes(true);
+                }
+            }),
+        ))))
     }
 }
 
@@ -1264,17 +1289,22 @@ impl Sink for DuckDbSink {
 /// apart from the loads'); every call runs on the blocking pool.
 pub(crate) struct DuckSession {
     conn: Arc<Mutex<Connection>>,
-    /// The sink's state, whose memory limit a session's out-of-memory error raises as
-    /// a load's does (identity, audiences and activation run in sessions).
-    sink: Option<Arc<Mutex<State>>>,
+    /// Called when a statement ran out of memory: raises the sink's memory limit as a
+    /// load's error does (identity, audiences and activation run in sessions).
+    on_out_of_memory: OnOutOfMemory,
 }
 
+/// What a session calls when DuckDB ran out of memory.
+pub(crate) type OnOutOfMemory = Arc<dyn Fn() + Send + Sync>;
+
 impl DuckSession {
-    /// A session on this connection (a clone of the sink's).
-    pub(crate) fn new(conn: Connection) -> DuckSession {
+    /// A session on this connection (a clone of the sink's); `on_out_of_memory` runs
+    /// after a statement ran out of memory, without the session's connection held (so
+    /// a load waiting for this session cannot deadlock).
+    pub(crate) fn new(conn: Connection, on_out_of_memory: OnOutOfMemory) -> DuckSession {
         DuckSession {
             conn: Arc::new(Mutex::new(conn)),
-            sink: None,
+            on_out_of_memory,
         }
     }
 
@@ -1283,21 +1313,15 @@ impl DuckSession {
         f: impl FnOnce(&Connection) -> Result<T, SinkError> + Send + 'static,
     ) -> Result<T, SinkError> {
         let conn = self.conn.clone();
-        let sink = self.sink.clone();
+        let on_out_of_memory = self.on_out_of_memory.clone();
         tokio::task::spawn_blocking(move || {
             let c = conn
                 .lock()
                 .map_err(|_| SinkError::Transient("session lock poisoned".into()))?;
             let out = f(&c);
-            if let (Err(e), Some(sink)) = (&out, sink) {
-                if out_of_memory(e) {
-                    // The session's connection is not held while the sink's state
-                    // is taken, so a load waiting for this session cannot deadlock.
-                    drop(c);
-                    if let Ok(mut st) = sink.lock() {
-                        st.fit_to_indexes(true);
-                    }
-                }
+            if matches!(&out, Err(e) if out_of_memory(e)) {
+                drop(c);
+                on_out_of_memory();
             }
             out
         })

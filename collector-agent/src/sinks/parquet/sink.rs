@@ -9,10 +9,13 @@ use async_trait::async_trait;
 use collector_core::{EventKind, StoredEvent};
 use duckdb::{params, Connection};
 
+use super::config::ParquetConfig;
+use crate::sinks::duckdb::config::DEFAULT_MEMORY_CAP;
 use crate::sinks::duckdb::sink::{
     apply_migrations, apply_plan_ddl, classify, create_fixed_table_sql, dead_letters, finish_load,
-    ident, in_utc, load_catalog, quarantined, register_ids, run_query, sql_type, stage, transient,
-    write_rejected, write_state, write_users, CATALOG_SQL, REGISTRY_SQL, UNKEYED_REGISTRY_SQL,
+    fit_default_memory, ident, in_utc, index_bytes, load_catalog, out_of_memory, quarantined,
+    register_ids, run_query, sql_type, stage, transient, write_rejected, write_state, write_users,
+    DuckSession, MemoryFit, CATALOG_SQL, REGISTRY_SQL, UNKEYED_REGISTRY_SQL,
 };
 use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
 use crate::sinks::tables::{self, Catalog, TableKind, TableLoad, TableRow};
@@ -345,7 +348,23 @@ fn backfill_users(
 /// A Parquet lake in a folder.
 pub struct ParquetSink {
     root: PathBuf,
-    conn: Arc<Mutex<(Connection, Catalog)>>,
+    state: Arc<Mutex<LakeState>>,
+}
+
+/// The lake's DuckDB: its state file, and how its settings were made.
+struct LakeState {
+    /// `None` after DuckDB invalidated the database (a fatal error, such as a
+    /// checkpoint that found no memory or disk): opened again at the next call.
+    conn: Option<Connection>,
+    catalog: Catalog,
+    /// The configured `SET`s, applied at every open.
+    settings: String,
+    /// When `memory_limit` is not configured: the cap of the default one (`None`:
+    /// DuckDB's own default, and no fitting).
+    default_memory_cap: Option<u64>,
+    /// The default `memory_limit` as it follows the indexes and DuckDB's running out
+    /// of memory (see [`MemoryFit`]).
+    memory: Option<MemoryFit>,
 }
 
 /// SQL string literal.
@@ -353,23 +372,102 @@ fn lit(s: &str) -> String {
     crate::sinks::sql_lit(s)
 }
 
+/// Opens (creating if needed) the lake folder and its state file, applies `settings`
+/// and caps the default memory limit at `memory_cap`, brings the state up to date and
+/// finishes what a crash left (staged files, old files to rewrite).
+fn open_state(
+    root: &Path,
+    settings: &str,
+    memory_cap: Option<u64>,
+) -> Result<(Connection, Catalog, Option<MemoryFit>), SinkError> {
+    let state = root.join(STATE_DIR);
+    std::fs::create_dir_all(state.join("tmp"))
+        .map_err(|e| SinkError::Permanent(format!("{}: {e}", state.display())))?;
+    let mut conn = Connection::open(state.join("state.duckdb")).map_err(transient)?;
+    in_utc(&conn)?;
+    if !settings.is_empty() {
+        conn.execute_batch(settings)
+            .map_err(|e| SinkError::Permanent(format!("warehouse settings: {e}")))?;
+    }
+    let memory = memory_cap
+        .map(|cap| fit_default_memory(&conn, cap))
+        .transpose()?;
+    apply_migrations(&mut conn, migrations())?;
+    publish_pending(&conn, root)?;
+    remove_stale_staged(&conn, root)?;
+    rewrite_old_files(&conn, root)?;
+    let catalog = load_catalog(&conn)?.reserving_in_files(PARTITION_COLUMNS);
+    let catalog = backfill_users(&mut conn, catalog, root)?;
+    Ok((conn, catalog, memory))
+}
+
+impl LakeState {
+    /// The connection, opened again if a fatal error closed it.
+    fn conn(&mut self, root: &Path) -> Result<&mut Connection, SinkError> {
+        if self.conn.is_none() {
+            let (conn, catalog, memory) =
+                open_state(root, &self.settings, self.default_memory_cap)?;
+            tracing::warn!(path = %root.display(), "lake state opened again after a fatal error");
+            self.catalog = catalog;
+            self.memory = MemoryFit::reopened(&conn, memory, self.memory)?;
+            self.conn = Some(conn);
+        }
+        Ok(self.conn.as_mut().expect("just opened"))
+    }
+
+    /// After a call: fits a default limit to the indexes, or raises it after DuckDB
+    /// ran out of memory (see [`MemoryFit`]).
+    fn fit(&mut self, out_of_memory: bool) {
+        if let (Some(fit), Some(conn)) = (self.memory.as_mut(), self.conn.as_ref()) {
+            fit.fit(conn, index_bytes(conn), out_of_memory);
+        }
+    }
+
+    /// After an error: if DuckDB has invalidated the database, closes it, so the next
+    /// call opens it again (DuckDB refuses every statement until it is).
+    fn check(&mut self, root: &Path) -> bool {
+        let invalid = self.conn.as_ref().is_some_and(|c| {
+            c.execute_batch("SELECT version FROM collector_migrations LIMIT 1")
+                .is_err()
+        });
+        if invalid {
+            tracing::error!(path = %root.display(), "DuckDB invalidated the lake's state after a fatal error; it is opened again at the next call (nothing was acked)");
+            self.conn = None;
+        }
+        invalid
+    }
+}
+
 impl ParquetSink {
-    /// Opens (creating if needed) the lake folder and its state file.
+    /// Opens (creating if needed) the lake folder and its state file, DuckDB's settings
+    /// left to the agent.
     pub fn open(root: &Path) -> Result<ParquetSink, SinkError> {
-        let state = root.join(STATE_DIR);
-        std::fs::create_dir_all(state.join("tmp"))
-            .map_err(|e| SinkError::Permanent(format!("{}: {e}", state.display())))?;
-        let mut conn = Connection::open(state.join("state.duckdb")).map_err(transient)?;
-        in_utc(&conn)?;
-        apply_migrations(&mut conn, migrations())?;
-        publish_pending(&conn, root)?;
-        remove_stale_staged(&conn, root)?;
-        rewrite_old_files(&conn, root)?;
-        let catalog = load_catalog(&conn)?.reserving_in_files(PARTITION_COLUMNS);
-        let catalog = backfill_users(&mut conn, catalog, root)?;
+        ParquetSink::open_config(&ParquetConfig::at(root))
+    }
+
+    /// Opens the configured lake with its DuckDB keys (`memory_limit`, `memory_cap`,
+    /// `threads`).
+    pub fn open_config(cfg: &ParquetConfig) -> Result<ParquetSink, SinkError> {
+        let permanent = |e: anyhow::Error| SinkError::Permanent(e.to_string());
+        let settings = cfg.settings_sql().map_err(permanent)?;
+        let default_memory_cap = match cfg.memory_limit {
+            Some(_) => None,
+            None => Some(
+                cfg.memory_cap_bytes()
+                    .map_err(permanent)?
+                    .unwrap_or(DEFAULT_MEMORY_CAP),
+            ),
+        };
+        let (conn, catalog, memory) = open_state(&cfg.path, &settings, default_memory_cap)?;
         Ok(ParquetSink {
-            root: root.to_path_buf(),
-            conn: Arc::new(Mutex::new((conn, catalog))),
+            root: cfg.path.clone(),
+            state: Arc::new(Mutex::new(LakeState {
+                conn: Some(conn),
+                catalog,
+                settings,
+                default_memory_cap,
+                memory,
+            })),
         })
     }
 
@@ -377,23 +475,31 @@ impl ParquetSink {
         &self,
         f: impl FnOnce(&mut Connection, &mut Catalog, &Path) -> Result<T, SinkError> + Send + 'static,
     ) -> Result<T, SinkError> {
-        let conn = self.conn.clone();
+        let state = self.state.clone();
         let root = self.root.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = match conn.lock() {
-                Ok(g) => g,
+            let mut guard = state.lock().unwrap_or_else(|poisoned| {
                 // A panic while the state database was in use (its transaction rolled
-                // back as it unwound): read the catalog again, rather than refuse
-                // every load after it.
-                Err(poisoned) => {
-                    conn.clear_poison();
-                    let mut g = poisoned.into_inner();
-                    g.1 = load_catalog(&g.0)?.reserving_in_files(PARTITION_COLUMNS);
-                    g
+                // back as it unwound): open it again, catalog and all, rather than
+                // refuse every load after it.
+                state.clear_poison();
+                let mut st = poisoned.into_inner();
+                st.conn = None;
+                st
+            });
+            let st = &mut *guard;
+            st.conn(&root)?;
+            let out = f(st.conn.as_mut().expect("open"), &mut st.catalog, &root);
+            st.fit(matches!(&out, Err(e) if out_of_memory(e)));
+            match out {
+                // A fatal error says nothing about the data: retry, never quarantine.
+                Err(SinkError::Permanent(e)) if st.check(&root) => Err(SinkError::Transient(e)),
+                Err(e) => {
+                    st.check(&root);
+                    Err(e)
                 }
-            };
-            let (conn, catalog) = &mut *guard;
-            f(conn, catalog, &root)
+                ok => ok,
+            }
         })
         .await
         .map_err(|e| SinkError::Transient(format!("lake task failed: {e}")))?
@@ -837,9 +943,15 @@ impl Sink for ParquetSink {
                 Ok(clone)
             })
             .await?;
-        Ok(Some(Box::new(
-            crate::sinks::duckdb::sink::DuckSession::new(conn),
-        )))
+        let state = self.state.clone();
+        Ok(Some(Box::new(DuckSession::new(
+            conn,
+            Arc::new(move || {
+                if let Ok(mut st) = state.lock() {
+                    st.fit(true);
+                }
+            }),
+        ))))
     }
 
     fn rows_in_files(&self) -> bool {
