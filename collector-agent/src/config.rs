@@ -279,6 +279,10 @@ impl AgentConfig {
         }
         self.identity.limits.validate()?;
         anyhow::ensure!(
+            self.identity.events_per_run >= 1,
+            "config: identity.events_per_run must be at least 1"
+        );
+        anyhow::ensure!(
             self.audience_interval_ms >= 1_000,
             "config: audience_interval_ms must be at least 1000"
         );

@@ -354,6 +354,7 @@ crate::per_target!(
     a_load_is_read_once_however_late_it_commits,
     an_upgraded_warehouse_reads_what_came_since_its_old_watermark,
     profiles_are_the_same_whatever_the_order_and_split,
+    a_backlog_is_resolved_in_runs_of_bounded_size,
     an_upgraded_warehouse_fills_the_activity_from_every_event,
     ids_with_quotes_and_backslashes_are_ids,]
 );
@@ -368,6 +369,7 @@ crate::per_target!(
     profiles_hold_the_latest_consent,
     the_block_list_is_the_same_in_sql_and_in_rust,
     profiles_are_the_same_whatever_the_order_and_split,
+    a_backlog_is_resolved_in_runs_of_bounded_size,
     an_upgraded_warehouse_fills_the_activity_from_every_event,
     ids_with_quotes_and_backslashes_are_ids,]
 );
@@ -684,12 +686,7 @@ async fn profiles_are_the_same_whatever_the_order_and_split(t: &Target) {
         && j[3].as_object().is_some_and(|o| o.len() >= 2)
         && j[4].as_object().is_some_and(|o| o.len() == 2)));
     for (round, (order, splits)) in shuffles(&evs, 3).into_iter().enumerate() {
-        let t = match t {
-            Target::DuckDb(_) => Target::duckdb(),
-            Target::Parquet(_) => Target::parquet(),
-            Target::Postgres(_) => Target::postgres(),
-            Target::ClickHouse(_) => unreachable!(),
-        };
+        let t = t.fresh();
         let sink = t.open().await;
         people_after(&*sink, &order, &splits, &cfg).await;
         assert_eq!(
@@ -698,6 +695,47 @@ async fn profiles_are_the_same_whatever_the_order_and_split(t: &Target) {
             "round {round}, splits {splits:?}"
         );
     }
+}
+
+// A backlog (many loads waiting, as after a drain of hours of an edge's spool) is read in
+// runs of about `events_per_run` events, one transaction each, so its memory is bounded
+// by that rather than by the backlog: the same people and profiles as one run over it
+// all, and nothing left waiting.
+async fn a_backlog_is_resolved_in_runs_of_bounded_size(t: &Target) {
+    let mut cfg = tight_limits();
+    let evs = profile_events();
+    let sink = t.open().await;
+    let want_people = people_after(&*sink, &evs, &[], &cfg).await;
+    let want = profiles(&*sink).await;
+    drop(sink);
+    let t = t.fresh();
+    let sink = t.open().await;
+    let per_load = evs.len().div_ceil(6);
+    for (n, chunk) in evs.chunks(per_load).enumerate() {
+        load(&*sink, n as i64 + 1, Value::Array(chunk.to_vec())).await;
+    }
+    cfg.events_per_run = (per_load * 2) as u64;
+    let stats = resolve(&*sink, &cfg).await;
+    // Two loads a run (the second starts below the bound), six loads.
+    assert_eq!(stats.runs, 3, "{stats:?}");
+    assert_eq!(
+        one(&*sink, "SELECT count(*) FROM identity_pending")
+            .await
+            .as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        rows(
+            &*sink,
+            "SELECT id_type, id_value, person_id FROM identities ORDER BY id_type, id_value"
+        )
+        .await,
+        want_people
+    );
+    assert_eq!(profiles(&*sink).await, want);
+    // With nothing waiting, one run (for ids marked dirty), reading nothing.
+    let idle = resolve(&*sink, &cfg).await;
+    assert_eq!((idle.runs, idle.profiles), (1, 0), "{idle:?}");
 }
 
 // A warehouse from before the activity tables (migration 13; the lake's 10): the first

@@ -79,7 +79,10 @@ pub(super) async fn run(
     cfg: &IdentityConfig,
 ) -> Result<IdentityStats, SinkError> {
     let list = BlockList::new(&cfg.block);
-    let mut stats = IdentityStats::default();
+    let mut stats = IdentityStats {
+        runs: 1,
+        ..IdentityStats::default()
+    };
 
     // 1. What to scan: the loads not read yet.
     s.batch(

@@ -8,6 +8,7 @@ use serde::Deserialize;
 /// [identity]
 /// enabled = true                 # this agent resolves people and evaluates audiences
 /// block = ["test-user"]          # more placeholder ids to ignore (the defaults stay)
+/// events_per_run = 10000         # a backlog is resolved in runs of about this many events
 /// [identity.limits]
 /// user_id = 1                    # at most one user id per person
 /// email = 3
@@ -27,8 +28,24 @@ pub struct IdentityConfig {
     /// Extra ids that may never join people (the default list always applies).
     #[serde(default)]
     pub block: Vec<String>,
+    /// The events one identity run reads, about: the loads waiting to be read are
+    /// taken in order, in runs (one transaction each) of whole loads until this many
+    /// events, so a backlog drained at once (hours of an edge's spool after an outage)
+    /// is resolved in bounded memory rather than in one run as large as the backlog.
+    /// A run still reads at least one load (up to `lease_batches` batches). Default
+    /// [`DEFAULT_EVENTS_PER_RUN`].
+    #[serde(default = "default_events_per_run")]
+    pub events_per_run: u64,
     #[serde(default)]
     pub limits: Limits,
+}
+
+/// See [`IdentityConfig::events_per_run`]: with it, draining 36k events into the lake
+/// peaked at … (BENCHMARKS.md, "Sixteenth round").
+pub const DEFAULT_EVENTS_PER_RUN: u64 = 10_000;
+
+fn default_events_per_run() -> u64 {
+    DEFAULT_EVENTS_PER_RUN
 }
 
 impl Default for IdentityConfig {
@@ -36,6 +53,7 @@ impl Default for IdentityConfig {
         IdentityConfig {
             enabled: true,
             block: Vec::new(),
+            events_per_run: DEFAULT_EVENTS_PER_RUN,
             limits: Limits::default(),
         }
     }

@@ -45,6 +45,9 @@ pub struct IdentityStats {
     pub splits: u64,
     /// Profiles written.
     pub profiles: u64,
+    /// Runs (transactions) it took: the loads waiting were read in runs of about
+    /// `events_per_run` events.
+    pub runs: u64,
 }
 
 /// The SQL of one dialect.
@@ -206,13 +209,15 @@ pub fn ddl_dirty(d: Relational) -> String {
 
 /// `identity_pending` (a later migration): the loads an identity run has not read yet.
 /// An upgraded warehouse reads once everything since its old time watermark (or
-/// everything, when identity never ran on it).
+/// everything, when identity never ran on it); a new one, with nothing loaded, has
+/// nothing to read but its loads.
 pub fn ddl_pending(d: Relational) -> String {
     let ts = Sql(d).ts();
     format!(
         "CREATE TABLE identity_pending (load_id BIGINT PRIMARY KEY);
 INSERT INTO collector_identity_state SELECT 'scan_from', CAST('1970-01-01 00:00:00' AS {ts})
-  WHERE NOT EXISTS (SELECT 1 FROM collector_identity_state WHERE name = 'scan_from');
+  WHERE NOT EXISTS (SELECT 1 FROM collector_identity_state WHERE name = 'scan_from')
+    AND EXISTS (SELECT 1 FROM message_ids);
 "
     )
 }
@@ -230,32 +235,65 @@ pub fn person_id(id: &Id) -> String {
     hex::encode(Md5::digest(format!("{}:{}", id.0, id.1).as_bytes()))
 }
 
-/// Runs identity resolution once, in one transaction (rolled back on error).
+/// Resolves identity: the loads waiting to be read now, in runs of about
+/// `cfg.events_per_run` events, each in one transaction (a failed one is rolled back,
+/// and the runs before it stay done). Loads that commit meanwhile wait for the next
+/// call, so a call ends however fast other agents load.
 pub async fn run(s: &mut dyn SqlSession, cfg: &IdentityConfig) -> Result<IdentityStats, SinkError> {
     let Some(rel) = s.dialect().relational() else {
         return super::clickhouse::run(s, cfg).await;
     };
-    s.batch("BEGIN").await?;
-    match run_in_tx(s, rel, cfg).await {
-        Ok(stats) => {
-            s.batch("COMMIT").await?;
-            Ok(stats)
-        }
-        Err(e) => {
-            let _ = s.batch("ROLLBACK").await;
-            Err(e)
+    let upto = s
+        .query("SELECT max(load_id) FROM identity_pending")
+        .await?
+        .rows
+        .first()
+        .and_then(|r| r[0].as_deref()?.parse::<i64>().ok());
+    let mut total = IdentityStats::default();
+    loop {
+        s.batch("BEGIN").await?;
+        match run_in_tx(s, rel, cfg, upto).await {
+            Ok((stats, more)) => {
+                s.batch("COMMIT").await?;
+                total.add(&stats);
+                if !more {
+                    return Ok(total);
+                }
+            }
+            Err(e) => {
+                let _ = s.batch("ROLLBACK").await;
+                return Err(e);
+            }
         }
     }
 }
 
+impl IdentityStats {
+    fn add(&mut self, o: &IdentityStats) {
+        self.new_edges += o.new_edges;
+        self.region_ids += o.region_ids;
+        self.passes += o.passes;
+        self.merges += o.merges;
+        self.refused += o.refused;
+        self.splits += o.splits;
+        self.profiles += o.profiles;
+        self.runs += o.runs;
+    }
+}
+
+/// One run: its stats, and whether loads up to `upto` are still waiting.
 async fn run_in_tx(
     s: &mut dyn SqlSession,
     rel: Relational,
     cfg: &IdentityConfig,
-) -> Result<IdentityStats, SinkError> {
+    upto: Option<i64>,
+) -> Result<(IdentityStats, bool), SinkError> {
     let q = Sql(rel);
     let list = BlockList::new(&cfg.block);
-    let mut stats = IdentityStats::default();
+    let mut stats = IdentityStats {
+        runs: 1,
+        ..IdentityStats::default()
+    };
     if q.0 == Relational::Postgres {
         // One identity run at a time across the agents sharing the database.
         s.query("SELECT pg_advisory_xact_lock(7415202612)").await?;
@@ -265,15 +303,43 @@ async fn run_in_tx(
     //    to `identity_pending` in its own transaction, so a load is read once, however
     //    late it committed), and, once after an upgrade from a release that kept a
     //    time watermark, everything loaded since it.
-    s.batch(
-        "DROP TABLE IF EXISTS identity_loads;
-         CREATE TEMP TABLE identity_loads AS SELECT load_id FROM identity_pending;",
-    )
-    .await?;
     let legacy = any(
         s,
         "SELECT count(*) FROM collector_identity_state WHERE name = 'scan_from'",
     )
+    .await?;
+    let backfill = any(
+        s,
+        &format!(
+            "SELECT count(*) FROM collector_identity_state WHERE name = '{ACTIVITY_BACKFILL}'"
+        ),
+    )
+    .await?;
+    // The oldest loads waiting, whole, until `events_per_run` events (at least one
+    // load). A run that reads more than its loads (after an upgrade, or to fill the
+    // pairs' activity) takes every load waiting: a later run reading one of them again
+    // would count its events twice in the activity.
+    let loads = match upto {
+        _ if legacy || backfill => "SELECT load_id FROM identity_pending".to_string(),
+        // Nothing was waiting when the call began: no load is read (ids marked dirty
+        // are still resolved).
+        None => "SELECT load_id FROM identity_pending WHERE false".to_string(),
+        Some(upto) => format!(
+            "SELECT load_id FROM (
+               SELECT p.load_id, coalesce(sum(coalesce(c.n, 0)) OVER (ORDER BY p.load_id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+               FROM identity_pending p LEFT JOIN (
+                 SELECT load_id, count(*) AS n FROM message_ids
+                 WHERE load_id IN (SELECT load_id FROM identity_pending WHERE load_id <= {upto}) GROUP BY load_id
+               ) c ON c.load_id = p.load_id
+               WHERE p.load_id <= {upto}
+             ) w WHERE before < {max}",
+            max = cfg.events_per_run
+        ),
+    };
+    s.batch(&format!(
+        "DROP TABLE IF EXISTS identity_loads;
+         CREATE TEMP TABLE identity_loads AS {loads};"
+    ))
     .await?;
     // Each event table's rows as a run reads them; the scan keeps those of its loads.
     let selects: Vec<(&str, String)> = sources()
@@ -316,13 +382,6 @@ async fn run_in_tx(
     .await?;
     // 1b. What each pair of ids did (profiles are computed from it): the events just
     //     scanned added to it, or, once after the migration that made it, every event.
-    let backfill = any(
-        s,
-        &format!(
-            "SELECT count(*) FROM collector_identity_state WHERE name = '{ACTIVITY_BACKFILL}'"
-        ),
-    )
-    .await?;
     if backfill {
         let every = selects
             .iter()
@@ -483,7 +542,17 @@ async fn run_in_tx(
          DELETE FROM collector_identity_state WHERE name IN ('scan_from', '{ACTIVITY_BACKFILL}');"
     ))
     .await?;
-    Ok(stats)
+    let more = match upto {
+        Some(upto) => {
+            any(
+                s,
+                &format!("SELECT count(*) FROM identity_pending WHERE load_id <= {upto}"),
+            )
+            .await?
+        }
+        None => false,
+    };
+    Ok((stats, more))
 }
 
 /// Whether a `SELECT count(*)` counts anything.
@@ -683,7 +752,9 @@ pub fn ddl_activity(d: Relational) -> String {
     let s = Sql(d);
     let (t, ts, j, now) = (s.text(), s.ts(), s.json(), s.now());
     // DuckDB keeps them without an index (its index lives in memory and grows with
-    // every pair); a run matches the pairs it needs with a join.
+    // every pair); a run matches the pairs it needs with a join. A warehouse that has
+    // loaded events is marked to fill them from every event at its next run; a new one
+    // has none to fill them from (and its first runs read its backlog in bounded runs).
     let key = |cols: &str| match d {
         Relational::DuckDb => String::new(),
         Relational::Postgres => format!(", PRIMARY KEY ({cols})"),
@@ -692,7 +763,7 @@ pub fn ddl_activity(d: Relational) -> String {
         "CREATE TABLE collector_id_activity (anonymous_id {t} NOT NULL, user_id {t} NOT NULL, first_seen {ts}, last_seen {ts}, event_count BIGINT NOT NULL{});
 CREATE TABLE collector_id_traits (anonymous_id {t} NOT NULL, user_id {t} NOT NULL, key {t} NOT NULL, value {j}, ts {ts}, message_id {t} NOT NULL{});
 CREATE TABLE collector_id_consent (anonymous_id {t} NOT NULL, user_id {t} NOT NULL, category {t} NOT NULL, granted BOOLEAN NOT NULL, source {t}, policy_version {t}, ts {ts}, message_id {t} NOT NULL{});
-INSERT INTO collector_identity_state VALUES ('{ACTIVITY_BACKFILL}', {now});
+INSERT INTO collector_identity_state SELECT '{ACTIVITY_BACKFILL}', {now} WHERE EXISTS (SELECT 1 FROM message_ids);
 ",
         key("anonymous_id, user_id"),
         key("anonymous_id, user_id, key"),

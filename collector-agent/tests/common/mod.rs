@@ -112,6 +112,17 @@ impl Target {
         )
     }
 
+    /// A new, empty warehouse of the same kind (a new server for PostgreSQL and
+    /// ClickHouse).
+    pub fn fresh(&self) -> Target {
+        match self {
+            Target::DuckDb(_) => Target::duckdb(),
+            Target::Parquet(_) => Target::parquet(),
+            Target::Postgres(_) => Target::postgres(),
+            Target::ClickHouse(_) => Target::clickhouse(),
+        }
+    }
+
     pub async fn open(&self) -> std::sync::Arc<dyn collector_agent::sinks::Sink> {
         match self {
             Target::DuckDb(dir) => std::sync::Arc::new(
