@@ -171,6 +171,26 @@ async fn a_memory_cap_sets_the_default_limit() {
     assert_eq!(r.rows[0][0].as_deref(), Some("30.5 MiB"));
 }
 
+// Identity, audiences and activation run their SQL in sessions: when one runs out of
+// memory under a capped default limit, the limit is raised as after a load's, so the
+// next run finds room (before, a session's out-of-memory error left the limit where it
+// was and the run failed the same way every time).
+#[tokio::test]
+async fn a_session_out_of_memory_raises_a_capped_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = DuckDbSink::open_config(&collector_agent::config::DuckDbConfig {
+        path: dir.path().join("w.duckdb"),
+        memory_cap: Some("32MB".into()),
+        row_group_size: Some(16384),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(common::memory_limit_mib(&sink).await, 30.5);
+    assert!(common::out_of_memory_until_raised(&sink).await >= 1);
+    let limit = common::memory_limit_mib(&sink).await;
+    assert!(limit >= 4.0 * 30.5, "{limit} MiB");
+}
+
 // The tuning keys reach DuckDB.
 #[tokio::test]
 async fn memory_limit_and_threads_are_applied() {

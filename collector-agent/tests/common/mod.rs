@@ -282,3 +282,41 @@ impl Target {
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 }
+
+/// Runs a query that needs ~100 MB and cannot spill (a list of 12M integers) in a
+/// session of `sink` until it succeeds, as identity's runs are retried; how many times
+/// DuckDB refused it for lack of memory (each refusal should raise a capped limit).
+pub async fn out_of_memory_until_raised(sink: &dyn collector_agent::sinks::Sink) -> usize {
+    let sql = "SELECT len(list(x)) FROM range(12000000) t(x)";
+    let mut session = sink.session().await.unwrap().unwrap();
+    let mut refused = 0;
+    let answer = loop {
+        match session.query(sql).await {
+            Ok(r) => break r.rows[0][0].clone(),
+            Err(e) => {
+                assert!(e.to_string().contains("Out of Memory"), "{e}");
+                refused += 1;
+                assert!(refused < 6, "still out of memory after {refused} tries");
+            }
+        }
+    };
+    assert_eq!(answer.as_deref(), Some("12000000"));
+    refused
+}
+
+/// DuckDB's `memory_limit` of `sink` in MiB (as DuckDB shows it: `30.5 MiB`, `1.0 GiB`).
+pub async fn memory_limit_mib(sink: &dyn collector_agent::sinks::Sink) -> f64 {
+    let r = sink
+        .query("SELECT current_setting('memory_limit')")
+        .await
+        .unwrap();
+    let shown = r.rows[0][0].clone().unwrap();
+    let (n, unit) = shown.split_once(' ').unwrap();
+    let n: f64 = n.parse().unwrap();
+    match unit {
+        "KiB" => n / 1024.0,
+        "MiB" => n,
+        "GiB" => n * 1024.0,
+        other => panic!("{shown}: {other}"),
+    }
+}

@@ -1654,40 +1654,4 @@ mod tests {
             p.quarantine[0].reason
         );
     }
-
-    // Identity, audiences and activation run their SQL in sessions: when one runs out
-    // of memory under a capped default limit, the limit is raised as after a load's,
-    // so the next run finds room (before, a session's out-of-memory error left the
-    // limit where it was and the run failed the same way every time).
-    #[tokio::test]
-    async fn a_session_out_of_memory_raises_a_capped_limit() {
-        let dir = tempfile::tempdir().unwrap();
-        let cap = 32_000_000;
-        let defaults = Defaults {
-            memory_cap: Some(cap),
-            ..MEMORY
-        };
-        let sink =
-            DuckDbSink::open_with(&dir.path().join("w.duckdb"), String::new(), None, defaults)
-                .unwrap();
-        let limit = || sink.state.lock().unwrap().memory.unwrap().limit;
-        assert_eq!(limit(), cap);
-        // A list of 12M integers (~100 MB) cannot spill.
-        let sql = "SELECT len(list(x)) FROM range(12000000) t(x)";
-        let mut session = sink.session().await.unwrap().unwrap();
-        let mut refused = 0;
-        let answer = loop {
-            match session.query(sql).await {
-                Ok(r) => break r.rows[0][0].clone(),
-                Err(e) => {
-                    assert!(out_of_memory(&e), "{e}");
-                    refused += 1;
-                    assert!(refused < 6, "still out of memory at {}", limit());
-                }
-            }
-        };
-        assert_eq!(answer.as_deref(), Some("12000000"));
-        assert!(refused >= 1);
-        assert!(limit() >= cap * 4, "{}", limit());
-    }
 }
