@@ -870,15 +870,6 @@ async fn a_lake_from_before_utc_instants_is_rewritten_once() {
     assert_eq!(r.rows[0][0].as_deref(), Some("0"));
 }
 
-/// The lake's DuckDB setting `name`, as DuckDB shows it.
-async fn setting(sink: &ParquetSink, name: &str) -> String {
-    let r = sink
-        .query(&format!("SELECT current_setting('{name}')"))
-        .await
-        .unwrap();
-    r.rows[0][0].clone().unwrap()
-}
-
 fn lake_config(root: &std::path::Path) -> collector_agent::config::ParquetConfig {
     collector_agent::config::ParquetConfig::at(root)
 }
@@ -894,8 +885,8 @@ async fn the_lakes_duckdb_takes_its_memory_keys() {
         ..lake_config(&dir.path().join("configured"))
     })
     .unwrap();
-    assert_eq!(setting(&sink, "threads").await, "1");
-    assert_eq!(setting(&sink, "memory_limit").await, "61.0 MiB");
+    assert_eq!(common::setting(&sink, "threads").await, "1");
+    assert_eq!(common::setting(&sink, "memory_limit").await, "61.0 MiB");
     let sink = ParquetSink::open_config(&collector_agent::config::ParquetConfig {
         memory_cap: Some("32MB".into()),
         ..lake_config(&dir.path().join("capped"))

@@ -304,13 +304,18 @@ pub async fn out_of_memory_until_raised(sink: &dyn collector_agent::sinks::Sink)
     refused
 }
 
-/// DuckDB's `memory_limit` of `sink` in MiB (as DuckDB shows it: `30.5 MiB`, `1.0 GiB`).
-pub async fn memory_limit_mib(sink: &dyn collector_agent::sinks::Sink) -> f64 {
+/// A DuckDB setting of `sink` (an embedded warehouse or the lake), as DuckDB shows it.
+pub async fn setting(sink: &dyn collector_agent::sinks::Sink, name: &str) -> String {
     let r = sink
-        .query("SELECT current_setting('memory_limit')")
+        .query(&format!("SELECT current_setting('{name}')"))
         .await
         .unwrap();
-    let shown = r.rows[0][0].clone().unwrap();
+    r.rows[0][0].clone().unwrap()
+}
+
+/// DuckDB's `memory_limit` of `sink` in MiB (as DuckDB shows it: `30.5 MiB`, `1.0 GiB`).
+pub async fn memory_limit_mib(sink: &dyn collector_agent::sinks::Sink) -> f64 {
+    let shown = setting(sink, "memory_limit").await;
     let (n, unit) = shown.split_once(' ').unwrap();
     let n: f64 = n.parse().unwrap();
     match unit {
