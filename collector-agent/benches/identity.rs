@@ -1,7 +1,8 @@
 //! Identity resolution at scale, in DuckDB and in ClickHouse: 1M identify events (250k people, four
 //! devices each) resolved from scratch; in DuckDB, then 4M pages of those devices (a
 //! history an incremental run should not read again); then the incremental run after
-//! 10k more events (new devices of existing people, and new people), then a run with
+//! 10k more events (new devices of existing people, and new people), then a backlog of
+//! 100k events in 20 loads (read in runs of about `events_per_run`), then a run with
 //! nothing new.
 //! Prints `label<TAB>result` lines for `cargo xtask bench`.
 //! Run: `cargo bench -p collector-agent --bench identity` (`-- duckdb` or
@@ -18,14 +19,17 @@ use collector_e2e::clickhouse::LocalClickHouse;
 
 const EVENTS: u64 = 1_000_000;
 const MORE: u64 = 10_000;
+/// The backlog after the incremental run: loads of 5,000 events, as a drain writes them.
+const BACKLOG_LOADS: u64 = 20;
+const BACKLOG_LOAD: u64 = 5_000;
 
 /// `n` identify events from `start`, straight into `identifies` as load `load` would
-/// leave them (registered in `message_ids`, pending for identity): device `a{i}` signs
-/// in as `u{user}`.
+/// leave them (registered in `message_ids`, pending for identity with the rows'
+/// `loaded_at`, in one transaction): device `a{i}` signs in as `u{user}`.
 fn insert_sql(start: u64, n: u64, user: User, load: u64) -> Vec<String> {
     let end = start + n;
     let user = user.sql(&format!("i // {}", user.div));
-    vec![format!(
+    vec!["BEGIN".into(), format!(
         "INSERT INTO identifies (message_id, anonymous_id, user_id, timestamp, received_at, context, traits, raw, loaded_at, id)
          SELECT 'm' || i, 'a' || i, 'u' || ({user}), TIMESTAMP '2026-11-01 00:00:00' + to_seconds(i),
                 TIMESTAMP '2026-11-01 00:00:00' + to_seconds(i), '{{}}', '{{\"plan\": \"p' || (i % 3) || '\"}}', '{{}}',
@@ -33,7 +37,7 @@ fn insert_sql(start: u64, n: u64, user: User, load: u64) -> Vec<String> {
          FROM range({start}, {end}) r(i)"
     ),
     format!("INSERT INTO message_ids SELECT 'm' || i, 'identifies', {load}, md5_number_lower('m' || i) FROM range({start}, {end}) r(i)"),
-    format!("INSERT INTO identity_pending VALUES ({load})")]
+    format!("INSERT INTO identity_pending VALUES ({load}, now()::TIMESTAMP)"), "COMMIT".into()]
 }
 
 /// Pages per device of the 1M identifies, loaded after them: the history a warehouse
@@ -45,6 +49,7 @@ const PAGES_PER_DEVICE: u64 = 4;
 fn history_sql(load: u64) -> Vec<String> {
     let n = EVENTS * PAGES_PER_DEVICE;
     vec![
+        "BEGIN".into(),
         format!(
             "INSERT INTO pages (message_id, anonymous_id, timestamp, received_at, context, properties, raw, loaded_at, id)
              SELECT 'p' || i, 'a' || (i % {EVENTS}), TIMESTAMP '2026-11-13 00:00:00' + to_seconds(i),
@@ -54,7 +59,8 @@ fn history_sql(load: u64) -> Vec<String> {
              FROM range(0, {n}) r(i)"
         ),
         format!("INSERT INTO message_ids SELECT 'p' || i, 'pages', {load}, md5_number_lower('p' || i) FROM range(0, {n}) r(i)"),
-        format!("INSERT INTO identity_pending VALUES ({load})"),
+        format!("INSERT INTO identity_pending VALUES ({load}, now()::TIMESTAMP)"),
+        "COMMIT".into(),
     ]
 }
 
@@ -122,7 +128,7 @@ async fn insert(sink: &dyn Sink, statements: Vec<String>) {
 
 type Statements = fn(u64, u64, User, u64) -> Vec<String>;
 
-/// 1M from scratch, (a history of pages,) 10k more, nothing new: one line each.
+/// 1M from scratch, (a history of pages,) 10k more, a backlog, nothing new: one line each.
 async fn bench(
     name: &str,
     sink: &dyn Sink,
@@ -168,6 +174,21 @@ async fn bench(
         inc.region_ids,
         inc.passes,
         inc.refused
+    );
+    // A backlog: 100k events in 20 loads, read in runs of about `events_per_run`.
+    for l in 0..BACKLOG_LOADS {
+        let (start, n) = (3 * EVENTS + l * BACKLOG_LOAD, BACKLOG_LOAD);
+        let who = if l % 2 == 0 { NEW_DEVICES } else { NEW_PEOPLE };
+        insert(sink, sql(start, n, who, 10 + l)).await;
+    }
+    let t = Instant::now();
+    let backlog = identity::run(&mut *session, &cfg).await.unwrap();
+    println!(
+        "identity: then a backlog of {}k events in {BACKLOG_LOADS} loads ({name})\t{:.2} s ({} runs, {} new edges)",
+        BACKLOG_LOADS * BACKLOG_LOAD / 1000,
+        t.elapsed().as_secs_f64(),
+        backlog.runs,
+        backlog.new_edges
     );
     let t = Instant::now();
     let idle = identity::run(&mut *session, &cfg).await.unwrap();

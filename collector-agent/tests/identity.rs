@@ -353,6 +353,7 @@ crate::per_target!(
     removed_edges_split_people_and_say_so,
     a_load_is_read_once_however_late_it_commits,
     an_upgraded_warehouse_reads_what_came_since_its_old_watermark,
+    a_load_pending_from_before_the_stamp_is_read_whole,
     profiles_are_the_same_whatever_the_order_and_split,
     a_backlog_is_resolved_in_runs_of_bounded_size,
     an_upgraded_warehouse_fills_the_activity_from_every_event,
@@ -464,11 +465,14 @@ async fn a_load_is_read_once_however_late_it_commits(t: &Target) {
         {"type": "identify", "messageId": "i2", "anonymousId": "a2", "userId": "u2", "timestamp": "2026-11-20T09:05:00.000Z"},
     ]))
     .await;
-    sink.query(
+    // Its transaction began two hours before the run above (its rows and its pending
+    // mark are stamped with that time, as a load stamps both).
+    for sql in [
         "UPDATE identifies SET loaded_at = loaded_at - INTERVAL '2 hours' WHERE message_id = 'i2'",
-    )
-    .await
-    .unwrap();
+        "UPDATE identity_pending SET loaded_at = loaded_at - INTERVAL '2 hours'",
+    ] {
+        sink.query(sql).await.unwrap();
+    }
     let late = resolve(&*sink, &cfg).await;
     assert_eq!(late.new_edges, 1);
     assert_eq!(
@@ -489,6 +493,101 @@ async fn a_load_is_read_once_however_late_it_commits(t: &Target) {
             .await
             .as_deref(),
         Some("0")
+    );
+}
+
+// A run reads only the rows at or after its loads' lowest `loaded_at` stamp; a load
+// pending from before the stamp was kept (migration 14) has none, and a run that takes
+// it reads the tables whole, so its rows are read however old their `loaded_at`.
+async fn a_load_pending_from_before_the_stamp_is_read_whole(t: &Target) {
+    let sink = t.open().await;
+    let cfg = IdentityConfig::default();
+    load(&*sink, 1, json!([
+        {"type": "identify", "messageId": "i1", "anonymousId": "a1", "userId": "u1", "timestamp": "2026-11-20T09:00:00.000Z"},
+    ]))
+    .await;
+    load(&*sink, 2, json!([
+        {"type": "identify", "messageId": "i2", "anonymousId": "a2", "userId": "u2", "timestamp": "2026-11-20T09:05:00.000Z"},
+    ]))
+    .await;
+    assert_eq!(
+        one(
+            &*sink,
+            "SELECT count(*) FROM identity_pending WHERE loaded_at IS NOT NULL"
+        )
+        .await
+        .as_deref(),
+        Some("2")
+    );
+    // The first load as the release before left it: no stamp; its rows hours older.
+    for sql in [
+        "UPDATE identifies SET loaded_at = loaded_at - INTERVAL '2 hours' WHERE message_id = 'i1'",
+        "UPDATE identity_pending SET loaded_at = NULL WHERE load_id = (SELECT min(load_id) FROM identity_pending)",
+    ] {
+        sink.query(sql).await.unwrap();
+    }
+    let run = resolve(&*sink, &cfg).await;
+    assert_eq!(run.new_edges, 2);
+    for (a, u) in [("a1", "u1"), ("a2", "u2")] {
+        assert_eq!(
+            person(&*sink, "anonymous_id", a).await,
+            Some(identity::person_id(&("user_id".into(), u.into())))
+        );
+    }
+}
+
+// The lake reads a run's events from its loads' files, named by the manifest. A file
+// committed but not yet renamed into place (the rename failed: here its partition's
+// folder cannot be made) is read where it is, not skipped: the load is marked read in
+// the same run, so an event skipped then would never join its person.
+#[tokio::test]
+async fn a_lake_run_reads_a_committed_file_not_yet_in_place() {
+    let t = Target::parquet();
+    let Target::Parquet(dir) = &t else {
+        unreachable!()
+    };
+    let sink = t.open().await;
+    let cfg = IdentityConfig::default();
+    let blocker = dir.path().join("lake/table=identifies");
+    std::fs::write(&blocker, b"not a folder").unwrap();
+    load(&*sink, 1, json!([
+        {"type": "identify", "messageId": "i1", "anonymousId": "a1", "userId": "u1", "timestamp": "2026-11-20T09:00:00.000Z"}
+    ]))
+    .await;
+    assert_eq!(
+        one(
+            &*sink,
+            "SELECT count(*) FROM loaded_batches WHERE staged IS NOT NULL"
+        )
+        .await
+        .as_deref(),
+        Some("1")
+    );
+    let first = resolve(&*sink, &cfg).await;
+    assert_eq!(first.new_edges, 1);
+    let p = identity::person_id(&("user_id".into(), "u1".into()));
+    assert_eq!(person(&*sink, "anonymous_id", "a1").await, Some(p.clone()));
+    // Once the folder can be made, the next load puts the file in place; the next run
+    // reads only that load.
+    std::fs::remove_file(&blocker).unwrap();
+    load(&*sink, 2, json!([
+        {"type": "track", "messageId": "t1", "userId": "u1", "event": "E", "timestamp": "2026-11-20T10:00:00.000Z"}
+    ]))
+    .await;
+    assert_eq!(
+        one(
+            &*sink,
+            "SELECT count(*) FROM loaded_batches WHERE staged IS NOT NULL"
+        )
+        .await
+        .as_deref(),
+        Some("0")
+    );
+    let next = resolve(&*sink, &cfg).await;
+    assert_eq!(next.new_edges, 0);
+    assert_eq!(
+        rows(&*sink, "SELECT person_id, event_count FROM profiles").await,
+        vec![vec![Some(p), s("2")]]
     );
 }
 
@@ -1143,7 +1242,7 @@ async fn a_lake_from_before_identity_resolves_the_events_already_in_its_files() 
         .execute_batch(
             "DROP TABLE identity_edges; DROP TABLE identities; DROP TABLE identity_merges; DROP TABLE profiles;
              DROP TABLE collector_identity_state; DROP TABLE identity_dirty; DROP TABLE identity_pending;
-             DROP TABLE audience_membership; DELETE FROM collector_migrations WHERE version = 7;",
+             DROP TABLE audience_membership; DELETE FROM collector_migrations WHERE version IN (7, 12);",
         )
         .unwrap();
     let sink = t.open().await;

@@ -211,6 +211,16 @@ pub fn ddl_dirty(d: Relational) -> String {
 /// An upgraded warehouse reads once everything since its old time watermark (or
 /// everything, when identity never ran on it); a new one, with nothing loaded, has
 /// nothing to read but its loads.
+/// `identity_pending.loaded_at` (a later migration): the `loaded_at` a load stamped its
+/// rows with, so a run reads only the rows of its loads ([`LoadBounds`]). Loads
+/// pending from before it have none; a run that reads one of them reads the tables whole.
+pub fn ddl_pending_stamp(d: Relational) -> String {
+    format!(
+        "ALTER TABLE identity_pending ADD COLUMN loaded_at {};\n",
+        Sql(d).ts()
+    )
+}
+
 pub fn ddl_pending(d: Relational) -> String {
     let ts = Sql(d).ts();
     format!(
@@ -320,28 +330,40 @@ async fn run_in_tx(
     // pairs' activity) takes every load waiting: a later run reading one of them again
     // would count its events twice in the activity.
     let loads = match upto {
-        _ if legacy || backfill => "SELECT load_id FROM identity_pending".to_string(),
+        _ if legacy || backfill => "SELECT load_id, loaded_at FROM identity_pending".to_string(),
         // Nothing was waiting when the call began: no load is read (ids marked dirty
         // are still resolved).
-        None => "SELECT load_id FROM identity_pending WHERE false".to_string(),
-        Some(upto) => format!(
-            "SELECT load_id FROM (
-               SELECT p.load_id, coalesce(sum(coalesce(c.n, 0)) OVER (ORDER BY p.load_id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
-               FROM identity_pending p LEFT JOIN (
-                 SELECT load_id, count(*) AS n FROM message_ids
-                 WHERE load_id IN (SELECT load_id FROM identity_pending WHERE load_id <= {upto}) GROUP BY load_id
-               ) c ON c.load_id = p.load_id
-               WHERE p.load_id <= {upto}
-             ) w WHERE before < {max}",
-            max = cfg.events_per_run
-        ),
+        None => "SELECT load_id, loaded_at FROM identity_pending WHERE false".to_string(),
+        Some(upto) => {
+            // The registry's rows are appended in load order: a literal lower bound
+            // lets DuckDB skip the row groups of older loads (zone maps).
+            let from = s
+                .query("SELECT min(load_id) FROM identity_pending")
+                .await?
+                .rows
+                .first()
+                .and_then(|r| r[0].as_deref()?.parse::<i64>().ok())
+                .unwrap_or(upto);
+            format!(
+                "SELECT load_id, loaded_at FROM (
+                   SELECT p.load_id, p.loaded_at, coalesce(sum(coalesce(c.n, 0)) OVER (ORDER BY p.load_id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+                   FROM identity_pending p LEFT JOIN (
+                     SELECT load_id, count(*) AS n FROM message_ids
+                     WHERE load_id BETWEEN {from} AND {upto} AND load_id IN (SELECT load_id FROM identity_pending WHERE load_id <= {upto}) GROUP BY load_id
+                   ) c ON c.load_id = p.load_id
+                   WHERE p.load_id <= {upto}
+                 ) w WHERE before < {max}",
+                max = cfg.events_per_run
+            )
+        }
     };
     s.batch(&format!(
         "DROP TABLE IF EXISTS identity_loads;
          CREATE TEMP TABLE identity_loads AS {loads};"
     ))
     .await?;
-    // Each event table's rows as a run reads them; the scan keeps those of its loads.
+    let bounds = LoadBounds::read(s, &q).await?;
+    // Each event table's columns as a run reads them; the scan keeps its loads' rows.
     let selects: Vec<(&str, String)> = sources()
         .map(|tb| {
             let previous = if tb == "aliases" {
@@ -354,28 +376,35 @@ async fn run_in_tx(
             } else {
                 format!("CAST(NULL AS {t})")
             };
-            let select = format!(
-                "SELECT message_id, anonymous_id, user_id, {previous} AS previous_id, {email} AS email, timestamp AS ts, {activity} FROM {tb}",
+            let columns = format!(
+                "message_id, anonymous_id, user_id, {previous} AS previous_id, {email} AS email, timestamp AS ts, {activity}",
                 activity = activity_columns(&q, tb)
             );
-            (tb, select)
+            (tb, columns)
         })
         .collect();
-    let scan = selects
-        .iter()
-        .map(|(tb, select)| {
-            let mut part = format!(
-                "{select} WHERE message_id IN (SELECT m.message_id FROM message_ids m JOIN identity_loads l ON m.load_id = l.load_id WHERE m.table_name = '{tb}')"
-            );
-            if legacy {
-                part.push_str(
-                    " OR loaded_at >= (SELECT value FROM collector_identity_state WHERE name = 'scan_from')",
-                );
-            }
-            part
-        })
-        .collect::<Vec<_>>()
-        .join(" UNION ALL ");
+    let mut parts = Vec::new();
+    for (tb, columns) in &selects {
+        let of_loads = format!(
+            "message_id IN (SELECT m.message_id FROM message_ids m JOIN identity_loads l ON m.load_id = l.load_id WHERE m.table_name = '{tb}'{})",
+            bounds.registry()
+        );
+        let part = if legacy {
+            format!(
+                "SELECT {columns} FROM {tb} WHERE {of_loads} OR loaded_at >= (SELECT value FROM collector_identity_state WHERE name = 'scan_from')"
+            )
+        } else if let Some(rows) = s.rows_of_loads(tb).await? {
+            // Only the rows the loads wrote (the lake: their files), not the table.
+            format!("SELECT {columns} FROM {rows} {tb} WHERE {of_loads}")
+        } else {
+            format!(
+                "SELECT {columns} FROM {tb} WHERE {}{of_loads}",
+                bounds.rows(&q)
+            )
+        };
+        parts.push(part);
+    }
+    let scan = parts.join(" UNION ALL ");
     s.batch(&format!(
         "DROP TABLE IF EXISTS identity_scan; CREATE TEMP TABLE identity_scan AS {scan};"
     ))
@@ -385,7 +414,7 @@ async fn run_in_tx(
     if backfill {
         let every = selects
             .iter()
-            .map(|(_, select)| select.as_str())
+            .map(|(tb, columns)| format!("SELECT {columns} FROM {tb}"))
             .collect::<Vec<_>>()
             .join(" UNION ALL ");
         s.batch(
@@ -553,6 +582,53 @@ async fn run_in_tx(
         None => false,
     };
     Ok((stats, more))
+}
+
+/// What bounds the rows of the loads a run reads (`identity_loads`), as literals a
+/// scan can prune by: their lowest and highest `load_id` (the registry is appended in
+/// load order) and their lowest `loaded_at` (each load stamps its rows with the same
+/// `loaded_at` as its `identity_pending` row, in one transaction). The event tables are
+/// appended in load order too, so DuckDB's zone maps skip every row group of older
+/// loads: a run reads what its loads wrote, not the warehouse's history.
+struct LoadBounds {
+    ids: Option<(i64, i64)>,
+    /// `None` when a load has no stamp (pending from a release before migration 14).
+    loaded_at: Option<String>,
+}
+
+impl LoadBounds {
+    async fn read(s: &mut dyn SqlSession, q: &Sql) -> Result<LoadBounds, SinkError> {
+        let r = s
+            .query(&format!(
+                "SELECT min(load_id), max(load_id), CAST(min(loaded_at) AS {t}), count(*) - count(loaded_at) FROM identity_loads",
+                t = q.text()
+            ))
+            .await?;
+        let row = r.rows.into_iter().next().unwrap_or_default();
+        let cell = |i: usize| row.get(i).cloned().flatten();
+        let id = |i: usize| cell(i).and_then(|v| v.parse::<i64>().ok());
+        let unstamped = cell(3).is_none_or(|n| n != "0");
+        Ok(LoadBounds {
+            ids: id(0).zip(id(1)),
+            loaded_at: cell(2).filter(|_| !unstamped),
+        })
+    }
+
+    /// A condition (with its leading `AND`) on the registry's rows `m`.
+    fn registry(&self) -> String {
+        match self.ids {
+            Some((lo, hi)) => format!(" AND m.load_id BETWEEN {lo} AND {hi}"),
+            None => String::new(),
+        }
+    }
+
+    /// A condition (with its trailing `AND`) on an event table's rows.
+    fn rows(&self, q: &Sql) -> String {
+        match &self.loaded_at {
+            Some(at) => format!("loaded_at >= CAST({} AS {}) AND ", sql_lit(at), q.ts()),
+            None => String::new(),
+        }
+    }
 }
 
 /// Whether a `SELECT count(*)` counts anything.

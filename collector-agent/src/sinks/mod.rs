@@ -256,6 +256,13 @@ pub trait SqlSession: Send {
         table: &str,
         rows: Vec<Vec<Option<String>>>,
     ) -> Result<(), SinkError>;
+    /// A relation of the rows of `table` that the loads in the temp table
+    /// `identity_loads` wrote (more is fine, fewer is not), when the warehouse can name
+    /// them without reading the table whole: the lake's files of those loads. `None`:
+    /// the table itself, filtered.
+    async fn rows_of_loads(&mut self, _table: &str) -> Result<Option<String>, SinkError> {
+        Ok(None)
+    }
 }
 
 /// The migrations every SQL warehouse (DuckDB, PostgreSQL) applies after its own first
@@ -308,6 +315,11 @@ pub(crate) fn sql_migrations(d: Relational, text: &str) -> Vec<(i32, &'static st
             13,
             "collector_id_activity, collector_id_traits, collector_id_consent: what each pair of ids did, so a profile is computed from it instead of from every event its person sent",
             crate::identity::run::ddl_activity(d),
+        ),
+        (
+            14,
+            "identity_pending.loaded_at: an identity run reads the rows of its loads, not each event table whole",
+            crate::identity::run::ddl_pending_stamp(d),
         ),
     ]
 }

@@ -841,8 +841,11 @@ fn write(
     finish_load(&tx, load_id)?;
     if stats.inserted > 0 {
         // For the next identity run.
-        tx.execute("INSERT INTO identity_pending VALUES (?)", params![load_id])
-            .map_err(transient)?;
+        tx.execute(
+            "INSERT INTO identity_pending (load_id, loaded_at) VALUES (?, CAST(? AS TIMESTAMP))",
+            params![load_id, now],
+        )
+        .map_err(transient)?;
     }
     tx.commit().map_err(transient)?;
     *catalog = plan.catalog;
@@ -1292,10 +1295,16 @@ pub(crate) struct DuckSession {
     /// Called when a statement ran out of memory: raises the sink's memory limit as a
     /// load's error does (identity, audiences and activation run in sessions).
     on_out_of_memory: OnOutOfMemory,
+    /// [`SqlSession::rows_of_loads`], where the warehouse has it (the lake).
+    rows_of_loads: Option<RowsOfLoads>,
 }
 
 /// What a session calls when DuckDB ran out of memory.
 pub(crate) type OnOutOfMemory = Arc<dyn Fn() + Send + Sync>;
+
+/// How a session names the rows its pending loads wrote into a table.
+pub(crate) type RowsOfLoads =
+    Arc<dyn Fn(&Connection, &str) -> Result<String, SinkError> + Send + Sync>;
 
 impl DuckSession {
     /// A session on this connection (a clone of the sink's); `on_out_of_memory` runs
@@ -1305,7 +1314,14 @@ impl DuckSession {
         DuckSession {
             conn: Arc::new(Mutex::new(conn)),
             on_out_of_memory,
+            rows_of_loads: None,
         }
+    }
+
+    /// This session, naming the rows of loads with `f`.
+    pub(crate) fn reading_loads(mut self, f: RowsOfLoads) -> DuckSession {
+        self.rows_of_loads = Some(f);
+        self
     }
 
     async fn run<T: Send + 'static>(
@@ -1370,6 +1386,14 @@ impl SqlSession for DuckSession {
             app.flush().map_err(classify)
         })
         .await
+    }
+
+    async fn rows_of_loads(&mut self, table: &str) -> Result<Option<String>, SinkError> {
+        let Some(f) = self.rows_of_loads.clone() else {
+            return Ok(None);
+        };
+        let table = table.to_string();
+        self.run(move |c| f(c, &table).map(Some)).await
     }
 }
 

@@ -108,6 +108,11 @@ ALTER TABLE loaded_batches ADD COLUMN staged VARCHAR;"
             "files as loads write them now: instants marked as UTC (they were local date-times, which BigQuery loads as DATETIME and Spark as TIMESTAMP_NTZ), and no partition keys an erasure wrote into a file; older files are rewritten at the next open",
             format!("CREATE TABLE {FILES_REWRITE} (pending BOOLEAN);"),
         ),
+        (
+            12,
+            "identity_pending.loaded_at, as in every SQL warehouse",
+            crate::identity::run::ddl_pending_stamp(Relational::DuckDb),
+        ),
     ]
 }
 
@@ -646,8 +651,11 @@ fn write(
     finish_load(&tx, load_id)?;
     if stats.inserted > 0 {
         // For the next identity run.
-        tx.execute("INSERT INTO identity_pending VALUES (?)", params![load_id])
-            .map_err(transient)?;
+        tx.execute(
+            "INSERT INTO identity_pending (load_id, loaded_at) VALUES (?, now()::TIMESTAMP)",
+            params![load_id],
+        )
+        .map_err(transient)?;
     }
     tx.commit().map_err(transient)?;
     staged_files.committed = true;
@@ -788,33 +796,10 @@ fn refresh_views(conn: &Connection, catalog: &Catalog, root: &Path) -> Result<()
                     .any(|f| f.path().extension().and_then(|e| e.to_str()) == Some("parquet"))
             });
         let sql = if has_files {
-            let files = format!(
-                "read_parquet({}, hive_partitioning = true, union_by_name = true)",
-                lit(&format!("{}/*/*.parquet", dir.display()))
-            );
-            // Instants are `TIMESTAMPTZ` in the files written since they were marked
-            // as UTC, `TIMESTAMP` in older ones; SQL reads them as every DuckDB
-            // warehouse holds them, `TIMESTAMP` in UTC.
-            let mut zoned: Vec<String> = Vec::new();
-            let mut described = conn
-                .prepare(&format!("DESCRIBE SELECT * FROM {files}"))
-                .map_err(transient)?;
-            let mut rows = described.query([]).map_err(transient)?;
-            while let Some(r) = rows.next().map_err(transient)? {
-                let (name, ty): (String, String) =
-                    (r.get(0).map_err(transient)?, r.get(1).map_err(transient)?);
-                if ty == "TIMESTAMP WITH TIME ZONE" {
-                    zoned.push(format!("CAST({0} AS TIMESTAMP) AS {0}", ident(&name)));
-                }
-            }
-            let replace = if zoned.is_empty() {
-                String::new()
-            } else {
-                format!(" REPLACE ({})", zoned.join(", "))
-            };
             format!(
-                "CREATE OR REPLACE TEMP VIEW {} AS SELECT * EXCLUDE (\"table\"){replace} FROM {files}",
+                "CREATE OR REPLACE TEMP VIEW {} AS {}",
                 ident(&table),
+                files_select(conn, &lit(&format!("{}/*/*.parquet", dir.display())), true)?
             )
         } else {
             let mut cols: Vec<String> = tables::fixed_columns(kind)
@@ -837,6 +822,70 @@ fn refresh_views(conn: &Connection, catalog: &Catalog, root: &Path) -> Result<()
         conn.execute_batch(&sql).map_err(transient)?;
     }
     Ok(())
+}
+
+/// The rows of the Parquet files `files` (a pattern or a list, as SQL) as a table's view
+/// reads them: with the path's `date` (when `hive`), and instants as `TIMESTAMP`.
+/// Instants are `TIMESTAMPTZ` in the files written since they were marked as UTC,
+/// `TIMESTAMP` in older ones; SQL reads them as every DuckDB warehouse holds them,
+/// `TIMESTAMP` in UTC.
+fn files_select(conn: &Connection, files: &str, hive: bool) -> Result<String, SinkError> {
+    let files = format!("read_parquet({files}, hive_partitioning = {hive}, union_by_name = true)");
+    let mut zoned: Vec<String> = Vec::new();
+    let mut described = conn
+        .prepare(&format!("DESCRIBE SELECT * FROM {files}"))
+        .map_err(transient)?;
+    let mut rows = described.query([]).map_err(transient)?;
+    while let Some(r) = rows.next().map_err(transient)? {
+        let (name, ty): (String, String) =
+            (r.get(0).map_err(transient)?, r.get(1).map_err(transient)?);
+        if ty == "TIMESTAMP WITH TIME ZONE" {
+            zoned.push(format!("CAST({0} AS TIMESTAMP) AS {0}", ident(&name)));
+        }
+    }
+    let replace = if zoned.is_empty() {
+        String::new()
+    } else {
+        format!(" REPLACE ({})", zoned.join(", "))
+    };
+    let exclude = if hive { " EXCLUDE (\"table\")" } else { "" };
+    Ok(format!("SELECT *{exclude}{replace} FROM {files}"))
+}
+
+/// The rows the loads listed in `identity_loads` wrote into `table`: a relation over
+/// their files only, from the manifest (a file committed but not yet renamed is read
+/// where it is, so without the path's `date`, which identity does not read), so an
+/// identity run reads what its loads wrote, not the lake's whole history. Files an
+/// erasure emptied and removed are skipped; with no file left, the table's view, empty.
+fn rows_of_loads(conn: &Connection, root: &Path, table: &str) -> Result<String, SinkError> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT file, staged FROM loaded_batches WHERE table_name = ? AND load_id IN (SELECT load_id FROM identity_loads) ORDER BY file",
+        )
+        .map_err(transient)?;
+    let entries: Vec<(String, Option<String>)> = stmt
+        .query_map(params![table], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(transient)?
+        .collect::<Result<_, _>>()
+        .map_err(transient)?;
+    let files: Vec<String> = entries
+        .into_iter()
+        .filter_map(|(file, staged)| {
+            [Some(file), staged]
+                .into_iter()
+                .flatten()
+                .map(|f| root.join(f))
+                .find(|p| p.exists())
+        })
+        .map(|p| lit(&p.display().to_string()))
+        .collect();
+    if files.is_empty() {
+        return Ok(format!("(SELECT * FROM {} WHERE false)", ident(table)));
+    }
+    Ok(format!(
+        "({})",
+        files_select(conn, &format!("[{}]", files.join(", ")), false)?
+    ))
 }
 
 /// Rewrites every Parquet file under `root` that holds rows of these ids without them
@@ -944,14 +993,18 @@ impl Sink for ParquetSink {
             })
             .await?;
         let state = self.state.clone();
-        Ok(Some(Box::new(DuckSession::new(
-            conn,
-            Arc::new(move || {
-                if let Ok(mut st) = state.lock() {
-                    st.fit(true);
-                }
-            }),
-        ))))
+        let root = self.root.clone();
+        Ok(Some(Box::new(
+            DuckSession::new(
+                conn,
+                Arc::new(move || {
+                    if let Ok(mut st) = state.lock() {
+                        st.fit(true);
+                    }
+                }),
+            )
+            .reading_loads(Arc::new(move |c, table| rows_of_loads(c, &root, table))),
+        )))
     }
 
     fn rows_in_files(&self) -> bool {

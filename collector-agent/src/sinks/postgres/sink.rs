@@ -835,9 +835,12 @@ async fn write(
     .map_err(classify)?;
     if stats.inserted > 0 {
         // For the next identity run.
-        tx.execute("INSERT INTO identity_pending VALUES ($1)", &[&load_id])
-            .await
-            .map_err(classify)?;
+        tx.execute(
+            "INSERT INTO identity_pending (load_id, loaded_at) VALUES ($1, now())",
+            &[&load_id],
+        )
+        .await
+        .map_err(classify)?;
     }
     tx.commit().await.map_err(classify)?;
     *catalog = plan.catalog;
