@@ -542,6 +542,14 @@ async fn a_load_pending_from_before_the_stamp_is_read_whole(t: &Target) {
 // the same run, so an event skipped then would never join its person.
 #[tokio::test]
 async fn a_lake_run_reads_a_committed_file_not_yet_in_place() {
+    // Files committed but not in place.
+    async fn staged(sink: &dyn Sink) -> Option<String> {
+        one(
+            sink,
+            "SELECT count(*) FROM loaded_batches WHERE staged IS NOT NULL",
+        )
+        .await
+    }
     let t = Target::parquet();
     let Target::Parquet(dir) = &t else {
         unreachable!()
@@ -554,15 +562,7 @@ async fn a_lake_run_reads_a_committed_file_not_yet_in_place() {
         {"type": "identify", "messageId": "i1", "anonymousId": "a1", "userId": "u1", "timestamp": "2026-11-20T09:00:00.000Z"}
     ]))
     .await;
-    assert_eq!(
-        one(
-            &*sink,
-            "SELECT count(*) FROM loaded_batches WHERE staged IS NOT NULL"
-        )
-        .await
-        .as_deref(),
-        Some("1")
-    );
+    assert_eq!(staged(&*sink).await.as_deref(), Some("1"));
     let first = resolve(&*sink, &cfg).await;
     assert_eq!(first.new_edges, 1);
     let p = identity::person_id(&("user_id".into(), "u1".into()));
@@ -574,15 +574,7 @@ async fn a_lake_run_reads_a_committed_file_not_yet_in_place() {
         {"type": "track", "messageId": "t1", "userId": "u1", "event": "E", "timestamp": "2026-11-20T10:00:00.000Z"}
     ]))
     .await;
-    assert_eq!(
-        one(
-            &*sink,
-            "SELECT count(*) FROM loaded_batches WHERE staged IS NOT NULL"
-        )
-        .await
-        .as_deref(),
-        Some("0")
-    );
+    assert_eq!(staged(&*sink).await.as_deref(), Some("0"));
     let next = resolve(&*sink, &cfg).await;
     assert_eq!(next.new_edges, 0);
     assert_eq!(

@@ -207,10 +207,6 @@ pub fn ddl_dirty(d: Relational) -> String {
     )
 }
 
-/// `identity_pending` (a later migration): the loads an identity run has not read yet.
-/// An upgraded warehouse reads once everything since its old time watermark (or
-/// everything, when identity never ran on it); a new one, with nothing loaded, has
-/// nothing to read but its loads.
 /// `identity_pending.loaded_at` (a later migration): the `loaded_at` a load stamped its
 /// rows with, so a run reads only the rows of its loads ([`LoadBounds`]). Loads
 /// pending from before it have none; a run that reads one of them reads the tables whole.
@@ -221,6 +217,10 @@ pub fn ddl_pending_stamp(d: Relational) -> String {
     )
 }
 
+/// `identity_pending` (a later migration): the loads an identity run has not read yet.
+/// An upgraded warehouse reads once everything since its old time watermark (or
+/// everything, when identity never ran on it); a new one, with nothing loaded, has
+/// nothing to read but its loads.
 pub fn ddl_pending(d: Relational) -> String {
     let ts = Sql(d).ts();
     format!(
