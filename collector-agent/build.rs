@@ -18,7 +18,10 @@ fn main() {
 /// the build script runs again once the files exist.
 fn vendor_uplot() {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../node_modules/uplot");
+    // Read when the script runs, not when it was compiled: a build script compiled for
+    // another checkout sharing this target folder would look in that checkout.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR");
+    let root = std::path::Path::new(&manifest_dir).join("../node_modules/uplot");
     println!("cargo::rustc-check-cfg=cfg(dashboard_assets_missing)");
     let files = [
         ("dist/uPlot.iife.min.js", "uPlot.iife.min.js"),

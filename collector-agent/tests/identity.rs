@@ -1270,3 +1270,51 @@ async fn a_lake_from_before_identity_resolves_the_events_already_in_its_files() 
         Some("0")
     );
 }
+
+// The README's lean DuckDB settings (a 32MB cap, small row groups, one thread): a run
+// over 10,000 events fits a small pool. Its scan read every event table in one
+// `UNION ALL`, whose branches DuckDB holds at once: about 30MB for these events (the
+// lean drain bench's ran out of memory there in every run, and the limit was doubled
+// for good); with a statement per table the whole run fits 28MB (not 24MB), which is
+// the pool here: the test fails with the `UNION ALL` (checked).
+#[tokio::test]
+async fn a_run_reads_its_events_within_a_small_memory_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = DuckDbSink::open_config(&collector_agent::config::DuckDbConfig {
+        path: dir.path().join("w.duckdb"),
+        memory_cap: Some("32MB".into()),
+        row_group_size: Some(16384),
+        threads: Some(1),
+        ..Default::default()
+    })
+    .unwrap();
+    // 20 loads of 500 (a batch's size is bounded).
+    for l in 0..20 {
+        let batch: Vec<Value> = (0..500)
+            .map(|i| {
+                json!({
+                    "type": "track", "event": if i % 3 == 0 { "Order Completed" } else { "Product Viewed" },
+                    "messageId": format!("m{l}-{i}"), "anonymousId": format!("anon-{}", (l * 500 + i) % 1000),
+                    "properties": {"plan": "pro", "price": 19.99, "sku": format!("SKU-{i}")},
+                    "context": {
+                        "library": {"name": "analytics.js", "version": "5.2.1"},
+                        "page": {"path": "/checkout", "url": "https://shop.example/checkout?step=2"},
+                        "ip": "203.0.113.0",
+                        "consent": {"resolved": {"policy_version": "2026-11-01", "region": "EU",
+                            "granted": ["necessary", "analytics"], "denied": ["marketing", "personalization", "sms"],
+                            "sources": {"analytics": "tcf", "marketing": "default", "necessary": "always"}, "gpc": false}}
+                    },
+                    "timestamp": "2026-11-24T12:00:00.000Z"
+                })
+            })
+            .collect();
+        load(&sink, l, Value::Array(batch)).await;
+    }
+    sink.query("SET memory_limit = '28MB'").await.unwrap();
+    let stats = resolve(&sink, &IdentityConfig::default()).await;
+    assert_eq!(stats.refused, 0);
+    assert_eq!(
+        one(&sink, "SELECT count(*) FROM profiles").await.as_deref(),
+        Some("1000")
+    );
+}

@@ -229,7 +229,16 @@ pub fn drain_run(
     let child = Command::new(agent)
         .args(["run", "--once", "--config"])
         .arg(&config)
-        .env("RUST_LOG", "warn")
+        // `BENCH_AGENT_LOG=DIR`: the agent logs at `info` (limits raised, identity
+        // runs), kept as `DIR/<sink>.log`.
+        .env(
+            "RUST_LOG",
+            if std::env::var_os("BENCH_AGENT_LOG").is_some() {
+                "collector_agent=info"
+            } else {
+                "warn"
+            },
+        )
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -275,6 +284,11 @@ pub fn drain_run(
     let drain_s = t.elapsed().as_secs_f64();
     let _ = sampler.join();
     let stdout = String::from_utf8_lossy(&out.stdout);
+    if let Some(d) = std::env::var_os("BENCH_AGENT_LOG") {
+        let path = std::path::PathBuf::from(d)
+            .join(format!("{}.log", sink.label.replace([' ', ','], "_")));
+        std::fs::write(&path, &out.stderr).with_context(|| format!("write {}", path.display()))?;
+    }
     anyhow::ensure!(
         out.status.success(),
         "agent failed: {stdout}{}",

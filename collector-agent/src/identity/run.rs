@@ -404,11 +404,18 @@ async fn run_in_tx(
         };
         parts.push(part);
     }
-    let scan = parts.join(" UNION ALL ");
-    s.batch(&format!(
-        "DROP TABLE IF EXISTS identity_scan; CREATE TEMP TABLE identity_scan AS {scan};"
-    ))
-    .await?;
+    // One statement per table, not one `UNION ALL`: DuckDB sets up every branch's
+    // joins at once, which needs more than a 32MB pool holds (the README's lean
+    // settings ran out of memory here in every run, and doubled their limit).
+    let mut scan = "DROP TABLE IF EXISTS identity_scan;".to_string();
+    for (i, part) in parts.iter().enumerate() {
+        if i == 0 {
+            scan.push_str(&format!(" CREATE TEMP TABLE identity_scan AS {part};"));
+        } else {
+            scan.push_str(&format!(" INSERT INTO identity_scan {part};"));
+        }
+    }
+    s.batch(&scan).await?;
     // 1b. What each pair of ids did (profiles are computed from it): the events just
     //     scanned added to it, or, once after the migration that made it, every event.
     if backfill {
@@ -586,31 +593,33 @@ async fn run_in_tx(
 
 /// What bounds the rows of the loads a run reads (`identity_loads`), as literals a
 /// scan can prune by: their lowest and highest `load_id` (the registry is appended in
-/// load order) and their lowest `loaded_at` (each load stamps its rows with the same
-/// `loaded_at` as its `identity_pending` row, in one transaction). The event tables are
-/// appended in load order too, so DuckDB's zone maps skip every row group of older
-/// loads: a run reads what its loads wrote, not the warehouse's history.
+/// load order) and their lowest and highest `loaded_at` (each load stamps its rows with
+/// the same `loaded_at` as its `identity_pending` row, in one transaction). The event
+/// tables are appended in load order too, so DuckDB's zone maps skip every row group
+/// of other loads: a run reads what its loads wrote, not the warehouse's history, nor
+/// the loads still waiting after it (a backlog read in runs of `events_per_run`).
 struct LoadBounds {
     ids: Option<(i64, i64)>,
-    /// `None` when a load has no stamp (pending from a release before migration 14).
-    loaded_at: Option<String>,
+    /// The lowest and highest stamp; `None` when a load has none (pending from a
+    /// release before migration 14).
+    loaded_at: Option<(String, String)>,
 }
 
 impl LoadBounds {
     async fn read(s: &mut dyn SqlSession, q: &Sql) -> Result<LoadBounds, SinkError> {
         let r = s
             .query(&format!(
-                "SELECT min(load_id), max(load_id), CAST(min(loaded_at) AS {t}), count(*) - count(loaded_at) FROM identity_loads",
+                "SELECT min(load_id), max(load_id), CAST(min(loaded_at) AS {t}), CAST(max(loaded_at) AS {t}), count(*) - count(loaded_at) FROM identity_loads",
                 t = q.text()
             ))
             .await?;
         let row = r.rows.into_iter().next().unwrap_or_default();
         let cell = |i: usize| row.get(i).cloned().flatten();
         let id = |i: usize| cell(i).and_then(|v| v.parse::<i64>().ok());
-        let unstamped = cell(3).is_none_or(|n| n != "0");
+        let unstamped = cell(4).is_none_or(|n| n != "0");
         Ok(LoadBounds {
             ids: id(0).zip(id(1)),
-            loaded_at: cell(2).filter(|_| !unstamped),
+            loaded_at: cell(2).zip(cell(3)).filter(|_| !unstamped),
         })
     }
 
@@ -625,7 +634,12 @@ impl LoadBounds {
     /// A condition (with its trailing `AND`) on an event table's rows.
     fn rows(&self, q: &Sql) -> String {
         match &self.loaded_at {
-            Some(at) => format!("loaded_at >= CAST({} AS {}) AND ", sql_lit(at), q.ts()),
+            Some((lo, hi)) => format!(
+                "loaded_at BETWEEN CAST({} AS {ts}) AND CAST({} AS {ts}) AND ",
+                sql_lit(lo),
+                sql_lit(hi),
+                ts = q.ts()
+            ),
             None => String::new(),
         }
     }

@@ -189,6 +189,33 @@ impl MemoryFit {
     }
 }
 
+/// What DuckDB's buffer pool holds now, by tag (`BASE_TABLE 12.0MB, …`), for the log
+/// when a statement ran out of memory; empty when the database refuses the query (on
+/// a connection whose transaction failed: ask on another).
+pub(crate) fn memory_by_tag(conn: &Connection) -> String {
+    let rows: Result<Vec<(String, i64, i64)>, _> = conn
+        .prepare(
+            "SELECT tag, memory_usage_bytes, temporary_storage_bytes FROM duckdb_memory()
+             WHERE memory_usage_bytes > 0 OR temporary_storage_bytes > 0 ORDER BY memory_usage_bytes DESC",
+        )
+        .and_then(|mut st| {
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect()
+        });
+    let mb = |b: i64| b as f64 / 1e6;
+    rows.unwrap_or_default()
+        .into_iter()
+        .map(|(tag, mem, tmp)| {
+            if tmp > 0 {
+                format!("{tag} {:.1}MB (+{:.1}MB spilled)", mb(mem), mb(tmp))
+            } else {
+                format!("{tag} {:.1}MB", mb(mem))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// What DuckDB's indexes (the keys of `users`, identity, quarantine) hold in memory now,
 /// in bytes; 0 after a fatal error, when the database refuses even this query.
 pub(crate) fn index_bytes(conn: &Connection) -> u64 {
@@ -1324,18 +1351,29 @@ impl DuckSession {
         self
     }
 
+    /// Runs `f` on the blocking pool; `what` names the statement in the log when it
+    /// runs out of memory.
     async fn run<T: Send + 'static>(
         &self,
+        what: &str,
         f: impl FnOnce(&Connection) -> Result<T, SinkError> + Send + 'static,
     ) -> Result<T, SinkError> {
         let conn = self.conn.clone();
         let on_out_of_memory = self.on_out_of_memory.clone();
+        let what: String = what
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .chars()
+            .take(200)
+            .collect();
         tokio::task::spawn_blocking(move || {
             let c = conn
                 .lock()
                 .map_err(|_| SinkError::Transient("session lock poisoned".into()))?;
             let out = f(&c);
             if matches!(&out, Err(e) if out_of_memory(e)) {
+                tracing::info!(statement = %what, memory = %c.try_clone().map(|c| memory_by_tag(&c)).unwrap_or_default(), "a warehouse statement ran out of memory");
                 drop(c);
                 on_out_of_memory();
             }
@@ -1354,19 +1392,23 @@ impl SqlSession for DuckSession {
 
     async fn execute(&mut self, sql: &str) -> Result<u64, SinkError> {
         let sql = sql.to_string();
-        self.run(move |c| c.execute(&sql, []).map(|n| n as u64).map_err(classify))
-            .await
+        self.run(&sql.clone(), move |c| {
+            c.execute(&sql, []).map(|n| n as u64).map_err(classify)
+        })
+        .await
     }
 
     async fn batch(&mut self, sql: &str) -> Result<(), SinkError> {
         let sql = sql.to_string();
-        self.run(move |c| c.execute_batch(&sql).map_err(classify))
-            .await
+        self.run(&sql.clone(), move |c| {
+            c.execute_batch(&sql).map_err(classify)
+        })
+        .await
     }
 
     async fn query(&mut self, sql: &str) -> Result<QueryResult, SinkError> {
         let sql = sql.to_string();
-        self.run(move |c| run_query(c, &sql)).await
+        self.run(&sql.clone(), move |c| run_query(c, &sql)).await
     }
 
     async fn insert(
@@ -1375,7 +1417,7 @@ impl SqlSession for DuckSession {
         rows: Vec<Vec<Option<String>>>,
     ) -> Result<(), SinkError> {
         let table = table.to_string();
-        self.run(move |c| {
+        self.run(&format!("append to {table}"), move |c| {
             let mut app = c.appender(&table).map_err(transient)?;
             for row in &rows {
                 app.append_row(duckdb::appender_params_from_iter(
@@ -1393,7 +1435,10 @@ impl SqlSession for DuckSession {
             return Ok(None);
         };
         let table = table.to_string();
-        self.run(move |c| f(c, &table).map(Some)).await
+        self.run(&format!("rows of loads in {table}"), move |c| {
+            f(c, &table).map(Some)
+        })
+        .await
     }
 }
 
