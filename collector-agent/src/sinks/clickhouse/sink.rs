@@ -560,15 +560,12 @@ impl ClickHouseSink {
                 ))
                 .await;
             let outcome = match swapped {
-                Ok(_) => {
-                    self.exec(&format!("DROP TABLE IF EXISTS {}", ident(&prev)))
-                        .await
-                }
+                Ok(_) => self.drop_if_exists(&prev).await,
                 // No view of that name yet (code 60): the new one takes the name.
-                Err(e) if e.to_string().contains("Code: 60,") => {
-                    self.exec(&format!("RENAME TABLE {} TO {}", ident(&next), ident(name)))
-                        .await
-                }
+                Err(e) if e.to_string().contains("Code: 60,") => self
+                    .exec(&format!("RENAME TABLE {} TO {}", ident(&next), ident(name)))
+                    .await
+                    .map(|_| ()),
                 Err(e) => Err(e),
             };
             match outcome {
@@ -595,12 +592,25 @@ impl ClickHouseSink {
         Err(last.unwrap_or_else(|| SinkError::Transient(format!("view {name}"))))
     }
 
+    /// `DROP TABLE IF EXISTS`, done when the table is gone: ClickHouse 18.16 answers
+    /// "doesn't exist" (code 60) even so when another agent drops it at the same time
+    /// (an agent starting drops the views a crash left, while another agent swapping
+    /// a view drops its own; seen failing an agent's start in `clickhouse_e2e.rs`).
+    async fn drop_if_exists(&self, name: &str) -> Result<(), SinkError> {
+        match self
+            .exec(&format!("DROP TABLE IF EXISTS {}", ident(name)))
+            .await
+        {
+            Err(e) if e.to_string().contains("Code: 60,") => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
     /// Drops the temporary views of [`Self::replace_view`] that a crash left.
     async fn drop_stray_views(&self) -> Result<(), SinkError> {
         for n in self.all_relation_names().await? {
             if n.starts_with("collector_next_") || n.starts_with("collector_prev_") {
-                self.exec(&format!("DROP TABLE IF EXISTS {}", ident(&n)))
-                    .await?;
+                self.drop_if_exists(&n).await?;
             }
         }
         Ok(())
