@@ -1391,24 +1391,22 @@ impl SqlSession for DuckSession {
     }
 
     async fn execute(&mut self, sql: &str) -> Result<u64, SinkError> {
-        let sql = sql.to_string();
-        self.run(&sql.clone(), move |c| {
-            c.execute(&sql, []).map(|n| n as u64).map_err(classify)
+        let owned = sql.to_string();
+        self.run(sql, move |c| {
+            c.execute(&owned, []).map(|n| n as u64).map_err(classify)
         })
         .await
     }
 
     async fn batch(&mut self, sql: &str) -> Result<(), SinkError> {
-        let sql = sql.to_string();
-        self.run(&sql.clone(), move |c| {
-            c.execute_batch(&sql).map_err(classify)
-        })
-        .await
+        let owned = sql.to_string();
+        self.run(sql, move |c| c.execute_batch(&owned).map_err(classify))
+            .await
     }
 
     async fn query(&mut self, sql: &str) -> Result<QueryResult, SinkError> {
-        let sql = sql.to_string();
-        self.run(&sql.clone(), move |c| run_query(c, &sql)).await
+        let owned = sql.to_string();
+        self.run(sql, move |c| run_query(c, &owned)).await
     }
 
     async fn insert(
