@@ -918,3 +918,26 @@ async fn a_lake_session_out_of_memory_raises_its_capped_limit() {
     let limit = common::memory_limit_mib(&sink).await;
     assert!(limit >= 4.0 * 30.5, "{limit} MiB");
 }
+
+// A load that runs out of memory under a small cap raises the limit and is tried again
+// at once, in the same call. Before, the call failed: the drain loop left the shard
+// for its next pass, after a backoff, and `run --once` ended in an error (the drain
+// bench with `memory_cap = "32MB"`).
+#[tokio::test]
+async fn a_load_out_of_memory_raises_the_limit_and_loads_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = ParquetSink::open_config(&collector_agent::config::ParquetConfig {
+        memory_cap: Some("32MB".into()),
+        threads: Some(2),
+        ..lake_config(&dir.path().join("lake"))
+    })
+    .unwrap();
+    let stats = sink.load(&common::wide_lease(0..10)).await.unwrap();
+    assert_eq!(stats.inserted, 5000);
+    let limit = common::memory_limit_mib(&sink).await;
+    assert!(limit >= 2.0 * 30.5, "{limit} MiB");
+    assert_eq!(
+        common::rows(&sink, "SELECT count(*) FROM tracks").await,
+        vec![vec![common::s("3500")]]
+    );
+}

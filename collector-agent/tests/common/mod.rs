@@ -325,3 +325,48 @@ pub async fn memory_limit_mib(sink: &dyn collector_agent::sinks::Sink) -> f64 {
         other => panic!("{shown}: {other}"),
     }
 }
+
+/// A lease of batches `batches` (ids) of 500 events of a browser each (a context with a
+/// page, a campaign and consent; a thousand visitors): in ten, one identify (100
+/// users), two pages and seven tracks (3 properties). Ten of these batches in one load
+/// run out of memory in a 32MB DuckDB pool on two threads.
+pub fn wide_lease(batches: std::ops::Range<i64>) -> collector_agent::sinks::Load {
+    use serde_json::json;
+    let event = |b: i64, i: i64| {
+        let context = json!({
+            "library": {"name": "analytics.js", "version": "5.2.0"},
+            "page": {"path": "/checkout", "url": format!("https://shop.example/checkout?step={i}"),
+                     "referrer": "https://search.example/?q=shoes", "title": "Checkout"},
+            "userAgent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0 Safari/537.36",
+            "locale": "en-GB",
+            "consent": {"categoryPreferences": {"analytics": true, "advertising": false, "functional": true}},
+            "campaign": {"source": "news", "medium": "email", "name": format!("c{}", i % 7)}
+        });
+        let id = format!("bench-{b}-{i}");
+        let anon = format!("anon-{}", (b * 500 + i) % 1000);
+        let ts = "2026-11-24T12:00:00.000Z";
+        match i % 10 {
+            0 => json!({"type": "identify", "messageId": id, "anonymousId": anon,
+                "userId": format!("user-{}", i % 100), "traits": {"plan": "pro", "visits": i % 40},
+                "context": context, "timestamp": ts}),
+            1 | 2 => {
+                json!({"type": "page", "messageId": id, "anonymousId": anon, "name": "Checkout",
+                "properties": {"path": "/checkout"}, "context": context, "timestamp": ts})
+            }
+            _ => {
+                json!({"type": "track", "event": "Bench Event", "messageId": id, "anonymousId": anon,
+                "properties": {"plan": "pro", "price": 19.99, "sku": format!("SKU-{i}")},
+                "context": context, "timestamp": ts})
+            }
+        }
+    };
+    collector_agent::sinks::Load {
+        shard: 0,
+        batches: batches
+            .map(|b| collector_agent::sinks::LoadBatch::Decoded {
+                batch_id: b,
+                events: events(json!({"batch": (0..500).map(|i| event(b, i)).collect::<Vec<_>>()})),
+            })
+            .collect(),
+    }
+}

@@ -170,8 +170,8 @@ impl MemoryFit {
 
     /// Raises the limit of `conn`'s database to what indexes of `index` bytes need;
     /// after DuckDB ran out of memory (`out_of_memory`), to twice the limit at least,
-    /// so the retry finds room.
-    pub(crate) fn fit(&mut self, conn: &Connection, index: u64, out_of_memory: bool) {
+    /// so the retry finds room. Whether the limit is higher now.
+    pub(crate) fn fit(&mut self, conn: &Connection, index: u64, out_of_memory: bool) -> bool {
         let mut target = self.target(index);
         if out_of_memory {
             target = target.max(self.limit.saturating_mul(2)).min(self.ceiling);
@@ -180,12 +180,25 @@ impl MemoryFit {
             if out_of_memory {
                 tracing::error!(limit = self.limit, "DuckDB ran out of memory at its most (DuckDB's own default, 80% of RAM): the warehouse's indexes need a larger host, or another warehouse (README, DuckDB sink)");
             }
-            return;
+            return false;
         }
         // When it cannot be set now, opening the warehouse again sets it.
-        if raise(conn, "memory_limit", self.limit, target, index) || out_of_memory {
+        let raised = if out_of_memory {
+            raise(
+                conn,
+                "memory_limit",
+                self.limit,
+                target,
+                "after running out of memory",
+            );
+            true
+        } else {
+            raise(conn, "memory_limit", self.limit, target, "for its indexes")
+        };
+        if raised {
             self.limit = target;
         }
+        raised
     }
 }
 
@@ -248,29 +261,36 @@ impl State {
 
     /// After a call: raises a default limit to what the indexes now need (see
     /// [`MemoryFit`]); after DuckDB ran out of memory (`out_of_memory`), to twice
-    /// that at least, so the retry finds room.
-    fn fit_to_indexes(&mut self, out_of_memory: bool) {
+    /// that at least, so the retry finds room. Whether the memory limit is higher now.
+    fn fit_to_indexes(&mut self, out_of_memory: bool) -> bool {
         if self.memory.is_none() && self.checkpoint.is_none() {
-            return;
+            return false;
         }
         let Some(conn) = self.conn.as_ref() else {
-            return;
+            return false;
         };
         let index = index_bytes(conn);
         if let Some(fit) = self.checkpoint.as_mut() {
             let target = fit.target(index);
             if target > fit.threshold
-                && raise(conn, "checkpoint_threshold", fit.threshold, target, index)
+                && raise(
+                    conn,
+                    "checkpoint_threshold",
+                    fit.threshold,
+                    target,
+                    "for its indexes",
+                )
             {
                 fit.threshold = target;
             }
         }
-        self.fit_memory(index, out_of_memory);
+        self.fit_memory(index, out_of_memory)
     }
 
-    fn fit_memory(&mut self, index: u64, out_of_memory: bool) {
-        if let (Some(fit), Some(conn)) = (self.memory.as_mut(), self.conn.as_ref()) {
-            fit.fit(conn, index, out_of_memory);
+    fn fit_memory(&mut self, index: u64, out_of_memory: bool) -> bool {
+        match (self.memory.as_mut(), self.conn.as_ref()) {
+            (Some(fit), Some(conn)) => fit.fit(conn, index, out_of_memory),
+            _ => false,
         }
     }
 
@@ -422,18 +442,11 @@ pub(crate) fn fit_default_memory(conn: &Connection, cap: u64) -> Result<MemoryFi
     Ok(fit)
 }
 
-/// Raises one of DuckDB's size settings for the indexes (`index` bytes measured);
-/// whether it took.
-fn raise(conn: &Connection, setting: &str, from: u64, to: u64, index: u64) -> bool {
+/// Raises one of DuckDB's size settings (`why`, for the log); whether it took.
+fn raise(conn: &Connection, setting: &str, from: u64, to: u64, why: &str) -> bool {
     match set_size(conn, setting, to) {
         Ok(()) => {
-            tracing::info!(
-                setting,
-                from,
-                to,
-                index_bytes = index,
-                "warehouse setting raised for its indexes"
-            );
+            tracing::info!(setting, from, to, "warehouse setting raised {why}");
             true
         }
         Err(e) => {
@@ -742,8 +755,24 @@ impl DuckDbSink {
         &self,
         f: impl FnOnce(&mut Connection, &mut Catalog) -> Result<T, SinkError> + Send + 'static,
     ) -> Result<T, SinkError> {
+        let mut f = Some(f);
+        self.with_conn_retrying(false, move |c, catalog| {
+            f.take().expect("called once without retries")(c, catalog)
+        })
+        .await
+    }
+
+    /// Runs `f` with the connection on the blocking pool; with `retry_out_of_memory`,
+    /// again at once while it runs out of memory and that raised the limit (a load is
+    /// one transaction, rolled back whole: the retry finds room, where waiting for the
+    /// drain loop's backoff would leave the shard behind and fail `run --once`).
+    async fn with_conn_retrying<T: Send + 'static>(
+        &self,
+        retry_out_of_memory: bool,
+        mut f: impl FnMut(&mut Connection, &mut Catalog) -> Result<T, SinkError> + Send + 'static,
+    ) -> Result<T, SinkError> {
         let state = self.state.clone();
-        tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || loop {
             let mut guard = state.lock().unwrap_or_else(|poisoned| {
                 // A panic while the connection was in use (its transaction rolled
                 // back as it unwound): open the warehouse again, catalog and all,
@@ -757,8 +786,8 @@ impl DuckDbSink {
             st.conn()?;
             let out = f(st.conn.as_mut().expect("open"), &mut st.catalog);
             let out_of_memory = matches!(&out, Err(e) if out_of_memory(e));
-            st.fit_to_indexes(out_of_memory);
-            match out {
+            let raised = st.fit_to_indexes(out_of_memory);
+            let out = match out {
                 // A fatal error says nothing about the data: retry, never quarantine.
                 Err(SinkError::Permanent(e)) if st.check() => Err(SinkError::Transient(e)),
                 Err(e) => {
@@ -766,6 +795,14 @@ impl DuckDbSink {
                     Err(e)
                 }
                 ok => ok,
+            };
+            match out {
+                // Each retry follows a raise, and the limit stops at DuckDB's own
+                // default: this ends.
+                Err(e) if retry_out_of_memory && out_of_memory && raised => {
+                    tracing::info!(error = %e, "the load ran out of memory; its limit is raised, trying it again now");
+                }
+                out => return out,
             }
         })
         .await
@@ -1270,7 +1307,7 @@ impl Sink for DuckDbSink {
     }
 
     async fn write(&self, load: Arc<Prepared>) -> Result<LoadStats, SinkError> {
-        self.with_conn(move |c, catalog| write(c, catalog, &load))
+        self.with_conn_retrying(true, move |c, catalog| write(c, catalog, &load))
             .await
     }
 

@@ -421,10 +421,11 @@ impl LakeState {
     }
 
     /// After a call: fits a default limit to the indexes, or raises it after DuckDB
-    /// ran out of memory (see [`MemoryFit`]).
-    fn fit(&mut self, out_of_memory: bool) {
-        if let (Some(fit), Some(conn)) = (self.memory.as_mut(), self.conn.as_ref()) {
-            fit.fit(conn, index_bytes(conn), out_of_memory);
+    /// ran out of memory (see [`MemoryFit`]). Whether the limit is higher now.
+    fn fit(&mut self, out_of_memory: bool) -> bool {
+        match (self.memory.as_mut(), self.conn.as_ref()) {
+            (Some(fit), Some(conn)) => fit.fit(conn, index_bytes(conn), out_of_memory),
+            _ => false,
         }
     }
 
@@ -480,9 +481,24 @@ impl ParquetSink {
         &self,
         f: impl FnOnce(&mut Connection, &mut Catalog, &Path) -> Result<T, SinkError> + Send + 'static,
     ) -> Result<T, SinkError> {
+        let mut f = Some(f);
+        self.with_conn_retrying(false, move |c, catalog, root| {
+            f.take().expect("called once without retries")(c, catalog, root)
+        })
+        .await
+    }
+
+    /// Runs `f` with the state connection on the blocking pool; with
+    /// `retry_out_of_memory`, again at once while it runs out of memory and that raised
+    /// the limit (as the DuckDB sink's loads).
+    async fn with_conn_retrying<T: Send + 'static>(
+        &self,
+        retry_out_of_memory: bool,
+        mut f: impl FnMut(&mut Connection, &mut Catalog, &Path) -> Result<T, SinkError> + Send + 'static,
+    ) -> Result<T, SinkError> {
         let state = self.state.clone();
         let root = self.root.clone();
-        tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || loop {
             let mut guard = state.lock().unwrap_or_else(|poisoned| {
                 // A panic while the state database was in use (its transaction rolled
                 // back as it unwound): open it again, catalog and all, rather than
@@ -495,8 +511,9 @@ impl ParquetSink {
             let st = &mut *guard;
             st.conn(&root)?;
             let out = f(st.conn.as_mut().expect("open"), &mut st.catalog, &root);
-            st.fit(matches!(&out, Err(e) if out_of_memory(e)));
-            match out {
+            let out_of_memory = matches!(&out, Err(e) if out_of_memory(e));
+            let raised = st.fit(out_of_memory);
+            let out = match out {
                 // A fatal error says nothing about the data: retry, never quarantine.
                 Err(SinkError::Permanent(e)) if st.check(&root) => Err(SinkError::Transient(e)),
                 Err(e) => {
@@ -504,6 +521,14 @@ impl ParquetSink {
                     Err(e)
                 }
                 ok => ok,
+            };
+            match out {
+                // Each retry follows a raise, and the limit stops at DuckDB's own
+                // default: this ends.
+                Err(e) if retry_out_of_memory && out_of_memory && raised => {
+                    tracing::info!(error = %e, "the load ran out of memory; its limit is raised, trying it again now");
+                }
+                out => return out,
             }
         })
         .await
@@ -1031,7 +1056,7 @@ impl Sink for ParquetSink {
     }
 
     async fn write(&self, load: Arc<Prepared>) -> Result<LoadStats, SinkError> {
-        self.with_conn(move |c, catalog, root| write(c, catalog, root, &load))
+        self.with_conn_retrying(true, move |c, catalog, root| write(c, catalog, root, &load))
             .await
     }
 
