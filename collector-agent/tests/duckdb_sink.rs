@@ -173,6 +173,45 @@ async fn a_memory_cap_sets_the_default_limit_and_a_session_out_of_memory_raises_
     assert!(limit >= 4.0 * 30.5, "{limit} MiB");
 }
 
+// `checkpoint_on_stop = false`: the agent stops without folding the write-ahead log into
+// the file (under a small memory cap, that checkpoint was the agent's peak). The rows
+// stay in the log beside the file, and a reader, read-only too, has them all. By
+// default the stop folds the log in, as before.
+#[tokio::test]
+async fn checkpoint_on_stop_false_leaves_the_rows_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    for (on_stop, name) in [(Some(false), "kept.duckdb"), (None, "folded.duckdb")] {
+        let path = dir.path().join(name);
+        let sink = DuckDbSink::open_config(&collector_agent::config::DuckDbConfig {
+            path: path.clone(),
+            memory_cap: Some("32MB".into()),
+            row_group_size: Some(16384),
+            checkpoint_on_stop: on_stop,
+            ..Default::default()
+        })
+        .unwrap();
+        sink.load(&common::wide_lease(0..2)).await.unwrap();
+        drop(sink);
+        let wal = std::fs::metadata(path.with_extension("duckdb.wal")).map_or(0, |m| m.len());
+        if on_stop == Some(false) {
+            assert!(wal > 100_000, "{name}: log of {wal} bytes");
+        } else {
+            assert_eq!(wal, 0, "{name}: log of {wal} bytes");
+        }
+        let reader = duckdb::Connection::open_with_flags(
+            &path,
+            duckdb::Config::default()
+                .access_mode(duckdb::AccessMode::ReadOnly)
+                .unwrap(),
+        )
+        .unwrap();
+        let n: i64 = reader
+            .query_row("SELECT count(*) FROM message_ids", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1000, "{name}");
+    }
+}
+
 // The tuning keys reach DuckDB.
 #[tokio::test]
 async fn memory_limit_and_threads_are_applied() {
@@ -184,6 +223,7 @@ async fn memory_limit_and_threads_are_applied() {
         checkpoint_threshold: Some("48MB".into()),
         row_group_size: None,
         memory_cap: None,
+        checkpoint_on_stop: None,
     })
     .unwrap();
     let r = sink

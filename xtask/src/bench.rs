@@ -163,7 +163,8 @@ pub struct DrainSink {
 /// The DuckDB settings that keep the embedded agent's loads under 100 MB (README,
 /// Memory): a smaller buffer pool, row groups that bound a checkpoint's work, smaller
 /// leases.
-pub const LEAN_DUCKDB: &str = "memory_cap = \"32MB\"\nrow_group_size = 16384\nthreads = 1";
+pub const LEAN_DUCKDB: &str =
+    "memory_cap = \"32MB\"\nrow_group_size = 16384\nthreads = 1\ncheckpoint_on_stop = false";
 pub const LEAN_AGENT: &str = "lease_batches = 2";
 /// The lake's DuckDB settings that keep the agent under 100 MB with identity on (README,
 /// Memory), with [`LEAN_AGENT`]'s leases.
