@@ -329,7 +329,8 @@ pub async fn memory_limit_mib(sink: &dyn collector_agent::sinks::Sink) -> f64 {
 /// A lease of batches `batches` (ids) of 500 events of a browser each (a context with a
 /// page, a campaign and consent; a thousand visitors): in ten, one identify (100
 /// users), two pages and seven tracks (3 properties). Ten of these batches in one load
-/// run out of memory in a 32MB DuckDB pool on two threads.
+/// run out of memory in the lake's DuckDB with a 32MB pool on two threads (the DuckDB
+/// sink's loads fit there).
 pub fn wide_lease(batches: std::ops::Range<i64>) -> collector_agent::sinks::Load {
     use serde_json::json;
     let event = |b: i64, i: i64| {

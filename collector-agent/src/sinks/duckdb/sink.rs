@@ -495,6 +495,23 @@ pub(crate) fn out_of_memory(e: &SinkError) -> bool {
         || text.contains("could not allocate block")
 }
 
+/// Whether a load that failed (`out`) is written again at once: it ran out of memory
+/// and that raised the limit. Each retry follows a raise, and the limit stops at
+/// DuckDB's own default, so the retries end. Shared by the DuckDB sink and the lake.
+pub(crate) fn retry_after_raise<T>(
+    out: &Result<T, SinkError>,
+    out_of_memory: bool,
+    raised: bool,
+) -> bool {
+    match out {
+        Err(e) if out_of_memory && raised => {
+            tracing::info!(error = %e, "the load ran out of memory; its limit is raised, trying it again now");
+            true
+        }
+        _ => false,
+    }
+}
+
 pub(crate) fn transient(e: duckdb::Error) -> SinkError {
     SinkError::Transient(e.to_string())
 }
@@ -796,13 +813,8 @@ impl DuckDbSink {
                 }
                 ok => ok,
             };
-            match out {
-                // Each retry follows a raise, and the limit stops at DuckDB's own
-                // default: this ends.
-                Err(e) if retry_out_of_memory && out_of_memory && raised => {
-                    tracing::info!(error = %e, "the load ran out of memory; its limit is raised, trying it again now");
-                }
-                out => return out,
+            if !(retry_out_of_memory && retry_after_raise(&out, out_of_memory, raised)) {
+                return out;
             }
         })
         .await

@@ -14,8 +14,9 @@ use crate::sinks::duckdb::config::DEFAULT_MEMORY_CAP;
 use crate::sinks::duckdb::sink::{
     apply_migrations, apply_plan_ddl, classify, create_fixed_table_sql, dead_letters, finish_load,
     fit_default_memory, ident, in_utc, index_bytes, load_catalog, out_of_memory, quarantined,
-    register_ids, run_query, sql_type, stage, transient, write_rejected, write_state, write_users,
-    DuckSession, MemoryFit, CATALOG_SQL, REGISTRY_SQL, UNKEYED_REGISTRY_SQL,
+    register_ids, retry_after_raise, run_query, sql_type, stage, transient, write_rejected,
+    write_state, write_users, DuckSession, MemoryFit, CATALOG_SQL, REGISTRY_SQL,
+    UNKEYED_REGISTRY_SQL,
 };
 use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
 use crate::sinks::tables::{self, Catalog, TableKind, TableLoad, TableRow};
@@ -482,7 +483,7 @@ impl ParquetSink {
         f: impl FnOnce(&mut Connection, &mut Catalog, &Path) -> Result<T, SinkError> + Send + 'static,
     ) -> Result<T, SinkError> {
         let mut f = Some(f);
-        self.with_conn_retrying(false, move |c, catalog, root| {
+        self.with_conn_retrying(true, move |c, catalog, root| {
             f.take().expect("called once without retries")(c, catalog, root)
         })
         .await
@@ -522,13 +523,8 @@ impl ParquetSink {
                 }
                 ok => ok,
             };
-            match out {
-                // Each retry follows a raise, and the limit stops at DuckDB's own
-                // default: this ends.
-                Err(e) if retry_out_of_memory && out_of_memory && raised => {
-                    tracing::info!(error = %e, "the load ran out of memory; its limit is raised, trying it again now");
-                }
-                out => return out,
+            if !(retry_out_of_memory && retry_after_raise(&out, out_of_memory, raised)) {
+                return out;
             }
         })
         .await
