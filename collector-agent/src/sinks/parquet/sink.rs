@@ -483,7 +483,7 @@ impl ParquetSink {
         f: impl FnOnce(&mut Connection, &mut Catalog, &Path) -> Result<T, SinkError> + Send + 'static,
     ) -> Result<T, SinkError> {
         let mut f = Some(f);
-        self.with_conn_retrying(true, move |c, catalog, root| {
+        self.with_conn_retrying(false, move |c, catalog, root| {
             f.take().expect("called once without retries")(c, catalog, root)
         })
         .await
