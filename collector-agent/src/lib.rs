@@ -683,6 +683,15 @@ impl Drainer {
         destinations::sync::dry_run(&mut *session, &target, now_ms).await
     }
 
+    /// Tells the warehouse the agent has nothing to load for now ([`Sink::idle`]): an
+    /// embedded DuckDB gives back the memory it keeps only to go faster. A failure is
+    /// logged, never fatal (the next load opens the warehouse again if it must).
+    pub async fn idle(&self) {
+        if let Err(e) = self.sink.idle().await {
+            tracing::warn!(error = %e, "the warehouse could not give its memory back while idle");
+        }
+    }
+
     /// Resolves identity and profiles in the warehouse (SQL sinks only).
     /// `None` when the warehouse has no SQL or `[identity] enabled = false`.
     pub async fn resolve_identity(&self) -> Result<Option<identity::IdentityStats>, SinkError> {
@@ -847,6 +856,8 @@ pub async fn run(
     let mut audiences_at = tokio::time::Instant::now();
     let mut backoff = poll;
     let mut shards: Option<u32> = None;
+    // Whether the warehouse did work since it was last told the agent idles.
+    let mut busy = false;
     while !*stop_rx.borrow() {
         let result: Result<u64, DrainError> = async {
             let n = match shards {
@@ -872,6 +883,7 @@ pub async fn run(
         // Time windows move on even when nothing loads.
         if audiences_at.elapsed() >= audience_interval {
             audiences_at = tokio::time::Instant::now();
+            busy = true;
             // People first, when the run after the last load failed.
             drainer.retry_stale_identity().await;
             if let Err(e) = drainer.evaluate_audiences(now_ms()).await {
@@ -885,10 +897,16 @@ pub async fn run(
         let pause = match result {
             Ok(0) => {
                 backoff = poll;
+                // The edge is empty: what the warehouse kept for the loads (and the
+                // identity and audience runs after them) is given back until the next.
+                if std::mem::take(&mut busy) {
+                    drainer.idle().await;
+                }
                 poll
             }
             Ok(_) => {
                 backoff = poll;
+                busy = true;
                 Duration::ZERO
             }
             Err(e) => {

@@ -415,3 +415,63 @@ async fn a_fatal_error_reopens_the_warehouse_and_the_retry_lands_once() {
         vec![vec![Some(expected)]]
     );
 }
+
+// An agent with nothing to load gives DuckDB's memory back (`Sink::idle`): a checkpoint
+// moves the rows committed since the last one from memory into the file, and the cached
+// blocks are evicted; the memory limit is then what it was (a fitted default, a capped
+// default, a configured one). Not while a session is open: its statements would find no
+// memory while the limit is down. Loads go on after it.
+#[tokio::test]
+async fn idle_gives_the_memory_back_and_keeps_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = "SELECT sum(memory_usage_bytes)::BIGINT FROM duckdb_memory()";
+    for (i, (memory_limit, memory_cap)) in
+        [(None, None), (Some("200MB"), None), (None, Some("96MB"))]
+            .into_iter()
+            .enumerate()
+    {
+        let path = dir.path().join(format!("w{i}.duckdb"));
+        let wal = || std::fs::metadata(path.with_extension("duckdb.wal")).map_or(0, |m| m.len());
+        let sink = DuckDbSink::open_config(&collector_agent::config::DuckDbConfig {
+            path: path.clone(),
+            memory_limit: memory_limit.map(String::from),
+            memory_cap: memory_cap.map(String::from),
+            ..Default::default()
+        })
+        .unwrap();
+        sink.load(&common::wide_lease(0..4)).await.unwrap();
+        let limit = common::setting(&sink, "memory_limit").await;
+        let before: i64 = common::one(&sink, held).await.unwrap().parse().unwrap();
+        assert!(before > 4_000_000, "case {i}: DuckDB holds {before} bytes");
+        assert!(wal() > 0, "case {i}");
+
+        let session = sink.session().await.unwrap().unwrap();
+        sink.idle().await.unwrap();
+        let kept: i64 = common::one(&sink, held).await.unwrap().parse().unwrap();
+        assert!(
+            kept * 10 >= before * 9,
+            "case {i}: {before} → {kept} with a session open"
+        );
+        assert!(wal() > 0, "case {i}: checkpointed with a session open");
+        drop(session);
+
+        sink.idle().await.unwrap();
+        let after: i64 = common::one(&sink, held).await.unwrap().parse().unwrap();
+        assert!(after * 4 < before, "case {i}: {before} → {after} bytes");
+        assert_eq!(wal(), 0, "case {i}: the log is folded into the file");
+        assert_eq!(
+            common::setting(&sink, "memory_limit").await,
+            limit,
+            "case {i}"
+        );
+
+        sink.load(&common::wide_lease(4..6)).await.unwrap();
+        assert_eq!(
+            common::one(&sink, "SELECT count(*) FROM message_ids")
+                .await
+                .as_deref(),
+            Some("3000"),
+            "case {i}"
+        );
+    }
+}

@@ -941,3 +941,35 @@ async fn a_load_out_of_memory_raises_the_limit_and_loads_at_once() {
         vec![vec![common::s("3500")]]
     );
 }
+
+// The lake's state file gives its memory back when the agent idles, as a DuckDB
+// warehouse does (`duckdb_sink::idle_gives_the_memory_back_and_keeps_the_limit`): not
+// with a session open, and with the limit as it was after.
+#[tokio::test]
+async fn an_idle_lake_gives_its_memory_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("lake");
+    let wal = || std::fs::metadata(root.join("_collector/state.duckdb.wal")).map_or(0, |m| m.len());
+    let sink = ParquetSink::open_config(&lake_config(&root)).unwrap();
+    sink.load(&common::wide_lease(0..4)).await.unwrap();
+    let held = "SELECT sum(memory_usage_bytes)::BIGINT FROM duckdb_memory()";
+    let limit = common::setting(&sink, "memory_limit").await;
+    let before: i64 = common::one(&sink, held).await.unwrap().parse().unwrap();
+    assert!(wal() > 0);
+
+    let session = sink.session().await.unwrap().unwrap();
+    sink.idle().await.unwrap();
+    assert!(wal() > 0, "checkpointed with a session open");
+    drop(session);
+
+    sink.idle().await.unwrap();
+    let after: i64 = common::one(&sink, held).await.unwrap().parse().unwrap();
+    assert!(after * 2 < before, "{before} → {after} bytes");
+    assert_eq!(wal(), 0);
+    assert_eq!(common::setting(&sink, "memory_limit").await, limit);
+    sink.load(&common::wide_lease(4..6)).await.unwrap();
+    assert_eq!(
+        common::rows(&sink, "SELECT count(*) FROM message_ids").await,
+        vec![vec![common::s("3000")]]
+    );
+}

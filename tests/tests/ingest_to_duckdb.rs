@@ -312,6 +312,59 @@ async fn a_failed_checkpoint_under_a_small_memory_cap_is_survived() {
     agent.await.unwrap().unwrap();
 }
 
+// A running agent that finds the edge empty gives back what its embedded DuckDB kept
+// for the loads: it checkpoints (the rows of the loads leave memory for the file, so
+// the write-ahead log is folded in while the agent runs, not only when it stops) and
+// evicts the cached blocks. Loads go on when events come again.
+#[tokio::test]
+async fn an_idle_agent_folds_the_log_into_the_file_and_loads_on() {
+    let st = Stack::start();
+    post_wide_events(&st, 2_000).await;
+    let cfg = st.agent_config();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(collector_agent::run(cfg.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+    let state = cfg.warehouse.state_file();
+    let wal = st.warehouse().with_extension("duckdb.wal");
+    let wal_len = || std::fs::metadata(&wal).map_or(0, |m| m.len());
+    let count = || {
+        let w = state.clone();
+        async move {
+            collector_agent::admin::query_running_agent(&w, "SELECT count(*) FROM message_ids")
+                .await
+                .ok()
+                .flatten()
+                .and_then(|r| r.rows[0][0].clone())
+                .unwrap_or_default()
+        }
+    };
+    for (want, more) in [("2000", true), ("2100", false)] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        // Loaded, then idle: the log is empty while the agent runs.
+        loop {
+            if count().await == want && wal_len() == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?} events loaded, a log of {} bytes",
+                count().await,
+                wal_len()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        if more {
+            let batch: Vec<_> = (2_000..2_100).map(wide_event).collect();
+            let r = st.post("/v1/batch", &json!({ "batch": batch })).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+    }
+    let _ = stop_tx.send(());
+    agent.await.unwrap().unwrap();
+    assert_eq!(st.count("tracks"), 1_470);
+}
+
 /// Browser events wider than the drain bench's: a context with page and campaign, and
 /// one identify (50 users) and two pages in ten.
 fn wide_event(i: usize) -> serde_json::Value {

@@ -221,75 +221,42 @@ pub fn drain_run(
             sink.warehouse,
         ),
     )?;
-    let t = Instant::now();
     // `BENCH_AGENT_BIN=PATH`: another build of the agent (an earlier commit's, to
     // compare).
     let agent = std::env::var_os("BENCH_AGENT_BIN")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| tools.root.join("target/release/collector-agent"));
+    // `BENCH_AGENT_LOG=DIR`: the agent logs at `info` (limits raised, identity runs),
+    // kept as `DIR/<sink>.log`.
+    let log = if std::env::var_os("BENCH_AGENT_LOG").is_some() {
+        "collector_agent=info"
+    } else {
+        "warn"
+    };
+    // `BENCH_DRAIN_DAEMON=WAVES`: the agent as a daemon instead, through that many
+    // backlogs like the one above, and its memory at rest after each.
+    if let Some(waves) = std::env::var("BENCH_DRAIN_DAEMON")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|w| *w > 0)
+    {
+        return daemon_waves(edge, &config, &agent, log, sink, r, &seq, waves, rows);
+    }
+    let t = Instant::now();
     let child = Command::new(agent)
         .args(["run", "--once", "--config"])
         .arg(&config)
-        // `BENCH_AGENT_LOG=DIR`: the agent logs at `info` (limits raised, identity
-        // runs), kept as `DIR/<sink>.log`.
-        .env(
-            "RUST_LOG",
-            if std::env::var_os("BENCH_AGENT_LOG").is_some() {
-                "collector_agent=info"
-            } else {
-                "warn"
-            },
-        )
+        .env("RUST_LOG", log)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .context("run the agent")?;
-    // Its peak resident memory, sampled from /proc while it runs.
-    let pid = child.id();
-    let peak_kb = Arc::new(AtomicU64::new(0));
-    // `BENCH_SMAPS=DIR`: keeps `/proc/PID/smaps` as it was at the highest RSS sampled,
-    // as `DIR/<sink>.smaps`, to see what the peak is made of.
-    let smaps_out = std::env::var_os("BENCH_SMAPS").map(|d| {
-        std::path::PathBuf::from(d).join(format!("{}.smaps", sink.label.replace(' ', "_")))
-    });
-    let sampler = {
-        let peak_kb = peak_kb.clone();
-        std::thread::spawn(move || {
-            let mut highest_rss = 0;
-            loop {
-                let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-                    return;
-                };
-                let kb = |key: &str| {
-                    status
-                        .lines()
-                        .find_map(|l| l.strip_prefix(key))
-                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                };
-                if let Some(kb) = kb("VmHWM:") {
-                    peak_kb.fetch_max(kb, Ordering::Relaxed);
-                }
-                if let (Some(out), Some(rss)) = (&smaps_out, kb("VmRSS:")) {
-                    if rss > highest_rss {
-                        highest_rss = rss;
-                        if let Ok(smaps) = std::fs::read(format!("/proc/{pid}/smaps")) {
-                            let _ = std::fs::write(out, smaps);
-                        }
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
+    let sampler = RssSampler::start(child.id(), sink.label);
     let out = child.wait_with_output().context("run the agent")?;
     let drain_s = t.elapsed().as_secs_f64();
-    let _ = sampler.join();
+    let peak_mb = sampler.stop();
+    keep_log(sink.label, &out.stderr)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    if let Some(d) = std::env::var_os("BENCH_AGENT_LOG") {
-        let path = std::path::PathBuf::from(d)
-            .join(format!("{}.log", sink.label.replace([' ', ','], "_")));
-        std::fs::write(&path, &out.stderr).with_context(|| format!("write {}", path.display()))?;
-    }
     anyhow::ensure!(
         out.status.success(),
         "agent failed: {stdout}{}",
@@ -311,15 +278,229 @@ pub fn drain_run(
         "  rows lost (events accepted - rows inserted)".into(),
         r.accepted_events.saturating_sub(inserted).to_string(),
     ));
-    rows.push((
-        "  agent peak RSS".into(),
-        format!("{:.1} MB", peak_kb.load(Ordering::Relaxed) as f64 / 1024.0),
-    ));
+    rows.push(("  agent peak RSS".into(), format!("{peak_mb:.1} MB")));
     // A run that finished can still have failed a step after its loads (identity
     // running out of memory): the figures above are only what they say with none.
     rows.push((
         "  agent warnings".into(),
         warnings(&String::from_utf8_lossy(&out.stderr)),
+    ));
+    Ok(rows)
+}
+
+/// The agent's resident memory, sampled from `/proc` every 20 ms while it runs: its
+/// peak (`VmHWM`) and the last value. `BENCH_SMAPS=DIR` keeps `/proc/PID/smaps` as it
+/// was at the highest RSS sampled, as `DIR/<sink>.smaps`, to see what the peak is made of.
+struct RssSampler {
+    peak_kb: Arc<AtomicU64>,
+    now_kb: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl RssSampler {
+    fn start(pid: u32, label: &str) -> RssSampler {
+        let smaps_out = std::env::var_os("BENCH_SMAPS").map(|d| {
+            std::path::PathBuf::from(d).join(format!("{}.smaps", label.replace(' ', "_")))
+        });
+        let peak_kb = Arc::new(AtomicU64::new(0));
+        let now_kb = Arc::new(AtomicU64::new(0));
+        // `BENCH_RSS_TRACE=DIR`: every sample, as `DIR/<sink>.rss` (`ms-since-start kB`).
+        let mut trace = std::env::var_os("BENCH_RSS_TRACE").and_then(|d| {
+            std::fs::File::create(
+                std::path::PathBuf::from(d).join(format!("{}.rss", label.replace(' ', "_"))),
+            )
+            .ok()
+        });
+        let (peak, now) = (peak_kb.clone(), now_kb.clone());
+        let thread = std::thread::spawn(move || {
+            let t = Instant::now();
+            let mut highest_rss = 0;
+            loop {
+                let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+                    return;
+                };
+                let kb = |key: &str| {
+                    status
+                        .lines()
+                        .find_map(|l| l.strip_prefix(key))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                };
+                if let Some(kb) = kb("VmHWM:") {
+                    peak.fetch_max(kb, Ordering::Relaxed);
+                }
+                if let Some(rss) = kb("VmRSS:") {
+                    now.store(rss, Ordering::Relaxed);
+                    if let Some(f) = trace.as_mut() {
+                        let _ = writeln!(f, "{} {rss}", t.elapsed().as_millis());
+                    }
+                    if let Some(out) = smaps_out.as_ref().filter(|_| rss > highest_rss) {
+                        highest_rss = rss;
+                        if let Ok(smaps) = std::fs::read(format!("/proc/{pid}/smaps")) {
+                            let _ = std::fs::write(out, smaps);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        RssSampler {
+            peak_kb,
+            now_kb,
+            thread,
+        }
+    }
+
+    /// The resident memory last sampled, in MB.
+    fn now_mb(&self) -> f64 {
+        self.now_kb.load(Ordering::Relaxed) as f64 / 1024.0
+    }
+
+    /// The peak, in MB, once the process has exited.
+    fn stop(self) -> f64 {
+        let _ = self.thread.join();
+        self.peak_kb.load(Ordering::Relaxed) as f64 / 1024.0
+    }
+}
+
+/// Keeps the agent's log as `BENCH_AGENT_LOG/<sink>.log` when asked to.
+fn keep_log(label: &str, stderr: &[u8]) -> Result<()> {
+    if let Some(d) = std::env::var_os("BENCH_AGENT_LOG") {
+        let path =
+            std::path::PathBuf::from(d).join(format!("{}.log", label.replace([' ', ','], "_")));
+        std::fs::write(&path, stderr).with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The agent as a daemon (`collector-agent run`, stopped with SIGTERM at the end) through
+/// `waves` backlogs: the first is posted before it starts (`first`), each later one
+/// while it idles. For each wave: its rows/s (from the agent's start, or the wave's
+/// first request, to the moment `/metrics` counts its last row) and the agent's
+/// resident memory 10 s later, at rest (identity and audiences run after a load);
+/// then the peak over all waves.
+#[allow(clippy::too_many_arguments)]
+fn daemon_waves(
+    edge: &LocalEdge,
+    config: &std::path::Path,
+    agent: &std::path::Path,
+    log: &str,
+    sink: &DrainSink,
+    first: LoadRun,
+    seq: &AtomicU64,
+    waves: u32,
+    mut rows: Vec<(String, String)>,
+) -> Result<Vec<(String, String)>> {
+    let metrics = format!("127.0.0.1:{}", collector_e2e::free_port());
+    let mut text = std::fs::read_to_string(config)?;
+    text = format!("metrics_addr = \"{metrics}\"\n{text}");
+    std::fs::write(config, text)?;
+    let mut child = Command::new(agent)
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", log)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("run the agent")?;
+    let sampler = RssSampler::start(child.id(), sink.label);
+    // Read as it comes: a full pipe would stop the agent.
+    let stderr_reader = child.stderr.take().map(|mut e| {
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = Vec::new();
+            let _ = e.read_to_end(&mut buf);
+            buf
+        })
+    });
+    let client = reqwest::blocking::Client::new();
+    // Rows in `tracks` (every bench event is a track), from the agent's own count.
+    let loaded = || -> Option<u64> {
+        let body = client
+            .get(format!("http://{metrics}/metrics"))
+            .send()
+            .ok()?
+            .text()
+            .ok()?;
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix("collector_agent_events_inserted_total{table=\"tracks\"} ")
+            })
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let mut accepted = 0;
+    let mut run = Some(first);
+    let result = (|| -> Result<()> {
+        for wave in 1..=waves {
+            let t = Instant::now();
+            let r = match run.take() {
+                Some(r) => r,
+                None => load_run(
+                    &format!("{}/v1/batch", edge.url),
+                    20,
+                    scaled(
+                        std::env::var("BENCH_DRAIN_REQUESTS")
+                            .ok()
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(1_800),
+                    ),
+                    16,
+                    seq,
+                    &|| edge.workerd_cpu_seconds(),
+                )?,
+            };
+            accepted += r.accepted_events;
+            let deadline = Instant::now() + Duration::from_secs(600);
+            let n = loop {
+                let n = loaded().unwrap_or(0);
+                if n >= accepted {
+                    break n;
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "wave {wave}: the agent loaded {n} of {accepted} events in 10 minutes"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            let secs = t.elapsed().as_secs_f64();
+            std::thread::sleep(Duration::from_secs(10));
+            rows.push((
+                format!("agent daemon into {}, wave {wave} of {waves}", sink.label),
+                format!(
+                    "{:.0} rows/s ({} rows in {secs:.2} s, posting included after the first); RSS at rest {:.1} MB",
+                    r.accepted_events as f64 / secs,
+                    r.accepted_events,
+                    sampler.now_mb()
+                ),
+            ));
+            rows.push((
+                "  rows loaded beyond the events accepted".into(),
+                (n - accepted).to_string(),
+            ));
+        }
+        Ok(())
+    })();
+    let _ = Command::new("kill")
+        .args(["-s", "TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().context("wait for the agent")?;
+    let stderr = stderr_reader
+        .and_then(|t| t.join().ok())
+        .unwrap_or_default();
+    let peak_mb = sampler.stop();
+    keep_log(sink.label, &stderr)?;
+    result?;
+    anyhow::ensure!(
+        status.success(),
+        "agent stopped with {status}: {}",
+        String::from_utf8_lossy(&stderr)
+    );
+    rows.push((
+        "  agent peak RSS, all waves".into(),
+        format!("{peak_mb:.1} MB"),
+    ));
+    rows.push((
+        "  agent warnings".into(),
+        warnings(&String::from_utf8_lossy(&stderr)),
     ));
     Ok(rows)
 }

@@ -169,6 +169,14 @@ pub trait Sink: Send + Sync {
         self.session().await
     }
 
+    /// The agent has nothing to load for now (the edge was found empty after a load, or
+    /// after the audiences' schedule ran): gives back the memory the warehouse keeps only
+    /// to go faster. An embedded DuckDB (the DuckDB sink, the lake's state file)
+    /// checkpoints and evicts its cached blocks; a server keeps its memory itself.
+    async fn idle(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+
     /// Whether the event rows live in files (a lake), erased by [`Sink::erase_files`]
     /// rather than by SQL.
     fn rows_in_files(&self) -> bool {

@@ -61,6 +61,8 @@ fn create_table_sql(kind: EventKind) -> String {
 /// blocking pool, one at a time (DuckDB lets one process write the file).
 pub struct DuckDbSink {
     state: Arc<Mutex<State>>,
+    /// Sessions open now (see [`LiveSessions`]).
+    sessions: LiveSessions,
 }
 
 /// The open warehouse, and what it takes to open it again.
@@ -462,6 +464,90 @@ fn set_size(conn: &Connection, setting: &str, bytes: u64) -> Result<(), SinkErro
         .map_err(transient)
 }
 
+/// The statements that set `memory_limit` back to what the sink runs with: the default
+/// limit as it was fitted (`memory`), or else the configured one (in `settings`, the
+/// configured `SET`s, applied again) or DuckDB's own default.
+pub(crate) fn memory_limit_sql(memory: Option<MemoryFit>, settings: &str) -> String {
+    match memory {
+        Some(fit) => format!("SET memory_limit = '{}B';", fit.limit),
+        None => format!("RESET memory_limit;{settings}"),
+    }
+}
+
+/// Gives back the memory DuckDB keeps only to go faster, for an agent with nothing to
+/// load: a `CHECKPOINT` folds the rows committed since the last one (held uncompressed
+/// in memory until then) into the file, and the blocks cached from the file are
+/// evicted: DuckDB evicts what it can on the way to a lower `memory_limit`, and keeps
+/// it evicted when that limit cannot be reached (it then refuses the limit), so a
+/// limit of one byte evicts every block it can; `restore` (see [`memory_limit_sql`])
+/// then sets the limit back. Nothing else may use the database meanwhile (a query
+/// would find no memory): call it under the sink's lock, with no session open. What
+/// DuckDB held before and after, in bytes.
+pub(crate) fn release_memory(conn: &Connection, restore: &str) -> Result<(u64, u64), SinkError> {
+    let held = |c: &Connection| -> u64 {
+        c.query_row(
+            "SELECT coalesce(sum(memory_usage_bytes), 0)::BIGINT FROM duckdb_memory()",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_or(0, |b| b.max(0) as u64)
+    };
+    let before = held(conn);
+    conn.execute_batch("CHECKPOINT").map_err(transient)?;
+    let evicted = conn
+        .execute_batch("SET memory_limit = '1B'")
+        .map_err(transient);
+    // Should this fail, the check after the error finds the database refusing queries
+    // under the one-byte limit and opens it again, with its limit.
+    conn.execute_batch(restore).map_err(transient)?;
+    match evicted {
+        Err(e) if !out_of_memory(&e) => {
+            tracing::debug!(error = %e, "DuckDB refused the eviction limit for another reason than memory")
+        }
+        _ => {}
+    }
+    Ok((before, held(conn)))
+}
+
+/// How many [`DuckSession`]s of one database are open: [`release_memory`] runs only when
+/// none is, since a statement of theirs would find no memory while the limit is down.
+/// A session counts from the moment the sink made it (under its lock) until dropped.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LiveSessions(Arc<std::sync::atomic::AtomicUsize>);
+
+impl LiveSessions {
+    /// Counts one more session, until the returned guard is dropped.
+    pub(crate) fn open(&self) -> LiveSession {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        LiveSession(self.0.clone())
+    }
+
+    /// Whether no session is open.
+    pub(crate) fn none(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst) == 0
+    }
+}
+
+/// One open session, counted in [`LiveSessions`] until dropped.
+#[derive(Debug)]
+pub(crate) struct LiveSession(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for LiveSession {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Logs what [`release_memory`] gave back.
+pub(crate) fn log_released(what: &str, (before, after): (u64, u64)) {
+    tracing::debug!(
+        warehouse = what,
+        held_mb = format!("{:.1}", before as f64 / 1e6),
+        now_mb = format!("{:.1}", after as f64 / 1e6),
+        "idle: DuckDB checkpointed and evicted its cached blocks"
+    );
+}
+
 /// Classifies a DuckDB error: data the warehouse will never take (conversion,
 /// constraint, out of range, invalid input) is permanent; everything else (I/O, locks,
 /// a schema an operator must fix) is transient and retried.
@@ -743,6 +829,7 @@ impl DuckDbSink {
         let (conn, catalog, memory, checkpoint) =
             open_file(path, &settings, row_group_size, defaults)?;
         Ok(DuckDbSink {
+            sessions: LiveSessions::default(),
             state: Arc::new(Mutex::new(State {
                 conn: Some(conn),
                 catalog,
@@ -1338,8 +1425,9 @@ impl Sink for DuckDbSink {
     }
 
     async fn session(&self) -> Result<Option<Box<dyn SqlSession + '_>>, SinkError> {
-        let conn = self
-            .with_conn(|c, _| {
+        let sessions = self.sessions.clone();
+        let (conn, live) = self
+            .with_conn(move |c, _| {
                 let clone = c.try_clone().map_err(transient)?;
                 // A new connection starts in the instance's default database, which is
                 // not the warehouse when it was attached (`row_group_size`).
@@ -1349,18 +1437,52 @@ impl Sink for DuckDbSink {
                 clone
                     .execute_batch(&format!("USE {}", ident(&db)))
                     .map_err(transient)?;
-                Ok(clone)
+                // Counted under the lock that `idle` takes.
+                Ok((clone, sessions.open()))
             })
             .await?;
         let state = self.state.clone();
-        Ok(Some(Box::new(DuckSession::new(
-            conn,
-            Arc::new(move || {
-                if let Ok(mut st) = state.lock() {
-                    st.fit_to_indexes(true);
+        Ok(Some(Box::new(
+            DuckSession::new(
+                conn,
+                Arc::new(move || {
+                    if let Ok(mut st) = state.lock() {
+                        st.fit_to_indexes(true);
+                    }
+                }),
+            )
+            .counted(live),
+        )))
+    }
+
+    async fn idle(&self) -> Result<(), SinkError> {
+        let sessions = self.sessions.clone();
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            // A poisoned lock: the next load opens the warehouse again.
+            let Ok(mut guard) = state.lock() else {
+                return Ok(());
+            };
+            let st = &mut *guard;
+            let Some(conn) = st.conn.as_ref() else {
+                return Ok(());
+            };
+            if !sessions.none() {
+                return Ok(());
+            }
+            match release_memory(conn, &memory_limit_sql(st.memory, &st.settings)) {
+                Ok(held) => {
+                    log_released("duckdb", held);
+                    Ok(())
                 }
-            }),
-        ))))
+                Err(e) => {
+                    st.check();
+                    Err(e)
+                }
+            }
+        })
+        .await
+        .map_err(|e| SinkError::Transient(format!("warehouse task failed: {e}")))?
     }
 }
 
@@ -1373,6 +1495,8 @@ pub(crate) struct DuckSession {
     on_out_of_memory: OnOutOfMemory,
     /// [`SqlSession::rows_of_loads`], where the warehouse has it (the lake).
     rows_of_loads: Option<RowsOfLoads>,
+    /// Counts this session among its database's open ones until dropped.
+    _live: Option<LiveSession>,
 }
 
 /// What a session calls when DuckDB ran out of memory.
@@ -1391,7 +1515,14 @@ impl DuckSession {
             conn: Arc::new(Mutex::new(conn)),
             on_out_of_memory,
             rows_of_loads: None,
+            _live: None,
         }
+    }
+
+    /// This session, counted in its database's [`LiveSessions`] until dropped.
+    pub(crate) fn counted(mut self, live: LiveSession) -> DuckSession {
+        self._live = Some(live);
+        self
     }
 
     /// This session, naming the rows of loads with `f`.

@@ -13,10 +13,10 @@ use super::config::ParquetConfig;
 use crate::sinks::duckdb::config::DEFAULT_MEMORY_CAP;
 use crate::sinks::duckdb::sink::{
     apply_migrations, apply_plan_ddl, classify, create_fixed_table_sql, dead_letters, finish_load,
-    fit_default_memory, ident, in_utc, index_bytes, load_catalog, out_of_memory, quarantined,
-    register_ids, retry_after_raise, run_query, sql_type, stage, transient, write_rejected,
-    write_state, write_users, DuckSession, MemoryFit, CATALOG_SQL, REGISTRY_SQL,
-    UNKEYED_REGISTRY_SQL,
+    fit_default_memory, ident, in_utc, index_bytes, load_catalog, log_released, memory_limit_sql,
+    out_of_memory, quarantined, register_ids, release_memory, retry_after_raise, run_query,
+    sql_type, stage, transient, write_rejected, write_state, write_users, DuckSession,
+    LiveSessions, MemoryFit, CATALOG_SQL, REGISTRY_SQL, UNKEYED_REGISTRY_SQL,
 };
 use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
 use crate::sinks::tables::{self, Catalog, TableKind, TableLoad, TableRow};
@@ -355,6 +355,8 @@ fn backfill_users(
 pub struct ParquetSink {
     root: PathBuf,
     state: Arc<Mutex<LakeState>>,
+    /// Sessions open on the state file now (see [`LiveSessions`]).
+    sessions: LiveSessions,
 }
 
 /// The lake's DuckDB: its state file, and how its settings were made.
@@ -467,6 +469,7 @@ impl ParquetSink {
         };
         let (conn, catalog, memory) = open_state(&cfg.path, &settings, default_memory_cap)?;
         Ok(ParquetSink {
+            sessions: LiveSessions::default(),
             root: cfg.path.clone(),
             state: Arc::new(Mutex::new(LakeState {
                 conn: Some(conn),
@@ -1006,11 +1009,13 @@ impl Sink for ParquetSink {
     /// over the files: identity, audiences and privacy requests run in it (their
     /// tables are in the state file; the events are read from the files).
     async fn session(&self) -> Result<Option<Box<dyn crate::sinks::SqlSession + '_>>, SinkError> {
-        let conn = self
-            .with_conn(|c, catalog, root| {
+        let sessions = self.sessions.clone();
+        let (conn, live) = self
+            .with_conn(move |c, catalog, root| {
                 let clone = c.try_clone().map_err(transient)?;
                 refresh_views(&clone, catalog, root)?;
-                Ok(clone)
+                // Counted under the lock that `idle` takes.
+                Ok((clone, sessions.open()))
             })
             .await?;
         let state = self.state.clone();
@@ -1024,8 +1029,40 @@ impl Sink for ParquetSink {
                     }
                 }),
             )
-            .reading_loads(Arc::new(move |c, table| rows_of_loads(c, &root, table))),
+            .reading_loads(Arc::new(move |c, table| rows_of_loads(c, &root, table)))
+            .counted(live),
         )))
+    }
+
+    async fn idle(&self) -> Result<(), SinkError> {
+        let sessions = self.sessions.clone();
+        let state = self.state.clone();
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || {
+            // A poisoned lock: the next call opens the state file again.
+            let Ok(mut guard) = state.lock() else {
+                return Ok(());
+            };
+            let st = &mut *guard;
+            let Some(conn) = st.conn.as_ref() else {
+                return Ok(());
+            };
+            if !sessions.none() {
+                return Ok(());
+            }
+            match release_memory(conn, &memory_limit_sql(st.memory, &st.settings)) {
+                Ok(held) => {
+                    log_released("parquet", held);
+                    Ok(())
+                }
+                Err(e) => {
+                    st.check(&root);
+                    Err(e)
+                }
+            }
+        })
+        .await
+        .map_err(|e| SinkError::Transient(format!("lake task failed: {e}")))?
     }
 
     fn rows_in_files(&self) -> bool {
