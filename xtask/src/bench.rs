@@ -189,13 +189,7 @@ pub fn drain_run(
     let r = load_run(
         &format!("{}/v1/batch", edge.url),
         20,
-        // `BENCH_DRAIN_REQUESTS=5400`: three times the backlog, to see what grows with it.
-        scaled(
-            std::env::var("BENCH_DRAIN_REQUESTS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(1_800),
-        ),
+        drain_requests(),
         connections,
         &seq,
         &|| edge.workerd_cpu_seconds(),
@@ -286,6 +280,17 @@ pub fn drain_run(
         warnings(&String::from_utf8_lossy(&out.stderr)),
     ));
     Ok(rows)
+}
+
+/// Requests of one drain backlog: 1,800 (36,000 events), or `BENCH_DRAIN_REQUESTS`
+/// (5400: three times the backlog, to see what grows with it); scaled for a smoke run.
+fn drain_requests() -> u64 {
+    scaled(
+        std::env::var("BENCH_DRAIN_REQUESTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_800),
+    )
 }
 
 /// The agent's resident memory, sampled from `/proc` every 20 ms while it runs: its
@@ -437,12 +442,7 @@ fn daemon_waves(
                 None => load_run(
                     &format!("{}/v1/batch", edge.url),
                     20,
-                    scaled(
-                        std::env::var("BENCH_DRAIN_REQUESTS")
-                            .ok()
-                            .and_then(|v| v.parse().ok())
-                            .unwrap_or(1_800),
-                    ),
+                    drain_requests(),
                     16,
                     seq,
                     &|| edge.workerd_cpu_seconds(),
