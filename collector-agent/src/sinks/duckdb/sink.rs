@@ -467,7 +467,7 @@ fn set_size(conn: &Connection, setting: &str, bytes: u64) -> Result<(), SinkErro
 /// The statements that set `memory_limit` back to what the sink runs with: the default
 /// limit as it was fitted (`memory`), or else the configured one (in `settings`, the
 /// configured `SET`s, applied again) or DuckDB's own default.
-pub(crate) fn memory_limit_sql(memory: Option<MemoryFit>, settings: &str) -> String {
+fn memory_limit_sql(memory: Option<MemoryFit>, settings: &str) -> String {
     match memory {
         Some(fit) => format!("SET memory_limit = '{}B';", fit.limit),
         None => format!("RESET memory_limit;{settings}"),
@@ -483,7 +483,7 @@ pub(crate) fn memory_limit_sql(memory: Option<MemoryFit>, settings: &str) -> Str
 /// then sets the limit back. Nothing else may use the database meanwhile (a query
 /// would find no memory): call it under the sink's lock, with no session open. What
 /// DuckDB held before and after, in bytes.
-pub(crate) fn release_memory(conn: &Connection, restore: &str) -> Result<(u64, u64), SinkError> {
+fn release_memory(conn: &Connection, restore: &str) -> Result<(u64, u64), SinkError> {
     let held = |c: &Connection| -> u64 {
         c.query_row(
             "SELECT coalesce(sum(memory_usage_bytes), 0)::BIGINT FROM duckdb_memory()",
@@ -538,14 +538,29 @@ impl Drop for LiveSession {
     }
 }
 
-/// Logs what [`release_memory`] gave back.
-pub(crate) fn log_released(what: &str, (before, after): (u64, u64)) {
+/// `Sink::idle` of an embedded DuckDB (the warehouse, `what`, or the lake's state
+/// file): [`release_memory`] on `conn`, with the limit set back to what `memory` and
+/// `settings` make it ([`memory_limit_sql`]); nothing while the database is closed
+/// (reopened at the next call) or a session is open. Call under the sink's lock; on an
+/// error, the caller checks whether DuckDB invalidated the database.
+pub(crate) fn release_when_idle(
+    conn: Option<&Connection>,
+    sessions: &LiveSessions,
+    memory: Option<MemoryFit>,
+    settings: &str,
+    what: &str,
+) -> Result<(), SinkError> {
+    let Some(conn) = conn.filter(|_| sessions.none()) else {
+        return Ok(());
+    };
+    let (before, after) = release_memory(conn, &memory_limit_sql(memory, settings))?;
     tracing::debug!(
         warehouse = what,
         held_mb = format!("{:.1}", before as f64 / 1e6),
         now_mb = format!("{:.1}", after as f64 / 1e6),
         "idle: DuckDB checkpointed and evicted its cached blocks"
     );
+    Ok(())
 }
 
 /// Classifies a DuckDB error: data the warehouse will never take (conversion,
@@ -1464,22 +1479,17 @@ impl Sink for DuckDbSink {
                 return Ok(());
             };
             let st = &mut *guard;
-            let Some(conn) = st.conn.as_ref() else {
-                return Ok(());
-            };
-            if !sessions.none() {
-                return Ok(());
+            let out = release_when_idle(
+                st.conn.as_ref(),
+                &sessions,
+                st.memory,
+                &st.settings,
+                "duckdb",
+            );
+            if out.is_err() {
+                st.check();
             }
-            match release_memory(conn, &memory_limit_sql(st.memory, &st.settings)) {
-                Ok(held) => {
-                    log_released("duckdb", held);
-                    Ok(())
-                }
-                Err(e) => {
-                    st.check();
-                    Err(e)
-                }
-            }
+            out
         })
         .await
         .map_err(|e| SinkError::Transient(format!("warehouse task failed: {e}")))?

@@ -13,10 +13,10 @@ use super::config::ParquetConfig;
 use crate::sinks::duckdb::config::DEFAULT_MEMORY_CAP;
 use crate::sinks::duckdb::sink::{
     apply_migrations, apply_plan_ddl, classify, create_fixed_table_sql, dead_letters, finish_load,
-    fit_default_memory, ident, in_utc, index_bytes, load_catalog, log_released, memory_limit_sql,
-    out_of_memory, quarantined, register_ids, release_memory, retry_after_raise, run_query,
-    sql_type, stage, transient, write_rejected, write_state, write_users, DuckSession,
-    LiveSessions, MemoryFit, CATALOG_SQL, REGISTRY_SQL, UNKEYED_REGISTRY_SQL,
+    fit_default_memory, ident, in_utc, index_bytes, load_catalog, out_of_memory, quarantined,
+    register_ids, release_when_idle, retry_after_raise, run_query, sql_type, stage, transient,
+    write_rejected, write_state, write_users, DuckSession, LiveSessions, MemoryFit, CATALOG_SQL,
+    REGISTRY_SQL, UNKEYED_REGISTRY_SQL,
 };
 use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
 use crate::sinks::tables::{self, Catalog, TableKind, TableLoad, TableRow};
@@ -1044,22 +1044,17 @@ impl Sink for ParquetSink {
                 return Ok(());
             };
             let st = &mut *guard;
-            let Some(conn) = st.conn.as_ref() else {
-                return Ok(());
-            };
-            if !sessions.none() {
-                return Ok(());
+            let out = release_when_idle(
+                st.conn.as_ref(),
+                &sessions,
+                st.memory,
+                &st.settings,
+                "parquet",
+            );
+            if out.is_err() {
+                st.check(&root);
             }
-            match release_memory(conn, &memory_limit_sql(st.memory, &st.settings)) {
-                Ok(held) => {
-                    log_released("parquet", held);
-                    Ok(())
-                }
-                Err(e) => {
-                    st.check(&root);
-                    Err(e)
-                }
-            }
+            out
         })
         .await
         .map_err(|e| SinkError::Transient(format!("lake task failed: {e}")))?
