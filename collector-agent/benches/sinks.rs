@@ -123,6 +123,90 @@ async fn time_sink(sink: Arc<dyn Sink>, loads: Vec<Load>) -> f64 {
     EVENTS as f64 / t.elapsed().as_secs_f64()
 }
 
+/// Loads a lake as a daemon at low traffic does (one small load after another, one
+/// file per table each), then times what its files cost a reader before and after
+/// compaction: a session's views (the agent binds one per table at every session) and
+/// a plain `read_parquet` of `tracks`, and the compaction itself.
+async fn lake_compaction(dir: &std::path::Path, events: &[StoredEvent]) {
+    const SMALL_LOADS: usize = 1_000;
+    const PER_LOAD: usize = 5;
+    let root = dir.join("lake-small");
+    let lake = ParquetSink::open(&root).unwrap();
+    for (l, chunk) in events.chunks(PER_LOAD).take(SMALL_LOADS).enumerate() {
+        lake.load(&Load::events(0, l as i64, chunk.to_vec()))
+            .await
+            .unwrap();
+    }
+    let glob = format!("{}/table=tracks/*/*.parquet", root.display());
+    let reader = |label: &str| {
+        let conn = duckdb::Connection::open_in_memory().unwrap();
+        let t = Instant::now();
+        let n: i64 = conn
+            .query_row(
+                &format!("SELECT count(DISTINCT message_id) FROM read_parquet('{glob}', union_by_name = true)"),
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n as usize, SMALL_LOADS * PER_LOAD);
+        println!("{label}\t{:.3} s", t.elapsed().as_secs_f64());
+    };
+    let session = |label: &'static str| {
+        let lake = &lake;
+        async move {
+            let t = Instant::now();
+            // A session binds a view over every table's files.
+            drop(lake.session().await.unwrap());
+            println!("{label}\t{:.3} s", t.elapsed().as_secs_f64());
+        }
+    };
+    let files = || {
+        walk(&root)
+            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+            .count()
+    };
+    println!(
+        "lake: files after {SMALL_LOADS} loads of {PER_LOAD} events\t{}",
+        files()
+    );
+    session("lake: a session's views, small files").await;
+    reader("lake: read_parquet of tracks, small files");
+    let t = Instant::now();
+    let done = lake
+        .compact(collector_agent::sinks::parquet::CompactPolicy {
+            min_files: 2,
+            today: "2099-01-01".into(),
+            budget: None,
+            crash_at: None,
+        })
+        .await
+        .unwrap();
+    println!(
+        "lake: compaction ({} partitions)\t{:.3} s",
+        done.len(),
+        t.elapsed().as_secs_f64()
+    );
+    println!("lake: files after compaction\t{}", files());
+    session("lake: a session's views, compacted").await;
+    reader("lake: read_parquet of tracks, compacted");
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &std::path::Path) -> impl Iterator<Item = std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out.into_iter()
+}
+
 /// The row of `tracks` prepared for an event, as a JSON object by column name (the
 /// rows the DuckDB and ClickHouse baselines load).
 fn tracks_row(e: &StoredEvent) -> serde_json::Map<String, serde_json::Value> {
@@ -290,6 +374,10 @@ async fn bench_main() {
             time_sink(lake, loads.clone()).await,
             Some(parquet_native),
         );
+    }
+
+    if wanted("lake-compaction") {
+        lake_compaction(dir.path(), &events).await;
     }
 
     if wanted("postgres") {

@@ -684,7 +684,8 @@ impl Drainer {
     }
 
     /// Tells the warehouse the agent has nothing to load for now ([`Sink::idle`]): an
-    /// embedded DuckDB gives back the memory it keeps only to go faster. A failure is
+    /// embedded DuckDB gives back the memory it keeps only to go faster, and a lake
+    /// compacts its small files (it logs its own failures). A failure is
     /// logged, never fatal (the next load opens the warehouse again if it must).
     pub async fn idle(&self) {
         if let Err(e) = self.sink.idle().await {
@@ -763,6 +764,10 @@ pub async fn drain_once(cfg: &AgentConfig) -> anyhow::Result<DrainSummary> {
     let info = drainer.info().await?;
     let (_never, stop) = watch::channel(false);
     let (total, errors) = drainer.drain_all(info.shards, true, &stop).await;
+    // What an idle daemon does after loading, so a lake drained from cron is compacted.
+    if total.batches > 0 {
+        drainer.idle().await;
+    }
     if let Some((shard, e)) = errors.into_iter().next() {
         anyhow::bail!("shard {shard}: {e} (other shards drained: {total:?})");
     }

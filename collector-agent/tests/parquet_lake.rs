@@ -973,3 +973,347 @@ async fn an_idle_lake_gives_its_memory_back() {
         vec![vec![common::s("3000")]]
     );
 }
+
+// ---- Compaction of small files ----
+
+/// A policy for a lake whose loads were received on 2026-11-24 (`common::events`):
+/// with `today` after it, that day is over.
+fn policy(today: &str, min_files: usize) -> collector_agent::sinks::parquet::CompactPolicy {
+    collector_agent::sinks::parquet::CompactPolicy {
+        min_files,
+        today: today.into(),
+        budget: None,
+        crash_at: None,
+    }
+}
+
+/// Every row of `table` as text, ordered by `message_id`, through the agent's views.
+async fn table_rows(sink: &ParquetSink, table: &str) -> Vec<Vec<Option<String>>> {
+    common::rows(
+        sink,
+        &format!("SELECT * EXCLUDE (date) FROM {table} ORDER BY message_id"),
+    )
+    .await
+}
+
+/// `(rows, distinct message_ids)` of `table`'s files as any reader lists them.
+fn read_as_a_reader(root: &std::path::Path, table: &str) -> duckdb::Result<(i64, i64)> {
+    let conn = duckdb::Connection::open_in_memory().unwrap();
+    conn.query_row(
+        &format!(
+            "SELECT count(*), count(DISTINCT message_id) FROM read_parquet('{}/table={table}/*/*.parquet', union_by_name = true)",
+            root.display()
+        ),
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+}
+
+/// Five loads into one day, the later ones with a property the first ones lack.
+async fn five_small_loads(sink: &ParquetSink) {
+    for b in 0..5i64 {
+        let batch: Vec<serde_json::Value> = (0..3)
+            .map(|i| {
+                let mut props = json!({"plan": "pro", "n": i});
+                if b >= 3 {
+                    props["coupon"] = json!(format!("C{b}"));
+                }
+                json!({"type": "track", "messageId": format!("m{b}-{i}"), "userId": "u", "event": "E", "properties": props, "timestamp": "2026-11-24T10:00:00Z"})
+            })
+            .collect();
+        sink.load(&Load::events(0, b, events(json!({ "batch": batch }))))
+            .await
+            .unwrap();
+    }
+}
+
+fn in_partition(root: &std::path::Path, part: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(root.join(part))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+// A day that is over is merged into one file per table: the same rows, column for
+// column (a property that appeared during the day is NULL in the rows before it), read
+// the same by the agent and by any reader; the manifest says where the loads went. A
+// file the lake did not write stays as it is; a late load into that day is merged with
+// the compacted file at the next compaction; a redelivery still loads nothing.
+#[tokio::test]
+async fn a_days_small_files_are_compacted_into_one_and_read_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("lake");
+    let sink = ParquetSink::open(&root).unwrap();
+    five_small_loads(&sink).await;
+    let part = "table=tracks/date=2026-11-24";
+    assert_eq!(in_partition(&root, part).len(), 5);
+    std::fs::write(root.join(part).join("_SUCCESS"), b"").unwrap();
+    let before = (table_rows(&sink, "tracks").await, table_rows(&sink, "e").await);
+    assert_eq!(before.0.len(), 15);
+
+    // The day is not over, and has fewer files than the open day collects.
+    assert!(sink.compact(policy("2026-11-24", 64)).await.unwrap().is_empty());
+    assert_eq!(in_partition(&root, part).len(), 6);
+
+    let done = sink.compact(policy("2026-11-28", 64)).await.unwrap();
+    let mut summary: Vec<(String, usize, usize, i64)> = done
+        .iter()
+        .map(|c| (c.table.clone(), c.files_before, c.files_after, c.rows))
+        .collect();
+    summary.sort();
+    assert_eq!(
+        summary,
+        vec![("e".into(), 5, 1, 15), ("tracks".into(), 5, 1, 15)]
+    );
+    assert_eq!(in_partition(&root, part), vec!["_SUCCESS", "part-c2-0.parquet"]);
+    assert_eq!(
+        (table_rows(&sink, "tracks").await, table_rows(&sink, "e").await),
+        before
+    );
+    assert_eq!(read_as_a_reader(&root, "tracks").unwrap(), (15, 15));
+    assert_eq!(
+        common::rows(
+            &sink,
+            "SELECT count(*), count(compacted_into), (SELECT count(*) FROM compactions WHERE finished_at IS NOT NULL) FROM loaded_batches"
+        )
+        .await,
+        vec![vec![common::s("10"), common::s("10"), common::s("2")]]
+    );
+    assert!(
+        std::fs::read_dir(root.join("_collector/tmp")).unwrap().next().is_none(),
+        "the old files are gone"
+    );
+    // Nothing more is due.
+    assert!(sink.compact(policy("2026-11-28", 64)).await.unwrap().is_empty());
+
+    // A redelivery loads nothing; a late load is merged with the compacted file.
+    let again = sink
+        .load(&Load::events(0, 1, events(json!({"batch": [{"type": "track", "messageId": "m1-0", "userId": "u", "event": "E", "timestamp": "2026-11-24T10:00:00Z"}]}))))
+        .await
+        .unwrap();
+    assert_eq!((again.inserted, again.duplicates), (0, 1));
+    sink.load(&track_load(0, 9, &["late"])).await.unwrap();
+    assert_eq!(in_partition(&root, part).len(), 3);
+    let done = sink.compact(policy("2026-11-28", 64)).await.unwrap();
+    assert_eq!(done.len(), 2);
+    assert!(done.iter().all(|c| (c.files_before, c.files_after, c.rows) == (2, 1, 16)));
+    assert_eq!(in_partition(&root, part), vec!["_SUCCESS", "part-c4-0.parquet"]);
+    assert_eq!(read_as_a_reader(&root, "tracks").unwrap(), (16, 16));
+    assert_eq!(count(&sink, "e").await, "16");
+    let coupons = common::rows(
+        &sink,
+        "SELECT count(coupon), count(*) FILTER (WHERE coupon IS NULL) FROM e",
+    )
+    .await;
+    assert_eq!(coupons, vec![vec![common::s("6"), common::s("10")]]);
+}
+
+// The day still receiving events is compacted once it has `min_files` small files,
+// and then collects them again.
+#[tokio::test]
+async fn the_open_day_is_compacted_once_it_has_enough_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("lake");
+    let sink = ParquetSink::open(&root).unwrap();
+    five_small_loads(&sink).await;
+    assert!(sink.compact(policy("2026-11-24", 6)).await.unwrap().is_empty());
+    let done = sink.compact(policy("2026-11-24", 5)).await.unwrap();
+    assert_eq!(done.len(), 2);
+    assert_eq!(
+        in_partition(&root, "table=tracks/date=2026-11-24"),
+        vec!["part-c2-0.parquet"]
+    );
+    assert_eq!(count(&sink, "tracks").await, "15");
+}
+
+// `compact = true` (the default): an idle agent compacts the days that are over (here,
+// 2026-11-24); with `compact = false` it leaves the files as loads wrote them.
+#[tokio::test]
+async fn an_idle_agent_compacts_unless_told_not_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let off = ParquetSink::open_config(&collector_agent::config::ParquetConfig {
+        compact: false,
+        ..lake_config(&dir.path().join("off"))
+    })
+    .unwrap();
+    five_small_loads(&off).await;
+    off.idle().await.unwrap();
+    assert_eq!(
+        in_partition(&dir.path().join("off"), "table=tracks/date=2026-11-24").len(),
+        5
+    );
+
+    let root = dir.path().join("on");
+    let on = ParquetSink::open_config(&lake_config(&root)).unwrap();
+    five_small_loads(&on).await;
+    // Not while a session reads the files.
+    let session = on.session().await.unwrap().unwrap();
+    on.idle().await.unwrap();
+    assert_eq!(in_partition(&root, "table=tracks/date=2026-11-24").len(), 5);
+    drop(session);
+    on.idle().await.unwrap();
+    assert_eq!(in_partition(&root, "table=tracks/date=2026-11-24").len(), 1);
+    assert_eq!(count(&on, "tracks").await, "15");
+}
+
+// A compaction stopped at any point (as by kill -9) is finished, or undone, at the next
+// open: the rows are the same, none twice, nothing is left under `_collector/tmp/`, and
+// the lake compacts as before.
+#[tokio::test]
+async fn a_compaction_stopped_at_any_point_is_finished_or_undone_at_open() {
+    use collector_agent::sinks::parquet::CrashPoint;
+    for at in [
+        CrashPoint::Written,
+        CrashPoint::Committed,
+        CrashPoint::Exchanged,
+        CrashPoint::OldRemoved,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("lake");
+        let sink = ParquetSink::open(&root).unwrap();
+        five_small_loads(&sink).await;
+        let before = table_rows(&sink, "tracks").await;
+        let stopped = sink
+            .compact(collector_agent::sinks::parquet::CompactPolicy {
+                crash_at: Some(at),
+                ..policy("2026-11-28", 64)
+            })
+            .await
+            .unwrap();
+        assert!(stopped.is_empty(), "{at:?}");
+        // Until the next open, a reader sees the old files or the new ones, once.
+        assert_eq!(read_as_a_reader(&root, "tracks").unwrap(), (15, 15), "{at:?}");
+        drop(sink);
+
+        let sink = ParquetSink::open(&root).unwrap();
+        assert_eq!(table_rows(&sink, "tracks").await, before, "{at:?}");
+        assert_eq!(read_as_a_reader(&root, "tracks").unwrap(), (15, 15), "{at:?}");
+        assert!(
+            std::fs::read_dir(root.join("_collector/tmp")).unwrap().next().is_none(),
+            "{at:?}: left under tmp"
+        );
+        let unfinished = common::one(
+            &sink,
+            "SELECT count(*) FROM compactions WHERE finished_at IS NULL",
+        )
+        .await;
+        assert_eq!(unfinished.as_deref(), Some("0"), "{at:?}");
+        let expected_files = if at == CrashPoint::Written { 5 } else { 1 };
+        assert_eq!(
+            in_partition(&root, "table=tracks/date=2026-11-24").len(),
+            expected_files,
+            "{at:?}"
+        );
+        // Compaction goes on: whatever the stop left uncompacted is compacted now.
+        sink.compact(policy("2026-11-28", 64)).await.unwrap();
+        assert_eq!(
+            in_partition(&root, "table=tracks/date=2026-11-24").len(),
+            1,
+            "{at:?}"
+        );
+        assert_eq!(table_rows(&sink, "tracks").await, before, "{at:?}");
+        let compacted = common::one(
+            &sink,
+            "SELECT count(*) FROM loaded_batches WHERE compacted_into IS NULL",
+        )
+        .await;
+        assert_eq!(compacted.as_deref(), Some("0"), "{at:?}");
+    }
+}
+
+// Readers that list the files while partitions are compacted again and again (loads
+// in between) never see a row twice, nor miss one they saw before: each partition's
+// folder is exchanged whole. A reader that listed the old files and opens one after
+// the exchange gets an error (and retries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_never_see_a_row_twice_while_files_are_compacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("lake");
+    let sink = ParquetSink::open(&root).unwrap();
+    five_small_loads(&sink).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (root, stop) = (root.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed, mut seen) = (0u32, 0u32, 0i64);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match read_as_a_reader(&root, "tracks") {
+                    Ok((rows, distinct)) => {
+                        assert_eq!(rows, distinct, "a row read twice");
+                        assert!(rows >= seen, "{rows} rows after {seen}");
+                        seen = rows;
+                        ok += 1;
+                    }
+                    Err(e) => {
+                        assert!(e.to_string().contains("No files found") || e.to_string().contains("No such file") || e.to_string().contains("IO Error"), "{e}");
+                        failed += 1;
+                    }
+                }
+            }
+            (ok, failed, seen)
+        })
+    };
+    for round in 0..20i64 {
+        for b in 0..3i64 {
+            let id = format!("r{round}-{b}");
+            sink.load(&track_load(1, 100 + round * 3 + b, &[&id])).await.unwrap();
+        }
+        let done = sink.compact(policy("2026-11-28", 64)).await.unwrap();
+        assert!(!done.is_empty());
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed, seen) = reader.join().unwrap();
+    assert!(ok >= 5, "{ok} reads succeeded, {failed} failed");
+    assert!(seen <= 75);
+    assert_eq!(read_as_a_reader(&root, "tracks").unwrap(), (75, 75));
+    assert_eq!(in_partition(&root, "table=tracks/date=2026-11-24").len(), 1);
+}
+
+async fn track_a1(sink: &ParquetSink, batch: i64) {
+    let load = Load::events(
+        0,
+        batch,
+        events(json!({"batch": [{"type": "track", "messageId": format!("t{batch}"), "anonymousId": "a1", "userId": "u1", "event": "E", "timestamp": "2026-11-24T10:00:00Z"}]})),
+    );
+    sink.load(&load).await.unwrap();
+}
+
+async fn resolve(sink: &ParquetSink) {
+    let mut session = sink.session().await.unwrap().unwrap();
+    collector_agent::identity::run(&mut *session, &Default::default())
+        .await
+        .unwrap();
+}
+
+async fn events_counted(sink: &ParquetSink) -> String {
+    common::one(sink, "SELECT sum(event_count) FROM collector_id_activity")
+        .await
+        .unwrap()
+}
+
+// An identity run reads each load once, compacted or not: a load compacted before the
+// run is read from its partition (only its own rows), a load written after the
+// compaction into the same partition from its file, once.
+#[tokio::test]
+async fn identity_reads_compacted_loads_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("lake");
+    let sink = ParquetSink::open(&root).unwrap();
+    track_a1(&sink, 1).await;
+    track_a1(&sink, 2).await;
+    resolve(&sink).await;
+    assert_eq!(events_counted(&sink).await, "2");
+    // Load 3 is compacted with 1 and 2 before identity reads it; load 4 comes after.
+    track_a1(&sink, 3).await;
+    assert_eq!(sink.compact(policy("2026-11-28", 64)).await.unwrap().len(), 2);
+    track_a1(&sink, 4).await;
+    resolve(&sink).await;
+    assert_eq!(events_counted(&sink).await, "4");
+    assert_eq!(
+        common::one(&sink, "SELECT count(*) FROM identity_pending").await.as_deref(),
+        Some("0")
+    );
+}

@@ -171,8 +171,10 @@ pub trait Sink: Send + Sync {
 
     /// The agent has nothing to load for now (the edge was found empty after a load, or
     /// after the audiences' schedule ran): gives back the memory the warehouse keeps only
-    /// to go faster. An embedded DuckDB (the DuckDB sink, the lake's state file)
-    /// checkpoints and evicts its cached blocks; a server keeps its memory itself.
+    /// to go faster, and does the upkeep that must not slow a load. An embedded DuckDB
+    /// (the DuckDB sink, the lake's state file) checkpoints and evicts its cached
+    /// blocks; the lake first compacts its small files; a server keeps its memory
+    /// itself.
     async fn idle(&self) -> Result<(), SinkError> {
         Ok(())
     }

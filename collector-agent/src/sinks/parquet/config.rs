@@ -29,7 +29,26 @@ pub struct ParquetConfig {
     /// DuckDB's worker threads; DuckDB's default (one per core) when absent.
     #[serde(default)]
     pub threads: Option<u32>,
+    /// Whether an idle agent merges a partition's small files (one per load) into
+    /// files of up to ~128 MiB (default `true`). A daemon at low traffic writes one
+    /// file per table for every load (every few seconds); every engine that reads the
+    /// lake pays per file. `false` leaves the files as loads wrote them (a compaction
+    /// job of your own, or readers that must never meet a moved file).
+    #[serde(default = "compact_default")]
+    pub compact: bool,
+    /// How many small files the day still receiving events (today in UTC, and the
+    /// `unknown` partition) collects before it is compacted (default 64; at least 2).
+    /// A day that is over is compacted as soon as it has two.
+    #[serde(default)]
+    pub compact_min_files: Option<u32>,
 }
+
+fn compact_default() -> bool {
+    true
+}
+
+/// The default of [`ParquetConfig::compact_min_files`].
+pub const DEFAULT_COMPACT_MIN_FILES: u32 = 64;
 
 /// The least `memory_cap` of a lake (see [`ParquetConfig::memory_cap`]).
 pub(crate) const MIN_LAKE_MEMORY_CAP: u64 = 32 * 1000 * 1000;
@@ -42,7 +61,19 @@ impl ParquetConfig {
             memory_limit: None,
             memory_cap: None,
             threads: None,
+            compact: true,
+            compact_min_files: None,
         }
+    }
+
+    /// `compact_min_files`, checked; the default when absent.
+    pub fn compact_min_files(&self) -> anyhow::Result<u32> {
+        let n = self.compact_min_files.unwrap_or(DEFAULT_COMPACT_MIN_FILES);
+        anyhow::ensure!(
+            n >= 2,
+            "config: warehouse.compact_min_files must be at least 2 (one file is already compact), got {n}"
+        );
+        Ok(n)
     }
 
     /// `memory_cap` in bytes, checked.
@@ -65,6 +96,7 @@ impl ParquetConfig {
     /// The `SET` statements of the tuning keys.
     pub fn settings_sql(&self) -> anyhow::Result<String> {
         self.memory_cap_bytes()?;
+        self.compact_min_files()?;
         let mut sql = String::new();
         if let Some(m) = &self.memory_limit {
             let bytes = checked_size("memory_limit", m)?;
@@ -111,6 +143,15 @@ mod tests {
             err("memory_cap = \"64MB\"\nmemory_limit = \"64MB\"").contains("exclude each other")
         );
         assert!(err("threads = 0").contains("warehouse.threads must be at least 1"));
+        assert!(err("compact_min_files = 1")
+            .contains("warehouse.compact_min_files must be at least 2"));
+        let cfg: ParquetConfig = toml::from_str("path = \"lake\"").unwrap();
+        assert!(cfg.compact);
+        assert_eq!(cfg.compact_min_files().unwrap(), DEFAULT_COMPACT_MIN_FILES);
+        let cfg: ParquetConfig =
+            toml::from_str("path = \"lake\"\ncompact = false\ncompact_min_files = 8").unwrap();
+        assert!(!cfg.compact);
+        assert_eq!(cfg.compact_min_files().unwrap(), 8);
         let unknown = toml::from_str::<ParquetConfig>("path = \"lake\"\nrow_group_size = 16384")
             .unwrap_err()
             .to_string();

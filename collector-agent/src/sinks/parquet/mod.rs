@@ -18,7 +18,9 @@
 //!                                in a DuckDB warehouse); identity, profiles,
 //!                                audiences, activation and privacy requests (run there,
 //!                                over views of the files: `Sink::session`)
-//! lake/_collector/tmp/           files written, not yet renamed into place
+//! lake/_collector/tmp/           files written, not yet renamed into place; a
+//!                                compaction's folder
+//! lake/table=tracks/date=2026-11-24/part-c12-0.parquet   a day's small files, compacted
 //! ```
 //!
 //! `date` is the UTC day the edge received the event (`received_at`; not the
@@ -29,8 +31,21 @@
 //! it renamed into place. A crash before the commit leaves temp files that no reader
 //! sees and the next open removes (the retry loads the rows again); a crash after it
 //! leaves `staged` files, which the next open renames into place.
+//!
+//! An idle agent compacts a partition's small files (`compact`, on by default; see
+//! [`compact`] for how readers never see a row twice and what a crash leaves):
+//!
+//! ```toml
+//! [warehouse]
+//! kind = "parquet"
+//! path = "./data/lake"
+//! compact = true            # the default
+//! compact_min_files = 64    # the day still receiving events; a day that is over: 2
+//! ```
 
+mod compact;
 pub mod config;
 mod sink;
 
+pub use compact::{Compacted, CrashPoint, Policy as CompactPolicy, TARGET_FILE_BYTES};
 pub use sink::ParquetSink;

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use collector_core::{EventKind, StoredEvent};
 use duckdb::{params, Connection};
 
+use super::compact::{self, Compacted, Policy};
 use super::config::ParquetConfig;
 use crate::sinks::duckdb::config::DEFAULT_MEMORY_CAP;
 use crate::sinks::duckdb::sink::{
@@ -23,7 +24,7 @@ use crate::sinks::tables::{self, Catalog, TableKind, TableLoad, TableRow};
 use crate::sinks::{Load, LoadStats, QueryResult, Relational, Sink, SinkError};
 
 /// The lake's state folder, beside the table folders.
-const STATE_DIR: &str = "_collector";
+pub(super) const STATE_DIR: &str = "_collector";
 
 /// The partition keys of the layout (`table=tracks/date=2026-11-25/…`). Readers that
 /// discover partitions (Spark, BigQuery, DuckDB's `hive_partitioning`) take them as
@@ -113,6 +114,11 @@ ALTER TABLE loaded_batches ADD COLUMN staged VARCHAR;"
             12,
             "identity_pending.loaded_at, as in every SQL warehouse",
             crate::identity::run::ddl_pending_stamp(Relational::DuckDb),
+        ),
+        (
+            13,
+            "compactions: an idle agent merges a partition's small files; loaded_batches.compacted_into",
+            compact::MIGRATION_SQL.to_string(),
         ),
     ]
 }
@@ -357,6 +363,9 @@ pub struct ParquetSink {
     state: Arc<Mutex<LakeState>>,
     /// Sessions open on the state file now (see [`LiveSessions`]).
     sessions: LiveSessions,
+    /// `compact_min_files` when an idle agent compacts (`compact = true`); `None`
+    /// when it does not, or the filesystem cannot (see [`compact`]).
+    compaction: Arc<Mutex<Option<usize>>>,
 }
 
 /// The lake's DuckDB: its state file, and how its settings were made.
@@ -376,7 +385,7 @@ struct LakeState {
 }
 
 /// SQL string literal.
-fn lit(s: &str) -> String {
+pub(super) fn lit(s: &str) -> String {
     crate::sinks::sql_lit(s)
 }
 
@@ -401,6 +410,7 @@ fn open_state(
         .map(|cap| fit_default_memory(&conn, cap))
         .transpose()?;
     apply_migrations(&mut conn, migrations())?;
+    compact::finish_interrupted(&mut conn, root)?;
     publish_pending(&conn, root)?;
     remove_stale_staged(&conn, root)?;
     rewrite_old_files(&conn, root)?;
@@ -447,7 +457,49 @@ impl LakeState {
     }
 }
 
+/// How long an idle agent goes on starting compactions before it drains again (the
+/// rest waits for the next idle moment).
+const IDLE_COMPACTION_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn log_compactions(done: &[Compacted]) {
+    for c in done {
+        tracing::info!(
+            table = %c.table,
+            date = %c.date,
+            files = c.files_before,
+            into = c.files_after,
+            rows = c.rows,
+            mb = format!("{:.1}", c.bytes_after as f64 / 1e6),
+            "lake: small files compacted"
+        );
+    }
+}
+
+/// Logs a failed compaction; switches compaction off when the filesystem cannot do it.
+fn compaction_failed(compaction: &Mutex<Option<usize>>, e: &SinkError) {
+    if e.to_string().contains(compact::UNSUPPORTED) {
+        tracing::warn!(error = %e, "lake: compaction switched off (the files stay as loads wrote them)");
+        *compaction.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    } else {
+        tracing::warn!(error = %e, "lake: compaction failed; tried again when the agent next idles");
+    }
+}
+
 impl ParquetSink {
+    /// Compacts the partitions due under `policy` now (with no session open; else
+    /// nothing), whatever the configuration says; what was compacted. An idle agent
+    /// does the same with today's date and a time budget (see [`compact`]).
+    pub async fn compact(&self, policy: Policy) -> Result<Vec<Compacted>, SinkError> {
+        let sessions = self.sessions.clone();
+        self.with_conn(move |c, _, root| {
+            if !sessions.none() {
+                return Ok(Vec::new());
+            }
+            compact::compact_due(c, root, &policy)
+        })
+        .await
+    }
+
     /// Opens (creating if needed) the lake folder and its state file, DuckDB's settings
     /// left to the agent.
     pub fn open(root: &Path) -> Result<ParquetSink, SinkError> {
@@ -467,9 +519,14 @@ impl ParquetSink {
                     .unwrap_or(DEFAULT_MEMORY_CAP),
             ),
         };
+        let compaction = match cfg.compact {
+            true => Some(cfg.compact_min_files().map_err(permanent)? as usize),
+            false => None,
+        };
         let (conn, catalog, memory) = open_state(&cfg.path, &settings, default_memory_cap)?;
         Ok(ParquetSink {
             sessions: LiveSessions::default(),
+            compaction: Arc::new(Mutex::new(compaction)),
             root: cfg.path.clone(),
             state: Arc::new(Mutex::new(LakeState {
                 conn: Some(conn),
@@ -759,7 +816,7 @@ fn staged_entries(conn: &Connection) -> Result<Vec<(String, String)>, SinkError>
 }
 
 /// Publishes what a crash (or a failed rename) left committed but not in place.
-fn publish_pending(conn: &Connection, root: &Path) -> Result<(), SinkError> {
+pub(super) fn publish_pending(conn: &Connection, root: &Path) -> Result<(), SinkError> {
     let pending = staged_entries(conn)?;
     if !pending.is_empty() {
         tracing::info!(
@@ -771,7 +828,9 @@ fn publish_pending(conn: &Connection, root: &Path) -> Result<(), SinkError> {
 }
 
 /// Removes the temp files no committed load lists: what a crash before a commit (or
-/// during an erasure) left. Only at open, when nothing else writes.
+/// during an erasure) left, and the folders of compactions a crash stopped before
+/// their commit (the interrupted ones committed are finished before). Only at open,
+/// when nothing else writes.
 fn remove_stale_staged(conn: &Connection, root: &Path) -> Result<(), SinkError> {
     let listed: BTreeSet<String> = staged_entries(conn)?.into_iter().map(|(s, _)| s).collect();
     for e in std::fs::read_dir(root.join(STATE_DIR).join("tmp"))
@@ -780,7 +839,12 @@ fn remove_stale_staged(conn: &Connection, root: &Path) -> Result<(), SinkError> 
         .flatten()
     {
         let rel = format!("{STATE_DIR}/tmp/{}", e.file_name().to_string_lossy());
-        if !listed.contains(&rel) {
+        if listed.contains(&rel) {
+            continue;
+        }
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = std::fs::remove_dir_all(e.path());
+        } else {
             let _ = std::fs::remove_file(e.path());
         }
     }
@@ -879,36 +943,63 @@ fn files_select(conn: &Connection, files: &str, hive: bool) -> Result<String, Si
 /// The rows the loads listed in `identity_loads` wrote into `table`: a relation over
 /// their files only, from the manifest (a file committed but not yet renamed is read
 /// where it is, so without the path's `date`, which identity does not read), so an
-/// identity run reads what its loads wrote, not the lake's whole history. Files an
-/// erasure emptied and removed are skipped; with no file left, the table's view, empty.
+/// identity run reads what its loads wrote, not the lake's whole history. A load whose
+/// files were compacted is read from its partitions' files, keeping the rows whose
+/// `message_id` these loads registered. Files an erasure emptied and removed are
+/// skipped; with no file left, the table's view, empty.
 fn rows_of_loads(conn: &Connection, root: &Path, table: &str) -> Result<String, SinkError> {
     let mut stmt = conn
         .prepare(
-            "SELECT file, staged FROM loaded_batches WHERE table_name = ? AND load_id IN (SELECT load_id FROM identity_loads) ORDER BY file",
+            "SELECT file, staged, date, compacted_into IS NOT NULL FROM loaded_batches WHERE table_name = ? AND load_id IN (SELECT load_id FROM identity_loads) ORDER BY file",
         )
         .map_err(transient)?;
-    let entries: Vec<(String, Option<String>)> = stmt
-        .query_map(params![table], |r| Ok((r.get(0)?, r.get(1)?)))
+    let entries: Vec<(String, Option<String>, String, bool)> = stmt
+        .query_map(params![table], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
         .map_err(transient)?
         .collect::<Result<_, _>>()
         .map_err(transient)?;
-    let files: Vec<String> = entries
+    // The partitions read whole (filtered by id): their compacted loads' rows are
+    // somewhere among their files.
+    let compacted: BTreeSet<PathBuf> = entries
+        .iter()
+        .filter(|e| e.3)
+        .map(|(_, _, date, _)| root.join(format!("table={table}/date={date}")))
+        .collect();
+    let mut files: Vec<String> = entries
         .into_iter()
-        .filter_map(|(file, staged)| {
+        .filter(|e| !e.3)
+        .filter_map(|(file, staged, _, _)| {
             [Some(file), staged]
                 .into_iter()
                 .flatten()
                 .map(|f| root.join(f))
                 .find(|p| p.exists())
         })
+        // A file in a partition read whole is read once.
+        .filter(|p| !p.parent().is_some_and(|d| compacted.contains(d)))
         .map(|p| lit(&p.display().to_string()))
         .collect();
+    for dir in &compacted {
+        let has_files = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|f| f.path().extension().and_then(|e| e.to_str()) == Some("parquet"));
+        if has_files {
+            files.push(lit(&format!("{}/*.parquet", dir.display())));
+        }
+    }
     if files.is_empty() {
         return Ok(format!("(SELECT * FROM {} WHERE false)", ident(table)));
     }
+    let select = files_select(conn, &format!("[{}]", files.join(", ")), false)?;
+    if compacted.is_empty() {
+        return Ok(format!("({select})"));
+    }
     Ok(format!(
-        "({})",
-        files_select(conn, &format!("[{}]", files.join(", ")), false)?
+        "(SELECT * FROM ({select}) WHERE message_id IN (SELECT message_id FROM message_ids WHERE load_id IN (SELECT load_id FROM identity_loads)))"
     ))
 }
 
@@ -1036,6 +1127,7 @@ impl Sink for ParquetSink {
 
     async fn idle(&self) -> Result<(), SinkError> {
         let sessions = self.sessions.clone();
+        let compaction = self.compaction.clone();
         let state = self.state.clone();
         let root = self.root.clone();
         tokio::task::spawn_blocking(move || {
@@ -1044,6 +1136,24 @@ impl Sink for ParquetSink {
                 return Ok(());
             };
             let st = &mut *guard;
+            let min_files = *compaction.lock().unwrap_or_else(|p| p.into_inner());
+            if let (Some(min_files), Some(conn)) = (min_files, st.conn.as_mut()) {
+                if sessions.none() {
+                    let policy = Policy {
+                        min_files,
+                        today: Policy::today(),
+                        budget: Some(IDLE_COMPACTION_BUDGET),
+                        crash_at: None,
+                    };
+                    match compact::compact_due(conn, &root, &policy) {
+                        Ok(done) => log_compactions(&done),
+                        Err(e) => {
+                            compaction_failed(&compaction, &e);
+                            st.check(&root);
+                        }
+                    }
+                }
+            }
             let out = release_when_idle(
                 st.conn.as_ref(),
                 &sessions,
