@@ -1051,11 +1051,18 @@ async fn a_days_small_files_are_compacted_into_one_and_read_the_same() {
     let part = "table=tracks/date=2026-11-24";
     assert_eq!(in_partition(&root, part).len(), 5);
     std::fs::write(root.join(part).join("_SUCCESS"), b"").unwrap();
-    let before = (table_rows(&sink, "tracks").await, table_rows(&sink, "e").await);
+    let before = (
+        table_rows(&sink, "tracks").await,
+        table_rows(&sink, "e").await,
+    );
     assert_eq!(before.0.len(), 15);
 
     // The day is not over, and has fewer files than the open day collects.
-    assert!(sink.compact(policy("2026-11-24", 64)).await.unwrap().is_empty());
+    assert!(sink
+        .compact(policy("2026-11-24", 64))
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(in_partition(&root, part).len(), 6);
 
     let done = sink.compact(policy("2026-11-28", 64)).await.unwrap();
@@ -1068,9 +1075,15 @@ async fn a_days_small_files_are_compacted_into_one_and_read_the_same() {
         summary,
         vec![("e".into(), 5, 1, 15), ("tracks".into(), 5, 1, 15)]
     );
-    assert_eq!(in_partition(&root, part), vec!["_SUCCESS", "part-c2-0.parquet"]);
     assert_eq!(
-        (table_rows(&sink, "tracks").await, table_rows(&sink, "e").await),
+        in_partition(&root, part),
+        vec!["_SUCCESS", "part-c2-0.parquet"]
+    );
+    assert_eq!(
+        (
+            table_rows(&sink, "tracks").await,
+            table_rows(&sink, "e").await
+        ),
         before
     );
     assert_eq!(read_as_a_reader(&root, "tracks").unwrap(), (15, 15));
@@ -1083,11 +1096,18 @@ async fn a_days_small_files_are_compacted_into_one_and_read_the_same() {
         vec![vec![common::s("10"), common::s("10"), common::s("2")]]
     );
     assert!(
-        std::fs::read_dir(root.join("_collector/tmp")).unwrap().next().is_none(),
+        std::fs::read_dir(root.join("_collector/tmp"))
+            .unwrap()
+            .next()
+            .is_none(),
         "the old files are gone"
     );
     // Nothing more is due.
-    assert!(sink.compact(policy("2026-11-28", 64)).await.unwrap().is_empty());
+    assert!(sink
+        .compact(policy("2026-11-28", 64))
+        .await
+        .unwrap()
+        .is_empty());
 
     // A redelivery loads nothing; a late load is merged with the compacted file.
     let again = sink
@@ -1099,8 +1119,13 @@ async fn a_days_small_files_are_compacted_into_one_and_read_the_same() {
     assert_eq!(in_partition(&root, part).len(), 3);
     let done = sink.compact(policy("2026-11-28", 64)).await.unwrap();
     assert_eq!(done.len(), 2);
-    assert!(done.iter().all(|c| (c.files_before, c.files_after, c.rows) == (2, 1, 16)));
-    assert_eq!(in_partition(&root, part), vec!["_SUCCESS", "part-c4-0.parquet"]);
+    assert!(done
+        .iter()
+        .all(|c| (c.files_before, c.files_after, c.rows) == (2, 1, 16)));
+    assert_eq!(
+        in_partition(&root, part),
+        vec!["_SUCCESS", "part-c4-0.parquet"]
+    );
     assert_eq!(read_as_a_reader(&root, "tracks").unwrap(), (16, 16));
     assert_eq!(count(&sink, "e").await, "16");
     let coupons = common::rows(
@@ -1119,7 +1144,11 @@ async fn the_open_day_is_compacted_once_it_has_enough_files() {
     let root = dir.path().join("lake");
     let sink = ParquetSink::open(&root).unwrap();
     five_small_loads(&sink).await;
-    assert!(sink.compact(policy("2026-11-24", 6)).await.unwrap().is_empty());
+    assert!(sink
+        .compact(policy("2026-11-24", 6))
+        .await
+        .unwrap()
+        .is_empty());
     let done = sink.compact(policy("2026-11-24", 5)).await.unwrap();
     assert_eq!(done.len(), 2);
     assert_eq!(
@@ -1185,14 +1214,25 @@ async fn a_compaction_stopped_at_any_point_is_finished_or_undone_at_open() {
             .unwrap();
         assert!(stopped.is_empty(), "{at:?}");
         // Until the next open, a reader sees the old files or the new ones, once.
-        assert_eq!(read_as_a_reader(&root, "tracks").unwrap(), (15, 15), "{at:?}");
+        assert_eq!(
+            read_as_a_reader(&root, "tracks").unwrap(),
+            (15, 15),
+            "{at:?}"
+        );
         drop(sink);
 
         let sink = ParquetSink::open(&root).unwrap();
         assert_eq!(table_rows(&sink, "tracks").await, before, "{at:?}");
-        assert_eq!(read_as_a_reader(&root, "tracks").unwrap(), (15, 15), "{at:?}");
+        assert_eq!(
+            read_as_a_reader(&root, "tracks").unwrap(),
+            (15, 15),
+            "{at:?}"
+        );
         assert!(
-            std::fs::read_dir(root.join("_collector/tmp")).unwrap().next().is_none(),
+            std::fs::read_dir(root.join("_collector/tmp"))
+                .unwrap()
+                .next()
+                .is_none(),
             "{at:?}: left under tmp"
         );
         let unfinished = common::one(
@@ -1201,10 +1241,16 @@ async fn a_compaction_stopped_at_any_point_is_finished_or_undone_at_open() {
         )
         .await;
         assert_eq!(unfinished.as_deref(), Some("0"), "{at:?}");
+        // The stop came in the first partition due (`e`, before `tracks`).
         let expected_files = if at == CrashPoint::Written { 5 } else { 1 };
         assert_eq!(
-            in_partition(&root, "table=tracks/date=2026-11-24").len(),
+            in_partition(&root, "table=e/date=2026-11-24").len(),
             expected_files,
+            "{at:?}"
+        );
+        assert_eq!(
+            in_partition(&root, "table=tracks/date=2026-11-24").len(),
+            5,
             "{at:?}"
         );
         // Compaction goes on: whatever the stop left uncompacted is compacted now.
@@ -1248,7 +1294,12 @@ async fn readers_never_see_a_row_twice_while_files_are_compacted() {
                         ok += 1;
                     }
                     Err(e) => {
-                        assert!(e.to_string().contains("No files found") || e.to_string().contains("No such file") || e.to_string().contains("IO Error"), "{e}");
+                        assert!(
+                            e.to_string().contains("No files found")
+                                || e.to_string().contains("No such file")
+                                || e.to_string().contains("IO Error"),
+                            "{e}"
+                        );
                         failed += 1;
                     }
                 }
@@ -1259,7 +1310,9 @@ async fn readers_never_see_a_row_twice_while_files_are_compacted() {
     for round in 0..20i64 {
         for b in 0..3i64 {
             let id = format!("r{round}-{b}");
-            sink.load(&track_load(1, 100 + round * 3 + b, &[&id])).await.unwrap();
+            sink.load(&track_load(1, 100 + round * 3 + b, &[&id]))
+                .await
+                .unwrap();
         }
         let done = sink.compact(policy("2026-11-28", 64)).await.unwrap();
         assert!(!done.is_empty());
@@ -1276,7 +1329,9 @@ async fn track_a1(sink: &ParquetSink, batch: i64) {
     let load = Load::events(
         0,
         batch,
-        events(json!({"batch": [{"type": "track", "messageId": format!("t{batch}"), "anonymousId": "a1", "userId": "u1", "event": "E", "timestamp": "2026-11-24T10:00:00Z"}]})),
+        events(
+            json!({"batch": [{"type": "track", "messageId": format!("t{batch}"), "anonymousId": "a1", "userId": "u1", "event": "E", "timestamp": "2026-11-24T10:00:00Z"}]}),
+        ),
     );
     sink.load(&load).await.unwrap();
 }
@@ -1308,12 +1363,17 @@ async fn identity_reads_compacted_loads_once() {
     assert_eq!(events_counted(&sink).await, "2");
     // Load 3 is compacted with 1 and 2 before identity reads it; load 4 comes after.
     track_a1(&sink, 3).await;
-    assert_eq!(sink.compact(policy("2026-11-28", 64)).await.unwrap().len(), 2);
+    assert_eq!(
+        sink.compact(policy("2026-11-28", 64)).await.unwrap().len(),
+        2
+    );
     track_a1(&sink, 4).await;
     resolve(&sink).await;
     assert_eq!(events_counted(&sink).await, "4");
     assert_eq!(
-        common::one(&sink, "SELECT count(*) FROM identity_pending").await.as_deref(),
+        common::one(&sink, "SELECT count(*) FROM identity_pending")
+            .await
+            .as_deref(),
         Some("0")
     );
 }

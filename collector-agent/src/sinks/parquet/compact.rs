@@ -185,7 +185,9 @@ fn partition_rel(table: &str, date: &str) -> String {
 
 /// The folder a compaction writes its files into (and where the old files go).
 fn staged_dir(root: &Path, id: i64) -> PathBuf {
-    root.join(STATE_DIR).join("tmp").join(format!("compact-{id}"))
+    root.join(STATE_DIR)
+        .join("tmp")
+        .join(format!("compact-{id}"))
 }
 
 fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> SinkError {
@@ -253,7 +255,8 @@ impl Drop for Staged {
 
 /// The error compaction gives when the filesystem cannot exchange two folders:
 /// compaction is then switched off.
-pub(super) const UNSUPPORTED: &str = "the lake's filesystem cannot exchange two folders atomically (renameat2 RENAME_EXCHANGE)";
+pub(super) const UNSUPPORTED: &str =
+    "the lake's filesystem cannot exchange two folders atomically (renameat2 RENAME_EXCHANGE)";
 
 /// Compacts the due partitions, oldest first, until none is left or the budget is
 /// spent. Under the lake's lock, with no session open (a session's views list files).
@@ -300,9 +303,11 @@ fn compact_partition(
     crash_at: Option<CrashPoint>,
 ) -> Result<Option<Compacted>, SinkError> {
     let id: i64 = conn
-        .query_row("SELECT COALESCE(max(id), 0) + 1 FROM compactions", [], |r| {
-            r.get(0)
-        })
+        .query_row(
+            "SELECT COALESCE(max(id), 0) + 1 FROM compactions",
+            [],
+            |r| r.get(0),
+        )
         .map_err(transient)?;
     let rel = partition_rel(&part.table, &part.date);
     let dir = staged_dir(root, id);
@@ -319,9 +324,8 @@ fn compact_partition(
         .join(", ");
     // The files' own columns (not the path's partition keys), each file's columns
     // where another lacks them (a property that appeared during the day).
-    let read = format!(
-        "read_parquet([{sources}], hive_partitioning = false, union_by_name = true)"
-    );
+    let read =
+        format!("read_parquet([{sources}], hive_partitioning = false, union_by_name = true)");
     let count = |sql: &str| -> Result<i64, SinkError> {
         conn.query_row(sql, [], |r| r.get::<_, i64>(0))
             .map_err(transient)
@@ -481,7 +485,9 @@ fn finish(
 /// At open: completes the compactions a crash interrupted after their commit (see
 /// the module's documentation).
 pub(super) fn finish_interrupted(conn: &mut Connection, root: &Path) -> Result<(), SinkError> {
-    let pending: Vec<(i64, String, String, Vec<String>, Vec<String>)> = {
+    // (id, table, date, merged, outputs)
+    type Interrupted = (i64, String, String, Vec<String>, Vec<String>);
+    let pending: Vec<Interrupted> = {
         let mut stmt = conn
             .prepare(
                 "SELECT id, table_name, date, CAST(to_json(merged) AS VARCHAR), CAST(to_json(outputs) AS VARCHAR) FROM compactions WHERE finished_at IS NULL ORDER BY id",

@@ -143,8 +143,9 @@ mod tests {
             err("memory_cap = \"64MB\"\nmemory_limit = \"64MB\"").contains("exclude each other")
         );
         assert!(err("threads = 0").contains("warehouse.threads must be at least 1"));
-        assert!(err("compact_min_files = 1")
-            .contains("warehouse.compact_min_files must be at least 2"));
+        assert!(
+            err("compact_min_files = 1").contains("warehouse.compact_min_files must be at least 2")
+        );
         let cfg: ParquetConfig = toml::from_str("path = \"lake\"").unwrap();
         assert!(cfg.compact);
         assert_eq!(cfg.compact_min_files().unwrap(), DEFAULT_COMPACT_MIN_FILES);

@@ -945,7 +945,8 @@ fn files_select(conn: &Connection, files: &str, hive: bool) -> Result<String, Si
 /// where it is, so without the path's `date`, which identity does not read), so an
 /// identity run reads what its loads wrote, not the lake's whole history. A load whose
 /// files were compacted is read from its partitions' files, keeping the rows whose
-/// `message_id` these loads registered. Files an erasure emptied and removed are
+/// `message_id` these loads registered (identity also keeps only its loads'
+/// `loaded_at`; the ids make this relation exact on its own). Files an erasure emptied and removed are
 /// skipped; with no file left, the table's view, empty.
 fn rows_of_loads(conn: &Connection, root: &Path, table: &str) -> Result<String, SinkError> {
     let mut stmt = conn
