@@ -1090,7 +1090,7 @@ async fn a_days_small_files_are_compacted_into_one_and_read_the_same() {
     assert_eq!(
         common::rows(
             &sink,
-            "SELECT count(*), count(compacted_into), (SELECT count(*) FROM compactions WHERE finished_at IS NOT NULL) FROM loaded_batches"
+            "SELECT count(*), count(compacted_into), (SELECT count(*) FROM collector_compactions WHERE finished_at IS NOT NULL) FROM loaded_batches"
         )
         .await,
         vec![vec![common::s("10"), common::s("10"), common::s("2")]]
@@ -1237,7 +1237,7 @@ async fn a_compaction_stopped_at_any_point_is_finished_or_undone_at_open() {
         );
         let unfinished = common::one(
             &sink,
-            "SELECT count(*) FROM compactions WHERE finished_at IS NULL",
+            "SELECT count(*) FROM collector_compactions WHERE finished_at IS NULL",
         )
         .await;
         assert_eq!(unfinished.as_deref(), Some("0"), "{at:?}");

@@ -56,7 +56,7 @@ const SMALL_FILE_BYTES: u64 = TARGET_FILE_BYTES / 2;
 
 /// The migration that adds compaction to the state file.
 pub(super) const MIGRATION_SQL: &str = "ALTER TABLE loaded_batches ADD COLUMN compacted_into BIGINT;
-CREATE TABLE compactions (id BIGINT PRIMARY KEY, table_name VARCHAR NOT NULL, date VARCHAR NOT NULL, merged VARCHAR[] NOT NULL, outputs VARCHAR[] NOT NULL, rows BIGINT NOT NULL, bytes_before BIGINT NOT NULL, bytes_after BIGINT NOT NULL, started_at TIMESTAMP NOT NULL, finished_at TIMESTAMP);";
+CREATE TABLE collector_compactions (id BIGINT PRIMARY KEY, table_name VARCHAR NOT NULL, date VARCHAR NOT NULL, merged VARCHAR[] NOT NULL, outputs VARCHAR[] NOT NULL, rows BIGINT NOT NULL, bytes_before BIGINT NOT NULL, bytes_after BIGINT NOT NULL, started_at TIMESTAMP NOT NULL, finished_at TIMESTAMP);";
 
 /// Where a test stops a compaction, as a crash (kill -9) there would.
 #[doc(hidden)]
@@ -169,7 +169,7 @@ fn known_files(conn: &Connection, table: &str, date: &str) -> Result<BTreeSet<St
         .prepare(
             "SELECT file FROM loaded_batches WHERE table_name = ? AND date = ? AND staged IS NULL
              UNION ALL
-             SELECT unnest(outputs) FROM compactions WHERE table_name = ? AND date = ? AND finished_at IS NOT NULL",
+             SELECT unnest(outputs) FROM collector_compactions WHERE table_name = ? AND date = ? AND finished_at IS NOT NULL",
         )
         .map_err(transient)?;
     let rows = stmt
@@ -304,7 +304,7 @@ fn compact_partition(
 ) -> Result<Option<Compacted>, SinkError> {
     let id: i64 = conn
         .query_row(
-            "SELECT COALESCE(max(id), 0) + 1 FROM compactions",
+            "SELECT COALESCE(max(id), 0) + 1 FROM collector_compactions",
             [],
             |r| r.get(0),
         )
@@ -381,7 +381,7 @@ fn compact_partition(
     let tx = conn.transaction().map_err(transient)?;
     tx.execute(
         &format!(
-            "INSERT INTO compactions VALUES (?, ?, ?, [{}], [{}], ?, ?, ?, now()::TIMESTAMP, NULL)",
+            "INSERT INTO collector_compactions VALUES (?, ?, ?, [{}], [{}], ?, ?, ?, now()::TIMESTAMP, NULL)",
             rels(&mut merge.iter().map(|(n, _)| n)),
             rels(&mut outputs.iter().map(|(n, _)| n)),
         ),
@@ -396,7 +396,7 @@ fn compact_partition(
     )
     .map_err(transient)?;
     tx.execute(
-        "UPDATE loaded_batches SET compacted_into = ? WHERE table_name = ? AND date = ? AND compacted_into IS NULL AND file IN (SELECT unnest(merged) FROM compactions WHERE id = ?)",
+        "UPDATE loaded_batches SET compacted_into = ? WHERE table_name = ? AND date = ? AND compacted_into IS NULL AND file IN (SELECT unnest(merged) FROM collector_compactions WHERE id = ?)",
         params![id, part.table, part.date, id],
     )
     .map_err(transient)?;
@@ -442,8 +442,11 @@ fn undo(conn: &mut Connection, id: i64, dir: &Path) -> Result<(), SinkError> {
         params![id],
     )
     .map_err(transient)?;
-    tx.execute("DELETE FROM compactions WHERE id = ?", params![id])
-        .map_err(transient)?;
+    tx.execute(
+        "DELETE FROM collector_compactions WHERE id = ?",
+        params![id],
+    )
+    .map_err(transient)?;
     tx.commit().map_err(transient)?;
     let _ = fs::remove_dir_all(dir);
     Ok(())
@@ -475,7 +478,7 @@ fn finish(
         return Ok(());
     }
     conn.execute(
-        "UPDATE compactions SET finished_at = now()::TIMESTAMP WHERE id = ?",
+        "UPDATE collector_compactions SET finished_at = now()::TIMESTAMP WHERE id = ?",
         params![id],
     )
     .map_err(transient)?;
@@ -490,7 +493,7 @@ pub(super) fn finish_interrupted(conn: &mut Connection, root: &Path) -> Result<(
     let pending: Vec<Interrupted> = {
         let mut stmt = conn
             .prepare(
-                "SELECT id, table_name, date, CAST(to_json(merged) AS VARCHAR), CAST(to_json(outputs) AS VARCHAR) FROM compactions WHERE finished_at IS NULL ORDER BY id",
+                "SELECT id, table_name, date, CAST(to_json(merged) AS VARCHAR), CAST(to_json(outputs) AS VARCHAR) FROM collector_compactions WHERE finished_at IS NULL ORDER BY id",
             )
             .map_err(transient)?;
         let rows = stmt

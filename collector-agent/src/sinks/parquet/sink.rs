@@ -117,7 +117,7 @@ ALTER TABLE loaded_batches ADD COLUMN staged VARCHAR;"
         ),
         (
             13,
-            "compactions: an idle agent merges a partition's small files; loaded_batches.compacted_into",
+            "collector_compactions: an idle agent merges a partition's small files; loaded_batches.compacted_into",
             compact::MIGRATION_SQL.to_string(),
         ),
     ]
