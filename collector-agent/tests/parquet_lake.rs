@@ -1027,6 +1027,16 @@ async fn five_small_loads(sink: &ParquetSink) {
     }
 }
 
+/// A fresh lake (in a temp folder, kept while the first value lives) after
+/// [`five_small_loads`].
+async fn lake_of_five_small_loads() -> (tempfile::TempDir, std::path::PathBuf, ParquetSink) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("lake");
+    let sink = ParquetSink::open(&root).unwrap();
+    five_small_loads(&sink).await;
+    (dir, root, sink)
+}
+
 fn in_partition(root: &std::path::Path, part: &str) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(root.join(part))
         .unwrap()
@@ -1044,10 +1054,7 @@ fn in_partition(root: &std::path::Path, part: &str) -> Vec<String> {
 // the compacted file at the next compaction; a redelivery still loads nothing.
 #[tokio::test]
 async fn a_days_small_files_are_compacted_into_one_and_read_the_same() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("lake");
-    let sink = ParquetSink::open(&root).unwrap();
-    five_small_loads(&sink).await;
+    let (_dir, root, sink) = lake_of_five_small_loads().await;
     let part = "table=tracks/date=2026-11-24";
     assert_eq!(in_partition(&root, part).len(), 5);
     std::fs::write(root.join(part).join("_SUCCESS"), b"").unwrap();
@@ -1136,14 +1143,10 @@ async fn a_days_small_files_are_compacted_into_one_and_read_the_same() {
     assert_eq!(coupons, vec![vec![common::s("6"), common::s("10")]]);
 }
 
-// The day still receiving events is compacted once it has `min_files` small files,
-// and then collects them again.
+// The day still receiving events is compacted once it has `min_files` small files.
 #[tokio::test]
 async fn the_open_day_is_compacted_once_it_has_enough_files() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("lake");
-    let sink = ParquetSink::open(&root).unwrap();
-    five_small_loads(&sink).await;
+    let (_dir, root, sink) = lake_of_five_small_loads().await;
     assert!(sink
         .compact(policy("2026-11-24", 6))
         .await
@@ -1200,10 +1203,7 @@ async fn a_compaction_stopped_at_any_point_is_finished_or_undone_at_open() {
         CrashPoint::Exchanged,
         CrashPoint::OldRemoved,
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("lake");
-        let sink = ParquetSink::open(&root).unwrap();
-        five_small_loads(&sink).await;
+        let (_dir, root, sink) = lake_of_five_small_loads().await;
         let before = table_rows(&sink, "tracks").await;
         let stopped = sink
             .compact(collector_agent::sinks::parquet::CompactPolicy {
@@ -1276,10 +1276,7 @@ async fn a_compaction_stopped_at_any_point_is_finished_or_undone_at_open() {
 // the exchange gets an error (and retries).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_never_see_a_row_twice_while_files_are_compacted() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("lake");
-    let sink = ParquetSink::open(&root).unwrap();
-    five_small_loads(&sink).await;
+    let (_dir, root, sink) = lake_of_five_small_loads().await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
         let (root, stop) = (root.clone(), stop.clone());

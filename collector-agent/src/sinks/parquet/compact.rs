@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use duckdb::{params, Connection};
 
-use super::sink::{lit, publish_pending, STATE_DIR};
+use super::sink::{lit, partitions, publish_pending, STATE_DIR};
 use crate::sinks::duckdb::sink::transient;
 use crate::sinks::SinkError;
 
@@ -101,8 +101,7 @@ pub struct Policy {
 impl Policy {
     /// Today's UTC date.
     pub fn today() -> String {
-        let d = time::OffsetDateTime::now_utc().date();
-        format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+        collector_core::timestamp::format_ms(crate::now_ms())[..10].to_string()
     }
 
     fn due(&self, date: &str, small: usize) -> bool {
@@ -124,38 +123,28 @@ struct Partition {
 /// that holds a folder (nothing the lake writes) is left alone.
 fn due_partitions(root: &Path, policy: &Policy) -> Vec<Partition> {
     let mut out = Vec::new();
-    for t in fs::read_dir(root).into_iter().flatten().flatten() {
-        let name = t.file_name().to_string_lossy().to_string();
-        let Some(table) = name.strip_prefix("table=") else {
-            continue;
-        };
-        for d in fs::read_dir(t.path()).into_iter().flatten().flatten() {
-            let dname = d.file_name().to_string_lossy().to_string();
-            let Some(date) = dname.strip_prefix("date=") else {
-                continue;
-            };
-            let mut small = Vec::new();
-            let mut foreign_dir = false;
-            for f in fs::read_dir(d.path()).into_iter().flatten().flatten() {
-                let Ok(meta) = f.metadata() else { continue };
-                if meta.is_dir() {
-                    foreign_dir = true;
-                    break;
-                }
-                let fname = f.file_name().to_string_lossy().to_string();
-                if fname.ends_with(".parquet") && meta.len() < SMALL_FILE_BYTES {
-                    small.push((fname, meta.len()));
-                }
+    for (table, date, dir) in partitions(root) {
+        let mut small = Vec::new();
+        let mut foreign_dir = false;
+        for f in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let Ok(meta) = f.metadata() else { continue };
+            if meta.is_dir() {
+                foreign_dir = true;
+                break;
             }
-            if !foreign_dir && policy.due(date, small.len()) {
-                small.sort();
-                out.push(Partition {
-                    table: table.to_string(),
-                    date: date.to_string(),
-                    dir: d.path(),
-                    small,
-                });
+            let fname = f.file_name().to_string_lossy().to_string();
+            if fname.ends_with(".parquet") && meta.len() < SMALL_FILE_BYTES {
+                small.push((fname, meta.len()));
             }
+        }
+        if !foreign_dir && policy.due(&date, small.len()) {
+            small.sort();
+            out.push(Partition {
+                table,
+                date,
+                dir,
+                small,
+            });
         }
     }
     out.sort_by(|a, b| (&a.date, &a.table).cmp(&(&b.date, &b.table)));

@@ -153,20 +153,10 @@ fn rewrite_old_files(conn: &Connection, root: &Path) -> Result<(), SinkError> {
         return Ok(());
     }
     let mut files: Vec<(String, String, PathBuf)> = Vec::new();
-    for t in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        let name = t.file_name().to_string_lossy().to_string();
-        let Some(table) = name.strip_prefix("table=") else {
-            continue;
-        };
-        for d in std::fs::read_dir(t.path()).into_iter().flatten().flatten() {
-            let dname = d.file_name().to_string_lossy().to_string();
-            let Some(date) = dname.strip_prefix("date=") else {
-                continue;
-            };
-            for f in std::fs::read_dir(d.path()).into_iter().flatten().flatten() {
-                if f.path().extension().and_then(|e| e.to_str()) == Some("parquet") {
-                    files.push((table.to_string(), date.to_string(), f.path()));
-                }
+    for (table, date, dir) in partitions(root) {
+        for f in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if is_parquet(&f.path()) {
+                files.push((table.clone(), date.clone(), f.path()));
             }
         }
     }
@@ -254,6 +244,38 @@ fn rewrite_old_files(conn: &Connection, root: &Path) -> Result<(), SinkError> {
         );
     }
     Ok(())
+}
+
+/// The lake's partition folders: `(table, date, folder)` of each `table=…/date=…/`.
+pub(super) fn partitions(root: &Path) -> Vec<(String, String, PathBuf)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let name = t.file_name().to_string_lossy().to_string();
+        let Some(table) = name.strip_prefix("table=") else {
+            continue;
+        };
+        for d in std::fs::read_dir(t.path()).into_iter().flatten().flatten() {
+            let dname = d.file_name().to_string_lossy().to_string();
+            if let Some(date) = dname.strip_prefix("date=") {
+                out.push((table.to_string(), date.to_string(), d.path()));
+            }
+        }
+    }
+    out
+}
+
+fn is_parquet(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()) == Some("parquet")
+}
+
+/// Whether the folder `dir` holds a Parquet file (`read_parquet` fails on a pattern
+/// that matches none).
+fn has_parquet(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|f| is_parquet(&f.path()))
 }
 
 /// The mark migration 9 leaves until `users` holds what the lake's identifies say
@@ -876,13 +898,7 @@ fn refresh_views(conn: &Connection, catalog: &Catalog, root: &Path) -> Result<()
             .into_iter()
             .flatten()
             .flatten()
-            .any(|d| {
-                std::fs::read_dir(d.path())
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .any(|f| f.path().extension().and_then(|e| e.to_str()) == Some("parquet"))
-            });
+            .any(|d| has_parquet(&d.path()));
         let sql = if has_files {
             format!(
                 "CREATE OR REPLACE TEMP VIEW {} AS {}",
@@ -983,12 +999,7 @@ fn rows_of_loads(conn: &Connection, root: &Path, table: &str) -> Result<String, 
         .map(|p| lit(&p.display().to_string()))
         .collect();
     for dir in &compacted {
-        let has_files = std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|f| f.path().extension().and_then(|e| e.to_str()) == Some("parquet"));
-        if has_files {
+        if has_parquet(dir) {
             files.push(lit(&format!("{}/*.parquet", dir.display())));
         }
     }
