@@ -1037,6 +1037,14 @@ async fn lake_of_five_small_loads() -> (tempfile::TempDir, std::path::PathBuf, P
     (dir, root, sink)
 }
 
+/// Whether `_collector/tmp/` holds nothing (no compaction's folder left behind).
+fn tmp_is_empty(root: &std::path::Path) -> bool {
+    std::fs::read_dir(root.join("_collector/tmp"))
+        .unwrap()
+        .next()
+        .is_none()
+}
+
 fn in_partition(root: &std::path::Path, part: &str) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(root.join(part))
         .unwrap()
@@ -1102,13 +1110,7 @@ async fn a_days_small_files_are_compacted_into_one_and_read_the_same() {
         .await,
         vec![vec![common::s("10"), common::s("10"), common::s("2")]]
     );
-    assert!(
-        std::fs::read_dir(root.join("_collector/tmp"))
-            .unwrap()
-            .next()
-            .is_none(),
-        "the old files are gone"
-    );
+    assert!(tmp_is_empty(&root), "the old files are gone");
     // Nothing more is due.
     assert!(sink
         .compact(policy("2026-11-28", 64))
@@ -1228,13 +1230,7 @@ async fn a_compaction_stopped_at_any_point_is_finished_or_undone_at_open() {
             (15, 15),
             "{at:?}"
         );
-        assert!(
-            std::fs::read_dir(root.join("_collector/tmp"))
-                .unwrap()
-                .next()
-                .is_none(),
-            "{at:?}: left under tmp"
-        );
+        assert!(tmp_is_empty(&root), "{at:?}: left under tmp");
         let unfinished = common::one(
             &sink,
             "SELECT count(*) FROM collector_compactions WHERE finished_at IS NULL",
