@@ -688,8 +688,11 @@ impl Drainer {
     /// compacts its small files (it logs its own failures). A failure is
     /// logged, never fatal (the next load opens the warehouse again if it must).
     pub async fn idle(&self) {
-        if let Err(e) = self.sink.idle().await {
-            tracing::warn!(error = %e, "the warehouse could not give its memory back while idle");
+        match self.sink.idle().await {
+            Ok(stats) => self.metrics.idled(&stats),
+            Err(e) => {
+                tracing::warn!(error = %e, "the warehouse could not give its memory back while idle")
+            }
         }
     }
 

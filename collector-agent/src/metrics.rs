@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use collector_core::EventKind;
 
-use crate::sinks::LoadStats;
+use crate::sinks::{IdleStats, LoadStats};
 
 pub const EVENTS_INSERTED: &str = "collector_agent_events_inserted_total";
 pub const EVENTS_DUPLICATE: &str = "collector_agent_events_duplicate_total";
@@ -20,6 +20,10 @@ pub const EVENTS_SUPPRESSED: &str = "collector_agent_events_suppressed_total";
 pub const DRAIN_FAILURES: &str = "collector_agent_drain_failures_total";
 pub const LOAD_SECONDS: &str = "collector_agent_load_seconds";
 pub const LAST_LOAD: &str = "collector_agent_last_load_timestamp_seconds";
+pub const LAKE_COMPACTIONS: &str = "collector_agent_lake_compactions_total";
+pub const LAKE_FILES_MERGED: &str = "collector_agent_lake_files_merged_total";
+pub const LAKE_FILES_WRITTEN: &str = "collector_agent_lake_files_written_total";
+pub const LAKE_COMPACTION_FAILURES: &str = "collector_agent_lake_compaction_failures_total";
 
 /// Upper bounds of the load-latency histogram, in seconds.
 const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
@@ -34,6 +38,8 @@ pub struct Metrics {
     dead_letters: AtomicU64,
     suppressed: AtomicU64,
     last_load_unix_ms: AtomicU64,
+    /// The lake's compactions: partitions, files merged, files written, failures.
+    compactions: [AtomicU64; 4],
     failures: Mutex<BTreeMap<&'static str, u64>>,
     /// Counts per bucket (the last is +Inf), sum of seconds in microseconds, count.
     latency: Mutex<([u64; BUCKETS.len() + 1], u64, u64)>,
@@ -66,6 +72,19 @@ impl Metrics {
             h.0[i] += 1;
             h.1 += took.as_micros() as u64;
             h.2 += 1;
+        }
+    }
+
+    /// An idle moment's upkeep (the lake's compaction).
+    pub fn idled(&self, stats: &IdleStats) {
+        let n = [
+            stats.compactions,
+            stats.files_merged,
+            stats.files_written,
+            u64::from(stats.compaction_failed),
+        ];
+        for (a, n) in self.compactions.iter().zip(n) {
+            a.fetch_add(n, Ordering::Relaxed);
         }
     }
 
@@ -133,6 +152,14 @@ impl Metrics {
             "Queued events of suppressed people (privacy requests) dropped at drain, not loaded.",
             get(&self.suppressed),
         );
+        for (name, help, a) in [
+            (LAKE_COMPACTIONS, "Partitions of the Parquet lake whose small files were compacted.", &self.compactions[0]),
+            (LAKE_FILES_MERGED, "Small files of the Parquet lake merged by compactions.", &self.compactions[1]),
+            (LAKE_FILES_WRITTEN, "Files the Parquet lake's compactions wrote in their place.", &self.compactions[2]),
+            (LAKE_COMPACTION_FAILURES, "Compactions of the Parquet lake that failed (tried again when the agent next idles).", &self.compactions[3]),
+        ] {
+            counter(&mut out, name, help, get(a));
+        }
         let _ = writeln!(out, "# HELP {DRAIN_FAILURES} Failed drain rounds by reason.\n# TYPE {DRAIN_FAILURES} counter");
         if let Ok(f) = self.failures.lock() {
             for (reason, n) in f.iter() {
@@ -199,7 +226,21 @@ mod tests {
         m.loaded(1, &stats, Duration::from_secs(20));
         m.failed("edge");
         m.failed("edge");
+        m.idled(&IdleStats {
+            compactions: 2,
+            files_merged: 70,
+            files_written: 2,
+            compaction_failed: false,
+        });
+        m.idled(&IdleStats {
+            compaction_failed: true,
+            ..IdleStats::default()
+        });
         let text = m.render();
+        assert!(text.contains("collector_agent_lake_compactions_total 2\n"));
+        assert!(text.contains("collector_agent_lake_files_merged_total 70\n"));
+        assert!(text.contains("collector_agent_lake_files_written_total 2\n"));
+        assert!(text.contains("collector_agent_lake_compaction_failures_total 1\n"));
         assert!(
             text.contains("collector_agent_events_inserted_total{table=\"tracks\"} 10\n"),
             "{text}"

@@ -5,7 +5,7 @@
 mod common;
 
 use collector_agent::sinks::parquet::ParquetSink;
-use collector_agent::sinks::{Load, Sink};
+use collector_agent::sinks::{IdleStats, Load, Sink};
 use common::events;
 use serde_json::json;
 
@@ -1174,7 +1174,7 @@ async fn an_idle_agent_compacts_unless_told_not_to() {
     })
     .unwrap();
     five_small_loads(&off).await;
-    off.idle().await.unwrap();
+    assert_eq!(off.idle().await.unwrap(), IdleStats::default());
     assert_eq!(
         in_partition(&dir.path().join("off"), "table=tracks/date=2026-11-24").len(),
         5
@@ -1185,11 +1185,21 @@ async fn an_idle_agent_compacts_unless_told_not_to() {
     five_small_loads(&on).await;
     // Not while a session reads the files.
     let session = on.session().await.unwrap().unwrap();
-    on.idle().await.unwrap();
+    assert_eq!(on.idle().await.unwrap(), IdleStats::default());
     assert_eq!(in_partition(&root, "table=tracks/date=2026-11-24").len(), 5);
     drop(session);
-    on.idle().await.unwrap();
+    // `tracks` and the per-event table of 2026-11-24, five files each.
+    assert_eq!(
+        on.idle().await.unwrap(),
+        IdleStats {
+            compactions: 2,
+            files_merged: 10,
+            files_written: 2,
+            compaction_failed: false
+        }
+    );
     assert_eq!(in_partition(&root, "table=tracks/date=2026-11-24").len(), 1);
+    assert_eq!(on.idle().await.unwrap(), IdleStats::default());
     assert_eq!(count(&on, "tracks").await, "15");
 }
 
@@ -1369,4 +1379,35 @@ async fn identity_reads_compacted_loads_once() {
             .as_deref(),
         Some("0")
     );
+}
+
+// The drain loop's idle step counts what the lake's compaction did in `/metrics`.
+#[tokio::test]
+async fn an_idle_agent_counts_its_compactions_in_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "edge_url = \"http://127.0.0.1:9\"\ndrain_secret = \"s\"\n[warehouse]\nkind = \"parquet\"\npath = \"{}\"\n",
+            dir.path().join("lake").display()
+        ),
+    )
+    .unwrap();
+    let cfg = collector_agent::AgentConfig::load(&path).unwrap();
+    let sink = collector_agent::sinks::open(&cfg.warehouse).await.unwrap();
+    for b in 0..3i64 {
+        let batch = json!({"batch": [{"type": "track", "messageId": format!("m{b}"), "userId": "u", "event": "E", "timestamp": "2026-11-24T10:00:00Z"}]});
+        sink.load(&Load::events(0, b, events(batch))).await.unwrap();
+    }
+    let drainer = collector_agent::Drainer::new(cfg, sink).unwrap();
+    drainer.idle().await;
+    let text = drainer.metrics().render();
+    assert!(
+        text.contains("collector_agent_lake_compactions_total 2\n"),
+        "{text}"
+    );
+    assert!(text.contains("collector_agent_lake_files_merged_total 6\n"));
+    assert!(text.contains("collector_agent_lake_files_written_total 2\n"));
+    assert!(text.contains("collector_agent_lake_compaction_failures_total 0\n"));
 }

@@ -43,6 +43,18 @@ pub struct LoadStats {
     pub by_table: [u64; 6],
 }
 
+/// What one idle call did beyond giving memory back: the lake's compaction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IdleStats {
+    /// Partitions compacted.
+    pub compactions: u64,
+    /// Small files merged, and the files written in their place.
+    pub files_merged: u64,
+    pub files_written: u64,
+    /// A compaction failed (logged; tried again when the agent next idles).
+    pub compaction_failed: bool,
+}
+
 impl LoadStats {
     /// Counts `n` rows newly written to the table of `kind`.
     pub fn inserted_into(&mut self, kind: EventKind, n: u64) {
@@ -174,9 +186,9 @@ pub trait Sink: Send + Sync {
     /// to go faster, and does the upkeep that must not slow a load. An embedded DuckDB
     /// (the DuckDB sink, the lake's state file) checkpoints and evicts its cached
     /// blocks; the lake first compacts its small files; a server keeps its memory
-    /// itself.
-    async fn idle(&self) -> Result<(), SinkError> {
-        Ok(())
+    /// itself. What it did, for `/metrics`.
+    async fn idle(&self) -> Result<IdleStats, SinkError> {
+        Ok(IdleStats::default())
     }
 
     /// Whether the event rows live in files (a lake), erased by [`Sink::erase_files`]

@@ -1470,13 +1470,13 @@ impl Sink for DuckDbSink {
         )))
     }
 
-    async fn idle(&self) -> Result<(), SinkError> {
+    async fn idle(&self) -> Result<crate::sinks::IdleStats, SinkError> {
         let sessions = self.sessions.clone();
         let state = self.state.clone();
         tokio::task::spawn_blocking(move || {
             // A poisoned lock: the next load opens the warehouse again.
             let Ok(mut guard) = state.lock() else {
-                return Ok(());
+                return Ok(Default::default());
             };
             let st = &mut *guard;
             let out = release_when_idle(
@@ -1489,7 +1489,7 @@ impl Sink for DuckDbSink {
             if out.is_err() {
                 st.check();
             }
-            out
+            out.map(|()| Default::default())
         })
         .await
         .map_err(|e| SinkError::Transient(format!("warehouse task failed: {e}")))?

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use duckdb::{params, Connection};
 
-use super::sink::{lit, partitions, publish_pending, STATE_DIR};
+use super::sink::{lit, publish_pending, STATE_DIR};
 use crate::sinks::duckdb::sink::transient;
 use crate::sinks::SinkError;
 
@@ -119,11 +119,44 @@ struct Partition {
     small: Vec<(String, u64)>,
 }
 
-/// The partitions with enough small files to be due, oldest day first. A partition
-/// that holds a folder (nothing the lake writes) is left alone.
-fn due_partitions(root: &Path, policy: &Policy) -> Vec<Partition> {
+/// The partitions that may be due, from the state file alone (no folder is listed):
+/// those with enough manifest files not compacted yet, and those compacted before
+/// that received a file since (the earlier compaction's file may be small too).
+/// Oldest day first. An old lake's thousands of compacted days cost an idle agent
+/// nothing.
+fn candidates(conn: &Connection, policy: &Policy) -> Result<Vec<(String, String)>, SinkError> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT p.table_name, p.date FROM (
+                 SELECT table_name, date, count(*) AS n FROM loaded_batches
+                 WHERE staged IS NULL AND compacted_into IS NULL GROUP BY table_name, date
+             ) p
+             WHERE p.n >= CASE WHEN p.date <> 'unknown' AND p.date < ? THEN 2 ELSE ? END
+                OR EXISTS (SELECT 1 FROM collector_compactions c
+                           WHERE c.table_name = p.table_name AND c.date = p.date
+                             AND c.finished_at IS NOT NULL)
+             ORDER BY p.date, p.table_name",
+        )
+        .map_err(transient)?;
+    let rows = stmt
+        .query_map(params![policy.today, policy.min_files as i64], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })
+        .map_err(transient)?;
+    rows.collect::<Result<_, _>>().map_err(transient)
+}
+
+/// The candidate partitions ([`candidates`]) whose folder, listed now, has enough
+/// small files to be due, oldest day first. A partition that holds a folder (nothing
+/// the lake writes) is left alone.
+fn due_partitions(
+    conn: &Connection,
+    root: &Path,
+    policy: &Policy,
+) -> Result<Vec<Partition>, SinkError> {
     let mut out = Vec::new();
-    for (table, date, dir) in partitions(root) {
+    for (table, date) in candidates(conn, policy)? {
+        let dir = root.join(partition_rel(&table, &date));
         let mut small = Vec::new();
         let mut foreign_dir = false;
         for f in fs::read_dir(&dir).into_iter().flatten().flatten() {
@@ -147,8 +180,7 @@ fn due_partitions(root: &Path, policy: &Policy) -> Vec<Partition> {
             });
         }
     }
-    out.sort_by(|a, b| (&a.date, &a.table).cmp(&(&b.date, &b.table)));
-    out
+    Ok(out)
 }
 
 /// The files of `table` and `date` the lake wrote and knows where they are: the
@@ -258,7 +290,7 @@ pub(super) fn compact_due(
     publish_pending(conn, root)?;
     let started = Instant::now();
     let mut done = Vec::new();
-    for part in due_partitions(root, policy) {
+    for part in due_partitions(conn, root, policy)? {
         if policy.budget.is_some_and(|b| started.elapsed() >= b) {
             break;
         }

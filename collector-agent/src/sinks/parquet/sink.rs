@@ -21,7 +21,7 @@ use crate::sinks::duckdb::sink::{
 };
 use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
 use crate::sinks::tables::{self, Catalog, TableKind, TableLoad, TableRow};
-use crate::sinks::{Load, LoadStats, QueryResult, Relational, Sink, SinkError};
+use crate::sinks::{IdleStats, Load, LoadStats, QueryResult, Relational, Sink, SinkError};
 
 /// The lake's state folder, beside the table folders.
 pub(super) const STATE_DIR: &str = "_collector";
@@ -247,7 +247,7 @@ fn rewrite_old_files(conn: &Connection, root: &Path) -> Result<(), SinkError> {
 }
 
 /// The lake's partition folders: `(table, date, folder)` of each `table=…/date=…/`.
-pub(super) fn partitions(root: &Path) -> Vec<(String, String, PathBuf)> {
+fn partitions(root: &Path) -> Vec<(String, String, PathBuf)> {
     let mut out = Vec::new();
     for t in std::fs::read_dir(root).into_iter().flatten().flatten() {
         let name = t.file_name().to_string_lossy().to_string();
@@ -1137,15 +1137,16 @@ impl Sink for ParquetSink {
         )))
     }
 
-    async fn idle(&self) -> Result<(), SinkError> {
+    async fn idle(&self) -> Result<IdleStats, SinkError> {
         let sessions = self.sessions.clone();
         let compaction = self.compaction.clone();
         let state = self.state.clone();
         let root = self.root.clone();
         tokio::task::spawn_blocking(move || {
+            let mut stats = IdleStats::default();
             // A poisoned lock: the next call opens the state file again.
             let Ok(mut guard) = state.lock() else {
-                return Ok(());
+                return Ok(stats);
             };
             let st = &mut *guard;
             let min_files = *compaction.lock().unwrap_or_else(|p| p.into_inner());
@@ -1158,8 +1159,16 @@ impl Sink for ParquetSink {
                         crash_at: None,
                     };
                     match compact::compact_due(conn, &root, &policy) {
-                        Ok(done) => log_compactions(&done),
+                        Ok(done) => {
+                            log_compactions(&done);
+                            for c in &done {
+                                stats.compactions += 1;
+                                stats.files_merged += c.files_before as u64;
+                                stats.files_written += c.files_after as u64;
+                            }
+                        }
                         Err(e) => {
+                            stats.compaction_failed = true;
                             compaction_failed(&compaction, &e);
                             st.check(&root);
                         }
@@ -1176,7 +1185,7 @@ impl Sink for ParquetSink {
             if out.is_err() {
                 st.check(&root);
             }
-            out
+            out.map(|()| stats)
         })
         .await
         .map_err(|e| SinkError::Transient(format!("lake task failed: {e}")))?
