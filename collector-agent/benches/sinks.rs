@@ -177,6 +177,7 @@ async fn lake_compaction(dir: &std::path::Path, events: &[StoredEvent]) {
             min_files: 2,
             today: "2099-01-01".into(),
             budget: None,
+            max_input_bytes: collector_agent::sinks::parquet::TARGET_FILE_BYTES,
             crash_at: None,
         })
         .await
@@ -210,6 +211,7 @@ async fn lake_compaction(dir: &std::path::Path, events: &[StoredEvent]) {
         min_files: 64,
         today: "2099-01-01".into(),
         budget: None,
+        max_input_bytes: collector_agent::sinks::parquet::TARGET_FILE_BYTES,
         crash_at: None,
     };
     // Once to warm the kernel's caches, as a daemon's repeated checks are.

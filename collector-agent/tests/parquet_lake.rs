@@ -983,6 +983,7 @@ fn policy(today: &str, min_files: usize) -> collector_agent::sinks::parquet::Com
         min_files,
         today: today.into(),
         budget: None,
+        max_input_bytes: collector_agent::sinks::parquet::TARGET_FILE_BYTES,
         crash_at: None,
     }
 }
@@ -1161,6 +1162,43 @@ async fn the_open_day_is_compacted_once_it_has_enough_files() {
         vec!["part-c2-0.parquet"]
     );
     assert_eq!(count(&sink, "tracks").await, "15");
+}
+
+// One compaction reads at most `max_input_bytes` of small files (smallest first, at
+// least two), so a partition larger than that is merged in steps, each bounded, until
+// one file is left; the rows are the same.
+#[tokio::test]
+async fn a_large_partition_is_compacted_in_bounded_steps() {
+    let (_dir, root, sink) = lake_of_five_small_loads().await;
+    let before = table_rows(&sink, "tracks").await;
+    let part = root.join("table=tracks/date=2026-11-24");
+    let mut sizes: Vec<u64> = in_partition(&root, "table=tracks/date=2026-11-24")
+        .iter()
+        .map(|f| std::fs::metadata(part.join(f)).unwrap().len())
+        .collect();
+    sizes.sort();
+    let cap = sizes[0] + sizes[1];
+    let done = sink
+        .compact(collector_agent::sinks::parquet::CompactPolicy {
+            max_input_bytes: cap,
+            ..policy("2026-11-28", 64)
+        })
+        .await
+        .unwrap();
+    let tracks: Vec<_> = done.iter().filter(|c| c.table == "tracks").collect();
+    assert!(tracks.len() >= 3, "{done:?}");
+    for c in &tracks {
+        assert!(c.files_before == 2 || c.bytes_before <= cap, "{c:?}");
+    }
+    assert_eq!(
+        tracks
+            .iter()
+            .map(|c| c.files_before - c.files_after)
+            .sum::<usize>(),
+        4
+    );
+    assert_eq!(in_partition(&root, "table=tracks/date=2026-11-24").len(), 1);
+    assert_eq!(table_rows(&sink, "tracks").await, before);
 }
 
 // `compact = true` (the default): an idle agent compacts the days that are over (here,

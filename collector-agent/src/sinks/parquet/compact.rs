@@ -11,7 +11,11 @@
 //! by hand) stays as it is. A day that is over (its UTC date is before today's) is
 //! compacted once it has two such files; the day still receiving events (and the
 //! `unknown` partition) once it has `compact_min_files` of them, so its files stay few
-//! while a file is not rewritten after every load.
+//! while a file is not rewritten after every load. One compaction reads at most
+//! [`TARGET_FILE_BYTES`] of them, smallest first, so each step takes a bounded time
+//! (and the idle agent's time budget is checked between steps); a larger partition is
+//! merged in several steps. The partitions to look at are found in the state file, not
+//! by listing every folder.
 //!
 //! **How a reader never sees a row twice or misses one.** The merged files are copied
 //! into a new folder under `_collector/tmp/` (at most ~128 MiB per file); every other
@@ -94,11 +98,26 @@ pub struct Policy {
     pub today: String,
     /// Stop starting compactions after this long (the drain waits meanwhile).
     pub budget: Option<Duration>,
+    /// The most one compaction reads (its small files, smallest first; at least two),
+    /// so one step takes a bounded time however much a partition holds: the rest is
+    /// merged by the next step. [`TARGET_FILE_BYTES`] unless a test says otherwise.
+    pub max_input_bytes: u64,
     /// Tests only: stop there, as a crash would.
     pub crash_at: Option<CrashPoint>,
 }
 
 impl Policy {
+    /// The idle agent's policy: today's UTC date, at most `budget` per idle call.
+    pub fn idle(min_files: usize, budget: Duration) -> Policy {
+        Policy {
+            min_files,
+            today: Policy::today(),
+            budget: Some(budget),
+            max_input_bytes: TARGET_FILE_BYTES,
+            crash_at: None,
+        }
+    }
+
     /// Today's UTC date.
     pub fn today() -> String {
         collector_core::timestamp::format_ms(crate::now_ms())[..10].to_string()
@@ -110,12 +129,12 @@ impl Policy {
     }
 }
 
-/// A partition folder, as listed now.
+/// A due partition, as listed now.
 struct Partition {
     table: String,
     date: String,
     dir: PathBuf,
-    /// Its small Parquet files: (name, size).
+    /// The small Parquet files the lake wrote there, (name, size), smallest first.
     small: Vec<(String, u64)>,
 }
 
@@ -146,41 +165,44 @@ fn candidates(conn: &Connection, policy: &Policy) -> Result<Vec<(String, String)
     rows.collect::<Result<_, _>>().map_err(transient)
 }
 
-/// The candidate partitions ([`candidates`]) whose folder, listed now, has enough
-/// small files to be due, oldest day first. A partition that holds a folder (nothing
-/// the lake writes) is left alone.
-fn due_partitions(
+/// The partition `table`/`date`, listed now, when its small files that the lake wrote
+/// are enough to be due. A partition that holds a folder (nothing the lake writes) is
+/// left alone.
+fn due_partition(
     conn: &Connection,
     root: &Path,
     policy: &Policy,
-) -> Result<Vec<Partition>, SinkError> {
-    let mut out = Vec::new();
-    for (table, date) in candidates(conn, policy)? {
-        let dir = root.join(partition_rel(&table, &date));
-        let mut small = Vec::new();
-        let mut foreign_dir = false;
-        for f in fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let Ok(meta) = f.metadata() else { continue };
-            if meta.is_dir() {
-                foreign_dir = true;
-                break;
-            }
-            let fname = f.file_name().to_string_lossy().to_string();
-            if fname.ends_with(".parquet") && meta.len() < SMALL_FILE_BYTES {
-                small.push((fname, meta.len()));
-            }
+    table: &str,
+    date: &str,
+) -> Result<Option<Partition>, SinkError> {
+    let rel = partition_rel(table, date);
+    let dir = root.join(&rel);
+    let mut small = Vec::new();
+    for f in fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let Ok(meta) = f.metadata() else { continue };
+        if meta.is_dir() {
+            return Ok(None);
         }
-        if !foreign_dir && policy.due(&date, small.len()) {
-            small.sort();
-            out.push(Partition {
-                table,
-                date,
-                dir,
-                small,
-            });
+        let fname = f.file_name().to_string_lossy().to_string();
+        if fname.ends_with(".parquet") && meta.len() < SMALL_FILE_BYTES {
+            small.push((fname, meta.len()));
         }
     }
-    Ok(out)
+    if !policy.due(date, small.len()) {
+        return Ok(None);
+    }
+    let known = known_files(conn, table, date)?;
+    small.retain(|(name, _)| known.contains(&format!("{rel}/{name}")));
+    if !policy.due(date, small.len()) {
+        return Ok(None);
+    }
+    small.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+    Ok(Some(Partition {
+        table: table.to_string(),
+        date: date.to_string(),
+        dir,
+        small,
+    }))
 }
 
 /// The files of `table` and `date` the lake wrote and knows where they are: the
@@ -290,25 +312,28 @@ pub(super) fn compact_due(
     publish_pending(conn, root)?;
     let started = Instant::now();
     let mut done = Vec::new();
-    for part in due_partitions(conn, root, policy)? {
-        if policy.budget.is_some_and(|b| started.elapsed() >= b) {
-            break;
-        }
-        let known = known_files(conn, &part.table, &part.date)?;
-        let rel = partition_rel(&part.table, &part.date);
-        let merge: Vec<(String, u64)> = part
-            .small
-            .iter()
-            .filter(|(name, _)| known.contains(&format!("{rel}/{name}")))
-            .cloned()
-            .collect();
-        if !policy.due(&part.date, merge.len()) {
-            continue;
-        }
-        match compact_partition(conn, root, &part, &merge, policy.crash_at)? {
-            Some(c) => done.push(c),
-            // A test's crash.
-            None => break,
+    let over_budget = || policy.budget.is_some_and(|b| started.elapsed() >= b);
+    for (table, date) in candidates(conn, policy)? {
+        // A partition larger than one compaction reads is merged in steps, each
+        // listing the folder again.
+        while let Some(part) = due_partition(conn, root, policy, &table, &date)? {
+            if over_budget() {
+                return Ok(done);
+            }
+            let mut merge = Vec::new();
+            let mut bytes = 0u64;
+            for (name, len) in &part.small {
+                if merge.len() >= 2 && bytes + len > policy.max_input_bytes {
+                    break;
+                }
+                bytes += len;
+                merge.push((name.clone(), *len));
+            }
+            match compact_partition(conn, root, &part, &merge, policy.crash_at)? {
+                Some(c) => done.push(c),
+                // A test's crash.
+                None => return Ok(done),
+            }
         }
     }
     Ok(done)

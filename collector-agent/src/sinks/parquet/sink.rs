@@ -1152,12 +1152,7 @@ impl Sink for ParquetSink {
             let min_files = *compaction.lock().unwrap_or_else(|p| p.into_inner());
             if let (Some(min_files), Some(conn)) = (min_files, st.conn.as_mut()) {
                 if sessions.none() {
-                    let policy = Policy {
-                        min_files,
-                        today: Policy::today(),
-                        budget: Some(IDLE_COMPACTION_BUDGET),
-                        crash_at: None,
-                    };
+                    let policy = Policy::idle(min_files, IDLE_COMPACTION_BUDGET);
                     match compact::compact_due(conn, &root, &policy) {
                         Ok(done) => {
                             log_compactions(&done);
