@@ -15,26 +15,55 @@ use crate::run;
 /// Debian's PostgreSQL server for the warehouse tests); `dev` does not need them.
 pub fn setup(tools: &Toolchain, for_tests: bool) -> Result<()> {
     wasm_target()?;
-    npm_packages(tools)?;
-    cargo_tool(
-        tools,
-        "worker-build",
-        WORKER_BUILD_VERSION,
-        &tools.worker_build,
-    )?;
-    cargo_tool(
-        tools,
-        "wasm-bindgen-cli",
-        &tools.wasm_bindgen_version,
-        &tools.wasm_bindgen,
-    )?;
-    if for_tests {
-        debian_package(&CHROMIUM)?;
-        debian_package(&POSTGRESQL)?;
-        debian_package(&CLICKHOUSE)?;
-        debian_package(&PYTHON_VENV)?;
-        dbt(tools)?;
+    // npm bootstraps the pinned npm tools; Debian's npm first when there is none (apt
+    // runs one at a time, so before the tests' packages start below).
+    if Command::new("npm").arg("--version").output().is_err() {
+        debian_packages(&[&NPM])?;
     }
+    std::thread::scope(|s| -> Result<()> {
+        // On a fresh machine the tests' Debian packages and dbt download and unpack
+        // while the Rust tools compile (network and disk beside the CPU).
+        let tests_side = for_tests.then(|| {
+            s.spawn(|| -> Result<()> {
+                let t = std::time::Instant::now();
+                debian_packages(&[&CHROMIUM, &POSTGRESQL, &CLICKHOUSE, &PYTHON_VENV])?;
+                dbt(tools)?;
+                eprintln!(
+                    "xtask setup: the tests' tools ready after {:.0?}",
+                    t.elapsed()
+                );
+                Ok(())
+            })
+        });
+        let build_side = (|| -> Result<()> {
+            let t = std::time::Instant::now();
+            npm_packages(tools)?;
+            cargo_tool(
+                tools,
+                "worker-build",
+                WORKER_BUILD_VERSION,
+                &tools.worker_build,
+            )?;
+            cargo_tool(
+                tools,
+                "wasm-bindgen-cli",
+                &tools.wasm_bindgen_version,
+                &tools.wasm_bindgen,
+            )?;
+            eprintln!(
+                "xtask setup: the build tools ready after {:.0?}",
+                t.elapsed()
+            );
+            Ok(())
+        })();
+        let tests_side = match tests_side {
+            Some(h) => h
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("installing the tests' tools panicked"))),
+            None => Ok(()),
+        };
+        build_side.and(tests_side)
+    })?;
     let missing = tools.missing();
     anyhow::ensure!(
         missing.is_empty(),
@@ -69,10 +98,6 @@ fn npm_packages(tools: &Toolchain) -> Result<()> {
         && npm_tools_present(tools)
     {
         return Ok(());
-    }
-    if Command::new("npm").arg("--version").output().is_err() {
-        // npm only bootstraps the pinned tools (Node 22 itself comes from npm).
-        debian_package(&NPM)?;
     }
     eprintln!(
         "xtask setup: npm ci (wrangler, node 22, binaryen, esbuild, duckdb lib, test clients)"
@@ -203,46 +228,59 @@ pub const NPM: DebianPackage = DebianPackage {
     purpose: "installing the pinned npm packages",
 };
 
-/// Installs the package's current Debian build unless a version at or above the minimum
-/// is already there (idempotent: no apt call then), checks the minimum, and prints the
-/// version the tests will run with.
-pub fn debian_package(pkg: &DebianPackage) -> Result<String> {
-    let name = pkg.names[0];
-    let ok = |v: &Option<String>| {
+/// Installs the packages' current Debian builds unless a version at or above each one's
+/// minimum is already there (idempotent: no apt call then; one `apt-get update` and one
+/// `apt-get install` for all that are missing), checks the minimums, and prints the
+/// versions the tests will run with.
+pub fn debian_packages(pkgs: &[&DebianPackage]) -> Result<()> {
+    let ok = |pkg: &DebianPackage, v: &Option<String>| {
         v.as_deref()
             .is_some_and(|v| version_at_least(v, pkg.min_version))
             && std::path::Path::new(pkg.binary).exists()
     };
-    let mut version = installed_version(name);
-    if !ok(&version) {
+    let missing: Vec<&DebianPackage> = pkgs
+        .iter()
+        .copied()
+        .filter(|p| !ok(p, &installed_version(p.names[0])))
+        .collect();
+    if !missing.is_empty() {
+        let names: Vec<&str> = missing
+            .iter()
+            .flat_map(|p| p.names.iter().copied())
+            .collect();
+        let why: Vec<String> = missing
+            .iter()
+            .map(|p| format!("{} >= {} for {}", p.names[0], p.min_version, p.purpose))
+            .collect();
         eprintln!(
-            "xtask setup: apt-get install {} (Debian's current build, >= {}, for {})",
-            pkg.names.join(" "),
-            pkg.min_version,
-            pkg.purpose
+            "xtask setup: apt-get install {} (Debian's current builds: {})",
+            names.join(" "),
+            why.join("; ")
         );
         apt(&["update", "-qq"])?;
         let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
-        args.extend(pkg.names);
-        apt(&args).with_context(|| format!("apt-get install {}", pkg.names.join(" ")))?;
-        version = installed_version(name);
+        args.extend(&names);
+        apt(&args).with_context(|| format!("apt-get install {}", names.join(" ")))?;
     }
-    let Some(version) = version else {
-        bail!("{name} is not installed after apt-get install");
-    };
-    ensure!(
-        ok(&Some(version.clone())),
-        "Debian's {name} is {version}, older than the {} that {} need (or {} is missing); \
-         see `apt-cache policy {name}`",
-        pkg.min_version,
-        pkg.purpose,
-        pkg.binary
-    );
-    eprintln!(
-        "xtask setup: {name} {version} (Debian; minimum {})",
-        pkg.min_version
-    );
-    Ok(version)
+    for pkg in pkgs {
+        let name = pkg.names[0];
+        let Some(version) = installed_version(name) else {
+            bail!("{name} is not installed after apt-get install");
+        };
+        ensure!(
+            ok(pkg, &Some(version.clone())),
+            "Debian's {name} is {version}, older than the {} that {} need (or {} is missing); \
+             see `apt-cache policy {name}`",
+            pkg.min_version,
+            pkg.purpose,
+            pkg.binary
+        );
+        eprintln!(
+            "xtask setup: {name} {version} (Debian; minimum {})",
+            pkg.min_version
+        );
+    }
+    Ok(())
 }
 
 fn installed_version(pkg: &str) -> Option<String> {
