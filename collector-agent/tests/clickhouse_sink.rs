@@ -878,3 +878,28 @@ async fn a_view_is_never_missing_while_its_table_grows() {
         s("1")
     );
 }
+
+// Agents started together on a fresh warehouse all connect: while one migrates (its
+// views swapped in under temporary names), another reads the catalog in
+// `system.tables`/`system.columns`, which ClickHouse 18.16 answers with "doesn't exist"
+// when a table goes during the listing (seen failing `clickhouse_e2e.rs`).
+#[tokio::test]
+async fn agents_starting_together_on_a_fresh_warehouse_all_connect() {
+    let ch = LocalClickHouse::start().unwrap();
+    for round in 0..6 {
+        let cfg = ClickHouseConfig {
+            database: format!("fresh_{round}"),
+            ..cfg(&ch)
+        };
+        let (a, b, c) = tokio::join!(
+            ClickHouseSink::connect(&cfg),
+            ClickHouseSink::connect(&cfg),
+            ClickHouseSink::connect(&cfg)
+        );
+        for r in [a, b, c] {
+            if let Err(e) = r {
+                panic!("round {round}: {e}");
+            }
+        }
+    }
+}

@@ -342,14 +342,30 @@ impl ClickHouseSink {
         sql: &str,
     ) -> Result<(Vec<(String, String)>, Vec<Vec<Value>>), SinkError> {
         let sql = sql.trim().trim_end_matches(';');
-        let text = self
-            .request_in(
-                session,
-                Some(&self.cfg.database.clone()),
-                &format!("{sql} FORMAT JSONCompact"),
-                None,
-            )
-            .await?;
+        // ClickHouse 18.16 fails a read of its catalog (`system.tables` with a table's
+        // definition, `system.columns`) with "doesn't exist" (code 60) when a table it
+        // listed is dropped before it is read: another agent's temporary view, swapped
+        // in and dropped (seen failing agents started together). Read it again.
+        let catalog = sql.contains("system.");
+        let mut attempt = 0;
+        let text = loop {
+            match self
+                .request_in(
+                    session,
+                    Some(&self.cfg.database.clone()),
+                    &format!("{sql} FORMAT JSONCompact"),
+                    None,
+                )
+                .await
+            {
+                Err(e) if catalog && attempt < 8 && e.to_string().contains("Code: 60,") => {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(10 << attempt.min(5)))
+                        .await;
+                }
+                other => break other?,
+            }
+        };
         if text.trim().is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
