@@ -16,7 +16,7 @@ mod setup;
 
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use collector_e2e::Toolchain;
 
 fn main() -> Result<()> {
@@ -288,43 +288,195 @@ fn sdk_unit_tests(tools: &Toolchain) -> Result<(u64, u64, u64)> {
     Ok((passed, failed, skipped))
 }
 
-/// Runs every test target of the workspace (not doctests: there are none), echoing the
-/// output and adding up the `test result:` lines into (passed, failed, ignored).
+/// Test binaries that take longest (over 30 s each here), started first so that the
+/// last one to finish is a short one.
+const SLOW_TESTS_FIRST: &[&str] = &[
+    "warehouse_unavailable",
+    "kill9",
+    "postgres_e2e",
+    "conformance",
+    "ingest_to_duckdb",
+    "identity",
+    "quickstart",
+    "dashboard_e2e",
+    "browser",
+];
+
+/// One test binary `cargo test --no-run` built.
+struct TestBinary {
+    /// `package::target` (`collector-agent::conformance`, `xtask::unittests`).
+    name: String,
+    target: String,
+    exe: std::path::PathBuf,
+    /// The package's folder: `cargo test` runs a binary there.
+    dir: std::path::PathBuf,
+}
+
+/// Every test (`cargo test --workspace --all-targets`): (passed, failed, skipped). The
+/// binaries are built first, then run `CI_TEST_JOBS` at a time (default 2): most of the
+/// slow ones wait on servers (workerd, PostgreSQL, ClickHouse, Chromium) and back-offs
+/// rather than use the CPU, so two at once shorten CI. Each binary runs as `cargo
+/// test` runs it (in its package's folder, with cargo's variables), and its output is
+/// printed whole when it finishes.
 fn cargo_test(tools: &Toolchain) -> Result<(u64, u64, u64)> {
-    use std::io::BufRead;
-    let mut child = Command::new("cargo")
-        .args(["test", "--workspace", "--all-targets", "--no-fail-fast"])
+    use std::sync::{Arc, Mutex};
+    let out = Command::new("cargo")
+        .args([
+            "test",
+            "--workspace",
+            "--all-targets",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ])
         .current_dir(&tools.root)
         .env("PATH", tools.path_env())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .context("spawn cargo test")?;
-    let mut totals = (0u64, 0u64, 0u64);
-    let stdout = child.stdout.take().context("cargo test stdout")?;
-    for line in std::io::BufReader::new(stdout).lines() {
-        let line = line?;
-        println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            let count = |word: &str| {
-                rest.split(';')
-                    .find_map(|part| {
-                        part.trim()
-                            .strip_suffix(word)
-                            .map(|n| n.trim().rsplit(' ').next().unwrap_or("0").to_string())
-                    })
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            totals.0 += count(" passed");
-            totals.1 += count(" failed");
-            totals.2 += count(" ignored");
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cargo test --no-run")?;
+    if !out.status.success() {
+        bail!(
+            "cargo test --no-run failed with {} (a build error?)",
+            out.status
+        );
+    }
+    let mut bins = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] != "compiler-artifact" || msg["profile"]["test"] != true {
+            continue;
         }
+        let Some(exe) = msg["executable"].as_str() else {
+            continue;
+        };
+        let manifest = std::path::PathBuf::from(msg["manifest_path"].as_str().unwrap_or_default());
+        let package = package_name(msg["package_id"].as_str().unwrap_or_default());
+        let kinds = msg["target"]["kind"].to_string();
+        let target = msg["target"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        // Library and binary unit tests show as `unittests`, like cargo's own output.
+        let shown = if kinds.contains("\"test\"") || kinds.contains("\"bench\"") {
+            target.clone()
+        } else {
+            "unittests".to_string()
+        };
+        bins.push(TestBinary {
+            name: format!("{package}::{shown}"),
+            target,
+            exe: exe.into(),
+            dir: manifest
+                .parent()
+                .map(|d| d.to_path_buf())
+                .unwrap_or_default(),
+        });
     }
-    let status = child.wait()?;
-    if !status.success() && totals.1 == 0 {
-        bail!("cargo test failed with {status} (a build error?)");
+    ensure!(!bins.is_empty(), "cargo test --no-run built no test binary");
+    let rank = |b: &TestBinary| {
+        SLOW_TESTS_FIRST
+            .iter()
+            .position(|s| *s == b.target)
+            .unwrap_or(SLOW_TESTS_FIRST.len())
+    };
+    bins.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.name.cmp(&b.name)));
+    let jobs = std::env::var("CI_TEST_JOBS")
+        .ok()
+        .and_then(|j| j.parse::<usize>().ok())
+        .filter(|j| *j > 0)
+        .unwrap_or(2);
+    eprintln!("xtask ci: {} test binaries, {jobs} at a time", bins.len());
+    let queue = Arc::new(Mutex::new(std::collections::VecDeque::from(bins)));
+    let totals = Arc::new(Mutex::new((0u64, 0u64, 0u64)));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let path_env = tools.path_env();
+    std::thread::scope(|s| {
+        for _ in 0..jobs {
+            let (queue, totals, cargo, path_env) = (&queue, &totals, &cargo, &path_env);
+            s.spawn(move || loop {
+                let Some(bin) = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front() else {
+                    return;
+                };
+                let started = std::time::Instant::now();
+                let out = Command::new(&bin.exe)
+                    .current_dir(&bin.dir)
+                    .env("PATH", path_env)
+                    .env("CARGO", cargo)
+                    .env("CARGO_MANIFEST_DIR", &bin.dir)
+                    .stdin(std::process::Stdio::null())
+                    .output();
+                let (stdout, stderr, status) = match out {
+                    Ok(o) => (
+                        String::from_utf8_lossy(&o.stdout).to_string(),
+                        String::from_utf8_lossy(&o.stderr).to_string(),
+                        Some(o.status),
+                    ),
+                    Err(e) => (
+                        String::new(),
+                        format!("could not run {}: {e}", bin.exe.display()),
+                        None,
+                    ),
+                };
+                let mut counted = (0u64, 0u64, 0u64);
+                for line in stdout.lines() {
+                    if let Some(rest) = line.strip_prefix("test result: ") {
+                        let (p, f, i) = test_result_counts(rest);
+                        counted = (counted.0 + p, counted.1 + f, counted.2 + i);
+                    }
+                }
+                // A binary that crashed, or failed without saying so, failed.
+                if !status.is_some_and(|s| s.success()) && counted.1 == 0 {
+                    counted.1 = 1;
+                }
+                let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
+                *t = (t.0 + counted.0, t.1 + counted.1, t.2 + counted.2);
+                // One binary's output at a time, whole.
+                println!(
+                    "     Running {} ({}) in {:.1?}",
+                    bin.name,
+                    bin.exe.display(),
+                    started.elapsed()
+                );
+                print!("{stdout}");
+                eprint!("{stderr}");
+                if let Some(st) = status.filter(|s| !s.success()) {
+                    println!("xtask ci: {} exited with {st}", bin.name);
+                }
+            });
+        }
+    });
+    let t = *totals.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(t)
+}
+
+/// A package's name from cargo's package id: `path+file:///…/tests#collector-e2e@0.1.0`,
+/// `path+file:///…/xtask#0.1.0` (named like its folder), or the older
+/// `collector-e2e 0.1.0 (path+file:///…)`.
+fn package_name(id: &str) -> String {
+    if let Some((path, rest)) = id.rsplit_once('#') {
+        match rest.split_once('@') {
+            Some((name, _)) => name.to_string(),
+            None => path.rsplit('/').next().unwrap_or(path).to_string(),
+        }
+    } else {
+        id.split(' ').next().unwrap_or(id).to_string()
     }
-    Ok(totals)
+}
+
+/// (passed, failed, ignored) of a libtest summary line, after `test result: `.
+fn test_result_counts(rest: &str) -> (u64, u64, u64) {
+    let count = |word: &str| {
+        rest.split(';')
+            .find_map(|part| {
+                part.trim()
+                    .strip_suffix(word)
+                    .map(|n| n.trim().rsplit(' ').next().unwrap_or("0").to_string())
+            })
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (count(" passed"), count(" failed"), count(" ignored"))
 }
 
 /// Newest modification time of the files below `dir` (recursively).
@@ -372,4 +524,36 @@ fn edge_build_is_fresh(tools: &Toolchain) -> bool {
         };
         t.is_some_and(|t| t <= built)
     })
+}
+
+#[cfg(test)]
+mod runner_tests {
+    use super::*;
+
+    #[test]
+    fn package_names_are_read_from_every_id_format() {
+        assert_eq!(
+            package_name("path+file:///work/main/tests#collector-e2e@0.1.0"),
+            "collector-e2e"
+        );
+        assert_eq!(package_name("path+file:///work/main/xtask#0.1.0"), "xtask");
+        assert_eq!(
+            package_name("collector-agent 0.1.0 (path+file:///work/main/collector-agent)"),
+            "collector-agent"
+        );
+    }
+
+    #[test]
+    fn a_summary_line_gives_its_counts() {
+        assert_eq!(
+            test_result_counts(
+                "FAILED. 7 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; finished in 3.10s"
+            ),
+            (7, 2, 1)
+        );
+        assert_eq!(
+            test_result_counts("ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out"),
+            (0, 0, 0)
+        );
+    }
 }
