@@ -64,13 +64,22 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = u64>,
 {
-    let mut progress = Vec::new();
+    let mut progress: Vec<u64> = Vec::new();
+    // How much longer than the jitter an agent runs before its kill: a slow or busy
+    // machine (CI runs two test binaries at once) may not reach a load within it, so a
+    // round that loaded nothing makes the next ones wait longer.
+    let mut scale = 1.0f64;
     for round in 0..ROUNDS {
         let mut child = spawn(bin, config, false);
-        tokio::time::sleep(Duration::from_millis(jitter_ms(round))).await;
+        let wait = (jitter_ms(round) as f64 * scale) as u64;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        progress.push(loaded().await);
+        let n = loaded().await;
+        if n == progress.last().copied().unwrap_or(0) && n < EVENTS as u64 {
+            scale = (scale * 1.5).min(20.0);
+        }
+        progress.push(n);
     }
     eprintln!("loaded after each kill: {progress:?}");
     assert!(

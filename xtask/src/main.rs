@@ -302,6 +302,11 @@ const SLOW_TESTS_FIRST: &[&str] = &[
     "browser",
 ];
 
+/// Test binaries run alone, before the others: they kill and restart the agent on a
+/// timer, and a machine shared with another binary's servers slows the agent enough
+/// that a kill lands before it loads anything.
+const ALONE_TESTS: &[&str] = &["kill9"];
+
 /// One test binary `cargo test --no-run` built.
 struct TestBinary {
     /// `package::target` (`collector-agent::conformance`, `xtask::unittests`).
@@ -319,7 +324,6 @@ struct TestBinary {
 /// test` runs it (in its package's folder, with cargo's variables), and its output is
 /// printed whole when it finishes.
 fn cargo_test(tools: &Toolchain) -> Result<(u64, u64, u64)> {
-    use std::sync::{Arc, Mutex};
     let out = Command::new("cargo")
         .args([
             "test",
@@ -386,14 +390,35 @@ fn cargo_test(tools: &Toolchain) -> Result<(u64, u64, u64)> {
         .and_then(|j| j.parse::<usize>().ok())
         .filter(|j| *j > 0)
         .unwrap_or(2);
-    eprintln!("xtask ci: {} test binaries, {jobs} at a time", bins.len());
-    let queue = Arc::new(Mutex::new(std::collections::VecDeque::from(bins)));
-    let totals = Arc::new(Mutex::new((0u64, 0u64, 0u64)));
+    let (alone, shared): (Vec<_>, Vec<_>) = bins
+        .into_iter()
+        .partition(|b| ALONE_TESTS.contains(&b.target.as_str()));
+    eprintln!(
+        "xtask ci: {} test binaries, {} alone, then {jobs} at a time",
+        alone.len() + shared.len(),
+        alone.len()
+    );
+    let totals = std::sync::Mutex::new((0u64, 0u64, 0u64));
+    run_test_binaries(tools, alone, 1, &totals);
+    run_test_binaries(tools, shared, jobs, &totals);
+    Ok(totals.into_inner().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// Runs `bins` (in order) `jobs` at a time, adding their counts to `totals`.
+fn run_test_binaries(
+    tools: &Toolchain,
+    bins: Vec<TestBinary>,
+    jobs: usize,
+    totals: &std::sync::Mutex<(u64, u64, u64)>,
+) {
+    use std::io::Write;
+    use std::sync::Mutex;
+    let queue = Mutex::new(std::collections::VecDeque::from(bins));
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let path_env = tools.path_env();
     std::thread::scope(|s| {
         for _ in 0..jobs {
-            let (queue, totals, cargo, path_env) = (&queue, &totals, &cargo, &path_env);
+            let (queue, cargo, path_env) = (&queue, &cargo, &path_env);
             s.spawn(move || loop {
                 let Some(bin) = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front() else {
                     return;
@@ -429,25 +454,26 @@ fn cargo_test(tools: &Toolchain) -> Result<(u64, u64, u64)> {
                 if !status.is_some_and(|s| s.success()) && counted.1 == 0 {
                     counted.1 = 1;
                 }
+                // One binary's output at a time, whole (under the totals' lock).
                 let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
                 *t = (t.0 + counted.0, t.1 + counted.1, t.2 + counted.2);
-                // One binary's output at a time, whole.
-                println!(
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(
+                    out,
                     "     Running {} ({}) in {:.1?}",
                     bin.name,
                     bin.exe.display(),
                     started.elapsed()
                 );
-                print!("{stdout}");
+                let _ = out.write_all(stdout.as_bytes());
+                let _ = out.flush();
                 eprint!("{stderr}");
                 if let Some(st) = status.filter(|s| !s.success()) {
-                    println!("xtask ci: {} exited with {st}", bin.name);
+                    let _ = writeln!(out, "xtask ci: {} exited with {st}", bin.name);
                 }
             });
         }
     });
-    let t = *totals.lock().unwrap_or_else(|p| p.into_inner());
-    Ok(t)
 }
 
 /// A package's name from cargo's package id: `path+file:///…/tests#collector-e2e@0.1.0`,
