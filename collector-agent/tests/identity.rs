@@ -1179,16 +1179,14 @@ mod audiences_postgres {
 async fn an_agent_with_identity_disabled_leaves_people_alone() {
     let dir = tempfile::tempdir().unwrap();
     let config = |enabled: bool| {
-        let path = dir.path().join(format!("agent-{enabled}.toml"));
-        std::fs::write(
-            &path,
-            format!(
-                "edge_url = \"http://127.0.0.1:9\"\ndrain_secret = \"s\"\n[warehouse]\npath = \"{}\"\n[identity]\nenabled = {enabled}\n",
+        common::agent_config(
+            dir.path(),
+            &format!("agent-{enabled}.toml"),
+            &format!(
+                "[warehouse]\npath = \"{}\"\n[identity]\nenabled = {enabled}\n",
                 dir.path().join("w.duckdb").display()
             ),
         )
-        .unwrap();
-        collector_agent::AgentConfig::load(&path).unwrap()
     };
     let off = config(false);
     let sink = collector_agent::sinks::open(&off.warehouse).await.unwrap();

@@ -371,3 +371,15 @@ pub fn wide_lease(batches: std::ops::Range<i64>) -> collector_agent::sinks::Load
             .collect(),
     }
 }
+
+/// An agent's configuration written to `dir/name` and loaded: an edge where nothing
+/// listens (the test drives the warehouse itself), then `rest` (`[warehouse]`, …).
+pub fn agent_config(dir: &std::path::Path, name: &str, rest: &str) -> collector_agent::AgentConfig {
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!("edge_url = \"http://127.0.0.1:9\"\ndrain_secret = \"s\"\n{rest}"),
+    )
+    .unwrap();
+    collector_agent::AgentConfig::load(&path).unwrap()
+}
