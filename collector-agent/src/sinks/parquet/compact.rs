@@ -146,23 +146,34 @@ struct Partition {
 fn candidates(conn: &Connection, policy: &Policy) -> Result<Vec<(String, String)>, SinkError> {
     let mut stmt = conn
         .prepare(
-            "SELECT p.table_name, p.date FROM (
+            "SELECT p.table_name, p.date, p.n, EXISTS (SELECT 1 FROM collector_compactions c
+                     WHERE c.table_name = p.table_name AND c.date = p.date
+                       AND c.finished_at IS NOT NULL)
+             FROM (
                  SELECT table_name, date, count(*) AS n FROM loaded_batches
                  WHERE staged IS NULL AND compacted_into IS NULL GROUP BY table_name, date
              ) p
-             WHERE p.n >= CASE WHEN p.date <> 'unknown' AND p.date < ? THEN 2 ELSE ? END
-                OR EXISTS (SELECT 1 FROM collector_compactions c
-                           WHERE c.table_name = p.table_name AND c.date = p.date
-                             AND c.finished_at IS NOT NULL)
              ORDER BY p.date, p.table_name",
         )
         .map_err(transient)?;
     let rows = stmt
-        .query_map(params![policy.today, policy.min_files as i64], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, bool>(3)?,
+            ))
         })
+        .map_err(transient)?
+        .collect::<Result<Vec<_>, _>>()
         .map_err(transient)?;
-    rows.collect::<Result<_, _>>().map_err(transient)
+    // The same rule as the folder's listing ([`Policy::due`]), on the manifest's count.
+    Ok(rows
+        .into_iter()
+        .filter(|(_, date, n, compacted)| *compacted || policy.due(date, *n as usize))
+        .map(|(table, date, _, _)| (table, date))
+        .collect())
 }
 
 /// The partition `table`/`date`, listed now, when its small files that the lake wrote
