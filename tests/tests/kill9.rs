@@ -49,7 +49,10 @@ fn spawn(bin: &std::path::Path, config: &std::path::Path, once: bool) -> Child {
     if once {
         cmd.arg("--once");
     }
+    // A killed agent leaves its state file; for a server warehouse that is in the temp
+    // folder, so the test's own.
     cmd.env("RUST_LOG", "warn")
+        .env("TMPDIR", config.parent().unwrap())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -19,6 +19,10 @@ fn an_invalid_privacy_policy_fails_the_worker_build_with_its_lines() {
         .args([
             "build",
             "--quiet",
+            // The command worker-build runs (`--lib --release`), so the build stops in
+            // the same build script and reuses the worker build's compiled crates.
+            "--lib",
+            "--release",
             "-p",
             "collector-edge",
             "--target",

@@ -71,10 +71,33 @@ pub fn dev(tools: &Toolchain, _args: &[String]) -> Result<()> {
         Ok(format!("v1:{}", random_hex()?))
     })?;
 
-    eprintln!("xtask dev: building the agent");
-    run(Command::new("cargo")
-        .args(["build", "--quiet", "-p", "collector-agent"])
-        .current_dir(&tools.root))?;
+    let agent_bin = match std::env::var_os("COLLECTOR_AGENT_BIN") {
+        // A built agent to run instead (`cargo xtask ci` hands the tests the one its
+        // test build made).
+        Some(bin) => {
+            let bin = PathBuf::from(bin);
+            anyhow::ensure!(
+                bin.is_file(),
+                "COLLECTOR_AGENT_BIN={} is not a file",
+                bin.display()
+            );
+            eprintln!(
+                "xtask dev: the agent is {} (COLLECTOR_AGENT_BIN)",
+                bin.display()
+            );
+            bin
+        }
+        None => {
+            eprintln!("xtask dev: building the agent");
+            run(Command::new("cargo")
+                .args(["build", "--quiet", "-p", "collector-agent"])
+                .current_dir(&tools.root))?;
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| tools.root.join("target"))
+                .join("debug/collector-agent")
+        }
+    };
 
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
     ctrlc::set_handler(move || {
@@ -159,7 +182,7 @@ audiences = [\"cart_abandoners_15m\"]
         .to_string();
     let agent_log = std::fs::File::create(data.join("agent.log"))?;
     let mut agent = {
-        let mut cmd = Command::new(tools.root.join("target/debug/collector-agent"));
+        let mut cmd = Command::new(&agent_bin);
         cmd.args(["run", "--config"])
             .arg(&agent_config)
             .env("COLLECTOR_SEAL_KEY", &seal_key)
@@ -184,7 +207,6 @@ audiences = [\"cart_abandoners_15m\"]
         sdk_page_vars(&tools.root, &edge.url, DEV_WRITE_KEY)?,
     )?;
 
-    let agent_bin = tools.root.join("target/debug/collector-agent");
     println!("edge_url={}", edge.url);
     println!("write_key={DEV_WRITE_KEY}");
     println!("agent_config={}", agent_config.display());

@@ -198,32 +198,22 @@ fn ci(tools: &Toolchain) -> Result<()> {
         .args(["fmt", "--all", "--", "--check"])
         .current_dir(&tools.root))
     .context("cargo fmt --check (run `cargo fmt --all`)")?;
-    run(Command::new("cargo")
-        .args([
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--quiet",
-            "--",
-            "-D",
-            "warnings",
-        ])
-        .current_dir(&tools.root))
-    .context("cargo clippy")?;
-    run(Command::new("cargo")
-        .args([
-            "clippy",
-            "-p",
-            "collector-edge",
-            "--target",
-            "wasm32-unknown-unknown",
-            "--quiet",
-            "--",
-            "-D",
-            "warnings",
-        ])
-        .current_dir(&tools.root))
-    .context("cargo clippy (wasm)")?;
+    let mut native = vec!["clippy", "--workspace", "--all-targets", "--quiet"];
+    native.extend(WASM_ONLY.iter().flat_map(|p| ["--exclude", *p]));
+    native.extend(["--", "-D", "warnings"]);
+    run(Command::new("cargo").args(&native).current_dir(&tools.root)).context("cargo clippy")?;
+    let mut wasm = vec!["clippy"];
+    wasm.extend(WASM_ONLY.iter().flat_map(|p| ["-p", *p]));
+    wasm.extend([
+        "--target",
+        "wasm32-unknown-unknown",
+        "--quiet",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run(Command::new("cargo").args(&wasm).current_dir(&tools.root))
+        .context("cargo clippy (wasm)")?;
     build_edge(tools, true)?;
     let sdk = sdk_unit_tests(tools)?;
     let cargo = cargo_test(tools)?;
@@ -307,6 +297,11 @@ const SLOW_TESTS_FIRST: &[&str] = &[
 /// that a kill lands before it loads anything.
 const ALONE_TESTS: &[&str] = &["kill9"];
 
+/// The workers: checked and built for wasm only. Natively they have no test, and
+/// building them there compiles `worker`, `web-sys` and the rest of the Workers
+/// bindings twice more (clippy and the test build) for nothing.
+const WASM_ONLY: &[&str] = &["collector-edge", "floor-worker"];
+
 /// One test binary `cargo test --no-run` built.
 struct TestBinary {
     /// `package::target` (`collector-agent::conformance`, `xtask::unittests`).
@@ -324,14 +319,11 @@ struct TestBinary {
 /// test` runs it (in its package's folder, with cargo's variables), and its output is
 /// printed whole when it finishes.
 fn cargo_test(tools: &Toolchain) -> Result<(u64, u64, u64)> {
+    let mut args = vec!["test", "--workspace", "--all-targets", "--no-run"];
+    args.extend(WASM_ONLY.iter().flat_map(|p| ["--exclude", *p]));
+    args.push("--message-format=json-render-diagnostics");
     let out = Command::new("cargo")
-        .args([
-            "test",
-            "--workspace",
-            "--all-targets",
-            "--no-run",
-            "--message-format=json-render-diagnostics",
-        ])
+        .args(&args)
         .current_dir(&tools.root)
         .env("PATH", tools.path_env())
         .stderr(std::process::Stdio::inherit())
@@ -344,10 +336,21 @@ fn cargo_test(tools: &Toolchain) -> Result<(u64, u64, u64)> {
         );
     }
     let mut bins = Vec::new();
+    // The agent binary this build made (for the agent's own integration tests), handed to
+    // the e2e tests: `cargo build -p collector-agent` resolves features for the agent
+    // alone, so it would compile most of its dependencies a second time.
+    let mut agent_bin = None;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
+        if msg["reason"] == "compiler-artifact"
+            && msg["profile"]["test"] == false
+            && msg["target"]["kind"] == serde_json::json!(["bin"])
+            && msg["target"]["name"] == "collector-agent"
+        {
+            agent_bin = msg["executable"].as_str().map(std::path::PathBuf::from);
+        }
         if msg["reason"] != "compiler-artifact" || msg["profile"]["test"] != true {
             continue;
         }
@@ -378,6 +381,7 @@ fn cargo_test(tools: &Toolchain) -> Result<(u64, u64, u64)> {
         });
     }
     ensure!(!bins.is_empty(), "cargo test --no-run built no test binary");
+    let agent_bin = agent_bin.context("cargo test --no-run built no collector-agent binary")?;
     let rank = |b: &TestBinary| {
         SLOW_TESTS_FIRST
             .iter()
@@ -399,14 +403,15 @@ fn cargo_test(tools: &Toolchain) -> Result<(u64, u64, u64)> {
         alone.len()
     );
     let totals = std::sync::Mutex::new((0u64, 0u64, 0u64));
-    run_test_binaries(tools, alone, 1, &totals);
-    run_test_binaries(tools, shared, jobs, &totals);
+    run_test_binaries(tools, &agent_bin, alone, 1, &totals);
+    run_test_binaries(tools, &agent_bin, shared, jobs, &totals);
     Ok(totals.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
 
 /// Runs `bins` (in order) `jobs` at a time, adding their counts to `totals`.
 fn run_test_binaries(
     tools: &Toolchain,
+    agent_bin: &std::path::Path,
     bins: Vec<TestBinary>,
     jobs: usize,
     totals: &std::sync::Mutex<(u64, u64, u64)>,
@@ -429,6 +434,7 @@ fn run_test_binaries(
                     .env("PATH", path_env)
                     .env("CARGO", cargo)
                     .env("CARGO_MANIFEST_DIR", &bin.dir)
+                    .env("COLLECTOR_AGENT_BIN", agent_bin)
                     .stdin(std::process::Stdio::null())
                     .output();
                 let (stdout, stderr, status) = match out {

@@ -226,8 +226,19 @@ pub fn s(v: &str) -> Option<String> {
     Some(v.to_string())
 }
 
-/// The agent binary, built (debug) if needed.
+/// The agent binary: `COLLECTOR_AGENT_BIN` when set (`cargo xtask ci` sets it to the
+/// agent its workspace test build made, so the e2e tests do not build a second one with
+/// `-p collector-agent`'s own feature set), else built (debug) if needed.
 pub fn agent_binary() -> std::path::PathBuf {
+    if let Some(bin) = std::env::var_os("COLLECTOR_AGENT_BIN") {
+        let bin = std::path::PathBuf::from(bin);
+        assert!(
+            bin.is_file(),
+            "COLLECTOR_AGENT_BIN={} is not a file",
+            bin.display()
+        );
+        return bin;
+    }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap();
