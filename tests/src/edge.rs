@@ -87,6 +87,13 @@ impl LocalEdge {
                     edge.port = crate::free_port();
                     edge.url = format!("http://127.0.0.1:{}", edge.port);
                 }
+                // wrangler's bundler (esbuild, a Go program) crashed at start once in
+                // CI, beside other tests' wrangler processes starting: start it once
+                // more, and say so.
+                Err(e) if attempt < 2 && e.to_string().contains("before it was ready") => {
+                    eprintln!("LocalEdge: wrangler dev died at start; starting it again. {e}");
+                    edge.stop();
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -264,11 +271,20 @@ impl LocalEdge {
         Some(total)
     }
 
-    /// The last lines wrangler printed.
+    /// What wrangler printed: all of it, or when long its first 20 lines (where a
+    /// crash names its cause) and its last 40.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.opts.log_file).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        if lines.len() <= 60 {
+            return lines.join("\n");
+        }
+        format!(
+            "{}\n[… {} lines …]\n{}",
+            lines[..20].join("\n"),
+            lines.len() - 60,
+            lines[lines.len() - 40..].join("\n")
+        )
     }
 
     /// Stops wrangler and its workerd children (the whole process group).
