@@ -193,7 +193,16 @@ pub fn build_floor_worker(tools: &Toolchain) -> Result<std::path::PathBuf> {
 
 fn ci(tools: &Toolchain) -> Result<()> {
     let started = std::time::Instant::now();
+    // Each step's wall time, for measuring CI (a fresh machine's, above all).
+    let mut lap = {
+        let mut t = std::time::Instant::now();
+        move |what: &str| {
+            eprintln!("xtask ci: {what} took {:.0?}", t.elapsed());
+            t = std::time::Instant::now();
+        }
+    };
     setup::setup(tools, true)?;
+    lap("setup");
     run(Command::new("cargo")
         .args(["fmt", "--all", "--", "--check"])
         .current_dir(&tools.root))
@@ -202,6 +211,7 @@ fn ci(tools: &Toolchain) -> Result<()> {
     native.extend(WASM_ONLY.iter().flat_map(|p| ["--exclude", *p]));
     native.extend(["--", "-D", "warnings"]);
     run(Command::new("cargo").args(&native).current_dir(&tools.root)).context("cargo clippy")?;
+    lap("fmt and clippy");
     let mut wasm = vec!["clippy"];
     wasm.extend(WASM_ONLY.iter().flat_map(|p| ["-p", *p]));
     wasm.extend([
@@ -214,9 +224,12 @@ fn ci(tools: &Toolchain) -> Result<()> {
     ]);
     run(Command::new("cargo").args(&wasm).current_dir(&tools.root))
         .context("cargo clippy (wasm)")?;
+    lap("clippy (wasm)");
     build_edge(tools, true)?;
+    lap("the SDK and worker build");
     let sdk = sdk_unit_tests(tools)?;
     let cargo = cargo_test(tools)?;
+    lap("the tests (build and run)");
     // Benchmarks are not tests: a smoke run with tiny sizes checks they still run.
     bench::smoke();
     let smoke_rows = bench::core_costs(tools)?
@@ -319,6 +332,7 @@ struct TestBinary {
 /// test` runs it (in its package's folder, with cargo's variables), and its output is
 /// printed whole when it finishes.
 fn cargo_test(tools: &Toolchain) -> Result<(u64, u64, u64)> {
+    let started = std::time::Instant::now();
     let mut args = vec!["test", "--workspace", "--all-targets", "--no-run"];
     args.extend(WASM_ONLY.iter().flat_map(|p| ["--exclude", *p]));
     args.push("--message-format=json-render-diagnostics");
@@ -382,6 +396,7 @@ fn cargo_test(tools: &Toolchain) -> Result<(u64, u64, u64)> {
     }
     ensure!(!bins.is_empty(), "cargo test --no-run built no test binary");
     let agent_bin = agent_bin.context("cargo test --no-run built no collector-agent binary")?;
+    eprintln!("xtask ci: test binaries built in {:.0?}", started.elapsed());
     let rank = |b: &TestBinary| {
         SLOW_TESTS_FIRST
             .iter()
