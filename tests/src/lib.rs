@@ -32,6 +32,32 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// The agent binary to run: `COLLECTOR_AGENT_BIN` when set (`cargo xtask ci` sets it
+/// to the agent its workspace test build made, so the tests and `cargo xtask dev` do not
+/// build a second one with `-p collector-agent`'s own feature set), else built (debug)
+/// with `cargo build -p collector-agent` in the workspace at `root`.
+pub fn agent_binary(root: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    if let Some(bin) = std::env::var_os("COLLECTOR_AGENT_BIN") {
+        let bin = std::path::PathBuf::from(bin);
+        anyhow::ensure!(
+            bin.is_file(),
+            "COLLECTOR_AGENT_BIN={} is not a file",
+            bin.display()
+        );
+        return Ok(bin);
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--quiet", "-p", "collector-agent"])
+        .current_dir(root)
+        .status()?;
+    anyhow::ensure!(status.success(), "cargo build -p collector-agent: {status}");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("debug/collector-agent"))
+}
+
 /// A uniquely named folder in the temp folder, removed on drop: the data folder of a
 /// test server (the `tempfile` crate is a dev-dependency only; the harness is a library).
 pub struct TempDir(std::path::PathBuf);

@@ -21,8 +21,6 @@ use anyhow::{Context, Result};
 use collector_e2e::pages::{sdk_page_vars, PageServer};
 use collector_e2e::{free_port, EdgeOptions, LocalEdge, Toolchain, DEV_WRITE_KEY};
 
-use crate::run;
-
 fn port_or_free(var: &str, default: u16) -> u16 {
     let wanted = std::env::var(var)
         .ok()
@@ -71,33 +69,10 @@ pub fn dev(tools: &Toolchain, _args: &[String]) -> Result<()> {
         Ok(format!("v1:{}", random_hex()?))
     })?;
 
-    let agent_bin = match std::env::var_os("COLLECTOR_AGENT_BIN") {
-        // A built agent to run instead (`cargo xtask ci` hands the tests the one its
-        // test build made).
-        Some(bin) => {
-            let bin = PathBuf::from(bin);
-            anyhow::ensure!(
-                bin.is_file(),
-                "COLLECTOR_AGENT_BIN={} is not a file",
-                bin.display()
-            );
-            eprintln!(
-                "xtask dev: the agent is {} (COLLECTOR_AGENT_BIN)",
-                bin.display()
-            );
-            bin
-        }
-        None => {
-            eprintln!("xtask dev: building the agent");
-            run(Command::new("cargo")
-                .args(["build", "--quiet", "-p", "collector-agent"])
-                .current_dir(&tools.root))?;
-            std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| tools.root.join("target"))
-                .join("debug/collector-agent")
-        }
-    };
+    if std::env::var_os("COLLECTOR_AGENT_BIN").is_none() {
+        eprintln!("xtask dev: building the agent");
+    }
+    let agent_bin = collector_e2e::agent_binary(&tools.root)?;
 
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
     ctrlc::set_handler(move || {

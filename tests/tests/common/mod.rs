@@ -226,33 +226,12 @@ pub fn s(v: &str) -> Option<String> {
     Some(v.to_string())
 }
 
-/// The agent binary: `COLLECTOR_AGENT_BIN` when set (`cargo xtask ci` sets it to the
-/// agent its workspace test build made, so the e2e tests do not build a second one with
-/// `-p collector-agent`'s own feature set), else built (debug) if needed.
+/// The agent binary ([`collector_e2e::agent_binary`]).
 pub fn agent_binary() -> std::path::PathBuf {
-    if let Some(bin) = std::env::var_os("COLLECTOR_AGENT_BIN") {
-        let bin = std::path::PathBuf::from(bin);
-        assert!(
-            bin.is_file(),
-            "COLLECTOR_AGENT_BIN={} is not a file",
-            bin.display()
-        );
-        return bin;
-    }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap();
-    let ok = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "-p", "collector-agent"])
-        .current_dir(root)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "build the agent");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    target.join("debug/collector-agent")
+    collector_e2e::agent_binary(root).expect("the agent binary")
 }
 
 /// Every file under `dir`, lower-cased, searched for each of `raw` (lower case): where
