@@ -207,9 +207,9 @@ fn ci(tools: &Toolchain) -> Result<()> {
         .args(["fmt", "--all", "--", "--check"])
         .current_dir(&tools.root))
     .context("cargo fmt --check (run `cargo fmt --all`)")?;
-    let mut native = vec!["clippy", "--workspace", "--all-targets", "--quiet"];
-    native.extend(WASM_ONLY.iter().flat_map(|p| ["--exclude", *p]));
-    native.extend(["--", "-D", "warnings"]);
+    let mut native = vec!["clippy"];
+    native.extend(native_workspace());
+    native.extend(["--all-targets", "--quiet", "--", "-D", "warnings"]);
     run(Command::new("cargo").args(&native).current_dir(&tools.root)).context("cargo clippy")?;
     lap("fmt and clippy");
     let mut wasm = vec!["clippy"];
@@ -315,6 +315,13 @@ const ALONE_TESTS: &[&str] = &["kill9"];
 /// bindings twice more (clippy and the test build) for nothing.
 const WASM_ONLY: &[&str] = &["collector-edge", "floor-worker"];
 
+/// The packages a native build takes: the workspace without [`WASM_ONLY`].
+fn native_workspace() -> Vec<&'static str> {
+    let mut args = vec!["--workspace"];
+    args.extend(WASM_ONLY.iter().flat_map(|p| ["--exclude", *p]));
+    args
+}
+
 /// One test binary `cargo test --no-run` built.
 struct TestBinary {
     /// `package::target` (`collector-agent::conformance`, `xtask::unittests`).
@@ -333,9 +340,13 @@ struct TestBinary {
 /// printed whole when it finishes.
 fn cargo_test(tools: &Toolchain) -> Result<(u64, u64, u64)> {
     let started = std::time::Instant::now();
-    let mut args = vec!["test", "--workspace", "--all-targets", "--no-run"];
-    args.extend(WASM_ONLY.iter().flat_map(|p| ["--exclude", *p]));
-    args.push("--message-format=json-render-diagnostics");
+    let mut args = vec!["test"];
+    args.extend(native_workspace());
+    args.extend([
+        "--all-targets",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ]);
     let out = Command::new("cargo")
         .args(&args)
         .current_dir(&tools.root)
