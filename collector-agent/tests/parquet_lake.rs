@@ -1446,3 +1446,74 @@ async fn an_idle_agent_counts_its_compactions_in_metrics() {
     // (Every counter's rendering is `metrics.rs`' unit test.)
     assert!(text.contains("collector_agent_lake_files_merged_total 6\n"));
 }
+
+/// `(file, rows, erased_rows)` of the manifest's entries of `table`, by file.
+fn manifest(root: &std::path::Path, table: &str) -> Vec<(String, i64, i64)> {
+    let conn = duckdb::Connection::open(root.join("_collector/state.duckdb")).unwrap();
+    let mut stmt = conn
+        .prepare(
+            "SELECT file, rows, erased_rows FROM loaded_batches WHERE table_name = ? ORDER BY file",
+        )
+        .unwrap();
+    let rows = stmt
+        .query_map([table], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap();
+    rows.collect::<Result<_, _>>().unwrap()
+}
+
+// An erasure says in the manifest what it removed from each file: all of a file it
+// removed (which compaction then no longer counts: a partition whose files an erasure
+// emptied is not looked at again and again), part of one it rewrote.
+#[tokio::test]
+async fn the_manifest_counts_what_an_erasure_removed() {
+    let (_dir, root, sink) = lake_of_five_small_loads().await;
+    // A sixth load: one event of `u`, one of `v`.
+    let mixed = json!({"batch": [
+        {"type": "track", "messageId": "x-u", "userId": "u", "event": "E", "timestamp": "2026-11-24T10:00:00Z"},
+        {"type": "track", "messageId": "x-v", "userId": "v", "event": "E", "timestamp": "2026-11-24T10:00:00Z"}
+    ]});
+    sink.load(&Load::events(0, 5, events(mixed))).await.unwrap();
+    let over = || policy("2026-11-25", 64);
+    let both = vec![
+        ("e".to_string(), "2026-11-24".to_string()),
+        ("tracks".to_string(), "2026-11-24".to_string()),
+    ];
+    assert_eq!(sink.compaction_candidates(over()).await.unwrap(), both);
+    assert!(manifest(&root, "tracks")
+        .iter()
+        .all(|(_, _, erased)| *erased == 0));
+
+    sink.erase_files(&["u".to_string()], &[]).await.unwrap();
+    drop(sink);
+    for table in ["tracks", "e"] {
+        let m = manifest(&root, table);
+        assert_eq!(m.len(), 6, "{table}");
+        for (file, rows, erased) in &m {
+            let kept = root.join(file).exists();
+            if file.contains("-b5-") {
+                assert_eq!((*rows, *erased, kept), (2, 1, true), "{file}");
+            } else {
+                assert_eq!((*rows, *erased, kept), (3, 3, false), "{file}");
+            }
+        }
+    }
+    let sink = ParquetSink::open(&root).unwrap();
+    // One file with rows per partition: not due, and not listed.
+    assert_eq!(sink.compaction_candidates(over()).await.unwrap(), vec![]);
+    assert_eq!(count(&sink, "tracks").await, "1");
+
+    // Another load of `v` makes the day due again; compaction merges the two files.
+    let more = json!({"batch": [
+        {"type": "track", "messageId": "y-v", "userId": "v", "event": "E", "timestamp": "2026-11-24T11:00:00Z"}
+    ]});
+    sink.load(&Load::events(0, 6, events(more))).await.unwrap();
+    assert_eq!(sink.compaction_candidates(over()).await.unwrap(), both);
+    let done = sink.compact(over()).await.unwrap();
+    assert_eq!(done.len(), 2);
+    assert!(
+        done.iter().all(|c| c.files_before == 2 && c.rows == 2),
+        "{done:?}"
+    );
+    assert_eq!(count(&sink, "tracks").await, "2");
+    assert_eq!(read_as_a_reader(&root, "tracks").unwrap(), (2, 2));
+}

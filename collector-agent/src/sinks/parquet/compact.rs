@@ -143,7 +143,10 @@ struct Partition {
 /// that received a file since (the earlier compaction's file may be small too).
 /// Oldest day first. An old lake's thousands of compacted days cost an idle agent
 /// nothing.
-fn candidates(conn: &Connection, policy: &Policy) -> Result<Vec<(String, String)>, SinkError> {
+pub(super) fn candidates(
+    conn: &Connection,
+    policy: &Policy,
+) -> Result<Vec<(String, String)>, SinkError> {
     let mut stmt = conn
         .prepare(
             "SELECT p.table_name, p.date, p.n, EXISTS (SELECT 1 FROM collector_compactions c
@@ -151,7 +154,8 @@ fn candidates(conn: &Connection, policy: &Policy) -> Result<Vec<(String, String)
                        AND c.finished_at IS NOT NULL)
              FROM (
                  SELECT table_name, date, count(*) AS n FROM loaded_batches
-                 WHERE staged IS NULL AND compacted_into IS NULL GROUP BY table_name, date
+                 WHERE staged IS NULL AND compacted_into IS NULL AND rows > COALESCE(erased_rows, 0)
+                 GROUP BY table_name, date
              ) p
              ORDER BY p.date, p.table_name",
         )

@@ -120,6 +120,11 @@ ALTER TABLE loaded_batches ADD COLUMN staged VARCHAR;"
             "collector_compactions: an idle agent merges a partition's small files; loaded_batches.compacted_into",
             compact::MIGRATION_SQL.to_string(),
         ),
+        (
+            14,
+            "loaded_batches.erased_rows: the rows privacy erasures removed from each file (all of them when the file is gone)",
+            "ALTER TABLE loaded_batches ADD COLUMN erased_rows BIGINT DEFAULT 0;".to_string(),
+        ),
     ]
 }
 
@@ -520,6 +525,17 @@ impl ParquetSink {
             compact::compact_due(c, root, &policy)
         })
         .await
+    }
+
+    /// The partitions an idle agent would look at under `policy` (tests: what the
+    /// manifest alone says, before any folder is listed).
+    #[doc(hidden)]
+    pub async fn compaction_candidates(
+        &self,
+        policy: Policy,
+    ) -> Result<Vec<(String, String)>, SinkError> {
+        self.with_conn(move |c, _, _| compact::candidates(c, &policy))
+            .await
     }
 
     /// Opens (creating if needed) the lake folder and its state file, DuckDB's settings
@@ -1075,6 +1091,15 @@ fn erase_files(
                     continue;
                 }
                 let total = count(&format!("SELECT count(*) FROM read_parquet({file})"))?;
+                // The manifest's entry (none for a compaction's file) says what went,
+                // so a file removed whole is no longer counted where compaction looks.
+                // A crash between the file and this leaves the entry as it was: the
+                // file is already without the rows, and compaction lists the folder.
+                let rel = path
+                    .strip_prefix(root)
+                    .unwrap_or(&path)
+                    .to_string_lossy()
+                    .to_string();
                 if total == n {
                     std::fs::remove_file(&path).map_err(|e| {
                         SinkError::Transient(format!("remove {}: {e}", path.display()))
@@ -1094,6 +1119,11 @@ fn erase_files(
                         SinkError::Transient(format!("rename into {}: {e}", path.display()))
                     })?;
                 }
+                conn.execute(
+                    "UPDATE loaded_batches SET erased_rows = COALESCE(erased_rows, 0) + ? WHERE file = ?",
+                    params![n, rel],
+                )
+                .map_err(transient)?;
                 removed += n;
             }
             // A partition left without files goes (its views read `*/*.parquet`).
