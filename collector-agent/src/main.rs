@@ -260,14 +260,27 @@ struct SubjectArgs {
     json: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     // Before any thread starts: the allocators read their settings at process start.
     collector_agent::memory::reexec_with_settings();
-    tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("start the async runtime")?
-        .block_on(agent_main())
+        .context("start the async runtime")
+        .and_then(|rt| rt.block_on(agent_main()));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The message and its causes, one line each: an error the agent expects (a
+            // setting, a server that refused) is no crash, so no stack trace, even
+            // with `RUST_BACKTRACE` set (a panic still prints one).
+            eprintln!("Error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 async fn agent_main() -> anyhow::Result<()> {

@@ -316,3 +316,35 @@ fn the_agent_runs_with_allocators_giving_freed_memory_back() {
     assert_eq!(var(&env, "DUCKDB_JE_MALLOC_CONF"), None);
     assert_eq!(var(&env, "MALLOC_ARENA_MAX"), None);
 }
+
+// An error the agent expects (here a setting) ends it with the message and exit code
+// 1, and no stack trace, even where `RUST_BACKTRACE` is set (as many Rust developers
+// have it).
+#[test]
+fn an_expected_error_prints_its_message_without_a_stack_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        format!("{BASE}[warehouse]\nkind = \"postgres\"\nurl = \"postgres://u@127.0.0.1:1/db\"\npassword_env = \"COLLECTOR_TEST_UNSET_PASSWORD\"\n"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_collector-agent"))
+        .args(["run", "--once", "--config"])
+        .arg(&path)
+        .env("TEST_DRAIN_SECRET", "s")
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("COLLECTOR_TEST_UNSET_PASSWORD")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "Error: config: warehouse.password_env names COLLECTOR_TEST_UNSET_PASSWORD, which is not set"
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("backtrace"), "{stderr}");
+    assert!(stderr.lines().count() <= 3, "{stderr}");
+}
