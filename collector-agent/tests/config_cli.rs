@@ -348,3 +348,93 @@ fn an_expected_error_prints_its_message_without_a_stack_trace() {
     assert!(!stderr.contains("backtrace"), "{stderr}");
     assert!(stderr.lines().count() <= 3, "{stderr}");
 }
+
+// A warehouse file DuckDB can never open as it is (not a DuckDB file, a folder, a
+// corrupt file) stops the daemon at once, naming the file,
+// instead of being waited for like a file another process holds.
+#[test]
+fn a_warehouse_file_duckdb_cannot_open_stops_the_daemon_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.duckdb");
+    std::fs::write(&garbage, b"not a database").unwrap();
+    let folder = dir.path().join("folder.duckdb");
+    std::fs::create_dir(&folder).unwrap();
+    // A real file whose header no longer matches its checksum (the version follows the
+    // checksum, 8 bytes, and the magic `DUCK`, 4 bytes).
+    let corrupt = dir.path().join("corrupt.duckdb");
+    duckdb::Connection::open(&corrupt)
+        .unwrap()
+        .execute_batch("CREATE TABLE t (x INTEGER); CHECKPOINT;")
+        .unwrap();
+    let mut bytes = std::fs::read(&corrupt).unwrap();
+    assert_eq!(&bytes[8..12], b"DUCK");
+    bytes[12] ^= 0x40;
+    std::fs::write(&corrupt, bytes).unwrap();
+
+    for (path, words) in [
+        (&garbage, "not a valid DuckDB database file"),
+        (&folder, "Is a directory"),
+        (&corrupt, "Corrupt database file"),
+    ] {
+        for kind in ["duckdb", "parquet-state"] {
+            let warehouse = if kind == "duckdb" {
+                format!("path = {:?}", path.display().to_string())
+            } else {
+                // The lake's state file, in its place.
+                let lake = dir.path().join(format!(
+                    "lake-{}",
+                    path.file_name().unwrap().to_string_lossy()
+                ));
+                std::fs::create_dir_all(lake.join("_collector")).unwrap();
+                let state = lake.join("_collector/state.duckdb");
+                if path.is_dir() {
+                    std::fs::create_dir_all(&state).unwrap();
+                } else {
+                    std::fs::copy(path, &state).unwrap();
+                }
+                format!(
+                    "kind = \"parquet\"\npath = {:?}",
+                    lake.display().to_string()
+                )
+            };
+            let cfg = dir.path().join("agent.toml");
+            std::fs::write(
+                &cfg,
+                format!("edge_url = \"http://127.0.0.1:9\"\ndrain_secret_env = \"TEST_DRAIN_SECRET\"\nadmin_addr = \"127.0.0.1:0\"\n[warehouse]\n{warehouse}\n"),
+            )
+            .unwrap();
+            let mut child = Command::new(env!("CARGO_BIN_EXE_collector-agent"))
+                .args(["run", "--config"])
+                .arg(&cfg)
+                .env("TEST_DRAIN_SECRET", "s")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let started = std::time::Instant::now();
+            let status = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break Some(status);
+                }
+                // Generous: the agent waiting for the file would never exit.
+                if started.elapsed() > std::time::Duration::from_secs(60) {
+                    let _ = child.kill();
+                    break None;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            };
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+            assert_eq!(
+                status.and_then(|s| s.code()),
+                Some(1),
+                "{kind} {path:?}: {stderr}"
+            );
+            assert!(stderr.contains(words), "{kind} {path:?}: {stderr}");
+            assert!(
+                !stderr.contains("waiting for it"),
+                "{kind} {path:?}: {stderr}"
+            );
+        }
+    }
+}

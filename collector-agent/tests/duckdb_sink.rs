@@ -385,6 +385,18 @@ async fn a_fatal_error_reopens_the_warehouse_and_the_retry_lands_once() {
         }
     }
     let failed = failed.expect("20MB is too little for DuckDB's checkpoint: a fatal error");
+    // A file that cannot be opened again (here for a moment not a DuckDB file) fails
+    // the retry as the warehouse's error, transient: no event is quarantined for it.
+    let path = dir.path().join("w.duckdb");
+    let saved = std::fs::read(&path).unwrap();
+    std::fs::write(&path, b"not a database").unwrap();
+    let e = sink.load(&load(failed)).await.unwrap_err();
+    assert!(e.retryable(), "{e}");
+    assert!(
+        e.to_string().contains("not a valid DuckDB database file"),
+        "{e}"
+    );
+    std::fs::write(&path, saved).unwrap();
     // The reopened warehouse has the default memory limit. The retry of the failed
     // load lands (what its commit wrote before the fatal checkpoint counts as
     // duplicates), and so do the refused loads and the loads after them.
@@ -399,6 +411,13 @@ async fn a_fatal_error_reopens_the_warehouse_and_the_retry_lands_once() {
     }
     let next = sink.load(&load(failed + 1)).await.unwrap();
     assert_eq!(next.inserted, 2000);
+    assert_eq!(
+        sink.query("SELECT count(*) FROM quarantine")
+            .await
+            .unwrap()
+            .rows,
+        vec![vec![Some("0".to_string())]]
+    );
     let expected = ((failed + 2) * 2000).to_string();
     assert_eq!(
         sink.query("SELECT count(*), count(DISTINCT message_id) FROM tracks")

@@ -103,6 +103,16 @@ impl SinkError {
     pub fn retryable(&self) -> bool {
         matches!(self, SinkError::Transient(_))
     }
+
+    /// This error as transient: for a failure that is the warehouse's, never the
+    /// data's (opening its file again), so the load is retried and no event is
+    /// quarantined for it.
+    pub fn not_the_datas(self) -> SinkError {
+        match self {
+            SinkError::Permanent(m) => SinkError::Transient(m),
+            e => e,
+        }
+    }
 }
 
 /// One leased batch, as the drain loop hands it to a sink.

@@ -348,7 +348,7 @@ pub(crate) fn in_utc(conn: &Connection) -> Result<(), SinkError> {
 /// spill folder where it is for a file opened plainly (`<file>.tmp`).
 fn open_connection(path: &Path, row_group_size: Option<u32>) -> Result<Connection, SinkError> {
     let Some(rows) = row_group_size else {
-        let conn = Connection::open(path).map_err(transient)?;
+        let conn = Connection::open(path).map_err(open_error)?;
         in_utc(&conn)?;
         return Ok(conn);
     };
@@ -374,7 +374,7 @@ fn open_connection(path: &Path, row_group_size: Option<u32>) -> Result<Connectio
         sql_lit(&file),
         alias = ident(alias),
     ))
-    .map_err(transient)?;
+    .map_err(open_error)?;
     Ok(conn)
 }
 
@@ -615,6 +615,28 @@ pub(crate) fn retry_after_raise<T>(
 
 pub(crate) fn transient(e: duckdb::Error) -> SinkError {
     SinkError::Transient(e.to_string())
+}
+
+/// Classifies an error opening a database file: a file DuckDB can never open as it is
+/// (not a DuckDB file, a corrupt one, a folder, a storage version this DuckDB cannot
+/// read: the words of DuckDB 1.5's messages) is
+/// permanent, so the agent stops and says so instead of waiting for it forever;
+/// anything else (a lock another process holds, a full disk) is transient and waited
+/// for.
+pub(crate) fn open_error(e: duckdb::Error) -> SinkError {
+    let msg = e.to_string();
+    let never = [
+        "not a valid DuckDB database file",
+        "Corrupt database file",
+        "Is a directory",
+        "Trying to read a database file with version number",
+        "storage version greater than the latest version supported",
+    ];
+    if never.iter().any(|p| msg.contains(p)) {
+        SinkError::Permanent(msg)
+    } else {
+        SinkError::Transient(msg)
+    }
 }
 
 /// Numbered schema migrations, recorded in `collector_migrations`. Each runs once, in
@@ -864,7 +886,7 @@ impl DuckDbSink {
         let cfg = duckdb::Config::default()
             .access_mode(duckdb::AccessMode::ReadOnly)
             .map_err(transient)?;
-        let conn = Connection::open_with_flags(path, cfg).map_err(transient)?;
+        let conn = Connection::open_with_flags(path, cfg).map_err(open_error)?;
         in_utc(&conn)?;
         Ok(conn)
     }
@@ -902,7 +924,8 @@ impl DuckDbSink {
                 st
             });
             let st = &mut *guard;
-            st.conn()?;
+            // A file that cannot be opened again says nothing about the load's events.
+            st.conn().map_err(SinkError::not_the_datas)?;
             let out = f(st.conn.as_mut().expect("open"), &mut st.catalog);
             let out_of_memory = matches!(&out, Err(e) if out_of_memory(e));
             let raised = st.fit_to_indexes(out_of_memory);

@@ -14,10 +14,10 @@ use super::config::ParquetConfig;
 use crate::sinks::duckdb::config::DEFAULT_MEMORY_CAP;
 use crate::sinks::duckdb::sink::{
     apply_migrations, apply_plan_ddl, classify, create_fixed_table_sql, dead_letters, finish_load,
-    fit_default_memory, ident, in_utc, index_bytes, load_catalog, out_of_memory, quarantined,
-    register_ids, release_when_idle, retry_after_raise, run_query, sql_type, stage, transient,
-    write_rejected, write_state, write_users, DuckSession, LiveSessions, MemoryFit, CATALOG_SQL,
-    REGISTRY_SQL, UNKEYED_REGISTRY_SQL,
+    fit_default_memory, ident, in_utc, index_bytes, load_catalog, open_error, out_of_memory,
+    quarantined, register_ids, release_when_idle, retry_after_raise, run_query, sql_type, stage,
+    transient, write_rejected, write_state, write_users, DuckSession, LiveSessions, MemoryFit,
+    CATALOG_SQL, REGISTRY_SQL, UNKEYED_REGISTRY_SQL,
 };
 use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
 use crate::sinks::tables::{self, Catalog, TableKind, TableLoad, TableRow};
@@ -427,7 +427,7 @@ fn open_state(
     let state = root.join(STATE_DIR);
     std::fs::create_dir_all(state.join("tmp"))
         .map_err(|e| SinkError::Permanent(format!("{}: {e}", state.display())))?;
-    let mut conn = Connection::open(state.join("state.duckdb")).map_err(transient)?;
+    let mut conn = Connection::open(state.join("state.duckdb")).map_err(open_error)?;
     in_utc(&conn)?;
     if !settings.is_empty() {
         conn.execute_batch(settings)
@@ -608,7 +608,9 @@ impl ParquetSink {
                 st
             });
             let st = &mut *guard;
-            st.conn(&root)?;
+            // A state file that cannot be opened again says nothing about the load's
+            // events.
+            st.conn(&root).map_err(SinkError::not_the_datas)?;
             let out = f(st.conn.as_mut().expect("open"), &mut st.catalog, &root);
             let out_of_memory = matches!(&out, Err(e) if out_of_memory(e));
             let raised = st.fit(out_of_memory);
