@@ -346,10 +346,12 @@ async fn handle_sql(
 ) -> Result<Json<QueryResult>, AdminError> {
     authorize(&state, &headers)?;
     state.sink.query(&body).await.map(Json).map_err(|e| {
-        (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"error": e.to_string()})),
-        )
+        let status = if e.retryable() {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        (status, Json(json!({"error": e.query_error()})))
     })
 }
 

@@ -668,15 +668,29 @@ async fn agent_main() -> anyhow::Result<()> {
         Command::Status { config } => {
             let cfg = AgentConfig::load(&config)?;
             let client = collector_agent::edge::EdgeClient::new(&cfg)?;
-            let edge = client.stats().await?;
-            let warehouse = sql(&cfg, collector_agent::status::WAREHOUSE_SQL.into()).await?;
+            // Each side on its own: an edge that cannot be reached is when the
+            // warehouse's side matters most, and the other way round.
+            let (edge, warehouse) = tokio::join!(
+                async {
+                    client
+                        .stats()
+                        .await
+                        .map_err(|e| causes(&anyhow::Error::from(e)))
+                },
+                async {
+                    sql(&cfg, collector_agent::status::WAREHOUSE_SQL.into())
+                        .await
+                        .map_err(|e| causes(&e))
+                }
+            );
             let now_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_millis() as i64;
-            println!(
-                "{}",
-                collector_agent::status::Status::new(now_ms, edge, &warehouse)
-            );
+            let status = collector_agent::status::Status::gather(now_ms, edge, warehouse);
+            println!("{status}");
+            if let Some(missing) = status.missing() {
+                anyhow::bail!("status incomplete: {missing}");
+            }
             Ok(())
         }
         Command::Stats { config } => {
@@ -762,6 +776,22 @@ async fn privacy_request(command: RequestCommand) -> anyhow::Result<()> {
 }
 
 /// Runs a query through the running agent if there is one, else on the warehouse.
+/// An error and its causes on one line, each said once (a client's error often
+/// repeats its cause's words).
+fn causes(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for c in e.chain() {
+        let t = c.to_string();
+        if !text.contains(&t) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&t);
+        }
+    }
+    text
+}
+
 async fn sql(cfg: &AgentConfig, query: String) -> anyhow::Result<QueryResult> {
     if let Some(r) = admin::query_running_agent(&cfg.warehouse.state_file(), &query).await? {
         return Ok(r);
@@ -773,7 +803,8 @@ async fn sql(cfg: &AgentConfig, query: String) -> anyhow::Result<QueryResult> {
             tokio::task::spawn_blocking(move || -> anyhow::Result<QueryResult> {
                 let conn = DuckDbSink::open_read_only(&path)
                     .with_context(|| format!("open {}", path.display()))?;
-                Ok(collector_agent::sinks::duckdb::run_query(&conn, &query)?)
+                collector_agent::sinks::duckdb::run_query(&conn, &query)
+                    .map_err(|e| anyhow::anyhow!(e.query_error()))
             })
             .await?
         }
@@ -782,7 +813,9 @@ async fn sql(cfg: &AgentConfig, query: String) -> anyhow::Result<QueryResult> {
             let sink = collector_agent::sinks::open(&cfg.warehouse)
                 .await
                 .context("open the warehouse")?;
-            Ok(sink.query(&query).await?)
+            sink.query(&query)
+                .await
+                .map_err(|e| anyhow::anyhow!(e.query_error()))
         }
     }
 }

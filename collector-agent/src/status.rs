@@ -18,6 +18,10 @@ pub struct Status {
     pub last_load: Option<String>,
     pub quarantined: u64,
     pub dead_letters: u64,
+    /// Why the edge's side is missing (unreachable, the secret refused), if it is.
+    pub edge_error: Option<String>,
+    /// Why the warehouse's side is missing, if it is.
+    pub warehouse_error: Option<String>,
 }
 
 /// The SQL that reads the warehouse side (the same in every sink).
@@ -36,6 +40,46 @@ impl Status {
             last_load: cell(0).filter(|t| parse_ms(t).is_none_or(|ms| ms > 0)),
             quarantined: num(1),
             dead_letters: num(2),
+            edge_error: None,
+            warehouse_error: None,
+        }
+    }
+
+    /// The status from what each side answered: a side that failed is reported as
+    /// missing, with its error, and the other is shown as it is.
+    pub fn gather(
+        now_ms: i64,
+        edge: Result<DrainStats, String>,
+        warehouse: Result<QueryResult, String>,
+    ) -> Status {
+        let (edge, edge_error) = match edge {
+            Ok(e) => (e, None),
+            Err(e) => (DrainStats::default(), Some(e)),
+        };
+        let (warehouse, warehouse_error) = match warehouse {
+            Ok(w) => (w, None),
+            Err(e) => (
+                QueryResult {
+                    columns: Vec::new(),
+                    rows: Vec::new(),
+                },
+                Some(e),
+            ),
+        };
+        Status {
+            edge_error,
+            warehouse_error,
+            ..Status::new(now_ms, edge, &warehouse)
+        }
+    }
+
+    /// Which sides are missing, named, if any.
+    pub fn missing(&self) -> Option<String> {
+        match (&self.edge_error, &self.warehouse_error) {
+            (None, None) => None,
+            (Some(_), None) => Some("the edge did not answer".into()),
+            (None, Some(_)) => Some("the warehouse did not answer".into()),
+            (Some(_), Some(_)) => Some("neither the edge nor the warehouse answered".into()),
         }
     }
 
@@ -61,6 +105,26 @@ impl Status {
 
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.fmt_edge(f)?;
+        match &self.warehouse_error {
+            Some(e) => writeln!(f, "warehouse: unavailable: {e}")?,
+            None => writeln!(
+                f,
+                "warehouse: last load {}; quarantined {}; dead letters {}",
+                self.last_load.as_deref().unwrap_or("never"),
+                self.quarantined,
+                self.dead_letters
+            )?,
+        }
+        write!(f, "as of {}", format_ms(self.now_ms))
+    }
+}
+
+impl Status {
+    fn fmt_edge(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(e) = &self.edge_error {
+            return writeln!(f, "edge: unreachable: {e}");
+        }
         writeln!(
             f,
             "shard  open_events  sealed_batches  sealed_events  leased_batches  lag"
@@ -85,15 +149,7 @@ impl fmt::Display for Status {
             "backlog: {} events; lag: {:.1} s",
             self.backlog_events(),
             self.lag_ms() as f64 / 1000.0
-        )?;
-        writeln!(
-            f,
-            "warehouse: last load {}; quarantined {}; dead letters {}",
-            self.last_load.as_deref().unwrap_or("never"),
-            self.quarantined,
-            self.dead_letters
-        )?;
-        write!(f, "as of {}", format_ms(self.now_ms))
+        )
     }
 }
 
@@ -138,6 +194,35 @@ mod tests {
         assert!(
             text.contains("last load 2026-11-25T10:00:00.000Z; quarantined 2; dead letters 0"),
             "{text}"
+        );
+        assert_eq!(st.missing(), None);
+
+        // One side missing: the other is shown, and the missing one named with why.
+        let st = Status::gather(13_500, Err("connection refused".into()), Ok(wh.clone()));
+        let text = st.to_string();
+        assert!(
+            text.contains("edge: unreachable: connection refused"),
+            "{text}"
+        );
+        assert!(!text.contains("backlog"), "{text}");
+        assert!(text.contains("quarantined 2; dead letters 0"), "{text}");
+        assert_eq!(st.missing().as_deref(), Some("the edge did not answer"));
+        let shards = DrainStats::from_shards(vec![ShardStats {
+            shard: Some(0),
+            sealed_events: 5,
+            ..ShardStats::default()
+        }]);
+        let st = Status::gather(13_500, Ok(shards), Err("file locked".into()));
+        let text = st.to_string();
+        assert!(text.contains("backlog: 5 events"), "{text}");
+        assert!(
+            text.contains("warehouse: unavailable: file locked"),
+            "{text}"
+        );
+        assert!(!text.contains("last load"), "{text}");
+        assert_eq!(
+            st.missing().as_deref(),
+            Some("the warehouse did not answer")
         );
     }
 }

@@ -438,3 +438,56 @@ fn a_warehouse_file_duckdb_cannot_open_stops_the_daemon_at_once() {
         }
     }
 }
+
+// `status` with an edge it cannot reach still shows the warehouse's side (and says why
+// the edge's is missing), and exits 1; a query the warehouse refuses is named as the
+// query's failure, not a load's.
+#[test]
+fn status_shows_the_warehouse_when_the_edge_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    // A loopback port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // A warehouse an agent created (and left: no agent runs).
+    drop(collector_agent::sinks::duckdb::DuckDbSink::open(&dir.path().join("w.duckdb")).unwrap());
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "edge_url = \"http://127.0.0.1:{port}\"\ndrain_secret_env = \"TEST_DRAIN_SECRET\"\n[warehouse]\npath = {:?}\n",
+            dir.path().join("w.duckdb").display().to_string()
+        ),
+    )
+    .unwrap();
+    let (ok, text) = agent(&["status".as_ref(), "--config".as_ref(), cfg.as_os_str()]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("edge: unreachable: edge request failed"),
+        "{text}"
+    );
+    assert!(text.contains("Connection refused"), "{text}");
+    assert!(
+        text.contains("warehouse: last load never; quarantined 0; dead letters 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Error: status incomplete: the edge did not answer"),
+        "{text}"
+    );
+
+    let (ok, text) = agent(&[
+        "sql".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "SELEC 1".as_ref(),
+    ]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("Error: the query failed: Parser Error"),
+        "{text}"
+    );
+    assert!(!text.contains("load"), "{text}");
+}

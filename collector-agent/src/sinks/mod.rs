@@ -104,6 +104,15 @@ impl SinkError {
         matches!(self, SinkError::Transient(_))
     }
 
+    /// This error as the answer to an operator's query (`collector-agent sql`), whose
+    /// refusal is no load's.
+    pub fn query_error(&self) -> String {
+        match self {
+            SinkError::Permanent(m) => format!("the query failed: {m}"),
+            SinkError::Transient(m) => format!("warehouse unavailable: {m}"),
+        }
+    }
+
     /// This error as transient: for a failure that is the warehouse's, never the
     /// data's (opening its file again), so the load is retried and no event is
     /// quarantined for it.
