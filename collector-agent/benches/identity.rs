@@ -1,21 +1,30 @@
-//! Identity resolution at scale, in DuckDB and in ClickHouse: 1M identify events (250k people, four
-//! devices each) resolved from scratch; in DuckDB, then 4M pages of those devices (a
-//! history an incremental run should not read again); then the incremental run after
-//! 10k more events (new devices of existing people, and new people), then a backlog of
-//! 100k events in 20 loads (read in runs of about `events_per_run`), then a run with
-//! nothing new.
+//! Identity resolution at scale, in DuckDB, PostgreSQL, the Parquet lake and ClickHouse:
+//! 1M identify events (250k people, four devices each) resolved from scratch; but in
+//! ClickHouse, then 4M pages of those devices (a history an incremental run should not
+//! read again); then the incremental run after 10k more events (new devices of existing
+//! people, and new people), then a backlog of 100k events in 20 loads (read in runs of
+//! about `events_per_run`), then a run with nothing new.
+//!
+//! DuckDB, PostgreSQL and ClickHouse get their events by SQL, as a load would leave
+//! them (rows, registry, pending loads); the lake by its own loads of 5,000 events (its
+//! rows live in Parquet files, one per table and load, listed in its manifest), so its
+//! setup takes minutes.
 //! Prints `label<TAB>result` lines for `cargo xtask bench`.
-//! Run: `cargo bench -p collector-agent --bench identity` (`-- duckdb` or
-//! `-- clickhouse` for one).
+//! Run: `cargo bench -p collector-agent --bench identity` (`-- duckdb`, `-- postgres`,
+//! `-- parquet` or `-- clickhouse` for one).
 
 use std::time::Instant;
 
-use collector_agent::config::ClickHouseConfig;
+use collector_agent::config::{ClickHouseConfig, PostgresConfig};
 use collector_agent::identity::{self, IdentityConfig};
 use collector_agent::sinks::clickhouse::ClickHouseSink;
 use collector_agent::sinks::duckdb::DuckDbSink;
-use collector_agent::sinks::Sink;
+use collector_agent::sinks::parquet::ParquetSink;
+use collector_agent::sinks::postgres::PostgresSink;
+use collector_agent::sinks::{Load, LoadBatch, Sink};
+use collector_core::ingest::{parse_body, Endpoint};
 use collector_e2e::clickhouse::LocalClickHouse;
+use collector_e2e::postgres::LocalPostgres;
 
 const EVENTS: u64 = 1_000_000;
 const MORE: u64 = 10_000;
@@ -64,6 +73,42 @@ fn history_sql(load: u64) -> Vec<String> {
     ]
 }
 
+/// The same events in PostgreSQL.
+fn insert_sql_postgres(start: u64, n: u64, user: User, load: u64) -> Vec<String> {
+    let end = start + n - 1;
+    let user = user.sql(&format!("i / {}", user.div));
+    vec!["BEGIN".into(), format!(
+        "INSERT INTO identifies (message_id, anonymous_id, user_id, timestamp, received_at, context, traits, raw, loaded_at, id)
+         SELECT 'm' || i, 'a' || i, 'u' || ({user}), TIMESTAMPTZ '2026-11-01 00:00:00+00' + i * INTERVAL '1 second',
+                TIMESTAMPTZ '2026-11-01 00:00:00+00' + i * INTERVAL '1 second', '{{}}', ('{{\"plan\": \"p' || (i % 3) || '\"}}')::jsonb, '{{}}',
+                now(), 'm' || i
+         FROM generate_series({start}::bigint, {end}::bigint) i"
+    ),
+    format!("INSERT INTO message_ids SELECT 'm' || i, 'identifies', {load} FROM generate_series({start}::bigint, {end}::bigint) i"),
+    format!("INSERT INTO identity_pending VALUES ({load}, now())"), "COMMIT".into()]
+}
+
+/// [`history_sql`] in PostgreSQL.
+fn history_sql_postgres(load: u64) -> Vec<String> {
+    let n = EVENTS * PAGES_PER_DEVICE;
+    vec![
+        "BEGIN".into(),
+        format!(
+            "INSERT INTO pages (message_id, anonymous_id, timestamp, received_at, context, properties, raw, loaded_at, id)
+             SELECT 'p' || i, 'a' || (i % {EVENTS}), TIMESTAMPTZ '2026-11-13 00:00:00+00' + i * INTERVAL '1 second',
+                    TIMESTAMPTZ '2026-11-13 00:00:00+00' + i * INTERVAL '1 second',
+                    '{{\"page\": {{\"path\": \"/\"}}, \"consent\": {{\"resolved\": {{\"policy_version\": \"v1\", \"granted\": [\"analytics\"], \"denied\": [\"marketing\"], \"sources\": {{\"analytics\": \"explicit\", \"marketing\": \"region_default\"}}}}}}}}',
+                    '{{\"path\": \"/\"}}', '{{}}', now(), 'p' || i
+             FROM generate_series(0::bigint, {}::bigint) i",
+            n - 1
+        ),
+        format!("INSERT INTO message_ids SELECT 'p' || i, 'pages', {load} FROM generate_series(0::bigint, {}::bigint) i", n - 1),
+        format!("INSERT INTO identity_pending VALUES ({load}, now())"),
+        "COMMIT".into(),
+        "ANALYZE".into(),
+    ]
+}
+
 /// The same events in ClickHouse: rows, registry (`identity_pending` is a view there).
 fn insert_sql_clickhouse(start: u64, n: u64, user: User, load: u64) -> Vec<String> {
     let i = format!("(number + {start})");
@@ -91,6 +136,12 @@ struct User {
 }
 
 impl User {
+    /// The user of event `i`.
+    fn of(self, i: u64) -> u64 {
+        let q = i / self.div;
+        self.offset + self.modulo.map_or(q, |m| q % m)
+    }
+
     /// In SQL, given `i / div` in the dialect.
     fn sql(self, quotient: &str) -> String {
         match self.modulo {
@@ -128,20 +179,111 @@ async fn insert(sink: &dyn Sink, statements: Vec<String>) {
 
 type Statements = fn(u64, u64, User, u64) -> Vec<String>;
 
-/// 1M from scratch, (a history of pages,) 10k more, a backlog, nothing new: one line each.
-async fn bench(
-    name: &str,
+/// How a warehouse gets the bench's events.
+#[derive(Clone, Copy)]
+enum Feed {
+    /// By SQL: the identifies, and the pages' history when given.
+    Sql(Statements, Option<fn(u64) -> Vec<String>>),
+    /// By the sink's own loads (the lake).
+    Loads,
+}
+
+/// Events in batches of 500 as the edge stores them, loaded 5,000 at a time (the
+/// drain's lease), `event(i)` for each `i` of `range`.
+async fn load_events(
     sink: &dyn Sink,
-    sql: Statements,
-    history: Option<fn(u64) -> Vec<String>>,
+    range: std::ops::Range<u64>,
+    batch_id: &mut i64,
+    event: impl Fn(u64) -> serde_json::Value,
 ) {
-    insert(sink, sql(0, EVENTS, PEOPLE, 1)).await;
+    let ids: Vec<u64> = range.collect();
+    for lease in ids.chunks(5_000) {
+        let mut batches = Vec::new();
+        for chunk in lease.chunks(500) {
+            let body =
+                serde_json::json!({"batch": chunk.iter().map(|i| event(*i)).collect::<Vec<_>>()});
+            let events = parse_body(
+                Endpoint::Batch,
+                body.to_string().as_bytes(),
+                1_795_528_444_000,
+                &mut || unreachable!("every event has its messageId"),
+            )
+            .unwrap()
+            .accepted;
+            *batch_id += 1;
+            batches.push(LoadBatch::Decoded {
+                batch_id: *batch_id,
+                events,
+            });
+        }
+        sink.load(&Load { shard: 0, batches }).await.unwrap();
+    }
+}
+
+/// Identify events `start..start + n`, as [`insert_sql`] writes them.
+async fn load_identifies(sink: &dyn Sink, start: u64, n: u64, user: User, batch_id: &mut i64) {
+    load_events(sink, start..start + n, batch_id, |i| {
+        serde_json::json!({"type": "identify", "messageId": format!("m{i}"), "anonymousId": format!("a{i}"),
+            "userId": format!("u{}", user.of(i)), "traits": {"plan": format!("p{}", i % 3)},
+            "timestamp": collector_core::timestamp::format_ms(1_793_491_200_000 + 1000 * i as i64)})
+    })
+    .await
+}
+
+/// The pages' history, as [`history_sql`] writes it.
+async fn load_history(sink: &dyn Sink, batch_id: &mut i64) {
+    load_events(sink, 0..EVENTS * PAGES_PER_DEVICE, batch_id, |i| {
+        serde_json::json!({"type": "page", "messageId": format!("p{i}"), "anonymousId": format!("a{}", i % EVENTS),
+            "properties": {"path": "/"},
+            "context": {"page": {"path": "/"}, "consent": {"resolved": {"policy_version": "v1", "granted": ["analytics"], "denied": ["marketing"],
+                        "sources": {"analytics": "explicit", "marketing": "region_default"}}}},
+            "timestamp": collector_core::timestamp::format_ms(1_794_528_000_000 + 1000 * i as i64)})
+    })
+    .await
+}
+
+impl Feed {
+    async fn identifies(
+        self,
+        sink: &dyn Sink,
+        start: u64,
+        n: u64,
+        user: User,
+        load: u64,
+        batch_id: &mut i64,
+    ) {
+        match self {
+            Feed::Sql(sql, _) => insert(sink, sql(start, n, user, load)).await,
+            Feed::Loads => load_identifies(sink, start, n, user, batch_id).await,
+        }
+    }
+
+    /// The history, if this warehouse gets one.
+    async fn history(self, sink: &dyn Sink, load: u64, batch_id: &mut i64) -> bool {
+        match self {
+            Feed::Sql(_, Some(history)) => insert(sink, history(load)).await,
+            Feed::Sql(_, None) => return false,
+            Feed::Loads => load_history(sink, batch_id).await,
+        }
+        true
+    }
+}
+
+/// 1M from scratch, (a history of pages,) 10k more, a backlog, nothing new: one line each.
+async fn bench(name: &str, sink: &dyn Sink, feed: Feed) {
+    let mut batch_id = 0;
+    let t = Instant::now();
+    feed.identifies(sink, 0, EVENTS, PEOPLE, 1, &mut batch_id)
+        .await;
+    if matches!(feed, Feed::Loads) {
+        println!(
+            "identity: loading the 1M identify events ({name}, not timed for identity)\t{:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
     let cfg = IdentityConfig::default();
 
-    let t = Instant::now();
-    let mut session = sink.session().await.unwrap().unwrap();
-    let full = identity::run(&mut *session, &cfg).await.unwrap();
-    let secs = t.elapsed().as_secs_f64();
+    let (full, secs) = timed_run(sink, &cfg).await;
     println!(
         "identity: 1M identify events from scratch ({name})\t{secs:.1} s ({:.0} events/s; {} edges, {} label-propagation passes, {} profiles)",
         EVENTS as f64 / secs,
@@ -150,26 +292,23 @@ async fn bench(
         full.profiles
     );
 
-    if let Some(history) = history {
-        insert(sink, history(4)).await;
-        let t = Instant::now();
-        let h = identity::run(&mut *session, &cfg).await.unwrap();
+    if feed.history(sink, 4, &mut batch_id).await {
+        let (h, secs) = timed_run(sink, &cfg).await;
         println!(
-            "identity: then {}M pages of those devices ({name})\t{:.1} s ({} profiles)",
+            "identity: then {}M pages of those devices ({name})\t{secs:.1} s ({} profiles)",
             EVENTS * PAGES_PER_DEVICE / 1_000_000,
-            t.elapsed().as_secs_f64(),
             h.profiles
         );
     }
 
     // 10k more: half new devices of existing people, half new people.
-    insert(sink, sql(EVENTS, MORE / 2, NEW_DEVICES, 2)).await;
-    insert(sink, sql(2 * EVENTS, MORE / 2, NEW_PEOPLE, 3)).await;
-    let t = Instant::now();
-    let inc = identity::run(&mut *session, &cfg).await.unwrap();
+    feed.identifies(sink, EVENTS, MORE / 2, NEW_DEVICES, 2, &mut batch_id)
+        .await;
+    feed.identifies(sink, 2 * EVENTS, MORE / 2, NEW_PEOPLE, 3, &mut batch_id)
+        .await;
+    let (inc, secs) = timed_run(sink, &cfg).await;
     println!(
-        "identity: then 10k more events, incremental ({name})\t{:.2} s ({} new edges, region {} ids, {} passes, {} refused)",
-        t.elapsed().as_secs_f64(),
+        "identity: then 10k more events, incremental ({name})\t{secs:.2} s ({} new edges, region {} ids, {} passes, {} refused)",
         inc.new_edges,
         inc.region_ids,
         inc.passes,
@@ -179,24 +318,31 @@ async fn bench(
     for l in 0..BACKLOG_LOADS {
         let (start, n) = (3 * EVENTS + l * BACKLOG_LOAD, BACKLOG_LOAD);
         let who = if l % 2 == 0 { NEW_DEVICES } else { NEW_PEOPLE };
-        insert(sink, sql(start, n, who, 10 + l)).await;
+        feed.identifies(sink, start, n, who, 10 + l, &mut batch_id)
+            .await;
     }
-    let t = Instant::now();
-    let backlog = identity::run(&mut *session, &cfg).await.unwrap();
+    let (backlog, secs) = timed_run(sink, &cfg).await;
     println!(
-        "identity: then a backlog of {}k events in {BACKLOG_LOADS} loads ({name})\t{:.2} s ({} runs, {} new edges)",
+        "identity: then a backlog of {}k events in {BACKLOG_LOADS} loads ({name})\t{secs:.2} s ({} runs, {} new edges)",
         BACKLOG_LOADS * BACKLOG_LOAD / 1000,
-        t.elapsed().as_secs_f64(),
         backlog.runs,
         backlog.new_edges
     );
-    let t = Instant::now();
-    let idle = identity::run(&mut *session, &cfg).await.unwrap();
+    let (idle, secs) = timed_run(sink, &cfg).await;
     println!(
-        "identity: a run with nothing new ({name})\t{:.2} s ({} new edges)",
-        t.elapsed().as_secs_f64(),
+        "identity: a run with nothing new ({name})\t{secs:.2} s ({} new edges)",
         idle.new_edges
     );
+}
+
+/// One identity run in a session of its own, as the agent runs each (a server sink's
+/// session holds its one connection, which the loads between runs need); timed from
+/// the session's first statement.
+async fn timed_run(sink: &dyn Sink, cfg: &IdentityConfig) -> (identity::IdentityStats, f64) {
+    let mut session = sink.session().await.unwrap().unwrap();
+    let t = Instant::now();
+    let stats = identity::run(&mut *session, cfg).await.unwrap();
+    (stats, t.elapsed().as_secs_f64())
 }
 
 #[tokio::main]
@@ -212,7 +358,29 @@ async fn main() {
     if wanted("duckdb") {
         let dir = tempfile::tempdir().unwrap();
         let sink = DuckDbSink::open(&dir.path().join("identity.duckdb")).unwrap();
-        bench("DuckDB", &sink, insert_sql, Some(history_sql)).await;
+        bench("DuckDB", &sink, Feed::Sql(insert_sql, Some(history_sql))).await;
+    }
+    if wanted("postgres") {
+        match LocalPostgres::start() {
+            Ok(pg) => {
+                let sink = PostgresSink::connect(&PostgresConfig {
+                    url: pg.url.clone(),
+                    password_env: None,
+                    schema: "public".into(),
+                    timeout_ms: 600_000,
+                })
+                .await
+                .unwrap();
+                let feed = Feed::Sql(insert_sql_postgres, Some(history_sql_postgres));
+                bench("PostgreSQL", &sink, feed).await;
+            }
+            Err(e) => println!("identity: PostgreSQL\tnot run: {e}"),
+        }
+    }
+    if wanted("parquet") {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = ParquetSink::open(&dir.path().join("lake")).unwrap();
+        bench("the Parquet lake", &sink, Feed::Loads).await;
     }
     if wanted("clickhouse") {
         match LocalClickHouse::start() {
@@ -223,7 +391,7 @@ async fn main() {
                 })
                 .await
                 .unwrap();
-                bench("ClickHouse", &sink, insert_sql_clickhouse, None).await;
+                bench("ClickHouse", &sink, Feed::Sql(insert_sql_clickhouse, None)).await;
             }
             Err(e) => println!("identity: ClickHouse\tnot run: {e}"),
         }

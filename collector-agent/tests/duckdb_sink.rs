@@ -116,7 +116,7 @@ async fn warehouse_from_an_earlier_release_is_migrated() {
         one("SELECT max(version) FROM collector_migrations")
             .await
             .as_deref(),
-        Some("14")
+        Some("15")
     );
     // Its tracks got `event_text` (the name as sent).
     assert_eq!(
@@ -148,7 +148,7 @@ async fn warehouse_from_an_earlier_release_is_migrated() {
             .unwrap()
             .rows[0][0]
             .as_deref(),
-        Some("14")
+        Some("15")
     );
 }
 

@@ -362,6 +362,20 @@ pub(crate) fn sql_migrations(d: Relational, text: &str) -> Vec<(i32, &'static st
             "identity_pending.loaded_at: an identity run reads the rows of its loads, not each event table whole",
             crate::identity::run::ddl_pending_stamp(d),
         ),
+        (
+            15,
+            "collector_id_activity by user_id in PostgreSQL: a profile finds its pairs by either id without reading every pair",
+            match d {
+                // DuckDB joins by hashing; an index would only grow its memory.
+                Relational::DuckDb => String::new(),
+                // The key leads with anonymous_id; a person's pairs are also found
+                // by user_id (without this, every identity run read the whole table).
+                Relational::Postgres => {
+                    "CREATE INDEX collector_id_activity_user ON collector_id_activity (user_id);\n"
+                        .to_string()
+                }
+            },
+        ),
     ]
 }
 
