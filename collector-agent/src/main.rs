@@ -775,7 +775,6 @@ async fn privacy_request(command: RequestCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs a query through the running agent if there is one, else on the warehouse.
 /// An error and its causes on one line, each said once (a client's error often
 /// repeats its cause's words).
 fn causes(e: &anyhow::Error) -> String {
@@ -792,6 +791,7 @@ fn causes(e: &anyhow::Error) -> String {
     text
 }
 
+/// Runs a query through the running agent if there is one, else on the warehouse.
 async fn sql(cfg: &AgentConfig, query: String) -> anyhow::Result<QueryResult> {
     if let Some(r) = admin::query_running_agent(&cfg.warehouse.state_file(), &query).await? {
         return Ok(r);
