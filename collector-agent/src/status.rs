@@ -18,7 +18,7 @@ pub struct Status {
     pub last_load: Option<String>,
     pub quarantined: u64,
     pub dead_letters: u64,
-    /// Why the edge's side is missing (unreachable, the secret refused), if it is.
+    /// Why the edge's side is missing (unreachable, the drain secret refused), if it is.
     pub edge_error: Option<String>,
     /// Why the warehouse's side is missing, if it is.
     pub warehouse_error: Option<String>,
@@ -123,7 +123,7 @@ impl fmt::Display for Status {
 impl Status {
     fn fmt_edge(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(e) = &self.edge_error {
-            return writeln!(f, "edge: unreachable: {e}");
+            return writeln!(f, "edge: unavailable: {e}");
         }
         writeln!(
             f,
@@ -201,7 +201,7 @@ mod tests {
         let st = Status::gather(13_500, Err("connection refused".into()), Ok(wh.clone()));
         let text = st.to_string();
         assert!(
-            text.contains("edge: unreachable: connection refused"),
+            text.contains("edge: unavailable: connection refused"),
             "{text}"
         );
         assert!(!text.contains("backlog"), "{text}");

@@ -465,7 +465,7 @@ fn status_shows_the_warehouse_when_the_edge_is_unreachable() {
     let (ok, text) = agent(&["status".as_ref(), "--config".as_ref(), cfg.as_os_str()]);
     assert!(!ok, "{text}");
     assert!(
-        text.contains("edge: unreachable: edge request failed"),
+        text.contains("edge: unavailable: edge request failed"),
         "{text}"
     );
     assert!(text.contains("Connection refused"), "{text}");
