@@ -32,81 +32,118 @@ const MORE: u64 = 10_000;
 const BACKLOG_LOADS: u64 = 20;
 const BACKLOG_LOAD: u64 = 5_000;
 
+/// DuckDB or PostgreSQL: what the bench's SQL spells differently in each.
+#[derive(Clone, Copy)]
+enum Dialect {
+    DuckDb,
+    Postgres,
+}
+
+impl Dialect {
+    /// The rows `i` of `start..end` (end excluded).
+    fn series(self, start: u64, end: u64) -> String {
+        match self {
+            Dialect::DuckDb => format!("range({start}, {end}) r(i)"),
+            Dialect::Postgres => format!("generate_series({start}::bigint, {}::bigint) i", end - 1),
+        }
+    }
+
+    /// `day` at midnight UTC plus `i` seconds.
+    fn at(self, day: &str) -> String {
+        match self {
+            Dialect::DuckDb => format!("TIMESTAMP '{day} 00:00:00' + to_seconds(i)"),
+            Dialect::Postgres => {
+                format!("TIMESTAMPTZ '{day} 00:00:00+00' + i * INTERVAL '1 second'")
+            }
+        }
+    }
+
+    fn now(self) -> &'static str {
+        match self {
+            Dialect::DuckDb => "now()::TIMESTAMP",
+            Dialect::Postgres => "now()",
+        }
+    }
+
+    /// Integer division of `i`.
+    fn div(self) -> &'static str {
+        match self {
+            Dialect::DuckDb => "//",
+            Dialect::Postgres => "/",
+        }
+    }
+
+    /// A JSON column's value from text.
+    fn json(self, text: &str) -> String {
+        match self {
+            Dialect::DuckDb => text.to_string(),
+            Dialect::Postgres => format!("({text})::jsonb"),
+        }
+    }
+
+    /// The registry's rows for ids `prefix || i` of `table`, load `load`, over `rows`
+    /// (DuckDB's registry has the ids' hash beside them).
+    fn register(self, prefix: &str, table: &str, load: u64, rows: &str) -> String {
+        let hash = match self {
+            Dialect::DuckDb => format!(", md5_number_lower('{prefix}' || i)"),
+            Dialect::Postgres => String::new(),
+        };
+        format!(
+            "INSERT INTO message_ids SELECT '{prefix}' || i, '{table}', {load}{hash} FROM {rows}"
+        )
+    }
+}
+
 /// `n` identify events from `start`, straight into `identifies` as load `load` would
 /// leave them (registered in `message_ids`, pending for identity with the rows'
 /// `loaded_at`, in one transaction): device `a{i}` signs in as `u{user}`.
-fn insert_sql(start: u64, n: u64, user: User, load: u64) -> Vec<String> {
-    let end = start + n;
-    let user = user.sql(&format!("i // {}", user.div));
-    vec!["BEGIN".into(), format!(
-        "INSERT INTO identifies (message_id, anonymous_id, user_id, timestamp, received_at, context, traits, raw, loaded_at, id)
-         SELECT 'm' || i, 'a' || i, 'u' || ({user}), TIMESTAMP '2026-11-01 00:00:00' + to_seconds(i),
-                TIMESTAMP '2026-11-01 00:00:00' + to_seconds(i), '{{}}', '{{\"plan\": \"p' || (i % 3) || '\"}}', '{{}}',
-                now()::TIMESTAMP, 'm' || i
-         FROM range({start}, {end}) r(i)"
-    ),
-    format!("INSERT INTO message_ids SELECT 'm' || i, 'identifies', {load}, md5_number_lower('m' || i) FROM range({start}, {end}) r(i)"),
-    format!("INSERT INTO identity_pending VALUES ({load}, now()::TIMESTAMP)"), "COMMIT".into()]
+fn insert_sql(d: Dialect, start: u64, n: u64, user: User, load: u64) -> Vec<String> {
+    let rows = d.series(start, start + n);
+    let user = user.sql(&format!("i {} {}", d.div(), user.div));
+    let (at, now) = (d.at("2026-11-01"), d.now());
+    let traits = d.json("'{\"plan\": \"p' || (i % 3) || '\"}'");
+    vec![
+        "BEGIN".into(),
+        format!(
+            "INSERT INTO identifies (message_id, anonymous_id, user_id, timestamp, received_at, context, traits, raw, loaded_at, id)
+             SELECT 'm' || i, 'a' || i, 'u' || ({user}), {at}, {at}, '{{}}', {traits}, '{{}}', {now}, 'm' || i
+             FROM {rows}"
+        ),
+        d.register("m", "identifies", load, &rows),
+        format!("INSERT INTO identity_pending VALUES ({load}, {now})"),
+        "COMMIT".into(),
+    ]
 }
 
 /// Pages per device of the 1M identifies, loaded after them: the history a warehouse
 /// holds, which an incremental run must not have to read again.
 const PAGES_PER_DEVICE: u64 = 4;
 
+/// The `context` of each page of that history: a path, and the consent the edge
+/// resolved (what a profile's consent is computed from).
+const PAGE_CONTEXT: &str = r#"{"page": {"path": "/"}, "consent": {"resolved": {"policy_version": "v1", "granted": ["analytics"], "denied": ["marketing"], "sources": {"analytics": "explicit", "marketing": "region_default"}}}}"#;
+
 /// `PAGES_PER_DEVICE` pages of each of the first 1M devices (anonymous only, with the
 /// consent the edge stamps), as load `load`.
-fn history_sql(load: u64) -> Vec<String> {
-    let n = EVENTS * PAGES_PER_DEVICE;
-    vec![
+fn history_sql(d: Dialect, load: u64) -> Vec<String> {
+    let rows = d.series(0, EVENTS * PAGES_PER_DEVICE);
+    let (at, now) = (d.at("2026-11-13"), d.now());
+    let mut sql = vec![
         "BEGIN".into(),
         format!(
             "INSERT INTO pages (message_id, anonymous_id, timestamp, received_at, context, properties, raw, loaded_at, id)
-             SELECT 'p' || i, 'a' || (i % {EVENTS}), TIMESTAMP '2026-11-13 00:00:00' + to_seconds(i),
-                    TIMESTAMP '2026-11-13 00:00:00' + to_seconds(i),
-                    '{{\"page\": {{\"path\": \"/\"}}, \"consent\": {{\"resolved\": {{\"policy_version\": \"v1\", \"granted\": [\"analytics\"], \"denied\": [\"marketing\"], \"sources\": {{\"analytics\": \"explicit\", \"marketing\": \"region_default\"}}}}}}}}',
-                    '{{\"path\": \"/\"}}', '{{}}', now()::TIMESTAMP, 'p' || i
-             FROM range(0, {n}) r(i)"
+             SELECT 'p' || i, 'a' || (i % {EVENTS}), {at}, {at}, '{PAGE_CONTEXT}', '{{\"path\": \"/\"}}', '{{}}', {now}, 'p' || i
+             FROM {rows}"
         ),
-        format!("INSERT INTO message_ids SELECT 'p' || i, 'pages', {load}, md5_number_lower('p' || i) FROM range(0, {n}) r(i)"),
-        format!("INSERT INTO identity_pending VALUES ({load}, now()::TIMESTAMP)"),
+        d.register("p", "pages", load, &rows),
+        format!("INSERT INTO identity_pending VALUES ({load}, {now})"),
         "COMMIT".into(),
-    ]
-}
-
-/// The same events in PostgreSQL.
-fn insert_sql_postgres(start: u64, n: u64, user: User, load: u64) -> Vec<String> {
-    let end = start + n - 1;
-    let user = user.sql(&format!("i / {}", user.div));
-    vec!["BEGIN".into(), format!(
-        "INSERT INTO identifies (message_id, anonymous_id, user_id, timestamp, received_at, context, traits, raw, loaded_at, id)
-         SELECT 'm' || i, 'a' || i, 'u' || ({user}), TIMESTAMPTZ '2026-11-01 00:00:00+00' + i * INTERVAL '1 second',
-                TIMESTAMPTZ '2026-11-01 00:00:00+00' + i * INTERVAL '1 second', '{{}}', ('{{\"plan\": \"p' || (i % 3) || '\"}}')::jsonb, '{{}}',
-                now(), 'm' || i
-         FROM generate_series({start}::bigint, {end}::bigint) i"
-    ),
-    format!("INSERT INTO message_ids SELECT 'm' || i, 'identifies', {load} FROM generate_series({start}::bigint, {end}::bigint) i"),
-    format!("INSERT INTO identity_pending VALUES ({load}, now())"), "COMMIT".into()]
-}
-
-/// [`history_sql`] in PostgreSQL.
-fn history_sql_postgres(load: u64) -> Vec<String> {
-    let n = EVENTS * PAGES_PER_DEVICE;
-    vec![
-        "BEGIN".into(),
-        format!(
-            "INSERT INTO pages (message_id, anonymous_id, timestamp, received_at, context, properties, raw, loaded_at, id)
-             SELECT 'p' || i, 'a' || (i % {EVENTS}), TIMESTAMPTZ '2026-11-13 00:00:00+00' + i * INTERVAL '1 second',
-                    TIMESTAMPTZ '2026-11-13 00:00:00+00' + i * INTERVAL '1 second',
-                    '{{\"page\": {{\"path\": \"/\"}}, \"consent\": {{\"resolved\": {{\"policy_version\": \"v1\", \"granted\": [\"analytics\"], \"denied\": [\"marketing\"], \"sources\": {{\"analytics\": \"explicit\", \"marketing\": \"region_default\"}}}}}}}}',
-                    '{{\"path\": \"/\"}}', '{{}}', now(), 'p' || i
-             FROM generate_series(0::bigint, {}::bigint) i",
-            n - 1
-        ),
-        format!("INSERT INTO message_ids SELECT 'p' || i, 'pages', {load} FROM generate_series(0::bigint, {}::bigint) i", n - 1),
-        format!("INSERT INTO identity_pending VALUES ({load}, now())"),
-        "COMMIT".into(),
-        "ANALYZE".into(),
-    ]
+    ];
+    if let Dialect::Postgres = d {
+        // Statistics for the history, as autovacuum would take them.
+        sql.push("ANALYZE".into());
+    }
+    sql
 }
 
 /// The same events in ClickHouse: rows, registry (`identity_pending` is a view there).
@@ -177,13 +214,13 @@ async fn insert(sink: &dyn Sink, statements: Vec<String>) {
     }
 }
 
-type Statements = fn(u64, u64, User, u64) -> Vec<String>;
-
 /// How a warehouse gets the bench's events.
 #[derive(Clone, Copy)]
 enum Feed {
-    /// By SQL: the identifies, and the pages' history when given.
-    Sql(Statements, Option<fn(u64) -> Vec<String>>),
+    /// By SQL, with the pages' history.
+    Sql(Dialect),
+    /// By ClickHouse's SQL, without the history.
+    ClickHouse,
     /// By the sink's own loads (the lake).
     Loads,
 }
@@ -232,11 +269,11 @@ async fn load_identifies(sink: &dyn Sink, start: u64, n: u64, user: User, batch_
 
 /// The pages' history, as [`history_sql`] writes it.
 async fn load_history(sink: &dyn Sink, batch_id: &mut i64) {
+    let context: serde_json::Value = serde_json::from_str(PAGE_CONTEXT).unwrap();
     load_events(sink, 0..EVENTS * PAGES_PER_DEVICE, batch_id, |i| {
         serde_json::json!({"type": "page", "messageId": format!("p{i}"), "anonymousId": format!("a{}", i % EVENTS),
             "properties": {"path": "/"},
-            "context": {"page": {"path": "/"}, "consent": {"resolved": {"policy_version": "v1", "granted": ["analytics"], "denied": ["marketing"],
-                        "sources": {"analytics": "explicit", "marketing": "region_default"}}}},
+            "context": context.clone(),
             "timestamp": collector_core::timestamp::format_ms(1_794_528_000_000 + 1000 * i as i64)})
     })
     .await
@@ -253,7 +290,8 @@ impl Feed {
         batch_id: &mut i64,
     ) {
         match self {
-            Feed::Sql(sql, _) => insert(sink, sql(start, n, user, load)).await,
+            Feed::Sql(d) => insert(sink, insert_sql(d, start, n, user, load)).await,
+            Feed::ClickHouse => insert(sink, insert_sql_clickhouse(start, n, user, load)).await,
             Feed::Loads => load_identifies(sink, start, n, user, batch_id).await,
         }
     }
@@ -261,8 +299,8 @@ impl Feed {
     /// The history, if this warehouse gets one.
     async fn history(self, sink: &dyn Sink, load: u64, batch_id: &mut i64) -> bool {
         match self {
-            Feed::Sql(_, Some(history)) => insert(sink, history(load)).await,
-            Feed::Sql(_, None) => return false,
+            Feed::Sql(d) => insert(sink, history_sql(d, load)).await,
+            Feed::ClickHouse => return false,
             Feed::Loads => load_history(sink, batch_id).await,
         }
         true
@@ -358,7 +396,7 @@ async fn main() {
     if wanted("duckdb") {
         let dir = tempfile::tempdir().unwrap();
         let sink = DuckDbSink::open(&dir.path().join("identity.duckdb")).unwrap();
-        bench("DuckDB", &sink, Feed::Sql(insert_sql, Some(history_sql))).await;
+        bench("DuckDB", &sink, Feed::Sql(Dialect::DuckDb)).await;
     }
     if wanted("postgres") {
         match LocalPostgres::start() {
@@ -371,8 +409,7 @@ async fn main() {
                 })
                 .await
                 .unwrap();
-                let feed = Feed::Sql(insert_sql_postgres, Some(history_sql_postgres));
-                bench("PostgreSQL", &sink, feed).await;
+                bench("PostgreSQL", &sink, Feed::Sql(Dialect::Postgres)).await;
             }
             Err(e) => println!("identity: PostgreSQL\tnot run: {e}"),
         }
@@ -391,7 +428,7 @@ async fn main() {
                 })
                 .await
                 .unwrap();
-                bench("ClickHouse", &sink, Feed::Sql(insert_sql_clickhouse, None)).await;
+                bench("ClickHouse", &sink, Feed::ClickHouse).await;
             }
             Err(e) => println!("identity: ClickHouse\tnot run: {e}"),
         }
