@@ -777,6 +777,24 @@ pub async fn drain_once(cfg: &AgentConfig) -> anyhow::Result<DrainSummary> {
     Ok(total)
 }
 
+/// An error and its causes on one line, each said once: a client often says only
+/// "error connecting to server" or "error sending request", and its cause says why
+/// (refused, timed out, a password the server refused); a cause whose words the text
+/// already holds is not repeated.
+pub fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let t = c.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        cause = c.source();
+    }
+    text
+}
+
 /// The system clock, in ms since the epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

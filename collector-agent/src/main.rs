@@ -675,12 +675,12 @@ async fn agent_main() -> anyhow::Result<()> {
                     client
                         .stats()
                         .await
-                        .map_err(|e| causes(&anyhow::Error::from(e)))
+                        .map_err(|e| collector_agent::causes(&e))
                 },
                 async {
                     sql(&cfg, collector_agent::status::WAREHOUSE_SQL.into())
                         .await
-                        .map_err(|e| causes(&e))
+                        .map_err(|e| collector_agent::causes(e.as_ref()))
                 }
             );
             let now_ms = std::time::SystemTime::now()
@@ -773,22 +773,6 @@ async fn privacy_request(command: RequestCommand) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// An error and its causes on one line, each said once (a client's error often
-/// repeats its cause's words).
-fn causes(e: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for c in e.chain() {
-        let t = c.to_string();
-        if !text.contains(&t) {
-            if !text.is_empty() {
-                text.push_str(": ");
-            }
-            text.push_str(&t);
-        }
-    }
-    text
 }
 
 /// Runs a query through the running agent if there is one, else on the warehouse.

@@ -72,22 +72,6 @@ fn classify(e: tokio_postgres::Error) -> SinkError {
 /// recorded in `rejected_values` and stays in the event's JSON.
 const SYSTEM_COLUMNS: &[&str] = &["tableoid", "xmin", "cmin", "xmax", "cmax", "ctid", "oid"];
 
-/// An error and its causes: tokio-postgres says only "error connecting to server", its
-/// cause says why (refused, timed out, a password or database the server refused).
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let t = c.to_string();
-        if !text.contains(&t) {
-            text.push_str(": ");
-            text.push_str(&t);
-        }
-        cause = c.source();
-    }
-    text
-}
-
 fn create_table_sql(kind: EventKind) -> String {
     let mut cols = Vec::new();
     for c in schema::columns(kind) {
@@ -228,10 +212,9 @@ impl PostgresSink {
         }
         pg.connect_timeout(Duration::from_millis(cfg.timeout_ms));
         pg.application_name("collector-agent");
-        let (client, connection) = pg
-            .connect(NoTls)
-            .await
-            .map_err(|e| SinkError::Transient(format!("connect to PostgreSQL: {}", causes(&e))))?;
+        let (client, connection) = pg.connect(NoTls).await.map_err(|e| {
+            SinkError::Transient(format!("connect to PostgreSQL: {}", crate::causes(&e)))
+        })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::warn!(error = %e, "PostgreSQL connection closed");
