@@ -567,19 +567,24 @@ pub(crate) fn release_when_idle(
 /// constraint, out of range, invalid input) is permanent; everything else (I/O, locks,
 /// a schema an operator must fix) is transient and retried.
 pub(crate) fn classify(e: duckdb::Error) -> SinkError {
+    permanent_if_it_says(
+        e,
+        &[
+            "Conversion Error",
+            "Constraint Error",
+            "Out of Range Error",
+            "Invalid Input Error",
+            // The appender's words for the same errors.
+            "constraint failed",
+            "Could not convert",
+        ],
+    )
+}
+
+/// `e` as a permanent error when its message holds one of `words`, else transient.
+fn permanent_if_it_says(e: duckdb::Error, words: &[&str]) -> SinkError {
     let msg = e.to_string();
-    let permanent = [
-        "Conversion Error",
-        "Constraint Error",
-        "Out of Range Error",
-        "Invalid Input Error",
-        // The appender's words for the same errors.
-        "constraint failed",
-        "Could not convert",
-    ]
-    .iter()
-    .any(|p| msg.contains(p));
-    if permanent {
+    if words.iter().any(|w| msg.contains(w)) {
         SinkError::Permanent(msg)
     } else {
         SinkError::Transient(msg)
@@ -619,24 +624,20 @@ pub(crate) fn transient(e: duckdb::Error) -> SinkError {
 
 /// Classifies an error opening a database file: a file DuckDB can never open as it is
 /// (not a DuckDB file, a corrupt one, a folder, a storage version this DuckDB cannot
-/// read: the words of DuckDB 1.5's messages) is
-/// permanent, so the agent stops and says so instead of waiting for it forever;
-/// anything else (a lock another process holds, a full disk) is transient and waited
-/// for.
+/// read: the words of DuckDB 1.5's messages) is permanent, so the agent stops and says
+/// so instead of waiting for it forever; anything else (a lock another process holds,
+/// a full disk) is transient and waited for.
 pub(crate) fn open_error(e: duckdb::Error) -> SinkError {
-    let msg = e.to_string();
-    let never = [
-        "not a valid DuckDB database file",
-        "Corrupt database file",
-        "Is a directory",
-        "Trying to read a database file with version number",
-        "storage version greater than the latest version supported",
-    ];
-    if never.iter().any(|p| msg.contains(p)) {
-        SinkError::Permanent(msg)
-    } else {
-        SinkError::Transient(msg)
-    }
+    permanent_if_it_says(
+        e,
+        &[
+            "not a valid DuckDB database file",
+            "Corrupt database file",
+            "Is a directory",
+            "Trying to read a database file with version number",
+            "storage version greater than the latest version supported",
+        ],
+    )
 }
 
 /// Numbered schema migrations, recorded in `collector_migrations`. Each runs once, in
