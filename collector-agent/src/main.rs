@@ -576,7 +576,11 @@ async fn agent_main() -> anyhow::Result<()> {
                     format!("duckdb {}", d.path.display())
                 }
                 collector_agent::config::WarehouseConfig::Postgres(p) => {
-                    format!("postgres {} (schema {})", p.url, p.schema)
+                    let tls = p
+                        .driver_config()
+                        .map(|(_, t)| t.describe())
+                        .unwrap_or_default();
+                    format!("postgres {} (schema {}, {tls})", p.url, p.schema)
                 }
                 collector_agent::config::WarehouseConfig::Parquet(p) => {
                     format!("parquet {}", p.path.display())

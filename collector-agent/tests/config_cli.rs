@@ -34,8 +34,27 @@ fn a_valid_config_of_each_kind_passes() {
     assert!(ok, "{text}");
     assert!(
         text.contains(
-            "warehouse postgres postgres://collector@127.0.0.1:5432/analytics (schema public)"
+            "warehouse postgres postgres://collector@127.0.0.1:5432/analytics (schema public, TLS when the server offers it, certificate not checked)"
         ),
+        "{text}"
+    );
+    // TLS parameters as libpq takes them; the CA file is read (a real one is needed).
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+    let (ok, text) = check(&format!(
+        "{BASE}[warehouse]\nkind = \"postgres\"\nurl = \"postgres://collector@db.example.com/analytics?sslmode=verify-full&sslrootcert={}\"\n",
+        ca.display()
+    ));
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!(
+            "(schema public, TLS, certificate and host checked against {})",
+            ca.display()
+        )),
         "{text}"
     );
     let (ok, text) = check(&format!(
@@ -98,6 +117,22 @@ fn problems_name_their_key() {
         (
             "edge_url = \"ftp://x\"\ndrain_secret = \"s\"\n".to_string(),
             "edge_url",
+        ),
+        (
+            format!("{BASE}[warehouse]\nkind = \"postgres\"\nurl = \"postgres://u@h/db?sslmode=verify-full\"\n"),
+            "warehouse.url: sslmode=verify-full needs the CA to check the server against",
+        ),
+        (
+            format!("{BASE}[warehouse]\nkind = \"postgres\"\nurl = \"postgres://u@h/db?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem\"\n"),
+            "warehouse.url: sslrootcert /nonexistent/ca.pem",
+        ),
+        (
+            format!("{BASE}[warehouse]\nkind = \"postgres\"\nurl = \"postgres://u@h/db?sslmode=yes\"\n"),
+            "warehouse.url: sslmode must be",
+        ),
+        (
+            format!("{BASE}[warehouse]\nkind = \"postgres\"\nurl = \"postgres://u@h/db?colour=blue\"\n"),
+            "warehouse.url: invalid connection string: unknown option `colour`",
         ),
     ];
     for (toml, key) in cases {

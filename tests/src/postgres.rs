@@ -16,6 +16,8 @@ pub const USER: &str = "collector";
 pub struct LocalPostgres {
     dir: crate::TempDir,
     bin: PathBuf,
+    /// Server options beyond the common ones (TLS), kept for `restart`.
+    extra_opts: String,
     pub port: u16,
     /// `postgres://collector@127.0.0.1:PORT/postgres`
     pub url: String,
@@ -70,8 +72,57 @@ fn pg(bin: &Path, tool: &str, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a server that speaks TLS is given: PEM files (copied into the server's folder),
+/// its `pg_hba.conf`, the password of [`USER`], and roles to create.
+pub struct ServerTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// CAs whose client certificates the server accepts (`ssl_ca_file`).
+    pub client_ca_pem: String,
+    /// Replaces the whole `pg_hba.conf`; keep `local all all trust` in it, which the
+    /// harness uses to set up the roles.
+    pub hba: String,
+    pub password: String,
+    /// `CREATE ROLE` names (superusers, LOGIN).
+    pub roles: Vec<String>,
+}
+
+/// The common server options: the agent must work whatever the server's settings.
+fn server_opts(port: u16, dir: &Path, extra: &str) -> String {
+    format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c timezone=America/New_York -c DateStyle=SQL,DMY -c IntervalStyle=postgres_verbose -c extra_float_digits=0 -c standard_conforming_strings=off -c bytea_output=escape -c default_transaction_isolation=serializable -c escape_string_warning=off{extra}",
+        dir.display()
+    )
+}
+
+/// Writes a file the server reads, owned by it and private (PostgreSQL refuses a key
+/// file others can read).
+fn server_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).with_context(|| format!("write {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    if is_root() {
+        let ok = Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(path)
+            .status()?
+            .success();
+        anyhow::ensure!(ok, "chown {} to postgres", path.display());
+    }
+    Ok(())
+}
+
 impl LocalPostgres {
     pub fn start() -> anyhow::Result<LocalPostgres> {
+        Self::start_with(None)
+    }
+
+    /// A server with TLS on, its logins as `tls.hba` says.
+    pub fn start_tls(tls: &ServerTls) -> anyhow::Result<LocalPostgres> {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<&ServerTls>) -> anyhow::Result<LocalPostgres> {
         let bin = bin_dir().context(
             "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb); run `cargo xtask setup`",
         )?;
@@ -101,6 +152,21 @@ impl LocalPostgres {
                 "--no-sync",
             ],
         )?;
+        let mut extra_opts = String::new();
+        if let Some(tls) = tls {
+            for (name, text) in [
+                ("server.crt", &tls.cert_pem),
+                ("server.key", &tls.key_pem),
+                ("client-ca.crt", &tls.client_ca_pem),
+            ] {
+                server_file(&dir.path().join(name), text)?;
+            }
+            server_file(&data.join("pg_hba.conf"), &tls.hba)?;
+            extra_opts = format!(
+                " -c ssl=on -c ssl_cert_file={0}/server.crt -c ssl_key_file={0}/server.key -c ssl_ca_file={0}/client-ca.crt",
+                dir.path().display()
+            );
+        }
         // A free port can be taken by a parallel test before the server binds it: then
         // try another.
         let log = dir.path().join("postgres.log").display().to_string();
@@ -108,10 +174,7 @@ impl LocalPostgres {
         let port = loop {
             attempt += 1;
             let port = crate::free_port();
-            let opts = format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c timezone=America/New_York -c DateStyle=SQL,DMY -c IntervalStyle=postgres_verbose -c extra_float_digits=0 -c standard_conforming_strings=off -c bytea_output=escape -c default_transaction_isolation=serializable -c escape_string_warning=off",
-                dir.path().display()
-            );
+            let opts = server_opts(port, dir.path(), &extra_opts);
             match pg(
                 &bin,
                 "pg_ctl",
@@ -130,12 +193,50 @@ impl LocalPostgres {
                 }
             }
         };
-        Ok(LocalPostgres {
+        let pg = LocalPostgres {
             url: format!("postgres://{USER}@127.0.0.1:{port}/postgres"),
             port,
             bin,
             dir,
-        })
+            extra_opts,
+        };
+        if let Some(tls) = tls {
+            let mut sql = format!(
+                "ALTER ROLE {USER} PASSWORD '{}';",
+                tls.password.replace('\'', "''")
+            );
+            for role in &tls.roles {
+                sql.push_str(&format!("CREATE ROLE \"{role}\" LOGIN SUPERUSER;"));
+            }
+            pg.psql(&sql)?;
+        }
+        Ok(pg)
+    }
+
+    /// Runs SQL as [`USER`] over the server's socket (trusted).
+    pub fn psql(&self, sql: &str) -> anyhow::Result<()> {
+        let host = self.dir.path().display().to_string();
+        let port = self.port.to_string();
+        pg(
+            &self.bin,
+            "psql",
+            &[
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                &host,
+                "-p",
+                &port,
+                "-U",
+                USER,
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ],
+        )
     }
 
     fn ctl(&self, args: &[&str]) -> anyhow::Result<()> {
@@ -152,11 +253,7 @@ impl LocalPostgres {
 
     /// Starts it again on the same port.
     pub fn restart(&self) -> anyhow::Result<()> {
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c timezone=America/New_York -c DateStyle=SQL,DMY -c IntervalStyle=postgres_verbose -c extra_float_digits=0 -c standard_conforming_strings=off -c bytea_output=escape -c default_transaction_isolation=serializable -c escape_string_warning=off",
-            self.port,
-            self.dir.path().display()
-        );
+        let opts = server_opts(self.port, self.dir.path(), &self.extra_opts);
         let log = self.dir.path().join("postgres.log").display().to_string();
         self.ctl(&["-o", &opts, "-l", &log, "-w", "-t", "60", "start"])
     }

@@ -2,13 +2,16 @@
 
 use serde::Deserialize;
 
+use super::tls::{self, TlsParams};
 use crate::sinks::PasswordEnv;
 
 /// A PostgreSQL warehouse.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
-    /// `postgres://USER@HOST:PORT/DATABASE` (no password here: see `password_env`).
+    /// `postgres://USER@HOST:PORT/DATABASE` (no password here: see `password_env`),
+    /// with libpq's TLS parameters if wanted: `?sslmode=verify-full&sslrootcert=ca.pem`
+    /// (see `tls.rs` for what each means; the default is libpq's `prefer`).
     pub url: String,
     /// Name of an environment variable holding the password, if the server wants one.
     #[serde(default)]
@@ -47,6 +50,11 @@ impl PostgresConfig {
                 "config: warehouse.url must not hold a password; use warehouse.password_env"
             );
         }
+        let (_, tls) = self
+            .driver_config()
+            .map_err(|e| anyhow::anyhow!("config: {e}"))?;
+        tls.client_config()
+            .map_err(|e| anyhow::anyhow!("config: {e}"))?;
         if self.schema.is_empty()
             || !self
                 .schema
@@ -59,6 +67,16 @@ impl PostgresConfig {
             );
         }
         PasswordEnv(&self.password_env).validate()
+    }
+
+    /// The driver's config from `url` less its TLS parameters, and those.
+    pub fn driver_config(&self) -> Result<(tokio_postgres::Config, TlsParams), String> {
+        let (url, tls) = tls::split_url(&self.url)?;
+        let mut pg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| format!("warehouse.url: {}", crate::causes(&e)))?;
+        pg.ssl_mode(tls.mode.driver_mode());
+        Ok((pg, tls))
     }
 
     pub fn password(&self) -> Option<String> {

@@ -8,6 +8,9 @@
 //! schema = "public"               # default
 //! ```
 //!
+//! TLS as libpq does it, from the URL: `?sslmode=verify-full&sslrootcert=ca.pem`
+//! (`tls.rs`: the modes, `sslrootcert=system`, client certificates).
+//!
 //! Tables in Segment's warehouse shape (as in every sink, from `sinks::schema`):
 //! `timestamptz` instants, `jsonb` for `properties`/`traits`/`context`/`integrations`/
 //! `raw`, `message_id` the primary key; per-event tables, flattened columns, `users` and
@@ -24,5 +27,6 @@
 pub mod config;
 mod copy;
 mod sink;
+pub mod tls;
 
 pub use sink::PostgresSink;

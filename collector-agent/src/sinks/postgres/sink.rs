@@ -14,7 +14,8 @@ use collector_core::timestamp::{format_us, parse_us};
 use collector_core::EventKind;
 use futures_util::SinkExt;
 use tokio::sync::Mutex;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::config::PostgresConfig;
 use super::copy;
@@ -194,6 +195,10 @@ impl PostgresSink {
             client: Mutex::new(None),
             catalog: Mutex::new(Catalog::default()),
         };
+        // Opened here rather than through `client()`, whose errors are all the
+        // warehouse's and retried: at start, a config the server can never accept (a
+        // CA file that is not there) is reported as what it is.
+        *sink.client.lock().await = Some(Self::open(cfg).await?);
         let mut guard = sink.client().await?;
         let client = guard.as_mut().expect("connected");
         migrate(client).await?;
@@ -203,17 +208,24 @@ impl PostgresSink {
     }
 
     async fn open(cfg: &PostgresConfig) -> Result<Client, SinkError> {
-        let mut pg: tokio_postgres::Config = cfg
-            .url
-            .parse()
-            .map_err(|e| SinkError::Permanent(format!("warehouse.url: {e}")))?;
+        let (mut pg, tls) = cfg.driver_config().map_err(SinkError::Permanent)?;
         if let Some(p) = cfg.password() {
             pg.password(p);
         }
         pg.connect_timeout(Duration::from_millis(cfg.timeout_ms));
         pg.application_name("collector-agent");
-        let (client, connection) = pg.connect(NoTls).await.map_err(|e| {
-            SinkError::Transient(format!("connect to PostgreSQL: {}", crate::causes(&e)))
+        let tls = MakeRustlsConnect::new(tls.client_config().map_err(SinkError::Permanent)?);
+        let (client, connection) = pg.connect(tls).await.map_err(|e| {
+            let why = crate::causes(&e);
+            // rustls names what failed, not which setting decides it.
+            let hint = if why.contains("invalid peer certificate") {
+                " (the server's certificate, checked as warehouse.url's sslmode and sslrootcert say)"
+            } else if why.contains("fatal alert: UnknownCA") || why.contains("fatal alert: BadCertificate") {
+                " (the server refused the client certificate: warehouse.url's sslcert)"
+            } else {
+                ""
+            };
+            SinkError::Transient(format!("connect to PostgreSQL: {why}{hint}"))
         })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -244,7 +256,11 @@ impl PostgresSink {
     async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>, SinkError> {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = Some(Self::open(&self.cfg).await?);
+            *guard = Some(
+                Self::open(&self.cfg)
+                    .await
+                    .map_err(SinkError::not_the_datas)?,
+            );
         }
         Ok(guard)
     }
