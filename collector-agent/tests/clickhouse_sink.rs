@@ -903,3 +903,68 @@ async fn agents_starting_together_on_a_fresh_warehouse_all_connect() {
         }
     }
 }
+
+/// HTTPS to a server whose certificate a private CA signed: trusted through
+/// `ca_file`, refused without it, and the CA file checked by `validate`.
+#[tokio::test]
+async fn https_with_a_private_ca_through_ca_file() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name
+        .push(DnType::CommonName, "collector test CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let ch = LocalClickHouse::start_tls(&server.pem(), &key.serialize_pem()).unwrap();
+    let https = ch.https_url.clone().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+
+    let with_ca = ClickHouseConfig {
+        ca_file: Some(ca_file.clone()),
+        ..ClickHouseConfig::at(&https)
+    };
+    with_ca.validate().unwrap();
+    let sink = ClickHouseSink::connect(&with_ca).await.unwrap();
+    sink.load(&Load::events(0, 1, order_completed("o1", 5.0)))
+        .await
+        .unwrap();
+    assert_eq!(one(&sink, "SELECT count() FROM tracks").await, s("1"));
+
+    // Without the CA, the public roots do not know the server.
+    let err = match ClickHouseSink::connect(&ClickHouseConfig::at(&https)).await {
+        Ok(_) => panic!("connected to a server signed by an unknown CA"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("UnknownIssuer"), "{err}");
+
+    // What `config check` says about the file.
+    let plain = ClickHouseConfig {
+        ca_file: Some(ca_file),
+        ..ClickHouseConfig::at(&ch.url)
+    };
+    let err = plain.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("warehouse.ca_file is for an https:// url"),
+        "{err}"
+    );
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "nothing here\n").unwrap();
+    let err = ClickHouseConfig {
+        ca_file: Some(empty),
+        ..ClickHouseConfig::at(&https)
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("warehouse.ca_file") && err.contains("empty.pem"),
+        "{err}"
+    );
+}

@@ -22,14 +22,29 @@ pub struct LocalClickHouse {
     pub http_port: u16,
     /// `http://127.0.0.1:PORT`
     pub url: String,
+    /// `https://localhost:PORT`, for a server started with [`LocalClickHouse::start_tls`].
+    pub https_url: Option<String>,
 }
 
-fn config(dir: &Path, http: u16, tcp: u16) -> String {
+/// `<https_port>` and the server's certificate, for a server with TLS.
+fn tls_config(dir: &Path, https: Option<u16>) -> String {
+    let Some(port) = https else {
+        return String::new();
+    };
     let d = dir.display();
+    format!(
+        "<https_port>{port}</https_port>\n  <openSSL><server><certificateFile>{d}/server.crt</certificateFile><privateKeyFile>{d}/server.key</privateKeyFile><verificationMode>none</verificationMode><loadDefaultCAFile>false</loadDefaultCAFile><disableProtocols>sslv2,sslv3</disableProtocols></server></openSSL>"
+    )
+}
+
+fn config(dir: &Path, http: u16, tcp: u16, https: Option<u16>) -> String {
+    let d = dir.display();
+    let tls = tls_config(dir, https);
     format!(
         r#"<?xml version="1.0"?>
 <yandex>
   <logger><level>warning</level><log>{d}/server.log</log><errorlog>{d}/error.log</errorlog><console>0</console></logger>
+  {tls}
   <http_port>{http}</http_port>
   <tcp_port>{tcp}</tcp_port>
   <listen_host>127.0.0.1</listen_host>
@@ -68,6 +83,16 @@ impl LocalClickHouse {
     }
 
     pub fn start() -> anyhow::Result<LocalClickHouse> {
+        Self::start_with(None)
+    }
+
+    /// A server that also serves HTTPS (on `https_url`) with this certificate and key
+    /// (PEM), made out to `localhost`.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> anyhow::Result<LocalClickHouse> {
+        Self::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> anyhow::Result<LocalClickHouse> {
         if !Path::new(SERVER).exists() {
             bail!("ClickHouse is not installed ({SERVER}); run `cargo xtask setup`");
         }
@@ -76,7 +101,7 @@ impl LocalClickHouse {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match Self::start_once() {
+            match Self::start_once(tls) {
                 Err(e) if attempt < 5 && e.to_string().contains("Address already in use") => {
                     continue
                 }
@@ -85,11 +110,16 @@ impl LocalClickHouse {
         }
     }
 
-    fn start_once() -> anyhow::Result<LocalClickHouse> {
+    fn start_once(tls: Option<(&str, &str)>) -> anyhow::Result<LocalClickHouse> {
         let tmp = crate::TempDir::new("collector-ch")?;
         let dir = tmp.path().to_path_buf();
         let (http, tcp) = (crate::free_port(), crate::free_port());
-        std::fs::write(dir.join("config.xml"), config(&dir, http, tcp))?;
+        let https = tls.map(|_| crate::free_port());
+        if let Some((cert, key)) = tls {
+            std::fs::write(dir.join("server.crt"), cert)?;
+            std::fs::write(dir.join("server.key"), key)?;
+        }
+        std::fs::write(dir.join("config.xml"), config(&dir, http, tcp, https))?;
         std::fs::write(dir.join("users.xml"), USERS)?;
         let child = Command::new(SERVER)
             .arg(format!(
@@ -107,6 +137,7 @@ impl LocalClickHouse {
             dir: tmp,
             http_port: http,
             url: format!("http://127.0.0.1:{http}"),
+            https_url: https.map(|p| format!("https://localhost:{p}")),
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

@@ -22,6 +22,11 @@ pub struct ClickHouseConfig {
     /// Timeout of one HTTP request.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// For an `https://` url: a PEM file of CA certificates the server's certificate
+    /// may chain to, beside the public CAs the agent trusts built in (a company CA, a
+    /// self-signed server; `/etc/ssl/certs/ca-certificates.crt` for the machine's store).
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 fn default_database() -> String {
@@ -46,6 +51,7 @@ impl ClickHouseConfig {
             user: default_user(),
             password_env: None,
             timeout_ms: default_timeout_ms(),
+            ca_file: None,
         }
     }
 
@@ -81,7 +87,32 @@ impl ClickHouseConfig {
                 self.database
             );
         }
+        if self.ca_file.is_some() && !self.url.starts_with("https://") {
+            anyhow::bail!(
+                "config: warehouse.ca_file is for an https:// url, got {:?}",
+                self.url
+            );
+        }
+        self.ca_certificates()?;
         PasswordEnv(&self.password_env).validate()
+    }
+
+    /// The certificates of `ca_file` (none without it); an error names the file.
+    pub fn ca_certificates(&self) -> anyhow::Result<Vec<reqwest::Certificate>> {
+        let Some(path) = &self.ca_file else {
+            return Ok(Vec::new());
+        };
+        let pem = std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("config: warehouse.ca_file {}: {e}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| anyhow::anyhow!("config: warehouse.ca_file {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            anyhow::bail!(
+                "config: warehouse.ca_file {}: no PEM certificate in it",
+                path.display()
+            );
+        }
+        Ok(certs)
     }
 
     pub fn password(&self) -> Option<String> {

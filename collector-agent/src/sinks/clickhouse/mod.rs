@@ -7,6 +7,7 @@
 //! database = "analytics"          # default; created if missing
 //! user = "default"                # default
 //! password_env = "CLICKHOUSE_PASSWORD"   # optional; never the password itself
+//! # ca_file = "/etc/ssl/company-ca.pem"  # for https://, CAs beside the public ones
 //! ```
 //!
 //! ClickHouse has no transactions and no unique keys, so exactly once is built, not

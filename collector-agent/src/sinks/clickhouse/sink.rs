@@ -163,8 +163,14 @@ const PINNED_SETTINGS: &[(&str, &str)] = &[
 impl ClickHouseSink {
     /// Connects, creates the database and tables if needed, and reads the catalog.
     pub async fn connect(cfg: &ClickHouseConfig) -> Result<ClickHouseSink, SinkError> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(cfg.timeout_ms))
+        let mut http = reqwest::Client::builder().timeout(Duration::from_millis(cfg.timeout_ms));
+        for cert in cfg
+            .ca_certificates()
+            .map_err(|e| SinkError::Permanent(e.to_string()))?
+        {
+            http = http.add_root_certificate(cert);
+        }
+        let http = http
             .build()
             .map_err(|e| SinkError::Transient(e.to_string()))?;
         let mut sink = ClickHouseSink {
@@ -257,10 +263,9 @@ impl ClickHouseSink {
             }
             None => req.query(&params).body(sql.to_string()),
         };
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| SinkError::Transient(format!("ClickHouse request: {e}")))?;
+        let resp = req.send().await.map_err(|e| {
+            SinkError::Transient(format!("ClickHouse request: {}", crate::causes(&e)))
+        })?;
         let status = resp.status();
         let text = resp
             .text()
