@@ -319,3 +319,37 @@ async fn a_missing_ca_file_is_a_config_error_named_at_start() {
         Ok(_) => panic!("connected without its CA file"),
     }
 }
+
+/// The agent's own CLI over TLS, as an operator runs it: `sql` twice (the second start
+/// finds everything made, where PostgreSQL says "already exists, skipping" for each
+/// `IF NOT EXISTS`, which the agent used to log at every start).
+#[test]
+fn the_cli_reads_the_warehouse_over_tls_without_the_servers_notices() {
+    let f = Fixture::start();
+    let config = f.dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "edge_url = \"http://127.0.0.1:1\"\ndrain_secret_env = \"COLLECTOR_TLS_TEST_DRAIN\"\n[warehouse]\nkind = \"postgres\"\nurl = \"{}\"\npassword_env = \"{PASSWORD_ENV}\"\n",
+            f.config(USER, "localhost", &format!("sslmode=verify-full&sslrootcert={}", f.file("ca.pem"))).url
+        ),
+    )
+    .unwrap();
+    for round in 0..2 {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_collector-agent"))
+            .args(["sql", "--csv", "--config"])
+            .arg(&config)
+            .arg("SELECT CASE WHEN ssl THEN 'encrypted' ELSE 'plain' END FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .env("COLLECTOR_TLS_TEST_DRAIN", "s")
+            .env(PASSWORD_ENV, PASSWORD)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "round {round}: {stderr}");
+        assert!(stdout.contains("encrypted"), "round {round}: {stdout}");
+        assert!(!stderr.contains("NOTICE"), "round {round}: {stderr}");
+    }
+}

@@ -243,9 +243,10 @@ impl PostgresSink {
         // loads' exactness is designed for READ COMMITTED, PostgreSQL's default; a
         // server whose default is SERIALIZABLE failed the schema check of a second
         // connection while an agent loaded (a serialization failure, retried by the
-        // agent, but a failure).
+        // agent, but a failure). The server's notices ("schema … already exists,
+        // skipping" at every start) are not passed on: warnings and errors are.
         let setup = format!(
-            "SET TIME ZONE 'UTC'; SET default_transaction_isolation = 'read committed'; SET standard_conforming_strings = on; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; SET statement_timeout = {}; CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema};",
+            "SET client_min_messages = warning; SET TIME ZONE 'UTC'; SET default_transaction_isolation = 'read committed'; SET standard_conforming_strings = on; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; SET statement_timeout = {}; CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema};",
             cfg.timeout_ms
         );
         client.batch_execute(&setup).await.map_err(classify)?;
