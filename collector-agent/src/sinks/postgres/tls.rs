@@ -215,6 +215,10 @@ impl TlsParams {
                 "TLS when the server offers it, certificate not checked".to_string()
             }
             (SslMode::Require, None) => "TLS, certificate not checked".to_string(),
+            (SslMode::Prefer, Some(r)) => format!(
+                "TLS when the server offers it, certificate checked against {}",
+                r.name()
+            ),
             (SslMode::VerifyFull, Some(r)) => {
                 format!("TLS, certificate and host checked against {}", r.name())
             }
@@ -472,6 +476,32 @@ mod tests {
             let err = split_url(url).unwrap_err();
             assert!(err.contains(says), "{url}: {err}");
         }
+    }
+
+    #[test]
+    fn config_check_says_what_the_connection_does() {
+        let says = |url: &str| split_url(url).unwrap().1.describe();
+        assert_eq!(says("postgres://u@h/db?sslmode=disable"), "TLS off");
+        assert_eq!(
+            says("postgres://u@h/db"),
+            "TLS when the server offers it, certificate not checked"
+        );
+        assert_eq!(
+            says("postgres://u@h/db?sslrootcert=ca.pem"),
+            "TLS when the server offers it, certificate checked against ca.pem"
+        );
+        assert_eq!(
+            says("postgres://u@h/db?sslmode=require"),
+            "TLS, certificate not checked"
+        );
+        assert_eq!(
+            says("postgres://u@h/db?sslmode=verify-ca&sslrootcert=system"),
+            "TLS, certificate checked against the system's CAs"
+        );
+        assert_eq!(
+            says("postgres://u@h/db?sslmode=verify-full&sslrootcert=ca.pem&sslcert=c.pem&sslkey=k.pem"),
+            "TLS, certificate and host checked against ca.pem, client certificate c.pem"
+        );
     }
 
     #[test]
