@@ -233,6 +233,16 @@ async fn every_sslmode_means_what_it_means_in_libpq() {
         loads_over_tls(&sink).await;
     }
 
+    // `sslrootcert=system`: the machine's store, here pointed at the test's CA the way
+    // OpenSSL's tools are (`SSL_CERT_FILE`; no other test of this file reads it).
+    std::env::set_var("SSL_CERT_FILE", &ca);
+    let sink = f
+        .connect(USER, "localhost", "sslmode=verify-full&sslrootcert=system")
+        .await
+        .expect("the system's CAs, from SSL_CERT_FILE");
+    loads_over_tls(&sink).await;
+    drop(sink);
+
     // `disable` against a server that refuses plain TCP: the server's own words.
     let err = refused(f.connect(USER, "127.0.0.1", "sslmode=disable").await);
     assert!(err.contains("no encryption"), "{err}");
