@@ -406,6 +406,7 @@ async fn main() {
                     password_env: None,
                     schema: "public".into(),
                     timeout_ms: 600_000,
+                    query_timeout_ms: 3_600_000,
                 })
                 .await
                 .unwrap();

@@ -296,6 +296,7 @@ async fn pg_sink(pg: &LocalPostgres) -> Arc<PostgresSink> {
         password_env: None,
         schema: "public".into(),
         timeout_ms: 300_000,
+        query_timeout_ms: 3_600_000,
     };
     Arc::new(PostgresSink::connect(&cfg).await.unwrap())
 }

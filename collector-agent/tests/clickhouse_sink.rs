@@ -968,3 +968,43 @@ async fn https_with_a_private_ca_through_ca_file() {
         "{err}"
     );
 }
+
+/// A query over the warehouse (a session, `query`) has `query_timeout_ms`, not a
+/// load's `timeout_ms`: identity's statements outgrow a load's limit on a large
+/// warehouse. And the query limit holds, on the agent's side and the server's.
+#[tokio::test]
+async fn queries_have_their_own_timeout() {
+    let ch = LocalClickHouse::start().unwrap();
+    let cfg = ClickHouseConfig {
+        timeout_ms: 1_000,
+        query_timeout_ms: 20_000,
+        ..ClickHouseConfig::at(&ch.url)
+    };
+    let sink = ClickHouseSink::connect(&cfg).await.unwrap();
+    sink.load(&Load::events(0, 1, order_completed("o1", 5.0)))
+        .await
+        .unwrap();
+    {
+        let mut session = sink.session().await.unwrap().unwrap();
+        session.batch("SELECT sleep(2)").await.unwrap();
+        assert_eq!(
+            session
+                .query("SELECT count() FROM tracks")
+                .await
+                .unwrap()
+                .rows[0][0],
+            s("1")
+        );
+    }
+    assert_eq!(one(&sink, "SELECT sleep(2) + 7").await, s("7"));
+
+    let short = ClickHouseSink::connect(&ClickHouseConfig {
+        query_timeout_ms: 500,
+        ..cfg
+    })
+    .await
+    .unwrap();
+    let mut session = short.session().await.unwrap().unwrap();
+    let err = session.batch("SELECT sleep(2)").await.unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("time"), "{err}");
+}

@@ -126,6 +126,7 @@ async fn segment_style_dbt_models_run_unchanged() {
         password_env: None,
         schema: "segment".into(),
         timeout_ms: 30_000,
+        query_timeout_ms: 3_600_000,
     })
     .await
     .unwrap();

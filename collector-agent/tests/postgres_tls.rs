@@ -124,6 +124,7 @@ impl Fixture {
             password_env: (user == USER).then(|| PASSWORD_ENV.to_string()),
             schema: "analytics".into(),
             timeout_ms: 10_000,
+            query_timeout_ms: 3_600_000,
         }
     }
 

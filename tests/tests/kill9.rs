@@ -170,6 +170,7 @@ async fn postgres_exactly_once_through_kill_9() {
         password_env: None,
         schema: "public".into(),
         timeout_ms: 30_000,
+        query_timeout_ms: 3_600_000,
     });
     let count = || tracks_in(wh.clone());
     kill_and_finish(&bin, &config, count).await;

@@ -21,6 +21,7 @@ async fn connect(pg: &LocalPostgres) -> PostgresSink {
         password_env: None,
         schema: "public".into(),
         timeout_ms: 10_000,
+        query_timeout_ms: 3_600_000,
     })
     .await
     .unwrap()

@@ -140,6 +140,7 @@ impl Target {
                         password_env: None,
                         schema: "analytics".into(),
                         timeout_ms: 30_000,
+                        query_timeout_ms: 3_600_000,
                     },
                 )
                 .await

@@ -61,6 +61,7 @@ impl Stack {
             password_env: None,
             schema: "public".into(),
             timeout_ms: 10_000,
+            query_timeout_ms: 3_600_000,
         });
         cfg.validate().expect("valid config");
         cfg

@@ -19,9 +19,14 @@ pub struct ClickHouseConfig {
     /// Name of an environment variable holding the password, if the user has one.
     #[serde(default)]
     pub password_env: Option<String>,
-    /// Timeout of one HTTP request.
+    /// Timeout of one HTTP request of a load (and of connecting).
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// Timeout of one statement of the work that reads the whole warehouse: identity,
+    /// audiences, privacy requests, `collector-agent sql` (also sent as ClickHouse's
+    /// `max_execution_time`, so the server stops what the agent gave up on). 0 for none.
+    #[serde(default = "default_query_timeout_ms")]
+    pub query_timeout_ms: u64,
     /// For an `https://` url: a PEM file of CA certificates the server's certificate
     /// may chain to, beside the public CAs the agent trusts built in (a company CA, a
     /// self-signed server; `/etc/ssl/certs/ca-certificates.crt` for the machine's store).
@@ -41,6 +46,10 @@ fn default_timeout_ms() -> u64 {
     30_000
 }
 
+fn default_query_timeout_ms() -> u64 {
+    3_600_000
+}
+
 impl ClickHouseConfig {
     /// The server at `url` with every other key at its default, as a config that names
     /// only `url` has.
@@ -51,6 +60,7 @@ impl ClickHouseConfig {
             user: default_user(),
             password_env: None,
             timeout_ms: default_timeout_ms(),
+            query_timeout_ms: default_query_timeout_ms(),
             ca_file: None,
         }
     }

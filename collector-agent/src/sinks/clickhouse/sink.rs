@@ -163,7 +163,9 @@ const PINNED_SETTINGS: &[(&str, &str)] = &[
 impl ClickHouseSink {
     /// Connects, creates the database and tables if needed, and reads the catalog.
     pub async fn connect(cfg: &ClickHouseConfig) -> Result<ClickHouseSink, SinkError> {
-        let mut http = reqwest::Client::builder().timeout(Duration::from_millis(cfg.timeout_ms));
+        // Each request has its own timeout (`Via`): a load's, or a query's.
+        let mut http =
+            reqwest::Client::builder().connect_timeout(Duration::from_millis(cfg.timeout_ms));
         for cert in cfg
             .ca_certificates()
             .map_err(|e| SinkError::Permanent(e.to_string()))?
@@ -232,19 +234,27 @@ impl ClickHouseSink {
         sql: &str,
         data: Option<Vec<u8>>,
     ) -> Result<String, SinkError> {
-        self.request_in(None, database, sql, data).await
+        self.request_in(Via::Load, database, sql, data).await
     }
 
-    /// [`Self::request`] in an HTTP session (`session_id`), whose temporary tables
-    /// outlive one request.
+    /// [`Self::request`] as part of a load or of a query (in an HTTP session, whose
+    /// temporary tables outlive one request, or not), each with its own timeout.
     async fn request_in(
         &self,
-        session: Option<&str>,
+        via: Via<'_>,
         database: Option<&str>,
         sql: &str,
         data: Option<Vec<u8>>,
     ) -> Result<String, SinkError> {
+        let (session, timeout_ms) = match via {
+            Via::Load => (None, self.cfg.timeout_ms),
+            Via::Query(session) => (session, self.cfg.query_timeout_ms),
+        };
         let mut params: Vec<(&str, String)> = vec![("user", self.cfg.user.clone())];
+        if matches!(via, Via::Query(_)) && timeout_ms > 0 {
+            // The server stops a query the agent no longer waits for.
+            params.push(("max_execution_time", timeout_ms.div_ceil(1000).to_string()));
+        }
         params.extend(PINNED_SETTINGS.iter().map(|(k, v)| (*k, v.to_string())));
         if let Some(p) = self.cfg.password() {
             params.push(("password", p));
@@ -255,7 +265,10 @@ impl ClickHouseSink {
         if let Some(id) = session {
             params.push(("session_id", id.to_string()));
         }
-        let req = self.http.post(&self.cfg.url);
+        let mut req = self.http.post(&self.cfg.url);
+        if timeout_ms > 0 {
+            req = req.timeout(Duration::from_millis(timeout_ms));
+        }
         let req = match data {
             Some(body) => {
                 params.push(("query", sql.to_string()));
@@ -338,12 +351,12 @@ impl ClickHouseSink {
         &self,
         sql: &str,
     ) -> Result<(Vec<(String, String)>, Vec<Vec<Value>>), SinkError> {
-        self.select_in(None, sql).await
+        self.select_in(Via::Load, sql).await
     }
 
     async fn select_in(
         &self,
-        session: Option<&str>,
+        via: Via<'_>,
         sql: &str,
     ) -> Result<(Vec<(String, String)>, Vec<Vec<Value>>), SinkError> {
         let sql = sql.trim().trim_end_matches(';');
@@ -356,7 +369,7 @@ impl ClickHouseSink {
         let text = loop {
             match self
                 .request_in(
-                    session,
+                    via,
                     Some(&self.cfg.database.clone()),
                     &format!("{sql} FORMAT JSONCompact"),
                     None,
@@ -1831,6 +1844,15 @@ impl Sink for ClickHouseSink {
     }
 }
 
+/// What a request is part of, which decides its timeout: a load (`timeout_ms`), or a
+/// query over the warehouse (`query_timeout_ms`: identity, audiences, privacy, `sql`),
+/// in an HTTP session or not.
+#[derive(Debug, Clone, Copy)]
+enum Via<'a> {
+    Load,
+    Query(Option<&'a str>),
+}
+
 impl ClickHouseSink {
     /// Rows of a query rendered as text (instants RFC 3339 UTC), in a session or not. A
     /// statement that answers no rows (`INSERT … SELECT`, `OPTIMIZE`, DDL) is sent as it
@@ -1838,21 +1860,29 @@ impl ClickHouseSink {
     async fn query_in(&self, session: Option<&str>, sql: &str) -> Result<QueryResult, SinkError> {
         if !answers_rows(sql) {
             let db = self.cfg.database.clone();
-            self.request_in(session, Some(&db), sql.trim().trim_end_matches(';'), None)
-                .await
-                .map_err(|e| match e {
-                    SinkError::Transient(m) if m.starts_with("Code: ") => SinkError::Permanent(m),
-                    other => other,
-                })?;
+            self.request_in(
+                Via::Query(session),
+                Some(&db),
+                sql.trim().trim_end_matches(';'),
+                None,
+            )
+            .await
+            .map_err(|e| match e {
+                SinkError::Transient(m) if m.starts_with("Code: ") => SinkError::Permanent(m),
+                other => other,
+            })?;
             return Ok(QueryResult {
                 columns: Vec::new(),
                 rows: Vec::new(),
             });
         }
-        let (meta, rows) = self.select_in(session, sql).await.map_err(|e| match e {
-            SinkError::Transient(m) if m.starts_with("Code: ") => SinkError::Permanent(m),
-            other => other,
-        })?;
+        let (meta, rows) = self
+            .select_in(Via::Query(session), sql)
+            .await
+            .map_err(|e| match e {
+                SinkError::Transient(m) if m.starts_with("Code: ") => SinkError::Permanent(m),
+                other => other,
+            })?;
         Ok(QueryResult {
             columns: meta.iter().map(|(n, _)| n.clone()).collect(),
             rows: rows
@@ -2072,7 +2102,7 @@ impl SqlSession for ChSession<'_> {
                 continue;
             }
             self.sink
-                .request_in(Some(&self.id), Some(&db), st, None)
+                .request_in(Via::Query(Some(&self.id)), Some(&db), st, None)
                 .await?;
         }
         Ok(())
@@ -2104,7 +2134,7 @@ impl SqlSession for ChSession<'_> {
         let db = self.sink.cfg.database.clone();
         self.sink
             .request_in(
-                Some(&self.id),
+                Via::Query(Some(&self.id)),
                 Some(&db),
                 &format!("INSERT INTO {} FORMAT TabSeparated", ident(table)),
                 Some(body.into_bytes()),

@@ -19,9 +19,17 @@ pub struct PostgresConfig {
     /// The schema the tables live in.
     #[serde(default = "default_schema")]
     pub schema: String,
-    /// Timeout of connecting, and of one statement.
+    /// Timeout of connecting, and of one statement of a load (a load waiting longer,
+    /// on a lock say, fails and is retried).
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// Timeout of one statement of the work that reads the whole warehouse: schema
+    /// migrations, identity, audiences, privacy requests, `collector-agent sql`. 0 for
+    /// none. Their statements grow with the warehouse (an identity run from scratch
+    /// over a million identifies has single statements of ~30 s here), so they get
+    /// their own, longer limit.
+    #[serde(default = "default_query_timeout_ms")]
+    pub query_timeout_ms: u64,
 }
 
 fn default_schema() -> String {
@@ -32,7 +40,23 @@ fn default_timeout_ms() -> u64 {
     30_000
 }
 
+fn default_query_timeout_ms() -> u64 {
+    3_600_000
+}
+
 impl PostgresConfig {
+    /// The server at `url` with every other key at its default, as a config that names
+    /// only `url` has.
+    pub fn at(url: &str) -> PostgresConfig {
+        PostgresConfig {
+            url: url.to_string(),
+            password_env: None,
+            schema: default_schema(),
+            timeout_ms: default_timeout_ms(),
+            query_timeout_ms: default_query_timeout_ms(),
+        }
+    }
+
     /// Checks what can be checked without connecting.
     pub fn validate(&self) -> anyhow::Result<()> {
         if !(self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")) {

@@ -247,7 +247,7 @@ impl PostgresSink {
         // skipping" at every start) are not passed on: warnings and errors are.
         let setup = format!(
             "SET client_min_messages = warning; SET TIME ZONE 'UTC'; SET default_transaction_isolation = 'read committed'; SET standard_conforming_strings = on; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; SET statement_timeout = {}; CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema};",
-            cfg.timeout_ms
+            cfg.query_timeout_ms
         );
         client.batch_execute(&setup).await.map_err(classify)?;
         Ok(client)
@@ -582,8 +582,15 @@ async fn write(
     client: &mut Client,
     catalog: &mut Catalog,
     p: &Prepared,
+    timeout_ms: u64,
 ) -> Result<LoadStats, SinkError> {
     let tx = client.transaction().await.map_err(classify)?;
+    // A load's statements are short: one that waits longer (on another session's
+    // lock) fails and the load is retried, instead of holding the shard for as long as
+    // the session's limit for analytical statements (`query_timeout_ms`) allows.
+    tx.batch_execute(&format!("SET LOCAL statement_timeout = {}", timeout_ms))
+        .await
+        .map_err(classify)?;
     let mut stats = LoadStats {
         duplicates: p.in_load_duplicates,
         ..LoadStats::default()
@@ -877,7 +884,7 @@ impl Sink for PostgresSink {
         let mut guard = self.client().await?;
         let client = guard.as_mut().expect("connected");
         let mut catalog = self.catalog.lock().await;
-        write(client, &mut catalog, &load).await
+        write(client, &mut catalog, &load, self.cfg.timeout_ms).await
     }
 
     async fn quarantined(&self, ids: &[String]) -> Result<Vec<QuarantinedEvent>, SinkError> {
@@ -1052,6 +1059,7 @@ mod tests {
             password_env: None,
             schema: "public".into(),
             timeout_ms: 30_000,
+            query_timeout_ms: 3_600_000,
         };
         let sink = PostgresSink::connect(&cfg).await.unwrap();
         (pg, sink)

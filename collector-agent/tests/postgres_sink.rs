@@ -1,0 +1,91 @@
+//! What is the PostgreSQL sink's own, against a real server started on loopback: its
+//! two statement timeouts. (The scenarios every sink shares are in `conformance.rs`;
+//! TLS in `postgres_tls.rs`.)
+
+mod common;
+
+use collector_agent::config::PostgresConfig;
+use collector_agent::sinks::postgres::PostgresSink;
+use collector_agent::sinks::{Load, Sink, SinkError};
+use collector_e2e::postgres::LocalPostgres;
+use common::{load, one, order_completed, s};
+use serde_json::json;
+
+/// A load's statements are bound by `timeout_ms`; what reads the warehouse (a
+/// session: identity, audiences, privacy; `sql`) by `query_timeout_ms`, so a
+/// statement that outgrows a load's limit on a large warehouse still finishes.
+#[tokio::test]
+async fn loads_and_analytical_statements_have_their_own_timeouts() {
+    let pg = LocalPostgres::start().unwrap();
+    let cfg = PostgresConfig {
+        timeout_ms: 500,
+        query_timeout_ms: 20_000,
+        ..PostgresConfig::at(&pg.url)
+    };
+    let sink = PostgresSink::connect(&cfg).await.unwrap();
+    load(
+        &sink,
+        1,
+        json!([{"type": "track", "messageId": "m1", "userId": "u", "event": "Signed Up"}]),
+    )
+    .await;
+
+    // Longer than a load may take: fine in a session and through `query`.
+    {
+        let mut session = sink.session().await.unwrap().unwrap();
+        session.batch("SELECT pg_sleep(1.5)").await.unwrap();
+        assert_eq!(
+            session
+                .query("SELECT count(*) FROM tracks")
+                .await
+                .unwrap()
+                .rows[0][0],
+            s("1")
+        );
+    }
+    assert_eq!(
+        one(&sink, "SELECT 'slept' FROM pg_sleep(1.5)").await,
+        s("slept")
+    );
+
+    // A load that waits on another session's lock for longer than `timeout_ms` fails
+    // (transiently: retried later, nothing quarantined), then loads once it is gone.
+    let other = PostgresSink::connect(&cfg).await.unwrap();
+    let mut holder = other.session().await.unwrap().unwrap();
+    holder
+        .batch("BEGIN; LOCK TABLE tracks IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = sink
+        .load(&Load::events(0, 2, order_completed("o1", 5.0)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, SinkError::Transient(m) if m.contains("statement timeout")),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "the load waited past its limit: {:?}",
+        started.elapsed()
+    );
+    holder.batch("ROLLBACK").await.unwrap();
+    drop(holder);
+    sink.load(&Load::events(0, 2, order_completed("o1", 5.0)))
+        .await
+        .unwrap();
+    assert_eq!(one(&sink, "SELECT count(*) FROM tracks").await, s("2"));
+    assert_eq!(one(&sink, "SELECT count(*) FROM quarantine").await, s("0"));
+
+    // And `query_timeout_ms` is a limit too.
+    let short = PostgresSink::connect(&PostgresConfig {
+        query_timeout_ms: 300,
+        ..cfg.clone()
+    })
+    .await
+    .unwrap();
+    let mut session = short.session().await.unwrap().unwrap();
+    let err = session.batch("SELECT pg_sleep(2)").await.unwrap_err();
+    assert!(err.to_string().contains("statement timeout"), "{err}");
+}
