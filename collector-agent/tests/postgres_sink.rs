@@ -89,3 +89,46 @@ async fn loads_and_analytical_statements_have_their_own_timeouts() {
     let err = session.batch("SELECT pg_sleep(2)").await.unwrap_err();
     assert!(err.to_string().contains("statement timeout"), "{err}");
 }
+
+/// A least-privilege role, as a DBA sets one up: it owns its schema and may not create
+/// schemas (nor write to `public`). The agent loads, runs identity's kind of SQL (temporary
+/// tables) and answers queries with it; it used to fail at connect, on `CREATE SCHEMA IF
+/// NOT EXISTS`, which asks for the database's CREATE right even when the schema exists.
+#[tokio::test]
+async fn a_role_that_owns_only_its_schema_is_enough() {
+    let pg = LocalPostgres::start().unwrap();
+    pg.psql(
+        "CREATE ROLE agent LOGIN; CREATE SCHEMA analytics AUTHORIZATION agent; REVOKE CREATE ON SCHEMA public FROM PUBLIC; REVOKE CREATE ON DATABASE postgres FROM PUBLIC;",
+    )
+    .unwrap();
+    let cfg = PostgresConfig {
+        schema: "analytics".into(),
+        ..PostgresConfig::at(&pg.url.replace("collector@", "agent@"))
+    };
+    let sink = PostgresSink::connect(&cfg).await.unwrap();
+    load(
+        &sink,
+        1,
+        json!([{"type": "identify", "messageId": "i1", "userId": "u1", "anonymousId": "a1", "traits": {"plan": "pro"}}]),
+    )
+    .await;
+    assert_eq!(one(&sink, "SELECT plan FROM users").await, s("pro"));
+    assert_eq!(one(&sink, "SELECT current_schema()").await, s("analytics"));
+    let mut session = sink.session().await.unwrap().unwrap();
+    session
+        .batch("CREATE TEMP TABLE scratch AS SELECT user_id FROM identifies")
+        .await
+        .unwrap();
+    assert_eq!(
+        session
+            .query("SELECT user_id FROM scratch")
+            .await
+            .unwrap()
+            .rows[0][0],
+        s("u1")
+    );
+    drop(session);
+    // A second connection (an agent restarting) finds the schema and makes nothing.
+    drop(sink);
+    PostgresSink::connect(&cfg).await.unwrap();
+}

@@ -246,10 +246,28 @@ impl PostgresSink {
         // agent, but a failure). The server's notices ("schema … already exists,
         // skipping" at every start) are not passed on: warnings and errors are.
         let setup = format!(
-            "SET client_min_messages = warning; SET TIME ZONE 'UTC'; SET default_transaction_isolation = 'read committed'; SET standard_conforming_strings = on; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; SET statement_timeout = {}; CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema};",
+            "SET client_min_messages = warning; SET TIME ZONE 'UTC'; SET default_transaction_isolation = 'read committed'; SET standard_conforming_strings = on; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; SET statement_timeout = {}; SET search_path TO {schema};",
             cfg.query_timeout_ms
         );
         client.batch_execute(&setup).await.map_err(classify)?;
+        // The schema is made only when it is missing: `CREATE SCHEMA IF NOT EXISTS`
+        // needs the right to create schemas in the database even when the schema is
+        // there, which a least-privilege role (its own schema, made for it by a DBA)
+        // does not have.
+        let exists = client
+            .query_opt(
+                "SELECT 1 FROM pg_namespace WHERE nspname = $1",
+                &[&cfg.schema],
+            )
+            .await
+            .map_err(classify)?
+            .is_some();
+        if !exists {
+            client
+                .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+                .await
+                .map_err(classify)?;
+        }
         Ok(client)
     }
 
