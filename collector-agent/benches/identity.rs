@@ -401,15 +401,11 @@ async fn main() {
     if wanted("postgres") {
         match LocalPostgres::start() {
             Ok(pg) => {
-                let sink = PostgresSink::connect(&PostgresConfig {
-                    url: pg.url.clone(),
-                    password_env: None,
-                    schema: "public".into(),
-                    timeout_ms: 600_000,
-                    query_timeout_ms: 3_600_000,
-                })
-                .await
-                .unwrap();
+                // The agent's defaults: identity's statements run under
+                // `query_timeout_ms` (a load's 30 s would not let them finish).
+                let sink = PostgresSink::connect(&PostgresConfig::at(&pg.url))
+                    .await
+                    .unwrap();
                 bench("PostgreSQL", &sink, Feed::Sql(Dialect::Postgres)).await;
             }
             Err(e) => println!("identity: PostgreSQL\tnot run: {e}"),
