@@ -132,3 +132,47 @@ async fn a_role_that_owns_only_its_schema_is_enough() {
     drop(sink);
     PostgresSink::connect(&cfg).await.unwrap();
 }
+
+/// An analyst's long query (`collector-agent sql`, through a running agent's admin
+/// endpoint, up to `query_timeout_ms`) has a connection of its own: loads go on
+/// meanwhile, where they used to wait for it.
+#[tokio::test]
+async fn a_long_query_does_not_hold_loads_up() {
+    let pg = LocalPostgres::start().unwrap();
+    let sink = std::sync::Arc::new(
+        PostgresSink::connect(&PostgresConfig::at(&pg.url))
+            .await
+            .unwrap(),
+    );
+    let querying = {
+        let sink = sink.clone();
+        tokio::spawn(async move { sink.query("SELECT pg_sleep(4)").await })
+    };
+    // The query has started (its backend sleeps) before the load; asked through the
+    // loads' connection (a session), as the query's is busy.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut session = sink.session().await.unwrap().unwrap();
+        let running = session
+            .query("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(4)'")
+            .await
+            .unwrap();
+        if running.rows[0][0] == s("1") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the query never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    sink.load(&Load::events(0, 1, order_completed("o1", 5.0)))
+        .await
+        .unwrap();
+    assert!(
+        !querying.is_finished(),
+        "the load waited for the query to end"
+    );
+    querying.await.unwrap().unwrap();
+    assert_eq!(one(&*sink, "SELECT count(*) FROM tracks").await, s("1"));
+}

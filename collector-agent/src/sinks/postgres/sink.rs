@@ -180,10 +180,13 @@ async fn load_catalog(client: &impl tokio_postgres::GenericClient) -> Result<Cat
         .with_relations(relations))
 }
 
-/// A PostgreSQL warehouse: one connection, reopened when it breaks.
+/// A PostgreSQL warehouse: one connection for loads and the agent's own sessions,
+/// reopened when it breaks, and one for queries (`sql`, `status`, the dashboard),
+/// opened when first needed, so that an analyst's long query never holds a load up.
 pub struct PostgresSink {
     cfg: PostgresConfig,
     client: Mutex<Option<Client>>,
+    query_client: Mutex<Option<Client>>,
     catalog: Mutex<Catalog>,
 }
 
@@ -193,6 +196,7 @@ impl PostgresSink {
         let sink = PostgresSink {
             cfg: cfg.clone(),
             client: Mutex::new(None),
+            query_client: Mutex::new(None),
             catalog: Mutex::new(Catalog::default()),
         };
         // Opened here rather than through `client()`, whose errors are all the
@@ -273,7 +277,14 @@ impl PostgresSink {
 
     /// The connection, (re)opened if there is none or it broke.
     async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>, SinkError> {
-        let mut guard = self.client.lock().await;
+        self.connection(&self.client).await
+    }
+
+    async fn connection<'a>(
+        &self,
+        slot: &'a Mutex<Option<Client>>,
+    ) -> Result<tokio::sync::MutexGuard<'a, Option<Client>>, SinkError> {
+        let mut guard = slot.lock().await;
         if guard.as_ref().is_none_or(Client::is_closed) {
             *guard = Some(
                 Self::open(&self.cfg)
@@ -952,7 +963,7 @@ impl Sink for PostgresSink {
     }
 
     async fn query(&self, sql: &str) -> Result<QueryResult, SinkError> {
-        let guard = self.client().await?;
+        let guard = self.connection(&self.query_client).await?;
         let client = guard.as_ref().expect("connected");
         simple_rows(client, sql)
             .await
