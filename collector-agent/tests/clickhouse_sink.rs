@@ -908,19 +908,13 @@ async fn agents_starting_together_on_a_fresh_warehouse_all_connect() {
 /// `ca_file`, refused without it, and the CA file checked by `validate`.
 #[tokio::test]
 async fn https_with_a_private_ca_through_ca_file() {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.distinguished_name
-        .push(DnType::CommonName, "collector test CA");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let server = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    let ch = LocalClickHouse::start_tls(&server.pem(), &key.serialize_pem()).unwrap();
+    let ca = common::TestCa::new("collector test CA");
+    let (cert, key) = ca.issue(
+        "localhost",
+        &["localhost"],
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let ch = LocalClickHouse::start_tls(&cert, &key).unwrap();
     let https = ch.https_url.clone().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ca_file = dir.path().join("ca.pem");

@@ -1,5 +1,7 @@
 //! `collector-agent config check`: every problem named by its key, offline.
 
+mod common;
+
 use std::process::Command;
 
 fn check(toml: &str) -> (bool, String) {
@@ -41,10 +43,7 @@ fn a_valid_config_of_each_kind_passes() {
     // TLS parameters as libpq takes them; the CA file is read (a real one is needed).
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+    std::fs::write(&ca, common::TestCa::new("config check CA").pem()).unwrap();
     let (ok, text) = check(&format!(
         "{BASE}[warehouse]\nkind = \"postgres\"\nurl = \"postgres://collector@db.example.com/analytics?sslmode=verify-full&sslrootcert={}\"\n",
         ca.display()

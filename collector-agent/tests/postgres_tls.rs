@@ -12,49 +12,14 @@ use collector_agent::config::PostgresConfig;
 use collector_agent::sinks::postgres::PostgresSink;
 use collector_agent::sinks::SinkError;
 use collector_e2e::postgres::{LocalPostgres, ServerTls, USER};
-use common::{load, one, s};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
+use common::{load, one, s, TestCa};
+use rcgen::ExtendedKeyUsagePurpose;
 use serde_json::json;
 
 const PASSWORD_ENV: &str = "COLLECTOR_TLS_TEST_PASSWORD";
 const PASSWORD: &str = "s3cret 'quoted'";
 /// A role that logs in with a client certificate (its CN) and nothing else.
 const CERT_USER: &str = "certuser";
-
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-fn ca(name: &str) -> Ca {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    Ca {
-        cert: p.self_signed(&key).unwrap(),
-        key,
-    }
-}
-
-/// A certificate and its key (PEM) signed by `ca`.
-fn leaf(ca: &Ca, cn: &str, dns: &[&str], purpose: ExtendedKeyUsagePurpose) -> (String, String) {
-    let key = KeyPair::generate().unwrap();
-    let mut p =
-        CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, cn);
-    p.extended_key_usages = vec![purpose];
-    let cert = p.signed_by(&key, &ca.cert, &ca.key).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
 
 struct Fixture {
     pg: LocalPostgres,
@@ -65,29 +30,20 @@ impl Fixture {
     fn start() -> Fixture {
         std::env::set_var(PASSWORD_ENV, PASSWORD);
         let dir = tempfile::tempdir().unwrap();
-        let server_ca = ca("collector test CA");
-        let other_ca = ca("someone else's CA");
-        let (cert_pem, key_pem) = leaf(
-            &server_ca,
+        let server_ca = TestCa::new("collector test CA");
+        let other_ca = TestCa::new("someone else's CA");
+        let (cert_pem, key_pem) = server_ca.issue(
             "localhost",
             &["localhost"],
             ExtendedKeyUsagePurpose::ServerAuth,
         );
-        let (client_pem, client_key) = leaf(
-            &server_ca,
-            CERT_USER,
-            &[],
-            ExtendedKeyUsagePurpose::ClientAuth,
-        );
-        let (stranger_pem, stranger_key) = leaf(
-            &other_ca,
-            CERT_USER,
-            &[],
-            ExtendedKeyUsagePurpose::ClientAuth,
-        );
+        let (client_pem, client_key) =
+            server_ca.issue(CERT_USER, &[], ExtendedKeyUsagePurpose::ClientAuth);
+        let (stranger_pem, stranger_key) =
+            other_ca.issue(CERT_USER, &[], ExtendedKeyUsagePurpose::ClientAuth);
         for (name, text) in [
-            ("ca.pem", server_ca.cert.pem()),
-            ("other-ca.pem", other_ca.cert.pem()),
+            ("ca.pem", server_ca.pem()),
+            ("other-ca.pem", other_ca.pem()),
             ("client.pem", client_pem),
             ("client.key", client_key),
             ("stranger.pem", stranger_pem),
@@ -104,7 +60,7 @@ impl Fixture {
         let pg = LocalPostgres::start_tls(&ServerTls {
             cert_pem,
             key_pem,
-            client_ca_pem: server_ca.cert.pem(),
+            client_ca_pem: server_ca.pem(),
             hba,
             password: PASSWORD.into(),
             roles: vec![CERT_USER.into()],

@@ -384,3 +384,51 @@ pub fn agent_config(dir: &std::path::Path, name: &str, rest: &str) -> collector_
     .unwrap();
     collector_agent::AgentConfig::load(&path).unwrap()
 }
+
+/// A certificate authority made for a test (rcgen), for servers that speak TLS.
+pub struct TestCa {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        TestCa {
+            cert: p.self_signed(&key).unwrap(),
+            key,
+        }
+    }
+
+    /// The CA's certificate (PEM).
+    pub fn pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    /// A certificate for `cn` (and the DNS names `dns`) signed by this CA, for
+    /// `purpose`, and its key: both PEM.
+    pub fn issue(
+        &self,
+        cn: &str,
+        dns: &[&str],
+        purpose: rcgen::ExtendedKeyUsagePurpose,
+    ) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p =
+            rcgen::CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.extended_key_usages = vec![purpose];
+        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
