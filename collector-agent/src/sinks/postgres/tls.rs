@@ -186,6 +186,10 @@ impl SslMode {
     }
 }
 
+/// A parameter's value as libpq decodes a URI's: `%XX` is a byte and nothing else is
+/// special (a `+` stays a `+`, unlike `collector_core::url_parts::form_decode`, which
+/// decodes forms: `/etc/ssl/a+b.pem` is a path here). `None` for a `%` not followed by
+/// two hex digits, or bytes that are not UTF-8.
 fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -193,8 +197,11 @@ fn percent_decode(s: &str) -> Option<String> {
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
-                let hex = s.get(i + 1..i + 3)?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
+                let hex = bytes.get(i + 1..i + 3)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
                 i += 3;
             }
             b => {
@@ -407,6 +414,14 @@ mod tests {
         assert_eq!(url, "postgres://u@h/db");
         assert_eq!(p.root_cert, Some(RootCert::System));
         assert_eq!(p.client_cert, Some(("c.pem".into(), "k.pem".into())));
+        // A `+` is a `+` in a libpq URI, not a space.
+        assert_eq!(
+            split_url("postgres://u@h/db?sslrootcert=/etc/a+b%2Bc.pem")
+                .unwrap()
+                .1
+                .root_cert,
+            Some(RootCert::File("/etc/a+b+c.pem".into()))
+        );
     }
 
     #[test]
@@ -438,6 +453,10 @@ mod tests {
             ("postgres://u@h/db?sslrootcert=", "sslrootcert is empty"),
             (
                 "postgres://u@h/db?sslrootcert=%ZZ",
+                "not valid percent-encoded",
+            ),
+            (
+                "postgres://u@h/db?sslrootcert=%+1",
                 "not valid percent-encoded",
             ),
         ] {
