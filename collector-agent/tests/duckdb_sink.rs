@@ -33,6 +33,15 @@ async fn bad_sql_is_an_error_not_a_panic() {
     assert!(err.to_string().contains("syntax"), "{err}");
 }
 
+#[tokio::test]
+async fn a_long_query_does_not_hold_loads_up() {
+    let dir = tempfile::tempdir().unwrap();
+    common::a_long_query_does_not_hold_loads_up(
+        DuckDbSink::open(&dir.path().join("w.duckdb")).unwrap(),
+    )
+    .await;
+}
+
 /// The `tracks` table as the first release created it, with `event_check` on `event`.
 fn tracks_ddl(event_check: &str) -> String {
     format!(
@@ -167,7 +176,10 @@ async fn a_memory_cap_sets_the_default_limit_and_a_session_out_of_memory_raises_
         ..Default::default()
     })
     .unwrap();
-    assert_eq!(common::memory_limit_mib(&sink).await, 30.5);
+    // The cap, and room for twice what the fresh warehouse's indexes measure (a few
+    // blocks of 256 KiB), fitted after each call (the query that reads it is one).
+    let limit = common::memory_limit_mib(&sink).await;
+    assert!((30.5..=34.0).contains(&limit), "{limit} MiB");
     assert!(common::out_of_memory_until_raised(&sink).await >= 1);
     let limit = common::memory_limit_mib(&sink).await;
     assert!(limit >= 4.0 * 30.5, "{limit} MiB");

@@ -44,6 +44,15 @@ fn received_at(received: &str, body: serde_json::Value) -> Vec<collector_core::S
     common::events_received_at(ms, body)
 }
 
+#[tokio::test]
+async fn a_long_query_does_not_hold_loads_up() {
+    let dir = tempfile::tempdir().unwrap();
+    common::a_long_query_does_not_hold_loads_up(
+        ParquetSink::open(&dir.path().join("lake")).unwrap(),
+    )
+    .await;
+}
+
 // One file per table, day received and load; two batches received either side of
 // midnight make two days, whatever the events' own times.
 #[tokio::test]
@@ -892,7 +901,9 @@ async fn the_lakes_duckdb_takes_its_memory_keys() {
         ..lake_config(&dir.path().join("capped"))
     })
     .unwrap();
-    assert_eq!(common::memory_limit_mib(&sink).await, 30.5);
+    // The cap and the indexes' room (a few blocks of 256 KiB), fitted after each call.
+    let limit = common::memory_limit_mib(&sink).await;
+    assert!((30.5..=34.0).contains(&limit), "{limit} MiB");
     // By default, capped at 1 GiB (plus the indexes' room) like a DuckDB warehouse,
     // unless the host has less.
     let sink = ParquetSink::open(&dir.path().join("default")).unwrap();
@@ -913,7 +924,10 @@ async fn a_lake_session_out_of_memory_raises_its_capped_limit() {
         ..lake_config(&dir.path().join("lake"))
     })
     .unwrap();
-    assert_eq!(common::memory_limit_mib(&sink).await, 30.5);
+    // The cap, and room for twice what the fresh state file's indexes measure (a few
+    // blocks of 256 KiB), fitted after each call (the query that reads it is one).
+    let limit = common::memory_limit_mib(&sink).await;
+    assert!((30.5..=34.0).contains(&limit), "{limit} MiB");
     assert!(common::out_of_memory_until_raised(&sink).await >= 1);
     let limit = common::memory_limit_mib(&sink).await;
     assert!(limit >= 4.0 * 30.5, "{limit} MiB");

@@ -284,6 +284,40 @@ impl Target {
     }
 }
 
+/// An analyst's long query (`collector-agent sql` or the dashboard, through a running
+/// agent) on an embedded DuckDB (the warehouse, or the lake's) runs on a connection of
+/// its own: a load goes on meanwhile, where it used to wait for the query to end.
+pub async fn a_long_query_does_not_hold_loads_up<S: collector_agent::sinks::Sink + 'static>(
+    sink: S,
+) {
+    let sink = std::sync::Arc::new(sink);
+    let querying = {
+        let sink = sink.clone();
+        // Seconds of work (4e8 pairs) on any machine this runs on.
+        tokio::spawn(async move {
+            sink.query(
+                "SELECT count(*) FROM range(20000) a, range(20000) b WHERE a.range + b.range = 7",
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    sink.load(&collector_agent::sinks::Load::events(
+        0,
+        1,
+        order_completed("o1", 5.0),
+    ))
+    .await
+    .unwrap();
+    assert!(
+        !querying.is_finished(),
+        "the load waited for the query to end"
+    );
+    let counted = querying.await.unwrap().unwrap();
+    assert_eq!(counted.rows[0][0], s("8"));
+    assert_eq!(one(&*sink, "SELECT count(*) FROM tracks").await, s("1"));
+}
+
 /// Runs a query that needs ~100 MB and cannot spill (a list of 12M integers) in a
 /// session of `sink` until it succeeds, as identity's runs are retried; how many times
 /// DuckDB refused it for lack of memory (each refusal should raise a capped limit).

@@ -1459,23 +1459,20 @@ impl Sink for DuckDbSink {
     }
 
     async fn query(&self, sql: &str) -> Result<QueryResult, SinkError> {
-        let sql = sql.to_string();
-        self.with_conn(move |c, _| run_query(c, &sql)).await
+        // In a session, on a connection of its own as PostgreSQL's: an analyst's long
+        // query through a running agent (`collector-agent sql`, the dashboard) would
+        // otherwise hold the loads up until it ends (DuckDB's MVCC keeps the two
+        // apart). Counted as a session, so `idle` does not take the memory from under
+        // it; running out of memory raises the limit, as a load's does.
+        let mut session = self.session().await?.expect("DuckDB has sessions");
+        session.query(sql).await
     }
 
     async fn session(&self) -> Result<Option<Box<dyn SqlSession + '_>>, SinkError> {
         let sessions = self.sessions.clone();
         let (conn, live) = self
             .with_conn(move |c, _| {
-                let clone = c.try_clone().map_err(transient)?;
-                // A new connection starts in the instance's default database, which is
-                // not the warehouse when it was attached (`row_group_size`).
-                let db: String = c
-                    .query_row("SELECT current_database()", [], |r| r.get(0))
-                    .map_err(transient)?;
-                clone
-                    .execute_batch(&format!("USE {}", ident(&db)))
-                    .map_err(transient)?;
+                let clone = second_connection(c)?;
                 // Counted under the lock that `idle` takes.
                 Ok((clone, sessions.open()))
             })
@@ -1518,6 +1515,20 @@ impl Sink for DuckDbSink {
         .await
         .map_err(|e| SinkError::Transient(format!("warehouse task failed: {e}")))?
     }
+}
+
+/// Another connection to the database `c` is connected to, in the same database: a new
+/// connection starts in the instance's default database, which is not the warehouse
+/// when it was attached (`row_group_size`).
+fn second_connection(c: &Connection) -> Result<Connection, SinkError> {
+    let clone = c.try_clone().map_err(transient)?;
+    let db: String = c
+        .query_row("SELECT current_database()", [], |r| r.get(0))
+        .map_err(transient)?;
+    clone
+        .execute_batch(&format!("USE {}", ident(&db)))
+        .map_err(transient)?;
+    Ok(clone)
 }
 
 /// A second connection to the same database (DuckDB's MVCC keeps its transactions
@@ -1715,17 +1726,22 @@ mod tests {
         };
         let sink = DuckDbSink::open_with(&path, String::new(), None, checkpoint).unwrap();
         assert_eq!(threshold(&sink), ("16.0 MiB".into(), Some(16 << 20)));
+        // A query runs in a session; the fit follows the next call on the loads'
+        // connection (here one that does nothing else).
+        let fitted = || sink.with_conn(|_, _| Ok(()));
         sink.query(
             "INSERT INTO message_ids SELECT uuid()::VARCHAR, 'tracks', 0, 0 FROM range(400000)",
         )
         .await
         .unwrap();
+        fitted().await.unwrap();
         assert_eq!(threshold(&sink), ("16.0 MiB".into(), Some(16 << 20)));
         sink.query(
             "INSERT INTO collector_user_traits SELECT uuid()::VARCHAR, '{}' FROM range(110000)",
         )
         .await
         .unwrap();
+        fitted().await.unwrap();
         let raised = threshold(&sink).1.unwrap();
         assert!(raised > 16 << 20, "{raised}");
         drop(sink);

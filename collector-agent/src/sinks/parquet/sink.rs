@@ -15,9 +15,9 @@ use crate::sinks::duckdb::config::DEFAULT_MEMORY_CAP;
 use crate::sinks::duckdb::sink::{
     apply_migrations, apply_plan_ddl, classify, create_fixed_table_sql, dead_letters, finish_load,
     fit_default_memory, ident, in_utc, index_bytes, load_catalog, open_error, out_of_memory,
-    quarantined, register_ids, release_when_idle, retry_after_raise, run_query, sql_type, stage,
-    transient, write_rejected, write_state, write_users, DuckSession, LiveSessions, MemoryFit,
-    CATALOG_SQL, REGISTRY_SQL, UNKEYED_REGISTRY_SQL,
+    quarantined, register_ids, release_when_idle, retry_after_raise, sql_type, stage, transient,
+    write_rejected, write_state, write_users, DuckSession, LiveSessions, MemoryFit, CATALOG_SQL,
+    REGISTRY_SQL, UNKEYED_REGISTRY_SQL,
 };
 use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
 use crate::sinks::tables::{self, Catalog, TableKind, TableLoad, TableRow};
@@ -1256,11 +1256,9 @@ impl Sink for ParquetSink {
     }
 
     async fn query(&self, sql: &str) -> Result<QueryResult, SinkError> {
-        let sql = sql.to_string();
-        self.with_conn(move |c, catalog, root| {
-            refresh_views(c, catalog, root)?;
-            run_query(c, &sql)
-        })
-        .await
+        // In a session, as the DuckDB sink's: loads go on while an analyst's query
+        // runs, and no compaction or memory release happens under it.
+        let mut session = self.session().await?.expect("the lake has sessions");
+        session.query(sql).await
     }
 }
