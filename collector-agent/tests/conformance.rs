@@ -885,13 +885,18 @@ async fn instants_keep_their_microseconds(t: &Target) {
         {"type": "identify", "messageId": "i1", "userId": "u", "traits": {"seen_at": "2026-11-20T10:00:00.654321Z"}}
     ]))
     .await;
-    let expected = |us: &str, ch: &str| {
-        if t.is_clickhouse() {
-            s(ch)
+    // Microseconds; ClickHouse from 20.1 keeps milliseconds (`DateTime64(3)`), 18.16
+    // whole seconds (`DateTime`).
+    let expected = |us: &str, ms: &str, seconds: &str| {
+        if t.whole_seconds() {
+            s(seconds)
+        } else if t.is_clickhouse() {
+            s(ms)
         } else {
             s(us)
         }
     };
+    let second = "2026-11-20T10:00:00.000Z";
     assert_eq!(
         rows(
             &*sink,
@@ -900,13 +905,29 @@ async fn instants_keep_their_microseconds(t: &Target) {
         .await,
         vec![
             vec![
-                expected("2026-11-20T10:00:00.123456Z", "2026-11-20T10:00:00.000Z"),
-                expected("2026-11-20T10:00:00.500Z", "2026-11-20T10:00:00.000Z"),
+                expected(
+                    "2026-11-20T10:00:00.123456Z",
+                    "2026-11-20T10:00:00.123Z",
+                    second
+                ),
+                expected(
+                    "2026-11-20T10:00:00.500Z",
+                    "2026-11-20T10:00:00.500Z",
+                    second
+                ),
             ],
             vec![
-                expected("2026-11-20T10:00:00.000001Z", "2026-11-20T10:00:00.000Z"),
+                expected(
+                    "2026-11-20T10:00:00.000001Z",
+                    "2026-11-20T10:00:00.000Z",
+                    second
+                ),
                 // Past the microsecond: dropped (no warehouse here holds them).
-                expected("2026-11-20T10:00:00.123456Z", "2026-11-20T10:00:00.000Z"),
+                expected(
+                    "2026-11-20T10:00:00.123456Z",
+                    "2026-11-20T10:00:00.123Z",
+                    second
+                ),
             ],
         ]
     );
@@ -914,7 +935,8 @@ async fn instants_keep_their_microseconds(t: &Target) {
         rows(&*sink, "SELECT seen_at FROM users").await,
         vec![vec![expected(
             "2026-11-20T10:00:00.654321Z",
-            "2026-11-20T10:00:00.000Z"
+            "2026-11-20T10:00:00.654Z",
+            second
         )]]
     );
 }
@@ -1185,13 +1207,13 @@ mod upgraded {
 mod analysts {
     use super::*;
     crate::per_target!(
-        [duckdb, postgres, clickhouse]
+        [duckdb, postgres, clickhouse, clickhouse_current]
         [an_analysts_table_keeps_its_name,]
     );
 }
 
 crate::per_target!(
-    [duckdb, postgres, parquet, clickhouse]
+    [duckdb, postgres, parquet, clickhouse, clickhouse_current]
     [loads_each_kind_into_its_segment_table,
     nulls_unicode_and_nested_json_round_trip,
     same_events_twice_land_once,
@@ -1608,6 +1630,7 @@ async fn hostile_names_make_the_same_schema_in_every_sink() {
         ("postgres", Target::postgres()),
         ("parquet", Target::parquet()),
         ("clickhouse", Target::clickhouse()),
+        ("clickhouse current", Target::clickhouse_current()),
     ] {
         let outcome = hostile_outcome(&t).await;
         for (i, what) in ["tables", "columns", "rejected values", "counts"]

@@ -378,7 +378,7 @@ crate::per_target!(
 // ClickHouse has no DELETE or UPDATE of events (the last three scenarios edit events in
 // place to stage their case); its own way of reading each load once is checked below.
 crate::per_target!(
-    [clickhouse]
+    [clickhouse, clickhouse_current]
     [one_person_across_devices,
     block_list_stops_a_bad_merge,
     limits_refuse_a_merge_and_late_events_reorder,
@@ -949,6 +949,21 @@ fn tight_limits() -> IdentityConfig {
 // split, give it the same people and the same edge verdicts as DuckDB.
 #[tokio::test]
 async fn clickhouse_gives_the_same_people_as_duckdb_in_any_order() {
+    same_people_as_duckdb_in_any_order(
+        collector_e2e::clickhouse::LocalClickHouse::start().unwrap(),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn current_clickhouse_gives_the_same_people_as_duckdb_in_any_order() {
+    same_people_as_duckdb_in_any_order(
+        collector_e2e::clickhouse::LocalClickHouse::start_current().unwrap(),
+    )
+    .await;
+}
+
+async fn same_people_as_duckdb_in_any_order(ch: collector_e2e::clickhouse::LocalClickHouse) {
     let cfg = tight_limits();
     let evs = scenario_events();
     let dir = tempfile::tempdir().unwrap();
@@ -956,7 +971,6 @@ async fn clickhouse_gives_the_same_people_as_duckdb_in_any_order() {
     let want = people_after(&duck, &evs, &[], &cfg).await;
     let verdicts = "SELECT a_type, a_value, b_type, b_value, status, reason FROM identity_edges ORDER BY a_type, a_value, b_type, b_value";
     let want_verdicts = rows(&duck, verdicts).await;
-    let ch = collector_e2e::clickhouse::LocalClickHouse::start().unwrap();
     let mut runs = vec![(evs.clone(), Vec::new())];
     runs.extend(shuffles(&evs, 3));
     for (round, (order, splits)) in runs.into_iter().enumerate() {
@@ -1163,6 +1177,16 @@ mod audiences_clickhouse {
     #[tokio::test]
     async fn seed_audiences_enter_and_exit_on_time() {
         super::audiences::seed_audiences_enter_and_exit_on_time(&super::Target::clickhouse()).await;
+    }
+}
+
+mod audiences_clickhouse_current {
+    #[tokio::test]
+    async fn seed_audiences_enter_and_exit_on_time() {
+        super::audiences::seed_audiences_enter_and_exit_on_time(
+            &super::Target::clickhouse_current(),
+        )
+        .await;
     }
 }
 

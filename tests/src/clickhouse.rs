@@ -24,6 +24,8 @@ pub struct LocalClickHouse {
     pub url: String,
     /// `https://localhost:PORT`, for a server started with [`LocalClickHouse::start_tls`].
     pub https_url: Option<String>,
+    /// The current engine ([`LocalClickHouse::start_current`]), not Debian's 18.16.
+    pub current: bool,
 }
 
 /// `<https_port>` and the server's certificate, for a server with TLS.
@@ -57,19 +59,44 @@ fn config(dir: &Path, http: u16, tcp: u16, https: Option<u16>) -> String {
   <users_config>users.xml</users_config>
   <default_profile>default</default_profile>
   <default_database>default</default_database>
-  <timezone>Asia/Tokyo</timezone>
+  <timezone>{TIME_ZONE}</timezone>
 </yandex>
 "#
     )
 }
 
-const USERS: &str = r#"<?xml version="1.0"?>
+/// The servers' default profile: each setting the agent pins, set otherwise.
+const PROFILE: &[(&str, &str)] = &[
+    ("join_use_nulls", "1"),
+    ("join_default_strictness", "ANY"),
+    ("output_format_json_quote_64bit_integers", "0"),
+    ("output_format_json_quote_denormals", "1"),
+    ("input_format_skip_unknown_fields", "1"),
+    ("max_result_rows", "3"),
+    ("result_overflow_mode", "break"),
+    ("extremes", "1"),
+    ("count_distinct_implementation", "uniq"),
+    ("empty_result_for_aggregation_by_empty_set", "1"),
+];
+
+/// The server's time zone (see the module's comment).
+const TIME_ZONE: &str = "Asia/Tokyo";
+
+fn users() -> String {
+    let profile: String = PROFILE
+        .iter()
+        .map(|(k, v)| format!("<{k}>{v}</{k}>"))
+        .collect();
+    format!(
+        r#"<?xml version="1.0"?>
 <yandex>
-  <profiles><default><join_use_nulls>1</join_use_nulls><join_default_strictness>ANY</join_default_strictness><output_format_json_quote_64bit_integers>0</output_format_json_quote_64bit_integers><output_format_json_quote_denormals>1</output_format_json_quote_denormals><input_format_skip_unknown_fields>1</input_format_skip_unknown_fields><max_result_rows>3</max_result_rows><result_overflow_mode>break</result_overflow_mode><extremes>1</extremes><count_distinct_implementation>uniq</count_distinct_implementation><empty_result_for_aggregation_by_empty_set>1</empty_result_for_aggregation_by_empty_set></default></profiles>
+  <profiles><default>{profile}</default></profiles>
   <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
   <quotas><default></default></quotas>
 </yandex>
-"#;
+"#
+    )
+}
 
 impl LocalClickHouse {
     /// The server's URL with ClickHouse's stock values of the settings its profile
@@ -120,7 +147,7 @@ impl LocalClickHouse {
             std::fs::write(dir.join("server.key"), key)?;
         }
         std::fs::write(dir.join("config.xml"), config(&dir, http, tcp, https))?;
-        std::fs::write(dir.join("users.xml"), USERS)?;
+        std::fs::write(dir.join("users.xml"), users())?;
         let child = Command::new(SERVER)
             .arg(format!(
                 "--config-file={}",
@@ -138,19 +165,72 @@ impl LocalClickHouse {
             http_port: http,
             url: format!("http://127.0.0.1:{http}"),
             https_url: https.map(|p| format!("https://localhost:{p}")),
+            current: false,
         };
+        ch.wait_ready()?;
+        Ok(ch)
+    }
+
+    /// The current ClickHouse engine (chDB 26.x, PyPI, in the tests' Python
+    /// virtualenv that `cargo xtask setup` makes) behind ClickHouse's HTTP interface
+    /// (`clickhouse_current.py`): the agent's SQL run by the ClickHouse of today, where
+    /// [`LocalClickHouse::start`] runs Debian's 18.16. One statement at a time; no TLS.
+    pub fn start_current() -> anyhow::Result<LocalClickHouse> {
+        let python = crate::toolchain::Toolchain::discover()
+            .dbt_venv()
+            .join("bin/python");
+        anyhow::ensure!(
+            python.exists(),
+            "{} is missing: run `cargo xtask setup`",
+            python.display()
+        );
+        let tmp = crate::TempDir::new("collector-chdb")?;
+        let dir = tmp.path().to_path_buf();
+        let script = dir.join("clickhouse_current.py");
+        std::fs::write(&script, include_str!("clickhouse_current.py"))?;
+        let http = crate::free_port();
+        let profile: String = PROFILE
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("&");
+        let child = Command::new(&python)
+            .arg(&script)
+            .arg(http.to_string())
+            .arg(dir.join("data"))
+            .arg(profile)
+            .env("TZ", TIME_ZONE)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("error.log"))?)
+            .spawn()
+            .context("start clickhouse_current.py")?;
+        let mut ch = LocalClickHouse {
+            child,
+            dir: tmp,
+            http_port: http,
+            url: format!("http://127.0.0.1:{http}"),
+            https_url: None,
+            current: true,
+        };
+        ch.wait_ready()?;
+        Ok(ch)
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if ch.ping() {
-                return Ok(ch);
+            if self.ping() {
+                return Ok(());
             }
-            if let Ok(Some(status)) = ch.child.try_wait() {
+            if let Ok(Some(status)) = self.child.try_wait() {
                 let log =
-                    std::fs::read_to_string(ch.dir.path().join("error.log")).unwrap_or_default();
-                bail!("clickhouse-server exited ({status}): {log}");
+                    std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default();
+                bail!("ClickHouse exited ({status}): {log}");
             }
             if Instant::now() > deadline {
-                bail!("clickhouse-server did not answer on {} within 60 s", ch.url);
+                bail!("ClickHouse did not answer on {} within 60 s", self.url);
             }
             std::thread::sleep(Duration::from_millis(100));
         }

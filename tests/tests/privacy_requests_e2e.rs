@@ -789,8 +789,18 @@ async fn erasure_and_export_in_the_parquet_lake() {
 // views (every version of each row), which the agent waits for.
 #[tokio::test]
 async fn erasure_and_export_in_clickhouse() {
+    erasure_and_export_in(collector_e2e::clickhouse::LocalClickHouse::start().unwrap()).await;
+}
+
+// The same on the current ClickHouse engine (chDB), where Debian's server is 18.16.
+#[tokio::test]
+async fn erasure_and_export_in_current_clickhouse() {
+    erasure_and_export_in(collector_e2e::clickhouse::LocalClickHouse::start_current().unwrap())
+        .await;
+}
+
+async fn erasure_and_export_in(ch: collector_e2e::clickhouse::LocalClickHouse) {
     let st = Stack::start();
-    let ch = collector_e2e::clickhouse::LocalClickHouse::start().unwrap();
     let mut cfg = st.agent_config();
     cfg.warehouse = collector_agent::config::WarehouseConfig::ClickHouse(
         collector_agent::config::ClickHouseConfig {

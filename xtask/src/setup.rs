@@ -209,8 +209,9 @@ pub const PYTHON_VENV: DebianPackage = DebianPackage {
 
 /// dbt (PyPI, every package pinned in `xtask/dbt-requirements.txt`) in a virtualenv in
 /// the tools folder, for the test that runs an analyst's dbt project on the warehouse;
-/// Segment's Python library beside it, for its compatibility test, and pyarrow, for the
-/// test that reads the Parquet lake with a reader other than DuckDB.
+/// Segment's Python library beside it, for its compatibility test; pyarrow, for the
+/// test that reads the Parquet lake with a reader other than DuckDB; and chDB's
+/// ClickHouse engine, for the ClickHouse tests on the current ClickHouse.
 /// Idempotent: the virtualenv keeps a copy of the requirements it was built from.
 fn dbt(tools: &Toolchain) -> Result<()> {
     let req = tools.root.join("xtask/dbt-requirements.txt");

@@ -136,9 +136,9 @@ pub(super) async fn run(
          ) WHERE NOT {blocked_id};
          INSERT INTO collector_identities (id_type, id_value, person_id, first_seen, _version)
            SELECT id_type, id_value, if(old_person = '', lower(hex(MD5(concat(id_type, ':', id_value)))), old_person), first_seen, {v}
-           FROM (SELECT id_type, id_value, min(ts) AS first_seen FROM identity_scan_ids GROUP BY id_type, id_value)
+           FROM (SELECT id_type, id_value, min(ts) AS first_seen FROM identity_scan_ids GROUP BY id_type, id_value) AS scanned
            ANY LEFT JOIN (SELECT id_type, id_value, person_id AS old_person, first_seen AS old_first FROM identities
-             WHERE (id_type, id_value) IN (SELECT id_type, id_value FROM identity_scan_ids)) USING (id_type, id_value)
+             WHERE (id_type, id_value) IN (SELECT id_type, id_value FROM identity_scan_ids)) AS stored USING (id_type, id_value)
            WHERE old_person = '' OR first_seen < old_first;
          DROP TEMPORARY TABLE IF EXISTS identity_scan_edges;
          CREATE TEMPORARY TABLE identity_scan_edges (a_type String, a_value String, b_type String, b_value String, message_id String, ts DateTime('UTC')) ENGINE = Memory;
@@ -168,9 +168,9 @@ pub(super) async fn run(
              multiIf({blocked_a}, concat('blocked id: ', a_value), {blocked_b}, concat('blocked id: ', b_value), CAST(NULL AS Nullable(String)))
            FROM (SELECT a_type, a_value, b_type, b_value, tupleElement(first, 1) AS ts, tupleElement(first, 2) AS message_id
                  FROM (SELECT a_type, a_value, b_type, b_value, min((ts, message_id)) AS first FROM identity_scan_edges
-                       GROUP BY a_type, a_value, b_type, b_value))
+                       GROUP BY a_type, a_value, b_type, b_value)) AS scanned
            ANY LEFT JOIN (SELECT a_type, a_value, b_type, b_value, message_id AS old_message_id, ts AS old_ts, status AS old_status FROM identity_edges
-               WHERE (a_type, a_value, b_type, b_value) IN (SELECT a_type, a_value, b_type, b_value FROM identity_scan_edges))
+               WHERE (a_type, a_value, b_type, b_value) IN (SELECT a_type, a_value, b_type, b_value FROM identity_scan_edges)) AS stored
              USING (a_type, a_value, b_type, b_value)
            WHERE old_status = '' OR ts < old_ts OR (ts = old_ts AND message_id < old_message_id);
          INSERT INTO collector_identity_edges SELECT *, {v} FROM identity_new_edges;
@@ -223,7 +223,7 @@ pub(super) async fn run(
     let ids = s
         .query(
             "SELECT id_type, id_value, nullIf(person_id, '') FROM identity_region
-             ANY LEFT JOIN (SELECT id_type, id_value, person_id FROM identities) USING (id_type, id_value)",
+             ANY LEFT JOIN (SELECT id_type, id_value, person_id FROM identities) AS stored USING (id_type, id_value)",
         )
         .await?;
     let edges = s
@@ -250,11 +250,11 @@ pub(super) async fn run(
     s.batch(&format!(
         "INSERT INTO collector_identity_edges
            SELECT a_type, a_value, b_type, b_value, message_id, ts, new_status, new_reason, {v} FROM identity_edges
-           ALL INNER JOIN (SELECT a_type, a_value, b_type, b_value, status AS new_status, reason AS new_reason FROM identity_verdicts)
+           ALL INNER JOIN (SELECT a_type, a_value, b_type, b_value, status AS new_status, reason AS new_reason FROM identity_verdicts) AS verdicts
            USING (a_type, a_value, b_type, b_value);
          INSERT INTO collector_identities
            SELECT id_type, id_value, new_person, first_seen, {v} FROM identities
-           ALL INNER JOIN (SELECT id_type, id_value, person_id AS new_person FROM identity_people) USING (id_type, id_value);
+           ALL INNER JOIN (SELECT id_type, id_value, person_id AS new_person FROM identity_people) AS people USING (id_type, id_value);
          INSERT INTO collector_identity_merges
            SELECT *, now() FROM identity_log WHERE (message_id, a_type, a_value, b_type, b_value, kind) NOT IN
              (SELECT message_id, a_type, a_value, b_type, b_value, kind FROM identity_merges);
@@ -339,8 +339,8 @@ async fn profiles(
             s.batch(&format!(
                 "INSERT INTO profile_events SELECT person_id, message_id, ts, '{tb}' FROM
                    (SELECT message_id, {col} AS id_value, ifNull(timestamp, toDateTime(0, 'UTC')) AS ts FROM {tb}
-                    WHERE {col} IN (SELECT id_value FROM profile_ids WHERE id_type = '{col}'))
-                 ALL INNER JOIN (SELECT id_value, person_id FROM profile_ids WHERE id_type = '{col}') USING id_value"
+                    WHERE {col} IN (SELECT id_value FROM profile_ids WHERE id_type = '{col}')) AS events
+                 ALL INNER JOIN (SELECT id_value, person_id FROM profile_ids WHERE id_type = '{col}') AS ids USING id_value"
             ))
             .await?;
         }
@@ -382,9 +382,9 @@ async fn profiles(
     let traits = s
         .query(
             "SELECT person_id, traits FROM
-               (SELECT DISTINCT person_id, message_id, ts FROM profile_events WHERE source = 'identifies')
+               (SELECT DISTINCT person_id, message_id, ts FROM profile_events WHERE source = 'identifies') AS events
              ALL INNER JOIN (SELECT message_id, traits FROM identifies
-               WHERE traits IS NOT NULL AND message_id IN (SELECT message_id FROM profile_events WHERE source = 'identifies')) USING message_id
+               WHERE traits IS NOT NULL AND message_id IN (SELECT message_id FROM profile_events WHERE source = 'identifies')) AS identify_traits USING message_id
              ORDER BY person_id, ts, message_id",
         )
         .await?;
@@ -426,9 +426,9 @@ async fn profiles(
             .query(&format!(
                 "SELECT person_id, {names}, tupleElement(latest, 1), tupleElement(latest, 2) FROM (
                    SELECT person_id, {names}, max((ts, message_id)) AS latest FROM
-                     (SELECT DISTINCT person_id, message_id, ts FROM profile_events WHERE source = '{tb}')
+                     (SELECT DISTINCT person_id, message_id, ts FROM profile_events WHERE source = '{tb}') AS events
                    ALL INNER JOIN (SELECT message_id, {select} FROM {tb}
-                     WHERE message_id IN (SELECT message_id FROM profile_events WHERE source = '{tb}')) USING message_id
+                     WHERE message_id IN (SELECT message_id FROM profile_events WHERE source = '{tb}')) AS fields USING message_id
                    GROUP BY person_id, {names})",
                 names = names.join(", "),
             ))

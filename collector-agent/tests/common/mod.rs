@@ -112,6 +112,15 @@ impl Target {
         )
     }
 
+    /// The current ClickHouse engine (chDB) behind ClickHouse's HTTP interface, where
+    /// [`Target::clickhouse`] is Debian's 18.16 server: the same scenarios on both.
+    pub fn clickhouse_current() -> Target {
+        Target::ClickHouse(
+            collector_e2e::clickhouse::LocalClickHouse::start_current()
+                .expect("the current ClickHouse engine starts"),
+        )
+    }
+
     /// A new, empty warehouse of the same kind (a new server for PostgreSQL and
     /// ClickHouse).
     pub fn fresh(&self) -> Target {
@@ -119,8 +128,15 @@ impl Target {
             Target::DuckDb(_) => Target::duckdb(),
             Target::Parquet(_) => Target::parquet(),
             Target::Postgres(_) => Target::postgres(),
+            Target::ClickHouse(ch) if ch.current => Target::clickhouse_current(),
             Target::ClickHouse(_) => Target::clickhouse(),
         }
+    }
+
+    /// ClickHouse before 20.1 (18.16 here): instants in whole seconds (`DateTime`),
+    /// where later servers keep milliseconds (`DateTime64(3)`).
+    pub fn whole_seconds(&self) -> bool {
+        matches!(self, Target::ClickHouse(ch) if !ch.current)
     }
 
     pub async fn open(&self) -> std::sync::Arc<dyn collector_agent::sinks::Sink> {

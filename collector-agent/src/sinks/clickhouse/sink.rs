@@ -15,7 +15,7 @@ use super::config::ClickHouseConfig;
 use super::rowbinary::{Field, Layout, MAX_INSTANT_MS};
 use super::version_now;
 use crate::sinks::schema::{self, DeadLetter, LogicalType, Prepared, QuarantinedEvent};
-use crate::sinks::tables::{self, Catalog, Cell, TableKind, TableLoad};
+use crate::sinks::tables::{self, Catalog, Cell, NewColumn, TableKind, TableLoad};
 use crate::sinks::{Dialect, LoadStats, QueryResult, Sink, SinkError, SqlSession};
 
 /// ClickHouse error codes that mean "this data can never be inserted as is".
@@ -376,7 +376,7 @@ impl ClickHouseSink {
                 )
                 .await
             {
-                Err(e) if catalog && attempt < 8 && e.to_string().contains("Code: 60,") => {
+                Err(e) if catalog && attempt < 8 && has_code(&e, &[60]) => {
                     attempt += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(10 << attempt.min(5)))
                         .await;
@@ -596,7 +596,7 @@ impl ClickHouseSink {
             let outcome = match swapped {
                 Ok(_) => self.drop_if_exists(&prev).await,
                 // No view of that name yet (code 60): the new one takes the name.
-                Err(e) if e.to_string().contains("Code: 60,") => self
+                Err(e) if has_code(&e, &[60]) => self
                     .exec(&format!("RENAME TABLE {} TO {}", ident(&next), ident(name)))
                     .await
                     .map(|_| ()),
@@ -605,11 +605,7 @@ impl ClickHouseSink {
             match outcome {
                 Ok(_) => return Ok(()),
                 // Another agent made or swapped it meanwhile (code 57, 60): again.
-                Err(e)
-                    if ["Code: 57,", "Code: 60,"]
-                        .iter()
-                        .any(|c| e.to_string().contains(c)) =>
-                {
+                Err(e) if has_code(&e, &[57, 60]) => {
                     let _ = self
                         .exec(&format!("DROP TABLE IF EXISTS {}", ident(&next)))
                         .await;
@@ -635,7 +631,7 @@ impl ClickHouseSink {
             .exec(&format!("DROP TABLE IF EXISTS {}", ident(name)))
             .await
         {
-            Err(e) if e.to_string().contains("Code: 60,") => Ok(()),
+            Err(e) if has_code(&e, &[60]) => Ok(()),
             other => other.map(|_| ()),
         }
     }
@@ -1038,6 +1034,55 @@ impl ClickHouseSink {
             .collect())
     }
 
+    /// Adds `columns` to `table`'s rows table, in as few `ALTER`s as fit ClickHouse's
+    /// `max_query_size` (256 KiB by default); the names of those this call added. A
+    /// column another agent added meanwhile fails the whole `ALTER` (ClickHouse checks
+    /// every command of one before it applies any: code 44 on 18.16, 15 later): then
+    /// they are added one by one, and that column is not among the names.
+    async fn add_columns(
+        &self,
+        table: &str,
+        columns: &[&NewColumn],
+    ) -> Result<HashSet<String>, SinkError> {
+        const MAX_ALTER_BYTES: usize = 64 * 1024;
+        let target = ident(&rows_table(table));
+        let add = |c: &NewColumn| format!("ADD COLUMN {} {}", ident(&c.name), self.nullable(c.ty));
+        let mut added = HashSet::new();
+        let mut chunks: Vec<Vec<&NewColumn>> = Vec::new();
+        let mut bytes = 0;
+        for c in columns {
+            let len = add(c).len() + 2;
+            if chunks.is_empty() || bytes + len > MAX_ALTER_BYTES {
+                chunks.push(Vec::new());
+                bytes = 0;
+            }
+            bytes += len;
+            chunks.last_mut().expect("pushed").push(c);
+        }
+        for chunk in chunks {
+            let adds: Vec<String> = chunk.iter().map(|c| add(c)).collect();
+            match self
+                .exec(&format!("ALTER TABLE {target} {}", adds.join(", ")))
+                .await
+            {
+                Ok(_) => added.extend(chunk.iter().map(|c| c.name.clone())),
+                Err(e) if duplicate_column(&e) => {
+                    for c in chunk {
+                        match self.exec(&format!("ALTER TABLE {target} {}", add(c))).await {
+                            Err(e) if duplicate_column(&e) => {}
+                            other => {
+                                other?;
+                                added.insert(c.name.clone());
+                            }
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(added)
+    }
+
     /// Which of `batch_ids` (of shard `p.shard`) the ledger has: none for a replay,
     /// whose events are checked one by one.
     async fn loaded_batches(
@@ -1308,59 +1353,69 @@ impl ClickHouseSink {
                 )
                 .await?;
             }
+            // Per table: one read of its columns, the missing ones added by one
+            // `ALTER` (a few when their text is long), and their catalog rows in one
+            // insert. It was three requests per column: a first event with 1,000
+            // properties took 3,000.
             let mut touched: Vec<String> = Vec::new();
             for c in &plan.new_columns {
                 if !touched.contains(&c.table) {
                     touched.push(c.table.clone());
                 }
-                let have = self.existing_columns(&c.table).await?;
-                let mut added = false;
-                if !have.contains(&c.name) {
-                    match self
-                        .exec(&format!(
-                            "ALTER TABLE {} ADD COLUMN {} {}",
-                            ident(&rows_table(&c.table)),
-                            ident(&c.name),
-                            self.nullable(c.ty)
-                        ))
-                        .await
-                    {
-                        // Another agent added it meanwhile (code 44 on 18.16, 15 later).
-                        Err(e) if duplicate_column(&e) => {}
-                        other => {
-                            other?;
-                            added = true;
-                        }
+            }
+            for table in &touched {
+                let columns: Vec<&NewColumn> = plan
+                    .new_columns
+                    .iter()
+                    .filter(|c| &c.table == table)
+                    .collect();
+                let have = self.existing_columns(table).await?;
+                let missing: Vec<&NewColumn> = columns
+                    .iter()
+                    .copied()
+                    .filter(|c| !have.contains(&c.name))
+                    .collect();
+                let added = self.add_columns(table, &missing).await?;
+                let mut records = Vec::new();
+                for c in &columns {
+                    // Another agent added the column, with the type of its own events:
+                    // that type is the column's, and this load's values are cast to it
+                    // or rejected, as against any column. (The catalog keeps one row
+                    // per column, the last written: writing this load's type over it
+                    // made every agent's later loads reject what the column holds.)
+                    // Recorded here only if that agent has not (it died after its
+                    // `ALTER`), with the type the column has.
+                    let ty = if added.contains(&c.name) {
+                        Some(c.ty)
+                    } else if self.column_recorded(&c.table, &c.name).await? {
+                        None
+                    } else {
+                        let physical = self
+                            .column_types(std::iter::once(rows_table(&c.table)))
+                            .await?;
+                        Some(
+                            physical
+                                .get(&rows_table(&c.table))
+                                .and_then(|cols| cols.get(&c.name))
+                                .and_then(|t| self.logical_type(t))
+                                .unwrap_or(c.ty),
+                        )
+                    };
+                    if let Some(ty) = ty {
+                        records.push(serde_json::json!({"table_name": c.table, "column_name": c.name, "type": ty.name(), "position": c.position, "added_at": now_s}));
                     }
                 }
-                // Another agent added the column, with the type of its own events: that
-                // type is the column's, and this load's values are cast to it or
-                // rejected, as against any column. (The catalog keeps one row per
-                // column, the last written: writing this load's type over it made
-                // every agent's later loads reject what the column holds.) Recorded
-                // here only if that agent has not (it died after its `ALTER`), with
-                // the type the column has.
-                let ty = if added {
-                    Some(c.ty)
-                } else if self.column_recorded(&c.table, &c.name).await? {
-                    None
-                } else {
-                    let physical = self
-                        .column_types(std::iter::once(rows_table(&c.table)))
-                        .await?;
-                    Some(
-                        physical
-                            .get(&rows_table(&c.table))
-                            .and_then(|cols| cols.get(&c.name))
-                            .and_then(|t| self.logical_type(t))
-                            .unwrap_or(c.ty),
-                    )
-                };
-                if let Some(ty) = ty {
+                if !records.is_empty() {
                     self.insert(
                         "collector_columns",
-                        &["table_name".into(), "column_name".into(), "type".into(), "position".into(), "added_at".into()],
-                        vec![serde_json::json!({"table_name": c.table, "column_name": c.name, "type": ty.name(), "position": c.position, "added_at": now_s})],
+                        &[
+                            "table_name".into(),
+                            "column_name".into(),
+                            "type".into(),
+                            "position".into(),
+                            "added_at".into(),
+                        ],
+                        records,
                     )
                     .await?;
                 }
@@ -1702,8 +1757,7 @@ async fn all_of(
 /// ClickHouse's answer to adding a column that exists (code 44 on 18.16, 15 later):
 /// another agent, or an earlier attempt, added it.
 fn duplicate_column(e: &SinkError) -> bool {
-    let text = e.to_string();
-    text.contains("Code: 15,") || text.contains("Code: 44,") || text.contains("already exists")
+    has_code(e, &[15, 44]) || e.to_string().contains("already exists")
 }
 
 /// A load's id in `message_ids`: random, 63 bits. It was the load's millisecond, which
@@ -1742,13 +1796,27 @@ const VERSIONED_TABLES: [&str; 9] = [
     "collector_privacy_request_stores",
 ];
 
+/// The exception code of a ClickHouse error answer: `Code: 60, e.displayText() = …`
+/// on 18.16, `Code: 60. DB::Exception: …` on later servers (a comma, then a full
+/// stop): match the number, never the punctuation after it.
+fn error_code(text: &str) -> Option<u32> {
+    let (_, rest) = text.split_once("Code: ")?;
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
+/// Whether `e` is ClickHouse's answer with one of `codes`.
+fn has_code(e: &SinkError, codes: &[u32]) -> bool {
+    error_code(&e.to_string()).is_some_and(|c| codes.contains(&c))
+}
+
 /// Classifies a ClickHouse error answer (`Code: 27, e.displayText() = …`).
 fn classify(text: &str) -> SinkError {
-    let code: Option<u32> = text
+    let code = text
         .trim()
-        .strip_prefix("Code: ")
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|c| c.parse().ok());
+        .starts_with("Code: ")
+        .then(|| error_code(text))
+        .flatten();
     let msg: String = text.trim().chars().take(600).collect();
     match code {
         Some(c) if DATA_ERRORS.contains(&c) => SinkError::Permanent(msg),
@@ -2174,6 +2242,29 @@ mod tests {
             classify("<html>bad gateway"),
             SinkError::Transient(_)
         ));
+        // A later server's wording.
+        assert!(matches!(
+            classify("Code: 27. DB::Exception: Cannot parse input: expected '\"' before: 'x'. (CANNOT_PARSE_INPUT_ASSERTION_FAILED) (version 25.8.1.1)"),
+            SinkError::Permanent(_)
+        ));
+    }
+
+    // 18.16 follows the code with a comma, later servers with a full stop; a check
+    // for "Code: 60," never matched a current server's answer (found running the
+    // conformance suite on the current engine).
+    #[test]
+    fn error_codes_are_read_in_both_wordings() {
+        for (text, code) in [
+            ("Code: 60, e.displayText() = DB::Exception: Table analytics.x doesn't exist., e.what() = DB::Exception", 60),
+            ("Code: 60. DB::Exception: Table `analytics`.`x` doesn't exist. (UNKNOWN_TABLE)", 60),
+            ("ClickHouse said: Code: 57. DB::Exception: Table `a`.`b` already exists. (TABLE_ALREADY_EXISTS)", 57),
+        ] {
+            assert_eq!(error_code(text), Some(code), "{text}");
+            assert!(has_code(&SinkError::Transient(text.into()), &[code]));
+            assert!(!has_code(&SinkError::Transient(text.into()), &[6]));
+        }
+        assert_eq!(error_code("Code: x"), None);
+        assert_eq!(error_code("no code"), None);
     }
 
     // The tables the sink creates take `RowBinary` (base, per-event with a property of
@@ -2253,6 +2344,46 @@ mod tests {
                 read.push(rows);
             }
             assert_eq!(read[0], read[1], "{table}");
+        }
+    }
+
+    // A table's new columns go in one `ALTER` per 64 KiB of text; when another agent
+    // added one of them meanwhile, the whole `ALTER` fails (nothing of it applied)
+    // and each column is added on its own: that one is not reported as added here.
+    #[tokio::test]
+    async fn new_columns_are_added_together_and_one_by_one_after_a_race() {
+        let ch = collector_e2e::clickhouse::LocalClickHouse::start().unwrap();
+        let sink = ClickHouseSink::connect(&ClickHouseConfig::at(&ch.url))
+            .await
+            .unwrap();
+        let col = |name: &str, position| NewColumn {
+            table: "tracks".into(),
+            name: name.into(),
+            ty: LogicalType::Text,
+            position,
+        };
+        // Long names: three `ALTER`s' worth.
+        let wide: Vec<NewColumn> = (0..600)
+            .map(|i| col(&format!("p{i}_{}", "x".repeat(200)), i))
+            .collect();
+        let added = sink
+            .add_columns("tracks", &wide.iter().collect::<Vec<_>>())
+            .await
+            .unwrap();
+        assert_eq!(added.len(), 600);
+        let (a, b, c) = (col("a", 600), col("b", 601), col("c", 602));
+        sink.exec("ALTER TABLE collector_rows_tracks ADD COLUMN b Nullable(String)")
+            .await
+            .unwrap();
+        let added = sink.add_columns("tracks", &[&a, &b, &c]).await.unwrap();
+        assert_eq!(
+            added,
+            HashSet::from(["a".to_string(), "c".to_string()]),
+            "b was another agent's"
+        );
+        let have = sink.existing_columns("tracks").await.unwrap();
+        for name in ["a", "b", "c", wide[599].name.as_str()] {
+            assert!(have.iter().any(|h| h == name), "{name}");
         }
     }
 
