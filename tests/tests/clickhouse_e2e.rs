@@ -1,6 +1,6 @@
 //! The real edge (workerd) drained by the agent into a real ClickHouse server started on
-//! loopback for the test: Segment's tables and the per-event tables, each event once,
-//! with two agents draining at once.
+//! loopback for the test (Debian's 18.16, and the current engine): Segment's tables
+//! and the per-event tables, each event once, with two agents draining at once.
 
 mod common;
 
@@ -28,8 +28,17 @@ fn agent(st: &Stack, ch: &LocalClickHouse) -> AgentConfig {
 
 #[tokio::test]
 async fn edge_to_clickhouse_lands_every_event_once_with_two_agents() {
+    every_event_once_with_two_agents(LocalClickHouse::start().unwrap()).await;
+}
+
+// The same into the current ClickHouse engine (chDB), where Debian's server is 18.16.
+#[tokio::test]
+async fn edge_to_current_clickhouse_lands_every_event_once_with_two_agents() {
+    every_event_once_with_two_agents(LocalClickHouse::start_current().unwrap()).await;
+}
+
+async fn every_event_once_with_two_agents(ch: LocalClickHouse) {
     let st = Stack::start();
-    let ch = LocalClickHouse::start().unwrap();
     let r = st
         .post("/v1/batch", &json!({"batch": [
             {"type": "track", "messageId": "t-1", "userId": "u1", "event": "Order Completed", "properties": {"revenue": 42.5, "currency": "EUR"}},

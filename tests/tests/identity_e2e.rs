@@ -266,8 +266,17 @@ async fn people_and_audiences_from_the_worker_into_postgres() {
 
 #[tokio::test]
 async fn people_and_audiences_from_the_worker_into_clickhouse() {
+    into_clickhouse(collector_e2e::clickhouse::LocalClickHouse::start().unwrap()).await;
+}
+
+// The same into the current ClickHouse engine (chDB), where Debian's server is 18.16.
+#[tokio::test]
+async fn people_and_audiences_from_the_worker_into_current_clickhouse() {
+    into_clickhouse(collector_e2e::clickhouse::LocalClickHouse::start_current().unwrap()).await;
+}
+
+async fn into_clickhouse(ch: collector_e2e::clickhouse::LocalClickHouse) {
     let st = Stack::start();
-    let ch = collector_e2e::clickhouse::LocalClickHouse::start().unwrap();
     let mut cfg = st.agent_config();
     cfg.warehouse = collector_agent::config::WarehouseConfig::ClickHouse(
         collector_agent::config::ClickHouseConfig {
