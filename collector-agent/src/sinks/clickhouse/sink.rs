@@ -1034,8 +1034,9 @@ impl ClickHouseSink {
             .collect())
     }
 
-    /// Adds `columns` to `table`'s rows table, in as few `ALTER`s as fit ClickHouse's
-    /// `max_query_size` (256 KiB by default); the names of those this call added. A
+    /// Adds `columns` to `table`'s rows table, in `ALTER`s of at most 64 KiB of text
+    /// (well under ClickHouse's `max_query_size`, 256 KiB by default, which a query
+    /// must fit); the names of those this call added. A
     /// column another agent added meanwhile fails the whole `ALTER` (ClickHouse checks
     /// every command of one before it applies any: code 44 on 18.16, 15 later): then
     /// they are added one by one, and that column is not among the names.
