@@ -133,6 +133,10 @@ pub struct ClickHouseSink {
     http: reqwest::Client,
     /// `DateTime64(3)` exists (ClickHouse 20.1+); else instants are whole seconds.
     ms_precision: bool,
+    /// The database is `Atomic` (the default from 20.10 on), so a view is swapped in
+    /// with `EXCHANGE TABLES`, in one step; else (18.16's `Ordinary`) with a `RENAME`
+    /// of two names.
+    exchange: bool,
     /// Loads run one at a time per agent (the catalog is grown under this lock).
     catalog: Mutex<Catalog>,
 }
@@ -179,6 +183,7 @@ impl ClickHouseSink {
             cfg: cfg.clone(),
             http,
             ms_precision: false,
+            exchange: false,
             catalog: Mutex::new(Catalog::default()),
         };
         let version = sink.request(None, "SELECT version()", None).await?;
@@ -196,6 +201,17 @@ impl ClickHouseSink {
             None,
         )
         .await?;
+        let engine = sink
+            .request(
+                None,
+                &format!(
+                    "SELECT engine FROM system.databases WHERE name = {}",
+                    lit(&cfg.database)
+                ),
+                None,
+            )
+            .await?;
+        sink.exchange = engine.trim() == "Atomic";
         sink.migrate().await?;
         sink.drop_stray_views().await?;
         let mut catalog = sink.load_catalog().await?;
@@ -566,12 +582,13 @@ impl ClickHouseSink {
         Ok(retyped)
     }
 
-    /// Replaces a view without a moment in which it is missing on 18.16, and a far
-    /// shorter one on newer servers, which apply a `RENAME` of two names one after the
-    /// other (ClickHouse 18.16 has no `CREATE OR REPLACE VIEW`; dropping and creating
-    /// it made an analyst's query fail now and then while the schema grew): the new
-    /// view is made under a name of its own, then swapped in with one `RENAME` of
-    /// both, and the old one dropped.
+    /// Replaces a view without a moment in which it is missing (ClickHouse 18.16 has
+    /// no `CREATE OR REPLACE VIEW`; dropping and creating it made an analyst's query
+    /// fail now and then while the schema grew): the new view is made under a name of
+    /// its own, then swapped in, and the old one dropped. In an `Atomic` database the
+    /// swap is `EXCHANGE TABLES`, one step; in an `Ordinary` one (18.16's) a `RENAME`
+    /// of both names, which 18.16 applies at once (newer servers apply such a
+    /// `RENAME` one name after the other, but their databases are `Atomic`).
     /// Another agent swapping the same view uses names of its own; the last swap wins
     /// (a view it leaves behind its rows table is made again at the next load). The
     /// temporary views a crash leaves (`collector_next_…`, `collector_prev_…`) are
@@ -584,17 +601,26 @@ impl ClickHouseSink {
             let prev = format!("collector_prev_{tag}");
             self.exec(&format!("CREATE VIEW {} AS {select}", ident(&next)))
                 .await?;
-            let swapped = self
-                .exec(&format!(
-                    "RENAME TABLE {} TO {}, {} TO {}",
-                    ident(name),
-                    ident(&prev),
-                    ident(&next),
-                    ident(name)
-                ))
-                .await;
+            let (swap, old) = if self.exchange {
+                (
+                    format!("EXCHANGE TABLES {} AND {}", ident(name), ident(&next)),
+                    &next,
+                )
+            } else {
+                (
+                    format!(
+                        "RENAME TABLE {} TO {}, {} TO {}",
+                        ident(name),
+                        ident(&prev),
+                        ident(&next),
+                        ident(name)
+                    ),
+                    &prev,
+                )
+            };
+            let swapped = self.exec(&swap).await;
             let outcome = match swapped {
-                Ok(_) => self.drop_if_exists(&prev).await,
+                Ok(_) => self.drop_if_exists(old).await,
                 // No view of that name yet (code 60): the new one takes the name.
                 Err(e) if has_code(&e, &[60]) => self
                     .exec(&format!("RENAME TABLE {} TO {}", ident(&next), ident(name)))
@@ -2345,6 +2371,46 @@ mod tests {
                 read.push(rows);
             }
             assert_eq!(read[0], read[1], "{table}");
+        }
+    }
+
+    // An `Atomic` database (the current engine's default) swaps a view in with
+    // `EXCHANGE TABLES`; 18.16's `Ordinary` one with a `RENAME` of both names. Either
+    // way the grown view has the new column and no temporary view is left.
+    #[tokio::test]
+    async fn views_are_swapped_by_exchange_where_the_database_is_atomic() {
+        for (ch, atomic) in [
+            (
+                collector_e2e::clickhouse::LocalClickHouse::start().unwrap(),
+                false,
+            ),
+            (
+                collector_e2e::clickhouse::LocalClickHouse::start_current().unwrap(),
+                true,
+            ),
+        ] {
+            let sink = ClickHouseSink::connect(&ClickHouseConfig::at(&ch.url))
+                .await
+                .unwrap();
+            assert_eq!(sink.exchange, atomic, "{}", ch.url);
+            for (i, prop) in ["a", "b", "c"].iter().enumerate() {
+                let body = serde_json::json!({"batch": [{"type": "track", "messageId": format!("m{i}"),
+                    "userId": "u", "event": "Grown", "properties": {*prop: 1}}]});
+                let load =
+                    crate::sinks::Load::events(0, i as i64 + 1, crate::sinks::test_events(body));
+                sink.load(&load).await.unwrap();
+            }
+            let (_, rows) = sink
+                .select("SELECT count(), countIf(isNotNull(c)) FROM grown")
+                .await
+                .unwrap();
+            assert_eq!(rows[0][0].to_string(), "\"3\"");
+            assert_eq!(rows[0][1].to_string(), "\"1\"");
+            let (_, stray) = sink
+                .select("SELECT name FROM system.tables WHERE database = currentDatabase() AND (name LIKE 'collector_next_%' OR name LIKE 'collector_prev_%')")
+                .await
+                .unwrap();
+            assert!(stray.is_empty(), "{stray:?}");
         }
     }
 
