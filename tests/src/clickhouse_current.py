@@ -20,7 +20,9 @@ time, and the temporary tables of every `session_id` share it.
 Usage: python3 clickhouse_current.py PORT DATA_DIR [PROFILE]
 
 PROFILE: the default profile's settings, `name=value&…`, which a request's settings
-override for that request only. The engine takes its time zone from `TZ`.
+override for that request only. The engine takes its time zone from `TZ`. With
+`CLICKHOUSE_CURRENT_LOG=FILE` set (in the test's environment), each statement and
+each error is appended to FILE: how a failing test on this engine is read.
 """
 
 import re
