@@ -98,6 +98,22 @@ fn users() -> String {
     )
 }
 
+/// Runs `start` again (up to five times) when its server found its port taken: a free
+/// port can be taken by another test's server between the probe and the bind (tests
+/// run at once).
+fn on_fresh_ports(
+    start: impl Fn() -> anyhow::Result<LocalClickHouse>,
+) -> anyhow::Result<LocalClickHouse> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match start() {
+            Err(e) if attempt < 5 && e.to_string().contains("Address already in use") => continue,
+            other => return other,
+        }
+    }
+}
+
 impl LocalClickHouse {
     /// The server's URL with ClickHouse's stock values of the settings its profile
     /// changes: for a test's own queries, which should not read `extremes` rows or an
@@ -123,18 +139,7 @@ impl LocalClickHouse {
         if !Path::new(SERVER).exists() {
             bail!("ClickHouse is not installed ({SERVER}); run `cargo xtask setup`");
         }
-        // A free port can be taken by another test's server between the probe and the
-        // bind (tests run at once): then start again on fresh ports.
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match Self::start_once(tls) {
-                Err(e) if attempt < 5 && e.to_string().contains("Address already in use") => {
-                    continue
-                }
-                other => return other,
-            }
-        }
+        on_fresh_ports(|| Self::start_once(tls))
     }
 
     fn start_once(tls: Option<(&str, &str)>) -> anyhow::Result<LocalClickHouse> {
@@ -184,6 +189,10 @@ impl LocalClickHouse {
             "{} is missing: run `cargo xtask setup`",
             python.display()
         );
+        on_fresh_ports(|| Self::start_current_once(&python))
+    }
+
+    fn start_current_once(python: &Path) -> anyhow::Result<LocalClickHouse> {
         let tmp = crate::TempDir::new("collector-chdb")?;
         let dir = tmp.path().to_path_buf();
         let script = dir.join("clickhouse_current.py");
@@ -194,7 +203,7 @@ impl LocalClickHouse {
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
             .join("&");
-        let child = Command::new(&python)
+        let child = Command::new(python)
             .arg(&script)
             .arg(http.to_string())
             .arg(dir.join("data"))
