@@ -476,7 +476,7 @@ async fn consent_is_checked_at_every_attempt_and_withdrawal_removes(t: &Target) 
 }
 
 crate::per_target!(
-    [duckdb, postgres, parquet]
+    [duckdb, postgres, postgres_pooled, parquet]
     [webhook_delivers_what_consent_allows_once,
     consent_is_checked_at_every_attempt_and_withdrawal_removes,
     cart_abandonment_texts_exactly_the_people_it_may,

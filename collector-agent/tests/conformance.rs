@@ -1196,7 +1196,7 @@ async fn users_values_an_older_column_cannot_hold_are_recorded(t: &Target) {
 mod upgraded {
     use super::*;
     crate::per_target!(
-        [duckdb, postgres]
+        [duckdb, postgres, postgres_pooled]
         [users_of_an_older_warehouse_keep_their_values,
         users_values_an_older_column_cannot_hold_are_recorded,]
     );
@@ -1207,13 +1207,13 @@ mod upgraded {
 mod analysts {
     use super::*;
     crate::per_target!(
-        [duckdb, postgres, clickhouse, clickhouse_current]
+        [duckdb, postgres, postgres_pooled, clickhouse, clickhouse_current]
         [an_analysts_table_keeps_its_name,]
     );
 }
 
 crate::per_target!(
-    [duckdb, postgres, parquet, clickhouse, clickhouse_current]
+    [duckdb, postgres, postgres_pooled, parquet, clickhouse, clickhouse_current]
     [loads_each_kind_into_its_segment_table,
     nulls_unicode_and_nested_json_round_trip,
     same_events_twice_land_once,

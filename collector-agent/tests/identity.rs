@@ -345,7 +345,7 @@ async fn ids_with_quotes_and_backslashes_are_ids(t: &Target) {
 }
 
 crate::per_target!(
-    [duckdb, postgres]
+    [duckdb, postgres, postgres_pooled]
     [one_person_across_devices,
     block_list_stops_a_bad_merge,
     limits_refuse_a_merge_and_late_events_reorder,

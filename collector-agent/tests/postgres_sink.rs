@@ -1,5 +1,6 @@
 //! What is the PostgreSQL sink's own, against a real server started on loopback: its
-//! two statement timeouts. (The scenarios every sink shares are in `conformance.rs`;
+//! two statement timeouts, a least-privilege role, its query connection, a
+//! transaction-mode pooler in front. (The scenarios every sink shares are in `conformance.rs`;
 //! TLS in `postgres_tls.rs`.)
 
 mod common;
@@ -52,8 +53,9 @@ async fn loads_and_analytical_statements_have_their_own_timeouts() {
     // (transiently: retried later, nothing quarantined), then loads once it is gone.
     let other = PostgresSink::connect(&cfg).await.unwrap();
     let mut holder = other.session().await.unwrap().unwrap();
+    holder.batch("BEGIN").await.unwrap();
     holder
-        .batch("BEGIN; LOCK TABLE tracks IN ACCESS EXCLUSIVE MODE")
+        .batch("LOCK TABLE tracks IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
     let started = std::time::Instant::now();
@@ -175,4 +177,79 @@ async fn a_long_query_does_not_hold_loads_up() {
     );
     querying.await.unwrap().unwrap();
     assert_eq!(one(&*sink, "SELECT count(*) FROM tracks").await, s("1"));
+}
+
+/// Through PgBouncer in transaction mode with one server connection, which another
+/// client of the pooler left with its own `search_path` and `extra_float_digits` (the
+/// settings PgBouncer does not keep per client): the agent's loads land in its schema,
+/// its doubles read back exactly, its sessions and queries work, and the connection is
+/// left as that client set it. The agent used to
+/// set its session once per connection, which through such a pooler went to whichever
+/// server connection was free (and stayed there for the pooler's other clients), and
+/// its statements outside a transaction, prepared then run in two steps, failed with
+/// `prepared statement "s0" does not exist` when a pool had more connections.
+#[tokio::test]
+async fn a_transaction_mode_pooler_is_served_and_left_as_found() {
+    let pg = LocalPostgres::start_pooled(1).unwrap();
+    let as_left = || {
+        pg.psql_pooled("SHOW search_path; SHOW extra_float_digits; SHOW IntervalStyle")
+            .unwrap()
+    };
+    assert_eq!(as_left(), "public\n0\nsql_standard\n");
+    let cfg = PostgresConfig {
+        schema: "analytics".into(),
+        ..PostgresConfig::at(&pg.url)
+    };
+    let sink = PostgresSink::connect(&cfg).await.unwrap();
+    load(
+        &sink,
+        1,
+        json!([
+            {"type": "identify", "messageId": "i1", "userId": "u1", "traits": {"plan": "pro"}},
+            {"type": "track", "messageId": "t1", "userId": "u1", "event": "Order Completed",
+             "properties": {"revenue": 0.30000000000000004}}
+        ]),
+    )
+    .await;
+    assert_eq!(
+        pg.psql_pooled(
+            "SELECT count(*) FROM analytics.tracks; SELECT count(*) FROM analytics.order_completed; SELECT to_regclass('public.tracks') IS NULL"
+        )
+        .unwrap(),
+        "1\n1\nt\n"
+    );
+    assert_eq!(
+        one(&sink, "SELECT revenue FROM order_completed").await,
+        s("0.30000000000000004")
+    );
+    assert_eq!(one(&sink, "SELECT plan FROM users").await, s("pro"));
+    {
+        let mut session = sink.session().await.unwrap().unwrap();
+        session.batch("BEGIN").await.unwrap();
+        session
+            .batch("CREATE TEMP TABLE scratch ON COMMIT DROP AS SELECT user_id FROM identifies")
+            .await
+            .unwrap();
+        assert_eq!(
+            session
+                .query("SELECT user_id FROM scratch")
+                .await
+                .unwrap()
+                .rows[0][0],
+            s("u1")
+        );
+        session.batch("COMMIT").await.unwrap();
+        assert_eq!(
+            session.query("SHOW TimeZone").await.unwrap().rows[0][0],
+            s("UTC")
+        );
+    }
+    assert!(sink.quarantined(&[]).await.unwrap().is_empty());
+    assert!(sink.dead_letters().await.unwrap().is_empty());
+    assert_eq!(as_left(), "public\n0\nsql_standard\n");
+    // A second agent connecting (migrations, the catalog) through the same pooler.
+    drop(sink);
+    let sink = PostgresSink::connect(&cfg).await.unwrap();
+    assert_eq!(one(&sink, "SELECT count(*) FROM tracks").await, s("1"));
+    assert_eq!(as_left(), "public\n0\nsql_standard\n");
 }

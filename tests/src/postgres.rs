@@ -14,12 +14,16 @@ use anyhow::{bail, Context};
 pub const USER: &str = "collector";
 
 pub struct LocalPostgres {
+    /// Stopped before the server (fields drop in order, after `Drop::drop`).
+    pub pooler: Option<PgBouncer>,
     dir: crate::TempDir,
     bin: PathBuf,
     /// Server options beyond the common ones (TLS), kept for `restart`.
     extra_opts: String,
+    /// The server's own port.
     pub port: u16,
-    /// `postgres://collector@127.0.0.1:PORT/postgres`
+    /// What the agent is pointed at: the pooler's `postgres://collector@127.0.0.1:PORT/postgres`
+    /// when there is one, else the server's.
     pub url: String,
 }
 
@@ -49,6 +53,11 @@ pub fn is_root() -> bool {
 
 /// Runs a PostgreSQL binary; as root, as the `postgres` user (initdb refuses root).
 fn pg(bin: &Path, tool: &str, args: &[&str]) -> anyhow::Result<()> {
+    pg_output(bin, tool, args).map(drop)
+}
+
+/// [`pg`], and what the tool printed on its standard output.
+fn pg_output(bin: &Path, tool: &str, args: &[&str]) -> anyhow::Result<String> {
     let exe = bin.join(tool);
     let out = if is_root() {
         let quoted: Vec<String> = std::iter::once(exe.display().to_string())
@@ -69,7 +78,7 @@ fn pg(bin: &Path, tool: &str, args: &[&str]) -> anyhow::Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// What a server that speaks TLS is given: PEM files (copied into the server's folder),
@@ -194,6 +203,7 @@ impl LocalPostgres {
             }
         };
         let pg = LocalPostgres {
+            pooler: None,
             url: format!("postgres://{USER}@127.0.0.1:{port}/postgres"),
             port,
             bin,
@@ -211,6 +221,57 @@ impl LocalPostgres {
             pg.psql(&sql)?;
         }
         Ok(pg)
+    }
+
+    /// A server behind PgBouncer in *transaction* mode (`pool_size` server connections,
+    /// handed out round-robin), as Supabase's port 6543, Neon's `-pooler` hosts and
+    /// most PgBouncer deployments run: a client's transactions land on any of the
+    /// server connections, whose session state (`SET`, prepared statements, temporary
+    /// tables) is whatever their earlier clients left. Each of them is left with a
+    /// hostile one first ([`PgBouncer::pollute`]); `url` is the pooler's.
+    pub fn start_pooled(pool_size: usize) -> anyhow::Result<LocalPostgres> {
+        let mut pg = Self::start()?;
+        let pooler = PgBouncer::start(&pg, pool_size)?;
+        pg.url = format!("postgres://{USER}@127.0.0.1:{}/postgres", pooler.port);
+        pooler.pollute(&pg)?;
+        pg.pooler = Some(pooler);
+        Ok(pg)
+    }
+
+    /// A new server like this one: pooled the same way when this one is.
+    pub fn fresh(&self) -> anyhow::Result<LocalPostgres> {
+        match &self.pooler {
+            Some(p) => Self::start_pooled(p.pool_size),
+            None => Self::start(),
+        }
+    }
+
+    /// Runs SQL as [`USER`] through the pooler, as another of its clients would; what
+    /// it printed (`psql -At`).
+    pub fn psql_pooled(&self, sql: &str) -> anyhow::Result<String> {
+        let pooler = self.pooler.as_ref().context("no pooler in front")?;
+        let port = pooler.port.to_string();
+        pg_output(
+            &self.bin,
+            "psql",
+            &[
+                "-X",
+                "-q",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                USER,
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ],
+        )
     }
 
     /// Runs SQL as [`USER`] over the server's socket (trusted).
@@ -262,5 +323,149 @@ impl LocalPostgres {
 impl Drop for LocalPostgres {
     fn drop(&mut self) {
         let _ = self.stop();
+    }
+}
+
+/// Debian's PgBouncer (`cargo xtask setup` installs it) in transaction mode in front of
+/// a [`LocalPostgres`], on a free loopback port; stopped when dropped.
+pub struct PgBouncer {
+    child: std::process::Child,
+    _dir: crate::TempDir,
+    pub port: u16,
+    pub pool_size: usize,
+}
+
+/// The session state [`PgBouncer::pollute`] leaves on every server connection: another
+/// schema first in `search_path`, doubles rounded, intervals as SQL writes them.
+/// (PgBouncer keeps a few settings per client and sets them on the server connection it
+/// hands the client: `TimeZone`, `DateStyle`, `client_encoding`,
+/// `standard_conforming_strings`, `application_name`. The rest stays as the
+/// connection's earlier clients left it.)
+pub const POLLUTED: &str =
+    "SET search_path TO public; SET extra_float_digits TO 0; SET IntervalStyle TO sql_standard;";
+
+impl PgBouncer {
+    fn start(server: &LocalPostgres, pool_size: usize) -> anyhow::Result<PgBouncer> {
+        use std::os::unix::process::CommandExt;
+        let exe = Path::new("/usr/sbin/pgbouncer");
+        anyhow::ensure!(
+            exe.exists(),
+            "PgBouncer is not installed (no /usr/sbin/pgbouncer); run `cargo xtask setup`"
+        );
+        let dir = crate::TempDir::new("collector-pgbouncer")?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let port = crate::free_port();
+            let d = dir.path().display();
+            std::fs::write(
+                dir.path().join("userlist.txt"),
+                format!("\"{USER}\" \"\"\n"),
+            )?;
+            std::fs::write(
+                dir.path().join("pgbouncer.ini"),
+                format!(
+                    "[databases]\n* = host=127.0.0.1 port={server}\n\n[pgbouncer]\n\
+                     listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+                     auth_type = trust\nauth_file = {d}/userlist.txt\n\
+                     pool_mode = transaction\ndefault_pool_size = {pool_size}\nmin_pool_size = 0\n\
+                     server_round_robin = 1\nmax_client_conn = 500\n\
+                     logfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\n",
+                    server = server.port
+                ),
+            )?;
+            if is_root() {
+                let ok = Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(dir.path())
+                    .status()?
+                    .success();
+                anyhow::ensure!(ok, "chown the PgBouncer folder to postgres");
+            }
+            let mut cmd = Command::new(exe);
+            cmd.arg(dir.path().join("pgbouncer.ini"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            if is_root() {
+                // PgBouncer refuses to run as root.
+                let id = |flag: &str| -> anyhow::Result<u32> {
+                    let out = Command::new("id").args([flag, "postgres"]).output()?;
+                    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+                };
+                cmd.uid(id("-u")?).gid(id("-g")?);
+            }
+            let mut child = cmd.spawn().context("start pgbouncer")?;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            let up = loop {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    break true;
+                }
+                if child.try_wait()?.is_some() || std::time::Instant::now() > deadline {
+                    break false;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            };
+            if up {
+                return Ok(PgBouncer {
+                    child,
+                    _dir: dir,
+                    port,
+                    pool_size,
+                });
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(dir.path().join("pgbouncer.log")).unwrap_or_default();
+            // Another test may have taken the free port before PgBouncer bound it.
+            if attempt >= 5 || !log.contains("Address already in use") {
+                bail!("PgBouncer did not start on port {port}:\n{log}");
+            }
+        }
+    }
+
+    /// Leaves [`POLLUTED`] on each of the pool's server connections: as many clients at
+    /// once as the pool has connections, each setting it for its session inside a
+    /// transaction that waits for the others, so each holds its own connection.
+    pub fn pollute(&self, server: &LocalPostgres) -> anyhow::Result<()> {
+        let sql = format!("BEGIN; SELECT pg_sleep(0.5); {POLLUTED} COMMIT;");
+        let port = self.port.to_string();
+        let handles: Vec<_> = (0..self.pool_size)
+            .map(|_| {
+                let (bin, sql, port) = (server.bin.clone(), sql.clone(), port.clone());
+                std::thread::spawn(move || {
+                    pg(
+                        &bin,
+                        "psql",
+                        &[
+                            "-X",
+                            "-q",
+                            "-v",
+                            "ON_ERROR_STOP=1",
+                            "-h",
+                            "127.0.0.1",
+                            "-p",
+                            &port,
+                            "-U",
+                            USER,
+                            "-d",
+                            "postgres",
+                            "-c",
+                            &sql,
+                        ],
+                    )
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("psql thread")?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -28,7 +28,13 @@ pub fn setup(tools: &Toolchain, for_tests: bool) -> Result<()> {
             wasm_target()?;
             npm_packages(tools)?;
             if for_tests {
-                debian_packages(&[&CHROMIUM, &POSTGRESQL, &CLICKHOUSE, &PYTHON_VENV])?;
+                debian_packages(&[
+                    &CHROMIUM,
+                    &POSTGRESQL,
+                    &PGBOUNCER,
+                    &CLICKHOUSE,
+                    &PYTHON_VENV,
+                ])?;
                 dbt(tools)?;
             }
             eprintln!(
@@ -188,6 +194,16 @@ pub const POSTGRESQL: DebianPackage = DebianPackage {
     min_version: "15",
     binary: "/usr/bin/psql",
     purpose: "the PostgreSQL warehouse tests",
+};
+
+/// Debian's PgBouncer, for the tests of the PostgreSQL sink behind a transaction-mode
+/// pooler (each starts its own in front of its own server; see
+/// `collector_e2e::postgres::PgBouncer`).
+pub const PGBOUNCER: DebianPackage = DebianPackage {
+    names: &["pgbouncer"],
+    min_version: "1.18",
+    binary: "/usr/sbin/pgbouncer",
+    purpose: "the PostgreSQL tests behind a pooler",
 };
 
 /// Debian's ClickHouse server (18.16 on bookworm), for the ClickHouse warehouse tests

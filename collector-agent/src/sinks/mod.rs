@@ -280,7 +280,9 @@ impl Dialect {
 }
 
 /// One connection to the warehouse, used by one job at a time; the job opens and
-/// commits its own transactions. Values are inlined as literals ([`sql_lit`]).
+/// commits its own transactions, each with a `batch` of `BEGIN`, `COMMIT` or
+/// `ROLLBACK` alone (a sink may start its transactions its own way: PostgreSQL's with
+/// its settings, ClickHouse has none). Values are inlined as literals ([`sql_lit`]).
 #[async_trait]
 pub trait SqlSession: Send {
     fn dialect(&self) -> Dialect;

@@ -106,6 +106,15 @@ impl Target {
         )
     }
 
+    /// PostgreSQL behind PgBouncer in transaction mode, its server connections left
+    /// with another client's session state (`collector_e2e::postgres::PgBouncer`).
+    pub fn postgres_pooled() -> Target {
+        Target::Postgres(
+            collector_e2e::postgres::LocalPostgres::start_pooled(3)
+                .expect("PostgreSQL and PgBouncer start"),
+        )
+    }
+
     pub fn clickhouse() -> Target {
         Target::ClickHouse(
             collector_e2e::clickhouse::LocalClickHouse::start().expect("ClickHouse starts"),
@@ -127,7 +136,7 @@ impl Target {
         match self {
             Target::DuckDb(_) => Target::duckdb(),
             Target::Parquet(_) => Target::parquet(),
-            Target::Postgres(_) => Target::postgres(),
+            Target::Postgres(pg) => Target::Postgres(pg.fresh().expect("PostgreSQL starts")),
             Target::ClickHouse(ch) if ch.current => Target::clickhouse_current(),
             Target::ClickHouse(_) => Target::clickhouse(),
         }

@@ -14,7 +14,7 @@ use collector_core::timestamp::{format_us, parse_us};
 use collector_core::EventKind;
 use futures_util::SinkExt;
 use tokio::sync::Mutex;
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::{Client, IsolationLevel, SimpleQueryMessage, Transaction};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::config::PostgresConfig;
@@ -142,6 +142,43 @@ const SCHEMA_LOCK: &str = "SELECT pg_advisory_xact_lock(7415202611)";
 /// reads the keys `collector_user_traits` holds, then writes new ones.
 const USERS_LOCK: &str = "SELECT pg_advisory_xact_lock(7415202612)";
 
+/// The settings every transaction of the agent starts with, `SET LOCAL`: they end with
+/// the transaction, so they hold through a transaction-mode pooler (PgBouncer's
+/// `pool_mode = transaction`, Supabase's port 6543, Neon's `-pooler` hosts), which
+/// runs each transaction on whichever server connection is free, with whatever session
+/// state its earlier clients left, and the agent leaves none behind for the pooler's
+/// other clients. What the agent reads as text (instants, numbers) must not depend on
+/// how the server or that connection was configured: UTC, ISO dates, backslashes in
+/// literals as themselves (the agent's literals are standard SQL's: with
+/// `standard_conforming_strings = off` an id holding `\'` ended one), and doubles as
+/// the shortest text that reads back exactly (`extra_float_digits` above 0,
+/// PostgreSQL 12+). A server with `DateStyle = 'SQL, DMY'` and `extra_float_digits = 0`
+/// (the default before PostgreSQL 12) failed 14 tests; the tests' server has both. The
+/// server's notices ("schema … already exists, skipping") are not passed on: warnings
+/// and errors are. Sent on their own, before the transaction's statements: PostgreSQL
+/// parses a whole query string before it runs any of it, so a literal in the same
+/// string would be read under the connection's old `standard_conforming_strings`.
+fn local_settings(schema: &str, timeout_ms: u64) -> String {
+    format!(
+        "SET LOCAL client_min_messages = warning; SET LOCAL TIME ZONE 'UTC'; SET LOCAL standard_conforming_strings = on; SET LOCAL DateStyle = 'ISO, YMD'; SET LOCAL IntervalStyle = 'postgres'; SET LOCAL extra_float_digits = 1; SET LOCAL statement_timeout = {timeout_ms}; SET LOCAL search_path TO {};",
+        ident(schema)
+    )
+}
+
+/// Starts a transaction, READ COMMITTED (the loads' exactness is designed for
+/// PostgreSQL's default; a server whose default is SERIALIZABLE failed the schema check
+/// of a second connection while an agent loaded), with [`local_settings`].
+async fn begin<'c>(client: &'c mut Client, settings: &str) -> Result<Transaction<'c>, SinkError> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::ReadCommitted)
+        .start()
+        .await
+        .map_err(classify)?;
+    tx.batch_execute(settings).await.map_err(classify)?;
+    Ok(tx)
+}
+
 /// Reads the catalog of added tables and columns.
 async fn load_catalog(client: &impl tokio_postgres::GenericClient) -> Result<Catalog, SinkError> {
     let tables = client
@@ -205,10 +242,19 @@ impl PostgresSink {
         *sink.client.lock().await = Some(Self::open(cfg).await?);
         let mut guard = sink.client().await?;
         let client = guard.as_mut().expect("connected");
-        migrate(client).await?;
-        *sink.catalog.lock().await = load_catalog(&*client).await?;
+        let settings = sink.settings();
+        migrate(client, &settings).await?;
+        let tx = begin(client, &settings).await?;
+        *sink.catalog.lock().await = load_catalog(&tx).await?;
+        tx.commit().await.map_err(classify)?;
         drop(guard);
         Ok(sink)
+    }
+
+    /// [`local_settings`] for everything but loads: the limit for analytical
+    /// statements.
+    fn settings(&self) -> String {
+        local_settings(&self.cfg.schema, self.cfg.query_timeout_ms)
     }
 
     async fn open(cfg: &PostgresConfig) -> Result<Client, SinkError> {
@@ -236,29 +282,19 @@ impl PostgresSink {
                 tracing::warn!(error = %e, "PostgreSQL connection closed");
             }
         });
-        let schema = ident(&cfg.schema);
-        // What the agent reads as text (instants, numbers) must not depend on how the
-        // server was configured: UTC, ISO dates, backslashes in literals as themselves
-        // (the agent's literals are standard SQL's: with `standard_conforming_strings
-        // = off` an id holding `\'` ended one), and doubles as the shortest text that
-        // reads back exactly (`extra_float_digits` above 0, PostgreSQL 12+). A server
-        // with `DateStyle = 'SQL, DMY'` and `extra_float_digits = 0` (the default
-        // before PostgreSQL 12) failed 14 tests; the tests' server has both. The
-        // loads' exactness is designed for READ COMMITTED, PostgreSQL's default; a
-        // server whose default is SERIALIZABLE failed the schema check of a second
-        // connection while an agent loaded (a serialization failure, retried by the
-        // agent, but a failure). The server's notices ("schema … already exists,
-        // skipping" at every start) are not passed on: warnings and errors are.
-        let setup = format!(
-            "SET client_min_messages = warning; SET TIME ZONE 'UTC'; SET default_transaction_isolation = 'read committed'; SET standard_conforming_strings = on; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 1; SET statement_timeout = {}; SET search_path TO {schema};",
-            cfg.query_timeout_ms
-        );
-        client.batch_execute(&setup).await.map_err(classify)?;
+        // No session state is set: every statement runs in a transaction that sets its
+        // own (`begin`), so a pooler may hand each to another server connection.
         // The schema is made only when it is missing: `CREATE SCHEMA IF NOT EXISTS`
         // needs the right to create schemas in the database even when the schema is
         // there, which a least-privilege role (its own schema, made for it by a DBA)
         // does not have.
-        let exists = client
+        let mut client = client;
+        let tx = begin(
+            &mut client,
+            &local_settings(&cfg.schema, cfg.query_timeout_ms),
+        )
+        .await?;
+        let exists = tx
             .query_opt(
                 "SELECT 1 FROM pg_namespace WHERE nspname = $1",
                 &[&cfg.schema],
@@ -267,11 +303,14 @@ impl PostgresSink {
             .map_err(classify)?
             .is_some();
         if !exists {
-            client
-                .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
-                .await
-                .map_err(classify)?;
+            tx.batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {}",
+                ident(&cfg.schema)
+            ))
+            .await
+            .map_err(classify)?;
         }
+        tx.commit().await.map_err(classify)?;
         Ok(client)
     }
 
@@ -298,8 +337,8 @@ impl PostgresSink {
 
 /// Applies the missing migrations in one transaction, under an advisory lock, so
 /// agents starting together (or a tool connecting beside a running agent) never race.
-async fn migrate(client: &mut Client) -> Result<(), SinkError> {
-    let tx = client.transaction().await.map_err(classify)?;
+async fn migrate(client: &mut Client, settings: &str) -> Result<(), SinkError> {
+    let tx = begin(client, settings).await?;
     // Any constant: the agents' own lock.
     tx.execute(SCHEMA_LOCK, &[]).await.map_err(classify)?;
     tx.batch_execute(
@@ -611,15 +650,12 @@ async fn write(
     client: &mut Client,
     catalog: &mut Catalog,
     p: &Prepared,
-    timeout_ms: u64,
+    cfg: &PostgresConfig,
 ) -> Result<LoadStats, SinkError> {
-    let tx = client.transaction().await.map_err(classify)?;
     // A load's statements are short: one that waits longer (on another session's
     // lock) fails and the load is retried, instead of holding the shard for as long as
-    // the session's limit for analytical statements (`query_timeout_ms`) allows.
-    tx.batch_execute(&format!("SET LOCAL statement_timeout = {}", timeout_ms))
-        .await
-        .map_err(classify)?;
+    // the limit for analytical statements (`query_timeout_ms`) allows.
+    let tx = begin(client, &local_settings(&cfg.schema, cfg.timeout_ms)).await?;
     let mut stats = LoadStats {
         duplicates: p.in_load_duplicates,
         ..LoadStats::default()
@@ -913,14 +949,14 @@ impl Sink for PostgresSink {
         let mut guard = self.client().await?;
         let client = guard.as_mut().expect("connected");
         let mut catalog = self.catalog.lock().await;
-        write(client, &mut catalog, &load, self.cfg.timeout_ms).await
+        write(client, &mut catalog, &load, &self.cfg).await
     }
 
     async fn quarantined(&self, ids: &[String]) -> Result<Vec<QuarantinedEvent>, SinkError> {
-        let guard = self.client().await?;
-        let client = guard.as_ref().expect("connected");
+        let mut guard = self.client().await?;
+        let tx = begin(guard.as_mut().expect("connected"), &self.settings()).await?;
         let ids: Option<Vec<String>> = (!ids.is_empty()).then(|| ids.to_vec());
-        let rows = client
+        let rows = tx
             .query(
                 "SELECT message_id, type, shard, batch_id, event FROM quarantine
                  WHERE $1::text[] IS NULL OR message_id = ANY($1)
@@ -929,6 +965,7 @@ impl Sink for PostgresSink {
             )
             .await
             .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
         Ok(rows
             .iter()
             .map(|r| QuarantinedEvent {
@@ -942,15 +979,16 @@ impl Sink for PostgresSink {
     }
 
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, SinkError> {
-        let guard = self.client().await?;
-        let client = guard.as_ref().expect("connected");
-        let rows = client
+        let mut guard = self.client().await?;
+        let tx = begin(guard.as_mut().expect("connected"), &self.settings()).await?;
+        let rows = tx
             .query(
                 "SELECT shard, batch_id, blob, error FROM dead_letters ORDER BY loaded_at, shard, batch_id",
                 &[],
             )
             .await
             .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
         Ok(rows
             .iter()
             .map(|r| DeadLetter {
@@ -964,8 +1002,12 @@ impl Sink for PostgresSink {
 
     async fn query(&self, sql: &str) -> Result<QueryResult, SinkError> {
         let guard = self.connection(&self.query_client).await?;
-        let client = guard.as_ref().expect("connected");
-        simple_rows(client, sql)
+        let mut s = PgSession {
+            guard,
+            settings: self.settings(),
+            in_tx: false,
+        };
+        s.query(sql)
             .await
             .map_err(|e| SinkError::Permanent(e.to_string()))
     }
@@ -973,6 +1015,8 @@ impl Sink for PostgresSink {
     async fn session(&self) -> Result<Option<Box<dyn SqlSession + '_>>, SinkError> {
         Ok(Some(Box::new(PgSession {
             guard: self.client().await?,
+            settings: self.settings(),
+            in_tx: false,
         })))
     }
 }
@@ -1004,14 +1048,52 @@ async fn simple_rows(client: &Client, sql: &str) -> Result<QueryResult, SinkErro
     Ok(result)
 }
 
-/// The sink's connection, held for one job (loads wait meanwhile).
+/// The sink's connection, held for one job (loads wait meanwhile). The job's own
+/// `BEGIN` starts a transaction with the agent's settings (`begin`); a statement
+/// outside the job's transactions runs in one of its own, so none runs without them.
 struct PgSession<'a> {
     guard: tokio::sync::MutexGuard<'a, Option<Client>>,
+    settings: String,
+    /// Inside the job's `BEGIN` … `COMMIT`.
+    in_tx: bool,
 }
 
 impl PgSession<'_> {
     fn client(&self) -> &Client {
         self.guard.as_ref().expect("connected")
+    }
+
+    /// Starts a transaction for one statement, unless the job's is open: whether it
+    /// did.
+    async fn enter(&mut self) -> Result<bool, SinkError> {
+        if self.in_tx {
+            return Ok(false);
+        }
+        self.begin().await?;
+        Ok(true)
+    }
+
+    /// Ends what [`PgSession::enter`] started: committed when the statement succeeded.
+    async fn leave<T>(&mut self, own: bool, r: Result<T, SinkError>) -> Result<T, SinkError> {
+        if own {
+            self.in_tx = false;
+            let end = if r.is_ok() { "COMMIT" } else { "ROLLBACK" };
+            let ended = self.client().batch_execute(end).await.map_err(classify);
+            if r.is_ok() {
+                ended?;
+            }
+        }
+        r
+    }
+
+    async fn begin(&mut self) -> Result<(), SinkError> {
+        let begin = format!("BEGIN ISOLATION LEVEL READ COMMITTED; {}", self.settings);
+        self.client()
+            .batch_execute(&begin)
+            .await
+            .map_err(classify)?;
+        self.in_tx = true;
+        Ok(())
     }
 }
 
@@ -1022,15 +1104,31 @@ impl SqlSession for PgSession<'_> {
     }
 
     async fn execute(&mut self, sql: &str) -> Result<u64, SinkError> {
-        self.client().execute(sql, &[]).await.map_err(classify)
+        let own = self.enter().await?;
+        let r = self.client().execute(sql, &[]).await.map_err(classify);
+        self.leave(own, r).await
     }
 
     async fn batch(&mut self, sql: &str) -> Result<(), SinkError> {
-        self.client().batch_execute(sql).await.map_err(classify)
+        // The jobs' own transactions (identity, audiences, privacy, activation) are
+        // `BEGIN` / `COMMIT` / `ROLLBACK` batches, as in every sink's session.
+        let word = sql.trim().trim_end_matches(';').trim();
+        if word.eq_ignore_ascii_case("BEGIN") {
+            return self.begin().await;
+        }
+        if word.eq_ignore_ascii_case("COMMIT") || word.eq_ignore_ascii_case("ROLLBACK") {
+            self.in_tx = false;
+            return self.client().batch_execute(word).await.map_err(classify);
+        }
+        let own = self.enter().await?;
+        let r = self.client().batch_execute(sql).await.map_err(classify);
+        self.leave(own, r).await
     }
 
     async fn query(&mut self, sql: &str) -> Result<QueryResult, SinkError> {
-        simple_rows(self.client(), sql).await
+        let own = self.enter().await?;
+        let r = simple_rows(self.client(), sql).await;
+        self.leave(own, r).await
     }
 
     async fn insert(
@@ -1049,15 +1147,20 @@ impl SqlSession for PgSession<'_> {
                 .collect();
             csv_line(&cells, None, &mut csv);
         }
-        let sink = self
-            .client()
-            .copy_in(&format!("COPY {} FROM STDIN (FORMAT csv)", ident(table)))
-            .await
-            .map_err(classify)?;
-        futures_util::pin_mut!(sink);
-        sink.send(Bytes::from(csv)).await.map_err(classify)?;
-        sink.as_mut().finish().await.map_err(classify)?;
-        Ok(())
+        let own = self.enter().await?;
+        let copied = async {
+            let sink = self
+                .client()
+                .copy_in(&format!("COPY {} FROM STDIN (FORMAT csv)", ident(table)))
+                .await?;
+            futures_util::pin_mut!(sink);
+            sink.send(Bytes::from(csv)).await?;
+            sink.as_mut().finish().await
+        }
+        .await
+        .map(drop)
+        .map_err(classify);
+        self.leave(own, copied).await
     }
 }
 
