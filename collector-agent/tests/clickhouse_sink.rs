@@ -1000,6 +1000,39 @@ async fn queries_have_their_own_timeout(start: Start) {
     assert!(err.to_string().to_lowercase().contains("time"), "{err}");
 }
 
+/// From 20.4 on, `CREATE DATABASE IF NOT EXISTS` asks for the CREATE DATABASE grant
+/// even when the database is there, which a least-privilege user (its own database,
+/// made for it by an administrator) lacks, so the agent failed to connect as one: it
+/// now makes its database only when `system.databases` does not list it. The tests'
+/// current engine has no users to refuse the grant, so its statement log shows what
+/// was sent: the database made once, by the first agent, and not asked for again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_database_is_not_made_again() {
+    let ch = LocalClickHouse::start_current().unwrap();
+    let cfg = ClickHouseConfig {
+        database: "granted_only".into(),
+        ..cfg(&ch)
+    };
+    let creates = || {
+        ch.statements()
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("CREATE DATABASE") && l.contains("granted_only"))
+            .count()
+    };
+    drop(ClickHouseSink::connect(&cfg).await.unwrap());
+    assert_eq!(creates(), 1);
+    let sink = ClickHouseSink::connect(&cfg).await.unwrap();
+    assert_eq!(creates(), 1);
+    sink.load(&Load::events(0, 1, order_completed("o1", 5.0)))
+        .await
+        .unwrap();
+    assert_eq!(
+        one(&sink, "SELECT count() FROM order_completed").await,
+        s("1")
+    );
+}
+
 /// Each test twice: on Debian's clickhouse-server 18.16, and on the current ClickHouse
 /// engine (chDB 26.x behind ClickHouse's HTTP interface, `LocalClickHouse::start_current`).
 macro_rules! on_both {

@@ -209,6 +209,11 @@ impl LocalClickHouse {
             .arg(dir.join("data"))
             .arg(profile)
             .env("TZ", TIME_ZONE)
+            .env(
+                "CLICKHOUSE_CURRENT_LOG",
+                std::env::var_os("CLICKHOUSE_CURRENT_LOG")
+                    .unwrap_or_else(|| dir.join("statements.log").into()),
+            )
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -225,6 +230,19 @@ impl LocalClickHouse {
         };
         ch.wait_ready()?;
         Ok(ch)
+    }
+
+    /// What the current engine's front ran so far, a line per statement (`OK '…'`,
+    /// `ERR '…'` and the error): `CLICKHOUSE_CURRENT_LOG` when set, else its own file.
+    pub fn statements(&self) -> anyhow::Result<String> {
+        anyhow::ensure!(
+            self.current,
+            "only the current engine's front logs statements"
+        );
+        let path = std::env::var_os("CLICKHOUSE_CURRENT_LOG")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| self.dir.path().join("statements.log"));
+        Ok(std::fs::read_to_string(path)?)
     }
 
     fn wait_ready(&mut self) -> anyhow::Result<()> {

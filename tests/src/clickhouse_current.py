@@ -22,7 +22,8 @@ Usage: python3 clickhouse_current.py PORT DATA_DIR [PROFILE]
 PROFILE: the default profile's settings, `name=value&…`, which a request's settings
 override for that request only. The engine takes its time zone from `TZ`. With
 `CLICKHOUSE_CURRENT_LOG=FILE` set (in the test's environment), each statement and
-each error is appended to FILE: how a failing test on this engine is read.
+each error is appended to FILE: how a failing test on this engine is read. Without it,
+the harness gives the front a file of its own (`LocalClickHouse::statements`).
 """
 
 import re

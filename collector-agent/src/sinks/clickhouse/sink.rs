@@ -195,22 +195,25 @@ impl ClickHouseSink {
             .unwrap_or(0);
         sink.ms_precision = major >= 20;
         tracing::info!(version = version.trim(), "connected to ClickHouse");
-        sink.request(
-            None,
-            &format!("CREATE DATABASE IF NOT EXISTS {}", ident(&cfg.database)),
-            None,
-        )
-        .await?;
-        let engine = sink
-            .request(
+        // The database is made only when it is missing: from 20.4 on, `CREATE DATABASE
+        // IF NOT EXISTS` asks for the CREATE DATABASE grant before it looks whether the
+        // database is there, and a least-privilege user (its own database, made for
+        // it by an administrator) does not have it. `system.databases` lists what the
+        // user may see, which includes a database it holds any grant on.
+        let engine_sql = format!(
+            "SELECT engine FROM system.databases WHERE name = {}",
+            lit(&cfg.database)
+        );
+        let mut engine = sink.request(None, &engine_sql, None).await?;
+        if engine.trim().is_empty() {
+            sink.request(
                 None,
-                &format!(
-                    "SELECT engine FROM system.databases WHERE name = {}",
-                    lit(&cfg.database)
-                ),
+                &format!("CREATE DATABASE IF NOT EXISTS {}", ident(&cfg.database)),
                 None,
             )
             .await?;
+            engine = sink.request(None, &engine_sql, None).await?;
+        }
         sink.exchange = engine.trim() == "Atomic";
         sink.migrate().await?;
         sink.drop_stray_views().await?;
