@@ -961,6 +961,103 @@ async fn https_with_a_private_ca_through_ca_file() {
     );
 }
 
+/// HTTPS to a server that requires a client certificate (`verificationMode` strict,
+/// its own CA for clients): the agent presents `cert_file` and `key_file`; without
+/// them, or with a certificate another CA signed, the server refuses it; and
+/// `validate` names what is wrong with the keys.
+#[tokio::test]
+async fn https_with_a_client_certificate() {
+    let ca = common::TestCa::new("collector test CA");
+    let (cert, key) = ca.issue(
+        "localhost",
+        &["localhost"],
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let clients = common::TestCa::new("collector clients CA");
+    let ch = LocalClickHouse::start_mutual_tls(&cert, &key, &clients.pem()).unwrap();
+    let https = ch.https_url.clone().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let ca_file = file("ca.pem", &ca.pem());
+    let pems = std::collections::HashMap::from([
+        (
+            "client",
+            clients.issue("collector", &[], rcgen::ExtendedKeyUsagePurpose::ClientAuth),
+        ),
+        (
+            "stranger",
+            ca.issue("stranger", &[], rcgen::ExtendedKeyUsagePurpose::ClientAuth),
+        ),
+    ]);
+    let config = |who: &str| ClickHouseConfig {
+        ca_file: Some(ca_file.clone()),
+        cert_file: Some(file(&format!("{who}.crt"), &pems[who].0)),
+        key_file: Some(file(&format!("{who}.key"), &pems[who].1)),
+        ..ClickHouseConfig::at(&https)
+    };
+
+    let good = config("client");
+    good.validate().unwrap();
+    let sink = ClickHouseSink::connect(&good).await.unwrap();
+    sink.load(&Load::events(0, 1, order_completed("o1", 5.0)))
+        .await
+        .unwrap();
+    assert_eq!(one(&sink, "SELECT count() FROM tracks").await, s("1"));
+
+    // Refused, and the error names the setting.
+    for (what, cfg, says) in [
+        (
+            "no client certificate",
+            ClickHouseConfig {
+                ca_file: Some(ca_file.clone()),
+                ..ClickHouseConfig::at(&https)
+            },
+            "the server asks for a client certificate: warehouse.cert_file and key_file",
+        ),
+        (
+            "one another CA signed",
+            config("stranger"),
+            "the server refused the client certificate: warehouse.cert_file",
+        ),
+    ] {
+        match ClickHouseSink::connect(&cfg).await {
+            Ok(_) => panic!("connected with {what}"),
+            Err(e) => assert!(e.to_string().contains(says), "{what}: {e}"),
+        }
+    }
+
+    // What `config check` says.
+    let err = |cfg: ClickHouseConfig| cfg.validate().unwrap_err().to_string();
+    let e = err(ClickHouseConfig {
+        key_file: None,
+        ..good.clone()
+    });
+    assert!(
+        e.contains("warehouse.cert_file needs warehouse.key_file"),
+        "{e}"
+    );
+    let e = err(ClickHouseConfig {
+        key_file: good.cert_file.clone(),
+        ..good.clone()
+    });
+    assert!(
+        e.contains("warehouse.key_file")
+            && e.contains("client.crt")
+            && e.contains("no PEM private key"),
+        "{e}"
+    );
+    let e = err(ClickHouseConfig {
+        url: ch.url.clone(),
+        ca_file: None,
+        ..good.clone()
+    });
+    assert!(e.contains("are for an https:// url"), "{e}");
+}
+
 /// A query over the warehouse (a session, `query`) has `query_timeout_ms`, not a
 /// load's `timeout_ms`: identity's statements outgrow a load's limit on a large
 /// warehouse. And the query limit holds, on the agent's side and the server's.

@@ -29,19 +29,27 @@ pub struct LocalClickHouse {
 }
 
 /// `<https_port>` and the server's certificate, for a server with TLS.
-fn tls_config(dir: &Path, https: Option<u16>) -> String {
+/// The HTTPS port's TLS: the server's certificate and key (`server.crt`, `server.key`
+/// in `dir`), and with `client_ca` a client certificate that CA signed is required
+/// (`client-ca.crt`; `strict`: no certificate, no connection).
+fn tls_config(dir: &Path, https: Option<u16>, client_ca: bool) -> String {
     let Some(port) = https else {
         return String::new();
     };
     let d = dir.display();
+    let verify = if client_ca {
+        format!("<verificationMode>strict</verificationMode><caConfig>{d}/client-ca.crt</caConfig>")
+    } else {
+        "<verificationMode>none</verificationMode>".to_string()
+    };
     format!(
-        "<https_port>{port}</https_port>\n  <openSSL><server><certificateFile>{d}/server.crt</certificateFile><privateKeyFile>{d}/server.key</privateKeyFile><verificationMode>none</verificationMode><loadDefaultCAFile>false</loadDefaultCAFile><disableProtocols>sslv2,sslv3</disableProtocols></server></openSSL>"
+        "<https_port>{port}</https_port>\n  <openSSL><server><certificateFile>{d}/server.crt</certificateFile><privateKeyFile>{d}/server.key</privateKeyFile>{verify}<loadDefaultCAFile>false</loadDefaultCAFile><disableProtocols>sslv2,sslv3</disableProtocols></server></openSSL>"
     )
 }
 
-fn config(dir: &Path, http: u16, tcp: u16, https: Option<u16>) -> String {
+fn config(dir: &Path, http: u16, tcp: u16, https: Option<u16>, client_ca: bool) -> String {
     let d = dir.display();
-    let tls = tls_config(dir, https);
+    let tls = tls_config(dir, https, client_ca);
     format!(
         r#"<?xml version="1.0"?>
 <yandex>
@@ -126,23 +134,39 @@ impl LocalClickHouse {
     }
 
     pub fn start() -> anyhow::Result<LocalClickHouse> {
-        Self::start_with(None)
+        Self::start_with(None, None)
     }
 
     /// A server that also serves HTTPS (on `https_url`) with this certificate and key
     /// (PEM), made out to `localhost`.
     pub fn start_tls(cert_pem: &str, key_pem: &str) -> anyhow::Result<LocalClickHouse> {
-        Self::start_with(Some((cert_pem, key_pem)))
+        Self::start_with(Some((cert_pem, key_pem)), None)
     }
 
-    fn start_with(tls: Option<(&str, &str)>) -> anyhow::Result<LocalClickHouse> {
+    /// [`LocalClickHouse::start_tls`], whose HTTPS port also requires a client
+    /// certificate signed by `client_ca_pem`.
+    pub fn start_mutual_tls(
+        cert_pem: &str,
+        key_pem: &str,
+        client_ca_pem: &str,
+    ) -> anyhow::Result<LocalClickHouse> {
+        Self::start_with(Some((cert_pem, key_pem)), Some(client_ca_pem))
+    }
+
+    fn start_with(
+        tls: Option<(&str, &str)>,
+        client_ca: Option<&str>,
+    ) -> anyhow::Result<LocalClickHouse> {
         if !Path::new(SERVER).exists() {
             bail!("ClickHouse is not installed ({SERVER}); run `cargo xtask setup`");
         }
-        on_fresh_ports(|| Self::start_once(tls))
+        on_fresh_ports(|| Self::start_once(tls, client_ca))
     }
 
-    fn start_once(tls: Option<(&str, &str)>) -> anyhow::Result<LocalClickHouse> {
+    fn start_once(
+        tls: Option<(&str, &str)>,
+        client_ca: Option<&str>,
+    ) -> anyhow::Result<LocalClickHouse> {
         let tmp = crate::TempDir::new("collector-ch")?;
         let dir = tmp.path().to_path_buf();
         let (http, tcp) = (crate::free_port(), crate::free_port());
@@ -151,7 +175,13 @@ impl LocalClickHouse {
             std::fs::write(dir.join("server.crt"), cert)?;
             std::fs::write(dir.join("server.key"), key)?;
         }
-        std::fs::write(dir.join("config.xml"), config(&dir, http, tcp, https))?;
+        if let Some(ca) = client_ca {
+            std::fs::write(dir.join("client-ca.crt"), ca)?;
+        }
+        std::fs::write(
+            dir.join("config.xml"),
+            config(&dir, http, tcp, https, client_ca.is_some()),
+        )?;
         std::fs::write(dir.join("users.xml"), users())?;
         let child = Command::new(SERVER)
             .arg(format!(

@@ -32,6 +32,14 @@ pub struct ClickHouseConfig {
     /// self-signed server; `/etc/ssl/certs/ca-certificates.crt` for the machine's store).
     #[serde(default)]
     pub ca_file: Option<std::path::PathBuf>,
+    /// For an `https://` url whose server asks for a client certificate (ClickHouse's
+    /// `verificationMode` `relaxed` or `strict`): the agent's certificate (PEM, the leaf
+    /// first, then any intermediates) and its private key (PEM: PKCS#8, RSA or EC).
+    /// Both or neither.
+    #[serde(default)]
+    pub cert_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 fn default_database() -> String {
@@ -62,6 +70,8 @@ impl ClickHouseConfig {
             timeout_ms: default_timeout_ms(),
             query_timeout_ms: default_query_timeout_ms(),
             ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
 
@@ -104,7 +114,61 @@ impl ClickHouseConfig {
             );
         }
         self.ca_certificates()?;
+        self.identity()?;
         PasswordEnv(&self.password_env).validate()
+    }
+
+    /// The client certificate and key of `cert_file` and `key_file` (none without
+    /// them); an error names the key at fault.
+    pub fn identity(&self) -> anyhow::Result<Option<reqwest::Identity>> {
+        let (cert, key) = match (&self.cert_file, &self.key_file) {
+            (None, None) => return Ok(None),
+            (Some(c), Some(k)) => (c, k),
+            (Some(_), None) => {
+                anyhow::bail!(
+                    "config: warehouse.cert_file needs warehouse.key_file, its private key"
+                )
+            }
+            (None, Some(_)) => {
+                anyhow::bail!(
+                    "config: warehouse.key_file needs warehouse.cert_file, its certificate"
+                )
+            }
+        };
+        if !self.url.starts_with("https://") {
+            anyhow::bail!(
+                "config: warehouse.cert_file and key_file are for an https:// url, got {:?}",
+                self.url
+            );
+        }
+        let read = |name: &str, path: &std::path::Path, marker: &str, what: &str| {
+            let text = std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("config: warehouse.{name} {}: {e}", path.display()))?;
+            let has = String::from_utf8_lossy(&text).contains(marker);
+            anyhow::ensure!(
+                has,
+                "config: warehouse.{name} {}: no PEM {what} in it",
+                path.display()
+            );
+            Ok::<_, anyhow::Error>(text)
+        };
+        let mut pem = read("key_file", key, "PRIVATE KEY-----", "private key")?;
+        pem.push(b'\n');
+        pem.extend(read(
+            "cert_file",
+            cert,
+            "-----BEGIN CERTIFICATE-----",
+            "certificate",
+        )?);
+        let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+            anyhow::anyhow!(
+                "config: warehouse.cert_file {} and key_file {}: {}",
+                cert.display(),
+                key.display(),
+                crate::causes(&e)
+            )
+        })?;
+        Ok(Some(identity))
     }
 
     /// The certificates of `ca_file` (none without it); an error names the file.

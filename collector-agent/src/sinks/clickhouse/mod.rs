@@ -8,6 +8,8 @@
 //! user = "default"                # default
 //! password_env = "CLICKHOUSE_PASSWORD"   # optional; never the password itself
 //! # ca_file = "/etc/ssl/company-ca.pem"  # for https://, CAs beside the public ones
+//! # cert_file = "/etc/collector/client.pem"  # for https://, a client certificate
+//! # key_file = "/etc/collector/client.key"   # and its key, when the server asks
 //! ```
 //!
 //! ClickHouse has no transactions and no unique keys, so exactly once is built, not

@@ -176,6 +176,12 @@ impl ClickHouseSink {
         {
             http = http.add_root_certificate(cert);
         }
+        if let Some(id) = cfg
+            .identity()
+            .map_err(|e| SinkError::Permanent(e.to_string()))?
+        {
+            http = http.identity(id);
+        }
         let http = http
             .build()
             .map_err(|e| SinkError::Transient(e.to_string()))?;
@@ -296,7 +302,20 @@ impl ClickHouseSink {
             None => req.query(&params).body(sql.to_string()),
         };
         let resp = req.send().await.map_err(|e| {
-            SinkError::Transient(format!("ClickHouse request: {}", crate::causes(&e)))
+            let why = crate::causes(&e);
+            // rustls names the alert, not the setting that decides it.
+            let hint = if why.contains("fatal alert: CertificateRequired") {
+                " (the server asks for a client certificate: warehouse.cert_file and key_file)"
+            } else if why.contains("fatal alert: UnknownCA")
+                || why.contains("fatal alert: BadCertificate")
+            {
+                " (the server refused the client certificate: warehouse.cert_file)"
+            } else if why.contains("invalid peer certificate") {
+                " (the server's certificate, checked against the public CAs and warehouse.ca_file)"
+            } else {
+                ""
+            };
+            SinkError::Transient(format!("ClickHouse request: {why}{hint}"))
         })?;
         let status = resp.status();
         let text = resp
