@@ -253,3 +253,131 @@ async fn a_transaction_mode_pooler_is_served_and_left_as_found() {
     assert_eq!(one(&sink, "SELECT count(*) FROM tracks").await, s("1"));
     assert_eq!(as_left(), "public\n0\nsql_standard\n");
 }
+
+/// Several hosts, as libpq takes them (`host1:port1,host2:port2`, a primary and its
+/// standbys): the agent connects to the first that answers, and with
+/// `target_session_attrs=read-write` to the first that takes writes, skipping one that
+/// is read-only (as a hot standby is). When its server goes, the agent connects again
+/// the same way, so it finds the host that took over, and brings that server's schema
+/// and its own catalog up to date (a standby promoted after a failover, or a server
+/// restored from a backup, need not have what the agent knew). Server `a` stands in
+/// for a standby, read-only and then writable; it is not a replica, so it has no
+/// schema until the agent reaches it, which the agent used to find only at its start
+/// ("relation load_ids does not exist" at every load after the switch).
+#[tokio::test]
+async fn several_hosts_and_the_first_that_takes_writes() {
+    let (a, b) = (
+        LocalPostgres::start().unwrap(),
+        LocalPostgres::start().unwrap(),
+    );
+    let read_only = |pg: &LocalPostgres, on: bool| {
+        pg.psql(&format!(
+            "ALTER SYSTEM SET default_transaction_read_only = {on}"
+        ))
+        .unwrap();
+        pg.psql("SELECT pg_reload_conf()").unwrap();
+    };
+    read_only(&a, true);
+    let hosts = |ports: &[u16], attrs: &str| {
+        let list: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        PostgresConfig {
+            timeout_ms: 5_000,
+            ..PostgresConfig::at(&format!(
+                "postgres://{}@{}/postgres{attrs}",
+                collector_e2e::postgres::USER,
+                list.join(",")
+            ))
+        }
+    };
+    let count = |pg: &LocalPostgres| {
+        let out =
+            std::process::Command::new(collector_e2e::postgres::bin_dir().unwrap().join("psql"))
+                .args(["-X", "-At", "-h", "127.0.0.1", "-p", &pg.port.to_string()])
+                .args(["-U", collector_e2e::postgres::USER, "-d", "postgres"])
+                .args(["-c", "SELECT count(*) FROM public.tracks"])
+                .output()
+                .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+
+    // libpq's values the driver does not know are refused by `config check`.
+    let err = hosts(&[a.port, b.port], "?target_session_attrs=primary")
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("target_session_attrs"), "{err}");
+
+    // A host that does not answer is skipped.
+    let dead = collector_e2e::free_port();
+    let sink = PostgresSink::connect(&hosts(&[dead, b.port], ""))
+        .await
+        .unwrap();
+    load(
+        &sink,
+        1,
+        json!([{"type": "track", "messageId": "t1", "userId": "u", "event": "Signed Up"}]),
+    )
+    .await;
+    drop(sink);
+    assert_eq!(count(&b), "1");
+
+    // Read-only first: refused without `target_session_attrs`, skipped with it.
+    let err = match PostgresSink::connect(&hosts(&[a.port, b.port], "")).await {
+        Ok(_) => panic!("migrated a read-only server"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("read-only transaction"), "{err}");
+    let cfg = hosts(&[a.port, b.port], "?target_session_attrs=read-write");
+    let sink = PostgresSink::connect(&cfg).await.unwrap();
+    sink.load(&Load::events(0, 2, order_completed("o1", 5.0)))
+        .await
+        .unwrap();
+    assert_eq!(count(&b), "2");
+
+    // The writable server goes and the other takes writes: the load that finds the
+    // connection gone fails (transiently), the next one lands on the other host.
+    b.stop().unwrap();
+    read_only(&a, false);
+    let err = sink
+        .load(&Load::events(0, 3, order_completed("o2", 6.0)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SinkError::Transient(_)), "{err:?}");
+    sink.load(&Load::events(0, 3, order_completed("o2", 6.0)))
+        .await
+        .unwrap();
+    assert_eq!(one(&sink, "SELECT count(*) FROM tracks").await, s("1"));
+    assert_eq!(count(&a), "1");
+}
+
+/// A job that ends inside its transaction (its future dropped at shutdown, say)
+/// leaves nothing behind: the next load does not commit the job's half-done work with
+/// its own, and the sink goes on. It used to hand the connection back in the job's
+/// transaction, whose rows the next load's COMMIT then made permanent.
+#[tokio::test]
+async fn a_job_dropped_inside_its_transaction_commits_nothing() {
+    let pg = LocalPostgres::start().unwrap();
+    let sink = PostgresSink::connect(&PostgresConfig::at(&pg.url))
+        .await
+        .unwrap();
+    load(
+        &sink,
+        1,
+        json!([{"type": "track", "messageId": "t1", "userId": "u", "event": "Signed Up"}]),
+    )
+    .await;
+    {
+        let mut job = sink.session().await.unwrap().unwrap();
+        job.batch("BEGIN").await.unwrap();
+        job.batch("DELETE FROM tracks").await.unwrap();
+        // Dropped here, neither committed nor rolled back.
+    }
+    sink.load(&Load::events(0, 2, order_completed("o1", 5.0)))
+        .await
+        .unwrap();
+    assert_eq!(one(&sink, "SELECT count(*) FROM tracks").await, s("2"));
+    assert_eq!(
+        one(&sink, "SELECT count(*) FROM tracks WHERE message_id = 't1'").await,
+        s("1")
+    );
+}

@@ -417,8 +417,9 @@ async fn a_load_longer_than_its_lease_renews_it() {
     })
     .await
     .unwrap();
-    locker
-        .query("BEGIN; LOCK TABLE message_ids IN ACCESS EXCLUSIVE MODE")
+    let mut lock = locker.session().await.unwrap().unwrap();
+    lock.batch("BEGIN").await.unwrap();
+    lock.batch("LOCK TABLE message_ids IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -442,7 +443,8 @@ async fn a_load_longer_than_its_lease_renews_it() {
         other.batches.is_empty(),
         "the lease was renewed, not handed out again"
     );
-    locker.query("COMMIT").await.unwrap();
+    lock.batch("COMMIT").await.unwrap();
+    drop(lock);
     wait_for(&pg, "SELECT count(*) FROM tracks", 50, "after the lock").await;
     let _ = tx.send(());
     agent.await.unwrap().unwrap();

@@ -239,16 +239,24 @@ impl PostgresSink {
         // Opened here rather than through `client()`, whose errors are all the
         // warehouse's and retried: at start, a config the server can never accept (a
         // CA file that is not there) is reported as what it is.
-        *sink.client.lock().await = Some(Self::open(cfg).await?);
-        let mut guard = sink.client().await?;
-        let client = guard.as_mut().expect("connected");
-        let settings = sink.settings();
+        let mut client = Self::open(cfg).await?;
+        *sink.catalog.lock().await = sink.ready(&mut client).await?;
+        *sink.client.lock().await = Some(client);
+        Ok(sink)
+    }
+
+    /// Brings a new loads' connection's server up to date (the migrations it lacks)
+    /// and reads its catalog. At start, and again whenever the connection is opened
+    /// anew: the server it reaches then may be another (a standby promoted after a
+    /// failover, a server restored from a backup), whose schema and catalog are not
+    /// necessarily the ones the agent knew.
+    async fn ready(&self, client: &mut Client) -> Result<Catalog, SinkError> {
+        let settings = self.settings();
         migrate(client, &settings).await?;
         let tx = begin(client, &settings).await?;
-        *sink.catalog.lock().await = load_catalog(&tx).await?;
+        let catalog = load_catalog(&tx).await?;
         tx.commit().await.map_err(classify)?;
-        drop(guard);
-        Ok(sink)
+        Ok(catalog)
     }
 
     /// [`local_settings`] for everything but loads: the limit for analytical
@@ -316,7 +324,19 @@ impl PostgresSink {
 
     /// The connection, (re)opened if there is none or it broke.
     async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>, SinkError> {
-        self.connection(&self.client).await
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            let mut client = Self::open(&self.cfg)
+                .await
+                .map_err(SinkError::not_the_datas)?;
+            let catalog = self
+                .ready(&mut client)
+                .await
+                .map_err(SinkError::not_the_datas)?;
+            *self.catalog.lock().await = catalog;
+            *guard = Some(client);
+        }
+        Ok(guard)
     }
 
     async fn connection<'a>(
@@ -1094,6 +1114,19 @@ impl PgSession<'_> {
             .map_err(classify)?;
         self.in_tx = true;
         Ok(())
+    }
+}
+
+impl Drop for PgSession<'_> {
+    fn drop(&mut self) {
+        // A job that ends inside its transaction (its future dropped at shutdown, an
+        // error path that did not roll back) would hand the loads' connection back in
+        // that transaction, and the next load's COMMIT would commit the job's half-done
+        // work with its own. The connection is closed instead, which rolls the
+        // transaction back; the next use opens a new one.
+        if self.in_tx {
+            *self.guard = None;
+        }
     }
 }
 
