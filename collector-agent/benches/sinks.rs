@@ -291,10 +291,14 @@ fn duckdb_shaped_load(dir: &std::path::Path, events: &[StoredEvent]) -> f64 {
 
 /// A sink into the test server `pg`.
 async fn pg_sink(pg: &LocalPostgres) -> Arc<PostgresSink> {
+    pg_sink_at(&pg.url, "public").await
+}
+
+async fn pg_sink_at(url: &str, schema: &str) -> Arc<PostgresSink> {
     let cfg = PostgresConfig {
-        url: pg.url.clone(),
+        url: url.to_string(),
         password_env: None,
-        schema: "public".into(),
+        schema: schema.into(),
         timeout_ms: 300_000,
         query_timeout_ms: 3_600_000,
     };
@@ -472,6 +476,32 @@ async fn bench_main() {
                 );
             }
             Err(e) => println!("sink: PostgreSQL\tskipped: {e}"),
+        }
+    }
+
+    // Opt-in (`-- postgres-pooled`): the same loads straight to the server and through
+    // PgBouncer in transaction mode in front of it, back to back, each into a schema
+    // of its own: what the pooler costs.
+    if only.iter().any(|o| o == "postgres-pooled") {
+        match LocalPostgres::start_pooled(3) {
+            Ok(pg) => {
+                let direct = format!(
+                    "postgres://{}@127.0.0.1:{}/postgres",
+                    collector_e2e::postgres::USER,
+                    pg.port
+                );
+                rate(
+                    "sink: PostgreSQL, straight to the server (100k events, loads of 5,000)",
+                    time_sink(pg_sink_at(&direct, "direct").await, loads.clone()).await,
+                    None,
+                );
+                rate(
+                    "sink: PostgreSQL through PgBouncer in transaction mode (the same)",
+                    time_sink(pg_sink_at(&pg.url, "pooled").await, loads.clone()).await,
+                    None,
+                );
+            }
+            Err(e) => println!("sink: PostgreSQL through PgBouncer\tskipped: {e}"),
         }
     }
 
