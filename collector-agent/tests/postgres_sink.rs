@@ -290,14 +290,10 @@ async fn several_hosts_and_the_first_that_takes_writes() {
         }
     };
     let count = |pg: &LocalPostgres| {
-        let out =
-            std::process::Command::new(collector_e2e::postgres::bin_dir().unwrap().join("psql"))
-                .args(["-X", "-At", "-h", "127.0.0.1", "-p", &pg.port.to_string()])
-                .args(["-U", collector_e2e::postgres::USER, "-d", "postgres"])
-                .args(["-c", "SELECT count(*) FROM public.tracks"])
-                .output()
-                .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        pg.psql_output("SELECT count(*) FROM public.tracks")
+            .unwrap()
+            .trim()
+            .to_string()
     };
 
     // libpq's values the driver does not know are refused by `config check`.

@@ -81,6 +81,33 @@ fn pg_output(bin: &Path, tool: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `psql -At` as [`USER`] to 127.0.0.1:`port` (a server, or a pooler in front of one);
+/// what it printed.
+fn psql_at(bin: &Path, port: u16, sql: &str) -> anyhow::Result<String> {
+    let port = port.to_string();
+    pg_output(
+        bin,
+        "psql",
+        &[
+            "-X",
+            "-q",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            USER,
+            "-d",
+            "postgres",
+            "-c",
+            sql,
+        ],
+    )
+}
+
 /// What a server that speaks TLS is given: PEM files (copied into the server's folder),
 /// its `pg_hba.conf`, the password of [`USER`], and roles to create.
 pub struct ServerTls {
@@ -250,28 +277,13 @@ impl LocalPostgres {
     /// it printed (`psql -At`).
     pub fn psql_pooled(&self, sql: &str) -> anyhow::Result<String> {
         let pooler = self.pooler.as_ref().context("no pooler in front")?;
-        let port = pooler.port.to_string();
-        pg_output(
-            &self.bin,
-            "psql",
-            &[
-                "-X",
-                "-q",
-                "-At",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-U",
-                USER,
-                "-d",
-                "postgres",
-                "-c",
-                sql,
-            ],
-        )
+        psql_at(&self.bin, pooler.port, sql)
+    }
+
+    /// Runs SQL as [`USER`] over TCP on the server's own port; what it printed
+    /// (`psql -At`).
+    pub fn psql_output(&self, sql: &str) -> anyhow::Result<String> {
+        psql_at(&self.bin, self.port, sql)
     }
 
     /// Runs SQL as [`USER`] over the server's socket (trusted).
@@ -428,32 +440,11 @@ impl PgBouncer {
     /// transaction that waits for the others, so each holds its own connection.
     pub fn pollute(&self, server: &LocalPostgres) -> anyhow::Result<()> {
         let sql = format!("BEGIN; SELECT pg_sleep(0.5); {POLLUTED} COMMIT;");
-        let port = self.port.to_string();
+        let port = self.port;
         let handles: Vec<_> = (0..self.pool_size)
             .map(|_| {
-                let (bin, sql, port) = (server.bin.clone(), sql.clone(), port.clone());
-                std::thread::spawn(move || {
-                    pg(
-                        &bin,
-                        "psql",
-                        &[
-                            "-X",
-                            "-q",
-                            "-v",
-                            "ON_ERROR_STOP=1",
-                            "-h",
-                            "127.0.0.1",
-                            "-p",
-                            &port,
-                            "-U",
-                            USER,
-                            "-d",
-                            "postgres",
-                            "-c",
-                            &sql,
-                        ],
-                    )
-                })
+                let (bin, sql) = (server.bin.clone(), sql.clone());
+                std::thread::spawn(move || psql_at(&bin, port, &sql))
             })
             .collect();
         for h in handles {
