@@ -227,7 +227,7 @@ async fn a_transaction_mode_pooler_is_served_and_left_as_found() {
         let mut session = sink.session().await.unwrap().unwrap();
         session.batch("BEGIN").await.unwrap();
         session
-            .batch("CREATE TEMP TABLE scratch ON COMMIT DROP AS SELECT user_id FROM identifies")
+            .batch("CREATE TEMP TABLE scratch AS SELECT user_id FROM identifies")
             .await
             .unwrap();
         assert_eq!(
@@ -247,6 +247,13 @@ async fn a_transaction_mode_pooler_is_served_and_left_as_found() {
     assert!(sink.quarantined(&[]).await.unwrap().is_empty());
     assert!(sink.dead_letters().await.unwrap().is_empty());
     assert_eq!(as_left(), "public\n0\nsql_standard\n");
+    // The job's working table went with its transaction: none is left on the
+    // connection for the pooler's next client.
+    assert_eq!(
+        pg.psql_pooled("SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()")
+            .unwrap(),
+        "0\n"
+    );
     // A second agent connecting (migrations, the catalog) through the same pooler.
     drop(sink);
     let sink = PostgresSink::connect(&cfg).await.unwrap();

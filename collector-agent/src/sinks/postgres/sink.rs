@@ -1149,7 +1149,18 @@ impl SqlSession for PgSession<'_> {
         if word.eq_ignore_ascii_case("BEGIN") {
             return self.begin().await;
         }
-        if word.eq_ignore_ascii_case("COMMIT") || word.eq_ignore_ascii_case("ROLLBACK") {
+        if word.eq_ignore_ascii_case("COMMIT") {
+            // A job's working tables (identity's, the audiences') go with its
+            // transaction: through a transaction-mode pooler they would stay on a
+            // server connection that the pooler's other clients use next.
+            self.in_tx = false;
+            return self
+                .client()
+                .batch_execute("DISCARD TEMP; COMMIT")
+                .await
+                .map_err(classify);
+        }
+        if word.eq_ignore_ascii_case("ROLLBACK") {
             self.in_tx = false;
             return self.client().batch_execute(word).await.map_err(classify);
         }
