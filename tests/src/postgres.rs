@@ -81,9 +81,9 @@ fn pg_output(bin: &Path, tool: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// `psql -At` as [`USER`] to 127.0.0.1:`port` (a server, or a pooler in front of one);
-/// what it printed.
-fn psql_at(bin: &Path, port: u16, sql: &str) -> anyhow::Result<String> {
+/// `psql -At` as [`USER`] to `host` (an address, or a server's socket folder) and
+/// `port` (a server's, or a pooler's in front of one); what it printed.
+fn psql_at(bin: &Path, host: &str, port: u16, sql: &str) -> anyhow::Result<String> {
     let port = port.to_string();
     pg_output(
         bin,
@@ -95,7 +95,7 @@ fn psql_at(bin: &Path, port: u16, sql: &str) -> anyhow::Result<String> {
             "-v",
             "ON_ERROR_STOP=1",
             "-h",
-            "127.0.0.1",
+            host,
             "-p",
             &port,
             "-U",
@@ -277,39 +277,19 @@ impl LocalPostgres {
     /// it printed (`psql -At`).
     pub fn psql_pooled(&self, sql: &str) -> anyhow::Result<String> {
         let pooler = self.pooler.as_ref().context("no pooler in front")?;
-        psql_at(&self.bin, pooler.port, sql)
+        psql_at(&self.bin, "127.0.0.1", pooler.port, sql)
     }
 
     /// Runs SQL as [`USER`] over TCP on the server's own port; what it printed
     /// (`psql -At`).
     pub fn psql_output(&self, sql: &str) -> anyhow::Result<String> {
-        psql_at(&self.bin, self.port, sql)
+        psql_at(&self.bin, "127.0.0.1", self.port, sql)
     }
 
     /// Runs SQL as [`USER`] over the server's socket (trusted).
     pub fn psql(&self, sql: &str) -> anyhow::Result<()> {
-        let host = self.dir.path().display().to_string();
-        let port = self.port.to_string();
-        pg(
-            &self.bin,
-            "psql",
-            &[
-                "-X",
-                "-q",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-h",
-                &host,
-                "-p",
-                &port,
-                "-U",
-                USER,
-                "-d",
-                "postgres",
-                "-c",
-                sql,
-            ],
-        )
+        let socket = self.dir.path().display().to_string();
+        psql_at(&self.bin, &socket, self.port, sql).map(drop)
     }
 
     fn ctl(&self, args: &[&str]) -> anyhow::Result<()> {
@@ -444,7 +424,7 @@ impl PgBouncer {
         let handles: Vec<_> = (0..self.pool_size)
             .map(|_| {
                 let (bin, sql) = (server.bin.clone(), sql.clone());
-                std::thread::spawn(move || psql_at(&bin, port, &sql))
+                std::thread::spawn(move || psql_at(&bin, "127.0.0.1", port, &sql))
             })
             .collect();
         for h in handles {
