@@ -131,20 +131,27 @@ fn server_opts(port: u16, dir: &Path, extra: &str) -> String {
     )
 }
 
+/// As root, makes `path` (and what it holds) the `postgres` user's, under which the
+/// server and PgBouncer run; nothing otherwise.
+fn give_to_postgres(path: &Path) -> anyhow::Result<()> {
+    if is_root() {
+        let ok = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(path)
+            .status()?
+            .success();
+        anyhow::ensure!(ok, "chown {} to postgres", path.display());
+    }
+    Ok(())
+}
+
 /// Writes a file the server reads, owned by it and private (PostgreSQL refuses a key
 /// file others can read).
 fn server_file(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::write(path, text).with_context(|| format!("write {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    if is_root() {
-        let ok = Command::new("chown")
-            .arg("postgres:postgres")
-            .arg(path)
-            .status()?
-            .success();
-        anyhow::ensure!(ok, "chown {} to postgres", path.display());
-    }
+    give_to_postgres(path)?;
     Ok(())
 }
 
@@ -163,14 +170,7 @@ impl LocalPostgres {
             "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb); run `cargo xtask setup`",
         )?;
         let dir = crate::TempDir::new("collector-pg")?;
-        if is_root() {
-            let ok = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(dir.path())
-                .status()?
-                .success();
-            anyhow::ensure!(ok, "chown the PostgreSQL folder to postgres");
-        }
+        give_to_postgres(dir.path())?;
         let data = dir.path().join("data");
         let data_s = data.display().to_string();
         pg(
@@ -366,14 +366,7 @@ impl PgBouncer {
                     server = server.port
                 ),
             )?;
-            if is_root() {
-                let ok = Command::new("chown")
-                    .args(["-R", "postgres:postgres"])
-                    .arg(dir.path())
-                    .status()?
-                    .success();
-                anyhow::ensure!(ok, "chown the PgBouncer folder to postgres");
-            }
+            give_to_postgres(dir.path())?;
             let mut cmd = Command::new(exe);
             cmd.arg(dir.path().join("pgbouncer.ini"))
                 .stdout(std::process::Stdio::null())
