@@ -1108,10 +1108,12 @@ impl PgSession<'_> {
 
     async fn begin(&mut self) -> Result<(), SinkError> {
         let begin = format!("BEGIN ISOLATION LEVEL READ COMMITTED; {}", self.settings);
-        self.client()
-            .batch_execute(&begin)
-            .await
-            .map_err(classify)?;
+        if let Err(e) = self.client().batch_execute(&begin).await {
+            // `BEGIN` may have run before a setting failed: end what it started, so
+            // the connection is not left in a failed transaction.
+            let _ = self.client().batch_execute("ROLLBACK").await;
+            return Err(classify(e));
+        }
         self.in_tx = true;
         Ok(())
     }
