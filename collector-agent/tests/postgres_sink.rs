@@ -12,6 +12,23 @@ use collector_e2e::postgres::LocalPostgres;
 use common::{load, one, order_completed, s};
 use serde_json::json;
 
+/// A session makes a temporary table of `identifies`' user ids and reads it back:
+/// the one identify loaded, of `u1`.
+async fn scratch_holds_u1(session: &mut dyn collector_agent::sinks::SqlSession) {
+    session
+        .batch("CREATE TEMP TABLE scratch AS SELECT user_id FROM identifies")
+        .await
+        .unwrap();
+    assert_eq!(
+        session
+            .query("SELECT user_id FROM scratch")
+            .await
+            .unwrap()
+            .rows[0][0],
+        s("u1")
+    );
+}
+
 /// A load's statements are bound by `timeout_ms`; what reads the warehouse (a
 /// session: identity, audiences, privacy; `sql`) by `query_timeout_ms`, so a
 /// statement that outgrows a load's limit on a large warehouse still finishes.
@@ -117,18 +134,7 @@ async fn a_role_that_owns_only_its_schema_is_enough() {
     assert_eq!(one(&sink, "SELECT plan FROM users").await, s("pro"));
     assert_eq!(one(&sink, "SELECT current_schema()").await, s("analytics"));
     let mut session = sink.session().await.unwrap().unwrap();
-    session
-        .batch("CREATE TEMP TABLE scratch AS SELECT user_id FROM identifies")
-        .await
-        .unwrap();
-    assert_eq!(
-        session
-            .query("SELECT user_id FROM scratch")
-            .await
-            .unwrap()
-            .rows[0][0],
-        s("u1")
-    );
+    scratch_holds_u1(&mut *session).await;
     drop(session);
     // A second connection (an agent restarting) finds the schema and makes nothing.
     drop(sink);
@@ -226,18 +232,7 @@ async fn a_transaction_mode_pooler_is_served_and_left_as_found() {
     {
         let mut session = sink.session().await.unwrap().unwrap();
         session.batch("BEGIN").await.unwrap();
-        session
-            .batch("CREATE TEMP TABLE scratch AS SELECT user_id FROM identifies")
-            .await
-            .unwrap();
-        assert_eq!(
-            session
-                .query("SELECT user_id FROM scratch")
-                .await
-                .unwrap()
-                .rows[0][0],
-            s("u1")
-        );
+        scratch_holds_u1(&mut *session).await;
         session.batch("COMMIT").await.unwrap();
         assert_eq!(
             session.query("SHOW TimeZone").await.unwrap().rows[0][0],
