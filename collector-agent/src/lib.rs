@@ -687,8 +687,8 @@ impl Drainer {
     /// embedded DuckDB gives back the memory it keeps only to go faster, and a lake
     /// compacts its small files (it logs its own failures). A failure is
     /// logged, never fatal (the next load opens the warehouse again if it must).
-    pub async fn idle(&self) {
-        match self.sink.idle().await {
+    pub async fn idle(&self, why: sinks::Idle) {
+        match self.sink.idle(why).await {
             Ok(stats) => self.metrics.idled(&stats),
             Err(e) => {
                 tracing::warn!(error = %e, "the warehouse could not give its memory back while idle")
@@ -767,9 +767,10 @@ pub async fn drain_once(cfg: &AgentConfig) -> anyhow::Result<DrainSummary> {
     let info = drainer.info().await?;
     let (_never, stop) = watch::channel(false);
     let (total, errors) = drainer.drain_all(info.shards, true, &stop).await;
-    // What an idle daemon does after loading, so a lake drained from cron is compacted.
+    // The upkeep an idle daemon does after loading, so a lake drained from cron is
+    // compacted; not its memory release, which the exit does.
     if total.batches > 0 {
-        drainer.idle().await;
+        drainer.idle(sinks::Idle::Exiting).await;
     }
     if let Some((shard, e)) = errors.into_iter().next() {
         anyhow::bail!("shard {shard}: {e} (other shards drained: {total:?})");
@@ -926,7 +927,7 @@ pub async fn run(
                 // The edge is empty: what the warehouse kept for the loads (and the
                 // identity and audience runs after them) is given back until the next.
                 if std::mem::take(&mut busy) {
-                    drainer.idle().await;
+                    drainer.idle(sinks::Idle::Waiting).await;
                 }
                 poll
             }

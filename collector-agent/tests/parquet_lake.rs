@@ -5,7 +5,7 @@
 mod common;
 
 use collector_agent::sinks::parquet::ParquetSink;
-use collector_agent::sinks::{IdleStats, Load, Sink};
+use collector_agent::sinks::{Idle, IdleStats, Load, Sink};
 use common::events;
 use serde_json::json;
 
@@ -972,11 +972,14 @@ async fn an_idle_lake_gives_its_memory_back() {
     assert!(wal() > 0);
 
     let session = sink.session().await.unwrap().unwrap();
-    sink.idle().await.unwrap();
+    sink.idle(Idle::Waiting).await.unwrap();
     assert!(wal() > 0, "checkpointed with a session open");
     drop(session);
+    // Before an exit (`run --once`), nothing to give back: the process does.
+    sink.idle(Idle::Exiting).await.unwrap();
+    assert!(wal() > 0, "checkpointed before an exit");
 
-    sink.idle().await.unwrap();
+    sink.idle(Idle::Waiting).await.unwrap();
     let after: i64 = common::one(&sink, held).await.unwrap().parse().unwrap();
     assert!(after * 2 < before, "{before} → {after} bytes");
     assert_eq!(wal(), 0);
@@ -1226,7 +1229,7 @@ async fn an_idle_agent_compacts_unless_told_not_to() {
     })
     .unwrap();
     five_small_loads(&off).await;
-    assert_eq!(off.idle().await.unwrap(), IdleStats::default());
+    assert_eq!(off.idle(Idle::Waiting).await.unwrap(), IdleStats::default());
     assert_eq!(
         in_partition(&dir.path().join("off"), "table=tracks/date=2026-11-24").len(),
         5
@@ -1237,12 +1240,13 @@ async fn an_idle_agent_compacts_unless_told_not_to() {
     five_small_loads(&on).await;
     // Not while a session reads the files.
     let session = on.session().await.unwrap().unwrap();
-    assert_eq!(on.idle().await.unwrap(), IdleStats::default());
+    assert_eq!(on.idle(Idle::Waiting).await.unwrap(), IdleStats::default());
     assert_eq!(in_partition(&root, "table=tracks/date=2026-11-24").len(), 5);
     drop(session);
-    // `tracks` and the per-event table of 2026-11-24, five files each.
+    // `tracks` and the per-event table of 2026-11-24, five files each; before an exit
+    // too (a lake drained from cron with `run --once`).
     assert_eq!(
-        on.idle().await.unwrap(),
+        on.idle(Idle::Exiting).await.unwrap(),
         IdleStats {
             compactions: 2,
             files_merged: 10,
@@ -1251,7 +1255,7 @@ async fn an_idle_agent_compacts_unless_told_not_to() {
         }
     );
     assert_eq!(in_partition(&root, "table=tracks/date=2026-11-24").len(), 1);
-    assert_eq!(on.idle().await.unwrap(), IdleStats::default());
+    assert_eq!(on.idle(Idle::Waiting).await.unwrap(), IdleStats::default());
     assert_eq!(count(&on, "tracks").await, "15");
 }
 
@@ -1451,7 +1455,7 @@ async fn an_idle_agent_counts_its_compactions_in_metrics() {
         sink.load(&Load::events(0, b, events(batch))).await.unwrap();
     }
     let drainer = collector_agent::Drainer::new(cfg, sink).unwrap();
-    drainer.idle().await;
+    drainer.idle(Idle::Waiting).await;
     let text = drainer.metrics().render();
     assert!(
         text.contains("collector_agent_lake_compactions_total 2\n"),

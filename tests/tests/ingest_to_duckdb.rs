@@ -365,6 +365,26 @@ async fn an_idle_agent_folds_the_log_into_the_file_and_loads_on() {
     assert_eq!(st.count("tracks"), 1_470);
 }
 
+// `run --once` with `checkpoint_on_stop = false` exits with the loads' rows in the
+// write-ahead log. Its idle step before the exit (the lake's compaction) checkpointed the
+// DuckDB warehouse, which made the setting do nothing in `run --once` and put back the
+// peak it exists to avoid (BENCHMARKS.md, "Twenty-eighth round").
+#[tokio::test]
+async fn run_once_with_checkpoint_on_stop_false_exits_with_the_rows_in_the_log() {
+    let st = Stack::start();
+    post_wide_events(&st, 2_000).await;
+    let mut cfg = st.agent_config();
+    let collector_agent::config::WarehouseConfig::DuckDb(duck) = &mut cfg.warehouse else {
+        unreachable!("the stack's warehouse is DuckDB")
+    };
+    duck.checkpoint_on_stop = Some(false);
+    let summary = collector_agent::drain_once(&cfg).await.expect("drains");
+    assert_eq!(summary.inserted, 2_000, "{summary:?}");
+    let wal = std::fs::metadata(st.warehouse().with_extension("duckdb.wal")).map_or(0, |m| m.len());
+    assert!(wal > 100_000, "a log of {wal} bytes");
+    assert_eq!(st.count("tracks"), 1_400);
+}
+
 /// Browser events wider than the drain bench's: a context with page and campaign, and
 /// one identify (50 users) and two pages in ten.
 fn wide_event(i: usize) -> serde_json::Value {

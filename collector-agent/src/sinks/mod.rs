@@ -43,6 +43,15 @@ pub struct LoadStats {
     pub by_table: [u64; 6],
 }
 
+/// Why the agent tells the warehouse it idles ([`Sink::idle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idle {
+    /// A running agent found nothing to load and waits for more.
+    Waiting,
+    /// The agent exits after this call (`run --once`).
+    Exiting,
+}
+
 /// What one idle call did beyond giving memory back: the lake's compaction.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct IdleStats {
@@ -206,7 +215,12 @@ pub trait Sink: Send + Sync {
     /// (the DuckDB sink, the lake's state file) checkpoints and evicts its cached
     /// blocks; the lake first compacts its small files; a server keeps its memory
     /// itself. What it did, for `/metrics`.
-    async fn idle(&self) -> Result<IdleStats, SinkError> {
+    ///
+    /// [`Idle::Exiting`] (`run --once` after its drain): only the upkeep. The process
+    /// gives its memory back when it exits, and a checkpoint here would fold the log
+    /// into the file against `checkpoint_on_stop = false`, and at the peak that setting
+    /// exists to avoid (BENCHMARKS.md, "Twenty-eighth round").
+    async fn idle(&self, _why: Idle) -> Result<IdleStats, SinkError> {
         Ok(IdleStats::default())
     }
 

@@ -1491,7 +1491,10 @@ impl Sink for DuckDbSink {
         )))
     }
 
-    async fn idle(&self) -> Result<crate::sinks::IdleStats, SinkError> {
+    async fn idle(&self, why: crate::sinks::Idle) -> Result<crate::sinks::IdleStats, SinkError> {
+        if why == crate::sinks::Idle::Exiting {
+            return Ok(Default::default());
+        }
         let sessions = self.sessions.clone();
         let state = self.state.clone();
         tokio::task::spawn_blocking(move || {

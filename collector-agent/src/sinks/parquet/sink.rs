@@ -1169,7 +1169,7 @@ impl Sink for ParquetSink {
         )))
     }
 
-    async fn idle(&self) -> Result<IdleStats, SinkError> {
+    async fn idle(&self, why: crate::sinks::Idle) -> Result<IdleStats, SinkError> {
         let sessions = self.sessions.clone();
         let compaction = self.compaction.clone();
         let state = self.state.clone();
@@ -1201,6 +1201,9 @@ impl Sink for ParquetSink {
                         }
                     }
                 }
+            }
+            if why == crate::sinks::Idle::Exiting {
+                return Ok(stats);
             }
             let out = release_when_idle(
                 st.conn.as_ref(),
