@@ -257,10 +257,19 @@ impl LocalPostgres {
     /// tables) is whatever their earlier clients left. Each of them is left with a
     /// hostile one first ([`PgBouncer::pollute`]); `url` is the pooler's.
     pub fn start_pooled(pool_size: usize) -> anyhow::Result<LocalPostgres> {
+        Self::start_pooled_in(pool_size, "transaction")
+    }
+
+    /// A server behind PgBouncer in `pool_mode` (`session`, `transaction` or
+    /// `statement`), as [`LocalPostgres::start_pooled`].
+    pub fn start_pooled_in(pool_size: usize, pool_mode: &str) -> anyhow::Result<LocalPostgres> {
         let mut pg = Self::start()?;
-        let pooler = PgBouncer::start(&pg, pool_size)?;
+        let pooler = PgBouncer::start(&pg, pool_size, pool_mode)?;
         pg.url = format!("postgres://{USER}@127.0.0.1:{}/postgres", pooler.port);
-        pooler.pollute(&pg)?;
+        // A statement-mode pooler takes no transaction to pollute with.
+        if pool_mode != "statement" {
+            pooler.pollute(&pg)?;
+        }
         pg.pooler = Some(pooler);
         Ok(pg)
     }
@@ -268,7 +277,7 @@ impl LocalPostgres {
     /// A new server like this one: pooled the same way when this one is.
     pub fn fresh(&self) -> anyhow::Result<LocalPostgres> {
         match &self.pooler {
-            Some(p) => Self::start_pooled(p.pool_size),
+            Some(p) => Self::start_pooled_in(p.pool_size, &p.pool_mode),
             None => Self::start(),
         }
     }
@@ -318,13 +327,15 @@ impl Drop for LocalPostgres {
     }
 }
 
-/// Debian's PgBouncer (`cargo xtask setup` installs it) in transaction mode in front of
-/// a [`LocalPostgres`], on a free loopback port; stopped when dropped.
+/// Debian's PgBouncer (`cargo xtask setup` installs it), in transaction mode unless told
+/// otherwise, in front of a [`LocalPostgres`], on a free loopback port; stopped when
+/// dropped.
 pub struct PgBouncer {
     child: std::process::Child,
     _dir: crate::TempDir,
     pub port: u16,
     pub pool_size: usize,
+    pub pool_mode: String,
 }
 
 /// The session state [`PgBouncer::pollute`] leaves on every server connection: another
@@ -337,7 +348,11 @@ pub const POLLUTED: &str =
     "SET search_path TO public; SET extra_float_digits TO 0; SET IntervalStyle TO sql_standard;";
 
 impl PgBouncer {
-    fn start(server: &LocalPostgres, pool_size: usize) -> anyhow::Result<PgBouncer> {
+    fn start(
+        server: &LocalPostgres,
+        pool_size: usize,
+        pool_mode: &str,
+    ) -> anyhow::Result<PgBouncer> {
         use std::os::unix::process::CommandExt;
         let exe = Path::new("/usr/sbin/pgbouncer");
         anyhow::ensure!(
@@ -360,7 +375,7 @@ impl PgBouncer {
                     "[databases]\n* = host=127.0.0.1 port={server}\n\n[pgbouncer]\n\
                      listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
                      auth_type = trust\nauth_file = {d}/userlist.txt\n\
-                     pool_mode = transaction\ndefault_pool_size = {pool_size}\nmin_pool_size = 0\n\
+                     pool_mode = {pool_mode}\ndefault_pool_size = {pool_size}\nmin_pool_size = 0\n\
                      server_round_robin = 1\nmax_client_conn = 500\n\
                      logfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\n",
                     server = server.port
@@ -396,6 +411,7 @@ impl PgBouncer {
                     _dir: dir,
                     port,
                     pool_size,
+                    pool_mode: pool_mode.into(),
                 });
             }
             let _ = child.kill();

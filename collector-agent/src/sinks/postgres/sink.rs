@@ -67,6 +67,19 @@ fn classify(e: tokio_postgres::Error) -> SinkError {
     }
 }
 
+/// At start, a pooler that refuses transactions (PgBouncer's `pool_mode = statement`)
+/// is a setting to change, not a warehouse to wait for: every statement of the agent
+/// runs in a transaction (its `SET LOCAL`s, then the statement). Only at start: later,
+/// a load's error is never called the data's for it.
+fn statement_pooler(e: SinkError) -> SinkError {
+    match e {
+        SinkError::Transient(m) if m.contains("statement pooling mode") => SinkError::Permanent(format!(
+            "{m}: the url reaches a connection pooler in statement mode, which refuses transactions, and the agent runs each statement in one; use the pooler in transaction mode (PgBouncer: pool_mode = transaction; Supabase: port 6543) or session mode, or the server's own port"
+        )),
+        e => e,
+    }
+}
+
 /// PostgreSQL's system columns, which every table has hidden: `ADD COLUMN xmin` fails
 /// ("conflicts with a system column name"), which blocked the shard of an event with
 /// a property so named (a map's `xmin`) until it was reserved. A property so named is
@@ -239,8 +252,8 @@ impl PostgresSink {
         // Opened here rather than through `client()`, whose errors are all the
         // warehouse's and retried: at start, a config the server can never accept (a
         // CA file that is not there) is reported as what it is.
-        let mut client = Self::open(cfg).await?;
-        *sink.catalog.lock().await = sink.ready(&mut client).await?;
+        let mut client = Self::open(cfg).await.map_err(statement_pooler)?;
+        *sink.catalog.lock().await = sink.ready(&mut client).await.map_err(statement_pooler)?;
         *sink.client.lock().await = Some(client);
         Ok(sink)
     }
