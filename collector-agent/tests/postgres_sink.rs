@@ -382,8 +382,9 @@ async fn a_job_dropped_inside_its_transaction_commits_nothing() {
 
 // PgBouncer in statement mode refuses transactions, and the agent runs every statement
 // in one (`SET LOCAL`s, then the statement). At start that is said for what it is, with
-// what to use instead, and not retried as a warehouse that is down: the agent waited
-// for it for ever, `run --once` too, logging PgBouncer's words as a transient error.
+// what to use instead, and not retried as a warehouse that is down: the daemon waited
+// for it for ever, logging PgBouncer's words as a transient error ("warehouse
+// temporarily unavailable"), which is also all `run --once` said.
 #[tokio::test]
 async fn a_statement_mode_pooler_is_refused_with_what_to_use() {
     let pg = LocalPostgres::start_pooled_in(1, "statement").unwrap();
