@@ -40,13 +40,7 @@ async fn loads_and_analytical_statements_have_their_own_timeouts() {
         query_timeout_ms: 20_000,
         ..PostgresConfig::at(&pg.url)
     };
-    let sink = PostgresSink::connect(&cfg).await.unwrap();
-    load(
-        &sink,
-        1,
-        json!([{"type": "track", "messageId": "m1", "userId": "u", "event": "Signed Up"}]),
-    )
-    .await;
+    let sink = connected_with_one_track(&cfg, "m1").await;
 
     // Longer than a load may take: fine in a session and through `query`.
     {
@@ -307,15 +301,7 @@ async fn several_hosts_and_the_first_that_takes_writes() {
 
     // A host that does not answer is skipped.
     let dead = collector_e2e::free_port();
-    let sink = PostgresSink::connect(&hosts(&[dead, b.port], ""))
-        .await
-        .unwrap();
-    load(
-        &sink,
-        1,
-        json!([{"type": "track", "messageId": "t1", "userId": "u", "event": "Signed Up"}]),
-    )
-    .await;
+    let sink = connected_with_one_track(&hosts(&[dead, b.port], ""), "t1").await;
     drop(sink);
     assert_eq!(count(&b), "1");
 
@@ -355,15 +341,7 @@ async fn several_hosts_and_the_first_that_takes_writes() {
 #[tokio::test]
 async fn a_job_dropped_inside_its_transaction_commits_nothing() {
     let pg = LocalPostgres::start().unwrap();
-    let sink = PostgresSink::connect(&PostgresConfig::at(&pg.url))
-        .await
-        .unwrap();
-    load(
-        &sink,
-        1,
-        json!([{"type": "track", "messageId": "t1", "userId": "u", "event": "Signed Up"}]),
-    )
-    .await;
+    let sink = connected_with_one_track(&PostgresConfig::at(&pg.url), "t1").await;
     {
         let mut job = sink.session().await.unwrap().unwrap();
         job.batch("BEGIN").await.unwrap();
@@ -400,4 +378,16 @@ async fn a_statement_mode_pooler_is_refused_with_what_to_use() {
     ] {
         assert!(text.contains(words), "{text}");
     }
+}
+
+/// A sink connected with `cfg`, into which one track (`message_id`) was loaded.
+async fn connected_with_one_track(cfg: &PostgresConfig, message_id: &str) -> PostgresSink {
+    let sink = PostgresSink::connect(cfg).await.unwrap();
+    load(
+        &sink,
+        1,
+        json!([{"type": "track", "messageId": message_id, "userId": "u", "event": "Signed Up"}]),
+    )
+    .await;
+    sink
 }
