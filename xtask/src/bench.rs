@@ -158,6 +158,9 @@ pub struct DrainSink {
     pub warehouse: String,
     /// Agent keys of its own (before `BENCH_AGENT`'s).
     pub agent: &'static str,
+    /// The agent's environment beyond the bench's own (the lean recipes' allocator
+    /// setting).
+    pub env: &'static [(&'static str, &'static str)],
 }
 
 /// The DuckDB settings that keep the embedded agent's loads under 100 MB (README,
@@ -171,6 +174,10 @@ pub const LEAN_AGENT: &str = "lease_batches = 2";
 pub const LEAN_LAKE: &str = "memory_cap = \"32MB\"\nthreads = 1";
 /// The same, with identity left to another agent (its profile rebuild needs more).
 pub const LEAN_AGENT_LOADS: &str = "lease_batches = 2\nidentity = { enabled = false }";
+/// The lean DuckDB recipe's environment (README, Memory): glibc gives freed memory at the
+/// top of the agent's heap back from 128 KiB on, not from its default, which grows with
+/// the largest block freed (BENCHMARKS.md, "Twenty-eighth round": ~3 MB).
+pub const LEAN_ENV: &[(&str, &str)] = &[("MALLOC_TRIM_THRESHOLD_", "131072")];
 
 /// A backlog for the agent: 20-event bodies from 16 senders through `wrangler dev`
 /// (1,800 requests, 36,000 events; `BENCH_DRAIN_REQUESTS` sets the count), then
@@ -241,6 +248,7 @@ pub fn drain_run(
         .args(["run", "--once", "--config"])
         .arg(&config)
         .env("RUST_LOG", log)
+        .envs(sink.env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -403,6 +411,7 @@ fn daemon_waves(
         .args(["run", "--config"])
         .arg(config)
         .env("RUST_LOG", log)
+        .envs(sink.env.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -1353,11 +1362,13 @@ fn drain_into(
     eprintln!("bench: the agent's drain into {kind}");
     // The servers run until the drain returns (each stops when dropped).
     let mut agent = "";
+    let mut env: &'static [(&'static str, &'static str)] = &[];
     let (label, warehouse, _server): (_, String, Option<Box<dyn std::any::Any>>) = match kind {
         "duckdb-lean" | "duckdb-lean-loads" => {
             fresh_duckdb(dir);
             let loads = kind == "duckdb-lean-loads";
             agent = if loads { LEAN_AGENT_LOADS } else { LEAN_AGENT };
+            env = LEAN_ENV;
             (
                 if loads {
                     "DuckDB, lean settings, identity off"
@@ -1428,6 +1439,7 @@ fn drain_into(
             label,
             warehouse,
             agent,
+            env,
         },
     )
 }
