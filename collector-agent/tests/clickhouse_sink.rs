@@ -907,11 +907,7 @@ async fn agents_starting_together_on_a_fresh_warehouse_all_connect(start: Start)
 #[tokio::test]
 async fn https_with_a_private_ca_through_ca_file() {
     let ca = common::TestCa::new("collector test CA");
-    let (cert, key) = ca.issue(
-        "localhost",
-        &["localhost"],
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-    );
+    let (cert, key) = ca.localhost_server();
     let ch = LocalClickHouse::start_tls(&cert, &key).unwrap();
     let https = ch.https_url.clone().unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -968,11 +964,7 @@ async fn https_with_a_private_ca_through_ca_file() {
 #[tokio::test]
 async fn https_with_a_client_certificate() {
     let ca = common::TestCa::new("collector test CA");
-    let (cert, key) = ca.issue(
-        "localhost",
-        &["localhost"],
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-    );
+    let (cert, key) = ca.localhost_server();
     let clients = common::TestCa::new("collector clients CA");
     let ch = LocalClickHouse::start_mutual_tls(&cert, &key, &clients.pem()).unwrap();
     let https = ch.https_url.clone().unwrap();

@@ -32,11 +32,7 @@ impl Fixture {
         let dir = tempfile::tempdir().unwrap();
         let server_ca = TestCa::new("collector test CA");
         let other_ca = TestCa::new("someone else's CA");
-        let (cert_pem, key_pem) = server_ca.issue(
-            "localhost",
-            &["localhost"],
-            ExtendedKeyUsagePurpose::ServerAuth,
-        );
+        let (cert_pem, key_pem) = server_ca.localhost_server();
         let (client_pem, client_key) =
             server_ca.issue(CERT_USER, &[], ExtendedKeyUsagePurpose::ClientAuth);
         let (stranger_pem, stranger_key) =

@@ -490,4 +490,13 @@ impl TestCa {
         let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
         (cert.pem(), key.serialize_pem())
     }
+
+    /// A server certificate for `localhost` signed by this CA, and its key: both PEM.
+    pub fn localhost_server(&self) -> (String, String) {
+        self.issue(
+            "localhost",
+            &["localhost"],
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        )
+    }
 }
