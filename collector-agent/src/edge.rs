@@ -26,13 +26,16 @@ pub enum EdgeError {
     Body { path: &'static str, error: String },
     #[error(transparent)]
     Request(#[from] collector_core::drain::DrainRequestError),
+    /// The task making the request ended without an answer (it panicked).
+    #[error("edge request task failed: {0}")]
+    Task(String),
 }
 
 impl EdgeError {
     /// Whether trying again later can help (network trouble, 5xx, 429).
     pub fn retryable(&self) -> bool {
         match self {
-            EdgeError::Transport(_) => true,
+            EdgeError::Transport(_) | EdgeError::Task(_) => true,
             EdgeError::Status { status, .. } => *status >= 500 || *status == 429,
             EdgeError::Decode(_) | EdgeError::Body { .. } | EdgeError::Request(_) => false,
         }

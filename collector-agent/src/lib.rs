@@ -4,7 +4,8 @@
 //! warehouse in one transaction (idempotent by `message_id`) → commit → ack the lease.
 //! A crash anywhere before the ack leaves the lease to expire, and the batches come
 //! back; loading them again changes nothing. So every event the edge acknowledged lands
-//! exactly once.
+//! exactly once. The next lease is taken while a full one loads (`HeldLease`), so
+//! the edge's round trip is off the loop.
 //!
 //! Entry points: [`run`] (the daemon, also used by tests on `127.0.0.1:0`) and
 //! [`drain_once`] (drain until the edge is empty, then return).
@@ -27,7 +28,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use collector_core::codec::{decode_batch, BATCH_VERSION};
+use collector_core::codec::{decode_batch, Lease, BATCH_VERSION};
 use collector_core::drain::{DrainInfo, Formats};
 use collector_core::CodecError;
 use tokio::sync::watch;
@@ -90,6 +91,72 @@ impl DrainError {
             DrainError::Task(_) => true,
             DrainError::NewerFormat { .. } | DrainError::EdgeTooNew(_) => false,
         }
+    }
+}
+
+/// A lease this agent holds: renewed every third of its length, so a large load
+/// never outlives it and its batches are not handed to another agent, until it is
+/// dropped (acked, or given up to expire).
+struct HeldLease {
+    lease: Lease,
+    renewer: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl HeldLease {
+    async fn take(
+        client: EdgeClient,
+        metrics: Arc<metrics::Metrics>,
+        shard: u32,
+        max_batches: u32,
+        lease_ms: u64,
+        flush: bool,
+    ) -> Result<HeldLease, DrainError> {
+        let lease = match client.lease(shard, max_batches, lease_ms, flush).await {
+            Ok(l) => l,
+            Err(e) => {
+                metrics.failed("edge");
+                return Err(e.into());
+            }
+        };
+        if lease.batches.is_empty() {
+            return Ok(HeldLease {
+                lease,
+                renewer: None,
+            });
+        }
+        let lease_id = lease.lease_id.clone();
+        let renewer = tokio::spawn(async move {
+            let every = Duration::from_millis((lease_ms / 3).max(100));
+            loop {
+                tokio::time::sleep(every).await;
+                match client.renew(shard, &lease_id, lease_ms).await {
+                    Ok(0) => tracing::warn!(
+                        shard,
+                        "lease expired before it could be renewed; the load stays idempotent"
+                    ),
+                    Ok(_) => tracing::debug!(shard, "lease renewed"),
+                    Err(e) => tracing::warn!(shard, error = %e, "lease renewal failed"),
+                }
+            }
+        });
+        Ok(HeldLease {
+            lease,
+            renewer: Some(renewer),
+        })
+    }
+}
+
+impl HeldLease {
+    fn stop_renewing(&mut self) {
+        if let Some(r) = self.renewer.take() {
+            r.abort();
+        }
+    }
+}
+
+impl Drop for HeldLease {
+    fn drop(&mut self) {
+        self.stop_renewing();
     }
 }
 
@@ -308,52 +375,38 @@ impl Drainer {
         Ok(info)
     }
 
-    /// Leases once from `shard`, loads what came (events, quarantined events and dead
-    /// letters, in one transaction), and acks. Returns the batch count (0 when the shard
-    /// had nothing sealed).
-    pub async fn drain_round(&self, shard: u32, flush: bool) -> Result<DrainSummary, DrainError> {
-        let lease = match self
-            .client
-            .lease(shard, self.cfg.lease_batches, self.cfg.lease_ms, flush)
-            .await
-        {
-            Ok(l) => l,
-            Err(e) => {
-                self.metrics.failed("edge");
-                return Err(e.into());
-            }
-        };
-        if lease.batches.is_empty() {
+    /// Leases once from `shard`: the lease is renewed from now until it is dropped.
+    async fn take_lease(&self, shard: u32, flush: bool) -> Result<HeldLease, DrainError> {
+        HeldLease::take(
+            self.client.clone(),
+            self.metrics.clone(),
+            shard,
+            self.cfg.lease_batches,
+            self.cfg.lease_ms,
+            flush,
+        )
+        .await
+    }
+
+    /// Loads what a lease brought (events, quarantined events and dead letters, in
+    /// loads of one transaction each), and acks it. Returns the batch count (0 when
+    /// the shard had nothing sealed).
+    async fn drain_round(
+        &self,
+        shard: u32,
+        mut held: HeldLease,
+    ) -> Result<DrainSummary, DrainError> {
+        let batches = std::mem::take(&mut held.lease.batches);
+        if batches.is_empty() {
             return Ok(DrainSummary::default());
         }
         let mut summary = DrainSummary {
-            batches: lease.batches.len() as u64,
+            batches: batches.len() as u64,
             ..DrainSummary::default()
         };
         let started = std::time::Instant::now();
-        // While the load runs, renew the lease every third of its length, so a large
-        // load never outlives it and its batches are not handed to another agent.
-        let renewer = {
-            let client = self.client.clone();
-            let lease_id = lease.lease_id.clone();
-            let lease_ms = self.cfg.lease_ms;
-            tokio::spawn(async move {
-                let every = Duration::from_millis((lease_ms / 3).max(100));
-                loop {
-                    tokio::time::sleep(every).await;
-                    match client.renew(shard, &lease_id, lease_ms).await {
-                        Ok(0) => tracing::warn!(
-                            shard,
-                            "lease expired before it could be renewed; the load stays idempotent"
-                        ),
-                        Ok(_) => tracing::debug!(shard, "lease renewed"),
-                        Err(e) => tracing::warn!(shard, error = %e, "lease renewal failed"),
-                    }
-                }
-            })
-        };
-        let loaded = self.load_lease(shard, lease.batches, &mut summary).await;
-        renewer.abort();
+        let loaded = self.load_lease(shard, batches, &mut summary).await;
+        held.stop_renewing();
         let stats: LoadStats = match loaded {
             Ok(s) => s,
             Err((e, failed_batch)) => {
@@ -376,7 +429,7 @@ impl Drainer {
         summary.quarantined = stats.quarantined;
         summary.dead_letters = stats.dead_letters;
         // Committed: only now may the edge forget these batches.
-        let acked = match self.client.ack(shard, &lease.lease_id).await {
+        let acked = match self.client.ack(shard, &held.lease.lease_id).await {
             Ok(n) => n,
             Err(e) => {
                 self.metrics.failed("ack");
@@ -527,13 +580,41 @@ impl Drainer {
         stop: &watch::Receiver<bool>,
     ) -> Result<DrainSummary, DrainError> {
         let mut total = DrainSummary::default();
+        // The next lease is asked for while this one loads (when this one came full,
+        // so more is likely waiting), which takes the edge's round trip out of the
+        // loop. A lease in hand is loaded even after a stop is asked for, so a stop
+        // leaves nothing leased; after a failure it is dropped and its batches come
+        // back when it expires, like the failed lease's own.
+        let mut ahead: Option<tokio::task::JoinHandle<Result<HeldLease, DrainError>>> = None;
         loop {
-            if *stop.borrow() {
-                return Ok(total);
+            let held = match ahead.take() {
+                Some(next) => next
+                    .await
+                    .map_err(|e| DrainError::Edge(EdgeError::Task(e.to_string())))??,
+                None if *stop.borrow() => return Ok(total),
+                None => self.take_lease(shard, flush).await?,
+            };
+            let full = held.lease.batches.len() >= self.cfg.lease_batches as usize;
+            if full && !*stop.borrow() {
+                ahead = Some(tokio::spawn(HeldLease::take(
+                    self.client.clone(),
+                    self.metrics.clone(),
+                    shard,
+                    self.cfg.lease_batches,
+                    self.cfg.lease_ms,
+                    flush,
+                )));
             }
-            let round = self.drain_round(shard, flush).await?;
-            total.add(round);
-            if round.batches < u64::from(self.cfg.lease_batches) {
+            match self.drain_round(shard, held).await {
+                Ok(round) => total.add(round),
+                Err(e) => {
+                    if let Some(next) = ahead.take() {
+                        next.abort();
+                    }
+                    return Err(e);
+                }
+            }
+            if !full {
                 return Ok(total);
             }
         }

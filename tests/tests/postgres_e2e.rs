@@ -397,45 +397,85 @@ async fn the_agent_waits_for_a_postgres_that_is_down_at_start() {
 // A load that takes longer than its lease (here: blocked by a lock an analyst holds)
 // keeps the lease by renewing it, so no other agent gets its batches meanwhile; then it
 // commits and acks, exactly once.
+/// `n` track events of one visitor (so one shard), posted 500 to a request; returns
+/// the shard.
+async fn post_one_visitors_tracks(st: &Stack, prefix: &str, n: usize) -> u32 {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        let batch: Vec<_> = chunk
+            .iter()
+            .map(|i| json!({"type": "track", "messageId": format!("{prefix}-{i}"), "anonymousId": "one-visitor", "event": "E"}))
+            .collect();
+        let r = st.post("/v1/batch", &json!({"batch": batch})).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    collector_core::shard::shard_for(Some("one-visitor"), None, 4)
+}
+
+/// A transaction of the test's own holding `message_ids` locked, so the agent's next
+/// load waits for it until [`Locked::commit`].
+struct Locked {
+    release: tokio::sync::oneshot::Sender<()>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+async fn lock_message_ids(cfg: &collector_agent::AgentConfig) -> Locked {
+    let WarehouseConfig::Postgres(pg) = cfg.warehouse.clone() else {
+        unreachable!()
+    };
+    let (locked, is_locked) = tokio::sync::oneshot::channel::<()>();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(async move {
+        let sink = PostgresSink::connect(&pg).await.unwrap();
+        let mut lock = sink.session().await.unwrap().unwrap();
+        lock.batch("BEGIN").await.unwrap();
+        lock.batch("LOCK TABLE message_ids IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        let _ = locked.send(());
+        let _ = released.await;
+        lock.batch("COMMIT").await.unwrap();
+    });
+    is_locked.await.expect("message_ids locked");
+    Locked { release, done }
+}
+
+impl Locked {
+    async fn commit(self) {
+        let _ = self.release.send(());
+        self.done.await.unwrap();
+    }
+}
+
+/// Waits until `shard` has `n` batches leased.
+async fn wait_leased(st: &Stack, shard: u32, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = st.edge_stats().await;
+        if stats["shards"][shard as usize]["leased_batches"].as_u64() == Some(n) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never held {n} leased: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_load_longer_than_its_lease_renews_it() {
     let st = Stack::start();
     let pg = LocalPostgres::start().unwrap();
     let mut cfg = st.pg_config(&pg);
     cfg.lease_ms = 1_500;
-    // Everything in one shard: one anonymous id.
-    let batch: Vec<_> = (0..50)
-        .map(|i| json!({"type": "track", "messageId": format!("slow-{i}"), "anonymousId": "one-visitor", "event": "E"}))
-        .collect();
-    let r = st.post("/v1/batch", &json!({"batch": batch})).await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let shard = collector_core::shard::shard_for(Some("one-visitor"), None, 4);
-
-    let locker = PostgresSink::connect(match &cfg.warehouse {
-        WarehouseConfig::Postgres(p) => p,
-        _ => unreachable!(),
-    })
-    .await
-    .unwrap();
-    let mut lock = locker.session().await.unwrap().unwrap();
-    lock.batch("BEGIN").await.unwrap();
-    lock.batch("LOCK TABLE message_ids IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let shard = post_one_visitors_tracks(&st, "slow", 50).await;
+    let lock = lock_message_ids(&cfg).await;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(collector_agent::run(cfg.clone(), async move {
         let _ = rx.await;
     }));
-    // Wait until the agent holds the lease (the batch seals after BATCH_MAX_AGE_MS).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let stats = st.edge_stats().await;
-        if stats["shards"][shard as usize]["leased_batches"].as_u64() == Some(1) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the agent never leased: {stats}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // The agent holds the lease (the batch seals after BATCH_MAX_AGE_MS).
+    wait_leased(&st, shard, 1).await;
     // Two lease lengths later the lease is still the agent's: nothing to hand out.
     tokio::time::sleep(Duration::from_millis(3_500)).await;
     let other = st.lease(shard, 10, 1_000).await;
@@ -443,8 +483,7 @@ async fn a_load_longer_than_its_lease_renews_it() {
         other.batches.is_empty(),
         "the lease was renewed, not handed out again"
     );
-    lock.batch("COMMIT").await.unwrap();
-    drop(lock);
+    lock.commit().await;
     wait_for(&pg, "SELECT count(*) FROM tracks", 50, "after the lock").await;
     let _ = tx.send(());
     agent.await.unwrap().unwrap();
@@ -454,4 +493,50 @@ async fn a_load_longer_than_its_lease_renews_it() {
         json!(0),
         "{stats}"
     );
+}
+
+#[tokio::test]
+async fn the_next_lease_is_taken_and_renewed_while_a_load_runs() {
+    let st = Stack::start();
+    let pg = LocalPostgres::start().unwrap();
+    let mut cfg = st.pg_config(&pg);
+    cfg.lease_ms = 1_500;
+    cfg.lease_batches = 1;
+    // The load waits for the lock longer than this test runs.
+    if let WarehouseConfig::Postgres(p) = &mut cfg.warehouse {
+        p.timeout_ms = 120_000;
+    }
+    // Three full batches of 500 in one shard.
+    let shard = post_one_visitors_tracks(&st, "ahead", 1_500).await;
+    let lock = lock_message_ids(&cfg).await;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(collector_agent::run(cfg.clone(), async move {
+        let _ = rx.await;
+    }));
+    // The first batch is loading (and waits for the lock); the second is leased
+    // beside it, not after it.
+    wait_leased(&st, shard, 2).await;
+    // Both stay the agent's: the lease in hand is renewed too.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let other = st.lease(shard, 1, 1_000).await;
+    assert_eq!(other.batches.len(), 1, "only the third batch is free");
+    let stats = st.edge_stats().await;
+    assert_eq!(
+        stats["shards"][shard as usize]["leased_batches"],
+        json!(3),
+        "{stats}"
+    );
+    lock.commit().await;
+    // The test's own lease of the third batch expires and the agent takes it.
+    wait_for(&pg, "SELECT count(*) FROM tracks", 1_500, "after the lock").await;
+    let _ = tx.send(());
+    agent.await.unwrap().unwrap();
+    let stats = st.edge_stats().await;
+    for key in ["sealed_batches", "leased_batches"] {
+        assert_eq!(
+            stats["shards"][shard as usize][key],
+            json!(0),
+            "{key}: {stats}"
+        );
+    }
 }
