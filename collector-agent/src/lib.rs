@@ -111,7 +111,7 @@ impl HeldLease {
         lease_ms: u64,
         flush: bool,
     ) -> Result<HeldLease, DrainError> {
-        let lease = match client.lease(shard, max_batches, lease_ms, flush).await {
+        let mut lease = match client.lease(shard, max_batches, lease_ms, flush).await {
             Ok(l) => l,
             Err(e) => {
                 metrics.failed("edge");
@@ -119,6 +119,8 @@ impl HeldLease {
             }
         };
         if lease.batches.is_empty() {
+            // Nothing is held: nothing to renew, ack or give back.
+            lease.lease_id.clear();
             return Ok(HeldLease {
                 lease,
                 renewer: None,
@@ -147,6 +149,23 @@ impl HeldLease {
 }
 
 impl HeldLease {
+    /// Hands a lease that will not be loaded now back to the edge: shortened to the
+    /// least length, its batches go out again in a second instead of `lease_ms`, so
+    /// the retry after a failed load finds them (best effort: otherwise it expires).
+    async fn give_back(mut self, client: &EdgeClient, shard: u32) {
+        self.stop_renewing();
+        if self.lease.lease_id.is_empty() {
+            return;
+        }
+        let least = collector_core::drain::MIN_LEASE_MS as u64;
+        match client.renew(shard, &self.lease.lease_id, least).await {
+            Ok(n) => tracing::debug!(shard, batches = n, "lease given back"),
+            Err(e) => {
+                tracing::debug!(shard, error = %e, "lease not given back; it expires instead")
+            }
+        }
+    }
+
     fn stop_renewing(&mut self) {
         if let Some(r) = self.renewer.take() {
             r.abort();
@@ -410,6 +429,7 @@ impl Drainer {
         let stats: LoadStats = match loaded {
             Ok(s) => s,
             Err((e, failed_batch)) => {
+                held.give_back(&self.client, shard).await;
                 if let (DrainError::Sink(SinkError::Transient(_)), Some(b)) = (&e, failed_batch) {
                     self.note_failing(shard, b);
                 }
@@ -583,8 +603,8 @@ impl Drainer {
         // The next lease is asked for while this one loads (when this one came full,
         // so more is likely waiting), which takes the edge's round trip out of the
         // loop. A lease in hand is loaded even after a stop is asked for, so a stop
-        // leaves nothing leased; after a failure it is dropped and its batches come
-        // back when it expires, like the failed lease's own.
+        // leaves nothing leased; after a failed load it is given back with the failed
+        // lease's own.
         let mut ahead: Option<tokio::task::JoinHandle<Result<HeldLease, DrainError>>> = None;
         loop {
             let held = match ahead.take() {
@@ -608,8 +628,12 @@ impl Drainer {
             match self.drain_round(shard, held).await {
                 Ok(round) => total.add(round),
                 Err(e) => {
-                    if let Some(next) = ahead.take() {
-                        next.abort();
+                    // The lease taken ahead was never loaded: it goes back too.
+                    if let Some(Ok(Ok(next))) = match ahead.take() {
+                        Some(next) => Some(next.await),
+                        None => None,
+                    } {
+                        next.give_back(&self.client, shard).await;
                     }
                     return Err(e);
                 }

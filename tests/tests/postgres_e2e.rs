@@ -540,3 +540,40 @@ async fn the_next_lease_is_taken_and_renewed_while_a_load_runs() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_failed_load_gives_its_lease_and_the_next_one_back() {
+    let st = Stack::start();
+    let pg = LocalPostgres::start().unwrap();
+    let mut cfg = st.pg_config(&pg);
+    // Held to the end, these leases would keep their batches past the test's wait.
+    cfg.lease_ms = 600_000;
+    cfg.lease_batches = 1;
+    // The load waiting for the lock fails (a transient error) after a second and a half.
+    if let WarehouseConfig::Postgres(p) = &mut cfg.warehouse {
+        p.timeout_ms = 1_500;
+    }
+    let shard = post_one_visitors_tracks(&st, "back", 1_500).await;
+    let lock = lock_message_ids(&cfg).await;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(collector_agent::run(cfg.clone(), async move {
+        let _ = rx.await;
+    }));
+    // The first batch loading and the second taken ahead of it.
+    wait_leased(&st, shard, 2).await;
+    // Past a failed load or two.
+    tokio::time::sleep(Duration::from_millis(5_000)).await;
+    lock.commit().await;
+    wait_for(&pg, "SELECT count(*) FROM tracks", 1_500, "after the lock").await;
+    assert_eq!(
+        count(
+            &pg,
+            "SELECT count(DISTINCT message_id) FROM tracks WHERE message_id LIKE 'back-%'"
+        )
+        .await,
+        1_500
+    );
+    let _ = tx.send(());
+    agent.await.unwrap().unwrap();
+    st.assert_edge_drained().await;
+}
