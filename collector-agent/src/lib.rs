@@ -395,7 +395,12 @@ impl Drainer {
     }
 
     /// Leases once from `shard`: the lease is renewed from now until it is dropped.
-    async fn take_lease(&self, shard: u32, flush: bool) -> Result<HeldLease, DrainError> {
+    /// Borrows nothing of `self`, so it can run as a task beside a load.
+    fn take_lease(
+        &self,
+        shard: u32,
+        flush: bool,
+    ) -> impl Future<Output = Result<HeldLease, DrainError>> + Send + 'static {
         HeldLease::take(
             self.client.clone(),
             self.metrics.clone(),
@@ -404,7 +409,6 @@ impl Drainer {
             self.cfg.lease_ms,
             flush,
         )
-        .await
     }
 
     /// Loads what a lease brought (events, quarantined events and dead letters, in
@@ -616,14 +620,7 @@ impl Drainer {
             };
             let full = held.lease.batches.len() >= self.cfg.lease_batches as usize;
             if full && !*stop.borrow() {
-                ahead = Some(tokio::spawn(HeldLease::take(
-                    self.client.clone(),
-                    self.metrics.clone(),
-                    shard,
-                    self.cfg.lease_batches,
-                    self.cfg.lease_ms,
-                    flush,
-                )));
+                ahead = Some(tokio::spawn(self.take_lease(shard, flush)));
             }
             match self.drain_round(shard, held).await {
                 Ok(round) => total.add(round),

@@ -495,85 +495,101 @@ async fn a_load_longer_than_its_lease_renews_it() {
     );
 }
 
-#[tokio::test]
-async fn the_next_lease_is_taken_and_renewed_while_a_load_runs() {
+/// An agent (`lease_batches = 1`) started on three full batches of one visitor while
+/// `message_ids` is locked: it holds the first batch loading and the second taken
+/// ahead.
+struct BehindALock {
+    st: Stack,
+    pg: LocalPostgres,
+    shard: u32,
+    lock: Locked,
+    stop: tokio::sync::oneshot::Sender<()>,
+    agent: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// [`BehindALock`] with leases of `lease_ms` and loads that wait `timeout_ms` for the
+/// lock (a statement timeout, which the agent takes as a transient failure).
+async fn three_batches_behind_a_lock(prefix: &str, lease_ms: u64, timeout_ms: u64) -> BehindALock {
     let st = Stack::start();
     let pg = LocalPostgres::start().unwrap();
     let mut cfg = st.pg_config(&pg);
-    cfg.lease_ms = 1_500;
+    cfg.lease_ms = lease_ms;
     cfg.lease_batches = 1;
-    // The load waits for the lock longer than this test runs.
     if let WarehouseConfig::Postgres(p) = &mut cfg.warehouse {
-        p.timeout_ms = 120_000;
+        p.timeout_ms = timeout_ms;
     }
-    // Three full batches of 500 in one shard.
-    let shard = post_one_visitors_tracks(&st, "ahead", 1_500).await;
+    let shard = post_one_visitors_tracks(&st, prefix, 1_500).await;
     let lock = lock_message_ids(&cfg).await;
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(collector_agent::run(cfg.clone(), async move {
-        let _ = rx.await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(collector_agent::run(cfg, async move {
+        let _ = stopped.await;
     }));
     // The first batch is loading (and waits for the lock); the second is leased
     // beside it, not after it.
     wait_leased(&st, shard, 2).await;
-    // Both stay the agent's: the lease in hand is renewed too.
-    tokio::time::sleep(Duration::from_millis(3_500)).await;
-    let other = st.lease(shard, 1, 1_000).await;
-    assert_eq!(other.batches.len(), 1, "only the third batch is free");
-    let stats = st.edge_stats().await;
-    assert_eq!(
-        stats["shards"][shard as usize]["leased_batches"],
-        json!(3),
-        "{stats}"
-    );
-    lock.commit().await;
-    // The test's own lease of the third batch expires and the agent takes it.
-    wait_for(&pg, "SELECT count(*) FROM tracks", 1_500, "after the lock").await;
-    let _ = tx.send(());
-    agent.await.unwrap().unwrap();
-    let stats = st.edge_stats().await;
-    for key in ["sealed_batches", "leased_batches"] {
+    BehindALock {
+        st,
+        pg,
+        shard,
+        lock,
+        stop,
+        agent,
+    }
+}
+
+impl BehindALock {
+    /// Lets the loads through; every event lands once, the agent stops, and the edge
+    /// holds nothing sealed or leased.
+    async fn finish(self) {
+        self.lock.commit().await;
+        wait_for(
+            &self.pg,
+            "SELECT count(*) FROM tracks",
+            1_500,
+            "after the lock",
+        )
+        .await;
         assert_eq!(
-            stats["shards"][shard as usize][key],
-            json!(0),
-            "{key}: {stats}"
+            count(&self.pg, "SELECT count(DISTINCT message_id) FROM tracks").await,
+            1_500
         );
+        let _ = self.stop.send(());
+        self.agent.await.unwrap().unwrap();
+        let stats = self.st.edge_stats().await;
+        for key in ["sealed_batches", "leased_batches"] {
+            assert_eq!(
+                stats["shards"][self.shard as usize][key],
+                json!(0),
+                "{key}: {stats}"
+            );
+        }
     }
 }
 
 #[tokio::test]
+async fn the_next_lease_is_taken_and_renewed_while_a_load_runs() {
+    // The load waits for the lock longer than this test runs.
+    let run = three_batches_behind_a_lock("ahead", 1_500, 120_000).await;
+    // Both stay the agent's two lease lengths later: the lease in hand is renewed too.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let other = run.st.lease(run.shard, 1, 1_000).await;
+    assert_eq!(other.batches.len(), 1, "only the third batch is free");
+    let stats = run.st.edge_stats().await;
+    assert_eq!(
+        stats["shards"][run.shard as usize]["leased_batches"],
+        json!(3),
+        "{stats}"
+    );
+    // The test's own lease of the third batch expires and the agent takes it.
+    run.finish().await;
+}
+
+#[tokio::test]
 async fn a_failed_load_gives_its_lease_and_the_next_one_back() {
-    let st = Stack::start();
-    let pg = LocalPostgres::start().unwrap();
-    let mut cfg = st.pg_config(&pg);
-    // Held to the end, these leases would keep their batches past the test's wait.
-    cfg.lease_ms = 600_000;
-    cfg.lease_batches = 1;
-    // The load waiting for the lock fails (a transient error) after a second and a half.
-    if let WarehouseConfig::Postgres(p) = &mut cfg.warehouse {
-        p.timeout_ms = 1_500;
-    }
-    let shard = post_one_visitors_tracks(&st, "back", 1_500).await;
-    let lock = lock_message_ids(&cfg).await;
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(collector_agent::run(cfg.clone(), async move {
-        let _ = rx.await;
-    }));
-    // The first batch loading and the second taken ahead of it.
-    wait_leased(&st, shard, 2).await;
+    // Held to the end, these leases would keep their batches past `finish`'s wait;
+    // the load waiting for the lock fails after a second and a half.
+    let run = three_batches_behind_a_lock("back", 600_000, 1_500).await;
     // Past a failed load or two.
     tokio::time::sleep(Duration::from_millis(5_000)).await;
-    lock.commit().await;
-    wait_for(&pg, "SELECT count(*) FROM tracks", 1_500, "after the lock").await;
-    assert_eq!(
-        count(
-            &pg,
-            "SELECT count(DISTINCT message_id) FROM tracks WHERE message_id LIKE 'back-%'"
-        )
-        .await,
-        1_500
-    );
-    let _ = tx.send(());
-    agent.await.unwrap().unwrap();
-    st.assert_edge_drained().await;
+    run.finish().await;
 }
