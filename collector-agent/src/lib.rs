@@ -96,7 +96,7 @@ impl DrainError {
 
 /// A lease this agent holds: renewed every third of its length, so a large load
 /// never outlives it and its batches are not handed to another agent, until it is
-/// dropped (acked, or given up to expire).
+/// acked, given back after a failed load ([`HeldLease::give_back`]), or dropped.
 struct HeldLease {
     lease: Lease,
     renewer: Option<tokio::task::JoinHandle<()>>,
@@ -146,9 +146,7 @@ impl HeldLease {
             renewer: Some(renewer),
         })
     }
-}
 
-impl HeldLease {
     /// Hands a lease that will not be loaded now back to the edge: shortened to the
     /// least length, its batches go out again in a second instead of `lease_ms`, so
     /// the retry after a failed load finds them (best effort: otherwise it expires).
